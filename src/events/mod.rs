@@ -1,0 +1,2 @@
+//! Events own the append-only event log (SQLite, WAL, durable before the effect) and the pure
+//! fold that turns a sequence of events into the state the API shows.

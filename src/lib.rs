@@ -1,0 +1,14 @@
+//! graven: immutable deployments from one binary.
+//!
+//! Modules are declared in the order data flows through them; see ARCHITECTURE.md.
+
+pub mod api;
+pub mod bake;
+pub mod cli;
+pub mod controller;
+pub mod events;
+pub mod proxy;
+pub mod runtime;
+pub mod sandbox;
+pub mod spec;
+pub mod store;

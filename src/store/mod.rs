@@ -1,0 +1,486 @@
+//! The store owns graven's local content-addressed image store under `$GRAVEN_HOME/store`.
+//!
+//! The store is an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`), so
+//! `skopeo inspect oci:$GRAVEN_HOME/store:TAG` and `umoci` read it as it is. Tags are the
+//! `org.opencontainers.image.ref.name` annotations of `index.json`.
+//!
+//! Invariants: a blob file's name is the sha256 of its bytes (written to a temp file, fsynced,
+//! renamed); `index.json` is replaced atomically under an exclusive lock; a tag only ever names
+//! a manifest whose blobs are all present. The store knows nothing of Containerfiles, instances
+//! or services.
+
+mod digest;
+mod oci;
+
+pub use digest::{Digest, DigestError};
+pub use oci::{
+    Descriptor, HealthConfig, ImageConfig, ImageIndex, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST, Manifest, RootFs, RuntimeConfig,
+};
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The annotation OCI layouts use to name a manifest.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// graven's annotation recording where an image came from (a Containerfile path, an import).
+pub const CREATED_FROM: &str = "dev.graven.created-from";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("image {reference:?} is not in the store")]
+    UnknownImage { reference: String },
+    #[error("image reference {reference:?} is ambiguous: it matches {count} images")]
+    AmbiguousImage { reference: String, count: usize },
+    #[error("blob {digest} is missing from the store")]
+    MissingBlob { digest: Digest },
+    #[error("blob {digest} is corrupt: its content hashes to {actual}")]
+    CorruptBlob { digest: Digest, actual: Digest },
+    #[error("{what} {digest} is not valid json: {source}")]
+    BadJson {
+        what: &'static str,
+        digest: Digest,
+        source: serde_json::Error,
+    },
+    #[error("tag {tag:?} is not valid: {reason}")]
+    BadTag { tag: String, reason: &'static str },
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One manifest the store holds, with its parsed config.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub digest: Digest,
+    pub manifest: Manifest,
+    pub config: ImageConfig,
+    /// The size of the manifest, config and layer blobs together.
+    pub size: u64,
+}
+
+/// A tag and the manifest it names, as listed by `graven images`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TaggedImage {
+    pub tag: String,
+    pub digest: Digest,
+    pub created_from: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// `$GRAVEN_HOME`, else `$XDG_DATA_HOME/graven`, else `~/.local/share/graven`.
+    pub fn default_home() -> PathBuf {
+        if let Some(home) = std::env::var_os("GRAVEN_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(home);
+        }
+        if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(data).join("graven");
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"));
+        home.join(".local/share/graven")
+    }
+
+    /// Opens (creating when absent) the store under `home`.
+    pub fn open(home: &Path) -> Result<Store> {
+        let root = home.join("store");
+        let blobs = root.join("blobs/sha256");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        let layout = root.join("oci-layout");
+        if !layout.exists() {
+            write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        let index = root.join("index.json");
+        if !index.exists() {
+            write_atomic(&index, &oci::to_canonical_json(&ImageIndex::default()))?;
+        }
+        Ok(Store { root })
+    }
+
+    /// The OCI layout directory (`oci:<this>:TAG` for skopeo).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Writes `bytes` as a blob (temp file, fsync, rename) and returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        let path = self.blob_path(&digest);
+        if !path.is_file() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(digest)
+    }
+
+    /// Moves a finished temp file into the store as the blob `digest`, after checking that
+    /// its content hashes to `digest`. Used for layers streamed to disk while compressing.
+    pub fn put_blob_file(&self, file: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+        let path = self.blob_path(digest);
+        if path.is_file() {
+            return Ok(());
+        }
+        let actual = Digest::of_file(file.path()).map_err(io_err(file.path()))?;
+        if &actual != digest {
+            return Err(StoreError::CorruptBlob {
+                digest: digest.clone(),
+                actual,
+            });
+        }
+        file.as_file().sync_all().map_err(io_err(file.path()))?;
+        file.persist(&path).map_err(|e| StoreError::Io {
+            path: path.clone(),
+            source: e.error,
+        })?;
+        sync_dir(path.parent().unwrap_or(&self.root))
+    }
+
+    /// A temp file on the store's filesystem, for streaming a blob before it is named.
+    pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
+        let dir = self.root.join("blobs");
+        tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&dir)
+            .map_err(io_err(&dir))
+    }
+
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::MissingBlob {
+                digest: digest.clone(),
+            }),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Reads a blob and checks its content against its name.
+    pub fn read_blob_verified(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let bytes = self.read_blob(digest)?;
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            return Err(StoreError::CorruptBlob {
+                digest: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub fn open_blob(&self, digest: &Digest) -> Result<File> {
+        let path = self.blob_path(digest);
+        File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingBlob {
+                digest: digest.clone(),
+            },
+            _ => io_err(&path)(e),
+        })
+    }
+
+    pub fn index(&self) -> Result<ImageIndex> {
+        let path = self.root.join("index.json");
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::BadJson {
+            what: "index.json",
+            digest: Digest::of(&bytes),
+            source,
+        })
+    }
+
+    /// Replaces `index.json` with what `change` makes of it, under an exclusive lock so two
+    /// graven processes never lose each other's tags.
+    pub fn update_index<T>(&self, change: impl FnOnce(&mut ImageIndex) -> Result<T>) -> Result<T> {
+        let lock_path = self.root.join("index.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(&lock_path)(e.into()))?;
+        let mut index = self.index()?;
+        let out = change(&mut index)?;
+        write_atomic(
+            &self.root.join("index.json"),
+            &oci::to_canonical_json(&index),
+        )?;
+        Ok(out)
+    }
+
+    /// Points `tag` at the manifest `digest` (which must be in the store with all its blobs).
+    pub fn tag(&self, tag: &str, digest: &Digest, created_from: Option<&str>) -> Result<()> {
+        validate_tag(tag)?;
+        let image = self.image(digest)?;
+        for layer in &image.manifest.layers {
+            if !self.has_blob(&layer.digest) {
+                return Err(StoreError::MissingBlob {
+                    digest: layer.digest.clone(),
+                });
+            }
+        }
+        let size = fs::metadata(self.blob_path(digest))
+            .map_err(io_err(&self.blob_path(digest)))?
+            .len();
+        self.update_index(|index| {
+            index
+                .manifests
+                .retain(|m| m.annotation(REF_NAME) != Some(tag));
+            let mut descriptor = Descriptor::new(MEDIA_TYPE_MANIFEST, digest.clone(), size);
+            descriptor.set_annotation(REF_NAME, tag);
+            if let Some(from) = created_from {
+                descriptor.set_annotation(CREATED_FROM, from);
+            }
+            index.manifests.push(descriptor);
+            index
+                .manifests
+                .sort_by(|a, b| a.annotation(REF_NAME).cmp(&b.annotation(REF_NAME)));
+            Ok(())
+        })
+    }
+
+    pub fn tags(&self) -> Result<Vec<TaggedImage>> {
+        Ok(self
+            .index()?
+            .manifests
+            .iter()
+            .filter_map(|m| {
+                Some(TaggedImage {
+                    tag: m.annotation(REF_NAME)?.to_owned(),
+                    digest: m.digest.clone(),
+                    created_from: m.annotation(CREATED_FROM).map(str::to_owned),
+                })
+            })
+            .collect())
+    }
+
+    /// Resolves a tag, a full digest (`sha256:…`), or a unique hex prefix of at least 6
+    /// characters to a manifest digest that is in the store.
+    pub fn resolve(&self, reference: &str) -> Result<Digest> {
+        let unknown = || StoreError::UnknownImage {
+            reference: reference.to_owned(),
+        };
+        if let Ok(digest) = Digest::parse(reference) {
+            return if self.has_blob(&digest) {
+                Ok(digest)
+            } else {
+                Err(unknown())
+            };
+        }
+        let tags = self.tags()?;
+        if let Some(tagged) = tags.iter().find(|t| t.tag == reference) {
+            return Ok(tagged.digest.clone());
+        }
+        let prefix = reference.strip_prefix("sha256:").unwrap_or(reference);
+        if prefix.len() >= 6 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut found: Vec<Digest> = tags
+                .into_iter()
+                .map(|t| t.digest)
+                .filter(|d| d.hex().starts_with(prefix))
+                .collect();
+            found.dedup();
+            return match found.len() {
+                0 => Err(unknown()),
+                1 => Ok(found.remove(0)),
+                count => Err(StoreError::AmbiguousImage {
+                    reference: reference.to_owned(),
+                    count,
+                }),
+            };
+        }
+        Err(unknown())
+    }
+
+    /// Reads a manifest and its config.
+    pub fn image(&self, digest: &Digest) -> Result<Image> {
+        let manifest_bytes = self.read_blob_verified(digest)?;
+        let manifest: Manifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|source| StoreError::BadJson {
+                what: "manifest",
+                digest: digest.clone(),
+                source,
+            })?;
+        let config_bytes = self.read_blob_verified(&manifest.config.digest)?;
+        let config: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|source| StoreError::BadJson {
+                what: "image config",
+                digest: manifest.config.digest.clone(),
+                source,
+            })?;
+        let size = manifest_bytes.len() as u64
+            + manifest.config.size
+            + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+        Ok(Image {
+            digest: digest.clone(),
+            manifest,
+            config,
+            size,
+        })
+    }
+
+    /// Writes a config and a manifest over already-stored layers; returns the manifest digest.
+    pub fn put_image(&self, config: &ImageConfig, layers: Vec<Descriptor>) -> Result<Digest> {
+        let config_bytes = oci::to_canonical_json(config);
+        let config_digest = self.put_blob(&config_bytes)?;
+        let manifest = Manifest::new(
+            Descriptor::new(MEDIA_TYPE_CONFIG, config_digest, config_bytes.len() as u64),
+            layers,
+        );
+        self.put_blob(&oci::to_canonical_json(&manifest))
+    }
+}
+
+fn validate_tag(tag: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(StoreError::BadTag {
+            tag: tag.to_owned(),
+            reason,
+        })
+    };
+    if tag.is_empty() || tag.len() > 128 {
+        return bad("a tag has 1 to 128 characters");
+    }
+    if tag.starts_with("sha256:") {
+        return bad("a tag may not look like a digest");
+    }
+    if !tag
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-:/".contains(&b))
+    {
+        return bad("a tag may hold only letters, digits and . _ - : /");
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory: written, fsynced,
+/// renamed, and the directory fsynced, so a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    file.write_all(bytes).map_err(io_err(path))?;
+    file.as_file().sync_all().map_err(io_err(path))?;
+    file.persist(path).map_err(|e| StoreError::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Hashes a reader to its digest while counting its bytes.
+pub fn digest_reader(mut reader: impl Read) -> io::Result<(Digest, u64)> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((Digest::from_sha256(hasher.finalize().into()), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_round_trip_and_tags() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let layer = store.put_blob(b"layer").unwrap();
+        let config = ImageConfig::default();
+        let digest = store
+            .put_image(
+                &config,
+                vec![Descriptor::new(MEDIA_TYPE_LAYER_GZIP, layer, 5)],
+            )
+            .unwrap();
+        store.tag("hello:1", &digest, Some("test")).unwrap();
+        assert_eq!(store.resolve("hello:1").unwrap(), digest);
+        assert_eq!(store.resolve(&digest.hex()[..8]).unwrap(), digest);
+        assert_eq!(store.resolve(digest.as_str()).unwrap(), digest);
+        assert!(matches!(
+            store.resolve("nope"),
+            Err(StoreError::UnknownImage { .. })
+        ));
+        let image = store.image(&digest).unwrap();
+        assert_eq!(image.manifest.layers.len(), 1);
+        // Reopening finds the same tags.
+        let again = Store::open(home.path()).unwrap();
+        assert_eq!(
+            again.tags().unwrap()[0].created_from.as_deref(),
+            Some("test")
+        );
+    }
+
+    #[test]
+    fn tag_refuses_missing_layers() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let missing = Digest::of(b"not stored");
+        let digest = store
+            .put_image(
+                &ImageConfig::default(),
+                vec![Descriptor::new(MEDIA_TYPE_LAYER_GZIP, missing, 1)],
+            )
+            .unwrap();
+        assert!(matches!(
+            store.tag("x", &digest, None),
+            Err(StoreError::MissingBlob { .. })
+        ));
+        assert!(store.tags().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_blob_is_detected() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let digest = store.put_blob(b"{}").unwrap();
+        fs::write(store.blob_path(&digest), b"{ }").unwrap();
+        assert!(matches!(
+            store.read_blob_verified(&digest),
+            Err(StoreError::CorruptBlob { .. })
+        ));
+    }
+}
