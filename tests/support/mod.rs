@@ -1,0 +1,57 @@
+//! Shared helpers for integration tests: the real binary, temp homes, the example's static
+//! binary, and waiting on a condition with a deadline (never sleeping for luck).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The graven binary cargo built for this test run.
+pub fn graven_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_graven"))
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `graven` command with `GRAVEN_HOME` set to `home`.
+pub fn graven(home: &Path) -> Command {
+    let mut command = Command::new(graven_bin());
+    command.env("GRAVEN_HOME", home).env_remove("SOURCE_DATE_EPOCH");
+    command
+}
+
+/// Builds the example service as a static binary once per test process, as the example's
+/// declared build step does, and returns its path.
+pub fn hello_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let target = workspace().join("target/static");
+            let status = Command::new(env!("CARGO"))
+                .current_dir(workspace())
+                .args(["rustc", "--quiet", "--release", "-p", "hello", "--target-dir"])
+                .arg(&target)
+                .args(["--", "-C", "target-feature=+crt-static"])
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the example failed");
+            target.join("release/hello")
+        })
+        .clone()
+}
+
+/// Polls `condition` until it returns `Some` or `deadline` passes.
+pub fn wait_for<T>(deadline: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
