@@ -215,6 +215,8 @@ mod tests {
         let mut builder = tar::Builder::new(Vec::new());
         for (path, content) in entries {
             let mut header = tar::Header::new_gnu();
+            header.set_uid(0);
+            header.set_gid(0);
             match content {
                 Some(text) => {
                     header.set_size(text.len() as u64);
