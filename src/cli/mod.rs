@@ -36,6 +36,16 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Start an instance of an image on the local runtime.
+    Run(instance::RunArgs),
+    /// List instances.
+    Ps(instance::PsArgs),
+    /// Stop an instance: its stop signal, a grace period, then SIGKILL.
+    Stop(instance::StopArgs),
+    /// Remove exited instances (their logs and volumes stay).
+    Rm(instance::RmArgs),
+    /// Break-glass: run a command inside an instance, which taints it.
+    Exec(instance::ExecArgs),
 }
 
 impl Cli {
@@ -54,6 +64,11 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Run(args) => instance::run(&home, args),
+        Command::Ps(args) => instance::ps(&home, args),
+        Command::Stop(args) => instance::stop(&home, args),
+        Command::Rm(args) => instance::rm(&home, args),
+        Command::Exec(args) => instance::exec(&home, args),
     };
     match result {
         Ok(code) => code,
