@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bake;
 mod image;
 mod instance;
+mod load;
 mod project;
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,9 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// A keep-alive HTTP load generator for tests and benchmarks.
+    #[command(name = "__load", hide = true)]
+    Load(load::LoadArgs),
 }
 
 impl Cli {
@@ -54,6 +58,7 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(code) => code,
