@@ -144,13 +144,6 @@ impl Drop for Load {
     }
 }
 
-/// Runs a load for `duration` and returns its report: what `graven __load` does.
-pub fn run_for(options: LoadOptions, duration: Duration) -> LoadReport {
-    let load = Load::start_with(options);
-    std::thread::sleep(duration);
-    load.stop()
-}
-
 fn lock(report: &Mutex<LoadReport>) -> std::sync::MutexGuard<'_, LoadReport> {
     report
         .lock()
