@@ -54,7 +54,11 @@ pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         for (version, count) in &report.versions {
             println!("  version {version}: {count}");
         }
-        println!("  sequence: {}", report.version_sequence.join(" -> "));
+        println!(
+            "  version changes: {} (last: {})",
+            report.version_changes,
+            report.last_version.as_deref().unwrap_or("-")
+        );
         for failure in &report.failures {
             println!("  failure: {failure}");
         }
