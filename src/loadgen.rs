@@ -446,10 +446,14 @@ mod tests {
             let report = load.stop();
             assert_eq!(report.failed, 0, "{:?}", report.failures);
             assert_eq!(report.total, report.versions.values().sum::<u64>());
-            assert_eq!(report.version_sequence, ["v1", "v2"], "{report:?}");
-            assert_eq!(report.version_changes, 1);
-            assert_eq!(report.last_version.as_deref(), Some("v2"));
-            // Requests in flight at the switch may still answer v1, but not many.
+            // Requests in flight at the switch may complete with v1 after another
+            // connection's first v2, so the sequence may flip a few times, then ends at v2.
+            assert_eq!(
+                report.version_sequence.first().map(String::as_str),
+                Some("v1")
+            );
+            assert_eq!(report.last_version.as_deref(), Some("v2"), "{report:?}");
+            assert!(report.version_changes <= 1 + 2 * 4, "{report:?}");
             assert!(report.versions["v1"] <= switched + 4, "{report:?}");
         }
     }
