@@ -4,6 +4,7 @@
 
 pub mod proxy;
 pub mod runtime;
+pub mod load;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
