@@ -2,9 +2,9 @@
 //! binary, and waiting on a condition with a deadline (never sleeping for luck).
 #![allow(dead_code)]
 
+pub mod load;
 pub mod proxy;
 pub mod runtime;
-pub mod load;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
