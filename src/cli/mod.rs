@@ -11,6 +11,7 @@ mod image;
 mod instance;
 mod load;
 mod project;
+mod proxy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +38,9 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Serve one route over fixed backends (for benchmarks).
+    #[command(name = "__proxy", hide = true)]
+    Proxy(proxy::ProxyArgs),
     /// A keep-alive HTTP load generator for tests and benchmarks.
     #[command(name = "__load", hide = true)]
     Load(load::LoadArgs),
@@ -58,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Proxy(args) => proxy::run(args),
         Command::Load(args) => load::run(args),
     };
     match result {

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod proxy;
+pub mod runtime;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
