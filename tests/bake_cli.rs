@@ -38,7 +38,11 @@ fn digest_of(value: &serde_json::Value) -> String {
 fn example_context(dir: &Path) {
     fs::create_dir_all(dir.join("dist")).unwrap();
     for name in ["Containerfile", ".dockerignore"] {
-        fs::copy(workspace().join("examples/hello").join(name), dir.join(name)).unwrap();
+        fs::copy(
+            workspace().join("examples/hello").join(name),
+            dir.join(name),
+        )
+        .unwrap();
     }
     fs::copy(hello_binary(), dir.join("dist/hello")).unwrap();
 }
@@ -123,7 +127,11 @@ fn the_example_bakes_to_the_same_digest_whatever_the_mtimes_and_copy_order() {
     fs::create_dir_all(b.path().join("dist")).unwrap();
     fs::copy(hello_binary(), b.path().join("dist/hello")).unwrap();
     for name in [".dockerignore", "Containerfile"] {
-        fs::copy(workspace().join("examples/hello").join(name), b.path().join(name)).unwrap();
+        fs::copy(
+            workspace().join("examples/hello").join(name),
+            b.path().join(name),
+        )
+        .unwrap();
     }
     set_mtime(&b.path().join("dist/hello"), 1_000_000_000);
     set_mtime(&b.path().join("Containerfile"), 1_500_000_000);
@@ -141,7 +149,11 @@ fn the_example_bakes_to_the_same_digest_whatever_the_mtimes_and_copy_order() {
             .arg(dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         digest_of(&serde_json::from_slice(&out.stdout).unwrap())
     };
     let epoch_a = with_epoch(home_a.path(), a.path());
@@ -160,14 +172,29 @@ fn an_unchanged_rebuild_is_all_cached_and_a_change_is_not() {
     let dir = tempfile::tempdir().unwrap();
     example_context(dir.path());
     let cold = bake_json(home.path(), dir.path(), &[]);
-    let name = dir.path().file_name().unwrap().to_string_lossy().to_lowercase();
-    assert_eq!(cold["tag"], format!("{name}:latest"), "the default tag is the directory's name");
-    assert_eq!(cold["cached_steps"], 1, "only FROM scratch is cached on a cold bake");
+    let name = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_lowercase();
+    assert_eq!(
+        cold["tag"],
+        format!("{name}:latest"),
+        "the default tag is the directory's name"
+    );
+    assert_eq!(
+        cold["cached_steps"], 1,
+        "only FROM scratch is cached on a cold bake"
+    );
     let warm = bake(home.path(), dir.path(), &[]);
     assert!(warm.status.success());
     let stderr = String::from_utf8_lossy(&warm.stderr);
     assert!(stderr.contains("every step was cached"), "{stderr}");
-    assert!(stderr.contains("[2/7] COPY dist/hello /hello  cached"), "{stderr}");
+    assert!(
+        stderr.contains("[2/7] COPY dist/hello /hello  cached"),
+        "{stderr}"
+    );
     let warm = bake_json(home.path(), dir.path(), &[]);
     assert_eq!(warm["cached_steps"], warm["total_steps"]);
     assert_eq!(digest_of(&warm), digest_of(&cold));
@@ -179,7 +206,10 @@ fn an_unchanged_rebuild_is_all_cached_and_a_change_is_not() {
     let changed = bake(home.path(), dir.path(), &[]);
     let stderr = String::from_utf8_lossy(&changed.stderr);
     assert!(!stderr.contains("every step was cached"), "{stderr}");
-    assert!(stderr.contains("[2/7] COPY dist/hello /hello  done"), "{stderr}");
+    assert!(
+        stderr.contains("[2/7] COPY dist/hello /hello  done"),
+        "{stderr}"
+    );
 }
 
 /// Bakes `containerfile` in a context holding `files` and expects a failure whose message has
@@ -197,7 +227,10 @@ fn check_failure(setup: &dyn Fn(&Path), containerfile: &str, wanted: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{containerfile:?} baked");
     for want in wanted {
-        assert!(stderr.contains(want), "{containerfile:?}: {want:?} not in {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{containerfile:?}: {want:?} not in {stderr}"
+        );
     }
     assert_eq!(
         store_files(home.path()),
@@ -213,37 +246,90 @@ fn bad_input_names_file_line_and_reason_and_leaves_the_store_as_it_was() {
     // that layer again.
     let fresh = "FROM scratch\nCOPY fresh /fresh\n";
     let with_fresh = |dir: &Path| fs::write(dir.join("fresh"), b"a new blob").unwrap();
-    check_failure(&none, "FROM scratch\nFROBNICATE x", &["Containerfile:2: unknown instruction \"FROBNICATE\""]);
+    check_failure(
+        &none,
+        "FROM scratch\nFROBNICATE x",
+        &["Containerfile:2: unknown instruction \"FROBNICATE\""],
+    );
     check_failure(&none, "FROM a b c", &["Containerfile:1: malformed FROM"]);
-    check_failure(&none, "FROM no-such-image:1", &["Containerfile:1: FROM no-such-image:1: no image of that name"]);
-    check_failure(&with_fresh, &format!("{fresh}COPY ../etc /x"), &["Containerfile:3:", "outside the build context"]);
-    check_failure(&with_fresh, &format!("{fresh}COPY /etc/passwd /x"), &["Containerfile:3:", "absolute path"]);
-    check_failure(&with_fresh, &format!("{fresh}COPY missing /x"), &["Containerfile:3:", "\"missing\" does not exist"]);
+    check_failure(
+        &none,
+        "FROM no-such-image:1",
+        &["Containerfile:1: FROM no-such-image:1: no image of that name"],
+    );
+    check_failure(
+        &with_fresh,
+        &format!("{fresh}COPY ../etc /x"),
+        &["Containerfile:3:", "outside the build context"],
+    );
+    check_failure(
+        &with_fresh,
+        &format!("{fresh}COPY /etc/passwd /x"),
+        &["Containerfile:3:", "absolute path"],
+    );
+    check_failure(
+        &with_fresh,
+        &format!("{fresh}COPY missing /x"),
+        &["Containerfile:3:", "\"missing\" does not exist"],
+    );
     let escaping_link = |dir: &Path| {
         with_fresh(dir);
         std::os::unix::fs::symlink("/etc", dir.join("link")).unwrap();
     };
-    check_failure(&escaping_link, &format!("{fresh}COPY link/passwd /x"), &["Containerfile:3:", "outside the build context through a symlink"]);
-    check_failure(&escaping_link, &format!("{fresh}COPY link /x"), &["Containerfile:3:", "outside the build context through a symlink"]);
+    check_failure(
+        &escaping_link,
+        &format!("{fresh}COPY link/passwd /x"),
+        &[
+            "Containerfile:3:",
+            "outside the build context through a symlink",
+        ],
+    );
+    check_failure(
+        &escaping_link,
+        &format!("{fresh}COPY link /x"),
+        &[
+            "Containerfile:3:",
+            "outside the build context through a symlink",
+        ],
+    );
     let ignored = |dir: &Path| {
         with_fresh(dir);
         fs::write(dir.join("secret"), b"s").unwrap();
         fs::write(dir.join(".dockerignore"), "secret\n").unwrap();
     };
-    check_failure(&ignored, &format!("{fresh}COPY secret /x"), &["Containerfile:3:", "excluded by .dockerignore"]);
+    check_failure(
+        &ignored,
+        &format!("{fresh}COPY secret /x"),
+        &["Containerfile:3:", "excluded by .dockerignore"],
+    );
     for (name, entries) in [
         ("dotdot.tar", vec![("../evil", false)]),
         ("absolute.tar", vec![("/etc/evil", false)]),
-        ("through-link.tar", vec![("link", true), ("link/evil", false)]),
+        (
+            "through-link.tar",
+            vec![("link", true), ("link/evil", false)],
+        ),
     ] {
         let archive = |dir: &Path| {
             with_fresh(dir);
             write_raw_tar(&dir.join(name), &entries);
         };
-        check_failure(&archive, &format!("{fresh}ADD {name} /x/"), &["Containerfile:3:", "ADD"]);
+        check_failure(
+            &archive,
+            &format!("{fresh}ADD {name} /x/"),
+            &["Containerfile:3:", "ADD"],
+        );
     }
-    check_failure(&with_fresh, &format!("{fresh}RUN /bin/false"), &["Containerfile:3:"]);
-    check_failure(&with_fresh, &format!("{fresh}EXPOSE http"), &["Containerfile:3: EXPOSE http"]);
+    check_failure(
+        &with_fresh,
+        &format!("{fresh}RUN /bin/false"),
+        &["Containerfile:3:"],
+    );
+    check_failure(
+        &with_fresh,
+        &format!("{fresh}EXPOSE http"),
+        &["Containerfile:3: EXPOSE http"],
+    );
 }
 
 /// A tar whose names are written raw (the tar crate refuses to write `..` and absolute
@@ -283,7 +369,11 @@ fn copy_add_dockerignore_chown_chmod_and_workdir() {
     fs::create_dir_all(d.join("app/sub")).unwrap();
     fs::create_dir_all(d.join("app/logs")).unwrap();
     fs::write(d.join("app/run.sh"), "#!/bin/sh\n").unwrap();
-    fs::set_permissions(d.join("app/run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    fs::set_permissions(
+        d.join("app/run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     fs::write(d.join("app/sub/data.txt"), "data").unwrap();
     fs::write(d.join("app/logs/x.log"), "log").unwrap();
     fs::write(d.join("app/notes.md"), "notes").unwrap();
@@ -298,7 +388,9 @@ fn copy_add_dockerignore_chown_chmod_and_workdir() {
     let mut header = tar::Header::new_gnu();
     header.set_size(6);
     header.set_mode(0o600);
-    archive.append_data(&mut header, "inner/file", &b"inside"[..]).unwrap();
+    archive
+        .append_data(&mut header, "inner/file", &b"inside"[..])
+        .unwrap();
     archive.into_inner().unwrap().finish().unwrap();
     fs::write(d.join("plain.txt"), "plain").unwrap();
     fs::write(
@@ -346,11 +438,17 @@ fn from_store_tag_oci_archive_layout_and_docker_archive() {
             .arg(path)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let layout = exports.path().join("layout");
     fs::create_dir(&layout).unwrap();
-    tar::Archive::new(fs::File::open(&oci).unwrap()).unpack(&layout).unwrap();
+    tar::Archive::new(fs::File::open(&oci).unwrap())
+        .unpack(&layout)
+        .unwrap();
     // A docker-archive as `docker save` writes it: uncompressed layers, a config by name.
     let docker_save = exports.path().join("saved.tar");
     write_docker_save(home.path(), "base:1", &docker_save);
@@ -379,13 +477,19 @@ fn from_store_tag_oci_archive_layout_and_docker_archive() {
         let child = bake_json(target_home, dir.path(), &["--tag", "child:1"]);
         let layers = child["layers"].as_array().unwrap();
         assert_eq!(layers.len(), 2, "FROM {from}");
-        assert_eq!(layers[0], base_layers[0], "FROM {from} keeps the base layer");
+        assert_eq!(
+            layers[0], base_layers[0],
+            "FROM {from} keeps the base layer"
+        );
         let inspect = graven(target_home)
             .args(["image", "inspect", "child:1"])
             .output()
             .unwrap();
         let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
-        assert_eq!(inspect["config"]["config"]["Entrypoint"][0], "/hello", "FROM {from}");
+        assert_eq!(
+            inspect["config"]["config"]["Entrypoint"][0], "/hello",
+            "FROM {from}"
+        );
         assert_eq!(inspect["config"]["config"]["Cmd"][0], "x");
     }
 }
@@ -415,7 +519,8 @@ fn write_docker_save(home: &Path, tag: &str, path: &Path) {
         add(&name, &raw);
         layers.push(name);
     }
-    let manifest = serde_json::json!([{"Config": config_name, "RepoTags": ["base:1"], "Layers": layers}]);
+    let manifest =
+        serde_json::json!([{"Config": config_name, "RepoTags": ["base:1"], "Layers": layers}]);
     add("manifest.json", manifest.to_string().as_bytes());
     tar.finish().unwrap();
 }
