@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 mod bake;
 mod image;
 mod instance;
+mod load;
 mod project;
+mod proxy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +38,12 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Serve one route over fixed backends (for benchmarks).
+    #[command(name = "__proxy", hide = true)]
+    Proxy(proxy::ProxyArgs),
+    /// A keep-alive HTTP load generator for tests and benchmarks.
+    #[command(name = "__load", hide = true)]
+    Load(load::LoadArgs),
 }
 
 impl Cli {
@@ -54,6 +62,8 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Proxy(args) => proxy::run(args),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(code) => code,
