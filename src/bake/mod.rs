@@ -367,11 +367,13 @@ fn split_path_tag(context: &Path, text: &str) -> (PathBuf, Option<String>) {
         }
     };
     let whole = resolve(text);
-    if !whole.exists()
-        && let Some((path, tag)) = text.rsplit_once(':')
-        && resolve(path).exists()
-    {
-        return (resolve(path), Some(tag.to_owned()));
+    if !whole.exists() {
+        // Tags hold colons too (`name:1`), so the path ends at the first colon that works.
+        for (at, _) in text.match_indices(':') {
+            if resolve(&text[..at]).exists() {
+                return (resolve(&text[..at]), Some(text[at + 1..].to_owned()));
+            }
+        }
     }
     (whole, None)
 }
