@@ -82,7 +82,7 @@ if ! docker info >/dev/null 2>&1; then
   for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 "$work/docker/log" >&2; exit 1; }
 fi
-docker_cmd="docker build -q -t graven-bench:1 $ctx"
+docker_cmd="docker build -q -f $ctx/Containerfile -t graven-bench:1 $ctx"
 docker_reset="docker rmi -f graven-bench:1 >/dev/null 2>&1; docker builder prune -af >/dev/null 2>&1; true"
 hyperfine --runs "$runs" --prepare "$docker_reset" --export-json "$work/d-cold.json" "$docker_cmd" >&2
 hyperfine --warmup 1 --runs "$((runs * 2))" --export-json "$work/d-warm.json" "$docker_cmd" >&2
