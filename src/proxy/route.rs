@@ -586,7 +586,7 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.iter().any(|hop| *hop == name)
+    HOP_BY_HOP.contains(&name)
 }
 
 /// A copy of a body-less request, to send again.
