@@ -79,10 +79,17 @@ pub struct DeployRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum DeployOutcome {
-    Succeeded { at_ms: u64 },
-    RolledBack { at_ms: u64, reason: String },
+    Succeeded {
+        at_ms: u64,
+    },
+    RolledBack {
+        at_ms: u64,
+        reason: String,
+    },
     /// A newer deploy of the same service began before this one ended.
-    Superseded { at_ms: u64 },
+    Superseded {
+        at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,7 +137,9 @@ impl State {
         &'a self,
         service: &'a str,
     ) -> impl Iterator<Item = &'a InstanceState> + 'a {
-        self.instances.values().filter(move |i| i.service == service)
+        self.instances
+            .values()
+            .filter(move |i| i.service == service)
     }
 
     fn failed(&mut self, instance: &InstanceState, at_ms: u64, why: String) {
@@ -316,7 +325,11 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
             if let Some(i) = state.instances.remove(instance)
                 && let GoneReason::StartFailed { error } = reason
             {
-                state.failed(&i, at, format!("instance {instance} did not start: {error}"));
+                state.failed(
+                    &i,
+                    at,
+                    format!("instance {instance} did not start: {error}"),
+                );
             }
         }
         Event::OrphanRemoved { .. } => {}
@@ -447,7 +460,10 @@ mod tests {
         });
         assert_eq!(again.instances, state.instances, "replay is idempotent");
         let mut out = String::new();
-        out += &format!("releases: {:?}\n", state.releases.keys().collect::<Vec<_>>());
+        out += &format!(
+            "releases: {:?}\n",
+            state.releases.keys().collect::<Vec<_>>()
+        );
         for (name, s) in &state.services {
             out += &format!(
                 "service {name}: wanted={:?} deploy={:?} failures={} backoff={:?}\n",
@@ -471,9 +487,12 @@ mod tests {
 
     #[test]
     fn empty_log_is_empty_state() {
-        check(vec![], expect![[r#"
+        check(
+            vec![],
+            expect![[r#"
             releases: []
-        "#]]);
+        "#]],
+        );
     }
 
     #[test]

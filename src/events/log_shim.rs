@@ -95,8 +95,10 @@ impl EventLog {
 
     pub fn last_seq(&self) -> Result<u64, LogError> {
         let db = self.db.lock().expect("log lock");
-        Ok(db.query_row("select coalesce(max(seq), 0) from events", [], |row| {
-            row.get::<_, i64>(0)
-        })? as u64)
+        Ok(
+            db.query_row("select coalesce(max(seq), 0) from events", [], |row| {
+                row.get::<_, i64>(0)
+            })? as u64,
+        )
     }
 }

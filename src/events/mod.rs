@@ -48,7 +48,10 @@ pub enum Event {
         reason: DeployReason,
     },
     /// Every instance of the service runs the wanted release, healthy; no other remains.
-    DeploySucceeded { service: String, release: u64 },
+    DeploySucceeded {
+        service: String,
+        release: u64,
+    },
     /// The rollout towards `from` failed; the wanted release goes back to `to`.
     DeployRolledBack {
         service: String,
@@ -68,19 +71,32 @@ pub enum Event {
         runtime_id: InstanceId,
         address: SocketAddr,
     },
-    InstanceHealthy { instance: String },
-    InstanceUnhealthy { instance: String, detail: String },
+    InstanceHealthy {
+        instance: String,
+    },
+    InstanceUnhealthy {
+        instance: String,
+        detail: String,
+    },
     /// The instance gets no new requests; it is stopped once its requests finish.
-    InstanceDraining { instance: String, reason: String },
+    InstanceDraining {
+        instance: String,
+        reason: String,
+    },
     /// The instance's process ended without being asked to.
     InstanceExited {
         instance: String,
         code: Option<i32>,
         signal: Option<i32>,
     },
-    InstanceGone { instance: String, reason: GoneReason },
+    InstanceGone {
+        instance: String,
+        reason: GoneReason,
+    },
     /// An instance on the runtime that the log does not want (left by a killed controller).
-    OrphanRemoved { runtime_id: InstanceId },
+    OrphanRemoved {
+        runtime_id: InstanceId,
+    },
     /// Launches of the service wait until `until_ms` after `failures` failed instances.
     CrashLoopBackoff {
         service: String,
@@ -89,7 +105,9 @@ pub enum Event {
         until_ms: u64,
     },
     /// The service is no longer wanted at all (`graven down`, or gone from graven.toml).
-    ServiceRemoved { service: String },
+    ServiceRemoved {
+        service: String,
+    },
 }
 
 impl log::EventKind for Event {
@@ -142,7 +160,10 @@ impl Event {
                 number,
                 image,
                 ..
-            } => format!("release {number} of {service} created (image {})", image.short()),
+            } => format!(
+                "release {number} of {service} created (image {})",
+                image.short()
+            ),
             Event::DeployStarted {
                 service,
                 from,
