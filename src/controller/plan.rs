@@ -421,7 +421,7 @@ mod tests {
     use expect_test::{Expect, expect};
 
     use super::*;
-    use crate::events::log::Envelope;
+    use crate::events::Envelope;
     use crate::events::{DeployReason, ServiceConfig, fold};
     use crate::proxy::HealthCheck;
     use crate::store::Digest;

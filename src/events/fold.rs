@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::log::Envelope;
+use super::Envelope;
 use super::{DeployReason, Event, GoneReason, ServiceConfig};
 use crate::runtime::InstanceId;
 use crate::store::Digest;

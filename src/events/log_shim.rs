@@ -21,7 +21,7 @@ pub struct Envelope<T> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum LogError {
+pub enum EventLogError {
     #[error("event log: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("event log: {0}")]
@@ -33,7 +33,7 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub fn open(path: &Path) -> Result<EventLog, LogError> {
+    pub fn open(path: &Path) -> Result<EventLog, EventLogError> {
         let db = rusqlite::Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
@@ -49,7 +49,7 @@ impl EventLog {
         actor: &str,
         at_ms: u64,
         payload: &T,
-    ) -> Result<Envelope<T>, LogError> {
+    ) -> Result<Envelope<T>, EventLogError> {
         let db = self.db.lock().expect("log lock");
         let text = serde_json::to_string(payload)?;
         db.execute(
@@ -65,7 +65,7 @@ impl EventLog {
         })
     }
 
-    pub fn read_after<T: DeserializeOwned>(&self, seq: u64) -> Result<Vec<Envelope<T>>, LogError> {
+    pub fn read_after<T: DeserializeOwned>(&self, seq: u64) -> Result<Vec<Envelope<T>>, EventLogError> {
         let db = self.db.lock().expect("log lock");
         let mut statement = db.prepare(
             "select seq, at_ms, actor, version, payload from events where seq > ?1 order by seq",
@@ -93,7 +93,7 @@ impl EventLog {
         Ok(out)
     }
 
-    pub fn last_seq(&self) -> Result<u64, LogError> {
+    pub fn last_seq(&self) -> Result<u64, EventLogError> {
         let db = self.db.lock().expect("log lock");
         Ok(
             db.query_row("select coalesce(max(seq), 0) from events", [], |row| {

@@ -17,7 +17,9 @@ use crate::store::Digest;
 
 pub mod fold;
 #[path = "log_shim.rs"]
-pub mod log;
+mod log;
+
+pub use log::{Envelope, EventKind, EventLog, EventLogError};
 
 pub use fold::{
     Backoff, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, ServiceState,
@@ -110,7 +112,7 @@ pub enum Event {
     },
 }
 
-impl log::EventKind for Event {
+impl EventKind for Event {
     fn kind(&self) -> &'static str {
         match self {
             Event::ReleaseCreated { .. } => "release_created",
