@@ -10,6 +10,7 @@ mod bake;
 mod image;
 mod instance;
 mod project;
+mod proxy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +37,9 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Serve one route over fixed backends (for benchmarks).
+    #[command(name = "__proxy", hide = true)]
+    Proxy(proxy::ProxyArgs),
 }
 
 impl Cli {
@@ -54,6 +58,7 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Proxy(args) => proxy::run(args),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,8 @@
 //! binary, and waiting on a condition with a deadline (never sleeping for luck).
 #![allow(dead_code)]
 
+pub mod runtime;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -20,7 +22,9 @@ pub fn workspace() -> PathBuf {
 /// A `graven` command with `GRAVEN_HOME` set to `home`.
 pub fn graven(home: &Path) -> Command {
     let mut command = Command::new(graven_bin());
-    command.env("GRAVEN_HOME", home).env_remove("SOURCE_DATE_EPOCH");
+    command
+        .env("GRAVEN_HOME", home)
+        .env_remove("SOURCE_DATE_EPOCH");
     command
 }
 
@@ -33,7 +37,14 @@ pub fn hello_binary() -> PathBuf {
             let target = workspace().join("target/static");
             let status = Command::new(env!("CARGO"))
                 .current_dir(workspace())
-                .args(["rustc", "--quiet", "--release", "-p", "hello", "--target-dir"])
+                .args([
+                    "rustc",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "hello",
+                    "--target-dir",
+                ])
                 .arg(&target)
                 .args(["--", "-C", "target-feature=+crt-static"])
                 .status()
@@ -51,7 +62,10 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut condition: impl FnMut() -
         if let Some(value) = condition() {
             return value;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
