@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::{
-    CONTROLLER, Envelope, EventLog, EventLogError, DeployReason, Event, GoneReason, Lifecycle, ServiceConfig, State, fold,
+    CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, Lifecycle,
+    ServiceConfig, State, fold,
 };
 use crate::proxy::health::{Health, HealthChange, HealthMonitor};
 use crate::proxy::{Backend, Route, RouteOptions};
@@ -158,6 +159,7 @@ pub struct ControllerHandle {
     environment: String,
     inputs: mpsc::UnboundedSender<Input>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl ControllerHandle {
@@ -187,10 +189,7 @@ impl ControllerHandle {
         }
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> Result<T, ControllerError> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ControllerError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || ControllerError::Stopped {
             app: self.app.clone(),
@@ -223,6 +222,25 @@ impl ControllerHandle {
         self.ask(|reply| Command::History { after, reply }).await
     }
 
+    /// Ends the loop at once, as a killed process would: nothing is drained or stopped, and
+    /// instances keep running for the next controller to adopt. Returns once it has ended.
+    pub async fn abort(&self) {
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the loop has ended (shut down, aborted, or stopped by a log failure).
+    pub fn is_finished(&self) -> bool {
+        self.task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|t| t.is_finished())
+    }
+
     /// Drains and stops every instance, then returns once the loop has ended.
     pub async fn shutdown(&self) {
         let (done, finished) = oneshot::channel();
@@ -235,10 +253,7 @@ impl ControllerHandle {
 /// Replays the log and starts the loop on the current tokio runtime.
 pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerError> {
     let log = EventLog::open(&options.log)?;
-    let state = log
-        .read_after(0)?
-        .iter()
-        .fold(State::default(), fold);
+    let state = log.read_after(0)?.iter().fold(State::default(), fold);
     let snapshot = Arc::new(Snapshot {
         app: options.app.clone(),
         environment: options.environment.clone(),
@@ -248,11 +263,12 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
     let (publish, watcher) = watch::channel(snapshot);
     let (inputs, receiver) = mpsc::unbounded_channel();
     let (health_tx, health_rx) = mpsc::unbounded_channel();
-    let handle = ControllerHandle {
+    let mut handle = ControllerHandle {
         app: options.app.clone(),
         environment: options.environment.clone(),
         inputs: inputs.clone(),
         snapshot: watcher,
+        task: Arc::default(),
     };
     let shell = Shell {
         options,
@@ -268,7 +284,9 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         busy_ids: BTreeSet::new(),
         shutting_down: None,
     };
-    tokio::spawn(shell.run(receiver, health_rx));
+    handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
+        shell.run(receiver, health_rx),
+    ))));
     Ok(handle)
 }
 
@@ -672,13 +690,13 @@ impl Shell {
         {
             return Ok(());
         }
-        let route = Route::bind(RouteOptions::new(listen)).await.map_err(|error| {
-            ControllerError::RouteUnavailable {
+        let route = Route::bind(RouteOptions::new(listen))
+            .await
+            .map_err(|error| ControllerError::RouteUnavailable {
                 service: service.to_owned(),
                 route: listen,
                 reason: error.to_string(),
-            }
-        })?;
+            })?;
         if let Some(old) = self.routes.insert(
             service.to_owned(),
             RouteEntry {
@@ -982,12 +1000,11 @@ fn shutdown_plan(state: &State, observed: &Observed) -> Vec<Action> {
             (Lifecycle::Draining, Some(_)) => actions.push(Action::ResumeStop {
                 instance: instance.name.clone(),
             }),
-            (Lifecycle::Starting | Lifecycle::Healthy | Lifecycle::Unhealthy, Some(_)) => {
-                actions.push(Action::Drain {
+            (Lifecycle::Starting | Lifecycle::Healthy | Lifecycle::Unhealthy, Some(_)) => actions
+                .push(Action::Drain {
                     instance: instance.name.clone(),
                     reason: "shutdown".to_owned(),
-                })
-            }
+                }),
         }
     }
     actions

@@ -65,7 +65,10 @@ impl EventLog {
         })
     }
 
-    pub fn read_after<T: DeserializeOwned>(&self, seq: u64) -> Result<Vec<Envelope<T>>, EventLogError> {
+    pub fn read_after<T: DeserializeOwned>(
+        &self,
+        seq: u64,
+    ) -> Result<Vec<Envelope<T>>, EventLogError> {
         let db = self.db.lock().expect("log lock");
         let mut statement = db.prepare(
             "select seq, at_ms, actor, version, payload from events where seq > ?1 order by seq",

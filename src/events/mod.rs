@@ -31,6 +31,8 @@ pub const CONTROLLER: &str = "controller";
 
 /// One fact in the event log. The set is closed: a new kind of fact is a new variant, and the
 /// fold must say what it means.
+// Events are few and short-lived; boxing the release config would only make matching noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
