@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bake;
 mod image;
 mod instance;
+mod load;
 mod project;
 mod proxy;
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Serve one route over fixed backends (for benchmarks).
     #[command(name = "__proxy", hide = true)]
     Proxy(proxy::ProxyArgs),
+    /// A keep-alive HTTP load generator for tests and benchmarks.
+    #[command(name = "__load", hide = true)]
+    Load(load::LoadArgs),
 }
 
 impl Cli {
@@ -59,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(code) => code,

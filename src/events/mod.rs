@@ -16,10 +16,12 @@ use crate::runtime::{InstanceId, Limits, VolumeMount};
 use crate::store::Digest;
 
 pub mod fold;
-#[path = "log_shim.rs"]
 mod log;
 
-pub use log::{Envelope, EventKind, EventLog, EventLogError};
+pub use log::{
+    ENVELOPE_VERSION, Envelope, EventKind, EventLog, EventLogError, RawRow, SCHEMA_VERSION,
+    checksum, decode_envelope,
+};
 
 pub use fold::{
     Backoff, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, ServiceState,
