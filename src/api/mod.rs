@@ -40,7 +40,10 @@ pub fn socket_path(home: &Path) -> PathBuf {
 
 /// The event log of one app in one environment.
 pub fn log_path(home: &Path, app: &str, environment: &str) -> PathBuf {
-    home.join("apps").join(app).join(environment).join("events.db")
+    home.join("apps")
+        .join(app)
+        .join(environment)
+        .join("events.db")
 }
 
 #[derive(Debug, thiserror::Error)]

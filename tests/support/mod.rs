@@ -2,8 +2,8 @@
 //! binary, and waiting on a condition with a deadline (never sleeping for luck).
 #![allow(dead_code)]
 
-pub mod runtime;
 pub mod load;
+pub mod runtime;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
