@@ -18,10 +18,10 @@ use crate::events::{Envelope, Event};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no graven daemon answers on {} (start one with `graven up` or `graven daemon`): {source}", socket.display())]
+    #[error("no graven daemon answers on {} (start one with `graven up` or `graven daemon`): {error}", socket.display())]
     NoDaemon {
         socket: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("talking to the daemon on {}: {reason}", socket.display())]
     Transport { socket: PathBuf, reason: String },
@@ -54,9 +54,9 @@ impl Client {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
-                .map_err(|source| ClientError::NoDaemon {
+                .map_err(|error| ClientError::NoDaemon {
                     socket: self.socket.clone(),
-                    source,
+                    error,
                 })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

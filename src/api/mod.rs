@@ -62,10 +62,11 @@ pub enum ApiError {
     NoRoute { method: String, path: String },
     #[error("a graven daemon already listens on {}", socket.display())]
     AlreadyRunning { socket: PathBuf },
-    #[error("{}: {source}", path.display())]
+    // Not a `source`: the message crosses the API as text, so it carries the cause itself.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Controller(#[from] ControllerError),
@@ -179,24 +180,24 @@ impl Daemon {
         });
         let apps = home.join("apps");
         let read = |path: &Path| {
-            std::fs::read_dir(path).map_err(|source| ApiError::Io {
+            std::fs::read_dir(path).map_err(|error| ApiError::Io {
                 path: path.to_owned(),
-                source,
+                error,
             })
         };
         if apps.is_dir() {
             for app in read(&apps)? {
-                let app = app.map_err(|source| ApiError::Io {
+                let app = app.map_err(|error| ApiError::Io {
                     path: apps.clone(),
-                    source,
+                    error,
                 })?;
                 let Ok(app_name) = app.file_name().into_string() else {
                     continue;
                 };
                 for environment in read(&app.path())? {
-                    let environment = environment.map_err(|source| ApiError::Io {
+                    let environment = environment.map_err(|error| ApiError::Io {
                         path: app.path(),
-                        source,
+                        error,
                     })?;
                     let Ok(environment_name) = environment.file_name().into_string() else {
                         continue;
@@ -224,9 +225,9 @@ impl Daemon {
         }
         let log = log_path(&self.home, app, environment);
         let dir = log.parent().expect("the log has a directory");
-        std::fs::create_dir_all(dir).map_err(|source| ApiError::Io {
+        std::fs::create_dir_all(dir).map_err(|error| ApiError::Io {
             path: dir.to_owned(),
-            source,
+            error,
         })?;
         let handle = controller::spawn(ControllerOptions {
             app: app.to_owned(),
@@ -431,7 +432,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 pub async fn bind(home: &Path) -> Result<UnixListener, ApiError> {
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| ApiError::Io { path, source }
+        move |error| ApiError::Io { path, error }
     };
     std::fs::create_dir_all(home).map_err(io(home))?;
     std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(io(home))?;
