@@ -27,6 +27,10 @@ pub const VERSION_HEADER: &str = "x-hello-version";
 pub const NO_VERSION: &str = "(none)";
 /// At most this many failure reasons are kept as a sample; `failed` counts them all.
 const FAILURE_SAMPLE: usize = 20;
+/// At most this many entries of the version sequence are kept. During a rollout responses
+/// from both versions interleave, so the sequence can flip thousands of times;
+/// `version_changes` counts every flip.
+const SEQUENCE_LIMIT: usize = 256;
 
 /// How to load a route.
 #[derive(Debug, Clone)]
@@ -59,8 +63,14 @@ pub struct LoadReport {
     pub failures: Vec<String>,
     /// Successful responses per version.
     pub versions: BTreeMap<String, u64>,
-    /// Versions in the order responses completed, consecutive repeats collapsed.
+    /// Versions in the order responses completed, consecutive repeats collapsed; the first
+    /// 256 entries.
     pub version_sequence: Vec<String>,
+    /// How many times the version changed from one response to the next (across all
+    /// connections, in completion order).
+    pub version_changes: u64,
+    /// The version of the most recent successful response.
+    pub last_version: Option<String>,
     /// Time since the load started.
     pub elapsed_ms: u64,
 }
@@ -68,8 +78,14 @@ pub struct LoadReport {
 impl LoadReport {
     fn record_success(&mut self, version: String) {
         self.total += 1;
-        if self.version_sequence.last() != Some(&version) {
-            self.version_sequence.push(version.clone());
+        if self.last_version.as_ref() != Some(&version) {
+            if self.last_version.is_some() {
+                self.version_changes += 1;
+            }
+            if self.version_sequence.len() < SEQUENCE_LIMIT {
+                self.version_sequence.push(version.clone());
+            }
+            self.last_version = Some(version.clone());
         }
         *self.versions.entry(version).or_default() += 1;
     }
@@ -142,13 +158,6 @@ impl Drop for Load {
     fn drop(&mut self) {
         self.halt();
     }
-}
-
-/// Runs a load for `duration` and returns its report: what `graven __load` does.
-pub fn run_for(options: LoadOptions, duration: Duration) -> LoadReport {
-    let load = Load::start_with(options);
-    std::thread::sleep(duration);
-    load.stop()
 }
 
 fn lock(report: &Mutex<LoadReport>) -> std::sync::MutexGuard<'_, LoadReport> {
@@ -437,8 +446,14 @@ mod tests {
             let report = load.stop();
             assert_eq!(report.failed, 0, "{:?}", report.failures);
             assert_eq!(report.total, report.versions.values().sum::<u64>());
-            assert_eq!(report.version_sequence, ["v1", "v2"], "{report:?}");
-            // Requests in flight at the switch may still answer v1, but not many.
+            // Requests in flight at the switch may complete with v1 after another
+            // connection's first v2, so the sequence may flip a few times, then ends at v2.
+            assert_eq!(
+                report.version_sequence.first().map(String::as_str),
+                Some("v1")
+            );
+            assert_eq!(report.last_version.as_deref(), Some("v2"), "{report:?}");
+            assert!(report.version_changes <= 1 + 2 * 4, "{report:?}");
             assert!(report.versions["v1"] <= switched + 4, "{report:?}");
         }
     }
@@ -500,6 +515,20 @@ mod tests {
         let report = load.stop();
         assert_eq!(report.failures[0], "status 503");
         assert_eq!(report.total, report.failed);
+    }
+
+    #[test]
+    fn a_flip_flopping_sequence_is_capped_but_counted() {
+        let mut report = LoadReport::default();
+        for i in 0..1000 {
+            report.record_success(format!("v{}", i % 2));
+            report.record_success(format!("v{}", i % 2));
+        }
+        assert_eq!(report.version_sequence.len(), SEQUENCE_LIMIT);
+        assert_eq!(report.version_sequence[..3], ["v0", "v1", "v0"]);
+        assert_eq!(report.version_changes, 999);
+        assert_eq!(report.last_version.as_deref(), Some("v1"));
+        assert_eq!(report.versions["v0"], 1000);
     }
 
     #[test]

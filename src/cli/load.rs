@@ -2,12 +2,13 @@
 //! a test and benchmark tool, not part of graven's interface.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::loadgen::{LoadOptions, run_for};
+use crate::loadgen::{Load, LoadOptions};
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
@@ -17,9 +18,12 @@ pub struct LoadArgs {
     /// Keep-alive connections, each sending requests back to back.
     #[arg(long, default_value_t = 8)]
     connections: usize,
-    /// How long to run, e.g. 10s.
+    /// How long to run, e.g. 10s (at most, with --stop-file).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     duration: Duration,
+    /// Stop as soon as this file exists: lets a script end the load when its deploy is done.
+    #[arg(long, value_name = "PATH")]
+    stop_file: Option<PathBuf>,
     /// The path to GET.
     #[arg(long, default_value = "/")]
     path: String,
@@ -31,7 +35,12 @@ pub struct LoadArgs {
 pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let mut options = LoadOptions::new(args.address, args.connections);
     options.path = args.path;
-    let report = run_for(options, args.duration);
+    let load = Load::start_with(options);
+    let end = Instant::now() + args.duration;
+    while Instant::now() < end && !args.stop_file.as_ref().is_some_and(|f| f.exists()) {
+        std::thread::sleep(Duration::from_millis(10).min(end - Instant::now()));
+    }
+    let report = load.stop();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -45,7 +54,11 @@ pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         for (version, count) in &report.versions {
             println!("  version {version}: {count}");
         }
-        println!("  sequence: {}", report.version_sequence.join(" -> "));
+        println!(
+            "  version changes: {} (last: {})",
+            report.version_changes,
+            report.last_version.as_deref().unwrap_or("-")
+        );
         for failure in &report.failures {
             println!("  failure: {failure}");
         }

@@ -165,6 +165,11 @@ impl Route {
             .sum()
     }
 
+    /// Requests waiting for a ready instance right now.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
     pub fn metrics(&self) -> RouteMetrics {
         let releases = self
             .shared

@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod load;
+pub mod proxy;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
