@@ -427,6 +427,38 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
+/// Every image a release under `home` names, so `graven gc` keeps what a rollback may need.
+pub fn release_images(home: &Path) -> Result<Vec<crate::store::Digest>, ApiError> {
+    let apps = home.join("apps");
+    let mut images = std::collections::BTreeSet::new();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |error| ApiError::Io { path, error }
+    };
+    if !apps.is_dir() {
+        return Ok(Vec::new());
+    }
+    for app in std::fs::read_dir(&apps).map_err(io(&apps))? {
+        let app = app.map_err(io(&apps))?.path();
+        for environment in std::fs::read_dir(&app).map_err(io(&app))? {
+            let log = environment.map_err(io(&app))?.path().join("events.db");
+            if !log.is_file() {
+                continue;
+            }
+            let log = crate::events::EventLog::open(&log).map_err(ControllerError::from)?;
+            for envelope in log
+                .read_after::<Event>(0)
+                .map_err(ControllerError::from)?
+            {
+                if let Event::ReleaseCreated { image, .. } = envelope.payload {
+                    images.insert(image);
+                }
+            }
+        }
+    }
+    Ok(images.into_iter().collect())
+}
+
 /// Binds the API socket owner-only in an owner-only `home`. A socket file left by a dead
 /// daemon is replaced; a live daemon is an error.
 pub async fn bind(home: &Path) -> Result<UnixListener, ApiError> {

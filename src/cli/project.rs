@@ -166,21 +166,31 @@ fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>
         .collect())
 }
 
-/// TEMPORARY until the bake library lands on main: stands in for "bake this project, give
-/// me the manifest digest" with a digest of the Containerfile and the build output it copies.
-fn bake(_home: &Path, project: &Project) -> anyhow::Result<Digest> {
-    let containerfile = project.dir.join(&project.image.containerfile);
-    let mut bytes = std::fs::read(&containerfile)
-        .with_context(|| format!("reading {}", containerfile.display()))?;
-    let dist = project.dir.join("dist");
-    if let Ok(entries) = std::fs::read_dir(&dist) {
-        let mut names: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
-        names.sort();
-        for name in names {
-            bytes.extend(std::fs::read(&name).unwrap_or_default());
+/// Bakes the project's image (every unchanged step comes from the cache) and tags it
+/// `<app>:<environment>`.
+fn bake(home: &Path, project: &Project) -> anyhow::Result<Digest> {
+    let options = crate::bake::BakeOptions {
+        context: project.dir.join(&project.image.context),
+        containerfile: Some(project.dir.join(&project.image.containerfile)),
+        tag: format!("{}:{}", project.app, project.environment),
+        build_args: BTreeMap::new(),
+        epoch: 0,
+    };
+    let mut progress = |event: crate::bake::Progress<'_>| {
+        if let crate::bake::Progress::Finished {
+            step,
+            total,
+            text,
+            cached,
+        } = event
+        {
+            let how = if cached { "cached" } else { "done" };
+            eprintln!("graven: bake [{step}/{total}] {text}  {how}");
         }
-    }
-    Ok(Digest::of(&bytes))
+    };
+    let baked = crate::bake::bake(home, &options, &mut progress)
+        .with_context(|| format!("baking {}", options.context.display()))?;
+    Ok(baked.digest)
 }
 
 /// How one service's rollout ended.
