@@ -89,6 +89,33 @@ async fn deploys_roll_out_and_the_route_follows() {
         .unwrap();
     assert_eq!(again.unchanged, vec!["web".to_owned()]);
 
+    // The instance count is not part of a release: scaling keeps release 1 and adds one.
+    let scaled = s
+        .controller
+        .deploy(vec![release(config(3, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    assert_eq!(scaled.unchanged, vec!["web".to_owned()]);
+    let snapshot = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.controller
+            .wait_for(|snap| healthy_versions(snap) == BTreeMap::from([(1, 3)])),
+    )
+    .await
+    .expect("scaled to 3");
+    assert_eq!(snapshot.state.releases.len(), 1);
+    s.controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        s.controller
+            .wait_for(|snap| snap.state.instances.len() == 2),
+    )
+    .await
+    .expect("scaled back to 2");
+
     // A config change alone is a new release that replaces every instance.
     s.controller
         .deploy(vec![release(config(2, route, &[("VERSION", "v2")]))])

@@ -446,10 +446,7 @@ pub fn release_images(home: &Path) -> Result<Vec<crate::store::Digest>, ApiError
                 continue;
             }
             let log = crate::events::EventLog::open(&log).map_err(ControllerError::from)?;
-            for envelope in log
-                .read_after::<Event>(0)
-                .map_err(ControllerError::from)?
-            {
+            for envelope in log.read_after::<Event>(0).map_err(ControllerError::from)? {
                 if let Event::ReleaseCreated { image, .. } = envelope.payload {
                     images.insert(image);
                 }

@@ -237,12 +237,7 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
             });
         }
     }
-    let flag = |key: &str| {
-        flags
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
+    let flag = |key: &str| flags.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let need_args = |what: &str| -> Result<(), String> {
         if rest.is_empty() {
             Err(format!("{name} requires {what}"))
@@ -282,7 +277,9 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
                 None => split_words(rest, escape),
             };
             if words.len() < 2 {
-                return Err(format!("{name} requires at least one source and a destination"));
+                return Err(format!(
+                    "{name} requires at least one source and a destination"
+                ));
             }
             let (dest, sources) = words.split_last().expect("two words at least");
             for (key, value) in &flags {
@@ -404,9 +401,7 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
                 }
                 "" => return Err("HEALTHCHECK requires CMD or NONE".to_owned()),
                 other => {
-                    return Err(format!(
-                        "HEALTHCHECK expects CMD or NONE, got {other:?}"
-                    ));
+                    return Err(format!("HEALTHCHECK expects CMD or NONE, got {other:?}"));
                 }
             }
         }
@@ -835,35 +830,122 @@ STOPSIGNAL 15"#,
     #[test]
     fn bad_input() {
         let cases = [
-            ("FROM scratch\nFROBNICATE x", "Containerfile:2: unknown instruction \"FROBNICATE\""),
-            ("FROM", "Containerfile:1: malformed FROM: it requires an image"),
-            ("FROM a b", "Containerfile:1: malformed FROM: expected `FROM image [AS name]`, got \"a b\""),
-            ("FROM a AS", "Containerfile:1: malformed FROM: expected `FROM image [AS name]`, got \"a AS\""),
-            ("FROM a AS 1x", "Containerfile:1: malformed FROM: invalid stage name \"1x\" (letters, digits, . _ - only, starting with a letter)"),
-            ("COPY a /b", "Containerfile:1: COPY before FROM: only ARG may come before the first FROM"),
-            ("# only a comment", "Containerfile:1: no FROM instruction: a Containerfile must start with FROM"),
-            ("FROM scratch\nCOPY onlyone", "Containerfile:2: COPY requires at least one source and a destination"),
-            ("FROM scratch\nCOPY --from=build a b", "Containerfile:2: COPY --from is not supported: copy from the build context"),
-            ("FROM scratch\nCOPY --own=1 a b", "Containerfile:2: unknown flag --own for COPY"),
-            ("FROM scratch\nCOPY --chmod=999 a b", "Containerfile:2: --chmod=999: expected an octal mode like 0755"),
-            ("FROM scratch\nRUN", "Containerfile:2: RUN requires a command"),
-            ("FROM scratch\nRUN --mount=type=cache x", "Containerfile:2: unknown flag --mount for RUN"),
-            ("FROM scratch\nENV", "Containerfile:2: ENV requires at least one key=value pair"),
-            ("FROM scratch\nENV A=1 B", "Containerfile:2: ENV expects key=value, got \"B\""),
-            ("FROM scratch\nENV =1", "Containerfile:2: ENV names can not be blank"),
-            ("FROM scratch\nENV A", "Containerfile:2: ENV A has no value: use A=value"),
-            ("FROM scratch\nARG 1A", "Containerfile:2: ARG name \"1A\" is not a valid variable name"),
-            ("FROM scratch\nUSER a b", "Containerfile:2: USER takes exactly one user[:group], got \"a b\""),
-            ("FROM scratch\nSTOPSIGNAL", "Containerfile:2: STOPSIGNAL requires a signal"),
-            ("FROM scratch\nHEALTHCHECK", "Containerfile:2: HEALTHCHECK requires CMD or NONE"),
-            ("FROM scratch\nHEALTHCHECK RUN x", "Containerfile:2: HEALTHCHECK expects CMD or NONE, got \"RUN\""),
-            ("FROM scratch\nHEALTHCHECK --interval=5 CMD x", "Containerfile:2: HEALTHCHECK --interval=5: a duration needs a unit (ns, us, ms, s, m, h)"),
-            ("FROM scratch\nHEALTHCHECK --retries=-1 CMD x", "Containerfile:2: HEALTHCHECK --retries=-1: not a non-negative number"),
-            ("FROM scratch\nHEALTHCHECK --interval=1s NONE", "Containerfile:2: HEALTHCHECK NONE takes no arguments or flags"),
-            ("FROM scratch\nSHELL /bin/sh", "Containerfile:2: SHELL requires a JSON array, like [\"/bin/sh\", \"-c\"]"),
-            ("FROM scratch\nONBUILD RUN x", "Containerfile:2: ONBUILD is not supported by graven"),
-            ("# escape=x\nFROM scratch", "Containerfile:1: invalid escape token \"x\": it must be \\ or `"),
-            ("FROM scratch\nCMD --x \\\n\n  y", "Containerfile:2: unknown flag --x for CMD"),
+            (
+                "FROM scratch\nFROBNICATE x",
+                "Containerfile:2: unknown instruction \"FROBNICATE\"",
+            ),
+            (
+                "FROM",
+                "Containerfile:1: malformed FROM: it requires an image",
+            ),
+            (
+                "FROM a b",
+                "Containerfile:1: malformed FROM: expected `FROM image [AS name]`, got \"a b\"",
+            ),
+            (
+                "FROM a AS",
+                "Containerfile:1: malformed FROM: expected `FROM image [AS name]`, got \"a AS\"",
+            ),
+            (
+                "FROM a AS 1x",
+                "Containerfile:1: malformed FROM: invalid stage name \"1x\" (letters, digits, . _ - only, starting with a letter)",
+            ),
+            (
+                "COPY a /b",
+                "Containerfile:1: COPY before FROM: only ARG may come before the first FROM",
+            ),
+            (
+                "# only a comment",
+                "Containerfile:1: no FROM instruction: a Containerfile must start with FROM",
+            ),
+            (
+                "FROM scratch\nCOPY onlyone",
+                "Containerfile:2: COPY requires at least one source and a destination",
+            ),
+            (
+                "FROM scratch\nCOPY --from=build a b",
+                "Containerfile:2: COPY --from is not supported: copy from the build context",
+            ),
+            (
+                "FROM scratch\nCOPY --own=1 a b",
+                "Containerfile:2: unknown flag --own for COPY",
+            ),
+            (
+                "FROM scratch\nCOPY --chmod=999 a b",
+                "Containerfile:2: --chmod=999: expected an octal mode like 0755",
+            ),
+            (
+                "FROM scratch\nRUN",
+                "Containerfile:2: RUN requires a command",
+            ),
+            (
+                "FROM scratch\nRUN --mount=type=cache x",
+                "Containerfile:2: unknown flag --mount for RUN",
+            ),
+            (
+                "FROM scratch\nENV",
+                "Containerfile:2: ENV requires at least one key=value pair",
+            ),
+            (
+                "FROM scratch\nENV A=1 B",
+                "Containerfile:2: ENV expects key=value, got \"B\"",
+            ),
+            (
+                "FROM scratch\nENV =1",
+                "Containerfile:2: ENV names can not be blank",
+            ),
+            (
+                "FROM scratch\nENV A",
+                "Containerfile:2: ENV A has no value: use A=value",
+            ),
+            (
+                "FROM scratch\nARG 1A",
+                "Containerfile:2: ARG name \"1A\" is not a valid variable name",
+            ),
+            (
+                "FROM scratch\nUSER a b",
+                "Containerfile:2: USER takes exactly one user[:group], got \"a b\"",
+            ),
+            (
+                "FROM scratch\nSTOPSIGNAL",
+                "Containerfile:2: STOPSIGNAL requires a signal",
+            ),
+            (
+                "FROM scratch\nHEALTHCHECK",
+                "Containerfile:2: HEALTHCHECK requires CMD or NONE",
+            ),
+            (
+                "FROM scratch\nHEALTHCHECK RUN x",
+                "Containerfile:2: HEALTHCHECK expects CMD or NONE, got \"RUN\"",
+            ),
+            (
+                "FROM scratch\nHEALTHCHECK --interval=5 CMD x",
+                "Containerfile:2: HEALTHCHECK --interval=5: a duration needs a unit (ns, us, ms, s, m, h)",
+            ),
+            (
+                "FROM scratch\nHEALTHCHECK --retries=-1 CMD x",
+                "Containerfile:2: HEALTHCHECK --retries=-1: not a non-negative number",
+            ),
+            (
+                "FROM scratch\nHEALTHCHECK --interval=1s NONE",
+                "Containerfile:2: HEALTHCHECK NONE takes no arguments or flags",
+            ),
+            (
+                "FROM scratch\nSHELL /bin/sh",
+                "Containerfile:2: SHELL requires a JSON array, like [\"/bin/sh\", \"-c\"]",
+            ),
+            (
+                "FROM scratch\nONBUILD RUN x",
+                "Containerfile:2: ONBUILD is not supported by graven",
+            ),
+            (
+                "# escape=x\nFROM scratch",
+                "Containerfile:1: invalid escape token \"x\": it must be \\ or `",
+            ),
+            (
+                "FROM scratch\nCMD --x \\\n\n  y",
+                "Containerfile:2: unknown flag --x for CMD",
+            ),
         ];
         let mut failures = Vec::new();
         for (source, expected) in cases {
@@ -910,7 +992,10 @@ STOPSIGNAL 15"#,
         check_expand("$", Ok("$"));
         check_expand("${A", Err("missing } in ${A"));
         check_expand("${A?x}", Err("missing } in ${A"));
-        check_expand("${A:=x}", Err("unsupported modifier '=' in ${A...}: use :- or :+"));
+        check_expand(
+            "${A:=x}",
+            Err("unsupported modifier '=' in ${A...}: use :- or :+"),
+        );
         check_expand("${}", Err("bad substitution: empty variable name in ${}"));
         check_expand("\"open", Err("unterminated \" quote in \"\\\"open\""));
     }

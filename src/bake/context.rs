@@ -118,8 +118,8 @@ pub struct Collected {
 
 impl Context {
     pub fn open(root: &Path) -> Result<Context, String> {
-        let canonical = fs::canonicalize(root)
-            .map_err(|e| format!("build context {}: {e}", root.display()))?;
+        let canonical =
+            fs::canonicalize(root).map_err(|e| format!("build context {}: {e}", root.display()))?;
         let ignore = match fs::read_to_string(root.join(".dockerignore")) {
             Ok(text) => Ignore::parse(&text)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
@@ -235,13 +235,13 @@ impl Context {
                     }
                 }
                 if matched.len() == before {
-                    return Err(format!("source {source:?} matches no file in the build context"));
+                    return Err(format!(
+                        "source {source:?} matches no file in the build context"
+                    ));
                 }
             } else {
                 if !rel.is_empty() && self.ignore.excluded(&rel) {
-                    return Err(format!(
-                        "source {source:?} is excluded by .dockerignore"
-                    ));
+                    return Err(format!("source {source:?} is excluded by .dockerignore"));
                 }
                 matched.push((source.clone(), rel));
             }
@@ -265,7 +265,8 @@ impl Context {
                 if !dest_rel.is_empty() {
                     collected.entries.push(dir_entry(dest_rel, own));
                 }
-                let unpacked = unpack_archive(&source, &path, dest_rel, own, &mut collected.entries)?;
+                let unpacked =
+                    unpack_archive(&source, &path, dest_rel, own, &mut collected.entries)?;
                 collected._unpacked.push(unpacked);
             } else {
                 let name = rel.rsplit('/').next().unwrap_or(&rel);
@@ -416,16 +417,12 @@ fn unpack_archive(
         let mut entry = entry.map_err(|e| fail(format!("not a readable tar archive: {e}")))?;
         let raw = entry.path_bytes().into_owned();
         let name = String::from_utf8_lossy(&raw).into_owned();
-        let rel = archive_path(&name).ok_or_else(|| {
-            fail(format!("archive entry {name:?} escapes the destination"))
-        })?;
+        let rel = archive_path(&name)
+            .ok_or_else(|| fail(format!("archive entry {name:?} escapes the destination")))?;
         if rel.is_empty() {
             continue;
         }
-        if let Some(link) = symlinks
-            .iter()
-            .find(|l| rel.starts_with(&format!("{l}/")))
-        {
+        if let Some(link) = symlinks.iter().find(|l| rel.starts_with(&format!("{l}/"))) {
             return Err(fail(format!(
                 "archive entry {name:?} passes through the archive's symlink {link:?}"
             )));
@@ -451,10 +448,14 @@ fn unpack_archive(
                 .map(|l| l.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let link_rel = archive_path(&link).ok_or_else(|| {
-                fail(format!("archive entry {name:?} links to {link:?} outside the destination"))
+                fail(format!(
+                    "archive entry {name:?} links to {link:?} outside the destination"
+                ))
             })?;
             let (file, size) = files.get(&link_rel).cloned().ok_or_else(|| {
-                fail(format!("archive entry {name:?} links to {link:?}, which the archive does not hold"))
+                fail(format!(
+                    "archive entry {name:?} links to {link:?}, which the archive does not hold"
+                ))
             })?;
             EntryKind::File { source: file, size }
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
@@ -535,7 +536,11 @@ mod tests {
         // The last matching pattern wins, so an exclusion after an exception excludes again.
         check(
             "*.txt\n!keep*.txt\nkeep-not.txt",
-            &[("a.txt", true), ("keep1.txt", false), ("keep-not.txt", true)],
+            &[
+                ("a.txt", true),
+                ("keep1.txt", false),
+                ("keep-not.txt", true),
+            ],
         );
         check(
             "dir\n!dir/keep",

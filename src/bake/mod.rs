@@ -20,8 +20,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::store::{
-    Descriptor, Digest, ImageConfig, ImportKind, MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP,
-    Store, StoreError, Transaction,
+    Descriptor, Digest, ImageConfig, ImportKind, MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP, Store,
+    StoreError, Transaction,
 };
 use cache::{Cache, LayerRecord, Record};
 use context::{Context, Ownership};
@@ -154,14 +154,9 @@ pub fn bake(
     let parsed = containerfile::parse(&file_name, &source)?;
     let at = |line: usize| {
         let file = file_name.clone();
-        move |reason: String| BakeError::Step {
-            file,
-            line,
-            reason,
-        }
+        move |reason: String| BakeError::Step { file, line, reason }
     };
-    let stages = plan::stages(&parsed, &options.build_args)
-        .map_err(|e| at(e.line)(e.reason))?;
+    let stages = plan::stages(&parsed, &options.build_args).map_err(|e| at(e.line)(e.reason))?;
     let context = Context::open(&options.context).map_err(|reason| BakeError::Context {
         path: options.context.clone(),
         reason,
@@ -195,8 +190,9 @@ pub fn bake(
                 key: cache::key(None, &["FROM scratch", crate::store::host_architecture()]),
             },
             Base::Stage(parent) => built[parent].clone(),
-            Base::Image(name) => base_image(&mut txn, &options.context, name)
-                .map_err(at(stage.from_line))?,
+            Base::Image(name) => {
+                base_image(&mut txn, &options.context, name).map_err(at(stage.from_line))?
+            }
         };
         let from_cached = txn.added() == added_before;
         cached_steps += usize::from(from_cached);
@@ -229,8 +225,9 @@ pub fn bake(
             let record = match found {
                 Some(record) => record,
                 None => {
-                    let record = build(&mut txn, collected, &mut lower, &state, step, options.epoch)
-                        .map_err(at(step.line))?;
+                    let record =
+                        build(&mut txn, collected, &mut lower, &state, step, options.epoch)
+                            .map_err(at(step.line))?;
                     pending.push((key.clone(), record.clone()));
                     record
                 }
@@ -259,10 +256,11 @@ pub fn bake(
         .unwrap_or(path.clone())
         .display()
         .to_string();
-    let already = store
-        .tags()?
-        .into_iter()
-        .any(|t| t.tag == options.tag && t.digest == manifest.digest && t.created_from.as_deref() == Some(created_from.as_str()));
+    let already = store.tags()?.into_iter().any(|t| {
+        t.tag == options.tag
+            && t.digest == manifest.digest
+            && t.created_from.as_deref() == Some(created_from.as_str())
+    });
     if !already {
         store.tag(&options.tag, &manifest.digest, Some(&created_from))?;
     }
@@ -398,8 +396,13 @@ fn ownership(
                     .prefix("graven-users-")
                     .tempdir()
                     .map_err(|e| e.to_string())?;
-                tree::extract_files(store, &state.layers, root.path(), &["etc/passwd", "etc/group"])
-                    .map_err(|e| e.to_string())?;
+                tree::extract_files(
+                    store,
+                    &state.layers,
+                    root.path(),
+                    &["etc/passwd", "etc/group"],
+                )
+                .map_err(|e| e.to_string())?;
                 run::resolve_user(root.path(), user).map_err(|e| format!("--chown={user}: {e}"))?
             }
         }
@@ -437,7 +440,10 @@ fn prepare(
             let key = cache::key(Some(&state.key), &[&action, hash.as_str(), &args, &epoch]);
             (key, Some(collected))
         }
-        _ => (cache::key(Some(&state.key), &[&action, &args, &epoch]), None),
+        _ => (
+            cache::key(Some(&state.key), &[&action, &args, &epoch]),
+            None,
+        ),
     };
     let found = cache.get(store, &key);
     Ok((key, found, collected))
@@ -463,7 +469,9 @@ fn build(
             collected.entries
         }
         Action::Workdir(path) => {
-            lower.update(store, &state.layers).map_err(|e| e.to_string())?;
+            lower
+                .update(store, &state.layers)
+                .map_err(|e| e.to_string())?;
             let rel = path.trim_start_matches('/');
             if rel.is_empty() || lower.paths.contains_key(rel) {
                 return Ok(Record { layer: None });
@@ -489,7 +497,9 @@ fn build(
         }
     };
     if !matches!(step.action, Action::Run { .. }) {
-        lower.update(store, &state.layers).map_err(|e| e.to_string())?;
+        lower
+            .update(store, &state.layers)
+            .map_err(|e| e.to_string())?;
         // Parent directories the lower layers lack are created, owned by root; existing
         // ones (or symlinks standing in for them) are left as they are.
         let present: BTreeSet<String> = entries.iter().map(|e| e.path.clone()).collect();

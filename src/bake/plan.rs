@@ -384,7 +384,10 @@ pub fn plan_stage(
                 }
                 let chmod = chmod
                     .as_deref()
-                    .map(|m| containerfile::parse_mode(&x(m)?).map_err(|reason| PlanError { line, reason }))
+                    .map(|m| {
+                        containerfile::parse_mode(&x(m)?)
+                            .map_err(|reason| PlanError { line, reason })
+                    })
                     .transpose()?;
                 Action::Copy {
                     add: *add,
@@ -594,13 +597,34 @@ ENTRYPOINT ["/x"]"#,
     #[test]
     fn bad_plans() {
         let cases = [
-            ("FROM scratch\nEXPOSE http", "error at line 2: EXPOSE http: \"http\" is not a port number"),
-            ("FROM scratch\nEXPOSE 80/xtp", "error at line 2: EXPOSE 80/xtp: unknown protocol \"xtp\""),
-            ("FROM scratch\nSTOPSIGNAL SIGNOPE", "error at line 2: STOPSIGNAL \"SIGNOPE\" is not a signal"),
-            ("ARG B\nFROM ${B}", "error at line 2: malformed FROM: the image expands to nothing"),
-            ("FROM scratch AS a\nFROM scratch AS a", "error at line 2: duplicate stage name \"a\""),
-            ("FROM scratch\nENV A=${B", "error at line 2: missing } in ${B"),
-            ("FROM scratch\nUSER ${NOBODY}", "error at line 2: USER expands to nothing"),
+            (
+                "FROM scratch\nEXPOSE http",
+                "error at line 2: EXPOSE http: \"http\" is not a port number",
+            ),
+            (
+                "FROM scratch\nEXPOSE 80/xtp",
+                "error at line 2: EXPOSE 80/xtp: unknown protocol \"xtp\"",
+            ),
+            (
+                "FROM scratch\nSTOPSIGNAL SIGNOPE",
+                "error at line 2: STOPSIGNAL \"SIGNOPE\" is not a signal",
+            ),
+            (
+                "ARG B\nFROM ${B}",
+                "error at line 2: malformed FROM: the image expands to nothing",
+            ),
+            (
+                "FROM scratch AS a\nFROM scratch AS a",
+                "error at line 2: duplicate stage name \"a\"",
+            ),
+            (
+                "FROM scratch\nENV A=${B",
+                "error at line 2: missing } in ${B",
+            ),
+            (
+                "FROM scratch\nUSER ${NOBODY}",
+                "error at line 2: USER expands to nothing",
+            ),
         ];
         for (source, expected) in cases {
             assert_eq!(render(source, &[]), expected, "{source:?}");

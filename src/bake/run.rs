@@ -62,7 +62,10 @@ pub fn run(
     };
     let status = sandbox_shim::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
     if !status.success() {
-        let how = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+        let how = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
             (Some(code), _) => format!("exit status {code}"),
             (None, Some(signal)) => format!("signal {signal}"),
             _ => status.to_string(),
@@ -93,7 +96,14 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
             .collect()
     };
     let (uid, primary_gid) = match user_part.parse::<u32>() {
-        Ok(uid) => (uid, table("etc/passwd").values().find(|(u, _)| *u == uid).map(|p| p.1).unwrap_or(uid)),
+        Ok(uid) => (
+            uid,
+            table("etc/passwd")
+                .values()
+                .find(|(u, _)| *u == uid)
+                .map(|p| p.1)
+                .unwrap_or(uid),
+        ),
         Err(_) if user_part == "root" => (0, 0),
         Err(_) => *table("etc/passwd")
             .get(user_part)
@@ -152,8 +162,14 @@ mod tests {
             ("app", Ok((1000, 1001))),
             ("1000", Ok((1000, 1001))),
             ("app:staff", Ok((1000, 50))),
-            ("nobody", Err("user \"nobody\" is not in the image's /etc/passwd".to_owned())),
-            ("app:wheel", Err("group \"wheel\" is not in the image's /etc/group".to_owned())),
+            (
+                "nobody",
+                Err("user \"nobody\" is not in the image's /etc/passwd".to_owned()),
+            ),
+            (
+                "app:wheel",
+                Err("group \"wheel\" is not in the image's /etc/group".to_owned()),
+            ),
         ] {
             assert_eq!(resolve_user(root.path(), user), expected, "{user}");
         }

@@ -16,7 +16,10 @@ use crate::store::{Descriptor, Digest, FinishedLayer, LayerWriter, Store, StoreE
 pub enum EntryKind {
     Dir,
     /// A regular file whose content is read from `source` when the layer is written.
-    File { source: PathBuf, size: u64 },
+    File {
+        source: PathBuf,
+        size: u64,
+    },
     /// An empty regular file (whiteouts).
     Empty,
     Symlink(String),
@@ -66,7 +69,11 @@ pub fn content_hash(entries: &[Entry]) -> io::Result<Digest> {
 }
 
 /// Writes the (normalized) entries as a layer blob in a temp file of the store.
-pub fn write_layer(store: &Store, entries: &[Entry], mtime: u64) -> Result<FinishedLayer, StoreError> {
+pub fn write_layer(
+    store: &Store,
+    entries: &[Entry],
+    mtime: u64,
+) -> Result<FinishedLayer, StoreError> {
     let writer = LayerWriter::new(store)?;
     let mut tar = tar::Builder::new(writer);
     let io = |path: &str| {
@@ -173,7 +180,8 @@ impl LowerTree {
                         format!("{parent}/{hidden}")
                     };
                     let prefix = format!("{gone}/");
-                    self.paths.retain(|p, _| p != &gone && !p.starts_with(&prefix));
+                    self.paths
+                        .retain(|p, _| p != &gone && !p.starts_with(&prefix));
                 } else if !path.is_empty() {
                     self.paths
                         .insert(path, entry.header().entry_type().is_dir());
@@ -483,7 +491,12 @@ mod tests {
         assert_eq!(la.digest, lb.digest);
         assert_eq!(
             list(&store, la),
-            ["a/ 755 0:0 0 Some(\"\")", "a/a 644 0:0 0 Some(\"\")", "a/b 644 0:0 0 Some(\"\")", "a-b 644 0:0 0 Some(\"\")"]
+            [
+                "a/ 755 0:0 0 Some(\"\")",
+                "a/a 644 0:0 0 Some(\"\")",
+                "a/b 644 0:0 0 Some(\"\")",
+                "a-b 644 0:0 0 Some(\"\")"
+            ]
         );
         // A different mtime (SOURCE_DATE_EPOCH) gives a different, but again stable, layer.
         let l1 = write_layer(&store, &a, 1_700_000_000).unwrap();
@@ -512,6 +525,9 @@ mod tests {
             .into_iter()
             .map(|e| e.path)
             .collect();
-        assert_eq!(paths, [".wh.gone", "etc/.wh.removed", "etc/changed", "etc/keep/new"]);
+        assert_eq!(
+            paths,
+            [".wh.gone", "etc/.wh.removed", "etc/changed", "etc/keep/new"]
+        );
     }
 }

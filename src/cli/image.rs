@@ -74,7 +74,10 @@ pub fn images(home: &Path, args: ImagesArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&listed)?);
     } else {
-        println!("{:<30} {:<14} {:>10}  CREATED FROM", "TAG", "DIGEST", "SIZE");
+        println!(
+            "{:<30} {:<14} {:>10}  CREATED FROM",
+            "TAG", "DIGEST", "SIZE"
+        );
         for image in listed {
             println!(
                 "{:<30} {:<14} {:>10}  {}",
@@ -125,7 +128,9 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
         } => {
             let digest = store.resolve(&reference)?;
             // The archive names the image by the tag asked for, else by a tag it has.
-            let tag = if Digest::parse(&reference).is_ok() || store.tags()?.iter().all(|t| t.tag != reference) {
+            let tag = if Digest::parse(&reference).is_ok()
+                || store.tags()?.iter().all(|t| t.tag != reference)
+            {
                 store
                     .tags()?
                     .into_iter()
@@ -147,7 +152,12 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
                 .prefix(".graven-export-")
                 .tempfile_in(dir)
                 .with_context(|| format!("cannot write in {}", dir.display()))?;
-            store.export(&digest, &tag, format, std::io::BufWriter::new(temp.as_file_mut()))?;
+            store.export(
+                &digest,
+                &tag,
+                format,
+                std::io::BufWriter::new(temp.as_file_mut()),
+            )?;
             temp.persist(&output)
                 .with_context(|| format!("cannot write {}", output.display()))?;
             eprintln!("exported {tag} ({digest}) to {}", output.display());
@@ -155,7 +165,9 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Rm { tag } => {
             let removed = store.update_index(|index| {
                 let before = index.manifests.len();
-                index.manifests.retain(|m| m.annotation(REF_NAME) != Some(tag.as_str()));
+                index
+                    .manifests
+                    .retain(|m| m.annotation(REF_NAME) != Some(tag.as_str()));
                 Ok(before != index.manifests.len())
             })?;
             anyhow::ensure!(removed, "no image is tagged {tag:?}");

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::{
     CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, Lifecycle,
-    ServiceConfig, State, fold,
+    Scale, ServiceConfig, State, fold,
 };
 use crate::proxy::health::{Health, HealthChange, HealthMonitor};
 use crate::proxy::{Backend, Route, RouteOptions};
@@ -576,6 +576,17 @@ impl Shell {
             if current.is_some_and(|c| {
                 c.image == release.image && c.config_digest == release.config_digest
             }) {
+                let scale = Scale {
+                    instances: release.config.instances,
+                    route: release.config.route,
+                };
+                if self.state.scale(&release.service) != Some(scale) {
+                    self.record(Event::ServiceScaled {
+                        service: release.service.clone(),
+                        instances: scale.instances,
+                        route: scale.route,
+                    })?;
+                }
                 rollout.unchanged.push(release.service);
                 continue;
             }
@@ -718,7 +729,7 @@ impl Shell {
             .services
             .keys()
             .filter_map(|service| {
-                let route = self.state.wanted_release(service)?.config.route?;
+                let route = self.state.scale(service)?.route?;
                 Some((service.clone(), route))
             })
             .collect();

@@ -271,12 +271,17 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
             continue;
         };
         let config = &release.config;
+        let desired = state
+            .scale(service)
+            .map_or(config.instances, |s| s.instances);
         let live: Vec<_> = state
             .instances_of(service)
             .filter(|i| !gone.contains(i.name.as_str()))
             .collect();
         let mut new_count = 0u32;
         let mut new_healthy = 0u32;
+        // New instances, not yet healthy ones first: the order surplus ones are drained in.
+        let mut new_names: Vec<(bool, String)> = Vec::new();
         let mut old_healthy = Vec::new();
         let mut old_live = 0u32;
         for instance in &live {
@@ -295,6 +300,7 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
                 (true, Lifecycle::Healthy) => {
                     new_count += 1;
                     new_healthy += 1;
+                    new_names.push((true, instance.name.clone()));
                 }
                 (true, Lifecycle::Unhealthy) => actions.push(drain(format!(
                     "unhealthy: {}",
@@ -312,7 +318,10 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
                         humantime::format_duration(config.health_deadline)
                     )))
                 }
-                (true, Lifecycle::Starting) => new_count += 1,
+                (true, Lifecycle::Starting) => {
+                    new_count += 1;
+                    new_names.push((false, instance.name.clone()));
+                }
                 (false, Lifecycle::Healthy) => old_healthy.push(instance.name.clone()),
                 (false, Lifecycle::Starting | Lifecycle::Unhealthy) => {
                     actions.push(drain(format!("release {wanted} is wanted")))
@@ -333,10 +342,9 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
                     "instances of release {wanted} failed {} times{failure}",
                     deploy.failures
                 ))
-            } else if now_ms >= deadline && new_healthy < config.instances {
+            } else if now_ms >= deadline && new_healthy < desired {
                 Some(format!(
-                    "{new_healthy} of {} instances of release {wanted} healthy within {}{failure}",
-                    config.instances,
+                    "{new_healthy} of {desired} instances of release {wanted} healthy within {}{failure}",
                     humantime::format_duration(config.health_deadline)
                 ))
             } else {
@@ -351,7 +359,7 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
                 });
                 continue;
             }
-            if new_healthy >= config.instances && old_live == 0 {
+            if new_healthy >= desired && old_live == 0 {
                 actions.push(Action::Succeed {
                     service: service.clone(),
                     release: wanted,
@@ -359,9 +367,23 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
             }
         }
 
+        // Scaled down: drain the surplus, instances that are not serving yet first.
+        if new_count > desired {
+            new_names.sort();
+            for (healthy, name) in new_names.iter().take((new_count - desired) as usize) {
+                actions.push(Action::Drain {
+                    instance: name.clone(),
+                    reason: format!("{service} scaled to {desired}"),
+                });
+                new_count -= 1;
+                if *healthy {
+                    new_healthy -= 1;
+                }
+            }
+        }
+
         // Drain old instances while enough stay available; all of them once the new release
         // is fully healthy.
-        let desired = config.instances;
         let min_available = desired.saturating_sub(config.max_unavailable);
         let available = new_healthy + old_healthy.len() as u32;
         let drains = if new_healthy >= desired {
@@ -878,6 +900,35 @@ mod tests {
         );
         // Before the first listing nothing is judged.
         check(&s, &Observed::default(), 2, expect![""]);
+    }
+
+    #[test]
+    fn scaling_down_drains_the_surplus_not_yet_serving_first() {
+        let s = state(vec![
+            (1, Release(1, config(3, 1, 0))),
+            (1, Deploy(None, 1)),
+            (1, Instance("a", 1, Lifecycle::Healthy)),
+            (1, Instance("b", 1, Lifecycle::Starting)),
+            (1, Instance("c", 1, Lifecycle::Healthy)),
+            (
+                2,
+                Ev(Event::ServiceScaled {
+                    service: "web".into(),
+                    instances: 1,
+                    route: None,
+                }),
+            ),
+        ]);
+        check(
+            &s,
+            &running(&s),
+            3,
+            expect![[r#"
+                Succeed { service: "web", release: 1 }
+                Drain { instance: "b", reason: "web scaled to 1" }
+                Drain { instance: "a", reason: "web scaled to 1" }
+            "#]],
+        );
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub struct ServiceState {
     pub last_failure_at_ms: u64,
     pub last_failure: Option<String>,
     pub backoff: Option<Backoff>,
+    /// Instance count and route when they differ from the wanted release's config.
+    pub scale: Option<Scale>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scale {
+    pub instances: u32,
+    pub route: Option<SocketAddr>,
 }
 
 /// A rollout in progress towards the wanted release.
@@ -121,6 +129,16 @@ impl State {
     /// The next release number in this environment.
     pub fn next_release(&self) -> u64 {
         self.releases.keys().next_back().map_or(1, |n| n + 1)
+    }
+
+    /// How many instances of the service should run, and on which route.
+    pub fn scale(&self, service: &str) -> Option<Scale> {
+        let state = self.services.get(service)?;
+        let release = self.releases.get(&state.wanted?)?;
+        Some(state.scale.unwrap_or(Scale {
+            instances: release.config.instances,
+            route: release.config.route,
+        }))
     }
 
     pub fn wanted_release(&self, service: &str) -> Option<&Release> {
@@ -205,7 +223,14 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
             reason,
         } => {
             state.end_deploy(service, DeployOutcome::Superseded { at_ms: at });
+            // A deploy brings the count and route of its release; a rollback changes the
+            // release only, so it keeps what runs now.
+            let scale = match reason {
+                DeployReason::Deploy => None,
+                DeployReason::Rollback => state.scale(service),
+            };
             let entry = state.services.entry(service.clone()).or_default();
+            entry.scale = scale;
             entry.wanted = Some(*to);
             entry.deploy = Some(Deploy {
                 from: *from,
@@ -344,6 +369,18 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                     failures: *failures,
                     delay_ms: *delay_ms,
                     until_ms: *until_ms,
+                });
+            }
+        }
+        Event::ServiceScaled {
+            service,
+            instances,
+            route,
+        } => {
+            if let Some(s) = state.services.get_mut(service) {
+                s.scale = Some(Scale {
+                    instances: *instances,
+                    route: *route,
                 });
             }
         }
@@ -724,6 +761,39 @@ mod tests {
                 deploy None->1 Some(Superseded { at_ms: 5000 })
             "#]],
         );
+    }
+
+    #[test]
+    fn scale_overrides_the_release_until_the_next_deploy_but_survives_a_rollback() {
+        let at = |seq: u64, payload: Event| Envelope {
+            seq,
+            at_ms: seq,
+            actor: "t".into(),
+            version: 1,
+            payload,
+        };
+        let scaled = Event::ServiceScaled {
+            service: "web".into(),
+            instances: 5,
+            route: None,
+        };
+        let mut state = replay(&[
+            at(1, release(1, "v1")),
+            at(2, deploy(None, 1)),
+            at(3, scaled),
+        ]);
+        assert_eq!(state.scale("web").map(|s| s.instances), Some(5));
+        state = fold(state, &at(4, release(2, "v2")));
+        let rollback = Event::DeployStarted {
+            service: "web".into(),
+            from: Some(1),
+            to: 2,
+            reason: DeployReason::Rollback,
+        };
+        state = fold(state, &at(5, rollback));
+        assert_eq!(state.scale("web").map(|s| s.instances), Some(5));
+        state = fold(state, &at(6, deploy(Some(2), 1)));
+        assert_eq!(state.scale("web").map(|s| s.instances), Some(2));
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub use log::{
 };
 
 pub use fold::{
-    Backoff, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, ServiceState,
-    State, fold,
+    Backoff, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, Scale,
+    ServiceState, State, fold,
 };
 
 /// The actor the controller appends its decisions as.
@@ -110,6 +110,13 @@ pub enum Event {
         delay_ms: u64,
         until_ms: u64,
     },
+    /// The service's instance count or route changed without a new release (neither is part
+    /// of a release's config digest).
+    ServiceScaled {
+        service: String,
+        instances: u32,
+        route: Option<SocketAddr>,
+    },
     /// The service is no longer wanted at all (`graven down`, or gone from graven.toml).
     ServiceRemoved {
         service: String,
@@ -132,6 +139,7 @@ impl EventKind for Event {
             Event::InstanceGone { .. } => "instance_gone",
             Event::OrphanRemoved { .. } => "orphan_removed",
             Event::CrashLoopBackoff { .. } => "crash_loop_backoff",
+            Event::ServiceScaled { .. } => "service_scaled",
             Event::ServiceRemoved { .. } => "service_removed",
         }
     }
@@ -147,6 +155,7 @@ impl Event {
             | Event::DeployRolledBack { service, .. }
             | Event::InstanceLaunched { service, .. }
             | Event::CrashLoopBackoff { service, .. }
+            | Event::ServiceScaled { service, .. }
             | Event::ServiceRemoved { service } => Some(service),
             Event::InstanceStarted { .. }
             | Event::InstanceHealthy { .. }
@@ -228,6 +237,14 @@ impl Event {
                 "{service} is crash looping ({failures} failures); next launch in {}",
                 humantime::format_duration(Duration::from_millis(*delay_ms))
             ),
+            Event::ServiceScaled {
+                service,
+                instances,
+                route,
+            } => match route {
+                Some(route) => format!("service {service} scaled to {instances} on {route}"),
+                None => format!("service {service} scaled to {instances}"),
+            },
             Event::ServiceRemoved { service } => format!("service {service} removed"),
         }
     }

@@ -36,9 +36,7 @@ impl Store {
             path: self.root().to_owned(),
             source,
         };
-        let manifest_size = std::fs::metadata(self.blob_path(digest))
-            .map_err(io)?
-            .len();
+        let manifest_size = std::fs::metadata(self.blob_path(digest)).map_err(io)?.len();
         let mut descriptor = Descriptor::new(MEDIA_TYPE_MANIFEST, digest.clone(), manifest_size);
         descriptor.set_annotation(REF_NAME, tag);
         let index = oci::ImageIndex {

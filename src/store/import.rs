@@ -89,7 +89,11 @@ impl Transaction<'_> {
     }
 
     fn import_oci(&mut self, origin: &Path, dir: &Path, tag: Option<&str>) -> Result<Digest> {
-        let blob = |digest: &Digest| dir.join("blobs").join(digest.algorithm()).join(digest.hex());
+        let blob = |digest: &Digest| {
+            dir.join("blobs")
+                .join(digest.algorithm())
+                .join(digest.hex())
+        };
         let index_bytes = read_regular(origin, &dir.join("index.json"))?;
         let index: oci::ImageIndex = serde_json::from_slice(&index_bytes)
             .map_err(|e| bad(origin, format!("index.json is not valid: {e}")))?;

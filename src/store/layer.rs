@@ -51,10 +51,13 @@ pub struct FinishedLayer {
 impl LayerWriter {
     pub fn new(store: &Store) -> Result<LayerWriter> {
         let temp = store.temp_file()?;
-        let file = temp.as_file().try_clone().map_err(|source| StoreError::Io {
-            path: temp.path().to_owned(),
-            source,
-        })?;
+        let file = temp
+            .as_file()
+            .try_clone()
+            .map_err(|source| StoreError::Io {
+                path: temp.path().to_owned(),
+                source,
+            })?;
         let compressed = Hashing {
             inner: BufWriter::with_capacity(256 * 1024, file),
             hasher: sha2::Sha256::new(),

@@ -80,7 +80,11 @@ impl<'a> Transaction<'a> {
     }
 
     /// Writes a config and a manifest over stored layers; returns the manifest's descriptor.
-    pub fn put_image(&mut self, config: &ImageConfig, layers: Vec<Descriptor>) -> Result<Descriptor> {
+    pub fn put_image(
+        &mut self,
+        config: &ImageConfig,
+        layers: Vec<Descriptor>,
+    ) -> Result<Descriptor> {
         let config_bytes = oci::to_canonical_json(config);
         let config_digest = self.put_blob(&config_bytes)?;
         let manifest = oci::Manifest::new(

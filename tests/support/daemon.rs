@@ -41,7 +41,13 @@ pub fn release(config: ServiceConfig) -> ServiceRelease {
     ServiceRelease {
         service: "web".to_owned(),
         image: Digest::of(b"hello image"),
-        config_digest: Digest::of(serde_json::to_string(&config).unwrap().as_bytes()).to_string(),
+        // Like the spec's digest, the count and the route are not part of a release.
+        config_digest: {
+            let mut release_part = config.clone();
+            release_part.instances = 0;
+            release_part.route = None;
+            Digest::of(serde_json::to_string(&release_part).unwrap().as_bytes()).to_string()
+        },
         config,
     }
 }
