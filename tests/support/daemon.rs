@@ -103,3 +103,129 @@ pub async fn outcome(controller: &ControllerHandle) -> DeployOutcome {
         .clone()
         .unwrap()
 }
+
+/// A `graven up` child process, killed by its PID when dropped (also when a test fails).
+pub struct Up {
+    child: Option<std::process::Child>,
+    pub home: std::path::PathBuf,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Up {
+    /// Starts `graven up dir` with `GRAVEN_HOME=home` and the runtime `GRAVEN_RUNTIME` names
+    /// (the in-process fake unless the test says otherwise); returns once it serves.
+    pub fn start(home: &std::path::Path, dir: &std::path::Path, runtime: &str) -> Up {
+        let mut child = super::graven(home)
+            .arg("up")
+            .arg(dir)
+            .env("GRAVEN_RUNTIME", runtime)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("graven up starts");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().expect("piped");
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut up = Up {
+            child: Some(child),
+            home: home.to_owned(),
+            stderr,
+        };
+        up.wait_for_line("graven: serving", Duration::from_secs(60));
+        up
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line of its stderr containing `text`; fails if it exits first.
+    pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
+        let stderr = self.stderr.clone();
+        let child = self.child.as_mut().expect("running");
+        super::wait_for(deadline, text, || {
+            if stderr.lock().unwrap().iter().any(|l| l.contains(text)) {
+                return Some(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "graven up exited ({status}) before {text:?}:\n{}",
+                    stderr.lock().unwrap().join("\n")
+                );
+            }
+            None
+        });
+    }
+
+    /// Sends `signal` and waits (bounded) for the process to end.
+    pub fn signal(&mut self, signal: i32, deadline: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on the PID of a child this test started and has not reaped yet, so
+        // the PID cannot have been reused.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        super::wait_for(deadline, "graven up to exit", || child.try_wait().unwrap())
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a graven command to completion: (success, stdout, stderr).
+pub fn run(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = super::graven(home)
+        .args(args)
+        .output()
+        .expect("graven runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
+/// `instances` of it with `env`, and an empty `FROM scratch` Containerfile.
+pub fn write_project(
+    dir: &std::path::Path,
+    route: SocketAddr,
+    instances: u32,
+    env: &str,
+    extra: &str,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("Containerfile"), "FROM scratch\n").unwrap();
+    std::fs::write(
+        dir.join("graven.toml"),
+        format!(
+            r#"app = "demo"
+
+[services.web]
+instances = {instances}
+port = 8080
+route = "{route}"
+env = {{ {env} }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "500ms", healthy_after = 1, unhealthy_after = 2 }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
+stop_grace = "2s"
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+}
