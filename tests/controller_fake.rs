@@ -208,6 +208,10 @@ async fn a_crashed_instance_is_replaced() {
         .await
         .unwrap();
     outcome(&s.controller).await;
+    let load = support::load::Load::start(route, 4);
+    support::wait_for(Duration::from_secs(10), "load running", || {
+        (load.snapshot().total > 50).then_some(())
+    });
     let victim = s.fake.list().await.unwrap()[0].id.clone();
     s.fake.crash(&victim, 3).unwrap();
     let healed = tokio::time::timeout(
@@ -224,6 +228,13 @@ async fn a_crashed_instance_is_replaced() {
     .await
     .expect("a replacement is healthy");
     assert_eq!(healed.state.instances.len(), 2);
+    let before = load.snapshot().total;
+    support::wait_for(Duration::from_secs(10), "requests after healing", || {
+        (load.snapshot().total > before + 50).then_some(())
+    });
+    let report = load.stop();
+    eprintln!("self-healing under load: {report:?}");
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
     let fake = s.fake.clone();
     tokio::time::timeout(Duration::from_secs(5), async {
         while fake.list().await.unwrap().iter().any(|i| i.id == victim) {
@@ -293,5 +304,35 @@ async fn a_restarted_controller_adopts_what_it_wants_and_removes_orphans() {
         .await
         .unwrap();
     assert_eq!(r.as_deref(), Ok("v1"));
+    controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_instances_fail_at_once_rolls_back_early_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = Digest::of(b"hello image");
+    let fake = FakeRuntime::with_images([good.clone()]);
+    let controller = start(&fake, &dir.path().join("events.db"));
+    let route = free_port();
+    controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    outcome(&controller).await;
+    let mut broken = release(config(2, route, &[("VERSION", "v2")]));
+    broken.image = Digest::of(b"an image the runtime cannot start");
+    controller.deploy(vec![broken]).await.unwrap();
+    let result = outcome(&controller).await;
+    let DeployOutcome::RolledBack { reason, .. } = result else {
+        panic!("expected a rollback, got {result:?}");
+    };
+    assert!(reason.contains("failed 3 times"), "{reason}");
+    assert!(reason.contains("did not start"), "{reason}");
+    let r = tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap();
+    assert_eq!(r.as_deref(), Ok("v1"));
+    let snapshot = controller.snapshot();
+    assert_eq!(healthy_versions(&snapshot), BTreeMap::from([(1, 2)]));
     controller.shutdown().await;
 }
