@@ -124,7 +124,7 @@ fn sigkill_at_any_point_of_a_deploy_recovers_to_a_consistent_state() {
             Ok(format!("v{number}").as_str()),
             "after a kill when {point}"
         );
-        if let Some(on_runtime) = runtime_instances(&home) {
+        if runtime_instances(&home).is_some() {
             // Give stops of drained and orphaned instances their bounded time.
             let wanted: Vec<String> = support::wait_for(
                 Duration::from_secs(30),
@@ -140,7 +140,7 @@ fn sigkill_at_any_point_of_a_deploy_recovers_to_a_consistent_state() {
                     (runtime_instances(&home)? == ids).then_some(ids)
                 },
             );
-            assert_eq!((on_runtime.len(), wanted.len()), (2, 2), "when {point}");
+            assert_eq!(wanted.len(), 2, "when {point}");
         }
     }
     let (_, history, _) = run(&home, &["history"]);
