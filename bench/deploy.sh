@@ -113,7 +113,7 @@ TOML
     up_pid=$!
     GRAVEN_UP_PID=$up_pid
     for _ in $(seq 600); do
-        grep -q "graven: serving" "$WORK/up.err" && break
+        grep -qs "graven: serving" "$WORK/up.err" && break
         kill -0 "$up_pid" 2>/dev/null || break
         sleep 0.1
     done

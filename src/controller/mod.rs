@@ -29,6 +29,9 @@ pub mod plan;
 
 pub use plan::{Action, Observed, Seen, plan};
 
+/// How much longer than two stop graces a shutdown waits for the runtime.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(30);
+
 /// The labels every instance carries, so a restarted controller can tell what it is.
 pub const LABEL_APP: &str = "app";
 pub const LABEL_ENVIRONMENT: &str = "environment";
@@ -308,7 +311,8 @@ struct Shell {
     monitors: BTreeMap<String, HealthMonitor>,
     busy: BTreeSet<String>,
     busy_ids: BTreeSet<InstanceId>,
-    shutting_down: Option<oneshot::Sender<()>>,
+    /// Set by `Shutdown`: who to tell, and when to give up waiting for stops.
+    shutting_down: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
 }
 
 fn now_ms() -> u64 {
@@ -352,14 +356,22 @@ impl Shell {
                 self.stop_routes().await;
                 return;
             }
-            if self.shutting_down.is_some()
-                && self.state.instances.is_empty()
-                && self.busy.is_empty()
-                && self.busy_ids.is_empty()
+            let done =
+                self.state.instances.is_empty() && self.busy.is_empty() && self.busy_ids.is_empty();
+            if let Some((_, give_up)) = &self.shutting_down
+                && (done || tokio::time::Instant::now() >= *give_up)
             {
+                if !done {
+                    eprintln!(
+                        "graven: {}/{}: gave up waiting for {} instance(s) to stop",
+                        self.options.app,
+                        self.options.environment,
+                        self.state.instances.len()
+                    );
+                }
                 self.stop_routes().await;
-                if let Some(done) = self.shutting_down.take() {
-                    let _ = done.send(());
+                if let Some((reply, _)) = self.shutting_down.take() {
+                    let _ = reply.send(());
                 }
                 return;
             }
@@ -455,7 +467,17 @@ impl Shell {
             }
             Input::Command(command) => self.command(command).await?,
             Input::Shutdown(done) => {
-                self.shutting_down = Some(done);
+                // Every drain and stop is bounded by its grace; this bounds a runtime that
+                // does not answer.
+                let longest = self
+                    .state
+                    .releases
+                    .values()
+                    .map(|r| r.config.stop_grace)
+                    .max()
+                    .unwrap_or_default();
+                let give_up = tokio::time::Instant::now() + longest * 2 + SHUTDOWN_SLACK;
+                self.shutting_down = Some((done, give_up));
             }
         }
         Ok(())
