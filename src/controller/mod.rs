@@ -286,6 +286,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         busy: BTreeSet::new(),
         busy_ids: BTreeSet::new(),
         shutting_down: None,
+        since_ms: now_ms(),
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -313,6 +314,7 @@ struct Shell {
     busy_ids: BTreeSet<InstanceId>,
     /// Set by `Shutdown`: who to tell, and when to give up waiting for stops.
     shutting_down: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
+    since_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -769,6 +771,7 @@ impl Shell {
             runtime: Vec::new(),
             busy: self.busy.clone(),
             busy_ids: self.busy_ids.clone(),
+            since_ms: self.since_ms,
         };
         if listed {
             match self.options.runtime.list().await {

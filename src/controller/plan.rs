@@ -21,6 +21,9 @@ pub struct Observed {
     pub busy: BTreeSet<String>,
     /// Runtime instances being stopped or removed.
     pub busy_ids: BTreeSet<InstanceId>,
+    /// When this controller started (ms since the epoch). Health deadlines count from here at
+    /// the earliest: time a controller was down is not held against a release.
+    pub since_ms: u64,
 }
 
 /// One runtime instance as listed.
@@ -311,7 +314,8 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
                 ))),
                 (true, Lifecycle::Starting)
                     if now_ms
-                        >= instance.launched_at_ms + config.health_deadline.as_millis() as u64 =>
+                        >= instance.launched_at_ms.max(observed.since_ms)
+                            + config.health_deadline.as_millis() as u64 =>
                 {
                     actions.push(drain(format!(
                         "not healthy within {}",
@@ -331,7 +335,8 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
         }
 
         if let Some(deploy) = service_state.deploy.as_ref().filter(|d| d.to == wanted) {
-            let deadline = deploy.started_at_ms + config.health_deadline.as_millis() as u64;
+            let deadline = deploy.started_at_ms.max(observed.since_ms)
+                + config.health_deadline.as_millis() as u64;
             let failure = service_state
                 .last_failure
                 .as_deref()
@@ -734,6 +739,23 @@ mod tests {
             &running(&s),
             40,
             expect![[r#"
+                RollBack { service: "web", from: 2, to: Some(1), reason: "0 of 4 instances of release 2 healthy within 30s" }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn time_the_controller_was_down_does_not_count_against_the_deadline() {
+        let s = rolling(1, 0, &[("n1", Lifecycle::Starting)]);
+        let mut observed = running(&s);
+        observed.since_ms = 35_000;
+        check(&s, &observed, 64, expect![""]);
+        check(
+            &s,
+            &observed,
+            65,
+            expect![[r#"
+                Drain { instance: "n1", reason: "not healthy within 30s" }
                 RollBack { service: "web", from: 2, to: Some(1), reason: "0 of 4 instances of release 2 healthy within 30s" }
             "#]],
         );
