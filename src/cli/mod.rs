@@ -38,6 +38,23 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Run the control plane for a project in the foreground: build, bake, deploy, route,
+    /// keep healthy. Ctrl-C drains and stops every instance.
+    Up(project::UpArgs),
+    /// Run the control plane without a project, for `graven deploy` from several apps.
+    Daemon(project::DaemonArgs),
+    /// Build, bake and roll out a new release of the project's services.
+    Deploy(project::DeployArgs),
+    /// Roll back to the previous release (or `--to N`) through the same rolling path.
+    Rollback(project::RollbackArgs),
+    /// Services, their wanted release, deploys in progress and instances.
+    Status(project::TargetArgs),
+    /// Every release, numbered per environment; `*` marks the wanted one.
+    Releases(project::TargetArgs),
+    /// Every event in the log: releases, deploys, instances, rollbacks and why.
+    History(project::TargetArgs),
+    /// Drain and stop every service of an app.
+    Down(project::TargetArgs),
     /// Serve one route over fixed backends (for benchmarks).
     #[command(name = "__proxy", hide = true)]
     Proxy(proxy::ProxyArgs),
@@ -62,6 +79,14 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Up(args) => project::up(&home, args),
+        Command::Daemon(args) => project::daemon(&home, args),
+        Command::Deploy(args) => project::deploy(&home, args),
+        Command::Rollback(args) => project::rollback(&home, args),
+        Command::Status(args) => project::status(&home, args),
+        Command::Releases(args) => project::releases(&home, args),
+        Command::History(args) => project::history(&home, args),
+        Command::Down(args) => project::down(&home, args),
         Command::Proxy(args) => proxy::run(args),
         Command::Load(args) => load::run(args),
     };
