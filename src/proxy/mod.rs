@@ -13,6 +13,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod body;
+mod error;
+pub mod health;
+mod metrics;
+mod route;
+mod upstream;
+
+pub use error::{ErrorClass, ProxyError};
+pub use health::{Health, HealthChange, HealthMonitor};
+pub use metrics::{ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts};
+pub use route::Route;
+
 /// An active health check, as `graven.toml`'s `health` table describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
@@ -47,6 +59,9 @@ pub struct RouteOptions {
     pub connect_timeout: Duration,
     /// Extra attempts, on other instances, for idempotent requests that failed to connect.
     pub retries: u32,
+    /// An instance that has not begun its answer this long after the request was sent is
+    /// given up on, and the client gets 504.
+    pub response_timeout: Duration,
 }
 
 impl RouteOptions {
@@ -57,6 +72,7 @@ impl RouteOptions {
             hold_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             retries: 2,
+            response_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -1,0 +1,243 @@
+//! Active health checks: one monitor per instance probes its health path over HTTP/1.1 and
+//! reports a flip only after N consecutive results, so one slow answer does not unroute an
+//! instance and one lucky answer does not route a broken one. The counting is a pure state
+//! machine (`HealthCounter`); the monitor is the thin shell that probes on a timer.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+
+use super::HealthCheck;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Not yet seen healthy_after consecutive passes since it started.
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// A flip of one instance's health, with what the last probe saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthChange {
+    pub instance: String,
+    pub health: Health,
+    pub detail: String,
+}
+
+/// Counts consecutive probe results and decides when health flips.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCounter {
+    health: Health,
+    passes: u32,
+    failures: u32,
+}
+
+impl Default for HealthCounter {
+    fn default() -> HealthCounter {
+        HealthCounter {
+            health: Health::Unknown,
+            passes: 0,
+            failures: 0,
+        }
+    }
+}
+
+impl HealthCounter {
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    /// Records one probe result; returns the new health when it flips. An instance that was
+    /// never healthy stays Unknown however often it fails: it is not routed either way, and
+    /// "unhealthy" is kept for one that was serving and stopped.
+    pub fn observe(&mut self, passed: bool, check: &HealthCheck) -> Option<Health> {
+        if passed {
+            self.failures = 0;
+            self.passes = self.passes.saturating_add(1);
+            if self.health != Health::Healthy && self.passes >= check.healthy_after.max(1) {
+                self.health = Health::Healthy;
+                return Some(Health::Healthy);
+            }
+        } else {
+            self.passes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.health == Health::Healthy && self.failures >= check.unhealthy_after.max(1) {
+                self.health = Health::Unhealthy;
+                return Some(Health::Unhealthy);
+            }
+        }
+        None
+    }
+}
+
+/// Probes one instance until dropped.
+#[derive(Debug)]
+pub struct HealthMonitor {
+    task: JoinHandle<()>,
+}
+
+impl Drop for HealthMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HealthMonitor {
+    /// Starts probing; sends a HealthChange on every flip, after healthy_after consecutive
+    /// passes (Unknown/Unhealthy -> Healthy) or unhealthy_after consecutive failures
+    /// (Healthy -> Unhealthy). A never-healthy instance stays Unknown. Stops when dropped.
+    /// Must be called inside a Tokio runtime.
+    pub fn spawn(
+        instance: String,
+        address: SocketAddr,
+        check: HealthCheck,
+        changes: UnboundedSender<HealthChange>,
+    ) -> HealthMonitor {
+        let task = tokio::spawn(async move {
+            let mut counter = HealthCounter::default();
+            let mut ticks = tokio::time::interval(check.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let result = tokio::time::timeout(check.timeout, probe(address, &check.path))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
+                let passed = result.is_ok();
+                if let Some(health) = counter.observe(passed, &check) {
+                    let detail = match result {
+                        Ok(status) => format!("{} {status}", check.path),
+                        Err(error) => format!("{}: {error}", check.path),
+                    };
+                    let change = HealthChange {
+                        instance: instance.clone(),
+                        health,
+                        detail,
+                    };
+                    if changes.send(change).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        HealthMonitor { task }
+    }
+}
+
+/// One probe on a fresh connection (a pooled one could hide a listener that is gone):
+/// a 2xx or 3xx answer passes. Returns the status, or why it failed.
+async fn probe(address: SocketAddr, path: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(address)
+        .await
+        .map_err(|error| error.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| error.to_string())?;
+    let connection = tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(header::HOST, address.to_string())
+        .header(header::USER_AGENT, "graven-health")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|error| error.to_string())?;
+    let result = sender.send_request(request).await;
+    connection.abort();
+    let status = result.map_err(|error| error.to_string())?.status();
+    if status.is_success() || status.is_redirection() {
+        Ok(status.as_u16())
+    } else {
+        Err(format!("answered {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn check_after(healthy_after: u32, unhealthy_after: u32) -> HealthCheck {
+        HealthCheck {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_after,
+            unhealthy_after,
+        }
+    }
+
+    /// Feeds a sequence of results ('+' pass, '-' fail) and renders the health after each,
+    /// upper case where it flipped.
+    fn check(healthy_after: u32, unhealthy_after: u32, results: &str, expected: &str) {
+        let check = check_after(healthy_after, unhealthy_after);
+        let mut counter = HealthCounter::default();
+        let rendered: Vec<String> = results
+            .chars()
+            .map(|result| {
+                let flipped = counter.observe(result == '+', &check);
+                let name = match counter.health() {
+                    Health::Unknown => "unknown",
+                    Health::Healthy => "healthy",
+                    Health::Unhealthy => "unhealthy",
+                };
+                if flipped.is_some() {
+                    name.to_uppercase()
+                } else {
+                    name.to_owned()
+                }
+            })
+            .collect();
+        assert_eq!(rendered.join(" "), expected, "{results}");
+    }
+
+    #[test]
+    fn flips_only_after_consecutive_results() {
+        check(2, 3, "+", "unknown");
+        check(2, 3, "++", "unknown HEALTHY");
+        check(2, 3, "+-+", "unknown unknown unknown");
+        check(2, 3, "++---", "unknown HEALTHY healthy healthy UNHEALTHY");
+        check(
+            2,
+            3,
+            "++--+--",
+            "unknown HEALTHY healthy healthy healthy healthy healthy",
+        );
+        check(
+            2,
+            3,
+            "++---+",
+            "unknown HEALTHY healthy healthy UNHEALTHY unhealthy",
+        );
+        check(
+            2,
+            3,
+            "++---++",
+            "unknown HEALTHY healthy healthy UNHEALTHY unhealthy HEALTHY",
+        );
+        check(1, 1, "+-+", "HEALTHY UNHEALTHY HEALTHY");
+    }
+
+    #[test]
+    fn never_healthy_stays_unknown() {
+        check(
+            2,
+            3,
+            "------",
+            "unknown unknown unknown unknown unknown unknown",
+        );
+    }
+
+    #[test]
+    fn zero_thresholds_count_as_one() {
+        check(0, 0, "+-", "HEALTHY UNHEALTHY");
+    }
+}

@@ -1,0 +1,707 @@
+//! One route: a listener that forwards each request to a ready instance of the current
+//! backend snapshot, holding requests while none is ready and retrying idempotent ones that
+//! could not reach an instance.
+//!
+//! The hot path loads the snapshot with one arc-swap load, picks the least busy ready
+//! instance, takes a pooled keep-alive connection and streams both bodies. It allocates no
+//! snapshot, takes no lock but the pool's (held for one push or pop) and logs nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::body::{ForwardBody, ProxyBody};
+use super::metrics::{ReleaseCounters, UnroutedCounters};
+use super::upstream::{Instance, Lease, Reuse, choose};
+use super::{Backend, ProxyError, RouteMetrics, RouteOptions};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_GRAVEN_ERROR: HeaderName = HeaderName::from_static("x-graven-error");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// One listener serving one stable address.
+#[derive(Debug)]
+pub struct Route {
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    accept: Option<JoinHandle<GracefulShutdown>>,
+}
+
+/// What the route's tasks share.
+#[derive(Debug)]
+struct Shared {
+    options: RouteOptions,
+    local_addr: SocketAddr,
+    snapshot: ArcSwap<Snapshot>,
+    /// Bumped on every snapshot swap; held requests wait on it.
+    changed: watch::Sender<u64>,
+    /// Where the next scan for a ready instance starts (round-robin among equals).
+    next: AtomicUsize,
+    /// Requests currently held for want of a ready instance.
+    held: AtomicUsize,
+    /// The instances by id, across snapshots; touched by set_backends, drain and metrics only.
+    registry: Mutex<Registry>,
+    client: hyper::client::conn::http1::Builder,
+    unrouted: UnroutedCounters,
+}
+
+/// An immutable backend set, swapped whole.
+#[derive(Debug, Default)]
+struct Snapshot {
+    backends: Vec<Backend>,
+    /// The instances that are healthy and enabled, in backend order.
+    ready: Vec<Arc<Instance>>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    instances: HashMap<String, Arc<Instance>>,
+    /// Removed instances some request may still hold, so drain and in_flight can see them.
+    retired: Vec<Weak<Instance>>,
+    releases: BTreeMap<u64, Arc<ReleaseCounters>>,
+}
+
+impl Route {
+    /// Binds the listener and starts serving with no backends: requests are held until
+    /// `set_backends` gives it a ready instance.
+    pub async fn bind(options: RouteOptions) -> Result<Route, ProxyError> {
+        let bind_error = |source| ProxyError::Bind {
+            address: options.listen,
+            source,
+        };
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
+        let mut client = hyper::client::conn::http1::Builder::new();
+        client.max_buf_size(256 * 1024);
+        let shared = Arc::new(Shared {
+            options,
+            local_addr,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            changed: watch::Sender::new(0),
+            next: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            registry: Mutex::new(Registry::default()),
+            client,
+            unrouted: UnroutedCounters::default(),
+        });
+        let (stop, stopped) = oneshot::channel();
+        let accept = tokio::spawn(accept(listener, Arc::clone(&shared), stopped));
+        Ok(Route {
+            shared,
+            stop: Some(stop),
+            accept: Some(accept),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// Replaces the backend set atomically. Requests go to backends that are healthy and
+    /// enabled; in-flight counts and pooled connections carry over by instance id; a
+    /// removed instance's idle connections are closed and never reused.
+    pub fn set_backends(&self, backends: Vec<Backend>) {
+        let mut registry = self.shared.registry();
+        self.shared.install(&mut registry, backends);
+    }
+
+    pub fn backends(&self) -> Vec<Backend> {
+        self.shared.snapshot.load().backends.clone()
+    }
+
+    /// Marks the instance not enabled (if still present) and waits until its in-flight
+    /// requests have finished or `timeout` passes; returns how many were still in flight at
+    /// the end (0 = clean).
+    pub async fn drain(&self, instance: &str, timeout: Duration) -> usize {
+        let targets: Vec<Arc<Instance>> = {
+            let mut registry = self.shared.registry();
+            if registry.instances.contains_key(instance) {
+                let mut backends = self.shared.snapshot.load().backends.clone();
+                for backend in backends
+                    .iter_mut()
+                    .filter(|backend| backend.instance == instance)
+                {
+                    backend.enabled = false;
+                }
+                self.shared.install(&mut registry, backends);
+            }
+            registry.matching(instance).collect()
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut left = 0;
+        for target in targets {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            left += target.wait_drained(remaining).await;
+        }
+        left
+    }
+
+    pub fn in_flight(&self, instance: &str) -> usize {
+        self.shared
+            .registry()
+            .matching(instance)
+            .map(|target| target.in_flight())
+            .sum()
+    }
+
+    /// Requests waiting for a ready instance right now.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
+    pub fn metrics(&self) -> RouteMetrics {
+        let releases = self
+            .shared
+            .registry()
+            .releases
+            .values()
+            .map(|counters| counters.snapshot())
+            .collect();
+        self.shared
+            .unrouted
+            .metrics(self.shared.local_addr, releases)
+    }
+
+    /// Stops accepting, lets every connection finish the request it is serving, then closes.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(accept) = self.accept.take()
+            && let Ok(graceful) = accept.await
+        {
+            graceful.shutdown().await;
+        }
+    }
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
+    }
+}
+
+impl Registry {
+    fn matching<'a>(&'a self, id: &'a str) -> impl Iterator<Item = Arc<Instance>> + 'a {
+        let current = self.instances.get(id).cloned();
+        let retired = self
+            .retired
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(move |old| old.id == id);
+        current.into_iter().chain(retired)
+    }
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Swaps in a new snapshot. Instances that become routable are flagged before the swap
+    /// (a request that finds them in the new snapshot must be able to lease them); those that
+    /// stop being routable are flagged after it, so that a drain that follows sees every
+    /// request that could still pick them from the older snapshot.
+    fn install(&self, registry: &mut Registry, backends: Vec<Backend>) {
+        let mut instances = HashMap::with_capacity(backends.len());
+        let mut ready = Vec::new();
+        let mut unroutable = Vec::new();
+        for backend in &backends {
+            if instances.contains_key(&backend.instance) {
+                continue;
+            }
+            let instance = match registry.instances.remove(&backend.instance) {
+                Some(existing)
+                    if existing.address == backend.address
+                        && existing.release == backend.release =>
+                {
+                    existing
+                }
+                replaced => {
+                    if let Some(old) = replaced {
+                        old.retire();
+                        registry.retired.push(Arc::downgrade(&old));
+                    }
+                    let counters = registry
+                        .releases
+                        .entry(backend.release)
+                        .or_insert_with(|| Arc::new(ReleaseCounters::new(backend.release)));
+                    Arc::new(Instance::new(
+                        backend.instance.clone(),
+                        backend.release,
+                        backend.address,
+                        Arc::clone(counters),
+                    ))
+                }
+            };
+            if backend.healthy && backend.enabled {
+                instance.set_routable(true);
+                ready.push(Arc::clone(&instance));
+            } else {
+                unroutable.push(Arc::clone(&instance));
+            }
+            instances.insert(backend.instance.clone(), instance);
+        }
+        self.snapshot.store(Arc::new(Snapshot { backends, ready }));
+        for instance in unroutable {
+            instance.set_routable(false);
+        }
+        for (_, removed) in registry.instances.drain() {
+            removed.retire();
+            registry.retired.push(Arc::downgrade(&removed));
+        }
+        registry.retired.retain(|old| old.strong_count() > 0);
+        registry.instances = instances;
+        self.changed.send_modify(|version| *version += 1);
+    }
+
+    /// Leases the least busy ready instance not in `tried`, without waiting.
+    fn try_acquire(&self, tried: &[Arc<Instance>]) -> Option<Lease> {
+        let snapshot = self.snapshot.load();
+        let ready = &snapshot.ready;
+        loop {
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let index = choose(ready.len(), start, |index| {
+                let instance = &ready[index];
+                let usable = instance.is_routable()
+                    && !tried.iter().any(|other| Arc::ptr_eq(other, instance));
+                usable.then(|| instance.load())
+            })?;
+            // A lease fails only when a drain raced with this request; the instance is no
+            // longer routable, so the next scan skips it.
+            if let Some(lease) = ready[index].lease() {
+                return Some(lease);
+            }
+        }
+    }
+
+    /// Leases a ready instance, holding the request (bounded queue, bounded wait) while
+    /// there is none.
+    async fn acquire(&self) -> Result<Lease, ProxyError> {
+        if let Some(lease) = self.try_acquire(&[]) {
+            return Ok(lease);
+        }
+        let waiting = self.held.fetch_add(1, Ordering::SeqCst);
+        let _held = Held(&self.held);
+        if waiting >= self.options.hold_queue {
+            return Err(ProxyError::HoldQueueFull {
+                route: self.local_addr,
+                limit: self.options.hold_queue,
+            });
+        }
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.options.hold_timeout;
+        loop {
+            if let Some(lease) = self.try_acquire(&[]) {
+                return Ok(lease);
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    return Err(ProxyError::HoldTimeout {
+                        route: self.local_addr,
+                        waited: self.options.hold_timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client_ip: HeaderValue,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        match self.forward(request, client_ip, start).await {
+            Ok(response) => response,
+            Err((error, counters)) => {
+                let class = error.class();
+                match counters {
+                    Some(counters) => counters.error(class, start.elapsed()),
+                    None => self.unrouted.error(class),
+                }
+                error_response(&error)
+            }
+        }
+    }
+
+    /// Sends the request to an instance and returns its answer, or the error to answer with
+    /// and the release it is counted against (None when no instance was reached).
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        client_ip: HeaderValue,
+        start: Instant,
+    ) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<ReleaseCounters>>)> {
+        let (mut parts, body) = request.into_parts();
+        let idempotent = is_idempotent(&parts.method);
+        prepare_request(&mut parts, client_ip);
+        let mut body = ForwardBody::Client(body);
+        let mut lease = self.acquire().await.map_err(|error| (error, None))?;
+        // Instances that refused a connection; allocated only when one does.
+        let mut refused: Vec<Arc<Instance>> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let error = match lease
+                .connect(&self.client, self.options.connect_timeout)
+                .await
+            {
+                Err(error) => {
+                    refused.push(Arc::clone(lease.instance()));
+                    error
+                }
+                Ok(reuse) => {
+                    // A connection that sat idle may be closed by the instance just as the
+                    // request goes out; an idempotent request without a body can then be
+                    // sent again from this copy.
+                    let copy =
+                        (idempotent && reuse == Reuse::Stale && body.is_end_stream()).then(|| {
+                            (
+                                parts.method.clone(),
+                                parts.uri.clone(),
+                                parts.headers.clone(),
+                            )
+                        });
+                    let request = Request::from_parts(parts, body);
+                    let sent = tokio::time::timeout(
+                        self.options.response_timeout,
+                        lease.sender().try_send_request(request),
+                    )
+                    .await;
+                    match sent {
+                        Ok(Ok(response)) => return Ok(respond(response, lease, start)),
+                        Err(_) => {
+                            lease.discard_connection();
+                            let instance = lease.instance();
+                            let error = ProxyError::UpstreamTimeout {
+                                instance: instance.id.clone(),
+                                address: instance.address,
+                                after: self.options.response_timeout,
+                            };
+                            return Err((error, Some(Arc::clone(&instance.counters))));
+                        }
+                        Ok(Err(mut failed)) => {
+                            lease.discard_connection();
+                            let instance = lease.instance();
+                            let unsent = failed.take_message();
+                            let source = failed.into_error();
+                            let counters = Some(Arc::clone(&instance.counters));
+                            if source.is_user() {
+                                return Err((ProxyError::Client { source }, counters));
+                            }
+                            if source.is_parse() || source.is_parse_status() {
+                                let error = ProxyError::Upstream {
+                                    instance: instance.id.clone(),
+                                    address: instance.address,
+                                    source,
+                                };
+                                return Err((error, counters));
+                            }
+                            let repeatable = unsent.is_some() || copy.is_some();
+                            let error = ProxyError::Closed {
+                                instance: instance.id.clone(),
+                                address: instance.address,
+                                repeatable,
+                                source,
+                            };
+                            match (unsent, copy) {
+                                (Some(request), _) => (parts, body) = request.into_parts(),
+                                (None, Some((method, uri, headers))) => {
+                                    (parts, body) = rebuild(method, uri, headers);
+                                }
+                                (None, None) => return Err((error, counters)),
+                            }
+                            error
+                        }
+                    }
+                }
+            };
+            let counters = Arc::clone(&lease.instance().counters);
+            drop(lease);
+            if !(idempotent && error.retry_safe() && attempt < self.options.retries) {
+                return Err((error, Some(counters)));
+            }
+            let Some(next) = self.try_acquire(&refused) else {
+                return Err((error, Some(counters)));
+            };
+            attempt += 1;
+            self.unrouted.retry();
+            lease = next;
+        }
+    }
+}
+
+/// Decrements the held-request count when a held request stops waiting.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) -> GracefulShutdown {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The timer arms hyper's default 30 s limit on reading a request head (slow clients).
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let client_ip = HeaderValue::try_from(peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        let shared = Arc::clone(&shared);
+        let service = service_fn(move |request| {
+            let shared = Arc::clone(&shared);
+            let client_ip = client_ip.clone();
+            async move { Ok::<_, Infallible>(shared.handle(request, client_ip).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away mid-request is its own business; nothing to report.
+            let _ = connection.await;
+        });
+    }
+    graceful
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Turns the client's request head into the one the instance gets: origin-form target, a
+/// Host header, no hop-by-hop headers, X-Forwarded-For/-Proto, HTTP/1.1.
+fn prepare_request(parts: &mut Parts, client_ip: HeaderValue) {
+    if parts.uri.authority().is_some() {
+        // HTTP/2 (and absolute-form HTTP/1.1) carry the host in the target, instances get
+        // it in Host.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or(PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded = match parts.headers.get(&X_FORWARDED_FOR) {
+        None => client_ip,
+        Some(earlier) => {
+            let mut joined = earlier.as_bytes().to_vec();
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or(client_ip)
+        }
+    };
+    parts.headers.insert(X_FORWARDED_FOR.clone(), forwarded);
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    parts.version = Version::HTTP_11;
+}
+
+/// Removes the headers that belong to one connection, not to the message (RFC 9110 7.6.1),
+/// including any the Connection header names. Most messages carry none, so one pass over
+/// the names decides whether there is anything to do.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// A copy of a body-less request, to send again.
+fn rebuild(method: Method, uri: Uri, headers: HeaderMap) -> (Parts, ForwardBody) {
+    let mut request = Request::new(ForwardBody::Empty);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request.into_parts()
+}
+
+fn respond(response: Response<Incoming>, lease: Lease, start: Instant) -> Response<ProxyBody> {
+    lease
+        .instance()
+        .counters
+        .response(response.status().as_u16(), start.elapsed());
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream {
+            body,
+            lease,
+            done: false,
+        },
+    )
+}
+
+fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let status = error.status();
+    let mut response = Response::new(ProxyBody::full(
+        status.canonical_reason().unwrap_or("proxy error"),
+    ));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        X_GRAVEN_ERROR.clone(),
+        HeaderValue::from_static(error.class().as_str()),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renders the head the instance would get for a client request head.
+    fn check(uri: &str, headers: &[(&str, &str)], expected: expect_test::Expect) {
+        let mut request = Request::builder().uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (mut parts, ()) = request.body(()).unwrap().into_parts();
+        prepare_request(&mut parts, HeaderValue::from_static("10.0.0.9"));
+        let mut rendered = format!("{} {:?}\n", parts.uri, parts.version);
+        let mut lines: Vec<String> = parts
+            .headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap()))
+            .collect();
+        lines.sort();
+        rendered.push_str(&lines.join("\n"));
+        expected.assert_eq(&rendered);
+    }
+
+    #[test]
+    fn request_heads_lose_hop_by_hop_headers_and_gain_forwarding() {
+        check(
+            "/a?b=1",
+            &[
+                ("host", "example.test"),
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("transfer-encoding", "chunked"),
+                ("accept", "*/*"),
+            ],
+            expect_test::expect![[r#"
+                /a?b=1 HTTP/1.1
+                accept: */*
+                host: example.test
+                x-forwarded-for: 10.0.0.9
+                x-forwarded-proto: http"#]],
+        );
+    }
+
+    #[test]
+    fn absolute_targets_become_origin_form_with_host() {
+        check(
+            "http://example.test:8000/path",
+            &[("x-forwarded-for", "192.0.2.1")],
+            expect_test::expect![[r#"
+                /path HTTP/1.1
+                host: example.test:8000
+                x-forwarded-for: 192.0.2.1, 10.0.0.9
+                x-forwarded-proto: http"#]],
+        );
+    }
+
+    #[test]
+    fn only_safe_and_idempotent_methods_repeat() {
+        let repeatable: Vec<&str> = [
+            "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE", "POST", "PATCH",
+        ]
+        .into_iter()
+        .filter(|method| is_idempotent(&Method::from_bytes(method.as_bytes()).unwrap()))
+        .collect();
+        assert_eq!(
+            repeatable,
+            ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"]
+        );
+    }
+}

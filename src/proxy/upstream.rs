@@ -1,0 +1,312 @@
+//! The route's side of each instance: its in-flight count, whether it may take new requests,
+//! and its pool of idle keep-alive connections. An `Instance` outlives snapshot swaps (it is
+//! keyed by instance id), so counts and pooled connections carry over from one backend set
+//! to the next, and a removed instance's connections are never handed out again.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::{Builder, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use super::ProxyError;
+use super::body::ForwardBody;
+use super::metrics::ReleaseCounters;
+
+pub(crate) type Sender = SendRequest<ForwardBody>;
+
+/// Idle connections kept per instance; more are closed when their answer ends.
+const MAX_IDLE: usize = 512;
+
+/// A connection idle at least this long may be closed by the instance's keep-alive timeout
+/// just as a request goes out on it; below it, that race needs an instance whose idle timeout
+/// is shorter than this, which no common server has.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
+/// How a leased connection was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    /// Freshly connected: the instance cannot have closed it yet.
+    New,
+    /// Pooled and used moments ago.
+    Warm,
+    /// Pooled and idle for at least `STALE_AFTER`: the instance may close it under us.
+    Stale,
+}
+
+#[derive(Debug)]
+pub(crate) struct Instance {
+    pub(crate) id: String,
+    pub(crate) release: u64,
+    pub(crate) address: SocketAddr,
+    /// healthy && enabled, mirrored from the snapshot so a request that picked this instance
+    /// from an older snapshot sees a drain that raced with it (see `Instance::lease`).
+    routable: AtomicBool,
+    /// Removed from the backend set: its idle connections are closed, not reused.
+    retired: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Woken when `in_flight` drops to zero.
+    drained: Notify,
+    idle: Mutex<Vec<(Sender, Instant)>>,
+    pub(crate) counters: Arc<ReleaseCounters>,
+}
+
+impl Instance {
+    pub(crate) fn new(
+        id: String,
+        release: u64,
+        address: SocketAddr,
+        counters: Arc<ReleaseCounters>,
+    ) -> Instance {
+        Instance {
+            id,
+            release,
+            address,
+            routable: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            drained: Notify::new(),
+            idle: Mutex::new(Vec::new()),
+            counters,
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The in-flight count as a balancing hint (no ordering needed).
+    pub(crate) fn load(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_routable(&self) -> bool {
+        self.routable.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_routable(&self, routable: bool) {
+        self.routable.store(routable, Ordering::SeqCst);
+    }
+
+    /// Takes the instance out of service for good: no new requests, no pooled connections.
+    pub(crate) fn retire(&self) {
+        self.set_routable(false);
+        self.retired.store(true, Ordering::SeqCst);
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Counts a request in flight, unless the instance stopped being routable since the
+    /// caller's snapshot was taken. Together with `wait_drained` (which clears `routable`
+    /// before reading `in_flight`, both sequentially consistent) this guarantees a drain
+    /// either sees the request or the request sees the drain.
+    pub(crate) fn lease(self: &Arc<Instance>) -> Option<Lease> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let lease = Lease {
+            instance: Arc::clone(self),
+            sender: None,
+        };
+        if self.routable.load(Ordering::SeqCst) {
+            Some(lease)
+        } else {
+            None
+        }
+    }
+
+    /// Stops routing to this instance and waits until its in-flight requests are done or
+    /// `timeout` passes; returns how many were still in flight.
+    pub(crate) async fn wait_drained(&self, timeout: Duration) -> usize {
+        self.set_routable(false);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            let in_flight = self.in_flight();
+            if in_flight == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return self.in_flight();
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<(Sender, Instant)> {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    fn put_idle(&self, sender: Sender) {
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, now));
+        }
+    }
+
+    async fn connect(&self, builder: &Builder, timeout: Duration) -> Result<Sender, ProxyError> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                return Err(ProxyError::Connect {
+                    instance: self.id.clone(),
+                    address: self.address,
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(ProxyError::ConnectTimeout {
+                    instance: self.id.clone(),
+                    address: self.address,
+                    after: timeout,
+                });
+            }
+        };
+        // Small requests and answers must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            builder
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|source| ProxyError::Upstream {
+                    instance: self.id.clone(),
+                    address: self.address,
+                    source,
+                })?;
+        tokio::spawn(async move {
+            // The connection's own errors reach the request that was on it; nothing to add.
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// One request's claim on an instance: counted in flight until dropped, holding the
+/// connection the request went out on.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    instance: Arc<Instance>,
+    sender: Option<Sender>,
+}
+
+impl Lease {
+    pub(crate) fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+
+    /// Gets a connection: the most recently idle pooled one that is still open (the last
+    /// used is the least likely to have been closed), or a new one.
+    pub(crate) async fn connect(
+        &mut self,
+        builder: &Builder,
+        timeout: Duration,
+    ) -> Result<Reuse, ProxyError> {
+        while let Some((mut sender, idle_since)) = self.instance.take_idle() {
+            if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
+                self.sender = Some(sender);
+                let stale = idle_since.elapsed() >= STALE_AFTER;
+                return Ok(if stale { Reuse::Stale } else { Reuse::Warm });
+            }
+        }
+        self.sender = Some(self.instance.connect(builder, timeout).await?);
+        Ok(Reuse::New)
+    }
+
+    pub(crate) fn sender(&mut self) -> &mut Sender {
+        self.sender
+            .as_mut()
+            .expect("connect succeeded before sending")
+    }
+
+    /// Forgets the connection (it failed or its answer was cut short).
+    pub(crate) fn discard_connection(&mut self) {
+        self.sender = None;
+    }
+
+    /// Returns the connection to the pool once its answer was read to the end.
+    pub(crate) fn release_connection(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.instance.put_idle(sender);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.instance.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.instance.drained.notify_waiters();
+        }
+    }
+}
+
+/// Picks, among `count` candidates, one with the fewest requests in flight; `load` gives a
+/// candidate's count, or None to skip it. The scan starts at `start` so that candidates with
+/// equal load take turns (round-robin when all are idle).
+pub(crate) fn choose(
+    count: usize,
+    start: usize,
+    mut load: impl FnMut(usize) -> Option<usize>,
+) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for offset in 0..count {
+        let index = (start + offset) % count;
+        if let Some(current) = load(index)
+            && best.is_none_or(|(_, least)| current < least)
+        {
+            best = Some((index, current));
+            if current == 0 {
+                break;
+            }
+        }
+    }
+    best.map(|(index, _)| index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `loads[i]` is candidate i's in-flight count, None when it is excluded.
+    fn check(loads: &[Option<usize>], start: usize, expected: Option<usize>) {
+        assert_eq!(
+            choose(loads.len(), start, |index| loads[index]),
+            expected,
+            "{loads:?} from {start}"
+        );
+    }
+
+    #[test]
+    fn least_in_flight_with_rotation() {
+        check(&[], 0, None);
+        check(&[Some(0), Some(0), Some(0)], 0, Some(0));
+        check(&[Some(0), Some(0), Some(0)], 1, Some(1));
+        check(&[Some(0), Some(0), Some(0)], 5, Some(2));
+        check(&[Some(3), Some(1), Some(2)], 0, Some(1));
+        check(&[Some(3), Some(2), Some(2)], 0, Some(1));
+        check(&[Some(3), Some(2), Some(2)], 2, Some(2));
+        check(&[None, Some(5), None], 0, Some(1));
+        check(&[None, None], 1, None);
+    }
+
+    #[test]
+    fn rotation_spreads_idle_requests_evenly() {
+        let mut picks = [0usize; 3];
+        for start in 0..30 {
+            let index = choose(3, start, |_| Some(0)).expect("a candidate");
+            picks[index] += 1;
+        }
+        assert_eq!(picks, [10, 10, 10]);
+    }
+}
