@@ -215,17 +215,18 @@ impl LocalRuntime {
         cwd: String,
     ) -> Result<Instance, RuntimeError> {
         let mut warnings = Vec::new();
-        let cgroups = match cgroup::create(&id.0, &spec.limits) {
-            Ok(groups) => groups,
-            Err(reason) => {
-                let asked = spec.limits.memory_bytes.is_some()
-                    || spec.limits.pids.is_some()
-                    || spec.limits.cpu_millis.is_some();
-                if asked {
-                    warnings.push(format!("resource limits are not enforced: {reason}"));
-                }
+        // Cgroups only when limits are asked for: the PID namespace already ends every
+        // process of the instance, and making cgroups costs part of the start time.
+        let asked = spec.limits.memory_bytes.is_some()
+            || spec.limits.pids.is_some()
+            || spec.limits.cpu_millis.is_some();
+        let cgroups = match asked.then(|| cgroup::create(&id.0, &spec.limits)) {
+            Some(Ok(groups)) => groups,
+            Some(Err(reason)) => {
+                warnings.push(format!("resource limits are not enforced: {reason}"));
                 cgroup::Cgroups::default()
             }
+            None => cgroup::Cgroups::default(),
         };
         let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
 
