@@ -7,6 +7,7 @@ pub mod bake;
 pub mod cli;
 pub mod controller;
 pub mod events;
+pub mod loadgen;
 pub mod proxy;
 pub mod runtime;
 pub mod sandbox;

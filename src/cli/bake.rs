@@ -1,13 +1,116 @@
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::bake::{BakeOptions, Progress};
 
 #[derive(Debug, clap::Args)]
 pub struct BakeArgs {
     /// The build context directory.
     #[arg(default_value = ".")]
     pub dir: PathBuf,
+    /// The Containerfile (default: DIR/Containerfile, else DIR/Dockerfile).
+    #[arg(short = 'f', long = "file", value_name = "CONTAINERFILE")]
+    pub file: Option<PathBuf>,
+    /// The tag to give the image (default: the directory's name, `:latest`).
+    #[arg(short = 't', long)]
+    pub tag: Option<String>,
+    /// A build argument for ARG, repeatable.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// Print the result as JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn run(_home: &Path, _args: BakeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("bake is not built yet")
+/// The directory's name, lowercased to what a tag may hold, with `:latest`.
+fn default_tag(dir: &Path) -> String {
+    let name = std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "image".to_owned());
+    let name: String = name
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{name}:latest")
+}
+
+pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
+    let mut build_args = BTreeMap::new();
+    for arg in &args.build_args {
+        let (key, value) = arg
+            .split_once('=')
+            .with_context(|| format!("--build-arg {arg:?}: expected KEY=VALUE"))?;
+        build_args.insert(key.to_owned(), value.to_owned());
+    }
+    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(value) if !value.is_empty() => value
+            .parse::<u64>()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={value:?} is not a number of seconds"))?,
+        _ => 0,
+    };
+    let options = BakeOptions {
+        tag: args.tag.clone().unwrap_or_else(|| default_tag(&args.dir)),
+        context: args.dir.clone(),
+        containerfile: args.file.clone(),
+        build_args,
+        epoch,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut spinner: Option<indicatif::ProgressBar> = None;
+    let mut started = Instant::now();
+    let mut progress = |event: Progress<'_>| match event {
+        Progress::Started { step, total, text } => {
+            started = Instant::now();
+            if terminal {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.enable_steady_tick(Duration::from_millis(100));
+                bar.set_message(format!("[{step}/{total}] {text}"));
+                spinner = Some(bar);
+            }
+        }
+        Progress::Finished {
+            step,
+            total,
+            text,
+            cached,
+        } => {
+            let status = if cached {
+                "cached".to_owned()
+            } else {
+                format!("done {}ms", started.elapsed().as_millis())
+            };
+            let line = format!("[{step}/{total}] {text}  {status}");
+            match spinner.take() {
+                Some(bar) => bar.finish_with_message(line),
+                None => eprintln!("{line}"),
+            }
+        }
+    };
+    let result = crate::bake::bake(home, &options, &mut progress);
+    if let Some(bar) = spinner.take() {
+        bar.abandon();
+    }
+    let baked = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&baked)?);
+    } else {
+        if baked.cached_steps == baked.total_steps {
+            eprintln!("every step was cached");
+        }
+        println!("{} {}", baked.tag, baked.digest);
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::Digest;
 
+pub mod fake;
+pub mod local;
+
+pub use fake::FakeRuntime;
+pub use local::LocalRuntime;
+
 /// A runtime-assigned instance name, unique on its runtime and stable across graven restarts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -39,6 +45,10 @@ pub struct InstanceSpec {
     /// choose a free host port instead and pass it as `$PORT`; `Instance::address` says
     /// where the instance can be reached either way.
     pub port: Option<u16>,
+    /// A fixed host port to use instead of a free one the runtime picks (`graven run
+    /// --port`). Starting fails with `PortInUse` when it is taken.
+    #[serde(default)]
+    pub host_port: Option<u16>,
     pub volumes: Vec<VolumeMount>,
     /// Replaces the image's USER when set.
     pub user: Option<String>,
@@ -51,12 +61,98 @@ pub struct InstanceSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+impl InstanceSpec {
+    /// A spec that runs `image` as its config says, with default limits and a 10 s grace.
+    pub fn new(image: Digest) -> InstanceSpec {
+        InstanceSpec {
+            image,
+            command: None,
+            env: BTreeMap::new(),
+            port: None,
+            host_port: None,
+            volumes: Vec::new(),
+            user: None,
+            limits: Limits::default(),
+            stop_signal: None,
+            stop_grace: Duration::from_secs(10),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Checks what can be checked without the image: volume names and paths, an empty
+    /// command. Every backend calls this first so bad input fails the same way everywhere.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        for volume in &self.volumes {
+            volume.validate()?;
+        }
+        if let Some(command) = &self.command
+            && command.first().is_none_or(|c| c.is_empty())
+        {
+            return Err(RuntimeError::NoCommand {
+                image: self.image.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeMount {
     /// A named volume under graven's persistent volume directory.
     pub name: String,
     /// The absolute path inside the instance.
     pub path: String,
+}
+
+impl VolumeMount {
+    /// Parses the CLI's `NAME:/path`.
+    pub fn parse(text: &str) -> Result<VolumeMount, RuntimeError> {
+        let (name, path) = text
+            .split_once(':')
+            .ok_or_else(|| RuntimeError::BadVolume {
+                name: text.to_owned(),
+                reason: "a volume is written NAME:/path".to_owned(),
+            })?;
+        let volume = VolumeMount {
+            name: name.to_owned(),
+            path: path.to_owned(),
+        };
+        volume.validate()?;
+        Ok(volume)
+    }
+
+    /// A volume name is one plain path component, so it can never escape graven's volume
+    /// directory; the mount path is absolute and has no `..`, so it stays inside the root.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |reason: &str| {
+            Err(RuntimeError::BadVolume {
+                name: self.name.clone(),
+                reason: reason.to_owned(),
+            })
+        };
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 128
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok {
+            return bad(
+                "a volume name is 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'",
+            );
+        }
+        if !self.path.starts_with('/') {
+            return bad("the mount path must be absolute");
+        }
+        if self.path.split('/').any(|c| c == ".." || c == ".") {
+            return bad("the mount path may not contain '.' or '..'");
+        }
+        if self.path.split('/').all(str::is_empty) {
+            return bad("a volume cannot be mounted over /");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,4 +275,111 @@ pub trait Runtime {
     async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError>;
     /// Removes an exited instance and its state (never its volumes or its log).
     async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError>;
+}
+
+/// The fixed set of backends, dispatched by `match` so callers keep concrete (and `Send`)
+/// futures.
+#[derive(Debug, Clone)]
+pub enum AnyRuntime {
+    Local(LocalRuntime),
+    Fake(FakeRuntime),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $rt:ident => $call:expr) => {
+        match $self {
+            AnyRuntime::Local($rt) => $call,
+            AnyRuntime::Fake($rt) => $call,
+        }
+    };
+}
+
+impl Runtime for AnyRuntime {
+    fn name(&self) -> &'static str {
+        dispatch!(self, rt => rt.name())
+    }
+    async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError> {
+        dispatch!(self, rt => rt.prepare(image).await)
+    }
+    async fn start(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
+        dispatch!(self, rt => rt.start(spec).await)
+    }
+    async fn inspect(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+        dispatch!(self, rt => rt.inspect(id).await)
+    }
+    async fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
+        dispatch!(self, rt => rt.list().await)
+    }
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<Instance, RuntimeError> {
+        dispatch!(self, rt => rt.stop(id, grace).await)
+    }
+    async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        dispatch!(self, rt => rt.kill(id).await)
+    }
+    async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        dispatch!(self, rt => rt.remove(id).await)
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `Instance::started_at_ms`.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_volume(text: &str, expected: Result<(&str, &str), &str>) {
+        let got = VolumeMount::parse(text);
+        match (got, expected) {
+            (Ok(v), Ok((name, path))) => {
+                assert_eq!((v.name.as_str(), v.path.as_str()), (name, path))
+            }
+            (Err(e), Err(fragment)) => {
+                let message = e.to_string();
+                assert!(message.contains(fragment), "{text:?}: {message}");
+            }
+            (got, expected) => panic!("{text:?}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn volume_specs() {
+        check_volume("data:/var/data", Ok(("data", "/var/data")));
+        check_volume("db-1.x:/d", Ok(("db-1.x", "/d")));
+        check_volume("data", Err("NAME:/path"));
+        check_volume("../etc:/x", Err("volume name"));
+        check_volume("a/b:/x", Err("volume name"));
+        check_volume(".hidden:/x", Err("volume name"));
+        check_volume(":/x", Err("volume name"));
+        check_volume("data:relative", Err("absolute"));
+        check_volume("data:/a/../etc", Err("'..'"));
+        check_volume("data:/", Err("over /"));
+    }
+
+    #[test]
+    fn lifecycle_transitions() {
+        use InstanceStatus::*;
+        let exited = Exited {
+            code: Some(0),
+            signal: None,
+        };
+        let cases = [
+            (Created, Running, true),
+            (Running, Stopping, true),
+            (Stopping, exited, true),
+            (Running, exited, true),
+            (Stopping, Running, false),
+            (Running, Created, false),
+            (exited, Running, false),
+            (exited, exited, false),
+        ];
+        for (from, to, legal) in cases {
+            assert_eq!(from.can_become(to), legal, "{from:?} -> {to:?}");
+        }
+    }
 }

@@ -2,13 +2,62 @@
 //! validating that into the typed `Project`, and reporting every problem at once with line,
 //! column and field. Pure: it reads one file and touches nothing else.
 
+mod problem;
+mod raw;
+mod validate;
+mod values;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Serialize;
 
 use crate::proxy::HealthCheck;
 use crate::runtime::{Limits, VolumeMount};
+use crate::store::Digest;
+
+pub use problem::{Problem, SpecErrors};
+pub use validate::DEFAULT_ENVIRONMENT;
+
+/// The project file's name inside a project directory.
+pub const FILE_NAME: &str = "graven.toml";
+
+/// Reads and validates `dir/graven.toml` for `environment`.
+pub fn load(dir: &Path, environment: &str) -> Result<Project, SpecErrors> {
+    let file = dir.join(FILE_NAME);
+    match std::fs::read_to_string(&file) {
+        Ok(source) => parse(&source, &file, dir, environment),
+        Err(error) => Err(SpecErrors {
+            problems: vec![Problem {
+                file,
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: format!("cannot read the project file: {error}"),
+            }],
+        }),
+    }
+}
+
+/// Validates the text of a `graven.toml` for `environment`; pure. `file` names the source
+/// in problems, `dir` is the project directory relative paths are resolved against. Every
+/// problem is reported at once, in file order.
+pub fn parse(
+    source: &str,
+    file: &Path,
+    dir: &Path,
+    environment: &str,
+) -> Result<Project, SpecErrors> {
+    let mut issues = problem::Issues::default();
+    let project = raw::read(source, &mut issues)
+        .and_then(|raw| validate::validate(&raw, dir, environment, &mut issues));
+    match project {
+        Some(project) if issues.is_empty() => Ok(project),
+        _ => Err(issues.into_errors(source, file)),
+    }
+}
 
 /// A validated `graven.toml`, resolved for one environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,12 +98,13 @@ pub struct Service {
     pub limits: Limits,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Strategy {
     Rolling,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DeployPolicy {
     pub strategy: Strategy,
     pub max_surge: u32,
@@ -62,3 +112,68 @@ pub struct DeployPolicy {
     /// New instances must be healthy within this long, or the deploy rolls back.
     pub health_deadline: Duration,
 }
+
+impl Service {
+    /// The digest of this service's resolved config: a release is an image digest plus this.
+    /// It covers what an instance is started with (command, env, port, health check, limits,
+    /// volumes, stop grace) and how it is rolled out; not the instance count or the route,
+    /// which change without replacing instances. Durations count nanoseconds; the JSON's key
+    /// order is fixed by the struct below, so the same config always hashes the same.
+    pub fn config_digest(&self) -> Digest {
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            version: u32,
+            command: &'a Option<Vec<String>>,
+            env: &'a BTreeMap<String, String>,
+            port: u16,
+            health: CanonicalHealth<'a>,
+            limits: &'a Limits,
+            volumes: &'a [VolumeMount],
+            stop_grace_ns: u64,
+            deploy: CanonicalDeploy,
+        }
+        #[derive(Serialize)]
+        struct CanonicalHealth<'a> {
+            path: &'a str,
+            interval_ns: u64,
+            timeout_ns: u64,
+            healthy_after: u32,
+            unhealthy_after: u32,
+        }
+        #[derive(Serialize)]
+        struct CanonicalDeploy {
+            strategy: Strategy,
+            max_surge: u32,
+            max_unavailable: u32,
+            health_deadline_ns: u64,
+        }
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let canonical = Canonical {
+            version: 1,
+            command: &self.command,
+            env: &self.env,
+            port: self.port,
+            health: CanonicalHealth {
+                path: &self.health.path,
+                interval_ns: nanos(self.health.interval),
+                timeout_ns: nanos(self.health.timeout),
+                healthy_after: self.health.healthy_after,
+                unhealthy_after: self.health.unhealthy_after,
+            },
+            limits: &self.limits,
+            volumes: &self.volumes,
+            stop_grace_ns: nanos(self.stop_grace),
+            deploy: CanonicalDeploy {
+                strategy: self.deploy.strategy,
+                max_surge: self.deploy.max_surge,
+                max_unavailable: self.deploy.max_unavailable,
+                health_deadline_ns: nanos(self.deploy.health_deadline),
+            },
+        };
+        let json = serde_json::to_vec(&canonical).expect("plain data serializes");
+        Digest::of(&json)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -10,13 +10,24 @@
 //! or services.
 
 mod digest;
+mod export;
+mod gc;
+mod import;
+mod layer;
 mod oci;
+mod txn;
 
 pub use digest::{Digest, DigestError};
+pub use export::{ExportFormat, docker_repo_tag};
+pub use gc::GcReport;
+pub use import::{ImportKind, host_architecture};
+pub use layer::{FinishedLayer, GZIP_LEVEL, LayerWriter, compress_into};
 pub use oci::{
     Descriptor, HealthConfig, ImageConfig, ImageIndex, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX,
-    MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST, Manifest, RootFs, RuntimeConfig,
+    MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST, Manifest, RootFs, RuntimeConfig,
+    to_canonical_json,
 };
+pub use txn::Transaction;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -47,6 +58,8 @@ pub enum StoreError {
     },
     #[error("tag {tag:?} is not valid: {reason}")]
     BadTag { tag: String, reason: &'static str },
+    #[error("cannot import {path}: {reason}")]
+    BadImport { path: PathBuf, reason: String },
     #[error(transparent)]
     Digest(#[from] DigestError),
 }

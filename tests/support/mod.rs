@@ -2,7 +2,11 @@
 //! binary, and waiting on a condition with a deadline (never sleeping for luck).
 #![allow(dead_code)]
 
+pub mod fuzzing;
+pub mod daemon;
+pub mod load;
 pub mod proxy;
+pub mod runtime;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

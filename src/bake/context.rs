@@ -1,0 +1,580 @@
+//! The build context: which files COPY and ADD may read (`.dockerignore`, nothing outside the
+//! context directory, no symlink leading out of it) and the layer entries they make, with
+//! normalized owners and modes. ADD of a local tar archive unpacks it, refusing entries that
+//! would land outside the destination.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use globset::{Glob, GlobMatcher};
+
+use super::tree::{Entry, EntryKind};
+
+/// `.dockerignore` patterns in file order; the last one that matches decides.
+#[derive(Debug, Default)]
+pub struct Ignore {
+    rules: Vec<(GlobMatcher, bool)>,
+}
+
+impl Ignore {
+    /// Parses `.dockerignore` text (Docker's rules: `#` comments, `!` exceptions, `**`).
+    pub fn parse(text: &str) -> Result<Ignore, String> {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (exception, pattern) = match line.strip_prefix('!') {
+                Some(rest) => (true, rest.trim()),
+                None => (false, line),
+            };
+            let pattern = clean_pattern(pattern);
+            if pattern.is_empty() {
+                continue;
+            }
+            let glob = globset::GlobBuilder::new(&pattern)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| format!(".dockerignore pattern {line:?}: {e}"))?;
+            rules.push((glob.compile_matcher(), exception));
+        }
+        Ok(Ignore { rules })
+    }
+
+    /// Whether `path` (relative to the context, `/`-separated) is excluded: a pattern
+    /// matches a path or any directory above it.
+    pub fn excluded(&self, path: &str) -> bool {
+        let mut excluded = false;
+        for (matcher, exception) in &self.rules {
+            let mut candidate = Some(path);
+            let mut hit = false;
+            while let Some(p) = candidate {
+                if matcher.is_match(p) {
+                    hit = true;
+                    break;
+                }
+                candidate = p.rsplit_once('/').map(|(parent, _)| parent);
+            }
+            if hit {
+                excluded = !exception;
+            }
+        }
+        excluded
+    }
+
+    pub fn has_exceptions(&self) -> bool {
+        self.rules.iter().any(|(_, exception)| *exception)
+    }
+}
+
+/// Docker cleans patterns like paths: no leading `/` or `./`, no `..` above the root.
+fn clean_pattern(pattern: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in pattern.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    parts.join("/")
+}
+
+/// How COPY/ADD writes owners and modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+    pub chmod: Option<u32>,
+}
+
+impl Ownership {
+    fn file_mode(&self, mode: u32) -> u32 {
+        self.chmod
+            .unwrap_or(if mode & 0o111 != 0 { 0o755 } else { 0o644 })
+    }
+    fn dir_mode(&self) -> u32 {
+        self.chmod.unwrap_or(0o755)
+    }
+}
+
+pub struct Context {
+    root: PathBuf,
+    canonical: PathBuf,
+    ignore: Ignore,
+}
+
+/// Entries for one COPY/ADD, and the temp directory holding unpacked archive files.
+pub struct Collected {
+    pub entries: Vec<Entry>,
+    pub _unpacked: Vec<tempfile::TempDir>,
+}
+
+impl Context {
+    pub fn open(root: &Path) -> Result<Context, String> {
+        let canonical =
+            fs::canonicalize(root).map_err(|e| format!("build context {}: {e}", root.display()))?;
+        let ignore = match fs::read_to_string(root.join(".dockerignore")) {
+            Ok(text) => Ignore::parse(&text)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
+            Err(e) => return Err(format!(".dockerignore: {e}")),
+        };
+        Ok(Context {
+            root: root.to_owned(),
+            canonical,
+            ignore,
+        })
+    }
+
+    /// Checks a source and returns its context-relative path.
+    fn relative(&self, source: &str) -> Result<String, String> {
+        if source.starts_with('/') {
+            return Err(format!(
+                "source {source:?} is an absolute path: sources are relative to the build context"
+            ));
+        }
+        let mut parts: Vec<&str> = Vec::new();
+        for component in Path::new(source).components() {
+            match component {
+                Component::Normal(p) => parts.push(p.to_str().unwrap_or_default()),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if parts.pop().is_none() {
+                        return Err(format!("source {source:?} is outside the build context"));
+                    }
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(format!("source {source:?} is outside the build context"));
+                }
+            }
+        }
+        Ok(parts.join("/"))
+    }
+
+    /// Resolves a relative path inside the context, refusing symlinks that lead out of it.
+    fn resolve(&self, source: &str, rel: &str) -> Result<PathBuf, String> {
+        let path = self.root.join(rel);
+        let canonical = match fs::canonicalize(&path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(if fs::symlink_metadata(&path).is_ok() {
+                    format!("source {source:?} is a symlink to a missing file")
+                } else {
+                    format!("source {source:?} does not exist in the build context")
+                });
+            }
+            Err(e) => return Err(format!("source {source:?}: {e}")),
+        };
+        if !canonical.starts_with(&self.canonical) {
+            return Err(format!(
+                "source {source:?} leads outside the build context through a symlink"
+            ));
+        }
+        Ok(canonical)
+    }
+
+    /// Every non-excluded path in the context, for wildcard sources.
+    fn all_paths(&self) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.root.clone(), String::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            let read = fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for child in read {
+                let child = child.map_err(|e| format!("{}: {e}", dir.display()))?;
+                let name = child.file_name().to_string_lossy().into_owned();
+                let rel = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let is_dir = child.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir {
+                    stack.push((child.path(), rel.clone()));
+                }
+                if !self.ignore.excluded(&rel) {
+                    out.push(rel);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The entries COPY (or ADD when `add`) of `sources` to `dest` makes.
+    pub fn collect(
+        &self,
+        add: bool,
+        sources: &[String],
+        dest: &str,
+        own: Ownership,
+    ) -> Result<Collected, String> {
+        let mut matched: Vec<(String, String)> = Vec::new();
+        let mut wildcard = false;
+        for source in sources {
+            if add && (source.contains("://") || source.starts_with("git@")) {
+                return Err(format!(
+                    "ADD {source}: remote sources are not supported: fetch them in the build stage"
+                ));
+            }
+            let rel = self.relative(source)?;
+            if rel.contains(['*', '?', '[']) {
+                wildcard = true;
+                let glob = Glob::new(&rel)
+                    .map_err(|e| format!("source pattern {source:?}: {e}"))?
+                    .compile_matcher();
+                let before = matched.len();
+                for path in self.all_paths()? {
+                    if glob.is_match(&path) {
+                        matched.push((source.clone(), path));
+                    }
+                }
+                if matched.len() == before {
+                    return Err(format!(
+                        "source {source:?} matches no file in the build context"
+                    ));
+                }
+            } else {
+                if !rel.is_empty() && self.ignore.excluded(&rel) {
+                    return Err(format!("source {source:?} is excluded by .dockerignore"));
+                }
+                matched.push((source.clone(), rel));
+            }
+        }
+        let into_dir = dest.ends_with('/') || matched.len() > 1 || wildcard;
+        let dest = dest.trim_end_matches('/');
+        let dest_rel = dest.trim_start_matches('/');
+        let mut collected = Collected {
+            entries: Vec::new(),
+            _unpacked: Vec::new(),
+        };
+        for (source, rel) in matched {
+            let path = self.resolve(&source, &rel)?;
+            let meta = fs::metadata(&path).map_err(|e| format!("source {source:?}: {e}"))?;
+            if meta.is_dir() {
+                if !dest_rel.is_empty() {
+                    collected.entries.push(dir_entry(dest_rel, own));
+                }
+                self.walk(&path, &rel, dest_rel, own, &mut collected.entries)?;
+            } else if add && is_archive(&path) {
+                if !dest_rel.is_empty() {
+                    collected.entries.push(dir_entry(dest_rel, own));
+                }
+                let unpacked =
+                    unpack_archive(&source, &path, dest_rel, own, &mut collected.entries)?;
+                collected._unpacked.push(unpacked);
+            } else {
+                let name = rel.rsplit('/').next().unwrap_or(&rel);
+                let target = if into_dir {
+                    join(dest_rel, name)
+                } else {
+                    dest_rel.to_owned()
+                };
+                if target.is_empty() {
+                    return Err(format!("COPY {source} to / needs a file name: use /{name}"));
+                }
+                collected.entries.push(Entry {
+                    path: target,
+                    kind: EntryKind::File {
+                        source: path,
+                        size: meta.len(),
+                    },
+                    mode: own.file_mode(meta.permissions().mode()),
+                    uid: own.uid,
+                    gid: own.gid,
+                });
+            }
+        }
+        Ok(collected)
+    }
+
+    /// The contents of a source directory, placed under `dest` (the directory itself is not
+    /// copied, as in Docker). Symlinks are copied as symlinks, never followed.
+    fn walk(
+        &self,
+        dir: &Path,
+        rel: &str,
+        dest: &str,
+        own: Ownership,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), String> {
+        let read = fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for child in read {
+            let child = child.map_err(|e| format!("{}: {e}", dir.display()))?;
+            let name = child.file_name().to_string_lossy().into_owned();
+            let child_rel = join(rel, &name);
+            let target = join(dest, &name);
+            let meta = fs::symlink_metadata(child.path())
+                .map_err(|e| format!("{}: {e}", child.path().display()))?;
+            let excluded = self.ignore.excluded(&child_rel);
+            if meta.is_dir() {
+                if excluded && !self.ignore.has_exceptions() {
+                    continue;
+                }
+                let before = out.len();
+                self.walk(&child.path(), &child_rel, &target, own, out)?;
+                if !excluded || out.len() > before {
+                    out.push(dir_entry(&target, own));
+                }
+                continue;
+            }
+            if excluded {
+                continue;
+            }
+            let kind = if meta.file_type().is_symlink() {
+                let link = fs::read_link(child.path())
+                    .map_err(|e| format!("{}: {e}", child.path().display()))?;
+                EntryKind::Symlink(link.to_string_lossy().into_owned())
+            } else if meta.is_file() {
+                EntryKind::File {
+                    source: child.path(),
+                    size: meta.len(),
+                }
+            } else {
+                // Sockets, fifos and devices are not content.
+                continue;
+            };
+            let mode = match kind {
+                EntryKind::Symlink(_) => 0o777,
+                _ => own.file_mode(meta.permissions().mode()),
+            };
+            out.push(Entry {
+                path: target,
+                kind,
+                mode,
+                uid: own.uid,
+                gid: own.gid,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn join(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        b.to_owned()
+    } else {
+        format!("{a}/{b}")
+    }
+}
+
+fn dir_entry(path: &str, own: Ownership) -> Entry {
+    Entry {
+        path: path.to_owned(),
+        kind: EntryKind::Dir,
+        mode: own.dir_mode(),
+        uid: own.uid,
+        gid: own.gid,
+    }
+}
+
+/// A tar (plain or gzip): gzip's magic, or a first block whose header checksum is right
+/// (old-style tars have no `ustar` magic).
+fn is_archive(path: &Path) -> bool {
+    let mut head = [0u8; 512];
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    let n = file.read(&mut head).unwrap_or(0);
+    if n >= 2 && head[..2] == [0x1f, 0x8b] {
+        return true;
+    }
+    if n < 512 || head.iter().all(|b| *b == 0) {
+        return false;
+    }
+    let stored = std::str::from_utf8(&head[148..156])
+        .ok()
+        .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' '))
+        .and_then(|s| u32::from_str_radix(s, 8).ok());
+    let computed: u32 = head
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
+    stored == Some(computed)
+}
+
+/// ADD of a local archive: its entries under `dest`, their files unpacked to a temp dir.
+/// Entries that would land outside `dest` (absolute, `..`, through a symlink of the archive,
+/// hard links pointing out) are refused.
+fn unpack_archive(
+    source: &str,
+    path: &Path,
+    dest: &str,
+    own: Ownership,
+    out: &mut Vec<Entry>,
+) -> Result<tempfile::TempDir, String> {
+    let fail = |reason: String| format!("ADD {source}: {reason}");
+    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut magic = [0u8; 2];
+    let gz = File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b];
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    let temp = tempfile::Builder::new()
+        .prefix("graven-add-")
+        .tempdir()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut archive = tar::Archive::new(reader);
+    let mut symlinks: Vec<String> = Vec::new();
+    let mut files: std::collections::BTreeMap<String, (PathBuf, u64)> = Default::default();
+    let entries = archive.entries().map_err(|e| fail(e.to_string()))?;
+    for (n, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| fail(format!("not a readable tar archive: {e}")))?;
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let rel = archive_path(&name)
+            .ok_or_else(|| fail(format!("archive entry {name:?} escapes the destination")))?;
+        if rel.is_empty() {
+            continue;
+        }
+        if let Some(link) = symlinks.iter().find(|l| rel.starts_with(&format!("{l}/"))) {
+            return Err(fail(format!(
+                "archive entry {name:?} passes through the archive's symlink {link:?}"
+            )));
+        }
+        let header = entry.header().clone();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let target = join(dest, &rel);
+        let kind = header.entry_type();
+        let entry_kind = if kind.is_dir() {
+            EntryKind::Dir
+        } else if kind.is_symlink() {
+            let link = entry
+                .link_name()
+                .map_err(|e| fail(e.to_string()))?
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            symlinks.push(rel.clone());
+            EntryKind::Symlink(link)
+        } else if kind.is_hard_link() {
+            let link = entry
+                .link_name()
+                .map_err(|e| fail(e.to_string()))?
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let link_rel = archive_path(&link).ok_or_else(|| {
+                fail(format!(
+                    "archive entry {name:?} links to {link:?} outside the destination"
+                ))
+            })?;
+            let (file, size) = files.get(&link_rel).cloned().ok_or_else(|| {
+                fail(format!(
+                    "archive entry {name:?} links to {link:?}, which the archive does not hold"
+                ))
+            })?;
+            EntryKind::File { source: file, size }
+        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            let file = temp.path().join(n.to_string());
+            let mut out_file = File::create(&file).map_err(|e| fail(e.to_string()))?;
+            let size = io::copy(&mut entry, &mut out_file).map_err(|e| fail(e.to_string()))?;
+            files.insert(rel.clone(), (file.clone(), size));
+            EntryKind::File { source: file, size }
+        } else {
+            // Devices and fifos are not content an image layer of graven's carries.
+            continue;
+        };
+        let mode = match &entry_kind {
+            EntryKind::Dir => own.chmod.unwrap_or(mode),
+            EntryKind::Symlink(_) => 0o777,
+            _ => own.chmod.unwrap_or(mode),
+        };
+        out.push(Entry {
+            path: target,
+            kind: entry_kind,
+            mode,
+            uid: own.uid,
+            gid: own.gid,
+        });
+    }
+    Ok(temp)
+}
+
+/// A relative archive path cleaned of `./`, or `None` when it is absolute or climbs out.
+fn archive_path(name: &str) -> Option<String> {
+    if name.starts_with('/') {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            p => parts.push(p),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(patterns: &str, cases: &[(&str, bool)]) {
+        let ignore = Ignore::parse(patterns).unwrap();
+        for (path, expected) in cases {
+            assert_eq!(
+                ignore.excluded(path),
+                *expected,
+                "{path:?} with patterns {patterns:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dockerignore_semantics() {
+        check(
+            "# comment\ntarget\n*.md\n!README.md\n**/*.log\n/secret/\n./build/*.o\n",
+            &[
+                ("target", true),
+                ("target/debug/x", true),
+                ("notes.md", true),
+                ("docs/notes.md", false),
+                ("README.md", false),
+                ("a.log", true),
+                ("deep/er/b.log", true),
+                ("secret/key", true),
+                ("build/x.o", true),
+                ("build/x.c", false),
+                ("src/main.rs", false),
+            ],
+        );
+        // The last matching pattern wins, so an exclusion after an exception excludes again.
+        check(
+            "*.txt\n!keep*.txt\nkeep-not.txt",
+            &[
+                ("a.txt", true),
+                ("keep1.txt", false),
+                ("keep-not.txt", true),
+            ],
+        );
+        check(
+            "dir\n!dir/keep",
+            &[("dir/x", true), ("dir/keep", false), ("dir", true)],
+        );
+    }
+
+    #[test]
+    fn archive_paths() {
+        assert_eq!(archive_path("./a/b/"), Some("a/b".to_owned()));
+        assert_eq!(archive_path("../x"), None);
+        assert_eq!(archive_path("a/../../x"), None);
+        assert_eq!(archive_path("/etc/passwd"), None);
+    }
+}

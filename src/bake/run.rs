@@ -1,0 +1,177 @@
+//! RUN steps: the lower layers are unpacked into a temp root, the command runs there in the
+//! same sandbox the local runtime uses (with a writable root), and what it changed becomes the
+//! step's layer (new and changed paths, removed ones as whiteouts).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::Stdio;
+
+use super::tree::{self, Entry};
+use crate::sandbox::SandboxSpec;
+use crate::store::{Descriptor, Store};
+
+/// Directories the sandbox mounts over; what is in them is never layer content.
+const MOUNTED: &[&str] = &["proc", "sys", "dev"];
+
+pub struct RunOutput {
+    pub entries: Vec<Entry>,
+    pub root: tempfile::TempDir,
+}
+
+/// Runs `args` in the image made of `layers`; returns the entries it changed.
+pub fn run(
+    store: &Store,
+    layers: &[Descriptor],
+    args: &[String],
+    env: &[String],
+    user: &str,
+    workdir: &str,
+) -> Result<RunOutput, String> {
+    let root = tempfile::Builder::new()
+        .prefix("graven-run-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a temp root: {e}"))?;
+    tree::unpack(store, layers, root.path()).map_err(|e| e.to_string())?;
+    let (uid, gid) = resolve_user(root.path(), user)?;
+    let cwd = root.path().join(workdir.trim_start_matches('/'));
+    if !cwd.is_dir() {
+        fs::create_dir_all(&cwd).map_err(|e| format!("working directory {workdir}: {e}"))?;
+    }
+    let before = tree::snapshot(root.path()).map_err(|e| e.to_string())?;
+    let spec = SandboxSpec {
+        rootfs: root.path().to_owned(),
+        writable_root: true,
+        args: args.to_vec(),
+        env: env.to_vec(),
+        cwd: workdir.to_owned(),
+        uid,
+        gid,
+        hostname: "graven-bake".to_owned(),
+        binds: Vec::new(),
+        tmp_bytes: 256 * 1024 * 1024,
+    };
+    // The command's output goes to graven's stderr, so `--json` keeps stdout clean.
+    let out = || -> Result<Stdio, String> {
+        let fd = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("cannot pass stderr to the sandbox: {e}"))?;
+        Ok(Stdio::from(fd))
+    };
+    let status = sandbox_shim::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
+    if !status.success() {
+        let how = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            _ => status.to_string(),
+        };
+        return Err(format!("the command failed with {how}"));
+    }
+    let after = tree::snapshot(root.path()).map_err(|e| e.to_string())?;
+    let entries = tree::diff(root.path(), &before, &after, MOUNTED);
+    Ok(RunOutput { entries, root })
+}
+
+/// `uid[:gid]` numerically, or names looked up in the image's /etc/passwd and /etc/group.
+pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
+    let (user_part, group_part) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let table = |file: &str| -> BTreeMap<String, (u32, u32)> {
+        fs::read_to_string(root.join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                let id = fields.get(2)?.parse().ok()?;
+                let gid = fields.get(3).and_then(|g| g.parse().ok()).unwrap_or(id);
+                Some((fields[0].to_owned(), (id, gid)))
+            })
+            .collect()
+    };
+    let (uid, primary_gid) = match user_part.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            table("etc/passwd")
+                .values()
+                .find(|(u, _)| *u == uid)
+                .map(|p| p.1)
+                .unwrap_or(uid),
+        ),
+        Err(_) if user_part == "root" => (0, 0),
+        Err(_) => *table("etc/passwd")
+            .get(user_part)
+            .ok_or_else(|| format!("user {user_part:?} is not in the image's /etc/passwd"))?,
+    };
+    let gid = match group_part {
+        None => primary_gid,
+        Some(group) => match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) if group == "root" => 0,
+            Err(_) => {
+                table("etc/group")
+                    .get(group)
+                    .ok_or_else(|| format!("group {group:?} is not in the image's /etc/group"))?
+                    .0
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// Stands in for `crate::sandbox::run` until the runtime's sandbox lands; same signature.
+mod sandbox_shim {
+    use crate::sandbox::SandboxSpec;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("sandbox not available: RUN needs the sandbox helper, which this build lacks")]
+    pub struct SandboxError;
+
+    pub fn run(
+        _spec: &SandboxSpec,
+        _stdout: std::process::Stdio,
+        _stderr: std::process::Stdio,
+    ) -> Result<std::process::ExitStatus, SandboxError> {
+        Err(SandboxError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_resolve_numerically_or_by_name() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("etc")).unwrap();
+        fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(root.path().join("etc/group"), "staff:x:50:\n").unwrap();
+        for (user, expected) in [
+            ("0", Ok((0, 0))),
+            ("65534:65534", Ok((65534, 65534))),
+            ("app", Ok((1000, 1001))),
+            ("1000", Ok((1000, 1001))),
+            ("app:staff", Ok((1000, 50))),
+            (
+                "nobody",
+                Err("user \"nobody\" is not in the image's /etc/passwd".to_owned()),
+            ),
+            (
+                "app:wheel",
+                Err("group \"wheel\" is not in the image's /etc/group".to_owned()),
+            ),
+        ] {
+            assert_eq!(resolve_user(root.path(), user), expected, "{user}");
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! Layer contents: the entries a step adds, written as a reproducible tar (sorted by path
+//! components, fixed mtime, given owners and modes, no user or group names), plus reading
+//! layers back: listing the paths the lower layers hold and unpacking them for RUN.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest as _;
+
+use crate::store::{Descriptor, Digest, FinishedLayer, LayerWriter, Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    /// A regular file whose content is read from `source` when the layer is written.
+    File {
+        source: PathBuf,
+        size: u64,
+    },
+    /// An empty regular file (whiteouts).
+    Empty,
+    Symlink(String),
+}
+
+/// One path in a layer; `path` is relative to `/`, without leading or trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Orders entries by path components, so a directory precedes what it holds; of two entries
+/// with the same path the later one wins.
+pub fn normalize(entries: &mut Vec<Entry>) {
+    let mut by_path: BTreeMap<Vec<String>, Entry> = BTreeMap::new();
+    for entry in entries.drain(..) {
+        let key = entry.path.split('/').map(str::to_owned).collect();
+        by_path.insert(key, entry);
+    }
+    entries.extend(by_path.into_values());
+}
+
+/// A content hash of the entries (paths, metadata and file contents): what a COPY step's
+/// cache key depends on, independent of mtimes and listing order.
+/// `file_digest` hashes one file (the bake passes its stat-keyed memo of file hashes).
+pub fn content_hash(
+    entries: &[Entry],
+    file_digest: &mut dyn FnMut(&Path) -> io::Result<Digest>,
+) -> io::Result<Digest> {
+    let mut hasher = sha2::Sha256::new();
+    for entry in entries {
+        hasher.update(format!(
+            "{}\0{:o}\0{}\0{}\0",
+            entry.path, entry.mode, entry.uid, entry.gid
+        ));
+        match &entry.kind {
+            EntryKind::Dir => hasher.update(b"dir\0"),
+            EntryKind::Empty => hasher.update(b"empty\0"),
+            EntryKind::Symlink(target) => hasher.update(format!("link\0{target}\0")),
+            EntryKind::File { source, size } => {
+                let digest = file_digest(source)?;
+                hasher.update(format!("file\0{size}\0{digest}\0"));
+            }
+        }
+    }
+    Ok(Digest::from_sha256(hasher.finalize().into()))
+}
+
+/// Writes the (normalized) entries as a layer blob in a temp file of the store.
+pub fn write_layer(
+    store: &Store,
+    entries: &[Entry],
+    mtime: u64,
+) -> Result<FinishedLayer, StoreError> {
+    let writer = LayerWriter::new(store)?;
+    let mut tar = tar::Builder::new(writer);
+    let io = |path: &str| {
+        let path = PathBuf::from(path);
+        move |source| StoreError::Io { path, source }
+    };
+    for entry in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_mtime(mtime);
+        header.set_uid(entry.uid.into());
+        header.set_gid(entry.gid.into());
+        header.set_mode(entry.mode);
+        match &entry.kind {
+            EntryKind::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                tar.append_data(&mut header, format!("{}/", entry.path), io::empty())
+                    .map_err(io(&entry.path))?;
+            }
+            EntryKind::Empty => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(0);
+                tar.append_data(&mut header, &entry.path, io::empty())
+                    .map_err(io(&entry.path))?;
+            }
+            EntryKind::Symlink(target) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                tar.append_link(&mut header, &entry.path, target)
+                    .map_err(io(&entry.path))?;
+            }
+            EntryKind::File { source, size } => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(*size);
+                let file = File::open(source).map_err(|source_err| StoreError::Io {
+                    path: source.clone(),
+                    source: source_err,
+                })?;
+                let mut data = BufReader::with_capacity(256 * 1024, file).take(*size);
+                tar.append_data(&mut header, &entry.path, &mut data)
+                    .map_err(io(&entry.path))?;
+                if data.limit() != 0 {
+                    return Err(StoreError::Io {
+                        path: source.clone(),
+                        source: io::Error::other("the file shrank while it was being read"),
+                    });
+                }
+            }
+        }
+    }
+    let writer = tar.into_inner().map_err(io("layer"))?;
+    writer.finish()
+}
+
+/// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
+fn open_layer(store: &Store, digest: &Digest) -> Result<Box<dyn Read>, StoreError> {
+    let mut file = store.open_blob(digest)?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(|source| StoreError::Io {
+        path: store.blob_path(digest),
+        source,
+    })?;
+    let file = store.open_blob(digest)?;
+    Ok(if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    })
+}
+
+/// What the lower layers hold: path → is it a directory.
+#[derive(Debug, Default)]
+pub struct LowerTree {
+    pub paths: BTreeMap<String, bool>,
+    applied: usize,
+}
+
+impl LowerTree {
+    /// Reads the layers not read yet (headers only).
+    pub fn update(&mut self, store: &Store, layers: &[Descriptor]) -> Result<(), StoreError> {
+        if layers.len() < self.applied {
+            *self = LowerTree::default();
+        }
+        for layer in &layers[self.applied..] {
+            let err = |source| StoreError::Io {
+                path: store.blob_path(&layer.digest),
+                source,
+            };
+            let mut archive = tar::Archive::new(open_layer(store, &layer.digest)?);
+            for entry in archive.entries().map_err(err)? {
+                let entry = entry.map_err(err)?;
+                let path = clean(&entry.path().map_err(err)?.to_string_lossy());
+                let (parent, name) = match path.rsplit_once('/') {
+                    Some((p, n)) => (p.to_owned(), n),
+                    None => (String::new(), path.as_str()),
+                };
+                if name == ".wh..wh..opq" {
+                    let prefix = format!("{parent}/");
+                    self.paths.retain(|p, _| !p.starts_with(&prefix));
+                } else if let Some(hidden) = name.strip_prefix(".wh.") {
+                    let gone = if parent.is_empty() {
+                        hidden.to_owned()
+                    } else {
+                        format!("{parent}/{hidden}")
+                    };
+                    let prefix = format!("{gone}/");
+                    self.paths
+                        .retain(|p, _| p != &gone && !p.starts_with(&prefix));
+                } else if !path.is_empty() {
+                    self.paths
+                        .insert(path, entry.header().entry_type().is_dir());
+                }
+            }
+        }
+        self.applied = layers.len();
+        Ok(())
+    }
+
+    /// Records the entries of the layer just written on top of `layers`, when the tree is
+    /// current (otherwise the next `update` reads it from the store).
+    pub fn add_if_current(&mut self, layers: &[Descriptor], entries: &[Entry]) {
+        if self.applied != layers.len() {
+            return;
+        }
+        for entry in entries {
+            self.paths
+                .insert(entry.path.clone(), matches!(entry.kind, EntryKind::Dir));
+        }
+        self.applied += 1;
+    }
+}
+
+/// A tar path without `./`, leading or trailing slashes.
+fn clean(path: &str) -> String {
+    path.split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Writes the last version of each of `wanted` (relative paths) the layers hold into `root`,
+/// for looking up user and group names without unpacking the whole image.
+pub fn extract_files(
+    store: &Store,
+    layers: &[Descriptor],
+    root: &Path,
+    wanted: &[&str],
+) -> Result<(), StoreError> {
+    for layer in layers {
+        let err = |source| StoreError::Io {
+            path: store.blob_path(&layer.digest),
+            source,
+        };
+        let mut archive = tar::Archive::new(open_layer(store, &layer.digest)?);
+        for entry in archive.entries().map_err(err)? {
+            let mut entry = entry.map_err(err)?;
+            let path = clean(&entry.path().map_err(err)?.to_string_lossy());
+            if wanted.contains(&path.as_str()) && entry.header().entry_type().is_file() {
+                let target = root.join(&path);
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent).map_err(err)?;
+                }
+                let mut out = File::create(&target).map_err(err)?;
+                io::copy(&mut entry, &mut out).map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks `layers` in order into `root`, applying whiteouts, keeping owners and modes.
+pub fn unpack(store: &Store, layers: &[Descriptor], root: &Path) -> Result<(), StoreError> {
+    for layer in layers {
+        let err = |source| StoreError::Io {
+            path: store.blob_path(&layer.digest),
+            source,
+        };
+        let mut archive = tar::Archive::new(open_layer(store, &layer.digest)?);
+        archive.set_preserve_permissions(true);
+        archive.set_preserve_ownerships(true);
+        archive.set_preserve_mtime(true);
+        archive.set_overwrite(true);
+        for entry in archive.entries().map_err(err)? {
+            let mut entry = entry.map_err(err)?;
+            let path = clean(&entry.path().map_err(err)?.to_string_lossy());
+            let (parent, name) = match path.rsplit_once('/') {
+                Some((p, n)) => (p.to_owned(), n.to_owned()),
+                None => (String::new(), path.clone()),
+            };
+            if name == ".wh..wh..opq" {
+                let dir = root.join(&parent);
+                if let Ok(children) = fs::read_dir(&dir) {
+                    for child in children.flatten() {
+                        remove_any(&child.path()).map_err(err)?;
+                    }
+                }
+            } else if let Some(hidden) = name.strip_prefix(".wh.") {
+                remove_any(&root.join(&parent).join(hidden)).map_err(err)?;
+            } else {
+                // A new entry replaces whatever is there unless both are directories.
+                let target = root.join(&path);
+                if let Ok(meta) = fs::symlink_metadata(&target)
+                    && !(meta.is_dir() && entry.header().entry_type().is_dir())
+                {
+                    remove_any(&target).map_err(err)?;
+                }
+                entry.unpack_in(root).map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The state of one path of a root filesystem, to see what a RUN step changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub is_dir: bool,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ino: u64,
+    pub link: Option<String>,
+}
+
+/// Every path under `root` (not following symlinks), relative to it.
+pub fn snapshot(root: &Path) -> io::Result<BTreeMap<String, Seen>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(root.to_owned(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for child in fs::read_dir(&dir)? {
+            let child = child?;
+            let name = child.file_name().to_string_lossy().into_owned();
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = fs::symlink_metadata(child.path())?;
+            let link = if meta.file_type().is_symlink() {
+                Some(fs::read_link(child.path())?.to_string_lossy().into_owned())
+            } else {
+                None
+            };
+            if meta.is_dir() {
+                stack.push((child.path(), rel.clone()));
+            }
+            out.insert(
+                rel,
+                Seen {
+                    is_dir: meta.is_dir(),
+                    mode: meta.permissions().mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    size: meta.len(),
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
+                    ino: meta.ino(),
+                    link,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of the layer that turns `before` into `after` (both snapshots of `root`):
+/// new and changed paths as they are now, removed ones as whiteouts (only the topmost).
+/// `skip` names top-level directories the sandbox mounts over, which are never content.
+pub fn diff(
+    root: &Path,
+    before: &BTreeMap<String, Seen>,
+    after: &BTreeMap<String, Seen>,
+    skip: &[&str],
+) -> Vec<Entry> {
+    let skipped = |path: &str| {
+        let top = path.split('/').next().unwrap_or(path);
+        skip.contains(&top)
+    };
+    let mut entries = Vec::new();
+    for (path, now) in after {
+        if skipped(path) {
+            continue;
+        }
+        let changed = match before.get(path) {
+            None => true,
+            Some(was) if now.is_dir && was.is_dir => {
+                (now.mode, now.uid, now.gid) != (was.mode, was.uid, was.gid)
+            }
+            Some(was) => was != now,
+        };
+        if !changed {
+            continue;
+        }
+        let kind = if now.is_dir {
+            EntryKind::Dir
+        } else if let Some(target) = &now.link {
+            EntryKind::Symlink(target.clone())
+        } else {
+            EntryKind::File {
+                source: root.join(path),
+                size: now.size,
+            }
+        };
+        entries.push(Entry {
+            path: path.clone(),
+            kind,
+            mode: now.mode,
+            uid: now.uid,
+            gid: now.gid,
+        });
+    }
+    for path in before.keys() {
+        if after.contains_key(path) || skipped(path) {
+            continue;
+        }
+        let parent_gone = path
+            .rsplit_once('/')
+            .is_some_and(|(parent, _)| !after.contains_key(parent));
+        if parent_gone {
+            continue;
+        }
+        let whiteout = match path.rsplit_once('/') {
+            Some((parent, name)) => format!("{parent}/.wh.{name}"),
+            None => format!(".wh.{path}"),
+        };
+        entries.push(Entry {
+            path: whiteout,
+            kind: EntryKind::Empty,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        });
+    }
+    normalize(&mut entries);
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, content: &[u8], dir: &Path) -> Entry {
+        let source = dir.join(path.replace('/', "_"));
+        fs::write(&source, content).unwrap();
+        Entry {
+            path: path.to_owned(),
+            kind: EntryKind::File {
+                source,
+                size: content.len() as u64,
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn list(store: &Store, layer: FinishedLayer) -> Vec<String> {
+        let mut txn = store.transaction().unwrap();
+        let descriptor = layer.keep(&mut txn).unwrap();
+        txn.commit();
+        let mut archive = tar::Archive::new(open_layer(store, &descriptor.digest).unwrap());
+        archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                format!(
+                    "{} {:o} {}:{} {} {:?}",
+                    e.path().unwrap().display(),
+                    h.mode().unwrap(),
+                    h.uid().unwrap(),
+                    h.gid().unwrap(),
+                    h.mtime().unwrap(),
+                    h.username().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layers_are_sorted_and_normalized_whatever_the_input_order() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let dir = |path: &str| Entry {
+            path: path.to_owned(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        let mut a = vec![
+            file("a/b", b"1", src.path()),
+            dir("a"),
+            file("a-b", b"2", src.path()),
+            file("a/a", b"3", src.path()),
+        ];
+        let mut b: Vec<Entry> = a.iter().rev().cloned().collect();
+        normalize(&mut a);
+        normalize(&mut b);
+        assert_eq!(a, b);
+        let la = write_layer(&store, &a, 0).unwrap();
+        let lb = write_layer(&store, &b, 0).unwrap();
+        assert_eq!(la.digest, lb.digest);
+        assert_eq!(
+            list(&store, la),
+            [
+                "a/ 755 0:0 0 Some(\"\")",
+                "a/a 644 0:0 0 Some(\"\")",
+                "a/b 644 0:0 0 Some(\"\")",
+                "a-b 644 0:0 0 Some(\"\")"
+            ]
+        );
+        // A different mtime (SOURCE_DATE_EPOCH) gives a different, but again stable, layer.
+        let l1 = write_layer(&store, &a, 1_700_000_000).unwrap();
+        let l2 = write_layer(&store, &a, 1_700_000_000).unwrap();
+        assert_eq!(l1.digest, l2.digest);
+        assert_ne!(l1.digest, lb.digest);
+    }
+
+    #[test]
+    fn diff_finds_new_changed_and_removed_paths() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("etc/keep")).unwrap();
+        fs::create_dir_all(r.join("gone/deep")).unwrap();
+        fs::write(r.join("etc/same"), "x").unwrap();
+        fs::write(r.join("etc/changed"), "x").unwrap();
+        fs::write(r.join("etc/removed"), "x").unwrap();
+        let before = snapshot(r).unwrap();
+        fs::write(r.join("etc/changed"), "xy").unwrap();
+        fs::remove_file(r.join("etc/removed")).unwrap();
+        fs::remove_dir_all(r.join("gone")).unwrap();
+        fs::write(r.join("etc/keep/new"), "n").unwrap();
+        fs::create_dir(r.join("proc")).unwrap();
+        let after = snapshot(r).unwrap();
+        let paths: Vec<String> = diff(r, &before, &after, &["proc"])
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(
+            paths,
+            [".wh.gone", "etc/.wh.removed", "etc/changed", "etc/keep/new"]
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! An in-memory backend for testing what sits on top of the runtime (the controller, the
+//! proxy, deploy strategies) without images, namespaces or processes.
+//!
+//! Each instance is a real HTTP server on `127.0.0.1` inside this process that behaves like
+//! the example service: `/healthz` answers 200 (503 when `HEALTHY=0`), `/` answers
+//! "<GREETING or hello> from hello <VERSION or 0>" with an `x-hello-version` header. Killing
+//! an instance closes its listener and every open connection, as a dying process would.
+//! Test hooks (`crash`, `set_behavior`) inject the failures a controller must handle.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
+use crate::store::Digest;
+
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+
+/// How a fake instance answers, switchable while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behavior {
+    /// `/healthz` answers 200.
+    Healthy,
+    /// `/healthz` answers 503; `/` still answers.
+    Unhealthy,
+    /// Connections are accepted but no request is ever answered (a hung process).
+    Hung,
+}
+
+impl Behavior {
+    fn to_u8(self) -> u8 {
+        match self {
+            Behavior::Healthy => 0,
+            Behavior::Unhealthy => 1,
+            Behavior::Hung => 2,
+        }
+    }
+
+    fn from_u8(value: u8) -> Behavior {
+        match value {
+            0 => Behavior::Healthy,
+            1 => Behavior::Unhealthy,
+            _ => Behavior::Hung,
+        }
+    }
+}
+
+/// The in-memory runtime. Clones share the same instances.
+#[derive(Debug, Clone, Default)]
+pub struct FakeRuntime {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    /// `None` accepts every image; `Some` only the listed ones (to test `UnknownImage`).
+    known_images: Option<BTreeSet<Digest>>,
+    prepared: BTreeSet<Digest>,
+    instances: BTreeMap<InstanceId, FakeInstance>,
+}
+
+#[derive(Debug)]
+struct FakeInstance {
+    info: Instance,
+    /// Set while the server runs.
+    server: Option<Server>,
+    /// `IGNORE_SIGTERM=1` in the env: `stop` waits out the grace and kills.
+    ignores_stop: bool,
+}
+
+#[derive(Debug)]
+struct Server {
+    /// The accept loop; it owns every connection task, so aborting it closes them all.
+    task: JoinHandle<()>,
+    behavior: Arc<AtomicU8>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Answers {
+    greeting: String,
+    version: String,
+    behavior: Arc<AtomicU8>,
+}
+
+impl FakeRuntime {
+    /// A fake that accepts any image digest.
+    pub fn new() -> FakeRuntime {
+        FakeRuntime::default()
+    }
+
+    /// A fake that knows only `images`; starting anything else fails with `UnknownImage`.
+    pub fn with_images(images: impl IntoIterator<Item = Digest>) -> FakeRuntime {
+        let fake = FakeRuntime::default();
+        fake.lock().known_images = Some(images.into_iter().collect());
+        fake
+    }
+
+    /// Makes a running instance exit on its own with `code`, as a crash would.
+    pub fn crash(&self, id: &InstanceId, code: i32) -> Result<(), RuntimeError> {
+        self.lock().exit(
+            id,
+            InstanceStatus::Exited {
+                code: Some(code),
+                signal: None,
+            },
+        )
+    }
+
+    /// Changes how a running instance answers.
+    pub fn set_behavior(&self, id: &InstanceId, behavior: Behavior) -> Result<(), RuntimeError> {
+        let mut inner = self.lock();
+        let instance = inner.get_mut(id)?;
+        match &instance.server {
+            Some(server) => {
+                server.behavior.store(behavior.to_u8(), Ordering::SeqCst);
+                Ok(())
+            }
+            None => Err(RuntimeError::WrongState {
+                id: id.clone(),
+                status: instance.info.status,
+                action: "changed",
+            }),
+        }
+    }
+
+    /// Marks an instance tainted, as a break-glass exec does on a real runtime.
+    pub fn taint(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        self.lock().get_mut(id)?.info.tainted = true;
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic in another test thread must not hide this thread's own failure.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_image(&self, image: &Digest) -> Result<(), RuntimeError> {
+        match &self.lock().known_images {
+            Some(known) if !known.contains(image) => Err(RuntimeError::UnknownImage {
+                reference: image.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Inner {
+    fn get_mut(&mut self, id: &InstanceId) -> Result<&mut FakeInstance, RuntimeError> {
+        self.instances
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownInstance { id: id.clone() })
+    }
+
+    fn exit(&mut self, id: &InstanceId, status: InstanceStatus) -> Result<(), RuntimeError> {
+        let instance = self.get_mut(id)?;
+        if instance.info.status.is_exited() {
+            return Err(RuntimeError::WrongState {
+                id: id.clone(),
+                status: instance.info.status,
+                action: "exited",
+            });
+        }
+        instance.server = None;
+        instance.info.status = status;
+        instance.info.pid = None;
+        Ok(())
+    }
+}
+
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError> {
+        self.check_image(image)?;
+        self.lock().prepared.insert(image.clone());
+        Ok(())
+    }
+
+    async fn start(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
+        spec.validate()?;
+        self.check_image(&spec.image)?;
+        let bind = SocketAddr::from(([127, 0, 0, 1], spec.host_port.unwrap_or(0)));
+        let listener = TcpListener::bind(bind).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                RuntimeError::PortInUse { port: bind.port() }
+            } else {
+                RuntimeError::Other {
+                    context: format!("fake instance listening on {bind}"),
+                    source,
+                }
+            }
+        })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| RuntimeError::Other {
+                context: "fake instance address".to_owned(),
+                source,
+            })?;
+        let env = |key: &str| spec.env.get(key).cloned();
+        let behavior = if env("HEALTHY").as_deref() == Some("0") {
+            Behavior::Unhealthy
+        } else {
+            Behavior::Healthy
+        };
+        let answers = Arc::new(Answers {
+            greeting: env("GREETING").unwrap_or_else(|| "hello".to_owned()),
+            version: env("VERSION").unwrap_or_else(|| "0".to_owned()),
+            behavior: Arc::new(AtomicU8::new(behavior.to_u8())),
+        });
+        let server = Server {
+            behavior: answers.behavior.clone(),
+            task: tokio::spawn(serve(listener, answers)),
+        };
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = InstanceId(format!("fake{:06}", inner.next_id));
+        let info = Instance {
+            id: id.clone(),
+            image: spec.image.clone(),
+            labels: spec.labels.clone(),
+            status: InstanceStatus::Running,
+            address: Some(address),
+            pid: None,
+            started_at_ms: super::now_ms(),
+            tainted: false,
+            log: None,
+        };
+        inner.instances.insert(
+            id,
+            FakeInstance {
+                info: info.clone(),
+                server: Some(server),
+                ignores_stop: env("IGNORE_SIGTERM").as_deref() == Some("1"),
+            },
+        );
+        Ok(info)
+    }
+
+    async fn inspect(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+        Ok(self.lock().get_mut(id)?.info.clone())
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
+        Ok(self
+            .lock()
+            .instances
+            .values()
+            .map(|i| i.info.clone())
+            .collect())
+    }
+
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<Instance, RuntimeError> {
+        let ignores_stop = {
+            let mut inner = self.lock();
+            let instance = inner.get_mut(id)?;
+            if instance.info.status.is_exited() {
+                return Ok(instance.info.clone());
+            }
+            instance.info.status = InstanceStatus::Stopping;
+            instance.ignores_stop
+        };
+        let signal = if ignores_stop {
+            tokio::time::sleep(grace).await;
+            SIGKILL
+        } else {
+            SIGTERM
+        };
+        let mut inner = self.lock();
+        let instance = inner.get_mut(id)?;
+        // A crash during the grace period already recorded how it ended.
+        if !instance.info.status.is_exited() {
+            instance.server = None;
+            instance.info.pid = None;
+            instance.info.status = InstanceStatus::Exited {
+                code: None,
+                signal: Some(signal),
+            };
+        }
+        Ok(instance.info.clone())
+    }
+
+    async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        let mut inner = self.lock();
+        if inner.get_mut(id)?.info.status.is_exited() {
+            return Ok(());
+        }
+        inner.exit(
+            id,
+            InstanceStatus::Exited {
+                code: None,
+                signal: Some(SIGKILL),
+            },
+        )
+    }
+
+    async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        let mut inner = self.lock();
+        let status = inner.get_mut(id)?.info.status;
+        if !status.is_exited() {
+            return Err(RuntimeError::WrongState {
+                id: id.clone(),
+                status,
+                action: "removed",
+            });
+        }
+        inner.instances.remove(id);
+        Ok(())
+    }
+}
+
+async fn serve(listener: TcpListener, answers: Arc<Answers>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        // Reap finished connections so a long-lived instance does not grow without bound.
+        while connections.try_join_next().is_some() {}
+        let answers = answers.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answers = answers.clone();
+                async move { answer(&answers, request).await }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    answers: &Answers,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let behavior = Behavior::from_u8(answers.behavior.load(Ordering::SeqCst));
+    if behavior == Behavior::Hung {
+        std::future::pending::<()>().await;
+    }
+    let (status, body) = match request.uri().path() {
+        "/healthz" if behavior == Behavior::Healthy => (StatusCode::OK, "ok\n".to_owned()),
+        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n".to_owned()),
+        "/" => (
+            StatusCode::OK,
+            format!("{} from hello {}\n", answers.greeting, answers.version),
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    };
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .header("x-hello-version", answers.version.as_str())
+        .body(Full::new(Bytes::from(body)))
+        .expect("static headers are valid");
+    Ok(response)
+}

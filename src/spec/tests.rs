@@ -1,0 +1,602 @@
+//! Data-driven tests of `parse`: a graven.toml in, the resolved project or every problem out.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use expect_test::{Expect, expect};
+
+use super::*;
+
+/// One line per fact of the resolved project, or one line per problem.
+fn render(result: Result<Project, SpecErrors>) -> String {
+    let project = match result {
+        Ok(project) => project,
+        Err(errors) => return errors.to_string(),
+    };
+    let mut out = format!(
+        "app {} env {} build {:?} containerfile {} context {}\n",
+        project.app,
+        project.environment,
+        project.build.map(|b| b.command),
+        project.image.containerfile.display(),
+        project.image.context.display(),
+    );
+    for service in project.services.values() {
+        let h = &service.health;
+        let d = &service.deploy;
+        writeln!(
+            out,
+            "service {}: instances {} port {} route {:?} command {:?} env {:?}\n  \
+             health {} every {:?} timeout {:?} up {} down {}\n  \
+             deploy {:?} surge {} unavailable {} deadline {:?} stop_grace {:?}\n  \
+             volumes {:?} limits {:?}",
+            service.name,
+            service.instances,
+            service.port,
+            service.route,
+            service.command,
+            service.env,
+            h.path,
+            h.interval,
+            h.timeout,
+            h.healthy_after,
+            h.unhealthy_after,
+            d.strategy,
+            d.max_surge,
+            d.max_unavailable,
+            d.health_deadline,
+            service.stop_grace,
+            service
+                .volumes
+                .iter()
+                .map(|v| format!("{}={}", v.name, v.path))
+                .collect::<Vec<_>>(),
+            service.limits,
+        )
+        .unwrap();
+    }
+    out
+}
+
+fn check_env(source: &str, environment: &str, expected: Expect) {
+    let result = parse(
+        source,
+        Path::new("graven.toml"),
+        Path::new("/app"),
+        environment,
+    );
+    expected.assert_eq(&render(result));
+}
+
+fn check(source: &str, expected: Expect) {
+    check_env(source, "local", expected);
+}
+
+#[test]
+fn a_minimal_file_takes_every_default() {
+    check(
+        r#"
+app = "hello"
+[services.web]
+port = 8080
+"#,
+        expect![[r#"
+            app hello env local build None containerfile /app/Containerfile context /app
+            service web: instances 1 port 8080 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+        "#]],
+    );
+}
+
+#[test]
+fn a_full_file_sets_every_field() {
+    check(
+        r#"
+app = "shop"
+
+[build]
+command = "make"
+
+[image]
+containerfile = "deploy/Containerfile"
+context = "./src"
+
+[services.web]
+instances = 3
+port = 8080
+route = ":8000"
+command = ["/web", "--verbose"]
+env = { GREETING = "hi", _X = "1" }
+health = { path = "/ready", interval = "250ms", timeout = "100ms", healthy_after = 1, unhealthy_after = 5 }
+deploy = { strategy = "rolling", max_surge = 2, max_unavailable = 1, health_deadline = "1m" }
+stop_grace = "0s"
+volumes = { cache = "/var/cache/web" }
+limits = { memory = "512MiB", pids = 128, cpu = 1.5, tmp = "64M" }
+
+[services.db]
+instances = 0
+port = 5432
+"#,
+        expect![[r#"
+            app shop env local build Some("make") containerfile /app/deploy/Containerfile context /app/src
+            service db: instances 0 port 5432 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+            service web: instances 3 port 8080 route Some(127.0.0.1:8000) command Some(["/web", "--verbose"]) env {"GREETING": "hi", "_X": "1"}
+              health /ready every 250ms timeout 100ms up 1 down 5
+              deploy Rolling surge 2 unavailable 1 deadline 60s stop_grace 0ns
+              volumes ["cache=/var/cache/web"] limits Limits { memory_bytes: Some(536870912), pids: Some(128), cpu_millis: Some(1500), tmp_bytes: Some(67108864) }
+        "#]],
+    );
+}
+
+const OVERLAID: &str = r#"
+app = "hello"
+
+[services.web]
+instances = 2
+port = 8080
+route = "127.0.0.1:8000"
+env = { GREETING = "hello", LEVEL = "debug" }
+health = { interval = "200ms", healthy_after = 3 }
+
+[services.worker]
+port = 9000
+
+[environments.production.services.web]
+instances = 4
+route = "0.0.0.0:8080"
+env = { LEVEL = "info" }
+health = { timeout = "2s" }
+
+[environments.staging]
+"#;
+
+#[test]
+fn the_default_environment_ignores_overlays() {
+    check(
+        OVERLAID,
+        expect![[r#"
+            app hello env local build None containerfile /app/Containerfile context /app
+            service web: instances 2 port 8080 route Some(127.0.0.1:8000) command None env {"GREETING": "hello", "LEVEL": "debug"}
+              health /healthz every 200ms timeout 1s up 3 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+            service worker: instances 1 port 9000 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+        "#]],
+    );
+}
+
+#[test]
+fn an_overlay_replaces_field_by_field() {
+    // instances and route replaced, env merged key by key, health merged field by field.
+    check_env(
+        OVERLAID,
+        "production",
+        expect![[r#"
+            app hello env production build None containerfile /app/Containerfile context /app
+            service web: instances 4 port 8080 route Some(0.0.0.0:8080) command None env {"GREETING": "hello", "LEVEL": "info"}
+              health /healthz every 200ms timeout 2s up 3 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+            service worker: instances 1 port 9000 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+        "#]],
+    );
+}
+
+#[test]
+fn an_empty_environment_table_is_the_base() {
+    let staging = parse(OVERLAID, Path::new("g"), Path::new("/app"), "staging").unwrap();
+    let local = parse(OVERLAID, Path::new("g"), Path::new("/app"), "local").unwrap();
+    assert_eq!(staging.services, local.services);
+    assert_eq!(staging.environment, "staging");
+}
+
+#[test]
+fn an_unknown_environment_lists_the_known_ones() {
+    check_env(
+        OVERLAID,
+        "prod",
+        expect![[
+            r#"graven.toml:14:2: environments: environment "prod" is not defined (known: "local", "production", "staging")"#
+        ]],
+    );
+    check_env(
+        OVERLAID,
+        "stagin",
+        expect![[
+            r#"graven.toml:14:2: environments: environment "stagin" is not defined (known: "local", "production", "staging"); did you mean "staging"?"#
+        ]],
+    );
+    check_env(
+        "app = \"a\"\n[services.web]\nport = 1\n",
+        "production",
+        expect![[
+            r#"graven.toml:1:1: environments: environment "production" is not defined (known: "local")"#
+        ]],
+    );
+}
+
+#[test]
+fn the_local_environment_may_have_a_table() {
+    check(
+        r#"
+app = "a"
+[services.web]
+port = 1
+[environments.local.services.web]
+instances = 0
+"#,
+        expect![[r#"
+            app a env local build None containerfile /app/Containerfile context /app
+            service web: instances 0 port 1 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None }
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_fields_at_every_level_are_all_reported_with_suggestions() {
+    check(
+        r#"
+app = "a"
+ap = "b"
+[biuld]
+command = "x"
+[build]
+comand = "make"
+[image]
+containerfil = "C"
+[services.web]
+port = 1
+instance = 2
+helth = { path = "/" }
+health = { intervl = "1s" }
+deploy = { max_surg = 1 }
+limits = { memroy = "1G" }
+whatever = 1
+[environments.production]
+service = {}
+[environments.staging.services.web]
+prot = 2
+"#,
+        expect![[r#"
+            graven.toml:3:1: ap: unknown field "ap"; did you mean "app"?
+            graven.toml:4:2: biuld: unknown field "biuld"; did you mean "build"?
+            graven.toml:7:1: build.comand: unknown field "comand"; did you mean "command"?
+            graven.toml:9:1: image.containerfil: unknown field "containerfil"; did you mean "containerfile"?
+            graven.toml:12:1: services.web.instance: unknown field "instance"; did you mean "instances"?
+            graven.toml:13:1: services.web.helth: unknown field "helth"; did you mean "health"?
+            graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
+            graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
+            graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits")
+            graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
+            graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
+    );
+}
+
+#[test]
+fn tables_of_the_wrong_type_are_reported_and_the_rest_still_checked() {
+    check(
+        r#"
+app = "a"
+build = "make"
+[services.web]
+port = 0
+health = 5
+[services.api]
+env = ["A=1"]
+port = 2
+"#,
+        expect![[r#"
+            graven.toml:3:9: build: expected a table, found string "make"
+            graven.toml:5:8: services.web.port: 0 is out of range: it must be between 1 and 65535
+            graven.toml:6:10: services.web.health: expected a table, found integer 5
+            graven.toml:8:7: services.api.env: expected a table, found an array"#]],
+    );
+}
+
+#[test]
+fn values_of_the_wrong_type_name_what_was_expected() {
+    check(
+        r#"
+app = 1
+[build]
+command = ["make"]
+[services.web]
+instances = "two"
+port = 8080.0
+route = 8000
+command = "/app --flag"
+env = { A = 1 }
+stop_grace = 10
+volumes = { data = true }
+health = { healthy_after = "2" }
+deploy = { strategy = 1 }
+limits = { memory = true, pids = "10", cpu = [] }
+"#,
+        expect![[r#"
+            graven.toml:2:7: app: expected a string, found integer 1
+            graven.toml:4:11: build.command: expected a string, found an array
+            graven.toml:6:13: services.web.instances: expected an integer, found string "two"
+            graven.toml:7:8: services.web.port: expected an integer, found float 8080
+            graven.toml:8:9: services.web.route: expected a string, found integer 8000
+            graven.toml:9:11: services.web.command: expected an array of strings, found string "/app --flag"
+            graven.toml:10:13: services.web.env.A: expected a string, found integer 1
+            graven.toml:11:14: services.web.stop_grace: expected a string, found integer 10
+            graven.toml:12:20: services.web.volumes.data: expected a string, found boolean true
+            graven.toml:13:28: services.web.health.healthy_after: expected an integer, found string "2"
+            graven.toml:14:23: services.web.deploy.strategy: expected a string, found integer 1
+            graven.toml:15:21: services.web.limits.memory: expected a size such as "64MiB", found boolean true
+            graven.toml:15:34: services.web.limits.pids: expected an integer, found string "10"
+            graven.toml:15:46: services.web.limits.cpu: expected cores (0.5, 2) or millicores ("500m"), found an array"#]],
+    );
+}
+
+#[test]
+fn every_range_rule() {
+    check(
+        r#"
+app = "My App"
+[build]
+command = "  "
+[image]
+context = ""
+[services.Web_1]
+port = 1
+[services.web]
+instances = -1
+port = 65536
+route = "localhost:80"
+command = []
+env = { "1BAD" = "x", PORT = "80", "A-B" = "y" }
+health = { path = "healthz", interval = "0s", timeout = "1x", healthy_after = 0, unhealthy_after = 0 }
+deploy = { strategy = "canary", max_surge = -1, max_unavailable = 0, health_deadline = "0ms" }
+stop_grace = "forever"
+volumes = { Data = "/data", logs = "relative", tmp = "/" }
+limits = { memory = "0", pids = 0, cpu = 0, tmp = "12 parsecs" }
+[services.api]
+port = 2
+command = [""]
+deploy = { max_surge = 0, max_unavailable = 0 }
+volumes = { a = "/data", b = "/data" }
+"#,
+        expect![[r#"
+            graven.toml:2:7: app: app name "My App" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+            graven.toml:4:11: build.command: the build command is empty
+            graven.toml:6:11: image.context: the path is empty
+            graven.toml:7:11: services.Web_1: service name "Web_1" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+            graven.toml:10:13: services.web.instances: -1 is out of range: it must be at least 0
+            graven.toml:11:8: services.web.port: 65536 is out of range: it must be between 1 and 65535
+            graven.toml:12:9: services.web.route: "localhost:80" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
+            graven.toml:13:11: services.web.command: the command needs a program: ["/app", "--flag"]
+            graven.toml:14:9: services.web.env.1BAD: "1BAD" is not a valid environment variable name (letters, digits and '_', not starting with a digit)
+            graven.toml:14:23: services.web.env.PORT: PORT is set by graven from the service's `port`; set `port` instead
+            graven.toml:14:36: services.web.env.A-B: "A-B" is not a valid environment variable name (letters, digits and '_', not starting with a digit)
+            graven.toml:15:19: services.web.health.path: "healthz" must be a path starting with '/', e.g. "/healthz"
+            graven.toml:15:41: services.web.health.interval: "0s" must be longer than zero
+            graven.toml:15:57: services.web.health.timeout: "1x" is not a duration (try "1s", "500ms")
+            graven.toml:15:79: services.web.health.healthy_after: 0 is out of range: it must be at least 1
+            graven.toml:15:100: services.web.health.unhealthy_after: 0 is out of range: it must be at least 1
+            graven.toml:16:23: services.web.deploy.strategy: unknown strategy "canary" (known: "rolling")
+            graven.toml:16:45: services.web.deploy.max_surge: -1 is out of range: it must be at least 0
+            graven.toml:16:88: services.web.deploy.health_deadline: "0ms" must be longer than zero
+            graven.toml:17:14: services.web.stop_grace: "forever" is not a duration (try "1s", "500ms")
+            graven.toml:18:13: services.web.volumes.Data: volume name "Data" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+            graven.toml:18:36: services.web.volumes.logs: "relative" is not an absolute path
+            graven.toml:18:54: services.web.volumes.tmp: "/" cannot be a mount point
+            graven.toml:19:21: services.web.limits.memory: a size limit must be larger than zero
+            graven.toml:19:33: services.web.limits.pids: 0 is out of range: it must be between 1 and 9223372036854775807
+            graven.toml:19:42: services.web.limits.cpu: 0 is not a cpu share: it must be at least 0.001 cores
+            graven.toml:19:51: services.web.limits.tmp: "12 parsecs" is not a size (try "64MiB", "512M", "1G")
+            graven.toml:22:11: services.api.command: the command needs a program: ["/app", "--flag"]
+            graven.toml:23:24: services.api.deploy.max_surge: max_surge + max_unavailable must be at least 1, or a deploy could never replace an instance
+            graven.toml:24:30: services.api.volumes.b: "/data" is already where volume "a" is mounted"#]],
+    );
+}
+
+#[test]
+fn missing_required_fields() {
+    check(
+        "[services.web]\ninstances = 1\n[build]\n",
+        expect![[r#"
+            graven.toml:1:1: app: missing field "app": name the application, e.g. app = "hello"
+            graven.toml:1:11: services.web: missing field "port": the port the service listens on
+            graven.toml:3:1: build: missing field "command": the command that builds the app"#]],
+    );
+    check(
+        "app = \"a\"\n",
+        expect![[
+            r#"graven.toml:1:1: services: no services: describe at least one in a [services.NAME] table"#
+        ]],
+    );
+    check(
+        "app = \"a\"\nservices = {}\n",
+        expect![[
+            r#"graven.toml:2:12: services: no services: describe at least one in a [services.NAME] table"#
+        ]],
+    );
+}
+
+#[test]
+fn two_services_may_not_share_a_route() {
+    check(
+        r#"
+app = "a"
+[services.a]
+port = 1
+route = ":8000"
+[services.b]
+port = 1
+route = "0.0.0.0:8000"
+[services.c]
+port = 1
+route = "127.0.0.2:8001"
+[services.d]
+port = 1
+route = "127.0.0.1:0"
+[services.e]
+port = 1
+route = "127.0.0.1:0"
+[environments.production.services.c]
+route = "127.0.0.1:8000"
+"#,
+        expect![[r#"
+            graven.toml:8:9: services.b.route: 0.0.0.0:8000 overlaps the route of service "a": two services cannot share a listening address
+            graven.toml:19:9: environments.production.services.c.route: 127.0.0.1:8000 overlaps the route of service "a" in environment "production": two services cannot share a listening address"#]],
+    );
+}
+
+#[test]
+fn overlays_are_checked_even_when_another_environment_is_wanted() {
+    check(
+        r#"
+app = "a"
+[services.web]
+port = 1
+[environments.production.services.web]
+instances = -4
+deploy = { max_surge = 0 }
+[environments.production.services.wbe]
+port = 2
+[environments.Bad.services.web]
+"#,
+        expect![[r#"
+            graven.toml:6:13: environments.production.services.web.instances: -4 is out of range: it must be at least 0
+            graven.toml:7:24: environments.production.services.web.deploy.max_surge: max_surge + max_unavailable must be at least 1, or a deploy could never replace an instance (in environment "production")
+            graven.toml:8:35: environments.production.services.wbe: no service "wbe" in [services] to override (known: "web"); did you mean "web"?
+            graven.toml:10:15: environments.Bad: environment name "Bad" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"#]],
+    );
+}
+
+#[test]
+fn an_overlay_can_make_a_rule_fail_only_in_its_environment() {
+    check_env(
+        r#"
+app = "a"
+[services.web]
+port = 1
+deploy = { max_unavailable = 0 }
+[environments.production.services.web]
+deploy = { max_surge = 0 }
+"#,
+        "local",
+        expect![[
+            r#"graven.toml:7:24: environments.production.services.web.deploy.max_surge: max_surge + max_unavailable must be at least 1, or a deploy could never replace an instance (in environment "production")"#
+        ]],
+    );
+}
+
+#[test]
+fn syntax_errors_are_reported_with_their_place() {
+    check(
+        "app = \"a\"\n[services.web]\nport = 1\nroute = \"unterminated\nenv = {\n",
+        expect![[r#"
+            graven.toml:4:22: invalid basic string, expected `"`
+            graven.toml:5:8: unclosed inline table, expected `}`"#]],
+    );
+}
+
+#[test]
+fn config_digest_changes_with_config_but_not_with_scale_or_route() {
+    let base = r#"
+app = "a"
+[services.web]
+port = 8080
+route = ":8000"
+env = { A = "1" }
+[environments.big.services.web]
+instances = 10
+route = ":9000"
+[environments.changed.services.web]
+env = { A = "2" }
+[environments.slower.services.web]
+health = { interval = "2s" }
+"#;
+    let digest = |environment: &str| {
+        parse(base, Path::new("g"), Path::new("/app"), environment)
+            .unwrap()
+            .services["web"]
+            .config_digest()
+    };
+    assert_eq!(digest("local"), digest("local"));
+    assert_eq!(digest("local"), digest("big"));
+    assert_ne!(digest("local"), digest("changed"));
+    assert_ne!(digest("local"), digest("slower"));
+    assert_ne!(digest("changed"), digest("slower"));
+    // Pinned so a change to the canonical form is a conscious one (it changes every release).
+    expect!["sha256:947312954d1e617d55429db810af06e157cf6d88bd2c0d5a6ac328730d1c2c6d"]
+        .assert_eq(digest("local").as_str());
+}
+
+#[test]
+fn the_example_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+    for environment in ["local", "production"] {
+        let project = load(&dir, environment).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(project.app, "hello");
+        assert!(project.services.contains_key("web"));
+    }
+}
+
+#[test]
+fn a_missing_file_is_one_problem_without_a_place() {
+    let errors = load(Path::new("/nonexistent/graven"), "local").unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "/nonexistent/graven/graven.toml: cannot read the project file: No such file or directory (os error 2)"
+    );
+}
+
+/// Until a cargo-fuzz target runs in CI: every truncation and a few thousand seeded
+/// mutations of real files must give a project or placed problems, never a panic.
+#[test]
+fn mangled_files_never_panic() {
+    let sources = [
+        include_str!("../../examples/hello/graven.toml"),
+        include_str!("../../tests/data/spec/typos.toml"),
+        include_str!("../../tests/data/spec/worker-and-db.toml"),
+    ];
+    let check = |source: &str| {
+        if let Err(errors) = parse(source, Path::new("g"), Path::new("/app"), "production") {
+            assert!(!errors.problems.is_empty());
+            for problem in &errors.problems {
+                assert!(problem.line >= 1 && problem.column >= 1, "{problem}");
+            }
+        }
+    };
+    let alphabet: Vec<char> = "[]{}=\".,# \n'0a_-:\u{e9}".chars().collect();
+    let mut rng = fastrand::Rng::with_seed(4);
+    for source in sources {
+        for (end, _) in source.char_indices() {
+            check(&source[..end]);
+        }
+        let chars: Vec<char> = source.chars().collect();
+        for _ in 0..2000 {
+            let mut mangled = chars.clone();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..mangled.len());
+                match rng.u8(..3) {
+                    0 => mangled[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => mangled.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    _ => {
+                        mangled.remove(at);
+                    }
+                }
+            }
+            check(&mangled.into_iter().collect::<String>());
+        }
+    }
+}

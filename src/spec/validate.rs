@@ -1,0 +1,616 @@
+//! Validation: the raw shape becomes a typed `Project` for one environment.
+//!
+//! Each raw table is checked field by field once (base services and every environment's
+//! overlays), which gives each value its place in the file. Then every environment is
+//! resolved (overlay over base, defaults for the rest) and checked as a whole, so a problem
+//! in production's settings is reported even while working locally. Only the requested
+//! environment's result is returned.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::problem::{Issues, quoted_list, suggest};
+use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawService, join};
+use super::values;
+use super::{BuildStep, DeployPolicy, ImageSource, Project, Service, Strategy};
+use crate::proxy::HealthCheck;
+use crate::runtime::{Limits, VolumeMount};
+
+/// The environment every project has without declaring it.
+pub const DEFAULT_ENVIRONMENT: &str = "local";
+
+/// Where a value was written: its span and dotted field path.
+#[derive(Debug, Clone)]
+struct Loc {
+    span: Range<usize>,
+    field: String,
+}
+
+#[derive(Debug, Clone)]
+struct At<T> {
+    value: T,
+    loc: Loc,
+}
+
+/// One table's fields after their own checks: `None` where absent or invalid (an invalid
+/// value has been reported already).
+#[derive(Debug, Clone, Default)]
+struct Partial {
+    instances: Option<At<u32>>,
+    port: Option<At<u16>>,
+    route: Option<At<SocketAddr>>,
+    command: Option<At<Vec<String>>>,
+    env: BTreeMap<String, At<String>>,
+    health_path: Option<At<String>>,
+    interval: Option<At<Duration>>,
+    timeout: Option<At<Duration>>,
+    healthy_after: Option<At<u32>>,
+    unhealthy_after: Option<At<u32>>,
+    strategy: Option<At<Strategy>>,
+    max_surge: Option<At<u32>>,
+    max_unavailable: Option<At<u32>>,
+    health_deadline: Option<At<Duration>>,
+    stop_grace: Option<At<Duration>>,
+    volumes: Option<At<Vec<VolumeMount>>>,
+    memory: Option<At<u64>>,
+    pids: Option<At<u64>>,
+    cpu: Option<At<u64>>,
+    tmp: Option<At<u64>>,
+}
+
+impl Partial {
+    /// `self` with every field `overlay` sets replaced; env variables merge key by key.
+    fn overlaid(&self, overlay: &Partial) -> Partial {
+        fn pick<T: Clone>(over: &Option<At<T>>, base: &Option<At<T>>) -> Option<At<T>> {
+            over.clone().or_else(|| base.clone())
+        }
+        let mut env = self.env.clone();
+        env.extend(overlay.env.clone());
+        Partial {
+            instances: pick(&overlay.instances, &self.instances),
+            port: pick(&overlay.port, &self.port),
+            route: pick(&overlay.route, &self.route),
+            command: pick(&overlay.command, &self.command),
+            env,
+            health_path: pick(&overlay.health_path, &self.health_path),
+            interval: pick(&overlay.interval, &self.interval),
+            timeout: pick(&overlay.timeout, &self.timeout),
+            healthy_after: pick(&overlay.healthy_after, &self.healthy_after),
+            unhealthy_after: pick(&overlay.unhealthy_after, &self.unhealthy_after),
+            strategy: pick(&overlay.strategy, &self.strategy),
+            max_surge: pick(&overlay.max_surge, &self.max_surge),
+            max_unavailable: pick(&overlay.max_unavailable, &self.max_unavailable),
+            health_deadline: pick(&overlay.health_deadline, &self.health_deadline),
+            stop_grace: pick(&overlay.stop_grace, &self.stop_grace),
+            volumes: pick(&overlay.volumes, &self.volumes),
+            memory: pick(&overlay.memory, &self.memory),
+            pids: pick(&overlay.pids, &self.pids),
+            cpu: pick(&overlay.cpu, &self.cpu),
+            tmp: pick(&overlay.tmp, &self.tmp),
+        }
+    }
+}
+
+/// Checks one leaf: its type (from reading) and then `check`, reporting either problem.
+fn leaf<T, U>(
+    field: &Option<Field<T>>,
+    path: &str,
+    issues: &mut Issues,
+    check: impl FnOnce(&T) -> Result<U, String>,
+) -> Option<At<U>> {
+    let field = field.as_ref()?;
+    let checked = field.value.as_ref().map_err(String::clone).and_then(check);
+    match checked {
+        Ok(value) => Some(At {
+            value,
+            loc: Loc {
+                span: field.span.clone(),
+                field: path.to_owned(),
+            },
+        }),
+        Err(message) => {
+            issues.push(field.span.clone(), path, message);
+            None
+        }
+    }
+}
+
+fn integer_in<T: TryFrom<i64>>(min: i64, max: i64) -> impl FnOnce(&i64) -> Result<T, String> {
+    move |n| {
+        if (min..=max).contains(n) {
+            T::try_from(*n).map_err(|_| format!("{n} is out of range"))
+        } else if max == i64::from(u32::MAX) {
+            Err(format!("{n} is out of range: it must be at least {min}"))
+        } else {
+            Err(format!(
+                "{n} is out of range: it must be between {min} and {max}"
+            ))
+        }
+    }
+}
+
+fn positive_duration(text: &String) -> Result<Duration, String> {
+    let duration = values::duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial {
+    let path = |name: &str| join(prefix, name);
+    let u32_max = i64::from(u32::MAX);
+    let mut partial = Partial {
+        instances: leaf(
+            &raw.instances,
+            &path("instances"),
+            issues,
+            integer_in(0, u32_max),
+        ),
+        port: leaf(&raw.port, &path("port"), issues, integer_in(1, 65535)),
+        route: leaf(&raw.route, &path("route"), issues, |r| values::route(r)),
+        command: leaf(&raw.command, &path("command"), issues, |command| {
+            if command.first().is_none_or(|program| program.is_empty()) {
+                Err("the command needs a program: [\"/app\", \"--flag\"]".into())
+            } else {
+                Ok(command.clone())
+            }
+        }),
+        stop_grace: leaf(&raw.stop_grace, &path("stop_grace"), issues, |d| {
+            values::duration(d)
+        }),
+        ..Partial::default()
+    };
+    if let Some(env) = &raw.env {
+        for (key, value) in env.get_ref() {
+            let field = join(&path("env"), key.get_ref());
+            if let Err(message) = values::env_key(key.get_ref()) {
+                issues.push(key.span(), &field, message);
+            } else if let Some(value) =
+                leaf(&Some(value.clone()), &field, issues, |v| Ok(v.clone()))
+            {
+                partial.env.insert(key.get_ref().clone(), value);
+            }
+        }
+    }
+    if let Some(health) = &raw.health {
+        check_health(health.get_ref(), &path("health"), issues, &mut partial);
+    }
+    if let Some(deploy) = &raw.deploy {
+        check_deploy(deploy, &path("deploy"), issues, &mut partial);
+    }
+    if let Some(limits) = &raw.limits {
+        check_limits(limits.get_ref(), &path("limits"), issues, &mut partial);
+    }
+    if let Some(volumes) = &raw.volumes {
+        partial.volumes = check_volumes(volumes, &path("volumes"), issues);
+    }
+    partial
+}
+
+fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
+    let path = |name: &str| join(prefix, name);
+    let u32_max = i64::from(u32::MAX);
+    partial.health_path = leaf(&raw.path, &path("path"), issues, |p| {
+        if p.starts_with('/') && !p.contains(char::is_whitespace) {
+            Ok(p.clone())
+        } else {
+            Err(format!(
+                "{p:?} must be a path starting with '/', e.g. \"/healthz\""
+            ))
+        }
+    });
+    partial.interval = leaf(&raw.interval, &path("interval"), issues, positive_duration);
+    partial.timeout = leaf(&raw.timeout, &path("timeout"), issues, positive_duration);
+    partial.healthy_after = leaf(
+        &raw.healthy_after,
+        &path("healthy_after"),
+        issues,
+        integer_in(1, u32_max),
+    );
+    partial.unhealthy_after = leaf(
+        &raw.unhealthy_after,
+        &path("unhealthy_after"),
+        issues,
+        integer_in(1, u32_max),
+    );
+}
+
+fn check_deploy(
+    raw: &Spanned<RawDeploy>,
+    prefix: &str,
+    issues: &mut Issues,
+    partial: &mut Partial,
+) {
+    let path = |name: &str| join(prefix, name);
+    let raw = raw.get_ref();
+    let u32_max = i64::from(u32::MAX);
+    partial.strategy = leaf(&raw.strategy, &path("strategy"), issues, |s| {
+        match s.as_str() {
+            "rolling" => Ok(Strategy::Rolling),
+            other => Err(format!("unknown strategy {other:?} (known: \"rolling\")")),
+        }
+    });
+    partial.max_surge = leaf(
+        &raw.max_surge,
+        &path("max_surge"),
+        issues,
+        integer_in(0, u32_max),
+    );
+    partial.max_unavailable = leaf(
+        &raw.max_unavailable,
+        &path("max_unavailable"),
+        issues,
+        integer_in(0, u32_max),
+    );
+    partial.health_deadline = leaf(
+        &raw.health_deadline,
+        &path("health_deadline"),
+        issues,
+        positive_duration,
+    );
+}
+
+fn check_limits(raw: &RawLimits, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
+    let path = |name: &str| join(prefix, name);
+    let positive_size = |value: &toml::Value| match values::size(value)? {
+        0 => Err("a size limit must be larger than zero".to_owned()),
+        bytes => Ok(bytes),
+    };
+    partial.memory = leaf(&raw.memory, &path("memory"), issues, positive_size);
+    partial.tmp = leaf(&raw.tmp, &path("tmp"), issues, positive_size);
+    partial.pids = leaf(&raw.pids, &path("pids"), issues, integer_in(1, i64::MAX));
+    partial.cpu = leaf(&raw.cpu, &path("cpu"), issues, values::cpu_millis);
+}
+
+fn check_volumes(
+    raw: &Spanned<Named<Field<String>>>,
+    prefix: &str,
+    issues: &mut Issues,
+) -> Option<At<Vec<VolumeMount>>> {
+    let mut mounts: Vec<VolumeMount> = Vec::new();
+    let mut ok = true;
+    for (name, path) in raw.get_ref() {
+        let field = join(prefix, name.get_ref());
+        if let Err(message) = values::dns_label("volume", name.get_ref()) {
+            issues.push(name.span(), &field, message);
+            ok = false;
+            continue;
+        }
+        let Some(path) = leaf(&Some(path.clone()), &field, issues, |p| {
+            values::mount_path(p).map(|()| p.clone())
+        }) else {
+            ok = false;
+            continue;
+        };
+        if let Some(other) = mounts.iter().find(|m| m.path == path.value) {
+            issues.push(
+                path.loc.span,
+                &field,
+                format!(
+                    "{:?} is already where volume {:?} is mounted",
+                    path.value, other.name
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        mounts.push(VolumeMount {
+            name: name.get_ref().clone(),
+            path: path.value,
+        });
+    }
+    ok.then(|| At {
+        value: mounts,
+        loc: Loc {
+            span: raw.span(),
+            field: prefix.to_owned(),
+        },
+    })
+}
+
+/// A base service as checked: its table's place, and its fields.
+struct BaseService {
+    span: Range<usize>,
+    partial: Partial,
+}
+
+/// Fills in defaults and checks what spans several fields. `None` when something is
+/// missing or contradictory (reported).
+fn resolve_service(
+    name: &str,
+    base: &BaseService,
+    merged: &Partial,
+    environment: &str,
+    issues: &mut Issues,
+) -> Option<Service> {
+    let in_environment = if environment == DEFAULT_ENVIRONMENT {
+        String::new()
+    } else {
+        format!(" (in environment {environment:?})")
+    };
+    // Both whole-service rules are checked before giving up, so both are reported.
+    let port = merged.port.as_ref().map(|p| p.value);
+    if port.is_none() && !issues.mentions(&format!("services.{name}"), "port") {
+        issues.push(
+            base.span.clone(),
+            format!("services.{name}"),
+            format!("missing field \"port\": the port the service listens on{in_environment}"),
+        );
+    }
+    let max_surge = merged.max_surge.as_ref().map_or(1, |m| m.value);
+    let max_unavailable = merged.max_unavailable.as_ref().map_or(0, |m| m.value);
+    let surge_ok = max_surge > 0 || max_unavailable > 0;
+    if !surge_ok {
+        let loc = merged
+            .max_surge
+            .as_ref()
+            .or(merged.max_unavailable.as_ref())
+            .map(|at| at.loc.clone())
+            .expect("both are zero, so one was written");
+        issues.push(
+            loc.span,
+            loc.field,
+            format!(
+                "max_surge + max_unavailable must be at least 1, or a deploy could never \
+                 replace an instance{in_environment}"
+            ),
+        );
+    }
+    let port = port.filter(|_| surge_ok)?;
+    let value =
+        |at: &Option<At<Duration>>, default: Duration| at.as_ref().map_or(default, |a| a.value);
+    let count = |at: &Option<At<u32>>, default: u32| at.as_ref().map_or(default, |a| a.value);
+    let bytes = |at: &Option<At<u64>>| at.as_ref().map(|a| a.value);
+    Some(Service {
+        name: name.to_owned(),
+        instances: count(&merged.instances, 1),
+        port,
+        route: merged.route.as_ref().map(|r| r.value),
+        command: merged.command.as_ref().map(|c| c.value.clone()),
+        env: merged
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect(),
+        health: HealthCheck {
+            path: merged
+                .health_path
+                .as_ref()
+                .map_or_else(|| "/healthz".to_owned(), |p| p.value.clone()),
+            interval: value(&merged.interval, Duration::from_secs(1)),
+            timeout: value(&merged.timeout, Duration::from_secs(1)),
+            healthy_after: count(&merged.healthy_after, 2),
+            unhealthy_after: count(&merged.unhealthy_after, 3),
+        },
+        deploy: DeployPolicy {
+            strategy: merged
+                .strategy
+                .as_ref()
+                .map_or(Strategy::Rolling, |s| s.value),
+            max_surge,
+            max_unavailable,
+            health_deadline: value(&merged.health_deadline, Duration::from_secs(30)),
+        },
+        stop_grace: value(&merged.stop_grace, Duration::from_secs(10)),
+        volumes: merged
+            .volumes
+            .as_ref()
+            .map(|v| v.value.clone())
+            .unwrap_or_default(),
+        limits: Limits {
+            memory_bytes: bytes(&merged.memory),
+            pids: bytes(&merged.pids),
+            cpu_millis: bytes(&merged.cpu),
+            tmp_bytes: bytes(&merged.tmp),
+        },
+    })
+}
+
+/// `dir` joined with a path from the file, without `.` components.
+fn resolve_path(dir: &Path, path: &str) -> PathBuf {
+    dir.join(path)
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+pub(crate) fn validate(
+    raw: &RawProject,
+    dir: &Path,
+    environment: &str,
+    issues: &mut Issues,
+) -> Option<Project> {
+    let app = match &raw.app {
+        Some(app) => leaf(&Some(app.clone()), "app", issues, |a| {
+            values::dns_label("app", a).map(|()| a.clone())
+        }),
+        None => {
+            issues.push(
+                0..0,
+                "app",
+                "missing field \"app\": name the application, e.g. app = \"hello\"",
+            );
+            None
+        }
+    };
+    let build = raw
+        .build
+        .as_ref()
+        .and_then(|build| match &build.get_ref().command {
+            Some(command) => leaf(&Some(command.clone()), "build.command", issues, |c| {
+                if c.trim().is_empty() {
+                    Err("the build command is empty".to_owned())
+                } else {
+                    Ok(BuildStep { command: c.clone() })
+                }
+            })
+            .map(|at| at.value),
+            None if issues.mentions("build", "command") => None,
+            None => {
+                issues.push(
+                    build.span(),
+                    "build",
+                    "missing field \"command\": the command that builds the app",
+                );
+                None
+            }
+        });
+    let non_empty = |p: &String| {
+        if p.trim().is_empty() {
+            Err("the path is empty".to_owned())
+        } else {
+            Ok(p.clone())
+        }
+    };
+    let image = raw.image.as_ref().map(Spanned::get_ref);
+    let containerfile = image
+        .and_then(|i| leaf(&i.containerfile, "image.containerfile", issues, non_empty))
+        .map_or_else(|| "Containerfile".to_owned(), |at| at.value);
+    let context = image
+        .and_then(|i| leaf(&i.context, "image.context", issues, non_empty))
+        .map_or_else(|| ".".to_owned(), |at| at.value);
+
+    // Base services, checked once.
+    let mut bases: BTreeMap<String, BaseService> = BTreeMap::new();
+    match &raw.services {
+        Some(services) if !services.get_ref().is_empty() => {
+            for (name, service) in services.get_ref() {
+                let prefix = format!("services.{}", name.get_ref());
+                if let Err(message) = values::dns_label("service", name.get_ref()) {
+                    issues.push(name.span(), &prefix, message);
+                }
+                let partial = check_service(service.get_ref(), &prefix, issues);
+                bases.insert(
+                    name.get_ref().clone(),
+                    BaseService {
+                        span: name.span(),
+                        partial,
+                    },
+                );
+            }
+        }
+        _ => issues.push(
+            raw.services.as_ref().map_or(0..0, Spanned::span),
+            "services",
+            "no services: describe at least one in a [services.NAME] table",
+        ),
+    }
+
+    // Every environment's overlays, checked once.
+    let mut overlays: BTreeMap<String, BTreeMap<String, Partial>> = BTreeMap::new();
+    overlays.insert(DEFAULT_ENVIRONMENT.to_owned(), BTreeMap::new());
+    if let Some(environments) = &raw.environments {
+        for (env_name, env) in environments.get_ref() {
+            let env_prefix = format!("environments.{}", env_name.get_ref());
+            if let Err(message) = values::dns_label("environment", env_name.get_ref()) {
+                issues.push(env_name.span(), &env_prefix, message);
+            }
+            let mut services = BTreeMap::new();
+            let declared = env.get_ref().services.as_ref().map(Spanned::get_ref);
+            for (name, service) in declared.into_iter().flatten() {
+                let prefix = format!("{env_prefix}.services.{}", name.get_ref());
+                if !bases.contains_key(name.get_ref()) {
+                    let known = quoted_list(bases.keys().map(String::as_str));
+                    let hint = suggest(name.get_ref(), bases.keys().map(String::as_str))
+                        .map(|near| format!("; did you mean {near:?}?"))
+                        .unwrap_or_default();
+                    issues.push(
+                        name.span(),
+                        &prefix,
+                        format!(
+                            "no service {:?} in [services] to override (known: {known}){hint}",
+                            name.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+                services.insert(
+                    name.get_ref().clone(),
+                    check_service(service.get_ref(), &prefix, issues),
+                );
+            }
+            overlays.insert(env_name.get_ref().clone(), services);
+        }
+    }
+
+    if !overlays.contains_key(environment) {
+        let known: Vec<&str> = overlays.keys().map(String::as_str).collect();
+        let hint = suggest(environment, known.iter().copied())
+            .map(|near| format!("; did you mean {near:?}?"))
+            .unwrap_or_default();
+        issues.push(
+            raw.environments.as_ref().map_or(0..0, Spanned::span),
+            "environments",
+            format!(
+                "environment {environment:?} is not defined (known: {}){hint}",
+                quoted_list(known.iter().copied())
+            ),
+        );
+    }
+
+    // Resolve every environment, the requested one last kept. The default environment goes
+    // first so a problem in the base is reported without an environment's name.
+    let mut order: Vec<&String> = overlays.keys().collect();
+    order.sort_by_key(|name| name.as_str() != DEFAULT_ENVIRONMENT);
+    let mut wanted = None;
+    for env_name in order {
+        let mut services = BTreeMap::new();
+        let mut routes: Vec<(String, At<SocketAddr>)> = Vec::new();
+        for (name, base) in &bases {
+            let merged = match overlays[env_name].get(name) {
+                Some(overlay) => base.partial.overlaid(overlay),
+                None => base.partial.clone(),
+            };
+            if let Some(route) = &merged.route {
+                if let Some((other, _)) = routes
+                    .iter()
+                    .find(|(_, r)| values::routes_overlap(r.value, route.value))
+                {
+                    let in_environment = if env_name == DEFAULT_ENVIRONMENT {
+                        String::new()
+                    } else {
+                        format!(" in environment {env_name:?}")
+                    };
+                    issues.push(
+                        route.loc.span.clone(),
+                        &route.loc.field,
+                        format!(
+                            "{} overlaps the route of service {other:?}{in_environment}: \
+                             two services cannot share a listening address",
+                            route.value
+                        ),
+                    );
+                } else {
+                    routes.push((name.clone(), route.clone()));
+                }
+            }
+            if let Some(service) = resolve_service(name, base, &merged, env_name, issues) {
+                services.insert(name.clone(), service);
+            }
+        }
+        if env_name == environment {
+            wanted = Some(services);
+        }
+    }
+
+    if !issues.is_empty() {
+        return None;
+    }
+    Some(Project {
+        app: app?.value,
+        dir: dir.to_owned(),
+        environment: environment.to_owned(),
+        build,
+        image: ImageSource {
+            containerfile: resolve_path(dir, &containerfile),
+            context: resolve_path(dir, &context),
+        },
+        services: wanted?,
+    })
+}

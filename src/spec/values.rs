@@ -1,0 +1,340 @@
+//! The human forms `graven.toml` accepts for durations, sizes, CPU shares, routes and names,
+//! each parsed into a plain value or a message saying what would be accepted instead.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use toml::Value;
+
+use super::raw::describe;
+
+/// `"500ms"`, `"1s"`, `"2m"`, `"1h 30m"` (humantime's syntax).
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|_| format!("{text:?} is not a duration (try \"1s\", \"500ms\")"))
+}
+
+/// A size in bytes: an integer, or a string with a unit. `B`; `KB`, `MB`, `GB`, `TB` are
+/// decimal (SI); `KiB`/`Ki`, `MiB`/`Mi`, … and bare `K`, `M`, `G`, `T` are binary, as Docker
+/// reads `512m`. Units are case-insensitive.
+pub(crate) fn size(value: &Value) -> Result<u64, String> {
+    let hint = "(try \"64MiB\", \"512M\", \"1G\")";
+    match value {
+        Value::Integer(bytes) => {
+            u64::try_from(*bytes).map_err(|_| format!("{bytes} is not a size {hint}"))
+        }
+        Value::String(text) => {
+            let bad = || format!("{text:?} is not a size {hint}");
+            let trimmed = text.trim();
+            let digits_end = trimmed
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(trimmed.len());
+            let (number, unit) = trimmed.split_at(digits_end);
+            let number: u64 = number.parse().map_err(|_| bad())?;
+            let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "kb" => 1_000,
+                "mb" => 1_000_000,
+                "gb" => 1_000_000_000,
+                "tb" => 1_000_000_000_000,
+                "k" | "ki" | "kib" => 1 << 10,
+                "m" | "mi" | "mib" => 1 << 20,
+                "g" | "gi" | "gib" => 1 << 30,
+                "t" | "ti" | "tib" => 1 << 40,
+                _ => return Err(bad()),
+            };
+            number.checked_mul(multiplier).ok_or_else(bad)
+        }
+        other => Err(format!(
+            "expected a size such as \"64MiB\", found {}",
+            describe(other)
+        )),
+    }
+}
+
+/// CPU in thousandths of a core: a number of cores (`0.5`, `2`) or millicores (`"500m"`).
+pub(crate) fn cpu_millis(value: &Value) -> Result<u64, String> {
+    let millis = match value {
+        Value::Integer(cores) => cores.checked_mul(1000).map(|m| m as f64),
+        Value::Float(cores) if cores.is_finite() => Some((cores * 1000.0).round()),
+        Value::String(text) => text
+            .trim()
+            .strip_suffix('m')
+            .and_then(|m| m.parse::<u64>().ok())
+            .map(|m| m as f64),
+        _ => None,
+    };
+    match millis {
+        Some(m) if m >= 1.0 && m <= u64::MAX as f64 => Ok(m as u64),
+        Some(_) => Err(format!(
+            "{} is not a cpu share: it must be at least 0.001 cores",
+            value
+        )),
+        None => Err(format!(
+            "expected cores (0.5, 2) or millicores (\"500m\"), found {}",
+            describe(value)
+        )),
+    }
+}
+
+/// A route: `IP:PORT` or `[IPv6]:PORT`, or `:PORT` for 127.0.0.1, which keeps a service
+/// private to the machine unless an address is written out. Port 0 asks for a free port.
+pub(crate) fn route(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix(':')
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    text.parse().map_err(|_| {
+        format!("{text:?} is not a route: write IP:PORT, e.g. \"127.0.0.1:8000\" or \":8000\"")
+    })
+}
+
+/// Whether two routes would need the same listening socket.
+pub(crate) fn routes_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// App, service, environment and volume names become DNS labels
+/// (`web.production.graven`), so they follow RFC 1123's label rules.
+pub(crate) fn dns_label(kind: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind} name {name:?} must be a DNS label: 1 to 63 lowercase letters, digits or '-', \
+             not starting or ending with '-'"
+        ))
+    }
+}
+
+/// Environment variable names as POSIX shells accept them.
+pub(crate) fn env_key(key: &str) -> Result<(), String> {
+    let mut bytes = key.bytes();
+    let ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !ok {
+        return Err(format!(
+            "{key:?} is not a valid environment variable name (letters, digits and '_', \
+             not starting with a digit)"
+        ));
+    }
+    if key == "PORT" {
+        return Err("PORT is set by graven from the service's `port`; set `port` instead".into());
+    }
+    Ok(())
+}
+
+/// An absolute path inside an instance, without `..` (a mount must not escape its parent).
+pub(crate) fn mount_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not an absolute path"));
+    }
+    if path == "/" || path.split('/').any(|part| part == "..") {
+        return Err(format!("{path:?} cannot be a mount point"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::{Expect, expect};
+
+    fn check(results: Vec<String>, expected: Expect) {
+        expected.assert_eq(&results.join("\n"));
+    }
+
+    fn show<T: std::fmt::Debug>(
+        input: impl std::fmt::Display,
+        result: Result<T, String>,
+    ) -> String {
+        match result {
+            Ok(value) => format!("{input} -> {value:?}"),
+            Err(message) => format!("{input} -> error: {message}"),
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let inputs = ["500ms", "1s", "2m", "1h 30m", " 3s ", "1x", "", "-1s", "10"];
+        check(
+            inputs
+                .iter()
+                .map(|i| show(format!("{i:?}"), duration(i)))
+                .collect(),
+            expect![[r#"
+                "500ms" -> 500ms
+                "1s" -> 1s
+                "2m" -> 120s
+                "1h 30m" -> 5400s
+                " 3s " -> 3s
+                "1x" -> error: "1x" is not a duration (try "1s", "500ms")
+                "" -> error: "" is not a duration (try "1s", "500ms")
+                "-1s" -> error: "-1s" is not a duration (try "1s", "500ms")
+                "10" -> error: "10" is not a duration (try "1s", "500ms")"#]],
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        let inputs = [
+            Value::from("64MiB"),
+            Value::from("512M"),
+            Value::from("512m"),
+            Value::from("1G"),
+            Value::from("1 GB"),
+            Value::from("10KB"),
+            Value::from("100"),
+            Value::from(4096),
+            Value::from(-1),
+            Value::from("1.5G"),
+            Value::from("12 parsecs"),
+            Value::from("99999999999T"),
+            Value::from(true),
+        ];
+        check(
+            inputs.iter().map(|i| show(i, size(i))).collect(),
+            expect![[r#"
+                "64MiB" -> 67108864
+                "512M" -> 536870912
+                "512m" -> 536870912
+                "1G" -> 1073741824
+                "1 GB" -> 1000000000
+                "10KB" -> 10000
+                "100" -> 100
+                4096 -> 4096
+                -1 -> error: -1 is not a size (try "64MiB", "512M", "1G")
+                "1.5G" -> error: "1.5G" is not a size (try "64MiB", "512M", "1G")
+                "12 parsecs" -> error: "12 parsecs" is not a size (try "64MiB", "512M", "1G")
+                "99999999999T" -> error: "99999999999T" is not a size (try "64MiB", "512M", "1G")
+                true -> error: expected a size such as "64MiB", found boolean true"#]],
+        );
+    }
+
+    #[test]
+    fn cpu() {
+        let inputs = [
+            Value::from(2),
+            Value::from(0.5),
+            Value::from("250m"),
+            Value::from(0),
+            Value::from(0.0001),
+            Value::from("2"),
+            Value::from(-1),
+        ];
+        check(
+            inputs.iter().map(|i| show(i, cpu_millis(i))).collect(),
+            expect![[r#"
+                2 -> 2000
+                0.5 -> 500
+                "250m" -> 250
+                0 -> error: 0 is not a cpu share: it must be at least 0.001 cores
+                0.0001 -> error: 0.0001 is not a cpu share: it must be at least 0.001 cores
+                "2" -> error: expected cores (0.5, 2) or millicores ("500m"), found string "2"
+                -1 -> error: -1 is not a cpu share: it must be at least 0.001 cores"#]],
+        );
+    }
+
+    #[test]
+    fn routes() {
+        let inputs = [
+            "127.0.0.1:8000",
+            ":8000",
+            "0.0.0.0:80",
+            "[::1]:8080",
+            "127.0.0.1:0",
+            "localhost:8000",
+            "8000",
+            ":99999",
+            "",
+        ];
+        check(
+            inputs
+                .iter()
+                .map(|i| show(format!("{i:?}"), route(i)))
+                .collect(),
+            expect![[r#"
+                "127.0.0.1:8000" -> 127.0.0.1:8000
+                ":8000" -> 127.0.0.1:8000
+                "0.0.0.0:80" -> 0.0.0.0:80
+                "[::1]:8080" -> [::1]:8080
+                "127.0.0.1:0" -> 127.0.0.1:0
+                "localhost:8000" -> error: "localhost:8000" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
+                "8000" -> error: "8000" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
+                ":99999" -> error: ":99999" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
+                "" -> error: "" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000""#]],
+        );
+    }
+
+    #[test]
+    fn overlapping_routes() {
+        let r = |s: &str| route(s).unwrap();
+        assert!(routes_overlap(r(":8000"), r("127.0.0.1:8000")));
+        assert!(routes_overlap(r("0.0.0.0:8000"), r("127.0.0.1:8000")));
+        assert!(!routes_overlap(r("127.0.0.2:8000"), r("127.0.0.1:8000")));
+        assert!(!routes_overlap(r(":8000"), r(":8001")));
+        // Port 0 asks for a free port, so two of them never collide.
+        assert!(!routes_overlap(r(":0"), r(":0")));
+    }
+
+    #[test]
+    fn names_and_keys() {
+        let labels = [
+            "web",
+            "api-2",
+            "a",
+            "Web",
+            "-web",
+            "web-",
+            "we_b",
+            "",
+            &"x".repeat(64),
+        ];
+        let keys = ["GREETING", "_x", "a1", "1A", "A-B", "", "PORT"];
+        let paths = ["/data", "/var/lib/db", "data", "/", "/a/../b"];
+        let mut lines: Vec<String> = labels
+            .iter()
+            .map(|l| show(format!("{l:?}"), dns_label("service", l)))
+            .collect();
+        lines.extend(keys.iter().map(|k| show(format!("{k:?}"), env_key(k))));
+        lines.extend(paths.iter().map(|p| show(format!("{p:?}"), mount_path(p))));
+        check(
+            lines,
+            expect![[r#"
+                "web" -> ()
+                "api-2" -> ()
+                "a" -> ()
+                "Web" -> error: service name "Web" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+                "-web" -> error: service name "-web" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+                "web-" -> error: service name "web-" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+                "we_b" -> error: service name "we_b" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+                "" -> error: service name "" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+                "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" -> error: service name "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
+                "GREETING" -> ()
+                "_x" -> ()
+                "a1" -> ()
+                "1A" -> error: "1A" is not a valid environment variable name (letters, digits and '_', not starting with a digit)
+                "A-B" -> error: "A-B" is not a valid environment variable name (letters, digits and '_', not starting with a digit)
+                "" -> error: "" is not a valid environment variable name (letters, digits and '_', not starting with a digit)
+                "PORT" -> error: PORT is set by graven from the service's `port`; set `port` instead
+                "/data" -> ()
+                "/var/lib/db" -> ()
+                "data" -> error: "data" is not an absolute path
+                "/" -> error: "/" cannot be a mount point
+                "/a/../b" -> error: "/a/../b" cannot be a mount point"#]],
+        );
+    }
+}

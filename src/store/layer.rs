@@ -1,0 +1,146 @@
+//! Writing layer blobs: an uncompressed tar stream in, a gzip blob out, hashed on both sides
+//! (the diff_id is the sha256 of the tar, the blob digest that of the gzip), streamed to a temp
+//! file in the store so a layer never has to fit in memory.
+//!
+//! The gzip header is fixed (no mtime, no file name, OS byte 255) and the level is constant,
+//! so the same tar always gives the same blob.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+
+use flate2::Compression;
+use sha2::Digest as _;
+
+use super::{Digest, Result, Store, StoreError, Transaction};
+
+/// The one compression level graven uses: changing it changes every layer digest.
+pub const GZIP_LEVEL: u32 = 6;
+
+struct Hashing<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Takes the uncompressed tar bytes of one layer (wrap it in `tar::Builder`).
+pub struct LayerWriter {
+    out: Hashing<flate2::write::GzEncoder<Hashing<BufWriter<File>>>>,
+    temp: tempfile::NamedTempFile,
+}
+
+/// A finished layer blob, still in its temp file until a transaction keeps it.
+pub struct FinishedLayer {
+    temp: tempfile::NamedTempFile,
+    pub digest: Digest,
+    pub size: u64,
+    pub diff_id: Digest,
+}
+
+impl LayerWriter {
+    pub fn new(store: &Store) -> Result<LayerWriter> {
+        let temp = store.temp_file()?;
+        let file = temp
+            .as_file()
+            .try_clone()
+            .map_err(|source| StoreError::Io {
+                path: temp.path().to_owned(),
+                source,
+            })?;
+        let compressed = Hashing {
+            inner: BufWriter::with_capacity(256 * 1024, file),
+            hasher: sha2::Sha256::new(),
+            len: 0,
+        };
+        let gzip = flate2::GzBuilder::new().write(compressed, Compression::new(GZIP_LEVEL));
+        Ok(LayerWriter {
+            out: Hashing {
+                inner: gzip,
+                hasher: sha2::Sha256::new(),
+                len: 0,
+            },
+            temp,
+        })
+    }
+
+    pub fn finish(self) -> Result<FinishedLayer> {
+        let io = |source| StoreError::Io {
+            path: self.temp.path().to_owned(),
+            source,
+        };
+        let diff_id = Digest::from_sha256(self.out.hasher.finalize().into());
+        let mut compressed = self.out.inner.finish().map_err(io)?;
+        compressed.flush().map_err(io)?;
+        let digest = Digest::from_sha256(compressed.hasher.finalize().into());
+        Ok(FinishedLayer {
+            temp: self.temp,
+            digest,
+            size: compressed.len,
+            diff_id,
+        })
+    }
+}
+
+impl Write for LayerWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl FinishedLayer {
+    /// Moves the blob into the store as part of `txn` (removed again if the txn fails).
+    pub fn keep(self, txn: &mut Transaction<'_>) -> Result<super::Descriptor> {
+        txn.put_blob_file(self.temp, &self.digest)?;
+        Ok(super::Descriptor::new(
+            super::MEDIA_TYPE_LAYER_GZIP,
+            self.digest,
+            self.size,
+        ))
+    }
+}
+
+/// Compresses an uncompressed layer tar read from `reader` the way graven writes layers.
+pub fn compress_into(store: &Store, mut reader: impl io::Read) -> Result<FinishedLayer> {
+    let mut writer = LayerWriter::new(store)?;
+    let path = writer.temp.path().to_owned();
+    io::copy(&mut reader, &mut writer).map_err(|source| StoreError::Io { path, source })?;
+    writer.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_bytes_same_blob_and_diff_id_is_the_tar_hash() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let tar = b"not really a tar but bytes all the same".repeat(100);
+        let a = compress_into(&store, &tar[..]).unwrap();
+        let b = compress_into(&store, &tar[..]).unwrap();
+        assert_eq!(a.digest, b.digest);
+        assert_eq!(a.diff_id, Digest::of(&tar));
+        let blob = std::fs::read(a.temp.path()).unwrap();
+        assert_eq!(Digest::of(&blob), a.digest);
+        assert_eq!(blob.len() as u64, a.size);
+        // Fixed header: magic, deflate, no flags, zero mtime, OS unknown.
+        assert_eq!(&blob[..8], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0]);
+        assert_eq!(blob[9], 255);
+        let other = compress_into(&store, &b"different"[..]).unwrap();
+        assert_ne!(other.digest, a.digest);
+    }
+}

@@ -1,0 +1,151 @@
+//! Transactions: a bake or an import writes its blobs through one, and only a committed
+//! transaction keeps the blobs it added. Dropping it uncommitted (any error on the way) removes
+//! them again, so a failed bake leaves the store's files exactly as they were.
+//!
+//! A transaction holds the store's gc lock shared: gc (exclusive) never runs while blobs that
+//! no tag names yet are being written.
+
+use std::fs::{self, File};
+use std::path::Path;
+
+use super::{Descriptor, Digest, ImageConfig, Result, Store, io_err, oci};
+
+pub struct Transaction<'a> {
+    store: &'a Store,
+    added: Vec<Digest>,
+    committed: bool,
+    _lock: File,
+}
+
+/// Opens (creating) and flocks the store's gc lock.
+pub(super) fn gc_lock(store: &Store, exclusive: bool) -> Result<File> {
+    let path = store.root().join("gc.lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let mode = if exclusive {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::LockShared
+    };
+    rustix::fs::flock(&lock, mode).map_err(|e| io_err(&path)(e.into()))?;
+    Ok(lock)
+}
+
+impl Store {
+    pub fn transaction(&self) -> Result<Transaction<'_>> {
+        Ok(Transaction {
+            store: self,
+            added: Vec::new(),
+            committed: false,
+            _lock: gc_lock(self, false)?,
+        })
+    }
+}
+
+impl<'a> Transaction<'a> {
+    pub fn store(&self) -> &'a Store {
+        self.store
+    }
+
+    pub fn put_blob(&mut self, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        if !self.store.has_blob(&digest) {
+            self.store.put_blob(bytes)?;
+            self.added.push(digest.clone());
+        }
+        Ok(digest)
+    }
+
+    pub fn put_blob_file(&mut self, file: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+        if !self.store.has_blob(digest) {
+            self.store.put_blob_file(file, digest)?;
+            self.added.push(digest.clone());
+        }
+        Ok(())
+    }
+
+    /// Copies a file into the store as blob `digest`, checking the content on the way.
+    pub fn copy_blob_from(&mut self, path: &Path, digest: &Digest) -> Result<()> {
+        if self.store.has_blob(digest) {
+            return Ok(());
+        }
+        let temp = self.store.temp_file()?;
+        let mut source = File::open(path).map_err(io_err(path))?;
+        std::io::copy(&mut source, &mut temp.as_file()).map_err(io_err(path))?;
+        self.put_blob_file(temp, digest)
+    }
+
+    /// Writes a config and a manifest over stored layers; returns the manifest's descriptor.
+    pub fn put_image(
+        &mut self,
+        config: &ImageConfig,
+        layers: Vec<Descriptor>,
+    ) -> Result<Descriptor> {
+        let config_bytes = oci::to_canonical_json(config);
+        let config_digest = self.put_blob(&config_bytes)?;
+        let manifest = oci::Manifest::new(
+            Descriptor::new(
+                super::MEDIA_TYPE_CONFIG,
+                config_digest,
+                config_bytes.len() as u64,
+            ),
+            layers,
+        );
+        let bytes = oci::to_canonical_json(&manifest);
+        let digest = self.put_blob(&bytes)?;
+        Ok(Descriptor::new(
+            super::MEDIA_TYPE_MANIFEST,
+            digest,
+            bytes.len() as u64,
+        ))
+    }
+
+    /// How many blobs this transaction has added so far.
+    pub fn added(&self) -> usize {
+        self.added.len()
+    }
+
+    /// Keeps every blob this transaction added.
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for digest in &self.added {
+            // Best effort: a blob that cannot be removed is unreferenced and gc frees it later.
+            let _ = fs::remove_file(self.store.blob_path(digest));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_blobs_are_removed_committed_ones_and_old_ones_stay() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let old = store.put_blob(b"old").unwrap();
+        let new = {
+            let mut txn = store.transaction().unwrap();
+            txn.put_blob(b"old").unwrap();
+            txn.put_blob(b"new").unwrap()
+        };
+        assert!(store.has_blob(&old), "a blob that existed before must stay");
+        assert!(!store.has_blob(&new), "an uncommitted blob must go");
+        let mut txn = store.transaction().unwrap();
+        let kept = txn.put_blob(b"kept").unwrap();
+        txn.commit();
+        assert!(store.has_blob(&kept));
+    }
+}

@@ -1,0 +1,353 @@
+//! The runtime contract, checked the same way against every backend: the in-memory fake and
+//! the embedded local runtime. A backend passes when every function here passes for it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use graven::runtime::{
+    AnyRuntime, FakeRuntime, InstanceSpec, InstanceStatus, Runtime, RuntimeError, VolumeMount,
+};
+use graven::store::Digest;
+use support::runtime::{Reply, get};
+
+/// One backend under test with an image of the example service it can start.
+struct Subject {
+    runtime: AnyRuntime,
+    image: Digest,
+    _home: tempfile::TempDir,
+}
+
+fn fake() -> Subject {
+    let home = tempfile::tempdir().unwrap();
+    let image = Digest::of(b"the example service");
+    Subject {
+        runtime: AnyRuntime::Fake(FakeRuntime::with_images([image.clone()])),
+        image,
+        _home: home,
+    }
+}
+
+async fn fetch(address: SocketAddr, path: &str) -> Option<Reply> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || get(address, &path))
+        .await
+        .unwrap()
+}
+
+/// Waits until `/healthz` answers at all (the instance is listening), with a deadline.
+async fn wait_listening(address: SocketAddr) -> Reply {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(reply) = fetch(address, "/healthz").await {
+            return reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{address} never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn spec(subject: &Subject) -> InstanceSpec {
+    InstanceSpec::new(subject.image.clone())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn serves_health_and_greeting(subject: Subject) {
+    let mut spec = spec(&subject);
+    spec.env.insert("GREETING".into(), "hi".into());
+    spec.env.insert("VERSION".into(), "7".into());
+    spec.labels.insert("service".into(), "web".into());
+    let instance = subject.runtime.start(spec).await.unwrap();
+    assert_eq!(
+        instance.labels.get("service").map(String::as_str),
+        Some("web")
+    );
+    let address = instance.address.expect("an instance has an address");
+    assert_eq!(wait_listening(address).await.status, 200);
+    let reply = fetch(address, "/").await.unwrap();
+    assert_eq!(reply.body, "hi from hello 7\n");
+    assert_eq!(reply.headers["x-hello-version"], "7");
+    let seen = subject.runtime.inspect(&instance.id).await.unwrap();
+    assert_eq!(seen.status, InstanceStatus::Running);
+    let listed = subject.runtime.list().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|i| i.id == instance.id && !i.status.is_exited())
+    );
+    subject
+        .runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+async fn unhealthy_env_fails_health(subject: Subject) {
+    let mut spec = spec(&subject);
+    spec.env.insert("HEALTHY".into(), "0".into());
+    let instance = subject.runtime.start(spec).await.unwrap();
+    let address = instance.address.unwrap();
+    assert_eq!(wait_listening(address).await.status, 503);
+    // The negative control: the same image without HEALTHY=0 is healthy.
+    let healthy = subject.runtime.start(self::spec(&subject)).await.unwrap();
+    assert_eq!(wait_listening(healthy.address.unwrap()).await.status, 200);
+    for id in [instance.id, healthy.id] {
+        subject
+            .runtime
+            .stop(&id, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+}
+
+async fn stop_ends_it_with_the_stop_signal(subject: Subject) {
+    let instance = subject.runtime.start(spec(&subject)).await.unwrap();
+    let address = instance.address.unwrap();
+    wait_listening(address).await;
+    let stopped = subject
+        .runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        stopped.status,
+        InstanceStatus::Exited {
+            code: None,
+            signal: Some(15)
+        }
+    );
+    assert!(
+        fetch(address, "/healthz").await.is_none(),
+        "still answering after stop"
+    );
+    let seen = subject.runtime.inspect(&instance.id).await.unwrap();
+    assert!(seen.status.is_exited());
+    // Stopping again is harmless and reports the same end.
+    let again = subject
+        .runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(again.status, stopped.status);
+}
+
+async fn kill_ends_it_at_once(subject: Subject) {
+    let instance = subject.runtime.start(spec(&subject)).await.unwrap();
+    let address = instance.address.unwrap();
+    wait_listening(address).await;
+    subject.runtime.kill(&instance.id).await.unwrap();
+    let seen = subject.runtime.inspect(&instance.id).await.unwrap();
+    assert_eq!(
+        seen.status,
+        InstanceStatus::Exited {
+            code: None,
+            signal: Some(9)
+        }
+    );
+    assert!(
+        fetch(address, "/healthz").await.is_none(),
+        "still answering after kill"
+    );
+}
+
+async fn remove_needs_an_exited_instance(subject: Subject) {
+    let instance = subject.runtime.start(spec(&subject)).await.unwrap();
+    wait_listening(instance.address.unwrap()).await;
+    let refused = subject.runtime.remove(&instance.id).await;
+    assert!(
+        matches!(refused, Err(RuntimeError::WrongState { .. })),
+        "{refused:?}"
+    );
+    subject
+        .runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    subject.runtime.remove(&instance.id).await.unwrap();
+    let gone = subject.runtime.inspect(&instance.id).await;
+    assert!(
+        matches!(gone, Err(RuntimeError::UnknownInstance { .. })),
+        "{gone:?}"
+    );
+    assert!(subject.runtime.list().await.unwrap().is_empty());
+}
+
+async fn unknown_image_starts_nothing(subject: Subject) {
+    let unknown = Digest::of(b"no such image");
+    let result = subject
+        .runtime
+        .start(InstanceSpec::new(unknown.clone()))
+        .await;
+    assert!(
+        matches!(result, Err(RuntimeError::UnknownImage { .. })),
+        "{result:?}"
+    );
+    let prepared = subject.runtime.prepare(&unknown).await;
+    assert!(
+        matches!(prepared, Err(RuntimeError::UnknownImage { .. })),
+        "{prepared:?}"
+    );
+    // The negative control: the known image prepares.
+    subject.runtime.prepare(&subject.image).await.unwrap();
+    assert!(subject.runtime.list().await.unwrap().is_empty());
+}
+
+async fn escaping_volume_starts_nothing(subject: Subject) {
+    let mut spec = spec(&subject);
+    spec.volumes.push(VolumeMount {
+        name: "../../etc".into(),
+        path: "/data".into(),
+    });
+    let result = subject.runtime.start(spec).await;
+    assert!(
+        matches!(result, Err(RuntimeError::BadVolume { .. })),
+        "{result:?}"
+    );
+    assert!(subject.runtime.list().await.unwrap().is_empty());
+}
+
+async fn fixed_port_is_used_or_refused(subject: Subject) {
+    let port = free_port();
+    let mut spec = spec(&subject);
+    spec.host_port = Some(port);
+    let instance = subject.runtime.start(spec.clone()).await.unwrap();
+    assert_eq!(instance.address.unwrap().port(), port);
+    wait_listening(instance.address.unwrap()).await;
+    let taken = subject.runtime.start(spec).await;
+    assert!(
+        matches!(taken, Err(RuntimeError::PortInUse { port: p }) if p == port),
+        "{taken:?}"
+    );
+    let listed = subject.runtime.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "a refused start left an instance behind");
+    subject
+        .runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+async fn instances_get_distinct_addresses(subject: Subject) {
+    let a = subject.runtime.start(spec(&subject)).await.unwrap();
+    let b = subject.runtime.start(spec(&subject)).await.unwrap();
+    assert_ne!(a.id, b.id);
+    assert_ne!(a.address, b.address);
+    for instance in [&a, &b] {
+        assert_eq!(wait_listening(instance.address.unwrap()).await.status, 200);
+    }
+    let labels: BTreeMap<_, _> = subject
+        .runtime
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.status))
+        .collect();
+    assert_eq!(labels.len(), 2);
+    for id in [a.id, b.id] {
+        subject
+            .runtime
+            .stop(&id, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+}
+
+macro_rules! conformance {
+    ($backend:ident: $($case:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::$backend()).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_cases {
+    ($backend:ident) => {
+        conformance!($backend:
+            serves_health_and_greeting,
+            unhealthy_env_fails_health,
+            stop_ends_it_with_the_stop_signal,
+            kill_ends_it_at_once,
+            remove_needs_an_exited_instance,
+            unknown_image_starts_nothing,
+            escaping_volume_starts_nothing,
+            fixed_port_is_used_or_refused,
+            instances_get_distinct_addresses,
+        );
+    };
+}
+
+all_cases!(fake);
+
+/// The fake's failure hooks, which the controller's tests rely on.
+mod fake_hooks {
+    use super::*;
+    use graven::runtime::fake::Behavior;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crash_and_behavior_switches() {
+        let fake = FakeRuntime::new();
+        let runtime = AnyRuntime::Fake(fake.clone());
+        let instance = runtime
+            .start(InstanceSpec::new(Digest::of(b"any")))
+            .await
+            .unwrap();
+        let address = instance.address.unwrap();
+        assert_eq!(wait_listening(address).await.status, 200);
+        fake.set_behavior(&instance.id, Behavior::Unhealthy)
+            .unwrap();
+        assert_eq!(fetch(address, "/healthz").await.unwrap().status, 503);
+        fake.set_behavior(&instance.id, Behavior::Hung).unwrap();
+        let hung =
+            tokio::time::timeout(Duration::from_millis(300), fetch(address, "/healthz")).await;
+        assert!(hung.is_err(), "a hung instance answered: {hung:?}");
+        fake.set_behavior(&instance.id, Behavior::Healthy).unwrap();
+        assert_eq!(fetch(address, "/healthz").await.unwrap().status, 200);
+        fake.crash(&instance.id, 3).unwrap();
+        let seen = runtime.inspect(&instance.id).await.unwrap();
+        assert_eq!(
+            seen.status,
+            InstanceStatus::Exited {
+                code: Some(3),
+                signal: None
+            }
+        );
+        assert!(fetch(address, "/healthz").await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ignoring_the_stop_signal_means_a_kill_after_the_grace() {
+        let runtime = AnyRuntime::Fake(FakeRuntime::new());
+        let mut spec = InstanceSpec::new(Digest::of(b"any"));
+        spec.env.insert("IGNORE_SIGTERM".into(), "1".into());
+        let instance = runtime.start(spec).await.unwrap();
+        let stopped = runtime
+            .stop(&instance.id, Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(
+            stopped.status,
+            InstanceStatus::Exited {
+                code: None,
+                signal: Some(9)
+            }
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! Keeps ARCHITECTURE.md's invariants true by reading the sources: which module may name
+//! which, where `anyhow` may appear, that every module says what it owns, and that the
+//! codemap mentions every module.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// For each module, the modules of this crate it must never name. Data flows
+/// spec → bake → store → runtime → proxy → controller → events → api / cli; a module may use
+/// the types of those before it, and the lower layers know nothing of the ones above.
+const FORBIDDEN: &[(&str, &[&str])] = &[
+    (
+        "store",
+        &[
+            "spec",
+            "bake",
+            "sandbox",
+            "runtime",
+            "proxy",
+            "controller",
+            "events",
+            "api",
+            "cli",
+        ],
+    ),
+    (
+        "sandbox",
+        &[
+            "spec",
+            "bake",
+            "store",
+            "runtime",
+            "proxy",
+            "controller",
+            "events",
+            "api",
+            "cli",
+        ],
+    ),
+    (
+        "bake",
+        &["runtime", "proxy", "controller", "events", "api", "cli"],
+    ),
+    (
+        "runtime",
+        &[
+            "spec",
+            "bake",
+            "proxy",
+            "controller",
+            "events",
+            "api",
+            "cli",
+        ],
+    ),
+    // The proxy knows nothing of deploys, releases' meaning, instances' runtime or the log.
+    (
+        "proxy",
+        &[
+            "spec",
+            "bake",
+            "store",
+            "sandbox",
+            "runtime",
+            "controller",
+            "events",
+            "api",
+            "cli",
+        ],
+    ),
+    (
+        "spec",
+        &["bake", "sandbox", "controller", "events", "api", "cli"],
+    ),
+    // The fold is pure: events never call into the controller that produces them.
+    ("events", &["bake", "sandbox", "controller", "api", "cli"]),
+    ("controller", &["api", "cli"]),
+    ("api", &["cli"]),
+    (
+        "loadgen",
+        &[
+            "spec",
+            "bake",
+            "store",
+            "sandbox",
+            "runtime",
+            "controller",
+            "events",
+            "api",
+            "cli",
+        ],
+    ),
+];
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a source file belongs to (`src/proxy/health.rs` → `proxy`).
+fn module_of(src: &Path, file: &Path) -> String {
+    let relative = file.strip_prefix(src).unwrap();
+    let first = relative
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    first.trim_end_matches(".rs").to_owned()
+}
+
+fn code_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| {
+            let t = l.trim_start();
+            !t.starts_with("//")
+        })
+}
+
+/// The lines of `text` (a file of `module`) that name a module `module` must not name.
+fn violations(module: &str, text: &str) -> Vec<(usize, &'static str)> {
+    let Some((_, banned)) = FORBIDDEN.iter().find(|(m, _)| *m == module) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (line, code) in code_lines(text) {
+        for other in *banned {
+            let named = ["::", ";", "}", ","]
+                .iter()
+                .any(|end| code.contains(&format!("crate::{other}{end}")));
+            if named {
+                found.push((line, *other));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn modules_only_name_what_they_may() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut problems = Vec::new();
+    for file in &files {
+        let module = module_of(&src, file);
+        let text = fs::read_to_string(file).unwrap();
+        for (line, other) in violations(&module, &text) {
+            problems.push(format!(
+                "{}:{line}: `{module}` must not name `{other}`",
+                file.display()
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "forbidden dependencies:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn anyhow_only_in_the_cli_and_main() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut problems = Vec::new();
+    for file in &files {
+        let module = module_of(&src, file);
+        if module == "cli" || module == "main" {
+            continue;
+        }
+        let text = fs::read_to_string(file).unwrap();
+        for (line, code) in code_lines(&text) {
+            if code.contains("anyhow") {
+                problems.push(format!(
+                    "{}:{line}: anyhow outside cli/ and main.rs",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn every_module_says_what_it_owns() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let architecture =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md")).unwrap();
+    let mut problems = Vec::new();
+    for entry in fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let (name, head) = if path.is_dir() {
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                path.join("mod.rs"),
+            )
+        } else {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if name == "lib" || name == "main" {
+                continue;
+            }
+            (name, path.clone())
+        };
+        let text = fs::read_to_string(&head).unwrap_or_default();
+        if !text.trim_start().starts_with("//!") {
+            problems.push(format!(
+                "{}: a module starts with `//!` lines saying what it owns",
+                head.display()
+            ));
+        }
+        if !architecture.contains(&format!("`src/{name}")) {
+            problems.push(format!(
+                "ARCHITECTURE.md: the codemap does not mention `src/{name}`"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A negative control for the dependency check: it does flag a forbidden path, and it lets
+/// an allowed one and a comment through.
+#[test]
+fn the_dependency_check_sees_a_forbidden_use() {
+    let text = "use crate::controller::Input;\n// crate::events:: in a comment\nuse crate::proxy::Backend;\n";
+    assert_eq!(violations("proxy", text), vec![(1, "controller")]);
+    assert_eq!(violations("controller", text), vec![]);
+    assert_eq!(
+        module_of(Path::new("/x/src"), Path::new("/x/src/proxy/health.rs")),
+        "proxy"
+    );
+}
