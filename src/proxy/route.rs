@@ -50,6 +50,8 @@ const WRITEV: bool = false;
 pub struct Route {
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
+    /// Fires when the route's thread has stopped listening.
+    listener_closed: Mutex<std::sync::mpsc::Receiver<()>>,
     /// Fires when the route's thread has closed every connection and ended.
     done: Option<oneshot::Receiver<()>>,
 }
@@ -129,12 +131,15 @@ impl Route {
         });
         let (stop, stopped) = oneshot::channel();
         let (finished, done) = oneshot::channel();
+        let (unbound, listener_closed) = std::sync::mpsc::channel();
         let serving = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("graven-route".to_owned())
             .spawn(move || {
                 runtime.block_on(async move {
+                    // accept owns the listener: when it returns, the address is free again.
                     let closing = accept(listener, serving, stopped).await;
+                    let _ = unbound.send(());
                     closing.close_all().await;
                 });
                 let _ = finished.send(());
@@ -143,6 +148,7 @@ impl Route {
         Ok(Route {
             shared,
             stop: Some(stop),
+            listener_closed: Mutex::new(listener_closed),
             done: Some(done),
         })
     }
@@ -228,10 +234,18 @@ impl Route {
 }
 
 impl Drop for Route {
-    /// A route dropped without `shutdown` closes the same way, in the background.
+    /// A route dropped without `shutdown` lets its connections finish in the background, but
+    /// frees its address before returning, so that a successor can bind it at once. That
+    /// wait is the route thread noticing the stop: microseconds, bounded anyway.
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        if let Some(stop) = self.stop.take()
+            && stop.send(()).is_ok()
+        {
+            let listener_closed = self
+                .listener_closed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let _ = listener_closed.recv_timeout(Duration::from_secs(1));
         }
     }
 }
