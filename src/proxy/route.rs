@@ -2,6 +2,10 @@
 //! backend snapshot, holding requests while none is ready and retrying idempotent ones that
 //! could not reach an instance.
 //!
+//! Each route serves on its own thread with a single-threaded runtime; the API (bind,
+//! set_backends, drain, metrics, shutdown) is called from the controller's runtime and talks
+//! to it through the snapshot, atomics, Notify and watch, which work across runtimes.
+//!
 //! The hot path loads the snapshot with one arc-swap load, picks the least busy ready
 //! instance, takes a pooled keep-alive connection and streams both bodies. It allocates no
 //! snapshot, takes no lock but the pool's (held for one push or pop) and logs nothing.
