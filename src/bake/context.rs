@@ -373,14 +373,36 @@ fn dir_entry(path: &str, own: Ownership) -> Entry {
     }
 }
 
-/// A tar (plain or gzip) by its magic bytes.
+/// A tar (plain or gzip): gzip's magic, or a first block whose header checksum is right
+/// (old-style tars have no `ustar` magic).
 fn is_archive(path: &Path) -> bool {
-    let mut head = [0u8; 262];
+    let mut head = [0u8; 512];
     let Ok(mut file) = File::open(path) else {
         return false;
     };
     let n = file.read(&mut head).unwrap_or(0);
-    (n >= 2 && head[..2] == [0x1f, 0x8b]) || (n >= 262 && &head[257..262] == b"ustar")
+    if n >= 2 && head[..2] == [0x1f, 0x8b] {
+        return true;
+    }
+    if n < 512 || head.iter().all(|b| *b == 0) {
+        return false;
+    }
+    let stored = std::str::from_utf8(&head[148..156])
+        .ok()
+        .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' '))
+        .and_then(|s| u32::from_str_radix(s, 8).ok());
+    let computed: u32 = head
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
+    stored == Some(computed)
 }
 
 /// ADD of a local archive: its entries under `dest`, their files unpacked to a temp dir.

@@ -48,7 +48,11 @@ pub fn normalize(entries: &mut Vec<Entry>) {
 
 /// A content hash of the entries (paths, metadata and file contents): what a COPY step's
 /// cache key depends on, independent of mtimes and listing order.
-pub fn content_hash(entries: &[Entry]) -> io::Result<Digest> {
+/// `file_digest` hashes one file (the bake passes its stat-keyed memo of file hashes).
+pub fn content_hash(
+    entries: &[Entry],
+    file_digest: &mut dyn FnMut(&Path) -> io::Result<Digest>,
+) -> io::Result<Digest> {
     let mut hasher = sha2::Sha256::new();
     for entry in entries {
         hasher.update(format!(
@@ -59,8 +63,8 @@ pub fn content_hash(entries: &[Entry]) -> io::Result<Digest> {
             EntryKind::Dir => hasher.update(b"dir\0"),
             EntryKind::Empty => hasher.update(b"empty\0"),
             EntryKind::Symlink(target) => hasher.update(format!("link\0{target}\0")),
-            EntryKind::File { source, .. } => {
-                let (digest, size) = crate::store::digest_reader(File::open(source)?)?;
+            EntryKind::File { source, size } => {
+                let digest = file_digest(source)?;
                 hasher.update(format!("file\0{size}\0{digest}\0"));
             }
         }
