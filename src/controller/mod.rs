@@ -922,11 +922,18 @@ impl Shell {
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            if let Err(error) = runtime.stop(&runtime_id, grace).await {
-                eprintln!("graven: stopping {runtime_id}: {error}");
-            }
-            if let Err(error) = runtime.remove(&runtime_id).await {
-                eprintln!("graven: removing {runtime_id}: {error}");
+            // The stop may find it exited already; only a failed removal is worth a word,
+            // and the next listing tries again.
+            let stopped = runtime.stop(&runtime_id, grace).await;
+            match runtime.remove(&runtime_id).await {
+                Ok(()) | Err(RuntimeError::UnknownInstance { .. }) => {}
+                Err(error) => {
+                    let stop = stopped
+                        .err()
+                        .map(|e| format!(" (stop: {e})"))
+                        .unwrap_or_default();
+                    eprintln!("graven: removing {runtime_id}: {error}{stop}");
+                }
             }
             let _ = inputs.send(Input::Removed { runtime_id });
         });
