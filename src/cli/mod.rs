@@ -63,6 +63,27 @@ pub enum Command {
     Load(load::LoadArgs),
 }
 
+impl Command {
+    /// Long-running servers must see a closed peer as an error on that one connection, so
+    /// they keep Rust's ignored SIGPIPE; every other command only prints.
+    fn serves(&self) -> bool {
+        matches!(
+            self,
+            Command::Up(_) | Command::Daemon(_) | Command::Proxy(_) | Command::Load(_)
+        )
+    }
+}
+
+/// A command whose output is piped into `head` should end quietly when the pipe closes, as
+/// Unix tools do, instead of panicking on the failed write.
+fn restore_default_sigpipe() {
+    // SAFETY: called on the main thread before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no handler code is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 impl Cli {
     pub fn home(&self) -> PathBuf {
         self.home
@@ -74,6 +95,9 @@ impl Cli {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = cli.home();
+    if !cli.command.serves() {
+        restore_default_sigpipe();
+    }
     let result = match cli.command {
         Command::Bake(args) => bake::run(&home, args),
         Command::Images(args) => image::images(&home, args),
