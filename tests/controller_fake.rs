@@ -218,6 +218,7 @@ async fn a_crashed_instance_is_replaced() {
         Duration::from_secs(10),
         s.controller.wait_for(|snap| {
             healthy_versions(snap).get(&1) == Some(&2)
+                && snap.state.instances.len() == 2
                 && snap
                     .state
                     .instances

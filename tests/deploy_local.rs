@@ -57,7 +57,11 @@ fn three_deploys_of_the_example_under_load_fail_no_request() {
     hello_project(&dir, route, 4, r#"VERSION = "v1""#, "");
     let _up = Up::start(&home, &dir, "local");
     assert_eq!(version(route).as_deref(), Ok("v1"));
-    assert_eq!(running(&home).len(), 4);
+    support::wait_for(
+        Duration::from_secs(20),
+        "4 instances on the runtime",
+        || (running(&home).len() == 4).then_some(()),
+    );
 
     let load = Load::start(route, CONNECTIONS);
     let count = |v: &str| load.snapshot().versions.get(v).copied().unwrap_or(0);

@@ -244,7 +244,7 @@ instances = {instances}
 port = 8080
 route = "{route}"
 env = {{ {env} }}
-health = {{ path = "/healthz", interval = "100ms", timeout = "500ms", healthy_after = 1, unhealthy_after = 2 }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
 deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
 stop_grace = "2s"
 {extra}
