@@ -194,10 +194,13 @@ impl Context {
                     format!("{rel}/{name}")
                 };
                 let is_dir = child.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                if is_dir {
+                let excluded = self.ignore.excluded(&rel);
+                // An excluded directory is only worth entering when an exception may
+                // bring back something inside it.
+                if is_dir && (!excluded || self.ignore.has_exceptions()) {
                     stack.push((child.path(), rel.clone()));
                 }
-                if !self.ignore.excluded(&rel) {
+                if !excluded {
                     out.push(rel);
                 }
             }
