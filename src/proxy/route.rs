@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::body::{ForwardBody, ProxyBody};
 use super::metrics::{ReleaseCounters, UnroutedCounters};
-use super::upstream::{Instance, Lease, choose};
+use super::upstream::{Instance, Lease, Reuse, choose};
 use super::{Backend, ProxyError, RouteMetrics, RouteOptions};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -374,17 +374,18 @@ impl Shared {
                     refused.push(Arc::clone(lease.instance()));
                     error
                 }
-                Ok(reused) => {
-                    // A reused connection may have been closed by the instance just as the
-                    // request went out; an idempotent request without a body can then be
+                Ok(reuse) => {
+                    // A connection that sat idle may be closed by the instance just as the
+                    // request goes out; an idempotent request without a body can then be
                     // sent again from this copy.
-                    let copy = (idempotent && reused && body.is_end_stream()).then(|| {
-                        (
-                            parts.method.clone(),
-                            parts.uri.clone(),
-                            parts.headers.clone(),
-                        )
-                    });
+                    let copy =
+                        (idempotent && reuse == Reuse::Stale && body.is_end_stream()).then(|| {
+                            (
+                                parts.method.clone(),
+                                parts.uri.clone(),
+                                parts.headers.clone(),
+                            )
+                        });
                     let request = Request::from_parts(parts, body);
                     let sent = tokio::time::timeout(
                         self.options.response_timeout,
@@ -551,33 +552,41 @@ fn prepare_request(parts: &mut Parts, client_ip: HeaderValue) {
 }
 
 /// Removes the headers that belong to one connection, not to the message (RFC 9110 7.6.1),
-/// including any the Connection header names.
+/// including any the Connection header names. Most messages carry none, so one pass over
+/// the names decides whether there is anything to do.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-        headers.remove(header::CONNECTION);
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
         headers.remove(name);
     }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
 }
 
 /// A copy of a body-less request, to send again.

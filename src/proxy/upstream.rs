@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -22,6 +22,22 @@ pub(crate) type Sender = SendRequest<ForwardBody>;
 /// Idle connections kept per instance; more are closed when their answer ends.
 const MAX_IDLE: usize = 512;
 
+/// A connection idle at least this long may be closed by the instance's keep-alive timeout
+/// just as a request goes out on it; below it, that race needs an instance whose idle timeout
+/// is shorter than this, which no common server has.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
+/// How a leased connection was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    /// Freshly connected: the instance cannot have closed it yet.
+    New,
+    /// Pooled and used moments ago.
+    Warm,
+    /// Pooled and idle for at least `STALE_AFTER`: the instance may close it under us.
+    Stale,
+}
+
 #[derive(Debug)]
 pub(crate) struct Instance {
     pub(crate) id: String,
@@ -35,7 +51,7 @@ pub(crate) struct Instance {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     drained: Notify,
-    idle: Mutex<Vec<Sender>>,
+    idle: Mutex<Vec<(Sender, Instant)>>,
     pub(crate) counters: Arc<ReleaseCounters>,
 }
 
@@ -122,7 +138,7 @@ impl Instance {
         }
     }
 
-    fn take_idle(&self) -> Option<Sender> {
+    fn take_idle(&self) -> Option<(Sender, Instant)> {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -133,9 +149,10 @@ impl Instance {
         if self.retired.load(Ordering::SeqCst) {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push((sender, now));
         }
     }
 
@@ -189,21 +206,22 @@ impl Lease {
         &self.instance
     }
 
-    /// Gets a connection: the most recently idle pooled one that is still open, or a new
-    /// one. Returns true when the connection was reused.
+    /// Gets a connection: the most recently idle pooled one that is still open (the last
+    /// used is the least likely to have been closed), or a new one.
     pub(crate) async fn connect(
         &mut self,
         builder: &Builder,
         timeout: Duration,
-    ) -> Result<bool, ProxyError> {
-        while let Some(mut sender) = self.instance.take_idle() {
+    ) -> Result<Reuse, ProxyError> {
+        while let Some((mut sender, idle_since)) = self.instance.take_idle() {
             if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
                 self.sender = Some(sender);
-                return Ok(true);
+                let stale = idle_since.elapsed() >= STALE_AFTER;
+                return Ok(if stale { Reuse::Stale } else { Reuse::Warm });
             }
         }
         self.sender = Some(self.instance.connect(builder, timeout).await?);
-        Ok(false)
+        Ok(Reuse::New)
     }
 
     pub(crate) fn sender(&mut self) -> &mut Sender {

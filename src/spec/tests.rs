@@ -559,3 +559,44 @@ fn a_missing_file_is_one_problem_without_a_place() {
         "/nonexistent/graven/graven.toml: cannot read the project file: No such file or directory (os error 2)"
     );
 }
+
+/// Until a cargo-fuzz target runs in CI: every truncation and a few thousand seeded
+/// mutations of real files must give a project or placed problems, never a panic.
+#[test]
+fn mangled_files_never_panic() {
+    let sources = [
+        include_str!("../../examples/hello/graven.toml"),
+        include_str!("../../tests/data/spec/typos.toml"),
+        include_str!("../../tests/data/spec/worker-and-db.toml"),
+    ];
+    let check = |source: &str| {
+        if let Err(errors) = parse(source, Path::new("g"), Path::new("/app"), "production") {
+            assert!(!errors.problems.is_empty());
+            for problem in &errors.problems {
+                assert!(problem.line >= 1 && problem.column >= 1, "{problem}");
+            }
+        }
+    };
+    let alphabet: Vec<char> = "[]{}=\".,# \n'0a_-:\u{e9}".chars().collect();
+    let mut rng = fastrand::Rng::with_seed(4);
+    for source in sources {
+        for (end, _) in source.char_indices() {
+            check(&source[..end]);
+        }
+        let chars: Vec<char> = source.chars().collect();
+        for _ in 0..2000 {
+            let mut mangled = chars.clone();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..mangled.len());
+                match rng.u8(..3) {
+                    0 => mangled[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => mangled.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    _ => {
+                        mangled.remove(at);
+                    }
+                }
+            }
+            check(&mangled.into_iter().collect::<String>());
+        }
+    }
+}

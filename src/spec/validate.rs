@@ -478,14 +478,12 @@ pub(crate) fn validate(
 
     // Base services, checked once.
     let mut bases: BTreeMap<String, BaseService> = BTreeMap::new();
-    let mut names_ok = true;
     match &raw.services {
         Some(services) if !services.get_ref().is_empty() => {
             for (name, service) in services.get_ref() {
                 let prefix = format!("services.{}", name.get_ref());
                 if let Err(message) = values::dns_label("service", name.get_ref()) {
                     issues.push(name.span(), &prefix, message);
-                    names_ok = false;
                 }
                 let partial = check_service(service.get_ref(), &prefix, issues);
                 bases.insert(
@@ -601,7 +599,7 @@ pub(crate) fn validate(
         }
     }
 
-    if !issues.is_empty() || !names_ok {
+    if !issues.is_empty() {
         return None;
     }
     Some(Project {

@@ -220,19 +220,26 @@ impl Transaction<'_> {
     }
 }
 
-/// A path named inside an archive's manifest, which must stay inside the archive.
+/// A path named inside an archive's manifest, which must stay inside the archive: lexically,
+/// and also after the archive's own symlinks are followed (`out -> /etc`, then `out/passwd`).
+/// Returns the resolved path.
 fn inside(origin: &Path, dir: &Path, relative: &str) -> Result<PathBuf> {
+    let outside = || bad(origin, format!("{relative:?} points outside the archive"));
     let rel = Path::new(relative);
     if rel
         .components()
         .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        return Err(bad(
-            origin,
-            format!("{relative:?} points outside the archive"),
-        ));
+        return Err(outside());
     }
-    Ok(dir.join(rel))
+    let path = dir.join(rel);
+    let resolve =
+        |p: &Path| fs::canonicalize(p).map_err(|e| bad(origin, format!("{}: {e}", path.display())));
+    let resolved = resolve(&path)?;
+    if !resolved.starts_with(resolve(dir)?) {
+        return Err(outside());
+    }
+    Ok(resolved)
 }
 
 fn regular_file(origin: &Path, path: &Path) -> Result<()> {
@@ -279,4 +286,61 @@ fn unpack_archive(path: &Path, into: &Path) -> Result<()> {
     archive
         .unpack(into)
         .map_err(|e| bad(path, format!("it is not a readable tar archive: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A docker-archive whose manifest names `layer_path` for its one layer, with `symlink`
+    /// (name, target) among its entries; the config's diff_id is that of `layer`.
+    fn docker_archive(layer: &[u8], layer_path: &str, symlink: Option<(&str, &Path)>) -> Vec<u8> {
+        let mut config = ImageConfig::default();
+        config.rootfs.diff_ids.push(Digest::of(layer));
+        let manifest =
+            format!(r#"[{{"Config":"config.json","RepoTags":["t:1"],"Layers":["{layer_path}"]}}]"#);
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, bytes: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, bytes).unwrap();
+        };
+        add("manifest.json", manifest.as_bytes());
+        add("config.json", &oci::to_canonical_json(&config));
+        add("layer.tar", layer);
+        if let Some((name, target)) = symlink {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            tar.append_link(&mut header, name, target).unwrap();
+        }
+        tar.into_inner().unwrap()
+    }
+
+    fn import(archive: &[u8]) -> Result<Digest> {
+        let work = tempfile::tempdir().unwrap();
+        let path = work.path().join("image.tar");
+        fs::write(&path, archive).unwrap();
+        let store = Store::open(&work.path().join("home")).unwrap();
+        let mut txn = store.transaction().unwrap();
+        txn.import(&path, ImportKind::DockerArchive, None)
+    }
+
+    #[test]
+    fn docker_archive_symlink_cannot_lead_outside_the_archive() {
+        let secret = b"a host file the archive must not read".to_vec();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("layer.tar"), &secret).unwrap();
+        // The control: the same bytes inside the archive import.
+        import(&docker_archive(&secret, "layer.tar", None)).unwrap();
+        let escaping = docker_archive(&secret, "out/layer.tar", Some(("out", outside.path())));
+        let error = import(&escaping).unwrap_err().to_string();
+        assert!(
+            error.contains("\"out/layer.tar\" points outside the archive"),
+            "{error}"
+        );
+    }
 }

@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# bench/proxy.sh: the same backend hit directly, through graven's route, through HAProxy and
+# through nginx, with the same wrk settings; prints requests/s, p50/p99 latency and the CPU
+# time each proxy process spent per request (utime+stime from /proc/PID/stat around the
+# measured run, divided by the requests wrk completed), with ratios to HAProxy.
+#
+# Usage: bench/proxy.sh            (defaults below; override with environment variables)
+#   DURATION=10s CONNECTIONS=32 WRK_THREADS=1 PROXY_THREADS=1 ROUNDS=1 bench/proxy.sh
+#
+# Every proxy gets the same number of threads (PROXY_THREADS): graven --threads, HAProxy
+# nbthread, nginx worker_processes. Keep-alive on both sides everywhere. The backend is
+# nginx answering a fixed `return 200` on loopback, one worker.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONNECTIONS=${CONNECTIONS:-32}
+WRK_THREADS=${WRK_THREADS:-1}
+PROXY_THREADS=${PROXY_THREADS:-1}
+ROUNDS=${ROUNDS:-1}
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/graven-bench-proxy.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+for tool in wrk haproxy nginx; do
+    command -v "$tool" >/dev/null || { echo "bench/proxy.sh: $tool is not installed" >&2; exit 1; }
+done
+
+echo "building graven (release)..." >&2
+(cd "$root" && cargo build --release --quiet --bin graven)
+graven="$root/target/release/graven"
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    local port=$1
+    for _ in $(seq 1 500); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.01
+    done
+    echo "bench/proxy.sh: nothing listens on port $port" >&2
+    cat "$work"/*/log "$work"/*/error.log 2>/dev/null >&2 || true
+    exit 1
+}
+
+# utime + stime of a process, in clock ticks.
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+nginx_temp_paths() {
+    local dir=$1
+    cat <<EOF
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+EOF
+}
+
+backend_port=$(free_port)
+mkdir -p "$work/backend"
+cat >"$work/backend/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $work/backend/error.log;
+pid $work/backend/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+$(nginx_temp_paths "$work/backend")
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {
+        listen 127.0.0.1:$backend_port;
+        location / { return 200 "hello from the backend\n"; }
+    }
+}
+EOF
+nginx -c "$work/backend/nginx.conf" -p "$work/backend" &
+pids+=($!)
+wait_port "$backend_port"
+
+start_graven() {
+    "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" \
+        --threads "$PROXY_THREADS" >/dev/null &
+    started=$!
+}
+
+start_haproxy() {
+    mkdir -p "$work/haproxy"
+    cat >"$work/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread $PROXY_THREADS
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend route
+    bind 127.0.0.1:$1
+    default_backend instances
+backend instances
+    http-reuse always
+    server backend 127.0.0.1:$backend_port
+EOF
+    haproxy -db -f "$work/haproxy/haproxy.cfg" >"$work/haproxy/log" 2>&1 &
+    started=$!
+}
+
+start_nginx() {
+    mkdir -p "$work/nginx"
+    local master="master_process off;"
+    [ "$PROXY_THREADS" -gt 1 ] && master="master_process on;"
+    cat >"$work/nginx/nginx.conf" <<EOF
+daemon off;
+$master
+worker_processes $PROXY_THREADS;
+error_log $work/nginx/error.log;
+pid $work/nginx/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+$(nginx_temp_paths "$work/nginx")
+    keepalive_requests 100000000;
+    upstream instances {
+        server 127.0.0.1:$backend_port;
+        keepalive 256;
+    }
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://instances;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" >/dev/null 2>&1 &
+    started=$!
+}
+
+# All PIDs whose CPU counts for a proxy: the process and, for nginx with a master, its workers.
+family() {
+    local pid=$1
+    echo "$pid"
+    pgrep -P "$pid" || true
+}
+
+family_ticks() {
+    local total=0
+    for pid in $(family "$1"); do
+        total=$((total + $(cpu_ticks "$pid")))
+    done
+    echo "$total"
+}
+
+# Runs wrk against a port and prints: requests rps p50 p99 (latencies as wrk prints them).
+measure() {
+    local port=$1
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" >"$work/wrk.out"
+    awk '
+        /requests in/ { requests = $1 }
+        /Requests\/sec/ { rps = $2 }
+        $1 == "50%" { p50 = $2 }
+        $1 == "99%" { p99 = $2 }
+        /Non-2xx|Socket errors/ { errors = errors $0 " " }
+        END { print requests, rps, p50, p99; if (errors != "") print errors > "/dev/stderr" }
+    ' "$work/wrk.out"
+}
+
+# The PID of the proxy the last start_* function launched (set, not printed, so the process
+# stays a child of this shell and can be waited for).
+started=""
+
+# One row: name pid-or-empty port.
+results=()
+run() {
+    local name=$1 pid=$2 port=$3
+    wait_port "$port"
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
+    local before after
+    if [ -n "$pid" ]; then before=$(family_ticks "$pid"); fi
+    read -r requests rps p50 p99 < <(measure "$port")
+    if [ -n "$pid" ]; then
+        after=$(family_ticks "$pid")
+        # Clock ticks are 1/CLK_TCK s; report microseconds of CPU per request.
+        cpu=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" \
+            'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+    else
+        cpu="-"
+    fi
+    results+=("$name|$rps|$p50|$p99|$cpu")
+}
+
+stop() {
+    local pid=$1
+    for member in $(family "$pid" | sort -r); do kill "$member" 2>/dev/null || true; done
+    wait "$pid" 2>/dev/null || true
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+    echo "round $round/$ROUNDS" >&2
+    run "direct (backend, no proxy)" "" "$backend_port"
+    for proxy in graven haproxy nginx; do
+        port=$(free_port)
+        start_"$proxy" "$port"
+        pid=$started
+        pids+=("$pid")
+        run "$proxy" "$pid" "$port"
+        stop "$pid"
+    done
+done
+
+haproxy_cpu=$(printf '%s\n' "${results[@]}" | awk -F'|' '$1 == "haproxy" { s += $5; n++ } END { if (n) printf "%.4f", s / n }')
+haproxy_rps=$(printf '%s\n' "${results[@]}" | awk -F'|' '$1 == "haproxy" { s += $2; n++ } END { if (n) printf "%.4f", s / n }')
+
+echo
+echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $PROXY_THREADS thread(s); $(nproc) CPUs; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| target | requests/s | p50 | p99 | proxy CPU µs/request | CPU vs HAProxy | req/s vs HAProxy |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for row in "${results[@]}"; do
+    IFS='|' read -r name rps p50 p99 cpu <<<"$row"
+    cpu_ratio="-"
+    if [ "$cpu" != "-" ]; then
+        cpu_ratio=$(awk -v a="$cpu" -v b="$haproxy_cpu" 'BEGIN { printf "%.2f×", a / b }')
+    fi
+    rps_ratio=$(awk -v a="$rps" -v b="$haproxy_rps" 'BEGIN { printf "%.2f×", a / b }')
+    printf '| %s | %.0f | %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu" "$cpu_ratio" "$rps_ratio"
+done

@@ -1,0 +1,476 @@
+//! The properties the fuzz targets check, one function per target taking the fuzzer's raw
+//! bytes and panicking when a property fails. "Does not panic" is the least of them: each also
+//! checks something cheap that must hold for every input (round trips, determinism, nothing
+//! written outside a temp dir, a failed transaction leaves the store as it was).
+//!
+//! The same file serves two crates: `fuzz/fuzz_targets/*.rs` include it with `#[path]`, and
+//! `tests/fuzz_corpus.rs` runs the committed seeds and found artifacts through it on stable
+//! Rust. So it may use only graven and the crates both depend on (flate2, serde, serde_json,
+//! tar, tempfile), and nothing else from `tests/support`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use graven::bake::containerfile;
+use graven::bake::plan::{self, Action};
+use graven::events::{self, EventLogError, RawRow};
+use graven::store::{
+    Descriptor, Digest, ImageConfig, ImageIndex, ImportKind, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER,
+    MEDIA_TYPE_MANIFEST, Manifest, REF_NAME, RuntimeConfig, Store, to_canonical_json,
+};
+
+/// A property: panics when `data` breaks it.
+pub type Property = fn(data: &[u8]);
+
+/// Every target, by the name its fuzz target and corpus directory have.
+pub const TARGETS: &[(&str, Property)] = &[
+    ("spec", spec),
+    ("containerfile", containerfile),
+    ("digest", digest),
+    ("oci_documents", oci_documents),
+    ("event_envelope", event_envelope),
+    ("image_import", image_import),
+    ("layer_unpack", layer_unpack),
+    ("add_archive", add_archive),
+];
+
+/// `graven.toml`: parsing is deterministic; a project's config digests are stable and cover
+/// the port but not the instance count; problems are placed inside the file and in order.
+pub fn spec(data: &[u8]) {
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    let file = Path::new("/project/graven.toml");
+    let dir = Path::new("/project");
+    for environment in [graven::spec::DEFAULT_ENVIRONMENT, "production"] {
+        let first = graven::spec::parse(source, file, dir, environment);
+        let second = graven::spec::parse(source, file, dir, environment);
+        assert_eq!(first, second, "parsing the same text twice differs");
+        match first {
+            Ok(project) => {
+                assert_eq!(project.environment, environment);
+                for (name, service) in &project.services {
+                    assert_eq!(&service.name, name);
+                    let digest = service.config_digest();
+                    assert_eq!(digest, service.config_digest(), "config_digest is unstable");
+                    let mut scaled = service.clone();
+                    scaled.instances = scaled.instances.wrapping_add(1);
+                    assert_eq!(
+                        scaled.config_digest(),
+                        digest,
+                        "instances changed the digest"
+                    );
+                    let mut moved = service.clone();
+                    moved.port = moved.port.wrapping_add(1);
+                    assert_ne!(
+                        moved.config_digest(),
+                        digest,
+                        "the port is not in the digest"
+                    );
+                }
+            }
+            Err(errors) => {
+                assert!(!errors.problems.is_empty(), "an error without problems");
+                let lines = source.matches('\n').count() + 1;
+                let mut last = (0, 0);
+                for problem in &errors.problems {
+                    assert_eq!(problem.file, file);
+                    assert!(
+                        (1..=lines).contains(&problem.line) && problem.column >= 1,
+                        "{problem} is placed outside the file ({lines} lines)"
+                    );
+                    assert!(!problem.message.is_empty(), "{problem} has no message");
+                    assert!(
+                        (problem.line, problem.column) >= last,
+                        "problems out of order"
+                    );
+                    last = (problem.line, problem.column);
+                }
+            }
+        }
+    }
+}
+
+/// Containerfiles: parsing is deterministic; errors and instructions name lines of the file
+/// (instructions in increasing order); planning a parsed file never panics, and every path a
+/// plan holds is absolute with no `.` or `..` left in it.
+pub fn containerfile(data: &[u8]) {
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    let first = containerfile::parse("Containerfile", source);
+    assert_eq!(first, containerfile::parse("Containerfile", source));
+    let lines = source.lines().count().max(1);
+    let file = match first {
+        Ok(file) => file,
+        Err(error) => {
+            assert_eq!(error.file, "Containerfile");
+            assert!(
+                (1..=lines).contains(&error.line),
+                "{error} is placed outside the file ({lines} lines)"
+            );
+            assert!(!error.reason.is_empty());
+            return;
+        }
+    };
+    let mut last = 0;
+    for instruction in &file.instructions {
+        assert!(
+            instruction.line > last && instruction.line <= lines,
+            "instruction at line {} after line {last} of {lines}",
+            instruction.line
+        );
+        last = instruction.line;
+    }
+    let build_args = BTreeMap::new();
+    let stages = match plan::stages(&file, &build_args) {
+        Ok(stages) => stages,
+        Err(error) => {
+            assert!((1..=lines).contains(&error.line), "{error:?}");
+            return;
+        }
+    };
+    assert!(
+        !stages.needed.is_empty(),
+        "a parsed file with no stage to build"
+    );
+    for &index in &stages.needed {
+        let stage = &stages.stages[index];
+        let planned = match plan::plan_stage(
+            &file,
+            stage,
+            &RuntimeConfig::default(),
+            &build_args,
+            &stages.global_args,
+        ) {
+            Ok(planned) => planned,
+            Err(error) => {
+                assert!((1..=lines).contains(&error.line), "{error:?}");
+                continue;
+            }
+        };
+        for step in &planned.steps {
+            let path = match &step.action {
+                Action::Copy { dest, .. } => dest,
+                Action::Workdir(path) => path,
+                Action::Run { workdir, .. } => workdir,
+                Action::Config(_) => continue,
+            };
+            assert!(
+                path.starts_with('/') && !path.split('/').any(|part| part == "." || part == ".."),
+                "line {}: the plan holds the path {path:?}",
+                step.line
+            );
+        }
+    }
+}
+
+/// Digests: a parsed digest prints, serializes and parses back as the same text; what does
+/// not parse is refused by every way in (FromStr, serde); `Digest::of` always parses.
+pub fn digest(data: &[u8]) {
+    let text = String::from_utf8_lossy(data).into_owned();
+    let as_json = serde_json::Value::String(text.clone());
+    match Digest::parse(&text) {
+        Ok(digest) => {
+            assert_eq!(digest.as_str(), text);
+            assert_eq!(digest.to_string(), text);
+            assert_eq!(text.parse::<Digest>().as_ref(), Ok(&digest));
+            assert_eq!(serde_json::to_value(&digest).unwrap(), as_json);
+            assert_eq!(serde_json::from_value::<Digest>(as_json).unwrap(), digest);
+            assert_eq!(format!("{}:{}", digest.algorithm(), digest.hex()), text);
+            assert!(digest.hex().starts_with(digest.short()));
+        }
+        Err(error) => {
+            assert_eq!(error.value, text);
+            assert!(text.parse::<Digest>().is_err());
+            assert!(serde_json::from_value::<Digest>(as_json).is_err());
+        }
+    }
+    let of = Digest::of(data);
+    assert_eq!(Digest::parse(of.as_str()).as_ref(), Ok(&of));
+}
+
+/// OCI documents: whatever parses as an index, manifest or config serializes to canonical
+/// JSON that parses back to the same value and serializes to the same bytes again.
+pub fn oci_documents(data: &[u8]) {
+    round_trip::<ImageIndex>(data);
+    round_trip::<Manifest>(data);
+    round_trip::<ImageConfig>(data);
+}
+
+fn round_trip<T>(data: &[u8])
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let Ok(value) = serde_json::from_slice::<T>(data) else {
+        return;
+    };
+    let canonical = to_canonical_json(&value);
+    let again: T = serde_json::from_slice(&canonical).unwrap_or_else(|e| {
+        panic!(
+            "canonical json does not parse back: {e}: {}",
+            String::from_utf8_lossy(&canonical)
+        )
+    });
+    assert_eq!(again, value, "canonical json parses to another value");
+    assert_eq!(to_canonical_json(&again), canonical, "canonical json moved");
+}
+
+/// The event decoder, fed a stored row: fields `seq`, `at_ms`, `actor`, `version`, `kind`,
+/// `checksum`, one a line, the payload after them. An empty checksum line stands for the right
+/// checksum, so the fuzzer gets past it to the payload. A wrong checksum is always refused as
+/// corrupt; a decoded envelope carries the row's values, and re-encoding its payload the way
+/// the log does decodes to the same envelope.
+pub fn event_envelope(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut fields = text.splitn(7, '\n');
+    let mut next = || fields.next().unwrap_or_default().to_owned();
+    let number = |field: String| field.trim().parse::<i64>().unwrap_or_default();
+    let (seq, at_ms, actor, version, kind, checksum, payload) = (
+        number(next()),
+        number(next()),
+        next(),
+        number(next()),
+        next(),
+        next(),
+        next(),
+    );
+    let right = events::checksum(seq, at_ms, &actor, version, &payload);
+    let forged = !checksum.is_empty() && checksum != right;
+    let row = RawRow {
+        seq,
+        at_ms,
+        actor,
+        version,
+        kind,
+        checksum: if checksum.is_empty() { right } else { checksum },
+        payload,
+    };
+    match events::decode_envelope::<serde_json::Value>(&row) {
+        Ok(envelope) => {
+            assert!(!forged, "a row with a wrong checksum decoded");
+            assert_eq!(i64::try_from(envelope.seq), Ok(row.seq));
+            assert_eq!(i64::try_from(envelope.at_ms), Ok(row.at_ms));
+            assert_eq!(envelope.actor, row.actor);
+            assert_eq!(i64::from(envelope.version), row.version);
+            assert!((1..=events::ENVELOPE_VERSION).contains(&envelope.version));
+            let expected: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+            assert_eq!(envelope.payload, expected);
+            let payload = serde_json::to_string(&envelope.payload).unwrap();
+            let encoded = RawRow {
+                checksum: events::checksum(row.seq, row.at_ms, &row.actor, row.version, &payload),
+                payload,
+                ..row.clone()
+            };
+            let again = events::decode_envelope::<serde_json::Value>(&encoded)
+                .expect("a re-encoded envelope decodes");
+            assert_eq!(again, envelope);
+        }
+        Err(EventLogError::Corrupt { seq, .. }) => assert_eq!(seq, row.seq),
+        Err(error) => {
+            assert!(
+                !forged,
+                "a wrong checksum was not reported as corruption: {error}"
+            );
+            assert!(matches!(
+                error,
+                EventLogError::NewerEnvelope { .. } | EventLogError::BadPayload { .. }
+            ));
+        }
+    }
+}
+
+/// Importing an archive (OCI archive or docker-archive, gzipped or not): an imported image
+/// reads back with every blob matching its digest; a transaction dropped uncommitted leaves
+/// the store's files as they were, and nothing appears beside the archive.
+pub fn image_import(data: &[u8]) {
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("image.tar");
+    fs::write(&archive, data).unwrap();
+    let store = Store::open(&work.path().join("home")).unwrap();
+    let store_before = listing(store.root());
+    let work_before = listing(work.path());
+    {
+        let mut txn = store.transaction().unwrap();
+        if let Ok(digest) = txn.import(&archive, ImportKind::Detect, None) {
+            let image = store.image(&digest).expect("an imported image reads back");
+            for layer in &image.manifest.layers {
+                store
+                    .read_blob_verified(&layer.digest)
+                    .expect("an imported layer is in the store");
+            }
+        }
+    }
+    assert_eq!(
+        listing(store.root()),
+        store_before,
+        "an uncommitted import left files in the store"
+    );
+    assert_eq!(
+        listing(work.path()),
+        work_before,
+        "the import wrote beside it"
+    );
+    assert_eq!(
+        fs::read(&archive).unwrap(),
+        data,
+        "the import changed its input"
+    );
+}
+
+/// Reading layers: the bytes are the one layer of an OCI layout a Containerfile bakes on
+/// (`WORKDIR` lists the layer's paths, `RUN` unpacks it); whatever the layer holds, a canary
+/// file beside the bake's temp dirs survives.
+pub fn layer_unpack(data: &[u8]) {
+    let canary = Canary::plant();
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_oci_layout(&context.join("base"), data);
+    fs::write(
+        context.join("Containerfile"),
+        "FROM oci:base\nWORKDIR /w\nRUN [\"/graven-fuzz-no-such-command\"]\n",
+    )
+    .unwrap();
+    let _ = bake(work.path(), &context);
+    canary.check();
+}
+
+/// ADD of a local archive: a baked image holds the archive's entries only under the
+/// destination, and the canary survives.
+pub fn add_archive(data: &[u8]) {
+    let canary = Canary::plant();
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    fs::create_dir_all(&context).unwrap();
+    fs::write(context.join("a.tar"), data).unwrap();
+    fs::write(
+        context.join("Containerfile"),
+        "FROM scratch\nADD a.tar /d/\n",
+    )
+    .unwrap();
+    if let Ok(baked) = bake(work.path(), &context) {
+        let store = Store::open(&work.path().join("home")).unwrap();
+        let image = store.image(&baked.digest).unwrap();
+        for layer in &image.manifest.layers {
+            let blob = store.open_blob(&layer.digest).unwrap();
+            let mut layer_tar = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+            for entry in layer_tar.entries().unwrap() {
+                let entry = entry.unwrap();
+                let path = entry.path().unwrap().to_string_lossy().into_owned();
+                let clean = path.trim_end_matches('/');
+                assert!(
+                    (clean == "d" || clean.starts_with("d/"))
+                        && !clean.split('/').any(|part| part == ".." || part == "."),
+                    "the layer holds {path:?}, outside /d"
+                );
+            }
+        }
+    }
+    canary.check();
+}
+
+/// Bakes `context` into a store under `work/home` with a fixed tag, epoch and no build args.
+fn bake(work: &Path, context: &Path) -> Result<graven::bake::Baked, graven::bake::BakeError> {
+    let options = graven::bake::BakeOptions {
+        context: context.to_owned(),
+        containerfile: None,
+        tag: "fuzz".to_owned(),
+        build_args: BTreeMap::new(),
+        epoch: 0,
+    };
+    graven::bake::bake(&work.join("home"), &options, &mut |_| {})
+}
+
+/// Writes an OCI layout at `dir` whose one image has `layer` as its only layer.
+pub fn write_oci_layout(dir: &Path, layer: &[u8]) {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let digest = Digest::of(bytes);
+        fs::write(blobs.join(digest.hex()), bytes).unwrap();
+        Descriptor::new("", digest, bytes.len() as u64)
+    };
+    let layer = Descriptor {
+        media_type: MEDIA_TYPE_LAYER.to_owned(),
+        ..put(layer)
+    };
+    let mut config = ImageConfig {
+        architecture: graven::store::host_architecture().to_owned(),
+        ..ImageConfig::default()
+    };
+    config.rootfs.diff_ids.push(layer.digest.clone());
+    let config = Descriptor {
+        media_type: MEDIA_TYPE_CONFIG.to_owned(),
+        ..put(&to_canonical_json(&config))
+    };
+    let mut manifest = Descriptor {
+        media_type: MEDIA_TYPE_MANIFEST.to_owned(),
+        ..put(&to_canonical_json(&Manifest::new(config, vec![layer])))
+    };
+    manifest.set_annotation(REF_NAME, "latest");
+    let index = ImageIndex {
+        manifests: vec![manifest],
+        ..ImageIndex::default()
+    };
+    fs::write(dir.join("index.json"), to_canonical_json(&index)).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// Files that must outlive every input: `graven-fuzz-canary/` in the temp dir, which is where
+/// bakes make their temp roots, so a layer path like `../graven-fuzz-canary/file` aims at it.
+pub struct Canary {
+    dir: PathBuf,
+}
+
+/// The canary's files and their contents.
+const CANARY_FILES: &[(&str, &str)] = &[("file", "canary\n"), ("dir/file", "canary in a dir\n")];
+
+impl Canary {
+    pub fn plant() -> Canary {
+        let dir = std::env::temp_dir().join("graven-fuzz-canary");
+        for (name, content) in CANARY_FILES {
+            let path = dir.join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, content).unwrap();
+        }
+        Canary { dir }
+    }
+
+    pub fn check(&self) {
+        for (name, content) in CANARY_FILES {
+            let path = self.dir.join(name);
+            let found = fs::read_to_string(&path).ok();
+            assert_eq!(
+                found.as_deref(),
+                Some(*content),
+                "{} outside the bake was changed or removed",
+                path.display()
+            );
+        }
+    }
+}
+
+/// The relative paths under `root`, except lock files (taking a lock creates its file).
+fn listing(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if rel.ends_with(".lock") {
+                continue;
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            }
+            out.push(rel);
+        }
+    }
+    out.sort();
+    out
+}
