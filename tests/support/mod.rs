@@ -2,8 +2,8 @@
 //! binary, and waiting on a condition with a deadline (never sleeping for luck).
 #![allow(dead_code)]
 
-pub mod fuzzing;
 pub mod daemon;
+pub mod fuzzing;
 pub mod load;
 pub mod proxy;
 pub mod runtime;
