@@ -486,7 +486,7 @@ fn build(
         Action::Config(_) => return Ok(Record { layer: None }),
         Action::Copy { .. } => {
             let collected = collected.ok_or("COPY without collected sources")?;
-            keep_alive = collected._unpacked;
+            keep_alive = collected.unpacked;
             collected.entries
         }
         Action::Workdir(path) => {

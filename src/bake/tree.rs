@@ -510,6 +510,43 @@ mod tests {
     }
 
     #[test]
+    fn long_paths_and_symlink_targets_round_trip() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let long = format!("{}/file", "d".repeat(150));
+        let target = "t".repeat(120);
+        let mut entries = vec![
+            file(&long, b"x", src.path()),
+            Entry {
+                path: "link".to_owned(),
+                kind: EntryKind::Symlink(target.clone()),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        ];
+        normalize(&mut entries);
+        let layer = write_layer(&store, &entries, 0).unwrap();
+        let mut txn = store.transaction().unwrap();
+        let descriptor = layer.keep(&mut txn).unwrap();
+        txn.commit();
+        let mut archive = tar::Archive::new(open_layer(&store, &descriptor.digest).unwrap());
+        let read: Vec<(String, Option<String>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(read, [(long, None), ("link".to_owned(), Some(target))]);
+    }
+
+    #[test]
     fn diff_finds_new_changed_and_removed_paths() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();

@@ -167,7 +167,12 @@ fn report() -> String {
         ),
     ];
     if let Ok(dir) = std::env::var("PROBE_VOLUME") {
-        lines.push(format!("volume_count={}", count_start(&dir)));
+        // Counted once per process, however often the report is asked for.
+        static COUNT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        lines.push(format!(
+            "volume_count={}",
+            COUNT.get_or_init(|| count_start(&dir))
+        ));
     }
     // Last, because it moves the probe into a new user namespace when it is allowed.
     lines.push(format!(

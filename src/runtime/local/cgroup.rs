@@ -21,10 +21,18 @@ impl Cgroups {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// Removes the groups (they must be empty, i.e. the instance has exited).
+    /// Removes the groups once they are empty. The last processes of a PID namespace are
+    /// reaped a moment after its PID 1, so a busy group is retried briefly.
     pub fn remove(&self) {
         for dir in &self.dirs {
-            let _ = std::fs::remove_dir(dir);
+            for _ in 0..100 {
+                match std::fs::remove_dir(dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(2))
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 }

@@ -170,7 +170,7 @@ impl LocalRuntime {
         })?;
         let port = pick_port(spec.host_port)?;
         env.insert("PORT".to_owned(), port.to_string());
-        let binds = self.volume_binds(&spec)?;
+        let binds = self.volume_binds(&spec, (uid, gid))?;
         // Everything that can be refused has been checked: now the instance is made.
         let id = InstanceId(format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff));
         let dir = self.home.join("instances").join(&id.0);
@@ -286,7 +286,11 @@ impl LocalRuntime {
         Ok(self.instance(dir, &state))
     }
 
-    fn volume_binds(&self, spec: &InstanceSpec) -> Result<Vec<Bind>, RuntimeError> {
+    fn volume_binds(
+        &self,
+        spec: &InstanceSpec,
+        owner: (u32, u32),
+    ) -> Result<Vec<Bind>, RuntimeError> {
         let volumes = self.home.join("volumes");
         spec.volumes
             .iter()
@@ -300,8 +304,19 @@ impl LocalRuntime {
                         reason: format!("{} is not a directory", source.display()),
                     });
                 }
-                std::fs::create_dir_all(&source)
-                    .map_err(other(format!("creating volume {}", source.display())))?;
+                if !source.exists() {
+                    std::fs::create_dir_all(&source)
+                        .map_err(other(format!("creating volume {}", source.display())))?;
+                    // A new volume belongs to the instance's user, who must write it.
+                    std::os::unix::fs::chown(&source, Some(owner.0), Some(owner.1)).map_err(
+                        other(format!(
+                            "giving volume {} to {}:{}",
+                            source.display(),
+                            owner.0,
+                            owner.1
+                        )),
+                    )?;
+                }
                 Ok(Bind {
                     source,
                     target: volume.path.clone(),

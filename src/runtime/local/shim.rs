@@ -77,14 +77,17 @@ fn run(dir: &Path) -> Result<(), String> {
             signal: None,
         },
     };
-    let cgroups = state::update(dir, |s| {
+    // The cgroups go before the exit is recorded, so whoever sees the instance exited
+    // finds nothing of it left in /sys/fs/cgroup.
+    if let Ok(state) = state::load(dir) {
+        state.cgroups.remove();
+    }
+    state::update(dir, |s| {
         if !s.status.is_exited() {
             s.status = exited;
         }
-        s.cgroups.clone()
     })
     .map_err(|e| e.to_string())?;
-    cgroups.remove();
     Ok(())
 }
 
