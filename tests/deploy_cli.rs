@@ -67,6 +67,22 @@ fn up_deploy_rollback_history_and_ctrl_c() {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }
 
+    // Down drains every instance; the releases and the history stay.
+    let (ok, stdout, stderr) = run(&home, &["down"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("every service is down"), "{stdout}");
+    let (_, stdout, _) = run(&home, &["status", "--json"]);
+    let status: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        status[0]["state"]["instances"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(status[0]["state"]["services"]["web"]["wanted"].is_null());
+    let (_, history, _) = run(&home, &["history"]);
+    assert!(history.contains("service web removed"), "{history}");
+
     // Ctrl-C drains and stops every instance and exits cleanly.
     let status = up.signal(libc::SIGINT, Duration::from_secs(30));
     assert!(status.success(), "{status}\n{}", up.stderr());
@@ -163,4 +179,29 @@ fn bad_input_leaves_the_running_release_serving() {
         "{history}"
     );
     assert_eq!(version(route).as_deref(), Ok("v1"));
+}
+
+#[test]
+fn the_daemon_takes_deploys_from_a_project_and_stops_on_sigterm() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    hello_project(&dir, route, 1, r#"VERSION = "v1""#, "");
+    let mut daemon = Up::daemon(&home, &test_runtime());
+    let (ok, stdout, _) = run(&home, &["status"]);
+    assert!(ok);
+    assert!(stdout.contains("nothing is deployed"), "{stdout}");
+    let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["app"], "demo");
+    assert_eq!(report["routes"]["web"], format!("http://{route}"));
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+    // A second control plane on the same home is refused.
+    let (ok, _, stderr) = run(&home, &["daemon"]);
+    assert!(!ok);
+    assert!(stderr.contains("already listens"), "{stderr}");
+    let status = daemon.signal(libc::SIGTERM, Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+    assert!(version(route).is_err());
 }

@@ -115,9 +115,27 @@ impl Up {
     /// Starts `graven up dir` with `GRAVEN_HOME=home` and the runtime `GRAVEN_RUNTIME` names
     /// (the in-process fake unless the test says otherwise); returns once it serves.
     pub fn start(home: &std::path::Path, dir: &std::path::Path, runtime: &str) -> Up {
+        Up::spawn(
+            home,
+            &["up".as_ref(), dir.as_os_str()],
+            runtime,
+            "graven: serving",
+        )
+    }
+
+    /// Starts `graven daemon` (no project); returns once its socket listens.
+    pub fn daemon(home: &std::path::Path, runtime: &str) -> Up {
+        Up::spawn(
+            home,
+            &["daemon".as_ref()],
+            runtime,
+            "graven: daemon listening",
+        )
+    }
+
+    fn spawn(home: &std::path::Path, args: &[&std::ffi::OsStr], runtime: &str, ready: &str) -> Up {
         let mut child = super::graven(home)
-            .arg("up")
-            .arg(dir)
+            .args(args)
             .env("GRAVEN_RUNTIME", runtime)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -137,7 +155,7 @@ impl Up {
             home: home.to_owned(),
             stderr,
         };
-        up.wait_for_line("graven: serving", Duration::from_secs(60));
+        up.wait_for_line(ready, Duration::from_secs(60));
         up
     }
 
