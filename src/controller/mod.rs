@@ -340,17 +340,13 @@ impl Shell {
                 _ = tick.tick() => Input::Tick,
             };
             let listed = matches!(input, Input::Tick);
-            if let Err(error) = self.handle(input).await {
+            let result = match self.handle(input).await {
+                Ok(()) => self.step(listed).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
                 // The log could not be written: acting without recording would break the
                 // promise that every effect is announced first, so the controller stops.
-                eprintln!(
-                    "graven: controller of {}/{} stops: {error}",
-                    self.options.app, self.options.environment
-                );
-                self.stop_routes().await;
-                return;
-            }
-            if let Err(error) = self.step(listed).await {
                 eprintln!(
                     "graven: controller of {}/{} stops: {error}",
                     self.options.app, self.options.environment
