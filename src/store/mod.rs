@@ -15,6 +15,7 @@ mod gc;
 mod import;
 mod layer;
 mod oci;
+mod pgzip;
 mod txn;
 
 pub use digest::{Digest, DigestError};
