@@ -199,6 +199,30 @@ pub fn run(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The runtime integration tests run instances on: `GRAVEN_TEST_RUNTIME`, else `local`.
+pub fn test_runtime() -> String {
+    std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "local".to_owned())
+}
+
+/// Writes the example as a project (its Containerfile and static binary in `dist/`), with
+/// `graven.toml` as `write_project` makes it.
+pub fn hello_project(
+    dir: &std::path::Path,
+    route: SocketAddr,
+    instances: u32,
+    env: &str,
+    extra: &str,
+) {
+    write_project(dir, route, instances, env, extra);
+    std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::copy(super::hello_binary(), dir.join("dist/hello")).unwrap();
+    std::fs::copy(
+        super::workspace().join("examples/hello/Containerfile"),
+        dir.join("Containerfile"),
+    )
+    .unwrap();
+}
+
 /// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
 /// `instances` of it with `env`, and an empty `FROM scratch` Containerfile.
 pub fn write_project(
