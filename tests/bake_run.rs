@@ -79,13 +79,18 @@ fn run_changes_become_a_layer() {
         store.open_blob(&third.digest).unwrap(),
     ));
     let mut greeting = String::new();
+    let mut paths = Vec::new();
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
-        if entry.path().unwrap().to_str() == Some("etc/greeting") {
+        let path = entry.path().unwrap().display().to_string();
+        if path == "etc/greeting" {
             entry.read_to_string(&mut greeting).unwrap();
         }
+        paths.push(path);
     }
     assert_eq!(greeting, "hello world\n");
+    // The mount points the sandbox made (/dev, /proc, /sys, /tmp) are not content.
+    assert_eq!(paths, ["etc/", "etc/greeting"]);
     // A rebuild takes every RUN from the cache.
     let again = bake(
         home.path(),

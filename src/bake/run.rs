@@ -12,8 +12,9 @@ use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
 use crate::store::{Descriptor, Store};
 
-/// Directories the sandbox mounts over; what is in them is never layer content.
-const MOUNTED: &[&str] = &["proc", "sys", "dev"];
+/// Directories the sandbox mounts over (`/tmp` is a size-capped tmpfs, as for instances):
+/// what is in them is never layer content, and the mount points it creates are not either.
+const MOUNTED: &[&str] = &["proc", "sys", "dev", "tmp"];
 
 pub struct RunOutput {
     pub entries: Vec<Entry>,
