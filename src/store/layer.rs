@@ -118,6 +118,26 @@ impl FinishedLayer {
     }
 }
 
+/// Opens a file as an uncompressed stream: gunzipped when it starts with gzip's magic bytes.
+pub fn decompressed(path: &std::path::Path) -> io::Result<Box<dyn io::Read>> {
+    use io::BufRead;
+    let mut reader = io::BufReader::with_capacity(256 * 1024, File::open(path)?);
+    let gzip = reader.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzip {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    })
+}
+
+/// Whether a file starts with gzip's magic bytes.
+pub fn is_gzip(path: &std::path::Path) -> io::Result<bool> {
+    use io::Read;
+    let mut magic = [0u8; 2];
+    let n = File::open(path)?.read(&mut magic)?;
+    Ok(n == 2 && magic == [0x1f, 0x8b])
+}
+
 /// Compresses an uncompressed layer tar read from `reader` the way graven writes layers.
 pub fn compress_into(store: &Store, mut reader: impl io::Read) -> Result<FinishedLayer> {
     let mut writer = LayerWriter::new(store)?;
