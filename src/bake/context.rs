@@ -4,7 +4,7 @@
 //! would land outside the destination.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -384,7 +384,7 @@ fn is_archive(path: &Path) -> bool {
         return false;
     };
     let n = file.read(&mut head).unwrap_or(0);
-    if n >= 2 && head[..2] == [0x1f, 0x8b] {
+    if crate::store::is_gzip(path).unwrap_or(false) {
         return true;
     }
     if n < 512 || head.iter().all(|b| *b == 0) {
@@ -419,17 +419,7 @@ fn unpack_archive(
     out: &mut Vec<Entry>,
 ) -> Result<tempfile::TempDir, String> {
     let fail = |reason: String| format!("ADD {source}: {reason}");
-    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
-    let mut magic = [0u8; 2];
-    let gz = File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == [0x1f, 0x8b];
-    let reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
-    };
+    let reader = crate::store::decompressed(path).map_err(|e| fail(e.to_string()))?;
     let temp = tempfile::Builder::new()
         .prefix("graven-add-")
         .tempdir()

@@ -12,8 +12,9 @@ use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
 use crate::store::{Descriptor, Store};
 
-/// Directories the sandbox mounts over; what is in them is never layer content.
-const MOUNTED: &[&str] = &["proc", "sys", "dev"];
+/// Directories the sandbox mounts over (`/tmp` is a size-capped tmpfs, as for instances):
+/// what is in them is never layer content, and the mount points it creates are not either.
+const MOUNTED: &[&str] = &["proc", "sys", "dev", "tmp"];
 
 pub struct RunOutput {
     pub entries: Vec<Entry>,
@@ -66,7 +67,7 @@ pub fn run(
             .map_err(|e| format!("cannot pass stderr to the sandbox: {e}"))?;
         Ok(Stdio::from(fd))
     };
-    let status = sandbox_shim::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
+    let status = crate::sandbox::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
     if !status.success() {
         let how = match (
             status.code(),
@@ -129,23 +130,6 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
         },
     };
     Ok((uid, gid))
-}
-
-/// Stands in for `crate::sandbox::run` until the runtime's sandbox lands; same signature.
-mod sandbox_shim {
-    use crate::sandbox::SandboxSpec;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("sandbox not available: RUN needs the sandbox helper, which this build lacks")]
-    pub struct SandboxError;
-
-    pub fn run(
-        _spec: &SandboxSpec,
-        _stdout: std::process::Stdio,
-        _stderr: std::process::Stdio,
-    ) -> Result<std::process::ExitStatus, SandboxError> {
-        Err(SandboxError)
-    }
 }
 
 #[cfg(test)]

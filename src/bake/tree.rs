@@ -134,17 +134,12 @@ pub fn write_layer(
 
 /// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
 fn open_layer(store: &Store, digest: &Digest) -> Result<Box<dyn Read>, StoreError> {
-    let mut file = store.open_blob(digest)?;
-    let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(|source| StoreError::Io {
-        path: store.blob_path(digest),
-        source,
-    })?;
-    let file = store.open_blob(digest)?;
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
+    let path = store.blob_path(digest);
+    crate::store::decompressed(&path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => StoreError::MissingBlob {
+            digest: digest.clone(),
+        },
+        _ => StoreError::Io { path, source },
     })
 }
 
