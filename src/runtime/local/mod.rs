@@ -168,6 +168,11 @@ impl LocalRuntime {
                 spec.stop_signal.clone().or(config.stop_signal.clone())
             ),
         })?;
+        let cwd = config
+            .working_dir
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "/".to_owned());
         let port = pick_port(spec.host_port)?;
         env.insert("PORT".to_owned(), port.to_string());
         let binds = self.volume_binds(&spec, (uid, gid))?;
@@ -186,6 +191,7 @@ impl LocalRuntime {
             binds,
             port,
             stop_signal,
+            cwd,
         );
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -206,6 +212,7 @@ impl LocalRuntime {
         binds: Vec<Bind>,
         port: u16,
         stop_signal: i32,
+        cwd: String,
     ) -> Result<Instance, RuntimeError> {
         let mut warnings = Vec::new();
         let cgroups = match cgroup::create(&id.0, &spec.limits) {
@@ -221,13 +228,7 @@ impl LocalRuntime {
             }
         };
         let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let cwd = self
-            .image(&spec.image)?
-            .config
-            .config
-            .working_dir
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| "/".to_owned());
+
         let scratch = dir.join(SCRATCH);
         std::fs::create_dir(&scratch).map_err(other("creating the scratch dir"))?;
         let request = ShimRequest {
@@ -248,11 +249,10 @@ impl LocalRuntime {
                 cgroups: cgroups.procs(),
             },
         };
-        crate::store::write_atomic(
+        state::replace(
             &dir.join(SHIM_REQUEST),
             &serde_json::to_vec(&request).expect("a shim request serializes"),
-        )
-        .map_err(|e| other("writing the shim request")(std::io::Error::other(e)))?;
+        )?;
         let initial = State {
             id: id.clone(),
             image: spec.image.clone(),
@@ -327,13 +327,18 @@ impl LocalRuntime {
     }
 
     fn instance(&self, dir: &Path, state: &State) -> Instance {
+        let status = state.observed_status();
         Instance {
             id: state.id.clone(),
             image: state.image.clone(),
             labels: state.labels.clone(),
-            status: state.observed_status(),
+            status,
             address: Some(state.address),
-            pid: state.workload.map(|p| p.pid),
+            // A PID of a process that is gone may already be someone else's.
+            pid: state
+                .workload
+                .filter(|_| !status.is_exited())
+                .map(|p| p.pid),
             started_at_ms: state.started_at_ms,
             tainted: state.tainted,
             log: Some(dir.join(LOG)),

@@ -123,10 +123,23 @@ pub fn load(dir: &Path) -> Result<State, RuntimeError> {
 
 pub fn save(dir: &Path, state: &State) -> Result<(), RuntimeError> {
     let bytes = serde_json::to_vec_pretty(state).expect("state always serializes");
-    crate::store::write_atomic(&dir.join(STATE), &bytes).map_err(|e| RuntimeError::Other {
-        context: format!("writing the state of instance {}", state.id),
-        source: std::io::Error::other(e),
-    })
+    replace(&dir.join(STATE), &bytes)
+}
+
+/// Replaces `path` atomically (temp file and rename) without fsync. Instance files only
+/// matter while the instance's processes live, and a machine crash ends those too; a write
+/// lost that way can never show a dead instance as running, because every observation
+/// checks the recorded process. Skipping the fsync keeps starting an instance fast.
+pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io(path))?;
+    file.write_all(bytes).map_err(io(path))?;
+    file.persist(path).map_err(|e| io(path)(e.error))?;
+    Ok(())
 }
 
 /// Reads, changes and writes the state under the instance's lock.
