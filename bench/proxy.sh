@@ -12,8 +12,8 @@
 # each figure over the rounds. graven is built with the `dist` profile (release plus fat LTO,
 # Cargo.toml: the profile for shipped binaries); PROFILE=release measures a plain release build.
 #
-# Every proxy gets the same number of threads (PROXY_THREADS): graven --threads, HAProxy
-# nbthread, nginx worker_processes. Keep-alive on both sides everywhere. The backend is
+# HAProxy and nginx get PROXY_THREADS threads (nbthread, worker_processes); graven serves each
+# route on one thread of its own, so the default of 1 compares like with like. Keep-alive on both sides everywhere. The backend is
 # nginx answering a fixed `return 200` on loopback, one worker.
 set -euo pipefail
 
@@ -99,8 +99,7 @@ pids+=($!)
 wait_port "$backend_port"
 
 start_graven() {
-    "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" \
-        --threads "$PROXY_THREADS" >/dev/null &
+    "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
     started=$!
 }
 

@@ -104,7 +104,9 @@ impl HealthMonitor {
     ) -> HealthMonitor {
         let task = tokio::spawn(async move {
             let mut counter = HealthCounter::default();
-            let mut ticks = tokio::time::interval(check.interval);
+            // A zero interval would make tokio's interval panic; probe back to back instead.
+            let period = check.interval.max(std::time::Duration::from_millis(1));
+            let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;

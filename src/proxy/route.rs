@@ -26,13 +26,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, oneshot, watch};
-use tokio::task::JoinHandle;
 
 use super::body::{ForwardBody, ProxyBody};
 use super::metrics::{ReleaseCounters, UnroutedCounters};
-use super::upstream::{Instance, Lease, Reuse, choose};
+use super::upstream::{Instance, Lease, choose};
 use super::{Backend, ProxyError, RouteMetrics, RouteOptions};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -51,7 +50,10 @@ const WRITEV: bool = false;
 pub struct Route {
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
-    accept: Option<JoinHandle<Arc<Closing>>>,
+    /// Fires when the route's thread has stopped listening.
+    listener_closed: Mutex<std::sync::mpsc::Receiver<()>>,
+    /// Fires when the route's thread has closed every connection and ended.
+    done: Option<oneshot::Receiver<()>>,
 }
 
 /// What the route's tasks share.
@@ -92,14 +94,28 @@ impl Route {
     /// Binds the listener and starts serving with no backends: requests are held until
     /// `set_backends` gives it a ready instance.
     pub async fn bind(options: RouteOptions) -> Result<Route, ProxyError> {
-        let bind_error = |source| ProxyError::Bind {
-            address: options.listen,
-            source,
-        };
-        let listener = TcpListener::bind(options.listen)
-            .await
+        let address = options.listen;
+        let bind_error = |source| ProxyError::Bind { address, source };
+        // The route serves on its own thread with a single-threaded runtime, whatever runtime
+        // the caller uses: a request's server side, its upstream connection and its timers
+        // then never wake each other across threads (that costs CPU and latency per request).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .map_err(bind_error)?;
-        let local_addr = listener.local_addr().map_err(bind_error)?;
+        let listening = {
+            // The listener registers with the route's runtime, not the caller's.
+            let _entered = runtime.enter();
+            listen(address).and_then(|listener| Ok((listener.local_addr()?, listener)))
+        };
+        let (local_addr, listener) = match listening {
+            Ok(listening) => listening,
+            Err(source) => {
+                // Dropping a runtime blocks, which an async caller must not do.
+                runtime.shutdown_background();
+                return Err(bind_error(source));
+            }
+        };
         let mut client = hyper::client::conn::http1::Builder::new();
         client.max_buf_size(256 * 1024).writev(WRITEV);
         let shared = Arc::new(Shared {
@@ -114,11 +130,26 @@ impl Route {
             unrouted: UnroutedCounters::default(),
         });
         let (stop, stopped) = oneshot::channel();
-        let accept = tokio::spawn(accept(listener, Arc::clone(&shared), stopped));
+        let (finished, done) = oneshot::channel();
+        let (unbound, listener_closed) = std::sync::mpsc::channel();
+        let serving = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("graven-route".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // accept owns the listener: when it returns, the address is free again.
+                    let closing = accept(listener, serving, stopped).await;
+                    let _ = unbound.send(());
+                    closing.close_all().await;
+                });
+                let _ = finished.send(());
+            })
+            .map_err(bind_error)?;
         Ok(Route {
             shared,
             stop: Some(stop),
-            accept: Some(accept),
+            listener_closed: Mutex::new(listener_closed),
+            done: Some(done),
         })
     }
 
@@ -196,20 +227,40 @@ impl Route {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(accept) = self.accept.take()
-            && let Ok(closing) = accept.await
-        {
-            closing.close_all().await;
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
         }
     }
 }
 
 impl Drop for Route {
+    /// A route dropped without `shutdown` lets its connections finish in the background, but
+    /// frees its address before returning, so that a successor can bind it at once. That
+    /// wait is the route thread noticing the stop: microseconds, bounded anyway.
     fn drop(&mut self) {
-        if let Some(accept) = &self.accept {
-            accept.abort();
+        if let Some(stop) = self.stop.take()
+            && stop.send(()).is_ok()
+        {
+            let listener_closed = self
+                .listener_closed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let _ = listener_closed.recv_timeout(Duration::from_secs(1));
         }
     }
+}
+
+/// A listening socket with the backlog and address reuse a busy route wants (what
+/// `TcpListener::bind` does, but without needing to be async).
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
 }
 
 impl Registry {
@@ -379,25 +430,24 @@ impl Shared {
         let mut attempt = 0;
         loop {
             let error = match lease
-                .connect(&self.client, self.options.connect_timeout, sent_at)
+                .connect(&self.client, self.options.connect_timeout)
                 .await
             {
                 Err(error) => {
                     refused.push(Arc::clone(lease.instance()));
                     error
                 }
-                Ok(reuse) => {
-                    // A connection that sat idle may be closed by the instance just as the
-                    // request goes out; an idempotent request without a body can then be
-                    // sent again from this copy.
-                    let copy =
-                        (idempotent && reuse == Reuse::Stale && body.is_end_stream()).then(|| {
-                            (
-                                parts.method.clone(),
-                                parts.uri.clone(),
-                                parts.headers.clone(),
-                            )
-                        });
+                Ok(()) => {
+                    // The instance may close the connection before answering (a pooled
+                    // connection's idle timeout, a crash); an idempotent request without a
+                    // body can then be sent again from this copy of its head.
+                    let copy = (idempotent && body.is_end_stream()).then(|| {
+                        (
+                            parts.method.clone(),
+                            parts.uri.clone(),
+                            parts.headers.clone(),
+                        )
+                    });
                     let request = Request::from_parts(parts, body);
                     let (sender, timer) =
                         lease.sender_with_timer(sent_at + self.options.response_timeout);

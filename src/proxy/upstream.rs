@@ -24,22 +24,6 @@ pub(crate) type Sender = SendRequest<ForwardBody>;
 /// Idle connections kept per instance; more are closed when their answer ends.
 const MAX_IDLE: usize = 512;
 
-/// A connection idle at least this long may be closed by the instance's keep-alive timeout
-/// just as a request goes out on it; below it, that race needs an instance whose idle timeout
-/// is shorter than this, which no common server has.
-const STALE_AFTER: Duration = Duration::from_secs(1);
-
-/// How a leased connection was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Reuse {
-    /// Freshly connected: the instance cannot have closed it yet.
-    New,
-    /// Pooled and used moments ago.
-    Warm,
-    /// Pooled and idle for at least `STALE_AFTER`: the instance may close it under us.
-    Stale,
-}
-
 #[derive(Debug)]
 pub(crate) struct Instance {
     pub(crate) id: String,
@@ -161,7 +145,6 @@ impl Instance {
         &self,
         builder: &Builder,
         timeout: Duration,
-        now: Instant,
     ) -> Result<Connection, ProxyError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
             Ok(Ok(stream)) => stream,
@@ -195,12 +178,8 @@ impl Instance {
             // The connection's own errors reach the request that was on it; nothing to add.
             let _ = connection.await;
         });
-        let timer = Box::pin(tokio::time::sleep_until(now.into()));
-        Ok(Connection {
-            sender,
-            used_at: now,
-            timer,
-        })
+        let timer = Box::pin(tokio::time::sleep(timeout));
+        Ok(Connection { sender, timer })
     }
 }
 
@@ -211,8 +190,6 @@ impl Instance {
 #[derive(Debug)]
 pub(crate) struct Connection {
     sender: Sender,
-    /// When the last request on it arrived.
-    used_at: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -230,26 +207,21 @@ impl Lease {
     }
 
     /// Gets a connection: the most recently idle pooled one that is still open (the last
-    /// used is the least likely to have been closed), or a new one. `now` is when the
-    /// request arrived; pooled connections remember it as their last use, which overstates
-    /// their idle time a little and so errs towards treating them as stale.
+    /// used is the least likely to have been closed), or a new one.
     pub(crate) async fn connect(
         &mut self,
         builder: &Builder,
         timeout: Duration,
-        now: Instant,
-    ) -> Result<Reuse, ProxyError> {
+    ) -> Result<(), ProxyError> {
         while let Some(mut connection) = self.instance.take_idle() {
             let sender = &mut connection.sender;
             if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
-                let stale = now.saturating_duration_since(connection.used_at) >= STALE_AFTER;
-                connection.used_at = now;
                 self.connection = Some(connection);
-                return Ok(if stale { Reuse::Stale } else { Reuse::Warm });
+                return Ok(());
             }
         }
-        self.connection = Some(self.instance.connect(builder, timeout, now).await?);
-        Ok(Reuse::New)
+        self.connection = Some(self.instance.connect(builder, timeout).await?);
+        Ok(())
     }
 
     /// The connection's request sender and its answer timer, armed to fire at `deadline`.
