@@ -27,10 +27,17 @@
 # - Load: `graven __load` (graven::loadgen), C keep-alive connections for the whole update
 #   plus a second after; a failed request is a connection error or a non-2xx answer.
 #
-# graven half: the same 4-instance rolling replace with `graven deploy`, added when the
-# controller lands on main; its row goes next to Swarm's in the table.
+# graven half (bench_graven): the same 4-instance rolling replace with `graven deploy`
+# against `graven up` (its own GRAVEN_HOME in the temp dir, stopped by its PID), the example
+# baked by graven, a new release per update (VERSION in graven.toml's env), max_surge 1,
+# max_unavailable 0, the same health timing as examples/hello/graven.toml. Timing: from
+# `graven deploy` until it returns, which is when the deploy succeeded: every new instance
+# healthy and every old one drained, stopped and removed. The same load tool and settings.
 #
 # Usage: bench/deploy.sh            (UPDATES=3 CONNECTIONS=8 by default)
+#        ONLY=graven bench/deploy.sh   (skip the Swarm half, e.g. without dockerd)
+#        GRAVEN_BENCH_RUNTIME=fake ...  (graven's in-process fake instances: a dry run of the
+#                                        script only, not a comparable figure)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,8 +65,14 @@ sh "$ROOT/examples/hello/build.sh"
 
 WORK=$(mktemp -d /tmp/graven-bench-deploy.XXXXXX)
 DOCKERD_PID=
+GRAVEN_UP_PID=
 cleanup() {
     set +e
+    if [ -n "$GRAVEN_UP_PID" ]; then
+        kill -TERM "$GRAVEN_UP_PID" 2>/dev/null
+        for _ in $(seq 300); do kill -0 "$GRAVEN_UP_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$GRAVEN_UP_PID" 2>/dev/null
+    fi
     if [ -n "$DOCKERD_PID" ]; then
         docker service rm hello >/dev/null 2>&1
         timeout 30 docker swarm leave --force >/dev/null 2>&1
@@ -73,59 +86,144 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# ---------------------------------------------------------------- graven half
+bench_graven() {
+    local home=$WORK/graven-home project=$WORK/graven-project port up_pid version
+    mkdir -p "$project/dist"
+    cp "$ROOT/examples/hello/Containerfile" "$project/"
+    cp "$ROOT/examples/hello/dist/hello" "$project/dist/"
+    port=$(free_port tcp)
+    write_toml() {
+        cat >"$project/graven.toml" <<TOML
+app = "bench"
+
+[services.web]
+instances = $REPLICAS
+port = 8080
+route = "127.0.0.1:$port"
+env = { VERSION = "$1" }
+health = { path = "/healthz", interval = "200ms", timeout = "200ms", healthy_after = 2, unhealthy_after = 3 }
+deploy = { strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "30s" }
+stop_grace = "$GRACE"
+TOML
+    }
+    write_toml 1
+    GRAVEN_HOME=$home GRAVEN_RUNTIME=${GRAVEN_BENCH_RUNTIME:-local} \
+        "$GRAVEN" up "$project" >"$WORK/up.out" 2>"$WORK/up.err" &
+    up_pid=$!
+    GRAVEN_UP_PID=$up_pid
+    for _ in $(seq 600); do
+        grep -qs "graven: serving" "$WORK/up.err" && break
+        kill -0 "$up_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q "graven: serving" "$WORK/up.err" || { echo "graven up did not serve:" >&2; tail "$WORK/up.err" >&2; exit 1; }
+
+    printf 'update\tcommand_s\tconverged_s\trequests\tfailed\tlast_version\n' >"$WORK/graven.tsv"
+    for version in $(seq 2 $((UPDATES + 1))); do
+        write_toml "$version"
+        rm -f "$WORK/stop"
+        "$GRAVEN" __load --address "127.0.0.1:$port" --connections "$CONNECTIONS" --duration 600s \
+            --stop-file "$WORK/stop" --json >"$WORK/load.json" &
+        load_pid=$!
+        sleep 1 # a second of steady load before the update, as a baseline
+        start=$(now)
+        GRAVEN_HOME=$home "$GRAVEN" deploy "$project" >"$WORK/deploy.out" 2>"$WORK/deploy.err" \
+            || { echo "graven deploy failed:" >&2; cat "$WORK/deploy.out" "$WORK/deploy.err" >&2; }
+        converged=$(now)
+        sleep 1 # and a second after, as for Swarm
+        touch "$WORK/stop"
+        wait "$load_pid"
+        printf 'v%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$(seconds "$start" "$converged")" \
+            "$(seconds "$start" "$converged")" "$(jq .total "$WORK/load.json")" \
+            "$(jq .failed "$WORK/load.json")" "$(jq -r .last_version "$WORK/load.json")" \
+            >>"$WORK/graven.tsv"
+        jq -r '.failures[:3][] | "  graven v'"$version"' failure: " + .' "$WORK/load.json" >&2
+    done
+    kill -TERM "$up_pid"
+    wait "$up_pid" || true
+    GRAVEN_UP_PID=
+}
+
 # ---------------------------------------------------------------- Swarm half
-export DOCKER_HOST=unix://$WORK/docker.sock
-mkdir -p "$WORK/data" "$WORK/exec"
-dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
-    -H "$DOCKER_HOST" --iptables=false --ip6tables=false --bridge=none \
-    >"$WORK/dockerd.log" 2>&1 &
-DOCKERD_PID=$!
-for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.1; done
-docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail "$WORK/dockerd.log" >&2; exit 1; }
-docker swarm init --advertise-addr 127.0.0.1 --listen-addr "127.0.0.1:$(free_port tcp)" \
-    --data-path-port "$(free_port udp)" >/dev/null
+bench_swarm() {
+    export DOCKER_HOST=unix://$WORK/docker.sock
+    mkdir -p "$WORK/data" "$WORK/exec"
+    dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
+        -H "$DOCKER_HOST" --iptables=false --ip6tables=false --bridge=none \
+        >"$WORK/dockerd.log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.1; done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail "$WORK/dockerd.log" >&2; exit 1; }
+    docker swarm init --advertise-addr 127.0.0.1 --listen-addr "127.0.0.1:$(free_port tcp)" \
+        --data-path-port "$(free_port udp)" >/dev/null
 
-echo "baking hello:v1..v$((UPDATES + 1)) with docker build (FROM scratch)" >&2
-for version in $(seq 1 $((UPDATES + 1))); do
-    { cat "$ROOT/examples/hello/Containerfile"; echo "ENV VERSION=$version"; } >"$WORK/Dockerfile.v$version"
-    DOCKER_BUILDKIT=0 docker build --quiet -f "$WORK/Dockerfile.v$version" -t "hello:v$version" \
-        "$ROOT/examples/hello" >/dev/null 2>&1
-done
+    echo "baking hello:v1..v$((UPDATES + 1)) with docker build (FROM scratch)" >&2
+    for version in $(seq 1 $((UPDATES + 1))); do
+        { cat "$ROOT/examples/hello/Containerfile"; echo "ENV VERSION=$version"; } >"$WORK/Dockerfile.v$version"
+        DOCKER_BUILDKIT=0 docker build --quiet -f "$WORK/Dockerfile.v$version" -t "hello:v$version" \
+            "$ROOT/examples/hello" >/dev/null 2>&1
+    done
 
-PORT=$(free_port tcp)
-docker service create --quiet --name hello --replicas $REPLICAS --network host \
-    --no-resolve-image --env PORT="$PORT" --env REUSE_PORT=1 \
-    --stop-grace-period $GRACE --update-order start-first --update-parallelism 1 \
-    hello:v1 >/dev/null
-until [ "$(curl -s "127.0.0.1:$PORT/" || true)" != "" ]; do sleep 0.1; done
+    PORT=$(free_port tcp)
+    docker service create --quiet --name hello --replicas $REPLICAS --network host \
+        --no-resolve-image --env PORT="$PORT" --env REUSE_PORT=1 \
+        --stop-grace-period $GRACE --update-order start-first --update-parallelism 1 \
+        hello:v1 >/dev/null
+    until [ "$(curl -s "127.0.0.1:$PORT/" || true)" != "" ]; do sleep 0.1; done
 
-printf 'update\tcommand_s\tconverged_s\trequests\tfailed\tlast_version\n' >"$WORK/swarm.tsv"
-for version in $(seq 2 $((UPDATES + 1))); do
-    rm -f "$WORK/stop"
-    "$GRAVEN" __load --address "127.0.0.1:$PORT" --connections "$CONNECTIONS" --duration 600s \
-        --stop-file "$WORK/stop" --json >"$WORK/load.json" &
-    load_pid=$!
-    sleep 1 # a second of steady load before the update, as a baseline
-    start=$(now)
-    docker service update --quiet --update-order start-first --no-resolve-image \
-        --image "hello:v$version" hello >/dev/null
-    returned=$(now)
-    while docker ps --format '{{.Image}}' | grep -qv "^hello:v$version\$"; do sleep 0.05; done
-    converged=$(now)
-    sleep 1 # and a second after, so reconnections show
-    touch "$WORK/stop"
-    wait "$load_pid"
-    printf 'v%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$(seconds "$start" "$returned")" \
-        "$(seconds "$start" "$converged")" "$(jq .total "$WORK/load.json")" \
-        "$(jq .failed "$WORK/load.json")" "$(jq -r .last_version "$WORK/load.json")" \
-        >>"$WORK/swarm.tsv"
-    jq -r '.failures[:3][] | "  swarm v'"$version"' failure: " + .' "$WORK/load.json" >&2
-done
+    printf 'update\tcommand_s\tconverged_s\trequests\tfailed\tlast_version\n' >"$WORK/swarm.tsv"
+    for version in $(seq 2 $((UPDATES + 1))); do
+        rm -f "$WORK/stop"
+        "$GRAVEN" __load --address "127.0.0.1:$PORT" --connections "$CONNECTIONS" --duration 600s \
+            --stop-file "$WORK/stop" --json >"$WORK/load.json" &
+        load_pid=$!
+        sleep 1 # a second of steady load before the update, as a baseline
+        start=$(now)
+        docker service update --quiet --update-order start-first --no-resolve-image \
+            --image "hello:v$version" hello >/dev/null
+        returned=$(now)
+        while docker ps --format '{{.Image}}' | grep -qv "^hello:v$version\$"; do sleep 0.05; done
+        converged=$(now)
+        sleep 1 # and a second after, so reconnections show
+        touch "$WORK/stop"
+        wait "$load_pid"
+        printf 'v%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$(seconds "$start" "$returned")" \
+            "$(seconds "$start" "$converged")" "$(jq .total "$WORK/load.json")" \
+            "$(jq .failed "$WORK/load.json")" "$(jq -r .last_version "$WORK/load.json")" \
+            >>"$WORK/swarm.tsv"
+        jq -r '.failures[:3][] | "  swarm v'"$version"' failure: " + .' "$WORK/load.json" >&2
+    done
+}
 
+if [ "${ONLY:-}" != "graven" ]; then bench_swarm; fi
+bench_graven
+
+summary() { # summary NAME FILE: one row of the side-by-side table
+    awk -F'\t' -v name="$1" 'NR > 1 { t += $3; f += $5; r += $4; n++ }
+        END { printf "%s\t%.2f\t%d\t%d\t%d\n", name, t / n, r, f, n }' "$2"
+}
 echo
 echo "Rolling replace of $REPLICAS instances under $CONNECTIONS keep-alive connections"
-echo "($(nproc) cores, $(uname -r); docker $(docker version --format '{{.Server.Version}}'))"
+echo "($(nproc) cores, $(uname -r); graven runtime ${GRAVEN_BENCH_RUNTIME:-local})"
+if [ -f "$WORK/swarm.tsv" ]; then
+    echo
+    echo "Docker Swarm $(docker version --format '{{.Server.Version}}'), start-first (seconds from update to last old container gone):"
+    column -t -s $'\t' "$WORK/swarm.tsv"
+fi
 echo
-echo "Docker Swarm, start-first (seconds from update to last old container gone):"
-column -t -s $'\t' "$WORK/swarm.tsv"
-awk -F'\t' 'NR > 1 { t += $3; f += $5; n++ } END { printf "mean converged %.2fs, failed requests %d over %d updates\n", t / n, f, n }' "$WORK/swarm.tsv"
+echo "graven (seconds from \`graven deploy\` to every old instance gone):"
+column -t -s $'\t' "$WORK/graven.tsv"
+echo
+{
+    printf 'who\tmean_converged_s\trequests\tfailed\tupdates\tvs_swarm\n'
+    graven_row=$(summary graven "$WORK/graven.tsv")
+    if [ -f "$WORK/swarm.tsv" ]; then
+        swarm_row=$(summary swarm "$WORK/swarm.tsv")
+        ratio=$(echo "$graven_row $swarm_row" | awk '{ if ($7 > 0) printf "%.2fx", $2 / $7; else print "-" }')
+        printf '%s\t1.00x\n' "$swarm_row"
+        printf '%s\t%s\n' "$graven_row" "$ratio"
+    else
+        printf '%s\t-\n' "$graven_row"
+    fi
+} | column -t -s $'\t'

@@ -395,7 +395,7 @@ fn copy_add_dockerignore_chown_chmod_and_workdir() {
     fs::write(d.join("plain.txt"), "plain").unwrap();
     fs::write(
         d.join("Containerfile"),
-        "FROM scratch\nCOPY --chown=10:20 app /srv/app\nADD bundle.tar.gz /opt/\nCOPY --chmod=0600 plain.txt /etc/\nWORKDIR /work/dir\nADD plain.txt relative\n",
+        "FROM scratch\nCOPY --chown=10:20 app /srv/app\nADD bundle.tar.gz /opt/\nCOPY --chmod=0600 plain.txt /etc/\nWORKDIR /work/dir\nADD plain.txt relative\nCOPY app/*/*.txt p*.txt /globbed/\n",
     )
     .unwrap();
     bake_json(home.path(), d, &["--tag", "t:1"]);
@@ -417,6 +417,9 @@ fn copy_add_dockerignore_chown_chmod_and_workdir() {
             "work/ 755 0:0",
             "work/dir/ 755 0:0",
             "work/dir/relative 644 0:0 \"plain\"",
+            "globbed/ 755 0:0",
+            "globbed/data.txt 644 0:0 \"data\"",
+            "globbed/plain.txt 644 0:0 \"plain\"",
         ]
     "##]]
     .assert_debug_eq(&layer_listing(home.path(), "t:1"));

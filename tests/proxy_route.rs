@@ -291,6 +291,31 @@ async fn idempotent_requests_are_retried_on_another_instance_and_posts_are_not()
 }
 
 #[tokio::test]
+async fn a_get_on_an_idle_connection_the_instance_closed_is_sent_again() {
+    let racy = OneAnswerPerConnection::start().await;
+    let route = route(|_| {}).await;
+    route.set_backends(vec![backend("racy", 1, racy.address)]);
+    let client = client();
+    assert_eq!(get(&client, route.local_addr(), "/").await.body, "first");
+    // The pooled connection must count as idle long enough for the instance to close it;
+    // this waits out that threshold, it does not hope for a race.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let answer = get(&client, route.local_addr(), "/").await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (StatusCode::OK, "first")
+    );
+    assert_eq!(route.metrics().retries, 1);
+
+    // Negative control: a POST in the same position is not sent again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let answer = send(&client, Method::POST, route.local_addr(), "/", Bytes::new()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.header("x-graven-error"), "upstream");
+    assert_eq!(route.metrics().retries, 1);
+}
+
+#[tokio::test]
 async fn with_retries_off_a_refused_get_fails() {
     let refusing = refusing_address().await;
     let route = route(|options| options.retries = 0).await;

@@ -1,2 +1,529 @@
 //! The API owns the daemon's local HTTP interface over a unix socket (owner-only), its
 //! routes and the mapping of errors to status codes, and the client the CLI uses.
+//!
+//! The daemon holds one controller per app and environment, each with its own event log
+//! under `$GRAVEN_HOME/apps/<app>/<environment>/events.db`. It starts every controller whose
+//! log exists (replay, then reconcile) before it answers anything. It decides nothing itself:
+//! requests become controller commands, and answers are the controller's folded state.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::controller::{
+    self, ControllerError, ControllerHandle, ControllerOptions, Rollout, ServiceRelease, Snapshot,
+};
+use crate::events::{Envelope, Event};
+use crate::runtime::AnyRuntime;
+
+pub mod client;
+
+pub use client::Client;
+
+/// The socket's file name under `$GRAVEN_HOME`.
+pub const SOCKET: &str = "graven.sock";
+
+pub fn socket_path(home: &Path) -> PathBuf {
+    home.join(SOCKET)
+}
+
+/// The event log of one app in one environment.
+pub fn log_path(home: &Path, app: &str, environment: &str) -> PathBuf {
+    home.join("apps")
+        .join(app)
+        .join(environment)
+        .join("events.db")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no app {app:?} in environment {environment:?} is known to this daemon")]
+    UnknownApp { app: String, environment: String },
+    #[error("several apps run here ({choices}); name one with --app and --env")]
+    Ambiguous { choices: String },
+    #[error("nothing is deployed on this daemon yet")]
+    NothingRunning,
+    #[error("{name:?} is not a valid app or environment name: use letters, digits, '-' and '_'")]
+    BadName { name: String },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    #[error("no such endpoint: {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("a graven daemon already listens on {}", socket.display())]
+    AlreadyRunning { socket: PathBuf },
+    // Not a `source`: the message crosses the API as text, so it carries the cause itself.
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+}
+
+impl ApiError {
+    /// Every error names its status here; adding a variant does not compile until it is
+    /// given one.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::UnknownApp { .. } => StatusCode::NOT_FOUND,
+            ApiError::Ambiguous { .. } => StatusCode::CONFLICT,
+            ApiError::NothingRunning => StatusCode::NOT_FOUND,
+            ApiError::BadName { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::AlreadyRunning { .. } => StatusCode::CONFLICT,
+            ApiError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Controller(error) => match error {
+                ControllerError::UnknownService { .. } => StatusCode::NOT_FOUND,
+                ControllerError::UnknownRelease { .. } => StatusCode::NOT_FOUND,
+                ControllerError::NoPreviousRelease { .. } => StatusCode::CONFLICT,
+                ControllerError::RouteUnavailable { .. } => StatusCode::CONFLICT,
+                ControllerError::NothingDeployed { .. } => StatusCode::CONFLICT,
+                ControllerError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+}
+
+/// Which app and environment a request is about; either may be left out when only one
+/// controller matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    #[serde(default)]
+    pub app: Option<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub app: String,
+    pub environment: String,
+    pub services: Vec<ServiceRelease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    #[serde(flatten)]
+    pub target: Target,
+    pub service: Option<String>,
+    pub to: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    #[serde(flatten)]
+    pub target: Target,
+    #[serde(default)]
+    pub after: u64,
+}
+
+/// An answer to a command that changed something: which controller, and what it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub app: String,
+    pub environment: String,
+    pub rollout: Rollout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The daemon: the controllers of every app and environment on this machine.
+pub struct Daemon {
+    home: PathBuf,
+    runtime: AnyRuntime,
+    tick: Duration,
+    controllers: Mutex<BTreeMap<(String, String), ControllerHandle>>,
+}
+
+fn valid_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Daemon {
+    /// Starts a controller for every app and environment that has an event log. Must run
+    /// inside a tokio runtime.
+    pub fn open(home: &Path, runtime: AnyRuntime) -> Result<Arc<Daemon>, ApiError> {
+        let daemon = Arc::new(Daemon {
+            home: home.to_owned(),
+            runtime,
+            tick: Duration::from_millis(100),
+            controllers: Mutex::new(BTreeMap::new()),
+        });
+        let apps = home.join("apps");
+        let read = |path: &Path| {
+            std::fs::read_dir(path).map_err(|error| ApiError::Io {
+                path: path.to_owned(),
+                error,
+            })
+        };
+        if apps.is_dir() {
+            for app in read(&apps)? {
+                let app = app.map_err(|error| ApiError::Io {
+                    path: apps.clone(),
+                    error,
+                })?;
+                let Ok(app_name) = app.file_name().into_string() else {
+                    continue;
+                };
+                for environment in read(&app.path())? {
+                    let environment = environment.map_err(|error| ApiError::Io {
+                        path: app.path(),
+                        error,
+                    })?;
+                    let Ok(environment_name) = environment.file_name().into_string() else {
+                        continue;
+                    };
+                    if environment.path().join("events.db").is_file()
+                        && valid_name(&app_name).is_ok()
+                        && valid_name(&environment_name).is_ok()
+                    {
+                        daemon.controller(&app_name, &environment_name)?;
+                    }
+                }
+            }
+        }
+        Ok(daemon)
+    }
+
+    /// The controller of `app` in `environment`, started (from its log) if need be.
+    pub fn controller(&self, app: &str, environment: &str) -> Result<ControllerHandle, ApiError> {
+        valid_name(app)?;
+        valid_name(environment)?;
+        let mut controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (app.to_owned(), environment.to_owned());
+        if let Some(handle) = controllers.get(&key).filter(|h| !h.is_finished()) {
+            return Ok(handle.clone());
+        }
+        let log = log_path(&self.home, app, environment);
+        let dir = log.parent().expect("the log has a directory");
+        std::fs::create_dir_all(dir).map_err(|error| ApiError::Io {
+            path: dir.to_owned(),
+            error,
+        })?;
+        let handle = controller::spawn(ControllerOptions {
+            app: app.to_owned(),
+            environment: environment.to_owned(),
+            log,
+            runtime: self.runtime.clone(),
+            tick: self.tick,
+        })?;
+        controllers.insert(key, handle.clone());
+        Ok(handle)
+    }
+
+    /// The one controller `target` names, or the only one there is.
+    pub fn find(&self, target: &Target) -> Result<ControllerHandle, ApiError> {
+        let controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        let matching: Vec<&ControllerHandle> = controllers
+            .values()
+            .filter(|h| target.app.as_deref().is_none_or(|a| a == h.app()))
+            .filter(|h| {
+                target
+                    .environment
+                    .as_deref()
+                    .is_none_or(|e| e == h.environment())
+            })
+            .collect();
+        match matching.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] if target.app.is_none() && target.environment.is_none() => {
+                Err(ApiError::NothingRunning)
+            }
+            [] => Err(ApiError::UnknownApp {
+                app: target.app.clone().unwrap_or_default(),
+                environment: target.environment.clone().unwrap_or_default(),
+            }),
+            many => Err(ApiError::Ambiguous {
+                choices: many
+                    .iter()
+                    .map(|h| format!("{}/{}", h.app(), h.environment()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    pub fn snapshots(&self, target: &Target) -> Vec<Arc<Snapshot>> {
+        let controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        controllers
+            .values()
+            .filter(|h| target.app.as_deref().is_none_or(|a| a == h.app()))
+            .filter(|h| {
+                target
+                    .environment
+                    .as_deref()
+                    .is_none_or(|e| e == h.environment())
+            })
+            .map(|h| h.snapshot())
+            .collect()
+    }
+
+    /// Drains and stops every instance of every controller.
+    pub async fn shutdown(&self) {
+        let handles: Vec<ControllerHandle> = self
+            .controllers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for handle in handles {
+            handle.shutdown().await;
+        }
+    }
+
+    /// Serves the API on the unix socket until `stop` resolves; the socket is removed after.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        eprintln!("graven: accepting on the api socket: {error}");
+                        continue;
+                    }
+                },
+                () = &mut stop => break,
+            };
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let daemon = daemon.clone();
+                    async move { Ok::<_, Infallible>(daemon.answer(request).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        match self.route(request).await {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(error) => json_response(
+                error.status(),
+                serde_json::to_vec(&ErrorBody {
+                    error: error.to_string(),
+                })
+                .unwrap_or_default(),
+            ),
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| ApiError::BadRequest {
+                reason: error.to_string(),
+            })?
+            .to_bytes();
+        match (&method, path.as_str()) {
+            (&Method::POST, "/v1/deploy") => {
+                let request: DeployRequest = parse(&body)?;
+                let handle = self.controller(&request.app, &request.environment)?;
+                let rollout = handle.deploy(request.services).await?;
+                Ok(to_json(&accepted(&handle, rollout)))
+            }
+            (&Method::POST, "/v1/rollback") => {
+                let request: RollbackRequest = parse(&body)?;
+                let handle = self.find(&request.target)?;
+                let rollout = handle.rollback(request.service, request.to).await?;
+                Ok(to_json(&accepted(&handle, rollout)))
+            }
+            (&Method::POST, "/v1/down") => {
+                let target: Target = parse(&body)?;
+                let handle = self.find(&target)?;
+                let rollout = handle.down().await?;
+                Ok(to_json(&accepted(&handle, rollout)))
+            }
+            (&Method::POST, "/v1/status") => {
+                let target: Target = parse(&body)?;
+                let snapshots: Vec<Snapshot> = self
+                    .snapshots(&target)
+                    .iter()
+                    .map(|s| (**s).clone())
+                    .collect();
+                Ok(to_json(&snapshots))
+            }
+            (&Method::POST, "/v1/history") => {
+                let request: HistoryRequest = parse(&body)?;
+                let handle = self.find(&request.target)?;
+                let events: Vec<Envelope<Event>> = handle.history(request.after).await?;
+                Ok(to_json(&events))
+            }
+            _ => Err(ApiError::NoRoute {
+                method: method.to_string(),
+                path,
+            }),
+        }
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn accepted(handle: &ControllerHandle, rollout: Rollout) -> Accepted {
+    Accepted {
+        app: handle.app().to_owned(),
+        environment: handle.environment().to_owned(),
+        rollout,
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|error| ApiError::BadRequest {
+        reason: error.to_string(),
+    })
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Every image a release under `home` names, so `graven gc` keeps what a rollback may need.
+pub fn release_images(home: &Path) -> Result<Vec<crate::store::Digest>, ApiError> {
+    let apps = home.join("apps");
+    let mut images = std::collections::BTreeSet::new();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |error| ApiError::Io { path, error }
+    };
+    if !apps.is_dir() {
+        return Ok(Vec::new());
+    }
+    for app in std::fs::read_dir(&apps).map_err(io(&apps))? {
+        let app = app.map_err(io(&apps))?.path();
+        for environment in std::fs::read_dir(&app).map_err(io(&app))? {
+            let log = environment.map_err(io(&app))?.path().join("events.db");
+            if !log.is_file() {
+                continue;
+            }
+            let log = crate::events::EventLog::open(&log).map_err(ControllerError::from)?;
+            for envelope in log.read_after::<Event>(0).map_err(ControllerError::from)? {
+                if let Event::ReleaseCreated { image, .. } = envelope.payload {
+                    images.insert(image);
+                }
+            }
+        }
+    }
+    Ok(images.into_iter().collect())
+}
+
+/// Binds the API socket owner-only in an owner-only `home`. A socket file left by a dead
+/// daemon is replaced; a live daemon is an error.
+pub async fn bind(home: &Path) -> Result<UnixListener, ApiError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |error| ApiError::Io { path, error }
+    };
+    std::fs::create_dir_all(home).map_err(io(home))?;
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(io(home))?;
+    let socket = socket_path(home);
+    if socket.exists() {
+        if UnixStream::connect(&socket).await.is_ok() {
+            return Err(ApiError::AlreadyRunning { socket });
+        }
+        std::fs::remove_file(&socket).map_err(io(&socket))?;
+    }
+    let listener = UnixListener::bind(&socket).map_err(io(&socket))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(&socket))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_status_codes() {
+        let check = |error: ApiError, expected: u16| {
+            assert_eq!(error.status().as_u16(), expected, "{error}");
+        };
+        check(
+            ApiError::Controller(ControllerError::UnknownService {
+                service: "x".into(),
+            }),
+            404,
+        );
+        check(
+            ApiError::Controller(ControllerError::RouteUnavailable {
+                service: "web".into(),
+                route: "127.0.0.1:1".parse().unwrap(),
+                reason: "in use".into(),
+            }),
+            409,
+        );
+        check(
+            ApiError::Controller(ControllerError::Stopped {
+                app: "a".into(),
+                environment: "e".into(),
+            }),
+            503,
+        );
+        check(ApiError::BadRequest { reason: "x".into() }, 400);
+        check(
+            ApiError::Ambiguous {
+                choices: "a/b, c/d".into(),
+            },
+            409,
+        );
+    }
+
+    #[test]
+    fn app_and_environment_names_are_single_safe_path_components() {
+        for good in ["hello", "pr-123", "a_b"] {
+            assert!(valid_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "..", "a/b", "-x", "x y", &"a".repeat(65)] {
+            assert!(valid_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

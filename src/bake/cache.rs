@@ -81,6 +81,7 @@ impl Cache {
         };
         let mut roots: Vec<Digest> = read
             .flatten()
+            .filter(|entry| entry.file_name() != "files.json")
             .filter_map(|entry| {
                 let record: Record = serde_json::from_slice(&fs::read(entry.path()).ok()?).ok()?;
                 Some(record.layer?.descriptor.digest)
@@ -105,9 +106,108 @@ impl Cache {
     }
 }
 
+/// What a file looked like when it was hashed; a file that still looks the same is not read
+/// again (as git's index does). The content, not this, is what cache keys use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    digest: Digest,
+}
+
+/// A memo of file content hashes keyed by path and stat, in `$GRAVEN_HOME/cache/files.json`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct FileHashes {
+    files: std::collections::BTreeMap<PathBuf, Stamp>,
+    #[serde(skip)]
+    changed: bool,
+}
+
+impl FileHashes {
+    fn path(home: &Path) -> PathBuf {
+        home.join("cache").join("files.json")
+    }
+
+    pub fn load(home: &Path) -> FileHashes {
+        fs::read(Self::path(home))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// The sha256 of the file at `path`. `now` (seconds since the epoch) guards against a
+    /// file changed twice within one timestamp tick: stamps younger than 2 s are not kept.
+    pub fn digest(&mut self, path: &Path, now: i64) -> io::Result<Digest> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        let stamp = |digest: Digest| Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            digest,
+        };
+        if let Some(known) = self.files.get(path)
+            && stamp(known.digest.clone()) == *known
+        {
+            return Ok(known.digest.clone());
+        }
+        let (digest, _) = crate::store::digest_reader(fs::File::open(path)?)?;
+        let fresh = stamp(digest.clone());
+        if now - fresh.mtime.0.max(fresh.ctime.0) >= 2 {
+            self.files.insert(path.to_owned(), fresh);
+            self.changed = true;
+        } else if self.files.remove(path).is_some() {
+            self.changed = true;
+        }
+        Ok(digest)
+    }
+
+    /// Writes the memo back when it changed (a lost write only costs hashing again).
+    pub fn save(&self, home: &Path) -> io::Result<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        let path = Self::path(home);
+        let dir = path.parent().expect("files.json has a parent");
+        fs::create_dir_all(dir)?;
+        let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+        temp.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        temp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_hashes_follow_content_and_skip_young_files() {
+        let home = tempfile::tempdir().unwrap();
+        let file = home.path().join("f");
+        fs::write(&file, "one").unwrap();
+        let mut memo = FileHashes::default();
+        let far_future = i64::MAX / 2;
+        assert_eq!(memo.digest(&file, far_future).unwrap(), Digest::of(b"one"));
+        assert_eq!(memo.files.len(), 1);
+        fs::write(&file, "two").unwrap();
+        assert_eq!(memo.digest(&file, far_future).unwrap(), Digest::of(b"two"));
+        // A file modified just now is hashed but not remembered.
+        let mut young = FileHashes::default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        young.digest(&file, now).unwrap();
+        assert!(young.files.is_empty());
+        memo.save(home.path()).unwrap();
+        assert_eq!(FileHashes::load(home.path()).files, memo.files);
+    }
 
     #[test]
     fn keys_depend_on_every_input_and_their_boundaries() {

@@ -113,7 +113,7 @@ pub struct Context {
 /// Entries for one COPY/ADD, and the temp directory holding unpacked archive files.
 pub struct Collected {
     pub entries: Vec<Entry>,
-    pub _unpacked: Vec<tempfile::TempDir>,
+    pub unpacked: Vec<tempfile::TempDir>,
 }
 
 impl Context {
@@ -194,10 +194,13 @@ impl Context {
                     format!("{rel}/{name}")
                 };
                 let is_dir = child.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                if is_dir {
+                let excluded = self.ignore.excluded(&rel);
+                // An excluded directory is only worth entering when an exception may
+                // bring back something inside it.
+                if is_dir && (!excluded || self.ignore.has_exceptions()) {
                     stack.push((child.path(), rel.clone()));
                 }
-                if !self.ignore.excluded(&rel) {
+                if !excluded {
                     out.push(rel);
                 }
             }
@@ -251,7 +254,7 @@ impl Context {
         let dest_rel = dest.trim_start_matches('/');
         let mut collected = Collected {
             entries: Vec::new(),
-            _unpacked: Vec::new(),
+            unpacked: Vec::new(),
         };
         for (source, rel) in matched {
             let path = self.resolve(&source, &rel)?;
@@ -267,7 +270,7 @@ impl Context {
                 }
                 let unpacked =
                     unpack_archive(&source, &path, dest_rel, own, &mut collected.entries)?;
-                collected._unpacked.push(unpacked);
+                collected.unpacked.push(unpacked);
             } else {
                 let name = rel.rsplit('/').next().unwrap_or(&rel);
                 let target = if into_dir {

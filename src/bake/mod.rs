@@ -166,6 +166,11 @@ pub fn bake(
         .iter()
         .map(|&i| 1 + stages.stages[i].instructions.len())
         .sum();
+    let mut file_hashes = cache::FileHashes::load(home);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let mut txn = store.transaction()?;
     let mut pending: Vec<(Digest, Record)> = Vec::new();
     let mut built: BTreeMap<usize, State> = BTreeMap::new();
@@ -218,9 +223,17 @@ pub fn bake(
                 total,
                 text: &step.text,
             });
-            let (key, found, collected) =
-                prepare(&txn, &cache, &context, &state, step, options.epoch)
-                    .map_err(at(step.line))?;
+            let (key, found, collected) = prepare(
+                &txn,
+                &cache,
+                &context,
+                &mut file_hashes,
+                now,
+                &state,
+                step,
+                options.epoch,
+            )
+            .map_err(at(step.line))?;
             let cached = found.is_some();
             let record = match found {
                 Some(record) => record,
@@ -269,6 +282,7 @@ pub fn bake(
         // A cache entry that cannot be written only costs a rebuild of that step later.
         let _ = cache.put(&key, &record);
     }
+    let _ = file_hashes.save(home);
     let size = manifest.size
         + config_size(&store, &manifest.digest)
         + state.layers.iter().map(|l| l.size).sum::<u64>();
@@ -414,10 +428,13 @@ fn ownership(
 
 /// Works out a step's cache key (for COPY/ADD this reads and hashes the sources) and looks it
 /// up; building the layer is left to `build` on a miss.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     txn: &Transaction<'_>,
     cache: &Cache,
     context: &Context,
+    file_hashes: &mut cache::FileHashes,
+    now: i64,
     state: &State,
     step: &plan::Step,
     epoch: u64,
@@ -437,8 +454,10 @@ fn prepare(
             let own = ownership(store, state, chown.as_deref(), *chmod)?;
             let mut collected = context.collect(*add, sources, dest, own)?;
             tree::normalize(&mut collected.entries);
-            let hash = tree::content_hash(&collected.entries)
-                .map_err(|e| format!("reading sources: {e}"))?;
+            let hash = tree::content_hash(&collected.entries, &mut |path| {
+                file_hashes.digest(path, now)
+            })
+            .map_err(|e| format!("reading sources: {e}"))?;
             let key = cache::key(Some(&state.key), &[&action, hash.as_str(), &args, &epoch]);
             (key, Some(collected))
         }
@@ -467,7 +486,7 @@ fn build(
         Action::Config(_) => return Ok(Record { layer: None }),
         Action::Copy { .. } => {
             let collected = collected.ok_or("COPY without collected sources")?;
-            keep_alive = collected._unpacked;
+            keep_alive = collected.unpacked;
             collected.entries
         }
         Action::Workdir(path) => {

@@ -33,6 +33,12 @@ pub fn run(
         .prefix("graven-run-")
         .tempdir()
         .map_err(|e| format!("cannot make a temp root: {e}"))?;
+    // Temp dirs are 0700; an image's `/` is 0755 so that non-root users can walk it.
+    fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(|e| format!("cannot make a temp root: {e}"))?;
     tree::unpack(store, layers, root.path()).map_err(|e| e.to_string())?;
     let (uid, gid) = resolve_user(root.path(), user)?;
     let cwd = root.path().join(workdir.trim_start_matches('/'));

@@ -48,7 +48,11 @@ pub fn normalize(entries: &mut Vec<Entry>) {
 
 /// A content hash of the entries (paths, metadata and file contents): what a COPY step's
 /// cache key depends on, independent of mtimes and listing order.
-pub fn content_hash(entries: &[Entry]) -> io::Result<Digest> {
+/// `file_digest` hashes one file (the bake passes its stat-keyed memo of file hashes).
+pub fn content_hash(
+    entries: &[Entry],
+    file_digest: &mut dyn FnMut(&Path) -> io::Result<Digest>,
+) -> io::Result<Digest> {
     let mut hasher = sha2::Sha256::new();
     for entry in entries {
         hasher.update(format!(
@@ -59,8 +63,8 @@ pub fn content_hash(entries: &[Entry]) -> io::Result<Digest> {
             EntryKind::Dir => hasher.update(b"dir\0"),
             EntryKind::Empty => hasher.update(b"empty\0"),
             EntryKind::Symlink(target) => hasher.update(format!("link\0{target}\0")),
-            EntryKind::File { source, .. } => {
-                let (digest, size) = crate::store::digest_reader(File::open(source)?)?;
+            EntryKind::File { source, size } => {
+                let digest = file_digest(source)?;
                 hasher.update(format!("file\0{size}\0{digest}\0"));
             }
         }
@@ -503,6 +507,43 @@ mod tests {
         let l2 = write_layer(&store, &a, 1_700_000_000).unwrap();
         assert_eq!(l1.digest, l2.digest);
         assert_ne!(l1.digest, lb.digest);
+    }
+
+    #[test]
+    fn long_paths_and_symlink_targets_round_trip() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let long = format!("{}/file", "d".repeat(150));
+        let target = "t".repeat(120);
+        let mut entries = vec![
+            file(&long, b"x", src.path()),
+            Entry {
+                path: "link".to_owned(),
+                kind: EntryKind::Symlink(target.clone()),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        ];
+        normalize(&mut entries);
+        let layer = write_layer(&store, &entries, 0).unwrap();
+        let mut txn = store.transaction().unwrap();
+        let descriptor = layer.keep(&mut txn).unwrap();
+        txn.commit();
+        let mut archive = tar::Archive::new(open_layer(&store, &descriptor.digest).unwrap());
+        let read: Vec<(String, Option<String>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(read, [(long, None), ("link".to_owned(), Some(target))]);
     }
 
     #[test]

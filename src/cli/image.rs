@@ -21,6 +21,7 @@ pub enum ImageCommand {
     },
     /// Write an image to a tar file: an OCI archive, or a docker-archive for `docker load`.
     Export {
+        /// A tag, a digest or a unique digest prefix.
         reference: String,
         #[arg(long, value_enum, default_value = "oci")]
         format: Format,
@@ -178,7 +179,8 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub fn gc(home: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
-    let report = crate::bake::gc(home, &[], args.cache)?;
+    let releases = crate::api::release_images(home)?;
+    let report = crate::bake::gc(home, &releases, args.cache)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -38,12 +38,65 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Start an instance of an image on the local runtime.
+    Run(instance::RunArgs),
+    /// List instances.
+    Ps(instance::PsArgs),
+    /// Stop an instance: its stop signal, a grace period, then SIGKILL.
+    Stop(instance::StopArgs),
+    /// Remove exited instances (their logs and volumes stay).
+    Rm(instance::RmArgs),
+    /// Break-glass: run a command inside an instance, which taints it.
+    Exec(instance::ExecArgs),
+    /// Run the control plane for a project in the foreground: build, bake, deploy, route,
+    /// keep healthy. Ctrl-C drains and stops every instance.
+    Up(project::UpArgs),
+    /// Run the control plane without a project, for `graven deploy` from several apps.
+    Daemon(project::DaemonArgs),
+    /// Build, bake and roll out a new release of the project's services.
+    Deploy(project::DeployArgs),
+    /// Roll back to the previous release (or `--to N`) through the same rolling path.
+    Rollback(project::RollbackArgs),
+    /// Services, their wanted release, deploys in progress and instances.
+    Status(project::TargetArgs),
+    /// Every release, numbered per environment; `*` marks the wanted one.
+    Releases(project::TargetArgs),
+    /// Every event in the log: releases, deploys, instances, rollbacks and why.
+    History(project::TargetArgs),
+    /// Drain and stop every service of an app.
+    Down(project::TargetArgs),
     /// Serve one route over fixed backends (for benchmarks).
     #[command(name = "__proxy", hide = true)]
     Proxy(proxy::ProxyArgs),
     /// A keep-alive HTTP load generator for tests and benchmarks.
     #[command(name = "__load", hide = true)]
     Load(load::LoadArgs),
+}
+
+impl Command {
+    /// Long-running servers must see a closed peer as an error on that one connection, so
+    /// they keep Rust's ignored SIGPIPE (so does `run`, which must stop its instance on the
+    /// way out); every other command only prints.
+    fn serves(&self) -> bool {
+        matches!(
+            self,
+            Command::Up(_)
+                | Command::Daemon(_)
+                | Command::Run(_)
+                | Command::Proxy(_)
+                | Command::Load(_)
+        )
+    }
+}
+
+/// A command whose output is piped into `head` should end quietly when the pipe closes, as
+/// Unix tools do, instead of panicking on the failed write.
+fn restore_default_sigpipe() {
+    // SAFETY: called on the main thread before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no handler code is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 impl Cli {
@@ -57,11 +110,27 @@ impl Cli {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = cli.home();
+    if !cli.command.serves() {
+        restore_default_sigpipe();
+    }
     let result = match cli.command {
         Command::Bake(args) => bake::run(&home, args),
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Run(args) => instance::run(&home, args),
+        Command::Ps(args) => instance::ps(&home, args),
+        Command::Stop(args) => instance::stop(&home, args),
+        Command::Rm(args) => instance::rm(&home, args),
+        Command::Exec(args) => instance::exec(&home, args),
+        Command::Up(args) => project::up(&home, args),
+        Command::Daemon(args) => project::daemon(&home, args),
+        Command::Deploy(args) => project::deploy(&home, args),
+        Command::Rollback(args) => project::rollback(&home, args),
+        Command::Status(args) => project::status(&home, args),
+        Command::Releases(args) => project::releases(&home, args),
+        Command::History(args) => project::history(&home, args),
+        Command::Down(args) => project::down(&home, args),
         Command::Proxy(args) => proxy::run(args),
         Command::Load(args) => load::run(args),
     };

@@ -1,3 +1,1165 @@
 //! The controller owns reconciliation: one loop over a closed `Input` enum that compares the
 //! wanted releases with what runs, and decides launches, drains, stops and rollbacks. Every
 //! decision is appended to the event log before it takes effect.
+//!
+//! `plan` is the pure half (state + observations + time → actions); this file is the shell
+//! that appends each action's event, folds it, and carries it out through the runtime and the
+//! proxy. Start-up is the same path as any other moment: replay the log, list the runtime,
+//! plan. The controller never edits a release and never touches another app's instances.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::events::{
+    CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, Lifecycle,
+    Scale, ServiceConfig, State, fold,
+};
+use crate::proxy::health::{Health, HealthChange, HealthMonitor};
+use crate::proxy::{Backend, Route, RouteOptions};
+use crate::runtime::{AnyRuntime, Instance, InstanceId, InstanceSpec, Runtime, RuntimeError};
+use crate::store::Digest;
+
+pub mod plan;
+
+pub use plan::{Action, Observed, Seen, plan};
+
+/// How much longer than two stop graces a shutdown waits for the runtime.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(30);
+
+/// The labels every instance carries, so a restarted controller can tell what it is.
+pub const LABEL_APP: &str = "app";
+pub const LABEL_ENVIRONMENT: &str = "environment";
+pub const LABEL_SERVICE: &str = "service";
+pub const LABEL_RELEASE: &str = "release";
+pub const LABEL_INSTANCE: &str = "instance";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("unknown service {service:?}")]
+    UnknownService { service: String },
+    #[error("service {service} has no release {number}")]
+    UnknownRelease { service: String, number: u64 },
+    #[error("service {service} has no earlier release to roll back to")]
+    NoPreviousRelease { service: String },
+    #[error("route {route} of service {service} cannot be bound: {reason}")]
+    RouteUnavailable {
+        service: String,
+        route: SocketAddr,
+        reason: String,
+    },
+    #[error("nothing is deployed in {app}/{environment} yet")]
+    NothingDeployed { app: String, environment: String },
+    #[error(transparent)]
+    Log(#[from] EventLogError),
+    #[error("the controller of {app}/{environment} has stopped")]
+    Stopped { app: String, environment: String },
+}
+
+/// What the controller is started with.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    pub app: String,
+    pub environment: String,
+    /// The event log of this app and environment.
+    pub log: PathBuf,
+    pub runtime: AnyRuntime,
+    /// How often the runtime is listed and the plan re-run without any other input.
+    pub tick: Duration,
+}
+
+/// One service of a deploy: what its next release would be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRelease {
+    pub service: String,
+    pub image: Digest,
+    pub config_digest: String,
+    pub config: ServiceConfig,
+}
+
+/// What a deploy or rollback command started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Events after this sequence number tell how the rollout goes.
+    pub after_seq: u64,
+    pub started: Vec<StartedDeploy>,
+    /// Services whose image and config did not change: no new release.
+    pub unchanged: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartedDeploy {
+    pub service: String,
+    pub from: Option<u64>,
+    pub to: u64,
+}
+
+/// The state as the API shows it: the fold plus where the routes listen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub app: String,
+    pub environment: String,
+    pub state: State,
+    pub routes: BTreeMap<String, SocketAddr>,
+    /// Why a route could not be bound, by service.
+    pub route_errors: BTreeMap<String, String>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ControllerError>>;
+
+/// Requests from the API.
+#[derive(Debug)]
+pub enum Command {
+    Deploy {
+        services: Vec<ServiceRelease>,
+        reply: Reply<Rollout>,
+    },
+    Rollback {
+        service: Option<String>,
+        to: Option<u64>,
+        reply: Reply<Rollout>,
+    },
+    Down {
+        reply: Reply<Rollout>,
+    },
+    History {
+        after: u64,
+        reply: Reply<Vec<Envelope<Event>>>,
+    },
+}
+
+/// Everything the loop reacts to. Effects report back through it, so the loop alone changes
+/// state and the log.
+#[derive(Debug)]
+pub enum Input {
+    Tick,
+    Health(HealthChange),
+    Started {
+        instance: String,
+        result: Result<Instance, RuntimeError>,
+    },
+    Stopped {
+        instance: String,
+        result: Result<(), RuntimeError>,
+    },
+    Removed {
+        runtime_id: InstanceId,
+    },
+    Command(Command),
+    /// Drain and stop every instance, then end the loop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap handle on a running controller.
+#[derive(Debug, Clone)]
+pub struct ControllerHandle {
+    app: String,
+    environment: String,
+    inputs: mpsc::UnboundedSender<Input>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl ControllerHandle {
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    pub fn environment(&self) -> &str {
+        &self.environment
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Waits until the snapshot satisfies `condition`.
+    pub async fn wait_for(&self, mut condition: impl FnMut(&Snapshot) -> bool) -> Arc<Snapshot> {
+        let mut receiver = self.snapshot.clone();
+        loop {
+            let current = receiver.borrow_and_update().clone();
+            if condition(&current) {
+                return current;
+            }
+            if receiver.changed().await.is_err() {
+                return self.snapshot();
+            }
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ControllerError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || ControllerError::Stopped {
+            app: self.app.clone(),
+            environment: self.environment.clone(),
+        };
+        self.inputs
+            .send(Input::Command(make(reply)))
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    pub async fn deploy(&self, services: Vec<ServiceRelease>) -> Result<Rollout, ControllerError> {
+        self.ask(|reply| Command::Deploy { services, reply }).await
+    }
+
+    pub async fn rollback(
+        &self,
+        service: Option<String>,
+        to: Option<u64>,
+    ) -> Result<Rollout, ControllerError> {
+        self.ask(|reply| Command::Rollback { service, to, reply })
+            .await
+    }
+
+    pub async fn down(&self) -> Result<Rollout, ControllerError> {
+        self.ask(|reply| Command::Down { reply }).await
+    }
+
+    pub async fn history(&self, after: u64) -> Result<Vec<Envelope<Event>>, ControllerError> {
+        self.ask(|reply| Command::History { after, reply }).await
+    }
+
+    /// Ends the loop at once, as a killed process would: nothing is drained or stopped, and
+    /// instances keep running for the next controller to adopt. Returns once it has ended.
+    pub async fn abort(&self) {
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the loop has ended (shut down, aborted, or stopped by a log failure).
+    pub fn is_finished(&self) -> bool {
+        self.task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|t| t.is_finished())
+    }
+
+    /// Drains and stops every instance, then returns once the loop has ended.
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.inputs.send(Input::Shutdown(done)).is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+/// Replays the log and starts the loop on the current tokio runtime.
+pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerError> {
+    let log = EventLog::open(&options.log)?;
+    let state = log.read_after(0)?.iter().fold(State::default(), fold);
+    let snapshot = Arc::new(Snapshot {
+        app: options.app.clone(),
+        environment: options.environment.clone(),
+        state: state.clone(),
+        ..Snapshot::default()
+    });
+    let (publish, watcher) = watch::channel(snapshot);
+    let (inputs, receiver) = mpsc::unbounded_channel();
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
+    let mut handle = ControllerHandle {
+        app: options.app.clone(),
+        environment: options.environment.clone(),
+        inputs: inputs.clone(),
+        snapshot: watcher,
+        task: Arc::default(),
+    };
+    let shell = Shell {
+        options,
+        log,
+        state,
+        publish,
+        inputs,
+        health_tx,
+        routes: BTreeMap::new(),
+        route_errors: BTreeMap::new(),
+        monitors: BTreeMap::new(),
+        busy: BTreeSet::new(),
+        busy_ids: BTreeSet::new(),
+        shutting_down: None,
+        since_ms: now_ms(),
+    };
+    handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
+        shell.run(receiver, health_rx),
+    ))));
+    Ok(handle)
+}
+
+struct RouteEntry {
+    route: Arc<Route>,
+    listen: SocketAddr,
+    last: Vec<Backend>,
+}
+
+struct Shell {
+    options: ControllerOptions,
+    log: EventLog,
+    state: State,
+    publish: watch::Sender<Arc<Snapshot>>,
+    inputs: mpsc::UnboundedSender<Input>,
+    health_tx: mpsc::UnboundedSender<HealthChange>,
+    routes: BTreeMap<String, RouteEntry>,
+    route_errors: BTreeMap<String, String>,
+    monitors: BTreeMap<String, HealthMonitor>,
+    busy: BTreeSet<String>,
+    busy_ids: BTreeSet<InstanceId>,
+    /// Set by `Shutdown`: who to tell, and when to give up waiting for stops.
+    shutting_down: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
+    since_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shell {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+        mut health: mpsc::UnboundedReceiver<HealthChange>,
+    ) {
+        self.bind_wanted_routes().await;
+        self.sync();
+        let mut tick = tokio::time::interval(self.options.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let input = tokio::select! {
+                Some(input) = inputs.recv() => input,
+                Some(change) = health.recv() => Input::Health(change),
+                _ = tick.tick() => Input::Tick,
+            };
+            let listed = matches!(input, Input::Tick);
+            if let Err(error) = self.handle(input).await {
+                // The log could not be written: acting without recording would break the
+                // promise that every effect is announced first, so the controller stops.
+                eprintln!(
+                    "graven: controller of {}/{} stops: {error}",
+                    self.options.app, self.options.environment
+                );
+                self.stop_routes().await;
+                return;
+            }
+            if let Err(error) = self.step(listed).await {
+                eprintln!(
+                    "graven: controller of {}/{} stops: {error}",
+                    self.options.app, self.options.environment
+                );
+                self.stop_routes().await;
+                return;
+            }
+            let done =
+                self.state.instances.is_empty() && self.busy.is_empty() && self.busy_ids.is_empty();
+            if let Some((_, give_up)) = &self.shutting_down
+                && (done || tokio::time::Instant::now() >= *give_up)
+            {
+                if !done {
+                    eprintln!(
+                        "graven: {}/{}: gave up waiting for {} instance(s) to stop",
+                        self.options.app,
+                        self.options.environment,
+                        self.state.instances.len()
+                    );
+                }
+                self.stop_routes().await;
+                if let Some((reply, _)) = self.shutting_down.take() {
+                    let _ = reply.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    async fn stop_routes(&mut self) {
+        self.monitors.clear();
+        for (_, entry) in std::mem::take(&mut self.routes) {
+            shutdown_route(entry.route).await;
+        }
+    }
+
+    /// Appends the event, folds it in and publishes the new state.
+    fn record(&mut self, event: Event) -> Result<Envelope<Event>, ControllerError> {
+        let envelope = self.log.append(CONTROLLER, now_ms(), &event)?;
+        self.state = fold(std::mem::take(&mut self.state), &envelope);
+        self.publish_snapshot();
+        Ok(envelope)
+    }
+
+    fn publish_snapshot(&self) {
+        let snapshot = Snapshot {
+            app: self.options.app.clone(),
+            environment: self.options.environment.clone(),
+            state: self.state.clone(),
+            routes: self
+                .routes
+                .iter()
+                .map(|(service, entry)| (service.clone(), entry.route.local_addr()))
+                .collect(),
+            route_errors: self.route_errors.clone(),
+        };
+        self.publish.send_replace(Arc::new(snapshot));
+    }
+
+    async fn handle(&mut self, input: Input) -> Result<(), ControllerError> {
+        match input {
+            Input::Tick => {}
+            Input::Health(change) => self.health_changed(change)?,
+            Input::Started { instance, result } => {
+                self.busy.remove(&instance);
+                match result {
+                    Ok(started) => match started.address {
+                        Some(address) => {
+                            self.record(Event::InstanceStarted {
+                                instance,
+                                runtime_id: started.id,
+                                address,
+                            })?;
+                        }
+                        None => {
+                            self.record(Event::InstanceGone {
+                                instance,
+                                reason: GoneReason::StartFailed {
+                                    error: "the runtime gave it no address".to_owned(),
+                                },
+                            })?;
+                            self.remove_runtime_instance(started.id, Duration::ZERO);
+                        }
+                    },
+                    Err(error) => {
+                        self.record(Event::InstanceGone {
+                            instance,
+                            reason: GoneReason::StartFailed {
+                                error: error.to_string(),
+                            },
+                        })?;
+                    }
+                }
+            }
+            Input::Stopped { instance, result } => {
+                self.busy.remove(&instance);
+                match result {
+                    Ok(()) => {
+                        self.record(Event::InstanceGone {
+                            instance,
+                            reason: GoneReason::Stopped,
+                        })?;
+                    }
+                    Err(RuntimeError::UnknownInstance { .. }) => {
+                        self.record(Event::InstanceGone {
+                            instance,
+                            reason: GoneReason::Stopped,
+                        })?;
+                    }
+                    // The next listing finds it still draining and tries again.
+                    Err(error) => eprintln!("graven: stopping {instance}: {error}"),
+                }
+            }
+            Input::Removed { runtime_id } => {
+                self.busy_ids.remove(&runtime_id);
+            }
+            Input::Command(command) => self.command(command).await?,
+            Input::Shutdown(done) => {
+                // Every drain and stop is bounded by its grace; this bounds a runtime that
+                // does not answer.
+                let longest = self
+                    .state
+                    .releases
+                    .values()
+                    .map(|r| r.config.stop_grace)
+                    .max()
+                    .unwrap_or_default();
+                let give_up = tokio::time::Instant::now() + longest * 2 + SHUTDOWN_SLACK;
+                self.shutting_down = Some((done, give_up));
+            }
+        }
+        Ok(())
+    }
+
+    fn health_changed(&mut self, change: HealthChange) -> Result<(), ControllerError> {
+        let Some(instance) = self.state.instances.get(&change.instance) else {
+            return Ok(());
+        };
+        let event = match (instance.lifecycle, change.health) {
+            (Lifecycle::Draining, _) | (_, Health::Unknown) => return Ok(()),
+            (Lifecycle::Healthy, Health::Healthy) | (Lifecycle::Unhealthy, Health::Unhealthy) => {
+                return Ok(());
+            }
+            (Lifecycle::Starting | Lifecycle::Unhealthy, Health::Healthy) => {
+                Event::InstanceHealthy {
+                    instance: change.instance,
+                }
+            }
+            (Lifecycle::Starting | Lifecycle::Healthy, Health::Unhealthy) => {
+                Event::InstanceUnhealthy {
+                    instance: change.instance,
+                    detail: change.detail,
+                }
+            }
+        };
+        self.record(event)?;
+        Ok(())
+    }
+
+    async fn command(&mut self, command: Command) -> Result<(), ControllerError> {
+        match command {
+            Command::Deploy { services, reply } => {
+                let result = self.deploy(services).await;
+                self.answer(reply, result)
+            }
+            Command::Rollback { service, to, reply } => {
+                let result = self.rollback(service, to);
+                self.answer(reply, result)
+            }
+            Command::Down { reply } => {
+                let after_seq = self.state.seq;
+                let services: Vec<String> = self
+                    .state
+                    .services
+                    .iter()
+                    .filter(|(_, s)| s.wanted.is_some())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                let mut result = Ok(Rollout {
+                    after_seq,
+                    started: Vec::new(),
+                    unchanged: Vec::new(),
+                });
+                for service in services {
+                    if let Err(error) = self.record(Event::ServiceRemoved { service }) {
+                        result = Err(error);
+                        break;
+                    }
+                }
+                self.answer(reply, result)
+            }
+            Command::History { after, reply } => {
+                let result = self.log.read_after(after).map_err(ControllerError::from);
+                self.answer(reply, result)
+            }
+        }
+    }
+
+    /// Sends the command's answer. A failed log write stops the controller: the caller is
+    /// told so and the error goes up to the loop.
+    fn answer<T>(
+        &self,
+        reply: Reply<T>,
+        result: Result<T, ControllerError>,
+    ) -> Result<(), ControllerError> {
+        match result {
+            Err(ControllerError::Log(error)) => {
+                let _ = reply.send(Err(ControllerError::Stopped {
+                    app: self.options.app.clone(),
+                    environment: self.options.environment.clone(),
+                }));
+                Err(ControllerError::Log(error))
+            }
+            other => {
+                let _ = reply.send(other);
+                Ok(())
+            }
+        }
+    }
+
+    async fn deploy(&mut self, services: Vec<ServiceRelease>) -> Result<Rollout, ControllerError> {
+        // Everything that can refuse the deploy is checked before anything is recorded, so a
+        // refused deploy leaves the running release untouched.
+        for release in &services {
+            if let Some(listen) = release.config.route {
+                self.ensure_route(&release.service, listen).await?;
+            }
+        }
+        let mut rollout = Rollout {
+            after_seq: self.state.seq,
+            started: Vec::new(),
+            unchanged: Vec::new(),
+        };
+        let wanted: BTreeSet<&str> = services.iter().map(|s| s.service.as_str()).collect();
+        let removed: Vec<String> = self
+            .state
+            .services
+            .iter()
+            .filter(|(name, s)| s.wanted.is_some() && !wanted.contains(name.as_str()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for service in removed {
+            self.record(Event::ServiceRemoved { service })?;
+        }
+        for release in services {
+            let current = self.state.wanted_release(&release.service);
+            if current.is_some_and(|c| {
+                c.image == release.image && c.config_digest == release.config_digest
+            }) {
+                let scale = Scale {
+                    instances: release.config.instances,
+                    route: release.config.route,
+                };
+                if self.state.scale(&release.service) != Some(scale) {
+                    self.record(Event::ServiceScaled {
+                        service: release.service.clone(),
+                        instances: scale.instances,
+                        route: scale.route,
+                    })?;
+                }
+                rollout.unchanged.push(release.service);
+                continue;
+            }
+            let service_state = self.state.services.get(&release.service);
+            // A deploy that replaces one still rolling out falls back to what was serving
+            // before it, never to a release that was not yet proven.
+            let from = service_state.and_then(|s| match &s.deploy {
+                Some(deploy) => deploy.from,
+                None => s.wanted,
+            });
+            let number = self.state.next_release();
+            self.record(Event::ReleaseCreated {
+                service: release.service.clone(),
+                number,
+                image: release.image,
+                config_digest: release.config_digest,
+                config: release.config,
+            })?;
+            self.record(Event::DeployStarted {
+                service: release.service.clone(),
+                from,
+                to: number,
+                reason: DeployReason::Deploy,
+            })?;
+            rollout.started.push(StartedDeploy {
+                service: release.service,
+                from,
+                to: number,
+            });
+        }
+        Ok(rollout)
+    }
+
+    fn rollback(
+        &mut self,
+        service: Option<String>,
+        to: Option<u64>,
+    ) -> Result<Rollout, ControllerError> {
+        let services: Vec<String> = match service {
+            Some(service) => {
+                if !self.state.services.contains_key(&service) {
+                    return Err(ControllerError::UnknownService { service });
+                }
+                vec![service]
+            }
+            None => self
+                .state
+                .services
+                .iter()
+                .filter(|(_, s)| s.wanted.is_some())
+                .map(|(name, _)| name.clone())
+                .collect(),
+        };
+        if services.is_empty() {
+            return Err(ControllerError::NothingDeployed {
+                app: self.options.app.clone(),
+                environment: self.options.environment.clone(),
+            });
+        }
+        let mut targets = Vec::new();
+        for service in &services {
+            let current = self.state.services.get(service).and_then(|s| s.wanted);
+            let target = match to {
+                Some(number) => match self.state.releases.get(&number) {
+                    Some(release) if release.service == *service => number,
+                    _ => {
+                        return Err(ControllerError::UnknownRelease {
+                            service: service.clone(),
+                            number,
+                        });
+                    }
+                },
+                None => previous_release(&self.state, service, current).ok_or_else(|| {
+                    ControllerError::NoPreviousRelease {
+                        service: service.clone(),
+                    }
+                })?,
+            };
+            targets.push((service.clone(), current, target));
+        }
+        let mut rollout = Rollout {
+            after_seq: self.state.seq,
+            started: Vec::new(),
+            unchanged: Vec::new(),
+        };
+        for (service, from, to) in targets {
+            if from == Some(to) {
+                rollout.unchanged.push(service);
+                continue;
+            }
+            self.record(Event::DeployStarted {
+                service: service.clone(),
+                from,
+                to,
+                reason: DeployReason::Rollback,
+            })?;
+            rollout.started.push(StartedDeploy { service, from, to });
+        }
+        Ok(rollout)
+    }
+
+    /// Binds the service's route at `listen` unless it is bound there already.
+    async fn ensure_route(
+        &mut self,
+        service: &str,
+        listen: SocketAddr,
+    ) -> Result<(), ControllerError> {
+        if self
+            .routes
+            .get(service)
+            .is_some_and(|entry| entry.listen == listen)
+        {
+            return Ok(());
+        }
+        let route = Route::bind(RouteOptions::new(listen))
+            .await
+            .map_err(|error| ControllerError::RouteUnavailable {
+                service: service.to_owned(),
+                route: listen,
+                reason: error.to_string(),
+            })?;
+        if let Some(old) = self.routes.insert(
+            service.to_owned(),
+            RouteEntry {
+                route: Arc::new(route),
+                listen,
+                last: Vec::new(),
+            },
+        ) {
+            shutdown_route(old.route).await;
+        }
+        self.route_errors.remove(service);
+        self.sync();
+        Ok(())
+    }
+
+    async fn bind_wanted_routes(&mut self) {
+        let wanted: Vec<(String, SocketAddr)> = self
+            .state
+            .services
+            .keys()
+            .filter_map(|service| {
+                let route = self.state.scale(service)?.route?;
+                Some((service.clone(), route))
+            })
+            .collect();
+        for (service, listen) in wanted {
+            if let Err(error) = self.ensure_route(&service, listen).await {
+                self.route_errors.insert(service, error.to_string());
+            }
+        }
+    }
+
+    /// Plans and carries out one round of decisions.
+    async fn step(&mut self, listed: bool) -> Result<(), ControllerError> {
+        let mut observed = Observed {
+            listed: false,
+            runtime: Vec::new(),
+            busy: self.busy.clone(),
+            busy_ids: self.busy_ids.clone(),
+            since_ms: self.since_ms,
+        };
+        if listed {
+            match self.options.runtime.list().await {
+                Ok(instances) => {
+                    observed.listed = true;
+                    observed.runtime = instances
+                        .into_iter()
+                        .filter(|i| self.owns(i))
+                        .map(|i| Seen {
+                            name: i.labels.get(LABEL_INSTANCE).cloned(),
+                            exited: match i.status {
+                                crate::runtime::InstanceStatus::Exited { code, signal } => {
+                                    Some((code, signal))
+                                }
+                                crate::runtime::InstanceStatus::Created
+                                | crate::runtime::InstanceStatus::Running
+                                | crate::runtime::InstanceStatus::Stopping => None,
+                            },
+                            address: i.address,
+                            id: i.id,
+                        })
+                        .collect();
+                }
+                Err(error) => eprintln!("graven: listing the runtime: {error}"),
+            }
+        }
+        let actions = match self.shutting_down {
+            Some(_) => shutdown_plan(&self.state, &observed),
+            None => plan(&self.state, &observed, now_ms()),
+        };
+        for action in actions {
+            self.act(action)?;
+        }
+        self.sync();
+        Ok(())
+    }
+
+    fn owns(&self, instance: &Instance) -> bool {
+        instance.labels.get(LABEL_APP) == Some(&self.options.app)
+            && instance.labels.get(LABEL_ENVIRONMENT) == Some(&self.options.environment)
+    }
+
+    /// Records the action's event, then starts its effect.
+    fn act(&mut self, action: Action) -> Result<(), ControllerError> {
+        if let Some(event) = action.event() {
+            self.record(event)?;
+        }
+        match action {
+            Action::Launch {
+                service,
+                release,
+                instance,
+            } => self.launch(service, release, instance),
+            Action::Exited { runtime_id, .. } => {
+                self.remove_runtime_instance(runtime_id, Duration::ZERO)
+            }
+            Action::Drain { instance, .. } | Action::ResumeStop { instance } => {
+                // Routes must stop sending it requests before the drain is waited on.
+                self.sync();
+                self.stop_instance(instance);
+            }
+            Action::RemoveOrphan { runtime_id } => {
+                self.remove_runtime_instance(runtime_id, Duration::from_secs(2))
+            }
+            Action::Adopt { .. }
+            | Action::Forget { .. }
+            | Action::Backoff { .. }
+            | Action::Succeed { .. }
+            | Action::RollBack { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn launch(&mut self, service: String, release: u64, instance: String) {
+        let Some(config) = self.state.releases.get(&release) else {
+            return;
+        };
+        let mut spec = InstanceSpec::new(config.image.clone());
+        spec.command = config.config.command.clone();
+        spec.env = config.config.env.clone();
+        spec.port = Some(config.config.port);
+        spec.volumes = config.config.volumes.clone();
+        spec.limits = config.config.limits.clone();
+        spec.stop_grace = config.config.stop_grace;
+        spec.labels = BTreeMap::from([
+            (LABEL_APP.to_owned(), self.options.app.clone()),
+            (
+                LABEL_ENVIRONMENT.to_owned(),
+                self.options.environment.clone(),
+            ),
+            (LABEL_SERVICE.to_owned(), service),
+            (LABEL_RELEASE.to_owned(), release.to_string()),
+            (LABEL_INSTANCE.to_owned(), instance.clone()),
+        ]);
+        self.busy.insert(instance.clone());
+        let runtime = self.options.runtime.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let result = match runtime.prepare(&spec.image).await {
+                Ok(()) => runtime.start(spec).await,
+                Err(error) => Err(error),
+            };
+            let _ = inputs.send(Input::Started { instance, result });
+        });
+    }
+
+    /// Drains the instance from its route, stops it with its grace and removes it.
+    fn stop_instance(&mut self, instance: String) {
+        if self.busy.contains(&instance) {
+            return;
+        }
+        let Some(state) = self.state.instances.get(&instance) else {
+            return;
+        };
+        let Some(runtime_id) = state.runtime_id.clone() else {
+            // Its start is under way; once it reports, the next listing resumes the stop.
+            return;
+        };
+        let grace = self
+            .state
+            .releases
+            .get(&state.release)
+            .map_or(Duration::from_secs(10), |r| r.config.stop_grace);
+        let route = self
+            .routes
+            .get(&state.service)
+            .map(|entry| entry.route.clone());
+        self.monitors.remove(&instance);
+        self.busy.insert(instance.clone());
+        let runtime = self.options.runtime.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            if let Some(route) = route {
+                route.drain(&instance, grace).await;
+            }
+            let result = match runtime.stop(&runtime_id, grace).await {
+                Ok(_) => runtime.remove(&runtime_id).await,
+                Err(error) => Err(error),
+            };
+            let _ = inputs.send(Input::Stopped { instance, result });
+        });
+    }
+
+    fn remove_runtime_instance(&mut self, runtime_id: InstanceId, grace: Duration) {
+        if !self.busy_ids.insert(runtime_id.clone()) {
+            return;
+        }
+        let runtime = self.options.runtime.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            // The stop may find it exited already; only a failed removal is worth a word,
+            // and the next listing tries again.
+            let stopped = runtime.stop(&runtime_id, grace).await;
+            match runtime.remove(&runtime_id).await {
+                Ok(()) | Err(RuntimeError::UnknownInstance { .. }) => {}
+                Err(error) => {
+                    let stop = stopped
+                        .err()
+                        .map(|e| format!(" (stop: {e})"))
+                        .unwrap_or_default();
+                    eprintln!("graven: removing {runtime_id}: {error}{stop}");
+                }
+            }
+            let _ = inputs.send(Input::Removed { runtime_id });
+        });
+    }
+
+    /// Brings health monitors and route snapshots in line with the state.
+    fn sync(&mut self) {
+        let watched: BTreeMap<&str, SocketAddr> = self
+            .state
+            .instances
+            .values()
+            .filter(|i| i.lifecycle != Lifecycle::Draining)
+            .filter_map(|i| Some((i.name.as_str(), i.address?)))
+            .collect();
+        self.monitors
+            .retain(|name, _| watched.contains_key(name.as_str()));
+        for (name, address) in watched {
+            if self.monitors.contains_key(name) {
+                continue;
+            }
+            let Some(instance) = self.state.instances.get(name) else {
+                continue;
+            };
+            let Some(release) = self.state.releases.get(&instance.release) else {
+                continue;
+            };
+            let monitor = HealthMonitor::spawn(
+                name.to_owned(),
+                address,
+                release.config.health.clone(),
+                self.health_tx.clone(),
+            );
+            self.monitors.insert(name.to_owned(), monitor);
+        }
+        for (service, entry) in &mut self.routes {
+            let backends = backends(&self.state, service);
+            if backends != entry.last {
+                entry.route.set_backends(backends.clone());
+                entry.last = backends;
+            }
+        }
+        self.publish_snapshot();
+    }
+}
+
+/// Stops a route gracefully once no drain task holds it any more; otherwise dropping it
+/// closes the listener.
+async fn shutdown_route(route: Arc<Route>) {
+    if let Ok(route) = Arc::try_unwrap(route) {
+        route.shutdown().await;
+    }
+}
+
+/// The release a rollback returns to: the one the last successful deploy of the service
+/// replaced, or else the newest older release.
+pub fn previous_release(state: &State, service: &str, current: Option<u64>) -> Option<u64> {
+    let replaced = state
+        .deploys
+        .iter()
+        .rev()
+        .filter(|d| d.service == service && Some(d.to) == current)
+        .find_map(|d| d.from);
+    replaced.or_else(|| {
+        state
+            .releases_of(service)
+            .map(|r| r.number)
+            .filter(|n| current.is_none_or(|c| *n < c))
+            .max()
+    })
+}
+
+/// What the route of `service` should balance over: every instance with an address; only
+/// healthy ones that are not draining take new requests.
+pub fn backends(state: &State, service: &str) -> Vec<Backend> {
+    state
+        .instances_of(service)
+        .filter_map(|i| {
+            Some(Backend {
+                instance: i.name.clone(),
+                release: i.release,
+                address: i.address?,
+                healthy: matches!(i.lifecycle, Lifecycle::Healthy | Lifecycle::Draining),
+                enabled: i.lifecycle != Lifecycle::Draining,
+            })
+        })
+        .collect()
+}
+
+/// While shutting down: drain everything, finish drains, forget what never started.
+fn shutdown_plan(state: &State, observed: &Observed) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for instance in state.instances.values() {
+        if observed.busy.contains(&instance.name) {
+            if instance.lifecycle != Lifecycle::Draining {
+                actions.push(Action::Drain {
+                    instance: instance.name.clone(),
+                    reason: "shutdown".to_owned(),
+                });
+            }
+            continue;
+        }
+        match (instance.lifecycle, &instance.runtime_id) {
+            (_, None) => actions.push(Action::Forget {
+                instance: instance.name.clone(),
+                reason: GoneReason::Lost,
+            }),
+            (Lifecycle::Draining, Some(_)) => actions.push(Action::ResumeStop {
+                instance: instance.name.clone(),
+            }),
+            (Lifecycle::Starting | Lifecycle::Healthy | Lifecycle::Unhealthy, Some(_)) => actions
+                .push(Action::Drain {
+                    instance: instance.name.clone(),
+                    reason: "shutdown".to_owned(),
+                }),
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::events::{DeployOutcome, DeployRecord, InstanceState, Release};
+
+    fn state(releases: &[u64], deploys: &[(Option<u64>, u64)]) -> State {
+        let config: ServiceConfig = serde_json::from_value(serde_json::json!({
+            "instances": 1, "port": 8080, "route": null, "command": null, "env": {},
+            "health": {"path": "/", "interval": {"secs": 1, "nanos": 0},
+                       "timeout": {"secs": 1, "nanos": 0}, "healthy_after": 1, "unhealthy_after": 1},
+            "max_surge": 1, "max_unavailable": 0,
+            "health_deadline": {"secs": 1, "nanos": 0}, "stop_grace": {"secs": 1, "nanos": 0},
+            "volumes": [], "limits": {"memory_bytes": null, "pids": null, "cpu_millis": null, "tmp_bytes": null}
+        }))
+        .unwrap();
+        let mut state = State::default();
+        for number in releases {
+            state.releases.insert(
+                *number,
+                Release {
+                    number: *number,
+                    service: "web".into(),
+                    image: Digest::of(b"x"),
+                    config_digest: String::new(),
+                    config: config.clone(),
+                    created_at_ms: 0,
+                },
+            );
+        }
+        for (from, to) in deploys {
+            state.deploys.push(DeployRecord {
+                service: "web".into(),
+                from: *from,
+                to: *to,
+                reason: DeployReason::Deploy,
+                started_at_ms: 0,
+                outcome: Some(DeployOutcome::Succeeded { at_ms: 0 }),
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn rollback_returns_to_what_the_current_release_replaced() {
+        let check = |releases: &[u64], deploys: &[(Option<u64>, u64)], current, expected| {
+            assert_eq!(
+                previous_release(&state(releases, deploys), "web", current),
+                expected,
+                "{releases:?} {deploys:?} current {current:?}"
+            );
+        };
+        check(
+            &[1, 2, 3],
+            &[(None, 1), (Some(1), 2), (Some(2), 3)],
+            Some(3),
+            Some(2),
+        );
+        // Release 2 failed and was rolled back; 3 replaced 1 directly.
+        check(
+            &[1, 2, 3],
+            &[(None, 1), (Some(1), 2), (Some(1), 3)],
+            Some(3),
+            Some(1),
+        );
+        // No deploy record: the newest older release.
+        check(&[1, 2, 5], &[], Some(5), Some(2));
+        check(&[1], &[(None, 1)], Some(1), None);
+    }
+
+    #[test]
+    fn only_healthy_instances_that_are_not_draining_take_requests() {
+        let mut state = state(&[1], &[]);
+        for (name, lifecycle, address) in [
+            ("a", Lifecycle::Starting, None),
+            ("b", Lifecycle::Starting, Some(1)),
+            ("c", Lifecycle::Healthy, Some(2)),
+            ("d", Lifecycle::Unhealthy, Some(3)),
+            ("e", Lifecycle::Draining, Some(4)),
+        ] {
+            state.instances.insert(
+                name.into(),
+                InstanceState {
+                    name: name.into(),
+                    service: "web".into(),
+                    release: 1,
+                    lifecycle,
+                    runtime_id: None,
+                    address: address.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+                    launched_at_ms: 0,
+                    detail: None,
+                },
+            );
+        }
+        let routed: Vec<(String, bool, bool)> = backends(&state, "web")
+            .into_iter()
+            .map(|b| (b.instance, b.healthy, b.enabled))
+            .collect();
+        assert_eq!(
+            routed,
+            vec![
+                ("b".into(), false, true),
+                ("c".into(), true, true),
+                ("d".into(), false, true),
+                ("e".into(), true, false),
+            ]
+        );
+    }
+}

@@ -4,14 +4,16 @@
 //! to the next, and a removed instance's connections are never handed out again.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use super::ProxyError;
 use super::body::ForwardBody;
@@ -21,6 +23,22 @@ pub(crate) type Sender = SendRequest<ForwardBody>;
 
 /// Idle connections kept per instance; more are closed when their answer ends.
 const MAX_IDLE: usize = 512;
+
+/// A connection idle at least this long may be closed by the instance's keep-alive timeout
+/// just as a request goes out on it; below it, that race needs an instance whose idle timeout
+/// is shorter than this, which no common server has.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
+/// How a leased connection was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    /// Freshly connected: the instance cannot have closed it yet.
+    New,
+    /// Pooled and used moments ago.
+    Warm,
+    /// Pooled and idle for at least `STALE_AFTER`: the instance may close it under us.
+    Stale,
+}
 
 #[derive(Debug)]
 pub(crate) struct Instance {
@@ -35,7 +53,7 @@ pub(crate) struct Instance {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     drained: Notify,
-    idle: Mutex<Vec<Sender>>,
+    idle: Mutex<Vec<Connection>>,
     pub(crate) counters: Arc<ReleaseCounters>,
 }
 
@@ -94,7 +112,7 @@ impl Instance {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let lease = Lease {
             instance: Arc::clone(self),
-            sender: None,
+            connection: None,
         };
         if self.routable.load(Ordering::SeqCst) {
             Some(lease)
@@ -122,24 +140,29 @@ impl Instance {
         }
     }
 
-    fn take_idle(&self) -> Option<Sender> {
+    fn take_idle(&self) -> Option<Connection> {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
     }
 
-    fn put_idle(&self, sender: Sender) {
+    fn put_idle(&self, connection: Connection) {
         if self.retired.load(Ordering::SeqCst) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(connection);
         }
     }
 
-    async fn connect(&self, builder: &Builder, timeout: Duration) -> Result<Sender, ProxyError> {
+    async fn connect(
+        &self,
+        builder: &Builder,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<Connection, ProxyError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => {
@@ -172,8 +195,25 @@ impl Instance {
             // The connection's own errors reach the request that was on it; nothing to add.
             let _ = connection.await;
         });
-        Ok(sender)
+        let timer = Box::pin(tokio::time::sleep_until(now.into()));
+        Ok(Connection {
+            sender,
+            used_at: now,
+            timer,
+        })
     }
+}
+
+/// A keep-alive connection to an instance, with the timer that bounds the wait for each
+/// answer on it. The timer lives as long as the connection: moving its deadline later for
+/// the next request is an atomic store, where a fresh timer per request would be a timer
+/// wheel insertion and removal.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    sender: Sender,
+    /// When the last request on it arrived.
+    used_at: Instant,
+    timer: Pin<Box<Sleep>>,
 }
 
 /// One request's claim on an instance: counted in flight until dropped, holding the
@@ -181,7 +221,7 @@ impl Instance {
 #[derive(Debug)]
 pub(crate) struct Lease {
     instance: Arc<Instance>,
-    sender: Option<Sender>,
+    connection: Option<Connection>,
 }
 
 impl Lease {
@@ -189,38 +229,51 @@ impl Lease {
         &self.instance
     }
 
-    /// Gets a connection: the most recently idle pooled one that is still open, or a new
-    /// one. Returns true when the connection was reused.
+    /// Gets a connection: the most recently idle pooled one that is still open (the last
+    /// used is the least likely to have been closed), or a new one. `now` is when the
+    /// request arrived; pooled connections remember it as their last use, which overstates
+    /// their idle time a little and so errs towards treating them as stale.
     pub(crate) async fn connect(
         &mut self,
         builder: &Builder,
         timeout: Duration,
-    ) -> Result<bool, ProxyError> {
-        while let Some(mut sender) = self.instance.take_idle() {
+        now: Instant,
+    ) -> Result<Reuse, ProxyError> {
+        while let Some(mut connection) = self.instance.take_idle() {
+            let sender = &mut connection.sender;
             if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
-                self.sender = Some(sender);
-                return Ok(true);
+                let stale = now.saturating_duration_since(connection.used_at) >= STALE_AFTER;
+                connection.used_at = now;
+                self.connection = Some(connection);
+                return Ok(if stale { Reuse::Stale } else { Reuse::Warm });
             }
         }
-        self.sender = Some(self.instance.connect(builder, timeout).await?);
-        Ok(false)
+        self.connection = Some(self.instance.connect(builder, timeout, now).await?);
+        Ok(Reuse::New)
     }
 
-    pub(crate) fn sender(&mut self) -> &mut Sender {
-        self.sender
+    /// The connection's request sender and its answer timer, armed to fire at `deadline`.
+    pub(crate) fn sender_with_timer(
+        &mut self,
+        deadline: Instant,
+    ) -> (&mut Sender, Pin<&mut Sleep>) {
+        let connection = self
+            .connection
             .as_mut()
-            .expect("connect succeeded before sending")
+            .expect("connect succeeded before sending");
+        connection.timer.as_mut().reset(deadline.into());
+        (&mut connection.sender, connection.timer.as_mut())
     }
 
     /// Forgets the connection (it failed or its answer was cut short).
     pub(crate) fn discard_connection(&mut self) {
-        self.sender = None;
+        self.connection = None;
     }
 
     /// Returns the connection to the pool once its answer was read to the end.
     pub(crate) fn release_connection(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.instance.put_idle(sender);
+        if let Some(connection) = self.connection.take() {
+            self.instance.put_idle(connection);
         }
     }
 }

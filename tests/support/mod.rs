@@ -2,6 +2,7 @@
 //! binary, and waiting on a condition with a deadline (never sleeping for luck).
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod fuzzing;
 pub mod load;
 pub mod proxy;

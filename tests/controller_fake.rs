@@ -1,0 +1,338 @@
+//! The controller in-process against the in-memory fake runtime and the real proxy: rolling
+//! deploys, a bad release that rolls back by itself, self-healing, rollback and restart.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use graven::controller::{self, ControllerHandle, ControllerOptions, Snapshot};
+use graven::events::{DeployOutcome, Lifecycle};
+use graven::runtime::{AnyRuntime, FakeRuntime, Runtime};
+use graven::store::Digest;
+use support::daemon::{config, free_port, outcome, release, version};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+    fake: FakeRuntime,
+    controller: ControllerHandle,
+}
+
+fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
+    controller::spawn(ControllerOptions {
+        app: "hello".to_owned(),
+        environment: "test".to_owned(),
+        log: log.to_owned(),
+        runtime: AnyRuntime::Fake(fake.clone()),
+        tick: Duration::from_millis(50),
+    })
+    .unwrap()
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.db");
+    let fake = FakeRuntime::new();
+    let controller = start(&fake, &log);
+    Setup {
+        _dir: dir,
+        log,
+        fake,
+        controller,
+    }
+}
+
+fn healthy_versions(snapshot: &Snapshot) -> BTreeMap<u64, usize> {
+    let mut counts = BTreeMap::new();
+    for i in snapshot.state.instances.values() {
+        if i.lifecycle == Lifecycle::Healthy {
+            *counts.entry(i.release).or_default() += 1;
+        }
+    }
+    counts
+}
+
+async fn running_on_runtime(fake: &FakeRuntime) -> usize {
+    fake.list()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|i| !i.status.is_exited())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_roll_out_and_the_route_follows() {
+    let s = setup();
+    let route = free_port();
+    let first = s
+        .controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    assert_eq!(first.started.len(), 1);
+    assert!(matches!(
+        outcome(&s.controller).await,
+        DeployOutcome::Succeeded { .. }
+    ));
+    let r = tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap();
+    assert_eq!(r.as_deref(), Ok("v1"));
+
+    // The same image and config again makes no release.
+    let again = s
+        .controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    assert_eq!(again.unchanged, vec!["web".to_owned()]);
+
+    // The instance count is not part of a release: scaling keeps release 1 and adds one.
+    let scaled = s
+        .controller
+        .deploy(vec![release(config(3, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    assert_eq!(scaled.unchanged, vec!["web".to_owned()]);
+    let snapshot = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.controller
+            .wait_for(|snap| healthy_versions(snap) == BTreeMap::from([(1, 3)])),
+    )
+    .await
+    .expect("scaled to 3");
+    assert_eq!(snapshot.state.releases.len(), 1);
+    s.controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        s.controller
+            .wait_for(|snap| snap.state.instances.len() == 2),
+    )
+    .await
+    .expect("scaled back to 2");
+
+    // A config change alone is a new release that replaces every instance.
+    s.controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v2")]))])
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome(&s.controller).await,
+        DeployOutcome::Succeeded { .. }
+    ));
+    let snapshot = s.controller.snapshot();
+    assert_eq!(healthy_versions(&snapshot), BTreeMap::from([(2, 2)]));
+    assert_eq!(snapshot.state.instances.len(), 2);
+    let r = tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap();
+    assert_eq!(r.as_deref(), Ok("v2"));
+    // Every old instance was stopped and removed from the runtime, not only unrouted.
+    let fake = s.fake.clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while running_on_runtime(&fake).await != 2 || fake.list().await.unwrap().len() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("old instances removed");
+
+    // Rollback goes back to release 1 through the same path.
+    let back = s.controller.rollback(None, None).await.unwrap();
+    assert_eq!(back.started[0].to, 1);
+    assert!(matches!(
+        outcome(&s.controller).await,
+        DeployOutcome::Succeeded { .. }
+    ));
+    let r = tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap();
+    assert_eq!(r.as_deref(), Ok("v1"));
+    s.controller.shutdown().await;
+    assert_eq!(s.fake.list().await.unwrap().len(), 0, "shutdown stops all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
+    let s = setup();
+    let route = free_port();
+    s.controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    outcome(&s.controller).await;
+    s.controller
+        .deploy(vec![release(config(
+            2,
+            route,
+            &[("VERSION", "bad"), ("HEALTHY", "0")],
+        ))])
+        .await
+        .unwrap();
+    // Requests keep flowing while the bad release is tried; every one is served by v1.
+    let probe = tokio::task::spawn_blocking(move || {
+        let mut served = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < end {
+            served.push(version(route));
+        }
+        served
+    });
+    let result = outcome(&s.controller).await;
+    let DeployOutcome::RolledBack { reason, .. } = result else {
+        panic!("expected a rollback, got {result:?}");
+    };
+    assert!(reason.contains("healthy within"), "{reason}");
+    let served = probe.await.unwrap();
+    assert!(!served.is_empty());
+    assert!(
+        served.iter().all(|v| v.as_deref() == Ok("v1")),
+        "{served:?}"
+    );
+    let snapshot = s.controller.snapshot();
+    assert_eq!(snapshot.state.services["web"].wanted, Some(1));
+    s.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_is_replaced() {
+    let s = setup();
+    let route = free_port();
+    s.controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    outcome(&s.controller).await;
+    let load = support::load::Load::start(route, 4);
+    support::wait_for(Duration::from_secs(10), "load running", || {
+        (load.snapshot().total > 50).then_some(())
+    });
+    let victim = s.fake.list().await.unwrap()[0].id.clone();
+    s.fake.crash(&victim, 3).unwrap();
+    let healed = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.controller.wait_for(|snap| {
+            healthy_versions(snap).get(&1) == Some(&2)
+                && snap
+                    .state
+                    .instances
+                    .values()
+                    .all(|i| i.runtime_id.as_ref() != Some(&victim))
+        }),
+    )
+    .await
+    .expect("a replacement is healthy");
+    assert_eq!(healed.state.instances.len(), 2);
+    let before = load.snapshot().total;
+    support::wait_for(Duration::from_secs(10), "requests after healing", || {
+        (load.snapshot().total > before + 50).then_some(())
+    });
+    let report = load.stop();
+    eprintln!("self-healing under load: {report:?}");
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let fake = s.fake.clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while fake.list().await.unwrap().iter().any(|i| i.id == victim) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the crashed instance is removed from the runtime");
+    s.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_adopts_what_it_wants_and_removes_orphans() {
+    let s = setup();
+    let route = free_port();
+    s.controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    outcome(&s.controller).await;
+    let before: Vec<_> = s
+        .controller
+        .snapshot()
+        .state
+        .instances
+        .keys()
+        .cloned()
+        .collect();
+    s.controller.abort().await;
+    // An instance the log knows nothing of, labelled as this app's.
+    let mut spec = graven::runtime::InstanceSpec::new(Digest::of(b"hello image"));
+    spec.labels = [
+        ("app", "hello"),
+        ("environment", "test"),
+        ("service", "web"),
+        ("instance", "stray"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let stray = s.fake.start(spec).await.unwrap().id;
+    // Another app's instance is not this controller's business.
+    let mut other = graven::runtime::InstanceSpec::new(Digest::of(b"hello image"));
+    other.labels = [("app", "other"), ("environment", "test")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let other = s.fake.start(other).await.unwrap().id;
+
+    let controller = start(&s.fake, &s.log);
+    let fake = s.fake.clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while fake.list().await.unwrap().iter().any(|i| i.id == stray) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the orphan is removed");
+    let snapshot = controller.snapshot();
+    let after: Vec<_> = snapshot.state.instances.keys().cloned().collect();
+    assert_eq!(
+        before, after,
+        "the wanted instances are adopted, not replaced"
+    );
+    assert!(s.fake.list().await.unwrap().iter().any(|i| i.id == other));
+    let r = tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap();
+    assert_eq!(r.as_deref(), Ok("v1"));
+    controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_instances_fail_at_once_rolls_back_early_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = Digest::of(b"hello image");
+    let fake = FakeRuntime::with_images([good.clone()]);
+    let controller = start(&fake, &dir.path().join("events.db"));
+    let route = free_port();
+    controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    outcome(&controller).await;
+    let mut broken = release(config(2, route, &[("VERSION", "v2")]));
+    broken.image = Digest::of(b"an image the runtime cannot start");
+    controller.deploy(vec![broken]).await.unwrap();
+    let result = outcome(&controller).await;
+    let DeployOutcome::RolledBack { reason, .. } = result else {
+        panic!("expected a rollback, got {result:?}");
+    };
+    assert!(reason.contains("failed 3 times"), "{reason}");
+    assert!(reason.contains("did not start"), "{reason}");
+    let r = tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap();
+    assert_eq!(r.as_deref(), Ok("v1"));
+    let snapshot = controller.snapshot();
+    assert_eq!(healthy_versions(&snapshot), BTreeMap::from([(1, 2)]));
+    controller.shutdown().await;
+}

@@ -1,0 +1,166 @@
+//! The daemon and CLI end to end: `graven up` in a project, `deploy`, `rollback`, `status`,
+//! `releases`, `history`, `down` over the API socket, and bad input that must leave the
+//! running release serving untouched. Instances of the example run on the runtime
+//! `GRAVEN_TEST_RUNTIME` names (default `local`; `fake` runs them inside the daemon).
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use support::daemon::{Up, free_port, hello_project, run, test_runtime, version};
+
+#[test]
+fn up_deploy_rollback_history_and_ctrl_c() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let mut up = Up::start(&home, &dir, &test_runtime());
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+
+    // The API socket is owner-only, in an owner-only directory.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&home.join("graven.sock")), 0o600);
+    assert_eq!(mode(&home), 0o700);
+
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
+    let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("release 2 is serving"), "{stdout}");
+    assert!(
+        stderr.contains("instance web-2-"),
+        "progress is shown: {stderr}"
+    );
+    assert_eq!(version(route).as_deref(), Ok("v2"));
+
+    let (ok, stdout, stderr) = run(&home, &["rollback", "--json"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["outcomes"][0]["release"], 1);
+    assert_eq!(report["outcomes"][0]["outcome"], "succeeded");
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+
+    let (ok, stdout, _) = run(&home, &["releases", "--json"]);
+    assert!(ok);
+    let releases: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(releases.len(), 2, "a rollback makes no release");
+
+    let (ok, stdout, _) = run(&home, &["status", "--json"]);
+    assert!(ok);
+    let status: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status[0]["state"]["services"]["web"]["wanted"], 1);
+    assert_eq!(
+        status[0]["state"]["instances"].as_object().unwrap().len(),
+        2
+    );
+
+    let (ok, stdout, _) = run(&home, &["history"]);
+    assert!(ok);
+    for expected in [
+        "release 1 of web created",
+        "release 2 of web created",
+        "rollback of web started: release 2 -> 1",
+        "draining (replaced by release 1)",
+        "deploy of web succeeded: release 1 serves",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+
+    // Ctrl-C drains and stops every instance and exits cleanly.
+    let status = up.signal(libc::SIGINT, Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", up.stderr());
+    assert!(up.stderr().contains("draining and stopping"));
+    assert!(!home.join("graven.sock").exists());
+    assert!(version(route).is_err(), "the route is closed");
+    let (ok, _, stderr) = run(&home, &["status"]);
+    assert!(!ok);
+    assert!(stderr.contains("no graven daemon answers"), "{stderr}");
+}
+
+#[test]
+fn bad_input_leaves_the_running_release_serving() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let _up = Up::start(&home, &dir, &test_runtime());
+    let dir_arg = dir.to_str().unwrap();
+    let releases = || {
+        let (_, stdout, _) = run(&home, &["releases", "--json"]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&stdout)
+            .unwrap()
+            .len()
+    };
+
+    // A typo in graven.toml: every problem, with line and field; nothing deployed.
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "stop_grase = \"1s\"");
+    let (ok, _, stderr) = run(&home, &["deploy", dir_arg]);
+    assert!(!ok);
+    assert!(stderr.contains("stop_grase"), "{stderr}");
+    assert_eq!(releases(), 1);
+
+    // A route another process holds.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    hello_project(&dir, taken, 2, r#"VERSION = "v2""#, "");
+    let (ok, _, stderr) = run(&home, &["deploy", dir_arg]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("route {taken}")), "{stderr}");
+    assert!(stderr.contains("cannot be bound"), "{stderr}");
+    assert_eq!(releases(), 1);
+    drop(holder);
+
+    // A bake failure.
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
+    std::fs::write(dir.join("Containerfile"), "FROM scratch\nFROBNICATE now\n").unwrap();
+    let (ok, _, stderr) = run(&home, &["deploy", dir_arg]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("FROBNICATE") || stderr.contains("Containerfile"),
+        "{stderr}"
+    );
+    assert_eq!(releases(), 1);
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
+
+    // Unknown service and unknown release.
+    let (ok, _, stderr) = run(&home, &["rollback", "--service", "nope"]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown service \"nope\""), "{stderr}");
+    let (ok, _, stderr) = run(&home, &["rollback", "--to", "9"]);
+    assert!(!ok);
+    assert!(stderr.contains("no release 9"), "{stderr}");
+
+    // A release whose health check fails: never routed, rolled back, says why.
+    hello_project(&dir, route, 2, r#"VERSION = "bad", HEALTHY = "0""#, "");
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(4);
+        while std::time::Instant::now() < end {
+            seen.push(version(route));
+        }
+        seen
+    });
+    let (ok, stdout, stderr) = run(&home, &["deploy", dir_arg]);
+    assert!(
+        !ok,
+        "a rolled back deploy exits non-zero: {stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("rolled back"), "{stdout}");
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen.iter().all(|v| v.as_deref() == Ok("v1")),
+        "only v1 served: {:?}",
+        seen.iter()
+            .filter(|v| v.as_deref() != Ok("v1"))
+            .collect::<Vec<_>>()
+    );
+    let (_, history, _) = run(&home, &["history"]);
+    assert!(
+        history.contains(
+            "rolled back from release 2 to 1: 0 of 2 instances of release 2 healthy within 3s"
+        ),
+        "{history}"
+    );
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+}

@@ -1,0 +1,255 @@
+//! Helpers for tests of the control plane: service configs and releases, a free port for a
+//! route, one request that says which version answered.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use graven::controller::{ControllerHandle, ServiceRelease};
+use graven::events::{DeployOutcome, ServiceConfig};
+use graven::proxy::HealthCheck;
+use graven::store::Digest;
+
+/// A fast-checking service config behind `route`, with `env` for the instances.
+pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> ServiceConfig {
+    ServiceConfig {
+        instances,
+        port: 8080,
+        route: Some(route),
+        command: None,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        health: HealthCheck {
+            path: "/healthz".to_owned(),
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(500),
+            healthy_after: 1,
+            unhealthy_after: 2,
+        },
+        max_surge: 1,
+        max_unavailable: 0,
+        health_deadline: Duration::from_secs(2),
+        stop_grace: Duration::from_secs(2),
+        volumes: vec![],
+        limits: Default::default(),
+    }
+}
+
+pub fn release(config: ServiceConfig) -> ServiceRelease {
+    ServiceRelease {
+        service: "web".to_owned(),
+        image: Digest::of(b"hello image"),
+        // Like the spec's digest, the count and the route are not part of a release.
+        config_digest: {
+            let mut release_part = config.clone();
+            release_part.instances = 0;
+            release_part.route = None;
+            Digest::of(serde_json::to_string(&release_part).unwrap().as_bytes()).to_string()
+        },
+        config,
+    }
+}
+
+/// A port that was free a moment ago, for a route that must keep its address across restarts.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One `GET /` on a fresh connection; the version that answered.
+pub fn version(route: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect(route).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    if !response.starts_with("HTTP/1.1 200") {
+        return Err(response.lines().next().unwrap_or("").to_owned());
+    }
+    response
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("x-hello-version")
+                .then(|| value.trim().to_owned())
+        })
+        .ok_or_else(|| "no version header".to_owned())
+}
+
+/// Waits (bounded) until the last deploy of `web` has an outcome, and returns it.
+pub async fn outcome(controller: &ControllerHandle) -> DeployOutcome {
+    let snapshot = tokio::time::timeout(
+        Duration::from_secs(20),
+        controller.wait_for(|s| s.state.deploys.last().is_some_and(|d| d.outcome.is_some())),
+    )
+    .await
+    .expect("the deploy ends within 20s");
+    snapshot
+        .state
+        .deploys
+        .last()
+        .unwrap()
+        .outcome
+        .clone()
+        .unwrap()
+}
+
+/// A `graven up` child process, killed by its PID when dropped (also when a test fails).
+pub struct Up {
+    child: Option<std::process::Child>,
+    pub home: std::path::PathBuf,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Up {
+    /// Starts `graven up dir` with `GRAVEN_HOME=home` and the runtime `GRAVEN_RUNTIME` names
+    /// (the in-process fake unless the test says otherwise); returns once it serves.
+    pub fn start(home: &std::path::Path, dir: &std::path::Path, runtime: &str) -> Up {
+        let mut child = super::graven(home)
+            .arg("up")
+            .arg(dir)
+            .env("GRAVEN_RUNTIME", runtime)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("graven up starts");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().expect("piped");
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut up = Up {
+            child: Some(child),
+            home: home.to_owned(),
+            stderr,
+        };
+        up.wait_for_line("graven: serving", Duration::from_secs(60));
+        up
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line of its stderr containing `text`; fails if it exits first.
+    pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
+        let stderr = self.stderr.clone();
+        let child = self.child.as_mut().expect("running");
+        super::wait_for(deadline, text, || {
+            if stderr.lock().unwrap().iter().any(|l| l.contains(text)) {
+                return Some(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "graven up exited ({status}) before {text:?}:\n{}",
+                    stderr.lock().unwrap().join("\n")
+                );
+            }
+            None
+        });
+    }
+
+    /// Sends `signal` and waits (bounded) for the process to end.
+    pub fn signal(&mut self, signal: i32, deadline: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on the PID of a child this test started and has not reaped yet, so
+        // the PID cannot have been reused.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        super::wait_for(deadline, "graven up to exit", || child.try_wait().unwrap())
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a graven command to completion: (success, stdout, stderr).
+pub fn run(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = super::graven(home)
+        .args(args)
+        .output()
+        .expect("graven runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The runtime integration tests run instances on: `GRAVEN_TEST_RUNTIME`, else `local`.
+pub fn test_runtime() -> String {
+    std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "local".to_owned())
+}
+
+/// Writes the example as a project (its Containerfile and static binary in `dist/`), with
+/// `graven.toml` as `write_project` makes it.
+pub fn hello_project(
+    dir: &std::path::Path,
+    route: SocketAddr,
+    instances: u32,
+    env: &str,
+    extra: &str,
+) {
+    write_project(dir, route, instances, env, extra);
+    std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::copy(super::hello_binary(), dir.join("dist/hello")).unwrap();
+    std::fs::copy(
+        super::workspace().join("examples/hello/Containerfile"),
+        dir.join("Containerfile"),
+    )
+    .unwrap();
+}
+
+/// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
+/// `instances` of it with `env`, and an empty `FROM scratch` Containerfile.
+pub fn write_project(
+    dir: &std::path::Path,
+    route: SocketAddr,
+    instances: u32,
+    env: &str,
+    extra: &str,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("Containerfile"), "FROM scratch\n").unwrap();
+    std::fs::write(
+        dir.join("graven.toml"),
+        format!(
+            r#"app = "demo"
+
+[services.web]
+instances = {instances}
+port = 8080
+route = "{route}"
+env = {{ {env} }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "500ms", healthy_after = 1, unhealthy_after = 2 }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
+stop_grace = "2s"
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+}
