@@ -317,11 +317,7 @@ pub fn event_fold(data: &[u8]) {
             envelope.payload
         );
     }
-    let fold_all = |state: State, envelopes: &[Envelope<Event>]| {
-        envelopes
-            .iter()
-            .fold(state, |state, envelope| fold(state, envelope))
-    };
+    let fold_all = |state: State, envelopes: &[Envelope<Event>]| envelopes.iter().fold(state, fold);
     let end = fold_all(State::default(), &envelopes);
     assert_eq!(
         end,
