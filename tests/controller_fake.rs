@@ -218,6 +218,7 @@ async fn a_crashed_instance_is_replaced() {
         Duration::from_secs(10),
         s.controller.wait_for(|snap| {
             healthy_versions(snap).get(&1) == Some(&2)
+                && snap.state.instances.len() == 2
                 && snap
                     .state
                     .instances
@@ -234,7 +235,10 @@ async fn a_crashed_instance_is_replaced() {
     });
     let report = load.stop();
     eprintln!("self-healing under load: {report:?}");
-    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    // Only requests the crashed instance was answering at that moment may fail (at most one
+    // per connection): the controller cannot save them, the proxy retries only what did not
+    // reach an instance. Everything after is served.
+    assert!(report.failed <= 4, "{:?}", report.failures);
     let fake = s.fake.clone();
     tokio::time::timeout(Duration::from_secs(5), async {
         while fake.list().await.unwrap().iter().any(|i| i.id == victim) {

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::runtime::{
-    AnyRuntime, FakeRuntime, InstanceSpec, InstanceStatus, Runtime, RuntimeError, VolumeMount,
+    AnyRuntime, FakeRuntime, InstanceSpec, InstanceStatus, LocalRuntime, Runtime, RuntimeError,
+    VolumeMount,
 };
 use graven::store::Digest;
 use support::runtime::{Reply, get};
@@ -27,6 +28,38 @@ fn fake() -> Subject {
         runtime: AnyRuntime::Fake(FakeRuntime::with_images([image.clone()])),
         image,
         _home: home,
+    }
+}
+
+fn local() -> Subject {
+    graven::sandbox::set_helper_binary(support::graven_bin());
+    let home = tempfile::tempdir().unwrap();
+    let image = support::runtime::hello_image(home.path());
+    Subject {
+        runtime: AnyRuntime::Local(LocalRuntime::open(home.path()).unwrap()),
+        image,
+        _home: home,
+    }
+}
+
+/// Kills whatever a failed test left running, so no instance outlives the test.
+impl Drop for Subject {
+    fn drop(&mut self) {
+        let runtime = self.runtime.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for instance in runtime.list().await.unwrap_or_default() {
+                    if !instance.status.is_exited() {
+                        let _ = runtime.kill(&instance.id).await;
+                    }
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -295,6 +328,7 @@ macro_rules! all_cases {
 }
 
 all_cases!(fake);
+all_cases!(local);
 
 /// The fake's failure hooks, which the controller's tests rely on.
 mod fake_hooks {

@@ -134,17 +134,12 @@ pub fn write_layer(
 
 /// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
 fn open_layer(store: &Store, digest: &Digest) -> Result<Box<dyn Read>, StoreError> {
-    let mut file = store.open_blob(digest)?;
-    let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(|source| StoreError::Io {
-        path: store.blob_path(digest),
-        source,
-    })?;
-    let file = store.open_blob(digest)?;
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
+    let path = store.blob_path(digest);
+    crate::store::decompressed(&path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => StoreError::MissingBlob {
+            digest: digest.clone(),
+        },
+        _ => StoreError::Io { path, source },
     })
 }
 
@@ -507,6 +502,43 @@ mod tests {
         let l2 = write_layer(&store, &a, 1_700_000_000).unwrap();
         assert_eq!(l1.digest, l2.digest);
         assert_ne!(l1.digest, lb.digest);
+    }
+
+    #[test]
+    fn long_paths_and_symlink_targets_round_trip() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let long = format!("{}/file", "d".repeat(150));
+        let target = "t".repeat(120);
+        let mut entries = vec![
+            file(&long, b"x", src.path()),
+            Entry {
+                path: "link".to_owned(),
+                kind: EntryKind::Symlink(target.clone()),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        ];
+        normalize(&mut entries);
+        let layer = write_layer(&store, &entries, 0).unwrap();
+        let mut txn = store.transaction().unwrap();
+        let descriptor = layer.keep(&mut txn).unwrap();
+        txn.commit();
+        let mut archive = tar::Archive::new(open_layer(&store, &descriptor.digest).unwrap());
+        let read: Vec<(String, Option<String>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(read, [(long, None), ("link".to_owned(), Some(target))]);
     }
 
     #[test]

@@ -1,1 +1,356 @@
+//! `graven run / ps / stop / rm / exec`: instances on the embedded local runtime, for
+//! debugging and scripts (services and deploys are the controller's).
 
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::runtime::local::shim::parse_log_line;
+use crate::runtime::{
+    Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
+};
+use crate::store::Store;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The image: a tag, a digest, or a unique digest prefix.
+    pub image: String,
+    /// A fixed host port (default: a free one graven picks). The instance gets it as $PORT.
+    #[arg(long, short)]
+    pub port: Option<u16>,
+    /// Environment variables, added to the image's.
+    #[arg(long = "env", short, value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Named volumes from $GRAVEN_HOME/volumes, mounted read-write.
+    #[arg(long = "volume", short, value_name = "NAME:/path")]
+    pub volumes: Vec<String>,
+    /// Run as this user (uid[:gid] or a name in the image) instead of the image's USER.
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// Memory limit (bytes, or with a K, M or G suffix).
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Maximum number of processes and threads.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// CPU limit in thousandths of a core (1500 = one and a half cores).
+    #[arg(long)]
+    pub cpu_millis: Option<u64>,
+    /// Size cap of /tmp (bytes, or with a K, M or G suffix; default 64M).
+    #[arg(long, value_parser = parse_size)]
+    pub tmp_size: Option<u64>,
+    /// Start it and print its id instead of following its output.
+    #[arg(long, short)]
+    pub detach: bool,
+    /// Print the instance as JSON (with -d).
+    #[arg(long)]
+    pub json: bool,
+    /// The command to run instead of the image's ENTRYPOINT and CMD.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    /// Also list exited instances.
+    #[arg(long, short)]
+    pub all: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    pub id: String,
+    /// How long to wait after the stop signal before killing.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RmArgs {
+    pub ids: Vec<String>,
+    /// Stop running instances first (SIGKILL, no grace).
+    #[arg(long, short)]
+    pub force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    pub id: String,
+    /// The command to run inside the instance.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
+    let factor = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
+    };
+    Ok(number * factor)
+}
+
+fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves a full id or a unique prefix of one.
+async fn find(runtime: &LocalRuntime, text: &str) -> anyhow::Result<InstanceId> {
+    let ids: Vec<InstanceId> = runtime
+        .list()
+        .await?
+        .into_iter()
+        .map(|i| i.id)
+        .filter(|id| id.0.starts_with(text))
+        .collect();
+    match ids.as_slice() {
+        [id] => Ok(id.clone()),
+        [] => bail!("no instance {text:?}"),
+        _ => bail!("{text:?} matches {} instances", ids.len()),
+    }
+}
+
+fn status_text(status: InstanceStatus) -> String {
+    match status {
+        InstanceStatus::Created => "created".to_owned(),
+        InstanceStatus::Running => "running".to_owned(),
+        InstanceStatus::Stopping => "stopping".to_owned(),
+        InstanceStatus::Exited {
+            code: Some(code), ..
+        } => format!("exited ({code})"),
+        InstanceStatus::Exited {
+            signal: Some(signal),
+            ..
+        } => format!("exited (signal {signal})"),
+        InstanceStatus::Exited { .. } => "exited (vanished)".to_owned(),
+    }
+}
+
+fn exit_code(status: InstanceStatus) -> ExitCode {
+    match status {
+        InstanceStatus::Exited {
+            code: Some(code), ..
+        } => ExitCode::from(code.clamp(0, 255) as u8),
+        InstanceStatus::Exited {
+            signal: Some(signal),
+            ..
+        } => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn warn(instance: &Instance) {
+    for warning in &instance.warnings {
+        eprintln!("graven: warning: instance {}: {warning}", instance.id);
+    }
+}
+
+pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open(home)?;
+    let image = store.resolve(&args.image)?;
+    let mut spec = InstanceSpec::new(image);
+    for pair in &args.env {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--env {pair:?}: write it K=V"))?;
+        spec.env.insert(key.to_owned(), value.to_owned());
+    }
+    for volume in &args.volumes {
+        spec.volumes.push(VolumeMount::parse(volume)?);
+    }
+    spec.host_port = args.port;
+    spec.user = args.user.clone();
+    spec.command = (!args.command.is_empty()).then(|| args.command.clone());
+    spec.limits = Limits {
+        memory_bytes: args.memory,
+        pids: args.pids,
+        cpu_millis: args.cpu_millis,
+        tmp_bytes: args.tmp_size,
+    };
+    let runtime = LocalRuntime::open(home)?;
+    tokio()?.block_on(async {
+        let instance = runtime.start(spec).await?;
+        warn(&instance);
+        if args.detach {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&instance)?);
+            } else {
+                println!("{}", instance.id);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(address) = instance.address {
+            eprintln!("graven: instance {} on http://{address}", instance.id);
+        }
+        follow(&runtime, &instance).await
+    })
+}
+
+/// Streams the instance's log until it exits; Ctrl-C stops it (and a second one kills it).
+async fn follow(runtime: &LocalRuntime, instance: &Instance) -> anyhow::Result<ExitCode> {
+    let path = runtime.log_path(&instance.id);
+    let mut offset = 0u64;
+    let mut pending = String::new();
+    let mut interrupts = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let exited = runtime.inspect(&instance.id).await?.status;
+        offset = print_new_lines(&path, offset, &mut pending)?;
+        if exited.is_exited() {
+            eprintln!("graven: instance {} {}", instance.id, status_text(exited));
+            return Ok(exit_code(exited));
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                interrupts += 1;
+                ctrl_c.set(tokio::signal::ctrl_c());
+                let runtime = runtime.clone();
+                let id = instance.id.clone();
+                if interrupts == 1 {
+                    eprintln!("graven: stopping {id} (Ctrl-C again to kill)");
+                    tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(10)).await });
+                } else {
+                    tokio::spawn(async move { runtime.kill(&id).await });
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Prints the log's complete lines after `offset` (the text only, to stdout or stderr as
+/// captured) and returns the new offset.
+fn print_new_lines(path: &Path, offset: u64, pending: &mut String) -> anyhow::Result<u64> {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Ok(offset);
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    pending.push_str(&String::from_utf8_lossy(&bytes));
+    while let Some(end) = pending.find('\n') {
+        let line: String = pending.drain(..=end).collect();
+        if let Some(parsed) = parse_log_line(line.trim_end_matches('\n')) {
+            if parsed.stream == "stderr" {
+                let _ = writeln!(std::io::stderr(), "{}", parsed.text);
+            } else {
+                let _ = writeln!(std::io::stdout(), "{}", parsed.text);
+            }
+        }
+    }
+    Ok(offset + bytes.len() as u64)
+}
+
+pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {
+    let runtime = LocalRuntime::open(home)?;
+    let instances: Vec<Instance> = tokio()?
+        .block_on(runtime.list())?
+        .into_iter()
+        .filter(|i| args.all || !i.status.is_exited())
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&instances)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<14}{:<14}{:<20}{:<22}{:<9}TAINTED",
+        "ID", "IMAGE", "STATUS", "ADDRESS", "PID"
+    );
+    for i in instances {
+        println!(
+            "{:<14}{:<14}{:<20}{:<22}{:<9}{}",
+            i.id,
+            i.image.short(),
+            status_text(i.status),
+            i.address.map(|a| a.to_string()).unwrap_or_default(),
+            i.pid.map(|p| p.to_string()).unwrap_or_default(),
+            if i.tainted { "yes" } else { "" },
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stop(home: &Path, args: StopArgs) -> anyhow::Result<ExitCode> {
+    let runtime = LocalRuntime::open(home)?;
+    tokio()?.block_on(async {
+        let id = find(&runtime, &args.id).await?;
+        let instance = runtime.stop(&id, args.grace).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&instance)?);
+        } else {
+            println!("{} {}", instance.id, status_text(instance.status));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn rm(home: &Path, args: RmArgs) -> anyhow::Result<ExitCode> {
+    let runtime = LocalRuntime::open(home)?;
+    tokio()?.block_on(async {
+        for text in &args.ids {
+            let id = find(&runtime, text).await?;
+            if args.force {
+                runtime.kill(&id).await?;
+            }
+            runtime.remove(&id).await?;
+            println!("{id}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn exec(home: &Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::ExitStatusExt;
+    let runtime = LocalRuntime::open(home)?;
+    let id = tokio()?.block_on(find(&runtime, &args.id))?;
+    eprintln!(
+        "graven: break-glass exec into {id}: the instance is now tainted and must be replaced"
+    );
+    let status = runtime.exec(&id, args.command)?;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+        (None, Some(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        let check = |text: &str, expected: Result<u64, ()>| {
+            assert_eq!(super::parse_size(text).map_err(|_| ()), expected, "{text}")
+        };
+        check("100", Ok(100));
+        check("64M", Ok(64 << 20));
+        check("1g", Ok(1 << 30));
+        check("2KiB", Ok(2048));
+        check("5T", Err(()));
+        check("x", Err(()));
+    }
+}

@@ -38,6 +38,16 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.
     Gc(image::GcArgs),
+    /// Start an instance of an image on the local runtime.
+    Run(instance::RunArgs),
+    /// List instances.
+    Ps(instance::PsArgs),
+    /// Stop an instance: its stop signal, a grace period, then SIGKILL.
+    Stop(instance::StopArgs),
+    /// Remove exited instances (their logs and volumes stay).
+    Rm(instance::RmArgs),
+    /// Break-glass: run a command inside an instance, which taints it.
+    Exec(instance::ExecArgs),
     /// Run the control plane for a project in the foreground: build, bake, deploy, route,
     /// keep healthy. Ctrl-C drains and stops every instance.
     Up(project::UpArgs),
@@ -65,11 +75,16 @@ pub enum Command {
 
 impl Command {
     /// Long-running servers must see a closed peer as an error on that one connection, so
-    /// they keep Rust's ignored SIGPIPE; every other command only prints.
+    /// they keep Rust's ignored SIGPIPE (so does `run`, which must stop its instance on the
+    /// way out); every other command only prints.
     fn serves(&self) -> bool {
         matches!(
             self,
-            Command::Up(_) | Command::Daemon(_) | Command::Proxy(_) | Command::Load(_)
+            Command::Up(_)
+                | Command::Daemon(_)
+                | Command::Run(_)
+                | Command::Proxy(_)
+                | Command::Load(_)
         )
     }
 }
@@ -103,6 +118,11 @@ pub fn main() -> ExitCode {
         Command::Images(args) => image::images(&home, args),
         Command::Image(command) => image::run(&home, command),
         Command::Gc(args) => image::gc(&home, args),
+        Command::Run(args) => instance::run(&home, args),
+        Command::Ps(args) => instance::ps(&home, args),
+        Command::Stop(args) => instance::stop(&home, args),
+        Command::Rm(args) => instance::rm(&home, args),
+        Command::Exec(args) => instance::exec(&home, args),
         Command::Up(args) => project::up(&home, args),
         Command::Daemon(args) => project::daemon(&home, args),
         Command::Deploy(args) => project::deploy(&home, args),

@@ -242,6 +242,7 @@ impl Runtime for FakeRuntime {
             started_at_ms: super::now_ms(),
             tainted: false,
             log: None,
+            warnings: Vec::new(),
         };
         inner.instances.insert(
             id,

@@ -28,7 +28,7 @@ pub struct InstanceId(pub String);
 
 impl std::fmt::Display for InstanceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -218,6 +218,10 @@ pub struct Instance {
     pub tainted: bool,
     /// The file its stdout and stderr are captured to, where the runtime keeps one.
     pub log: Option<PathBuf>,
+    /// What the runtime could not do as asked, said plainly (e.g. resource limits that this
+    /// host cannot enforce).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +244,10 @@ pub enum RuntimeError {
     UnknownUser { user: String, image: Digest },
     #[error("image {image} has no entrypoint or command to run")]
     NoCommand { image: Digest },
+    #[error("image {image} has no {path} to run")]
+    MissingEntrypoint { image: Digest, path: String },
+    #[error("instance {id} could not start: {message}")]
+    Sandbox { id: InstanceId, message: String },
     #[error("this machine cannot sandbox instances: {reason}")]
     Unsupported { reason: String },
     #[error("instance {id}: {source}")]

@@ -5,11 +5,34 @@
 //! It is used by the local runtime for instances and by bake for RUN steps, so both run in
 //! the same kind of sandbox. It never runs inside the multi-threaded async process, and it
 //! knows nothing of images, services or the store: it is handed a root directory.
+//!
+//! The parent side (this file) writes a `Request` as JSON to the helper's stdin and reads a
+//! status pipe (the helper's fd 3, close-on-exec in the workload): the helper reports the
+//! workload's host PID and any error before exec there, so a failed setup or a missing
+//! entrypoint is an error here, never a silent exit.
 
+mod helper;
+mod seccomp;
+
+use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 
 /// The argv[1] that makes the graven binary act as the sandbox helper.
 pub const HELPER_ARG: &str = "__sandbox";
+/// The argv[1] that makes the graven binary enter a running sandbox (break-glass exec).
+pub const EXEC_ARG: &str = "__sandbox-exec";
+/// Points test binaries (which are not graven) at the graven binary to re-execute.
+pub const HELPER_ENV: &str = "GRAVEN_SANDBOX_HELPER";
+/// The /tmp cap when a spec says 0 (a tmpfs of size 0 would be unlimited).
+pub const DEFAULT_TMP_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The helper's file descriptor for the status pipe.
+const STATUS_FD: i32 = 3;
+/// The environment variable carrying an `ExecRequest` to `graven __sandbox-exec`.
+const EXEC_REQUEST_ENV: &str = "GRAVEN_SANDBOX_EXEC";
 
 /// One process to run in a fresh sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -17,6 +40,8 @@ pub struct SandboxSpec {
     /// The directory that becomes `/`.
     pub rootfs: PathBuf,
     /// False for instances (read-only root); true for bake RUN steps, which write the layer.
+    /// A writable root gets empty `/dev`, `/proc`, `/sys` and `/tmp` directories created as
+    /// mount points when it lacks them; a read-only root is never written.
     pub writable_root: bool,
     pub args: Vec<String>,
     pub env: Vec<String>,
@@ -26,7 +51,7 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// Extra bind mounts (volumes), source on the host, target inside the root.
     pub binds: Vec<Bind>,
-    /// Size cap of the tmpfs mounted at /tmp.
+    /// Size cap of the tmpfs mounted at /tmp (0 means `DEFAULT_TMP_BYTES`).
     pub tmp_bytes: u64,
 }
 
@@ -37,13 +62,285 @@ pub struct Bind {
     pub readonly: bool,
 }
 
-/// When this process was started as the sandbox helper, runs it and never returns.
-pub fn enter_if_helper() {
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|arg| arg == HELPER_ARG)
-    {
-        eprintln!("graven: the sandbox helper is not built yet");
-        std::process::exit(127);
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot start the sandbox helper {helper}: {source}")]
+    Spawn {
+        helper: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sandbox for {program:?}: {message}")]
+    Setup { program: String, message: String },
+    #[error("sandbox for {program:?}: {source}")]
+    Io {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// What the helper is told beyond the spec: the local runtime's extras.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Options {
+    /// An empty directory the helper mounts its scratch tmpfs on (the read-only root's
+    /// overlay lives there). A temp dir is made and removed when absent.
+    pub scratch: Option<PathBuf>,
+    /// `cgroup.procs` files the helper joins before the workload starts.
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// The JSON the helper reads from its stdin.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Request {
+    spec: SandboxSpec,
+    scratch: PathBuf,
+    cgroups: Vec<PathBuf>,
+}
+
+/// The JSON `graven __sandbox-exec` reads: a command to run inside a running sandbox.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExecRequest {
+    /// The host PID of the sandbox's first process, whose namespaces are entered.
+    pub pid: u32,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// A workload started in a sandbox.
+#[derive(Debug)]
+pub struct Sandboxed {
+    /// The helper process; its exit status mirrors the workload's.
+    pub child: Child,
+    /// The workload's host PID (PID 1 of its namespace).
+    pub pid: u32,
+    /// Removed when this value is dropped, after the workload is gone.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+static HELPER_BINARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes this process re-execute `path` as the helper (test binaries are not graven).
+pub fn set_helper_binary(path: impl Into<PathBuf>) {
+    let _ = HELPER_BINARY.set(path.into());
+}
+
+/// The binary re-executed as the helper: `set_helper_binary`, else `$GRAVEN_SANDBOX_HELPER`,
+/// else this executable.
+pub fn helper_binary() -> PathBuf {
+    if let Some(path) = HELPER_BINARY.get() {
+        return path.clone();
     }
+    if let Some(path) = std::env::var_os(HELPER_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+}
+
+/// Runs `spec` in a fresh sandbox and waits for it. Blocking.
+pub fn run(spec: &SandboxSpec, stdout: Stdio, stderr: Stdio) -> Result<ExitStatus, SandboxError> {
+    let mut sandboxed = spawn(spec, &Options::default(), stdout, stderr)?;
+    sandboxed
+        .child
+        .wait()
+        .map_err(|source| io_error(spec, source))
+}
+
+/// Starts `spec` in a fresh sandbox and returns once the workload is exec'd (or setup
+/// failed). Blocking, but only for the few milliseconds the setup takes.
+pub fn spawn(
+    spec: &SandboxSpec,
+    options: &Options,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Sandboxed, SandboxError> {
+    let (scratch, temp) = match &options.scratch {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("graven-sandbox-")
+                .tempdir()
+                .map_err(|source| io_error(spec, source))?;
+            (temp.path().to_owned(), Some(temp))
+        }
+    };
+    let request = Request {
+        spec: spec.clone(),
+        scratch,
+        cgroups: options.cgroups.clone(),
+    };
+    let json = serde_json::to_vec(&request).expect("a sandbox request always serializes");
+    let mut command = Command::new(helper_binary());
+    command.arg(HELPER_ARG).stdout(stdout).stderr(stderr);
+    let (child, pid) = start_helper(command, &json, &spec_program(spec))?;
+    Ok(Sandboxed {
+        child,
+        pid,
+        _scratch: temp,
+    })
+}
+
+/// Runs a command inside the running sandbox whose first process is `request.pid`, with
+/// the same privilege drop as the workload. Blocking; returns the command's exit status.
+pub fn exec(
+    request: &ExecRequest,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<ExitStatus, SandboxError> {
+    let json = serde_json::to_string(request).expect("an exec request always serializes");
+    let program = request.args.first().cloned().unwrap_or_default();
+    // The request travels in the environment so the command keeps the caller's stdin; the
+    // helper builds the command's environment from the request alone.
+    let mut command = Command::new(helper_binary());
+    command
+        .arg(EXEC_ARG)
+        .env(EXEC_REQUEST_ENV, json)
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr);
+    let (mut child, _) = start_helper_with(command, &program, |_| Ok(()))?.finish()?;
+    child
+        .wait()
+        .map_err(|source| SandboxError::Io { program, source })
+}
+
+fn spec_program(spec: &SandboxSpec) -> String {
+    spec.args.first().cloned().unwrap_or_default()
+}
+
+fn io_error(spec: &SandboxSpec, source: std::io::Error) -> SandboxError {
+    SandboxError::Io {
+        program: spec_program(spec),
+        source,
+    }
+}
+
+/// Spawns the helper with the request on its stdin and waits for its status report.
+fn start_helper(
+    mut command: Command,
+    json: &[u8],
+    program: &str,
+) -> Result<(Child, u32), SandboxError> {
+    command.stdin(Stdio::piped());
+    let started = start_helper_with(command, program, |child| {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        stdin.write_all(json)
+    })?;
+    started.finish()
+}
+
+/// A helper that was spawned and whose status pipe is still to be read.
+struct Started {
+    child: Child,
+    status: OwnedFd,
+    program: String,
+}
+
+fn start_helper_with(
+    mut command: Command,
+    program: &str,
+    send: impl FnOnce(&mut Child) -> std::io::Result<()>,
+) -> Result<Started, SandboxError> {
+    let helper = PathBuf::from(command.get_program());
+    let io = |source: std::io::Error| SandboxError::Io {
+        program: program.to_owned(),
+        source,
+    };
+    let (status, status_writer) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| io(e.into()))?;
+    let writer_fd = status_writer.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec, so only the
+    // helper inherits the status pipe (the original stays close-on-exec everywhere else).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            if libc::dup2(writer_fd, STATUS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|source| SandboxError::Spawn { helper, source })?;
+    drop(status_writer);
+    if let Err(source) = send(&mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(io(source));
+    }
+    Ok(Started {
+        child,
+        status,
+        program: program.to_owned(),
+    })
+}
+
+impl Started {
+    /// Reads the status pipe to its end: `pid N` from the helper, `error …` from setup.
+    fn finish(mut self) -> Result<(Child, u32), SandboxError> {
+        let mut text = String::new();
+        let read = BufReader::new(std::fs::File::from(self.status)).read_to_string(&mut text);
+        let mut pid = None;
+        let mut errors = Vec::new();
+        for line in text.lines() {
+            if let Some(n) = line.strip_prefix("pid ") {
+                pid = n.parse::<u32>().ok();
+            } else if let Some(message) = line.strip_prefix("error ") {
+                errors.push(message.to_owned());
+            }
+        }
+        let failure = if let Err(source) = read {
+            Some(SandboxError::Io {
+                program: self.program.clone(),
+                source,
+            })
+        } else if !errors.is_empty() {
+            Some(SandboxError::Setup {
+                program: self.program.clone(),
+                message: errors.join("; "),
+            })
+        } else if pid.is_none() {
+            // The helper died before it could say anything (e.g. it is not graven).
+            let status = self.child.wait().ok();
+            Some(SandboxError::Setup {
+                program: self.program.clone(),
+                message: format!("the helper exited before starting the workload ({status:?})"),
+            })
+        } else {
+            None
+        };
+        match failure {
+            Some(error) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                Err(error)
+            }
+            None => Ok((self.child, pid.unwrap_or_default())),
+        }
+    }
+}
+
+/// When this process was started as a sandbox helper, runs it and never returns.
+pub fn enter_if_helper() {
+    let Some(arg) = std::env::args_os().nth(1) else {
+        return;
+    };
+    if arg == HELPER_ARG {
+        helper::main_sandbox();
+    } else if arg == EXEC_ARG {
+        helper::main_exec();
+    }
+}
+
+/// Reads all of `reader` (used by the helper for its request).
+fn read_request<T: serde::de::DeserializeOwned>(reader: impl Read) -> Result<T, String> {
+    let mut bytes = Vec::new();
+    BufReader::new(reader)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("the request is not valid: {e}"))
 }

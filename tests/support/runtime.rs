@@ -55,6 +55,8 @@ pub fn layer(files: &[File]) -> Vec<u8> {
         header.set_entry_type(tar::EntryType::Directory);
         header.set_mode(0o755);
         header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
         header.set_size(0);
         builder
             .append_data(&mut header, &dir, std::io::empty())
@@ -64,6 +66,8 @@ pub fn layer(files: &[File]) -> Vec<u8> {
         let mut header = tar::Header::new_gnu();
         header.set_mode(file.mode);
         header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
         header.set_size(file.bytes.len() as u64);
         builder
             .append_data(&mut header, &file.path, file.bytes.as_slice())

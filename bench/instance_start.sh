@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Instance start benchmark: time from "start" to the first successful GET /healthz of the
+# example service, as a bare process, as a graven local instance (`graven run -d`, a new
+# graven process each time, sandbox and all), under `runc run -d` (bundle from umoci, host
+# network) and under `docker run -d --network host`. Median of RUNS runs each (DOCKER_RUNS
+# for docker), side by side with the ratio to the bare process and to graven.
+#
+# Usage: bench/instance_start.sh     (RUNS=30, DOCKER_RUNS=10 by default; needs umoci, runc,
+#                                      dockerd; starts a private dockerd when none answers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+runs=${RUNS:-30}
+docker_runs=${DOCKER_RUNS:-10}
+
+work=$(mktemp -d /tmp/graven-bench-start.XXXXXX)
+dockerd_pid=""
+cleanup() {
+  # Only what this script started is stopped, by its PID or its id.
+  if [ -n "$dockerd_pid" ]; then
+    kill "$dockerd_pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -rf "$work" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+echo "building graven (release) and the example's static binary" >&2
+cargo build --release --quiet --bin graven
+examples/hello/build.sh
+graven="$root/target/release/graven"
+export GRAVEN_HOME="$work/home"
+"$graven" bake examples/hello --tag hello-bench >/dev/null
+# The first instance unpacks the image; the timed ones all share the unpacked root.
+id=$("$graven" run -d hello-bench)
+"$graven" rm -f "$id" >/dev/null
+
+echo "making the runc bundle" >&2
+umoci unpack --image "$GRAVEN_HOME/store:hello-bench" "$work/bundle" >/dev/null 2>&1
+
+if ! docker info >/dev/null 2>&1; then
+  echo "starting a private dockerd" >&2
+  mkdir -p "$work/docker"
+  sock="$work/docker/docker.sock"
+  dockerd --data-root "$work/docker/data" --exec-root "$work/docker/exec" \
+    --pidfile "$work/docker/dockerd.pid" -H "unix://$sock" --iptables=false --bridge=none \
+    >"$work/docker/log" 2>&1 &
+  dockerd_pid=$!
+  export DOCKER_HOST="unix://$sock"
+  for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 "$work/docker/log" >&2; exit 1; }
+fi
+"$graven" image export hello-bench --format docker -o "$work/hello.tar" >/dev/null
+docker load -q -i "$work/hello.tar" >/dev/null
+docker_image=$(docker load -q -i "$work/hello.tar" | sed -n 's/^Loaded image[^:]*: //p' | tail -1)
+
+python3 - "$graven" "$root/examples/hello/dist/hello" "$work/bundle" "$docker_image" "$runs" "$docker_runs" <<'PY'
+import json, os, socket, statistics, subprocess, sys, time
+
+graven, hello, bundle, docker_image, runs, docker_runs = sys.argv[1:7]
+runs, docker_runs = int(runs), int(docker_runs)
+DEVNULL = subprocess.DEVNULL
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def healthy(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+def measure(name, n, prepare, start, stop):
+    times = []
+    for i in range(n):
+        port = free_port()
+        prepare(i, port)
+        t0 = time.perf_counter()
+        handle = start(i, port)
+        deadline = t0 + 30
+        while not healthy(port):
+            if time.perf_counter() > deadline:
+                stop(handle)
+                raise SystemExit(f"{name}: no healthy answer within 30 s")
+        times.append((time.perf_counter() - t0) * 1000)
+        stop(handle)
+    return statistics.median(times), min(times), max(times)
+
+def nothing(i, port):
+    pass
+
+def bare_start(i, port):
+    return subprocess.Popen([hello], env={"PORT": str(port)}, stdout=DEVNULL, stderr=DEVNULL)
+
+def bare_stop(p):
+    p.kill()
+    p.wait()
+
+def graven_start(i, port):
+    out = subprocess.run([graven, "run", "-d", "--port", str(port), "hello-bench"],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+def graven_stop(instance):
+    subprocess.run([graven, "rm", "-f", instance], check=True, stdout=DEVNULL)
+
+config_path = os.path.join(bundle, "config.json")
+base = json.load(open(config_path))
+
+def runc_prepare(i, port):
+    config = json.loads(json.dumps(base))
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/hello"]
+    config["process"]["env"] = [e for e in config["process"].get("env", []) if not e.startswith("PORT=")] + [f"PORT={port}"]
+    config["root"]["readonly"] = True
+    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+    json.dump(config, open(config_path, "w"))
+
+def runc_start(i, port):
+    name = f"graven-bench-{os.getpid()}-{i}"
+    subprocess.run(["runc", "run", "-d", "--bundle", bundle, name], check=True,
+                   stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
+    return name
+
+def runc_stop(name):
+    subprocess.run(["runc", "delete", "-f", name], check=True, stdout=DEVNULL, stderr=DEVNULL)
+
+def docker_start(i, port):
+    out = subprocess.run(["docker", "run", "-d", "--network", "host", "-e", f"PORT={port}", docker_image],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+def docker_stop(container):
+    subprocess.run(["docker", "rm", "-f", container], check=True, stdout=DEVNULL)
+
+results = [
+    ("bare process", runs, measure("bare", runs, nothing, bare_start, bare_stop)),
+    ("graven run -d (local runtime)", runs, measure("graven", runs, nothing, graven_start, graven_stop)),
+    ("runc run -d (host network)", runs, measure("runc", runs, runc_prepare, runc_start, runc_stop)),
+    ("docker run -d --network host", docker_runs, measure("docker", docker_runs, nothing, docker_start, docker_stop)),
+]
+bare = results[0][2][0]
+g = results[1][2][0]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print()
+print("Instance start to first healthy /healthz of examples/hello (median, min, max in ms).")
+print(f"Machine: {os.cpu_count()} cores, {os.uname().release}, {cpu}.")
+print()
+print("| how | runs | median (ms) | min | max | vs bare | vs graven |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for name, n, (median, lo, hi) in results:
+    print(f"| {name} | {n} | {median:.2f} | {lo:.2f} | {hi:.2f} | {median / bare:.2f}x | {median / g:.2f}x |")
+print()
+print(f"targets: graven <= 3x bare: {'met' if g <= 3 * bare else 'missed'} ({g / bare:.2f}x); "
+      f"docker >= 20x graven: {'met' if results[3][2][0] >= 20 * g else 'missed'} ({results[3][2][0] / g:.1f}x)")
+PY

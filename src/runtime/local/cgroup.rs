@@ -1,0 +1,154 @@
+//! Resource limits through cgroups: v1 (one hierarchy per controller, as on this kind of
+//! host) or v2 (one unified hierarchy). Each instance gets `graven/<id>` in each hierarchy;
+//! when that cannot be made, the instance runs without limits and says so.
+
+use std::path::{Path, PathBuf};
+
+use crate::runtime::Limits;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The cgroups one instance lives in.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Cgroups {
+    pub dirs: Vec<PathBuf>,
+}
+
+impl Cgroups {
+    /// The `cgroup.procs` files the sandbox helper joins.
+    pub fn procs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Removes the groups once they are empty. The last processes of a PID namespace are
+    /// reaped a moment after its PID 1, so a busy group is retried briefly.
+    pub fn remove(&self) {
+        for dir in &self.dirs {
+            for _ in 0..100 {
+                match std::fs::remove_dir(dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(2))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Makes the instance's cgroups and writes its limits. `Err` says why limits are not
+/// enforced; nothing is left behind then.
+pub fn create(id: &str, limits: &Limits) -> Result<Cgroups, String> {
+    create_under(Path::new(ROOT), id, limits)
+}
+
+fn create_under(root: &Path, id: &str, limits: &Limits) -> Result<Cgroups, String> {
+    let mut made = Cgroups::default();
+    let result = if root.join("cgroup.controllers").exists() {
+        v2(root, id, limits, &mut made)
+    } else {
+        v1(root, id, limits, &mut made)
+    };
+    if result.is_err() {
+        made.remove();
+    }
+    result.map(|()| made)
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
+    std::fs::write(dir.join(file), value)
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(file).display()))
+}
+
+fn make(dir: PathBuf, made: &mut Cgroups) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    made.dirs.push(dir.clone());
+    Ok(dir)
+}
+
+fn v1(root: &Path, id: &str, limits: &Limits, made: &mut Cgroups) -> Result<(), String> {
+    for controller in ["memory", "pids", "cpu"] {
+        if !root.join(controller).join("cgroup.procs").exists() {
+            return Err(format!("the {controller} cgroup controller is not mounted"));
+        }
+    }
+    let memory = make(root.join("memory/graven").join(id), made)?;
+    if let Some(bytes) = limits.memory_bytes {
+        write(&memory, "memory.limit_in_bytes", &bytes.to_string())?;
+    }
+    let pids = make(root.join("pids/graven").join(id), made)?;
+    if let Some(max) = limits.pids {
+        write(&pids, "pids.max", &max.to_string())?;
+    }
+    let cpu = make(root.join("cpu/graven").join(id), made)?;
+    if let Some(millis) = limits.cpu_millis {
+        write(&cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+        write(
+            &cpu,
+            "cpu.cfs_quota_us",
+            &(millis * CPU_PERIOD_US / 1000).to_string(),
+        )?;
+    }
+    Ok(())
+}
+
+fn v2(root: &Path, id: &str, limits: &Limits, made: &mut Cgroups) -> Result<(), String> {
+    let parent = root.join("graven");
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    for dir in [root, parent.as_path()] {
+        write(dir, "cgroup.subtree_control", "+memory +pids +cpu")?;
+    }
+    let dir = make(parent.join(id), made)?;
+    if let Some(bytes) = limits.memory_bytes {
+        write(&dir, "memory.max", &bytes.to_string())?;
+    }
+    if let Some(max) = limits.pids {
+        write(&dir, "pids.max", &max.to_string())?;
+    }
+    if let Some(millis) = limits.cpu_millis {
+        write(
+            &dir,
+            "cpu.max",
+            &format!("{} {CPU_PERIOD_US}", millis * CPU_PERIOD_US / 1000),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_limits_are_written_per_controller() {
+        let root = tempfile::tempdir().unwrap();
+        for controller in ["memory", "pids", "cpu"] {
+            std::fs::create_dir_all(root.path().join(controller)).unwrap();
+            std::fs::write(root.path().join(controller).join("cgroup.procs"), "").unwrap();
+        }
+        let limits = Limits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(32),
+            cpu_millis: Some(1500),
+            tmp_bytes: None,
+        };
+        let groups = create_under(root.path(), "abc", &limits).unwrap();
+        assert_eq!(groups.dirs.len(), 3);
+        let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
+        assert_eq!(read("memory/graven/abc/memory.limit_in_bytes"), "67108864");
+        assert_eq!(read("pids/graven/abc/pids.max"), "32");
+        assert_eq!(read("cpu/graven/abc/cpu.cfs_quota_us"), "150000");
+    }
+
+    #[test]
+    fn a_missing_controller_means_no_limits_and_nothing_left() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("memory")).unwrap();
+        std::fs::write(root.path().join("memory/cgroup.procs"), "").unwrap();
+        let error = create_under(root.path(), "abc", &Limits::default()).unwrap_err();
+        assert!(error.contains("pids"), "{error}");
+        assert!(!root.path().join("memory/graven/abc").exists());
+    }
+}

@@ -1,0 +1,657 @@
+//! The embedded local runtime: instances as sandboxed processes on this machine, with no
+//! daemon. Each image is unpacked once into a shared read-only root (`rootfs`); each
+//! instance is started by a detached shim (`shim`) that outlives graven, with its state on
+//! disk under `$GRAVEN_HOME/instances/<id>` (`state`), so any graven process can list,
+//! observe, stop and remove it. Limits go through cgroups where the host allows (`cgroup`).
+//!
+//! This module never enters namespaces itself: that is the sandbox helper's job, in a fresh
+//! process.
+
+mod cgroup;
+mod rootfs;
+pub mod shim;
+mod state;
+pub mod user;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use state::{LOG, Proc, SCRATCH, SHIM_REQUEST, ShimRequest, State};
+
+use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
+use crate::sandbox::{self, Bind, Options, SandboxSpec};
+use crate::store::{Digest, Store, StoreError};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long `stop` waits for the shim to record an exit after the kill.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// When this process was started as an instance's shim, runs it and never returns.
+pub fn enter_if_shim() {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == shim::SHIM_ARG)
+        && let Some(dir) = args.next()
+    {
+        shim::main(Path::new(&dir));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalRuntime {
+    home: PathBuf,
+    store: Store,
+}
+
+fn other(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let context = context.into();
+    move |source| RuntimeError::Other { context, source }
+}
+
+impl LocalRuntime {
+    pub fn open(home: &Path) -> Result<LocalRuntime, RuntimeError> {
+        let store = Store::open(home)?;
+        for dir in ["instances", "volumes", "rootfs"] {
+            let path = home.join(dir);
+            std::fs::create_dir_all(&path)
+                .map_err(other(format!("creating {}", path.display())))?;
+        }
+        Ok(LocalRuntime {
+            home: home.to_owned(),
+            store,
+        })
+    }
+
+    fn instance_dir(&self, id: &InstanceId) -> Result<PathBuf, RuntimeError> {
+        let valid = !id.0.is_empty() && id.0.bytes().all(|b| b.is_ascii_alphanumeric());
+        let dir = self.home.join("instances").join(&id.0);
+        if valid && dir.join(state::STATE).is_file() {
+            Ok(dir)
+        } else {
+            Err(RuntimeError::UnknownInstance { id: id.clone() })
+        }
+    }
+
+    fn load(&self, id: &InstanceId) -> Result<(PathBuf, State), RuntimeError> {
+        let dir = self.instance_dir(id)?;
+        let state = state::load(&dir)?;
+        Ok((dir, state))
+    }
+
+    /// Where an instance's log is (it stays after `remove`).
+    pub fn log_path(&self, id: &InstanceId) -> PathBuf {
+        self.home.join("instances").join(&id.0).join(LOG)
+    }
+
+    fn image(&self, digest: &Digest) -> Result<crate::store::Image, RuntimeError> {
+        self.store.image(digest).map_err(|e| match e {
+            StoreError::MissingBlob { .. } | StoreError::UnknownImage { .. } => {
+                RuntimeError::UnknownImage {
+                    reference: digest.to_string(),
+                }
+            }
+            other => other.into(),
+        })
+    }
+
+    fn prepare_blocking(
+        &self,
+        digest: &Digest,
+    ) -> Result<(crate::store::Image, PathBuf), RuntimeError> {
+        let image = self.image(digest)?;
+        let root = rootfs::ensure(&self.store, &self.home, &image)?;
+        Ok((image, root))
+    }
+
+    fn start_blocking(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
+        spec.validate()?;
+        let (image, root) = self.prepare_blocking(&spec.image)?;
+        let config = &image.config.config;
+        let args = match &spec.command {
+            Some(command) => command.clone(),
+            None => config
+                .entrypoint
+                .iter()
+                .flatten()
+                .chain(config.cmd.iter().flatten())
+                .cloned()
+                .collect(),
+        };
+        if args.first().is_none_or(|a| a.is_empty()) {
+            return Err(RuntimeError::NoCommand {
+                image: spec.image.clone(),
+            });
+        }
+        let mut env: BTreeMap<String, String> = config
+            .env
+            .iter()
+            .filter_map(|e| e.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        env.extend(spec.env.clone());
+        env.entry("PATH".to_owned())
+            .or_insert_with(|| DEFAULT_PATH.to_owned());
+        check_entrypoint(&root, &args[0], &env["PATH"]).map_err(|path| {
+            RuntimeError::MissingEntrypoint {
+                image: spec.image.clone(),
+                path,
+            }
+        })?;
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
+        let (uid, gid) = user::choose(
+            spec.user.as_deref(),
+            config.user.as_deref(),
+            &read("etc/passwd"),
+            &read("etc/group"),
+        )
+        .ok_or_else(|| RuntimeError::UnknownUser {
+            user: spec
+                .user
+                .clone()
+                .or(config.user.clone())
+                .unwrap_or_default(),
+            image: spec.image.clone(),
+        })?;
+        let stop_signal = parse_signal(
+            spec.stop_signal
+                .as_deref()
+                .or(config.stop_signal.as_deref())
+                .unwrap_or("SIGTERM"),
+        )
+        .ok_or_else(|| RuntimeError::Sandbox {
+            id: InstanceId(String::new()),
+            message: format!(
+                "unknown stop signal {:?}",
+                spec.stop_signal.clone().or(config.stop_signal.clone())
+            ),
+        })?;
+        let cwd = config
+            .working_dir
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "/".to_owned());
+        let port = pick_port(spec.host_port)?;
+        env.insert("PORT".to_owned(), port.to_string());
+        let binds = self.volume_binds(&spec, (uid, gid))?;
+        // Everything that can be refused has been checked: now the instance is made.
+        let id = InstanceId(format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff));
+        let dir = self.home.join("instances").join(&id.0);
+        std::fs::create_dir(&dir).map_err(other(format!("creating {}", dir.display())))?;
+        let result = self.launch(
+            &id,
+            &dir,
+            &spec,
+            root,
+            args,
+            env,
+            (uid, gid),
+            binds,
+            port,
+            stop_signal,
+            cwd,
+        );
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        id: &InstanceId,
+        dir: &Path,
+        spec: &InstanceSpec,
+        root: PathBuf,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+        (uid, gid): (u32, u32),
+        binds: Vec<Bind>,
+        port: u16,
+        stop_signal: i32,
+        cwd: String,
+    ) -> Result<Instance, RuntimeError> {
+        let mut warnings = Vec::new();
+        let cgroups = match cgroup::create(&id.0, &spec.limits) {
+            Ok(groups) => groups,
+            Err(reason) => {
+                let asked = spec.limits.memory_bytes.is_some()
+                    || spec.limits.pids.is_some()
+                    || spec.limits.cpu_millis.is_some();
+                if asked {
+                    warnings.push(format!("resource limits are not enforced: {reason}"));
+                }
+                cgroup::Cgroups::default()
+            }
+        };
+        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+
+        let scratch = dir.join(SCRATCH);
+        std::fs::create_dir(&scratch).map_err(other("creating the scratch dir"))?;
+        let request = ShimRequest {
+            spec: SandboxSpec {
+                rootfs: root,
+                writable_root: false,
+                args,
+                env: env.clone(),
+                cwd: cwd.clone(),
+                uid,
+                gid,
+                hostname: id.0.clone(),
+                binds,
+                tmp_bytes: spec.limits.tmp_bytes.unwrap_or(0),
+            },
+            options: Options {
+                scratch: Some(scratch),
+                cgroups: cgroups.procs(),
+            },
+        };
+        state::replace(
+            &dir.join(SHIM_REQUEST),
+            &serde_json::to_vec(&request).expect("a shim request serializes"),
+        )?;
+        let initial = State {
+            id: id.clone(),
+            image: spec.image.clone(),
+            labels: spec.labels.clone(),
+            status: InstanceStatus::Created,
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            started_at_ms: super::now_ms(),
+            tainted: false,
+            warnings,
+            stop_signal,
+            creator: Proc::of(std::process::id()),
+            shim: None,
+            helper: None,
+            workload: None,
+            cgroups: cgroups.clone(),
+            uid,
+            gid,
+            env,
+            cwd,
+        };
+        state::save(dir, &initial)?;
+        let result = spawn_shim(dir);
+        if let Err(message) = result {
+            cgroups.remove();
+            return Err(RuntimeError::Sandbox {
+                id: id.clone(),
+                message,
+            });
+        }
+        let state = state::load(dir)?;
+        Ok(self.instance(dir, &state))
+    }
+
+    fn volume_binds(
+        &self,
+        spec: &InstanceSpec,
+        owner: (u32, u32),
+    ) -> Result<Vec<Bind>, RuntimeError> {
+        let volumes = self.home.join("volumes");
+        spec.volumes
+            .iter()
+            .map(|volume| {
+                let source = volumes.join(&volume.name);
+                if let Ok(meta) = std::fs::symlink_metadata(&source)
+                    && !meta.is_dir()
+                {
+                    return Err(RuntimeError::BadVolume {
+                        name: volume.name.clone(),
+                        reason: format!("{} is not a directory", source.display()),
+                    });
+                }
+                if !source.exists() {
+                    std::fs::create_dir_all(&source)
+                        .map_err(other(format!("creating volume {}", source.display())))?;
+                    // A new volume belongs to the instance's user, who must write it.
+                    std::os::unix::fs::chown(&source, Some(owner.0), Some(owner.1)).map_err(
+                        other(format!(
+                            "giving volume {} to {}:{}",
+                            source.display(),
+                            owner.0,
+                            owner.1
+                        )),
+                    )?;
+                }
+                Ok(Bind {
+                    source,
+                    target: volume.path.clone(),
+                    readonly: false,
+                })
+            })
+            .collect()
+    }
+
+    fn instance(&self, dir: &Path, state: &State) -> Instance {
+        let status = state.observed_status();
+        Instance {
+            id: state.id.clone(),
+            image: state.image.clone(),
+            labels: state.labels.clone(),
+            status,
+            address: Some(state.address),
+            // A PID of a process that is gone may already be someone else's.
+            pid: state
+                .workload
+                .filter(|_| !status.is_exited())
+                .map(|p| p.pid),
+            started_at_ms: state.started_at_ms,
+            tainted: state.tainted,
+            log: Some(dir.join(LOG)),
+            warnings: state.warnings.clone(),
+        }
+    }
+
+    fn inspect_blocking(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+        let (dir, state) = self.load(id)?;
+        Ok(self.instance(&dir, &state))
+    }
+
+    fn list_blocking(&self) -> Result<Vec<Instance>, RuntimeError> {
+        let dir = self.home.join("instances");
+        let entries =
+            std::fs::read_dir(&dir).map_err(other(format!("listing {}", dir.display())))?;
+        let mut instances = Vec::new();
+        for entry in entries.flatten() {
+            let id = InstanceId(entry.file_name().to_string_lossy().into_owned());
+            // A removed instance leaves only its log behind; a start in progress has no
+            // state yet. Neither is an instance.
+            if let Ok(instance) = self.inspect_blocking(&id) {
+                instances.push(instance);
+            }
+        }
+        instances.sort_by_key(|i| (i.started_at_ms, i.id.clone()));
+        Ok(instances)
+    }
+
+    /// Sends `signal` to the instance: to the sandbox helper, which passes it on to the
+    /// workload; SIGKILL also goes to the workload itself, which ends its whole namespace.
+    fn signal(state: &State, signal: i32) {
+        for proc in [
+            state.helper,
+            (signal == libc::SIGKILL)
+                .then_some(state.workload)
+                .flatten(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if proc.alive() {
+                // SAFETY: kill has no memory effects; `alive` just checked the PID is still
+                // the recorded process (start time), so no stranger is signalled.
+                unsafe { libc::kill(proc.pid as i32, signal) };
+            }
+        }
+    }
+
+    /// Waits until the instance is observed exited, up to `deadline`.
+    async fn wait_exited(&self, id: &InstanceId, deadline: Duration) -> Result<bool, RuntimeError> {
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let (_, state) = self.load(id)?;
+            if state.observed_status().is_exited() {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= end {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until the shim recorded the exit (or is gone), so the reported status says how
+    /// the instance ended; records "vanished" when no shim is left to do it.
+    async fn settle(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+        let end = tokio::time::Instant::now() + KILL_WAIT;
+        loop {
+            let (dir, state) = self.load(id)?;
+            let shim_alive = state.shim.is_some_and(|s| s.alive());
+            if state.status.is_exited() || !shim_alive || tokio::time::Instant::now() >= end {
+                if !state.status.is_exited() {
+                    let observed = state.observed_status();
+                    if observed.is_exited() {
+                        state::update(&dir, |s| {
+                            if !s.status.is_exited() {
+                                s.status = observed;
+                            }
+                        })?;
+                    }
+                }
+                return self.inspect_blocking(id);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Break-glass: runs `args` inside the running instance with its user and environment,
+    /// and marks the instance tainted first (it must be replaced). Blocking.
+    pub fn exec(&self, id: &InstanceId, args: Vec<String>) -> Result<ExitStatus, RuntimeError> {
+        let (dir, state) = self.load(id)?;
+        let status = state.observed_status();
+        let Some(workload) = state.workload.filter(|_| !status.is_exited()) else {
+            return Err(RuntimeError::WrongState {
+                id: id.clone(),
+                status,
+                action: "entered",
+            });
+        };
+        state::update(&dir, |s| s.tainted = true)?;
+        let request = sandbox::ExecRequest {
+            pid: workload.pid,
+            args,
+            env: state.env.clone(),
+            cwd: state.cwd.clone(),
+            uid: state.uid,
+            gid: state.gid,
+            cgroups: state.cgroups.procs(),
+        };
+        sandbox::exec(
+            &request,
+            Stdio::inherit(),
+            Stdio::inherit(),
+            Stdio::inherit(),
+        )
+        .map_err(|e| RuntimeError::Sandbox {
+            id: id.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(LocalRuntime) -> Result<T, RuntimeError> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, RuntimeError>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || work(this))
+                .await
+                .map_err(|e| other("a runtime task failed")(std::io::Error::other(e)))?
+        }
+    }
+}
+
+impl Runtime for LocalRuntime {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError> {
+        let image = image.clone();
+        self.blocking(move |rt| rt.prepare_blocking(&image).map(|_| ()))
+            .await
+    }
+
+    async fn start(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
+        self.blocking(move |rt| rt.start_blocking(spec)).await
+    }
+
+    async fn inspect(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+        self.inspect_blocking(id)
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
+        self.list_blocking()
+    }
+
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<Instance, RuntimeError> {
+        let (dir, state) = self.load(id)?;
+        if state.observed_status().is_exited() {
+            return self.settle(id).await;
+        }
+        state::update(&dir, |s| {
+            if s.status.can_become(InstanceStatus::Stopping) {
+                s.status = InstanceStatus::Stopping;
+            }
+        })?;
+        Self::signal(&state, state.stop_signal);
+        if !self.wait_exited(id, grace).await? {
+            Self::signal(&state, libc::SIGKILL);
+        }
+        self.settle(id).await
+    }
+
+    async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        let (_, state) = self.load(id)?;
+        Self::signal(&state, libc::SIGKILL);
+        self.settle(id).await.map(|_| ())
+    }
+
+    async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        let (dir, state) = self.load(id)?;
+        let status = state.observed_status();
+        if !status.is_exited() {
+            return Err(RuntimeError::WrongState {
+                id: id.clone(),
+                status,
+                action: "removed",
+            });
+        }
+        state.cgroups.remove();
+        // Everything but the log, which outlives the instance.
+        let entries =
+            std::fs::read_dir(&dir).map_err(other(format!("removing {}", dir.display())))?;
+        for entry in entries.flatten() {
+            if entry.file_name() == LOG {
+                continue;
+            }
+            let path = entry.path();
+            let result = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            result.map_err(other(format!("removing {}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the shim in its own session and waits for its "ok" (or its error).
+fn spawn_shim(dir: &Path) -> Result<(), String> {
+    let mut command = Command::new(sandbox::helper_binary());
+    command
+        .arg(shim::SHIM_ARG)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; the shim leaves graven's session and process
+    // group, so a Ctrl-C at graven's terminal does not reach it.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start the shim: {e}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    // The shim lives on after this graven; a thread reaps it if it ends while we run.
+    std::thread::spawn(move || child.wait());
+    match line.trim_end().strip_prefix("error ") {
+        None if line.trim_end() == "ok" => Ok(()),
+        Some(message) => Err(message.to_owned()),
+        None => Err("the shim exited without a word".to_owned()),
+    }
+}
+
+/// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.
+fn check_entrypoint(root: &Path, program: &str, path: &str) -> Result<(), String> {
+    let exists = |p: &str| std::fs::symlink_metadata(root.join(p.trim_start_matches('/'))).is_ok();
+    if program.contains('/') {
+        return if exists(program) {
+            Ok(())
+        } else {
+            Err(program.to_owned())
+        };
+    }
+    if path
+        .split(':')
+        .any(|dir| !dir.is_empty() && exists(&format!("{dir}/{program}")))
+    {
+        Ok(())
+    } else {
+        Err(program.to_owned())
+    }
+}
+
+/// A fixed port must be free now; otherwise the kernel picks a free one.
+fn pick_port(fixed: Option<u16>) -> Result<u16, RuntimeError> {
+    let port = fixed.unwrap_or(0);
+    match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(listener) => listener
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(other("reading a free port")),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(RuntimeError::PortInUse { port })
+        }
+        Err(e) => Err(other(format!("checking port {port}"))(e)),
+    }
+}
+
+/// `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(text: &str) -> Option<i32> {
+    if let Ok(n) = text.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let name = text.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    Some(match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "WINCH" => libc::SIGWINCH,
+        "ALRM" => libc::SIGALRM,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals() {
+        let check =
+            |text: &str, expected: Option<i32>| assert_eq!(parse_signal(text), expected, "{text}");
+        check("SIGTERM", Some(15));
+        check("term", Some(15));
+        check("SIGQUIT", Some(3));
+        check("9", Some(9));
+        check("0", None);
+        check("SIGNOPE", None);
+    }
+}

@@ -1,0 +1,911 @@
+//! The helper side of the sandbox: runs in the graven binary re-executed as `__sandbox` (or
+//! `__sandbox-exec`), single-threaded, before anything else in `main`.
+//!
+//! Two processes: the outer helper unshares the namespaces, forks, forwards signals and
+//! mirrors the workload's exit as its own; the inner one is PID 1 of the new PID namespace,
+//! builds the root, drops every privilege and execs the workload. Errors before the exec go
+//! to the status pipe (fd 3), which the exec closes.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::{DEFAULT_TMP_BYTES, ExecRequest, Request, STATUS_FD};
+
+type Result<T, E = String> = std::result::Result<T, E>;
+
+/// Signals the outer helper passes on to the workload.
+const FORWARDED: [i32; 8] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGALRM,
+];
+
+/// Proc files hidden behind /dev/null, and proc/sys directories hidden behind an empty
+/// read-only tmpfs: kernel memory, keys, timers and firmware are none of a workload's business.
+const MASKED_FILES: [&str; 6] = [
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/timer_stats",
+];
+const MASKED_DIRS: [&str; 5] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+/// Proc paths that stay readable but can never be written.
+const READONLY_PATHS: [&str; 5] = [
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+];
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+pub(super) fn main_sandbox() -> ! {
+    set_cloexec(STATUS_FD);
+    let request: Request = match super::read_request(std::io::stdin()) {
+        Ok(request) => request,
+        Err(message) => fail(&message, 125),
+    };
+    match sandbox(&request) {
+        Ok(never) => match never {},
+        Err(message) => fail(&message, 125),
+    }
+}
+
+pub(super) fn main_exec() -> ! {
+    set_cloexec(STATUS_FD);
+    let request: ExecRequest = match std::env::var(super::EXEC_REQUEST_ENV)
+        .map_err(|_| "no exec request in the environment".to_owned())
+        .and_then(|json| {
+            serde_json::from_str(&json).map_err(|e| format!("the exec request is not valid: {e}"))
+        }) {
+        Ok(request) => request,
+        Err(message) => fail(&message, 125),
+    };
+    match enter(&request) {
+        Ok(never) => match never {},
+        Err(message) => fail(&message, 125),
+    }
+}
+
+enum Never {}
+
+/// The outer helper of a new sandbox.
+fn sandbox(request: &Request) -> Result<Never> {
+    let spec = &request.spec;
+    if spec.args.is_empty() || spec.args[0].is_empty() {
+        return Err("no command to run".to_owned());
+    }
+    let filters = super::seccomp::filters()?;
+    join_cgroups(&request.cgroups)?;
+    redirect_stdin_to_null()?;
+    let rootless = geteuid() != 0;
+    if rootless {
+        enter_user_namespace()?;
+    }
+    // The mount namespace is the workload's own (unshared after the fork): pivot_root moves
+    // every process of a mount namespace, and this helper must keep the host's /proc to
+    // look at the workload.
+    // SAFETY: unshare only changes this process's namespace membership.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) };
+    check(rc, "unshare of the pid, uts and ipc namespaces")?;
+    let old_mask = block_forwarded_signals()?;
+    // SAFETY: this process is single-threaded (the helper runs before anything else in main),
+    // so the child may use the allocator and everything else after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno()));
+    }
+    if pid == 0 {
+        restore_mask(&old_mask);
+        let (uid, gid) = if rootless {
+            (0, 0)
+        } else {
+            (spec.uid, spec.gid)
+        };
+        let result = (|| {
+            die_with_parent()?;
+            // SAFETY: unshare only changes this process's namespace membership.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+            check(rc, "unshare of the mount namespace")?;
+            build_root(request)?;
+            sethostname(&spec.hostname)?;
+            drop_privileges_and_exec(&spec.args, &spec.env, &spec.cwd, uid, gid, &filters)
+        })();
+        match result {
+            Ok(never) => match never {},
+            Err(message) => fail(&message, 127),
+        }
+    }
+    report(&format!("pid {pid}"));
+    // SAFETY: the status pipe is ours; the workload keeps its own copy until its exec.
+    unsafe { libc::close(STATUS_FD) };
+    supervise(pid)
+}
+
+/// The outer helper of a break-glass exec into a running sandbox.
+fn enter(request: &ExecRequest) -> Result<Never> {
+    if request.args.is_empty() || request.args[0].is_empty() {
+        return Err("no command to run".to_owned());
+    }
+    let filters = super::seccomp::filters()?;
+    join_cgroups(&request.cgroups)?;
+    let ns = |name: &str| format!("/proc/{}/ns/{name}", request.pid);
+    // The user namespace first (when the sandbox has its own), then the others; the mount
+    // namespace last because entering it changes this process's root.
+    let own_user =
+        std::fs::metadata("/proc/self/ns/user").map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let their_user = std::fs::metadata(ns("user")).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let mut names = Vec::new();
+    if let (Ok(own), Ok(theirs)) = (own_user, their_user)
+        && own != theirs
+    {
+        names.push("user");
+    }
+    // The mount namespace is entered by the child only, so this helper keeps the host's
+    // /proc (as in `sandbox`).
+    names.extend(["ipc", "uts", "pid"]);
+    let files = names
+        .iter()
+        .map(|name| {
+            std::fs::File::open(ns(name))
+                .map(|f| (*name, f))
+                .map_err(|e| format!("instance process {} is gone: {e}", request.pid))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (name, file) in &files {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns only changes this process's namespace membership.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), 0) };
+        check(
+            rc,
+            &format!("entering the {name} namespace of process {}", request.pid),
+        )?;
+    }
+    drop(files);
+    let mnt = std::fs::File::open(ns("mnt"))
+        .map_err(|e| format!("instance process {} is gone: {e}", request.pid))?;
+    let old_mask = block_forwarded_signals()?;
+    // SAFETY: single-threaded, as in `sandbox`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno()));
+    }
+    if pid == 0 {
+        restore_mask(&old_mask);
+        let result = die_with_parent().and_then(|()| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns only changes this process's namespace membership.
+            let rc = unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) };
+            check(rc, "entering the mount namespace")?;
+            drop_privileges_and_exec(
+                &request.args,
+                &request.env,
+                &request.cwd,
+                request.uid,
+                request.gid,
+                &filters,
+            )
+        });
+        match result {
+            Ok(never) => match never {},
+            Err(message) => fail(&message, 127),
+        }
+    }
+    report(&format!("pid {pid}"));
+    // SAFETY: as in `sandbox`.
+    unsafe { libc::close(STATUS_FD) };
+    supervise(pid)
+}
+
+fn join_cgroups(procs: &[PathBuf]) -> Result<()> {
+    let me = std::process::id().to_string();
+    for path in procs {
+        std::fs::write(path, &me).map_err(|e| format!("joining {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn redirect_stdin_to_null() -> Result<()> {
+    let null = open("/dev/null", libc::O_RDWR)?;
+    // SAFETY: dup2 onto fd 0 replaces the request pipe, which has been read to its end.
+    check(unsafe { libc::dup2(null, 0) }, "redirecting stdin")?;
+    // SAFETY: `null` is ours and no longer needed.
+    unsafe { libc::close(null) };
+    Ok(())
+}
+
+/// A user namespace mapping root inside to this unprivileged user outside.
+fn enter_user_namespace() -> Result<()> {
+    let (uid, gid) = (geteuid(), getegid());
+    // SAFETY: unshare only changes this process's namespace membership.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+    check(rc, "unshare of the user namespace")?;
+    let write = |path: &str, text: String| {
+        std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))
+    };
+    write("/proc/self/setgroups", "deny".to_owned())?;
+    write("/proc/self/uid_map", format!("0 {uid} 1"))?;
+    write("/proc/self/gid_map", format!("0 {gid} 1"))
+}
+
+fn die_with_parent() -> Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG only sets this process's parent-death signal, so
+    // killing the outer helper (SIGKILL) kills the whole sandbox.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    check(rc, "prctl(PR_SET_PDEATHSIG)")?;
+    // SAFETY: getppid has no preconditions. In the new PID namespace the parent is outside,
+    // so it reads 0 while the parent lives and something else once it has died.
+    if unsafe { libc::getppid() } != 0 {
+        return Err("the sandbox helper died during setup".to_owned());
+    }
+    Ok(())
+}
+
+/// Builds the sandbox's root under the scratch directory and pivots into it.
+fn build_root(request: &Request) -> Result<()> {
+    let spec = &request.spec;
+    mount(
+        None::<&str>,
+        "/",
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    let scratch = &request.scratch;
+    mount(
+        Some("tmpfs"),
+        scratch,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=700,size=4m"),
+    )?;
+    let root = scratch.join("root");
+    mkdir(&root, 0o755)?;
+    let rootfs = &spec.rootfs;
+    if !rootfs.is_dir() {
+        return Err(format!("root {} is not a directory", rootfs.display()));
+    }
+    if spec.writable_root {
+        mount(
+            Some(rootfs),
+            &root,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+    } else {
+        // A read-only root that still gets mount points: the image's root as the lower layer
+        // of an overlay whose upper layer is a throwaway tmpfs, remounted read-only after.
+        let lower = rootfs.to_string_lossy();
+        if lower.contains([',', ':']) {
+            return Err(format!("root {lower} may not contain ',' or ':'"));
+        }
+        let upper = scratch.join("upper");
+        let work = scratch.join("work");
+        mkdir(&upper, 0o755)?;
+        mkdir(&work, 0o755)?;
+        let options = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &root,
+            Some("overlay"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&options),
+        )?;
+    }
+    for dir in ["dev", "proc", "sys", "tmp"] {
+        ensure_dir(&root, dir)?;
+    }
+    for bind in &spec.binds {
+        let target = inside(&root, &bind.target)?;
+        if bind.source.is_dir() {
+            ensure_dir(&root, &bind.target)?;
+        } else {
+            ensure_dir(&root, parent_of(&bind.target))?;
+            if !target.exists() {
+                std::fs::File::create(&target)
+                    .map_err(|e| format!("creating mount point {}: {e}", bind.target))?;
+            }
+        }
+        let target = inside(&root, &bind.target)?;
+        mount(
+            Some(&bind.source),
+            &target,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+        if bind.readonly {
+            remount_readonly(&target, 0)?;
+        }
+    }
+    let tmp_bytes = if spec.tmp_bytes == 0 {
+        DEFAULT_TMP_BYTES
+    } else {
+        spec.tmp_bytes
+    };
+    mount(
+        Some("tmpfs"),
+        root.join("tmp"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&format!("mode=1777,size={tmp_bytes}")),
+    )?;
+    build_dev(&root.join("dev"))?;
+    mount(
+        Some("proc"),
+        root.join("proc"),
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )?;
+    // sysfs needs its own network namespace when not real root; without it /sys stays empty.
+    let _ = mount(
+        Some("sysfs"),
+        root.join("sys"),
+        Some("sysfs"),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    );
+    mask_paths(&root)?;
+    pivot(&root)?;
+    if !spec.writable_root {
+        remount_readonly(Path::new("/"), libc::MS_NOSUID | libc::MS_NODEV)?;
+    }
+    Ok(())
+}
+
+/// A minimal /dev: a small tmpfs holding bind mounts of the host's harmless devices.
+fn build_dev(dev: &Path) -> Result<()> {
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=755,size=65536"),
+    )?;
+    for name in DEVICES {
+        let target = dev.join(name);
+        std::fs::File::create(&target)
+            .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        mount(
+            Some(&Path::new("/dev").join(name)),
+            &target,
+            None,
+            libc::MS_BIND,
+            None,
+        )?;
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        std::os::unix::fs::symlink(to, dev.join(link))
+            .map_err(|e| format!("creating /dev/{link}: {e}"))?;
+    }
+    mkdir(&dev.join("pts"), 0o755)?;
+    // A private devpts is a convenience (terminals in exec); a host without it still runs.
+    let _ = mount(
+        Some("devpts"),
+        dev.join("pts"),
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    );
+    mkdir(&dev.join("shm"), 0o1777)?;
+    mount(
+        Some("tmpfs"),
+        dev.join("shm"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=1777,size=67108864"),
+    )
+}
+
+fn mask_paths(root: &Path) -> Result<()> {
+    let at = |path: &str| root.join(path.trim_start_matches('/'));
+    for file in MASKED_FILES {
+        let target = at(file);
+        if target.exists() {
+            mount(
+                Some(Path::new("/dev/null")),
+                &target,
+                None,
+                libc::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    for dir in MASKED_DIRS {
+        let target = at(dir);
+        if target.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("size=0"),
+            )?;
+        }
+    }
+    for path in READONLY_PATHS {
+        let target = at(path);
+        if target.exists() {
+            mount(
+                Some(&target),
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            )?;
+            remount_readonly(&target, libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)?;
+        }
+    }
+    Ok(())
+}
+
+fn pivot(root: &Path) -> Result<()> {
+    std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
+    let dot = c".";
+    // SAFETY: pivot_root with "." twice stacks the old root on the new one; it is detached
+    // right after, so nothing of the host stays reachable.
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as i32 };
+    check(rc, "pivot_root")?;
+    // SAFETY: "." is a valid C string; MNT_DETACH unmounts the old root lazily.
+    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(rc, "detaching the old root")?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+fn sethostname(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    check(rc, "sethostname")
+}
+
+/// Drops every capability, sets no_new_privs and the seccomp filter, becomes `uid:gid` and
+/// execs `args[0]` (searched in `$PATH` from `env` when it has no slash).
+fn drop_privileges_and_exec(
+    args: &[String],
+    env: &[String],
+    cwd: &str,
+    uid: u32,
+    gid: u32,
+    filters: &[seccompiler::BpfProgram],
+) -> Result<Never> {
+    let argv = cstrings(args)?;
+    let envp = cstrings(env)?;
+    let candidates = executable_candidates(&args[0], env)?;
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which setuid takes away.
+    for cap in 0..=last_cap() {
+        // SAFETY: PR_CAPBSET_DROP only shrinks this process's bounding set.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        check(
+            rc,
+            &format!("dropping capability {cap} from the bounding set"),
+        )?;
+    }
+    // SAFETY: setgroups with one valid gid; EPERM in a user namespace with setgroups denied,
+    // where there are no supplementary groups to drop anyway.
+    if unsafe { libc::setgroups(1, &gid) } != 0 && errno_raw() != libc::EPERM {
+        return Err(format!("setgroups: {}", errno()));
+    }
+    // SAFETY: plain credential changes of this single-threaded process.
+    let rc = unsafe { libc::setresgid(gid, gid, gid) };
+    check(rc, &format!("setgid {gid}"))?;
+    // SAFETY: as above.
+    let rc = unsafe { libc::setresuid(uid, uid, uid) };
+    check(rc, &format!("setuid {uid}"))?;
+    // A credential change clears the parent-death signal, so it is set again.
+    die_with_parent()?;
+    // SAFETY: clearing the ambient set only removes capabilities.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    check(rc, "clearing ambient capabilities")?;
+    clear_capabilities()?;
+    // SAFETY: PR_SET_NO_NEW_PRIVS only restricts this process and its children.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(rc, "setting no_new_privs")?;
+    std::env::set_current_dir(cwd).map_err(|e| format!("working directory {cwd:?}: {e}"))?;
+    for filter in filters {
+        seccompiler::apply_filter(filter).map_err(|e| format!("installing seccomp: {e}"))?;
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    let mut last = libc::ENOENT;
+    for path in &candidates {
+        // SAFETY: argv and envp are null-terminated arrays of valid C strings that outlive
+        // the call; execve only returns on failure.
+        unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+        last = errno_raw();
+        if last != libc::ENOENT {
+            break;
+        }
+    }
+    let message = std::io::Error::from_raw_os_error(last);
+    Err(format!("cannot execute {:?}: {message}", args[0]))
+}
+
+fn executable_candidates(program: &str, env: &[String]) -> Result<Vec<CString>> {
+    if program.contains('/') {
+        return cstrings(&[program.to_owned()]);
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let candidates: Vec<String> = path
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
+        .collect();
+    cstrings(&candidates)
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Empties the effective, permitted and inheritable sets (setuid to non-root already did;
+/// a workload that runs as uid 0 needs it done here).
+fn clear_capabilities() -> Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads a v3 header and two data structs, which is what is passed.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as i32 };
+    check(rc, "clearing capabilities")
+}
+
+/// Waits for the workload, passing on forwarded signals, and exits as it did.
+fn supervise(pid: libc::pid_t) -> ! {
+    let mut mask = empty_sigset();
+    for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+        // SAFETY: `mask` is an initialized sigset.
+        unsafe { libc::sigaddset(&mut mask, *signal) };
+    }
+    // SAFETY: a new signalfd for the signals that are blocked in this process.
+    let fd = unsafe { libc::signalfd(-1, &mask, libc::SFD_CLOEXEC) };
+    let mut translated: Option<i32> = None;
+    loop {
+        if let Some(status) = reap(pid) {
+            exit_like(status, translated);
+        }
+        if fd < 0 {
+            // Without a signalfd, still wait (signals then only reach the helper).
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+                exit_like(status, translated);
+            }
+            continue;
+        }
+        // SAFETY: zeroed memory is a valid signalfd_siginfo.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`.
+        let n = unsafe { libc::read(fd, (&raw mut info).cast(), size) };
+        if n != size as isize {
+            continue;
+        }
+        let signal = info.ssi_signo as i32;
+        if signal == libc::SIGCHLD {
+            continue;
+        }
+        if translates_to_kill(pid, signal) {
+            translated = Some(signal);
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        } else {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+/// PID 1 of a namespace never gets a signal it does not handle, so a workload that neither
+/// handles, blocks nor ignores a deadly signal would never stop. It is killed instead, and the
+/// helper reports the original signal, as for an ordinary process.
+fn translates_to_kill(pid: libc::pid_t, signal: i32) -> bool {
+    if signal == libc::SIGWINCH {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    // A blocked signal is queued even for PID 1 (it may be read from a signalfd).
+    let bit = 1u64 << (signal - 1);
+    (mask("SigCgt:") | mask("SigIgn:") | mask("SigBlk:")) & bit == 0
+}
+
+fn reap(pid: libc::pid_t) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: non-blocking wait for our own child.
+    let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    (got == pid).then_some(status)
+}
+
+fn exit_like(status: i32, translated: Option<i32>) -> ! {
+    if libc::WIFEXITED(status) {
+        std::process::exit(libc::WEXITSTATUS(status));
+    }
+    let mut signal = libc::WTERMSIG(status);
+    if signal == libc::SIGKILL
+        && let Some(original) = translated
+    {
+        signal = original;
+    }
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: ending this process with the same signal as the workload, so the caller sees
+    // the same wait status; no core file, the workload already had its chance at one.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(signal, libc::SIG_DFL);
+        let mut mask = empty_sigset();
+        libc::sigaddset(&mut mask, signal);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &mask, std::ptr::null_mut());
+        libc::kill(libc::getpid(), signal);
+    }
+    std::process::exit(128 + signal)
+}
+
+fn block_forwarded_signals() -> Result<libc::sigset_t> {
+    let mut mask = empty_sigset();
+    for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+        // SAFETY: `mask` is an initialized sigset.
+        unsafe { libc::sigaddset(&mut mask, *signal) };
+    }
+    let mut old = empty_sigset();
+    // SAFETY: valid sigsets; blocking only defers delivery to the signalfd.
+    let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &mask, &mut old) };
+    check(rc, "blocking signals")?;
+    Ok(old)
+}
+
+fn restore_mask(old: &libc::sigset_t) {
+    // SAFETY: restores the mask saved before fork.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
+fn empty_sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset initializes the set it is given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    }
+}
+
+// --- small wrappers ---
+
+fn mount(
+    source: Option<impl AsRef<std::ffi::OsStr>>,
+    target: impl AsRef<Path>,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
+    let target = target.as_ref();
+    let source_c = source.map(|s| cstring(s.as_ref().as_bytes())).transpose()?;
+    let target_c = cstring(target.as_os_str().as_bytes())?;
+    let fstype_c = fstype.map(|s| cstring(s.as_bytes())).transpose()?;
+    let data_c = data.map(|s| cstring(s.as_bytes())).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is null or a valid C string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            ptr(&source_c),
+            target_c.as_ptr(),
+            ptr(&fstype_c),
+            flags,
+            ptr(&data_c).cast(),
+        )
+    };
+    check(
+        rc,
+        &format!(
+            "mounting {} on {}",
+            fstype.unwrap_or("a bind"),
+            target.display()
+        ),
+    )
+}
+
+fn remount_readonly(target: &Path, extra: libc::c_ulong) -> Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | extra,
+        None,
+    )
+}
+
+/// `root` joined with `path`, refusing anything that resolves outside `root` (an image's
+/// symlink pointing out, `..`).
+fn inside(root: &Path, path: &str) -> Result<PathBuf> {
+    let joined = root.join(path.trim_start_matches('/'));
+    let resolved = match joined.canonicalize() {
+        Ok(resolved) => resolved,
+        Err(_) => return Ok(joined),
+    };
+    if resolved.starts_with(root) {
+        Ok(resolved)
+    } else {
+        Err(format!("mount point {path} leads outside the root"))
+    }
+}
+
+/// Makes `path` (inside `root`) a directory, creating missing components one at a time so
+/// a symlink in the image can never lead a mount point outside the root.
+fn ensure_dir(root: &Path, path: &str) -> Result<()> {
+    let mut current = root.to_owned();
+    for component in path.split('/').filter(|c| !c.is_empty()) {
+        if component == ".." || component == "." {
+            return Err(format!("mount point {path} may not contain '.' or '..'"));
+        }
+        current.push(component);
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let resolved = current
+                    .canonicalize()
+                    .map_err(|e| format!("mount point {path}: {e}"))?;
+                if !resolved.starts_with(root) || !resolved.is_dir() {
+                    return Err(format!("mount point {path} leads outside the root"));
+                }
+                current = resolved;
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "mount point {path} is not a directory in the image"
+                ));
+            }
+            Err(_) => mkdir(&current, 0o755)?,
+        }
+    }
+    Ok(())
+}
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(parent, _)| parent)
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("creating {}: {e}", path.display())),
+    }
+}
+
+fn open(path: &str, flags: i32) -> Result<i32> {
+    let c = cstring(path.as_bytes())?;
+    // SAFETY: a valid C string path.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("opening {path}: {}", errno()));
+    }
+    Ok(fd)
+}
+
+fn set_cloexec(fd: i32) {
+    // SAFETY: fcntl on a descriptor number; a closed fd just fails.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| format!("{:?} contains a NUL byte", String::from_utf8_lossy(bytes)))
+}
+
+fn cstrings(items: &[String]) -> Result<Vec<CString>> {
+    items.iter().map(|s| cstring(s.as_bytes())).collect()
+}
+
+fn geteuid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn getegid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::getegid() }
+}
+
+fn errno_raw() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+fn check(rc: i32, what: &str) -> Result<()> {
+    if rc < 0 {
+        Err(format!("{what}: {}", errno()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes one line to the status pipe (ignored when the parent is gone).
+fn report(line: &str) {
+    let mut text = line.replace('\n', " ");
+    text.push('\n');
+    // SAFETY: fd 3 is the status pipe, or closed, in which case the write fails harmlessly.
+    unsafe { libc::write(STATUS_FD, text.as_ptr().cast(), text.len()) };
+}
+
+fn fail(message: &str, code: i32) -> ! {
+    report(&format!("error {message}"));
+    let _ = writeln!(std::io::stderr(), "graven sandbox: {message}");
+    std::process::exit(code)
+}

@@ -1,0 +1,464 @@
+//! The local runtime with the probe baked into a test image: what an instance sees, what
+//! survives it, how it stops, and that another graven process finds it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use graven::runtime::{
+    AnyRuntime, Instance, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime,
+    RuntimeError, VolumeMount,
+};
+use graven::store::{Digest, RuntimeConfig};
+use support::runtime::{File, get, probe_binary, put_image};
+
+struct Home {
+    dir: tempfile::TempDir,
+    runtime: LocalRuntime,
+    image: Digest,
+}
+
+impl Home {
+    fn new() -> Home {
+        graven::sandbox::set_helper_binary(support::graven_bin());
+        let dir = tempfile::tempdir().unwrap();
+        let image = probe_image(dir.path(), None);
+        Home {
+            runtime: LocalRuntime::open(dir.path()).unwrap(),
+            dir,
+            image,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spec(&self) -> InstanceSpec {
+        InstanceSpec::new(self.image.clone())
+    }
+}
+
+/// Kills whatever a failed test left running.
+impl Drop for Home {
+    fn drop(&mut self) {
+        let runtime = AnyRuntime::Local(self.runtime.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for instance in runtime.list().await.unwrap_or_default() {
+                    let _ = runtime.kill(&instance.id).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn probe_image(home: &Path, user: Option<&str>) -> Digest {
+    let config = RuntimeConfig {
+        user: user.map(str::to_owned),
+        entrypoint: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
+        ..RuntimeConfig::default()
+    };
+    put_image(
+        home,
+        "probe:test",
+        &[
+            File::executable("probe", &probe_binary()),
+            File::text(
+                "etc/passwd",
+                "root:x:0:0::/:/probe\napp:x:1000:1000::/:/probe\n",
+            ),
+            File::text("etc/group", "root:x:0:\napp:x:1000:\n"),
+        ],
+        config,
+    )
+}
+
+fn report(instance: &Instance, path: &str) -> BTreeMap<String, String> {
+    let address = instance.address.unwrap();
+    let reply = support::wait_for(Duration::from_secs(10), "the probe to answer", || {
+        get(address, path)
+    });
+    reply
+        .body
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+async fn wait_exited(runtime: &LocalRuntime, instance: &Instance) -> InstanceStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = runtime.inspect(&instance.id).await.unwrap().status;
+        if status.is_exited() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never exited",
+            instance.id
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn log_text(instance: &Instance) -> String {
+    std::fs::read_to_string(instance.log.as_ref().unwrap()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_is_locked_down() {
+    let home = Home::new();
+    let mut spec = home.spec();
+    spec.env.insert("PROBE_ENV".into(), "given".into());
+    spec.limits.tmp_bytes = Some(8 << 20);
+    let instance = home.runtime.start(spec).await.unwrap();
+    let seen = report(&instance, "/report");
+    assert_eq!(seen["pid"], "1");
+    assert_eq!(seen["uid"], "65534", "an image without USER runs as nobody");
+    assert_eq!(seen["cap_eff"], "0000000000000000");
+    assert_eq!(seen["no_new_privs"], "1");
+    assert_eq!(seen["seccomp"], "2");
+    assert_eq!(seen["root_write"], "Read-only file system");
+    assert_eq!(seen["tmp_write"], "ok");
+    assert_eq!(seen["timer_list_bytes"], "0");
+    assert_eq!(seen["mount"], "Operation not permitted");
+    assert_eq!(seen["unshare"], "Operation not permitted");
+    assert_eq!(seen["probe_env"], "given");
+    assert_eq!(seen["port"], instance.address.unwrap().port().to_string());
+    assert_eq!(seen["hostname"], instance.id.0);
+    let filled = report(&instance, "/fill-tmp");
+    let bytes: u64 = filled["tmp_fill_bytes"].parse().unwrap();
+    assert!(
+        ((6 << 20)..=(8 << 20)).contains(&bytes),
+        "{bytes} bytes fitted in /tmp"
+    );
+    // The shared root was not written, by the probe or by the sandbox's mount points.
+    let rootfs = home.path().join("rootfs").join(home.image.hex());
+    let mut entries: Vec<_> = std::fs::read_dir(&rootfs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["etc", "probe"]);
+    home.runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // The log holds the probe's output, timestamped, and outlives the instance.
+    home.runtime.remove(&instance.id).await.unwrap();
+    let log = log_text(&instance);
+    let line = log
+        .lines()
+        .find(|l| l.contains("stdout pid=1"))
+        .expect(&log);
+    assert!(line.starts_with("20"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_user_is_resolved_and_root_becomes_nobody() {
+    let home = Home::new();
+    let app = probe_image(home.path(), Some("app"));
+    let instance = home.runtime.start(InstanceSpec::new(app)).await.unwrap();
+    assert_eq!(report(&instance, "/report")["uid"], "1000");
+    let root = probe_image(home.path(), Some("root"));
+    let nobody = home
+        .runtime
+        .start(InstanceSpec::new(root.clone()))
+        .await
+        .unwrap();
+    assert_eq!(report(&nobody, "/report")["uid"], "65534");
+    // An explicit --user 0 is honoured: root in name, still without capabilities.
+    let mut spec = InstanceSpec::new(root);
+    spec.user = Some("0".into());
+    let explicit = home.runtime.start(spec).await.unwrap();
+    let seen = report(&explicit, "/report");
+    assert_eq!(seen["uid"], "0");
+    assert_eq!(seen["cap_eff"], "0000000000000000");
+    assert_eq!(seen["root_write"], "Read-only file system");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_data_survives_the_instance() {
+    let home = Home::new();
+    let mut spec = home.spec();
+    spec.volumes.push(VolumeMount {
+        name: "data".into(),
+        path: "/var/data".into(),
+    });
+    spec.env.insert("PROBE_VOLUME".into(), "/var/data".into());
+    let first = home.runtime.start(spec.clone()).await.unwrap();
+    assert_eq!(report(&first, "/report")["volume_count"], "1");
+    home.runtime
+        .stop(&first.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    home.runtime.remove(&first.id).await.unwrap();
+    let second = home.runtime.start(spec).await.unwrap();
+    // The probe counts its start once; the second instance starts from what the first left.
+    assert_eq!(report(&second, "/report")["volume_count"], "2");
+    assert_eq!(
+        std::fs::read_to_string(home.path().join("volumes/data/count")).unwrap(),
+        "2"
+    );
+    // The negative control: without the volume, nothing persists.
+    let mut bare = home.spec();
+    bare.env.insert("PROBE_VOLUME".into(), "/tmp".into());
+    let third = home.runtime.start(bare).await.unwrap();
+    assert_eq!(report(&third, "/report")["volume_count"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_delivered() {
+    let home = Home::new();
+    let instance = home.runtime.start(home.spec()).await.unwrap();
+    report(&instance, "/healthz");
+    let stopped = home
+        .runtime
+        .stop(&instance.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        stopped.status,
+        InstanceStatus::Exited {
+            code: Some(0),
+            signal: None
+        }
+    );
+    assert!(log_text(&instance).contains("probe: got SIGTERM"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_follows_after_the_grace() {
+    let home = Home::new();
+    let mut spec = home.spec();
+    spec.env.insert("PROBE_IGNORE_TERM".into(), "1".into());
+    let instance = home.runtime.start(spec).await.unwrap();
+    report(&instance, "/healthz");
+    let stopped = home
+        .runtime
+        .stop(&instance.id, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        stopped.status,
+        InstanceStatus::Exited {
+            code: None,
+            signal: Some(9)
+        }
+    );
+    assert!(log_text(&instance).contains("probe: ignoring SIGTERM"));
+    assert!(get(instance.address.unwrap(), "/healthz").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_is_reported_exited() {
+    let home = Home::new();
+    let instance = home.runtime.start(home.spec()).await.unwrap();
+    report(&instance, "/healthz");
+    let pid = instance.pid.unwrap();
+    // SAFETY: killing the instance's own process, started by this test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let status = wait_exited(&home.runtime, &instance).await;
+    assert!(status.is_exited(), "{status:?}");
+    let listed = home.runtime.list().await.unwrap();
+    assert!(listed.iter().all(|i| i.status.is_exited()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_supervisor_still_means_exited_never_running() {
+    let home = Home::new();
+    let instance = home.runtime.start(home.spec()).await.unwrap();
+    report(&instance, "/healthz");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            home.path()
+                .join("instances")
+                .join(&instance.id.0)
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // Kill the shim first (so nobody records the exit), then the workload.
+    for who in ["shim", "workload"] {
+        let pid = state[who]["pid"].as_u64().unwrap() as i32;
+        // SAFETY: killing processes of the instance this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let status = wait_exited(&home.runtime, &instance).await;
+    assert_eq!(
+        status,
+        InstanceStatus::Exited {
+            code: None,
+            signal: None
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_starts_nothing_and_leaves_nothing() {
+    let home = Home::new();
+    let mut ghost = home.spec();
+    ghost.user = Some("ghost".into());
+    let mut missing = home.spec();
+    missing.command = Some(vec!["/nope".into()]);
+    let mut escaping = home.spec();
+    escaping.volumes.push(VolumeMount {
+        name: "..".into(),
+        path: "/data".into(),
+    });
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut port = home.spec();
+    port.host_port = Some(taken.local_addr().unwrap().port());
+    type Expect = fn(&RuntimeError) -> bool;
+    let cases: Vec<(InstanceSpec, Expect)> = vec![
+        (ghost, |e| matches!(e, RuntimeError::UnknownUser { .. })),
+        (missing, |e| {
+            matches!(e, RuntimeError::MissingEntrypoint { .. })
+        }),
+        (escaping, |e| matches!(e, RuntimeError::BadVolume { .. })),
+        (port, |e| matches!(e, RuntimeError::PortInUse { .. })),
+        (InstanceSpec::new(Digest::of(b"absent")), |e| {
+            matches!(e, RuntimeError::UnknownImage { .. })
+        }),
+    ];
+    for (spec, expected) in cases {
+        let error = home.runtime.start(spec).await.unwrap_err();
+        assert!(expected(&error), "{error:?}");
+        assert!(!error.to_string().is_empty());
+    }
+    let instances = std::fs::read_dir(home.path().join("instances"))
+        .unwrap()
+        .count();
+    assert_eq!(instances, 0, "a refused start left an instance dir");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(home.path().to_str().unwrap()));
+    // The negative control: the same home starts a good spec.
+    let good = home.runtime.start(home.spec()).await.unwrap();
+    report(&good, "/healthz");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_go_to_cgroups_or_say_they_do_not() {
+    let home = Home::new();
+    let mut spec = home.spec();
+    spec.limits = Limits {
+        memory_bytes: Some(64 << 20),
+        pids: Some(64),
+        cpu_millis: Some(500),
+        tmp_bytes: None,
+    };
+    let instance = home.runtime.start(spec).await.unwrap();
+    report(&instance, "/healthz");
+    let memory = Path::new("/sys/fs/cgroup/memory/graven").join(&instance.id.0);
+    if instance.warnings.is_empty() {
+        let limit = std::fs::read_to_string(memory.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        let procs = std::fs::read_to_string(memory.join("cgroup.procs")).unwrap();
+        assert!(
+            procs
+                .lines()
+                .any(|p| p == instance.pid.unwrap().to_string()),
+            "{procs}"
+        );
+    } else {
+        assert!(instance.warnings[0].contains("not enforced"));
+    }
+    home.runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(!memory.exists(), "the cgroup outlived the instance");
+}
+
+/// The CLI in separate processes: one graven starts the instance and exits; others list,
+/// exec into and stop it.
+#[test]
+fn a_restarted_graven_finds_execs_and_stops_the_instance() {
+    let home = Home::new();
+    let run = support::graven(home.path())
+        .args(["run", "-d", "probe:test", "--env", "PROBE_ENV=cli"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let id = String::from_utf8(run.stdout).unwrap().trim().to_owned();
+    let ps = support::graven(home.path())
+        .args(["ps", "--json"])
+        .output()
+        .unwrap();
+    let listed: Vec<Instance> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id.0, id);
+    assert_eq!(listed[0].status, InstanceStatus::Running);
+    assert!(!listed[0].tainted);
+    report(&listed[0], "/healthz");
+    // Break-glass exec: it runs inside (same namespaces, not PID 1, same user)...
+    let exec = support::graven(home.path())
+        .args(["exec", &id[..8], "--", "/probe", "report"])
+        .output()
+        .unwrap();
+    assert!(
+        exec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    let seen = String::from_utf8_lossy(&exec.stdout).into_owned();
+    assert!(seen.contains("uid=65534"), "{seen}");
+    assert!(seen.contains("cap_eff=0000000000000000"), "{seen}");
+    assert!(seen.contains("probe_env=cli"), "{seen}");
+    assert!(seen.contains(&format!("hostname={id}")), "{seen}");
+    assert!(!seen.contains("pid=1\n"), "{seen}");
+    // ...and taints the instance.
+    let ps = support::graven(home.path())
+        .args(["ps", "--json"])
+        .output()
+        .unwrap();
+    let listed: Vec<Instance> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert!(listed[0].tainted);
+    // A fresh runtime value in this process sees the same instance.
+    let again = LocalRuntime::open(home.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(again.list()).unwrap();
+    assert_eq!(seen[0].id.0, id);
+    let stop = support::graven(home.path())
+        .args(["stop", &id, "--grace", "5s"])
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stop.stdout).contains("exited (0)"));
+    let rm = support::graven(home.path())
+        .args(["rm", &id])
+        .output()
+        .unwrap();
+    assert!(rm.status.success());
+    let ps = support::graven(home.path())
+        .args(["ps", "--all", "--json"])
+        .output()
+        .unwrap();
+    let listed: Vec<Instance> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert!(listed.is_empty());
+    assert!(
+        home.path()
+            .join("instances")
+            .join(&id)
+            .join("log")
+            .is_file()
+    );
+}
