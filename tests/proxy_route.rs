@@ -496,3 +496,42 @@ async fn shutdown_finishes_in_flight_requests_then_closes() {
         .unwrap()
         .unwrap();
 }
+
+/// Regression: a retry went back to the instance that had just closed the connection (a
+/// crashed instance leaves several dead pooled connections), so under concurrent load a GET
+/// could spend its retries on one dead instance and answer 502 while a good one stood by.
+#[tokio::test]
+async fn a_retry_skips_the_instance_that_closed_the_connection() {
+    let closing = RawBackend::start(b"").await;
+    let good = TestBackend::start("good").await;
+    let failures = async |retries: u32| {
+        let route = route(|options| options.retries = retries).await;
+        route.set_backends(vec![backend("closes", 1, closing.address), good.backend(1)]);
+        let address = route.local_addr();
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut failed = 0;
+                    for _ in 0..40 {
+                        failed +=
+                            usize::from(get(&client, address, "/").await.status != StatusCode::OK);
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let mut failed = 0;
+        for worker in workers {
+            failed += worker.await.unwrap();
+        }
+        failed
+    };
+    assert_eq!(
+        failures(1).await,
+        0,
+        "one retry must reach the good instance"
+    );
+    // Negative control: without retries, the closing instance's share fails.
+    assert!(failures(0).await > 0);
+}

@@ -429,16 +429,21 @@ impl Shared {
                 Instant::now(),
             ),
         };
-        // Instances that refused a connection; allocated only when one does.
-        let mut refused: Vec<Arc<Instance>> = Vec::new();
+        // Instances that failed this request (refused the connection or closed it before
+        // answering); a retry never goes back to one. Allocated only when one does.
+        let mut failed_on: Vec<Arc<Instance>> = Vec::new();
         let mut attempt = 0;
+        // Re-sends after a stale pooled connection; they do not use up `retries`, but are
+        // capped so a backend that keeps closing reused connections cannot loop a request.
+        let mut stale_resends = 0;
         loop {
+            let mut stale = false;
             let error = match lease
                 .connect(&self.client, self.options.connect_timeout)
                 .await
             {
                 Err(error) => {
-                    refused.push(Arc::clone(lease.instance()));
+                    failed_on.push(Arc::clone(lease.instance()));
                     error
                 }
                 Ok(()) => {
@@ -496,6 +501,11 @@ impl Shared {
                                 repeatable,
                                 source,
                             };
+                            if lease.reused() && stale_resends < MAX_STALE_RESENDS {
+                                stale = true;
+                            } else {
+                                failed_on.push(Arc::clone(instance));
+                            }
                             match (unsent, copy) {
                                 (Some(request), _) => (parts, body) = request.into_parts(),
                                 (None, Some((method, uri, headers))) => {
@@ -510,19 +520,26 @@ impl Shared {
             };
             let counters = Arc::clone(&lease.instance().counters);
             drop(lease);
-            if !(idempotent && error.retry_safe() && attempt < self.options.retries) {
+            if !(idempotent && error.retry_safe() && (stale || attempt < self.options.retries)) {
                 return Err((error, Some(counters)));
             }
-            let Some(next) = self.try_acquire(&refused) else {
+            let Some(next) = self.try_acquire(&failed_on) else {
                 return Err((error, Some(counters)));
             };
-            attempt += 1;
+            if stale {
+                stale_resends += 1;
+            } else {
+                attempt += 1;
+            }
             self.unrouted.retry();
             lease = next;
             sent_at = Instant::now();
         }
     }
 }
+
+/// How many times one request may be re-sent after a reused connection closed under it.
+const MAX_STALE_RESENDS: u32 = 4;
 
 /// Decrements the held-request count when a held request stops waiting.
 struct Held<'a>(&'a AtomicUsize);

@@ -97,6 +97,7 @@ impl Instance {
         let lease = Lease {
             instance: Arc::clone(self),
             connection: None,
+            reused: false,
         };
         if self.routable.load(Ordering::SeqCst) {
             Some(lease)
@@ -199,6 +200,8 @@ pub(crate) struct Connection {
 pub(crate) struct Lease {
     instance: Arc<Instance>,
     connection: Option<Connection>,
+    /// The connection came from the idle pool rather than a fresh connect.
+    reused: bool,
 }
 
 impl Lease {
@@ -217,11 +220,20 @@ impl Lease {
             let sender = &mut connection.sender;
             if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
                 self.connection = Some(connection);
+                self.reused = true;
                 return Ok(());
             }
         }
         self.connection = Some(self.instance.connect(builder, timeout).await?);
+        self.reused = false;
         Ok(())
+    }
+
+    /// Whether the current connection came from the idle pool. A pooled connection that
+    /// closes before answering may just have gone stale; a fresh one that does says the
+    /// instance itself is failing.
+    pub(crate) fn reused(&self) -> bool {
+        self.reused
     }
 
     /// The connection's request sender and its answer timer, armed to fire at `deadline`.
