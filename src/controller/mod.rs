@@ -956,10 +956,18 @@ impl Shell {
             let Some(release) = self.state.releases.get(&instance.release) else {
                 continue;
             };
-            let monitor = HealthMonitor::spawn(
+            // A monitor restarted for an instance the log already knows as healthy (after a
+            // controller restart) resumes from that, so a later hang still flips it.
+            let known = match instance.lifecycle {
+                Lifecycle::Healthy => Health::Healthy,
+                Lifecycle::Unhealthy => Health::Unhealthy,
+                Lifecycle::Starting | Lifecycle::Draining => Health::Unknown,
+            };
+            let monitor = HealthMonitor::spawn_from(
                 name.to_owned(),
                 address,
                 release.config.health.clone(),
+                known,
                 self.health_tx.clone(),
             );
             self.monitors.insert(name.to_owned(), monitor);
