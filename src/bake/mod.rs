@@ -510,7 +510,15 @@ fn build(
             user,
             workdir,
         } => {
-            let output = run::run(store, &state.layers, args, env, user, workdir)?;
+            let output = run::run(
+                store,
+                &state.layers,
+                &state.config.rootfs.diff_ids,
+                args,
+                env,
+                user,
+                workdir,
+            )?;
             let entries = output.entries;
             run_root = Some(output.root);
             entries

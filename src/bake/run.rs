@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
-use crate::store::{Descriptor, Store};
+use crate::store::{Descriptor, Digest, Store};
 
 /// Directories the sandbox mounts over (`/tmp` is a size-capped tmpfs, as for instances):
 /// what is in them is never layer content, and the mount points it creates are not either.
@@ -25,6 +25,7 @@ pub struct RunOutput {
 pub fn run(
     store: &Store,
     layers: &[Descriptor],
+    diff_ids: &[Digest],
     args: &[String],
     env: &[String],
     user: &str,
@@ -40,7 +41,9 @@ pub fn run(
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .map_err(|e| format!("cannot make a temp root: {e}"))?;
-    tree::unpack(store, layers, root.path()).map_err(|e| e.to_string())?;
+    store
+        .unpack_layers(layers, diff_ids, root.path())
+        .map_err(|e| e.to_string())?;
     let (uid, gid) = resolve_user(root.path(), user)?;
     let cwd = root.path().join(workdir.trim_start_matches('/'));
     if !cwd.is_dir() {

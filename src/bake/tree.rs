@@ -243,58 +243,6 @@ pub fn extract_files(
     Ok(())
 }
 
-/// Unpacks `layers` in order into `root`, applying whiteouts, keeping owners and modes.
-pub fn unpack(store: &Store, layers: &[Descriptor], root: &Path) -> Result<(), StoreError> {
-    for layer in layers {
-        let err = |source| StoreError::Io {
-            path: store.blob_path(&layer.digest),
-            source,
-        };
-        let mut archive = tar::Archive::new(open_layer(store, &layer.digest)?);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(true);
-        for entry in archive.entries().map_err(err)? {
-            let mut entry = entry.map_err(err)?;
-            let path = clean(&entry.path().map_err(err)?.to_string_lossy());
-            let (parent, name) = match path.rsplit_once('/') {
-                Some((p, n)) => (p.to_owned(), n.to_owned()),
-                None => (String::new(), path.clone()),
-            };
-            if name == ".wh..wh..opq" {
-                let dir = root.join(&parent);
-                if let Ok(children) = fs::read_dir(&dir) {
-                    for child in children.flatten() {
-                        remove_any(&child.path()).map_err(err)?;
-                    }
-                }
-            } else if let Some(hidden) = name.strip_prefix(".wh.") {
-                remove_any(&root.join(&parent).join(hidden)).map_err(err)?;
-            } else {
-                // A new entry replaces whatever is there unless both are directories.
-                let target = root.join(&path);
-                if let Ok(meta) = fs::symlink_metadata(&target)
-                    && !(meta.is_dir() && entry.header().entry_type().is_dir())
-                {
-                    remove_any(&target).map_err(err)?;
-                }
-                entry.unpack_in(root).map_err(err)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn remove_any(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 /// The state of one path of a root filesystem, to see what a RUN step changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {

@@ -17,6 +17,7 @@ mod layer;
 mod oci;
 mod pgzip;
 mod txn;
+mod unpack;
 
 pub use digest::{Digest, DigestError};
 pub use export::{ExportFormat, docker_repo_tag};
@@ -61,6 +62,8 @@ pub enum StoreError {
     BadTag { tag: String, reason: &'static str },
     #[error("cannot import {path}: {reason}")]
     BadImport { path: PathBuf, reason: String },
+    #[error("layer {digest}: {reason}")]
+    BadLayer { digest: Digest, reason: String },
     #[error(transparent)]
     Digest(#[from] DigestError),
 }
