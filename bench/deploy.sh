@@ -155,8 +155,12 @@ bench_swarm() {
     DOCKERD_PID=$!
     for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.1; done
     docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail "$WORK/dockerd.log" >&2; exit 1; }
+    # Swarm takes a data path port only in 1024-49151, below most of the ephemeral range.
+    local data_port
+    data_port=$(free_port udp)
+    while [ "$data_port" -gt 49151 ]; do data_port=$(free_port udp); done
     docker swarm init --advertise-addr 127.0.0.1 --listen-addr "127.0.0.1:$(free_port tcp)" \
-        --data-path-port "$(free_port udp)" >/dev/null
+        --data-path-port "$data_port" >/dev/null
 
     echo "baking hello:v1..v$((UPDATES + 1)) with docker build (FROM scratch)" >&2
     for version in $(seq 1 $((UPDATES + 1))); do

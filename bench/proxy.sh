@@ -5,10 +5,15 @@
 # measured run, divided by the requests wrk completed), with ratios to HAProxy.
 #
 # Usage: bench/proxy.sh            (defaults below; override with environment variables)
-#   DURATION=10s CONNECTIONS=32 WRK_THREADS=1 PROXY_THREADS=1 ROUNDS=1 bench/proxy.sh
+#   DURATION=10s CONNECTIONS=32 WRK_THREADS=1 PROXY_THREADS=1 ROUNDS=3 PROFILE=dist bench/proxy.sh
 #
-# Every proxy gets the same number of threads (PROXY_THREADS): graven --threads, HAProxy
-# nbthread, nginx worker_processes. Keep-alive on both sides everywhere. The backend is
+# Rounds interleave the targets (direct, graven, HAProxy, nginx, direct, ...) so that load from
+# other processes on the machine falls on all of them alike; the summary takes the median of
+# each figure over the rounds. graven is built with the `dist` profile (release plus fat LTO,
+# Cargo.toml: the profile for shipped binaries); PROFILE=release measures a plain release build.
+#
+# HAProxy and nginx get PROXY_THREADS threads (nbthread, worker_processes); graven serves each
+# route on one thread of its own, so the default of 1 compares like with like. Keep-alive on both sides everywhere. The backend is
 # nginx answering a fixed `return 200` on loopback, one worker.
 set -euo pipefail
 
@@ -17,7 +22,8 @@ WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 WRK_THREADS=${WRK_THREADS:-1}
 PROXY_THREADS=${PROXY_THREADS:-1}
-ROUNDS=${ROUNDS:-1}
+ROUNDS=${ROUNDS:-3}
+PROFILE=${PROFILE:-dist}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/graven-bench-proxy.XXXXXX)
@@ -33,9 +39,9 @@ for tool in wrk haproxy nginx; do
     command -v "$tool" >/dev/null || { echo "bench/proxy.sh: $tool is not installed" >&2; exit 1; }
 done
 
-echo "building graven (release)..." >&2
-(cd "$root" && cargo build --release --quiet --bin graven)
-graven="$root/target/release/graven"
+echo "building graven (profile $PROFILE)..." >&2
+(cd "$root" && cargo build --profile "$PROFILE" --quiet --bin graven)
+graven="$root/target/$PROFILE/graven"
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -52,9 +58,9 @@ wait_port() {
     exit 1
 }
 
-# utime + stime of a process, in clock ticks.
+# utime and stime of a process, in clock ticks.
 cpu_ticks() {
-    awk '{ print $14 + $15 }' "/proc/$1/stat"
+    awk '{ print $14, $15 }' "/proc/$1/stat"
 }
 
 nginx_temp_paths() {
@@ -93,8 +99,7 @@ pids+=($!)
 wait_port "$backend_port"
 
 start_graven() {
-    "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" \
-        --threads "$PROXY_THREADS" >/dev/null &
+    "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
     started=$!
 }
 
@@ -162,11 +167,13 @@ family() {
 }
 
 family_ticks() {
-    local total=0
+    local user=0 sys=0 u k
     for pid in $(family "$1"); do
-        total=$((total + $(cpu_ticks "$pid")))
+        read -r u k < <(cpu_ticks "$pid")
+        user=$((user + u))
+        sys=$((sys + k))
     done
-    echo "$total"
+    echo "$user $sys"
 }
 
 # Runs wrk against a port and prints: requests rps p50 p99 (latencies as wrk prints them).
@@ -187,24 +194,31 @@ measure() {
 # stays a child of this shell and can be waited for).
 started=""
 
-# One row: name pid-or-empty port.
+# One row per run: name|requests/s|p50 µs|p99 µs|user µs/request|system µs/request.
 results=()
 run() {
     local name=$1 pid=$2 port=$3
     wait_port "$port"
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
-    local before after
-    if [ -n "$pid" ]; then before=$(family_ticks "$pid"); fi
+    local user0=0 sys0=0 user1=0 sys1=0
+    if [ -n "$pid" ]; then read -r user0 sys0 < <(family_ticks "$pid"); fi
     read -r requests rps p50 p99 < <(measure "$port")
-    if [ -n "$pid" ]; then
-        after=$(family_ticks "$pid")
-        # Clock ticks are 1/CLK_TCK s; report microseconds of CPU per request.
-        cpu=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" \
-            'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
-    else
-        cpu="-"
-    fi
-    results+=("$name|$rps|$p50|$p99|$cpu")
+    if [ -n "$pid" ]; then read -r user1 sys1 < <(family_ticks "$pid"); fi
+    # Clock ticks are 1/CLK_TCK s; report microseconds of CPU per request.
+    local cpu
+    cpu=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$(getconf CLK_TCK)" \
+        -v n="$requests" -v proxy="$pid" 'BEGIN {
+            if (proxy == "") { print "-|-" } else { printf "%.2f|%.2f", u / hz * 1e6 / n, s / hz * 1e6 / n }
+        }')
+    results+=("$name|$rps|$(micros "$p50")|$(micros "$p99")|$cpu")
+}
+
+# wrk prints latencies as 512.00us, 1.20ms or 1.01s; convert to microseconds.
+micros() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) m = 1; else if (v ~ /ms$/) m = 1e3; else if (v ~ /s$/) m = 1e6; else m = 1
+        sub(/[a-z]+$/, "", v); printf "%.0f", v * m
+    }'
 }
 
 stop() {
@@ -226,20 +240,39 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-haproxy_cpu=$(printf '%s\n' "${results[@]}" | awk -F'|' '$1 == "haproxy" { s += $5; n++ } END { if (n) printf "%.4f", s / n }')
-haproxy_rps=$(printf '%s\n' "${results[@]}" | awk -F'|' '$1 == "haproxy" { s += $2; n++ } END { if (n) printf "%.4f", s / n }')
-
 echo
-echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $PROXY_THREADS thread(s); $(nproc) CPUs; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $PROXY_THREADS thread(s);" \
+    "graven profile $PROFILE; $ROUNDS round(s); $(nproc) CPUs; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| target | requests/s | p50 | p99 | proxy CPU µs/request | CPU vs HAProxy | req/s vs HAProxy |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
-for row in "${results[@]}"; do
-    IFS='|' read -r name rps p50 p99 cpu <<<"$row"
-    cpu_ratio="-"
-    if [ "$cpu" != "-" ]; then
-        cpu_ratio=$(awk -v a="$cpu" -v b="$haproxy_cpu" 'BEGIN { printf "%.2f×", a / b }')
-    fi
-    rps_ratio=$(awk -v a="$rps" -v b="$haproxy_rps" 'BEGIN { printf "%.2f×", a / b }')
-    printf '| %s | %.0f | %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu" "$cpu_ratio" "$rps_ratio"
-done
+echo "Median over the rounds; CPU is the proxy process's utime+stime per request."
+echo
+printf '%s\n' "${results[@]}" | awk -F'|' '
+    function median(list,   n, a, i, j, t) {
+        n = split(list, a, " ")
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    {
+        if (!($1 in seen)) { seen[$1] = 1; order[++targets] = $1 }
+        rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4
+        if ($5 != "-") { user[$1] = user[$1] " " $5; sys[$1] = sys[$1] " " $6; cpu[$1] = cpu[$1] " " ($5 + $6) }
+    }
+    END {
+        base_cpu = median(cpu["haproxy"]); base_rps = median(rps["haproxy"])
+        print "| target | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy |"
+        print "|---|---:|---:|---:|---:|---:|---:|"
+        for (i = 1; i <= targets; i++) {
+            t = order[i]
+            if (t in cpu) {
+                c = sprintf("%.2f (%.2f + %.2f)", median(cpu[t]), median(user[t]), median(sys[t]))
+                r = sprintf("%.2f×", median(cpu[t]) / base_cpu)
+            } else { c = "-"; r = "-" }
+            printf "| %s | %.0f | %.0f | %.0f | %s | %s | %.2f× |\n", t, median(rps[t]), median(p50[t]), median(p99[t]), c, r, median(rps[t]) / base_rps
+        }
+    }'
+echo
+echo "Every run:"
+echo
+echo "| target | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request |"
+echo "|---|---:|---:|---:|---:|---:|"
+printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %.0f | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'

@@ -395,7 +395,7 @@ fn copy_add_dockerignore_chown_chmod_and_workdir() {
     fs::write(d.join("plain.txt"), "plain").unwrap();
     fs::write(
         d.join("Containerfile"),
-        "FROM scratch\nCOPY --chown=10:20 app /srv/app\nADD bundle.tar.gz /opt/\nCOPY --chmod=0600 plain.txt /etc/\nWORKDIR /work/dir\nADD plain.txt relative\n",
+        "FROM scratch\nCOPY --chown=10:20 app /srv/app\nADD bundle.tar.gz /opt/\nCOPY --chmod=0600 plain.txt /etc/\nWORKDIR /work/dir\nADD plain.txt relative\nCOPY app/*/*.txt p*.txt /globbed/\n",
     )
     .unwrap();
     bake_json(home.path(), d, &["--tag", "t:1"]);
@@ -417,6 +417,9 @@ fn copy_add_dockerignore_chown_chmod_and_workdir() {
             "work/ 755 0:0",
             "work/dir/ 755 0:0",
             "work/dir/relative 644 0:0 \"plain\"",
+            "globbed/ 755 0:0",
+            "globbed/data.txt 644 0:0 \"data\"",
+            "globbed/plain.txt 644 0:0 \"plain\"",
         ]
     "##]]
     .assert_debug_eq(&layer_listing(home.path(), "t:1"));
@@ -523,4 +526,47 @@ fn write_docker_save(home: &Path, tag: &str, path: &Path) {
         serde_json::json!([{"Config": config_name, "RepoTags": ["base:1"], "Layers": layers}]);
     add("manifest.json", manifest.to_string().as_bytes());
     tar.finish().unwrap();
+}
+
+#[test]
+fn chown_by_name_reads_the_images_passwd_and_group() {
+    let home = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    fs::write(
+        d.path().join("passwd"),
+        "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(d.path().join("group"), "staff:x:50:\n").unwrap();
+    fs::write(d.path().join("file"), "f").unwrap();
+    fs::write(
+        d.path().join("Containerfile"),
+        "FROM scratch\nCOPY passwd group /etc/\nCOPY --chown=app file /a\nCOPY --chown=app:staff file /b\n",
+    )
+    .unwrap();
+    bake_json(home.path(), d.path(), &["--tag", "t:1"]);
+    let listing = layer_listing(home.path(), "t:1");
+    assert!(
+        listing.contains(&"a 644 1000:1001 \"f\"".to_owned()),
+        "{listing:?}"
+    );
+    assert!(
+        listing.contains(&"b 644 1000:50 \"f\"".to_owned()),
+        "{listing:?}"
+    );
+    // A name the image does not know is an error naming the line.
+    fs::write(
+        d.path().join("Containerfile"),
+        "FROM scratch\nCOPY passwd group /etc/\nCOPY --chown=nobody file /a\n",
+    )
+    .unwrap();
+    let out = bake(home.path(), d.path(), &["--tag", "t:2"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "Containerfile:3: --chown=nobody: user \"nobody\" is not in the image's /etc/passwd"
+        ),
+        "{stderr}"
+    );
 }

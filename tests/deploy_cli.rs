@@ -1,26 +1,22 @@
 //! The daemon and CLI end to end: `graven up` in a project, `deploy`, `rollback`, `status`,
 //! `releases`, `history`, `down` over the API socket, and bad input that must leave the
-//! running release serving untouched. Instances run on the runtime `GRAVEN_TEST_RUNTIME`
-//! names (the in-process fake by default: these tests are about the control plane).
+//! running release serving untouched. Instances of the example run on the runtime
+//! `GRAVEN_TEST_RUNTIME` names (default `local`; `fake` runs them inside the daemon).
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use support::daemon::{Up, free_port, run, version, write_project};
-
-fn runtime() -> String {
-    std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "fake".to_owned())
-}
+use support::daemon::{Up, free_port, hello_project, run, test_runtime, version};
 
 #[test]
 fn up_deploy_rollback_history_and_ctrl_c() {
     let temp = tempfile::tempdir().unwrap();
     let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
     let route = free_port();
-    write_project(&dir, route, 2, r#"VERSION = "v1""#, "");
-    let mut up = Up::start(&home, &dir, &runtime());
+    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let mut up = Up::start(&home, &dir, &test_runtime());
     assert_eq!(version(route).as_deref(), Ok("v1"));
 
     // The API socket is owner-only, in an owner-only directory.
@@ -28,7 +24,7 @@ fn up_deploy_rollback_history_and_ctrl_c() {
     assert_eq!(mode(&home.join("graven.sock")), 0o600);
     assert_eq!(mode(&home), 0o700);
 
-    write_project(&dir, route, 2, r#"VERSION = "v2""#, "");
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("release 2 is serving"), "{stdout}");
@@ -71,6 +67,22 @@ fn up_deploy_rollback_history_and_ctrl_c() {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }
 
+    // Down drains every instance; the releases and the history stay.
+    let (ok, stdout, stderr) = run(&home, &["down"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("every service is down"), "{stdout}");
+    let (_, stdout, _) = run(&home, &["status", "--json"]);
+    let status: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        status[0]["state"]["instances"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(status[0]["state"]["services"]["web"]["wanted"].is_null());
+    let (_, history, _) = run(&home, &["history"]);
+    assert!(history.contains("service web removed"), "{history}");
+
     // Ctrl-C drains and stops every instance and exits cleanly.
     let status = up.signal(libc::SIGINT, Duration::from_secs(30));
     assert!(status.success(), "{status}\n{}", up.stderr());
@@ -87,8 +99,8 @@ fn bad_input_leaves_the_running_release_serving() {
     let temp = tempfile::tempdir().unwrap();
     let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
     let route = free_port();
-    write_project(&dir, route, 2, r#"VERSION = "v1""#, "");
-    let _up = Up::start(&home, &dir, &runtime());
+    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let _up = Up::start(&home, &dir, &test_runtime());
     let dir_arg = dir.to_str().unwrap();
     let releases = || {
         let (_, stdout, _) = run(&home, &["releases", "--json"]);
@@ -98,7 +110,7 @@ fn bad_input_leaves_the_running_release_serving() {
     };
 
     // A typo in graven.toml: every problem, with line and field; nothing deployed.
-    write_project(&dir, route, 2, r#"VERSION = "v2""#, "stop_grase = \"1s\"");
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "stop_grase = \"1s\"");
     let (ok, _, stderr) = run(&home, &["deploy", dir_arg]);
     assert!(!ok);
     assert!(stderr.contains("stop_grase"), "{stderr}");
@@ -107,7 +119,7 @@ fn bad_input_leaves_the_running_release_serving() {
     // A route another process holds.
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = holder.local_addr().unwrap();
-    write_project(&dir, taken, 2, r#"VERSION = "v2""#, "");
+    hello_project(&dir, taken, 2, r#"VERSION = "v2""#, "");
     let (ok, _, stderr) = run(&home, &["deploy", dir_arg]);
     assert!(!ok);
     assert!(stderr.contains(&format!("route {taken}")), "{stderr}");
@@ -116,7 +128,7 @@ fn bad_input_leaves_the_running_release_serving() {
     drop(holder);
 
     // A bake failure.
-    write_project(&dir, route, 2, r#"VERSION = "v2""#, "");
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
     std::fs::write(dir.join("Containerfile"), "FROM scratch\nFROBNICATE now\n").unwrap();
     let (ok, _, stderr) = run(&home, &["deploy", dir_arg]);
     assert!(!ok);
@@ -125,7 +137,7 @@ fn bad_input_leaves_the_running_release_serving() {
         "{stderr}"
     );
     assert_eq!(releases(), 1);
-    std::fs::write(dir.join("Containerfile"), "FROM scratch\n").unwrap();
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
 
     // Unknown service and unknown release.
     let (ok, _, stderr) = run(&home, &["rollback", "--service", "nope"]);
@@ -136,7 +148,7 @@ fn bad_input_leaves_the_running_release_serving() {
     assert!(stderr.contains("no release 9"), "{stderr}");
 
     // A release whose health check fails: never routed, rolled back, says why.
-    write_project(&dir, route, 2, r#"VERSION = "bad", HEALTHY = "0""#, "");
+    hello_project(&dir, route, 2, r#"VERSION = "bad", HEALTHY = "0""#, "");
     let watcher = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let end = std::time::Instant::now() + Duration::from_secs(4);
@@ -167,4 +179,29 @@ fn bad_input_leaves_the_running_release_serving() {
         "{history}"
     );
     assert_eq!(version(route).as_deref(), Ok("v1"));
+}
+
+#[test]
+fn the_daemon_takes_deploys_from_a_project_and_stops_on_sigterm() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    hello_project(&dir, route, 1, r#"VERSION = "v1""#, "");
+    let mut daemon = Up::daemon(&home, &test_runtime());
+    let (ok, stdout, _) = run(&home, &["status"]);
+    assert!(ok);
+    assert!(stdout.contains("nothing is deployed"), "{stdout}");
+    let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["app"], "demo");
+    assert_eq!(report["routes"]["web"], format!("http://{route}"));
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+    // A second control plane on the same home is refused.
+    let (ok, _, stderr) = run(&home, &["daemon"]);
+    assert!(!ok);
+    assert!(stderr.contains("already listens"), "{stderr}");
+    let status = daemon.signal(libc::SIGTERM, Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+    assert!(version(route).is_err());
 }

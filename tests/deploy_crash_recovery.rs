@@ -9,11 +9,7 @@ mod support;
 use std::time::Duration;
 
 use graven::events::{Event, EventLog};
-use support::daemon::{Up, free_port, run, version, write_project};
-
-fn runtime() -> String {
-    std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "fake".to_owned())
-}
+use support::daemon::{Up, free_port, hello_project, run, test_runtime, version};
 
 /// The `graven status --json` of the only app.
 fn status(home: &std::path::Path) -> serde_json::Value {
@@ -42,7 +38,7 @@ fn converged(home: &std::path::Path, number: u64, count: usize) -> serde_json::V
 
 /// On the local runtime, the instances of app `demo` that exist, by runtime id.
 fn runtime_instances(home: &std::path::Path) -> Option<Vec<String>> {
-    if runtime() != "local" {
+    if test_runtime() != "local" {
         return None;
     }
     let local = graven::runtime::LocalRuntime::open(home).unwrap();
@@ -66,8 +62,8 @@ fn sigkill_at_any_point_of_a_deploy_recovers_to_a_consistent_state() {
     let temp = tempfile::tempdir().unwrap();
     let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
     let route = free_port();
-    write_project(&dir, route, 2, r#"VERSION = "v1""#, "");
-    let mut up = Up::start(&home, &dir, &runtime());
+    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let mut up = Up::start(&home, &dir, &test_runtime());
     converged(&home, 1, 2);
     let log_path = graven::api::log_path(&home, "demo", "local");
 
@@ -90,7 +86,7 @@ fn sigkill_at_any_point_of_a_deploy_recovers_to_a_consistent_state() {
     ];
     for (number, (point, reached)) in (2u64..).zip(points) {
         let seen = EventLog::open(&log_path).unwrap().last_seq().unwrap();
-        write_project(&dir, route, 2, &format!(r#"VERSION = "v{number}""#), "");
+        hello_project(&dir, route, 2, &format!(r#"VERSION = "v{number}""#), "");
         let mut deploy = support::graven(&home)
             .args(["deploy", dir.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
@@ -112,7 +108,7 @@ fn sigkill_at_any_point_of_a_deploy_recovers_to_a_consistent_state() {
 
         // Restart: `up` replays the log, reconciles from nothing and carries on with the
         // same project, whose release already exists.
-        up = Up::start(&home, &dir, &runtime());
+        up = Up::start(&home, &dir, &test_runtime());
         let status = converged(&home, number, 2);
         assert_eq!(
             status["state"]["releases"].as_object().unwrap().len() as u64,

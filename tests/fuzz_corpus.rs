@@ -20,28 +20,7 @@ use support::fuzzing::{self, TARGETS};
 /// Found inputs whose bug is not fixed yet (target, file, the bug, the panic it must still
 /// give): each must still fail its property that way; a fix makes this test say so, and the
 /// entry goes.
-const KNOWN_OPEN: &[(&str, &str, &str, &str)] = &[
-    (
-        "layer_unpack",
-        "escape-dotdot-file.tar",
-        "bake/tree.rs unpack removes root.join(\"../x\") before tar refuses the entry",
-        CANARY_GONE,
-    ),
-    (
-        "layer_unpack",
-        "escape-dotdot-whiteout.tar",
-        "bake/tree.rs unpack applies a whiteout at ../x outside the root",
-        CANARY_GONE,
-    ),
-    (
-        "layer_unpack",
-        "escape-symlink-file.tar",
-        "bake/tree.rs unpack removes link/x through the layer's own symlink",
-        CANARY_GONE,
-    ),
-];
-
-const CANARY_GONE: &str = "graven-fuzz-canary/file outside the bake was changed or removed";
+const KNOWN_OPEN: &[(&str, &str, &str, &str)] = &[];
 
 /// The canary is one directory in the temp dir: tests that touch it take turns.
 static CANARY: Mutex<()> = Mutex::new(());
@@ -468,5 +447,158 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             Entry::Hardlink("hard", "../graven-fuzz-canary/file"),
         ]),
     );
+    add("corpus", "event_fold", "hello.events", event_lines());
+    add("corpus", "event_envelope", "typed.row", {
+        let line = String::from_utf8(event_lines()).unwrap();
+        let first = line.lines().next().unwrap().to_owned();
+        format!("1\n1000\ncontroller\n1\nrelease_created\n\n{first}").into_bytes()
+    });
+
+    for (name, body) in api_requests() {
+        add("corpus", "api_request", &name, body);
+    }
+
+    add("corpus", "instance_rootfs", "plain.tar", plain_layer());
+    // The root is $TMPDIR/<work>/home/rootfs/<temp>: four levels below the canary.
+    let up = "../../../../graven-fuzz-canary";
+    for (name, entry) in [
+        (
+            "escape-symlink-file.tar",
+            Entry::File("link/file", b"replaced\n"),
+        ),
+        (
+            "escape-symlink-whiteout.tar",
+            Entry::File("link/.wh.file", b""),
+        ),
+        (
+            "escape-symlink-opaque.tar",
+            Entry::File("link/dir/.wh..wh..opq", b""),
+        ),
+    ] {
+        add(
+            "artifacts-found",
+            "instance_rootfs",
+            name,
+            tar(&[Entry::Symlink("link", up), entry]),
+        );
+    }
     out
+}
+
+/// A service's life as the controller logs it, one JSON event a line.
+fn event_lines() -> Vec<u8> {
+    use graven::events::{DeployReason, Event, GoneReason, ServiceConfig};
+    use graven::runtime::InstanceId;
+    let source =
+        fs::read_to_string(support::workspace().join("examples/hello/graven.toml")).unwrap();
+    let dir = Path::new("/project");
+    let project = graven::spec::parse(&source, &dir.join("graven.toml"), dir, "local").unwrap();
+    let service = &project.services["web"];
+    let web = || "web".to_owned();
+    let instance = || "web-1".to_owned();
+    let runtime_id = || InstanceId("abc123".to_owned());
+    let events = [
+        Event::ReleaseCreated {
+            service: web(),
+            number: 1,
+            image: Digest::of(b"image"),
+            config_digest: service.config_digest().to_string(),
+            config: ServiceConfig::from(service),
+        },
+        Event::DeployStarted {
+            service: web(),
+            from: None,
+            to: 1,
+            reason: DeployReason::Deploy,
+        },
+        Event::InstanceLaunched {
+            service: web(),
+            release: 1,
+            instance: instance(),
+        },
+        Event::InstanceStarted {
+            instance: instance(),
+            runtime_id: runtime_id(),
+            address: "127.0.0.1:40000".parse().unwrap(),
+        },
+        Event::InstanceHealthy {
+            instance: instance(),
+        },
+        Event::DeploySucceeded {
+            service: web(),
+            release: 1,
+        },
+        Event::ServiceScaled {
+            service: web(),
+            instances: 3,
+            route: None,
+        },
+        Event::InstanceUnhealthy {
+            instance: instance(),
+            detail: "status 503".to_owned(),
+        },
+        Event::InstanceExited {
+            instance: instance(),
+            code: Some(1),
+            signal: None,
+        },
+        Event::InstanceGone {
+            instance: instance(),
+            reason: GoneReason::Exited,
+        },
+        Event::CrashLoopBackoff {
+            service: web(),
+            failures: 1,
+            delay_ms: 1000,
+            until_ms: 12_000,
+        },
+        Event::DeployRolledBack {
+            service: web(),
+            from: 2,
+            to: Some(1),
+            reason: "unhealthy".to_owned(),
+        },
+        Event::InstanceDraining {
+            instance: instance(),
+            reason: "replaced".to_owned(),
+        },
+        Event::OrphanRemoved {
+            runtime_id: runtime_id(),
+        },
+        Event::ServiceRemoved { service: web() },
+    ];
+    let mut out = String::new();
+    for event in events {
+        out.push_str(&serde_json::to_string(&event).unwrap());
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+/// Request bodies as the CLI sends them.
+fn api_requests() -> Vec<(String, Vec<u8>)> {
+    let lines = String::from_utf8(event_lines()).unwrap();
+    let release: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    let deploy = serde_json::json!({
+        "app": "hello",
+        "environment": "local",
+        "services": [{
+            "service": "web",
+            "image": release["image"],
+            "config_digest": release["config_digest"],
+            "config": release["config"],
+        }],
+    });
+    vec![
+        ("deploy.json".into(), serde_json::to_vec(&deploy).unwrap()),
+        (
+            "rollback.json".into(),
+            br#"{"app":"hello","environment":"local","service":"web","to":1}"#.to_vec(),
+        ),
+        (
+            "history.json".into(),
+            br#"{"app":"hello","after":3}"#.to_vec(),
+        ),
+        ("empty.json".into(), Vec::new()),
+    ]
 }

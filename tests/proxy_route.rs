@@ -291,6 +291,27 @@ async fn idempotent_requests_are_retried_on_another_instance_and_posts_are_not()
 }
 
 #[tokio::test]
+async fn a_get_on_a_pooled_connection_the_instance_closed_is_sent_again() {
+    let racy = OneAnswerPerConnection::start().await;
+    let route = route(|_| {}).await;
+    route.set_backends(vec![backend("racy", 1, racy.address)]);
+    let client = client();
+    assert_eq!(get(&client, route.local_addr(), "/").await.body, "first");
+    let answer = get(&client, route.local_addr(), "/").await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (StatusCode::OK, "first")
+    );
+    assert_eq!(route.metrics().retries, 1);
+
+    // Negative control: a POST in the same position is not sent again.
+    let answer = send(&client, Method::POST, route.local_addr(), "/", Bytes::new()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.header("x-graven-error"), "upstream");
+    assert_eq!(route.metrics().retries, 1);
+}
+
+#[tokio::test]
 async fn with_retries_off_a_refused_get_fails() {
     let refusing = refusing_address().await;
     let route = route(|options| options.retries = 0).await;
@@ -474,4 +495,43 @@ async fn shutdown_finishes_in_flight_requests_then_closes() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Regression: a retry went back to the instance that had just closed the connection (a
+/// crashed instance leaves several dead pooled connections), so under concurrent load a GET
+/// could spend its retries on one dead instance and answer 502 while a good one stood by.
+#[tokio::test]
+async fn a_retry_skips_the_instance_that_closed_the_connection() {
+    let closing = RawBackend::start(b"").await;
+    let good = TestBackend::start("good").await;
+    let failures = async |retries: u32| {
+        let route = route(|options| options.retries = retries).await;
+        route.set_backends(vec![backend("closes", 1, closing.address), good.backend(1)]);
+        let address = route.local_addr();
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut failed = 0;
+                    for _ in 0..40 {
+                        failed +=
+                            usize::from(get(&client, address, "/").await.status != StatusCode::OK);
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let mut failed = 0;
+        for worker in workers {
+            failed += worker.await.unwrap();
+        }
+        failed
+    };
+    assert_eq!(
+        failures(1).await,
+        0,
+        "one retry must reach the good instance"
+    );
+    // Negative control: without retries, the closing instance's share fails.
+    assert!(failures(0).await > 0);
 }

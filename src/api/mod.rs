@@ -477,3 +477,53 @@ pub async fn bind(home: &Path) -> Result<UnixListener, ApiError> {
         .map_err(io(&socket))?;
     Ok(listener)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_status_codes() {
+        let check = |error: ApiError, expected: u16| {
+            assert_eq!(error.status().as_u16(), expected, "{error}");
+        };
+        check(
+            ApiError::Controller(ControllerError::UnknownService {
+                service: "x".into(),
+            }),
+            404,
+        );
+        check(
+            ApiError::Controller(ControllerError::RouteUnavailable {
+                service: "web".into(),
+                route: "127.0.0.1:1".parse().unwrap(),
+                reason: "in use".into(),
+            }),
+            409,
+        );
+        check(
+            ApiError::Controller(ControllerError::Stopped {
+                app: "a".into(),
+                environment: "e".into(),
+            }),
+            503,
+        );
+        check(ApiError::BadRequest { reason: "x".into() }, 400);
+        check(
+            ApiError::Ambiguous {
+                choices: "a/b, c/d".into(),
+            },
+            409,
+        );
+    }
+
+    #[test]
+    fn app_and_environment_names_are_single_safe_path_components() {
+        for good in ["hello", "pr-123", "a_b"] {
+            assert!(valid_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "..", "a/b", "-x", "x y", &"a".repeat(65)] {
+            assert!(valid_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

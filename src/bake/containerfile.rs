@@ -572,7 +572,7 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             "h" => 3600e9,
             unit => return Err(format!("unknown unit {unit:?}")),
         };
-        total += (number * scale) as u64;
+        total = total.saturating_add((number * scale) as u64);
         rest = &rest[unit_len..];
     }
     if total > 0 && total < 1_000_000 {
@@ -998,6 +998,65 @@ STOPSIGNAL 15"#,
         );
         check_expand("${}", Err("bad substitution: empty variable name in ${}"));
         check_expand("\"open", Err("unterminated \" quote in \"\\\"open\""));
+    }
+
+    /// Noise made of Containerfile tokens never panics the parser or the expander.
+    #[test]
+    fn noise_never_panics() {
+        const TOKENS: &[&str] = &[
+            "FROM ",
+            "COPY ",
+            "RUN ",
+            "ENV ",
+            "ARG ",
+            "HEALTHCHECK ",
+            "CMD ",
+            "LABEL ",
+            "ADD ",
+            "--chown=",
+            "--interval=",
+            "--retries=",
+            "--",
+            "=",
+            "\\",
+            "\n",
+            "\\\n",
+            "#",
+            "# escape=`\n",
+            "`",
+            "\"",
+            "'",
+            "[",
+            "]",
+            "\"a\"",
+            ",",
+            "$",
+            "${",
+            "}",
+            ":-",
+            ":+",
+            "x",
+            " ",
+            "\t",
+            "µs",
+            "9999999999999999999h",
+            "1.5s",
+            "NONE",
+            "AS ",
+            "scratch",
+            "é",
+            "\r",
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let text: String = (0..rng.usize(1..30))
+                .map(|_| TOKENS[rng.usize(..TOKENS.len())])
+                .collect();
+            let _ = parse("noise", &text);
+            let _ = expand(&text, '\\', &|_| Some("v".to_owned()));
+            let _ = expand(&text, '`', &|_| None);
+            let _ = parse_duration(&text);
+        }
     }
 
     #[test]

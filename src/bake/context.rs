@@ -4,7 +4,7 @@
 //! would land outside the destination.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -113,7 +113,7 @@ pub struct Context {
 /// Entries for one COPY/ADD, and the temp directory holding unpacked archive files.
 pub struct Collected {
     pub entries: Vec<Entry>,
-    pub _unpacked: Vec<tempfile::TempDir>,
+    pub unpacked: Vec<tempfile::TempDir>,
 }
 
 impl Context {
@@ -194,10 +194,13 @@ impl Context {
                     format!("{rel}/{name}")
                 };
                 let is_dir = child.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                if is_dir {
+                let excluded = self.ignore.excluded(&rel);
+                // An excluded directory is only worth entering when an exception may
+                // bring back something inside it.
+                if is_dir && (!excluded || self.ignore.has_exceptions()) {
                     stack.push((child.path(), rel.clone()));
                 }
-                if !self.ignore.excluded(&rel) {
+                if !excluded {
                     out.push(rel);
                 }
             }
@@ -251,7 +254,7 @@ impl Context {
         let dest_rel = dest.trim_start_matches('/');
         let mut collected = Collected {
             entries: Vec::new(),
-            _unpacked: Vec::new(),
+            unpacked: Vec::new(),
         };
         for (source, rel) in matched {
             let path = self.resolve(&source, &rel)?;
@@ -267,7 +270,7 @@ impl Context {
                 }
                 let unpacked =
                     unpack_archive(&source, &path, dest_rel, own, &mut collected.entries)?;
-                collected._unpacked.push(unpacked);
+                collected.unpacked.push(unpacked);
             } else {
                 let name = rel.rsplit('/').next().unwrap_or(&rel);
                 let target = if into_dir {
@@ -381,7 +384,7 @@ fn is_archive(path: &Path) -> bool {
         return false;
     };
     let n = file.read(&mut head).unwrap_or(0);
-    if n >= 2 && head[..2] == [0x1f, 0x8b] {
+    if crate::store::is_gzip(path).unwrap_or(false) {
         return true;
     }
     if n < 512 || head.iter().all(|b| *b == 0) {
@@ -416,17 +419,7 @@ fn unpack_archive(
     out: &mut Vec<Entry>,
 ) -> Result<tempfile::TempDir, String> {
     let fail = |reason: String| format!("ADD {source}: {reason}");
-    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
-    let mut magic = [0u8; 2];
-    let gz = File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == [0x1f, 0x8b];
-    let reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
-    };
+    let reader = crate::store::decompressed(path).map_err(|e| fail(e.to_string()))?;
     let temp = tempfile::Builder::new()
         .prefix("graven-add-")
         .tempdir()

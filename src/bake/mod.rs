@@ -405,13 +405,12 @@ fn ownership(
             let numeric = user
                 .split(':')
                 .all(|part| part.parse::<u32>().is_ok() || part == "root");
-            if numeric {
-                run::resolve_user(Path::new("/nonexistent"), user)?
-            } else {
-                let root = tempfile::Builder::new()
-                    .prefix("graven-users-")
-                    .tempdir()
-                    .map_err(|e| e.to_string())?;
+            // Names need the image's passwd and group files; numbers do not.
+            let root = tempfile::Builder::new()
+                .prefix("graven-users-")
+                .tempdir()
+                .map_err(|e| e.to_string())?;
+            if !numeric {
                 tree::extract_files(
                     store,
                     &state.layers,
@@ -419,8 +418,8 @@ fn ownership(
                     &["etc/passwd", "etc/group"],
                 )
                 .map_err(|e| e.to_string())?;
-                run::resolve_user(root.path(), user).map_err(|e| format!("--chown={user}: {e}"))?
             }
+            run::resolve_user(root.path(), user).map_err(|e| format!("--chown={user}: {e}"))?
         }
     };
     Ok(Ownership { uid, gid, chmod })
@@ -486,7 +485,7 @@ fn build(
         Action::Config(_) => return Ok(Record { layer: None }),
         Action::Copy { .. } => {
             let collected = collected.ok_or("COPY without collected sources")?;
-            keep_alive = collected._unpacked;
+            keep_alive = collected.unpacked;
             collected.entries
         }
         Action::Workdir(path) => {
@@ -511,7 +510,15 @@ fn build(
             user,
             workdir,
         } => {
-            let output = run::run(store, &state.layers, args, env, user, workdir)?;
+            let output = run::run(
+                store,
+                &state.layers,
+                &state.config.rootfs.diff_ids,
+                args,
+                env,
+                user,
+                workdir,
+            )?;
             let entries = output.entries;
             run_root = Some(output.root);
             entries

@@ -10,10 +10,11 @@ use std::process::Stdio;
 
 use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
-use crate::store::{Descriptor, Store};
+use crate::store::{Descriptor, Digest, Store};
 
-/// Directories the sandbox mounts over; what is in them is never layer content.
-const MOUNTED: &[&str] = &["proc", "sys", "dev"];
+/// Directories the sandbox mounts over (`/tmp` is a size-capped tmpfs, as for instances):
+/// what is in them is never layer content, and the mount points it creates are not either.
+const MOUNTED: &[&str] = &["proc", "sys", "dev", "tmp"];
 
 pub struct RunOutput {
     pub entries: Vec<Entry>,
@@ -24,6 +25,7 @@ pub struct RunOutput {
 pub fn run(
     store: &Store,
     layers: &[Descriptor],
+    diff_ids: &[Digest],
     args: &[String],
     env: &[String],
     user: &str,
@@ -33,7 +35,15 @@ pub fn run(
         .prefix("graven-run-")
         .tempdir()
         .map_err(|e| format!("cannot make a temp root: {e}"))?;
-    tree::unpack(store, layers, root.path()).map_err(|e| e.to_string())?;
+    // Temp dirs are 0700; an image's `/` is 0755 so that non-root users can walk it.
+    fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(|e| format!("cannot make a temp root: {e}"))?;
+    store
+        .unpack_layers(layers, diff_ids, root.path())
+        .map_err(|e| e.to_string())?;
     let (uid, gid) = resolve_user(root.path(), user)?;
     let cwd = root.path().join(workdir.trim_start_matches('/'));
     if !cwd.is_dir() {
@@ -60,7 +70,7 @@ pub fn run(
             .map_err(|e| format!("cannot pass stderr to the sandbox: {e}"))?;
         Ok(Stdio::from(fd))
     };
-    let status = sandbox_shim::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
+    let status = crate::sandbox::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
     if !status.success() {
         let how = match (
             status.code(),
@@ -123,23 +133,6 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
         },
     };
     Ok((uid, gid))
-}
-
-/// Stands in for `crate::sandbox::run` until the runtime's sandbox lands; same signature.
-mod sandbox_shim {
-    use crate::sandbox::SandboxSpec;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("sandbox not available: RUN needs the sandbox helper, which this build lacks")]
-    pub struct SandboxError;
-
-    pub fn run(
-        _spec: &SandboxSpec,
-        _stdout: std::process::Stdio,
-        _stderr: std::process::Stdio,
-    ) -> Result<std::process::ExitStatus, SandboxError> {
-        Err(SandboxError)
-    }
 }
 
 #[cfg(test)]

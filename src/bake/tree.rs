@@ -134,17 +134,12 @@ pub fn write_layer(
 
 /// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
 fn open_layer(store: &Store, digest: &Digest) -> Result<Box<dyn Read>, StoreError> {
-    let mut file = store.open_blob(digest)?;
-    let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(|source| StoreError::Io {
-        path: store.blob_path(digest),
-        source,
-    })?;
-    let file = store.open_blob(digest)?;
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
+    let path = store.blob_path(digest);
+    crate::store::decompressed(&path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => StoreError::MissingBlob {
+            digest: digest.clone(),
+        },
+        _ => StoreError::Io { path, source },
     })
 }
 
@@ -246,58 +241,6 @@ pub fn extract_files(
         }
     }
     Ok(())
-}
-
-/// Unpacks `layers` in order into `root`, applying whiteouts, keeping owners and modes.
-pub fn unpack(store: &Store, layers: &[Descriptor], root: &Path) -> Result<(), StoreError> {
-    for layer in layers {
-        let err = |source| StoreError::Io {
-            path: store.blob_path(&layer.digest),
-            source,
-        };
-        let mut archive = tar::Archive::new(open_layer(store, &layer.digest)?);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(true);
-        for entry in archive.entries().map_err(err)? {
-            let mut entry = entry.map_err(err)?;
-            let path = clean(&entry.path().map_err(err)?.to_string_lossy());
-            let (parent, name) = match path.rsplit_once('/') {
-                Some((p, n)) => (p.to_owned(), n.to_owned()),
-                None => (String::new(), path.clone()),
-            };
-            if name == ".wh..wh..opq" {
-                let dir = root.join(&parent);
-                if let Ok(children) = fs::read_dir(&dir) {
-                    for child in children.flatten() {
-                        remove_any(&child.path()).map_err(err)?;
-                    }
-                }
-            } else if let Some(hidden) = name.strip_prefix(".wh.") {
-                remove_any(&root.join(&parent).join(hidden)).map_err(err)?;
-            } else {
-                // A new entry replaces whatever is there unless both are directories.
-                let target = root.join(&path);
-                if let Ok(meta) = fs::symlink_metadata(&target)
-                    && !(meta.is_dir() && entry.header().entry_type().is_dir())
-                {
-                    remove_any(&target).map_err(err)?;
-                }
-                entry.unpack_in(root).map_err(err)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn remove_any(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// The state of one path of a root filesystem, to see what a RUN step changed.
@@ -507,6 +450,43 @@ mod tests {
         let l2 = write_layer(&store, &a, 1_700_000_000).unwrap();
         assert_eq!(l1.digest, l2.digest);
         assert_ne!(l1.digest, lb.digest);
+    }
+
+    #[test]
+    fn long_paths_and_symlink_targets_round_trip() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let long = format!("{}/file", "d".repeat(150));
+        let target = "t".repeat(120);
+        let mut entries = vec![
+            file(&long, b"x", src.path()),
+            Entry {
+                path: "link".to_owned(),
+                kind: EntryKind::Symlink(target.clone()),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        ];
+        normalize(&mut entries);
+        let layer = write_layer(&store, &entries, 0).unwrap();
+        let mut txn = store.transaction().unwrap();
+        let descriptor = layer.keep(&mut txn).unwrap();
+        txn.commit();
+        let mut archive = tar::Archive::new(open_layer(&store, &descriptor.digest).unwrap());
+        let read: Vec<(String, Option<String>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(read, [(long, None), ("link".to_owned(), Some(target))]);
     }
 
     #[test]

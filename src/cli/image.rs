@@ -21,6 +21,7 @@ pub enum ImageCommand {
     },
     /// Write an image to a tar file: an OCI archive, or a docker-archive for `docker load`.
     Export {
+        /// A tag, a digest or a unique digest prefix.
         reference: String,
         #[arg(long, value_enum, default_value = "oci")]
         format: Format,

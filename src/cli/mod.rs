@@ -75,11 +75,16 @@ pub enum Command {
 
 impl Command {
     /// Long-running servers must see a closed peer as an error on that one connection, so
-    /// they keep Rust's ignored SIGPIPE; every other command only prints.
+    /// they keep Rust's ignored SIGPIPE (so does `run`, which must stop its instance on the
+    /// way out); every other command only prints.
     fn serves(&self) -> bool {
         matches!(
             self,
-            Command::Up(_) | Command::Daemon(_) | Command::Proxy(_) | Command::Load(_)
+            Command::Up(_)
+                | Command::Daemon(_)
+                | Command::Run(_)
+                | Command::Proxy(_)
+                | Command::Load(_)
         )
     }
 }

@@ -16,23 +16,14 @@ pub struct ProxyArgs {
     /// An instance's address; repeat for several.
     #[arg(long = "backend", value_name = "ADDR", required = true, num_args = 1..)]
     pub backends: Vec<SocketAddr>,
-    /// Worker threads; 1 runs everything on one thread.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub threads: usize,
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-    }
-    .context("cannot start the async runtime")?;
+    // The route serves on its own thread; this runtime only waits for the signal.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let route = Route::bind(RouteOptions::new(args.listen)).await?;
         let backends = args
@@ -48,10 +39,11 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             })
             .collect();
         route.set_backends(backends);
-        println!("proxy listening on {}", route.local_addr());
+        // Watch for SIGTERM before announcing the address: whoever reads it may stop us next.
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("cannot watch for SIGTERM")?;
+        println!("proxy listening on {}", route.local_addr());
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -340,17 +340,13 @@ impl Shell {
                 _ = tick.tick() => Input::Tick,
             };
             let listed = matches!(input, Input::Tick);
-            if let Err(error) = self.handle(input).await {
+            let result = match self.handle(input).await {
+                Ok(()) => self.step(listed).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
                 // The log could not be written: acting without recording would break the
                 // promise that every effect is announced first, so the controller stops.
-                eprintln!(
-                    "graven: controller of {}/{} stops: {error}",
-                    self.options.app, self.options.environment
-                );
-                self.stop_routes().await;
-                return;
-            }
-            if let Err(error) = self.step(listed).await {
                 eprintln!(
                     "graven: controller of {}/{} stops: {error}",
                     self.options.app, self.options.environment
@@ -922,11 +918,18 @@ impl Shell {
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            if let Err(error) = runtime.stop(&runtime_id, grace).await {
-                eprintln!("graven: stopping {runtime_id}: {error}");
-            }
-            if let Err(error) = runtime.remove(&runtime_id).await {
-                eprintln!("graven: removing {runtime_id}: {error}");
+            // The stop may find it exited already; only a failed removal is worth a word,
+            // and the next listing tries again.
+            let stopped = runtime.stop(&runtime_id, grace).await;
+            match runtime.remove(&runtime_id).await {
+                Ok(()) | Err(RuntimeError::UnknownInstance { .. }) => {}
+                Err(error) => {
+                    let stop = stopped
+                        .err()
+                        .map(|e| format!(" (stop: {e})"))
+                        .unwrap_or_default();
+                    eprintln!("graven: removing {runtime_id}: {error}{stop}");
+                }
             }
             let _ = inputs.send(Input::Removed { runtime_id });
         });
@@ -953,10 +956,18 @@ impl Shell {
             let Some(release) = self.state.releases.get(&instance.release) else {
                 continue;
             };
-            let monitor = HealthMonitor::spawn(
+            // A monitor restarted for an instance the log already knows as healthy (after a
+            // controller restart) resumes from that, so a later hang still flips it.
+            let known = match instance.lifecycle {
+                Lifecycle::Healthy => Health::Healthy,
+                Lifecycle::Unhealthy => Health::Unhealthy,
+                Lifecycle::Starting | Lifecycle::Draining => Health::Unknown,
+            };
+            let monitor = HealthMonitor::spawn_from(
                 name.to_owned(),
                 address,
                 release.config.health.clone(),
+                known,
                 self.health_tx.clone(),
             );
             self.monitors.insert(name.to_owned(), monitor);
@@ -1044,4 +1055,115 @@ fn shutdown_plan(state: &State, observed: &Observed) -> Vec<Action> {
         }
     }
     actions
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::events::{DeployOutcome, DeployRecord, InstanceState, Release};
+
+    fn state(releases: &[u64], deploys: &[(Option<u64>, u64)]) -> State {
+        let config: ServiceConfig = serde_json::from_value(serde_json::json!({
+            "instances": 1, "port": 8080, "route": null, "command": null, "env": {},
+            "health": {"path": "/", "interval": {"secs": 1, "nanos": 0},
+                       "timeout": {"secs": 1, "nanos": 0}, "healthy_after": 1, "unhealthy_after": 1},
+            "max_surge": 1, "max_unavailable": 0,
+            "health_deadline": {"secs": 1, "nanos": 0}, "stop_grace": {"secs": 1, "nanos": 0},
+            "volumes": [], "limits": {"memory_bytes": null, "pids": null, "cpu_millis": null, "tmp_bytes": null}
+        }))
+        .unwrap();
+        let mut state = State::default();
+        for number in releases {
+            state.releases.insert(
+                *number,
+                Release {
+                    number: *number,
+                    service: "web".into(),
+                    image: Digest::of(b"x"),
+                    config_digest: String::new(),
+                    config: config.clone(),
+                    created_at_ms: 0,
+                },
+            );
+        }
+        for (from, to) in deploys {
+            state.deploys.push(DeployRecord {
+                service: "web".into(),
+                from: *from,
+                to: *to,
+                reason: DeployReason::Deploy,
+                started_at_ms: 0,
+                outcome: Some(DeployOutcome::Succeeded { at_ms: 0 }),
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn rollback_returns_to_what_the_current_release_replaced() {
+        let check = |releases: &[u64], deploys: &[(Option<u64>, u64)], current, expected| {
+            assert_eq!(
+                previous_release(&state(releases, deploys), "web", current),
+                expected,
+                "{releases:?} {deploys:?} current {current:?}"
+            );
+        };
+        check(
+            &[1, 2, 3],
+            &[(None, 1), (Some(1), 2), (Some(2), 3)],
+            Some(3),
+            Some(2),
+        );
+        // Release 2 failed and was rolled back; 3 replaced 1 directly.
+        check(
+            &[1, 2, 3],
+            &[(None, 1), (Some(1), 2), (Some(1), 3)],
+            Some(3),
+            Some(1),
+        );
+        // No deploy record: the newest older release.
+        check(&[1, 2, 5], &[], Some(5), Some(2));
+        check(&[1], &[(None, 1)], Some(1), None);
+    }
+
+    #[test]
+    fn only_healthy_instances_that_are_not_draining_take_requests() {
+        let mut state = state(&[1], &[]);
+        for (name, lifecycle, address) in [
+            ("a", Lifecycle::Starting, None),
+            ("b", Lifecycle::Starting, Some(1)),
+            ("c", Lifecycle::Healthy, Some(2)),
+            ("d", Lifecycle::Unhealthy, Some(3)),
+            ("e", Lifecycle::Draining, Some(4)),
+        ] {
+            state.instances.insert(
+                name.into(),
+                InstanceState {
+                    name: name.into(),
+                    service: "web".into(),
+                    release: 1,
+                    lifecycle,
+                    runtime_id: None,
+                    address: address.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+                    launched_at_ms: 0,
+                    detail: None,
+                },
+            );
+        }
+        let routed: Vec<(String, bool, bool)> = backends(&state, "web")
+            .into_iter()
+            .map(|b| (b.instance, b.healthy, b.enabled))
+            .collect();
+        assert_eq!(
+            routed,
+            vec![
+                ("b".into(), false, true),
+                ("c".into(), true, true),
+                ("d".into(), false, true),
+                ("e".into(), true, false),
+            ]
+        );
+    }
 }

@@ -52,6 +52,15 @@ impl Default for HealthCounter {
 }
 
 impl HealthCounter {
+    /// A counter that resumes from a health already known (an instance a restarted
+    /// controller adopts as healthy must still be caught when it stops answering).
+    pub fn starting_at(health: Health) -> HealthCounter {
+        HealthCounter {
+            health,
+            ..HealthCounter::default()
+        }
+    }
+
     pub fn health(&self) -> Health {
         self.health
     }
@@ -102,9 +111,23 @@ impl HealthMonitor {
         check: HealthCheck,
         changes: UnboundedSender<HealthChange>,
     ) -> HealthMonitor {
+        HealthMonitor::spawn_from(instance, address, check, Health::Unknown, changes)
+    }
+
+    /// Like `spawn`, for an instance whose health is already known: only a change from
+    /// `initial` is reported.
+    pub fn spawn_from(
+        instance: String,
+        address: SocketAddr,
+        check: HealthCheck,
+        initial: Health,
+        changes: UnboundedSender<HealthChange>,
+    ) -> HealthMonitor {
         let task = tokio::spawn(async move {
-            let mut counter = HealthCounter::default();
-            let mut ticks = tokio::time::interval(check.interval);
+            let mut counter = HealthCounter::starting_at(initial);
+            // A zero interval would make tokio's interval panic; probe back to back instead.
+            let period = check.interval.max(std::time::Duration::from_millis(1));
+            let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
@@ -178,8 +201,24 @@ mod tests {
     /// Feeds a sequence of results ('+' pass, '-' fail) and renders the health after each,
     /// upper case where it flipped.
     fn check(healthy_after: u32, unhealthy_after: u32, results: &str, expected: &str) {
+        check_from(
+            Health::Unknown,
+            healthy_after,
+            unhealthy_after,
+            results,
+            expected,
+        );
+    }
+
+    fn check_from(
+        initial: Health,
+        healthy_after: u32,
+        unhealthy_after: u32,
+        results: &str,
+        expected: &str,
+    ) {
         let check = check_after(healthy_after, unhealthy_after);
-        let mut counter = HealthCounter::default();
+        let mut counter = HealthCounter::starting_at(initial);
         let rendered: Vec<String> = results
             .chars()
             .map(|result| {
@@ -224,6 +263,13 @@ mod tests {
             "unknown HEALTHY healthy healthy UNHEALTHY unhealthy HEALTHY",
         );
         check(1, 1, "+-+", "HEALTHY UNHEALTHY HEALTHY");
+    }
+
+    #[test]
+    fn a_counter_resumed_as_healthy_still_flips_to_unhealthy() {
+        check_from(Health::Healthy, 2, 3, "---", "healthy healthy UNHEALTHY");
+        check_from(Health::Healthy, 2, 3, "+", "healthy");
+        check_from(Health::Unhealthy, 2, 3, "++", "unhealthy HEALTHY");
     }
 
     #[test]

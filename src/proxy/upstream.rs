@@ -4,6 +4,7 @@
 //! to the next, and a removed instance's connections are never handed out again.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use super::ProxyError;
 use super::body::ForwardBody;
@@ -21,22 +23,6 @@ pub(crate) type Sender = SendRequest<ForwardBody>;
 
 /// Idle connections kept per instance; more are closed when their answer ends.
 const MAX_IDLE: usize = 512;
-
-/// A connection idle at least this long may be closed by the instance's keep-alive timeout
-/// just as a request goes out on it; below it, that race needs an instance whose idle timeout
-/// is shorter than this, which no common server has.
-const STALE_AFTER: Duration = Duration::from_secs(1);
-
-/// How a leased connection was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Reuse {
-    /// Freshly connected: the instance cannot have closed it yet.
-    New,
-    /// Pooled and used moments ago.
-    Warm,
-    /// Pooled and idle for at least `STALE_AFTER`: the instance may close it under us.
-    Stale,
-}
 
 #[derive(Debug)]
 pub(crate) struct Instance {
@@ -51,7 +37,7 @@ pub(crate) struct Instance {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     drained: Notify,
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<Connection>>,
     pub(crate) counters: Arc<ReleaseCounters>,
 }
 
@@ -110,7 +96,8 @@ impl Instance {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let lease = Lease {
             instance: Arc::clone(self),
-            sender: None,
+            connection: None,
+            reused: false,
         };
         if self.routable.load(Ordering::SeqCst) {
             Some(lease)
@@ -138,25 +125,28 @@ impl Instance {
         }
     }
 
-    fn take_idle(&self) -> Option<(Sender, Instant)> {
+    fn take_idle(&self) -> Option<Connection> {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
     }
 
-    fn put_idle(&self, sender: Sender) {
+    fn put_idle(&self, connection: Connection) {
         if self.retired.load(Ordering::SeqCst) {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
-            idle.push((sender, now));
+            idle.push(connection);
         }
     }
 
-    async fn connect(&self, builder: &Builder, timeout: Duration) -> Result<Sender, ProxyError> {
+    async fn connect(
+        &self,
+        builder: &Builder,
+        timeout: Duration,
+    ) -> Result<Connection, ProxyError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => {
@@ -189,8 +179,19 @@ impl Instance {
             // The connection's own errors reach the request that was on it; nothing to add.
             let _ = connection.await;
         });
-        Ok(sender)
+        let timer = Box::pin(tokio::time::sleep(timeout));
+        Ok(Connection { sender, timer })
     }
+}
+
+/// A keep-alive connection to an instance, with the timer that bounds the wait for each
+/// answer on it. The timer lives as long as the connection: moving its deadline later for
+/// the next request is an atomic store, where a fresh timer per request would be a timer
+/// wheel insertion and removal.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    sender: Sender,
+    timer: Pin<Box<Sleep>>,
 }
 
 /// One request's claim on an instance: counted in flight until dropped, holding the
@@ -198,7 +199,9 @@ impl Instance {
 #[derive(Debug)]
 pub(crate) struct Lease {
     instance: Arc<Instance>,
-    sender: Option<Sender>,
+    connection: Option<Connection>,
+    /// The connection came from the idle pool rather than a fresh connect.
+    reused: bool,
 }
 
 impl Lease {
@@ -212,33 +215,49 @@ impl Lease {
         &mut self,
         builder: &Builder,
         timeout: Duration,
-    ) -> Result<Reuse, ProxyError> {
-        while let Some((mut sender, idle_since)) = self.instance.take_idle() {
+    ) -> Result<(), ProxyError> {
+        while let Some(mut connection) = self.instance.take_idle() {
+            let sender = &mut connection.sender;
             if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
-                self.sender = Some(sender);
-                let stale = idle_since.elapsed() >= STALE_AFTER;
-                return Ok(if stale { Reuse::Stale } else { Reuse::Warm });
+                self.connection = Some(connection);
+                self.reused = true;
+                return Ok(());
             }
         }
-        self.sender = Some(self.instance.connect(builder, timeout).await?);
-        Ok(Reuse::New)
+        self.connection = Some(self.instance.connect(builder, timeout).await?);
+        self.reused = false;
+        Ok(())
     }
 
-    pub(crate) fn sender(&mut self) -> &mut Sender {
-        self.sender
+    /// Whether the current connection came from the idle pool. A pooled connection that
+    /// closes before answering may just have gone stale; a fresh one that does says the
+    /// instance itself is failing.
+    pub(crate) fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The connection's request sender and its answer timer, armed to fire at `deadline`.
+    pub(crate) fn sender_with_timer(
+        &mut self,
+        deadline: Instant,
+    ) -> (&mut Sender, Pin<&mut Sleep>) {
+        let connection = self
+            .connection
             .as_mut()
-            .expect("connect succeeded before sending")
+            .expect("connect succeeded before sending");
+        connection.timer.as_mut().reset(deadline.into());
+        (&mut connection.sender, connection.timer.as_mut())
     }
 
     /// Forgets the connection (it failed or its answer was cut short).
     pub(crate) fn discard_connection(&mut self) {
-        self.sender = None;
+        self.connection = None;
     }
 
     /// Returns the connection to the pool once its answer was read to the end.
     pub(crate) fn release_connection(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.instance.put_idle(sender);
+        if let Some(connection) = self.connection.take() {
+            self.instance.put_idle(connection);
         }
     }
 }

@@ -4,10 +4,10 @@
 //! writes its own layers, so their diff_ids, and therefore the config, stay what they were.
 
 use std::fs::{self, File};
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::path::{Component, Path, PathBuf};
 
-use super::layer::compress_into;
+use super::layer::{compress_into, decompressed, is_gzip};
 use super::{
     Descriptor, Digest, ImageConfig, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER_GZIP, Manifest, REF_NAME,
     Result, StoreError, Transaction, digest_reader, oci,
@@ -182,11 +182,7 @@ impl Transaction<'_> {
         for (layer_path, want) in entry.layers.iter().zip(&config.rootfs.diff_ids) {
             let path = inside(origin, dir, layer_path)?;
             regular_file(origin, &path)?;
-            let mut magic = [0u8; 2];
-            let gzipped = File::open(&path)
-                .and_then(|mut f| f.read_exact(&mut magic))
-                .is_ok()
-                && magic == [0x1f, 0x8b];
+            let gzipped = is_gzip(&path).map_err(|e| bad(origin, format!("{layer_path}: {e}")))?;
             let open = || File::open(&path).map_err(|e| bad(origin, format!("{layer_path}: {e}")));
             let (descriptor, diff_id) = if gzipped {
                 let digest = Digest::of_file(&path).map_err(|e| bad(origin, e.to_string()))?;
@@ -272,15 +268,7 @@ fn read_verified(origin: &Path, path: &Path, digest: &Digest) -> Result<Vec<u8>>
 
 /// Unpacks a (possibly gzipped) tar; the tar crate refuses entries that escape `into`.
 fn unpack_archive(path: &Path, into: &Path) -> Result<()> {
-    let mut file = File::open(path).map_err(|e| bad(path, e.to_string()))?;
-    let mut magic = [0u8; 2];
-    let gzipped = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
-    let file = File::open(path).map_err(|e| bad(path, e.to_string()))?;
-    let reader: Box<dyn Read> = if gzipped {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
-    };
+    let reader = decompressed(path).map_err(|e| bad(path, e.to_string()))?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(false);
     archive

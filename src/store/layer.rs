@@ -2,14 +2,16 @@
 //! (the diff_id is the sha256 of the tar, the blob digest that of the gzip), streamed to a temp
 //! file in the store so a layer never has to fit in memory.
 //!
-//! The gzip header is fixed (no mtime, no file name, OS byte 255) and the level is constant,
-//! so the same tar always gives the same blob.
+//! The gzip header is fixed (no mtime, no file name, OS byte 255), the level is constant and
+//! the stream is cut into fixed chunks compressed in parallel (`pgzip`), so the same tar always
+//! gives the same blob.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
-use flate2::Compression;
 use sha2::Digest as _;
+
+use super::pgzip::ParallelGz;
 
 use super::{Digest, Result, Store, StoreError, Transaction};
 
@@ -36,7 +38,7 @@ impl<W: Write> Write for Hashing<W> {
 
 /// Takes the uncompressed tar bytes of one layer (wrap it in `tar::Builder`).
 pub struct LayerWriter {
-    out: Hashing<flate2::write::GzEncoder<Hashing<BufWriter<File>>>>,
+    out: Hashing<ParallelGz<Hashing<BufWriter<File>>>>,
     temp: tempfile::NamedTempFile,
 }
 
@@ -63,7 +65,10 @@ impl LayerWriter {
             hasher: sha2::Sha256::new(),
             len: 0,
         };
-        let gzip = flate2::GzBuilder::new().write(compressed, Compression::new(GZIP_LEVEL));
+        let gzip = ParallelGz::new(compressed, GZIP_LEVEL).map_err(|source| StoreError::Io {
+            path: temp.path().to_owned(),
+            source,
+        })?;
         Ok(LayerWriter {
             out: Hashing {
                 inner: gzip,
@@ -111,6 +116,26 @@ impl FinishedLayer {
             self.size,
         ))
     }
+}
+
+/// Opens a file as an uncompressed stream: gunzipped when it starts with gzip's magic bytes.
+pub fn decompressed(path: &std::path::Path) -> io::Result<Box<dyn io::Read>> {
+    use io::BufRead;
+    let mut reader = io::BufReader::with_capacity(256 * 1024, File::open(path)?);
+    let gzip = reader.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzip {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    })
+}
+
+/// Whether a file starts with gzip's magic bytes.
+pub fn is_gzip(path: &std::path::Path) -> io::Result<bool> {
+    use io::Read;
+    let mut magic = [0u8; 2];
+    let n = File::open(path)?.read(&mut magic)?;
+    Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
 /// Compresses an uncompressed layer tar read from `reader` the way graven writes layers.

@@ -15,13 +15,15 @@ mod gc;
 mod import;
 mod layer;
 mod oci;
+mod pgzip;
 mod txn;
+mod unpack;
 
 pub use digest::{Digest, DigestError};
 pub use export::{ExportFormat, docker_repo_tag};
 pub use gc::GcReport;
 pub use import::{ImportKind, host_architecture};
-pub use layer::{FinishedLayer, GZIP_LEVEL, LayerWriter, compress_into};
+pub use layer::{FinishedLayer, GZIP_LEVEL, LayerWriter, compress_into, decompressed, is_gzip};
 pub use oci::{
     Descriptor, HealthConfig, ImageConfig, ImageIndex, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX,
     MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST, Manifest, RootFs, RuntimeConfig,
@@ -60,6 +62,8 @@ pub enum StoreError {
     BadTag { tag: String, reason: &'static str },
     #[error("cannot import {path}: {reason}")]
     BadImport { path: PathBuf, reason: String },
+    #[error("layer {digest}: {reason}")]
+    BadLayer { digest: Digest, reason: String },
     #[error(transparent)]
     Digest(#[from] DigestError),
 }

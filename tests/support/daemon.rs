@@ -115,9 +115,27 @@ impl Up {
     /// Starts `graven up dir` with `GRAVEN_HOME=home` and the runtime `GRAVEN_RUNTIME` names
     /// (the in-process fake unless the test says otherwise); returns once it serves.
     pub fn start(home: &std::path::Path, dir: &std::path::Path, runtime: &str) -> Up {
+        Up::spawn(
+            home,
+            &["up".as_ref(), dir.as_os_str()],
+            runtime,
+            "graven: serving",
+        )
+    }
+
+    /// Starts `graven daemon` (no project); returns once its socket listens.
+    pub fn daemon(home: &std::path::Path, runtime: &str) -> Up {
+        Up::spawn(
+            home,
+            &["daemon".as_ref()],
+            runtime,
+            "graven: daemon listening",
+        )
+    }
+
+    fn spawn(home: &std::path::Path, args: &[&std::ffi::OsStr], runtime: &str, ready: &str) -> Up {
         let mut child = super::graven(home)
-            .arg("up")
-            .arg(dir)
+            .args(args)
             .env("GRAVEN_RUNTIME", runtime)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -137,7 +155,7 @@ impl Up {
             home: home.to_owned(),
             stderr,
         };
-        up.wait_for_line("graven: serving", Duration::from_secs(60));
+        up.wait_for_line(ready, Duration::from_secs(60));
         up
     }
 
@@ -199,6 +217,30 @@ pub fn run(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The runtime integration tests run instances on: `GRAVEN_TEST_RUNTIME`, else `local`.
+pub fn test_runtime() -> String {
+    std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "local".to_owned())
+}
+
+/// Writes the example as a project (its Containerfile and static binary in `dist/`), with
+/// `graven.toml` as `write_project` makes it.
+pub fn hello_project(
+    dir: &std::path::Path,
+    route: SocketAddr,
+    instances: u32,
+    env: &str,
+    extra: &str,
+) {
+    write_project(dir, route, instances, env, extra);
+    std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::copy(super::hello_binary(), dir.join("dist/hello")).unwrap();
+    std::fs::copy(
+        super::workspace().join("examples/hello/Containerfile"),
+        dir.join("Containerfile"),
+    )
+    .unwrap();
+}
+
 /// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
 /// `instances` of it with `env`, and an empty `FROM scratch` Containerfile.
 pub fn write_project(
@@ -220,7 +262,7 @@ instances = {instances}
 port = 8080
 route = "{route}"
 env = {{ {env} }}
-health = {{ path = "/healthz", interval = "100ms", timeout = "500ms", healthy_after = 1, unhealthy_after = 2 }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
 deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
 stop_grace = "2s"
 {extra}

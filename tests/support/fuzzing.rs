@@ -6,7 +6,7 @@
 //! The same file serves two crates: `fuzz/fuzz_targets/*.rs` include it with `#[path]`, and
 //! `tests/fuzz_corpus.rs` runs the committed seeds and found artifacts through it on stable
 //! Rust. So it may use only graven and the crates both depend on (flate2, serde, serde_json,
-//! tar, tempfile), and nothing else from `tests/support`.
+//! tar, tempfile, tokio), and nothing else from `tests/support`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use graven::bake::containerfile;
 use graven::bake::plan::{self, Action};
-use graven::events::{self, EventLogError, RawRow};
+use graven::events::{self, Envelope, Event, EventLogError, RawRow, State, fold};
+use graven::runtime::{LocalRuntime, Runtime};
 use graven::store::{
     Descriptor, Digest, ImageConfig, ImageIndex, ImportKind, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER,
     MEDIA_TYPE_MANIFEST, Manifest, REF_NAME, RuntimeConfig, Store, to_canonical_json,
@@ -30,9 +31,12 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("digest", digest),
     ("oci_documents", oci_documents),
     ("event_envelope", event_envelope),
+    ("event_fold", event_fold),
+    ("api_request", api_request),
     ("image_import", image_import),
     ("layer_unpack", layer_unpack),
     ("add_archive", add_archive),
+    ("instance_rootfs", instance_rootfs),
 ];
 
 /// `graven.toml`: parsing is deterministic; a project's config digests are stable and cover
@@ -221,7 +225,8 @@ where
 /// `checksum`, one a line, the payload after them. An empty checksum line stands for the right
 /// checksum, so the fuzzer gets past it to the payload. A wrong checksum is always refused as
 /// corrupt; a decoded envelope carries the row's values, and re-encoding its payload the way
-/// the log does decodes to the same envelope.
+/// the log does decodes to the same envelope. A row that decodes as graven's own `Event`
+/// re-encodes to the same event and folds without a panic.
 pub fn event_envelope(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let mut fields = text.splitn(7, '\n');
@@ -247,6 +252,12 @@ pub fn event_envelope(data: &[u8]) {
         checksum: if checksum.is_empty() { right } else { checksum },
         payload,
     };
+    if let Ok(envelope) = events::decode_envelope::<Event>(&row) {
+        let payload = serde_json::to_string(&envelope.payload).unwrap();
+        let again: Event = serde_json::from_str(&payload).expect("an encoded event decodes");
+        assert_eq!(again, envelope.payload);
+        fold(State::default(), &envelope);
+    }
     match events::decode_envelope::<serde_json::Value>(&row) {
         Ok(envelope) => {
             assert!(!forged, "a row with a wrong checksum decoded");
@@ -279,6 +290,61 @@ pub fn event_envelope(data: &[u8]) {
             ));
         }
     }
+}
+
+/// The fold over a log: every line that parses as an `Event` is appended (seq 1, 2, …, a
+/// second apart) and folded. Each event re-encodes to itself; folding is deterministic and
+/// ends at the last seq; a state saved as JSON half-way and read back folds on to the same
+/// end state.
+pub fn event_fold(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let envelopes: Vec<Envelope<Event>> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Event>(line).ok())
+        .enumerate()
+        .map(|(index, payload)| Envelope {
+            seq: index as u64 + 1,
+            at_ms: 1_000 * (index as u64 + 1),
+            actor: events::CONTROLLER.to_owned(),
+            version: events::ENVELOPE_VERSION,
+            payload,
+        })
+        .collect();
+    for envelope in &envelopes {
+        let json = serde_json::to_string(&envelope.payload).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Event>(&json).unwrap(),
+            envelope.payload
+        );
+    }
+    let fold_all = |state: State, envelopes: &[Envelope<Event>]| envelopes.iter().fold(state, fold);
+    let end = fold_all(State::default(), &envelopes);
+    assert_eq!(
+        end,
+        fold_all(State::default(), &envelopes),
+        "the fold differs"
+    );
+    assert_eq!(end.seq, envelopes.len() as u64);
+    let (first, rest) = envelopes.split_at(envelopes.len() / 2);
+    let half = fold_all(State::default(), first);
+    let saved = serde_json::to_string(&half).unwrap();
+    let restored: State = serde_json::from_str(&saved).expect("a saved state reads back");
+    assert_eq!(restored, half, "a state does not survive JSON");
+    assert_eq!(
+        fold_all(restored, rest),
+        end,
+        "folding from a saved state differs"
+    );
+}
+
+/// API request bodies, read the way the daemon reads them (an empty body is `{}`): whatever
+/// parses serializes to JSON that parses back to the same request.
+pub fn api_request(data: &[u8]) {
+    let body = if data.is_empty() { b"{}" } else { data };
+    round_trip::<graven::api::DeployRequest>(body);
+    round_trip::<graven::api::RollbackRequest>(body);
+    round_trip::<graven::api::HistoryRequest>(body);
+    round_trip::<graven::api::Target>(body);
 }
 
 /// Importing an archive (OCI archive or docker-archive, gzipped or not): an imported image
@@ -368,6 +434,44 @@ pub fn add_archive(data: &[u8]) {
         }
     }
     canary.check();
+}
+
+/// The local runtime unpacking an image for its instances: the bytes are the image's one
+/// (uncompressed) layer. Whatever it holds, the canary survives, a prepared image's root is
+/// in place, and a failed one leaves no temp dir behind.
+pub fn instance_rootfs(data: &[u8]) {
+    let canary = Canary::plant();
+    let work = tempfile::tempdir().unwrap();
+    let home = work.path().join("home");
+    let store = Store::open(&home).unwrap();
+    let manifest = {
+        let mut txn = store.transaction().unwrap();
+        let layer = txn.put_blob(data).unwrap();
+        let mut config = ImageConfig::default();
+        config.rootfs.diff_ids.push(layer.clone());
+        let layers = vec![Descriptor::new(MEDIA_TYPE_LAYER, layer, data.len() as u64)];
+        let manifest = txn.put_image(&config, layers).unwrap();
+        txn.commit();
+        manifest.digest
+    };
+    let runtime = LocalRuntime::open(&home).unwrap();
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let prepared = tokio.block_on(runtime.prepare(&manifest));
+    canary.check();
+    let rootfs = home.join("rootfs");
+    if prepared.is_ok() {
+        assert!(
+            rootfs.join(manifest.hex()).is_dir(),
+            "prepared, yet no root"
+        );
+    }
+    let left: Vec<String> = listing(&rootfs)
+        .into_iter()
+        .filter(|p| p.starts_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "unpacking left {left:?} behind");
 }
 
 /// Bakes `context` into a store under `work/home` with a fixed tag, epoch and no build args.

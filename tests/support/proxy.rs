@@ -215,6 +215,57 @@ impl RawBackend {
     }
 }
 
+/// A backend that answers the first request on each connection (keeping it alive) and
+/// closes the connection without answering when a second request arrives on it: an instance
+/// whose keep-alive timeout races with a request on an idle connection.
+pub struct OneAnswerPerConnection {
+    pub address: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for OneAnswerPerConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl OneAnswerPerConnection {
+    pub async fn start() -> OneAnswerPerConnection {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a backend");
+        let address = listener.local_addr().expect("backend address");
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                connections.spawn(async move {
+                    for answered in [false, true] {
+                        let mut head = Vec::new();
+                        let mut buffer = [0u8; 1024];
+                        while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+                            match stream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(read) => head.extend_from_slice(&buffer[..read]),
+                            }
+                        }
+                        if answered {
+                            return;
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        OneAnswerPerConnection { address, task }
+    }
+}
+
 /// An address nothing listens on: bound once to get a free port, then closed.
 pub async fn refusing_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

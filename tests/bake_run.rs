@@ -1,0 +1,134 @@
+//! RUN steps run in the sandbox inside the image's root filesystem: an image FROM scratch with
+//! busybox as /bin/sh runs shell commands whose file changes become a layer (whiteouts for
+//! removals); a failing RUN names file, line and exit status and leaves the store as it was.
+
+mod support;
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use support::graven;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn context() -> tempfile::TempDir {
+    assert!(
+        Path::new(BUSYBOX).is_file(),
+        "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(BUSYBOX, dir.path().join("busybox")).unwrap();
+    dir
+}
+
+fn bake(home: &Path, dir: &Path, containerfile: &str) -> std::process::Output {
+    fs::write(dir.join("Containerfile"), containerfile).unwrap();
+    graven(home)
+        .args(["bake", "--json", "--tag", "run:1"])
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+/// The last layer's entries with their content.
+fn last_layer(home: &Path) -> Vec<String> {
+    let store = graven::store::Store::open(home).unwrap();
+    let image = store.image(&store.resolve("run:1").unwrap()).unwrap();
+    let layer = image.manifest.layers.last().unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        store.open_blob(&layer.digest).unwrap(),
+    ));
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let mut content = String::new();
+            e.read_to_string(&mut content).unwrap_or_default();
+            format!("{} {:?}", e.path().unwrap().display(), content)
+        })
+        .collect()
+}
+
+const BASE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nCOPY busybox /bin/sh\n";
+
+#[test]
+fn run_changes_become_a_layer() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    let out = bake(
+        home.path(),
+        dir.path(),
+        &format!(
+            "{BASE}ENV WHO=world\nRUN /bin/busybox mkdir -p /etc && echo \"hello $WHO\" > /etc/greeting\nRUN [\"/bin/busybox\", \"rm\", \"/bin/sh\"]\n"
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["layers"].as_array().unwrap().len(), 4);
+    assert_eq!(last_layer(home.path()), ["bin/.wh.sh \"\""]);
+    let store = graven::store::Store::open(home.path()).unwrap();
+    let image = store.image(&store.resolve("run:1").unwrap()).unwrap();
+    let third = &image.manifest.layers[2];
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        store.open_blob(&third.digest).unwrap(),
+    ));
+    let mut greeting = String::new();
+    let mut paths = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().display().to_string();
+        if path == "etc/greeting" {
+            entry.read_to_string(&mut greeting).unwrap();
+        }
+        paths.push(path);
+    }
+    assert_eq!(greeting, "hello world\n");
+    // The mount points the sandbox made (/dev, /proc, /sys, /tmp) are not content.
+    assert_eq!(paths, ["etc/", "etc/greeting"]);
+    // A rebuild takes every RUN from the cache.
+    let again = bake(
+        home.path(),
+        dir.path(),
+        &fs::read_to_string(dir.path().join("Containerfile")).unwrap(),
+    );
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["cached_steps"], again["total_steps"]);
+    assert_eq!(again["digest"], result["digest"]);
+}
+
+#[test]
+fn a_failing_run_names_file_line_and_status_and_keeps_the_store() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    let ok = bake(home.path(), dir.path(), BASE);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let list = |home: &Path| {
+        let mut files: Vec<String> = fs::read_dir(home.join("store/blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        (files, fs::read(home.join("store/index.json")).unwrap())
+    };
+    let before = list(home.path());
+    let out = bake(
+        home.path(),
+        dir.path(),
+        &format!("{BASE}RUN echo partial > /partial\nRUN exit 3\n"),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Containerfile:5:"), "{stderr}");
+    assert!(stderr.contains("exit status 3"), "{stderr}");
+    assert_eq!(list(home.path()), before, "a failed RUN changed the store");
+}
