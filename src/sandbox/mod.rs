@@ -252,12 +252,19 @@ fn start_helper_with(
     let (status, status_writer) =
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| io(e.into()))?;
     let writer_fd = status_writer.as_raw_fd();
-    // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec, so only the
-    // helper inherits the status pipe (the original stays close-on-exec everywhere else).
+    // SAFETY: dup2 and fcntl are async-signal-safe; the new fd 3 is not close-on-exec, so
+    // only the helper inherits the status pipe (the original stays close-on-exec elsewhere).
     unsafe {
         use std::os::unix::process::CommandExt;
         command.pre_exec(move || {
-            if libc::dup2(writer_fd, STATUS_FD) < 0 {
+            // When the pipe already is fd 3, dup2 would do nothing and leave it
+            // close-on-exec, so the flag is cleared instead.
+            let rc = if writer_fd == STATUS_FD {
+                libc::fcntl(STATUS_FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(writer_fd, STATUS_FD)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
