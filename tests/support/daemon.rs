@@ -197,11 +197,40 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // After `signal` the test has killed this controller itself, to restart another on
+        // the same home: that one now owns the instances, so nothing is cleaned up here.
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        // Instances outlive the graven that started them, by design: killing the controller
+        // leaves them running. A test must not, so whatever is left in its home goes too.
+        remove_instances(&self.home);
     }
+}
+
+/// Stops (at once) and removes every local instance under `home`, through the runtime.
+pub fn remove_instances(home: &std::path::Path) {
+    use graven::runtime::Runtime as _;
+    if !home.join("instances").is_dir() {
+        return;
+    }
+    let Ok(runtime) = graven::runtime::local::LocalRuntime::open(home) else {
+        return;
+    };
+    let Ok(tokio) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    tokio.block_on(async {
+        for instance in runtime.list().await.unwrap_or_default() {
+            let _ = runtime.stop(&instance.id, Duration::ZERO).await;
+            let _ = runtime.remove(&instance.id).await;
+        }
+    });
 }
 
 /// Runs a graven command to completion: (success, stdout, stderr).
