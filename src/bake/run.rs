@@ -2,7 +2,6 @@
 //! same sandbox the local runtime uses (with a writable root), and what it changed becomes the
 //! step's layer (new and changed paths, removed ones as whiteouts).
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -89,50 +88,9 @@ pub fn run(
 
 /// `uid[:gid]` numerically, or names looked up in the image's /etc/passwd and /etc/group.
 pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
-    let (user_part, group_part) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let table = |file: &str| -> BTreeMap<String, (u32, u32)> {
-        fs::read_to_string(root.join(file))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split(':').collect();
-                let id = fields.get(2)?.parse().ok()?;
-                let gid = fields.get(3).and_then(|g| g.parse().ok()).unwrap_or(id);
-                Some((fields[0].to_owned(), (id, gid)))
-            })
-            .collect()
-    };
-    let (uid, primary_gid) = match user_part.parse::<u32>() {
-        Ok(uid) => (
-            uid,
-            table("etc/passwd")
-                .values()
-                .find(|(u, _)| *u == uid)
-                .map(|p| p.1)
-                .unwrap_or(uid),
-        ),
-        Err(_) if user_part == "root" => (0, 0),
-        Err(_) => *table("etc/passwd")
-            .get(user_part)
-            .ok_or_else(|| format!("user {user_part:?} is not in the image's /etc/passwd"))?,
-    };
-    let gid = match group_part {
-        None => primary_gid,
-        Some(group) => match group.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) if group == "root" => 0,
-            Err(_) => {
-                table("etc/group")
-                    .get(group)
-                    .ok_or_else(|| format!("group {group:?} is not in the image's /etc/group"))?
-                    .0
-            }
-        },
-    };
-    Ok((uid, gid))
+    let read = |file: &str| fs::read_to_string(root.join(file)).unwrap_or_default();
+    crate::sandbox::user::resolve(user, &read("etc/passwd"), &read("etc/group"))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

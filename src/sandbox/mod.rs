@@ -13,6 +13,7 @@
 
 mod helper;
 mod seccomp;
+pub mod user;
 
 use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};

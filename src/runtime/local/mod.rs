@@ -11,7 +11,6 @@ mod cgroup;
 mod rootfs;
 pub mod shim;
 mod state;
-pub mod user;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -23,6 +22,7 @@ use std::time::Duration;
 use state::{LOG, Proc, SCRATCH, SHIM_REQUEST, ShimRequest, State};
 
 use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
+use crate::sandbox::user;
 use crate::sandbox::{self, Bind, Options, SandboxSpec};
 use crate::store::{Digest, Store, StoreError};
 
@@ -141,13 +141,13 @@ impl LocalRuntime {
             }
         })?;
         let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
-        let (uid, gid) = user::choose(
+        let (uid, gid) = choose_user(
             spec.user.as_deref(),
             config.user.as_deref(),
             &read("etc/passwd"),
             &read("etc/group"),
         )
-        .ok_or_else(|| RuntimeError::UnknownUser {
+        .map_err(|_| RuntimeError::UnknownUser {
             user: spec
                 .user
                 .clone()
@@ -640,8 +640,47 @@ pub fn parse_signal(text: &str) -> Option<i32> {
     })
 }
 
+/// The unprivileged identity instances run as when the image says root or nothing.
+pub const NOBODY: (u32, u32) = (65534, 65534);
+
+/// The identity an instance runs as: an explicit `--user` is honoured even when it is root
+/// (it still has no capabilities); an image that says root, or nothing, gets `NOBODY`.
+fn choose_user(
+    explicit: Option<&str>,
+    image: Option<&str>,
+    passwd: &str,
+    group: &str,
+) -> Result<(u32, u32), user::UnknownName> {
+    match explicit {
+        Some(explicit) => user::resolve(explicit, passwd, group),
+        None => {
+            let resolved = user::resolve(image.unwrap_or(""), passwd, group)?;
+            Ok(if resolved.0 == 0 { NOBODY } else { resolved })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_image_that_says_root_or_nothing_runs_as_nobody() {
+        let passwd = "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/:/bin/sh\n";
+        let check = |explicit: Option<&str>, image: Option<&str>, expected: (u32, u32)| {
+            assert_eq!(
+                choose_user(explicit, image, passwd, "").unwrap(),
+                expected,
+                "{explicit:?} {image:?}"
+            );
+        };
+        check(None, None, NOBODY);
+        check(None, Some("root"), NOBODY);
+        check(None, Some("0:0"), NOBODY);
+        check(None, Some("app"), (1000, 1001));
+        check(Some("0"), Some("app"), (0, 0));
+        assert!(choose_user(None, Some("ghost"), passwd, "").is_err());
+    }
+
     use super::*;
 
     #[test]
