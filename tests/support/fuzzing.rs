@@ -387,7 +387,8 @@ pub fn image_import(data: &[u8]) {
 
 /// Reading layers: the bytes are the one layer of an OCI layout a Containerfile bakes on
 /// (`WORKDIR` lists the layer's paths, `RUN` unpacks it); whatever the layer holds, a canary
-/// file beside the bake's temp dirs survives.
+/// file beside the bake's temp dirs survives. RUN's user is looked up in the unpacked root
+/// and is not there, so the step fails right after unpacking, before a sandbox is started.
 pub fn layer_unpack(data: &[u8]) {
     let canary = Canary::plant();
     let work = tempfile::tempdir().unwrap();
@@ -395,7 +396,7 @@ pub fn layer_unpack(data: &[u8]) {
     write_oci_layout(&context.join("base"), data);
     fs::write(
         context.join("Containerfile"),
-        "FROM oci:base\nWORKDIR /w\nRUN [\"/graven-fuzz-no-such-command\"]\n",
+        "FROM oci:base\nWORKDIR /w\nUSER graven-fuzz-no-such-user\nRUN [\"/bin/true\"]\n",
     )
     .unwrap();
     let _ = bake(work.path(), &context);
