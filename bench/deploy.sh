@@ -6,11 +6,9 @@
 # Swarm half (this file today):
 # - dockerd is started here with its own data-root, exec-root, pidfile and unix socket in a
 #   temp dir, and stopped by its PID in a trap; nothing of the machine's Docker is used.
-# - The image: dist/hello (examples/hello/build.sh) baked FROM scratch with `docker build`,
-#   once per version (VERSION baked in as ENV, so each update is a changed image). When
-#   graven's bake and export are on main this becomes
-#   `graven bake … && graven image export --format docker … | docker load`, so both halves
-#   run the very same image.
+# - The image: the example baked by graven (its Containerfile plus `ENV VERSION=N`, so each
+#   update is a changed image), exported with `graven image export --format docker` and
+#   `docker load`ed, so Swarm runs the very image graven bakes.
 # - Networking, and why: Swarm's routing mesh needs IPVS, which this kernel does not have
 #   (/proc/net/ip_vs is missing), so `--publish` in ingress mode cannot route. Host-mode
 #   publishing binds the published port once per node, so 4 replicas on one node collide,
@@ -162,11 +160,16 @@ bench_swarm() {
     docker swarm init --advertise-addr 127.0.0.1 --listen-addr "127.0.0.1:$(free_port tcp)" \
         --data-path-port "$data_port" >/dev/null
 
-    echo "baking hello:v1..v$((UPDATES + 1)) with docker build (FROM scratch)" >&2
+    echo "baking hello:v1..v$((UPDATES + 1)) with graven, exporting each to docker" >&2
     for version in $(seq 1 $((UPDATES + 1))); do
-        { cat "$ROOT/examples/hello/Containerfile"; echo "ENV VERSION=$version"; } >"$WORK/Dockerfile.v$version"
-        DOCKER_BUILDKIT=0 docker build --quiet -f "$WORK/Dockerfile.v$version" -t "hello:v$version" \
-            "$ROOT/examples/hello" >/dev/null 2>&1
+        local context="$WORK/swarm-context.v$version"
+        mkdir -p "$context/dist"
+        cp "$ROOT/examples/hello/dist/hello" "$context/dist/hello"
+        { cat "$ROOT/examples/hello/Containerfile"; echo "ENV VERSION=$version"; } >"$context/Containerfile"
+        GRAVEN_HOME="$WORK/swarm-home" "$GRAVEN" bake "$context" --tag "hello:v$version" >/dev/null 2>&1
+        GRAVEN_HOME="$WORK/swarm-home" "$GRAVEN" image export "hello:v$version" --format docker \
+            -o "$WORK/hello.v$version.tar" >/dev/null
+        docker load -q -i "$WORK/hello.v$version.tar" >/dev/null
     done
 
     PORT=$(free_port tcp)

@@ -7,4 +7,7 @@ root=$(cd ../.. && pwd)
 target="$root/target/static"
 cargo rustc --quiet --release -p hello --target-dir "$target" -- -C target-feature=+crt-static
 mkdir -p dist
-cp "$target/release/hello" dist/hello
+# Replaced by rename, never overwritten in place: a copy of the binary may be running
+# (a benchmark's bare process), and writing over it would fail with "text file busy".
+cp "$target/release/hello" dist/.hello.tmp
+mv -f dist/.hello.tmp dist/hello
