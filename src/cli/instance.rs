@@ -277,14 +277,17 @@ pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&instances)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // NAME is the controller's name for the instance (`graven status` shows it), when a
+    // controller started it; `graven run` instances have none.
     println!(
-        "{:<14}{:<14}{:<20}{:<22}{:<9}TAINTED",
-        "ID", "IMAGE", "STATUS", "ADDRESS", "PID"
+        "{:<14}{:<12}{:<14}{:<20}{:<22}{:<9}TAINTED",
+        "ID", "NAME", "IMAGE", "STATUS", "ADDRESS", "PID"
     );
     for i in instances {
         println!(
-            "{:<14}{:<14}{:<20}{:<22}{:<9}{}",
+            "{:<14}{:<12}{:<14}{:<20}{:<22}{:<9}{}",
             i.id,
+            i.labels.get("instance").map_or("-", String::as_str),
             i.image.short(),
             status_text(i.status),
             i.address.map(|a| a.to_string()).unwrap_or_default(),

@@ -556,11 +556,12 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
             }
             for instance in snapshot.state.instances_of(name) {
                 println!(
-                    "    {:<16} release {:<4} {:<10} {}",
+                    "    {:<16} release {:<4} {:<10} {:<22} {}",
                     instance.name,
                     instance.release,
                     format!("{:?}", instance.lifecycle).to_lowercase(),
-                    instance.address.map_or("-".to_owned(), |a| a.to_string())
+                    instance.address.map_or("-".to_owned(), |a| a.to_string()),
+                    instance.runtime_id.as_ref().map_or("-", |id| id.0.as_str()),
                 );
             }
         }
