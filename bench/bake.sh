@@ -11,13 +11,9 @@ root=$(pwd)
 runs=${RUNS:-5}
 
 work=$(mktemp -d /tmp/graven-bench-bake.XXXXXX)
-dockerd_pid=""
+source "$(dirname "$0")/lib.sh"
 cleanup() {
-  # Only the dockerd this script started is stopped, by its PID.
-  if [ -n "$dockerd_pid" ]; then
-    kill "$dockerd_pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
-  fi
+  stop_dockerd
   rm -rf "$work" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -70,18 +66,7 @@ b_digest() {
 b1=$(b_digest); b2=$(b_digest)
 
 # --- docker ---------------------------------------------------------------------------------
-if ! docker info >/dev/null 2>&1; then
-  echo "starting a private dockerd" >&2
-  mkdir -p "$work/docker"
-  sock="$work/docker/docker.sock"
-  dockerd --data-root "$work/docker/data" --exec-root "$work/docker/exec" \
-    --pidfile "$work/docker/dockerd.pid" -H "unix://$sock" --iptables=false --bridge=none \
-    >"$work/docker/log" 2>&1 &
-  dockerd_pid=$!
-  export DOCKER_HOST="unix://$sock"
-  for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 "$work/docker/log" >&2; exit 1; }
-fi
+use_or_start_dockerd "$work/docker"
 docker_cmd="docker build -q -f $ctx/Containerfile -t graven-bench:1 $ctx"
 docker_reset="docker rmi -f graven-bench:1 >/dev/null 2>&1; docker builder prune -af >/dev/null 2>&1; true"
 hyperfine --runs "$runs" --prepare "$docker_reset" --export-json "$work/d-cold.json" "$docker_cmd" >&2

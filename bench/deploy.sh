@@ -39,6 +39,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$ROOT/bench/lib.sh"
 UPDATES=${UPDATES:-3}
 CONNECTIONS=${CONNECTIONS:-8}
 REPLICAS=4
@@ -74,9 +75,7 @@ cleanup() {
     if [ -n "$DOCKERD_PID" ]; then
         docker service rm hello >/dev/null 2>&1
         timeout 30 docker swarm leave --force >/dev/null 2>&1
-        kill "$DOCKERD_PID" 2>/dev/null
-        for _ in $(seq 300); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$DOCKERD_PID" 2>/dev/null
+        stop_dockerd
     fi
     # dockerd leaves its network namespace mounts behind; unmount before removing.
     awk -v dir="$WORK" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r | xargs -r umount -l
@@ -145,14 +144,8 @@ TOML
 
 # ---------------------------------------------------------------- Swarm half
 bench_swarm() {
-    export DOCKER_HOST=unix://$WORK/docker.sock
-    mkdir -p "$WORK/data" "$WORK/exec"
-    dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
-        -H "$DOCKER_HOST" --iptables=false --ip6tables=false --bridge=none \
-        >"$WORK/dockerd.log" 2>&1 &
-    DOCKERD_PID=$!
-    for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.1; done
-    docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail "$WORK/dockerd.log" >&2; exit 1; }
+    # Always an engine of its own: Swarm mode must not touch the machine's Docker.
+    start_dockerd "$WORK/docker"
     # Swarm takes a data path port only in 1024-49151, below most of the ephemeral range.
     local data_port
     data_port=$(free_port udp)

@@ -14,13 +14,9 @@ runs=${RUNS:-30}
 docker_runs=${DOCKER_RUNS:-10}
 
 work=$(mktemp -d /tmp/graven-bench-start.XXXXXX)
-dockerd_pid=""
+source "$(dirname "$0")/lib.sh"
 cleanup() {
-  # Only what this script started is stopped, by its PID or its id.
-  if [ -n "$dockerd_pid" ]; then
-    kill "$dockerd_pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
-  fi
+  stop_dockerd
   rm -rf "$work" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -38,18 +34,7 @@ id=$("$graven" run -d hello-bench)
 echo "making the runc bundle" >&2
 umoci unpack --image "$GRAVEN_HOME/store:hello-bench" "$work/bundle" >/dev/null 2>&1
 
-if ! docker info >/dev/null 2>&1; then
-  echo "starting a private dockerd" >&2
-  mkdir -p "$work/docker"
-  sock="$work/docker/docker.sock"
-  dockerd --data-root "$work/docker/data" --exec-root "$work/docker/exec" \
-    --pidfile "$work/docker/dockerd.pid" -H "unix://$sock" --iptables=false --bridge=none \
-    >"$work/docker/log" 2>&1 &
-  dockerd_pid=$!
-  export DOCKER_HOST="unix://$sock"
-  for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 "$work/docker/log" >&2; exit 1; }
-fi
+use_or_start_dockerd "$work/docker"
 "$graven" image export hello-bench --format docker -o "$work/hello.tar" >/dev/null
 docker load -q -i "$work/hello.tar" >/dev/null
 docker_image=$(docker load -q -i "$work/hello.tar" | sed -n 's/^Loaded image[^:]*: //p' | tail -1)

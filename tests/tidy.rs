@@ -103,6 +103,17 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+fn src_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Every `.rs` file under `src/`.
+fn source_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    sources(&src_dir(), &mut files);
+    files
+}
+
 /// The top-level module a source file belongs to (`src/proxy/health.rs` → `proxy`).
 fn module_of(src: &Path, file: &Path) -> String {
     let relative = file.strip_prefix(src).unwrap();
@@ -147,9 +158,8 @@ fn violations(module: &str, text: &str) -> Vec<(usize, &'static str)> {
 
 #[test]
 fn modules_only_name_what_they_may() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&src, &mut files);
+    let src = src_dir();
+    let files = source_files();
     let mut problems = Vec::new();
     for file in &files {
         let module = module_of(&src, file);
@@ -170,9 +180,8 @@ fn modules_only_name_what_they_may() {
 
 #[test]
 fn anyhow_only_in_the_cli_and_main() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&src, &mut files);
+    let src = src_dir();
+    let files = source_files();
     let mut problems = Vec::new();
     for file in &files {
         let module = module_of(&src, file);
@@ -194,7 +203,7 @@ fn anyhow_only_in_the_cli_and_main() {
 
 #[test]
 fn every_module_says_what_it_owns() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = src_dir();
     let architecture =
         fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md")).unwrap();
     let mut problems = Vec::new();

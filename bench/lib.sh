@@ -1,0 +1,38 @@
+# Shared by the bench scripts (source it): a Docker engine of the script's own, so nothing of
+# the machine's Docker is touched, stopped by its PID and nothing else.
+
+# start_dockerd DIR: starts dockerd with its data, exec root, pidfile, log and unix socket under
+# DIR, exports DOCKER_HOST and DOCKERD_PID, and waits (30 s at most) until it answers.
+start_dockerd() {
+  local dir=$1
+  mkdir -p "$dir"
+  export DOCKER_HOST="unix://$dir/docker.sock"
+  dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
+    -H "$DOCKER_HOST" --iptables=false --ip6tables=false --bridge=none >"$dir/log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 300); do
+    docker info >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "dockerd did not start:" >&2
+  tail -20 "$dir/log" >&2
+  return 1
+}
+
+# use_or_start_dockerd DIR: the Docker engine that already answers, else start_dockerd DIR.
+use_or_start_dockerd() {
+  docker info >/dev/null 2>&1 && return 0
+  echo "starting a private dockerd" >&2
+  start_dockerd "$1"
+}
+
+# stop_dockerd: stops the dockerd start_dockerd started, if any: SIGTERM, up to 30 s, SIGKILL.
+stop_dockerd() {
+  [ -n "${DOCKERD_PID:-}" ] || return 0
+  kill "$DOCKERD_PID" 2>/dev/null || true
+  for _ in $(seq 300); do
+    kill -0 "$DOCKERD_PID" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -9 "$DOCKERD_PID" 2>/dev/null || true
+}
