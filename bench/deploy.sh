@@ -83,6 +83,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# record_update WHO VERSION START RETURNED CONVERGED LOAD_PID: lets the load run one more
+# second (so reconnections after the update show), stops it, and appends the update's row to
+# $WORK/WHO.tsv; both halves are recorded by this one function, so they are measured alike.
+record_update() {
+    local who=$1 version=$2 start=$3 returned=$4 converged=$5 load_pid=$6
+    sleep 1
+    touch "$WORK/stop"
+    wait "$load_pid"
+    printf 'v%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$(seconds "$start" "$returned")" \
+        "$(seconds "$start" "$converged")" "$(jq .total "$WORK/load.json")" \
+        "$(jq .failed "$WORK/load.json")" "$(jq -r .last_version "$WORK/load.json")" \
+        >>"$WORK/$who.tsv"
+    jq -r '.failures[:3][] | "  '"$who"' v'"$version"' failure: " + .' "$WORK/load.json" >&2
+}
+
 # ---------------------------------------------------------------- graven half
 bench_graven() {
     local home=$WORK/graven-home project=$WORK/graven-project port up_pid version
@@ -128,14 +143,7 @@ TOML
         GRAVEN_HOME=$home "$GRAVEN" deploy "$project" >"$WORK/deploy.out" 2>"$WORK/deploy.err" \
             || { echo "graven deploy failed:" >&2; cat "$WORK/deploy.out" "$WORK/deploy.err" >&2; }
         converged=$(now)
-        sleep 1 # and a second after, as for Swarm
-        touch "$WORK/stop"
-        wait "$load_pid"
-        printf 'v%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$(seconds "$start" "$converged")" \
-            "$(seconds "$start" "$converged")" "$(jq .total "$WORK/load.json")" \
-            "$(jq .failed "$WORK/load.json")" "$(jq -r .last_version "$WORK/load.json")" \
-            >>"$WORK/graven.tsv"
-        jq -r '.failures[:3][] | "  graven v'"$version"' failure: " + .' "$WORK/load.json" >&2
+        record_update graven "$version" "$start" "$converged" "$converged" "$load_pid"
     done
     kill -TERM "$up_pid"
     wait "$up_pid" || true
@@ -185,14 +193,7 @@ bench_swarm() {
         returned=$(now)
         while docker ps --format '{{.Image}}' | grep -qv "^hello:v$version\$"; do sleep 0.05; done
         converged=$(now)
-        sleep 1 # and a second after, so reconnections show
-        touch "$WORK/stop"
-        wait "$load_pid"
-        printf 'v%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$(seconds "$start" "$returned")" \
-            "$(seconds "$start" "$converged")" "$(jq .total "$WORK/load.json")" \
-            "$(jq .failed "$WORK/load.json")" "$(jq -r .last_version "$WORK/load.json")" \
-            >>"$WORK/swarm.tsv"
-        jq -r '.failures[:3][] | "  swarm v'"$version"' failure: " + .' "$WORK/load.json" >&2
+        record_update swarm "$version" "$start" "$returned" "$converged" "$load_pid"
     done
 }
 
