@@ -270,3 +270,31 @@ fn an_ignored_stop_signal_leaves_it_running_and_killing_the_helper_kills_it() {
         || (!alive(sandboxed.pid)).then_some(()),
     );
 }
+
+/// `launch` forks in the calling process, which is only safe (and a user namespace only
+/// possible) while it has one thread: the shim right after its exec. A test process has
+/// several, so it is refused before anything is forked or unshared.
+#[test]
+fn launch_refuses_a_process_with_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs_with_probe(dir.path());
+    // Makes sure of a second thread, whatever the harness does.
+    let (stop, parked) = std::sync::mpsc::channel::<()>();
+    let extra = std::thread::spawn(move || parked.recv());
+    let out = tempfile::tempfile().unwrap();
+    let err = tempfile::tempfile().unwrap();
+    let result = sandbox::launch(
+        &spec(&root, &["/probe"]),
+        &sandbox::Options::default(),
+        out.into(),
+        err.into(),
+    );
+    drop(stop);
+    let _ = extra.join();
+    match result {
+        Err(SandboxError::Setup { message, .. }) => {
+            assert!(message.contains("single-threaded"), "{message}")
+        }
+        other => panic!("launch in a multi-threaded process: {other:?}"),
+    }
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use super::{Threads, async_runtime};
 use crate::runtime::local::shim::parse_log_line;
 use crate::runtime::{
     Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
@@ -111,13 +112,6 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(number * factor)
 }
 
-fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 /// Resolves a full id or a unique prefix of one.
 async fn find(runtime: &LocalRuntime, text: &str) -> anyhow::Result<InstanceId> {
     let ids: Vec<InstanceId> = runtime
@@ -192,7 +186,7 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         tmp_bytes: args.tmp_size,
     };
     let runtime = LocalRuntime::open(home)?;
-    tokio()?.block_on(async {
+    async_runtime(Threads::One)?.block_on(async {
         let instance = runtime.start(spec).await?;
         warn(&instance);
         if args.detach {
@@ -268,7 +262,7 @@ fn print_new_lines(path: &Path, offset: u64, pending: &mut String) -> anyhow::Re
 
 pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {
     let runtime = LocalRuntime::open(home)?;
-    let instances: Vec<Instance> = tokio()?
+    let instances: Vec<Instance> = async_runtime(Threads::One)?
         .block_on(runtime.list())?
         .into_iter()
         .filter(|i| args.all || !i.status.is_exited())
@@ -300,7 +294,7 @@ pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {
 
 pub fn stop(home: &Path, args: StopArgs) -> anyhow::Result<ExitCode> {
     let runtime = LocalRuntime::open(home)?;
-    tokio()?.block_on(async {
+    async_runtime(Threads::One)?.block_on(async {
         let id = find(&runtime, &args.id).await?;
         let instance = runtime.stop(&id, args.grace).await?;
         if args.json {
@@ -314,7 +308,7 @@ pub fn stop(home: &Path, args: StopArgs) -> anyhow::Result<ExitCode> {
 
 pub fn rm(home: &Path, args: RmArgs) -> anyhow::Result<ExitCode> {
     let runtime = LocalRuntime::open(home)?;
-    tokio()?.block_on(async {
+    async_runtime(Threads::One)?.block_on(async {
         for text in &args.ids {
             let id = find(&runtime, text).await?;
             if args.force {
@@ -330,7 +324,7 @@ pub fn rm(home: &Path, args: RmArgs) -> anyhow::Result<ExitCode> {
 pub fn exec(home: &Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::ExitStatusExt;
     let runtime = LocalRuntime::open(home)?;
-    let id = tokio()?.block_on(find(&runtime, &args.id))?;
+    let id = async_runtime(Threads::One)?.block_on(find(&runtime, &args.id))?;
     eprintln!(
         "graven: break-glass exec into {id}: the instance is now tainted and must be replaced"
     );

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
+use super::{Threads, async_runtime};
 use crate::api::{self, Client, Daemon, DeployRequest, HistoryRequest, RollbackRequest, Target};
 use crate::controller::{Rollout, ServiceRelease, Snapshot};
 use crate::events::{DeployOutcome, Envelope, Event, ServiceConfig};
@@ -105,13 +106,6 @@ pub struct RollbackArgs {
     /// The release number to go back to (default: the one before the current).
     #[arg(long)]
     pub to: Option<u64>,
-}
-
-fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }
 
 fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
@@ -357,7 +351,7 @@ fn report(
 
 pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let project = load_project(&args.dir, &args.environment)?;
-    let runtime = tokio()?;
+    let runtime = async_runtime(Threads::All)?;
     runtime.block_on(async {
         let listener = api::bind(home).await?;
         let daemon = Daemon::open(home, open_runtime(home, args.runtime)?)?;
@@ -413,7 +407,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio()?;
+    let runtime = async_runtime(Threads::All)?;
     runtime.block_on(async {
         let listener = api::bind(home).await?;
         let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.runtime)?)?;
@@ -457,7 +451,7 @@ async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow:
 pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     let project = load_project(&args.dir, &args.environment)?;
     let client = Client::new(home);
-    let runtime = tokio()?;
+    let runtime = async_runtime(Threads::One)?;
     // Check the daemon is there before spending time on a build.
     runtime.block_on(client.status(&Target::default()))?;
     let services = prepare(home, &project)?;
@@ -475,7 +469,7 @@ pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
 
 pub fn rollback(home: &Path, args: RollbackArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(home);
-    tokio()?.block_on(async {
+    async_runtime(Threads::One)?.block_on(async {
         let accepted = client
             .rollback(&RollbackRequest {
                 target: args.target.target(),
@@ -489,7 +483,7 @@ pub fn rollback(home: &Path, args: RollbackArgs) -> anyhow::Result<ExitCode> {
 
 pub fn down(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(home);
-    tokio()?.block_on(async {
+    async_runtime(Threads::One)?.block_on(async {
         let accepted = client.down(&args.target()).await?;
         let target = Target {
             app: Some(accepted.app.clone()),
@@ -516,7 +510,8 @@ pub fn down(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
-    let snapshots = tokio()?.block_on(Client::new(home).status(&args.target()))?;
+    let snapshots =
+        async_runtime(Threads::One)?.block_on(Client::new(home).status(&args.target()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(ExitCode::SUCCESS);
@@ -570,7 +565,8 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
-    let snapshots = tokio()?.block_on(Client::new(home).status(&args.target()))?;
+    let snapshots =
+        async_runtime(Threads::One)?.block_on(Client::new(home).status(&args.target()))?;
     if args.json {
         let releases: Vec<_> = snapshots
             .iter()
@@ -605,10 +601,11 @@ pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
-    let events = tokio()?.block_on(Client::new(home).history(&HistoryRequest {
-        target: args.target(),
-        after: 0,
-    }))?;
+    let events =
+        async_runtime(Threads::One)?.block_on(Client::new(home).history(&HistoryRequest {
+            target: args.target(),
+            after: 0,
+        }))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&events)?);
         return Ok(ExitCode::SUCCESS);

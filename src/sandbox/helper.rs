@@ -1,10 +1,12 @@
-//! The helper side of the sandbox: runs in the graven binary re-executed as `__sandbox` (or
-//! `__sandbox-exec`), single-threaded, before anything else in `main`.
+//! The single-threaded side of the sandbox: `launch` and `supervise`, run either by the
+//! graven binary re-executed as `__sandbox` (or `__sandbox-exec`) before anything else in
+//! `main`, or by another fresh single-threaded process of graven's (the local runtime's
+//! shim), which then needs no helper of its own.
 //!
-//! Two processes: the outer helper unshares the namespaces, forks, forwards signals and
-//! mirrors the workload's exit as its own; the inner one is PID 1 of the new PID namespace,
-//! builds the root, drops every privilege and execs the workload. Errors before the exec go
-//! to the status pipe (fd 3), which the exec closes.
+//! Two processes: the launching one unshares the namespaces, forks, forwards signals and
+//! reports the workload's exit; the forked one is PID 1 of the new PID namespace, joins the
+//! cgroups, builds the root, drops every privilege and execs the workload. Its errors before
+//! the exec go to a close-on-exec status pipe, which the exec closes.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -58,12 +60,19 @@ pub(super) fn main_sandbox() -> ! {
     set_cloexec(STATUS_FD);
     let request: Request = match super::read_request(std::io::stdin()) {
         Ok(request) => request,
-        Err(message) => fail(&message, 125),
+        Err(message) => fail(STATUS_FD, &message, 125),
     };
-    match sandbox(&request) {
-        Ok(never) => match never {},
-        Err(message) => fail(&message, 125),
+    if let Err(message) = redirect_stdin_to_null() {
+        fail(STATUS_FD, &message, 125);
     }
+    let pid = match launch(&request, STATUS_FD, None) {
+        Ok(pid) => pid,
+        Err(message) => fail(STATUS_FD, &message, 125),
+    };
+    report(STATUS_FD, &format!("pid {pid}"));
+    // SAFETY: the status pipe is ours; the workload keeps its own copy until its exec.
+    unsafe { libc::close(STATUS_FD) };
+    exit_like(supervise(pid, &[], &mut |_, _| {}))
 }
 
 pub(super) fn main_exec() -> ! {
@@ -74,25 +83,35 @@ pub(super) fn main_exec() -> ! {
             serde_json::from_str(&json).map_err(|e| format!("the exec request is not valid: {e}"))
         }) {
         Ok(request) => request,
-        Err(message) => fail(&message, 125),
+        Err(message) => fail(STATUS_FD, &message, 125),
     };
     match enter(&request) {
         Ok(never) => match never {},
-        Err(message) => fail(&message, 125),
+        Err(message) => fail(STATUS_FD, &message, 125),
     }
 }
 
 enum Never {}
 
-/// The outer helper of a new sandbox.
-fn sandbox(request: &Request) -> Result<Never> {
+/// Starts the workload of a new sandbox as a child of this process, which must be
+/// single-threaded (a fork of a multi-threaded process may inherit a lock held by another
+/// thread, and the user namespace cannot be entered at all). Returns the workload's PID once
+/// it has been exec'd; every setup error before that is returned instead. The child writes
+/// its errors to `status_fd` (close-on-exec), which this process must not read: the caller
+/// of the helper does. `stdio` replaces the workload's stdout and stderr.
+///
+/// This process is left in the new UTS and IPC namespaces (and the user namespace when not
+/// root), with the forwarded signals blocked, ready for `supervise`.
+pub(super) fn launch(
+    request: &Request,
+    status_fd: i32,
+    stdio: Option<(i32, i32)>,
+) -> Result<libc::pid_t> {
     let spec = &request.spec;
     if spec.args.is_empty() || spec.args[0].is_empty() {
         return Err("no command to run".to_owned());
     }
     let filters = super::seccomp::filters()?;
-    join_cgroups(&request.cgroups)?;
-    redirect_stdin_to_null()?;
     let rootless = geteuid() != 0;
     if rootless {
         enter_user_namespace()?;
@@ -119,6 +138,16 @@ fn sandbox(request: &Request) -> Result<Never> {
         };
         let result = (|| {
             die_with_parent()?;
+            if let Some((stdout, stderr)) = stdio {
+                redirect_stdin_to_null()?;
+                // SAFETY: dup2 onto fds 1 and 2 replaces them with the given pipes.
+                check(unsafe { libc::dup2(stdout, 1) }, "redirecting stdout")?;
+                // SAFETY: as above.
+                check(unsafe { libc::dup2(stderr, 2) }, "redirecting stderr")?;
+            }
+            // Only the workload joins the cgroups: a pids or memory limit is the workload's,
+            // not shared with whoever supervises it.
+            join_cgroups(&request.cgroups)?;
             // SAFETY: unshare only changes this process's namespace membership.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
             check(rc, "unshare of the mount namespace")?;
@@ -128,13 +157,10 @@ fn sandbox(request: &Request) -> Result<Never> {
         })();
         match result {
             Ok(never) => match never {},
-            Err(message) => fail(&message, 127),
+            Err(message) => fail(status_fd, &message, 127),
         }
     }
-    report(&format!("pid {pid}"));
-    // SAFETY: the status pipe is ours; the workload keeps its own copy until its exec.
-    unsafe { libc::close(STATUS_FD) };
-    supervise(pid)
+    Ok(pid)
 }
 
 /// The outer helper of a break-glass exec into a running sandbox.
@@ -157,7 +183,7 @@ fn enter(request: &ExecRequest) -> Result<Never> {
         names.push("user");
     }
     // The mount namespace is entered by the child only, so this helper keeps the host's
-    // /proc (as in `sandbox`).
+    // /proc (as in `launch`).
     names.extend(["ipc", "uts", "pid"]);
     let files = names
         .iter()
@@ -180,7 +206,7 @@ fn enter(request: &ExecRequest) -> Result<Never> {
     let mnt = std::fs::File::open(ns("mnt"))
         .map_err(|e| format!("instance process {} is gone: {e}", request.pid))?;
     let old_mask = block_forwarded_signals()?;
-    // SAFETY: single-threaded, as in `sandbox`.
+    // SAFETY: single-threaded, as in `launch`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", errno()));
@@ -203,13 +229,13 @@ fn enter(request: &ExecRequest) -> Result<Never> {
         });
         match result {
             Ok(never) => match never {},
-            Err(message) => fail(&message, 127),
+            Err(message) => fail(STATUS_FD, &message, 127),
         }
     }
-    report(&format!("pid {pid}"));
-    // SAFETY: as in `sandbox`.
+    report(STATUS_FD, &format!("pid {pid}"));
+    // SAFETY: as in `main_sandbox`.
     unsafe { libc::close(STATUS_FD) };
-    supervise(pid)
+    exit_like(supervise(pid, &[], &mut |_, _| {}))
 }
 
 fn join_cgroups(procs: &[PathBuf]) -> Result<()> {
@@ -613,50 +639,104 @@ fn clear_capabilities() -> Result<()> {
     check(rc, "clearing capabilities")
 }
 
-/// Waits for the workload, passing on forwarded signals, and exits as it did.
-fn supervise(pid: libc::pid_t) -> ! {
+/// Waits for the workload (a child of this process), passing on forwarded signals, and
+/// returns how it ended once it is reaped and every pipe in `outputs` is at its end (the
+/// workload's death ends its whole PID namespace, so nothing holds them open after). What
+/// arrives on `outputs[i]` is handed to `on_output(i, bytes)` as it comes. One thread does
+/// it all with poll(2): a process that has unshared a PID namespace cannot start threads.
+/// The forwarded signals must be blocked (`launch` blocks them).
+pub(super) fn supervise(
+    pid: libc::pid_t,
+    outputs: &[std::os::fd::BorrowedFd<'_>],
+    on_output: &mut dyn FnMut(usize, &[u8]),
+) -> super::Ended {
+    use std::os::fd::AsRawFd;
     let mut mask = empty_sigset();
     for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
         // SAFETY: `mask` is an initialized sigset.
         unsafe { libc::sigaddset(&mut mask, *signal) };
     }
     // SAFETY: a new signalfd for the signals that are blocked in this process.
-    let fd = unsafe { libc::signalfd(-1, &mask, libc::SFD_CLOEXEC) };
+    let signals = unsafe { libc::signalfd(-1, &mask, libc::SFD_CLOEXEC) };
+    let mut open: Vec<bool> = vec![true; outputs.len()];
+    let mut buffer = vec![0u8; 64 * 1024];
     let mut translated: Option<i32> = None;
+    let mut status: Option<i32> = None;
     loop {
-        if let Some(status) = reap(pid) {
-            exit_like(status, translated);
+        if status.is_none() {
+            status = reap(pid);
         }
-        if fd < 0 {
-            // Without a signalfd, still wait (signals then only reach the helper).
-            let mut status = 0;
-            // SAFETY: waiting for our own child.
-            if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-                exit_like(status, translated);
+        if let Some(status) = status
+            && !open.contains(&true)
+        {
+            if signals >= 0 {
+                // SAFETY: the signalfd is ours and no longer needed.
+                unsafe { libc::close(signals) };
             }
+            return super::Ended::from_wait_status(status, translated);
+        }
+        let mut polled: Vec<libc::pollfd> = Vec::with_capacity(outputs.len() + 1);
+        let watch_signals = signals >= 0 && status.is_none();
+        if watch_signals {
+            polled.push(libc::pollfd {
+                fd: signals,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let first_output = polled.len();
+        let watched: Vec<usize> = (0..outputs.len()).filter(|&i| open[i]).collect();
+        for &i in &watched {
+            polled.push(libc::pollfd {
+                fd: outputs[i].as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // Without a signalfd the child's exit is only seen by looking again now and then.
+        let timeout = if signals >= 0 { -1 } else { 100 };
+        // SAFETY: `polled` is a valid array of pollfds of the given length.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
+        if n < 0 {
             continue;
         }
-        // SAFETY: zeroed memory is a valid signalfd_siginfo.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`.
-        let n = unsafe { libc::read(fd, (&raw mut info).cast(), size) };
-        if n != size as isize {
-            continue;
+        if watch_signals
+            && polled[0].revents != 0
+            && let Some(signal) = read_signal(signals)
+            && signal != libc::SIGCHLD
+        {
+            let deliver = if translates_to_kill(pid, signal) {
+                translated = Some(signal);
+                libc::SIGKILL
+            } else {
+                signal
+            };
+            // SAFETY: signalling our own child (not yet reaped, so its PID is its own).
+            unsafe { libc::kill(pid, deliver) };
         }
-        let signal = info.ssi_signo as i32;
-        if signal == libc::SIGCHLD {
-            continue;
-        }
-        if translates_to_kill(pid, signal) {
-            translated = Some(signal);
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        } else {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, signal) };
+        for (slot, &i) in polled[first_output..].iter().zip(&watched) {
+            if slot.revents == 0 {
+                continue;
+            }
+            // SAFETY: reads at most `buffer.len()` bytes into `buffer`.
+            let read = unsafe { libc::read(slot.fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+            match read {
+                n if n > 0 => on_output(i, &buffer[..n as usize]),
+                n if n < 0 && errno_raw() == libc::EINTR => {}
+                _ => open[i] = false,
+            }
         }
     }
+}
+
+/// One signal from the signalfd, if a whole record could be read.
+fn read_signal(fd: i32) -> Option<i32> {
+    // SAFETY: zeroed memory is a valid signalfd_siginfo.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`.
+    let n = unsafe { libc::read(fd, (&raw mut info).cast(), size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
 /// PID 1 of a namespace never gets a signal it does not handle, so a workload that neither
@@ -688,16 +768,12 @@ fn reap(pid: libc::pid_t) -> Option<i32> {
     (got == pid).then_some(status)
 }
 
-fn exit_like(status: i32, translated: Option<i32>) -> ! {
-    if libc::WIFEXITED(status) {
-        std::process::exit(libc::WEXITSTATUS(status));
-    }
-    let mut signal = libc::WTERMSIG(status);
-    if signal == libc::SIGKILL
-        && let Some(original) = translated
-    {
-        signal = original;
-    }
+/// Ends this process as the workload ended, so the helper's parent sees the same status.
+fn exit_like(ended: super::Ended) -> ! {
+    let signal = match ended {
+        super::Ended::Code(code) => std::process::exit(code),
+        super::Ended::Signal(signal) => signal,
+    };
     let no_core = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -896,16 +972,20 @@ fn check(rc: i32, what: &str) -> Result<()> {
     }
 }
 
-/// Writes one line to the status pipe (ignored when the parent is gone).
-fn report(line: &str) {
+/// Writes one line to the status pipe (ignored when the reader is gone).
+fn report(status_fd: i32, line: &str) {
     let mut text = line.replace('\n', " ");
     text.push('\n');
-    // SAFETY: fd 3 is the status pipe, or closed, in which case the write fails harmlessly.
-    unsafe { libc::write(STATUS_FD, text.as_ptr().cast(), text.len()) };
+    // SAFETY: `status_fd` is the status pipe, or closed, in which case the write fails
+    // harmlessly.
+    unsafe { libc::write(status_fd, text.as_ptr().cast(), text.len()) };
 }
 
-fn fail(message: &str, code: i32) -> ! {
-    report(&format!("error {message}"));
+/// Reports `message` and ends this process at once: in a forked child, nothing of the
+/// parent's (exit handlers, buffers) may run twice.
+fn fail(status_fd: i32, message: &str, code: i32) -> ! {
+    report(status_fd, &format!("error {message}"));
     let _ = writeln!(std::io::stderr(), "graven sandbox: {message}");
-    std::process::exit(code)
+    // SAFETY: _exit ends the process without running anything else.
+    unsafe { libc::_exit(code) }
 }

@@ -1,15 +1,17 @@
-//! The sandbox owns the one place graven forks and enters namespaces: the graven binary
-//! re-executed as a small single-threaded helper (`graven __sandbox`) that unshares, mounts,
-//! pivots root, drops privileges and execs the workload.
+//! The sandbox owns the one place graven forks and enters namespaces: a fresh
+//! single-threaded process of the graven binary that unshares, mounts, pivots root, drops
+//! privileges and execs the workload. It never runs inside the multi-threaded async process,
+//! and it knows nothing of images, services or the store: it is handed a root directory.
 //!
-//! It is used by the local runtime for instances and by bake for RUN steps, so both run in
-//! the same kind of sandbox. It never runs inside the multi-threaded async process, and it
-//! knows nothing of images, services or the store: it is handed a root directory.
-//!
-//! The parent side (this file) writes a `Request` as JSON to the helper's stdin and reads a
-//! status pipe (the helper's fd 3, close-on-exec in the workload): the helper reports the
-//! workload's host PID and any error before exec there, so a failed setup or a missing
-//! entrypoint is an error here, never a silent exit.
+//! Two ways in, one code path (`helper::launch`):
+//! - `spawn`/`run` (bake's RUN steps) re-execute the binary as a helper, `graven __sandbox`:
+//!   this side writes a `Request` as JSON to the helper's stdin and reads a status pipe (the
+//!   helper's fd 3, close-on-exec in the workload), where the helper reports the workload's
+//!   host PID or any error before the exec, so a failed setup or a missing entrypoint is an
+//!   error here, never a silent exit.
+//! - `launch` is for a process that already is a fresh single-threaded graven (the local
+//!   runtime's shim): it starts the workload as its own child, saving the helper's exec on
+//!   every instance start, and `supervise` then waits for it.
 
 mod helper;
 mod seccomp;
@@ -85,7 +87,8 @@ pub struct Options {
     /// An empty directory the helper mounts its scratch tmpfs on (the read-only root's
     /// overlay lives there). A temp dir is made and removed when absent.
     pub scratch: Option<PathBuf>,
-    /// `cgroup.procs` files the helper joins before the workload starts.
+    /// `cgroup.procs` files the workload joins before its exec (only the workload: whoever
+    /// supervises it stays outside its limits).
     pub cgroups: Vec<PathBuf>,
 }
 
@@ -110,7 +113,39 @@ pub struct ExecRequest {
     pub cgroups: Vec<PathBuf>,
 }
 
-/// A workload started in a sandbox.
+/// A workload started by this process with `launch`.
+#[derive(Debug)]
+pub struct Launched {
+    /// The workload's host PID (PID 1 of its namespace), a child of this process.
+    pub pid: u32,
+    /// Removed when this value is dropped, after the workload is gone.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+/// How a sandboxed workload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Code(i32),
+    /// It was ended by this signal.
+    Signal(i32),
+}
+
+impl Ended {
+    /// A deadly signal that PID 1 would have ignored is delivered as SIGKILL (`translated`
+    /// holds the original); the original is what is reported.
+    fn from_wait_status(status: i32, translated: Option<i32>) -> Ended {
+        if libc::WIFEXITED(status) {
+            return Ended::Code(libc::WEXITSTATUS(status));
+        }
+        match (libc::WTERMSIG(status), translated) {
+            (libc::SIGKILL, Some(original)) => Ended::Signal(original),
+            (signal, _) => Ended::Signal(signal),
+        }
+    }
+}
+
+/// A workload started in a sandbox through the helper.
 #[derive(Debug)]
 pub struct Sandboxed {
     /// The helper process; its exit status mirrors the workload's.
@@ -157,16 +192,7 @@ pub fn spawn(
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<Sandboxed, SandboxError> {
-    let (scratch, temp) = match &options.scratch {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let temp = tempfile::Builder::new()
-                .prefix("graven-sandbox-")
-                .tempdir()
-                .map_err(|source| io_error(spec, source))?;
-            (temp.path().to_owned(), Some(temp))
-        }
-    };
+    let (scratch, temp) = scratch_dir(spec, options)?;
     let request = Request {
         spec: spec.clone(),
         scratch,
@@ -181,6 +207,84 @@ pub fn spawn(
         pid,
         _scratch: temp,
     })
+}
+
+/// Starts `spec` in a fresh sandbox as a child of this process, with the workload's stdout
+/// and stderr going to the given pipes or files, and returns once the workload is exec'd (or
+/// setup failed). No helper: this process must itself be a fresh graven that has not started
+/// a thread (the local runtime's shim, right after its exec); a process with threads is
+/// refused. Afterwards this process is in the sandbox's PID (for its children), UTS and IPC
+/// namespaces (and its user namespace when not root), with the forwarded signals blocked, and
+/// it can no longer start threads; `supervise` waits for the workload.
+pub fn launch(
+    spec: &SandboxSpec,
+    options: &Options,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<Launched, SandboxError> {
+    let setup = |message: String| SandboxError::Setup {
+        program: spec_program(spec),
+        message,
+    };
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|source| io_error(spec, source))?
+        .count();
+    if threads != 1 {
+        return Err(setup(format!(
+            "launch needs a single-threaded process, this one has {threads} threads"
+        )));
+    }
+    let (scratch, temp) = scratch_dir(spec, options)?;
+    let request = Request {
+        spec: spec.clone(),
+        scratch,
+        cgroups: options.cgroups.clone(),
+    };
+    let (status, status_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| io_error(spec, e.into()))?;
+    let pid = helper::launch(
+        &request,
+        status_writer.as_raw_fd(),
+        Some((stdout.as_raw_fd(), stderr.as_raw_fd())),
+    )
+    .map_err(setup)?;
+    // The workload holds the only other copies; its exec closes them, its death too.
+    drop((status_writer, stdout, stderr));
+    let mut text = String::new();
+    let read = std::fs::File::from(status).read_to_string(&mut text);
+    let errors: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("error "))
+        .collect();
+    if read.is_ok() && errors.is_empty() {
+        return Ok(Launched {
+            pid: pid as u32,
+            _scratch: temp,
+        });
+    }
+    // SAFETY: killing and reaping our own child, which failed before its exec.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    Err(match read {
+        Err(source) => io_error(spec, source),
+        Ok(_) => setup(errors.join("; ")),
+    })
+}
+
+/// Waits for a workload started by `launch`, passing on the signals this process gets
+/// (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2, SIGWINCH, SIGALRM), and returns how it ended.
+/// A deadly signal that the workload, as PID 1, would ignore kills it instead. Meanwhile
+/// whatever arrives on `outputs[i]` (the read ends of the pipes given to `launch` as its
+/// stdout and stderr) goes to `on_output(i, bytes)`; it returns once they are at their end.
+/// It never starts a thread: after `launch` this process cannot.
+pub fn supervise(
+    launched: &Launched,
+    outputs: &[std::os::fd::BorrowedFd<'_>],
+    on_output: &mut dyn FnMut(usize, &[u8]),
+) -> Ended {
+    helper::supervise(launched.pid as libc::pid_t, outputs, on_output)
 }
 
 /// Runs a command inside the running sandbox whose first process is `request.pid`, with
@@ -206,6 +310,23 @@ pub fn exec(
     child
         .wait()
         .map_err(|source| SandboxError::Io { program, source })
+}
+
+/// The scratch directory of `options`, or a temp dir made for it.
+fn scratch_dir(
+    spec: &SandboxSpec,
+    options: &Options,
+) -> Result<(PathBuf, Option<tempfile::TempDir>), SandboxError> {
+    match &options.scratch {
+        Some(dir) => Ok((dir.clone(), None)),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("graven-sandbox-")
+                .tempdir()
+                .map_err(|source| io_error(spec, source))?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
 }
 
 fn spec_program(spec: &SandboxSpec) -> String {

@@ -4,8 +4,8 @@
 //! disk under `$GRAVEN_HOME/instances/<id>` (`state`), so any graven process can list,
 //! observe, stop and remove it. Limits go through cgroups where the host allows (`cgroup`).
 //!
-//! This module never enters namespaces itself: that is the sandbox helper's job, in a fresh
-//! process.
+//! This module never enters namespaces itself: that is the sandbox's job, in the shim (a
+//! fresh single-threaded process), never in the async process.
 
 mod cgroup;
 mod rootfs;
@@ -266,7 +266,6 @@ impl LocalRuntime {
             stop_signal,
             creator: Proc::of(std::process::id()),
             shim: None,
-            helper: None,
             workload: None,
             cgroups: cgroups.clone(),
             uid,
@@ -369,23 +368,21 @@ impl LocalRuntime {
         Ok(instances)
     }
 
-    /// Sends `signal` to the instance: to the sandbox helper, which passes it on to the
-    /// workload; SIGKILL also goes to the workload itself, which ends its whole namespace.
+    /// Sends `signal` to the instance: to the shim, which passes it on to the workload; but
+    /// SIGKILL to the workload itself, which ends its whole namespace and leaves the shim to
+    /// record the exit.
     fn signal(state: &State, signal: i32) {
-        for proc in [
-            state.helper,
-            (signal == libc::SIGKILL)
-                .then_some(state.workload)
-                .flatten(),
-        ]
-        .into_iter()
-        .flatten()
+        let target = if signal == libc::SIGKILL {
+            state.workload
+        } else {
+            state.shim
+        };
+        if let Some(proc) = target
+            && proc.alive()
         {
-            if proc.alive() {
-                // SAFETY: kill has no memory effects; `alive` just checked the PID is still
-                // the recorded process (start time), so no stranger is signalled.
-                unsafe { libc::kill(proc.pid as i32, signal) };
-            }
+            // SAFETY: kill has no memory effects; `alive` just checked the PID is still the
+            // recorded process (start time), so no stranger is signalled.
+            unsafe { libc::kill(proc.pid as i32, signal) };
         }
     }
 

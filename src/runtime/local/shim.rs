@@ -1,16 +1,17 @@
 //! The per-instance supervisor: the graven binary re-executed as `graven __shim <dir>`, in
-//! its own session so it outlives the graven that started it. It starts the sandbox, tells
-//! its starter "ok" or the error on its stdout, captures the workload's stdout and stderr
-//! line by line with a timestamp into the instance's log, and records the exit in the
-//! instance's state.
+//! its own session so it outlives the graven that started it. Being a fresh single-threaded
+//! process, it starts the sandbox itself (`sandbox::launch`, no helper exec), tells its
+//! starter "ok" or the error on its stdout, passes stop signals on to the workload, captures
+//! the workload's stdout and stderr line by line with a timestamp into the instance's log,
+//! and records the exit in the instance's state.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use super::state::{self, LOG, Proc, SHIM_REQUEST, ShimRequest};
 use crate::runtime::InstanceStatus;
+use crate::sandbox::Ended;
 
 /// The argv[1] that makes the graven binary act as an instance's shim.
 pub const SHIM_ARG: &str = "__shim";
@@ -32,15 +33,14 @@ fn run(dir: &Path) -> Result<(), String> {
     let request: ShimRequest = std::fs::read(&request_path)
         .map_err(|e| format!("reading {}: {e}", request_path.display()))
         .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))?;
-    let log = std::fs::OpenOptions::new()
+    let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(LOG))
         .map_err(|e| format!("opening the log: {e}"))?;
-    let log = Arc::new(Mutex::new(log));
     let (out_read, out_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_read, err_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let mut sandboxed = crate::sandbox::spawn(
+    let launched = crate::sandbox::launch(
         &request.spec,
         &request.options,
         out_write.into(),
@@ -49,8 +49,7 @@ fn run(dir: &Path) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     state::update(dir, |s| {
         s.shim = Proc::of(std::process::id());
-        s.helper = Proc::of(sandboxed.child.id());
-        s.workload = Proc::of(sandboxed.pid);
+        s.workload = Proc::of(launched.pid);
         if s.status == InstanceStatus::Created {
             s.status = InstanceStatus::Running;
         }
@@ -59,22 +58,23 @@ fn run(dir: &Path) -> Result<(), String> {
     println!("ok");
     let _ = std::io::stdout().flush();
     detach_stdio();
-    let readers = [("stdout", out_read), ("stderr", err_read)].map(|(stream, pipe)| {
-        let log = log.clone();
-        std::thread::spawn(move || capture(stream, pipe, &log))
-    });
-    let status = sandboxed.child.wait();
-    for reader in readers {
-        let _ = reader.join();
+    let mut streams = [Lines::new("stdout"), Lines::new("stderr")];
+    let ended = crate::sandbox::supervise(
+        &launched,
+        &[out_read.as_fd(), err_read.as_fd()],
+        &mut |i, bytes| streams[i].push(bytes, &mut log),
+    );
+    for stream in &mut streams {
+        stream.finish(&mut log);
     }
-    let exited = match status {
-        Ok(status) => InstanceStatus::Exited {
-            code: status.code(),
-            signal: status.signal(),
-        },
-        Err(_) => InstanceStatus::Exited {
-            code: None,
+    let exited = match ended {
+        Ended::Code(code) => InstanceStatus::Exited {
+            code: Some(code),
             signal: None,
+        },
+        Ended::Signal(signal) => InstanceStatus::Exited {
+            code: None,
+            signal: Some(signal),
         },
     };
     // The cgroups go before the exit is recorded, so whoever sees the instance exited
@@ -104,23 +104,78 @@ fn detach_stdio() {
     }
 }
 
-/// Copies one stream into the log as `<RFC 3339 time> <stream> <line>` lines.
-fn capture(stream: &str, pipe: std::io::PipeReader, log: &Mutex<std::fs::File>) {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+/// A line longer than this is logged in pieces of this size, so a workload that never
+/// writes a newline cannot make the shim hold an unbounded line.
+const MAX_LINE: usize = 16 * 1024;
+
+/// One captured stream, cut into lines that are logged as `<RFC 3339 time> <stream> <line>`.
+struct Lines {
+    stream: &'static str,
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    fn new(stream: &'static str) -> Lines {
+        Lines {
+            stream,
+            pending: Vec::new(),
         }
-        if line.last() == Some(&b'\n') {
-            line.pop();
+    }
+
+    /// Takes what arrived and logs every line it completes, in one write.
+    fn push(&mut self, bytes: &[u8], log: &mut impl Write) {
+        let mut lines = Vec::new();
+        self.split(bytes, |line| lines.push(line));
+        self.write(&lines, log);
+    }
+
+    /// Logs the last line when the stream ended without a newline.
+    fn finish(&mut self, log: &mut impl Write) {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.write(&[line], log);
         }
-        let text = String::from_utf8_lossy(&line);
-        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-        let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(file, "{now} {stream} {text}");
+    }
+
+    fn split(&mut self, mut bytes: &[u8], mut line: impl FnMut(Vec<u8>)) {
+        while !bytes.is_empty() {
+            let room = MAX_LINE - self.pending.len();
+            // One byte past the room: a newline right after a full piece ends that piece.
+            let window = &bytes[..bytes.len().min(room + 1)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    self.pending.extend_from_slice(&window[..end]);
+                    line(std::mem::take(&mut self.pending));
+                    bytes = &bytes[end + 1..];
+                }
+                None if window.len() > room => {
+                    self.pending.extend_from_slice(&window[..room]);
+                    line(std::mem::take(&mut self.pending));
+                    bytes = &bytes[room..];
+                }
+                None => {
+                    self.pending.extend_from_slice(window);
+                    bytes = &[];
+                }
+            }
+        }
+    }
+
+    fn write(&self, lines: &[Vec<u8>], log: &mut impl Write) {
+        if lines.is_empty() {
+            return;
+        }
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(&now);
+            text.push(' ');
+            text.push_str(self.stream);
+            text.push(' ');
+            text.push_str(&String::from_utf8_lossy(line));
+            text.push('\n');
+        }
+        let _ = log.write_all(text.as_bytes());
     }
 }
 
@@ -141,6 +196,43 @@ pub fn parse_log_line(line: &str) -> Option<LogLine<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines(chunks: &[&[u8]]) -> Vec<String> {
+        let mut framer = Lines::new("stdout");
+        let mut log = Vec::new();
+        for chunk in chunks {
+            framer.push(chunk, &mut log);
+        }
+        framer.finish(&mut log);
+        String::from_utf8(log)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let parsed = parse_log_line(line).unwrap();
+                assert_eq!(parsed.stream, "stdout");
+                parsed.text.to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn output_is_cut_into_lines_across_chunks() {
+        assert_eq!(lines(&[b"a\nb", b"c\n", b"\nd"]), ["a", "bc", "", "d"]);
+        assert_eq!(lines(&[b"one\ntwo\n"]), ["one", "two"]);
+        assert!(lines(&[b""]).is_empty());
+    }
+
+    #[test]
+    fn a_line_without_end_is_logged_in_pieces() {
+        let long = vec![b'x'; MAX_LINE * 2 + 5];
+        let got = lines(&[&long[..MAX_LINE - 1], &long[MAX_LINE - 1..], b"\nshort\n"]);
+        let lengths: Vec<usize> = got.iter().map(String::len).collect();
+        assert_eq!(lengths, [MAX_LINE, MAX_LINE, 5, 5]);
+        // A line of exactly the piece size is one line, with no empty one after it.
+        let exact = [vec![b'y'; MAX_LINE], b"\n".to_vec()].concat();
+        assert_eq!(lines(&[&exact]).len(), 1);
+        assert_eq!(lines(&[&exact[..MAX_LINE], b"\n"]).len(), 1);
+    }
 
     #[test]
     fn log_lines_split_back() {

@@ -68,9 +68,8 @@ pub struct State {
     pub stop_signal: i32,
     /// The graven process that is creating the instance (alive: the start is in progress).
     pub creator: Option<Proc>,
+    /// The shim, which passes the signals it gets on to the workload.
     pub shim: Option<Proc>,
-    /// The sandbox helper, whose signals reach the workload.
-    pub helper: Option<Proc>,
     /// The workload, PID 1 of its namespace.
     pub workload: Option<Proc>,
     pub cgroups: Cgroups,
