@@ -256,8 +256,18 @@ pub struct Seen {
     pub link: Option<String>,
 }
 
-/// Every path under `root` (not following symlinks), relative to it.
+/// Every path under `root` (not following symlinks), relative to it, with owners as the
+/// sandbox sees them.
 pub fn snapshot(root: &Path) -> io::Result<BTreeMap<String, Seen>> {
+    // Rootless, the sandbox maps graven's user to root inside: what RUN wrote as root is on
+    // disk as graven's user, and the layer says root, as it does when baking as root.
+    let mapped = crate::sandbox::rootless().then(|| {
+        (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        )
+    });
+    let inside = |id: u32, host: Option<u32>| if host == Some(id) { 0 } else { id };
     let mut out = BTreeMap::new();
     let mut stack = vec![(root.to_owned(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
@@ -283,8 +293,8 @@ pub fn snapshot(root: &Path) -> io::Result<BTreeMap<String, Seen>> {
                 Seen {
                     is_dir: meta.is_dir(),
                     mode: meta.permissions().mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
+                    uid: inside(meta.uid(), mapped.map(|m| m.0)),
+                    gid: inside(meta.gid(), mapped.map(|m| m.1)),
                     size: meta.len(),
                     mtime: (meta.mtime(), meta.mtime_nsec()),
                     ino: meta.ino(),

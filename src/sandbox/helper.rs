@@ -112,8 +112,7 @@ pub(super) fn launch(
         return Err("no command to run".to_owned());
     }
     let filters = super::seccomp::filters()?;
-    let rootless = geteuid() != 0;
-    if rootless {
+    if super::rootless() {
         enter_user_namespace()?;
     }
     // The mount namespace is the workload's own (unshared after the fork): pivot_root moves
@@ -131,11 +130,7 @@ pub(super) fn launch(
     }
     if pid == 0 {
         restore_mask(&old_mask);
-        let (uid, gid) = if rootless {
-            (0, 0)
-        } else {
-            (spec.uid, spec.gid)
-        };
+        let (uid, gid) = super::identity(spec.uid, spec.gid);
         let result = (|| {
             die_with_parent()?;
             if let Some((stdout, stderr)) = stdio {
@@ -170,6 +165,7 @@ fn enter(request: &ExecRequest) -> Result<Never> {
     }
     let filters = super::seccomp::filters()?;
     join_cgroups(&request.cgroups)?;
+    let (uid, gid) = super::identity(request.uid, request.gid);
     let ns = |name: &str| format!("/proc/{}/ns/{name}", request.pid);
     // The user namespace first (when the sandbox has its own), then the others; the mount
     // namespace last because entering it changes this process's root.
@@ -222,8 +218,8 @@ fn enter(request: &ExecRequest) -> Result<Never> {
                 &request.args,
                 &request.env,
                 &request.cwd,
-                request.uid,
-                request.gid,
+                uid,
+                gid,
                 &filters,
             )
         });
@@ -257,7 +253,8 @@ fn redirect_stdin_to_null() -> Result<()> {
 
 /// A user namespace mapping root inside to this unprivileged user outside.
 fn enter_user_namespace() -> Result<()> {
-    let (uid, gid) = (geteuid(), getegid());
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
     // SAFETY: unshare only changes this process's namespace membership.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
     check(rc, "unshare of the user namespace")?;
@@ -944,16 +941,6 @@ fn cstring(bytes: &[u8]) -> Result<CString> {
 
 fn cstrings(items: &[String]) -> Result<Vec<CString>> {
     items.iter().map(|s| cstring(s.as_bytes())).collect()
-}
-
-fn geteuid() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() }
-}
-
-fn getegid() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::getegid() }
 }
 
 fn errno_raw() -> i32 {

@@ -175,6 +175,19 @@ pub fn helper_binary() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
 }
 
+/// True when graven runs without root: every sandbox then gets a user namespace.
+pub fn rootless() -> bool {
+    !rustix::process::geteuid().is_root()
+}
+
+/// The ids a workload really runs as (inside its namespaces) when `uid:gid` is asked for.
+/// As root, those. Without root the sandbox's user namespace maps one id, the user graven
+/// runs as, to 0 inside, so every workload runs as that: root inside, with no capabilities,
+/// and the unprivileged user on the host.
+pub fn identity(uid: u32, gid: u32) -> (u32, u32) {
+    if rootless() { (0, 0) } else { (uid, gid) }
+}
+
 /// Runs `spec` in a fresh sandbox and waits for it. Blocking.
 pub fn run(spec: &SandboxSpec, stdout: Stdio, stderr: Stdio) -> Result<ExitStatus, SandboxError> {
     let mut sandboxed = spawn(spec, &Options::default(), stdout, stderr)?;

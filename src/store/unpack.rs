@@ -113,7 +113,9 @@ fn chain(error: &dyn std::error::Error) -> String {
 fn apply(reader: impl Read, root: &Path) -> io::Result<()> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
+    // Only root can give files away. Without it every file is the unpacking user's, which is
+    // what a rootless sandbox maps to uid 0 inside (its one mapped id).
+    archive.set_preserve_ownerships(rustix::process::geteuid().is_root());
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     // Paths this layer created (relative to `root`, resolved), which an opaque marker in the

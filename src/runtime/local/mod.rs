@@ -155,6 +155,8 @@ impl LocalRuntime {
                 .unwrap_or_default(),
             image: spec.image.clone(),
         })?;
+        // What really runs (rootless: the one mapped id) is what is recorded and used.
+        let (uid, gid) = sandbox::identity(uid, gid);
         let stop_signal = parse_signal(
             spec.stop_signal
                 .as_deref()
@@ -304,10 +306,14 @@ impl LocalRuntime {
                         reason: format!("{} is not a directory", source.display()),
                     });
                 }
-                if !source.exists() {
+                let created = !source.exists();
+                if created {
                     std::fs::create_dir_all(&source)
                         .map_err(other(format!("creating volume {}", source.display())))?;
-                    // A new volume belongs to the instance's user, who must write it.
+                }
+                // A new volume belongs to the instance's user, who must write it. Rootless,
+                // it already does: graven's user is the instance's user.
+                if created && !sandbox::rootless() {
                     std::os::unix::fs::chown(&source, Some(owner.0), Some(owner.1)).map_err(
                         other(format!(
                             "giving volume {} to {}:{}",

@@ -1,0 +1,236 @@
+//! The local runtime without root: graven run by an unprivileged user (uid 65534) starts
+//! each instance in a user namespace that maps that one user to root inside. What the
+//! instance sees, what the host sees, and that exec, volumes and stop work as with root.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use graven::store::RuntimeConfig;
+use support::runtime::{File, get, probe_binary, put_image};
+
+const USER: u32 = 65534;
+
+/// A graven command run as `USER`.
+fn as_user(home: &Path) -> Command {
+    let mut command = support::graven(home);
+    command.uid(USER).gid(USER).current_dir("/");
+    command
+}
+
+fn ok(output: Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn parse(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The first field of a `Uid:` or `Gid:` line of /proc/<pid>/status: the id on the host.
+fn host_id(pid: u64, field: &str) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Removes the instance, as the user, whatever the test's outcome.
+struct Cleanup<'a>(&'a Path, String);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = as_user(self.0).args(["rm", "-f", &self.1]).output();
+    }
+}
+
+#[test]
+fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
+    if !rustix::process::geteuid().is_root() {
+        // Every other runtime test already runs rootless then; this one needs root only to
+        // become the unprivileged user.
+        eprintln!("not root: the rest of the suite runs rootless already");
+        return;
+    }
+    let binary = support::graven_bin();
+    let reachable = Command::new(&binary)
+        .arg("--version")
+        .uid(USER)
+        .gid(USER)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        reachable,
+        "uid {USER} cannot run {} (a directory on the way is not world-searchable)",
+        binary.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let config = RuntimeConfig {
+        entrypoint: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
+        ..RuntimeConfig::default()
+    };
+    put_image(
+        home,
+        "probe:test",
+        &[File::executable("probe", &probe_binary())],
+        config,
+    );
+    let status = Command::new("chown")
+        .args(["-R", &format!("{USER}:{USER}")])
+        .arg(home)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let started = ok(
+        as_user(home)
+            .args([
+                "run",
+                "-d",
+                "--json",
+                "--volume",
+                "data:/data",
+                "probe:test",
+            ])
+            .output()
+            .unwrap(),
+        "graven run as an unprivileged user",
+    );
+    let instance: serde_json::Value = serde_json::from_str(&started).unwrap();
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let _cleanup = Cleanup(home, id.clone());
+    let address = instance["address"].as_str().unwrap().parse().unwrap();
+    let pid = instance["pid"].as_u64().unwrap();
+
+    // Inside: root of its own user namespace, and still without any privilege.
+    let reply = support::wait_for(Duration::from_secs(10), "the probe to answer", || {
+        get(address, "/report")
+    });
+    let seen = parse(&reply.body);
+    assert_eq!(seen["pid"], "1");
+    assert_eq!(seen["uid"], "0", "the one mapped id is root inside");
+    assert_eq!(seen["cap_eff"], "0000000000000000");
+    assert_eq!(seen["no_new_privs"], "1");
+    assert_eq!(seen["seccomp"], "2");
+    assert_eq!(seen["root_write"], "Read-only file system");
+    assert_eq!(seen["tmp_write"], "ok");
+    assert_eq!(seen["mount"], "Operation not permitted");
+    assert_eq!(seen["unshare"], "Operation not permitted");
+
+    // Outside: that root is the unprivileged user, in a user namespace of its own.
+    assert_eq!(host_id(pid, "Uid:"), USER);
+    assert_eq!(host_id(pid, "Gid:"), USER);
+    let user_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(user_ns(&pid.to_string()), user_ns("self"));
+    // Nothing graven made belongs to anyone else: not the shared root, not the volume.
+    for made in ["rootfs", "volumes/data", &format!("instances/{id}")] {
+        let owner = std::fs::metadata(home.join(made)).unwrap().uid();
+        assert_eq!(owner, USER, "{made} belongs to uid {owner}");
+    }
+
+    // Break-glass exec enters the same namespaces as the same (mapped) user.
+    let inside = ok(
+        as_user(home)
+            .args(["exec", &id, "--", "/probe", "report"])
+            .output()
+            .unwrap(),
+        "graven exec as the unprivileged user",
+    );
+    let inside = parse(&inside);
+    assert_eq!(inside["uid"], "0");
+    assert_eq!(inside["cap_eff"], "0000000000000000");
+    assert_eq!(inside["hostname"], id);
+
+    let stopped = ok(
+        as_user(home)
+            .args(["stop", "--grace", "5s", &id])
+            .output()
+            .unwrap(),
+        "graven stop as the unprivileged user",
+    );
+    assert!(stopped.contains("exited"), "{stopped}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the workload is gone"
+    );
+    ok(
+        as_user(home).args(["rm", &id]).output().unwrap(),
+        "graven rm as the unprivileged user",
+    );
+}
+
+/// Baking without root: RUN runs as root of a user namespace, and what it writes lands in
+/// the layer owned by root, as when baking with root (on disk it is the user's).
+#[test]
+fn an_unprivileged_user_bakes_a_run_step_whose_files_are_root_s() {
+    const BUSYBOX: &str = "/bin/busybox";
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: the bake tests run rootless already");
+        return;
+    }
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let context = dir.path().join("context");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::copy(BUSYBOX, context.join("busybox")).unwrap();
+    std::fs::write(
+        context.join("Containerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo made > /made; /bin/busybox id -u > /uid\"]\n",
+    )
+    .unwrap();
+    let status = Command::new("chown")
+        .args(["-R", &format!("{USER}:{USER}")])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let baked = ok(
+        as_user(&home)
+            .arg("bake")
+            .arg(&context)
+            .args(["--tag", "made", "--json"])
+            .output()
+            .unwrap(),
+        "graven bake as an unprivileged user",
+    );
+    assert!(baked.contains("sha256:"), "{baked}");
+
+    let store = graven::store::Store::open(&home).unwrap();
+    let image = store.image(&store.resolve("made").unwrap()).unwrap();
+    let top = image.manifest.layers.last().unwrap();
+    let gz = store.read_blob(&top.digest).unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz.as_slice()));
+    let mut owners = BTreeMap::new();
+    let mut uid_inside = String::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let header = entry.header();
+        owners.insert(path.clone(), (header.uid().unwrap(), header.gid().unwrap()));
+        if path == "uid" {
+            use std::io::Read;
+            entry.read_to_string(&mut uid_inside).unwrap();
+        }
+    }
+    assert_eq!(uid_inside.trim(), "0", "RUN runs as root of its namespace");
+    assert_eq!(owners.get("made"), Some(&(0, 0)), "{owners:?}");
+    assert_eq!(owners.get("uid"), Some(&(0, 0)), "{owners:?}");
+}
