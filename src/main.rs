@@ -1,6 +1,7 @@
 use std::process::ExitCode;
 
 /// The proxy allocates a few buffers per request (hyper's read buffers, header maps); mimalloc
+/// (built without transparent huge pages, see ARCHITECTURE.md)
 /// makes that markedly cheaper than glibc's allocator (bench/proxy.sh).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -110,6 +110,28 @@ async fn wait_exited(runtime: &LocalRuntime, instance: &Instance) -> InstanceSta
     }
 }
 
+/// The instance's state file, as JSON.
+fn state_of(home: &Home, instance: &Instance) -> serde_json::Value {
+    let path = home
+        .path()
+        .join("instances")
+        .join(&instance.id.0)
+        .join("state.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The parent PID and session id of a process, from /proc/<pid>/stat.
+fn parent_and_session(pid: u64) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    (fields[1].parse().unwrap(), fields[3].parse().unwrap())
+}
+
 fn log_text(instance: &Instance) -> String {
     std::fs::read_to_string(instance.log.as_ref().unwrap()).unwrap_or_default()
 }
@@ -273,21 +295,32 @@ async fn a_killed_instance_is_reported_exited() {
     assert!(listed.iter().all(|i| i.status.is_exited()));
 }
 
+/// An instance is two host processes: the shim, which leads a session of its own (so the
+/// starter's terminal cannot signal it), and the workload as its direct child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shim_leads_its_own_session_and_is_the_workload_s_parent() {
+    let home = Home::new();
+    let instance = home.runtime.start(home.spec()).await.unwrap();
+    report(&instance, "/healthz");
+    let state = state_of(&home, &instance);
+    let shim = state["shim"]["pid"].as_u64().unwrap();
+    let workload = state["workload"]["pid"].as_u64().unwrap();
+    assert_eq!(Some(workload as u32), instance.pid);
+    let (_, shim_session) = parent_and_session(shim);
+    assert_eq!(shim_session, shim, "the shim leads its session");
+    let (_, own_session) = parent_and_session(std::process::id().into());
+    assert_ne!(shim_session, own_session);
+    let (workload_parent, _) = parent_and_session(workload);
+    assert_eq!(workload_parent, shim, "no helper between shim and workload");
+    home.runtime.kill(&instance.id).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_supervisor_still_means_exited_never_running() {
     let home = Home::new();
     let instance = home.runtime.start(home.spec()).await.unwrap();
     report(&instance, "/healthz");
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            home.path()
-                .join("instances")
-                .join(&instance.id.0)
-                .join("state.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let state = state_of(&home, &instance);
     // Kill the shim first (so nobody records the exit), then the workload.
     for who in ["shim", "workload"] {
         let pid = state[who]["pid"].as_u64().unwrap() as i32;

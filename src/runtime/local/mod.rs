@@ -554,7 +554,8 @@ impl Runtime for LocalRuntime {
     }
 }
 
-/// Starts the shim in its own session and waits for its "ok" (or its error).
+/// Starts the shim (which puts itself in its own session) and waits for its "ok" (or its
+/// error).
 fn spawn_shim(dir: &Path) -> Result<(), String> {
     let mut command = Command::new(sandbox::helper_binary());
     command
@@ -563,15 +564,6 @@ fn spawn_shim(dir: &Path) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe; the shim leaves graven's session and process
-    // group, so a Ctrl-C at graven's terminal does not reach it.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start the shim: {e}"))?;

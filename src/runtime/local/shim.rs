@@ -17,6 +17,10 @@ use crate::sandbox::Ended;
 pub const SHIM_ARG: &str = "__shim";
 
 pub fn main(dir: &Path) -> ! {
+    // Its own session, so a Ctrl-C or hang-up at the starter's terminal never reaches the
+    // instance. Done here rather than by the starter between fork and exec, which would keep
+    // the starter from using posix_spawn (a vfork) and make it copy its page tables instead.
+    let _ = rustix::process::setsid();
     match run(dir) {
         Ok(()) => std::process::exit(0),
         Err(message) => {
