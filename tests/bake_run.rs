@@ -33,9 +33,14 @@ fn bake(home: &Path, dir: &Path, containerfile: &str) -> std::process::Output {
 
 /// The last layer's entries with their content.
 fn last_layer(home: &Path) -> Vec<String> {
+    layer(home, |count| count - 1)
+}
+
+/// The entries of one layer (`which` picks it from the layer count) with their content.
+fn layer(home: &Path, which: impl FnOnce(usize) -> usize) -> Vec<String> {
     let store = graven::store::Store::open(home).unwrap();
     let image = store.image(&store.resolve("run:1").unwrap()).unwrap();
-    let layer = image.manifest.layers.last().unwrap();
+    let layer = &image.manifest.layers[which(image.manifest.layers.len())];
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
         store.open_blob(&layer.digest).unwrap(),
     ));
@@ -89,7 +94,7 @@ fn run_changes_become_a_layer() {
         paths.push(path);
     }
     assert_eq!(greeting, "hello world\n");
-    // The mount points the sandbox made (/dev, /proc, /sys, /tmp) are not content.
+    // The mount points the sandbox made (/dev, /proc, /sys) are not content.
     assert_eq!(paths, ["etc/", "etc/greeting"]);
     // A rebuild takes every RUN from the cache.
     let again = bake(
@@ -131,4 +136,34 @@ fn a_failing_run_names_file_line_and_status_and_keeps_the_store() {
     assert!(stderr.contains("Containerfile:5:"), "{stderr}");
     assert!(stderr.contains("exit status 3"), "{stderr}");
     assert_eq!(list(home.path()), before, "a failed RUN changed the store");
+}
+
+/// `docker build` keeps what a RUN writes under /tmp; so does graven (it once mounted a
+/// tmpfs there, as for instances, and the files were lost). A base without /tmp gets none
+/// made for it, as with docker.
+#[test]
+fn what_run_writes_under_tmp_is_in_the_layer() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    let out = bake(
+        home.path(),
+        dir.path(),
+        &format!(
+            "{BASE}RUN /bin/busybox ls -d /tmp || echo no-tmp > /no-tmp\nRUN /bin/busybox mkdir -m 1777 /tmp && echo kept > /tmp/kept\n"
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        last_layer(home.path()),
+        ["tmp/ \"\"", "tmp/kept \"kept\\n\""]
+    );
+    assert_eq!(
+        layer(home.path(), |_| 2),
+        ["no-tmp \"no-tmp\\n\""],
+        "the base had no /tmp and got none"
+    );
 }

@@ -14,7 +14,7 @@ use sha2::Digest as _;
 use crate::store::{Descriptor, Digest, Store};
 
 /// Bumped whenever the way layers are written changes, so old entries stop matching.
-const VERSION: &str = "graven-bake-cache-v1";
+const VERSION: &str = "graven-bake-cache-v2";
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {

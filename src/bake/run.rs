@@ -11,9 +11,10 @@ use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
 use crate::store::{Descriptor, Digest, Store};
 
-/// Directories the sandbox mounts over (`/tmp` is a size-capped tmpfs, as for instances):
-/// what is in them is never layer content, and the mount points it creates are not either.
-const MOUNTED: &[&str] = &["proc", "sys", "dev", "tmp"];
+/// Directories the sandbox mounts over: what is in them is never layer content, and the
+/// mount points it creates are not either. (`/tmp` is not one: RUN keeps what it writes
+/// there, as `docker build` does.)
+const MOUNTED: &[&str] = &["proc", "sys", "dev"];
 
 pub struct RunOutput {
     pub entries: Vec<Entry>,
@@ -59,7 +60,7 @@ pub fn run(
         gid,
         hostname: "graven-bake".to_owned(),
         binds: Vec::new(),
-        tmp_bytes: 256 * 1024 * 1024,
+        tmp_bytes: 0,
     };
     // The command's output goes to graven's stderr, so `--json` keeps stdout clean.
     let out = || -> Result<Stdio, String> {

@@ -335,7 +335,14 @@ fn build_root(request: &Request) -> Result<()> {
             Some(&options),
         )?;
     }
-    for dir in ["dev", "proc", "sys", "tmp"] {
+    // A RUN step's /tmp is its root's own, so what it leaves there is part of its layer, as
+    // with `docker build`; an instance's /tmp is a capped tmpfs.
+    let mount_points: &[&str] = if spec.writable_root {
+        &["dev", "proc", "sys"]
+    } else {
+        &["dev", "proc", "sys", "tmp"]
+    };
+    for dir in mount_points {
         ensure_dir(&root, dir)?;
     }
     for bind in &spec.binds {
@@ -361,18 +368,20 @@ fn build_root(request: &Request) -> Result<()> {
             remount_readonly(&target, 0)?;
         }
     }
-    let tmp_bytes = if spec.tmp_bytes == 0 {
-        DEFAULT_TMP_BYTES
-    } else {
-        spec.tmp_bytes
-    };
-    mount(
-        Some("tmpfs"),
-        root.join("tmp"),
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some(&format!("mode=1777,size={tmp_bytes}")),
-    )?;
+    if !spec.writable_root {
+        let tmp_bytes = if spec.tmp_bytes == 0 {
+            DEFAULT_TMP_BYTES
+        } else {
+            spec.tmp_bytes
+        };
+        mount(
+            Some("tmpfs"),
+            root.join("tmp"),
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&format!("mode=1777,size={tmp_bytes}")),
+        )?;
+    }
     build_dev(&root.join("dev"))?;
     mount(
         Some("proc"),

@@ -42,9 +42,10 @@ const EXEC_REQUEST_ENV: &str = "GRAVEN_SANDBOX_EXEC";
 pub struct SandboxSpec {
     /// The directory that becomes `/`.
     pub rootfs: PathBuf,
-    /// False for instances (read-only root); true for bake RUN steps, which write the layer.
-    /// A writable root gets empty `/dev`, `/proc`, `/sys` and `/tmp` directories created as
-    /// mount points when it lacks them; a read-only root is never written.
+    /// False for instances (read-only root, a tmpfs at `/tmp`); true for bake RUN steps, which
+    /// write the layer, `/tmp` included (as with `docker build`). A writable root gets empty
+    /// `/dev`, `/proc` and `/sys` directories created as mount points when it lacks them; a
+    /// read-only root is never written.
     pub writable_root: bool,
     pub args: Vec<String>,
     pub env: Vec<String>,
@@ -54,7 +55,8 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// Extra bind mounts (volumes), source on the host, target inside the root.
     pub binds: Vec<Bind>,
-    /// Size cap of the tmpfs mounted at /tmp (0 means `DEFAULT_TMP_BYTES`).
+    /// Size cap of the tmpfs mounted at /tmp of a read-only root (0 means
+    /// `DEFAULT_TMP_BYTES`); a writable root has none.
     pub tmp_bytes: u64,
 }
 
