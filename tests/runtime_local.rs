@@ -153,6 +153,7 @@ async fn the_instance_is_locked_down() {
     assert_eq!(seen["tmp_write"], "ok");
     assert_eq!(seen["timer_list_bytes"], "0");
     assert_eq!(seen["mount"], "Operation not permitted");
+    assert_eq!(seen["io_uring"], "Operation not permitted");
     assert_eq!(seen["unshare"], "Operation not permitted");
     assert_eq!(seen["probe_env"], "given");
     assert_eq!(seen["port"], instance.address.unwrap().port().to_string());

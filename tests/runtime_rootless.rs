@@ -128,6 +128,7 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     assert_eq!(seen["root_write"], "Read-only file system");
     assert_eq!(seen["tmp_write"], "ok");
     assert_eq!(seen["mount"], "Operation not permitted");
+    assert_eq!(seen["io_uring"], "Operation not permitted");
     assert_eq!(seen["unshare"], "Operation not permitted");
 
     // Outside: that root is the unprivileged user, in a user namespace of its own.

@@ -82,6 +82,7 @@ fn the_probe_sees_a_locked_down_sandbox() {
     assert_ne!(seen["proc_sys_write"], "ok");
     assert_eq!(seen["hostname"], "probe-host");
     assert_eq!(seen["mount"], "Operation not permitted");
+    assert_eq!(seen["io_uring"], "Operation not permitted");
     assert_eq!(seen["unshare"], "Operation not permitted");
     assert_eq!(seen["probe_env"], "inside");
     assert_eq!(seen["port"], "1234");
@@ -105,6 +106,7 @@ fn the_probe_run_bare_sees_the_opposite() {
     assert_eq!(seen["root_write"], "ok");
     assert_ne!(seen["timer_list_bytes"], "0");
     assert_eq!(seen["mount"], "No such device");
+    assert_eq!(seen["io_uring"], "Bad address");
     assert_eq!(seen["unshare"], "ok");
 }
 

@@ -1,6 +1,6 @@
 //! The default seccomp filter, built with `seccompiler`: a deny-list of the syscalls a
 //! workload has no business making (mounts, modules, kexec, bpf, tracing, keyrings, new
-//! namespaces, clock and swap changes), answered with EPERM so programs see a plain refusal.
+//! namespaces, clock and swap changes, io_uring), answered with EPERM so programs see a plain refusal.
 //! `clone3` gets ENOSYS instead: its flags live in memory a filter cannot read, and ENOSYS
 //! makes libc fall back to `clone`, whose namespace flags the filter does check.
 
@@ -52,6 +52,11 @@ const DENIED: &[i64] = &[
     libc::SYS_move_mount,
     libc::SYS_open_tree,
     libc::SYS_userfaultfd,
+    // io_uring runs requests in kernel threads that seccomp never sees, and has been a
+    // steady source of kernel exploits; Docker's default profile refuses it too.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     libc::SYS_syslog,
     libc::SYS_vhangup,
     #[cfg(target_arch = "x86_64")]

@@ -24,6 +24,7 @@ mod nr {
     pub const MOUNT: usize = 165;
     pub const UNSHARE: usize = 272;
     pub const SIGNALFD4: usize = 289;
+    pub const IO_URING_SETUP: usize = 425;
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -33,6 +34,7 @@ mod nr {
     pub const MOUNT: usize = 40;
     pub const UNSHARE: usize = 97;
     pub const SIGNALFD4: usize = 74;
+    pub const IO_URING_SETUP: usize = 425;
 }
 
 /// A raw system call; returns the kernel's result (a negative errno on failure).
@@ -154,6 +156,12 @@ fn report() -> String {
                 0,
             ))
         }),
+        // No parameters: run bare this fails with "Bad address" and sets nothing up; in a
+        // sandbox it must be refused before that.
+        format!(
+            "io_uring={}",
+            outcome(syscall(nr::IO_URING_SETUP, 1, 0, 0, 0))
+        ),
         format!("port={}", std::env::var("PORT").unwrap_or_default()),
         format!(
             "probe_env={}",
