@@ -187,6 +187,20 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let runtime = LocalRuntime::open(home)?;
     async_runtime(Threads::One)?.block_on(async {
+        // The first instance of an image unpacks it, which takes a while for a big one.
+        if !runtime.is_prepared(&spec.image) {
+            let started = std::time::Instant::now();
+            eprintln!(
+                "graven: unpacking {} for its first instance",
+                spec.image.short()
+            );
+            runtime.prepare(&spec.image).await?;
+            eprintln!(
+                "graven: unpacked {} in {} ms",
+                spec.image.short(),
+                started.elapsed().as_millis()
+            );
+        }
         let instance = runtime.start(spec).await?;
         warn(&instance);
         if args.detach {

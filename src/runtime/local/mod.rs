@@ -81,6 +81,11 @@ impl LocalRuntime {
         Ok((dir, state))
     }
 
+    /// Whether `image` is ready to start instances from without unpacking it first.
+    pub fn is_prepared(&self, image: &Digest) -> bool {
+        rootfs::is_unpacked(&self.home, image)
+    }
+
     /// Where an instance's log is (it stays after `remove`).
     pub fn log_path(&self, id: &InstanceId) -> PathBuf {
         self.home.join("instances").join(&id.0).join(LOG)

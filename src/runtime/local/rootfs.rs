@@ -6,7 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::runtime::RuntimeError;
-use crate::store::{Image, Store};
+use crate::store::{Digest, Image, Store};
+
+/// Whether `image` is unpacked already (its next instance starts without unpacking).
+pub fn is_unpacked(home: &Path, image: &Digest) -> bool {
+    home.join("rootfs").join(image.hex()).is_dir()
+}
 
 /// The unpacked root of `image`, unpacking it first when needed.
 pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, RuntimeError> {
