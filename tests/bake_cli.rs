@@ -7,26 +7,19 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::Command;
 
-use support::{graven, hello_binary, workspace};
+use support::{graven, hello_binary, succeed, workspace};
 
-fn bake(home: &Path, dir: &Path, args: &[&str]) -> Output {
-    graven(home)
-        .arg("bake")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("graven runs")
+/// `graven bake <dir> <args>`.
+fn bake(home: &Path, dir: &Path, args: &[&str]) -> Command {
+    let mut command = graven(home);
+    command.arg("bake").arg(dir).args(args);
+    command
 }
 
 fn bake_json(home: &Path, dir: &Path, args: &[&str]) -> serde_json::Value {
-    let out = bake(home, dir, &[&["--json"], args].concat());
-    assert!(
-        out.status.success(),
-        "bake failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(&mut bake(home, dir, &[&["--json"], args].concat()));
     serde_json::from_slice(&out.stdout).expect("--json prints json")
 }
 
@@ -143,16 +136,11 @@ fn the_example_bakes_to_the_same_digest_whatever_the_mtimes_and_copy_order() {
     // SOURCE_DATE_EPOCH changes the layer mtimes, so the digest, and does so the same way
     // every time.
     let with_epoch = |home: &Path, dir: &Path| {
-        let out = graven(home)
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .args(["bake", "--json", "--tag", "hello:epoch"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = succeed(
+            graven(home)
+                .env("SOURCE_DATE_EPOCH", "1700000000")
+                .args(["bake", "--json", "--tag", "hello:epoch"])
+                .arg(dir),
         );
         digest_of(&serde_json::from_slice(&out.stdout).unwrap())
     };
@@ -187,8 +175,7 @@ fn an_unchanged_rebuild_is_all_cached_and_a_change_is_not() {
         cold["cached_steps"], 1,
         "only FROM scratch is cached on a cold bake"
     );
-    let warm = bake(home.path(), dir.path(), &[]);
-    assert!(warm.status.success());
+    let warm = succeed(&mut bake(home.path(), dir.path(), &[]));
     let stderr = String::from_utf8_lossy(&warm.stderr);
     assert!(stderr.contains("every step was cached"), "{stderr}");
     assert!(
@@ -203,7 +190,9 @@ fn an_unchanged_rebuild_is_all_cached_and_a_change_is_not() {
     let touched = bake_json(home.path(), dir.path(), &[]);
     assert_eq!(touched["cached_steps"], touched["total_steps"]);
     fs::write(dir.path().join("dist/hello"), b"changed").unwrap();
-    let changed = bake(home.path(), dir.path(), &[]);
+    let changed = bake(home.path(), dir.path(), &[])
+        .output()
+        .expect("graven runs");
     let stderr = String::from_utf8_lossy(&changed.stderr);
     assert!(!stderr.contains("every step was cached"), "{stderr}");
     assert!(
@@ -223,7 +212,9 @@ fn check_failure(setup: &dyn Fn(&Path), containerfile: &str, wanted: &[&str]) {
     setup(dir.path());
     fs::write(dir.path().join("Containerfile"), containerfile).unwrap();
     let before = store_files(home.path());
-    let out = bake(home.path(), dir.path(), &["--tag", "after:1"]);
+    let out = bake(home.path(), dir.path(), &["--tag", "after:1"])
+        .output()
+        .expect("graven runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{containerfile:?} baked");
     for want in wanted {
@@ -436,15 +427,10 @@ fn from_store_tag_oci_archive_layout_and_docker_archive() {
     let oci = exports.path().join("base-oci.tar");
     let docker = exports.path().join("base-docker.tar");
     for (format, path) in [("oci", &oci), ("docker", &docker)] {
-        let out = graven(home.path())
-            .args(["image", "export", "base:1", "--format", format, "-o"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            graven(home.path())
+                .args(["image", "export", "base:1", "--format", format, "-o"])
+                .arg(path),
         );
     }
     let layout = exports.path().join("layout");
@@ -560,7 +546,9 @@ fn chown_by_name_reads_the_images_passwd_and_group() {
         "FROM scratch\nCOPY passwd group /etc/\nCOPY --chown=nobody file /a\n",
     )
     .unwrap();
-    let out = bake(home.path(), d.path(), &["--tag", "t:2"]);
+    let out = bake(home.path(), d.path(), &["--tag", "t:2"])
+        .output()
+        .expect("graven runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use support::graven;
+use support::{graven, succeed};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -22,13 +22,12 @@ fn context() -> tempfile::TempDir {
     dir
 }
 
-fn bake(home: &Path, dir: &Path, containerfile: &str) -> std::process::Output {
+/// Writes `containerfile` into `dir` and returns `graven bake --json --tag run:1 <dir>`.
+fn bake(home: &Path, dir: &Path, containerfile: &str) -> std::process::Command {
     fs::write(dir.join("Containerfile"), containerfile).unwrap();
-    graven(home)
-        .args(["bake", "--json", "--tag", "run:1"])
-        .arg(dir)
-        .output()
-        .unwrap()
+    let mut command = graven(home);
+    command.args(["bake", "--json", "--tag", "run:1"]).arg(dir);
+    command
 }
 
 /// The last layer's entries with their content.
@@ -62,18 +61,13 @@ const BASE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nCOPY busybox /bin/s
 fn run_changes_become_a_layer() {
     let home = tempfile::tempdir().unwrap();
     let dir = context();
-    let out = bake(
+    let out = succeed(&mut bake(
         home.path(),
         dir.path(),
         &format!(
             "{BASE}ENV WHO=world\nRUN /bin/busybox mkdir -p /etc && echo \"hello $WHO\" > /etc/greeting\nRUN [\"/bin/busybox\", \"rm\", \"/bin/sh\"]\n"
         ),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["layers"].as_array().unwrap().len(), 4);
     assert_eq!(last_layer(home.path()), ["bin/.wh.sh \"\""]);
@@ -101,7 +95,9 @@ fn run_changes_become_a_layer() {
         home.path(),
         dir.path(),
         &fs::read_to_string(dir.path().join("Containerfile")).unwrap(),
-    );
+    )
+    .output()
+    .unwrap();
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(again["cached_steps"], again["total_steps"]);
     assert_eq!(again["digest"], result["digest"]);
@@ -111,12 +107,7 @@ fn run_changes_become_a_layer() {
 fn a_failing_run_names_file_line_and_status_and_keeps_the_store() {
     let home = tempfile::tempdir().unwrap();
     let dir = context();
-    let ok = bake(home.path(), dir.path(), BASE);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    succeed(&mut bake(home.path(), dir.path(), BASE));
     let list = |home: &Path| {
         let mut files: Vec<String> = fs::read_dir(home.join("store/blobs/sha256"))
             .unwrap()
@@ -130,7 +121,9 @@ fn a_failing_run_names_file_line_and_status_and_keeps_the_store() {
         home.path(),
         dir.path(),
         &format!("{BASE}RUN echo partial > /partial\nRUN exit 3\n"),
-    );
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Containerfile:5:"), "{stderr}");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{graven, hello_binary, wait_for, workspace};
+use support::{graven, hello_binary, succeed, wait_for, workspace};
 
 /// Bakes the example into `home` as `hello:valid` and returns its digest.
 fn bake_example(home: &Path) -> String {
@@ -22,30 +22,20 @@ fn bake_example(home: &Path) -> String {
     )
     .unwrap();
     fs::copy(hello_binary(), dir.path().join("dist/hello")).unwrap();
-    let out = graven(home)
-        .args(["bake", "--json", "--tag", "hello:valid"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        graven(home)
+            .args(["bake", "--json", "--tag", "hello:valid"])
+            .arg(dir.path()),
     );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     result["digest"].as_str().unwrap().to_owned()
 }
 
 fn export(home: &Path, format: &str, to: &Path) {
-    let out = graven(home)
-        .args(["image", "export", "hello:valid", "--format", format, "-o"])
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        graven(home)
+            .args(["image", "export", "hello:valid", "--format", format, "-o"])
+            .arg(to),
     );
 }
 
@@ -63,15 +53,7 @@ fn tool(name: &str) -> Command {
 }
 
 fn skopeo_digest(reference: &str) -> String {
-    let out = tool("skopeo")
-        .args(["inspect", reference])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo inspect {reference}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(tool("skopeo").args(["inspect", reference]));
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     value["Digest"].as_str().unwrap().to_owned()
 }
@@ -90,14 +72,13 @@ fn skopeo_reads_the_store_and_the_oci_export() {
     export(home.path(), "oci", &archive);
     let layout = out.path().join("layout");
     fs::create_dir(&layout).unwrap();
-    let status = Command::new("tar")
-        .arg("-xf")
-        .arg(&archive)
-        .arg("-C")
-        .arg(&layout)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    succeed(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&layout),
+    );
     assert_eq!(
         skopeo_digest(&format!("oci:{}:hello:valid", layout.display())),
         digest
@@ -116,20 +97,15 @@ fn umoci_unpacks_the_image_with_hello_in_its_rootfs() {
     bake_example(home.path());
     let bundle = tempfile::tempdir().unwrap();
     let target = bundle.path().join("bundle");
-    let out = tool("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!(
-            "{}:hello:valid",
-            home.path().join("store").display()
-        ))
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "umoci: {}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        tool("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(format!(
+                "{}:hello:valid",
+                home.path().join("store").display()
+            ))
+            .arg(&target),
     );
     let hello = target.join("rootfs/hello");
     assert!(hello.is_file(), "the bundle's rootfs has no /hello");
@@ -286,35 +262,19 @@ fn the_docker_export_loads_into_dockerd_and_answers_healthz() {
     let archive = out.path().join("hello-docker.tar");
     export(home.path(), "docker", &archive);
     let dockerd = Dockerd::start();
-    let load = dockerd
-        .docker()
-        .arg("load")
-        .arg("-i")
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(
-        load.status.success(),
-        "docker load: {}",
-        String::from_utf8_lossy(&load.stderr)
-    );
+    let load = succeed(dockerd.docker().arg("load").arg("-i").arg(&archive));
     assert!(String::from_utf8_lossy(&load.stdout).contains("hello:valid"));
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let run = dockerd
-        .docker()
-        .args(["run", "--rm", "-d", "--network", "host", "-e"])
-        .arg(format!("PORT={port}"))
-        .arg("hello:valid")
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "docker run: {}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = succeed(
+        dockerd
+            .docker()
+            .args(["run", "--rm", "-d", "--network", "host", "-e"])
+            .arg(format!("PORT={port}"))
+            .arg("hello:valid"),
     );
     let container = Container {
         docker: &dockerd,

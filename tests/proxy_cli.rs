@@ -84,12 +84,8 @@ fn standalone_proxy_serves_the_example_and_stops_on_sigterm() {
 
 #[test]
 fn the_proxy_subcommand_is_hidden() {
-    let output = support::graven(&std::env::temp_dir())
-        .arg("--help")
-        .output()
-        .unwrap();
+    let output = support::succeed(support::graven(&std::env::temp_dir()).arg("--help"));
     let help = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success());
     assert!(help.contains("bake"), "{help}");
     assert!(!help.contains("__proxy"), "{help}");
 }

@@ -419,15 +419,13 @@ async fn limits_go_to_cgroups_or_say_they_do_not() {
 #[test]
 fn a_restarted_graven_finds_execs_and_stops_the_instance() {
     let home = Home::new();
-    let run = support::graven(home.path())
-        .args(["run", "-d", "probe:test", "--env", "PROBE_ENV=cli"])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let run = support::succeed(support::graven(home.path()).args([
+        "run",
+        "-d",
+        "probe:test",
+        "--env",
+        "PROBE_ENV=cli",
+    ]));
     let id = String::from_utf8(run.stdout).unwrap().trim().to_owned();
     let ps = support::graven(home.path())
         .args(["ps", "--json"])
@@ -440,15 +438,13 @@ fn a_restarted_graven_finds_execs_and_stops_the_instance() {
     assert!(!listed[0].tainted);
     report(&listed[0], "/healthz");
     // Break-glass exec: it runs inside (same namespaces, not PID 1, same user)...
-    let exec = support::graven(home.path())
-        .args(["exec", &id[..8], "--", "/probe", "report"])
-        .output()
-        .unwrap();
-    assert!(
-        exec.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exec.stderr)
-    );
+    let exec = support::succeed(support::graven(home.path()).args([
+        "exec",
+        &id[..8],
+        "--",
+        "/probe",
+        "report",
+    ]));
     let seen = String::from_utf8_lossy(&exec.stdout).into_owned();
     assert!(seen.contains("uid=65534"), "{seen}");
     assert!(seen.contains("cap_eff=0000000000000000"), "{seen}");
@@ -467,21 +463,9 @@ fn a_restarted_graven_finds_execs_and_stops_the_instance() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen = rt.block_on(again.list()).unwrap();
     assert_eq!(seen[0].id.0, id);
-    let stop = support::graven(home.path())
-        .args(["stop", &id, "--grace", "5s"])
-        .output()
-        .unwrap();
-    assert!(
-        stop.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stop.stderr)
-    );
+    let stop = support::succeed(support::graven(home.path()).args(["stop", &id, "--grace", "5s"]));
     assert!(String::from_utf8_lossy(&stop.stdout).contains("exited (0)"));
-    let rm = support::graven(home.path())
-        .args(["rm", &id])
-        .output()
-        .unwrap();
-    assert!(rm.status.success());
+    support::succeed(support::graven(home.path()).args(["rm", &id]));
     let ps = support::graven(home.path())
         .args(["ps", "--all", "--json"])
         .output()

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use graven::store::RuntimeConfig;
 use support::runtime::{File, get, probe_binary, put_image};
+use support::succeed;
 
 const USER: u32 = 65534;
 
@@ -21,16 +22,6 @@ fn as_user(home: &Path) -> Command {
     let mut command = support::graven(home);
     command.uid(USER).gid(USER).current_dir("/");
     command
-}
-
-fn ok(output: Output, what: &str) -> String {
-    assert!(
-        output.status.success(),
-        "{what}: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 fn parse(text: &str) -> BTreeMap<String, String> {
@@ -88,28 +79,21 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
         &[File::executable("probe", &probe_binary())],
         config,
     );
-    let status = Command::new("chown")
-        .args(["-R", &format!("{USER}:{USER}")])
-        .arg(home)
-        .status()
-        .unwrap();
-    assert!(status.success());
-
-    let started = ok(
-        as_user(home)
-            .args([
-                "run",
-                "-d",
-                "--json",
-                "--volume",
-                "data:/data",
-                "probe:test",
-            ])
-            .output()
-            .unwrap(),
-        "graven run as an unprivileged user",
+    succeed(
+        Command::new("chown")
+            .args(["-R", &format!("{USER}:{USER}")])
+            .arg(home),
     );
-    let instance: serde_json::Value = serde_json::from_str(&started).unwrap();
+
+    let started = succeed(as_user(home).args([
+        "run",
+        "-d",
+        "--json",
+        "--volume",
+        "data:/data",
+        "probe:test",
+    ]));
+    let instance: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
     let id = instance["id"].as_str().unwrap().to_owned();
     let _cleanup = Cleanup(home, id.clone());
     let address = instance["address"].as_str().unwrap().parse().unwrap();
@@ -143,34 +127,20 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     }
 
     // Break-glass exec enters the same namespaces as the same (mapped) user.
-    let inside = ok(
-        as_user(home)
-            .args(["exec", &id, "--", "/probe", "report"])
-            .output()
-            .unwrap(),
-        "graven exec as the unprivileged user",
-    );
-    let inside = parse(&inside);
+    let inside = succeed(as_user(home).args(["exec", &id, "--", "/probe", "report"]));
+    let inside = parse(&String::from_utf8(inside.stdout).unwrap());
     assert_eq!(inside["uid"], "0");
     assert_eq!(inside["cap_eff"], "0000000000000000");
     assert_eq!(inside["hostname"], id);
 
-    let stopped = ok(
-        as_user(home)
-            .args(["stop", "--grace", "5s", &id])
-            .output()
-            .unwrap(),
-        "graven stop as the unprivileged user",
-    );
+    let stopped = succeed(as_user(home).args(["stop", "--grace", "5s", &id]));
+    let stopped = String::from_utf8(stopped.stdout).unwrap();
     assert!(stopped.contains("exited"), "{stopped}");
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the workload is gone"
     );
-    ok(
-        as_user(home).args(["rm", &id]).output().unwrap(),
-        "graven rm as the unprivileged user",
-    );
+    succeed(as_user(home).args(["rm", &id]));
 }
 
 /// Baking without root: RUN runs as root of a user namespace, and what it writes lands in
@@ -197,21 +167,18 @@ fn an_unprivileged_user_bakes_a_run_step_whose_files_are_root_s() {
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo made > /made; /bin/busybox id -u > /uid\"]\n",
     )
     .unwrap();
-    let status = Command::new("chown")
-        .args(["-R", &format!("{USER}:{USER}")])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let baked = ok(
+    succeed(
+        Command::new("chown")
+            .args(["-R", &format!("{USER}:{USER}")])
+            .arg(dir.path()),
+    );
+    let baked = succeed(
         as_user(&home)
             .arg("bake")
             .arg(&context)
-            .args(["--tag", "made", "--json"])
-            .output()
-            .unwrap(),
-        "graven bake as an unprivileged user",
+            .args(["--tag", "made", "--json"]),
     );
+    let baked = String::from_utf8(baked.stdout).unwrap();
     assert!(baked.contains("sha256:"), "{baked}");
 
     let store = graven::store::Store::open(&home).unwrap();

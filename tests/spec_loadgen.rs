@@ -46,12 +46,11 @@ impl Drop for Hello {
 #[test]
 fn the_cli_reports_versions_as_json() {
     let hello = Hello::start("7.0.0");
-    let output = Command::new(support::graven_bin())
-        .args(["__load", "--address", &hello.address.to_string()])
-        .args(["--connections", "2", "--duration", "300ms", "--json"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    let output = support::succeed(
+        Command::new(support::graven_bin())
+            .args(["__load", "--address", &hello.address.to_string()])
+            .args(["--connections", "2", "--duration", "300ms", "--json"]),
+    );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let total = report["total"].as_u64().unwrap();
     assert!(total > 0, "{report}");

@@ -5,15 +5,10 @@ mod support;
 use std::fs;
 use std::path::Path;
 
-use support::graven;
+use support::{graven, succeed};
 
 fn run_json(home: &Path, args: &[&str]) -> serde_json::Value {
-    let out = graven(home).args(args).output().expect("graven runs");
-    assert!(
-        out.status.success(),
-        "graven {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(graven(home).args(args));
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
@@ -35,15 +30,10 @@ fn bake(home: &Path, tag: &str, content: &str) -> serde_json::Value {
         "FROM scratch\nCOPY file /file\nLABEL purpose=test\n",
     )
     .unwrap();
-    let out = graven(home)
-        .args(["bake", "--json", "--tag", tag])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        graven(home)
+            .args(["bake", "--json", "--tag", tag])
+            .arg(dir.path()),
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -92,8 +82,7 @@ fn images_inspect_rm_and_gc() {
     let report = run_json(h, &["gc", "--json"]);
     assert_eq!(report["removed"].as_array().unwrap().len(), 0);
 
-    let rm = graven(h).args(["image", "rm", "gone:1"]).output().unwrap();
-    assert!(rm.status.success());
+    succeed(graven(h).args(["image", "rm", "gone:1"]));
     let again = graven(h).args(["image", "rm", "gone:1"]).output().unwrap();
     assert!(
         !again.status.success(),

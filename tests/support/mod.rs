@@ -9,7 +9,7 @@ pub mod proxy;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,27 @@ pub fn graven(home: &Path) -> Command {
     command
 }
 
+/// Runs `command` to completion with stdout and stderr captured and returns its output; panics
+/// naming the command, its exit status and its stderr when it does not start or fails, so a
+/// failing test says which step broke and why.
+pub fn succeed(command: &mut Command) -> Output {
+    let shown = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("{shown}: cannot start: {error}"));
+    assert!(
+        output.status.success(),
+        "{shown}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// Builds the example service as a static binary once per test process, as the example's
 /// declared build step does, and returns its path.
 pub fn hello_binary() -> PathBuf {
@@ -39,21 +60,20 @@ pub fn hello_binary() -> PathBuf {
     BINARY
         .get_or_init(|| {
             let target = workspace().join("target/static");
-            let status = Command::new(env!("CARGO"))
-                .current_dir(workspace())
-                .args([
-                    "rustc",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "hello",
-                    "--target-dir",
-                ])
-                .arg(&target)
-                .args(["--", "-C", "target-feature=+crt-static"])
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building the example failed");
+            succeed(
+                Command::new(env!("CARGO"))
+                    .current_dir(workspace())
+                    .args([
+                        "rustc",
+                        "--quiet",
+                        "--release",
+                        "-p",
+                        "hello",
+                        "--target-dir",
+                    ])
+                    .arg(&target)
+                    .args(["--", "-C", "target-feature=+crt-static"]),
+            );
             target.join("release/hello")
         })
         .clone()

@@ -127,21 +127,20 @@ pub fn probe_binary() -> PathBuf {
     BINARY
         .get_or_init(|| {
             let target = super::workspace().join("target/static");
-            let status = Command::new(env!("CARGO"))
-                .current_dir(super::workspace())
-                .args([
-                    "rustc",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "probe",
-                    "--target-dir",
-                ])
-                .arg(&target)
-                .args(["--", "-C", "target-feature=+crt-static"])
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building the probe failed");
+            super::succeed(
+                Command::new(env!("CARGO"))
+                    .current_dir(super::workspace())
+                    .args([
+                        "rustc",
+                        "--quiet",
+                        "--release",
+                        "-p",
+                        "probe",
+                        "--target-dir",
+                    ])
+                    .arg(&target)
+                    .args(["--", "-C", "target-feature=+crt-static"]),
+            );
             target.join("release/probe")
         })
         .clone()
