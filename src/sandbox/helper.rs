@@ -96,9 +96,10 @@ enum Never {}
 /// Starts the workload of a new sandbox as a child of this process, which must be
 /// single-threaded (a fork of a multi-threaded process may inherit a lock held by another
 /// thread, and the user namespace cannot be entered at all). Returns the workload's PID once
-/// it has been forked (a failure before that is returned); the child's own setup errors go to `status_fd` (close-on-exec, so the
-/// exec closes it), for whoever holds the read end to collect: the helper's parent, or
-/// `sandbox::launch` in this very process. `stdio` replaces the workload's stdout and stderr.
+/// it has been forked (a failure before that is returned); the child's own setup errors go
+/// to `status_fd` (close-on-exec, so the exec closes it), for whoever holds the read end to
+/// collect: the helper's parent, or `sandbox::launch` in this very process. `stdio` replaces
+/// the workload's stdout and stderr.
 ///
 /// This process is left in the new UTS and IPC namespaces (and the user namespace when not
 /// root), with the forwarded signals blocked, ready for `supervise`.
