@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -17,11 +17,58 @@ use support::succeed;
 
 const USER: u32 = 65534;
 
-/// A graven command run as `USER`.
-fn as_user(home: &Path) -> Command {
-    let mut command = support::graven(home);
-    command.uid(USER).gid(USER).current_dir("/");
-    command
+/// A temp dir that ends up the user's, with a copy of the graven binary in it (the checkout
+/// may lie where the user cannot reach, under /root say) and graven's home.
+struct Place {
+    dir: tempfile::TempDir,
+}
+
+impl Place {
+    fn new() -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("graven");
+        // A hard link, or else a copy made by `cp`: a copy written by this process would
+        // leave its write descriptor open for an instant, and a test forking meanwhile
+        // would carry it into its child and make exec of the copy fail ("text file busy").
+        if std::fs::hard_link(support::graven_bin(), &binary).is_err() {
+            succeed(Command::new("cp").arg(support::graven_bin()).arg(&binary));
+        }
+        std::fs::create_dir(dir.path().join("home")).unwrap();
+        Place { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn home(&self) -> PathBuf {
+        self.path().join("home")
+    }
+
+    /// Hands the dir and everything made in it so far to the user, but the binary: that may
+    /// be a hard link to the build's own, which stays root's (the user only runs it).
+    fn give_to_user(&self) {
+        let owner = format!("{USER}:{USER}");
+        succeed(Command::new("chown").arg(&owner).arg(self.path()));
+        for entry in std::fs::read_dir(self.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name() != Some("graven".as_ref()) {
+                succeed(Command::new("chown").args(["-R", &owner]).arg(path));
+            }
+        }
+    }
+
+    /// A graven command run as `USER`.
+    fn graven(&self) -> Command {
+        let mut command = Command::new(self.path().join("graven"));
+        command
+            .env("GRAVEN_HOME", self.home())
+            .env_remove("SOURCE_DATE_EPOCH")
+            .uid(USER)
+            .gid(USER)
+            .current_dir("/");
+        command
+    }
 }
 
 fn parse(text: &str) -> BTreeMap<String, String> {
@@ -39,11 +86,11 @@ fn host_id(pid: u64, field: &str) -> u32 {
 }
 
 /// Removes the instance, as the user, whatever the test's outcome.
-struct Cleanup<'a>(&'a Path, String);
+struct Cleanup<'a>(&'a Place, String);
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        let _ = as_user(self.0).args(["rm", "-f", &self.1]).output();
+        let _ = self.0.graven().args(["rm", "-f", &self.1]).output();
     }
 }
 
@@ -55,20 +102,8 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
         eprintln!("not root: the rest of the suite runs rootless already");
         return;
     }
-    let binary = support::graven_bin();
-    let reachable = Command::new(&binary)
-        .arg("--version")
-        .uid(USER)
-        .gid(USER)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        reachable,
-        "uid {USER} cannot run {} (a directory on the way is not world-searchable)",
-        binary.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
+    let place = Place::new();
+    let home = &place.home();
     let config = RuntimeConfig {
         entrypoint: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
         ..RuntimeConfig::default()
@@ -79,13 +114,9 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
         &[File::executable("probe", &probe_binary())],
         config,
     );
-    succeed(
-        Command::new("chown")
-            .args(["-R", &format!("{USER}:{USER}")])
-            .arg(home),
-    );
+    place.give_to_user();
 
-    let started = succeed(as_user(home).args([
+    let started = succeed(place.graven().args([
         "run",
         "-d",
         "--json",
@@ -95,7 +126,7 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     ]));
     let instance: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
     let id = instance["id"].as_str().unwrap().to_owned();
-    let _cleanup = Cleanup(home, id.clone());
+    let _cleanup = Cleanup(&place, id.clone());
     let address = instance["address"].as_str().unwrap().parse().unwrap();
     let pid = instance["pid"].as_u64().unwrap();
 
@@ -127,20 +158,20 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     }
 
     // Break-glass exec enters the same namespaces as the same (mapped) user.
-    let inside = succeed(as_user(home).args(["exec", &id, "--", "/probe", "report"]));
+    let inside = succeed(place.graven().args(["exec", &id, "--", "/probe", "report"]));
     let inside = parse(&String::from_utf8(inside.stdout).unwrap());
     assert_eq!(inside["uid"], "0");
     assert_eq!(inside["cap_eff"], "0000000000000000");
     assert_eq!(inside["hostname"], id);
 
-    let stopped = succeed(as_user(home).args(["stop", "--grace", "5s", &id]));
+    let stopped = succeed(place.graven().args(["stop", "--grace", "5s", &id]));
     let stopped = String::from_utf8(stopped.stdout).unwrap();
     assert!(stopped.contains("exited"), "{stopped}");
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the workload is gone"
     );
-    succeed(as_user(home).args(["rm", &id]));
+    succeed(place.graven().args(["rm", &id]));
 }
 
 /// Baking without root: RUN runs as root of a user namespace, and what it writes lands in
@@ -156,10 +187,9 @@ fn an_unprivileged_user_bakes_a_run_step_whose_files_are_root_s() {
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let context = dir.path().join("context");
-    std::fs::create_dir_all(&home).unwrap();
+    let place = Place::new();
+    let home = place.home();
+    let context = place.path().join("context");
     std::fs::create_dir_all(&context).unwrap();
     std::fs::copy(BUSYBOX, context.join("busybox")).unwrap();
     std::fs::write(
@@ -167,13 +197,10 @@ fn an_unprivileged_user_bakes_a_run_step_whose_files_are_root_s() {
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo made > /made; /bin/busybox id -u > /uid\"]\n",
     )
     .unwrap();
-    succeed(
-        Command::new("chown")
-            .args(["-R", &format!("{USER}:{USER}")])
-            .arg(dir.path()),
-    );
+    place.give_to_user();
     let baked = succeed(
-        as_user(&home)
+        place
+            .graven()
             .arg("bake")
             .arg(&context)
             .args(["--tag", "made", "--json"]),
