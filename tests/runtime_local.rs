@@ -120,6 +120,19 @@ fn state_of(home: &Home, instance: &Instance) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// The file system type of an instance's `/`, from its workload's mountinfo: a bind of the
+/// shared root shows the host's type, an overlay "overlay".
+fn root_fstype(instance: &Instance) -> String {
+    let pid = instance.pid.unwrap();
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .unwrap();
+    let (_, after) = line.split_once(" - ").unwrap();
+    after.split_whitespace().next().unwrap().to_owned()
+}
+
 /// The parent PID and session id of a process, from /proc/<pid>/stat.
 fn parent_and_session(pid: u64) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -144,6 +157,8 @@ async fn the_instance_is_locked_down() {
     spec.limits.tmp_bytes = Some(8 << 20);
     let instance = home.runtime.start(spec).await.unwrap();
     let seen = report(&instance, "/report");
+    // Every mount point is in the unpacked image: the root is a plain read-only bind of it.
+    assert_ne!(root_fstype(&instance), "overlay");
     assert_eq!(seen["pid"], "1");
     assert_eq!(seen["uid"], "65534", "an image without USER runs as nobody");
     assert_eq!(seen["cap_eff"], "0000000000000000");
@@ -164,14 +179,27 @@ async fn the_instance_is_locked_down() {
         ((6 << 20)..=(8 << 20)).contains(&bytes),
         "{bytes} bytes fitted in /tmp"
     );
-    // The shared root was not written, by the probe or by the sandbox's mount points.
+    // The shared root holds the image and the empty mount points made when it was unpacked,
+    // and nothing else: not the probe's writes, not the sandbox's.
     let rootfs = home.path().join("rootfs").join(home.image.hex());
-    let mut entries: Vec<_> = std::fs::read_dir(&rootfs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    entries.sort();
-    assert_eq!(entries, ["etc", "probe"]);
+    let listing = |dir: &Path| {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        entries.sort();
+        entries
+    };
+    assert_eq!(
+        listing(&rootfs),
+        ["dev", "etc", "probe", "proc", "sys", "tmp"]
+    );
+    for mount_point in ["dev", "proc", "sys", "tmp"] {
+        assert!(
+            listing(&rootfs.join(mount_point)).is_empty(),
+            "{mount_point}"
+        );
+    }
     home.runtime
         .stop(&instance.id, Duration::from_secs(5))
         .await
@@ -220,6 +248,8 @@ async fn volume_data_survives_the_instance() {
     spec.env.insert("PROBE_VOLUME".into(), "/var/data".into());
     let first = home.runtime.start(spec.clone()).await.unwrap();
     assert_eq!(report(&first, "/report")["volume_count"], "1");
+    // /var/data is not in the image, so its mount point lives in a throwaway overlay.
+    assert_eq!(root_fstype(&first), "overlay");
     home.runtime
         .stop(&first.id, Duration::from_secs(5))
         .await

@@ -312,6 +312,18 @@ fn build_root(request: &Request) -> Result<()> {
             libc::MS_BIND | libc::MS_REC,
             None,
         )?;
+    } else if has_mount_points(rootfs, spec) {
+        // Every mount point is in the root already (the local runtime makes /dev, /proc, /sys
+        // and /tmp when it unpacks an image): a plain bind serves, made read-only at once so
+        // that nothing below can write to the shared root by mistake.
+        mount(
+            Some(rootfs),
+            &root,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+        remount_readonly(&root, libc::MS_NOSUID | libc::MS_NODEV)?;
     } else {
         // A read-only root that still gets mount points: the image's root as the lower layer
         // of an overlay whose upper layer is a throwaway tmpfs, remounted read-only after.
@@ -883,6 +895,32 @@ fn inside(root: &Path, path: &str) -> Result<PathBuf> {
     } else {
         Err(format!("mount point {path} leads outside the root"))
     }
+}
+
+/// Whether every mount point a read-only root needs is in `rootfs` already, resolved inside
+/// it: `/dev`, `/proc`, `/sys`, `/tmp` and each bind's target, a directory or a file as its
+/// source is.
+fn has_mount_points(rootfs: &Path, spec: &super::SandboxSpec) -> bool {
+    let Ok(rootfs) = rootfs.canonicalize() else {
+        return false;
+    };
+    let present = |path: &str, want_dir: bool| match inside(&rootfs, path) {
+        Ok(found) if found.starts_with(&rootfs) => {
+            if want_dir {
+                found.is_dir()
+            } else {
+                found.is_file()
+            }
+        }
+        _ => false,
+    };
+    ["dev", "proc", "sys", "tmp"]
+        .iter()
+        .all(|dir| present(dir, true))
+        && spec
+            .binds
+            .iter()
+            .all(|bind| present(&bind.target, bind.source.is_dir()))
 }
 
 /// Makes `path` (inside `root`) a directory, creating missing components one at a time so

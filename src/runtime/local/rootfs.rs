@@ -1,12 +1,22 @@
 //! Unpacking an image once into `$GRAVEN_HOME/rootfs/<manifest-hex>`: every layer checked
 //! against its digest (compressed) and its diff id (uncompressed), OCI whiteouts applied,
-//! into a temp dir renamed into place. The result is shared by every instance of the image
-//! and never written again (instances see it through a read-only overlay).
+//! into a temp dir renamed into place, with the mount points every instance needs (`/dev`,
+//! `/proc`, `/sys`, `/tmp`) made when the image lacks them. The result is shared by every
+//! instance of the image and never written again: instances see it through a read-only bind
+//! (or a read-only overlay when a volume's mount point is missing from it).
 
 use std::path::{Path, PathBuf};
 
 use crate::runtime::RuntimeError;
 use crate::store::{Digest, Image, Store};
+
+/// The directories the sandbox mounts over, with the modes an image would give them.
+const MOUNT_POINTS: [(&str, u32); 4] = [
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+];
 
 /// Whether `image` is unpacked already (its next instance starts without unpacking).
 pub fn is_unpacked(home: &Path, image: &Digest) -> bool {
@@ -31,6 +41,17 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
         &image.config.rootfs.diff_ids,
         temp.path(),
     )?;
+    for (name, mode) in MOUNT_POINTS {
+        let path = temp.path().join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir(&path)
+                .and_then(|()| {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(other(format!("creating {}", path.display())))?;
+        }
+    }
     let path = temp.keep();
     match std::fs::rename(&path, &target) {
         Ok(()) => Ok(target),
