@@ -304,7 +304,10 @@ fn build_root(request: &Request) -> Result<()> {
     if !rootfs.is_dir() {
         return Err(format!("root {} is not a directory", rootfs.display()));
     }
-    if spec.writable_root {
+    // A read-only root whose mount points are all there already (the local runtime makes
+    // /dev, /proc, /sys and /tmp when it unpacks an image) is a plain bind, like a RUN step's
+    // writable one, made read-only at once so nothing below can write the shared root.
+    if spec.writable_root || has_mount_points(rootfs, spec) {
         mount(
             Some(rootfs),
             &root,
@@ -312,18 +315,9 @@ fn build_root(request: &Request) -> Result<()> {
             libc::MS_BIND | libc::MS_REC,
             None,
         )?;
-    } else if has_mount_points(rootfs, spec) {
-        // Every mount point is in the root already (the local runtime makes /dev, /proc, /sys
-        // and /tmp when it unpacks an image): a plain bind serves, made read-only at once so
-        // that nothing below can write to the shared root by mistake.
-        mount(
-            Some(rootfs),
-            &root,
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        )?;
-        remount_readonly(&root, libc::MS_NOSUID | libc::MS_NODEV)?;
+        if !spec.writable_root {
+            remount_readonly(&root, libc::MS_NOSUID | libc::MS_NODEV)?;
+        }
     } else {
         // A read-only root that still gets mount points: the image's root as the lower layer
         // of an overlay whose upper layer is a throwaway tmpfs, remounted read-only after.
