@@ -26,13 +26,19 @@ use_or_start_dockerd() {
   start_dockerd "$1"
 }
 
-# stop_dockerd: stops the dockerd start_dockerd started, if any: SIGTERM, up to 30 s, SIGKILL.
+# stop_dockerd: stops the dockerd start_dockerd started, if any: SIGTERM, up to 30 s, SIGKILL;
+# then detaches what it left mounted under its dir (its network namespace's bind mount).
 stop_dockerd() {
   [ -n "${DOCKERD_PID:-}" ] || return 0
   kill "$DOCKERD_PID" 2>/dev/null || true
   for _ in $(seq 300); do
-    kill -0 "$DOCKERD_PID" 2>/dev/null || return 0
+    kill -0 "$DOCKERD_PID" 2>/dev/null || break
     sleep 0.1
   done
   kill -9 "$DOCKERD_PID" 2>/dev/null || true
+  DOCKERD_PID=
+  local dir=${DOCKER_HOST#unix://}
+  dir=${dir%/docker.sock}
+  awk -v dir="$dir/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo |
+    while read -r mounted; do umount -l "$mounted" 2>/dev/null || true; done
 }

@@ -197,20 +197,42 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            // SAFETY: kill(2) on the PID of the child this test spawned and has not reaped.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        // SAFETY: kill(2) on the PID of the child this test spawned and has not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(child.try_wait(), Ok(Some(_))) {
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
             }
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // dockerd leaves its network namespace bind-mounted under its exec root; detached,
+        // the temp dir can go and no mount outlives the test.
+        unmount_below(self._dir.path());
+    }
+}
+
+/// Lazily unmounts every mount at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounted: Vec<&str> = info
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|point| Path::new(point).starts_with(dir))
+        .collect();
+    mounted.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in mounted {
+        if let Ok(point) = std::ffi::CString::new(point) {
+            // SAFETY: a valid C string; MNT_DETACH only detaches that mount from this
+            // (the test's) namespace.
+            unsafe { libc::umount2(point.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }
