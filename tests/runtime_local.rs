@@ -312,6 +312,39 @@ async fn sigkill_follows_after_the_grace() {
     assert!(get(instance.address.unwrap(), "/healthz").is_none());
 }
 
+/// A stop waiting out its grace while another graven (or the controller, which removes the
+/// instances it sees exited) kills and removes the instance ends with it exited, not with
+/// "no instance": `tests/deploy_local.rs`'s negative control hit this when its kill raced
+/// the controller's remove.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_instance_is_removed_meanwhile_reports_it_exited() {
+    let home = Home::new();
+    let mut spec = home.spec();
+    spec.env.insert("PROBE_IGNORE_TERM".into(), "1".into());
+    let instance = home.runtime.start(spec).await.unwrap();
+    report(&instance, "/healthz");
+    let runtime = home.runtime.clone();
+    let id = instance.id.clone();
+    let stopping = tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(30)).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while home.runtime.inspect(&instance.id).await.unwrap().status != InstanceStatus::Stopping {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stop never began"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The workload ignores SIGTERM, so the stop is waiting out its grace now.
+    home.runtime.kill(&instance.id).await.unwrap();
+    home.runtime.remove(&instance.id).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the stop ends once the instance is gone")
+        .unwrap()
+        .unwrap();
+    assert!(stopped.status.is_exited(), "{:?}", stopped.status);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_is_reported_exited() {
     let home = Home::new();

@@ -401,7 +401,9 @@ impl LocalRuntime {
     async fn wait_exited(&self, id: &InstanceId, deadline: Duration) -> Result<bool, RuntimeError> {
         let end = tokio::time::Instant::now() + deadline;
         loop {
-            let (_, state) = self.load(id)?;
+            let Some((_, state)) = self.load_unless_removed(id)? else {
+                return Ok(true);
+            };
             if state.observed_status().is_exited() {
                 return Ok(true);
             }
@@ -412,28 +414,69 @@ impl LocalRuntime {
         }
     }
 
+    /// The instance's dir and state, or `None` when it was removed (by another graven, or the
+    /// controller, which removes the instances it sees exited) while this one waited on it.
+    fn load_unless_removed(
+        &self,
+        id: &InstanceId,
+    ) -> Result<Option<(PathBuf, State)>, RuntimeError> {
+        match self.load(id) {
+            Ok(loaded) => Ok(Some(loaded)),
+            Err(RuntimeError::UnknownInstance { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Waits until the shim recorded the exit (or is gone), so the reported status says how
-    /// the instance ended; records "vanished" when no shim is left to do it.
-    async fn settle(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+    /// the instance ended; records "vanished" when no shim is left to do it. `last` is the
+    /// state seen before: when the instance is removed meanwhile, it is reported from that,
+    /// as exited (it must have been, to be removed).
+    async fn settle(
+        &self,
+        id: &InstanceId,
+        last: (PathBuf, State),
+    ) -> Result<Instance, RuntimeError> {
         let end = tokio::time::Instant::now() + KILL_WAIT;
+        let (mut dir, mut state) = last;
         loop {
-            let (dir, state) = self.load(id)?;
+            match self.load_unless_removed(id)? {
+                Some(loaded) => (dir, state) = loaded,
+                None => return Ok(self.removed(&dir, state)),
+            }
             let shim_alive = state.shim.is_some_and(|s| s.alive());
             if state.status.is_exited() || !shim_alive || tokio::time::Instant::now() >= end {
                 if !state.status.is_exited() {
                     let observed = state.observed_status();
                     if observed.is_exited() {
-                        state::update(&dir, |s| {
+                        let recorded = state::update(&dir, |s| {
                             if !s.status.is_exited() {
                                 s.status = observed;
                             }
-                        })?;
+                        });
+                        if recorded.is_err() && self.load_unless_removed(id)?.is_none() {
+                            return Ok(self.removed(&dir, state));
+                        }
+                        recorded?;
                     }
                 }
-                return self.inspect_blocking(id);
+                return match self.load_unless_removed(id)? {
+                    Some((dir, state)) => Ok(self.instance(&dir, &state)),
+                    None => Ok(self.removed(&dir, state)),
+                };
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// An instance removed while this graven waited on it, from the last state it saw.
+    fn removed(&self, dir: &Path, mut state: State) -> Instance {
+        if !state.status.is_exited() {
+            state.status = InstanceStatus::Exited {
+                code: None,
+                signal: None,
+            };
+        }
+        self.instance(dir, &state)
     }
 
     /// Break-glass: runs `args` inside the running instance with its user and environment,
@@ -509,7 +552,7 @@ impl Runtime for LocalRuntime {
     async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<Instance, RuntimeError> {
         let (dir, state) = self.load(id)?;
         if state.observed_status().is_exited() {
-            return self.settle(id).await;
+            return self.settle(id, (dir, state)).await;
         }
         state::update(&dir, |s| {
             if s.status.can_become(InstanceStatus::Stopping) {
@@ -520,13 +563,13 @@ impl Runtime for LocalRuntime {
         if !self.wait_exited(id, grace).await? {
             Self::signal(&state, libc::SIGKILL);
         }
-        self.settle(id).await
+        self.settle(id, (dir, state)).await
     }
 
     async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError> {
-        let (_, state) = self.load(id)?;
+        let (dir, state) = self.load(id)?;
         Self::signal(&state, libc::SIGKILL);
-        self.settle(id).await.map(|_| ())
+        self.settle(id, (dir, state)).await.map(|_| ())
     }
 
     async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {
