@@ -12,7 +12,7 @@ use graven::runtime::{
     RuntimeError, VolumeMount,
 };
 use graven::store::{Digest, RuntimeConfig};
-use support::runtime::{File, get, probe_binary, put_image};
+use support::runtime::{File, get, parse_report, probe_binary, put_image};
 
 struct Home {
     dir: tempfile::TempDir,
@@ -86,12 +86,7 @@ fn report(instance: &Instance, path: &str) -> BTreeMap<String, String> {
     let reply = support::wait_for(Duration::from_secs(10), "the probe to answer", || {
         get(address, path)
     });
-    reply
-        .body
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    parse_report(&reply.body)
 }
 
 async fn wait_exited(runtime: &LocalRuntime, instance: &Instance) -> InstanceStatus {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use graven::store::RuntimeConfig;
-use support::runtime::{File, get, probe_binary, put_image};
+use support::runtime::{File, get, parse_report, probe_binary, put_image};
 use support::succeed;
 
 const USER: u32 = 65534;
@@ -71,13 +71,6 @@ impl Place {
     }
 }
 
-fn parse(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
 /// The first field of a `Uid:` or `Gid:` line of /proc/<pid>/status: the id on the host.
 fn host_id(pid: u64, field: &str) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -134,7 +127,7 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     let reply = support::wait_for(Duration::from_secs(10), "the probe to answer", || {
         get(address, "/report")
     });
-    let seen = parse(&reply.body);
+    let seen = parse_report(&reply.body);
     assert_eq!(seen["pid"], "1");
     assert_eq!(seen["uid"], "0", "the one mapped id is root inside");
     assert_eq!(seen["cap_eff"], "0000000000000000");
@@ -159,7 +152,7 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
 
     // Break-glass exec enters the same namespaces as the same (mapped) user.
     let inside = succeed(place.graven().args(["exec", &id, "--", "/probe", "report"]));
-    let inside = parse(&String::from_utf8(inside.stdout).unwrap());
+    let inside = parse_report(&String::from_utf8(inside.stdout).unwrap());
     assert_eq!(inside["uid"], "0");
     assert_eq!(inside["cap_eff"], "0000000000000000");
     assert_eq!(inside["hostname"], id);

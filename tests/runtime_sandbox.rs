@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use graven::sandbox::{self, SandboxError, SandboxSpec};
-use support::runtime::probe_binary;
+use support::runtime::{parse_report, probe_binary};
 
 fn rootfs_with_probe(dir: &Path) -> std::path::PathBuf {
     let root = dir.join("rootfs");
@@ -42,7 +42,7 @@ fn run(spec: &SandboxSpec) -> (Option<i32>, BTreeMap<String, String>) {
         Stdio::inherit(),
     )
     .expect("the sandbox starts");
-    (status.code(), parse(&read_all(out)))
+    (status.code(), parse_report(&read_all(out)))
 }
 
 fn read_all(mut file: std::fs::File) -> String {
@@ -51,13 +51,6 @@ fn read_all(mut file: std::fs::File) -> String {
     let mut text = String::new();
     file.read_to_string(&mut text).unwrap();
     text
-}
-
-fn parse(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 #[test]
@@ -98,7 +91,7 @@ fn the_probe_sees_a_locked_down_sandbox() {
 fn the_probe_run_bare_sees_the_opposite() {
     // The negative control: the same probe outside the sandbox, as root, is not confined.
     let out = Command::new(probe_binary()).arg("report").output().unwrap();
-    let seen = parse(&String::from_utf8_lossy(&out.stdout));
+    let seen = parse_report(&String::from_utf8_lossy(&out.stdout));
     assert_ne!(seen["pid"], "1");
     assert_ne!(seen["cap_eff"], "0000000000000000");
     assert_eq!(seen["no_new_privs"], "0");

@@ -65,14 +65,7 @@ pub(super) fn main_sandbox() -> ! {
     if let Err(message) = redirect_stdin_to_null() {
         fail(STATUS_FD, &message, 125);
     }
-    let pid = match launch(&request, STATUS_FD, None) {
-        Ok(pid) => pid,
-        Err(message) => fail(STATUS_FD, &message, 125),
-    };
-    report(STATUS_FD, &format!("pid {pid}"));
-    // SAFETY: the status pipe is ours; the workload keeps its own copy until its exec.
-    unsafe { libc::close(STATUS_FD) };
-    exit_like(supervise(pid, &[], &mut |_, _| {}))
+    report_and_supervise(launch(&request, STATUS_FD, None))
 }
 
 pub(super) fn main_exec() -> ! {
@@ -85,10 +78,17 @@ pub(super) fn main_exec() -> ! {
         Ok(request) => request,
         Err(message) => fail(STATUS_FD, &message, 125),
     };
-    match enter(&request) {
-        Ok(never) => match never {},
-        Err(message) => fail(STATUS_FD, &message, 125),
-    }
+    report_and_supervise(enter(&request))
+}
+
+/// The helper's end: tells its parent the workload's PID (or why there is none) on the
+/// status pipe, closes it, and waits for the workload, exiting as it did.
+fn report_and_supervise(started: Result<libc::pid_t>) -> ! {
+    let pid = started.unwrap_or_else(|message| fail(STATUS_FD, &message, 125));
+    report(STATUS_FD, &format!("pid {pid}"));
+    // SAFETY: the status pipe is ours; the workload keeps its own copy until its exec.
+    unsafe { libc::close(STATUS_FD) };
+    exit_like(supervise(pid, &[], &mut |_, _| {}))
 }
 
 enum Never {}
@@ -122,36 +122,44 @@ pub(super) fn launch(
     // SAFETY: unshare only changes this process's namespace membership.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) };
     check(rc, "unshare of the pid, uts and ipc namespaces")?;
+    let (uid, gid) = super::identity(spec.uid, spec.gid);
+    fork_workload(status_fd, || {
+        if let Some((stdout, stderr)) = stdio {
+            redirect_stdin_to_null()?;
+            // SAFETY: dup2 onto fds 1 and 2 replaces them with the given pipes.
+            check(unsafe { libc::dup2(stdout, 1) }, "redirecting stdout")?;
+            // SAFETY: as above.
+            check(unsafe { libc::dup2(stderr, 2) }, "redirecting stderr")?;
+        }
+        // Only the workload joins the cgroups: a pids or memory limit is the workload's, not
+        // shared with whoever supervises it.
+        join_cgroups(&request.cgroups)?;
+        // SAFETY: unshare only changes this process's namespace membership.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+        check(rc, "unshare of the mount namespace")?;
+        build_root(request)?;
+        sethostname(&spec.hostname)?;
+        drop_privileges_and_exec(&spec.args, &spec.env, &spec.cwd, uid, gid, &filters)
+    })
+}
+
+/// Forks the workload. The child restores the signal mask, arranges to die with this
+/// process and runs `setup_and_exec`, whose error goes to `status_fd` (exit status 127).
+/// Here the forwarded signals stay blocked, for `supervise`. The callers are
+/// single-threaded, so the child may use the allocator and everything else after the fork.
+fn fork_workload(
+    status_fd: i32,
+    setup_and_exec: impl FnOnce() -> Result<Never>,
+) -> Result<libc::pid_t> {
     let old_mask = block_forwarded_signals()?;
-    // SAFETY: this process is single-threaded (the helper runs before anything else in main),
-    // so the child may use the allocator and everything else after fork.
+    // SAFETY: fork in a single-threaded process (see above).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", errno()));
     }
     if pid == 0 {
         restore_mask(&old_mask);
-        let (uid, gid) = super::identity(spec.uid, spec.gid);
-        let result = (|| {
-            die_with_parent()?;
-            if let Some((stdout, stderr)) = stdio {
-                redirect_stdin_to_null()?;
-                // SAFETY: dup2 onto fds 1 and 2 replaces them with the given pipes.
-                check(unsafe { libc::dup2(stdout, 1) }, "redirecting stdout")?;
-                // SAFETY: as above.
-                check(unsafe { libc::dup2(stderr, 2) }, "redirecting stderr")?;
-            }
-            // Only the workload joins the cgroups: a pids or memory limit is the workload's,
-            // not shared with whoever supervises it.
-            join_cgroups(&request.cgroups)?;
-            // SAFETY: unshare only changes this process's namespace membership.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
-            check(rc, "unshare of the mount namespace")?;
-            build_root(request)?;
-            sethostname(&spec.hostname)?;
-            drop_privileges_and_exec(&spec.args, &spec.env, &spec.cwd, uid, gid, &filters)
-        })();
-        match result {
+        match die_with_parent().and_then(|()| setup_and_exec()) {
             Ok(never) => match never {},
             Err(message) => fail(status_fd, &message, 127),
         }
@@ -159,8 +167,9 @@ pub(super) fn launch(
     Ok(pid)
 }
 
-/// The outer helper of a break-glass exec into a running sandbox.
-fn enter(request: &ExecRequest) -> Result<Never> {
+/// The outer helper of a break-glass exec into a running sandbox: enters the sandbox's
+/// namespaces and forks the command there; returns its PID.
+fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
     if request.args.is_empty() || request.args[0].is_empty() {
         return Err("no command to run".to_owned());
     }
@@ -202,37 +211,20 @@ fn enter(request: &ExecRequest) -> Result<Never> {
     drop(files);
     let mnt = std::fs::File::open(ns("mnt"))
         .map_err(|e| format!("instance process {} is gone: {e}", request.pid))?;
-    let old_mask = block_forwarded_signals()?;
-    // SAFETY: single-threaded, as in `launch`.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", errno()));
-    }
-    if pid == 0 {
-        restore_mask(&old_mask);
-        let result = die_with_parent().and_then(|()| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns only changes this process's namespace membership.
-            let rc = unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) };
-            check(rc, "entering the mount namespace")?;
-            drop_privileges_and_exec(
-                &request.args,
-                &request.env,
-                &request.cwd,
-                uid,
-                gid,
-                &filters,
-            )
-        });
-        match result {
-            Ok(never) => match never {},
-            Err(message) => fail(STATUS_FD, &message, 127),
-        }
-    }
-    report(STATUS_FD, &format!("pid {pid}"));
-    // SAFETY: as in `main_sandbox`.
-    unsafe { libc::close(STATUS_FD) };
-    exit_like(supervise(pid, &[], &mut |_, _| {}))
+    fork_workload(STATUS_FD, || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns only changes this process's namespace membership.
+        let rc = unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) };
+        check(rc, "entering the mount namespace")?;
+        drop_privileges_and_exec(
+            &request.args,
+            &request.env,
+            &request.cwd,
+            uid,
+            gid,
+            &filters,
+        )
+    })
 }
 
 fn join_cgroups(procs: &[PathBuf]) -> Result<()> {
@@ -344,13 +336,10 @@ fn build_root(request: &Request) -> Result<()> {
     }
     // A RUN step's /tmp is its root's own, so what it leaves there is part of its layer, as
     // with `docker build`; an instance's /tmp is a capped tmpfs.
-    let mount_points: &[&str] = if spec.writable_root {
-        &["dev", "proc", "sys"]
-    } else {
-        &["dev", "proc", "sys", "tmp"]
-    };
-    for dir in mount_points {
-        ensure_dir(&root, dir)?;
+    for (dir, _) in super::MOUNT_POINTS {
+        if !(spec.writable_root && dir == "tmp") {
+            ensure_dir(&root, dir)?;
+        }
     }
     for bind in &spec.binds {
         let target = inside(&root, &bind.target)?;
@@ -908,9 +897,9 @@ fn has_mount_points(rootfs: &Path, spec: &super::SandboxSpec) -> bool {
         }
         _ => false,
     };
-    ["dev", "proc", "sys", "tmp"]
+    super::MOUNT_POINTS
         .iter()
-        .all(|dir| present(dir, true))
+        .all(|(dir, _)| present(dir, true))
         && spec
             .binds
             .iter()

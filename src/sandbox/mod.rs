@@ -32,6 +32,17 @@ pub const HELPER_ENV: &str = "GRAVEN_SANDBOX_HELPER";
 /// The /tmp cap when a spec says 0 (a tmpfs of size 0 would be unlimited).
 pub const DEFAULT_TMP_BYTES: u64 = 64 * 1024 * 1024;
 
+/// The directories a read-only root is mounted over, with the modes an image would give them.
+/// A root that has them all (the local runtime adds the missing ones when it unpacks an image)
+/// is bound as it is, with no overlay to make them. A RUN step's writable root keeps its own
+/// `/tmp`.
+pub const MOUNT_POINTS: [(&str, u32); 4] = [
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+];
+
 /// The helper's file descriptor for the status pipe.
 const STATUS_FD: i32 = 3;
 /// The environment variable carrying an `ExecRequest` to `graven __sandbox-exec`.

@@ -146,6 +146,14 @@ pub fn probe_binary() -> PathBuf {
         .clone()
 }
 
+/// What the probe reports (`key=value` lines) as a map.
+pub fn parse_report(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// A plain HTTP/1.1 response.
 #[derive(Debug)]
 pub struct Reply {

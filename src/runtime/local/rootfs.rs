@@ -10,23 +10,22 @@ use std::path::{Path, PathBuf};
 use crate::runtime::RuntimeError;
 use crate::store::{Digest, Image, Store};
 
-/// The directories the sandbox mounts over, with the modes an image would give them.
-const MOUNT_POINTS: [(&str, u32); 4] = [
-    ("dev", 0o755),
-    ("proc", 0o555),
-    ("sys", 0o555),
-    ("tmp", 0o1777),
-];
-
 /// Whether `image` is unpacked already (its next instance starts without unpacking).
 pub fn is_unpacked(home: &Path, image: &Digest) -> bool {
-    home.join("rootfs").join(image.hex()).is_dir()
+    unpacked_path(home, image).is_dir()
+}
+
+/// Where unpacked roots live under `$GRAVEN_HOME`.
+const DIR: &str = "rootfs";
+
+fn unpacked_path(home: &Path, image: &Digest) -> PathBuf {
+    home.join(DIR).join(image.hex())
 }
 
 /// The unpacked root of `image`, unpacking it first when needed.
 pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, RuntimeError> {
-    let dir = home.join("rootfs");
-    let target = dir.join(image.digest.hex());
+    let dir = home.join(DIR);
+    let target = unpacked_path(home, &image.digest);
     if target.is_dir() {
         return Ok(target);
     }
@@ -41,7 +40,7 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
         &image.config.rootfs.diff_ids,
         temp.path(),
     )?;
-    for (name, mode) in MOUNT_POINTS {
+    for (name, mode) in crate::sandbox::MOUNT_POINTS {
         let path = temp.path().join(name);
         if std::fs::symlink_metadata(&path).is_err() {
             use std::os::unix::fs::PermissionsExt;

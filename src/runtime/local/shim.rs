@@ -81,12 +81,10 @@ fn run(dir: &Path) -> Result<(), String> {
             signal: Some(signal),
         },
     };
-    // The cgroups go before the exit is recorded, so whoever sees the instance exited
-    // finds nothing of it left in /sys/fs/cgroup.
-    if let Ok(state) = state::load(dir) {
-        state.cgroups.remove();
-    }
     state::update(dir, |s| {
+        // The cgroups go before the exit is recorded, so whoever sees the instance exited
+        // finds nothing of it left in /sys/fs/cgroup.
+        s.cgroups.remove();
         if !s.status.is_exited() {
             s.status = exited;
         }
