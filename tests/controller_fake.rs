@@ -4,11 +4,12 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::controller::{self, ControllerHandle, ControllerOptions, Snapshot};
 use graven::events::{DeployOutcome, Lifecycle};
-use graven::runtime::{AnyRuntime, FakeRuntime, Runtime};
+use graven::runtime::{AnyRuntime, FakeRuntime, InstanceId, Runtime};
 use graven::store::Digest;
 use support::daemon::{config, free_port, outcome, release, version};
 
@@ -62,6 +63,33 @@ async fn running_on_runtime(fake: &FakeRuntime) -> usize {
         .count()
 }
 
+/// Deploys two instances of v1 behind `route` and waits until the deploy ends.
+async fn deploy_v1(controller: &ControllerHandle, route: SocketAddr) {
+    controller
+        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .await
+        .unwrap();
+    outcome(controller).await;
+}
+
+/// The version that answers one request on `route`, asked off the async threads.
+async fn served(route: SocketAddr) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || version(route))
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) until the runtime no longer lists instance `id`.
+async fn wait_until_removed(fake: &FakeRuntime, id: &InstanceId, what: &str) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while fake.list().await.unwrap().iter().any(|i| i.id == *id) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect(what);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_roll_out_and_the_route_follows() {
     let s = setup();
@@ -76,9 +104,7 @@ async fn deploys_roll_out_and_the_route_follows() {
         outcome(&s.controller).await,
         DeployOutcome::Succeeded { .. }
     ));
-    let r = tokio::task::spawn_blocking(move || version(route))
-        .await
-        .unwrap();
+    let r = served(route).await;
     assert_eq!(r.as_deref(), Ok("v1"));
 
     // The same image and config again makes no release.
@@ -128,9 +154,7 @@ async fn deploys_roll_out_and_the_route_follows() {
     let snapshot = s.controller.snapshot();
     assert_eq!(healthy_versions(&snapshot), BTreeMap::from([(2, 2)]));
     assert_eq!(snapshot.state.instances.len(), 2);
-    let r = tokio::task::spawn_blocking(move || version(route))
-        .await
-        .unwrap();
+    let r = served(route).await;
     assert_eq!(r.as_deref(), Ok("v2"));
     // Every old instance was stopped and removed from the runtime, not only unrouted.
     let fake = s.fake.clone();
@@ -149,9 +173,7 @@ async fn deploys_roll_out_and_the_route_follows() {
         outcome(&s.controller).await,
         DeployOutcome::Succeeded { .. }
     ));
-    let r = tokio::task::spawn_blocking(move || version(route))
-        .await
-        .unwrap();
+    let r = served(route).await;
     assert_eq!(r.as_deref(), Ok("v1"));
     s.controller.shutdown().await;
     assert_eq!(s.fake.list().await.unwrap().len(), 0, "shutdown stops all");
@@ -161,11 +183,7 @@ async fn deploys_roll_out_and_the_route_follows() {
 async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
     let s = setup();
     let route = free_port();
-    s.controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
-        .await
-        .unwrap();
-    outcome(&s.controller).await;
+    deploy_v1(&s.controller, route).await;
     s.controller
         .deploy(vec![release(config(
             2,
@@ -203,11 +221,7 @@ async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
 async fn a_crashed_instance_is_replaced() {
     let s = setup();
     let route = free_port();
-    s.controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
-        .await
-        .unwrap();
-    outcome(&s.controller).await;
+    deploy_v1(&s.controller, route).await;
     let load = support::load::Load::start(route, 4);
     support::wait_for(Duration::from_secs(10), "load running", || {
         (load.snapshot().total > 50).then_some(())
@@ -242,14 +256,12 @@ async fn a_crashed_instance_is_replaced() {
         "clients saw errors: {:?}",
         report.failures
     );
-    let fake = s.fake.clone();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while fake.list().await.unwrap().iter().any(|i| i.id == victim) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the crashed instance is removed from the runtime");
+    wait_until_removed(
+        &s.fake,
+        &victim,
+        "the crashed instance is removed from the runtime",
+    )
+    .await;
     s.controller.shutdown().await;
 }
 
@@ -257,11 +269,7 @@ async fn a_crashed_instance_is_replaced() {
 async fn a_restarted_controller_adopts_what_it_wants_and_removes_orphans() {
     let s = setup();
     let route = free_port();
-    s.controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
-        .await
-        .unwrap();
-    outcome(&s.controller).await;
+    deploy_v1(&s.controller, route).await;
     let before: Vec<_> = s
         .controller
         .snapshot()
@@ -292,14 +300,7 @@ async fn a_restarted_controller_adopts_what_it_wants_and_removes_orphans() {
     let other = s.fake.start(other).await.unwrap().id;
 
     let controller = start(&s.fake, &s.log);
-    let fake = s.fake.clone();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while fake.list().await.unwrap().iter().any(|i| i.id == stray) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the orphan is removed");
+    wait_until_removed(&s.fake, &stray, "the orphan is removed").await;
     let snapshot = controller.snapshot();
     let after: Vec<_> = snapshot.state.instances.keys().cloned().collect();
     assert_eq!(
@@ -307,9 +308,7 @@ async fn a_restarted_controller_adopts_what_it_wants_and_removes_orphans() {
         "the wanted instances are adopted, not replaced"
     );
     assert!(s.fake.list().await.unwrap().iter().any(|i| i.id == other));
-    let r = tokio::task::spawn_blocking(move || version(route))
-        .await
-        .unwrap();
+    let r = served(route).await;
     assert_eq!(r.as_deref(), Ok("v1"));
     controller.shutdown().await;
 }
@@ -321,11 +320,7 @@ async fn a_release_whose_instances_fail_at_once_rolls_back_early_and_says_why() 
     let fake = FakeRuntime::with_images([good.clone()]);
     let controller = start(&fake, &dir.path().join("events.db"));
     let route = free_port();
-    controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
-        .await
-        .unwrap();
-    outcome(&controller).await;
+    deploy_v1(&controller, route).await;
     let mut broken = release(config(2, route, &[("VERSION", "v2")]));
     broken.image = Digest::of(b"an image the runtime cannot start");
     controller.deploy(vec![broken]).await.unwrap();
@@ -335,9 +330,7 @@ async fn a_release_whose_instances_fail_at_once_rolls_back_early_and_says_why() 
     };
     assert!(reason.contains("failed 3 times"), "{reason}");
     assert!(reason.contains("did not start"), "{reason}");
-    let r = tokio::task::spawn_blocking(move || version(route))
-        .await
-        .unwrap();
+    let r = served(route).await;
     assert_eq!(r.as_deref(), Ok("v1"));
     let snapshot = controller.snapshot();
     assert_eq!(healthy_versions(&snapshot), BTreeMap::from([(1, 2)]));
@@ -351,11 +344,7 @@ async fn a_release_whose_instances_fail_at_once_rolls_back_early_and_says_why() 
 async fn an_adopted_instance_that_stops_answering_is_replaced() {
     let s = setup();
     let route = free_port();
-    s.controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
-        .await
-        .unwrap();
-    outcome(&s.controller).await;
+    deploy_v1(&s.controller, route).await;
     s.controller.abort().await;
 
     let controller = start(&s.fake, &s.log);

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::{
     CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, Lifecycle,
-    Scale, ServiceConfig, State, fold,
+    Scale, ServiceConfig, State, fold, replay,
 };
 use crate::proxy::health::{Health, HealthChange, HealthMonitor};
 use crate::proxy::{Backend, Route, RouteOptions};
@@ -256,7 +256,7 @@ impl ControllerHandle {
 /// Replays the log and starts the loop on the current tokio runtime.
 pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerError> {
     let log = EventLog::open(&options.log)?;
-    let state = log.read_after(0)?.iter().fold(State::default(), fold);
+    let state = replay(&log.read_after(0)?);
     let snapshot = Arc::new(Snapshot {
         app: options.app.clone(),
         environment: options.environment.clone(),
@@ -444,13 +444,7 @@ impl Shell {
             Input::Stopped { instance, result } => {
                 self.busy.remove(&instance);
                 match result {
-                    Ok(()) => {
-                        self.record(Event::InstanceGone {
-                            instance,
-                            reason: GoneReason::Stopped,
-                        })?;
-                    }
-                    Err(RuntimeError::UnknownInstance { .. }) => {
+                    Ok(()) | Err(RuntimeError::UnknownInstance { .. }) => {
                         self.record(Event::InstanceGone {
                             instance,
                             reason: GoneReason::Stopped,
@@ -518,13 +512,7 @@ impl Shell {
             }
             Command::Down { reply } => {
                 let after_seq = self.state.seq;
-                let services: Vec<String> = self
-                    .state
-                    .services
-                    .iter()
-                    .filter(|(_, s)| s.wanted.is_some())
-                    .map(|(name, _)| name.clone())
-                    .collect();
+                let services: Vec<String> = self.state.wanted_services().cloned().collect();
                 let mut result = Ok(Rollout {
                     after_seq,
                     started: Vec::new(),
@@ -583,10 +571,9 @@ impl Shell {
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.service.as_str()).collect();
         let removed: Vec<String> = self
             .state
-            .services
-            .iter()
-            .filter(|(name, s)| s.wanted.is_some() && !wanted.contains(name.as_str()))
-            .map(|(name, _)| name.clone())
+            .wanted_services()
+            .filter(|name| !wanted.contains(name.as_str()))
+            .cloned()
             .collect();
         for service in removed {
             self.record(Event::ServiceRemoved { service })?;
@@ -652,13 +639,7 @@ impl Shell {
                 }
                 vec![service]
             }
-            None => self
-                .state
-                .services
-                .iter()
-                .filter(|(_, s)| s.wanted.is_some())
-                .map(|(name, _)| name.clone())
-                .collect(),
+            None => self.state.wanted_services().cloned().collect(),
         };
         if services.is_empty() {
             return Err(ControllerError::NothingDeployed {
@@ -1065,15 +1046,7 @@ mod tests {
     use crate::events::{DeployOutcome, DeployRecord, InstanceState, Release};
 
     fn state(releases: &[u64], deploys: &[(Option<u64>, u64)]) -> State {
-        let config: ServiceConfig = serde_json::from_value(serde_json::json!({
-            "instances": 1, "port": 8080, "route": null, "command": null, "env": {},
-            "health": {"path": "/", "interval": {"secs": 1, "nanos": 0},
-                       "timeout": {"secs": 1, "nanos": 0}, "healthy_after": 1, "unhealthy_after": 1},
-            "max_surge": 1, "max_unavailable": 0,
-            "health_deadline": {"secs": 1, "nanos": 0}, "stop_grace": {"secs": 1, "nanos": 0},
-            "volumes": [], "limits": {"memory_bytes": null, "pids": null, "cpu_millis": null, "tmp_bytes": null}
-        }))
-        .unwrap();
+        let config = ServiceConfig::test(1, 1, 0);
         let mut state = State::default();
         for number in releases {
             state.releases.insert(

@@ -450,31 +450,7 @@ mod tests {
     use super::*;
     use crate::events::Envelope;
     use crate::events::{DeployReason, ServiceConfig, fold};
-    use crate::proxy::HealthCheck;
     use crate::store::Digest;
-
-    fn config(instances: u32, max_surge: u32, max_unavailable: u32) -> ServiceConfig {
-        ServiceConfig {
-            instances,
-            port: 8080,
-            route: None,
-            command: None,
-            env: Default::default(),
-            health: HealthCheck {
-                path: "/healthz".to_owned(),
-                interval: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                healthy_after: 1,
-                unhealthy_after: 2,
-            },
-            max_surge,
-            max_unavailable,
-            health_deadline: Duration::from_secs(30),
-            stop_grace: Duration::from_secs(5),
-            volumes: vec![],
-            limits: Default::default(),
-        }
-    }
 
     /// A tiny script for building a state: each step is one event at `at` seconds.
     #[derive(Clone)]
@@ -576,7 +552,10 @@ mod tests {
 
     #[test]
     fn first_deploy_launches_up_to_the_desired_count() {
-        let s = state(vec![(1, Release(1, config(3, 1, 0))), (1, Deploy(None, 1))]);
+        let s = state(vec![
+            (1, Release(1, ServiceConfig::test(3, 1, 0))),
+            (1, Deploy(None, 1)),
+        ]);
         check(
             &s,
             &running(&s),
@@ -592,7 +571,7 @@ mod tests {
     #[test]
     fn healthy_service_needs_nothing_and_a_finished_deploy_succeeds() {
         let s = state(vec![
-            (1, Release(1, config(2, 1, 0))),
+            (1, Release(1, ServiceConfig::test(2, 1, 0))),
             (1, Deploy(None, 1)),
             (2, Instance("a", 1, Lifecycle::Healthy)),
             (2, Instance("b", 1, Lifecycle::Healthy)),
@@ -609,7 +588,7 @@ mod tests {
 
     fn rolling(surge: u32, unavailable: u32, new: &[(&'static str, Lifecycle)]) -> State {
         let mut steps = vec![
-            (1, Release(1, config(4, surge, unavailable))),
+            (1, Release(1, ServiceConfig::test(4, surge, unavailable))),
             (1, Deploy(None, 1)),
             (1, Instance("o1", 1, Lifecycle::Healthy)),
             (1, Instance("o2", 1, Lifecycle::Healthy)),
@@ -622,7 +601,7 @@ mod tests {
                     release: 1,
                 }),
             ),
-            (10, Release(2, config(4, surge, unavailable))),
+            (10, Release(2, ServiceConfig::test(4, surge, unavailable))),
             (10, Deploy(Some(1), 2)),
         ];
         for (name, lifecycle) in new {
@@ -701,10 +680,10 @@ mod tests {
             "#]],
         );
         let mut steps = vec![
-            (1, Release(1, config(1, 1, 0))),
+            (1, Release(1, ServiceConfig::test(1, 1, 0))),
             (1, Deploy(None, 1)),
             (1, Instance("o1", 1, Lifecycle::Draining)),
-            (10, Release(2, config(1, 1, 0))),
+            (10, Release(2, ServiceConfig::test(1, 1, 0))),
             (10, Deploy(Some(1), 2)),
             (11, Instance("n1", 2, Lifecycle::Healthy)),
         ];
@@ -764,10 +743,10 @@ mod tests {
     #[test]
     fn a_release_whose_instances_keep_failing_rolls_back_early() {
         let mut steps = vec![
-            (1, Release(1, config(1, 1, 0))),
+            (1, Release(1, ServiceConfig::test(1, 1, 0))),
             (1, Deploy(None, 1)),
             (1, Instance("o1", 1, Lifecycle::Healthy)),
-            (10, Release(2, config(1, 1, 0))),
+            (10, Release(2, ServiceConfig::test(1, 1, 0))),
             (10, Deploy(Some(1), 2)),
         ];
         for name in ["n1", "n2", "n3"] {
@@ -823,7 +802,7 @@ mod tests {
     #[test]
     fn crashed_and_unhealthy_instances_are_replaced_with_backoff() {
         let s = state(vec![
-            (1, Release(1, config(2, 1, 0))),
+            (1, Release(1, ServiceConfig::test(2, 1, 0))),
             (1, Deploy(None, 1)),
             (1, Instance("a", 1, Lifecycle::Healthy)),
             (1, Instance("b", 1, Lifecycle::Healthy)),
@@ -840,7 +819,7 @@ mod tests {
             "#]],
         );
         let s = state(vec![
-            (1, Release(1, config(1, 1, 0))),
+            (1, Release(1, ServiceConfig::test(1, 1, 0))),
             (1, Deploy(None, 1)),
             (1, Instance("a", 1, Lifecycle::Unhealthy)),
             (2, Instance("b", 1, Lifecycle::Unhealthy)),
@@ -875,7 +854,7 @@ mod tests {
     fn restart_reconciles_from_the_runtime_listing() {
         // The log says: a launched (no start recorded), b started, c draining, d started.
         let s = state(vec![
-            (1, Release(1, config(3, 1, 0))),
+            (1, Release(1, ServiceConfig::test(3, 1, 0))),
             (1, Deploy(None, 1)),
             (
                 1,
@@ -927,7 +906,7 @@ mod tests {
     #[test]
     fn scaling_down_drains_the_surplus_not_yet_serving_first() {
         let s = state(vec![
-            (1, Release(1, config(3, 1, 0))),
+            (1, Release(1, ServiceConfig::test(3, 1, 0))),
             (1, Deploy(None, 1)),
             (1, Instance("a", 1, Lifecycle::Healthy)),
             (1, Instance("b", 1, Lifecycle::Starting)),
@@ -956,7 +935,7 @@ mod tests {
     #[test]
     fn removed_service_drains_everything() {
         let s = state(vec![
-            (1, Release(1, config(1, 1, 0))),
+            (1, Release(1, ServiceConfig::test(1, 1, 0))),
             (1, Deploy(None, 1)),
             (1, Instance("a", 1, Lifecycle::Healthy)),
             (

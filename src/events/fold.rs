@@ -141,6 +141,14 @@ impl State {
         }))
     }
 
+    /// Services that want a release: deployed and not removed since.
+    pub fn wanted_services(&self) -> impl Iterator<Item = &String> {
+        self.services
+            .iter()
+            .filter(|(_, s)| s.wanted.is_some())
+            .map(|(name, _)| name)
+    }
+
     pub fn wanted_release(&self, service: &str) -> Option<&Release> {
         let wanted = self.services.get(service)?.wanted?;
         self.releases.get(&wanted)
@@ -403,33 +411,14 @@ pub fn replay<'a>(envelopes: impl IntoIterator<Item = &'a Envelope<Event>>) -> S
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use expect_test::{Expect, expect};
 
     use super::*;
-    use crate::proxy::HealthCheck;
 
     fn config(version: &str) -> ServiceConfig {
         ServiceConfig {
-            instances: 2,
-            port: 8080,
-            route: None,
-            command: None,
             env: [("VERSION".to_owned(), version.to_owned())].into(),
-            health: HealthCheck {
-                path: "/healthz".to_owned(),
-                interval: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                healthy_after: 1,
-                unhealthy_after: 2,
-            },
-            max_surge: 1,
-            max_unavailable: 0,
-            health_deadline: Duration::from_secs(30),
-            stop_grace: Duration::from_secs(5),
-            volumes: vec![],
-            limits: Default::default(),
+            ..ServiceConfig::test(2, 1, 0)
         }
     }
 

@@ -387,6 +387,16 @@ mod tests {
         (dir, path)
     }
 
+    /// A new log holding `created` events for `a`, `b` and `c`, for tests that spoil one.
+    fn log_of_three() -> (tempfile::TempDir, PathBuf, EventLog) {
+        let (dir, path) = temp_log();
+        let log = EventLog::open(&path).unwrap();
+        for name in ["a", "b", "c"] {
+            log.append("controller", 1, &created(name)).unwrap();
+        }
+        (dir, path, log)
+    }
+
     fn raw(path: &Path) -> Connection {
         Connection::open(path).unwrap()
     }
@@ -480,11 +490,7 @@ mod tests {
 
     #[test]
     fn a_tampered_payload_is_detected_and_named() {
-        let (_dir, path) = temp_log();
-        let log = EventLog::open(&path).unwrap();
-        for name in ["a", "b", "c"] {
-            log.append("controller", 1, &created(name)).unwrap();
-        }
+        let (_dir, path, log) = log_of_three();
         raw(&path)
             .execute(
                 "UPDATE events SET payload = ?1 WHERE seq = 2",
@@ -507,11 +513,7 @@ mod tests {
 
     #[test]
     fn a_deleted_event_is_a_gap_not_a_skip() {
-        let (_dir, path) = temp_log();
-        let log = EventLog::open(&path).unwrap();
-        for name in ["a", "b", "c"] {
-            log.append("controller", 1, &created(name)).unwrap();
-        }
+        let (_dir, path, log) = log_of_three();
         raw(&path)
             .execute("DELETE FROM events WHERE seq = 2", [])
             .unwrap();

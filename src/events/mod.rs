@@ -25,7 +25,7 @@ pub use log::{
 
 pub use fold::{
     Backoff, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, Scale,
-    ServiceState, State, fold,
+    ServiceState, State, fold, replay,
 };
 
 /// The actor the controller appends its decisions as.
@@ -146,27 +146,6 @@ impl EventKind for Event {
 }
 
 impl Event {
-    /// The service an event is about, where the event names it.
-    pub fn service(&self) -> Option<&str> {
-        match self {
-            Event::ReleaseCreated { service, .. }
-            | Event::DeployStarted { service, .. }
-            | Event::DeploySucceeded { service, .. }
-            | Event::DeployRolledBack { service, .. }
-            | Event::InstanceLaunched { service, .. }
-            | Event::CrashLoopBackoff { service, .. }
-            | Event::ServiceScaled { service, .. }
-            | Event::ServiceRemoved { service } => Some(service),
-            Event::InstanceStarted { .. }
-            | Event::InstanceHealthy { .. }
-            | Event::InstanceUnhealthy { .. }
-            | Event::InstanceDraining { .. }
-            | Event::InstanceExited { .. }
-            | Event::InstanceGone { .. }
-            | Event::OrphanRemoved { .. } => None,
-        }
-    }
-
     /// One line for `graven history` and deploy progress.
     pub fn describe(&self) -> String {
         match self {
@@ -332,6 +311,34 @@ impl From<&crate::spec::Service> for ServiceConfig {
             stop_grace: service.stop_grace,
             volumes: service.volumes.clone(),
             limits: service.limits.clone(),
+        }
+    }
+}
+
+/// The config unit tests start from: a plain service on port 8080, health checked at
+/// `/healthz`, no env; tests change the fields they are about.
+#[cfg(test)]
+impl ServiceConfig {
+    pub(crate) fn test(instances: u32, max_surge: u32, max_unavailable: u32) -> ServiceConfig {
+        ServiceConfig {
+            instances,
+            port: 8080,
+            route: None,
+            command: None,
+            env: BTreeMap::new(),
+            health: HealthCheck {
+                path: "/healthz".to_owned(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                healthy_after: 1,
+                unhealthy_after: 2,
+            },
+            max_surge,
+            max_unavailable,
+            health_deadline: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(5),
+            volumes: vec![],
+            limits: Default::default(),
         }
     }
 }
