@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -17,18 +17,13 @@ struct Hello {
 
 impl Hello {
     fn start(version: &str) -> Hello {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let address = support::daemon::free_port();
         let child = Command::new(support::hello_binary())
-            .env("PORT", port.to_string())
+            .env("PORT", address.port().to_string())
             .env("VERSION", version)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         support::wait_for(Duration::from_secs(20), "hello to listen", || {
             std::net::TcpStream::connect(address).ok()
         });

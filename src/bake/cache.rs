@@ -65,13 +65,7 @@ impl Cache {
     }
 
     pub fn put(&self, key: &Digest, record: &Record) -> io::Result<()> {
-        fs::create_dir_all(&self.dir)?;
-        let mut temp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&self.dir)?;
-        temp.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
-        temp.persist(self.path(key)).map_err(|e| e.error)?;
-        Ok(())
+        write_json(&self.path(key), record)
     }
 
     /// The layer blobs the cache refers to (gc keeps them).
@@ -172,14 +166,19 @@ impl FileHashes {
         if !self.changed {
             return Ok(());
         }
-        let path = Self::path(home);
-        let dir = path.parent().expect("files.json has a parent");
-        fs::create_dir_all(dir)?;
-        let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-        temp.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
-        temp.persist(&path).map_err(|e| e.error)?;
-        Ok(())
+        write_json(&Self::path(home), self)
     }
+}
+
+/// Replaces `path` (in the cache directory, made if missing) with `value` as JSON, through a
+/// rename so a reader never sees half a file. No fsync: a lost write is only a cache miss.
+fn write_json(path: &Path, value: &impl serde::Serialize) -> io::Result<()> {
+    let dir = path.parent().expect("cache files have a parent");
+    fs::create_dir_all(dir)?;
+    let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    temp.write_all(&serde_json::to_vec(value).map_err(io::Error::other)?)?;
+    temp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]

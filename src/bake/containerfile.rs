@@ -5,7 +5,7 @@
 //! and `$` references; `expand` (used by the planner) removes the quotes and substitutes
 //! variables once the ARG and ENV values of the step are known, as Docker does.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fmt;
 
 /// A problem in a Containerfile, with where it is.
@@ -98,12 +98,12 @@ pub fn parse(file: &str, source: &str) -> Result<Containerfile, ParseError> {
     let mut escape = '\\';
     let mut index = 0;
     // Parser directives are only recognised in the leading comment lines.
-    let mut seen_directives = BTreeMap::new();
+    let mut seen_directives = BTreeSet::new();
     while index < lines.len() {
         let Some((key, value)) = directive(lines[index]) else {
             break;
         };
-        if seen_directives.insert(key.clone(), ()).is_some() {
+        if !seen_directives.insert(key.clone()) {
             return Err(err(
                 index + 1,
                 format!("the {key} directive may appear only once"),
@@ -310,8 +310,8 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
             need_args("a command")?;
             Kind::Entrypoint(command(rest))
         }
-        "ENV" => Kind::Env(name_values(&name, rest, escape, true)?),
-        "LABEL" => Kind::Label(name_values(&name, rest, escape, true)?),
+        "ENV" => Kind::Env(name_values(&name, rest, escape)?),
+        "LABEL" => Kind::Label(name_values(&name, rest, escape)?),
         "ARG" => {
             need_args("a name")?;
             let mut args = Vec::new();
@@ -500,20 +500,12 @@ pub(crate) fn split_words(text: &str, escape: char) -> Vec<String> {
 }
 
 /// ENV and LABEL: `key=value ...`, or the legacy `key value` form (one pair).
-fn name_values(
-    name: &str,
-    rest: &str,
-    escape: char,
-    legacy: bool,
-) -> Result<Vec<(String, String)>, String> {
+fn name_values(name: &str, rest: &str, escape: char) -> Result<Vec<(String, String)>, String> {
     let words = split_words(rest, escape);
     let Some(first) = words.first() else {
         return Err(format!("{name} requires at least one key=value pair"));
     };
     if !first.contains('=') {
-        if !legacy {
-            return Err(format!("{name} expects key=value, got {first:?}"));
-        }
         let value = rest[rest.find(first.as_str()).unwrap_or(0) + first.len()..].trim();
         if value.is_empty() {
             return Err(format!("{name} {first} has no value: use {first}=value"));

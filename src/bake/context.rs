@@ -73,17 +73,7 @@ impl Ignore {
 
 /// Docker cleans patterns like paths: no leading `/` or `./`, no `..` above the root.
 fn clean_pattern(pattern: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in pattern.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
-    }
-    parts.join("/")
+    super::plan::absolute("/", pattern)[1..].to_owned()
 }
 
 /// How COPY/ADD writes owners and modes.
@@ -449,19 +439,11 @@ fn unpack_archive(
         let entry_kind = if kind.is_dir() {
             EntryKind::Dir
         } else if kind.is_symlink() {
-            let link = entry
-                .link_name()
-                .map_err(|e| fail(e.to_string()))?
-                .map(|l| l.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let link = link_name(&entry).map_err(|e| fail(e.to_string()))?;
             symlinks.push(rel.clone());
             EntryKind::Symlink(link)
         } else if kind.is_hard_link() {
-            let link = entry
-                .link_name()
-                .map_err(|e| fail(e.to_string()))?
-                .map(|l| l.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let link = link_name(&entry).map_err(|e| fail(e.to_string()))?;
             let link_rel = archive_path(&link).ok_or_else(|| {
                 fail(format!(
                     "archive entry {name:?} links to {link:?} outside the destination"
@@ -484,7 +466,6 @@ fn unpack_archive(
             continue;
         };
         let mode = match &entry_kind {
-            EntryKind::Dir => own.chmod.unwrap_or(mode),
             EntryKind::Symlink(_) => 0o777,
             _ => own.chmod.unwrap_or(mode),
         };
@@ -497,6 +478,14 @@ fn unpack_archive(
         });
     }
     Ok(temp)
+}
+
+/// The target of a symlink or hard link entry (empty when the header has none).
+fn link_name<R: Read>(entry: &tar::Entry<'_, R>) -> io::Result<String> {
+    Ok(entry
+        .link_name()?
+        .map(|l| l.to_string_lossy().into_owned())
+        .unwrap_or_default())
 }
 
 /// A relative archive path cleaned of `./`, or `None` when it is absolute or climbs out.

@@ -406,11 +406,13 @@ fn ownership(
                 .split(':')
                 .all(|part| part.parse::<u32>().is_ok() || part == "root");
             // Names need the image's passwd and group files; numbers do not.
-            let root = tempfile::Builder::new()
-                .prefix("graven-users-")
-                .tempdir()
-                .map_err(|e| e.to_string())?;
-            if !numeric {
+            let resolved = if numeric {
+                crate::sandbox::user::resolve(user, "", "").map_err(|e| e.to_string())
+            } else {
+                let root = tempfile::Builder::new()
+                    .prefix("graven-users-")
+                    .tempdir()
+                    .map_err(|e| e.to_string())?;
                 tree::extract_files(
                     store,
                     &state.layers,
@@ -418,8 +420,9 @@ fn ownership(
                     &["etc/passwd", "etc/group"],
                 )
                 .map_err(|e| e.to_string())?;
-            }
-            run::resolve_user(root.path(), user).map_err(|e| format!("--chown={user}: {e}"))?
+                run::resolve_user(root.path(), user)
+            };
+            resolved.map_err(|e| format!("--chown={user}: {e}"))?
         }
     };
     Ok(Ownership { uid, gid, chmod })

@@ -146,6 +146,16 @@ pub(crate) fn suggest<'a>(
         .map(|(_, candidate)| candidate)
 }
 
+/// `; did you mean "x"?` when `suggest` finds a candidate near `word`, else nothing.
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> String {
+    suggest(word, candidates)
+        .map(|near| format!("; did you mean {near:?}?"))
+        .unwrap_or_default()
+}
+
 /// Levenshtein distance over characters.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();

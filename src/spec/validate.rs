@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::problem::{Issues, quoted_list, suggest};
+use super::problem::{Issues, did_you_mean, quoted_list};
 use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawService, join};
 use super::values;
 use super::{BuildStep, DeployPolicy, ImageSource, Project, Service, Strategy};
@@ -96,14 +96,23 @@ impl Partial {
     }
 }
 
-/// Checks one leaf: its type (from reading) and then `check`, reporting either problem.
+/// Checks one optional leaf: `None` when it is absent, else as `check_field` does.
 fn leaf<T, U>(
     field: &Option<Field<T>>,
     path: &str,
     issues: &mut Issues,
     check: impl FnOnce(&T) -> Result<U, String>,
 ) -> Option<At<U>> {
-    let field = field.as_ref()?;
+    check_field(field.as_ref()?, path, issues, check)
+}
+
+/// Checks one leaf: its type (from reading) and then `check`, reporting either problem.
+fn check_field<T, U>(
+    field: &Field<T>,
+    path: &str,
+    issues: &mut Issues,
+    check: impl FnOnce(&T) -> Result<U, String>,
+) -> Option<At<U>> {
     let checked = field.value.as_ref().map_err(String::clone).and_then(check);
     match checked {
         Ok(value) => Some(At {
@@ -171,9 +180,7 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
             let field = join(&path("env"), key.get_ref());
             if let Err(message) = values::env_key(key.get_ref()) {
                 issues.push(key.span(), &field, message);
-            } else if let Some(value) =
-                leaf(&Some(value.clone()), &field, issues, |v| Ok(v.clone()))
-            {
+            } else if let Some(value) = check_field(value, &field, issues, |v| Ok(v.clone())) {
                 partial.env.insert(key.get_ref().clone(), value);
             }
         }
@@ -182,7 +189,7 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
         check_health(health.get_ref(), &path("health"), issues, &mut partial);
     }
     if let Some(deploy) = &raw.deploy {
-        check_deploy(deploy, &path("deploy"), issues, &mut partial);
+        check_deploy(deploy.get_ref(), &path("deploy"), issues, &mut partial);
     }
     if let Some(limits) = &raw.limits {
         check_limits(limits.get_ref(), &path("limits"), issues, &mut partial);
@@ -221,14 +228,8 @@ fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mu
     );
 }
 
-fn check_deploy(
-    raw: &Spanned<RawDeploy>,
-    prefix: &str,
-    issues: &mut Issues,
-    partial: &mut Partial,
-) {
+fn check_deploy(raw: &RawDeploy, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
     let path = |name: &str| join(prefix, name);
-    let raw = raw.get_ref();
     let u32_max = i64::from(u32::MAX);
     partial.strategy = leaf(&raw.strategy, &path("strategy"), issues, |s| {
         match s.as_str() {
@@ -282,7 +283,7 @@ fn check_volumes(
             ok = false;
             continue;
         }
-        let Some(path) = leaf(&Some(path.clone()), &field, issues, |p| {
+        let Some(path) = check_field(path, &field, issues, |p| {
             values::mount_path(p).map(|()| p.clone())
         }) else {
             ok = false;
@@ -427,7 +428,7 @@ pub(crate) fn validate(
     issues: &mut Issues,
 ) -> Option<Project> {
     let app = match &raw.app {
-        Some(app) => leaf(&Some(app.clone()), "app", issues, |a| {
+        Some(app) => check_field(app, "app", issues, |a| {
             values::dns_label("app", a).map(|()| a.clone())
         }),
         None => {
@@ -443,7 +444,7 @@ pub(crate) fn validate(
         .build
         .as_ref()
         .and_then(|build| match &build.get_ref().command {
-            Some(command) => leaf(&Some(command.clone()), "build.command", issues, |c| {
+            Some(command) => check_field(command, "build.command", issues, |c| {
                 if c.trim().is_empty() {
                     Err("the build command is empty".to_owned())
                 } else {
@@ -517,9 +518,7 @@ pub(crate) fn validate(
                 let prefix = format!("{env_prefix}.services.{}", name.get_ref());
                 if !bases.contains_key(name.get_ref()) {
                     let known = quoted_list(bases.keys().map(String::as_str));
-                    let hint = suggest(name.get_ref(), bases.keys().map(String::as_str))
-                        .map(|near| format!("; did you mean {near:?}?"))
-                        .unwrap_or_default();
+                    let hint = did_you_mean(name.get_ref(), bases.keys().map(String::as_str));
                     issues.push(
                         name.span(),
                         &prefix,
@@ -540,16 +539,14 @@ pub(crate) fn validate(
     }
 
     if !overlays.contains_key(environment) {
-        let known: Vec<&str> = overlays.keys().map(String::as_str).collect();
-        let hint = suggest(environment, known.iter().copied())
-            .map(|near| format!("; did you mean {near:?}?"))
-            .unwrap_or_default();
+        let known = || overlays.keys().map(String::as_str);
         issues.push(
             raw.environments.as_ref().map_or(0..0, Spanned::span),
             "environments",
             format!(
-                "environment {environment:?} is not defined (known: {}){hint}",
-                quoted_list(known.iter().copied())
+                "environment {environment:?} is not defined (known: {}){}",
+                quoted_list(known()),
+                did_you_mean(environment, known())
             ),
         );
     }
