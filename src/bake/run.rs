@@ -11,11 +11,6 @@ use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
 use crate::store::{Descriptor, Digest, Store};
 
-/// Directories the sandbox mounts over: what is in them is never layer content, and the
-/// mount points it creates are not either. (`/tmp` is not one: RUN keeps what it writes
-/// there, as `docker build` does.)
-const MOUNTED: &[&str] = &["proc", "sys", "dev"];
-
 pub struct RunOutput {
     pub entries: Vec<Entry>,
     pub root: tempfile::TempDir,
@@ -83,7 +78,10 @@ pub fn run(
         return Err(format!("the command failed with {how}"));
     }
     let after = tree::snapshot(root.path()).map_err(|e| e.to_string())?;
-    let entries = tree::diff(root.path(), &before, &after, MOUNTED);
+    // What is in the directories the sandbox mounts over is never layer content, and the
+    // mount points it made are not either.
+    let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
+    let entries = tree::diff(root.path(), &before, &after, &mounted);
     Ok(RunOutput { entries, root })
 }
 

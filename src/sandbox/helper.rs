@@ -336,10 +336,8 @@ fn build_root(request: &Request) -> Result<()> {
     }
     // A RUN step's /tmp is its root's own, so what it leaves there is part of its layer, as
     // with `docker build`; an instance's /tmp is a capped tmpfs.
-    for (dir, _) in super::MOUNT_POINTS {
-        if !(spec.writable_root && dir == "tmp") {
-            ensure_dir(&root, dir)?;
-        }
+    for dir in super::mount_points(spec.writable_root) {
+        ensure_dir(&root, dir)?;
     }
     for bind in &spec.binds {
         let target = inside(&root, &bind.target)?;

@@ -43,6 +43,15 @@ pub const MOUNT_POINTS: [(&str, u32); 4] = [
     ("tmp", 0o1777),
 ];
 
+/// The directories a sandbox mounts over its root: a read-only root's `MOUNT_POINTS`, a
+/// writable one's (a RUN step's) without `/tmp`, which is its own.
+pub fn mount_points(writable_root: bool) -> impl Iterator<Item = &'static str> {
+    MOUNT_POINTS
+        .iter()
+        .map(|(dir, _)| *dir)
+        .filter(move |dir| !(writable_root && *dir == "tmp"))
+}
+
 /// The helper's file descriptor for the status pipe.
 const STATUS_FD: i32 = 3;
 /// The environment variable carrying an `ExecRequest` to `graven __sandbox-exec`.
