@@ -7,21 +7,10 @@
 # Usage: bench/bake.sh            (RUNS=5 by default; needs hyperfine, buildah, dockerd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 runs=${RUNS:-5}
 
-work=$(mktemp -d /tmp/graven-bench-bake.XXXXXX)
-source "$(dirname "$0")/lib.sh"
-cleanup() {
-  stop_dockerd
-  rm -rf "$work" 2>/dev/null || true
-}
-trap cleanup EXIT
-
-echo "building graven (release) and the example's static binary" >&2
-cargo build --release --quiet
-examples/hello/build.sh
-graven="$root/target/release/graven"
+source bench/lib.sh
+bench_setup bake
 
 ctx="$work/ctx"
 mkdir -p "$ctx/dist" "$ctx/data"

@@ -83,6 +83,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# start_load PORT: starts the load against 127.0.0.1:PORT in the background (its PID in
+# load_pid), lets it run a second of steady load as a baseline, and sets start to the time the
+# update starts; record_update stops it. Both halves load through this one function.
+start_load() {
+    rm -f "$WORK/stop"
+    "$GRAVEN" __load --address "127.0.0.1:$1" --connections "$CONNECTIONS" --duration 600s \
+        --stop-file "$WORK/stop" --json >"$WORK/load.json" &
+    load_pid=$!
+    sleep 1
+    start=$(now)
+}
+
 # record_update WHO VERSION START RETURNED CONVERGED LOAD_PID: lets the load run one more
 # second (so reconnections after the update show), stops it, and appends the update's row to
 # $WORK/WHO.tsv; both halves are recorded by this one function, so they are measured alike.
@@ -134,12 +146,7 @@ TOML
     printf 'update\tcommand_s\tconverged_s\trequests\tfailed\tlast_version\n' >"$WORK/graven.tsv"
     for version in $(seq 2 $((UPDATES + 1))); do
         write_toml "$version"
-        rm -f "$WORK/stop"
-        "$GRAVEN" __load --address "127.0.0.1:$port" --connections "$CONNECTIONS" --duration 600s \
-            --stop-file "$WORK/stop" --json >"$WORK/load.json" &
-        load_pid=$!
-        sleep 1 # a second of steady load before the update, as a baseline
-        start=$(now)
+        start_load "$port"
         GRAVEN_HOME=$home "$GRAVEN" deploy "$project" >"$WORK/deploy.out" 2>"$WORK/deploy.err" \
             || { echo "graven deploy failed:" >&2; cat "$WORK/deploy.out" "$WORK/deploy.err" >&2; }
         converged=$(now)
@@ -182,12 +189,7 @@ bench_swarm() {
 
     printf 'update\tcommand_s\tconverged_s\trequests\tfailed\tlast_version\n' >"$WORK/swarm.tsv"
     for version in $(seq 2 $((UPDATES + 1))); do
-        rm -f "$WORK/stop"
-        "$GRAVEN" __load --address "127.0.0.1:$PORT" --connections "$CONNECTIONS" --duration 600s \
-            --stop-file "$WORK/stop" --json >"$WORK/load.json" &
-        load_pid=$!
-        sleep 1 # a second of steady load before the update, as a baseline
-        start=$(now)
+        start_load "$PORT"
         docker service update --quiet --update-order start-first --no-resolve-image \
             --image "hello:v$version" hello >/dev/null
         returned=$(now)

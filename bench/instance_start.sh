@@ -13,18 +13,8 @@ root=$(pwd)
 runs=${RUNS:-30}
 docker_runs=${DOCKER_RUNS:-10}
 
-work=$(mktemp -d /tmp/graven-bench-start.XXXXXX)
-source "$(dirname "$0")/lib.sh"
-cleanup() {
-  stop_dockerd
-  rm -rf "$work" 2>/dev/null || true
-}
-trap cleanup EXIT
-
-echo "building graven (release) and the example's static binary" >&2
-cargo build --release --quiet --bin graven
-examples/hello/build.sh
-graven="$root/target/release/graven"
+source bench/lib.sh
+bench_setup start
 export GRAVEN_HOME="$work/home"
 "$graven" bake examples/hello --tag hello-bench >/dev/null
 # The first instance unpacks the image; the timed ones all share the unpacked root.

@@ -1,5 +1,23 @@
 # Shared by the bench scripts (source it): a Docker engine of the script's own, so nothing of
-# the machine's Docker is touched, stopped by its PID and nothing else.
+# the machine's Docker is touched, stopped by its PID and nothing else; and the common start of
+# a script that times the example.
+
+# bench_setup NAME: from the repository root, makes the scratch dir $work
+# (/tmp/graven-bench-NAME.*), removed on exit after any private dockerd is stopped, and builds
+# graven (release, path in $graven) and the example's static binary.
+bench_setup() {
+  work=$(mktemp -d "/tmp/graven-bench-$1.XXXXXX")
+  trap bench_cleanup EXIT
+  echo "building graven (release) and the example's static binary" >&2
+  cargo build --release --quiet --bin graven
+  examples/hello/build.sh
+  graven="$PWD/target/release/graven"
+}
+
+bench_cleanup() {
+  stop_dockerd
+  rm -rf "$work" 2>/dev/null || true
+}
 
 # start_dockerd DIR: starts dockerd with its data, exec root, pidfile, log and unix socket under
 # DIR, exports DOCKER_HOST and DOCKERD_PID, and waits (30 s at most) until it answers.

@@ -63,36 +63,42 @@ cpu_ticks() {
     awk '{ print $14, $15 }' "/proc/$1/stat"
 }
 
-nginx_temp_paths() {
-    local dir=$1
-    cat <<EOF
+# nginx_conf DIR WORKERS: writes DIR/nginx.conf: nginx in the foreground with WORKERS worker
+# processes (under a master only when there are several), its files in DIR, no access log,
+# keep-alive without a request limit, and the lines read from stdin inside its http block.
+nginx_conf() {
+    local dir=$1 workers=$2 master=off
+    [ "$workers" -gt 1 ] && master=on
+    mkdir -p "$dir"
+    {
+        cat <<EOF
+daemon off;
+master_process $master;
+worker_processes $workers;
+error_log $dir/error.log;
+pid $dir/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
     client_body_temp_path $dir/body;
     proxy_temp_path $dir/proxy;
     fastcgi_temp_path $dir/fastcgi;
     uwsgi_temp_path $dir/uwsgi;
     scgi_temp_path $dir/scgi;
+    keepalive_requests 100000000;
 EOF
+        cat
+        echo "}"
+    } >"$dir/nginx.conf"
 }
 
 backend_port=$(free_port)
-mkdir -p "$work/backend"
-cat >"$work/backend/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/backend/error.log;
-pid $work/backend/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-$(nginx_temp_paths "$work/backend")
-    keepalive_requests 100000000;
+nginx_conf "$work/backend" 1 <<EOF
     keepalive_timeout 300s;
     server {
         listen 127.0.0.1:$backend_port;
         location / { return 200 "hello from the backend\n"; }
     }
-}
 EOF
 nginx -c "$work/backend/nginx.conf" -p "$work/backend" &
 pids+=($!)
@@ -127,20 +133,7 @@ EOF
 }
 
 start_nginx() {
-    mkdir -p "$work/nginx"
-    local master="master_process off;"
-    [ "$PROXY_THREADS" -gt 1 ] && master="master_process on;"
-    cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-$master
-worker_processes $PROXY_THREADS;
-error_log $work/nginx/error.log;
-pid $work/nginx/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-$(nginx_temp_paths "$work/nginx")
-    keepalive_requests 100000000;
+    nginx_conf "$work/nginx" "$PROXY_THREADS" <<EOF
     upstream instances {
         server 127.0.0.1:$backend_port;
         keepalive 256;
@@ -153,7 +146,6 @@ $(nginx_temp_paths "$work/nginx")
             proxy_set_header Connection "";
         }
     }
-}
 EOF
     nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" >/dev/null 2>&1 &
     started=$!

@@ -21,6 +21,16 @@ fn blobs(home: &Path) -> Vec<String> {
     names
 }
 
+/// The digests a `gc --json` report lists as removed.
+fn removed_digests(report: &serde_json::Value) -> Vec<&str> {
+    report["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap())
+        .collect()
+}
+
 /// Bakes a one-file image whose file holds `content`.
 fn bake(home: &Path, tag: &str, content: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
@@ -92,12 +102,7 @@ fn images_inspect_rm_and_gc() {
 
     // The untagged image's manifest goes; its layer stays while the cache refers to it.
     let report = run_json(h, &["gc", "--json"]);
-    let removed: Vec<&str> = report["removed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r[0].as_str().unwrap())
-        .collect();
+    let removed = removed_digests(&report);
     assert!(
         removed.contains(&gone["digest"].as_str().unwrap()),
         "{report}"
@@ -106,12 +111,7 @@ fn images_inspect_rm_and_gc() {
     assert!(!removed.contains(&gone_layer), "a cached layer is a root");
     // Dropping the cache frees the layer; the tagged image keeps every blob.
     let report = run_json(h, &["gc", "--cache", "--json"]);
-    let removed: Vec<&str> = report["removed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r[0].as_str().unwrap())
-        .collect();
+    let removed = removed_digests(&report);
     assert_eq!(removed, [gone_layer]);
     let left = blobs(h);
     for digest in [

@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use super::layer::{compress_into, decompressed, is_gzip};
 use super::{
     Descriptor, Digest, ImageConfig, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER_GZIP, Manifest, REF_NAME,
-    Result, StoreError, Transaction, digest_reader, oci,
+    Result, StoreError, Transaction, check_digest, digest_reader, oci,
 };
 
 /// Where an image to import is, as `FROM` names it.
@@ -97,23 +97,9 @@ impl Transaction<'_> {
         let index_bytes = read_regular(origin, &dir.join("index.json"))?;
         let index: oci::ImageIndex = serde_json::from_slice(&index_bytes)
             .map_err(|e| bad(origin, format!("index.json is not valid: {e}")))?;
-        let chosen = match tag {
-            Some(tag) => index
-                .manifests
-                .iter()
-                .find(|m| m.annotation(REF_NAME) == Some(tag))
-                .ok_or_else(|| bad(origin, format!("it has no image tagged {tag:?}")))?,
-            None => match index.manifests.as_slice() {
-                [only] => only,
-                [] => return Err(bad(origin, "its index.json lists no image")),
-                _ => {
-                    return Err(bad(
-                        origin,
-                        "it holds several images: name one with :TAG after the path",
-                    ));
-                }
-            },
-        };
+        let chosen = choose(origin, "index.json", &index.manifests, tag, |m, tag| {
+            m.annotation(REF_NAME) == Some(tag)
+        })?;
         let mut digest = chosen.digest.clone();
         let mut bytes = read_verified(origin, &blob(&digest), &digest)?;
         // A multi-platform index: take the host's platform, else its first image.
@@ -143,27 +129,12 @@ impl Transaction<'_> {
         let manifest_bytes = read_regular(origin, &dir.join("manifest.json"))?;
         let entries: Vec<DockerManifestEntry> = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| bad(origin, format!("manifest.json is not valid: {e}")))?;
-        let entry = match tag {
-            Some(tag) => entries
+        let entry = choose(origin, "manifest.json", &entries, tag, |e, tag| {
+            e.repo_tags
                 .iter()
-                .find(|e| {
-                    e.repo_tags
-                        .iter()
-                        .flatten()
-                        .any(|t| t == tag || t.rsplit('/').next() == Some(tag))
-                })
-                .ok_or_else(|| bad(origin, format!("it has no image tagged {tag:?}")))?,
-            None => match entries.as_slice() {
-                [only] => only,
-                [] => return Err(bad(origin, "its manifest.json lists no image")),
-                _ => {
-                    return Err(bad(
-                        origin,
-                        "it holds several images: name one with :TAG after the path",
-                    ));
-                }
-            },
-        };
+                .flatten()
+                .any(|t| t == tag || t.rsplit('/').next() == Some(tag))
+        })?;
         let config_bytes = read_regular(origin, &inside(origin, dir, &entry.config)?)?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad(origin, format!("image config is not valid: {e}")))?;
@@ -216,6 +187,29 @@ impl Transaction<'_> {
     }
 }
 
+/// The image of `list` (the entries of the source's `file`) that `tag` names, or without a tag
+/// its only one.
+fn choose<'a, T>(
+    origin: &Path,
+    file: &str,
+    list: &'a [T],
+    tag: Option<&str>,
+    tagged: impl Fn(&T, &str) -> bool,
+) -> Result<&'a T> {
+    match (tag, list) {
+        (Some(tag), _) => list
+            .iter()
+            .find(|item| tagged(item, tag))
+            .ok_or_else(|| bad(origin, format!("it has no image tagged {tag:?}"))),
+        (None, [only]) => Ok(only),
+        (None, []) => Err(bad(origin, format!("its {file} lists no image"))),
+        (None, _) => Err(bad(
+            origin,
+            "it holds several images: name one with :TAG after the path",
+        )),
+    }
+}
+
 /// A path named inside an archive's manifest, which must stay inside the archive: lexically,
 /// and also after the archive's own symlinks are followed (`out -> /etc`, then `out/passwd`).
 /// Returns the resolved path.
@@ -256,13 +250,7 @@ fn read_regular(origin: &Path, path: &Path) -> Result<Vec<u8>> {
 
 fn read_verified(origin: &Path, path: &Path, digest: &Digest) -> Result<Vec<u8>> {
     let bytes = read_regular(origin, path)?;
-    let actual = Digest::of(&bytes);
-    if &actual != digest {
-        return Err(StoreError::CorruptBlob {
-            digest: digest.clone(),
-            actual,
-        });
-    }
+    check_digest(digest, Digest::of(&bytes))?;
     Ok(bytes)
 }
 
@@ -315,6 +303,31 @@ mod tests {
         let store = Store::open(&work.path().join("home")).unwrap();
         let mut txn = store.transaction().unwrap();
         txn.import(&path, ImportKind::DockerArchive, None)
+    }
+
+    /// Blobs are hashed while they are copied in: one that does not hash to its name is refused.
+    #[test]
+    fn oci_layout_blob_that_does_not_hash_to_its_name_is_refused() {
+        let work = tempfile::tempdir().unwrap();
+        // A store is an OCI layout, so one serves as the source.
+        let source = Store::open(&work.path().join("source")).unwrap();
+        let layer = source.put_blob(b"layer").unwrap();
+        let layers = vec![Descriptor::new(MEDIA_TYPE_LAYER_GZIP, layer.clone(), 5)];
+        let image = source.put_image(&ImageConfig::default(), layers).unwrap();
+        source.tag("t", &image, None).unwrap();
+        let import = |home: &str| {
+            let store = Store::open(&work.path().join(home)).unwrap();
+            let mut txn = store.transaction().unwrap();
+            txn.import(source.root(), ImportKind::OciLayout, None)
+        };
+        // The control: the intact layout imports.
+        assert_eq!(import("intact").unwrap(), image);
+        fs::write(source.blob_path(&layer), b"other").unwrap();
+        let result = import("corrupt");
+        assert!(
+            matches!(&result, Err(StoreError::CorruptBlob { digest, .. }) if digest == &layer),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -18,10 +18,27 @@ use super::{Digest, Result, Store, StoreError, Transaction};
 /// The one compression level graven uses: changing it changes every layer digest.
 pub const GZIP_LEVEL: u32 = 6;
 
-struct Hashing<W> {
+/// A writer that hashes and counts what passes through it.
+pub(super) struct Hashing<W> {
     inner: W,
     hasher: sha2::Sha256,
     len: u64,
+}
+
+impl<W> Hashing<W> {
+    pub(super) fn new(inner: W) -> Hashing<W> {
+        Hashing {
+            inner,
+            hasher: sha2::Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// The inner writer, and the digest and length of all that was written through it.
+    pub(super) fn finish(self) -> (W, Digest, u64) {
+        let digest = Digest::from_sha256(self.hasher.finalize().into());
+        (self.inner, digest, self.len)
+    }
 }
 
 impl<W: Write> Write for Hashing<W> {
@@ -60,21 +77,13 @@ impl LayerWriter {
                 path: temp.path().to_owned(),
                 source,
             })?;
-        let compressed = Hashing {
-            inner: BufWriter::with_capacity(256 * 1024, file),
-            hasher: sha2::Sha256::new(),
-            len: 0,
-        };
+        let compressed = Hashing::new(BufWriter::with_capacity(256 * 1024, file));
         let gzip = ParallelGz::new(compressed, GZIP_LEVEL).map_err(|source| StoreError::Io {
             path: temp.path().to_owned(),
             source,
         })?;
         Ok(LayerWriter {
-            out: Hashing {
-                inner: gzip,
-                hasher: sha2::Sha256::new(),
-                len: 0,
-            },
+            out: Hashing::new(gzip),
             temp,
         })
     }
@@ -84,14 +93,14 @@ impl LayerWriter {
             path: self.temp.path().to_owned(),
             source,
         };
-        let diff_id = Digest::from_sha256(self.out.hasher.finalize().into());
-        let mut compressed = self.out.inner.finish().map_err(io)?;
+        let (gzip, diff_id, _) = self.out.finish();
+        let mut compressed = gzip.finish().map_err(io)?;
         compressed.flush().map_err(io)?;
-        let digest = Digest::from_sha256(compressed.hasher.finalize().into());
+        let (_, digest, size) = compressed.finish();
         Ok(FinishedLayer {
             temp: self.temp,
             digest,
-            size: compressed.len,
+            size,
             diff_id,
         })
     }

@@ -77,6 +77,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// `CorruptBlob` unless `actual`, what some content hashes to, is the `digest` it claims.
+fn check_digest(digest: &Digest, actual: Digest) -> Result<()> {
+    if &actual != digest {
+        return Err(StoreError::CorruptBlob {
+            digest: digest.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// One manifest the store holds, with its parsed config.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -157,19 +168,13 @@ impl Store {
         Ok(digest)
     }
 
-    /// Moves a finished temp file into the store as the blob `digest`, after checking that
-    /// its content hashes to `digest`. Used for layers streamed to disk while compressing.
-    pub fn put_blob_file(&self, file: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+    /// Moves a finished temp file into the store as the blob `digest`. The caller has hashed
+    /// the content to `digest` while writing it (layers streamed to disk while compressing,
+    /// blobs copied in), so it is not read again here.
+    fn put_blob_file(&self, file: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
         let path = self.blob_path(digest);
         if path.is_file() {
             return Ok(());
-        }
-        let actual = Digest::of_file(file.path()).map_err(io_err(file.path()))?;
-        if &actual != digest {
-            return Err(StoreError::CorruptBlob {
-                digest: digest.clone(),
-                actual,
-            });
         }
         file.as_file().sync_all().map_err(io_err(file.path()))?;
         file.persist(&path).map_err(|e| StoreError::Io {
@@ -202,13 +207,7 @@ impl Store {
     /// Reads a blob and checks its content against its name.
     pub fn read_blob_verified(&self, digest: &Digest) -> Result<Vec<u8>> {
         let bytes = self.read_blob(digest)?;
-        let actual = Digest::of(&bytes);
-        if &actual != digest {
-            return Err(StoreError::CorruptBlob {
-                digest: digest.clone(),
-                actual,
-            });
-        }
+        check_digest(digest, Digest::of(&bytes))?;
         Ok(bytes)
     }
 
@@ -232,18 +231,29 @@ impl Store {
         })
     }
 
-    /// Replaces `index.json` with what `change` makes of it, under an exclusive lock so two
-    /// graven processes never lose each other's tags.
-    pub fn update_index<T>(&self, change: impl FnOnce(&mut ImageIndex) -> Result<T>) -> Result<T> {
-        let lock_path = self.root.join("index.lock");
+    /// Opens (creating) the lock file `name` in the store and flocks it, shared or exclusive;
+    /// the lock lasts as long as the returned file.
+    fn lock(&self, name: &str, exclusive: bool) -> Result<File> {
+        let path = self.root.join(name);
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io_err(&lock_path)(e.into()))?;
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mode = if exclusive {
+            rustix::fs::FlockOperation::LockExclusive
+        } else {
+            rustix::fs::FlockOperation::LockShared
+        };
+        rustix::fs::flock(&lock, mode).map_err(|e| io_err(&path)(e.into()))?;
+        Ok(lock)
+    }
+
+    /// Replaces `index.json` with what `change` makes of it, under an exclusive lock so two
+    /// graven processes never lose each other's tags.
+    pub fn update_index<T>(&self, change: impl FnOnce(&mut ImageIndex) -> Result<T>) -> Result<T> {
+        let _lock = self.lock("index.lock", true)?;
         let mut index = self.index()?;
         let out = change(&mut index)?;
         write_atomic(
@@ -264,9 +274,8 @@ impl Store {
                 });
             }
         }
-        let size = fs::metadata(self.blob_path(digest))
-            .map_err(io_err(&self.blob_path(digest)))?
-            .len();
+        let path = self.blob_path(digest);
+        let size = fs::metadata(&path).map_err(io_err(&path))?.len();
         self.update_index(|index| {
             index
                 .manifests
@@ -365,14 +374,25 @@ impl Store {
 
     /// Writes a config and a manifest over already-stored layers; returns the manifest digest.
     pub fn put_image(&self, config: &ImageConfig, layers: Vec<Descriptor>) -> Result<Digest> {
-        let config_bytes = oci::to_canonical_json(config);
-        let config_digest = self.put_blob(&config_bytes)?;
-        let manifest = Manifest::new(
-            Descriptor::new(MEDIA_TYPE_CONFIG, config_digest, config_bytes.len() as u64),
-            layers,
-        );
-        self.put_blob(&oci::to_canonical_json(&manifest))
+        let (config, manifest) = image_blobs(config, layers);
+        self.put_blob(&config)?;
+        self.put_blob(&manifest)
     }
+}
+
+/// The bytes of `config` and of a manifest naming it over `layers`, as `put_image` stores
+/// them, with or without a transaction.
+fn image_blobs(config: &ImageConfig, layers: Vec<Descriptor>) -> (Vec<u8>, Vec<u8>) {
+    let config_bytes = oci::to_canonical_json(config);
+    let manifest = Manifest::new(
+        Descriptor::new(
+            MEDIA_TYPE_CONFIG,
+            Digest::of(&config_bytes),
+            config_bytes.len() as u64,
+        ),
+        layers,
+    );
+    (config_bytes, oci::to_canonical_json(&manifest))
 }
 
 fn validate_tag(tag: &str) -> Result<()> {

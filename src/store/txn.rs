@@ -8,7 +8,8 @@
 use std::fs::{self, File};
 use std::path::Path;
 
-use super::{Descriptor, Digest, ImageConfig, Result, Store, io_err, oci};
+use super::layer::Hashing;
+use super::{Descriptor, Digest, ImageConfig, Result, Store, check_digest, io_err};
 
 pub struct Transaction<'a> {
     store: &'a Store,
@@ -17,22 +18,9 @@ pub struct Transaction<'a> {
     _lock: File,
 }
 
-/// Opens (creating) and flocks the store's gc lock.
+/// The store's gc lock: shared by transactions, exclusive for gc.
 pub(super) fn gc_lock(store: &Store, exclusive: bool) -> Result<File> {
-    let path = store.root().join("gc.lock");
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
-    let mode = if exclusive {
-        rustix::fs::FlockOperation::LockExclusive
-    } else {
-        rustix::fs::FlockOperation::LockShared
-    };
-    rustix::fs::flock(&lock, mode).map_err(|e| io_err(&path)(e.into()))?;
-    Ok(lock)
+    store.lock("gc.lock", exclusive)
 }
 
 impl Store {
@@ -60,7 +48,12 @@ impl<'a> Transaction<'a> {
         Ok(digest)
     }
 
-    pub fn put_blob_file(&mut self, file: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+    /// Keeps a temp file whose content the caller hashed to `digest` as that blob.
+    pub(super) fn put_blob_file(
+        &mut self,
+        file: tempfile::NamedTempFile,
+        digest: &Digest,
+    ) -> Result<()> {
         if !self.store.has_blob(digest) {
             self.store.put_blob_file(file, digest)?;
             self.added.push(digest.clone());
@@ -75,7 +68,10 @@ impl<'a> Transaction<'a> {
         }
         let temp = self.store.temp_file()?;
         let mut source = File::open(path).map_err(io_err(path))?;
-        std::io::copy(&mut source, &mut temp.as_file()).map_err(io_err(path))?;
+        let mut copy = Hashing::new(temp.as_file());
+        std::io::copy(&mut source, &mut copy).map_err(io_err(path))?;
+        let (_, actual, _) = copy.finish();
+        check_digest(digest, actual)?;
         self.put_blob_file(temp, digest)
     }
 
@@ -85,22 +81,13 @@ impl<'a> Transaction<'a> {
         config: &ImageConfig,
         layers: Vec<Descriptor>,
     ) -> Result<Descriptor> {
-        let config_bytes = oci::to_canonical_json(config);
-        let config_digest = self.put_blob(&config_bytes)?;
-        let manifest = oci::Manifest::new(
-            Descriptor::new(
-                super::MEDIA_TYPE_CONFIG,
-                config_digest,
-                config_bytes.len() as u64,
-            ),
-            layers,
-        );
-        let bytes = oci::to_canonical_json(&manifest);
-        let digest = self.put_blob(&bytes)?;
+        let (config, manifest) = super::image_blobs(config, layers);
+        self.put_blob(&config)?;
+        let size = manifest.len() as u64;
         Ok(Descriptor::new(
             super::MEDIA_TYPE_MANIFEST,
-            digest,
-            bytes.len() as u64,
+            self.put_blob(&manifest)?,
+            size,
         ))
     }
 
