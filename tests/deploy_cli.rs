@@ -8,7 +8,9 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use support::daemon::{Up, free_port, hello_project, run, test_runtime, version};
+use support::daemon::{
+    Up, free_port, hello_project, run, run_ok, test_runtime, version, versions_during,
+};
 
 #[test]
 fn up_deploy_rollback_history_and_ctrl_c() {
@@ -25,8 +27,7 @@ fn up_deploy_rollback_history_and_ctrl_c() {
     assert_eq!(mode(&home), 0o700);
 
     hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
-    let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
-    assert!(ok, "{stdout}\n{stderr}");
+    let (stdout, stderr) = run_ok(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(stdout.contains("release 2 is serving"), "{stdout}");
     assert!(
         stderr.contains("instance web-2-"),
@@ -34,20 +35,17 @@ fn up_deploy_rollback_history_and_ctrl_c() {
     );
     assert_eq!(version(route).as_deref(), Ok("v2"));
 
-    let (ok, stdout, stderr) = run(&home, &["rollback", "--json"]);
-    assert!(ok, "{stdout}\n{stderr}");
+    let (stdout, _) = run_ok(&home, &["rollback", "--json"]);
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["outcomes"][0]["release"], 1);
     assert_eq!(report["outcomes"][0]["outcome"], "succeeded");
     assert_eq!(version(route).as_deref(), Ok("v1"));
 
-    let (ok, stdout, _) = run(&home, &["releases", "--json"]);
-    assert!(ok);
+    let (stdout, _) = run_ok(&home, &["releases", "--json"]);
     let releases: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(releases.len(), 2, "a rollback makes no release");
 
-    let (ok, stdout, _) = run(&home, &["status", "--json"]);
-    assert!(ok);
+    let (stdout, _) = run_ok(&home, &["status", "--json"]);
     let status: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(status[0]["state"]["services"]["web"]["wanted"], 1);
     assert_eq!(
@@ -55,8 +53,7 @@ fn up_deploy_rollback_history_and_ctrl_c() {
         2
     );
 
-    let (ok, stdout, _) = run(&home, &["history"]);
-    assert!(ok);
+    let (stdout, _) = run_ok(&home, &["history"]);
     for expected in [
         "release 1 of web created",
         "release 2 of web created",
@@ -68,8 +65,7 @@ fn up_deploy_rollback_history_and_ctrl_c() {
     }
 
     // Down drains every instance; the releases and the history stay.
-    let (ok, stdout, stderr) = run(&home, &["down"]);
-    assert!(ok, "{stdout}\n{stderr}");
+    let (stdout, _) = run_ok(&home, &["down"]);
     assert!(stdout.contains("every service is down"), "{stdout}");
     let (_, stdout, _) = run(&home, &["status", "--json"]);
     let status: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
@@ -149,14 +145,7 @@ fn bad_input_leaves_the_running_release_serving() {
 
     // A release whose health check fails: never routed, rolled back, says why.
     hello_project(&dir, route, 2, r#"VERSION = "bad", HEALTHY = "0""#, "");
-    let watcher = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let end = std::time::Instant::now() + Duration::from_secs(4);
-        while std::time::Instant::now() < end {
-            seen.push(version(route));
-        }
-        seen
-    });
+    let watcher = std::thread::spawn(move || versions_during(route, Duration::from_secs(4)));
     let (ok, stdout, stderr) = run(&home, &["deploy", dir_arg]);
     assert!(
         !ok,
@@ -188,11 +177,9 @@ fn the_daemon_takes_deploys_from_a_project_and_stops_on_sigterm() {
     let route = free_port();
     hello_project(&dir, route, 1, r#"VERSION = "v1""#, "");
     let mut daemon = Up::daemon(&home, &test_runtime());
-    let (ok, stdout, _) = run(&home, &["status"]);
-    assert!(ok);
+    let (stdout, _) = run_ok(&home, &["status"]);
     assert!(stdout.contains("nothing is deployed"), "{stdout}");
-    let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap(), "--json"]);
-    assert!(ok, "{stdout}\n{stderr}");
+    let (stdout, _) = run_ok(&home, &["deploy", dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["app"], "demo");
     assert_eq!(report["routes"]["web"], format!("http://{route}"));

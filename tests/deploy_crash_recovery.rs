@@ -9,12 +9,13 @@ mod support;
 use std::time::Duration;
 
 use graven::events::{Event, EventLog};
-use support::daemon::{Up, free_port, hello_project, run, test_runtime, version};
+use support::daemon::{
+    Up, demo_instances, free_port, hello_project, run, run_ok, test_runtime, version,
+};
 
 /// The `graven status --json` of the only app.
 fn status(home: &std::path::Path) -> serde_json::Value {
-    let (ok, stdout, stderr) = run(home, &["status", "--json"]);
-    assert!(ok, "{stderr}");
+    let (stdout, _) = run_ok(home, &["status", "--json"]);
     let mut all: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     all.remove(0)
 }
@@ -41,18 +42,7 @@ fn runtime_instances(home: &std::path::Path) -> Option<Vec<String>> {
     if test_runtime() != "local" {
         return None;
     }
-    let local = graven::runtime::LocalRuntime::open(home).unwrap();
-    let listed = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(graven::runtime::Runtime::list(&local))
-        .unwrap();
-    let mut ids: Vec<String> = listed
-        .into_iter()
-        .filter(|i| i.labels.get("app").map(String::as_str) == Some("demo"))
-        .map(|i| i.id.0)
-        .collect();
+    let mut ids: Vec<String> = demo_instances(home).into_iter().map(|i| i.id.0).collect();
     ids.sort();
     Some(ids)
 }

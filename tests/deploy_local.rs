@@ -8,26 +8,17 @@ mod support;
 use std::time::Duration;
 
 use graven::runtime::{LocalRuntime, Runtime};
-use support::daemon::{Up, free_port, hello_project, run, version};
+use support::daemon::{
+    Up, block_on, demo_instances, free_port, hello_project, run, run_ok, version,
+};
 use support::load::Load;
 
 const CONNECTIONS: usize = 8;
 
-fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
-
 /// The running instances of app `demo` on the local runtime under `home`.
 fn running(home: &std::path::Path) -> Vec<graven::runtime::Instance> {
-    let local = LocalRuntime::open(home).unwrap();
-    block_on(local.list())
-        .unwrap()
+    demo_instances(home)
         .into_iter()
-        .filter(|i| i.labels.get("app").map(String::as_str) == Some("demo"))
         .filter(|i| !i.status.is_exited())
         .collect()
 }
@@ -69,8 +60,7 @@ fn three_deploys_of_the_example_under_load_fail_no_request() {
     for n in 2..=4 {
         let version = format!("v{n}");
         hello_project(&dir, route, 4, &format!(r#"VERSION = "{version}""#), "");
-        let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
-        assert!(ok, "{stdout}\n{stderr}");
+        run_ok(&home, &["deploy", dir.to_str().unwrap()]);
         let more_of_new = || {
             let seen = count(&version);
             support::wait_for(

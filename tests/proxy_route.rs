@@ -292,7 +292,7 @@ async fn idempotent_requests_are_retried_on_another_instance_and_posts_are_not()
 
 #[tokio::test]
 async fn a_get_on_a_pooled_connection_the_instance_closed_is_sent_again() {
-    let racy = OneAnswerPerConnection::start().await;
+    let racy = RawBackend::one_answer_per_connection().await;
     let route = route(|_| {}).await;
     route.set_backends(vec![backend("racy", 1, racy.address)]);
     let client = client();

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -108,6 +109,17 @@ pub struct Target {
     pub environment: Option<String>,
 }
 
+impl Target {
+    /// Whether `controller` is one this target names (a left-out part matches any).
+    fn matches(&self, controller: &ControllerHandle) -> bool {
+        self.app.as_deref().is_none_or(|a| a == controller.app())
+            && self
+                .environment
+                .as_deref()
+                .is_none_or(|e| e == controller.environment())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployRequest {
     pub app: String,
@@ -137,6 +149,16 @@ pub struct Accepted {
     pub app: String,
     pub environment: String,
     pub rollout: Rollout,
+}
+
+impl Accepted {
+    /// The target naming exactly the controller that accepted the command.
+    pub fn target(&self) -> Target {
+        Target {
+            app: Some(self.app.clone()),
+            environment: Some(self.environment.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,37 +200,12 @@ impl Daemon {
             tick: Duration::from_millis(100),
             controllers: Mutex::new(BTreeMap::new()),
         });
-        let apps = home.join("apps");
-        let read = |path: &Path| {
-            std::fs::read_dir(path).map_err(|error| ApiError::Io {
-                path: path.to_owned(),
-                error,
-            })
-        };
-        if apps.is_dir() {
-            for app in read(&apps)? {
-                let app = app.map_err(|error| ApiError::Io {
-                    path: apps.clone(),
-                    error,
-                })?;
-                let Ok(app_name) = app.file_name().into_string() else {
-                    continue;
-                };
-                for environment in read(&app.path())? {
-                    let environment = environment.map_err(|error| ApiError::Io {
-                        path: app.path(),
-                        error,
-                    })?;
-                    let Ok(environment_name) = environment.file_name().into_string() else {
-                        continue;
-                    };
-                    if environment.path().join("events.db").is_file()
-                        && valid_name(&app_name).is_ok()
-                        && valid_name(&environment_name).is_ok()
-                    {
-                        daemon.controller(&app_name, &environment_name)?;
-                    }
-                }
+        for (app, environment, _) in event_logs(home)? {
+            if let (Some(app), Some(environment)) = (app.to_str(), environment.to_str())
+                && valid_name(app).is_ok()
+                && valid_name(environment).is_ok()
+            {
+                daemon.controller(app, environment)?;
             }
         }
         Ok(daemon)
@@ -225,10 +222,7 @@ impl Daemon {
         }
         let log = log_path(&self.home, app, environment);
         let dir = log.parent().expect("the log has a directory");
-        std::fs::create_dir_all(dir).map_err(|error| ApiError::Io {
-            path: dir.to_owned(),
-            error,
-        })?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let handle = controller::spawn(ControllerOptions {
             app: app.to_owned(),
             environment: environment.to_owned(),
@@ -243,16 +237,8 @@ impl Daemon {
     /// The one controller `target` names, or the only one there is.
     pub fn find(&self, target: &Target) -> Result<ControllerHandle, ApiError> {
         let controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
-        let matching: Vec<&ControllerHandle> = controllers
-            .values()
-            .filter(|h| target.app.as_deref().is_none_or(|a| a == h.app()))
-            .filter(|h| {
-                target
-                    .environment
-                    .as_deref()
-                    .is_none_or(|e| e == h.environment())
-            })
-            .collect();
+        let matching: Vec<&ControllerHandle> =
+            controllers.values().filter(|h| target.matches(h)).collect();
         match matching.as_slice() {
             [one] => Ok((*one).clone()),
             [] if target.app.is_none() && target.environment.is_none() => {
@@ -276,13 +262,7 @@ impl Daemon {
         let controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
         controllers
             .values()
-            .filter(|h| target.app.as_deref().is_none_or(|a| a == h.app()))
-            .filter(|h| {
-                target
-                    .environment
-                    .as_deref()
-                    .is_none_or(|e| e == h.environment())
-            })
+            .filter(|h| target.matches(h))
             .map(|h| h.snapshot())
             .collect()
     }
@@ -429,40 +409,48 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 
 /// Every image a release under `home` names, so `graven gc` keeps what a rollback may need.
 pub fn release_images(home: &Path) -> Result<Vec<crate::store::Digest>, ApiError> {
-    let apps = home.join("apps");
     let mut images = std::collections::BTreeSet::new();
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |error| ApiError::Io { path, error }
-    };
-    if !apps.is_dir() {
-        return Ok(Vec::new());
-    }
-    for app in std::fs::read_dir(&apps).map_err(io(&apps))? {
-        let app = app.map_err(io(&apps))?.path();
-        for environment in std::fs::read_dir(&app).map_err(io(&app))? {
-            let log = environment.map_err(io(&app))?.path().join("events.db");
-            if !log.is_file() {
-                continue;
-            }
-            let log = crate::events::EventLog::open(&log).map_err(ControllerError::from)?;
-            for envelope in log.read_after::<Event>(0).map_err(ControllerError::from)? {
-                if let Event::ReleaseCreated { image, .. } = envelope.payload {
-                    images.insert(image);
-                }
+    for (_, _, log) in event_logs(home)? {
+        let log = crate::events::EventLog::open(&log).map_err(ControllerError::from)?;
+        for envelope in log.read_after::<Event>(0).map_err(ControllerError::from)? {
+            if let Event::ReleaseCreated { image, .. } = envelope.payload {
+                images.insert(image);
             }
         }
     }
     Ok(images.into_iter().collect())
 }
 
+/// Every event log under `home` (the layout `log_path` makes), as (app, environment, path).
+fn event_logs(home: &Path) -> Result<Vec<(OsString, OsString, PathBuf)>, ApiError> {
+    let apps = home.join("apps");
+    let mut logs = Vec::new();
+    if !apps.is_dir() {
+        return Ok(logs);
+    }
+    for app in std::fs::read_dir(&apps).map_err(io(&apps))? {
+        let app = app.map_err(io(&apps))?;
+        let app_dir = app.path();
+        for environment in std::fs::read_dir(&app_dir).map_err(io(&app_dir))? {
+            let environment = environment.map_err(io(&app_dir))?;
+            let log = environment.path().join("events.db");
+            if log.is_file() {
+                logs.push((app.file_name(), environment.file_name(), log));
+            }
+        }
+    }
+    Ok(logs)
+}
+
+/// Turns an I/O error on `path` into the API's error naming it.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ApiError + use<> {
+    let path = path.to_owned();
+    move |error| ApiError::Io { path, error }
+}
+
 /// Binds the API socket owner-only in an owner-only `home`. A socket file left by a dead
 /// daemon is replaced; a live daemon is an error.
 pub async fn bind(home: &Path) -> Result<UnixListener, ApiError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |error| ApiError::Io { path, error }
-    };
     std::fs::create_dir_all(home).map_err(io(home))?;
     std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(io(home))?;
     let socket = socket_path(home);
@@ -515,6 +503,44 @@ mod tests {
             },
             409,
         );
+    }
+
+    #[test]
+    fn release_images_are_read_from_every_event_log() {
+        use crate::events::{EventLog, ServiceConfig};
+        use crate::store::Digest;
+        let home = tempfile::tempdir().unwrap();
+        assert_eq!(release_images(home.path()).unwrap(), vec![]);
+        let project = crate::spec::parse(
+            "app = \"demo\"\n[services.web]\nport = 8080\n",
+            Path::new("graven.toml"),
+            home.path(),
+            crate::spec::DEFAULT_ENVIRONMENT,
+        )
+        .unwrap();
+        let config = ServiceConfig::from(&project.services["web"]);
+        let mut expected = Vec::new();
+        for (app, environment) in [("a", "local"), ("b", "prod")] {
+            let log = log_path(home.path(), app, environment);
+            std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+            let image = Digest::of(app.as_bytes());
+            let created = Event::ReleaseCreated {
+                service: "web".into(),
+                number: 1,
+                image: image.clone(),
+                config_digest: "c".into(),
+                config: config.clone(),
+            };
+            EventLog::open(&log)
+                .unwrap()
+                .append("test", 0, &created)
+                .unwrap();
+            expected.push(image);
+        }
+        // A directory without a log is passed over.
+        std::fs::create_dir_all(home.path().join("apps/c/local")).unwrap();
+        expected.sort();
+        assert_eq!(release_images(home.path()).unwrap(), expected);
     }
 
     #[test]

@@ -129,18 +129,16 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
         } => {
             let digest = store.resolve(&reference)?;
             // The archive names the image by the tag asked for, else by a tag it has.
-            let tag = if Digest::parse(&reference).is_ok()
-                || store.tags()?.iter().all(|t| t.tag != reference)
-            {
-                store
-                    .tags()?
-                    .into_iter()
-                    .find(|t| t.digest == digest)
-                    .map(|t| t.tag)
-                    .unwrap_or_else(|| format!("graven:{}", digest.short()))
-            } else {
-                reference.clone()
-            };
+            let tags = store.tags()?;
+            let tag =
+                if Digest::parse(&reference).is_ok() || tags.iter().all(|t| t.tag != reference) {
+                    tags.into_iter()
+                        .find(|t| t.digest == digest)
+                        .map(|t| t.tag)
+                        .unwrap_or_else(|| format!("graven:{}", digest.short()))
+                } else {
+                    reference.clone()
+                };
             let format = match format {
                 Format::Oci => ExportFormat::Oci,
                 Format::Docker => ExportFormat::Docker,

@@ -146,14 +146,17 @@ fn status_text(status: InstanceStatus) -> String {
 
 fn exit_code(status: InstanceStatus) -> ExitCode {
     match status {
-        InstanceStatus::Exited {
-            code: Some(code), ..
-        } => ExitCode::from(code.clamp(0, 255) as u8),
-        InstanceStatus::Exited {
-            signal: Some(signal),
-            ..
-        } => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        InstanceStatus::Exited { code, signal } => exit_code_of(code, signal),
         _ => ExitCode::FAILURE,
+    }
+}
+
+/// The exit code a shell gives a process that ended with `code` or was killed by `signal`.
+fn exit_code_of(code: Option<i32>, signal: Option<i32>) -> ExitCode {
+    match (code, signal) {
+        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+        (None, Some(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        (None, None) => ExitCode::FAILURE,
     }
 }
 
@@ -343,11 +346,7 @@ pub fn exec(home: &Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
         "graven: break-glass exec into {id}: the instance is now tainted and must be replaced"
     );
     let status = runtime.exec(&id, args.command)?;
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
-        (None, Some(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
-        _ => ExitCode::FAILURE,
-    })
+    Ok(exit_code_of(status.code(), status.signal()))
 }
 
 #[cfg(test)]

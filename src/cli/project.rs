@@ -39,14 +39,9 @@ pub struct UpArgs {
     /// Print the deploy's outcome as JSON.
     #[arg(long)]
     pub json: bool,
-    #[arg(
-        long,
-        value_enum,
-        default_value = "local",
-        env = "GRAVEN_RUNTIME",
-        hide = true
-    )]
-    pub runtime: RuntimeKind,
+    // `up` runs the same control plane as `daemon`, with its options.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -354,7 +349,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let runtime = async_runtime(Threads::All)?;
     runtime.block_on(async {
         let listener = api::bind(home).await?;
-        let daemon = Daemon::open(home, open_runtime(home, args.runtime)?)?;
+        let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(daemon.clone().serve(listener, async {
             let _ = api_stopped.await;
@@ -424,10 +419,7 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow::Result<ExitCode> {
-    let target = Target {
-        app: Some(accepted.app.clone()),
-        environment: Some(accepted.environment.clone()),
-    };
+    let target = accepted.target();
     let outcomes = follow(&accepted.rollout, json, |after| {
         let request = HistoryRequest {
             target: target.clone(),
@@ -485,10 +477,7 @@ pub fn down(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(home);
     async_runtime(Threads::One)?.block_on(async {
         let accepted = client.down(&args.target()).await?;
-        let target = Target {
-            app: Some(accepted.app.clone()),
-            environment: Some(accepted.environment.clone()),
-        };
+        let target = accepted.target();
         // Down returns once every instance is drained and gone.
         loop {
             let snapshots = client.status(&target).await?;

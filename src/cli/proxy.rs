@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use super::{Threads, async_runtime};
 use crate::proxy::{Backend, Route, RouteOptions};
 
 #[derive(Debug, clap::Args)]
@@ -20,11 +21,7 @@ pub struct ProxyArgs {
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     // The route serves on its own thread; this runtime only waits for the signal.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    async_runtime(Threads::One)?.block_on(async {
         let route = Route::bind(RouteOptions::new(args.listen)).await?;
         let backends = args
             .backends

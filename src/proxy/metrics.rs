@@ -69,11 +69,7 @@ impl ReleaseCounters {
                 client_error: load(&self.responses[3]),
                 server_error: load(&self.responses[4]),
             },
-            errors: ErrorCounts {
-                client: load(&self.errors[0]),
-                upstream: load(&self.errors[1]),
-                graven: load(&self.errors[2]),
-            },
+            errors: error_counts(&self.errors),
             p50_us: quantile(&counts, 0.50),
             p99_us: quantile(&counts, 0.99),
             latency: LatencyHistogram {
@@ -105,13 +101,19 @@ impl UnroutedCounters {
         RouteMetrics {
             route,
             releases,
-            unrouted: ErrorCounts {
-                client: load(&self.errors[0]),
-                upstream: load(&self.errors[1]),
-                graven: load(&self.errors[2]),
-            },
+            unrouted: error_counts(&self.errors),
             retries: load(&self.retries),
         }
+    }
+}
+
+/// Reads error counters indexed by `class_index`.
+fn error_counts(errors: &[AtomicU64; 3]) -> ErrorCounts {
+    let load = |class: ErrorClass| errors[class_index(class)].load(Ordering::Relaxed);
+    ErrorCounts {
+        client: load(ErrorClass::Client),
+        upstream: load(ErrorClass::Upstream),
+        graven: load(ErrorClass::Graven),
     }
 }
 

@@ -246,6 +246,47 @@ pub fn run(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs a graven command that must succeed (else fails the test with its stderr): (stdout,
+/// stderr).
+pub fn run_ok(home: &std::path::Path, args: &[&str]) -> (String, String) {
+    let output = super::succeed(super::graven(home).args(args));
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `future` to completion on a runtime of its own, for a test that is not async.
+pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// The instances of app `demo` on the local runtime under `home`, exited ones included.
+pub fn demo_instances(home: &std::path::Path) -> Vec<graven::runtime::Instance> {
+    use graven::runtime::Runtime as _;
+    let local = graven::runtime::LocalRuntime::open(home).unwrap();
+    block_on(local.list())
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.labels.get("app").map(String::as_str) == Some("demo"))
+        .collect()
+}
+
+/// Sends one `GET /` after another to `route` for `during`; the version each got (or why
+/// it failed).
+pub fn versions_during(route: SocketAddr, during: Duration) -> Vec<Result<String, String>> {
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + during;
+    while std::time::Instant::now() < end {
+        seen.push(version(route));
+    }
+    seen
+}
+
 /// The runtime integration tests run instances on: `GRAVEN_TEST_RUNTIME`, else `local`.
 pub fn test_runtime() -> String {
     std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "local".to_owned())

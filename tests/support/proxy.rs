@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -172,8 +172,7 @@ async fn answer(state: &BackendState, request: Request<Incoming>) -> Response<Fu
     response.body(Full::new(body)).unwrap()
 }
 
-/// A backend that reads the request head and then writes `reply` (which may be nothing, or
-/// not HTTP at all) and closes the connection.
+/// A backend on raw TCP that misbehaves on purpose, one handler run per connection.
 pub struct RawBackend {
     pub address: SocketAddr,
     task: JoinHandle<()>,
@@ -186,7 +185,35 @@ impl Drop for RawBackend {
 }
 
 impl RawBackend {
+    /// Reads the request head and then writes `reply` (which may be nothing, or not HTTP at
+    /// all) and closes the connection.
     pub async fn start(reply: &'static [u8]) -> RawBackend {
+        RawBackend::serve(async move |mut stream| {
+            if read_head(&mut stream).await {
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+            }
+        })
+        .await
+    }
+
+    /// Answers the first request on each connection (keeping it alive) and closes the
+    /// connection without answering when a second request arrives on it: an instance whose
+    /// keep-alive timeout races with a request on an idle connection.
+    pub async fn one_answer_per_connection() -> RawBackend {
+        RawBackend::serve(async |mut stream| {
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst";
+            if read_head(&mut stream).await && stream.write_all(reply).await.is_ok() {
+                read_head(&mut stream).await;
+            }
+        })
+        .await
+    }
+
+    async fn serve<F>(handle: impl Fn(TcpStream) -> F + Send + 'static) -> RawBackend
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a raw backend");
@@ -194,76 +221,27 @@ impl RawBackend {
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
+                let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                connections.spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buffer = [0u8; 1024];
-                    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                        match stream.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(read) => head.extend_from_slice(&buffer[..read]),
-                        }
-                    }
-                    let _ = stream.write_all(reply).await;
-                    let _ = stream.shutdown().await;
-                });
+                connections.spawn(handle(stream));
             }
         });
         RawBackend { address, task }
     }
 }
 
-/// A backend that answers the first request on each connection (keeping it alive) and
-/// closes the connection without answering when a second request arrives on it: an instance
-/// whose keep-alive timeout races with a request on an idle connection.
-pub struct OneAnswerPerConnection {
-    pub address: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for OneAnswerPerConnection {
-    fn drop(&mut self) {
-        self.task.abort();
+/// Reads up to the end of a request head; false when the connection ends first.
+async fn read_head(stream: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return false,
+            Ok(read) => head.extend_from_slice(&buffer[..read]),
+        }
     }
-}
-
-impl OneAnswerPerConnection {
-    pub async fn start() -> OneAnswerPerConnection {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a backend");
-        let address = listener.local_addr().expect("backend address");
-        let task = tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                connections.spawn(async move {
-                    for answered in [false, true] {
-                        let mut head = Vec::new();
-                        let mut buffer = [0u8; 1024];
-                        while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                            match stream.read(&mut buffer).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(read) => head.extend_from_slice(&buffer[..read]),
-                            }
-                        }
-                        if answered {
-                            return;
-                        }
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst";
-                        if stream.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        OneAnswerPerConnection { address, task }
-    }
+    true
 }
 
 /// An address nothing listens on: bound once to get a free port, then closed.
