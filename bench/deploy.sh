@@ -77,8 +77,6 @@ cleanup() {
         timeout 30 docker swarm leave --force >/dev/null 2>&1
         stop_dockerd
     fi
-    # dockerd leaves its network namespace mounts behind; unmount before removing.
-    awk -v dir="$WORK" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r | xargs -r umount -l
     rm -rf "$WORK"
 }
 trap cleanup EXIT

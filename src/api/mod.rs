@@ -431,6 +431,10 @@ fn event_logs(home: &Path) -> Result<Vec<(OsString, OsString, PathBuf)>, ApiErro
     for app in std::fs::read_dir(&apps).map_err(io(&apps))? {
         let app = app.map_err(io(&apps))?;
         let app_dir = app.path();
+        // A stray file among the apps is none of graven's and holds no log.
+        if !app_dir.is_dir() {
+            continue;
+        }
         for environment in std::fs::read_dir(&app_dir).map_err(io(&app_dir))? {
             let environment = environment.map_err(io(&app_dir))?;
             let log = environment.path().join("events.db");
