@@ -538,3 +538,37 @@ fn a_restarted_graven_finds_execs_and_stops_the_instance() {
             .is_file()
     );
 }
+
+#[test]
+fn run_reads_sizes_as_graven_toml_does_and_refuses_an_overflow() {
+    let home = Home::new();
+    let out = support::graven(home.path())
+        .args(["run", "--memory", "99999999999G", "probe:test"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"99999999999G\" is not a size"),
+        "{stderr}"
+    );
+    // KB is decimal, as in graven.toml: 40960KB is 40,960,000 bytes (a whole number of
+    // pages), where 40960K would be 41,943,040.
+    let run = support::succeed(support::graven(home.path()).args([
+        "run",
+        "-d",
+        "--json",
+        "--memory",
+        "40960KB",
+        "probe:test",
+    ]));
+    let instance: Instance = serde_json::from_slice(&run.stdout).unwrap();
+    let memory = Path::new("/sys/fs/cgroup/memory/graven").join(&instance.id.0);
+    let limit = std::fs::read_to_string(memory.join("memory.limit_in_bytes"));
+    support::succeed(support::graven(home.path()).args(["rm", "-f", &instance.id.0]));
+    if instance.warnings.is_empty() {
+        assert_eq!(limit.unwrap().trim(), "40960000");
+    } else {
+        assert!(instance.warnings[0].contains("not enforced"));
+    }
+}

@@ -13,6 +13,7 @@ use crate::runtime::local::shim::parse_log_line;
 use crate::runtime::{
     Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
 };
+use crate::spec;
 use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
@@ -31,8 +32,8 @@ pub struct RunArgs {
     /// Run as this user (uid[:gid] or a name in the image) instead of the image's USER.
     #[arg(long, short)]
     pub user: Option<String>,
-    /// Memory limit (bytes, or with a K, M or G suffix).
-    #[arg(long, value_parser = parse_size)]
+    /// Memory limit: bytes, or with a unit (512M, 1GiB, 1GB; as in graven.toml).
+    #[arg(long, value_parser = spec::size_text)]
     pub memory: Option<u64>,
     /// Maximum number of processes and threads.
     #[arg(long)]
@@ -40,8 +41,8 @@ pub struct RunArgs {
     /// CPU limit in thousandths of a core (1500 = one and a half cores).
     #[arg(long)]
     pub cpu_millis: Option<u64>,
-    /// Size cap of /tmp (bytes, or with a K, M or G suffix; default 64M).
-    #[arg(long, value_parser = parse_size)]
+    /// Size cap of /tmp: bytes, or with a unit (default 64M).
+    #[arg(long, value_parser = spec::size_text)]
     pub tmp_size: Option<u64>,
     /// Start it and print its id instead of following its output.
     #[arg(long, short)]
@@ -87,29 +88,6 @@ pub struct ExecArgs {
     /// The command to run inside the instance.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (number, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((at, _)) => text.split_at(at),
-        None => (text, ""),
-    };
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size"))?;
-    let factor = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
-    };
-    Ok(number * factor)
 }
 
 /// Resolves a full id or a unique prefix of one.
@@ -347,20 +325,4 @@ pub fn exec(home: &Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
     );
     let status = runtime.exec(&id, args.command)?;
     Ok(exit_code_of(status.code(), status.signal()))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        let check = |text: &str, expected: Result<u64, ()>| {
-            assert_eq!(super::parse_size(text).map_err(|_| ()), expected, "{text}")
-        };
-        check("100", Ok(100));
-        check("64M", Ok(64 << 20));
-        check("1g", Ok(1 << 30));
-        check("2KiB", Ok(2048));
-        check("5T", Err(()));
-        check("x", Err(()));
-    }
 }
