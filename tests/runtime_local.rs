@@ -374,6 +374,29 @@ async fn the_shim_leads_its_own_session_and_is_the_workload_s_parent() {
     home.runtime.kill(&instance.id).await.unwrap();
 }
 
+/// A long-lived starter (the daemon, here this test process) is the parent of every shim it
+/// starts: it must reap the ones that end, or they stay behind as zombies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_starter_reaps_its_ended_shims() {
+    let home = Home::new();
+    let instance = home.runtime.start(home.spec()).await.unwrap();
+    report(&instance, "/healthz");
+    let shim = state_of(&home, &instance)["shim"]["pid"].as_u64().unwrap();
+    let (shim_parent, _) = parent_and_session(shim);
+    assert_eq!(shim_parent, u64::from(std::process::id()));
+    home.runtime
+        .stop(&instance.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let rt = home.runtime.clone();
+    support::wait_for(Duration::from_secs(10), "the shim to be reaped", || {
+        // Listing is what the controller does every round.
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(rt.list()))
+            .unwrap();
+        (!Path::new(&format!("/proc/{shim}")).exists()).then_some(())
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_supervisor_still_means_exited_never_running() {
     let home = Home::new();

@@ -143,6 +143,30 @@ mod tests {
     }
 
     #[test]
+    fn v2_limits_are_written_in_one_group_with_the_controllers_enabled_above_it() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let limits = Limits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(32),
+            cpu_millis: Some(1500),
+            tmp_bytes: None,
+        };
+        let groups = create_under(root.path(), "abc", &limits).unwrap();
+        assert_eq!(groups.dirs, [root.path().join("graven/abc")]);
+        let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
+        assert_eq!(read("cgroup.subtree_control"), "+memory +pids +cpu");
+        assert_eq!(read("graven/cgroup.subtree_control"), "+memory +pids +cpu");
+        assert_eq!(read("graven/abc/memory.max"), "67108864");
+        assert_eq!(read("graven/abc/pids.max"), "32");
+        assert_eq!(read("graven/abc/cpu.max"), "150000 100000");
+        assert_eq!(
+            groups.procs(),
+            [root.path().join("graven/abc/cgroup.procs")]
+        );
+    }
+
+    #[test]
     fn a_missing_controller_means_no_limits_and_nothing_left() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("memory")).unwrap();

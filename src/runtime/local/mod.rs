@@ -102,7 +102,8 @@ impl LocalRuntime {
         })
     }
 
-    fn prepare_blocking(
+    /// [`Runtime::prepare`] for a caller without an async runtime.
+    pub fn prepare_blocking(
         &self,
         digest: &Digest,
     ) -> Result<(crate::store::Image, PathBuf), RuntimeError> {
@@ -111,7 +112,9 @@ impl LocalRuntime {
         Ok((image, root))
     }
 
-    fn start_blocking(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
+    /// [`Runtime::start`] for a caller without an async runtime: `graven run -d` starts an
+    /// instance and exits, and a thread pool would only add to its start time.
+    pub fn start_blocking(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
         spec.validate()?;
         let (image, root) = self.prepare_blocking(&spec.image)?;
         let config = &image.config.config;
@@ -363,6 +366,7 @@ impl LocalRuntime {
     }
 
     fn list_blocking(&self) -> Result<Vec<Instance>, RuntimeError> {
+        reap_shims(None);
         let dir = self.home.join("instances");
         let entries =
             std::fs::read_dir(&dir).map_err(other(format!("listing {}", dir.display())))?;
@@ -618,13 +622,28 @@ fn spawn_shim(dir: &Path) -> Result<(), String> {
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
-    // The shim lives on after this graven; a thread reaps it if it ends while we run.
-    std::thread::spawn(move || child.wait());
+    // The shim lives on after this graven, which reaps it if it ends while we run.
+    reap_shims(Some(child));
     match line.trim_end().strip_prefix("error ") {
         None if line.trim_end() == "ok" => Ok(()),
         Some(message) => Err(message.to_owned()),
         None => Err("the shim exited without a word".to_owned()),
     }
+}
+
+/// The shims this process started that had not ended when last looked at. A shim is its
+/// starter's child until that exits, so a long-lived starter (the daemon) must reap the ones
+/// that end; one list looked at on every start and every listing does that without a thread
+/// waiting per instance. A shim left here when its starter exits is reaped by init.
+static SHIMS: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
+
+/// Reaps the shims that have ended, after adding `started` to those to look after.
+fn reap_shims(started: Option<std::process::Child>) {
+    let mut shims = SHIMS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    shims.extend(started);
+    shims.retain_mut(|shim| matches!(shim.try_wait(), Ok(None)));
 }
 
 /// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.
