@@ -470,7 +470,7 @@ async fn limits_go_to_cgroups_or_say_they_do_not() {
         memory_bytes: Some(64 << 20),
         pids: Some(64),
         cpu_millis: Some(500),
-        tmp_bytes: None,
+        ..Limits::default()
     };
     let instance = home.runtime.start(spec).await.unwrap();
     report(&instance, "/healthz");
@@ -594,4 +594,85 @@ fn run_reads_sizes_as_graven_toml_does_and_refuses_an_overflow() {
     } else {
         assert!(instance.warnings[0].contains("not enforced"));
     }
+}
+
+/// The numbers of a log's `line N` lines, from its files' text.
+fn line_numbers(text: &str) -> Vec<u64> {
+    text.lines()
+        .map(|l| {
+            let parsed = graven::runtime::local::log::parse_log_line(l).unwrap();
+            parsed.text.strip_prefix("line ").unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+/// An instance's two log files, the earlier and the latest.
+fn log_files(dir: &Path) -> (String, String) {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    (read("log.1"), read("log"))
+}
+
+/// The instance's log is rotated at its size with one earlier file kept, whole lines in each,
+/// and `graven run` follows it across the rotation.
+#[test]
+fn the_log_rotates_at_its_size_and_run_follows_it_across() {
+    let home = Home::new();
+    let cap = 64 << 10;
+    // About 110 KB of log against a 64 KiB cap: one rotation.
+    let run = support::succeed(support::graven(home.path()).args([
+        "run",
+        "--log-size",
+        "64K",
+        "probe:test",
+        "--",
+        "/probe",
+        "lines",
+        "3000",
+    ]));
+    let printed: Vec<String> = String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = (0..3000).map(|i| format!("line {i}")).collect();
+    assert_eq!(printed, expected);
+    let ps = support::succeed(support::graven(home.path()).args(["ps", "--all", "--json"]));
+    let listed: Vec<Instance> = serde_json::from_slice(&ps.stdout).unwrap();
+    let dir = home.path().join("instances").join(&listed[0].id.0);
+    let (before, latest) = log_files(&dir);
+    assert!(before.len() <= cap && latest.len() <= cap);
+    let both = line_numbers(&(before + &latest));
+    assert_eq!(both, (0..3000).collect::<Vec<_>>());
+    // Many times the cap: the two newest files remain, full up to the last line.
+    let run = support::succeed(support::graven(home.path()).args([
+        "run",
+        "-d",
+        "--json",
+        "--log-size",
+        "64K",
+        "probe:test",
+        "--",
+        "/probe",
+        "lines",
+        "100000",
+    ]));
+    let instance: Instance = serde_json::from_slice(&run.stdout).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_exited(&home.runtime, &instance));
+    // Removed as soon as it is seen exited: the shim may still be logging, and the removal
+    // waits for it, so the log is whole and nothing else is left.
+    support::succeed(support::graven(home.path()).args(["rm", &instance.id.0]));
+    let dir = home.path().join("instances").join(&instance.id.0);
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["log", "log.1"]);
+    let (before, latest) = log_files(&dir);
+    assert!(before.len() <= cap && before.len() > cap - 64);
+    assert!(latest.len() <= cap);
+    let both = line_numbers(&(before + &latest));
+    let first = both[0];
+    assert_eq!(both, (first..100_000).collect::<Vec<_>>());
 }

@@ -1,7 +1,7 @@
 //! `graven run / ps / stop / rm / exec`: instances on the embedded local runtime, for
 //! debugging and scripts (services and deploys are the controller's).
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::{Threads, async_runtime};
-use crate::runtime::local::shim::parse_log_line;
+use crate::runtime::local::log::{LogFollower, parse_log_line};
 use crate::runtime::{
     Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
 };
@@ -33,7 +33,7 @@ pub struct RunArgs {
     #[arg(long, short)]
     pub user: Option<String>,
     /// Memory limit: bytes, or with a unit (512M, 1GiB, 1GB; as in graven.toml).
-    #[arg(long, value_parser = spec::size_text)]
+    #[arg(long, value_parser = positive_size)]
     pub memory: Option<u64>,
     /// Maximum number of processes and threads.
     #[arg(long)]
@@ -42,8 +42,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub cpu_millis: Option<u64>,
     /// Size cap of /tmp: bytes, or with a unit (default 64M).
-    #[arg(long, value_parser = spec::size_text)]
+    #[arg(long, value_parser = positive_size)]
     pub tmp_size: Option<u64>,
+    /// Size at which the instance's log is rotated; one earlier file is kept (default 16M).
+    #[arg(long, value_parser = positive_size)]
+    pub log_size: Option<u64>,
     /// Start it and print its id instead of following its output.
     #[arg(long, short)]
     pub detach: bool,
@@ -88,6 +91,14 @@ pub struct ExecArgs {
     /// The command to run inside the instance.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// A size as `graven.toml` reads it, larger than zero.
+fn positive_size(text: &str) -> Result<u64, String> {
+    match spec::size_text(text)? {
+        0 => Err("a size limit must be larger than zero".to_owned()),
+        bytes => Ok(bytes),
+    }
 }
 
 /// Resolves a full id or a unique prefix of one.
@@ -165,6 +176,7 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         pids: args.pids,
         cpu_millis: args.cpu_millis,
         tmp_bytes: args.tmp_size,
+        log_bytes: args.log_size,
     };
     let runtime = LocalRuntime::open(home)?;
     // The first instance of an image unpacks it, which takes a while for a big one.
@@ -201,15 +213,18 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Streams the instance's log until it exits; Ctrl-C stops it (and a second one kills it).
 async fn follow(runtime: &LocalRuntime, instance: &Instance) -> anyhow::Result<ExitCode> {
-    let path = runtime.log_path(&instance.id);
-    let mut offset = 0u64;
+    let mut log = runtime.log_follower(&instance.id);
     let mut pending = String::new();
     let mut interrupts = 0;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        let exited = runtime.inspect(&instance.id).await?.status;
-        offset = print_new_lines(&path, offset, &mut pending)?;
+        let mut exited = runtime.inspect(&instance.id).await?.status;
+        if exited.is_exited() {
+            // Its last lines are in the log once the shim is done with it.
+            exited = runtime.logged(&instance.id).await?.status;
+        }
+        print_new_lines(&mut log, &mut pending)?;
         if exited.is_exited() {
             eprintln!("graven: instance {} {}", instance.id, status_text(exited));
             return Ok(exit_code(exited));
@@ -232,27 +247,27 @@ async fn follow(runtime: &LocalRuntime, instance: &Instance) -> anyhow::Result<E
     }
 }
 
-/// Prints the log's complete lines after `offset` (the text only, to stdout or stderr as
-/// captured) and returns the new offset.
-fn print_new_lines(path: &Path, offset: u64, pending: &mut String) -> anyhow::Result<u64> {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return Ok(offset);
-    };
-    file.seek(SeekFrom::Start(offset))?;
+/// Prints the log's complete new lines (the text only, to stdout or stderr as captured).
+fn print_new_lines(log: &mut LogFollower, pending: &mut String) -> anyhow::Result<()> {
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    log.read_new(&mut bytes)
+        .context("reading the instance's log")?;
     pending.push_str(&String::from_utf8_lossy(&bytes));
-    while let Some(end) = pending.find('\n') {
-        let line: String = pending.drain(..=end).collect();
-        if let Some(parsed) = parse_log_line(line.trim_end_matches('\n')) {
-            if parsed.stream == "stderr" {
-                let _ = writeln!(std::io::stderr(), "{}", parsed.text);
+    let Some(end) = pending.rfind('\n') else {
+        return Ok(());
+    };
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+    for line in pending[..end].split('\n') {
+        if let Some(parsed) = parse_log_line(line) {
+            let _ = if parsed.stream == "stderr" {
+                writeln!(stderr, "{}", parsed.text)
             } else {
-                let _ = writeln!(std::io::stdout(), "{}", parsed.text);
-            }
+                writeln!(stdout, "{}", parsed.text)
+            };
         }
     }
-    Ok(offset + bytes.len() as u64)
+    pending.drain(..=end);
+    Ok(())
 }
 
 pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {

@@ -163,7 +163,15 @@ pub struct Limits {
     pub cpu_millis: Option<u64>,
     /// Size cap of the instance's /tmp tmpfs.
     pub tmp_bytes: Option<u64>,
+    /// Size at which the instance's log is rotated; it keeps one earlier file, so its output
+    /// takes at most twice this on disk. `None`: [`DEFAULT_LOG_BYTES`]. Left out of
+    /// the JSON when unset, so releases recorded before it existed keep their config digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
 }
+
+/// The log rotation size when none is given: 16 MiB, so at most about 32 MiB per instance.
+pub const DEFAULT_LOG_BYTES: u64 = 16 << 20;
 
 /// An instance's process-level state. The controller's lifecycle (starting, healthy,
 /// draining, gone) is built on top of this.

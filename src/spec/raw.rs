@@ -155,6 +155,7 @@ pub(crate) struct RawLimits {
     pub pids: Option<Field<i64>>,
     pub cpu: Option<Field<Value>>,
     pub tmp: Option<Field<Value>>,
+    pub log: Option<Field<Value>>,
 }
 
 #[derive(Debug, Deserialize)]

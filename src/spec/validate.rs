@@ -61,6 +61,7 @@ struct Partial {
     pids: Option<At<u64>>,
     cpu: Option<At<u64>>,
     tmp: Option<At<u64>>,
+    log: Option<At<u64>>,
 }
 
 impl Partial {
@@ -92,6 +93,7 @@ impl Partial {
             pids: pick(&overlay.pids, &self.pids),
             cpu: pick(&overlay.cpu, &self.cpu),
             tmp: pick(&overlay.tmp, &self.tmp),
+            log: pick(&overlay.log, &self.log),
         }
     }
 }
@@ -265,6 +267,7 @@ fn check_limits(raw: &RawLimits, prefix: &str, issues: &mut Issues, partial: &mu
     };
     partial.memory = leaf(&raw.memory, &path("memory"), issues, positive_size);
     partial.tmp = leaf(&raw.tmp, &path("tmp"), issues, positive_size);
+    partial.log = leaf(&raw.log, &path("log"), issues, positive_size);
     partial.pids = leaf(&raw.pids, &path("pids"), issues, integer_in(1, i64::MAX));
     partial.cpu = leaf(&raw.cpu, &path("cpu"), issues, values::cpu_millis);
 }
@@ -409,6 +412,7 @@ fn resolve_service(
             pids: bytes(&merged.pids),
             cpu_millis: bytes(&merged.cpu),
             tmp_bytes: bytes(&merged.tmp),
+            log_bytes: bytes(&merged.log),
         },
     })
 }

@@ -10,6 +10,7 @@
 //! `/healthz` and `/report` on `$PORT`, exits 0 on SIGTERM (or ignores SIGTERM when
 //! `PROBE_IGNORE_TERM=1`, or leaves it alone with `PROBE_DEFAULT_TERM=1`), and counts its starts in `$PROBE_VOLUME/count` when that is set.
 //! `probe fill-tmp` writes to /tmp until it is full and reports how much fitted.
+//! `probe lines N` prints `line 0` to `line N-1` on stdout (for log capture and rotation).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -296,13 +297,27 @@ fn serve() {
     }
 }
 
+/// `lines N`: prints `line 0` to `line N-1` on stdout, as fast as it can.
+fn lines() {
+    use std::io::Write;
+    let count: u64 = std::env::args()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for i in 0..count {
+        let _ = writeln!(out, "line {i}");
+    }
+}
+
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("report") => print!("{}", report()),
         Some("fill-tmp") => print!("{}", fill_tmp()),
+        Some("lines") => lines(),
         Some("serve") | None => serve(),
         Some(other) => {
-            eprintln!("probe: unknown mode {other:?} (report, serve, fill-tmp)");
+            eprintln!("probe: unknown mode {other:?} (report, serve, fill-tmp, lines N)");
             std::process::exit(2);
         }
     }

@@ -133,6 +133,7 @@ mod tests {
             pids: Some(32),
             cpu_millis: Some(1500),
             tmp_bytes: None,
+            log_bytes: None,
         };
         let groups = create_under(root.path(), "abc", &limits).unwrap();
         assert_eq!(groups.dirs.len(), 3);
@@ -151,6 +152,7 @@ mod tests {
             pids: Some(32),
             cpu_millis: Some(1500),
             tmp_bytes: None,
+            log_bytes: None,
         };
         let groups = create_under(root.path(), "abc", &limits).unwrap();
         assert_eq!(groups.dirs, [root.path().join("graven/abc")]);

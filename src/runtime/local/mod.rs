@@ -8,6 +8,7 @@
 //! fresh single-threaded process), never in the async process.
 
 mod cgroup;
+pub mod log;
 mod rootfs;
 pub mod shim;
 mod state;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use state::{LOG, Proc, SCRATCH, SHIM_REQUEST, ShimRequest, State};
+use state::{LOG, LOG_BEFORE, Proc, SCRATCH, SHIM_REQUEST, ShimRequest, State};
 
 use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
 use crate::sandbox::user;
@@ -86,9 +87,15 @@ impl LocalRuntime {
         rootfs::is_unpacked(&self.home, image)
     }
 
-    /// Where an instance's log is (it stays after `remove`).
+    /// Where an instance's log is (it stays after `remove`); `log.1` beside it holds the
+    /// lines before the last rotation.
     pub fn log_path(&self, id: &InstanceId) -> PathBuf {
         self.home.join("instances").join(&id.0).join(LOG)
+    }
+
+    /// Reads an instance's log from the start, across rotations.
+    pub fn log_follower(&self, id: &InstanceId) -> log::LogFollower {
+        log::LogFollower::new(&self.home.join("instances").join(&id.0))
     }
 
     fn image(&self, digest: &Digest) -> Result<crate::store::Image, RuntimeError> {
@@ -259,6 +266,7 @@ impl LocalRuntime {
                 scratch: Some(scratch),
                 cgroups: cgroups.procs(),
             },
+            log_bytes: spec.limits.log_bytes.unwrap_or(super::DEFAULT_LOG_BYTES),
         };
         state::replace(
             &dir.join(SHIM_REQUEST),
@@ -472,6 +480,14 @@ impl LocalRuntime {
         }
     }
 
+    /// Waits until an exited instance's shim has logged the last of its output and recorded
+    /// how it ended (at most a few seconds). The instance counts as exited as soon as its
+    /// workload is gone; its log is complete only after this.
+    pub async fn logged(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
+        let loaded = self.load(id)?;
+        self.settle(id, loaded).await
+    }
+
     /// An instance removed while this graven waited on it, from the last state it saw.
     fn removed(&self, dir: &Path, mut state: State) -> Instance {
         if !state.status.is_exited() {
@@ -586,12 +602,16 @@ impl Runtime for LocalRuntime {
                 action: "removed",
             });
         }
+        // The workload is gone, but its shim may still be logging the last of its output.
+        if state.shim.is_some_and(|s| s.alive()) {
+            self.settle(id, (dir.clone(), state.clone())).await?;
+        }
         state.cgroups.remove();
-        // Everything but the log, which outlives the instance.
+        // Everything but the log (both files), which outlives the instance.
         let entries =
             std::fs::read_dir(&dir).map_err(other(format!("removing {}", dir.display())))?;
         for entry in entries.flatten() {
-            if entry.file_name() == LOG {
+            if entry.file_name() == LOG || entry.file_name() == LOG_BEFORE {
                 continue;
             }
             let path = entry.path();

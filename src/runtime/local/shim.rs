@@ -2,14 +2,15 @@
 //! its own session so it outlives the graven that started it. Being a fresh single-threaded
 //! process, it starts the sandbox itself (`sandbox::launch`, no helper exec), tells its
 //! starter "ok" or the error on its stdout, passes stop signals on to the workload, captures
-//! the workload's stdout and stderr line by line with a timestamp into the instance's log,
-//! and records the exit in the instance's state.
+//! the workload's stdout and stderr line by line with a timestamp into the instance's log
+//! (rotated at a size, one earlier file kept), and records the exit in the instance's state.
 
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use super::state::{self, LOG, Proc, SHIM_REQUEST, ShimRequest};
+use super::log::{Log, Sink};
+use super::state::{self, Proc, SHIM_REQUEST, ShimRequest};
 use crate::runtime::InstanceStatus;
 use crate::sandbox::Ended;
 
@@ -37,11 +38,7 @@ fn run(dir: &Path) -> Result<(), String> {
     let request: ShimRequest = std::fs::read(&request_path)
         .map_err(|e| format!("reading {}: {e}", request_path.display()))
         .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))?;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(LOG))
-        .map_err(|e| format!("opening the log: {e}"))?;
+    let mut log = Log::open(dir, request.log_bytes).map_err(|e| format!("opening the log: {e}"))?;
     let (out_read, out_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_read, err_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let launched = crate::sandbox::launch(
@@ -125,14 +122,14 @@ impl Lines {
     }
 
     /// Takes what arrived and logs every line it completes, in one write.
-    fn push(&mut self, bytes: &[u8], log: &mut impl Write) {
+    fn push(&mut self, bytes: &[u8], log: &mut impl Sink) {
         let mut lines = Vec::new();
         self.split(bytes, |line| lines.push(line));
         self.write(&lines, log);
     }
 
     /// Logs the last line when the stream ended without a newline.
-    fn finish(&mut self, log: &mut impl Write) {
+    fn finish(&mut self, log: &mut impl Sink) {
         if !self.pending.is_empty() {
             let line = std::mem::take(&mut self.pending);
             self.write(&[line], log);
@@ -163,7 +160,7 @@ impl Lines {
         }
     }
 
-    fn write(&self, lines: &[Vec<u8>], log: &mut impl Write) {
+    fn write(&self, lines: &[Vec<u8>], log: &mut impl Sink) {
         if lines.is_empty() {
             return;
         }
@@ -177,27 +174,14 @@ impl Lines {
             text.push_str(&String::from_utf8_lossy(line));
             text.push('\n');
         }
-        let _ = log.write_all(text.as_bytes());
+        log.append(text.as_bytes());
     }
-}
-
-/// One captured log line, split back into its parts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine<'a> {
-    pub time: &'a str,
-    pub stream: &'a str,
-    pub text: &'a str,
-}
-
-pub fn parse_log_line(line: &str) -> Option<LogLine<'_>> {
-    let (time, rest) = line.split_once(' ')?;
-    let (stream, text) = rest.split_once(' ').unwrap_or((rest, ""));
-    Some(LogLine { time, stream, text })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::local::log::parse_log_line;
 
     fn lines(chunks: &[&[u8]]) -> Vec<String> {
         let mut framer = Lines::new("stdout");
@@ -234,25 +218,5 @@ mod tests {
         let exact = [vec![b'y'; MAX_LINE], b"\n".to_vec()].concat();
         assert_eq!(lines(&[&exact]).len(), 1);
         assert_eq!(lines(&[&exact[..MAX_LINE], b"\n"]).len(), 1);
-    }
-
-    #[test]
-    fn log_lines_split_back() {
-        assert_eq!(
-            parse_log_line("2026-11-22T00:00:00.123Z stdout hello world"),
-            Some(LogLine {
-                time: "2026-11-22T00:00:00.123Z",
-                stream: "stdout",
-                text: "hello world"
-            })
-        );
-        assert_eq!(
-            parse_log_line("2026-11-22T00:00:00.123Z stderr"),
-            Some(LogLine {
-                time: "2026-11-22T00:00:00.123Z",
-                stream: "stderr",
-                text: ""
-            })
-        );
     }
 }

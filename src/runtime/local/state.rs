@@ -17,6 +17,8 @@ use crate::store::Digest;
 pub const STATE: &str = "state.json";
 pub const SHIM_REQUEST: &str = "shim.json";
 pub const LOG: &str = "log";
+/// The log before the current one, once the shim has rotated it.
+pub const LOG_BEFORE: &str = "log.1";
 pub const SCRATCH: &str = "mnt";
 const LOCK: &str = "state.lock";
 
@@ -105,6 +107,8 @@ impl State {
 pub struct ShimRequest {
     pub spec: SandboxSpec,
     pub options: Options,
+    /// The size at which the shim rotates the log.
+    pub log_bytes: u64,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
