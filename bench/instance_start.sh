@@ -7,11 +7,16 @@
 #
 # Usage: bench/instance_start.sh     (RUNS=30, DOCKER_RUNS=10 by default; needs umoci, runc,
 #                                      dockerd; starts a private dockerd when none answers)
+#
+# Starts follow one another back to back, which measures what each way costs in itself. With
+# REST_MS=200 each start comes after the machine has rested that long instead, as a start on
+# a quiet server does; on a VM every way then also pays for waking an idle CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 runs=${RUNS:-30}
 docker_runs=${DOCKER_RUNS:-10}
+rest_ms=${REST_MS:-0}
 
 source bench/lib.sh
 bench_setup start
@@ -29,11 +34,11 @@ use_or_start_dockerd "$work/docker"
 docker load -q -i "$work/hello.tar" >/dev/null
 docker_image=$(docker load -q -i "$work/hello.tar" | sed -n 's/^Loaded image[^:]*: //p' | tail -1)
 
-python3 - "$graven" "$root/examples/hello/dist/hello" "$work/bundle" "$docker_image" "$runs" "$docker_runs" <<'PY'
+python3 - "$graven" "$root/examples/hello/dist/hello" "$work/bundle" "$docker_image" "$runs" "$docker_runs" "$rest_ms" <<'PY'
 import json, os, socket, statistics, subprocess, sys, time
 
-graven, hello, bundle, docker_image, runs, docker_runs = sys.argv[1:7]
-runs, docker_runs = int(runs), int(docker_runs)
+graven, hello, bundle, docker_image, runs, docker_runs, rest_ms = sys.argv[1:8]
+runs, docker_runs, rest = int(runs), int(docker_runs), int(rest_ms) / 1000
 DEVNULL = subprocess.DEVNULL
 
 def free_port():
@@ -54,6 +59,8 @@ def measure(name, n, prepare, start, stop):
     for i in range(n):
         port = free_port()
         prepare(i, port)
+        if rest:
+            time.sleep(rest)
         t0 = time.perf_counter()
         handle = start(i, port)
         deadline = t0 + 30
@@ -122,7 +129,8 @@ bare = results[0][2][0]
 g = results[1][2][0]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print()
-print("Instance start to first healthy /healthz of examples/hello (median, min, max in ms).")
+print("Instance start to first healthy /healthz of examples/hello (median, min, max in ms), "
+      + (f"each start after {rest_ms} ms of rest." if rest else "starts back to back."))
 print(f"Machine: {os.cpu_count()} cores, {os.uname().release}, {cpu}.")
 print()
 print("| how | runs | median (ms) | min | max | vs bare | vs graven |")
@@ -130,6 +138,10 @@ print("|---|---:|---:|---:|---:|---:|---:|")
 for name, n, (median, lo, hi) in results:
     print(f"| {name} | {n} | {median:.2f} | {lo:.2f} | {hi:.2f} | {median / bare:.2f}x | {median / g:.2f}x |")
 print()
-print(f"targets: graven <= 3x bare: {'met' if g <= 3 * bare else 'missed'} ({g / bare:.2f}x); "
-      f"docker >= 20x graven: {'met' if results[3][2][0] >= 20 * g else 'missed'} ({results[3][2][0] / g:.1f}x)")
+if rest:
+    # Waking an idle CPU adds a few ms to every way, which says nothing of the runtimes.
+    print("targets are judged on back-to-back starts (REST_MS=0)")
+else:
+    print(f"targets: graven <= 3x bare: {'met' if g <= 3 * bare else 'missed'} ({g / bare:.2f}x); "
+          f"docker >= 20x graven: {'met' if results[3][2][0] >= 20 * g else 'missed'} ({results[3][2][0] / g:.1f}x)")
 PY
