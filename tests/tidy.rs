@@ -153,7 +153,64 @@ fn violations(module: &str, text: &str) -> Vec<(usize, &'static str)> {
             }
         }
     }
+    for (line, name) in grouped_uses(text) {
+        if let Some(other) = banned.iter().find(|b| **b == name) {
+            found.push((line, *other));
+        }
+    }
+    found.sort();
     found
+}
+
+/// The modules a grouped `use crate::{a::X, b, c::{..}}` names, one or many lines long, each
+/// with the line it is on.
+fn grouped_uses(text: &str) -> Vec<(usize, String)> {
+    let code: Vec<(usize, &str)> = code_lines(text).collect();
+    let mut names = Vec::new();
+    let mut depth = 0usize;
+    // The name being read at depth 1, and whether this item's first segment is done.
+    let mut current = String::new();
+    let mut done = false;
+    for (line, code) in code {
+        let mut rest = code;
+        while !rest.is_empty() {
+            if depth == 0 {
+                match rest.find("crate::{") {
+                    Some(at) => {
+                        rest = &rest[at + "crate::{".len()..];
+                        depth = 1;
+                        current.clear();
+                        done = false;
+                    }
+                    None => break,
+                }
+                continue;
+            }
+            let c = rest.chars().next().unwrap();
+            rest = &rest[c.len_utf8()..];
+            match c {
+                '{' => depth += 1,
+                '}' | ',' if depth == 1 => {
+                    if !current.is_empty() {
+                        names.push((line, std::mem::take(&mut current)));
+                    }
+                    done = false;
+                    if c == '}' {
+                        depth = 0;
+                    }
+                }
+                '}' => depth -= 1,
+                c if depth == 1 && !done && (c.is_alphanumeric() || c == '_') => current.push(c),
+                _ if depth == 1 && !done && !current.is_empty() => {
+                    // The first segment ends at `::` or a space: record it now, with its line.
+                    names.push((line, std::mem::take(&mut current)));
+                    done = true;
+                }
+                _ => {}
+            }
+        }
+    }
+    names
 }
 
 #[test]
@@ -250,6 +307,13 @@ fn the_dependency_check_sees_a_forbidden_use() {
     let text = "use crate::controller::Input;\n// crate::events:: in a comment\nuse crate::proxy::Backend;\n";
     assert_eq!(violations("proxy", text), vec![(1, "controller")]);
     assert_eq!(violations("controller", text), vec![]);
+    // Grouped, on one line or several, nested, renamed.
+    let grouped = "use crate::{store::Digest, controller};\nuse crate::{\n    spec::{self, Service},\n    events as log,\n};\n";
+    assert_eq!(
+        violations("proxy", grouped),
+        vec![(1, "controller"), (1, "store"), (3, "spec"), (4, "events")]
+    );
+    assert_eq!(violations("controller", grouped), vec![]);
     assert_eq!(
         module_of(Path::new("/x/src"), Path::new("/x/src/proxy/health.rs")),
         "proxy"
