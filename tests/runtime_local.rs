@@ -618,17 +618,16 @@ fn log_files(dir: &Path) -> (String, String) {
 fn the_log_rotates_at_its_size_and_run_follows_it_across() {
     let home = Home::new();
     let cap = 64 << 10;
+    // `graven run [-d --json] --log-size 64K probe:test -- /probe lines COUNT`
+    let lines = |detached: &[&str], count: &str| {
+        let mut run = support::graven(home.path());
+        run.arg("run")
+            .args(detached)
+            .args(["--log-size", "64K", "probe:test"]);
+        support::succeed(run.args(["--", "/probe", "lines", count]))
+    };
     // About 110 KB of log against a 64 KiB cap: one rotation.
-    let run = support::succeed(support::graven(home.path()).args([
-        "run",
-        "--log-size",
-        "64K",
-        "probe:test",
-        "--",
-        "/probe",
-        "lines",
-        "3000",
-    ]));
+    let run = lines(&[], "3000");
     let printed: Vec<String> = String::from_utf8(run.stdout)
         .unwrap()
         .lines()
@@ -644,18 +643,7 @@ fn the_log_rotates_at_its_size_and_run_follows_it_across() {
     let both = line_numbers(&(before + &latest));
     assert_eq!(both, (0..3000).collect::<Vec<_>>());
     // Many times the cap: the two newest files remain, full up to the last line.
-    let run = support::succeed(support::graven(home.path()).args([
-        "run",
-        "-d",
-        "--json",
-        "--log-size",
-        "64K",
-        "probe:test",
-        "--",
-        "/probe",
-        "lines",
-        "100000",
-    ]));
+    let run = lines(&["-d", "--json"], "100000");
     let instance: Instance = serde_json::from_slice(&run.stdout).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(wait_exited(&home.runtime, &instance));
