@@ -8,6 +8,9 @@
 # Usage: bench/instance_start.sh     (RUNS=30, DOCKER_RUNS=10 by default; needs umoci, runc,
 #                                      dockerd; starts a private dockerd when none answers)
 #
+# graven is built with the `dist` profile, the shipped binary (release plus fat LTO: about
+# half the load-time relocations of a release build); PROFILE=release measures that instead.
+#
 # Starts follow one another back to back, which measures what each way costs in itself. With
 # REST_MS=200 each start comes after the machine has rested that long instead, as a start on
 # a quiet server does; on a VM every way then also pays for waking an idle CPU.
@@ -19,7 +22,7 @@ docker_runs=${DOCKER_RUNS:-10}
 rest_ms=${REST_MS:-0}
 
 source bench/lib.sh
-bench_setup start
+PROFILE=${PROFILE:-dist} bench_setup start
 export GRAVEN_HOME="$work/home"
 "$graven" bake examples/hello --tag hello-bench >/dev/null
 # The first instance unpacks the image; the timed ones all share the unpacked root.

@@ -4,14 +4,16 @@
 
 # bench_setup NAME: from the repository root, makes the scratch dir $work
 # (/tmp/graven-bench-NAME.*), removed on exit after any private dockerd is stopped, and builds
-# graven (release, path in $graven) and the example's static binary.
+# graven (the cargo profile $PROFILE, release unless set; path in $graven) and the example's
+# static binary.
 bench_setup() {
   work=$(mktemp -d "/tmp/graven-bench-$1.XXXXXX")
   trap bench_cleanup EXIT
-  echo "building graven (release) and the example's static binary" >&2
-  cargo build --release --quiet --bin graven
+  local profile=${PROFILE:-release}
+  echo "building graven ($profile) and the example's static binary" >&2
+  cargo build --profile "$profile" --quiet --bin graven
   examples/hello/build.sh
-  graven="$PWD/target/release/graven"
+  graven="$PWD/target/$profile/graven"
 }
 
 bench_cleanup() {
