@@ -50,14 +50,25 @@ impl Log {
         })
     }
 
+    /// Renames `log` to `log.1` and begins a new `log`. On failure the current file stays
+    /// `log` and is still the one written, so the next rotation starts from the same place.
     fn rotate(&mut self) -> std::io::Result<()> {
         std::fs::rename(&self.path, &self.before)?;
-        self.file = std::fs::OpenOptions::new()
+        match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)?;
-        self.len = 0;
-        Ok(())
+            .open(&self.path)
+        {
+            Ok(file) => {
+                self.file = file;
+                self.len = 0;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::rename(&self.before, &self.path);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -84,9 +95,13 @@ impl Sink for Log {
             }
             self.len += take as u64;
             lines = rest;
-            // When rotating fails (the disk is full, say) the rest goes to the current file.
+            // When rotating fails (the disk is full, say) the rest goes to the current file,
+            // and the next write tries again.
             if !lines.is_empty() && self.rotate().is_err() {
-                self.cap = u64::MAX;
+                if self.file.write_all(lines).is_ok() {
+                    self.len += lines.len() as u64;
+                }
+                return;
             }
         }
     }
@@ -238,6 +253,24 @@ mod tests {
             numbers(&read(dir.path(), LOG)),
             (10..12).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_rotation_that_fails_loses_no_line_and_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where `log.1` would go: renaming `log` onto it fails.
+        std::fs::create_dir_all(dir.path().join(LOG_BEFORE).join("x")).unwrap();
+        let mut log = Log::open(dir.path(), 50).unwrap();
+        log.append(&batch(0, 8));
+        log.append(&batch(8, 8));
+        assert_eq!(numbers(&read(dir.path(), LOG)), (0..16).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir.path().join(LOG_BEFORE)).unwrap();
+        log.append(&batch(16, 2));
+        assert_eq!(
+            numbers(&read(dir.path(), LOG_BEFORE)),
+            (0..16).collect::<Vec<_>>()
+        );
+        assert_eq!(numbers(&read(dir.path(), LOG)), [16, 17]);
     }
 
     #[test]
