@@ -9,15 +9,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use support::daemon::{
-    Up, free_port, hello_project, run, run_ok, test_runtime, version, versions_during,
+    Up, hello_project, run, run_ok, test_runtime, v1_project, version, versions_during,
 };
 
 #[test]
 fn up_deploy_rollback_history_and_ctrl_c() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(2);
     let mut up = Up::start(&home, &dir, &test_runtime());
     assert_eq!(version(route).as_deref(), Ok("v1"));
 
@@ -92,10 +89,7 @@ fn up_deploy_rollback_history_and_ctrl_c() {
 
 #[test]
 fn bad_input_leaves_the_running_release_serving() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(2);
     let _up = Up::start(&home, &dir, &test_runtime());
     let dir_arg = dir.to_str().unwrap();
     let releases = || {
@@ -172,10 +166,7 @@ fn bad_input_leaves_the_running_release_serving() {
 
 #[test]
 fn the_daemon_takes_deploys_from_a_project_and_stops_on_sigterm() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 1, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(1);
     let mut daemon = Up::daemon(&home, &test_runtime());
     let (stdout, _) = run_ok(&home, &["status"]);
     assert!(stdout.contains("nothing is deployed"), "{stdout}");

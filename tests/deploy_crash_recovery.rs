@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use graven::events::{Event, EventLog};
 use support::daemon::{
-    Up, demo_instances, free_port, hello_project, run, run_ok, test_runtime, version,
+    Up, demo_instances, hello_project, run, run_ok, test_runtime, v1_project, version,
 };
 
 /// The `graven status --json` of the only app.
@@ -49,10 +49,7 @@ fn runtime_instances(home: &std::path::Path) -> Option<Vec<String>> {
 
 #[test]
 fn sigkill_at_any_point_of_a_deploy_recovers_to_a_consistent_state() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(2);
     let mut up = Up::start(&home, &dir, &test_runtime());
     converged(&home, 1, 2);
     let log_path = graven::api::log_path(&home, "demo", "local");

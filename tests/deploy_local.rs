@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use graven::runtime::{LocalRuntime, Runtime};
 use support::daemon::{
-    Up, block_on, demo_instances, free_port, hello_project, run, run_ok, version,
+    Up, block_on, demo_instances, hello_project, run, run_ok, v1_project, version,
 };
 use support::load::Load;
 
@@ -42,10 +42,7 @@ fn healthy_count(home: &std::path::Path, release: u64) -> usize {
 
 #[test]
 fn three_deploys_of_the_example_under_load_fail_no_request() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 4, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(4);
     let _up = Up::start(&home, &dir, "local");
     assert_eq!(version(route).as_deref(), Ok("v1"));
     support::wait_for(
@@ -107,10 +104,7 @@ fn three_deploys_of_the_example_under_load_fail_no_request() {
 
 #[test]
 fn a_killed_instance_is_replaced_while_requests_keep_flowing() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(2);
     let _up = Up::start(&home, &dir, "local");
     let connections = 4;
     let load = Load::start(route, connections);
@@ -145,10 +139,7 @@ fn a_killed_instance_is_replaced_while_requests_keep_flowing() {
 
 #[test]
 fn a_release_whose_instances_crash_at_once_rolls_back_and_the_old_one_serves() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    hello_project(&dir, route, 2, r#"VERSION = "v1""#, "");
+    let (_temp, home, dir, route) = v1_project(2);
     let _up = Up::start(&home, &dir, "local");
     hello_project(
         &dir,

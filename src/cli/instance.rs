@@ -14,7 +14,6 @@ use crate::runtime::{
     Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
 };
 use crate::spec;
-use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -93,12 +92,9 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
-/// A size as `graven.toml` reads it, larger than zero.
+/// A size limit as `graven.toml` reads it.
 fn positive_size(text: &str) -> Result<u64, String> {
-    match spec::size_text(text)? {
-        0 => Err("a size limit must be larger than zero".to_owned()),
-        bytes => Ok(bytes),
-    }
+    spec::size_text(text).and_then(spec::nonzero_size)
 }
 
 /// Resolves a full id or a unique prefix of one.
@@ -156,8 +152,8 @@ fn warn(instance: &Instance) {
 }
 
 pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::open(home)?;
-    let image = store.resolve(&args.image)?;
+    let runtime = LocalRuntime::open(home)?;
+    let image = runtime.store().resolve(&args.image)?;
     let mut spec = InstanceSpec::new(image);
     for pair in &args.env {
         let (key, value) = pair
@@ -178,7 +174,6 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         tmp_bytes: args.tmp_size,
         log_bytes: args.log_size,
     };
-    let runtime = LocalRuntime::open(home)?;
     // The first instance of an image unpacks it, which takes a while for a big one.
     if !runtime.is_prepared(&spec.image) {
         let started = std::time::Instant::now();

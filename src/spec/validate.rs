@@ -261,10 +261,7 @@ fn check_deploy(raw: &RawDeploy, prefix: &str, issues: &mut Issues, partial: &mu
 
 fn check_limits(raw: &RawLimits, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
     let path = |name: &str| join(prefix, name);
-    let positive_size = |value: &toml::Value| match values::size(value)? {
-        0 => Err("a size limit must be larger than zero".to_owned()),
-        bytes => Ok(bytes),
-    };
+    let positive_size = |value: &toml::Value| values::size(value).and_then(values::nonzero_size);
     partial.memory = leaf(&raw.memory, &path("memory"), issues, positive_size);
     partial.tmp = leaf(&raw.tmp, &path("tmp"), issues, positive_size);
     partial.log = leaf(&raw.log, &path("log"), issues, positive_size);

@@ -28,6 +28,14 @@ pub(crate) fn size(value: &Value) -> Result<u64, String> {
     }
 }
 
+/// A size limit: larger than zero.
+pub fn nonzero_size(bytes: u64) -> Result<u64, String> {
+    match bytes {
+        0 => Err("a size limit must be larger than zero".to_owned()),
+        bytes => Ok(bytes),
+    }
+}
+
 const SIZE_HINT: &str = "(try \"64MiB\", \"512M\", \"1G\")";
 
 /// A size written out: a number of bytes with an optional unit. `B`; `KB`, `MB`, `GB`, `TB`

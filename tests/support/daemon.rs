@@ -292,6 +292,23 @@ pub fn test_runtime() -> String {
     std::env::var("GRAVEN_TEST_RUNTIME").unwrap_or_else(|_| "local".to_owned())
 }
 
+/// A scratch dir holding a graven home and the example as a project at `VERSION = "v1"`, with
+/// `instances` of it behind a free route: (the dir, which must be kept, home, project, route).
+pub fn v1_project(
+    instances: u32,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    SocketAddr,
+) {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    hello_project(&dir, route, instances, r#"VERSION = "v1""#, "");
+    (temp, home, dir, route)
+}
+
 /// Writes the example as a project (its Containerfile and static binary in `dist/`), with
 /// `graven.toml` as `write_project` makes it.
 pub fn hello_project(

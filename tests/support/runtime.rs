@@ -146,6 +146,21 @@ pub fn probe_binary() -> PathBuf {
         .clone()
 }
 
+/// What every sandbox must show the probe, whoever starts it (the sandbox alone, the local
+/// runtime as root or rootless): PID 1 of its namespace, no capabilities, no_new_privs, the
+/// seccomp filter, a read-only root, a writable /tmp, and mount, io_uring and unshare refused.
+pub fn assert_locked_down(seen: &BTreeMap<String, String>) {
+    assert_eq!(seen["pid"], "1");
+    assert_eq!(seen["cap_eff"], "0000000000000000");
+    assert_eq!(seen["no_new_privs"], "1");
+    assert_eq!(seen["seccomp"], "2");
+    assert_eq!(seen["root_write"], "Read-only file system");
+    assert_eq!(seen["tmp_write"], "ok");
+    assert_eq!(seen["mount"], "Operation not permitted");
+    assert_eq!(seen["io_uring"], "Operation not permitted");
+    assert_eq!(seen["unshare"], "Operation not permitted");
+}
+
 /// What the probe reports (`key=value` lines) as a map.
 pub fn parse_report(text: &str) -> BTreeMap<String, String> {
     text.lines()

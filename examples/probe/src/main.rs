@@ -299,7 +299,6 @@ fn serve() {
 
 /// `lines N`: prints `line 0` to `line N-1` on stdout, as fast as it can.
 fn lines() {
-    use std::io::Write;
     let count: u64 = std::env::args()
         .nth(2)
         .and_then(|n| n.parse().ok())

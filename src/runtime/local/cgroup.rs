@@ -121,6 +121,14 @@ fn v2(root: &Path, id: &str, limits: &Limits, made: &mut Cgroups) -> Result<(), 
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        memory_bytes: Some(64 << 20),
+        pids: Some(32),
+        cpu_millis: Some(1500),
+        tmp_bytes: None,
+        log_bytes: None,
+    };
+
     #[test]
     fn v1_limits_are_written_per_controller() {
         let root = tempfile::tempdir().unwrap();
@@ -128,14 +136,7 @@ mod tests {
             std::fs::create_dir_all(root.path().join(controller)).unwrap();
             std::fs::write(root.path().join(controller).join("cgroup.procs"), "").unwrap();
         }
-        let limits = Limits {
-            memory_bytes: Some(64 << 20),
-            pids: Some(32),
-            cpu_millis: Some(1500),
-            tmp_bytes: None,
-            log_bytes: None,
-        };
-        let groups = create_under(root.path(), "abc", &limits).unwrap();
+        let groups = create_under(root.path(), "abc", &LIMITS).unwrap();
         assert_eq!(groups.dirs.len(), 3);
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         assert_eq!(read("memory/graven/abc/memory.limit_in_bytes"), "67108864");
@@ -147,14 +148,7 @@ mod tests {
     fn v2_limits_are_written_in_one_group_with_the_controllers_enabled_above_it() {
         let root = tempfile::tempdir().unwrap();
         std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
-        let limits = Limits {
-            memory_bytes: Some(64 << 20),
-            pids: Some(32),
-            cpu_millis: Some(1500),
-            tmp_bytes: None,
-            log_bytes: None,
-        };
-        let groups = create_under(root.path(), "abc", &limits).unwrap();
+        let groups = create_under(root.path(), "abc", &LIMITS).unwrap();
         assert_eq!(groups.dirs, [root.path().join("graven/abc")]);
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         assert_eq!(read("cgroup.subtree_control"), "+memory +pids +cpu");

@@ -126,20 +126,18 @@ impl LogFollower {
 
     /// Appends to `out` what was logged since the last call (everything, the first time).
     pub fn read_new(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        // `log` is opened before our file is read: if it is another file by then, ours was
+        // renamed away already, and the shim wrote its last lines to it before that.
+        let latest = open(&self.dir.join(LOG))?;
         if let Some((file, _)) = &mut self.current {
             file.read_to_end(out)?;
         }
-        // Opened after the read above: if `log` is still the file we read, nothing is left.
-        let Some((mut latest, latest_inode)) = open(&self.dir.join(LOG))? else {
+        let Some((mut latest, latest_inode)) = latest else {
             return Ok(());
         };
         let ours = self.current.as_ref().map(|(_, inode)| *inode);
         if ours == Some(latest_inode) {
             return Ok(());
-        }
-        if let Some((file, _)) = &mut self.current {
-            // Rotated: the shim wrote its last lines to our file before renaming it.
-            file.read_to_end(out)?;
         }
         // The file between ours and the latest, or the one before the latest when we start.
         if let Some((mut before, inode)) = open(&self.dir.join(LOG_BEFORE))?

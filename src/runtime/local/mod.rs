@@ -66,9 +66,14 @@ impl LocalRuntime {
         })
     }
 
+    /// Where an instance's files are (its log stays after `remove`).
+    fn dir_of(&self, id: &InstanceId) -> PathBuf {
+        self.home.join("instances").join(&id.0)
+    }
+
     fn instance_dir(&self, id: &InstanceId) -> Result<PathBuf, RuntimeError> {
         let valid = !id.0.is_empty() && id.0.bytes().all(|b| b.is_ascii_alphanumeric());
-        let dir = self.home.join("instances").join(&id.0);
+        let dir = self.dir_of(id);
         if valid && dir.join(state::STATE).is_file() {
             Ok(dir)
         } else {
@@ -82,20 +87,20 @@ impl LocalRuntime {
         Ok((dir, state))
     }
 
+    /// The image store instances are started from.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Whether `image` is ready to start instances from without unpacking it first.
     pub fn is_prepared(&self, image: &Digest) -> bool {
         rootfs::is_unpacked(&self.home, image)
     }
 
-    /// Where an instance's log is (it stays after `remove`); `log.1` beside it holds the
-    /// lines before the last rotation.
-    pub fn log_path(&self, id: &InstanceId) -> PathBuf {
-        self.home.join("instances").join(&id.0).join(LOG)
-    }
-
-    /// Reads an instance's log from the start, across rotations.
+    /// Reads an instance's log (`log`, and `log.1` before it once rotated) from the start,
+    /// across rotations.
     pub fn log_follower(&self, id: &InstanceId) -> log::LogFollower {
-        log::LogFollower::new(&self.home.join("instances").join(&id.0))
+        log::LogFollower::new(&self.dir_of(id))
     }
 
     fn image(&self, digest: &Digest) -> Result<crate::store::Image, RuntimeError> {
@@ -195,42 +200,44 @@ impl LocalRuntime {
         let binds = self.volume_binds(&spec, (uid, gid))?;
         // Everything that can be refused has been checked: now the instance is made.
         let id = InstanceId(format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff));
-        let dir = self.home.join("instances").join(&id.0);
+        let dir = self.dir_of(&id);
         std::fs::create_dir(&dir).map_err(other(format!("creating {}", dir.display())))?;
-        let result = self.launch(
-            &id,
-            &dir,
-            &spec,
+        let resolved = Resolved {
             root,
             args,
             env,
-            (uid, gid),
+            uid,
+            gid,
             binds,
             port,
             stop_signal,
             cwd,
-        );
+        };
+        let result = self.launch(&id, &dir, &spec, resolved);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         id: &InstanceId,
         dir: &Path,
         spec: &InstanceSpec,
-        root: PathBuf,
-        args: Vec<String>,
-        env: BTreeMap<String, String>,
-        (uid, gid): (u32, u32),
-        binds: Vec<Bind>,
-        port: u16,
-        stop_signal: i32,
-        cwd: String,
+        resolved: Resolved,
     ) -> Result<Instance, RuntimeError> {
+        let Resolved {
+            root,
+            args,
+            env,
+            uid,
+            gid,
+            binds,
+            port,
+            stop_signal,
+            cwd,
+        } = resolved;
         let mut warnings = Vec::new();
         // Cgroups only when limits are asked for: the PID namespace already ends every
         // process of the instance, and making cgroups costs part of the start time.
@@ -649,6 +656,19 @@ fn spawn_shim(dir: &Path) -> Result<(), String> {
         Some(message) => Err(message.to_owned()),
         None => Err("the shim exited without a word".to_owned()),
     }
+}
+
+/// What a start resolved from its spec and image before making anything.
+struct Resolved {
+    root: PathBuf,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    uid: u32,
+    gid: u32,
+    binds: Vec<Bind>,
+    port: u16,
+    stop_signal: i32,
+    cwd: String,
 }
 
 /// The shims this process started that had not ended when last looked at. A shim is its
