@@ -227,17 +227,6 @@ impl LocalRuntime {
         spec: &InstanceSpec,
         resolved: Resolved,
     ) -> Result<Instance, RuntimeError> {
-        let Resolved {
-            root,
-            args,
-            env,
-            uid,
-            gid,
-            binds,
-            port,
-            stop_signal,
-            cwd,
-        } = resolved;
         let mut warnings = Vec::new();
         // Cgroups only when limits are asked for: the PID namespace already ends every
         // process of the instance, and making cgroups costs part of the start time.
@@ -252,21 +241,25 @@ impl LocalRuntime {
             }
             None => cgroup::Cgroups::default(),
         };
-        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env: Vec<String> = resolved
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
 
         let scratch = dir.join(SCRATCH);
         std::fs::create_dir(&scratch).map_err(other("creating the scratch dir"))?;
         let request = ShimRequest {
             spec: SandboxSpec {
-                rootfs: root,
+                rootfs: resolved.root,
                 writable_root: false,
-                args,
+                args: resolved.args,
                 env: env.clone(),
-                cwd: cwd.clone(),
-                uid,
-                gid,
+                cwd: resolved.cwd.clone(),
+                uid: resolved.uid,
+                gid: resolved.gid,
                 hostname: id.0.clone(),
-                binds,
+                binds: resolved.binds,
                 tmp_bytes: spec.limits.tmp_bytes.unwrap_or(0),
             },
             options: Options {
@@ -284,19 +277,19 @@ impl LocalRuntime {
             image: spec.image.clone(),
             labels: spec.labels.clone(),
             status: InstanceStatus::Created,
-            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            address: SocketAddr::from(([127, 0, 0, 1], resolved.port)),
             started_at_ms: super::now_ms(),
             tainted: false,
             warnings,
-            stop_signal,
+            stop_signal: resolved.stop_signal,
             creator: Proc::of(std::process::id()),
             shim: None,
             workload: None,
             cgroups: cgroups.clone(),
-            uid,
-            gid,
+            uid: resolved.uid,
+            gid: resolved.gid,
             env,
-            cwd,
+            cwd: resolved.cwd,
         };
         state::save(dir, &initial)?;
         let result = spawn_shim(dir);
