@@ -366,6 +366,68 @@ async fn the_shim_leads_its_own_session_and_is_the_workload_s_parent() {
     home.runtime.kill(&instance.id).await.unwrap();
 }
 
+/// `graven run -d` has one thread, so it forks its shim rather than re-executing graven. That
+/// shim must be as detached as a re-executed one: its own session, the workload's parent,
+/// and none of its starter's open files. Here the starter inherits a pipe as an extra fd, as
+/// a CI runner or a supervisor may pass one; a shim that kept it would hold the pipe open
+/// for as long as the instance runs, and whoever reads it would hang.
+#[test]
+fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    const INHERITED: i32 = 57;
+    let home = Home::new();
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let writer_fd = writer.as_raw_fd();
+    assert_ne!(
+        writer_fd, INHERITED,
+        "dup2 onto itself would keep close-on-exec"
+    );
+    let mut command = support::graven(home.path());
+    command.args(["run", "-d", "probe:test"]);
+    // SAFETY: dup2 between fork and exec; the copy is inheritable (no close-on-exec).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(writer_fd, INHERITED) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let run = support::succeed(&mut command);
+    drop(writer);
+    let id = String::from_utf8(run.stdout).unwrap().trim().to_owned();
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = done.send(reader.read_to_end(&mut rest).map(|_| rest.len()));
+    });
+    let read = ended.recv_timeout(Duration::from_secs(10));
+    let listed: Vec<Instance> = serde_json::from_slice(
+        &support::succeed(support::graven(home.path()).args(["ps", "--json"])).stdout,
+    )
+    .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].status, InstanceStatus::Running);
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "the starter's pipe stays open while the instance runs: {read:?}"
+    );
+    report(&listed[0], "/healthz");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.path().join("instances").join(&id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let shim = state["shim"]["pid"].as_u64().unwrap();
+    let workload = state["workload"]["pid"].as_u64().unwrap();
+    let (_, shim_session) = parent_and_session(shim);
+    assert_eq!(shim_session, shim, "the shim leads its session");
+    assert_eq!(parent_and_session(workload).0, shim);
+    support::succeed(support::graven(home.path()).args(["rm", "-f", &id]));
+}
+
 /// A long-lived starter (the daemon, here this test process) is the parent of every shim it
 /// starts: it must reap the ones that end, or they stay behind as zombies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

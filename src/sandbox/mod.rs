@@ -210,6 +210,12 @@ pub fn identity(uid: u32, gid: u32) -> (u32, u32) {
     if rootless() { (0, 0) } else { (uid, gid) }
 }
 
+/// True when this process has no thread but the one calling: then a fork of it may do
+/// anything, and `launch` may enter namespaces here. False when that cannot be read.
+pub fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
 /// Runs `spec` in a fresh sandbox and waits for it. Blocking.
 pub fn run(spec: &SandboxSpec, stdout: Stdio, stderr: Stdio) -> Result<ExitStatus, SandboxError> {
     let mut sandboxed = spawn(spec, &Options::default(), stdout, stderr)?;
@@ -261,13 +267,10 @@ pub fn launch(
         program: spec_program(spec),
         message,
     };
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map_err(|source| io_error(spec, source))?
-        .count();
-    if threads != 1 {
-        return Err(setup(format!(
-            "launch needs a single-threaded process, this one has {threads} threads"
-        )));
+    if !single_threaded() {
+        return Err(setup(
+            "launch needs a single-threaded process, this one has threads".to_owned(),
+        ));
     }
     let (scratch, temp) = scratch_dir(spec, options)?;
     let request = Request {

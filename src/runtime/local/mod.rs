@@ -14,13 +14,12 @@ pub mod shim;
 mod state;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use state::{LOG, LOG_BEFORE, Proc, SCRATCH, SHIM_REQUEST, ShimRequest, State};
+use state::{LOG, LOG_BEFORE, Proc, SCRATCH, ShimRequest, State};
 
 use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
 use crate::sandbox::user;
@@ -268,10 +267,6 @@ impl LocalRuntime {
             },
             log_bytes: spec.limits.log_bytes.unwrap_or(super::DEFAULT_LOG_BYTES),
         };
-        state::replace(
-            &dir.join(SHIM_REQUEST),
-            &serde_json::to_vec(&request).expect("a shim request serializes"),
-        )?;
         let initial = State {
             id: id.clone(),
             image: spec.image.clone(),
@@ -292,8 +287,7 @@ impl LocalRuntime {
             cwd: resolved.cwd,
         };
         state::save(dir, &initial)?;
-        let result = spawn_shim(dir);
-        if let Err(message) = result {
+        if let Err(message) = shim::start(dir, &request) {
             cgroups.remove();
             return Err(RuntimeError::Sandbox {
                 id: id.clone(),
@@ -374,7 +368,7 @@ impl LocalRuntime {
     }
 
     fn list_blocking(&self) -> Result<Vec<Instance>, RuntimeError> {
-        reap_shims(None);
+        shim::reap();
         let dir = self.home.join("instances");
         let entries =
             std::fs::read_dir(&dir).map_err(other(format!("listing {}", dir.display())))?;
@@ -626,31 +620,6 @@ impl Runtime for LocalRuntime {
     }
 }
 
-/// Starts the shim (which puts itself in its own session) and waits for its "ok" (or its
-/// error).
-fn spawn_shim(dir: &Path) -> Result<(), String> {
-    let mut command = Command::new(sandbox::helper_binary());
-    command
-        .arg(shim::SHIM_ARG)
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start the shim: {e}"))?;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut line = String::new();
-    let _ = BufReader::new(stdout).read_line(&mut line);
-    // The shim lives on after this graven, which reaps it if it ends while we run.
-    reap_shims(Some(child));
-    match line.trim_end().strip_prefix("error ") {
-        None if line.trim_end() == "ok" => Ok(()),
-        Some(message) => Err(message.to_owned()),
-        None => Err("the shim exited without a word".to_owned()),
-    }
-}
-
 /// What a start resolved from its spec and image before making anything.
 struct Resolved {
     root: PathBuf,
@@ -662,21 +631,6 @@ struct Resolved {
     port: u16,
     stop_signal: i32,
     cwd: String,
-}
-
-/// The shims this process started that had not ended when last looked at. A shim is its
-/// starter's child until that exits, so a long-lived starter (the daemon) must reap the ones
-/// that end; one list looked at on every start and every listing does that without a thread
-/// waiting per instance. A shim left here when its starter exits is reaped by init.
-static SHIMS: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
-
-/// Reaps the shims that have ended, after adding `started` to those to look after.
-fn reap_shims(started: Option<std::process::Child>) {
-    let mut shims = SHIMS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    shims.extend(started);
-    shims.retain_mut(|shim| matches!(shim.try_wait(), Ok(None)));
 }
 
 /// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.

@@ -1,68 +1,194 @@
-//! The per-instance supervisor: the graven binary re-executed as `graven __shim <dir>`, in
-//! its own session so it outlives the graven that started it. Being a fresh single-threaded
-//! process, it starts the sandbox itself (`sandbox::launch`, no helper exec), tells its
-//! starter "ok" or the error on its stdout, passes stop signals on to the workload, captures
-//! the workload's stdout and stderr line by line with a timestamp into the instance's log
-//! (rotated at a size, one earlier file kept), and records the exit in the instance's state.
+//! The per-instance supervisor, a fresh single-threaded graven process in its own session so
+//! it outlives the graven that started it. Being single-threaded, it starts the sandbox
+//! itself (`sandbox::launch`, no helper exec), tells its starter "ok" or the error on a pipe,
+//! passes stop signals on to the workload, captures the workload's stdout and stderr line by
+//! line with a timestamp into the instance's log (rotated at a size, one earlier file kept),
+//! and records the exit in the instance's state.
+//!
+//! How it comes to be depends on its starter (`start`). A single-threaded starter
+//! (`graven run`) forks it: the child already is a fresh single-threaded graven, and an exec
+//! would only add to every start. A starter with threads (the daemon, the tests) re-executes
+//! the graven binary as `graven __shim <dir>` and hands it the request in the instance dir,
+//! since a fork of a threaded process may inherit a lock another thread holds.
 
-use std::io::Write;
-use std::os::fd::AsFd;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use super::log::{Log, Sink};
 use super::state::{self, Proc, SHIM_REQUEST, ShimRequest};
 use crate::runtime::InstanceStatus;
-use crate::sandbox::Ended;
+use crate::sandbox::{self, Ended, Launched};
 
 /// The argv[1] that makes the graven binary act as an instance's shim.
 pub const SHIM_ARG: &str = "__shim";
 
+/// Starts the shim of the instance in `dir`, and waits for its "ok" (or its error).
+pub fn start(dir: &Path, request: &ShimRequest) -> Result<(), String> {
+    if sandbox::single_threaded() {
+        fork(dir, request)
+    } else {
+        spawn(dir, request)
+    }
+}
+
+/// Re-executes the graven binary as the shim, with the request in `dir`.
+fn spawn(dir: &Path, request: &ShimRequest) -> Result<(), String> {
+    let request_path = dir.join(SHIM_REQUEST);
+    state::replace(
+        &request_path,
+        &serde_json::to_vec(request).expect("a shim request serializes"),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut child = Command::new(sandbox::helper_binary())
+        .arg(SHIM_ARG)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the shim: {e}"))?;
+    let report = child.stdout.take().expect("stdout is piped");
+    remember(child.id() as i32);
+    read_report(report.into())
+}
+
+/// Forks the shim. The caller has no other thread, so the child may do anything.
+fn fork(dir: &Path, request: &ShimRequest) -> Result<(), String> {
+    let (report_read, report_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| format!("opening /dev/null: {e}"))?;
+    // SAFETY: this process has a single thread (checked by `start`), so the child inherits
+    // no lock held by another, and ends with `_exit`, never returning to the caller.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!(
+            "cannot start the shim: fork: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if pid == 0 {
+        let code = forked(dir, request, report_write.into(), null);
+        // SAFETY: ends the child without running the starter's exit handlers or flushing
+        // the buffers it inherited.
+        unsafe { libc::_exit(code) }
+    }
+    drop((report_write, null));
+    remember(pid);
+    read_report(report_read.into())
+}
+
+/// The forked shim: its own session, stdio on /dev/null, and none of the starter's files
+/// left open but the report pipe, so it holds no lock or pipe end of the starter's.
+fn forked(dir: &Path, request: &ShimRequest, report: OwnedFd, null: File) -> i32 {
+    let _ = rustix::process::setsid();
+    let _ = rustix::thread::set_name(c"graven shim");
+    // SAFETY: dup2 onto fds 0-2 replaces them with /dev/null, which stays open meanwhile.
+    unsafe {
+        for fd in 0..3 {
+            libc::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    // The report pipe moves to fd 3 (close-on-exec, so the workload never holds it); every
+    // fd above is closed. The owners are forgotten: their fds are closed or moved.
+    const REPORT_FD: i32 = 3;
+    let from = report.as_raw_fd();
+    std::mem::forget((report, null));
+    // SAFETY: dup3 onto fd 3 and close_range above it only touch fds nothing here uses again.
+    unsafe {
+        if from != REPORT_FD && libc::dup3(from, REPORT_FD, libc::O_CLOEXEC) < 0 {
+            return 1;
+        }
+        libc::close_range(REPORT_FD as u32 + 1, u32::MAX, 0);
+    }
+    // SAFETY: fd 3 is the report pipe, owned from here on by this File alone.
+    serve(dir, request, unsafe { File::from_raw_fd(REPORT_FD) })
+}
+
+/// The shims this process started that had not ended when last looked at. A shim is its
+/// starter's child until that exits, so a long-lived starter (the daemon) must reap the ones
+/// that end; one list looked at on every start and every listing does that without a thread
+/// waiting per instance. A shim left here when its starter exits is reaped by init.
+static SHIMS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+fn remember(pid: i32) {
+    SHIMS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(pid);
+    reap();
+}
+
+/// Reaps the shims this process started that have ended.
+pub fn reap() {
+    let mut shims = SHIMS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // SAFETY: waitpid without blocking on our own children.
+    shims.retain(|&pid| unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == 0);
+}
+
+/// Reads the shim's one line: "ok", or "error <why>".
+fn read_report(report: OwnedFd) -> Result<(), String> {
+    let mut line = String::new();
+    let _ = BufReader::new(File::from(report)).read_line(&mut line);
+    match line.trim_end().strip_prefix("error ") {
+        None if line.trim_end() == "ok" => Ok(()),
+        Some(message) => Err(message.to_owned()),
+        None => Err("the shim exited without a word".to_owned()),
+    }
+}
+
+/// `graven __shim <dir>`: the shim re-executed by a starter with threads, reporting on its
+/// stdout. Never returns.
 pub fn main(dir: &Path) -> ! {
     // Its own session, so a Ctrl-C or hang-up at the starter's terminal never reaches the
     // instance. Done here rather than by the starter between fork and exec, which would keep
     // the starter from using posix_spawn (a vfork) and make it copy its page tables instead.
     let _ = rustix::process::setsid();
-    match run(dir) {
-        Ok(()) => std::process::exit(0),
+    let report = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from);
+    // stdout is the report pipe: pointed at /dev/null, only the copy above holds it.
+    detach_stdio();
+    let Ok(mut report) = report else {
+        std::process::exit(1)
+    };
+    let request_path = dir.join(SHIM_REQUEST);
+    let request = std::fs::read(&request_path)
+        .map_err(|e| format!("reading {}: {e}", request_path.display()))
+        .and_then(|bytes| serde_json::from_slice::<ShimRequest>(&bytes).map_err(|e| e.to_string()));
+    match request {
+        Ok(request) => std::process::exit(serve(dir, &request, report)),
         Err(message) => {
-            // The starter reads this line; after "ok" stdout is /dev/null and this is lost,
-            // which is fine: the state file then says how the instance ended.
-            println!("error {message}");
+            let _ = writeln!(report, "error {message}");
             std::process::exit(1)
         }
     }
 }
 
-fn run(dir: &Path) -> Result<(), String> {
-    let request_path = dir.join(SHIM_REQUEST);
-    let request: ShimRequest = std::fs::read(&request_path)
-        .map_err(|e| format!("reading {}: {e}", request_path.display()))
-        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))?;
-    let mut log = Log::open(dir, request.log_bytes).map_err(|e| format!("opening the log: {e}"))?;
-    let (out_read, out_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_read, err_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let launched = crate::sandbox::launch(
-        &request.spec,
-        &request.options,
-        out_write.into(),
-        err_write.into(),
-    )
-    .map_err(|e| e.to_string())?;
-    state::update(dir, |s| {
-        s.shim = Proc::of(std::process::id());
-        s.workload = Proc::of(launched.pid);
-        if s.status == InstanceStatus::Created {
-            s.status = InstanceStatus::Running;
+/// Starts the workload, reports "ok" or the error on `report` and closes it, then captures
+/// the workload's output until it ends and records how. Returns the shim's exit code.
+fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
+    let (launched, mut log, outputs) = match launch(dir, request) {
+        Ok(started) => started,
+        Err(message) => {
+            let _ = writeln!(report, "error {message}");
+            return 1;
         }
-    })
-    .map_err(|e| e.to_string())?;
-    println!("ok");
-    let _ = std::io::stdout().flush();
-    detach_stdio();
+    };
+    let _ = report.write_all(b"ok\n");
+    drop(report);
     let mut streams = [Lines::new("stdout"), Lines::new("stderr")];
-    let ended = crate::sandbox::supervise(
+    let ended = sandbox::supervise(
         &launched,
-        &[out_read.as_fd(), err_read.as_fd()],
+        &[outputs[0].as_fd(), outputs[1].as_fd()],
         &mut |i, bytes| streams[i].push(bytes, &mut log),
     );
     for stream in &mut streams {
@@ -78,23 +204,45 @@ fn run(dir: &Path) -> Result<(), String> {
             signal: Some(signal),
         },
     };
-    state::update(dir, |s| {
+    let recorded = state::update(dir, |s| {
         // The cgroups go before the exit is recorded, so whoever sees the instance exited
         // finds nothing of it left in /sys/fs/cgroup.
         s.cgroups.remove();
         if !s.status.is_exited() {
             s.status = exited;
         }
-    })
-    .map_err(|e| e.to_string())?;
-    Ok(())
+    });
+    i32::from(recorded.is_err())
 }
 
-/// Points stdout and stderr at /dev/null, so the starter sees the end of the "ok" line's
-/// pipe and nothing the shim writes later goes anywhere it could block.
+/// Opens the log, starts the workload with its output on two pipes and records it in the
+/// instance's state.
+fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Log, [OwnedFd; 2]), String> {
+    let log = Log::open(dir, request.log_bytes).map_err(|e| format!("opening the log: {e}"))?;
+    let (out_read, out_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_read, err_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let launched = sandbox::launch(
+        &request.spec,
+        &request.options,
+        out_write.into(),
+        err_write.into(),
+    )
+    .map_err(|e| e.to_string())?;
+    state::update(dir, |s| {
+        s.shim = Proc::of(std::process::id());
+        s.workload = Proc::of(launched.pid);
+        if s.status == InstanceStatus::Created {
+            s.status = InstanceStatus::Running;
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    Ok((launched, log, [out_read.into(), err_read.into()]))
+}
+
+/// Points stdout and stderr at /dev/null, so nothing the shim writes goes anywhere it could
+/// block.
 fn detach_stdio() {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
         // SAFETY: dup2 onto fds 1 and 2 replaces them with /dev/null; `null` stays valid.
         unsafe {
             libc::dup2(null.as_raw_fd(), 1);
