@@ -363,6 +363,11 @@ async fn the_shim_leads_its_own_session_and_is_the_workload_s_parent() {
     assert_ne!(shim_session, own_session);
     let (workload_parent, _) = parent_and_session(workload);
     assert_eq!(workload_parent, shim, "no helper between shim and workload");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{shim}/cwd")).unwrap(),
+        Path::new("/"),
+        "the shim keeps no directory of its starter's busy"
+    );
     home.runtime.kill(&instance.id).await.unwrap();
 }
 
@@ -385,8 +390,13 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
         writer_fd, INHERITED,
         "dup2 onto itself would keep close-on-exec"
     );
+    // Started from the home with a relative GRAVEN_HOME: what is recorded must still be
+    // absolute, and the shim must not keep this directory busy.
     let mut command = support::graven(home.path());
-    command.args(["run", "-d", "probe:test"]);
+    command
+        .env("GRAVEN_HOME", ".")
+        .current_dir(home.path())
+        .args(["run", "-d", "probe:test"]);
     // SAFETY: dup2 between fork and exec; the copy is inheritable (no close-on-exec).
     unsafe {
         command.pre_exec(move || {
@@ -425,6 +435,12 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
     let (_, shim_session) = parent_and_session(shim);
     assert_eq!(shim_session, shim, "the shim leads its session");
     assert_eq!(parent_and_session(workload).0, shim);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{shim}/cwd")).unwrap(),
+        Path::new("/")
+    );
+    let log = listed[0].log.clone().unwrap();
+    assert!(log.is_absolute(), "{}", log.display());
     support::succeed(support::graven(home.path()).args(["rm", "-f", &id]));
 }
 

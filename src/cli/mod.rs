@@ -122,10 +122,13 @@ fn async_runtime(threads: Threads) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 impl Cli {
+    /// The home as given, made absolute (paths under it are recorded and shown).
     pub fn home(&self) -> PathBuf {
-        self.home
+        let home = self
+            .home
             .clone()
-            .unwrap_or_else(crate::store::Store::default_home)
+            .unwrap_or_else(crate::store::Store::default_home);
+        std::path::absolute(&home).unwrap_or(home)
     }
 }
 

@@ -53,6 +53,9 @@ fn other(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeEr
 
 impl LocalRuntime {
     pub fn open(home: &Path) -> Result<LocalRuntime, RuntimeError> {
+        // Absolute, so the paths recorded in an instance's state (its log, its root) mean
+        // the same to a graven started elsewhere, and the shim need not keep our cwd.
+        let home = &std::path::absolute(home).map_err(other("resolving graven's home"))?;
         let store = Store::open(home)?;
         for dir in ["instances", "volumes", "rootfs"] {
             let path = home.join(dir);

@@ -88,6 +88,8 @@ fn fork(dir: &Path, request: &ShimRequest) -> Result<(), String> {
 fn forked(dir: &Path, request: &ShimRequest, report: OwnedFd, null: File) -> i32 {
     let _ = rustix::process::setsid();
     let _ = rustix::thread::set_name(c"graven shim");
+    // It may outlive its starter's directory by far: it keeps none busy.
+    let _ = std::env::set_current_dir("/");
     // SAFETY: dup2 onto fds 0-2 replaces them with /dev/null, which stays open meanwhile.
     unsafe {
         for fd in 0..3 {
@@ -151,6 +153,7 @@ pub fn main(dir: &Path) -> ! {
     // instance. Done here rather than by the starter between fork and exec, which would keep
     // the starter from using posix_spawn (a vfork) and make it copy its page tables instead.
     let _ = rustix::process::setsid();
+    let _ = std::env::set_current_dir("/");
     let report = std::io::stdout()
         .as_fd()
         .try_clone_to_owned()
