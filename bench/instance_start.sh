@@ -5,11 +5,16 @@
 # network) and under `docker run -d --network host`. Median of RUNS runs each (DOCKER_RUNS
 # for docker), side by side with the ratio to the bare process and to graven.
 #
-# Usage: bench/instance_start.sh     (RUNS=30, DOCKER_RUNS=10 by default; needs umoci, runc,
+# Usage: bench/instance_start.sh     (RUNS=30, DOCKER_RUNS=10, ROUNDS=5 by default; needs umoci, runc,
 #                                      dockerd; starts a private dockerd when none answers)
 #
 # graven is built with the `dist` profile, the shipped binary (release plus fat LTO: about
 # half the load-time relocations of a release build); PROFILE=release measures that instead.
+#
+# The four ways take turns in ROUNDS rounds (5 by default), each way's starts split evenly over
+# them, so a VM that slows down or speeds up during the run weighs on every way alike. Each
+# turn begins with WARM_MS (300) of uncounted starts: a way that follows a slow one (docker's
+# removal leaves the CPUs idle for a while) would otherwise pay for waking them up.
 #
 # Starts follow one another back to back, which measures what each way costs in itself. With
 # REST_MS=200 each start comes after the machine has rested that long instead, as a start on
@@ -20,6 +25,8 @@ root=$(pwd)
 runs=${RUNS:-30}
 docker_runs=${DOCKER_RUNS:-10}
 rest_ms=${REST_MS:-0}
+rounds=${ROUNDS:-5}
+warm_ms=${WARM_MS:-300}
 
 source bench/lib.sh
 PROFILE=${PROFILE:-dist} bench_setup start
@@ -37,11 +44,12 @@ use_or_start_dockerd "$work/docker"
 docker load -q -i "$work/hello.tar" >/dev/null
 docker_image=$(docker load -q -i "$work/hello.tar" | sed -n 's/^Loaded image[^:]*: //p' | tail -1)
 
-python3 - "$graven" "$root/examples/hello/dist/hello" "$work/bundle" "$docker_image" "$runs" "$docker_runs" "$rest_ms" <<'PY'
+python3 - "$graven" "$root/examples/hello/dist/hello" "$work/bundle" "$docker_image" "$runs" "$docker_runs" "$rest_ms" "$rounds" "$warm_ms" <<'PY'
 import json, os, socket, statistics, subprocess, sys, time
 
-graven, hello, bundle, docker_image, runs, docker_runs, rest_ms = sys.argv[1:8]
+graven, hello, bundle, docker_image, runs, docker_runs, rest_ms, rounds, warm_ms = sys.argv[1:10]
 runs, docker_runs, rest = int(runs), int(docker_runs), int(rest_ms) / 1000
+rounds, warm = max(1, int(rounds)), int(warm_ms) / 1000
 DEVNULL = subprocess.DEVNULL
 
 def free_port():
@@ -57,9 +65,15 @@ def healthy(port):
     except OSError:
         return False
 
-def measure(name, n, prepare, start, stop):
-    times = []
-    for i in range(n):
+def measure(name, n, prepare, start, stop, times):
+    # Uncounted starts first, for at least `warm` seconds (not with REST_MS, which is about
+    # starting from rest).
+    warm_until = time.perf_counter() + (0 if rest else warm)
+    counted = len(times) + n
+    i = 0
+    while len(times) < counted:
+        i += 1
+        warming = time.perf_counter() < warm_until
         port = free_port()
         prepare(i, port)
         if rest:
@@ -71,9 +85,9 @@ def measure(name, n, prepare, start, stop):
             if time.perf_counter() > deadline:
                 stop(handle)
                 raise SystemExit(f"{name}: no healthy answer within 30 s")
-        times.append((time.perf_counter() - t0) * 1000)
+        if not warming:
+            times.append((time.perf_counter() - t0) * 1000)
         stop(handle)
-    return statistics.median(times), min(times), max(times)
 
 def nothing(i, port):
     pass
@@ -122,18 +136,29 @@ def docker_start(i, port):
 def docker_stop(container):
     subprocess.run(["docker", "rm", "-f", container], check=True, stdout=DEVNULL)
 
+ways = [
+    ("bare process", runs, "bare", nothing, bare_start, bare_stop),
+    ("graven run -d (local runtime)", runs, "graven", nothing, graven_start, graven_stop),
+    ("runc run -d (host network)", runs, "runc", runc_prepare, runc_start, runc_stop),
+    ("docker run -d --network host", docker_runs, "docker", nothing, docker_start, docker_stop),
+]
+times = {way[2]: [] for way in ways}
+for r in range(rounds):
+    for _, n, name, prepare, start, stop in ways:
+        # This round's share of the way's starts: the rounds' shares add up to n.
+        share = n * (r + 1) // rounds - n * r // rounds
+        measure(name, share, prepare, start, stop, times[name])
 results = [
-    ("bare process", runs, measure("bare", runs, nothing, bare_start, bare_stop)),
-    ("graven run -d (local runtime)", runs, measure("graven", runs, nothing, graven_start, graven_stop)),
-    ("runc run -d (host network)", runs, measure("runc", runs, runc_prepare, runc_start, runc_stop)),
-    ("docker run -d --network host", docker_runs, measure("docker", docker_runs, nothing, docker_start, docker_stop)),
+    (label, n, (statistics.median(times[name]), min(times[name]), max(times[name])))
+    for label, n, name, *_ in ways
 ]
 bare = results[0][2][0]
 g = results[1][2][0]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print()
 print("Instance start to first healthy /healthz of examples/hello (median, min, max in ms), "
-      + (f"each start after {rest_ms} ms of rest." if rest else "starts back to back."))
+      + (f"each start after {rest_ms} ms of rest" if rest else "starts back to back")
+      + f", the ways taking turns over {rounds} rounds.")
 print(f"Machine: {os.cpu_count()} cores, {os.uname().release}, {cpu}.")
 print()
 print("| how | runs | median (ms) | min | max | vs bare | vs graven |")
