@@ -444,6 +444,59 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
     support::succeed(support::graven(home.path()).args(["rm", "-f", &id]));
 }
 
+/// A workload starts as one started by init would: no signal blocked, none ignored. Rust
+/// ignores SIGPIPE in graven (and in the shim), and an exec keeps ignored signals ignored and
+/// the mask as it is; here the starter also blocks SIGUSR1 and ignores SIGHUP, as a service
+/// manager or `nohup` may. busybox reports on itself without touching its signals.
+#[test]
+fn the_workload_starts_with_no_signal_blocked_or_ignored() {
+    use std::os::unix::process::CommandExt;
+
+    const BUSYBOX: &str = "/bin/busybox";
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
+    );
+    let home = Home::new();
+    put_image(
+        home.path(),
+        "busybox:test",
+        &[File::executable("bin/busybox", Path::new(BUSYBOX))],
+        RuntimeConfig {
+            entrypoint: Some(
+                ["/bin/busybox", "grep", "^Sig[BI]", "/proc/self/status"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+            ..RuntimeConfig::default()
+        },
+    );
+    let mut command = support::graven(home.path());
+    command.args(["run", "busybox:test"]);
+    // SAFETY: between fork and exec, only async-signal-safe calls on a local sigset.
+    unsafe {
+        command.pre_exec(|| {
+            let mut blocked: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut blocked);
+            libc::sigaddset(&mut blocked, libc::SIGUSR1);
+            libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut());
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let run = support::succeed(&mut command);
+    let seen = String::from_utf8_lossy(&run.stdout);
+    let field = |name: &str| {
+        seen.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {seen:?}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(field("SigBlk:"), "0000000000000000", "{seen}");
+    assert_eq!(field("SigIgn:"), "0000000000000000", "{seen}");
+}
+
 /// A long-lived starter (the daemon, here this test process) is the parent of every shim it
 /// starts: it must reap the ones that end, or they stay behind as zombies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,7 +143,7 @@ pub(super) fn launch(
     })
 }
 
-/// Forks the workload. The child restores the signal mask, arranges to die with this
+/// Forks the workload. The child starts from a clean signal state, arranges to die with this
 /// process and runs `setup_and_exec`, whose error goes to `status_fd` (exit status 127).
 /// Here the forwarded signals stay blocked, for `supervise`. The callers are
 /// single-threaded, so the child may use the allocator and everything else after the fork.
@@ -151,14 +151,14 @@ fn fork_workload(
     status_fd: i32,
     setup_and_exec: impl FnOnce() -> Result<Never>,
 ) -> Result<libc::pid_t> {
-    let old_mask = block_forwarded_signals()?;
+    block_forwarded_signals()?;
     // SAFETY: fork in a single-threaded process (see above).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", errno()));
     }
     if pid == 0 {
-        restore_mask(&old_mask);
+        clean_signal_state();
         match die_with_parent().and_then(|()| setup_and_exec()) {
             Ok(never) => match never {},
             Err(message) => fail(status_fd, &message, 127),
@@ -791,22 +791,41 @@ fn exit_like(ended: super::Ended) -> ! {
     std::process::exit(128 + signal)
 }
 
-fn block_forwarded_signals() -> Result<libc::sigset_t> {
+fn block_forwarded_signals() -> Result<()> {
     let mut mask = empty_sigset();
     for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
         // SAFETY: `mask` is an initialized sigset.
         unsafe { libc::sigaddset(&mut mask, *signal) };
     }
-    let mut old = empty_sigset();
-    // SAFETY: valid sigsets; blocking only defers delivery to the signalfd.
-    let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &mask, &mut old) };
-    check(rc, "blocking signals")?;
-    Ok(old)
+    // SAFETY: a valid sigset; blocking only defers delivery to the signalfd.
+    let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut()) };
+    check(rc, "blocking signals")
 }
 
-fn restore_mask(old: &libc::sigset_t) {
-    // SAFETY: restores the mask saved before fork.
-    unsafe { libc::sigprocmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+/// Gives the workload what a process started by init has: no signal blocked and every signal
+/// at its default. An exec keeps ignored signals ignored and the mask as it is, so without
+/// this a workload would inherit graven's ignored SIGPIPE (Rust ignores it) and whatever its
+/// starter blocked or ignored, and a program that counts on SIGPIPE ending it would not end.
+fn clean_signal_state() {
+    // The kernel's struct sigaction all zero: SIG_DFL, no flags, an empty mask, whatever the
+    // architecture's field order. Through the raw syscall, because glibc refuses to touch the
+    // two real-time signals it keeps for itself, and those can arrive ignored too.
+    let default = [0u64; 4];
+    // SAFETY: in the forked child before exec: an empty mask, and SIG_DFL for every signal
+    // that can be changed (SIGKILL and SIGSTOP refuse it, which is harmless).
+    unsafe {
+        let empty = empty_sigset();
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for signal in 1..=libc::SIGRTMAX() {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                default.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+        }
+    }
 }
 
 fn empty_sigset() -> libc::sigset_t {
