@@ -444,12 +444,14 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
     support::succeed(support::graven(home.path()).args(["rm", "-f", &id]));
 }
 
-/// A workload starts as one started by init would: no signal blocked, none ignored. Rust
-/// ignores SIGPIPE in graven (and in the shim), and an exec keeps ignored signals ignored and
-/// the mask as it is; here the starter also blocks SIGUSR1 and ignores SIGHUP, as a service
-/// manager or `nohup` may. busybox reports on itself without touching its signals.
+/// A workload starts as one started by init would: no signal blocked, none ignored, umask
+/// 022. Rust ignores SIGPIPE in graven (and in the shim), and an exec keeps ignored signals
+/// ignored and the mask and umask as they are; here the starter also blocks SIGUSR1, ignores
+/// SIGHUP and has umask 077, as a service manager, `nohup` or a careful admin may. Its
+/// `graven run` unpacks the image too, whose root must still be open to the workload's user
+/// (nobody). busybox reports on itself without touching any of it.
 #[test]
-fn the_workload_starts_with_no_signal_blocked_or_ignored() {
+fn the_workload_starts_in_a_clean_process_state() {
     use std::os::unix::process::CommandExt;
 
     const BUSYBOX: &str = "/bin/busybox";
@@ -464,9 +466,15 @@ fn the_workload_starts_with_no_signal_blocked_or_ignored() {
         &[File::executable("bin/busybox", Path::new(BUSYBOX))],
         RuntimeConfig {
             entrypoint: Some(
-                ["/bin/busybox", "grep", "^Sig[BI]", "/proc/self/status"]
-                    .map(str::to_owned)
-                    .to_vec(),
+                [
+                    "/bin/busybox",
+                    "grep",
+                    "-E",
+                    "^(Sig[BI]|Umask)",
+                    "/proc/self/status",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
             ),
             ..RuntimeConfig::default()
         },
@@ -481,6 +489,7 @@ fn the_workload_starts_with_no_signal_blocked_or_ignored() {
             libc::sigaddset(&mut blocked, libc::SIGUSR1);
             libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut());
             libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            libc::umask(0o077);
             Ok(())
         });
     }
@@ -495,6 +504,7 @@ fn the_workload_starts_with_no_signal_blocked_or_ignored() {
     };
     assert_eq!(field("SigBlk:"), "0000000000000000", "{seen}");
     assert_eq!(field("SigIgn:"), "0000000000000000", "{seen}");
+    assert_eq!(field("Umask:"), "0022", "{seen}");
 }
 
 /// A long-lived starter (the daemon, here this test process) is the parent of every shim it

@@ -143,7 +143,7 @@ pub(super) fn launch(
     })
 }
 
-/// Forks the workload. The child starts from a clean signal state, arranges to die with this
+/// Forks the workload. The child starts from a clean process state, arranges to die with this
 /// process and runs `setup_and_exec`, whose error goes to `status_fd` (exit status 127).
 /// Here the forwarded signals stay blocked, for `supervise`. The callers are
 /// single-threaded, so the child may use the allocator and everything else after the fork.
@@ -158,7 +158,7 @@ fn fork_workload(
         return Err(format!("fork: {}", errno()));
     }
     if pid == 0 {
-        clean_signal_state();
+        clean_process_state();
         match die_with_parent().and_then(|()| setup_and_exec()) {
             Ok(never) => match never {},
             Err(message) => fail(status_fd, &message, 127),
@@ -802,11 +802,12 @@ fn block_forwarded_signals() -> Result<()> {
     check(rc, "blocking signals")
 }
 
-/// Gives the workload what a process started by init has: no signal blocked and every signal
-/// at its default. An exec keeps ignored signals ignored and the mask as it is, so without
-/// this a workload would inherit graven's ignored SIGPIPE (Rust ignores it) and whatever its
-/// starter blocked or ignored, and a program that counts on SIGPIPE ending it would not end.
-fn clean_signal_state() {
+/// Gives the workload what a process started by init has: no signal blocked, every signal at
+/// its default, and umask 022. An exec keeps ignored signals ignored and the mask and umask
+/// as they are, so without this a workload would inherit graven's ignored SIGPIPE (Rust
+/// ignores it) and whatever its starter blocked, ignored or masked: a program that counts on
+/// SIGPIPE ending it would not end, and what a RUN step writes would depend on who bakes.
+fn clean_process_state() {
     // The kernel's struct sigaction all zero: SIG_DFL, no flags, an empty mask, whatever the
     // architecture's field order. Through the raw syscall, because glibc refuses to touch the
     // two real-time signals it keeps for itself, and those can arrive ignored too.
@@ -814,6 +815,7 @@ fn clean_signal_state() {
     // SAFETY: in the forked child before exec: an empty mask, and SIG_DFL for every signal
     // that can be changed (SIGKILL and SIGSTOP refuse it, which is harmless).
     unsafe {
+        libc::umask(0o022);
         let empty = empty_sigset();
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         for signal in 1..=libc::SIGRTMAX() {

@@ -154,7 +154,7 @@ fn apply(reader: impl Read, root: &Path) -> io::Result<()> {
         {
             remove(&target)?;
         }
-        std::fs::create_dir_all(&dir)?;
+        make_parents(root, &dir)?;
         if entry.header().entry_type().is_hard_link() {
             // tar would resolve a hard link's source against the working directory; it is a
             // path inside the image, so it is resolved inside the root like any other.
@@ -248,6 +248,22 @@ fn clean(path: &Path) -> io::Result<PathBuf> {
         }
     }
     Ok(out)
+}
+
+/// Makes the missing directories from `root` down to `dir` (which is inside it), with the
+/// mode an image's directories have when its layer does not say: 0755, whatever the umask
+/// of whoever unpacks (under 077 a workload that is not root could not reach its files).
+fn make_parents(root: &Path, dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut path = root.to_owned();
+    for part in dir.strip_prefix(root).unwrap_or(Path::new("")).components() {
+        path.push(part);
+        if std::fs::symlink_metadata(&path).is_err() {
+            std::fs::create_dir(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    Ok(())
 }
 
 fn remove(path: &Path) -> io::Result<()> {
