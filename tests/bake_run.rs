@@ -10,15 +10,9 @@ use std::path::Path;
 
 use support::{graven, succeed};
 
-const BUSYBOX: &str = "/bin/busybox";
-
 fn context() -> tempfile::TempDir {
-    assert!(
-        Path::new(BUSYBOX).is_file(),
-        "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
-    );
     let dir = tempfile::tempdir().unwrap();
-    fs::copy(BUSYBOX, dir.path().join("busybox")).unwrap();
+    fs::copy(support::busybox(), dir.path().join("busybox")).unwrap();
     dir
 }
 

@@ -426,10 +426,7 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
         "the starter's pipe stays open while the instance runs: {read:?}"
     );
     report(&listed[0], "/healthz");
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(home.path().join("instances").join(&id).join("state.json")).unwrap(),
-    )
-    .unwrap();
+    let state = state_of(&home, &listed[0]);
     let shim = state["shim"]["pid"].as_u64().unwrap();
     let workload = state["workload"]["pid"].as_u64().unwrap();
     let (_, shim_session) = parent_and_session(shim);
@@ -454,16 +451,11 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
 fn the_workload_starts_in_a_clean_process_state() {
     use std::os::unix::process::CommandExt;
 
-    const BUSYBOX: &str = "/bin/busybox";
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
-    );
     let home = Home::new();
     put_image(
         home.path(),
         "busybox:test",
-        &[File::executable("bin/busybox", Path::new(BUSYBOX))],
+        &[File::executable("bin/busybox", support::busybox())],
         RuntimeConfig {
             entrypoint: Some(
                 [

@@ -163,20 +163,16 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
 /// the layer owned by root, as when baking with root (on disk it is the user's).
 #[test]
 fn an_unprivileged_user_bakes_a_run_step_whose_files_are_root_s() {
-    const BUSYBOX: &str = "/bin/busybox";
     if !rustix::process::geteuid().is_root() {
         eprintln!("not root: the bake tests run rootless already");
         return;
     }
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: install busybox-static (scripts/test does)"
-    );
+    let busybox = support::busybox();
     let place = Place::new();
     let home = place.home();
     let context = place.path().join("context");
     std::fs::create_dir_all(&context).unwrap();
-    std::fs::copy(BUSYBOX, context.join("busybox")).unwrap();
+    std::fs::copy(busybox, context.join("busybox")).unwrap();
     std::fs::write(
         context.join("Containerfile"),
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo made > /made; /bin/busybox id -u > /uid\"]\n",

@@ -3,11 +3,12 @@
 
 use std::collections::HashSet;
 use std::io::{self, BufRead, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use sha2::Digest as _;
 
-use super::{Descriptor, Digest, Result, Store, StoreError};
+use super::{Descriptor, Digest, Result, Store, StoreError, io_err};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -52,6 +53,10 @@ impl Store {
         diff_ids: &[Digest],
         root: &Path,
     ) -> Result<()> {
+        // `root` is the image's `/`: 0755 like every image's, not what the unpacking
+        // process's umask made of it (0700 under 077, which only root could enter).
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err(root))?;
         for (index, layer) in layers.iter().enumerate() {
             self.unpack_layer(&layer.digest, diff_ids.get(index), root)?;
         }
@@ -154,7 +159,7 @@ fn apply(reader: impl Read, root: &Path) -> io::Result<()> {
         {
             remove(&target)?;
         }
-        make_parents(root, &dir)?;
+        make_dirs(&dir)?;
         if entry.header().entry_type().is_hard_link() {
             // tar would resolve a hard link's source against the working directory; it is a
             // path inside the image, so it is resolved inside the root like any other.
@@ -250,20 +255,19 @@ fn clean(path: &Path) -> io::Result<PathBuf> {
     Ok(out)
 }
 
-/// Makes the missing directories from `root` down to `dir` (which is inside it), with the
-/// mode an image's directories have when its layer does not say: 0755, whatever the umask
-/// of whoever unpacks (under 077 a workload that is not root could not reach its files).
-fn make_parents(root: &Path, dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut path = root.to_owned();
-    for part in dir.strip_prefix(root).unwrap_or(Path::new("")).components() {
-        path.push(part);
-        if std::fs::symlink_metadata(&path).is_err() {
-            std::fs::create_dir(&path)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        }
+/// Makes `dir` and its missing parents (the root exists, so this stops there) with the mode
+/// an image's directories have when its layer does not say: 0755, whatever the umask of
+/// whoever unpacks (under 077 a workload that is not root could not reach its files). One
+/// stat when `dir` exists, as it does for most entries.
+fn make_dirs(dir: &Path) -> io::Result<()> {
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Ok(());
     }
-    Ok(())
+    if let Some(parent) = dir.parent() {
+        make_dirs(parent)?;
+    }
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
 }
 
 fn remove(path: &Path) -> io::Result<()> {

@@ -23,6 +23,17 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The host's static busybox, which tests copy into images; panics with the fix when missing.
+pub fn busybox() -> &'static Path {
+    let path = Path::new("/bin/busybox");
+    assert!(
+        path.is_file(),
+        "{} is missing: install busybox-static (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
 /// A `graven` command with `GRAVEN_HOME` set to `home`.
 pub fn graven(home: &Path) -> Command {
     let mut command = Command::new(graven_bin());

@@ -202,6 +202,11 @@ mod tests {
         std::fs::read(dir.join(name)).unwrap_or_default()
     }
 
+    /// The line numbers in `log.1` and in `log`.
+    fn both(dir: &Path) -> (Vec<usize>, Vec<usize>) {
+        (numbers(&read(dir, LOG_BEFORE)), numbers(&read(dir, LOG)))
+    }
+
     #[test]
     fn the_log_rotates_between_lines_and_keeps_one_earlier_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -212,23 +217,12 @@ mod tests {
         }
         // 0-9 and 10-19 each filled a file; 20-27 began the third. The first is gone; the
         // newest two hold whole lines, in order, up to the last.
-        assert_eq!(
-            numbers(&read(dir.path(), LOG_BEFORE)),
-            (10..20).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            numbers(&read(dir.path(), LOG)),
-            (20..28).collect::<Vec<_>>()
-        );
+        assert_eq!(both(dir.path()), ((10..20).collect(), (20..28).collect()));
         // One write of many times the cap: only its last lines stay, cut the same way.
         log.append(&batch(28, 100));
         assert_eq!(
-            numbers(&read(dir.path(), LOG_BEFORE)),
-            (110..120).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            numbers(&read(dir.path(), LOG)),
-            (120..128).collect::<Vec<_>>()
+            both(dir.path()),
+            ((110..120).collect(), (120..128).collect())
         );
         // A line longer than the cap is kept whole, in a file of its own.
         let long = format!("{}\n", "7".repeat(80));
@@ -243,14 +237,7 @@ mod tests {
         Log::open(dir.path(), 50).unwrap().append(&batch(0, 8));
         let mut log = Log::open(dir.path(), 50).unwrap();
         log.append(&batch(8, 4));
-        assert_eq!(
-            numbers(&read(dir.path(), LOG_BEFORE)),
-            (0..10).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            numbers(&read(dir.path(), LOG)),
-            (10..12).collect::<Vec<_>>()
-        );
+        assert_eq!(both(dir.path()), ((0..10).collect(), (10..12).collect()));
     }
 
     #[test]
@@ -264,11 +251,7 @@ mod tests {
         assert_eq!(numbers(&read(dir.path(), LOG)), (0..16).collect::<Vec<_>>());
         std::fs::remove_dir_all(dir.path().join(LOG_BEFORE)).unwrap();
         log.append(&batch(16, 2));
-        assert_eq!(
-            numbers(&read(dir.path(), LOG_BEFORE)),
-            (0..16).collect::<Vec<_>>()
-        );
-        assert_eq!(numbers(&read(dir.path(), LOG)), [16, 17]);
+        assert_eq!(both(dir.path()), ((0..16).collect(), vec![16, 17]));
     }
 
     #[test]

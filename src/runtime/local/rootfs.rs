@@ -40,15 +40,10 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
         &image.config.rootfs.diff_ids,
         temp.path(),
     )?;
-    use std::os::unix::fs::PermissionsExt;
-    // The root is an image's `/`, 0755 like every image's, not what this process's umask
-    // made of the temp dir (0700 under umask 077, which no workload but root could enter).
-    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).map_err(
-        other(format!("setting the mode of {}", temp.path().display())),
-    )?;
     for (name, mode) in crate::sandbox::MOUNT_POINTS {
         let path = temp.path().join(name);
         if std::fs::symlink_metadata(&path).is_err() {
+            use std::os::unix::fs::PermissionsExt;
             std::fs::create_dir(&path)
                 .and_then(|()| {
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))

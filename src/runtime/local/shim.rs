@@ -58,11 +58,6 @@ fn spawn(dir: &Path, request: &ShimRequest) -> Result<(), String> {
 /// Forks the shim. The caller has no other thread, so the child may do anything.
 fn fork(dir: &Path, request: &ShimRequest) -> Result<(), String> {
     let (report_read, report_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let null = File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .map_err(|e| format!("opening /dev/null: {e}"))?;
     // SAFETY: this process has a single thread (checked by `start`), so the child inherits
     // no lock held by another, and ends with `_exit`, never returning to the caller.
     let pid = unsafe { libc::fork() };
@@ -73,34 +68,29 @@ fn fork(dir: &Path, request: &ShimRequest) -> Result<(), String> {
         ));
     }
     if pid == 0 {
-        let code = forked(dir, request, report_write.into(), null);
+        let code = forked(dir, request, report_write.into());
         // SAFETY: ends the child without running the starter's exit handlers or flushing
         // the buffers it inherited.
         unsafe { libc::_exit(code) }
     }
-    drop((report_write, null));
+    drop(report_write);
     remember(pid);
     read_report(report_read.into())
 }
 
 /// The forked shim: its own session, stdio on /dev/null, and none of the starter's files
 /// left open but the report pipe, so it holds no lock or pipe end of the starter's.
-fn forked(dir: &Path, request: &ShimRequest, report: OwnedFd, null: File) -> i32 {
+fn forked(dir: &Path, request: &ShimRequest, report: OwnedFd) -> i32 {
     let _ = rustix::process::setsid();
     let _ = rustix::thread::set_name(c"graven shim");
     // It may outlive its starter's directory by far: it keeps none busy.
     let _ = std::env::set_current_dir("/");
-    // SAFETY: dup2 onto fds 0-2 replaces them with /dev/null, which stays open meanwhile.
-    unsafe {
-        for fd in 0..3 {
-            libc::dup2(null.as_raw_fd(), fd);
-        }
-    }
+    detach_stdio(&[0, 1, 2]);
     // The report pipe moves to fd 3 (close-on-exec, so the workload never holds it); every
-    // fd above is closed. The owners are forgotten: their fds are closed or moved.
+    // fd above is closed. Its owner is forgotten: its fd is closed or moved.
     const REPORT_FD: i32 = 3;
     let from = report.as_raw_fd();
-    std::mem::forget((report, null));
+    std::mem::forget(report);
     // SAFETY: dup3 onto fd 3 and close_range above it only touch fds nothing here uses again.
     unsafe {
         if from != REPORT_FD && libc::dup3(from, REPORT_FD, libc::O_CLOEXEC) < 0 {
@@ -159,7 +149,7 @@ pub fn main(dir: &Path) -> ! {
         .try_clone_to_owned()
         .map(File::from);
     // stdout is the report pipe: pointed at /dev/null, only the copy above holds it.
-    detach_stdio();
+    detach_stdio(&[1, 2]);
     let Ok(mut report) = report else {
         std::process::exit(1)
     };
@@ -242,14 +232,17 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Log, [OwnedFd;
     Ok((launched, log, [out_read.into(), err_read.into()]))
 }
 
-/// Points stdout and stderr at /dev/null, so nothing the shim writes goes anywhere it could
-/// block.
-fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: dup2 onto fds 1 and 2 replaces them with /dev/null; `null` stays valid.
-        unsafe {
-            libc::dup2(null.as_raw_fd(), 1);
-            libc::dup2(null.as_raw_fd(), 2);
+/// Points the given standard fds at /dev/null, so nothing the shim reads or writes there
+/// touches its starter's terminal or pipes, or can block.
+fn detach_stdio(fds: &[i32]) {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for &fd in fds {
+            // SAFETY: dup2 onto a standard fd replaces it with /dev/null; `null` stays valid.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
 }
