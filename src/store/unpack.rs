@@ -236,19 +236,42 @@ fn apply(reader: impl Read, root: &Path, budget: &mut Budget) -> Result<(), Fail
             Err(e) => return Err(e.into()),
         }
         let header = entry.header();
-        let mode = Mode::from_raw_mode(header.mode()? & 0o7777);
-        let (uid, gid) = (header.uid()?, header.gid()?);
+        // As tar does: a mode it cannot read leaves the default, an mtime it cannot read
+        // leaves the time of unpacking; owners are read only when they are set.
+        let mode = Mode::from_raw_mode(
+            header
+                .mode()
+                .map_or(if kind.is_dir() { 0o755 } else { 0o644 }, |mode| {
+                    mode & 0o7777
+                }),
+        );
+        let owners = if chown {
+            Some((id(header.uid()?)?, gid_of(id(header.gid()?)?)))
+        } else {
+            None
+        };
         let owner = |fd: BorrowedFd<'_>| -> io::Result<()> {
-            if chown {
-                rustix::fs::fchown(fd, Some(id(uid)?), Some(gid_of(id(gid)?)))?;
+            if let Some((uid, gid)) = owners {
+                rustix::fs::fchown(fd, Some(uid), Some(gid))?;
+            }
+            Ok(())
+        };
+        let owner_at = |dir: &OwnedFd, name: &OsStr| -> io::Result<()> {
+            if let Some((uid, gid)) = owners {
+                rustix::fs::chownat(dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
             }
             Ok(())
         };
         // tar gives a zero mtime as 1: some tools take 0 for "unset".
-        let mtime = header.mtime()?.max(1);
-        let times = rustix::fs::Timestamps {
-            last_access: timespec(mtime),
-            last_modification: timespec(mtime),
+        let times = header.mtime().ok().map(|mtime| rustix::fs::Timestamps {
+            last_access: timespec(mtime.max(1)),
+            last_modification: timespec(mtime.max(1)),
+        });
+        let set_times = |dir: &OwnedFd, name: &OsStr| -> io::Result<()> {
+            if let Some(times) = &times {
+                rustix::fs::utimensat(dir, name, times, AtFlags::SYMLINK_NOFOLLOW)?;
+            }
+            Ok(())
         };
         match kind {
             tar::EntryType::Directory => {
@@ -272,16 +295,8 @@ fn apply(reader: impl Read, root: &Path, budget: &mut Budget) -> Result<(), Fail
                     .filter(|t| !t.as_os_str().is_empty())
                     .ok_or_else(|| invalid(format!("symlink {} has no target", path.display())))?;
                 rustix::fs::symlinkat(target.as_ref(), &dir, &name)?;
-                if chown {
-                    rustix::fs::chownat(
-                        &dir,
-                        &name,
-                        Some(id(uid)?),
-                        Some(gid_of(id(gid)?)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )?;
-                }
-                rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+                owner_at(&dir, &name)?;
+                set_times(&dir, &name)?;
             }
             tar::EntryType::Link => {
                 // The source is a path inside the image, resolved inside the root like any
@@ -311,7 +326,9 @@ fn apply(reader: impl Read, root: &Path, budget: &mut Budget) -> Result<(), Fail
                 copy_counted(&mut entry, &mut file, budget)?;
                 owner(file.as_fd())?;
                 rustix::fs::fchmod(&file, mode)?;
-                rustix::fs::futimens(&file, &times)?;
+                if let Some(times) = &times {
+                    rustix::fs::futimens(&file, times)?;
+                }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let file_type = match kind {
@@ -329,18 +346,10 @@ fn apply(reader: impl Read, root: &Path, budget: &mut Budget) -> Result<(), Fail
                     )
                 };
                 rustix::fs::mknodat(&dir, &name, file_type, Mode::from_raw_mode(0o600), device)?;
-                if chown {
-                    rustix::fs::chownat(
-                        &dir,
-                        &name,
-                        Some(id(uid)?),
-                        Some(gid_of(id(gid)?)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )?;
-                }
+                owner_at(&dir, &name)?;
                 // A node just made is not a symlink, so following it cannot leave the root.
                 rustix::fs::chmodat(&dir, &name, mode, AtFlags::empty())?;
-                rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+                set_times(&dir, &name)?;
             }
             other => {
                 return Err(invalid(format!(
