@@ -31,6 +31,7 @@ pub use oci::{
     to_canonical_json,
 };
 pub use txn::Transaction;
+pub use unpack::unpack_tar;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};

@@ -12,7 +12,10 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use sha2::Digest as _;
 
-use super::{Descriptor, Digest, Result, Store, StoreError, inroot, io_err, max_image_size};
+use super::{
+    Descriptor, Digest, MAX_IMAGE_SIZE_VAR, Result, Store, StoreError, inroot, io_err,
+    max_image_size,
+};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -121,6 +124,26 @@ impl Store {
             )));
         }
         Ok(())
+    }
+}
+
+/// Applies one plain (uncompressed) tar layer on top of `root` as `Store::unpack_layers` does
+/// each layer, without a store or digests, bounded by `max_image_size()`: for tools and for
+/// the fuzz properties that check what unpacking may touch.
+pub fn unpack_tar(reader: impl Read, root: &Path) -> Result<()> {
+    match apply(reader, root, &mut Budget::new(max_image_size()?)) {
+        Ok(()) => Ok(()),
+        Err(Failure::Io(source)) => Err(StoreError::Io {
+            path: root.to_owned(),
+            source,
+        }),
+        Err(Failure::TooLarge) => Err(StoreError::Io {
+            path: root.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("the layer unpacks to more than {MAX_IMAGE_SIZE_VAR}"),
+            ),
+        }),
     }
 }
 
