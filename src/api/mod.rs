@@ -293,7 +293,9 @@ impl Daemon {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(error) => {
-                        eprintln!("graven: accepting on the api socket: {error}");
+                        // Not `eprintln!`: a closed stderr must not end the daemon undrained.
+                        use std::io::Write as _;
+                        let _ = writeln!(std::io::stderr(), "graven: accepting on the api socket: {error}");
                         continue;
                     }
                 },

@@ -110,13 +110,47 @@ fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
     })
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Prints a line to stdout. `up` and `daemon` keep SIGPIPE ignored, so a closed pipe (the
+/// `tee` of `graven up 2>&1 | tee` gone first) is a write error: it is dropped here, since
+/// nothing printed is worth leaving instances undrained for, and `println!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Prints a line to stderr, dropping a write error for the same reason as `say!`.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Ctrl-C and SIGTERM, caught from the moment this is made: from then on neither ends the
+/// process at once, so instances started after it are always drained and stopped.
+struct StopSignal {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    /// Installs the handlers; must run inside the tokio runtime.
+    fn install() -> anyhow::Result<StopSignal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignal {
+            interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    /// Resolves when the process is asked to stop.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 
@@ -130,7 +164,7 @@ fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
 /// Runs the build step, bakes the image, and describes each service's next release.
 fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>> {
     if let Some(build) = &project.build {
-        eprintln!("graven: build: {}", build.command);
+        note!("graven: build: {}", build.command);
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(&build.command)
@@ -174,7 +208,7 @@ fn bake(home: &Path, project: &Project) -> anyhow::Result<Digest> {
         } = event
         {
             let how = if cached { "cached" } else { "done" };
-            eprintln!("graven: bake [{step}/{total}] {text}  {how}");
+            note!("graven: bake [{step}/{total}] {text}  {how}");
         }
     };
     let baked = crate::bake::bake(home, &options, &mut progress)
@@ -226,7 +260,7 @@ where
         for envelope in events {
             after = envelope.seq;
             if !quiet {
-                eprintln!("  {}", envelope.payload.describe());
+                note!("  {}", envelope.payload.describe());
             }
             let ended = match &envelope.payload {
                 Event::DeploySucceeded { service, release } => Some((
@@ -310,31 +344,34 @@ fn report(
             outcomes,
             routes,
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for service in &rollout.unchanged {
-            println!("{service}: unchanged");
+            say!("{service}: unchanged");
         }
         for outcome in outcomes {
             match &outcome.outcome {
                 DeployOutcome::Succeeded { .. } => {
-                    println!(
+                    say!(
                         "{}: release {} is serving",
-                        outcome.service, outcome.release
+                        outcome.service,
+                        outcome.release
                     )
                 }
-                DeployOutcome::RolledBack { reason, .. } => println!(
+                DeployOutcome::RolledBack { reason, .. } => say!(
                     "{}: release {} rolled back: {reason}",
-                    outcome.service, outcome.release
+                    outcome.service,
+                    outcome.release
                 ),
-                DeployOutcome::Superseded { .. } => println!(
+                DeployOutcome::Superseded { .. } => say!(
                     "{}: release {} was superseded before it finished",
-                    outcome.service, outcome.release
+                    outcome.service,
+                    outcome.release
                 ),
             }
         }
         for (service, url) in &routes {
-            println!("{service}: {url}");
+            say!("{service}: {url}");
         }
     }
     Ok(if failed {
@@ -347,7 +384,10 @@ fn report(
 pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let project = load_project(&args.dir, &args.environment)?;
     let runtime = async_runtime(Threads::All)?;
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
+        // Before anything can start an instance: a stop asked for during the bake or the
+        // first rollout must still drain what was started.
+        let mut stop = StopSignal::install()?;
         let listener = api::bind(home).await?;
         let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -376,42 +416,52 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                 &outcomes,
                 Some(&snapshot),
             )
-        }
-        .await;
-        let code = match result {
-            Ok(code) => {
-                eprintln!(
-                    "graven: serving {}/{}; Ctrl-C stops",
-                    project.app, project.environment
-                );
-                stop_signal().await;
-                code
-            }
-            Err(error) => {
-                eprintln!("graven: {error:#}");
+        };
+        let code = tokio::select! {
+            result = result => match result {
+                Ok(code) => {
+                    note!(
+                        "graven: serving {}/{}; Ctrl-C stops",
+                        project.app, project.environment
+                    );
+                    stop.recv().await;
+                    code
+                }
+                Err(error) => {
+                    note!("graven: {error:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            () = stop.recv() => {
+                note!("graven: stopped before the rollout finished");
                 ExitCode::FAILURE
             }
         };
-        eprintln!("graven: draining and stopping every instance");
+        note!("graven: draining and stopping every instance");
         daemon.shutdown().await;
         let _ = stop_api.send(());
         let _ = server.await;
         let _ = std::fs::remove_file(api::socket_path(home));
-        Ok(code)
-    })
+        anyhow::Ok(code)
+    });
+    // A bake cut short by a stop may still be running on a blocking thread; it started no
+    // instance, and its store transaction commits nothing unless it finishes.
+    runtime.shutdown_background();
+    code
 }
 
 pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let runtime = async_runtime(Threads::All)?;
     runtime.block_on(async {
+        let mut stop = StopSignal::install()?;
         let listener = api::bind(home).await?;
         let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.runtime)?)?;
-        eprintln!(
+        note!(
             "graven: daemon listening on {}",
             api::socket_path(home).display()
         );
-        daemon.clone().serve(listener, stop_signal()).await;
-        eprintln!("graven: draining and stopping every instance");
+        daemon.clone().serve(listener, stop.recv()).await;
+        note!("graven: draining and stopping every instance");
         daemon.shutdown().await;
         let _ = std::fs::remove_file(api::socket_path(home));
         Ok(ExitCode::SUCCESS)

@@ -317,6 +317,13 @@ struct Shell {
     since_ms: u64,
 }
 
+/// Writes a diagnostic line to stderr. A closed or full stderr must never end the loop (a
+/// panic there would leave instances undrained), so a failed write is dropped.
+fn warn(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -347,10 +354,10 @@ impl Shell {
             if let Err(error) = result {
                 // The log could not be written: acting without recording would break the
                 // promise that every effect is announced first, so the controller stops.
-                eprintln!(
+                warn(format_args!(
                     "graven: controller of {}/{} stops: {error}",
                     self.options.app, self.options.environment
-                );
+                ));
                 self.stop_routes().await;
                 return;
             }
@@ -360,12 +367,12 @@ impl Shell {
                 && (done || tokio::time::Instant::now() >= *give_up)
             {
                 if !done {
-                    eprintln!(
+                    warn(format_args!(
                         "graven: {}/{}: gave up waiting for {} instance(s) to stop",
                         self.options.app,
                         self.options.environment,
                         self.state.instances.len()
-                    );
+                    ));
                 }
                 self.stop_routes().await;
                 if let Some((reply, _)) = self.shutting_down.take() {
@@ -451,7 +458,7 @@ impl Shell {
                         })?;
                     }
                     // The next listing finds it still draining and tries again.
-                    Err(error) => eprintln!("graven: stopping {instance}: {error}"),
+                    Err(error) => warn(format_args!("graven: stopping {instance}: {error}")),
                 }
             }
             Input::Removed { runtime_id } => {
@@ -772,7 +779,7 @@ impl Shell {
                         })
                         .collect();
                 }
-                Err(error) => eprintln!("graven: listing the runtime: {error}"),
+                Err(error) => warn(format_args!("graven: listing the runtime: {error}")),
             }
         }
         let actions = match self.shutting_down {
@@ -909,7 +916,7 @@ impl Shell {
                         .err()
                         .map(|e| format!(" (stop: {e})"))
                         .unwrap_or_default();
-                    eprintln!("graven: removing {runtime_id}: {error}{stop}");
+                    warn(format_args!("graven: removing {runtime_id}: {error}{stop}"));
                 }
             }
             let _ = inputs.send(Input::Removed { runtime_id });
