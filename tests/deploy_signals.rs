@@ -79,7 +79,10 @@ fn sigterm_during_the_first_rollout_stops_every_instance() {
     );
     signal(&up, libc::SIGTERM);
     let exited = exits(&mut up, Duration::from_secs(60));
-    assert!(exited.code().is_some(), "graven up ended by the signal: {exited}");
+    assert!(
+        exited.code().is_some(),
+        "graven up ended by the signal: {exited}"
+    );
     nothing_left(&home, &recorded);
 }
 
@@ -104,7 +107,11 @@ fn a_closed_output_pipe_does_not_stop_the_drain() {
     assert!(served, "graven up ended before serving");
     drop(lines);
     let recorded = recorded_processes(&home);
-    assert_eq!(recorded.len(), 4, "two instances, each a shim and a workload");
+    assert_eq!(
+        recorded.len(),
+        4,
+        "two instances, each a shim and a workload"
+    );
     signal(&up, libc::SIGINT);
     let exited = exits(&mut up, Duration::from_secs(60));
     assert_eq!(exited.code(), Some(0), "{exited}");

@@ -103,6 +103,16 @@ pub struct RollbackArgs {
     pub to: Option<u64>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// Only this app's logs (default: every app's).
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Only this environment's logs (default: every environment's).
+    #[arg(long = "env")]
+    pub environment: Option<String>,
+}
+
 fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
     Ok(match kind {
         RuntimeKind::Local => AnyRuntime::Local(LocalRuntime::open(home)?),
@@ -659,4 +669,66 @@ pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records the loss in every event log (of the app and environment asked) whose end was
+/// lost, so the daemon starts on it again; release, instance and sequence numbers go on after
+/// the highest one the log's mark records. Logs that lost nothing are left as they are.
+pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
+    let apps = home.join("apps");
+    let mut logs = Vec::new();
+    for app in read_dir_names(&apps)? {
+        if args.app.as_ref().is_some_and(|a| *a != app) {
+            continue;
+        }
+        for environment in read_dir_names(&apps.join(&app))? {
+            let log = api::log_path(home, &app, &environment);
+            if args.environment.as_ref().is_none_or(|e| *e == environment) && log.is_file() {
+                logs.push((app.clone(), environment, log));
+            }
+        }
+    }
+    if logs.is_empty() {
+        bail!("no event log under {} matches", apps.display());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for (app, environment, log) in logs {
+        let recorded =
+            crate::events::EventLog::recover(&log, "cli", now, |loss| Event::HistoryLost {
+                kept_through: loss.kept_through,
+                lost_through: loss.lost_through,
+            })
+            .with_context(|| format!("recovering {}", log.display()))?;
+        match recorded {
+            Some(envelope) => println!(
+                "{app}/{environment}: {}; recorded as event {}",
+                envelope.payload.describe(),
+                envelope.seq
+            ),
+            None => println!("{app}/{environment}: nothing was lost"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The names of the directories in `dir` (none when it does not exist).
+fn read_dir_names(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if entry.path().is_dir()
+            && let Ok(name) = entry.file_name().into_string()
+        {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
 }

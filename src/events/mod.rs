@@ -19,7 +19,7 @@ pub mod fold;
 mod log;
 
 pub use log::{
-    ENVELOPE_VERSION, Envelope, EventKind, EventLog, EventLogError, RawRow, SCHEMA_VERSION,
+    ENVELOPE_VERSION, Envelope, EventKind, EventLog, EventLogError, Loss, RawRow, SCHEMA_VERSION,
     checksum, decode_envelope,
 };
 
@@ -121,6 +121,14 @@ pub enum Event {
     ServiceRemoved {
         service: String,
     },
+    /// The log's end was lost (a damaged or missing WAL): it kept events up to
+    /// `kept_through`, its mark said `lost_through` had been appended. Appended by
+    /// `graven recover` at `lost_through + 1`; release and instance numbers go on after
+    /// `lost_through`, which no lost one can exceed (each was created by an event of its own).
+    HistoryLost {
+        kept_through: u64,
+        lost_through: u64,
+    },
 }
 
 impl EventKind for Event {
@@ -141,6 +149,20 @@ impl EventKind for Event {
             Event::CrashLoopBackoff { .. } => "crash_loop_backoff",
             Event::ServiceScaled { .. } => "service_scaled",
             Event::ServiceRemoved { .. } => "service_removed",
+            Event::HistoryLost { .. } => "history_lost",
+        }
+    }
+
+    fn loss(&self) -> Option<Loss> {
+        match self {
+            Event::HistoryLost {
+                kept_through,
+                lost_through,
+            } => Some(Loss {
+                kept_through: *kept_through,
+                lost_through: *lost_through,
+            }),
+            _ => None,
         }
     }
 }
@@ -225,6 +247,13 @@ impl Event {
                 None => format!("service {service} scaled to {instances}"),
             },
             Event::ServiceRemoved { service } => format!("service {service} removed"),
+            Event::HistoryLost {
+                kept_through,
+                lost_through,
+            } => format!(
+                "events {} to {lost_through} were lost from the log; numbering goes on after them",
+                kept_through + 1
+            ),
         }
     }
 }

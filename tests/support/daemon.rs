@@ -406,8 +406,7 @@ pub fn recorded_processes(home: &std::path::Path) -> Vec<Recorded> {
         };
         for key in ["shim", "workload"] {
             let process = &state[key];
-            if let (Some(pid), Some(start)) = (process["pid"].as_u64(), process["start"].as_u64())
-            {
+            if let (Some(pid), Some(start)) = (process["pid"].as_u64(), process["start"].as_u64()) {
                 found.push(Recorded {
                     pid: pid as u32,
                     start,
