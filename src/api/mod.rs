@@ -93,6 +93,7 @@ impl ApiError {
                 ControllerError::RouteUnavailable { .. } => StatusCode::CONFLICT,
                 ControllerError::NothingDeployed { .. } => StatusCode::CONFLICT,
                 ControllerError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::LogUnwritable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
         }

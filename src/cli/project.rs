@@ -570,6 +570,15 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     }
     for snapshot in &snapshots {
         println!("{}/{}", snapshot.app, snapshot.environment);
+        if let Some(problem) = &snapshot.log_problem {
+            let since = std::time::UNIX_EPOCH + Duration::from_millis(problem.since_ms);
+            println!(
+                "  the event log cannot be written since {} ({}): routes serve the last known \
+                 state, nothing new is done, retrying",
+                humantime::format_rfc3339_seconds(since),
+                problem.error
+            );
+        }
         for (name, service) in &snapshot.state.services {
             let wanted = service
                 .wanted

@@ -408,6 +408,7 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
             state.lost_through = state.lost_through.max(*lost_through);
             state.launched = state.launched.max(*lost_through);
         }
+        Event::LogUnwritable { .. } => {}
     }
     state
 }

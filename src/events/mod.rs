@@ -129,6 +129,12 @@ pub enum Event {
         kept_through: u64,
         lost_through: u64,
     },
+    /// The log could not be written from `since_ms` until this event (the error is the last
+    /// one seen); no decision was taken meanwhile, and routes served the last known state.
+    LogUnwritable {
+        since_ms: u64,
+        error: String,
+    },
 }
 
 impl EventKind for Event {
@@ -150,6 +156,7 @@ impl EventKind for Event {
             Event::ServiceScaled { .. } => "service_scaled",
             Event::ServiceRemoved { .. } => "service_removed",
             Event::HistoryLost { .. } => "history_lost",
+            Event::LogUnwritable { .. } => "log_unwritable",
         }
     }
 
@@ -253,6 +260,13 @@ impl Event {
             } => format!(
                 "events {} to {lost_through} were lost from the log; numbering goes on after them",
                 kept_through + 1
+            ),
+            Event::LogUnwritable { since_ms, error } => format!(
+                "the event log could not be written from {} ({error}); no decision was taken \
+                 meanwhile",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(*since_ms)
+                )
             ),
         }
     }

@@ -391,7 +391,8 @@ impl Recorded {
     }
 }
 
-/// The shim and workload processes every instance's `state.json` under `home` records.
+/// The processes every instance's `state.json` under `home` records: for each instance its
+/// shim, then its workload.
 pub fn recorded_processes(home: &std::path::Path) -> Vec<Recorded> {
     let mut found = Vec::new();
     let Ok(dirs) = std::fs::read_dir(home.join("instances")) else {
