@@ -956,8 +956,22 @@ impl Shell {
 
     /// Records the action's event, then starts its effect.
     fn act(&mut self, action: Action) -> Result<(), ControllerError> {
+        // What the runtime knew a forgotten instance as, read before the event folds it away.
+        let forgotten = match &action {
+            Action::Forget { instance, .. } => self
+                .state
+                .instances
+                .get(instance)
+                .and_then(|i| i.runtime_id.clone()),
+            _ => None,
+        };
         if let Some(event) = action.event() {
             self.record(event)?;
+        }
+        // Missing from the listing is not proof that nothing runs: an instance whose
+        // directory was deleted is unlisted but alive, and the runtime's stop finds it.
+        if let Some(runtime_id) = forgotten {
+            self.remove_runtime_instance(runtime_id, Duration::ZERO);
         }
         match action {
             Action::Launch {
