@@ -1016,9 +1016,18 @@ impl Shell {
                 LABEL_ENVIRONMENT.to_owned(),
                 self.options.environment.clone(),
             ),
-            (LABEL_SERVICE.to_owned(), service),
+            (LABEL_SERVICE.to_owned(), service.clone()),
             (LABEL_RELEASE.to_owned(), release.to_string()),
             (LABEL_INSTANCE.to_owned(), instance.clone()),
+            // The local runtime keeps the logs of a bounded number of removed instances
+            // per group: per service, so one churning service cannot push out another's.
+            (
+                crate::runtime::local::retention::LOG_GROUP.to_owned(),
+                format!(
+                    "{}/{}/{service}",
+                    self.options.app, self.options.environment
+                ),
+            ),
         ]);
         self.busy.insert(instance.clone());
         let runtime = self.options.runtime.clone();

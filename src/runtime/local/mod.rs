@@ -10,6 +10,7 @@
 mod cgroup;
 pub mod log;
 pub mod orphans;
+pub mod retention;
 mod rootfs;
 pub mod shim;
 mod state;
@@ -634,6 +635,13 @@ impl Runtime for LocalRuntime {
             };
             result.map_err(other(format!("removing {}", path.display())))?;
         }
+        // The log stays, within its group's bound.
+        let group = state
+            .labels
+            .get(retention::LOG_GROUP)
+            .map_or("", String::as_str);
+        retention::record(&dir, group).map_err(other(format!("recording {}", dir.display())))?;
+        retention::prune(&self.home.join("instances"), group, retention::KEEP);
         Ok(())
     }
 }
