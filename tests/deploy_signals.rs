@@ -117,3 +117,17 @@ fn a_closed_output_pipe_does_not_stop_the_drain() {
     assert_eq!(exited.code(), Some(0), "{exited}");
     nothing_left(&home, &recorded);
 }
+
+#[test]
+fn a_failing_up_with_a_closed_stderr_exits_1_not_101() {
+    let temp = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = support::graven(&temp.path().join("home"))
+        .args(["up", temp.path().join("no-such-project").to_str().unwrap()])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+}

@@ -165,7 +165,10 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("graven: {error:#}");
+            // Not `eprintln!`: `up` and `daemon` keep SIGPIPE ignored, and a closed stderr
+            // must not turn a clean failure into a panic (exit 101).
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "graven: {error:#}");
             ExitCode::FAILURE
         }
     }
