@@ -234,10 +234,16 @@ impl Mark {
         }
     }
 
+    /// Whether the mark records `seq` or more; an unreadable mark records nothing, and is
+    /// replaced by the next raise.
+    fn covers(&self, seq: u64) -> bool {
+        matches!(self.read(), Ok(Some(marked)) if marked >= seq)
+    }
+
     /// Raises the mark to `seq`, durably; never lowers it.
     fn raise(&self, seq: u64) -> Result<(), EventLogError> {
         // Most opens find the mark current: they write nothing.
-        if self.read()?.is_some_and(|marked| marked >= seq) {
+        if self.covers(seq) {
             return Ok(());
         }
         self.stage(seq)?.install()
@@ -282,7 +288,7 @@ impl StagedMark<'_> {
         let io = |error: std::io::Error| self.mark.bad(error.to_string());
         rustix::fs::flock(&self.dir, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io(e.into()))?;
-        if self.mark.read()?.is_some_and(|marked| marked >= self.seq) {
+        if self.mark.covers(self.seq) {
             return Ok(());
         }
         self.temp
@@ -433,7 +439,8 @@ impl EventLog {
     }
 
     /// Appends one event; when this returns `Ok` the event is durable on disk, and so is
-    /// the mark that says it was appended.
+    /// the mark that says it was appended (but for its final rename: should that fail, the
+    /// mark lags until the next append).
     pub fn append<T: Serialize + EventKind + Clone>(
         &self,
         actor: &str,
@@ -824,6 +831,23 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_damaged_mark_is_refused_and_recovery_replaces_it() {
+        let (_dir, path, log) = log_of_three();
+        drop(log);
+        let mark = path.with_file_name("events.db.seq");
+        std::fs::write(&mark, "garbage").unwrap();
+        let error = EventLog::open(&path).unwrap_err();
+        assert!(matches!(error, EventLogError::BadMark { .. }), "{error}");
+        assert!(
+            EventLog::recover(&path, "cli", 9, Fact::Lost)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), "3\n");
+        EventLog::open(&path).unwrap();
     }
 
     #[test]
