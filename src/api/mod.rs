@@ -93,6 +93,7 @@ impl ApiError {
                 ControllerError::RouteUnavailable { .. } => StatusCode::CONFLICT,
                 ControllerError::NothingDeployed { .. } => StatusCode::CONFLICT,
                 ControllerError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::LogUnwritable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
@@ -293,7 +294,9 @@ impl Daemon {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(error) => {
-                        eprintln!("graven: accepting on the api socket: {error}");
+                        // Not `eprintln!`: a closed stderr must not end the daemon undrained.
+                        use std::io::Write as _;
+                        let _ = writeln!(std::io::stderr(), "graven: accepting on the api socket: {error}");
                         continue;
                     }
                 },
