@@ -606,6 +606,14 @@ fn event_lines() -> Vec<u8> {
             runtime_id: runtime_id(),
         },
         Event::ServiceRemoved { service: web() },
+        Event::LogUnwritable {
+            since_ms: 5_000,
+            error: "No space left on device".to_owned(),
+        },
+        Event::HistoryLost {
+            kept_through: 12,
+            lost_through: 15,
+        },
     ];
     let mut out = String::new();
     for event in events {
