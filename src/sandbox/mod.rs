@@ -14,6 +14,7 @@
 //!   every instance start, and `supervise` then waits for it.
 
 mod helper;
+pub mod root;
 mod seccomp;
 pub mod user;
 
@@ -205,9 +206,13 @@ pub fn rootless() -> bool {
 /// The ids a workload really runs as (inside its namespaces) when `uid:gid` is asked for.
 /// As root, those. Without root the sandbox's user namespace maps one id, the user graven
 /// runs as, to 0 inside, so every workload runs as that: root inside, with no capabilities,
-/// and the unprivileged user on the host.
-pub fn identity(uid: u32, gid: u32) -> (u32, u32) {
-    if rootless() { (0, 0) } else { (uid, gid) }
+/// and the unprivileged user on the host: the one id its map holds, whatever was asked. An
+/// id no process can run as (`user::check_id`: -1, "unchanged" to setuid) is refused either
+/// way, so a USER means the same on every host.
+pub fn identity(uid: u32, gid: u32) -> Result<(u32, u32), user::UserError> {
+    user::check_id("uid", uid)?;
+    user::check_id("gid", gid)?;
+    Ok(if rootless() { (0, 0) } else { (uid, gid) })
 }
 
 /// True when this process has no thread but the one calling: then a fork of it may do
