@@ -162,3 +162,20 @@ fn a_run_step_holds_none_of_the_baker_s_files_or_devices() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A RUN step had no process limit at all; it has an instance's default now. The probe
+/// starts threads until one is refused.
+#[test]
+fn a_fork_bomb_in_a_run_step_stops_at_the_process_limit() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(support::runtime::probe_binary(), dir.path().join("probe")).unwrap();
+    let out = succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "FROM scratch\nCOPY probe /probe\nRUN [\"/probe\", \"threads\", \"10000\"]\n",
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("threads={}", graven::sandbox::DEFAULT_PIDS - 1);
+    assert!(stderr.contains(&expected), "{stderr}");
+}

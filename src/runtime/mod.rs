@@ -172,9 +172,8 @@ pub struct Limits {
 }
 
 /// The process limit (processes and threads, the cgroup's `pids.max`) of an instance when
-/// none is given: podman's default. Thread-heavy runtimes (a JVM, a large worker pool) stay
-/// well under it; a fork bomb stops there instead of at the host's own limit.
-pub const DEFAULT_PIDS: u64 = 2048;
+/// none is given, the same as a RUN step's (`sandbox::DEFAULT_PIDS` says why).
+pub const DEFAULT_PIDS: u64 = crate::sandbox::DEFAULT_PIDS;
 
 /// The log rotation size when none is given: 16 MiB, so at most about 32 MiB per instance.
 pub const DEFAULT_LOG_BYTES: u64 = 16 << 20;
