@@ -129,3 +129,53 @@ fn what_run_writes_under_tmp_is_in_the_layer() {
         "the base had no /tmp and got none"
     );
 }
+
+/// `exec 7</dir 9>>file; graven bake …` with `RUN cat /proc/self/fd/7/secret` read the
+/// host's files as uid 0: the baker's open files reached the RUN step. Only stdin, stdout,
+/// stderr (and ls's own listing) are open in it now; the host's device nodes are not the
+/// step's to chmod or touch either (it runs as root).
+#[test]
+fn a_run_step_holds_none_of_the_baker_s_files_or_devices() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    let stray = support::StrayFds::new(home.path());
+    let script = serde_json::to_string(support::TOUCH_DEVICES).unwrap();
+    let containerfile = format!(
+        "{BASE}RUN /bin/busybox ls /proc/self/fd > /fds\nRUN [\"/bin/busybox\", \"sh\", \"-c\", {script}]\n"
+    );
+    let before = support::host_devices();
+    let mut command = bake(home.path(), dir.path(), &containerfile);
+    stray.hand_to(&mut command);
+    let out = succeed(&mut command);
+    assert_eq!(
+        layer(home.path(), |count| count - 2),
+        ["fds \"0\\n1\\n2\\n3\\n\""]
+    );
+    assert_eq!(
+        support::host_devices(),
+        before,
+        "the host's device nodes changed"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains('5'),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A RUN step had no process limit at all; it has an instance's default now. The probe
+/// starts threads until one is refused.
+#[test]
+fn a_fork_bomb_in_a_run_step_stops_at_the_process_limit() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(support::runtime::probe_binary(), dir.path().join("probe")).unwrap();
+    let out = succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "FROM scratch\nCOPY probe /probe\nRUN [\"/probe\", \"threads\", \"10000\"]\n",
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("threads={}", graven::sandbox::DEFAULT_PIDS - 1);
+    assert!(stderr.contains(&expected), "{stderr}");
+}

@@ -34,13 +34,13 @@ pub struct RunArgs {
     /// Memory limit: bytes, or with a unit (512M, 1GiB, 1GB; as in graven.toml).
     #[arg(long, value_parser = positive_size)]
     pub memory: Option<u64>,
-    /// Maximum number of processes and threads.
+    /// Maximum number of processes and threads (default 2048).
     #[arg(long)]
     pub pids: Option<u64>,
     /// CPU limit in thousandths of a core (1500 = one and a half cores).
     #[arg(long)]
     pub cpu_millis: Option<u64>,
-    /// Size cap of /tmp: bytes, or with a unit (default 64M).
+    /// Size cap of /tmp and of /dev/shm: bytes, or with a unit (default 64M).
     #[arg(long, value_parser = positive_size)]
     pub tmp_size: Option<u64>,
     /// Size at which the instance's log is rotated; one earlier file is kept (default 16M).

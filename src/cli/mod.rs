@@ -140,6 +140,13 @@ pub fn main() -> ExitCode {
     if !cli.command.serves() {
         restore_default_sigpipe();
     }
+    // Owner-only before any command writes to it, whichever comes first: it will hold image
+    // content (`LocalRuntime::make_home` says why).
+    let uses_home = !matches!(cli.command, Command::Proxy(_) | Command::Load(_));
+    if uses_home && let Err(error) = crate::runtime::local::make_home(&home) {
+        eprintln!("graven: {error}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Bake(args) => bake::run(&home, args),
         Command::Images(args) => image::images(&home, args),

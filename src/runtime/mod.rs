@@ -158,10 +158,11 @@ impl VolumeMount {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub memory_bytes: Option<u64>,
+    /// The most processes and threads at once; `None`: [`DEFAULT_PIDS`].
     pub pids: Option<u64>,
     /// CPU in thousandths of a core (1500 = one and a half cores).
     pub cpu_millis: Option<u64>,
-    /// Size cap of the instance's /tmp tmpfs.
+    /// Size cap of the instance's /tmp tmpfs, and of its /dev/shm (`None`: 64 MiB).
     pub tmp_bytes: Option<u64>,
     /// Size at which the instance's log is rotated; it keeps one earlier file, so its output
     /// takes at most twice this on disk. `None`: [`DEFAULT_LOG_BYTES`]. Left out of
@@ -169,6 +170,10 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<u64>,
 }
+
+/// The process limit (processes and threads, the cgroup's `pids.max`) of an instance when
+/// none is given, the same as a RUN step's (`sandbox::DEFAULT_PIDS` says why).
+pub const DEFAULT_PIDS: u64 = crate::sandbox::DEFAULT_PIDS;
 
 /// The log rotation size when none is given: 16 MiB, so at most about 32 MiB per instance.
 pub const DEFAULT_LOG_BYTES: u64 = 16 << 20;
@@ -250,6 +255,12 @@ pub enum RuntimeError {
     PortInUse { port: u16 },
     #[error("user {user:?} does not exist in image {image}")]
     UnknownUser { user: String, image: Digest },
+    #[error("user {user:?} of image {image} cannot be run as: {reason}")]
+    BadUser {
+        user: String,
+        image: Digest,
+        reason: String,
+    },
     #[error("image {image} has no entrypoint or command to run")]
     NoCommand { image: Digest },
     #[error("image {image} has no {path} to run")]

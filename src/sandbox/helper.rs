@@ -10,10 +10,11 @@
 
 use std::ffi::CString;
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{DEFAULT_TMP_BYTES, ExecRequest, Request, STATUS_FD};
+use super::{DEFAULT_TMP_BYTES, ExecRequest, Request, STATUS_FD, root};
 
 type Result<T, E = String> = std::result::Result<T, E>;
 
@@ -54,9 +55,9 @@ const READONLY_PATHS: [&str; 5] = [
     "/proc/fs",
     "/proc/irq",
 ];
-const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 pub(super) fn main_sandbox() -> ! {
+    close_inherited(STATUS_FD + 1);
     set_cloexec(STATUS_FD);
     let request: Request = match super::read_request(std::io::stdin()) {
         Ok(request) => request,
@@ -69,6 +70,7 @@ pub(super) fn main_sandbox() -> ! {
 }
 
 pub(super) fn main_exec() -> ! {
+    close_inherited(STATUS_FD + 1);
     set_cloexec(STATUS_FD);
     let request: ExecRequest = match std::env::var(super::EXEC_REQUEST_ENV)
         .map_err(|_| "no exec request in the environment".to_owned())
@@ -113,7 +115,10 @@ pub(super) fn launch(
         return Err("no command to run".to_owned());
     }
     let filters = super::seccomp::filters()?;
-    if super::rootless() {
+    // Both asked before the user namespace, inside which this process is uid 0.
+    let rootless = super::rootless();
+    let (uid, gid) = super::identity(spec.uid, spec.gid).map_err(|e| e.to_string())?;
+    if rootless {
         enter_user_namespace()?;
     }
     // The mount namespace is the workload's own (unshared after the fork): pivot_root moves
@@ -122,10 +127,8 @@ pub(super) fn launch(
     // SAFETY: unshare only changes this process's namespace membership.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) };
     check(rc, "unshare of the pid, uts and ipc namespaces")?;
-    let (uid, gid) = super::identity(spec.uid, spec.gid);
     fork_workload(status_fd, || {
         if let Some((stdout, stderr)) = stdio {
-            redirect_stdin_to_null()?;
             // SAFETY: dup2 onto fds 1 and 2 replaces them with the given pipes.
             check(unsafe { libc::dup2(stdout, 1) }, "redirecting stdout")?;
             // SAFETY: as above.
@@ -137,7 +140,11 @@ pub(super) fn launch(
         // SAFETY: unshare only changes this process's namespace membership.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
         check(rc, "unshare of the mount namespace")?;
-        build_root(request)?;
+        build_root(request, rootless)?;
+        // Only now, so stdin is the sandbox's own /dev/null: an open file of the host's
+        // /dev/null would let a workload that runs as uid 0 chmod it through
+        // /proc/self/fd/0 (it owns it).
+        redirect_stdin_to_null()?;
         sethostname(&spec.hostname)?;
         drop_privileges_and_exec(&spec.args, &spec.env, &spec.cwd, uid, gid, &filters)
     })
@@ -175,7 +182,7 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
     }
     let filters = super::seccomp::filters()?;
     join_cgroups(&request.cgroups)?;
-    let (uid, gid) = super::identity(request.uid, request.gid);
+    let (uid, gid) = super::identity(request.uid, request.gid).map_err(|e| e.to_string())?;
     let ns = |name: &str| format!("/proc/{}/ns/{name}", request.pid);
     // The user namespace first (when the sandbox has its own), then the others; the mount
     // namespace last because entering it changes this process's root.
@@ -200,7 +207,6 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
         })
         .collect::<Result<Vec<_>>>()?;
     for (name, file) in &files {
-        use std::os::fd::AsRawFd;
         // SAFETY: setns only changes this process's namespace membership.
         let rc = unsafe { libc::setns(file.as_raw_fd(), 0) };
         check(
@@ -212,7 +218,6 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
     let mnt = std::fs::File::open(ns("mnt"))
         .map_err(|e| format!("instance process {} is gone: {e}", request.pid))?;
     fork_workload(STATUS_FD, || {
-        use std::os::fd::AsRawFd;
         // SAFETY: setns only changes this process's namespace membership.
         let rc = unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) };
         check(rc, "entering the mount namespace")?;
@@ -272,8 +277,11 @@ fn die_with_parent() -> Result<()> {
     Ok(())
 }
 
-/// Builds the sandbox's root under the scratch directory and pivots into it.
-fn build_root(request: &Request) -> Result<()> {
+/// Builds the sandbox's root under the scratch directory and pivots into it. Every mount
+/// point inside the image's root is opened through `root::open_in` (resolved inside the root
+/// by the kernel) and mounted on through `/proc/self/fd`, as runc does: an image's symlink
+/// can make its own sandbox fail, never mount over or create anything outside it.
+fn build_root(request: &Request, rootless: bool) -> Result<()> {
     let spec = &request.spec;
     mount(
         None::<&str>,
@@ -298,7 +306,9 @@ fn build_root(request: &Request) -> Result<()> {
     }
     // A read-only root whose mount points are all there already (the local runtime makes
     // /dev, /proc, /sys and /tmp when it unpacks an image) is a plain bind, like a RUN step's
-    // writable one, made read-only at once so nothing below can write the shared root.
+    // writable one, made read-only at once so nothing below can write the shared root. Image
+    // content is never seen with a working setuid bit or device node, whatever the bind's
+    // source allows.
     if spec.writable_root || has_mount_points(rootfs, spec) {
         mount(
             Some(rootfs),
@@ -307,9 +317,12 @@ fn build_root(request: &Request) -> Result<()> {
             libc::MS_BIND | libc::MS_REC,
             None,
         )?;
-        if !spec.writable_root {
-            remount_readonly(&root, libc::MS_NOSUID | libc::MS_NODEV)?;
-        }
+        let readonly = if spec.writable_root {
+            0
+        } else {
+            libc::MS_RDONLY
+        };
+        remount_bind(&root, readonly | libc::MS_NOSUID | libc::MS_NODEV)?;
     } else {
         // A read-only root that still gets mount points: the image's root as the lower layer
         // of an overlay whose upper layer is a throwaway tmpfs, remounted read-only after.
@@ -334,52 +347,50 @@ fn build_root(request: &Request) -> Result<()> {
             Some(&options),
         )?;
     }
+    let root_fd = root::open_root(&root).map_err(|e| format!("opening the root: {e}"))?;
     // A RUN step's /tmp is its root's own, so what it leaves there is part of its layer, as
     // with `docker build`; an instance's /tmp is a capped tmpfs.
     for dir in super::mount_points(spec.writable_root) {
-        ensure_dir(&root, dir)?;
+        ensure_dir(&root_fd, dir)?;
     }
     for bind in &spec.binds {
-        let target = inside(&root, &bind.target)?;
-        if bind.source.is_dir() {
-            ensure_dir(&root, &bind.target)?;
+        let target = if bind.source.is_dir() {
+            ensure_dir(&root_fd, &bind.target)?
         } else {
-            ensure_dir(&root, parent_of(&bind.target))?;
-            if !target.exists() {
-                std::fs::File::create(&target)
-                    .map_err(|e| format!("creating mount point {}: {e}", bind.target))?;
-            }
-        }
-        let target = inside(&root, &bind.target)?;
+            ensure_file(&root_fd, &bind.target)?
+        };
         mount(
             Some(&bind.source),
-            &target,
+            fd_path(&target),
             None,
             libc::MS_BIND | libc::MS_REC,
             None,
         )?;
-        if bind.readonly {
-            remount_readonly(&target, 0)?;
-        }
+        let readonly = if bind.readonly { libc::MS_RDONLY } else { 0 };
+        let mounted = open_mount_point(&root_fd, &bind.target)?;
+        remount_bind(
+            &fd_path(&mounted),
+            readonly | libc::MS_NOSUID | libc::MS_NODEV,
+        )?;
     }
+    let tmp_bytes = if spec.tmp_bytes == 0 {
+        DEFAULT_TMP_BYTES
+    } else {
+        spec.tmp_bytes
+    };
     if !spec.writable_root {
-        let tmp_bytes = if spec.tmp_bytes == 0 {
-            DEFAULT_TMP_BYTES
-        } else {
-            spec.tmp_bytes
-        };
         mount(
             Some("tmpfs"),
-            root.join("tmp"),
+            fd_path(&open_mount_point(&root_fd, "tmp")?),
             Some("tmpfs"),
             libc::MS_NOSUID | libc::MS_NODEV,
             Some(&format!("mode=1777,size={tmp_bytes}")),
         )?;
     }
-    build_dev(&root.join("dev"))?;
+    build_dev(&root_fd, tmp_bytes, !rootless)?;
     mount(
         Some("proc"),
-        root.join("proc"),
+        fd_path(&open_mount_point(&root_fd, "proc")?),
         Some("proc"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
@@ -387,12 +398,13 @@ fn build_root(request: &Request) -> Result<()> {
     // sysfs needs its own network namespace when not real root; without it /sys stays empty.
     let _ = mount(
         Some("sysfs"),
-        root.join("sys"),
+        fd_path(&open_mount_point(&root_fd, "sys")?),
         Some("sysfs"),
         libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     );
-    mask_paths(&root)?;
+    mask_paths(&root_fd)?;
+    drop(root_fd);
     pivot(&root)?;
     if !spec.writable_root {
         remount_readonly(Path::new("/"), libc::MS_NOSUID | libc::MS_NODEV)?;
@@ -400,26 +412,71 @@ fn build_root(request: &Request) -> Result<()> {
     Ok(())
 }
 
-/// A minimal /dev: a small tmpfs holding bind mounts of the host's harmless devices.
-fn build_dev(dev: &Path) -> Result<()> {
+/// The devices a sandbox gets, with their numbers: the harmless ones runc gives.
+const DEVICE_NUMBERS: [(&str, u32, u32); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// A minimal /dev on a small tmpfs. As real root its device nodes are the sandbox's own,
+/// made with mknod: a bind of the host's would be the host's inode, which a workload running
+/// as uid 0 owns and could chmod or touch (it needs no capability for its own file).
+/// Without root (a user namespace) mknod is refused and binds are safe: the host's root is
+/// not mapped inside, so the nodes belong to no one the workload can be. /dev/shm is sized
+/// as /tmp is.
+fn build_dev(root_fd: &OwnedFd, shm_bytes: u64, own_nodes: bool) -> Result<()> {
+    let dev = ensure_dir(root_fd, "dev")?;
+    // Not nodev: the nodes made here must work; noexec and nosuid all the same.
     mount(
         Some("tmpfs"),
-        dev,
+        fd_path(&dev),
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=755,size=65536"),
     )?;
-    for name in DEVICES {
-        let target = dev.join(name);
-        std::fs::File::create(&target)
-            .map_err(|e| format!("creating {}: {e}", target.display()))?;
-        mount(
-            Some(&Path::new("/dev").join(name)),
-            &target,
-            None,
-            libc::MS_BIND,
-            None,
-        )?;
+    let dev = open_mount_point(root_fd, "dev")?;
+    let in_dev = |what: &str, e: rustix::io::Errno| format!("creating /dev/{what}: {e}");
+    for (name, major, minor) in DEVICE_NUMBERS {
+        if own_nodes {
+            rustix::fs::mknodat(
+                &dev,
+                name,
+                rustix::fs::FileType::CharacterDevice,
+                rustix::fs::Mode::from_raw_mode(0o666),
+                rustix::fs::makedev(major, minor),
+            )
+            .map_err(|e| in_dev(name, e))?;
+            // The umask took 0o022 off.
+            rustix::fs::chmodat(
+                &dev,
+                name,
+                rustix::fs::Mode::from_raw_mode(0o666),
+                rustix::fs::AtFlags::empty(),
+            )
+            .map_err(|e| in_dev(name, e))?;
+        } else {
+            rustix::fs::mknodat(
+                &dev,
+                name,
+                rustix::fs::FileType::RegularFile,
+                rustix::fs::Mode::from_raw_mode(0o644),
+                0,
+            )
+            .map_err(|e| in_dev(name, e))?;
+            let target = root::open_in(&dev, name, rustix::fs::OFlags::PATH)
+                .map_err(|e| format!("opening /dev/{name}: {e}"))?;
+            mount(
+                Some(&Path::new("/dev").join(name)),
+                fd_path(&target),
+                None,
+                libc::MS_BIND,
+                None,
+            )?;
+        }
     }
     for (link, to) in [
         ("fd", "/proc/self/fd"),
@@ -428,36 +485,54 @@ fn build_dev(dev: &Path) -> Result<()> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        std::os::unix::fs::symlink(to, dev.join(link))
-            .map_err(|e| format!("creating /dev/{link}: {e}"))?;
+        rustix::fs::symlinkat(to, &dev, link).map_err(|e| in_dev(link, e))?;
     }
-    mkdir(&dev.join("pts"), 0o755)?;
+    for (dir, mode) in [("pts", 0o755), ("shm", 0o1777)] {
+        rustix::fs::mkdirat(&dev, dir, rustix::fs::Mode::from_raw_mode(mode))
+            .map_err(|e| in_dev(dir, e))?;
+    }
+    let at = |dir: &str| {
+        root::open_in(
+            &dev,
+            dir,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        )
+        .map_err(|e| format!("opening /dev/{dir}: {e}"))
+    };
     // A private devpts is a convenience (terminals in exec); a host without it still runs.
+    let pts = at("pts")?;
     let _ = mount(
         Some("devpts"),
-        dev.join("pts"),
+        fd_path(&pts),
         Some("devpts"),
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=620"),
     );
-    mkdir(&dev.join("shm"), 0o1777)?;
+    let shm = at("shm")?;
     mount(
         Some("tmpfs"),
-        dev.join("shm"),
+        fd_path(&shm),
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some("mode=1777,size=67108864"),
+        Some(&format!("mode=1777,size={shm_bytes}")),
     )
 }
 
-fn mask_paths(root: &Path) -> Result<()> {
-    let at = |path: &str| root.join(path.trim_start_matches('/'));
+/// Hides kernel files behind the sandbox's own /dev/null and kernel directories behind an
+/// empty read-only tmpfs, and makes the read-only proc paths so; each found inside the root.
+fn mask_paths(root_fd: &OwnedFd) -> Result<()> {
+    use rustix::fs::OFlags;
+    let found = |path: &str, flags: OFlags| match root::open_in(root_fd, path, flags) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
+        Err(e) => Err(format!("opening {path}: {e}")),
+    };
+    let null = found("/dev/null", OFlags::PATH)?.ok_or("the sandbox has no /dev/null")?;
     for file in MASKED_FILES {
-        let target = at(file);
-        if target.exists() {
+        if let Some(target) = found(file, OFlags::PATH)? {
             mount(
-                Some(Path::new("/dev/null")),
-                &target,
+                Some(fd_path(&null)),
+                fd_path(&target),
                 None,
                 libc::MS_BIND,
                 None,
@@ -465,11 +540,10 @@ fn mask_paths(root: &Path) -> Result<()> {
         }
     }
     for dir in MASKED_DIRS {
-        let target = at(dir);
-        if target.is_dir() {
+        if let Some(target) = found(dir, OFlags::PATH | OFlags::DIRECTORY)? {
             mount(
                 Some("tmpfs"),
-                &target,
+                fd_path(&target),
                 Some("tmpfs"),
                 libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 Some("size=0"),
@@ -477,16 +551,19 @@ fn mask_paths(root: &Path) -> Result<()> {
         }
     }
     for path in READONLY_PATHS {
-        let target = at(path);
-        if target.exists() {
+        if let Some(target) = found(path, OFlags::PATH)? {
             mount(
-                Some(&target),
-                &target,
+                Some(fd_path(&target)),
+                fd_path(&target),
                 None,
                 libc::MS_BIND | libc::MS_REC,
                 None,
             )?;
-            remount_readonly(&target, libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)?;
+            let mounted = open_mount_point(root_fd, path)?;
+            remount_readonly(
+                &fd_path(&mounted),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            )?;
         }
     }
     Ok(())
@@ -527,6 +604,12 @@ fn drop_privileges_and_exec(
     let argv = cstrings(args)?;
     let envp = cstrings(env)?;
     let candidates = executable_candidates(&args[0], env)?;
+    // Whatever this process was handed beyond stdin, stdout and stderr (its starter's open
+    // files: a directory, a socket, a host file) closes at the exec; the status pipe too,
+    // which is how its reader learns the exec happened.
+    // SAFETY: close_range only sets close-on-exec on this process's descriptors.
+    let rc = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    check(rc, "marking inherited descriptors close-on-exec")?;
     // The bounding set first: dropping from it needs CAP_SETPCAP, which setuid takes away.
     for cap in 0..=last_cap() {
         // SAFETY: PR_CAPBSET_DROP only shrinks this process's bounding set.
@@ -650,7 +733,6 @@ pub(super) fn supervise(
     outputs: &[std::os::fd::BorrowedFd<'_>],
     on_output: &mut dyn FnMut(usize, &[u8]),
 ) -> super::Ended {
-    use std::os::fd::AsRawFd;
     let mut mask = empty_sigset();
     for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
         // SAFETY: `mask` is an initialized sigset.
@@ -884,37 +966,67 @@ fn remount_readonly(target: &Path, extra: libc::c_ulong) -> Result<()> {
     )
 }
 
-/// `root` joined with `path`, refusing anything that resolves outside `root` (an image's
-/// symlink pointing out, `..`).
-fn inside(root: &Path, path: &str) -> Result<PathBuf> {
-    let joined = root.join(path.trim_start_matches('/'));
-    let resolved = match joined.canonicalize() {
-        Ok(resolved) => resolved,
-        Err(_) => return Ok(joined),
-    };
-    if resolved.starts_with(root) {
-        Ok(resolved)
-    } else {
-        Err(format!("mount point {path} leads outside the root"))
-    }
+/// Remounts the bind mount at `target` with `flags`, keeping the flags its source mount has
+/// (noexec, atime handling and the like): without root, a user namespace may not drop them.
+fn remount_bind(target: &Path, flags: libc::c_ulong) -> Result<()> {
+    let c = cstring(target.as_os_str().as_bytes())?;
+    // SAFETY: zeroed memory is a valid statvfs; `c` is a valid C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; statvfs writes only into `stat`.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut stat) };
+    check(rc, &format!("reading the flags of {}", target.display()))?;
+    let kept = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ]
+    .iter()
+    .filter(|(st, _)| stat.f_flag & st != 0)
+    .fold(0, |all, (_, ms)| all | ms);
+    mount(
+        None::<&str>,
+        target,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | flags | kept,
+        None,
+    )
+}
+
+/// `/proc/self/fd/N`: the path through which a mount lands on what `fd` holds open.
+fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Opens the mount point `path` inside the root as it is now: after a mount on it, the
+/// mounted file system's root.
+fn open_mount_point(root_fd: &OwnedFd, path: &str) -> Result<OwnedFd> {
+    root::open_in(root_fd, path, rustix::fs::OFlags::PATH)
+        .map_err(|e| format!("mount point {path}: {e}"))
 }
 
 /// Whether every mount point a read-only root needs is in `rootfs` already, resolved inside
 /// it: `/dev`, `/proc`, `/sys`, `/tmp` and each bind's target, a directory or a file as its
 /// source is.
 fn has_mount_points(rootfs: &Path, spec: &super::SandboxSpec) -> bool {
-    let Ok(rootfs) = rootfs.canonicalize() else {
+    use rustix::fs::FileType;
+    let Ok(root_fd) = root::open_root(rootfs) else {
         return false;
     };
-    let present = |path: &str, want_dir: bool| match inside(&rootfs, path) {
-        Ok(found) if found.starts_with(&rootfs) => {
-            if want_dir {
-                found.is_dir()
-            } else {
-                found.is_file()
-            }
-        }
-        _ => false,
+    let present = |path: &str, want_dir: bool| {
+        root::open_in(&root_fd, path, rustix::fs::OFlags::PATH)
+            .and_then(|fd| Ok(rustix::fs::fstat(&fd)?))
+            .is_ok_and(|stat| {
+                let kind = FileType::from_raw_mode(stat.st_mode);
+                if want_dir {
+                    kind == FileType::Directory
+                } else {
+                    kind == FileType::RegularFile
+                }
+            })
     };
     super::MOUNT_POINTS
         .iter()
@@ -925,39 +1037,70 @@ fn has_mount_points(rootfs: &Path, spec: &super::SandboxSpec) -> bool {
             .all(|bind| present(&bind.target, bind.source.is_dir()))
 }
 
-/// Makes `path` (inside `root`) a directory, creating missing components one at a time so
-/// a symlink in the image can never lead a mount point outside the root.
-fn ensure_dir(root: &Path, path: &str) -> Result<()> {
-    let mut current = root.to_owned();
-    for component in path.split('/').filter(|c| !c.is_empty()) {
-        if component == ".." || component == "." {
-            return Err(format!("mount point {path} may not contain '.' or '..'"));
+/// Opens the directory `path` inside the root, first making what is missing of it, each
+/// directory made under a parent the kernel resolved inside the root, so a symlink in the
+/// image can never lead a mount point outside it.
+fn ensure_dir(root_fd: &OwnedFd, path: &str) -> Result<OwnedFd> {
+    use rustix::fs::OFlags;
+    let (parent, name) = split_mount_point(path)?;
+    let flags = OFlags::PATH | OFlags::DIRECTORY;
+    match root::open_in(root_fd, path, flags) {
+        Ok(fd) => return Ok(fd),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !name.is_empty() => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Err(format!(
+                "mount point {path} is not a directory in the image"
+            ));
         }
-        current.push(component);
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(meta) if meta.file_type().is_symlink() => {
-                let resolved = current
-                    .canonicalize()
-                    .map_err(|e| format!("mount point {path}: {e}"))?;
-                if !resolved.starts_with(root) || !resolved.is_dir() {
-                    return Err(format!("mount point {path} leads outside the root"));
-                }
-                current = resolved;
-            }
-            Ok(_) => {
-                return Err(format!(
-                    "mount point {path} is not a directory in the image"
-                ));
-            }
-            Err(_) => mkdir(&current, 0o755)?,
-        }
+        Err(e) => return Err(format!("mount point {path}: {e}")),
     }
-    Ok(())
+    let parent_fd = ensure_dir(root_fd, parent)?;
+    match rustix::fs::mkdirat(&parent_fd, name, rustix::fs::Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(format!("creating mount point {path}: {e}")),
+    }
+    // A name that existed already but resolves to nothing is a dangling symlink.
+    root::open_in(root_fd, path, flags).map_err(|e| {
+        format!("mount point {path} is a symlink to nothing inside the image's root: {e}")
+    })
 }
 
-fn parent_of(path: &str) -> &str {
-    path.rsplit_once('/').map_or("", |(parent, _)| parent)
+/// Opens the mount point of a file bind, making an empty file when it is missing (under a
+/// parent resolved inside the root).
+fn ensure_file(root_fd: &OwnedFd, path: &str) -> Result<OwnedFd> {
+    let (parent, name) = split_mount_point(path)?;
+    if name.is_empty() {
+        return Err(format!("mount point {path} names no file"));
+    }
+    let parent_fd = ensure_dir(root_fd, parent)?;
+    match rustix::fs::mknodat(
+        &parent_fd,
+        name,
+        rustix::fs::FileType::RegularFile,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    ) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(format!("creating mount point {path}: {e}")),
+    }
+    let fd = open_mount_point(root_fd, path)?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| format!("mount point {path}: {e}"))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory {
+        return Err(format!(
+            "mount point {path} is a directory in the image, for a file"
+        ));
+    }
+    Ok(fd)
+}
+
+/// A mount point's parent and last name; `.` and `..` are refused (a volume's path is
+/// checked for them already; this keeps the sandbox from relying on it).
+fn split_mount_point(path: &str) -> Result<(&str, &str)> {
+    if path.split('/').any(|c| c == "." || c == "..") {
+        return Err(format!("mount point {path} may not contain '.' or '..'"));
+    }
+    let path = path.trim_end_matches('/');
+    Ok(path.rsplit_once('/').unwrap_or(("", path)))
 }
 
 fn mkdir(path: &Path, mode: u32) -> Result<()> {
@@ -977,6 +1120,14 @@ fn open(path: &str, flags: i32) -> Result<i32> {
         return Err(format!("opening {path}: {}", errno()));
     }
     Ok(fd)
+}
+
+/// Closes every descriptor from `first` up: a helper is a graven process with the host's
+/// privileges, and must hold none of its starter's files (the workload's own exec closes
+/// what is left above stderr anyway).
+fn close_inherited(first: i32) {
+    // SAFETY: called first thing in a fresh helper, before it opens anything of its own.
+    unsafe { libc::close_range(first as u32, u32::MAX, 0) };
 }
 
 fn set_cloexec(fd: i32) {

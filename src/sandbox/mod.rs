@@ -14,6 +14,7 @@
 //!   every instance start, and `supervise` then waits for it.
 
 mod helper;
+pub mod root;
 mod seccomp;
 pub mod user;
 
@@ -31,6 +32,11 @@ pub const EXEC_ARG: &str = "__sandbox-exec";
 pub const HELPER_ENV: &str = "GRAVEN_SANDBOX_HELPER";
 /// The /tmp cap when a spec says 0 (a tmpfs of size 0 would be unlimited).
 pub const DEFAULT_TMP_BYTES: u64 = 64 * 1024 * 1024;
+/// The most processes and threads a RUN step (`run`) has at once, and an instance unless
+/// told otherwise (`runtime::DEFAULT_PIDS` is this): podman's default. Thread-heavy
+/// runtimes (a JVM, a large worker pool) stay well under it; a fork bomb stops there instead
+/// of at the host's own limit.
+pub const DEFAULT_PIDS: u64 = 2048;
 
 /// The directories a read-only root is mounted over, with the modes an image would give them.
 /// A root that has them all (the local runtime adds the missing ones when it unpacks an image)
@@ -205,9 +211,13 @@ pub fn rootless() -> bool {
 /// The ids a workload really runs as (inside its namespaces) when `uid:gid` is asked for.
 /// As root, those. Without root the sandbox's user namespace maps one id, the user graven
 /// runs as, to 0 inside, so every workload runs as that: root inside, with no capabilities,
-/// and the unprivileged user on the host.
-pub fn identity(uid: u32, gid: u32) -> (u32, u32) {
-    if rootless() { (0, 0) } else { (uid, gid) }
+/// and the unprivileged user on the host: the one id its map holds, whatever was asked. An
+/// id no process can run as (`user::check_id`: -1, "unchanged" to setuid) is refused either
+/// way, so a USER means the same on every host.
+pub fn identity(uid: u32, gid: u32) -> Result<(u32, u32), user::UserError> {
+    user::check_id("uid", uid)?;
+    user::check_id("gid", gid)?;
+    Ok(if rootless() { (0, 0) } else { (uid, gid) })
 }
 
 /// True when this process has no thread but the one calling: then a fork of it may do
@@ -216,13 +226,73 @@ pub fn single_threaded() -> bool {
     std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
 }
 
-/// Runs `spec` in a fresh sandbox and waits for it. Blocking.
+/// Runs `spec` in a fresh sandbox and waits for it, with at most `DEFAULT_PIDS` processes
+/// and threads (a pids cgroup of its own, when the host lets graven make one: as root).
+/// Blocking.
 pub fn run(spec: &SandboxSpec, stdout: Stdio, stderr: Stdio) -> Result<ExitStatus, SandboxError> {
-    let mut sandboxed = spawn(spec, &Options::default(), stdout, stderr)?;
-    sandboxed
-        .child
-        .wait()
-        .map_err(|source| io_error(spec, source))
+    let cgroup = RunCgroup::create();
+    let options = Options {
+        cgroups: cgroup.procs(),
+        ..Options::default()
+    };
+    let mut sandboxed = spawn(spec, &options, stdout, stderr)?;
+    let status = sandboxed.child.wait();
+    // The workload's death ended every process of its PID namespace: the group empties.
+    drop(cgroup);
+    status.map_err(|source| io_error(spec, source))
+}
+
+/// The pids cgroup of one `run`, removed when dropped; none when it cannot be made.
+struct RunCgroup(Option<PathBuf>);
+
+impl RunCgroup {
+    const ROOT: &str = "/sys/fs/cgroup";
+
+    fn create() -> RunCgroup {
+        let name = format!("run-{}-{:x}", std::process::id(), fastrand::u64(..));
+        RunCgroup(Self::make(std::path::Path::new(Self::ROOT), &name).ok())
+    }
+
+    /// `graven/<name>` in the pids hierarchy (v1) or the unified one (v2, with the pids
+    /// controller enabled above it), limited to `DEFAULT_PIDS`.
+    fn make(root: &std::path::Path, name: &str) -> std::io::Result<PathBuf> {
+        let dir = if root.join("cgroup.controllers").exists() {
+            let parent = root.join("graven");
+            std::fs::create_dir_all(&parent)?;
+            for dir in [root, parent.as_path()] {
+                std::fs::write(dir.join("cgroup.subtree_control"), "+pids")?;
+            }
+            parent.join(name)
+        } else {
+            root.join("pids/graven").join(name)
+        };
+        std::fs::create_dir_all(&dir)?;
+        if let Err(e) = std::fs::write(dir.join("pids.max"), DEFAULT_PIDS.to_string()) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    fn procs(&self) -> Vec<PathBuf> {
+        self.0.iter().map(|dir| dir.join("cgroup.procs")).collect()
+    }
+}
+
+impl Drop for RunCgroup {
+    /// The last processes of a PID namespace are reaped a moment after its PID 1, so a busy
+    /// group is retried briefly.
+    fn drop(&mut self) {
+        let Some(dir) = &self.0 else { return };
+        for _ in 0..100 {
+            match std::fs::remove_dir(dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(2))
+                }
+                _ => break,
+            }
+        }
+    }
 }
 
 /// Starts `spec` in a fresh sandbox and returns once the workload is exec'd (or setup

@@ -1,20 +1,41 @@
 //! Resolving a USER (`uid[:gid]` or `name[:group]`) to the numeric ids a sandbox runs as,
 //! from the image's own /etc/passwd and /etc/group, for bake's RUN and `--chown` and for the
-//! local runtime's instances alike. Pure: the file contents are passed in.
+//! local runtime's instances alike, and checking that an id can be run as (`check_id`, also
+//! for `sandbox::identity`). Pure: the file contents are passed in.
 
-/// A name the image's passwd or group file does not hold.
+/// Why a USER cannot be run as.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {name:?} is not in the image's /etc/{file}")]
-pub struct UnknownName {
-    pub kind: &'static str,
-    pub file: &'static str,
-    pub name: String,
+pub enum UserError {
+    /// A name the image's passwd or group file does not hold.
+    #[error("{kind} {name:?} is not in the image's /etc/{file}")]
+    UnknownName {
+        kind: &'static str,
+        file: &'static str,
+        name: String,
+    },
+    /// An id no process can run as: 4294967295 is -1, which setresuid and setresgid (and
+    /// chown) read as "leave it unchanged", so a workload asking for it would keep root.
+    #[error("{kind} {id} is not a valid id (it means \"unchanged\" to the kernel)")]
+    InvalidId { kind: &'static str, id: u32 },
+}
+
+/// The one id that is never valid, `(uid_t) -1`.
+const UNCHANGED: u32 = u32::MAX;
+
+/// Refuses an id that setresuid, setresgid or chown would not set (`kind`: "uid" or "gid").
+pub fn check_id(kind: &'static str, id: u32) -> Result<u32, UserError> {
+    if id == UNCHANGED {
+        Err(UserError::InvalidId { kind, id })
+    } else {
+        Ok(id)
+    }
 }
 
 /// Resolves `user` against the image's passwd and group files. An empty user is root, as
 /// in Docker; `root` needs no passwd entry (scratch images have none). A numeric uid takes
-/// its primary group from passwd when listed there, else the same number.
-pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), UnknownName> {
+/// its primary group from passwd when listed there, else the same number. Every id, asked
+/// for or read from the image's files, passes `check_id`.
+pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), UserError> {
     let user = user.trim();
     let (name, group_name) = match user.split_once(':') {
         Some((name, group)) => (name, Some(group)),
@@ -31,7 +52,7 @@ pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), Unkn
         ),
         Err(_) => {
             let (uid, gid) =
-                lookup_passwd(passwd, |n, _| n == name).ok_or_else(|| UnknownName {
+                lookup_passwd(passwd, |n, _| n == name).ok_or_else(|| UserError::UnknownName {
                     kind: "user",
                     file: "passwd",
                     name: name.to_owned(),
@@ -46,7 +67,7 @@ pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), Unkn
                 Some(gid) => gid,
                 None if group_name == "root" => 0,
                 None => {
-                    return Err(UnknownName {
+                    return Err(UserError::UnknownName {
                         kind: "group",
                         file: "group",
                         name: group_name.to_owned(),
@@ -56,7 +77,7 @@ pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), Unkn
         },
         None => primary_gid.unwrap_or(uid),
     };
-    Ok((uid, gid))
+    Ok((check_id("uid", uid)?, check_id("gid", gid)?))
 }
 
 fn lookup_passwd(passwd: &str, matches: impl Fn(&str, u32) -> bool) -> Option<(u32, u32)> {
@@ -108,5 +129,23 @@ mod tests {
             PASSWD,
             Err("group \"wheel\" is not in the image's /etc/group"),
         );
+    }
+
+    #[test]
+    fn uid_or_gid_minus_one_is_refused_wherever_it_comes_from() {
+        let unchanged_uid =
+            Err("uid 4294967295 is not a valid id (it means \"unchanged\" to the kernel)");
+        let unchanged_gid =
+            Err("gid 4294967295 is not a valid id (it means \"unchanged\" to the kernel)");
+        check("4294967295", PASSWD, unchanged_uid);
+        check("4294967295:0", PASSWD, unchanged_uid);
+        check("0:4294967295", PASSWD, unchanged_gid);
+        check("app:4294967295", PASSWD, unchanged_gid);
+        // From the image's own files, too.
+        let passwd = "evil:x:4294967295:0::/:/bin/sh\nodd:x:7:4294967295::/:/bin/sh\n";
+        check("evil", passwd, unchanged_uid);
+        check("odd", passwd, unchanged_gid);
+        // The largest id that is valid.
+        check("4294967294:4294967294", "", Ok((4294967294, 4294967294)));
     }
 }

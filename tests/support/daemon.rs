@@ -115,26 +115,55 @@ impl Up {
     /// Starts `graven up dir` with `GRAVEN_HOME=home` and the runtime `GRAVEN_RUNTIME` names
     /// (the in-process fake unless the test says otherwise); returns once it serves.
     pub fn start(home: &std::path::Path, dir: &std::path::Path, runtime: &str) -> Up {
+        Up::start_with(home, dir, runtime, |_| {})
+    }
+
+    /// `start`, with `prepare` called on the command first (to hand it files, say).
+    pub fn start_with(
+        home: &std::path::Path,
+        dir: &std::path::Path,
+        runtime: &str,
+        prepare: impl FnOnce(&mut std::process::Command),
+    ) -> Up {
         Up::spawn(
             home,
             &["up".as_ref(), dir.as_os_str()],
             runtime,
             "graven: serving",
+            prepare,
         )
     }
 
     /// Starts `graven daemon` (no project); returns once its socket listens.
     pub fn daemon(home: &std::path::Path, runtime: &str) -> Up {
+        Up::daemon_with(home, runtime, |_| {})
+    }
+
+    /// `daemon`, with `prepare` called on the command first.
+    pub fn daemon_with(
+        home: &std::path::Path,
+        runtime: &str,
+        prepare: impl FnOnce(&mut std::process::Command),
+    ) -> Up {
         Up::spawn(
             home,
             &["daemon".as_ref()],
             runtime,
             "graven: daemon listening",
+            prepare,
         )
     }
 
-    fn spawn(home: &std::path::Path, args: &[&std::ffi::OsStr], runtime: &str, ready: &str) -> Up {
-        let mut child = super::graven(home)
+    fn spawn(
+        home: &std::path::Path,
+        args: &[&std::ffi::OsStr],
+        runtime: &str,
+        ready: &str,
+        prepare: impl FnOnce(&mut std::process::Command),
+    ) -> Up {
+        let mut command = super::graven(home);
+        prepare(&mut command);
+        let mut child = command
             .args(args)
             .env("GRAVEN_RUNTIME", runtime)
             .stdout(std::process::Stdio::null())

@@ -104,3 +104,111 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut condition: impl FnMut() -
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Open files handed to a command as its starter's stray descriptors (no close-on-exec), as
+/// `exec 7</dir 9>>file; graven …` in a shell does: fd 7 a host directory, fd 9 a host file
+/// open for writing. Keep the value until the command has started.
+pub struct StrayFds {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    _open: (std::fs::File, std::fs::File),
+}
+
+/// The descriptor numbers `StrayFds` puts its files on.
+pub const STRAY_FDS: [i32; 2] = [7, 9];
+
+impl StrayFds {
+    /// A directory holding a `secret` file, and a file beside it, under `scratch`.
+    pub fn new(scratch: &Path) -> StrayFds {
+        let dir = scratch.join("host-dir");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "host secret").unwrap();
+        let file = scratch.join("host-file");
+        let open = (
+            std::fs::File::open(&dir).unwrap(),
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .unwrap(),
+        );
+        StrayFds {
+            dir,
+            file,
+            _open: open,
+        }
+    }
+
+    /// Makes `command` start with the two files on fds 7 and 9, inheritable.
+    pub fn hand_to(&self, command: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let from = [self._open.0.as_raw_fd(), self._open.1.as_raw_fd()];
+        assert!(from.iter().all(|fd| !STRAY_FDS.contains(fd)));
+        // SAFETY: dup2 between fork and exec is async-signal-safe; the copies it makes are
+        // inheritable (dup2 never sets close-on-exec).
+        unsafe {
+            command.pre_exec(move || {
+                for (from, to) in from.iter().zip(STRAY_FDS) {
+                    if libc::dup2(*from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Panics when any of `links` (what a process's fds point at) is one of these files.
+    pub fn assert_none_in(&self, links: &[String], whose: &str) {
+        for link in links {
+            assert!(
+                !link.contains(self.dir.to_str().unwrap())
+                    && !link.contains(self.file.to_str().unwrap()),
+                "{whose} holds a starter's file: {link} (all: {links:?})"
+            );
+        }
+    }
+}
+
+/// What the open descriptors of process `pid` point at, from the host's /proc.
+pub fn fd_links(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Mode, ctime and mtime (ns) of the host's harmless devices, to see that a sandbox left
+/// them alone.
+pub fn host_devices() -> Vec<(String, u32, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    ["null", "zero", "urandom"]
+        .iter()
+        .map(|name| {
+            let meta = std::fs::metadata(format!("/dev/{name}")).unwrap();
+            (
+                name.to_string(),
+                meta.mode(),
+                meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+                meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            )
+        })
+        .collect()
+}
+
+/// A busybox `sh -c` script for a workload running as uid 0: it chmods and touches its
+/// devices, through /dev, its stdin and the masked /proc files, then checks that its
+/// /dev/null and /dev/zero still work (printing 5). 0666 is the mode the host's nodes have:
+/// a regression changes their ctime and mtime (`host_devices`), never their mode, so a
+/// failing run cannot break the host.
+pub const TOUCH_DEVICES: &str = "set -e; B=/bin/busybox; \
+    $B chmod 0666 /dev/null /dev/zero /dev/urandom; $B touch /dev/null /dev/zero /dev/urandom; \
+    $B chmod 0666 /proc/self/fd/0; $B touch /proc/self/fd/0; \
+    for f in /proc/kcore /proc/keys /proc/timer_list; do \
+    if [ -e $f ]; then $B chmod 0666 $f; $B touch $f; fi; done; \
+    echo gone > /dev/null; test -z \"$($B cat /dev/null)\"; $B head -c 5 /dev/zero | $B wc -c";

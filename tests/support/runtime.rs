@@ -34,7 +34,29 @@ impl File {
             mode: 0o644,
         }
     }
+
+    /// A symlink at `path` to `target` (the mode's file type says so; `layer` makes it one).
+    pub fn symlink(path: &str, target: &str) -> File {
+        File {
+            path: path.to_owned(),
+            bytes: target.as_bytes().to_vec(),
+            mode: SYMLINK | 0o777,
+        }
+    }
+
+    /// An empty directory at `path`.
+    pub fn dir(path: &str) -> File {
+        File {
+            path: path.to_owned(),
+            bytes: Vec::new(),
+            mode: DIRECTORY | 0o755,
+        }
+    }
 }
+
+const FILE_TYPE: u32 = 0o170_000;
+const SYMLINK: u32 = 0o120_000;
+const DIRECTORY: u32 = 0o040_000;
 
 /// A gzip tar of `files` with fixed times and owners, plus the directories they need.
 pub fn layer(files: &[File]) -> Vec<u8> {
@@ -64,14 +86,33 @@ pub fn layer(files: &[File]) -> Vec<u8> {
     }
     for file in files {
         let mut header = tar::Header::new_gnu();
-        header.set_mode(file.mode);
+        header.set_mode(file.mode & !FILE_TYPE);
         header.set_mtime(0);
         header.set_uid(0);
         header.set_gid(0);
-        header.set_size(file.bytes.len() as u64);
-        builder
-            .append_data(&mut header, &file.path, file.bytes.as_slice())
-            .unwrap();
+        match file.mode & FILE_TYPE {
+            SYMLINK => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                let target = std::str::from_utf8(&file.bytes).unwrap();
+                builder
+                    .append_link(&mut header, &file.path, target)
+                    .unwrap();
+            }
+            DIRECTORY => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, &file.path, std::io::empty())
+                    .unwrap();
+            }
+            _ => {
+                header.set_size(file.bytes.len() as u64);
+                builder
+                    .append_data(&mut header, &file.path, file.bytes.as_slice())
+                    .unwrap();
+            }
+        }
     }
     builder.into_inner().unwrap().finish().unwrap()
 }

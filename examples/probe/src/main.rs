@@ -11,6 +11,8 @@
 //! `PROBE_IGNORE_TERM=1`, or leaves it alone with `PROBE_DEFAULT_TERM=1`), and counts its starts in `$PROBE_VOLUME/count` when that is set.
 //! `probe fill-tmp` writes to /tmp until it is full and reports how much fitted.
 //! `probe lines N` prints `line 0` to `line N-1` on stdout (for log capture and rotation).
+//! `probe threads N` starts threads until one is refused or N run, and reports how many ran
+//! (for the process limit).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -26,6 +28,7 @@ mod nr {
     pub const UNSHARE: usize = 272;
     pub const SIGNALFD4: usize = 289;
     pub const IO_URING_SETUP: usize = 425;
+    pub const STATFS: usize = 137;
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -36,6 +39,7 @@ mod nr {
     pub const UNSHARE: usize = 97;
     pub const SIGNALFD4: usize = 74;
     pub const IO_URING_SETUP: usize = 425;
+    pub const STATFS: usize = 43;
 }
 
 /// A raw system call; returns the kernel's result (a negative errno on failure).
@@ -107,6 +111,14 @@ fn report() -> String {
         format!("pid={}", std::process::id()),
         format!("uid={}", status_field(&status, "Uid:")),
         format!("gid={}", status_field(&status, "Gid:")),
+        format!("euid={}", {
+            let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"));
+            uids.and_then(|u| u.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_owned()
+        }),
+        open_fds(),
+        format!("shm_bytes={}", fs_bytes(c"/dev/shm")),
         format!("cap_eff={}", status_field(&status, "CapEff:")),
         format!("cap_bnd={}", status_field(&status, "CapBnd:")),
         format!("no_new_privs={}", status_field(&status, "NoNewPrivs:")),
@@ -189,6 +201,71 @@ fn report() -> String {
         outcome(syscall(nr::UNSHARE, CLONE_NEWUSER, 0, 0, 0))
     ));
     lines.join("\n") + "\n"
+}
+
+/// The descriptors open in this process (but the one that lists them), as `fds=0,1,2`, and
+/// what each points at as `fd_links=`.
+fn open_fds() -> String {
+    let own = format!("/proc/{}/fd", std::process::id());
+    let mut fds: Vec<(u32, String)> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|entry| {
+                    let fd = entry.file_name().to_str()?.parse().ok()?;
+                    let link = std::fs::read_link(entry.path()).ok()?;
+                    let link = link.display().to_string();
+                    (link != own && link != "/proc/self/fd").then_some((fd, link))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    let numbers: Vec<String> = fds.iter().map(|(fd, _)| fd.to_string()).collect();
+    let links: Vec<String> = fds.iter().map(|(fd, l)| format!("{fd}:{l}")).collect();
+    format!("fds={}\nfd_links={}", numbers.join(","), links.join(" "))
+}
+
+/// The size of the file system at `path` in bytes (blocks times block size), from statfs.
+fn fs_bytes(path: &std::ffi::CStr) -> String {
+    // struct statfs: f_type, f_bsize, f_blocks first, each 64 bits on both architectures.
+    let mut buffer = [0u64; 16];
+    let ret = syscall(
+        nr::STATFS,
+        path.as_ptr() as usize,
+        buffer.as_mut_ptr() as usize,
+        0,
+        0,
+    );
+    if ret < 0 {
+        return format!("error {}", outcome(ret));
+    }
+    (buffer[1] * buffer[2]).to_string()
+}
+
+/// `threads N`: starts parked threads until one is refused or N run; reports how many ran
+/// and why it stopped.
+fn threads() {
+    let most: u64 = std::env::args()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut started = 0u64;
+    let mut end = "ok".to_owned();
+    while started < most {
+        let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(|| {
+            loop {
+                std::thread::park();
+            }
+        });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => {
+                end = io_outcome::<()>(Err(e));
+                break;
+            }
+        }
+    }
+    println!("threads={started}\nthreads_end={end}");
 }
 
 /// Increments `<dir>/count` and returns the new value (or the error).
@@ -314,9 +391,12 @@ fn main() {
         Some("report") => print!("{}", report()),
         Some("fill-tmp") => print!("{}", fill_tmp()),
         Some("lines") => lines(),
+        Some("threads") => threads(),
         Some("serve") | None => serve(),
         Some(other) => {
-            eprintln!("probe: unknown mode {other:?} (report, serve, fill-tmp, lines N)");
+            eprintln!(
+                "probe: unknown mode {other:?} (report, serve, fill-tmp, lines N, threads N)"
+            );
             std::process::exit(2);
         }
     }

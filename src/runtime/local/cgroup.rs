@@ -67,22 +67,29 @@ fn make(dir: PathBuf, made: &mut Cgroups) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// Only the hierarchies of the limits given: every instance has a process limit, and making
+/// a memory and a cpu group it does not need would only add to its start.
 fn v1(root: &Path, id: &str, limits: &Limits, made: &mut Cgroups) -> Result<(), String> {
-    for controller in ["memory", "pids", "cpu"] {
+    let wanted = [
+        ("memory", limits.memory_bytes.is_some()),
+        ("pids", limits.pids.is_some()),
+        ("cpu", limits.cpu_millis.is_some()),
+    ];
+    for (controller, _) in wanted.iter().filter(|(_, wanted)| *wanted) {
         if !root.join(controller).join("cgroup.procs").exists() {
             return Err(format!("the {controller} cgroup controller is not mounted"));
         }
     }
-    let memory = make(root.join("memory/graven").join(id), made)?;
     if let Some(bytes) = limits.memory_bytes {
+        let memory = make(root.join("memory/graven").join(id), made)?;
         write(&memory, "memory.limit_in_bytes", &bytes.to_string())?;
     }
-    let pids = make(root.join("pids/graven").join(id), made)?;
     if let Some(max) = limits.pids {
+        let pids = make(root.join("pids/graven").join(id), made)?;
         write(&pids, "pids.max", &max.to_string())?;
     }
-    let cpu = make(root.join("cpu/graven").join(id), made)?;
     if let Some(millis) = limits.cpu_millis {
+        let cpu = make(root.join("cpu/graven").join(id), made)?;
         write(&cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
         write(
             &cpu,
@@ -167,8 +174,22 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("memory")).unwrap();
         std::fs::write(root.path().join("memory/cgroup.procs"), "").unwrap();
-        let error = create_under(root.path(), "abc", &Limits::default()).unwrap_err();
+        let limits = Limits {
+            memory_bytes: Some(1 << 30),
+            pids: Some(10),
+            ..Limits::default()
+        };
+        let error = create_under(root.path(), "abc", &limits).unwrap_err();
         assert!(error.contains("pids"), "{error}");
         assert!(!root.path().join("memory/graven/abc").exists());
+        // A process limit alone needs only its own controller.
+        std::fs::create_dir_all(root.path().join("pids")).unwrap();
+        std::fs::write(root.path().join("pids/cgroup.procs"), "").unwrap();
+        let pids_only = Limits {
+            pids: Some(10),
+            ..Limits::default()
+        };
+        let groups = create_under(root.path(), "abc", &pids_only).unwrap();
+        assert_eq!(groups.dirs, [root.path().join("pids/graven/abc")]);
     }
 }

@@ -58,11 +58,10 @@ impl LocalRuntime {
         // Absolute, so the paths recorded in an instance's state (its log, its root) mean
         // the same to a graven started elsewhere, and the shim need not keep our cwd.
         let home = &std::path::absolute(home).map_err(other("resolving graven's home"))?;
+        make_home(home)?;
         let store = Store::open(home)?;
         for dir in ["instances", "volumes", "rootfs"] {
-            let path = home.join(dir);
-            std::fs::create_dir_all(&path)
-                .map_err(other(format!("creating {}", path.display())))?;
+            private_dir(&home.join(dir))?;
         }
         Ok(LocalRuntime {
             home: home.to_owned(),
@@ -175,23 +174,33 @@ impl LocalRuntime {
                 path,
             }
         })?;
-        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
+        // Read inside the image's root: its `etc/passwd -> /etc/shadow` is its own file.
+        let read = |p: &str| sandbox::root::read_text(&root, p);
+        let bad_user = |error: user::UserError| {
+            let user = spec
+                .user
+                .clone()
+                .or(config.user.clone())
+                .unwrap_or_default();
+            let image = spec.image.clone();
+            match error {
+                user::UserError::UnknownName { .. } => RuntimeError::UnknownUser { user, image },
+                user::UserError::InvalidId { .. } => RuntimeError::BadUser {
+                    user,
+                    image,
+                    reason: error.to_string(),
+                },
+            }
+        };
         let (uid, gid) = choose_user(
             spec.user.as_deref(),
             config.user.as_deref(),
             &read("etc/passwd"),
             &read("etc/group"),
         )
-        .map_err(|_| RuntimeError::UnknownUser {
-            user: spec
-                .user
-                .clone()
-                .or(config.user.clone())
-                .unwrap_or_default(),
-            image: spec.image.clone(),
-        })?;
+        .map_err(bad_user)?;
         // What really runs (rootless: the one mapped id) is what is recorded and used.
-        let (uid, gid) = sandbox::identity(uid, gid);
+        let (uid, gid) = sandbox::identity(uid, gid).map_err(bad_user)?;
         let stop_signal = parse_signal(
             spec.stop_signal
                 .as_deref()
@@ -243,18 +252,18 @@ impl LocalRuntime {
         resolved: Resolved,
     ) -> Result<Instance, RuntimeError> {
         let mut warnings = Vec::new();
-        // Cgroups only when limits are asked for: the PID namespace already ends every
-        // process of the instance, and making cgroups costs part of the start time.
-        let asked = spec.limits.memory_bytes.is_some()
-            || spec.limits.pids.is_some()
-            || spec.limits.cpu_millis.is_some();
-        let cgroups = match asked.then(|| cgroup::create(&id.0, &spec.limits)) {
-            Some(Ok(groups)) => groups,
-            Some(Err(reason)) => {
+        // Every instance has a process limit, the default one unless another is given, so a
+        // fork bomb stops at it; memory and CPU only when asked for.
+        let limits = super::Limits {
+            pids: Some(spec.limits.pids.unwrap_or(super::DEFAULT_PIDS)),
+            ..spec.limits.clone()
+        };
+        let cgroups = match cgroup::create(&id.0, &limits) {
+            Ok(groups) => groups,
+            Err(reason) => {
                 warnings.push(format!("resource limits are not enforced: {reason}"));
                 cgroup::Cgroups::default()
             }
-            None => cgroup::Cgroups::default(),
         };
         let env: Vec<String> = resolved
             .env
@@ -661,7 +670,9 @@ struct Resolved {
 
 /// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.
 fn check_entrypoint(root: &Path, program: &str, path: &str) -> Result<(), String> {
-    let exists = |p: &str| std::fs::symlink_metadata(root.join(p.trim_start_matches('/'))).is_ok();
+    // Looked up inside the image's root, as the sandbox's exec will: an image's symlink says
+    // nothing about the host's files.
+    let exists = |p: &str| sandbox::root::exists(root, p);
     if program.contains('/') {
         return if exists(program) {
             Ok(())
@@ -715,6 +726,35 @@ pub fn parse_signal(text: &str) -> Option<i32> {
     })
 }
 
+/// Makes graven's home owner-only (0700), or makes an existing one of this user's so. It
+/// holds image content (unpacked roots keep their setuid-root files, volumes what uid-0
+/// instances wrote) that no other user of the host may reach, whoever made the home first
+/// and whichever command (`run`, `bake`, `up`) came first.
+pub fn make_home(home: &Path) -> Result<(), RuntimeError> {
+    if let Some(parent) = home.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(other(format!("creating {}", parent.display())))?;
+    }
+    private_dir(home)
+}
+
+/// Creates `dir` 0700 (not through the umask), or takes group and other access away from an
+/// existing one this user owns. One owned by another user is left as it is.
+fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(other(format!("creating {}", dir.display()))(e)),
+    }
+    // The umask may have taken bits away, never added: only a dir that was there is looked at.
+    let meta = std::fs::metadata(dir).map_err(other(format!("reading {}", dir.display())))?;
+    if meta.mode() & 0o077 != 0 && meta.uid() == rustix::process::geteuid().as_raw() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(other(format!("making {} owner-only", dir.display())))?;
+    }
+    Ok(())
+}
+
 /// The unprivileged identity instances run as when the image says root or nothing.
 pub const NOBODY: (u32, u32) = (65534, 65534);
 
@@ -725,7 +765,7 @@ fn choose_user(
     image: Option<&str>,
     passwd: &str,
     group: &str,
-) -> Result<(u32, u32), user::UnknownName> {
+) -> Result<(u32, u32), user::UserError> {
     match explicit {
         Some(explicit) => user::resolve(explicit, passwd, group),
         None => {

@@ -30,7 +30,8 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
         return Ok(target);
     }
     let other = |context: String| move |source| RuntimeError::Other { context, source };
-    std::fs::create_dir_all(&dir).map_err(other(format!("creating {}", dir.display())))?;
+    // Owner-only: the unpacked roots below keep the image's setuid-root files.
+    super::private_dir(&dir)?;
     let temp = tempfile::Builder::new()
         .prefix(&format!(".tmp-{}-", image.digest.short()))
         .tempdir_in(&dir)
@@ -40,17 +41,10 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
         &image.config.rootfs.diff_ids,
         temp.path(),
     )?;
-    for (name, mode) in crate::sandbox::MOUNT_POINTS {
-        let path = temp.path().join(name);
-        if std::fs::symlink_metadata(&path).is_err() {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::create_dir(&path)
-                .and_then(|()| {
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                })
-                .map_err(other(format!("creating {}", path.display())))?;
-        }
-    }
+    add_mount_points(temp.path()).map_err(other(format!(
+        "adding mount points to {}",
+        temp.path().display()
+    )))?;
     let path = temp.keep();
     match std::fs::rename(&path, &target) {
         Ok(()) => Ok(target),
@@ -67,4 +61,32 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
             })
         }
     }
+}
+
+/// Makes the mount points every instance needs that the unpacked root lacks, each right
+/// under the root's own descriptor: what the image has there (a directory, or a symlink that
+/// the sandbox will resolve inside the root) is left alone, and nothing is followed.
+fn add_mount_points(root: &Path) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for (name, mode) in crate::sandbox::MOUNT_POINTS {
+        match rustix::fs::mkdirat(&root_fd, name, Mode::from_raw_mode(mode)) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        // The umask took bits off (the sticky /tmp's among them).
+        let dir = rustix::fs::openat(
+            &root_fd,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?;
+    }
+    Ok(())
 }

@@ -139,6 +139,10 @@ fn read_report(report: OwnedFd) -> Result<(), String> {
 /// `graven __shim <dir>`: the shim re-executed by a starter with threads, reporting on its
 /// stdout. Never returns.
 pub fn main(dir: &Path) -> ! {
+    // None of its starter's files (the daemon's, or whatever `graven up`'s caller left open
+    // without close-on-exec): the shim has the host's privileges and outlives its starter.
+    // SAFETY: first thing in a fresh process; it has opened nothing of its own above stderr.
+    unsafe { libc::close_range(3, u32::MAX, 0) };
     // Its own session, so a Ctrl-C or hang-up at the starter's terminal never reaches the
     // instance. Done here rather than by the starter between fork and exec, which would keep
     // the starter from using posix_spawn (a vfork) and make it copy its page tables instead.
