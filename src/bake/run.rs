@@ -114,11 +114,7 @@ pub fn run(
 /// (read inside the root: `etc/passwd -> /etc/shadow` reads the image's, not the host's).
 /// A missing or unreadable file is an empty one: names then fail as not found.
 pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
-    let read = |file: &str| {
-        store::inroot::read_file(root, Path::new(file))
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default()
-    };
+    let read = |file: &str| crate::sandbox::root::read_text(root, file);
     crate::sandbox::user::resolve(user, &read("etc/passwd"), &read("etc/group"))
         .map_err(|e| e.to_string())
 }

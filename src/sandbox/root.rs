@@ -53,21 +53,32 @@ pub fn exists(root: &Path, path: &str) -> bool {
 }
 
 /// The regular file `path` inside `root`, read up to `READ_LIMIT` bytes; `None` when it is
-/// missing or not a regular file (a FIFO or a device would block or never end).
+/// missing or not a regular file. The kind is checked on an `O_PATH` descriptor before the file
+/// is opened for reading: opening a FIFO would block, and opening a device node the image holds
+/// would act on the host's device (a watchdog starts counting when opened). The file opened
+/// for reading must be the one checked.
 pub fn read_file(root: &Path, path: &str) -> std::io::Result<Option<Vec<u8>>> {
     let fd = open_root(root)?;
-    let file = match open_in(
-        &fd,
-        path,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
-    ) {
+    let located = match open_in(&fd, path, OFlags::PATH) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let stat = rustix::fs::fstat(&file)?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+    let seen = rustix::fs::fstat(&located)?;
+    if rustix::fs::FileType::from_raw_mode(seen.st_mode) != rustix::fs::FileType::RegularFile {
         return Ok(None);
+    }
+    let file = open_in(
+        &fd,
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+    )?;
+    let opened = rustix::fs::fstat(&file)?;
+    if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{path} changed while it was opened"),
+        ));
     }
     let mut bytes = Vec::new();
     std::fs::File::from(file)
@@ -121,5 +132,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_file(dir.path(), "fifo").unwrap(), None);
+    }
+
+    /// An image's device node is never opened, not even to look at it: opening would act on
+    /// the host's device. inotify sees every open of the node; opening it by hand is the
+    /// negative control.
+    #[test]
+    fn a_device_node_is_not_opened() {
+        use rustix::fs::inotify;
+        if !rustix::process::geteuid().is_root() {
+            return; // only root makes device nodes
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("zero");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::CharacterDevice,
+            Mode::from_raw_mode(0o644),
+            rustix::fs::makedev(1, 5),
+        )
+        .unwrap();
+        let watch =
+            inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+        inotify::add_watch(&watch, &node, inotify::WatchFlags::OPEN).unwrap();
+        let opened = || {
+            let mut events = [0u8; 256];
+            match rustix::io::read(&watch, &mut events) {
+                Ok(n) => n > 0,
+                Err(rustix::io::Errno::AGAIN) => false,
+                Err(e) => panic!("reading inotify: {e}"),
+            }
+        };
+        assert_eq!(read_file(dir.path(), "zero").unwrap(), None);
+        assert!(!opened(), "read_file opened the image's device node");
+        drop(std::fs::File::open(&node).unwrap());
+        assert!(opened(), "inotify did not see an open");
     }
 }
