@@ -186,8 +186,8 @@ fn raise_own_limit() {
     }
 }
 
-/// `graven up` under `ulimit -n 1024` (soft and hard, so its own raise cannot help), with a
-/// short header timeout; killed by its PID when dropped.
+/// `graven up` under a descriptor limit of `soft` and `hard`, with a short header timeout;
+/// killed by its PID when dropped.
 struct LimitedUp {
     child: std::process::Child,
     home: std::path::PathBuf,
@@ -195,7 +195,7 @@ struct LimitedUp {
 }
 
 impl LimitedUp {
-    fn start(home: &std::path::Path, dir: &std::path::Path) -> LimitedUp {
+    fn start(home: &std::path::Path, dir: &std::path::Path, soft: u64, hard: u64) -> LimitedUp {
         let mut command = support::graven(home);
         command
             .arg("up")
@@ -206,10 +206,10 @@ impl LimitedUp {
             .stderr(std::process::Stdio::piped());
         // SAFETY: setrlimit is async-signal-safe and touches only the child being started.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 let limit = libc::rlimit {
-                    rlim_cur: 1024,
-                    rlim_max: 1024,
+                    rlim_cur: soft,
+                    rlim_max: hard,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -346,6 +346,34 @@ fn healthy(home: &std::path::Path) -> Vec<String> {
     ids
 }
 
+/// A process's descriptor limit, soft and hard.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a descriptor limit");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn workloads_keep_the_descriptor_limit_graven_was_started_with() {
+    let (_temp, home, dir, _route) = v1_project(1);
+    let up = LimitedUp::start(&home, &dir, 1024, 4096);
+    // graven raised its own soft limit (which the workload would inherit unless put back).
+    assert_eq!(open_files_limit(up.child.id()), (4096, 4096));
+    let pid = support::wait_for(DEADLINE * 3, "a running instance", || {
+        demo_instances(&home)
+            .into_iter()
+            .find_map(|instance| instance.pid)
+    });
+    assert_eq!(open_files_limit(pid), (1024, 4096));
+}
+
 /// The kinds of events `graven history` shows about `instance`.
 fn events_of(home: &std::path::Path, instance: &str) -> Vec<String> {
     let (_, stdout, _) = run(home, &["history", "--json"]);
@@ -376,14 +404,9 @@ fn fresh_request(route: SocketAddr) -> Option<String> {
 fn idle_connections_do_not_get_healthy_instances_killed() {
     raise_own_limit();
     let (_temp, home, dir, route) = v1_project(2);
-    let up = LimitedUp::start(&home, &dir);
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", up.child.id())).unwrap();
-    assert!(
-        limits
-            .lines()
-            .any(|line| line.starts_with("Max open files") && line.contains(" 1024 ")),
-        "{limits}"
-    );
+    // Soft and hard: graven's own raise cannot help.
+    let up = LimitedUp::start(&home, &dir, 1024, 1024);
+    assert_eq!(open_files_limit(up.child.id()), (1024, 1024));
     let before = support::wait_for(DEADLINE * 3, "two healthy instances", || {
         let ids = healthy(&home);
         (ids.len() == 2).then_some(ids)

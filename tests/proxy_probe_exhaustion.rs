@@ -34,13 +34,8 @@ async fn probes_graven_cannot_make_do_not_flip_a_healthy_instance() {
         unhealthy_after: 2,
     };
     let (changes, mut received) = tokio::sync::mpsc::unbounded_channel();
-    let _monitor = HealthMonitor::spawn_from(
-        "a".into(),
-        backend.address,
-        check,
-        Health::Healthy,
-        changes,
-    );
+    let _monitor =
+        HealthMonitor::spawn_from("a".into(), backend.address, check, Health::Healthy, changes);
     let before = exhaustions();
     let hogs = fill_descriptor_table();
     // Many times unhealthy_after rounds whose probe could not get a socket.
