@@ -123,6 +123,9 @@ fn oversized_api_bodies_get_413_without_ballooning_the_daemon() {
         "POST /v1/status HTTP/1.1\r\nhost: graven\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
         (0..BIG / MIB).map(move |_| chunk.clone()),
     );
+    // Far below one such body: the daemon did not buffer it.
+    let peak = daemon.peak_rss_kib();
+    assert!(peak < 64 * 1024, "the daemon's RSS peaked at {peak} KiB");
     for answer in [&declared, &chunked] {
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
         assert!(answer.contains("connection: close\r\n"), "{answer}");
@@ -133,9 +136,6 @@ fn oversized_api_bodies_get_413_without_ballooning_the_daemon() {
             "{answer}"
         );
     }
-    // Far below one such body: the daemon did not buffer it.
-    let peak = daemon.peak_rss_kib();
-    assert!(peak < 64 * 1024, "the daemon's RSS peaked at {peak} KiB");
 
     // Negative control: a body under the limit (3 MiB of JSON whitespace) is read whole
     // and answered.
