@@ -320,12 +320,17 @@ impl Daemon {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.idle_timeout);
+        // Whether accepting failed last time: a failure is printed once, not at every retry.
+        let mut failing = false;
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(error) => {
-                        eprintln!("graven: accepting on the api socket: {error}");
+                        if !failing {
+                            eprintln!("graven: accepting on the api socket: {error}");
+                            failing = true;
+                        }
                         // Out of descriptors, most likely: back off rather than spin.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
@@ -333,6 +338,7 @@ impl Daemon {
                 },
                 () = &mut stop => break,
             };
+            failing = false;
             let daemon = self.clone();
             let connection = builder.serve_connection(TokioIo::new(stream), {
                 hyper::service::service_fn(move |request| {
