@@ -458,6 +458,46 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         add("corpus", "api_request", &name, body);
     }
 
+    add(
+        "corpus",
+        "image_paths",
+        "plain.script",
+        b"d etc\nf etc/passwd\ns lib usr/lib\nd usr/lib\nf lib/libc.so\nh libc lib/libc.so\n\
+          f etc/.wh.group\nw /app/data\nr /etc/passwd\n"
+            .to_vec(),
+    );
+    // What issue 10 found (items 1 and 6), each of which the old unpacker or bake's RUN did.
+    for (name, script) in [
+        ("whiteout-dot-dot.script", "f .wh...\n"),
+        ("whiteout-dot.script", "f .wh..\n"),
+        ("whiteout-empty.script", "f .wh.\n"),
+        (
+            "whiteout-through-root-link.script",
+            "s sub /\nf sub/.wh...\n",
+        ),
+        (
+            "opaque-through-sentinel-link.script",
+            "s sub $S\nf sub/.wh..wh..opq\n",
+        ),
+        ("workdir-through-link.script", "s lnk $S\nw /lnk/x\n"),
+        ("workdir-dot-dot.script", "w /../../x\n"),
+        (
+            "passwd-to-sentinel.script",
+            "d etc\ns etc/passwd $S/file\nr /etc/passwd\n",
+        ),
+        (
+            "hardlink-to-sentinel.script",
+            "s up $W\nh stolen up/sentinel/file\n",
+        ),
+    ] {
+        add(
+            "artifacts-found",
+            "image_paths",
+            name,
+            script.as_bytes().to_vec(),
+        );
+    }
+
     add("corpus", "instance_rootfs", "plain.tar", plain_layer());
     // The root is $TMPDIR/<work>/home/rootfs/<temp>: four levels below the canary.
     let up = "../../../../graven-fuzz-canary";
@@ -566,6 +606,14 @@ fn event_lines() -> Vec<u8> {
             runtime_id: runtime_id(),
         },
         Event::ServiceRemoved { service: web() },
+        Event::LogUnwritable {
+            since_ms: 5_000,
+            error: "No space left on device".to_owned(),
+        },
+        Event::HistoryLost {
+            kept_through: 12,
+            lost_through: 15,
+        },
     ];
     let mut out = String::new();
     for event in events {

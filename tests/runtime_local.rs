@@ -773,7 +773,8 @@ fn the_log_rotates_at_its_size_and_run_follows_it_across() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(wait_exited(&home.runtime, &instance));
     // Removed as soon as it is seen exited: the shim may still be logging, and the removal
-    // waits for it, so the log is whole and nothing else is left.
+    // waits for it, so the log is whole and nothing else is left but the record of the
+    // removal that bounds how many removed instances' logs stay.
     support::succeed(support::graven(home.path()).args(["rm", &instance.id.0]));
     let dir = home.path().join("instances").join(&instance.id.0);
     let mut left: Vec<String> = std::fs::read_dir(&dir)
@@ -781,7 +782,7 @@ fn the_log_rotates_at_its_size_and_run_follows_it_across() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     left.sort();
-    assert_eq!(left, ["log", "log.1"]);
+    assert_eq!(left, ["log", "log.1", "removed.json"]);
     let (before, latest) = log_files(&dir);
     assert!(before.len() <= cap && before.len() > cap - 64);
     assert!(latest.len() <= cap);

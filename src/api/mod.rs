@@ -116,6 +116,7 @@ impl ApiError {
                 ControllerError::RouteUnavailable { .. } => StatusCode::CONFLICT,
                 ControllerError::NothingDeployed { .. } => StatusCode::CONFLICT,
                 ControllerError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::LogUnwritable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
@@ -328,7 +329,13 @@ impl Daemon {
                     Ok((stream, _)) => stream,
                     Err(error) => {
                         if !failing {
-                            eprintln!("graven: accepting on the api socket: {error}");
+                            // Not `eprintln!`: a closed stderr must not end the daemon
+                            // undrained.
+                            use std::io::Write as _;
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "graven: accepting on the api socket: {error}"
+                            );
                             failing = true;
                         }
                         // Out of descriptors, most likely: back off rather than spin.

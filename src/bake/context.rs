@@ -414,12 +414,22 @@ fn unpack_archive(
         .prefix("graven-add-")
         .tempdir()
         .map_err(|e| fail(e.to_string()))?;
+    // The archive is bounded as an image is: what it unpacks to, plus a block per entry.
+    let limit = crate::store::max_image_size().map_err(|e| fail(e.to_string()))?;
+    let too_large = |limit: u64| {
+        fail(format!(
+            "the archive unpacks to more than {limit} bytes (the bound is set by {})",
+            crate::store::MAX_IMAGE_SIZE_VAR
+        ))
+    };
+    let mut left = limit;
     let mut archive = tar::Archive::new(reader);
     let mut symlinks: Vec<String> = Vec::new();
     let mut files: std::collections::BTreeMap<String, (PathBuf, u64)> = Default::default();
     let entries = archive.entries().map_err(|e| fail(e.to_string()))?;
     for (n, entry) in entries.enumerate() {
         let mut entry = entry.map_err(|e| fail(format!("not a readable tar archive: {e}")))?;
+        left = left.checked_sub(512).ok_or_else(|| too_large(limit))?;
         let raw = entry.path_bytes().into_owned();
         let name = String::from_utf8_lossy(&raw).into_owned();
         let rel = archive_path(&name)
@@ -455,15 +465,34 @@ fn unpack_archive(
                 ))
             })?;
             EntryKind::File { source: file, size }
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+        } else if matches!(
+            kind,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
+        ) {
+            // A GNU sparse entry reads as the whole file, its holes as zeros (tar-rs expands
+            // them), and is counted at that size.
             let file = temp.path().join(n.to_string());
             let mut out_file = File::create(&file).map_err(|e| fail(e.to_string()))?;
-            let size = io::copy(&mut entry, &mut out_file).map_err(|e| fail(e.to_string()))?;
+            let size = io::copy(&mut (&mut entry).take(left + 1), &mut out_file)
+                .map_err(|e| fail(e.to_string()))?;
+            left = left.checked_sub(size).ok_or_else(|| too_large(limit))?;
             files.insert(rel.clone(), (file.clone(), size));
             EntryKind::File { source: file, size }
+        } else if kind.is_pax_global_extensions() {
+            continue; // metadata for the whole archive (git archive's comment), not a file
         } else {
-            // Devices and fifos are not content an image layer of graven's carries.
-            continue;
+            // Devices and fifos are not content an image layer of graven's carries; an
+            // unknown type may be a file in a form tar-rs does not read. Neither is dropped
+            // silently.
+            let what = match kind {
+                tar::EntryType::Char => "a character device".to_owned(),
+                tar::EntryType::Block => "a block device".to_owned(),
+                tar::EntryType::Fifo => "a fifo".to_owned(),
+                other => format!("of tar type {:?}", other.as_byte() as char),
+            };
+            return Err(fail(format!(
+                "archive entry {name:?} is {what}: ADD takes files, directories and links"
+            )));
         };
         let mode = match &entry_kind {
             EntryKind::Symlink(_) => 0o777,

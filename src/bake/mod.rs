@@ -553,6 +553,7 @@ fn build(
         }));
     }
     tree::normalize(&mut entries);
+    tree::check_names(&entries)?;
     let finished = tree::write_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
     let diff_id = finished.diff_id.clone();
     let descriptor = finished.keep(txn).map_err(|e| e.to_string())?;

@@ -4,16 +4,45 @@
 
 use std::fs;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
-use crate::store::{Descriptor, Digest, Store};
+use crate::store::{self, Descriptor, Digest, Store};
 
 pub struct RunOutput {
     pub entries: Vec<Entry>,
-    pub root: tempfile::TempDir,
+    /// Holds the step's root (whose files the entries name) until the layer is written.
+    pub root: RunRoot,
+}
+
+/// A RUN step's root: `<0700 temp dir>/root`. The root is 0755 so that the image's own users
+/// can walk it, and so holds what the image holds (setuid-root files among them); the 0700
+/// dir around it, which graven makes, keeps every other host user from reaching any of it.
+pub struct RunRoot {
+    dir: tempfile::TempDir,
+}
+
+impl RunRoot {
+    pub fn new() -> Result<RunRoot, String> {
+        let fail = |e: std::io::Error| format!("cannot make a temp root: {e}");
+        let dir = tempfile::Builder::new()
+            .prefix("graven-run-")
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .map_err(fail)?;
+        // The mode is set again: the one given at creation went through the umask, which
+        // can only take bits away, but the check costs nothing and says what is meant.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).map_err(fail)?;
+        fs::create_dir(dir.path().join("root")).map_err(fail)?;
+        Ok(RunRoot { dir })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
 }
 
 /// Runs `args` in the image made of `layers`; returns the entries it changed.
@@ -26,27 +55,20 @@ pub fn run(
     user: &str,
     workdir: &str,
 ) -> Result<RunOutput, String> {
-    let root = tempfile::Builder::new()
-        .prefix("graven-run-")
-        .tempdir()
-        .map_err(|e| format!("cannot make a temp root: {e}"))?;
-    // Temp dirs are 0700; an image's `/` is 0755 so that non-root users can walk it.
-    fs::set_permissions(
-        root.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .map_err(|e| format!("cannot make a temp root: {e}"))?;
+    let run_root = RunRoot::new()?;
+    let root = run_root.path();
+    // `unpack_layers` makes the root 0755, as an image's `/` is.
     store
-        .unpack_layers(layers, diff_ids, root.path())
+        .unpack_layers(layers, diff_ids, &root)
         .map_err(|e| e.to_string())?;
-    let (uid, gid) = resolve_user(root.path(), user)?;
-    let cwd = root.path().join(workdir.trim_start_matches('/'));
-    if !cwd.is_dir() {
-        fs::create_dir_all(&cwd).map_err(|e| format!("working directory {workdir}: {e}"))?;
-    }
-    let before = tree::snapshot(root.path()).map_err(|e| e.to_string())?;
+    let (uid, gid) = resolve_user(&root, user)?;
+    // The working directory is a path inside the image: made inside its root whatever the
+    // image's symlinks say (`WORKDIR /lnk/x` with `lnk -> /home` must not make a host dir).
+    store::inroot::create_dir_all(&root, Path::new(workdir))
+        .map_err(|e| format!("working directory {workdir}: {e}"))?;
+    let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
     let spec = SandboxSpec {
-        rootfs: root.path().to_owned(),
+        rootfs: root.clone(),
         writable_root: true,
         args: args.to_vec(),
         env: env.to_vec(),
@@ -77,17 +99,26 @@ pub fn run(
         };
         return Err(format!("the command failed with {how}"));
     }
-    let after = tree::snapshot(root.path()).map_err(|e| e.to_string())?;
+    let after = tree::snapshot(&root).map_err(|e| e.to_string())?;
     // What is in the directories the sandbox mounts over is never layer content, and the
     // mount points it made are not either.
     let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
-    let entries = tree::diff(root.path(), &before, &after, &mounted);
-    Ok(RunOutput { entries, root })
+    let entries = tree::diff(&root, &before, &after, &mounted);
+    Ok(RunOutput {
+        entries,
+        root: run_root,
+    })
 }
 
-/// `uid[:gid]` numerically, or names looked up in the image's /etc/passwd and /etc/group.
+/// `uid[:gid]` numerically, or names looked up in the image's /etc/passwd and /etc/group
+/// (read inside the root: `etc/passwd -> /etc/shadow` reads the image's, not the host's).
+/// A missing or unreadable file is an empty one: names then fail as not found.
 pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
-    let read = |file: &str| fs::read_to_string(root.join(file)).unwrap_or_default();
+    let read = |file: &str| {
+        store::inroot::read_file(root, Path::new(file))
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    };
     crate::sandbox::user::resolve(user, &read("etc/passwd"), &read("etc/group"))
         .map_err(|e| e.to_string())
 }

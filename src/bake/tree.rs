@@ -46,6 +46,23 @@ pub fn normalize(entries: &mut Vec<Entry>) {
     entries.extend(by_path.into_values());
 }
 
+/// Refuses entries a layer cannot carry as they are: in a layer a name starting with `.wh.`
+/// marks a whiteout, so a file COPY, ADD or RUN made under such a name would, once unpacked,
+/// remove another path instead (`/bin/.wh.sh` hides `/bin/sh`) rather than be a file.
+pub fn check_names(entries: &[Entry]) -> Result<(), String> {
+    for entry in entries {
+        let name = entry.path.rsplit('/').next().unwrap_or(&entry.path);
+        if name.starts_with(".wh.") && entry.kind != EntryKind::Empty {
+            return Err(format!(
+                "/{}: names starting with .wh. mark whiteouts in an image layer, so no file \
+                 can have one",
+                entry.path
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A content hash of the entries (paths, metadata and file contents): what a COPY step's
 /// cache key depends on, independent of mtimes and listing order.
 /// `file_digest` hashes one file (the bake passes its stat-keyed memo of file hashes).

@@ -66,6 +66,8 @@ pub enum Command {
     History(project::TargetArgs),
     /// Drain and stop every service of an app.
     Down(project::TargetArgs),
+    /// Accept event logs whose end was lost: record the loss and number on after it.
+    Recover(project::RecoverArgs),
     /// Serve one route over fixed backends (for benchmarks).
     #[command(name = "__proxy", hide = true)]
     Proxy(proxy::ProxyArgs),
@@ -163,13 +165,17 @@ pub fn main() -> ExitCode {
         Command::Releases(args) => project::releases(&home, args),
         Command::History(args) => project::history(&home, args),
         Command::Down(args) => project::down(&home, args),
+        Command::Recover(args) => project::recover(&home, args),
         Command::Proxy(args) => proxy::run(args),
         Command::Load(args) => load::run(args),
     };
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("graven: {error:#}");
+            // Not `eprintln!`: `up` and `daemon` keep SIGPIPE ignored, and a closed stderr
+            // must not turn a clean failure into a panic (exit 101).
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "graven: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -103,6 +103,16 @@ pub struct RollbackArgs {
     pub to: Option<u64>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// Only this app's logs (default: every app's).
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Only this environment's logs (default: every environment's).
+    #[arg(long = "env")]
+    pub environment: Option<String>,
+}
+
 fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
     Ok(match kind {
         RuntimeKind::Local => AnyRuntime::Local(LocalRuntime::open(home)?),
@@ -110,13 +120,47 @@ fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
     })
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Prints a line to stdout. `up` and `daemon` keep SIGPIPE ignored, so a closed pipe (the
+/// `tee` of `graven up 2>&1 | tee` gone first) is a write error: it is dropped here, since
+/// nothing printed is worth leaving instances undrained for, and `println!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Prints a line to stderr, dropping a write error for the same reason as `say!`.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Ctrl-C and SIGTERM, caught from the moment this is made: from then on neither ends the
+/// process at once, so instances started after it are always drained and stopped.
+struct StopSignal {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    /// Installs the handlers; must run inside the tokio runtime.
+    fn install() -> anyhow::Result<StopSignal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignal {
+            interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    /// Resolves when the process is asked to stop.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 
@@ -130,7 +174,7 @@ fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
 /// Runs the build step, bakes the image, and describes each service's next release.
 fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>> {
     if let Some(build) = &project.build {
-        eprintln!("graven: build: {}", build.command);
+        note!("graven: build: {}", build.command);
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(&build.command)
@@ -174,7 +218,7 @@ fn bake(home: &Path, project: &Project) -> anyhow::Result<Digest> {
         } = event
         {
             let how = if cached { "cached" } else { "done" };
-            eprintln!("graven: bake [{step}/{total}] {text}  {how}");
+            note!("graven: bake [{step}/{total}] {text}  {how}");
         }
     };
     let baked = crate::bake::bake(home, &options, &mut progress)
@@ -226,7 +270,7 @@ where
         for envelope in events {
             after = envelope.seq;
             if !quiet {
-                eprintln!("  {}", envelope.payload.describe());
+                note!("  {}", envelope.payload.describe());
             }
             let ended = match &envelope.payload {
                 Event::DeploySucceeded { service, release } => Some((
@@ -310,31 +354,34 @@ fn report(
             outcomes,
             routes,
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for service in &rollout.unchanged {
-            println!("{service}: unchanged");
+            say!("{service}: unchanged");
         }
         for outcome in outcomes {
             match &outcome.outcome {
                 DeployOutcome::Succeeded { .. } => {
-                    println!(
+                    say!(
                         "{}: release {} is serving",
-                        outcome.service, outcome.release
+                        outcome.service,
+                        outcome.release
                     )
                 }
-                DeployOutcome::RolledBack { reason, .. } => println!(
+                DeployOutcome::RolledBack { reason, .. } => say!(
                     "{}: release {} rolled back: {reason}",
-                    outcome.service, outcome.release
+                    outcome.service,
+                    outcome.release
                 ),
-                DeployOutcome::Superseded { .. } => println!(
+                DeployOutcome::Superseded { .. } => say!(
                     "{}: release {} was superseded before it finished",
-                    outcome.service, outcome.release
+                    outcome.service,
+                    outcome.release
                 ),
             }
         }
         for (service, url) in &routes {
-            println!("{service}: {url}");
+            say!("{service}: {url}");
         }
     }
     Ok(if failed {
@@ -347,7 +394,10 @@ fn report(
 pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let project = load_project(&args.dir, &args.environment)?;
     let runtime = async_runtime(Threads::All)?;
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
+        // Before anything can start an instance: a stop asked for during the bake or the
+        // first rollout must still drain what was started.
+        let mut stop = StopSignal::install()?;
         let listener = api::bind(home).await?;
         let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -376,42 +426,52 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                 &outcomes,
                 Some(&snapshot),
             )
-        }
-        .await;
-        let code = match result {
-            Ok(code) => {
-                eprintln!(
-                    "graven: serving {}/{}; Ctrl-C stops",
-                    project.app, project.environment
-                );
-                stop_signal().await;
-                code
-            }
-            Err(error) => {
-                eprintln!("graven: {error:#}");
+        };
+        let code = tokio::select! {
+            result = result => match result {
+                Ok(code) => {
+                    note!(
+                        "graven: serving {}/{}; Ctrl-C stops",
+                        project.app, project.environment
+                    );
+                    stop.recv().await;
+                    code
+                }
+                Err(error) => {
+                    note!("graven: {error:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            () = stop.recv() => {
+                note!("graven: stopped before the rollout finished");
                 ExitCode::FAILURE
             }
         };
-        eprintln!("graven: draining and stopping every instance");
+        note!("graven: draining and stopping every instance");
         daemon.shutdown().await;
         let _ = stop_api.send(());
         let _ = server.await;
         let _ = std::fs::remove_file(api::socket_path(home));
-        Ok(code)
-    })
+        anyhow::Ok(code)
+    });
+    // A bake cut short by a stop may still be running on a blocking thread; it started no
+    // instance, and its store transaction commits nothing unless it finishes.
+    runtime.shutdown_background();
+    code
 }
 
 pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let runtime = async_runtime(Threads::All)?;
     runtime.block_on(async {
+        let mut stop = StopSignal::install()?;
         let listener = api::bind(home).await?;
         let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.runtime)?)?;
-        eprintln!(
+        note!(
             "graven: daemon listening on {}",
             api::socket_path(home).display()
         );
-        daemon.clone().serve(listener, stop_signal()).await;
-        eprintln!("graven: draining and stopping every instance");
+        daemon.clone().serve(listener, stop.recv()).await;
+        note!("graven: draining and stopping every instance");
         daemon.shutdown().await;
         let _ = std::fs::remove_file(api::socket_path(home));
         Ok(ExitCode::SUCCESS)
@@ -510,6 +570,15 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     }
     for snapshot in &snapshots {
         println!("{}/{}", snapshot.app, snapshot.environment);
+        if let Some(problem) = &snapshot.log_problem {
+            let since = std::time::UNIX_EPOCH + Duration::from_millis(problem.since_ms);
+            println!(
+                "  the event log cannot be written since {} ({}): routes serve the last known \
+                 state, nothing new is done, retrying",
+                humantime::format_rfc3339_seconds(since),
+                problem.error
+            );
+        }
         for (name, service) in &snapshot.state.services {
             let wanted = service
                 .wanted
@@ -609,4 +678,66 @@ pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records the loss in every event log (of the app and environment asked) whose end was
+/// lost, so the daemon starts on it again; release, instance and sequence numbers go on after
+/// the highest one the log's mark records. Logs that lost nothing are left as they are.
+pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
+    let apps = home.join("apps");
+    let mut logs = Vec::new();
+    for app in read_dir_names(&apps)? {
+        if args.app.as_ref().is_some_and(|a| *a != app) {
+            continue;
+        }
+        for environment in read_dir_names(&apps.join(&app))? {
+            let log = api::log_path(home, &app, &environment);
+            if args.environment.as_ref().is_none_or(|e| *e == environment) && log.is_file() {
+                logs.push((app.clone(), environment, log));
+            }
+        }
+    }
+    if logs.is_empty() {
+        bail!("no event log under {} matches", apps.display());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for (app, environment, log) in logs {
+        let recorded =
+            crate::events::EventLog::recover(&log, "cli", now, |loss| Event::HistoryLost {
+                kept_through: loss.kept_through,
+                lost_through: loss.lost_through,
+            })
+            .with_context(|| format!("recovering {}", log.display()))?;
+        match recorded {
+            Some(envelope) => println!(
+                "{app}/{environment}: {}; recorded as event {}",
+                envelope.payload.describe(),
+                envelope.seq
+            ),
+            None => println!("{app}/{environment}: nothing was lost"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The names of the directories in `dir` (none when it does not exist).
+fn read_dir_names(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if entry.path().is_dir()
+            && let Ok(name) = entry.file_name().into_string()
+        {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
 }

@@ -6,6 +6,11 @@
 //! that appends each action's event, folds it, and carries it out through the runtime and the
 //! proxy. Start-up is the same path as any other moment: replay the log, list the runtime,
 //! plan. The controller never edits a release and never touches another app's instances.
+//!
+//! When the log cannot be written (a full disk), the controller decides nothing new: routes
+//! keep their snapshot and instances keep running, the snapshot says why, commands are
+//! refused, and every tick after a growing back-off it tries again by recording the outage;
+//! once that is written it carries on where the log says it was.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -32,6 +37,12 @@ pub use plan::{Action, Observed, Seen, plan};
 /// How much longer than two stop graces a shutdown waits for the runtime.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(30);
 
+/// The first and the longest wait before writing to a log that could not be written is
+/// tried again: short enough that a freed disk is noticed within seconds, long enough that
+/// a full one is not hammered.
+const LOG_RETRY_FIRST: Duration = Duration::from_millis(200);
+const LOG_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// The labels every instance carries, so a restarted controller can tell what it is.
 pub const LABEL_APP: &str = "app";
 pub const LABEL_ENVIRONMENT: &str = "environment";
@@ -57,6 +68,15 @@ pub enum ControllerError {
     NothingDeployed { app: String, environment: String },
     #[error(transparent)]
     Log(#[from] EventLogError),
+    #[error(
+        "the event log of {app}/{environment} cannot be written ({reason}): nothing new is \
+         done until it can; routes serve the last known state"
+    )]
+    LogUnwritable {
+        app: String,
+        environment: String,
+        reason: String,
+    },
     #[error("the controller of {app}/{environment} has stopped")]
     Stopped { app: String, environment: String },
 }
@@ -108,6 +128,16 @@ pub struct Snapshot {
     pub routes: BTreeMap<String, SocketAddr>,
     /// Why a route could not be bound, by service.
     pub route_errors: BTreeMap<String, String>,
+    /// Set while the event log cannot be written.
+    #[serde(default)]
+    pub log_problem: Option<LogProblem>,
+}
+
+/// The event log cannot be written: since when (ms since the epoch) and the last error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogProblem {
+    pub since_ms: u64,
+    pub error: String,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ControllerError>>;
@@ -235,7 +265,7 @@ impl ControllerHandle {
         }
     }
 
-    /// Whether the loop has ended (shut down, aborted, or stopped by a log failure).
+    /// Whether the loop has ended (shut down or aborted).
     pub fn is_finished(&self) -> bool {
         self.task
             .lock()
@@ -287,6 +317,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         busy_ids: BTreeSet::new(),
         shutting_down: None,
         since_ms: now_ms(),
+        unwritable: None,
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -315,6 +346,22 @@ struct Shell {
     /// Set by `Shutdown`: who to tell, and when to give up waiting for stops.
     shutting_down: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
     since_ms: u64,
+    /// Set while the log cannot be written.
+    unwritable: Option<Unwritable>,
+}
+
+struct Unwritable {
+    problem: LogProblem,
+    /// The wait before the next try, doubled by each failed one.
+    delay: Duration,
+    retry_at: tokio::time::Instant,
+}
+
+/// Writes a diagnostic line to stderr. A closed or full stderr must never end the loop (a
+/// panic there would leave instances undrained), so a failed write is dropped.
+fn warn(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn now_ms() -> u64 {
@@ -340,32 +387,44 @@ impl Shell {
                 _ = tick.tick() => Input::Tick,
             };
             let listed = matches!(input, Input::Tick);
-            let result = match self.handle(input).await {
-                Ok(()) => self.step(listed).await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = result {
-                // The log could not be written: acting without recording would break the
-                // promise that every effect is announced first, so the controller stops.
-                eprintln!(
-                    "graven: controller of {}/{} stops: {error}",
-                    self.options.app, self.options.environment
-                );
-                self.stop_routes().await;
-                return;
+            // While the log cannot be written a round only runs once a try to record the
+            // outage succeeds; until then nothing is planned (nothing could be recorded).
+            let round = !listed || self.log_writable();
+            if round {
+                let result = match self.handle(input).await {
+                    Ok(()) => self.step(listed).await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = result {
+                    // Acting without recording would break the promise that every effect
+                    // is announced first: nothing more is done, and what serves goes on.
+                    self.log_failed(error);
+                    self.sync();
+                }
             }
             let done =
                 self.state.instances.is_empty() && self.busy.is_empty() && self.busy_ids.is_empty();
+            // A shutdown that cannot record its drains leaves the instances running for the
+            // next start to adopt, rather than wait out every grace for nothing.
+            let stuck = self.unwritable.is_some();
             if let Some((_, give_up)) = &self.shutting_down
-                && (done || tokio::time::Instant::now() >= *give_up)
+                && (done || stuck || tokio::time::Instant::now() >= *give_up)
             {
-                if !done {
-                    eprintln!(
+                if stuck && !done {
+                    warn(format_args!(
+                        "graven: {}/{}: the event log cannot be written: {} instance(s) left \
+                         running for the next start to adopt",
+                        self.options.app,
+                        self.options.environment,
+                        self.state.instances.len()
+                    ));
+                } else if !done {
+                    warn(format_args!(
                         "graven: {}/{}: gave up waiting for {} instance(s) to stop",
                         self.options.app,
                         self.options.environment,
                         self.state.instances.len()
-                    );
+                    ));
                 }
                 self.stop_routes().await;
                 if let Some((reply, _)) = self.shutting_down.take() {
@@ -381,6 +440,75 @@ impl Shell {
         for (_, entry) in std::mem::take(&mut self.routes) {
             shutdown_route(entry.route).await;
         }
+    }
+
+    /// Whether the log is writable: true unless it failed, and then only once the outage has
+    /// been recorded (tried at most once per back-off delay).
+    fn log_writable(&mut self) -> bool {
+        let Some(unwritable) = &self.unwritable else {
+            return true;
+        };
+        if tokio::time::Instant::now() < unwritable.retry_at {
+            return false;
+        }
+        self.try_resume()
+    }
+
+    /// Tries to record the outage now, whatever the back-off says.
+    fn try_resume(&mut self) -> bool {
+        let Some(unwritable) = &self.unwritable else {
+            return true;
+        };
+        let event = Event::LogUnwritable {
+            since_ms: unwritable.problem.since_ms,
+            error: unwritable.problem.error.clone(),
+        };
+        match self.record(event) {
+            Ok(_) => {
+                self.unwritable = None;
+                warn(format_args!(
+                    "graven: {}/{}: the event log can be written again; carrying on",
+                    self.options.app, self.options.environment
+                ));
+                self.publish_snapshot();
+                true
+            }
+            Err(error) => {
+                self.log_failed(error);
+                if let Some(unwritable) = &mut self.unwritable {
+                    unwritable.delay = (unwritable.delay * 2).min(LOG_RETRY_MAX);
+                    unwritable.retry_at = tokio::time::Instant::now() + unwritable.delay;
+                }
+                false
+            }
+        }
+    }
+
+    /// Notes that the log could not be written: said once on stderr, shown in the snapshot.
+    fn log_failed(&mut self, error: ControllerError) {
+        let error = match error {
+            ControllerError::Log(error) => error.to_string(),
+            other => other.to_string(),
+        };
+        match &mut self.unwritable {
+            Some(unwritable) => unwritable.problem.error = error,
+            None => {
+                warn(format_args!(
+                    "graven: {}/{}: the event log cannot be written ({error}): routes serve \
+                     the last known state and nothing new is done until it can; retrying",
+                    self.options.app, self.options.environment
+                ));
+                self.unwritable = Some(Unwritable {
+                    problem: LogProblem {
+                        since_ms: now_ms(),
+                        error,
+                    },
+                    delay: LOG_RETRY_FIRST,
+                    retry_at: tokio::time::Instant::now() + LOG_RETRY_FIRST,
+                });
+            }
+        }
+        self.publish_snapshot();
     }
 
     /// Appends the event, folds it in and publishes the new state.
@@ -402,6 +530,7 @@ impl Shell {
                 .map(|(service, entry)| (service.clone(), entry.route.local_addr()))
                 .collect(),
             route_errors: self.route_errors.clone(),
+            log_problem: self.unwritable.as_ref().map(|u| u.problem.clone()),
         };
         self.publish.send_replace(Arc::new(snapshot));
     }
@@ -451,7 +580,7 @@ impl Shell {
                         })?;
                     }
                     // The next listing finds it still draining and tries again.
-                    Err(error) => eprintln!("graven: stopping {instance}: {error}"),
+                    Err(error) => warn(format_args!("graven: stopping {instance}: {error}")),
                 }
             }
             Input::Removed { runtime_id } => {
@@ -459,6 +588,9 @@ impl Shell {
             }
             Input::Command(command) => self.command(command).await?,
             Input::Shutdown(done) => {
+                // A log that can be written again records the drains; one that cannot ends
+                // the shutdown at once (see `run`).
+                self.try_resume();
                 // Every drain and stop is bounded by its grace; this bounds a runtime that
                 // does not answer.
                 let longest = self
@@ -476,6 +608,7 @@ impl Shell {
     }
 
     fn health_changed(&mut self, change: HealthChange) -> Result<(), ControllerError> {
+        let name = change.instance.clone();
         let Some(instance) = self.state.instances.get(&change.instance) else {
             return Ok(());
         };
@@ -496,11 +629,40 @@ impl Shell {
                 }
             }
         };
-        self.record(event)?;
+        if let Err(error) = self.record(event) {
+            // The monitor reported this flip once; started again from what the log knows,
+            // it reports it again once the log can be written.
+            self.monitors.remove(&name);
+            return Err(error);
+        }
         Ok(())
     }
 
     async fn command(&mut self, command: Command) -> Result<(), ControllerError> {
+        // A command that would change anything waits for the log: nothing it starts (a
+        // route bound, a release made) may go unrecorded.
+        let changes = !matches!(command, Command::History { .. });
+        if changes && !self.try_resume() {
+            let reason = self
+                .unwritable
+                .as_ref()
+                .map(|u| u.problem.error.clone())
+                .unwrap_or_default();
+            let refused = ControllerError::LogUnwritable {
+                app: self.options.app.clone(),
+                environment: self.options.environment.clone(),
+                reason,
+            };
+            match command {
+                Command::Deploy { reply, .. }
+                | Command::Rollback { reply, .. }
+                | Command::Down { reply } => {
+                    let _ = reply.send(Err(refused));
+                }
+                Command::History { .. } => {}
+            }
+            return Ok(());
+        }
         match command {
             Command::Deploy { services, reply } => {
                 let result = self.deploy(services).await;
@@ -533,8 +695,8 @@ impl Shell {
         }
     }
 
-    /// Sends the command's answer. A failed log write stops the controller: the caller is
-    /// told so and the error goes up to the loop.
+    /// Sends the command's answer. A failed log write is told to the caller, and goes up to
+    /// the loop, which stops deciding until the log can be written.
     fn answer<T>(
         &self,
         reply: Reply<T>,
@@ -542,9 +704,10 @@ impl Shell {
     ) -> Result<(), ControllerError> {
         match result {
             Err(ControllerError::Log(error)) => {
-                let _ = reply.send(Err(ControllerError::Stopped {
+                let _ = reply.send(Err(ControllerError::LogUnwritable {
                     app: self.options.app.clone(),
                     environment: self.options.environment.clone(),
+                    reason: error.to_string(),
                 }));
                 Err(ControllerError::Log(error))
             }
@@ -772,7 +935,7 @@ impl Shell {
                         })
                         .collect();
                 }
-                Err(error) => eprintln!("graven: listing the runtime: {error}"),
+                Err(error) => warn(format_args!("graven: listing the runtime: {error}")),
             }
         }
         let actions = match self.shutting_down {
@@ -793,8 +956,22 @@ impl Shell {
 
     /// Records the action's event, then starts its effect.
     fn act(&mut self, action: Action) -> Result<(), ControllerError> {
+        // What the runtime knew a forgotten instance as, read before the event folds it away.
+        let forgotten = match &action {
+            Action::Forget { instance, .. } => self
+                .state
+                .instances
+                .get(instance)
+                .and_then(|i| i.runtime_id.clone()),
+            _ => None,
+        };
         if let Some(event) = action.event() {
             self.record(event)?;
+        }
+        // Missing from the listing is not proof that nothing runs: an instance whose
+        // directory was deleted is unlisted but alive, and the runtime's stop finds it.
+        if let Some(runtime_id) = forgotten {
+            self.remove_runtime_instance(runtime_id, Duration::ZERO);
         }
         match action {
             Action::Launch {
@@ -839,9 +1016,18 @@ impl Shell {
                 LABEL_ENVIRONMENT.to_owned(),
                 self.options.environment.clone(),
             ),
-            (LABEL_SERVICE.to_owned(), service),
+            (LABEL_SERVICE.to_owned(), service.clone()),
             (LABEL_RELEASE.to_owned(), release.to_string()),
             (LABEL_INSTANCE.to_owned(), instance.clone()),
+            // The local runtime keeps the logs of a bounded number of removed instances
+            // per group: per service, so one churning service cannot push out another's.
+            (
+                crate::runtime::local::retention::LOG_GROUP.to_owned(),
+                format!(
+                    "{}/{}/{service}",
+                    self.options.app, self.options.environment
+                ),
+            ),
         ]);
         self.busy.insert(instance.clone());
         let runtime = self.options.runtime.clone();
@@ -909,7 +1095,7 @@ impl Shell {
                         .err()
                         .map(|e| format!(" (stop: {e})"))
                         .unwrap_or_default();
-                    eprintln!("graven: removing {runtime_id}: {error}{stop}");
+                    warn(format_args!("graven: removing {runtime_id}: {error}{stop}"));
                 }
             }
             let _ = inputs.send(Input::Removed { runtime_id });

@@ -24,6 +24,9 @@ pub struct State {
     pub launched: u64,
     /// Every deploy and rollback, oldest first.
     pub deploys: Vec<DeployRecord>,
+    /// The last sequence number a recovered log lost (0: none). Numbers of releases and
+    /// instances go on after it, since a lost one may have used any number up to it.
+    pub lost_through: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +131,8 @@ pub enum Lifecycle {
 impl State {
     /// The next release number in this environment.
     pub fn next_release(&self) -> u64 {
-        self.releases.keys().next_back().map_or(1, |n| n + 1)
+        let newest = self.releases.keys().next_back().copied().unwrap_or(0);
+        newest.max(self.lost_through) + 1
     }
 
     /// How many instances of the service should run, and on which route.
@@ -400,6 +404,11 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                 s.backoff = None;
             }
         }
+        Event::HistoryLost { lost_through, .. } => {
+            state.lost_through = state.lost_through.max(*lost_through);
+            state.launched = state.launched.max(*lost_through);
+        }
+        Event::LogUnwritable { .. } => {}
     }
     state
 }
@@ -800,5 +809,28 @@ mod tests {
             },
         );
         assert_eq!(state.next_release(), 8);
+    }
+
+    #[test]
+    fn numbers_go_on_after_lost_history() {
+        let envelope = |seq, payload| Envelope {
+            seq,
+            at_ms: 1,
+            actor: "t".into(),
+            version: 1,
+            payload,
+        };
+        let mut state = fold(State::default(), &envelope(1, release(1, "v")));
+        state.launched = 1;
+        // Events 2 to 9 are lost: they may have created releases and instances up to 9.
+        let lost = Event::HistoryLost {
+            kept_through: 1,
+            lost_through: 9,
+        };
+        state = fold(state, &envelope(10, lost));
+        assert_eq!(state.next_release(), 10);
+        assert_eq!(state.launched, 9);
+        state = fold(state, &envelope(11, release(10, "w")));
+        assert_eq!(state.next_release(), 11);
     }
 }

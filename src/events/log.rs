@@ -7,6 +7,14 @@
 //! several processes, append safely. Reading never skips: a row whose checksum, version or
 //! payload does not hold, or a gap in the sequence, is an error naming the sequence number.
 //! The log is generic over the payload; what events mean is the fold's business.
+//!
+//! A shortened log is caught too. SQLite takes a WAL whose frames do not check out, or a lost
+//! `-wal` file, as the end of the log, and would start on a shorter history without a word.
+//! So after each durable append the highest sequence number ever appended is written to a
+//! mark file beside the database (`events.db.seq`: a temp file, fsynced, renamed, the
+//! directory fsynced). `open` refuses a log that ends before its mark, naming both numbers;
+//! `recover` is the way on: it records the loss as an event numbered after the mark, so no
+//! sequence number (and, through the fold, no release or instance number) is used twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -24,6 +32,20 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// What an event's payload says it is, stored beside it so queries need not parse JSON.
 pub trait EventKind {
     fn kind(&self) -> &'static str;
+
+    /// The loss this event records, if it is the one `EventLog::recover` appends: the
+    /// reader lets the gap it describes pass, and no other.
+    fn loss(&self) -> Option<Loss> {
+        None
+    }
+}
+
+/// Events lost from a log's end: the log kept them up to `kept_through`, while its mark said
+/// `lost_through` had been appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loss {
+    pub kept_through: u64,
+    pub lost_through: u64,
 }
 
 /// One event as stored: its place in the log, when and by whom it was appended, and the fact.
@@ -75,6 +97,20 @@ pub enum EventLogError {
         expected: u64,
         found: u64,
     },
+    #[error(
+        "event log {path} ends at event {found}, but {} records that event {expected} was \
+         appended: its end is lost (a damaged or missing WAL?); `graven recover` records the \
+         loss and goes on after event {expected}, using no number twice",
+        mark.display()
+    )]
+    Shortened {
+        path: PathBuf,
+        mark: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("event log mark {}: {reason}", path.display())]
+    BadMark { path: PathBuf, reason: String },
     #[error("event of kind {kind} does not encode: {source}")]
     Encode {
         kind: &'static str,
@@ -160,6 +196,106 @@ fn valid_actor(actor: &str) -> bool {
 pub struct EventLog {
     path: PathBuf,
     connection: Mutex<Connection>,
+    mark: Mark,
+}
+
+/// The file beside the database recording the highest sequence number ever appended.
+#[derive(Debug)]
+struct Mark {
+    path: PathBuf,
+}
+
+impl Mark {
+    fn of(log: &Path) -> Mark {
+        let mut name = log.file_name().unwrap_or_default().to_owned();
+        name.push(".seq");
+        Mark {
+            path: log.with_file_name(name),
+        }
+    }
+
+    fn bad(&self, reason: String) -> EventLogError {
+        EventLogError::BadMark {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// The recorded sequence number, or `None` when there is no mark yet.
+    fn read(&self) -> Result<Option<u64>, EventLogError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| self.bad(format!("{:?} is not a sequence number", text.trim()))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(self.bad(error.to_string())),
+        }
+    }
+
+    /// Whether the mark records `seq` or more; an unreadable mark records nothing, and is
+    /// replaced by the next raise.
+    fn covers(&self, seq: u64) -> bool {
+        matches!(self.read(), Ok(Some(marked)) if marked >= seq)
+    }
+
+    /// Raises the mark to `seq`, durably; never lowers it.
+    fn raise(&self, seq: u64) -> Result<(), EventLogError> {
+        // Most opens find the mark current: they write nothing.
+        if self.covers(seq) {
+            return Ok(());
+        }
+        self.stage(seq)?.install()
+    }
+
+    /// Writes `seq` to a temp file beside the mark and fsyncs it. Done before an append
+    /// commits, so a full disk fails the append (nothing appended) rather than leave an
+    /// event its mark does not know.
+    fn stage(&self, seq: u64) -> Result<StagedMark<'_>, EventLogError> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let io = |error: std::io::Error| self.bad(error.to_string());
+        let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        std::io::Write::write_all(&mut temp, format!("{seq}\n").as_bytes()).map_err(io)?;
+        temp.as_file().sync_all().map_err(io)?;
+        let dir = std::fs::File::open(dir).map_err(io)?;
+        Ok(StagedMark {
+            mark: self,
+            seq,
+            temp,
+            dir,
+        })
+    }
+}
+
+/// A mark written and fsynced, not yet in place.
+struct StagedMark<'a> {
+    mark: &'a Mark,
+    seq: u64,
+    temp: tempfile::NamedTempFile,
+    dir: std::fs::File,
+}
+
+impl StagedMark<'_> {
+    /// Renames it over the mark unless that records `seq` or more already. Appenders in
+    /// other processes serialize on a lock of the directory, so a slower one cannot put an
+    /// older number over a newer.
+    fn install(self) -> Result<(), EventLogError> {
+        let io = |error: std::io::Error| self.mark.bad(error.to_string());
+        rustix::fs::flock(&self.dir, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io(e.into()))?;
+        if self.mark.covers(self.seq) {
+            return Ok(());
+        }
+        self.temp
+            .persist(&self.mark.path)
+            .map_err(|e| io(e.error))?;
+        self.dir.sync_all().map_err(io)
+    }
 }
 
 impl std::fmt::Debug for EventLog {
@@ -172,8 +308,56 @@ impl std::fmt::Debug for EventLog {
 
 impl EventLog {
     /// Opens the log at `path`, creating its directory and schema when new. Refuses a log
-    /// written by a newer graven rather than misreading it.
+    /// written by a newer graven rather than misreading it, and one that ends before the
+    /// last event its mark records (`EventLogError::Shortened`).
     pub fn open(path: &Path) -> Result<EventLog, EventLogError> {
+        let log = EventLog::open_unchecked(path)?;
+        let found = log.last_seq()?;
+        match log.mark.read()? {
+            Some(expected) if expected > found => Err(EventLogError::Shortened {
+                path: path.to_owned(),
+                mark: log.mark.path.clone(),
+                expected,
+                found,
+            }),
+            // A log older than marks, or a mark whose last raise failed: it catches up.
+            Some(_) | None => {
+                log.mark.raise(found)?;
+                Ok(log)
+            }
+        }
+    }
+
+    /// Opens a log that `open` refuses as shortened and carries on after its loss: appends
+    /// the event `lost` makes, numbered one after the mark, so no sequence number is used
+    /// twice. A damaged mark counts as none. Returns that event, or `None` when nothing
+    /// was lost.
+    pub fn recover<T: Serialize + EventKind + Clone>(
+        path: &Path,
+        actor: &str,
+        at_ms: u64,
+        lost: impl FnOnce(Loss) -> T,
+    ) -> Result<Option<Envelope<T>>, EventLogError> {
+        let log = EventLog::open_unchecked(path)?;
+        let found = log.last_seq()?;
+        let expected = match log.mark.read() {
+            Ok(marked) => marked.unwrap_or(0),
+            Err(EventLogError::BadMark { .. }) => found,
+            Err(error) => return Err(error),
+        };
+        if expected <= found {
+            log.mark.raise(found)?;
+            return Ok(None);
+        }
+        let loss = Loss {
+            kept_through: found,
+            lost_through: expected,
+        };
+        log.append_at(actor, at_ms, &lost(loss), Some(expected + 1))
+            .map(Some)
+    }
+
+    fn open_unchecked(path: &Path) -> Result<EventLog, EventLogError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| EventLogError::Io {
                 path: path.to_owned(),
@@ -231,6 +415,7 @@ impl EventLog {
         Ok(EventLog {
             path: path.to_owned(),
             connection: Mutex::new(connection),
+            mark: Mark::of(path),
         })
     }
 
@@ -253,12 +438,25 @@ impl EventLog {
         }
     }
 
-    /// Appends one event; when this returns `Ok` the event is durable on disk.
+    /// Appends one event; when this returns `Ok` the event is durable on disk, and so is
+    /// the mark that says it was appended (but for its final rename: should that fail, the
+    /// mark lags until the next append).
     pub fn append<T: Serialize + EventKind + Clone>(
         &self,
         actor: &str,
         at_ms: u64,
         payload: &T,
+    ) -> Result<Envelope<T>, EventLogError> {
+        self.append_at(actor, at_ms, payload, None)
+    }
+
+    /// Appends at the next sequence number, or at `seq` (a recovery, past a lost end).
+    fn append_at<T: Serialize + EventKind + Clone>(
+        &self,
+        actor: &str,
+        at_ms: u64,
+        payload: &T,
+        seq: Option<u64>,
     ) -> Result<Envelope<T>, EventLogError> {
         if !valid_actor(actor) {
             return Err(EventLogError::BadActor {
@@ -274,11 +472,13 @@ impl EventLog {
         let transaction = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sqlite())?;
-        let seq: i64 = transaction
+        let next: i64 = transaction
             .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |row| {
                 row.get(0)
             })
             .map_err(self.sqlite())?;
+        let seq = seq.map_or(next, |seq| next.max(seq as i64));
+        let staged = self.mark.stage(seq as u64)?;
         transaction
             .execute(
                 "INSERT INTO events (seq, at_ms, actor, version, kind, payload, checksum)
@@ -295,6 +495,11 @@ impl EventLog {
             )
             .map_err(self.sqlite())?;
         transaction.commit().map_err(self.sqlite())?;
+        // Installed while the connection is still held, so this process's marks rise in
+        // order. The event is durable already: should the rename fail, the mark only lags
+        // (the next append's puts it right), so the append still succeeds.
+        let _ = staged.install();
+        drop(connection);
         Ok(Envelope {
             seq: seq as u64,
             at_ms,
@@ -304,8 +509,9 @@ impl EventLog {
         })
     }
 
-    /// Every event after `after_seq`, in order, each one verified.
-    pub fn read_after<T: DeserializeOwned>(
+    /// Every event after `after_seq`, in order, each one verified. The only gap allowed is
+    /// the one a recovery's event records.
+    pub fn read_after<T: DeserializeOwned + EventKind>(
         &self,
         after_seq: u64,
     ) -> Result<Vec<Envelope<T>>, EventLogError> {
@@ -331,15 +537,20 @@ impl EventLog {
             })
             .map_err(self.sqlite())?;
         let mut events = Vec::new();
-        for (expected, row) in (after_seq + 1..).zip(rows) {
+        let mut expected = after_seq + 1;
+        for row in rows {
             let envelope: Envelope<T> = decode_envelope(&row.map_err(self.sqlite())?)?;
-            if envelope.seq != expected {
+            let recovered = envelope.payload.loss().is_some_and(|loss| {
+                loss.lost_through + 1 == envelope.seq && loss.kept_through < expected
+            });
+            if envelope.seq != expected && !recovered {
                 return Err(EventLogError::Gap {
                     path: self.path.clone(),
                     expected,
                     found: envelope.seq,
                 });
             }
+            expected = envelope.seq + 1;
             events.push(envelope);
         }
         Ok(events)
@@ -366,6 +577,7 @@ mod tests {
     enum Fact {
         Created { name: String },
         Removed { name: String },
+        Lost(Loss),
     }
 
     impl EventKind for Fact {
@@ -373,6 +585,14 @@ mod tests {
             match self {
                 Fact::Created { .. } => "created",
                 Fact::Removed { .. } => "removed",
+                Fact::Lost(_) => "lost",
+            }
+        }
+
+        fn loss(&self) -> Option<Loss> {
+            match self {
+                Fact::Lost(loss) => Some(*loss),
+                _ => None,
             }
         }
     }
@@ -524,6 +744,133 @@ mod tests {
                 EventLogError::Gap {
                     expected: 2,
                     found: 3,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_lost_end_is_refused_naming_the_mark_and_both_numbers() {
+        let (_dir, path, log) = log_of_three();
+        drop(log);
+        raw(&path)
+            .execute("DELETE FROM events WHERE seq >= 2", [])
+            .unwrap();
+        let error = EventLog::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                EventLogError::Shortened {
+                    expected: 3,
+                    found: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("events.db ends at event 1")
+                && message.contains("events.db.seq records that event 3 was appended"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_lost_database_is_refused_by_its_mark() {
+        let (_dir, path, log) = log_of_three();
+        drop(log);
+        std::fs::remove_file(&path).unwrap();
+        let error = EventLog::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                EventLogError::Shortened {
+                    expected: 3,
+                    found: 0,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn recovery_records_the_loss_and_numbers_on_after_the_mark() {
+        let (_dir, path, log) = log_of_three();
+        drop(log);
+        raw(&path)
+            .execute("DELETE FROM events WHERE seq >= 2", [])
+            .unwrap();
+        let recorded = EventLog::recover(&path, "cli", 9, Fact::Lost)
+            .unwrap()
+            .unwrap();
+        assert_eq!(recorded.seq, 4);
+        assert_eq!(
+            recorded.payload,
+            Fact::Lost(Loss {
+                kept_through: 1,
+                lost_through: 3
+            })
+        );
+        let log = EventLog::open(&path).unwrap();
+        assert_eq!(log.append("controller", 10, &created("d")).unwrap().seq, 5);
+        let seqs: Vec<u64> = log
+            .read_after::<Fact>(0)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 4, 5]);
+        assert_eq!(log.read_after::<Fact>(2).unwrap().len(), 2);
+        // Nothing more was lost: a second recovery records nothing.
+        assert!(
+            EventLog::recover(&path, "cli", 11, Fact::Lost)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_damaged_mark_is_refused_and_recovery_replaces_it() {
+        let (_dir, path, log) = log_of_three();
+        drop(log);
+        let mark = path.with_file_name("events.db.seq");
+        std::fs::write(&mark, "garbage").unwrap();
+        let error = EventLog::open(&path).unwrap_err();
+        assert!(matches!(error, EventLogError::BadMark { .. }), "{error}");
+        assert!(
+            EventLog::recover(&path, "cli", 9, Fact::Lost)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), "3\n");
+        EventLog::open(&path).unwrap();
+    }
+
+    #[test]
+    fn a_loss_event_does_not_excuse_another_gap() {
+        let (_dir, path, log) = log_of_three();
+        drop(log);
+        raw(&path)
+            .execute("DELETE FROM events WHERE seq >= 2", [])
+            .unwrap();
+        EventLog::recover(&path, "cli", 9, Fact::Lost).unwrap();
+        let log = EventLog::open(&path).unwrap();
+        log.append("controller", 10, &created("d")).unwrap();
+        log.append("controller", 10, &created("e")).unwrap();
+        raw(&path)
+            .execute("DELETE FROM events WHERE seq = 5", [])
+            .unwrap();
+        let error = log.read_after::<Fact>(0).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                EventLogError::Gap {
+                    expected: 5,
+                    found: 6,
                     ..
                 }
             ),

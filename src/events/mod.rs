@@ -19,7 +19,7 @@ pub mod fold;
 mod log;
 
 pub use log::{
-    ENVELOPE_VERSION, Envelope, EventKind, EventLog, EventLogError, RawRow, SCHEMA_VERSION,
+    ENVELOPE_VERSION, Envelope, EventKind, EventLog, EventLogError, Loss, RawRow, SCHEMA_VERSION,
     checksum, decode_envelope,
 };
 
@@ -121,6 +121,20 @@ pub enum Event {
     ServiceRemoved {
         service: String,
     },
+    /// The log's end was lost (a damaged or missing WAL): it kept events up to
+    /// `kept_through`, its mark said `lost_through` had been appended. Appended by
+    /// `graven recover` at `lost_through + 1`; release and instance numbers go on after
+    /// `lost_through`, which no lost one can exceed (each was created by an event of its own).
+    HistoryLost {
+        kept_through: u64,
+        lost_through: u64,
+    },
+    /// The log could not be written from `since_ms` until this event (the error is the last
+    /// one seen); no decision was taken meanwhile, and routes served the last known state.
+    LogUnwritable {
+        since_ms: u64,
+        error: String,
+    },
 }
 
 impl EventKind for Event {
@@ -141,6 +155,21 @@ impl EventKind for Event {
             Event::CrashLoopBackoff { .. } => "crash_loop_backoff",
             Event::ServiceScaled { .. } => "service_scaled",
             Event::ServiceRemoved { .. } => "service_removed",
+            Event::HistoryLost { .. } => "history_lost",
+            Event::LogUnwritable { .. } => "log_unwritable",
+        }
+    }
+
+    fn loss(&self) -> Option<Loss> {
+        match self {
+            Event::HistoryLost {
+                kept_through,
+                lost_through,
+            } => Some(Loss {
+                kept_through: *kept_through,
+                lost_through: *lost_through,
+            }),
+            _ => None,
         }
     }
 }
@@ -225,6 +254,20 @@ impl Event {
                 None => format!("service {service} scaled to {instances}"),
             },
             Event::ServiceRemoved { service } => format!("service {service} removed"),
+            Event::HistoryLost {
+                kept_through,
+                lost_through,
+            } => format!(
+                "events {} to {lost_through} were lost from the log; numbering goes on after them",
+                kept_through + 1
+            ),
+            Event::LogUnwritable { since_ms, error } => format!(
+                "the event log could not be written from {} ({error}); no decision was taken \
+                 meanwhile",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(*since_ms)
+                )
+            ),
         }
     }
 }

@@ -160,7 +160,10 @@ impl HealthMonitor {
                     Err(Failure::Instance(_)) => false,
                     Err(Failure::Graven(why)) => {
                         if !skipping {
-                            eprintln!(
+                            // Not `eprintln!`: a closed stderr must not end the monitor.
+                            use std::io::Write as _;
+                            let _ = writeln!(
+                                std::io::stderr(),
                                 "graven: health checks of instance {instance} are skipped \
                                  until graven can open connections again: {why}"
                             );

@@ -13,6 +13,7 @@ mod digest;
 mod export;
 mod gc;
 mod import;
+pub mod inroot;
 mod layer;
 mod oci;
 mod pgzip;
@@ -30,6 +31,7 @@ pub use oci::{
     to_canonical_json,
 };
 pub use txn::Transaction;
+pub use unpack::unpack_tar;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -64,11 +66,54 @@ pub enum StoreError {
     BadImport { path: PathBuf, reason: String },
     #[error("layer {digest}: {reason}")]
     BadLayer { digest: Digest, reason: String },
+    #[error(
+        "layer {digest}: the image unpacks to more than {limit} bytes (the bound is set by {MAX_IMAGE_SIZE_VAR})"
+    )]
+    TooLarge { digest: Digest, limit: u64 },
+    #[error(
+        "{MAX_IMAGE_SIZE_VAR}={value:?} is not a size: use bytes or a number with K, M, G or T (powers of 1024)"
+    )]
+    BadMaxImageSize { value: String },
     #[error(transparent)]
     Digest(#[from] DigestError),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The environment variable that bounds how large an image may be once unpacked.
+pub const MAX_IMAGE_SIZE_VAR: &str = "GRAVEN_MAX_IMAGE_SIZE";
+/// The bound when the variable is unset: room for real images (a Debian with PostgreSQL is
+/// about 1 GiB) many times over, and still far below a laptop's free disk, so a 1.5 MB gzip
+/// bomb (a layer of zeros compresses about 1000 to 1) stops at 16 GiB instead of filling it.
+pub const DEFAULT_MAX_IMAGE_SIZE: u64 = 16 << 30;
+
+/// How many bytes an image (all its layers, or one ADD archive) may take unpacked:
+/// `$GRAVEN_MAX_IMAGE_SIZE` (`512M`, `16G`, plain bytes), else `DEFAULT_MAX_IMAGE_SIZE`.
+pub fn max_image_size() -> Result<u64> {
+    match std::env::var(MAX_IMAGE_SIZE_VAR) {
+        Ok(value) if !value.trim().is_empty() => {
+            parse_size(value.trim()).ok_or(StoreError::BadMaxImageSize { value })
+        }
+        _ => Ok(DEFAULT_MAX_IMAGE_SIZE),
+    }
+}
+
+/// A size in bytes, or with a K, M, G or T suffix (powers of 1024, an optional `i` and `B`).
+fn parse_size(text: &str) -> Option<u64> {
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits].parse().ok()?;
+    let shift = match text[digits..].trim_start().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift)
+}
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
@@ -460,6 +505,25 @@ pub fn digest_reader(mut reader: impl Read) -> io::Result<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        for (text, expected) in [
+            ("0", Some(0)),
+            ("1024", Some(1024)),
+            ("512M", Some(512 << 20)),
+            ("16G", Some(16 << 30)),
+            ("2 GiB", Some(2 << 30)),
+            ("1t", Some(1 << 40)),
+            ("", None),
+            ("G", None),
+            ("1.5G", None),
+            ("-1", None),
+            ("99999999999T", None),
+        ] {
+            assert_eq!(parse_size(text), expected, "{text:?}");
+        }
+    }
 
     #[test]
     fn blob_round_trip_and_tags() {

@@ -358,3 +358,62 @@ stop_grace = "2s"
     )
     .unwrap();
 }
+
+/// Stops and removes every instance under a home when dropped: for a test that kills or
+/// signals graven itself, so a failed assertion leaves nothing running.
+pub struct RemoveInstancesOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemoveInstancesOnDrop {
+    fn drop(&mut self) {
+        remove_instances(&self.0);
+    }
+}
+
+/// A process as an instance's state records it: PID and start time (clock ticks after boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Recorded {
+    /// Whether that very process still runs (not a zombie, not a reused PID), read from /proc.
+    pub fn alive(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let Some((_, rest)) = text.rsplit_once(')') else {
+            return false;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+        !zombie && fields.get(19).and_then(|s| s.parse().ok()) == Some(self.start)
+    }
+}
+
+/// The processes every instance's `state.json` under `home` records: for each instance its
+/// shim, then its workload.
+pub fn recorded_processes(home: &std::path::Path) -> Vec<Recorded> {
+    let mut found = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(home.join("instances")) else {
+        return found;
+    };
+    for dir in dirs.flatten() {
+        let Ok(text) = std::fs::read_to_string(dir.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        for key in ["shim", "workload"] {
+            let process = &state[key];
+            if let (Some(pid), Some(start)) = (process["pid"].as_u64(), process["start"].as_u64()) {
+                found.push(Recorded {
+                    pid: pid as u32,
+                    start,
+                });
+            }
+        }
+    }
+    found
+}

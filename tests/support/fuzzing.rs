@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("layer_unpack", layer_unpack),
     ("add_archive", add_archive),
     ("instance_rootfs", instance_rootfs),
+    ("image_paths", image_paths),
 ];
 
 /// `graven.toml`: parsing is deterministic; a project's config digests are stable and cover
@@ -577,5 +578,129 @@ fn listing(root: &Path) -> Vec<String> {
         }
     }
     out.sort();
+    out
+}
+
+/// Paths an image holds (issue 10, items 1 and 6), from a small script: `f`, `d`, `s`, `h`
+/// lines make a layer (file, directory, symlink, hard link: `s NAME TARGET`, `h NAME SOURCE`;
+/// a whiteout is a file named `.wh.*`), unpacked by `store::unpack_tar`; then `w PATH` makes
+/// a WORKDIR and `r PATH` reads a file (as USER's passwd lookup does) inside the root. `$S` in
+/// a line is the sentinel dir beside the root, `$W` the dir holding both. Whatever the script:
+/// the sentinel's files are as they were, nothing appears beside the root, the root is still
+/// there, and no read returns the sentinel's secret.
+pub fn image_paths(data: &[u8]) {
+    use graven::store::inroot;
+    const SECRET: &str = "sentinel-secret";
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let sentinel = work.path().join("sentinel");
+    fs::create_dir_all(&root).unwrap();
+    fs::create_dir_all(sentinel.join("d")).unwrap();
+    fs::write(sentinel.join("file"), SECRET).unwrap();
+    fs::write(sentinel.join("d/file"), SECRET).unwrap();
+    let before = tree_of(&sentinel);
+    let expand = |text: &str| {
+        text.replace("$S", &sentinel.to_string_lossy())
+            .replace("$W", &work.path().to_string_lossy())
+    };
+    enum Ask {
+        Workdir(String),
+        Read(String),
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut asks = Vec::new();
+    for line in text.lines().take(64) {
+        let mut parts = line.splitn(3, ' ');
+        let (op, name, link) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            expand(parts.next().unwrap_or("")),
+        );
+        let kind = match op {
+            "f" => tar::EntryType::Regular,
+            "d" => tar::EntryType::Directory,
+            "s" => tar::EntryType::Symlink,
+            "h" => tar::EntryType::Link,
+            "w" => {
+                asks.push(Ask::Workdir(expand(name)));
+                continue;
+            }
+            "r" => {
+                asks.push(Ask::Read(expand(name)));
+                continue;
+            }
+            _ => continue,
+        };
+        let name = expand(name);
+        if name.len() > 99 || link.len() > 99 {
+            continue;
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(0);
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_cksum();
+        builder.append(&header, &[][..]).unwrap();
+    }
+    let layer = builder.into_inner().unwrap();
+    let _ = graven::store::unpack_tar(layer.as_slice(), &root);
+    for ask in asks {
+        match ask {
+            Ask::Workdir(path) => {
+                let _ = inroot::create_dir_all(&root, Path::new(&path));
+            }
+            Ask::Read(path) => {
+                if let Ok(bytes) = inroot::read_file(&root, Path::new(&path)) {
+                    assert_ne!(bytes, SECRET.as_bytes(), "{path} read the sentinel's file");
+                }
+            }
+        }
+    }
+    assert!(root.is_dir(), "the root was removed");
+    assert_eq!(
+        tree_of(&sentinel),
+        before,
+        "the sentinel beside the root changed"
+    );
+    let mut beside: Vec<String> = fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    assert_eq!(
+        beside,
+        ["root", "sentinel"],
+        "something was made beside the root"
+    );
+}
+
+/// Every path under `dir` (not following symlinks) with its content, for files.
+fn tree_of(dir: &Path) -> BTreeMap<String, Option<String>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(here) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&here) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(dir).unwrap().display().to_string();
+            if meta.is_dir() {
+                stack.push(path);
+                out.insert(rel, None);
+            } else {
+                out.insert(rel, fs::read_to_string(&path).ok());
+            }
+        }
+    }
     out
 }

@@ -9,6 +9,8 @@
 
 mod cgroup;
 pub mod log;
+pub mod orphans;
+pub mod retention;
 mod rootfs;
 pub mod shim;
 mod state;
@@ -81,6 +83,17 @@ impl LocalRuntime {
         } else {
             Err(RuntimeError::UnknownInstance { id: id.clone() })
         }
+    }
+
+    /// `load` for stopping: an instance whose directory is gone may still run, and is stopped
+    /// as an orphan before it is reported unknown.
+    fn load_or_stop_orphan(&self, id: &InstanceId) -> Result<(PathBuf, State), RuntimeError> {
+        let loaded = self.load(id);
+        if let Err(RuntimeError::UnknownInstance { .. }) = &loaded {
+            let instances = self.home.join("instances");
+            orphans::stop(&orphans::find(&instances, Some(&id.0)));
+        }
+        loaded
     }
 
     fn load(&self, id: &InstanceId) -> Result<(PathBuf, State), RuntimeError> {
@@ -373,6 +386,9 @@ impl LocalRuntime {
     fn list_blocking(&self) -> Result<Vec<Instance>, RuntimeError> {
         shim::reap();
         let dir = self.home.join("instances");
+        // Instances whose directory was deleted cannot be listed; they are stopped instead
+        // (a few times a minute at most: it walks /proc).
+        orphans::sweep(&dir);
         let entries =
             std::fs::read_dir(&dir).map_err(other(format!("listing {}", dir.display())))?;
         let mut instances = Vec::new();
@@ -567,7 +583,7 @@ impl Runtime for LocalRuntime {
     }
 
     async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<Instance, RuntimeError> {
-        let (dir, state) = self.load(id)?;
+        let (dir, state) = self.load_or_stop_orphan(id)?;
         if state.observed_status().is_exited() {
             return self.settle(id, (dir, state)).await;
         }
@@ -584,7 +600,7 @@ impl Runtime for LocalRuntime {
     }
 
     async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError> {
-        let (dir, state) = self.load(id)?;
+        let (dir, state) = self.load_or_stop_orphan(id)?;
         Self::signal(&state, libc::SIGKILL);
         self.settle(id, (dir, state)).await.map(|_| ())
     }
@@ -619,6 +635,13 @@ impl Runtime for LocalRuntime {
             };
             result.map_err(other(format!("removing {}", path.display())))?;
         }
+        // The log stays, within its group's bound.
+        let group = state
+            .labels
+            .get(retention::LOG_GROUP)
+            .map_or("", String::as_str);
+        retention::record(&dir, group).map_err(other(format!("recording {}", dir.display())))?;
+        retention::prune(&self.home.join("instances"), group, retention::KEEP);
         Ok(())
     }
 }

@@ -1,0 +1,133 @@
+//! `graven up` asked to stop: by SIGTERM before its first rollout has finished, and by
+//! Ctrl-C after whatever read its output has gone away. Either way it drains and stops every
+//! instance it started before it exits, checked by the processes the instances' states
+//! recorded (their PIDs and start times in /proc), not by name.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::daemon::{
+    RemoveInstancesOnDrop, demo_instances, recorded_processes, run, v1_project, write_project,
+};
+
+/// Waits (bounded) for `child` to exit by itself.
+fn exits(child: &mut std::process::Child, deadline: Duration) -> std::process::ExitStatus {
+    support::wait_for(deadline, "graven up to exit", || child.try_wait().unwrap())
+}
+
+fn signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped yet, so
+    // the PID cannot have been reused.
+    unsafe { libc::kill(child.id() as i32, signal) };
+}
+
+/// After graven exited: no process an instance recorded runs, and the runtime lists none.
+fn nothing_left(home: &std::path::Path, recorded: &[support::daemon::Recorded]) {
+    let alive: Vec<_> = recorded.iter().filter(|p| p.alive()).collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+    let left = demo_instances(home);
+    assert!(left.is_empty(), "instances left: {left:?}");
+}
+
+#[test]
+fn sigterm_during_the_first_rollout_stops_every_instance() {
+    let (_temp, home, dir, route) = v1_project(2);
+    let _cleanup = RemoveInstancesOnDrop(home.clone());
+    // Instances that never pass their check, within a deadline far away: the first rollout
+    // is still starting them when the signal comes.
+    write_project(&dir, route, 2, r#"HEALTHY = "0""#, "");
+    let toml = std::fs::read_to_string(dir.join("graven.toml")).unwrap();
+    std::fs::write(
+        dir.join("graven.toml"),
+        toml.replace(r#"health_deadline = "3s""#, r#"health_deadline = "10m""#),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::copy(support::hello_binary(), dir.join("dist/hello")).unwrap();
+    std::fs::copy(
+        support::workspace().join("examples/hello/Containerfile"),
+        dir.join("Containerfile"),
+    )
+    .unwrap();
+
+    let mut up = support::graven(&home)
+        .args(["up", dir.to_str().unwrap()])
+        .env("GRAVEN_RUNTIME", "local")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let recorded = support::wait_for(
+        Duration::from_secs(60),
+        "two instances running, none healthy",
+        || {
+            let running = demo_instances(&home)
+                .iter()
+                .filter(|i| !i.status.is_exited())
+                .count();
+            let recorded = recorded_processes(&home);
+            (running == 2 && recorded.len() == 4).then_some(recorded)
+        },
+    );
+    let (_, status, _) = run(&home, &["status", "--json"]);
+    assert!(
+        status.contains("\"starting\"") && !status.contains("\"healthy\""),
+        "{status}"
+    );
+    signal(&up, libc::SIGTERM);
+    let exited = exits(&mut up, Duration::from_secs(60));
+    assert!(
+        exited.code().is_some(),
+        "graven up ended by the signal: {exited}"
+    );
+    nothing_left(&home, &recorded);
+}
+
+#[test]
+fn a_closed_output_pipe_does_not_stop_the_drain() {
+    let (_temp, home, dir, _route) = v1_project(2);
+    let _cleanup = RemoveInstancesOnDrop(home.clone());
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut up = support::graven(&home)
+        .args(["up", dir.to_str().unwrap()])
+        .env("GRAVEN_RUNTIME", "local")
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    // Read as `tee` would until graven serves, then go away as `tee` does when it dies first.
+    let mut lines = BufReader::new(reader).lines();
+    let served = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|line| line.contains("graven: serving"));
+    assert!(served, "graven up ended before serving");
+    drop(lines);
+    let recorded = recorded_processes(&home);
+    assert_eq!(
+        recorded.len(),
+        4,
+        "two instances, each a shim and a workload"
+    );
+    signal(&up, libc::SIGINT);
+    let exited = exits(&mut up, Duration::from_secs(60));
+    assert_eq!(exited.code(), Some(0), "{exited}");
+    nothing_left(&home, &recorded);
+}
+
+#[test]
+fn a_failing_up_with_a_closed_stderr_exits_1_not_101() {
+    let temp = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = support::graven(&temp.path().join("home"))
+        .args(["up", temp.path().join("no-such-project").to_str().unwrap()])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+}
