@@ -7,6 +7,10 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A graven started by a serving graven (a shim, the sandbox helper, a RUN step's or an
+    // exec's helper, a nested command) puts back the descriptor limit the serving one was
+    // given before it raised its own, so that workloads never inherit the raised limit.
+    graven::proxy::limits::restore_started_nofile();
     // The sandbox helper must take over before any thread exists (unshare of a user namespace
     // fails in a multi-threaded process), so it is checked before anything else runs.
     graven::sandbox::enter_if_helper();

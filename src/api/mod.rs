@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -38,6 +38,16 @@ pub const SOCKET: &str = "graven.sock";
 pub fn socket_path(home: &Path) -> PathBuf {
     home.join(SOCKET)
 }
+
+/// The largest request body the API reads. The largest legitimate one, a deploy of many
+/// services with their environments, is a few hundred KiB; a bigger one is refused (413)
+/// after reading at most this much, so a client cannot make the daemon buffer gigabytes.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// How long a connection may wait for its next request head (the first one included), and
+/// a body may take to arrive; then it is closed. `GRAVEN_API_IDLE_TIMEOUT` overrides it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT_ENV: &str = "GRAVEN_API_IDLE_TIMEOUT";
 
 /// The event log of one app in one environment.
 pub fn log_path(home: &Path, app: &str, environment: &str) -> PathBuf {
@@ -59,6 +69,16 @@ pub enum ApiError {
     BadName { name: String },
     #[error("bad request: {reason}")]
     BadRequest { reason: String },
+    #[error("the request body is larger than the api's limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within {after:?}")]
+    BodyTimeout { after: Duration },
+    #[error("{name}={value:?} is not a duration: {reason}")]
+    Setting {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("no such endpoint: {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("a graven daemon already listens on {}", socket.display())]
@@ -83,6 +103,9 @@ impl ApiError {
             ApiError::NothingRunning => StatusCode::NOT_FOUND,
             ApiError::BadName { .. } => StatusCode::BAD_REQUEST,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Setting { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::AlreadyRunning { .. } => StatusCode::CONFLICT,
             ApiError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -172,6 +195,8 @@ pub struct Daemon {
     home: PathBuf,
     runtime: AnyRuntime,
     tick: Duration,
+    /// See `IDLE_TIMEOUT`.
+    idle_timeout: Duration,
     controllers: Mutex<BTreeMap<(String, String), ControllerHandle>>,
 }
 
@@ -199,6 +224,7 @@ impl Daemon {
             home: home.to_owned(),
             runtime,
             tick: Duration::from_millis(100),
+            idle_timeout: idle_timeout()?,
             controllers: Mutex::new(BTreeMap::new()),
         });
         for (app, environment, _) in event_logs(home)? {
@@ -289,28 +315,46 @@ impl Daemon {
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // hyper's head timer runs from when it starts waiting for a head: it closes a
+        // connection that never sends a request and one idle between requests alike.
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.idle_timeout);
+        // Whether accepting failed last time: a failure is printed once, not at every retry.
+        let mut failing = false;
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(error) => {
-                        // Not `eprintln!`: a closed stderr must not end the daemon undrained.
-                        use std::io::Write as _;
-                        let _ = writeln!(std::io::stderr(), "graven: accepting on the api socket: {error}");
+                        if !failing {
+                            // Not `eprintln!`: a closed stderr must not end the daemon
+                            // undrained.
+                            use std::io::Write as _;
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "graven: accepting on the api socket: {error}"
+                            );
+                            failing = true;
+                        }
+                        // Out of descriptors, most likely: back off rather than spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
                 },
                 () = &mut stop => break,
             };
+            failing = false;
             let daemon = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
+            let connection = builder.serve_connection(TokioIo::new(stream), {
+                hyper::service::service_fn(move |request| {
                     let daemon = daemon.clone();
                     async move { Ok::<_, Infallible>(daemon.answer(request).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                })
+            });
+            tokio::spawn(async move {
+                let _ = connection.await;
             });
         }
     }
@@ -318,27 +362,34 @@ impl Daemon {
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         match self.route(request).await {
             Ok(body) => json_response(StatusCode::OK, body),
-            Err(error) => json_response(
-                error.status(),
-                serde_json::to_vec(&ErrorBody {
-                    error: error.to_string(),
-                })
-                .unwrap_or_default(),
-            ),
+            Err(error) => {
+                let mut response = json_response(
+                    error.status(),
+                    serde_json::to_vec(&ErrorBody {
+                        error: error.to_string(),
+                    })
+                    .unwrap_or_default(),
+                );
+                if matches!(
+                    error,
+                    ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. }
+                ) {
+                    // The rest of the body is not read: the connection cannot carry another
+                    // request.
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
         }
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map_err(|error| ApiError::BadRequest {
-                reason: error.to_string(),
-            })?
-            .to_bytes();
+        let body = self.read_body(request).await?;
         match (&method, path.as_str()) {
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(&body)?;
@@ -379,6 +430,46 @@ impl Daemon {
             }),
         }
     }
+}
+
+impl Daemon {
+    /// The whole body, refused without reading it when its declared length is over
+    /// `MAX_BODY`, and after reading at most that much when it has none.
+    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+        let too_large = ApiError::BodyTooLarge { limit: MAX_BODY };
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > MAX_BODY as u64) {
+            return Err(too_large);
+        }
+        let reading = Limited::new(request.into_body(), MAX_BODY).collect();
+        match tokio::time::timeout(self.idle_timeout, reading).await {
+            Err(_) => Err(ApiError::BodyTimeout {
+                after: self.idle_timeout,
+            }),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large),
+            Ok(Err(error)) => Err(ApiError::BadRequest {
+                reason: error.to_string(),
+            }),
+        }
+    }
+}
+
+/// `IDLE_TIMEOUT`, or `GRAVEN_API_IDLE_TIMEOUT` when set.
+fn idle_timeout() -> Result<Duration, ApiError> {
+    let Some(value) = std::env::var_os(IDLE_TIMEOUT_ENV) else {
+        return Ok(IDLE_TIMEOUT);
+    };
+    let text = value.to_string_lossy().into_owned();
+    humantime::parse_duration(text.trim()).map_err(|error| ApiError::Setting {
+        name: IDLE_TIMEOUT_ENV,
+        value: text,
+        reason: error.to_string(),
+    })
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -504,6 +595,7 @@ mod tests {
             503,
         );
         check(ApiError::BadRequest { reason: "x".into() }, 400);
+        check(ApiError::BodyTooLarge { limit: MAX_BODY }, 413);
         check(
             ApiError::Ambiguous {
                 choices: "a/b, c/d".into(),

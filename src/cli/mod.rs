@@ -147,6 +147,13 @@ pub fn main() -> ExitCode {
         eprintln!("graven: {error}");
         return ExitCode::FAILURE;
     }
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Daemon(_) | Command::Proxy(_)
+    ) {
+        // Before any thread exists: routes take their share of descriptors from this limit.
+        crate::proxy::limits::raise_nofile();
+    }
     let result = match cli.command {
         Command::Bake(args) => bake::run(&home, args),
         Command::Images(args) => image::images(&home, args),

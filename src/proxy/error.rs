@@ -37,6 +37,20 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{name}={value:?} is not valid: {reason}")]
+    Setting {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// Answered (with `Connection: close`) to a client connection beyond the route's cap.
+    #[error("route {route} is at its connection limit ({limit} connections)")]
+    ConnectionLimit { route: SocketAddr, limit: usize },
+    /// graven's share of descriptors for connections to instances is spent.
+    #[error(
+        "route {route} cannot open another connection to an instance: graven's limit of {limit} is reached"
+    )]
+    InstanceConnectionLimit { route: SocketAddr, limit: usize },
     #[error("route {route} has no ready instance and its hold queue is full ({limit} requests)")]
     HoldQueueFull { route: SocketAddr, limit: usize },
     #[error("route {route} had no ready instance for {waited:?}")]
@@ -95,6 +109,9 @@ impl ProxyError {
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamTimeout { .. } => ErrorClass::Upstream,
             ProxyError::Bind { .. }
+            | ProxyError::Setting { .. }
+            | ProxyError::ConnectionLimit { .. }
+            | ProxyError::InstanceConnectionLimit { .. }
             | ProxyError::HoldQueueFull { .. }
             | ProxyError::HoldTimeout { .. } => ErrorClass::Graven,
         }
@@ -106,10 +123,13 @@ impl ProxyError {
         match self {
             ProxyError::HoldQueueFull { .. }
             | ProxyError::HoldTimeout { .. }
+            | ProxyError::ConnectionLimit { .. }
+            | ProxyError::InstanceConnectionLimit { .. }
             | ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout { .. } => true,
             ProxyError::Closed { repeatable, .. } => *repeatable,
             ProxyError::Bind { .. }
+            | ProxyError::Setting { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::Client { .. } => false,
@@ -126,10 +146,13 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::HoldQueueFull { .. } | ProxyError::HoldTimeout { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ProxyError::HoldQueueFull { .. }
+            | ProxyError::HoldTimeout { .. }
+            | ProxyError::ConnectionLimit { .. }
+            | ProxyError::InstanceConnectionLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Bind { .. } | ProxyError::Setting { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -190,6 +213,14 @@ mod tests {
                 after,
             },
             (ErrorClass::Upstream, 504, false),
+        );
+        check(
+            ProxyError::ConnectionLimit { route, limit: 4 },
+            (ErrorClass::Graven, 503, true),
+        );
+        check(
+            ProxyError::InstanceConnectionLimit { route, limit: 4 },
+            (ErrorClass::Graven, 503, true),
         );
         check(
             ProxyError::Bind {

@@ -2,6 +2,11 @@
 //! reports a flip only after N consecutive results, so one slow answer does not unroute an
 //! instance and one lucky answer does not route a broken one. The counting is a pure state
 //! machine (`HealthCounter`); the monitor is the thin shell that probes on a timer.
+//!
+//! A probe that fails because graven itself is out of descriptors or buffers (or times out
+//! while graven failed for want of them elsewhere) says nothing about the instance: the round
+//! is skipped, neither a pass nor a failure, so that a client exhausting graven can never
+//! make the controller see a healthy instance flip and replace it.
 
 use std::net::SocketAddr;
 
@@ -15,6 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
 use super::HealthCheck;
+use super::limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,20 +131,54 @@ impl HealthMonitor {
     ) -> HealthMonitor {
         let task = tokio::spawn(async move {
             let mut counter = HealthCounter::starting_at(initial);
+            // Whether the last round was skipped for graven's own exhaustion (logged once).
+            let mut skipping = false;
             // A zero interval would make tokio's interval panic; probe back to back instead.
             let period = check.interval.max(std::time::Duration::from_millis(1));
             let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let result = tokio::time::timeout(check.timeout, probe(address, &check.path))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
-                let passed = result.is_ok();
+                let exhaustions = limits::exhaustions();
+                let result =
+                    match tokio::time::timeout(check.timeout, probe(address, &check.path)).await {
+                        Ok(result) => result,
+                        // graven itself ran out of descriptors meanwhile: the wait may be its own.
+                        Err(_) if limits::exhaustions() != exhaustions => {
+                            Err(Failure::Graven(format!(
+                                "no answer within {:?} while graven was out of descriptors",
+                                check.timeout
+                            )))
+                        }
+                        Err(_) => Err(Failure::Instance(format!(
+                            "no answer within {:?}",
+                            check.timeout
+                        ))),
+                    };
+                let passed = match &result {
+                    Ok(_) => true,
+                    Err(Failure::Instance(_)) => false,
+                    Err(Failure::Graven(why)) => {
+                        if !skipping {
+                            // Not `eprintln!`: a closed stderr must not end the monitor.
+                            use std::io::Write as _;
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "graven: health checks of instance {instance} are skipped \
+                                 until graven can open connections again: {why}"
+                            );
+                            skipping = true;
+                        }
+                        continue;
+                    }
+                };
+                skipping = false;
                 if let Some(health) = counter.observe(passed, &check) {
                     let detail = match result {
                         Ok(status) => format!("{} {status}", check.path),
-                        Err(error) => format!("{}: {error}", check.path),
+                        Err(Failure::Instance(error) | Failure::Graven(error)) => {
+                            format!("{}: {error}", check.path)
+                        }
                     };
                     let change = HealthChange {
                         instance: instance.clone(),
@@ -155,30 +195,43 @@ impl HealthMonitor {
     }
 }
 
+/// Why a probe did not pass: the instance's doing, or graven's own.
+#[derive(Debug)]
+enum Failure {
+    Instance(String),
+    /// graven could not make the probe (no descriptor, no buffer): not evidence.
+    Graven(String),
+}
+
 /// One probe on a fresh connection (a pooled one could hide a listener that is gone):
 /// a 2xx or 3xx answer passes. Returns the status, or why it failed.
-async fn probe(address: SocketAddr, path: &str) -> Result<u16, String> {
-    let stream = TcpStream::connect(address)
-        .await
-        .map_err(|error| error.to_string())?;
+async fn probe(address: SocketAddr, path: &str) -> Result<u16, Failure> {
+    let instance = |error: &dyn std::fmt::Display| Failure::Instance(error.to_string());
+    let stream = TcpStream::connect(address).await.map_err(|error| {
+        if limits::exhausted(&error) {
+            Failure::Graven(error.to_string())
+        } else {
+            instance(&error)
+        }
+    })?;
     let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| instance(&error))?;
     let connection = tokio::spawn(connection);
     let request = Request::get(path)
         .header(header::HOST, address.to_string())
         .header(header::USER_AGENT, "graven-health")
         .header(header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| instance(&error))?;
     let result = sender.send_request(request).await;
     connection.abort();
-    let status = result.map_err(|error| error.to_string())?.status();
+    let status = result.map_err(|error| instance(&error))?.status();
     if status.is_success() || status.is_redirection() {
         Ok(status.as_u16())
     } else {
-        Err(format!("answered {status}"))
+        Err(Failure::Instance(format!("answered {status}")))
     }
 }
 

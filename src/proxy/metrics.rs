@@ -103,6 +103,8 @@ impl UnroutedCounters {
             releases,
             unrouted: error_counts(&self.errors),
             retries: load(&self.retries),
+            connections: 0,
+            refused: 0,
         }
     }
 }
@@ -170,6 +172,12 @@ pub struct RouteMetrics {
     pub unrouted: ErrorCounts,
     /// Extra attempts made on another instance after a connection failure.
     pub retries: u64,
+    /// Client connections open when the metrics were taken.
+    #[serde(default)]
+    pub connections: u64,
+    /// Client connections refused because the route was at its connection limit.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 impl RouteMetrics {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 mod body;
 mod error;
 pub mod health;
+pub mod limits;
 mod metrics;
 mod route;
 mod upstream;
@@ -62,17 +63,79 @@ pub struct RouteOptions {
     /// An instance that has not begun its answer this long after the request was sent is
     /// given up on, and the client gets 504.
     pub response_timeout: Duration,
+    /// A client connection that has not sent a whole first request head this long after it
+    /// was accepted is closed.
+    pub header_timeout: Duration,
+    /// A client connection on which no request began for this long is closed (HTTP/1.1:
+    /// after the answer in progress, if any; HTTP/2: with GOAWAY, open streams finish).
+    pub idle_timeout: Duration,
+    /// Client connections open at once; more are refused (503, `Connection: close`). The
+    /// process's descriptor budget (`limits`) may allow fewer.
+    pub max_connections: usize,
 }
 
+/// Environment variables that override `RouteOptions`' defaults for every route of the
+/// process (docs/proxy.md): the operator's knob, and how tests shorten the timeouts.
+pub const HEADER_TIMEOUT_ENV: &str = "GRAVEN_ROUTE_HEADER_TIMEOUT";
+pub const IDLE_TIMEOUT_ENV: &str = "GRAVEN_ROUTE_IDLE_TIMEOUT";
+pub const MAX_CONNECTIONS_ENV: &str = "GRAVEN_ROUTE_MAX_CONNECTIONS";
+
 impl RouteOptions {
+    /// The defaults, with the `GRAVEN_ROUTE_*` overrides applied (a malformed one is
+    /// ignored here and refused by `Route::bind`).
+    ///
+    /// Why these defaults: a header timeout of 10 s is HAProxy's recommended
+    /// `timeout http-request` (nginx's `client_header_timeout` is 60 s, hyper's own 30 s);
+    /// an idle timeout of 60 s is an AWS load balancer's, a little under nginx's
+    /// `keepalive_timeout` of 75 s, and well under Envoy's one hour, which assumes a
+    /// connection limit far above one machine's. 4096 connections per route is far more
+    /// than legitimate clients of one service open (a browser opens 6 per host), and bounds
+    /// the memory idle connections take (some 16 KiB each) to about 64 MiB per route.
     pub fn new(listen: SocketAddr) -> RouteOptions {
-        RouteOptions {
+        let mut options = RouteOptions {
             listen,
             hold_queue: 1024,
             hold_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             retries: 2,
             response_timeout: Duration::from_secs(60),
-        }
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        };
+        let _ = options.apply_environment();
+        options
     }
+
+    /// Applies the `GRAVEN_ROUTE_*` overrides that are set; fails on the first malformed one.
+    pub(crate) fn apply_environment(&mut self) -> Result<(), ProxyError> {
+        if let Some(value) = setting(HEADER_TIMEOUT_ENV, humantime::parse_duration)? {
+            self.header_timeout = value;
+        }
+        if let Some(value) = setting(IDLE_TIMEOUT_ENV, humantime::parse_duration)? {
+            self.idle_timeout = value;
+        }
+        if let Some(value) = setting(MAX_CONNECTIONS_ENV, str::parse::<usize>)? {
+            self.max_connections = value;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one override: None when unset, the error naming it when malformed.
+fn setting<T, E: std::fmt::Display>(
+    name: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<Option<T>, ProxyError> {
+    let Some(value) = std::env::var_os(name) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy().into_owned();
+    parse(text.trim())
+        .map(Some)
+        .map_err(|error| ProxyError::Setting {
+            name,
+            value: text,
+            reason: error.to_string(),
+        })
 }

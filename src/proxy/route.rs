@@ -30,10 +30,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Sleep;
 
 use super::body::{ForwardBody, ProxyBody};
+use super::limits::{Slot, budget};
 use super::metrics::{ReleaseCounters, UnroutedCounters};
 use super::upstream::{Instance, Lease, choose};
 use super::{Backend, ProxyError, RouteMetrics, RouteOptions};
@@ -76,6 +79,11 @@ struct Shared {
     registry: Mutex<Registry>,
     client: hyper::client::conn::http1::Builder,
     unrouted: UnroutedCounters,
+    /// Client connections open now, and refused for the connection limit since the start.
+    connections: AtomicUsize,
+    refused: AtomicU64,
+    /// What connections' request times are counted from (see `Activity`).
+    epoch: Instant,
 }
 
 /// An immutable backend set, swapped whole.
@@ -99,6 +107,8 @@ impl Route {
     /// `set_backends` gives it a ready instance.
     pub async fn bind(options: RouteOptions) -> Result<Route, ProxyError> {
         let address = options.listen;
+        // A malformed GRAVEN_ROUTE_* override fails the bind instead of being ignored.
+        options.clone().apply_environment()?;
         let bind_error = |source| ProxyError::Bind { address, source };
         // The route serves on its own thread with a single-threaded runtime, whatever runtime
         // the caller uses: a request's server side, its upstream connection and its timers
@@ -132,6 +142,9 @@ impl Route {
             registry: Mutex::new(Registry::default()),
             client,
             unrouted: UnroutedCounters::default(),
+            connections: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let (stop, stopped) = oneshot::channel();
         let (finished, done) = oneshot::channel();
@@ -221,9 +234,18 @@ impl Route {
             .values()
             .map(|counters| counters.snapshot())
             .collect();
-        self.shared
+        let mut metrics = self
+            .shared
             .unrouted
-            .metrics(self.shared.local_addr, releases)
+            .metrics(self.shared.local_addr, releases);
+        metrics.connections = self.shared.connections.load(Ordering::Relaxed) as u64;
+        metrics.refused = self.shared.refused.load(Ordering::Relaxed);
+        metrics
+    }
+
+    /// Client connections open on this route now.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
     }
 
     /// Stops accepting, lets every connection finish the request it is serving, then closes.
@@ -394,8 +416,8 @@ impl Shared {
         &self,
         request: Request<Incoming>,
         client_ip: HeaderValue,
+        start: Instant,
     ) -> Response<ProxyBody> {
-        let start = Instant::now();
         match self.forward(request, client_ip, start).await {
             Ok(response) => response,
             Err((error, counters)) => {
@@ -439,7 +461,7 @@ impl Shared {
         loop {
             let mut stale = false;
             let error = match lease
-                .connect(&self.client, self.options.connect_timeout)
+                .connect(&self.client, self.options.connect_timeout, self.local_addr)
                 .await
             {
                 Err(error) => {
@@ -557,41 +579,152 @@ async fn accept(
 ) -> Arc<Closing> {
     let closing = Arc::new(Closing::default());
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timer arms hyper's default 30 s limit on reading a request head (slow clients).
-    builder.http1().timer(TokioTimer::new()).writev(WRITEV);
+    // hyper's HTTP/1.1 head timer runs from when it starts waiting for a head, the idle wait
+    // between requests included: it bounds a head that trickles in after the first request.
+    // The first request's head and idle connections are `Watched`'s business.
+    let options = &shared.options;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout.max(options.idle_timeout))
+        .writev(WRITEV);
     builder.http2().timer(TokioTimer::new());
+    let limit = options.max_connections.min(budget().client_limit());
     loop {
         let (stream, peer) = tokio::select! {
             biased;
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                Err(_) => {
+                Err(error) => {
                     // Out of file descriptors or similar: back off instead of spinning.
+                    super::limits::exhausted(&error);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
         };
+        let Some(open) = Open::new(&shared) else {
+            refuse(&shared, stream, limit);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let client_ip = HeaderValue::try_from(peer.ip().to_string())
             .expect("an IP address is a valid header value");
-        let shared = Arc::clone(&shared);
-        let service = service_fn(move |request| {
+        let activity = Arc::new(Activity::default());
+        let service = {
             let shared = Arc::clone(&shared);
-            let client_ip = client_ip.clone();
-            async move { Ok::<_, Infallible>(shared.handle(request, client_ip).await) }
-        });
+            let activity = Arc::clone(&activity);
+            service_fn(move |request| {
+                let shared = Arc::clone(&shared);
+                let client_ip = client_ip.clone();
+                let start = Instant::now();
+                activity.request_began(start.saturating_duration_since(shared.epoch));
+                async move { Ok::<_, Infallible>(shared.handle(request, client_ip, start).await) }
+            })
+        };
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let connection = Watched::new(connection, &closing);
+        let connection = Watched::new(connection, &closing, open, activity);
         tokio::spawn(async move {
             // A client that goes away mid-request is its own business; nothing to report.
             let _ = connection.await;
         });
     }
     closing
+}
+
+/// A client connection's place: counted on its route and in the process's descriptor
+/// budget until dropped.
+struct Open {
+    shared: Arc<Shared>,
+    _slot: Slot,
+}
+
+impl Open {
+    /// None when the route is at its `max_connections` or the process's budget for client
+    /// connections is spent.
+    fn new(shared: &Arc<Shared>) -> Option<Open> {
+        let open = shared.connections.fetch_add(1, Ordering::SeqCst);
+        let slot = (open < shared.options.max_connections)
+            .then(|| budget().client())
+            .flatten();
+        match slot {
+            Some(slot) => Some(Open {
+                shared: Arc::clone(shared),
+                _slot: slot,
+            }),
+            None => {
+                shared.connections.fetch_sub(1, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long a refused connection is kept to read what its client already sent: closing a
+/// socket with unread data sends a reset, which can destroy the answer before it is read.
+const REFUSAL_LINGER: Duration = Duration::from_millis(250);
+
+/// Answers a connection beyond the limit with 503 and `Connection: close`, without reading
+/// its request, and closes it. When too many refusals are under way already (`limits::
+/// REFUSING`), the connection is closed unanswered: a refusal must not cost more
+/// descriptors than the reserve holds.
+fn refuse(shared: &Shared, mut stream: TcpStream, limit: usize) {
+    shared.refused.fetch_add(1, Ordering::Relaxed);
+    let Some(slot) = budget().refusal() else {
+        return;
+    };
+    let error = ProxyError::ConnectionLimit {
+        route: shared.local_addr,
+        limit,
+    };
+    let body = format!("graven: {error}\n");
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         x-graven-error: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        error.class().as_str(),
+        body.len(),
+    );
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(answer.as_bytes()).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+/// When the last request on a connection began, for its idle timer: milliseconds since the
+/// route's epoch, plus one (zero means none yet). One relaxed store per request.
+#[derive(Debug, Default)]
+struct Activity {
+    last_request: AtomicU64,
+}
+
+impl Activity {
+    fn request_began(&self, since_epoch: Duration) {
+        let millis = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_request.store(millis + 1, Ordering::Relaxed);
+    }
+
+    fn last_request(&self) -> Option<Duration> {
+        match self.last_request.load(Ordering::Relaxed) {
+            0 => None,
+            millis => Some(Duration::from_millis(millis - 1)),
+        }
+    }
 }
 
 /// Asks every open connection to finish the request it is serving and close, and waits for
@@ -631,26 +764,86 @@ impl Closing {
     }
 }
 
-/// A server connection that closes gracefully when its route shuts down.
+/// A server connection that closes gracefully when its route shuts down, is closed if no
+/// whole request head came within `header_timeout` of its accept, and closes gracefully
+/// once no request began for `idle_timeout` (HTTP/1.1 after the answer in progress, HTTP/2
+/// with GOAWAY, letting open streams finish).
 struct Watched<C> {
     connection: Pin<Box<C>>,
     closing: Arc<Closing>,
     id: u64,
     registered: bool,
     shutting_down: bool,
+    activity: Arc<Activity>,
+    /// Fires at the header deadline, then at each idle deadline.
+    timer: Pin<Box<Sleep>>,
+    /// No request has begun yet, as far as the timer knows: it is set for the header
+    /// deadline.
+    awaiting_first: bool,
+    open: Open,
 }
 
 impl<C: GracefulConnection> Watched<C> {
-    fn new(connection: C, closing: &Arc<Closing>) -> Watched<C> {
+    fn new(
+        connection: C,
+        closing: &Arc<Closing>,
+        open: Open,
+        activity: Arc<Activity>,
+    ) -> Watched<C> {
         closing.live.fetch_add(1, Ordering::SeqCst);
+        let timer = Box::pin(tokio::time::sleep(open.shared.options.header_timeout));
         Watched {
             connection: Box::pin(connection),
             closing: Arc::clone(closing),
             id: closing.next_id.fetch_add(1, Ordering::Relaxed),
             registered: false,
             shutting_down: false,
+            activity,
+            timer,
+            awaiting_first: true,
+            open,
         }
     }
+
+    /// Checks the timer; when it fired early for the idle deadline (a request began since
+    /// it was armed), re-arms it for the new one.
+    fn idleness(&mut self, cx: &mut Context<'_>) -> Idleness {
+        if self.awaiting_first
+            && let Some(first) = self.activity.last_request()
+        {
+            // The first request began: from now on the idle deadline counts. Later requests
+            // only move it later, which is found when the timer fires (see below), so no
+            // request pays for a timer reset.
+            self.awaiting_first = false;
+            let shared = &self.open.shared;
+            let deadline = shared.epoch + first + shared.options.idle_timeout;
+            self.timer.as_mut().reset(deadline.into());
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Idleness::Busy;
+        }
+        let shared = &self.open.shared;
+        let Some(last) = self.activity.last_request() else {
+            return Idleness::NeverAsked;
+        };
+        let deadline = shared.epoch + last + shared.options.idle_timeout;
+        if Instant::now() >= deadline {
+            return Idleness::Idle;
+        }
+        self.timer.as_mut().reset(deadline.into());
+        // Polled once so that the new deadline wakes this task.
+        let _ = self.timer.as_mut().poll(cx);
+        Idleness::Busy
+    }
+}
+
+enum Idleness {
+    /// A request began within the idle timeout, or the header timeout has not passed.
+    Busy,
+    /// No whole request head within the header timeout: nothing is in flight.
+    NeverAsked,
+    /// No request began within the idle timeout.
+    Idle,
 }
 
 impl<C: GracefulConnection> Future for Watched<C> {
@@ -672,6 +865,16 @@ impl<C: GracefulConnection> Future for Watched<C> {
             if this.closing.requested.load(Ordering::SeqCst) {
                 this.connection.as_mut().graceful_shutdown();
                 this.shutting_down = true;
+            } else {
+                match this.idleness(cx) {
+                    Idleness::Busy => {}
+                    // Nothing to finish: the connection is dropped, which closes it.
+                    Idleness::NeverAsked => return Poll::Ready(Ok(())),
+                    Idleness::Idle => {
+                        this.connection.as_mut().graceful_shutdown();
+                        this.shutting_down = true;
+                    }
+                }
             }
         }
         this.connection.as_mut().poll(cx)

@@ -17,6 +17,7 @@ use tokio::time::Sleep;
 
 use super::ProxyError;
 use super::body::ForwardBody;
+use super::limits::{Slot, budget};
 use super::metrics::ReleaseCounters;
 
 pub(crate) type Sender = SendRequest<ForwardBody>;
@@ -142,14 +143,19 @@ impl Instance {
         }
     }
 
+    /// Opens a connection, which holds `slot` (its place in the descriptor budget) until
+    /// its socket is closed.
     async fn connect(
         &self,
         builder: &Builder,
         timeout: Duration,
+        slot: Slot,
     ) -> Result<Connection, ProxyError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => {
+                // Counted for the health monitors' sake (see `limits::exhaustions`).
+                super::limits::exhausted(&source);
                 return Err(ProxyError::Connect {
                     instance: self.id.clone(),
                     address: self.address,
@@ -178,6 +184,7 @@ impl Instance {
         tokio::spawn(async move {
             // The connection's own errors reach the request that was on it; nothing to add.
             let _ = connection.await;
+            drop(slot);
         });
         let timer = Box::pin(tokio::time::sleep(timeout));
         Ok(Connection { sender, timer })
@@ -215,6 +222,7 @@ impl Lease {
         &mut self,
         builder: &Builder,
         timeout: Duration,
+        route: SocketAddr,
     ) -> Result<(), ProxyError> {
         while let Some(mut connection) = self.instance.take_idle() {
             let sender = &mut connection.sender;
@@ -224,7 +232,16 @@ impl Lease {
                 return Ok(());
             }
         }
-        self.connection = Some(self.instance.connect(builder, timeout).await?);
+        // Connections to instances have their own share of the descriptors (`limits`), so
+        // that neither they nor clients can take what health checks and the log need.
+        let budget = budget();
+        let slot = budget
+            .instance()
+            .ok_or(ProxyError::InstanceConnectionLimit {
+                route,
+                limit: budget.instance_limit(),
+            })?;
+        self.connection = Some(self.instance.connect(builder, timeout, slot).await?);
         self.reused = false;
         Ok(())
     }
