@@ -394,6 +394,11 @@ fn open_files_limit(pid: u32) -> (u64, u64) {
 #[test]
 fn workloads_keep_the_descriptor_limit_graven_was_started_with() {
     let (_temp, home, dir, _route) = v1_project(1);
+    // The build step is another program `up` starts after raising its limit.
+    let toml = dir.join("graven.toml");
+    let mut project = std::fs::read_to_string(&toml).unwrap();
+    project.push_str("\n[build]\ncommand = \"ulimit -Sn > build-nofile\"\n");
+    std::fs::write(&toml, project).unwrap();
     let up = LimitedUp::start(&home, &dir, 1024, 4096);
     // graven raised its own soft limit (which the workload would inherit unless put back).
     assert_eq!(open_files_limit(up.child.id()), (4096, 4096));
@@ -403,6 +408,8 @@ fn workloads_keep_the_descriptor_limit_graven_was_started_with() {
             .find_map(|instance| instance.pid)
     });
     assert_eq!(open_files_limit(pid), (1024, 4096));
+    let build = std::fs::read_to_string(dir.join("build-nofile")).unwrap();
+    assert_eq!(build.trim(), "1024", "the build step's soft limit");
 }
 
 /// The kinds of events `graven history` shows about `instance`.

@@ -175,11 +175,18 @@ fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
 fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>> {
     if let Some(build) = &project.build {
         note!("graven: build: {}", build.command);
-        let status = std::process::Command::new("sh")
+        let mut command = std::process::Command::new("sh");
+        command
             .arg("-c")
             .arg(&build.command)
             .current_dir(&project.dir)
-            .stdout(Stdio::from(std::io::stderr()))
+            .stdout(Stdio::from(std::io::stderr()));
+        if let Some(restore) = crate::proxy::limits::restore_in_child() {
+            // SAFETY: the hook only calls getrlimit and setrlimit, which are async-signal-safe
+            // and allocate nothing.
+            unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, restore) };
+        }
+        let status = command
             .status()
             .with_context(|| format!("running the build step {:?}", build.command))?;
         if !status.success() {

@@ -74,15 +74,26 @@ fn set_soft(started: u64, soft: u64, hard: Option<u64>) {
     }
 }
 
+/// The soft limit this graven, or the serving graven it was started under, started with,
+/// when `raise_nofile` raised it (see `STARTED_NOFILE_ENV`).
+pub fn started_nofile() -> Option<u64> {
+    std::env::var_os(STARTED_NOFILE_ENV)
+        .and_then(|value| value.to_str().and_then(|text| text.parse::<u64>().ok()))
+}
+
 /// Puts back the soft limit a serving graven started with, when this process was started
 /// under one (see `STARTED_NOFILE_ENV`). Called by `main` before the sandbox helper or the
-/// shim takes over, so the workloads they start inherit the limit graven was given.
+/// shim takes over, so the workloads they start inherit the limit graven was given; and in
+/// the child of any other program a serving graven starts (`up`'s build step). Only
+/// getrlimit and setrlimit, so it is safe between fork and exec.
 pub fn restore_started_nofile() {
-    let Some(started) = std::env::var_os(STARTED_NOFILE_ENV)
-        .and_then(|value| value.to_str().and_then(|text| text.parse::<u64>().ok()))
-    else {
+    let Some(started) = started_nofile() else {
         return;
     };
+    lower_nofile_to(started);
+}
+
+fn lower_nofile_to(started: u64) {
     let limit = getrlimit(Resource::Nofile);
     if limit.current.is_none_or(|soft| soft > started) {
         let _ = setrlimit(
@@ -93,6 +104,17 @@ pub fn restore_started_nofile() {
             },
         );
     }
+}
+
+/// A hook for `CommandExt::pre_exec` that gives a program a serving graven starts the soft
+/// limit graven started with (read now, in the parent: reading the environment after fork is
+/// not safe).
+pub fn restore_in_child() -> Option<impl FnMut() -> std::io::Result<()> + Send + Sync + 'static> {
+    let started = started_nofile()?;
+    Some(move || {
+        lower_nofile_to(started);
+        Ok(())
+    })
 }
 
 /// How many client connections and instance connections a soft limit of `soft` allows.

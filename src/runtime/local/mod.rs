@@ -401,12 +401,18 @@ impl LocalRuntime {
         let entries =
             std::fs::read_dir(&dir).map_err(other(format!("listing {}", dir.display())))?;
         let mut instances = Vec::new();
-        for entry in entries.flatten() {
+        for entry in entries {
+            let entry = entry.map_err(other(format!("listing {}", dir.display())))?;
             let id = InstanceId(entry.file_name().to_string_lossy().into_owned());
-            // A removed instance leaves only its log behind; a start in progress has no
-            // state yet. Neither is an instance.
-            if let Ok(instance) = self.inspect_blocking(&id) {
-                instances.push(instance);
+            match self.inspect_blocking(&id) {
+                Ok(instance) => instances.push(instance),
+                // A state graven cannot read right now (out of descriptors or memory, an I/O
+                // error) fails the whole listing: a listing without that instance would tell
+                // the controller a live instance is gone, and it would replace it.
+                Err(error) if unreadable_now(&error) => return Err(error),
+                // A removed instance leaves only its log behind; a start in progress has no
+                // state yet; a stray file is no instance. None of them is an instance.
+                Err(_) => {}
             }
         }
         instances.sort_by_key(|i| (i.started_at_ms, i.id.clone()));
@@ -775,6 +781,19 @@ fn choose_user(
     }
 }
 
+/// Whether `error` says an instance's state could not be read now, rather than that there is
+/// no state to read (missing, not a directory) or that what is there is not a state.
+fn unreadable_now(error: &RuntimeError) -> bool {
+    let RuntimeError::Other { source, .. } = error else {
+        return false;
+    };
+    source.raw_os_error().is_some()
+        && !matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+        )
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -797,6 +816,26 @@ mod tests {
     }
 
     use super::*;
+
+    /// Regression (issue 10, item 7's class): an instance whose state could not be read
+    /// (EMFILE under a descriptor attack) was left out of the listing, and the controller
+    /// took the live instance for gone. An unreadable state now fails the listing; a missing
+    /// one (a removed instance's log dir) is still skipped.
+    #[test]
+    fn an_unreadable_state_fails_the_listing_instead_of_hiding_the_instance() {
+        let home = tempfile::tempdir().unwrap();
+        let runtime = LocalRuntime::open(home.path()).unwrap();
+        let instances = home.path().join("instances");
+        std::fs::create_dir_all(instances.join("removed")).unwrap();
+        std::fs::write(instances.join("removed/log"), "").unwrap();
+        assert!(runtime.list_blocking().unwrap().is_empty());
+        // A state.json that is there but fails to read, as EMFILE would fail it: reading
+        // /proc/self/mem at offset 0 (never mapped) fails with EIO.
+        std::fs::create_dir_all(instances.join("live")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/mem", instances.join("live/state.json")).unwrap();
+        let error = runtime.list_blocking().unwrap_err();
+        assert!(error.to_string().contains("state.json"), "{error}");
+    }
 
     #[test]
     fn signals() {
