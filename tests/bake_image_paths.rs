@@ -442,16 +442,8 @@ fn unpacked_image_size_is_bounded() {
 
 /// Whether uid 65534 (no group) can `stat` `path`: what any other user of the host can do.
 fn nobody_can_stat(path: &Path) -> bool {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "--",
-        ])
-        .arg("/bin/busybox")
+    support::as_nobody()
+        .arg(support::busybox())
         .arg("stat")
         .arg(path)
         .stdout(std::process::Stdio::null())

@@ -310,24 +310,9 @@ fn a_root_instance_cannot_touch_the_host_s_device_nodes() {
 
 // --- setuid files and other users (item 3) ---
 
-/// Runs `args` as nobody (a real other user of the host): its output. Through a shell:
-/// setpriv itself execs with root's capabilities still in hand, which pass any directory.
+/// Runs `args` as nobody (a real other user of the host): its output.
 fn as_nobody(args: &[&std::ffi::OsStr]) -> Output {
-    output(
-        Command::new("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "--",
-                "/bin/sh",
-                "-c",
-                "exec \"$0\" \"$@\"",
-            ])
-            .args(args),
-    )
+    output(support::as_nobody().args(args))
 }
 
 /// With `COPY --chmod=4755`, an image's setuid-root file lay in `$GRAVEN_HOME/rootfs/<m>`

@@ -34,6 +34,25 @@ pub fn busybox() -> &'static Path {
     path
 }
 
+/// A command that runs what its arguments say as nobody (uid and gid 65534, no groups): a real
+/// other user of the host. Through a shell, as `setpriv`'s own exec may still hold root's
+/// capabilities, which pass any directory.
+pub fn as_nobody() -> Command {
+    let mut command = Command::new("setpriv");
+    command.args([
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exec \"$0\" \"$@\"",
+    ]);
+    command
+}
+
 /// A `graven` command with `GRAVEN_HOME` set to `home`.
 pub fn graven(home: &Path) -> Command {
     let mut command = Command::new(graven_bin());
