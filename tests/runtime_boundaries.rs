@@ -520,6 +520,27 @@ fn a_fork_bomb_stops_at_the_process_limit() {
     // The probe's own thread is one of the limit's.
     assert_eq!(count(&["--pids", "64"]), 63);
     assert_eq!(count(&[]), graven::runtime::DEFAULT_PIDS - 1);
+    // `--pids 0` asks for no limit: the workload is in no pids cgroup of graven's.
+    let pids_cgroup = |extra: &[&str]| {
+        let args: Vec<&str> = extra.iter().copied().chain(["probe:test"]).collect();
+        let instance = run_detached(&home, &args, |_| {});
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", instance.pid.unwrap()));
+        succeed(graven(&home).args(["rm", "-f", &instance.id.0]));
+        cgroup
+            .unwrap()
+            .lines()
+            .find(|line| line.contains(":pids:") || line.starts_with("0::"))
+            .unwrap_or_default()
+            .contains("/graven/")
+    };
+    assert!(
+        pids_cgroup(&[]),
+        "an instance with the default limit is in a pids cgroup"
+    );
+    assert!(
+        !pids_cgroup(&["--pids", "0"]),
+        "--pids 0 still made a pids cgroup"
+    );
 }
 
 /// /dev/shm was 64 MiB whatever the /tmp size said; it follows it now.

@@ -34,7 +34,7 @@ pub struct RunArgs {
     /// Memory limit: bytes, or with a unit (512M, 1GiB, 1GB; as in graven.toml).
     #[arg(long, value_parser = positive_size)]
     pub memory: Option<u64>,
-    /// Maximum number of processes and threads (default 2048).
+    /// Maximum number of processes and threads (default 2048; 0: no limit, and no cgroup).
     #[arg(long)]
     pub pids: Option<u64>,
     /// CPU limit in thousandths of a core (1500 = one and a half cores).

@@ -158,7 +158,7 @@ impl VolumeMount {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub memory_bytes: Option<u64>,
-    /// The most processes and threads at once; `None`: [`DEFAULT_PIDS`].
+    /// The most processes and threads at once; `None`: [`DEFAULT_PIDS`]; 0: no limit.
     pub pids: Option<u64>,
     /// CPU in thousandths of a core (1500 = one and a half cores).
     pub cpu_millis: Option<u64>,

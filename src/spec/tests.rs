@@ -366,7 +366,7 @@ health = { path = "healthz", interval = "0s", timeout = "1x", healthy_after = 0,
 deploy = { strategy = "canary", max_surge = -1, max_unavailable = 0, health_deadline = "0ms" }
 stop_grace = "forever"
 volumes = { Data = "/data", logs = "relative", tmp = "/" }
-limits = { memory = "0", pids = 0, cpu = 0, tmp = "12 parsecs", log = 0 }
+limits = { memory = "0", pids = -1, cpu = 0, tmp = "12 parsecs", log = 0 }
 [services.api]
 port = 2
 command = [""]
@@ -398,10 +398,10 @@ volumes = { a = "/data", b = "/data" }
             graven.toml:18:36: services.web.volumes.logs: "relative" is not an absolute path
             graven.toml:18:54: services.web.volumes.tmp: "/" cannot be a mount point
             graven.toml:19:21: services.web.limits.memory: a size limit must be larger than zero
-            graven.toml:19:33: services.web.limits.pids: 0 is out of range: it must be between 1 and 9223372036854775807
-            graven.toml:19:42: services.web.limits.cpu: 0 is not a cpu share: it must be at least 0.001 cores
-            graven.toml:19:51: services.web.limits.tmp: "12 parsecs" is not a size (try "64MiB", "512M", "1G")
-            graven.toml:19:71: services.web.limits.log: a size limit must be larger than zero
+            graven.toml:19:33: services.web.limits.pids: -1 is out of range: it must be between 0 and 9223372036854775807
+            graven.toml:19:43: services.web.limits.cpu: 0 is not a cpu share: it must be at least 0.001 cores
+            graven.toml:19:52: services.web.limits.tmp: "12 parsecs" is not a size (try "64MiB", "512M", "1G")
+            graven.toml:19:72: services.web.limits.log: a size limit must be larger than zero
             graven.toml:22:11: services.api.command: the command needs a program: ["/app", "--flag"]
             graven.toml:23:24: services.api.deploy.max_surge: max_surge + max_unavailable must be at least 1, or a deploy could never replace an instance
             graven.toml:24:30: services.api.volumes.b: "/data" is already where volume "a" is mounted"#]],

@@ -265,7 +265,7 @@ fn check_limits(raw: &RawLimits, prefix: &str, issues: &mut Issues, partial: &mu
     partial.memory = leaf(&raw.memory, &path("memory"), issues, positive_size);
     partial.tmp = leaf(&raw.tmp, &path("tmp"), issues, positive_size);
     partial.log = leaf(&raw.log, &path("log"), issues, positive_size);
-    partial.pids = leaf(&raw.pids, &path("pids"), issues, integer_in(1, i64::MAX));
+    partial.pids = leaf(&raw.pids, &path("pids"), issues, integer_in(0, i64::MAX));
     partial.cpu = leaf(&raw.cpu, &path("cpu"), issues, values::cpu_millis);
 }
 

@@ -253,9 +253,11 @@ impl LocalRuntime {
     ) -> Result<Instance, RuntimeError> {
         let mut warnings = Vec::new();
         // Every instance has a process limit, the default one unless another is given, so a
-        // fork bomb stops at it; memory and CPU only when asked for.
+        // fork bomb stops at it; memory and CPU only when asked for. A limit of 0 is none at
+        // all, and no cgroup: on cgroup v1 joining one waits for an RCU grace period (about
+        // 11 ms here), which a start that must be fast may not want to pay.
         let limits = super::Limits {
-            pids: Some(spec.limits.pids.unwrap_or(super::DEFAULT_PIDS)),
+            pids: Some(spec.limits.pids.unwrap_or(super::DEFAULT_PIDS)).filter(|&max| max != 0),
             ..spec.limits.clone()
         };
         let cgroups = match cgroup::create(&id.0, &limits) {
