@@ -44,10 +44,32 @@ fn an_instance_whose_dir_was_deleted_is_stopped_when_graven_lists() {
     assert_eq!(processes.len(), 2, "a shim and a workload");
     assert!(processes.iter().all(Recorded::alive));
 
+    let in_cgroup = processes.iter().any(|p| {
+        std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid))
+            .unwrap_or_default()
+            .contains(&format!("/graven/{id}"))
+    });
     std::fs::remove_dir_all(home.join("instances").join(&id)).unwrap();
     let (listed, _) = run_ok(&home, &["ps"]);
     assert!(!listed.contains(&id[..8]), "{listed}");
     all_dead(&processes, "graven ps to stop the orphan");
+    // Its cgroups went with it (they are made only as root).
+    let cgroups = std::path::Path::new("/sys/fs/cgroup");
+    let left: Vec<_> = std::iter::once(cgroups.join("graven").join(&id))
+        .chain(
+            std::fs::read_dir(cgroups)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|h| h.path().join("graven").join(&id)),
+        )
+        .filter(|dir| dir.is_dir())
+        .collect();
+    assert!(
+        in_cgroup || !rustix::process::geteuid().is_root(),
+        "no cgroup to check"
+    );
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
 }
 
 #[test]

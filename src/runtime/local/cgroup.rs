@@ -37,6 +37,29 @@ impl Cgroups {
     }
 }
 
+/// The cgroups `create` makes for instance `id`, found by their names in every hierarchy,
+/// for an instance whose recorded state is lost (an orphan): so that its groups can go too.
+pub fn of(id: &str) -> Cgroups {
+    of_under(Path::new(ROOT), id)
+}
+
+fn of_under(root: &Path, id: &str) -> Cgroups {
+    let unified = root.join("graven").join(id);
+    let dirs = if root.join("cgroup.controllers").exists() {
+        vec![unified]
+    } else {
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|hierarchy| hierarchy.path().join("graven").join(id))
+            .collect()
+    };
+    Cgroups {
+        dirs: dirs.into_iter().filter(|dir| dir.is_dir()).collect(),
+    }
+}
+
 /// Makes the instance's cgroups and writes its limits. `Err` says why limits are not
 /// enforced; nothing is left behind then.
 pub fn create(id: &str, limits: &Limits) -> Result<Cgroups, String> {
@@ -191,5 +214,25 @@ mod tests {
         };
         let groups = create_under(root.path(), "abc", &pids_only).unwrap();
         assert_eq!(groups.dirs, [root.path().join("pids/graven/abc")]);
+    }
+
+    #[test]
+    fn an_instance_s_groups_are_found_by_its_id_alone() {
+        let root = tempfile::tempdir().unwrap();
+        for controller in ["memory", "pids", "cpu"] {
+            std::fs::create_dir_all(root.path().join(controller)).unwrap();
+            std::fs::write(root.path().join(controller).join("cgroup.procs"), "").unwrap();
+        }
+        let made = create_under(root.path(), "abc", &LIMITS).unwrap();
+        let mut found = of_under(root.path(), "abc").dirs;
+        found.sort();
+        let mut expected = made.dirs.clone();
+        expected.sort();
+        assert_eq!(found, expected);
+        assert!(of_under(root.path(), "other").dirs.is_empty());
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let made = create_under(v2.path(), "abc", &LIMITS).unwrap();
+        assert_eq!(of_under(v2.path(), "abc").dirs, made.dirs);
     }
 }

@@ -164,6 +164,9 @@ pub fn stop(orphans: &[Orphan]) {
             std::thread::sleep(Duration::from_millis(10));
         }
         kill(orphan.shim);
+        // The shim would have removed the instance's cgroups as it recorded the exit, but
+        // the record is gone with the directory.
+        super::cgroup::of(&orphan.id).remove();
     }
 }
 
