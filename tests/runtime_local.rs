@@ -542,6 +542,17 @@ async fn a_vanished_supervisor_still_means_exited_never_running() {
             signal: None
         }
     );
+    // Removing it removes its cgroups, which the vanished shim could not.
+    let cgroups: Vec<std::path::PathBuf> = state["cgroups"]["dirs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.as_str().unwrap().into())
+        .collect();
+    home.runtime.remove(&instance.id).await.unwrap();
+    for dir in cgroups {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
