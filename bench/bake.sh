@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
 
 source bench/lib.sh
+bench_require buildah hyperfine docker.io
 bench_setup bake
 
 ctx="$work/ctx"

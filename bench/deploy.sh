@@ -40,6 +40,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
+bench_require docker.io
 UPDATES=${UPDATES:-3}
 CONNECTIONS=${CONNECTIONS:-8}
 REPLICAS=4

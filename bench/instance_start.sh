@@ -34,6 +34,7 @@ rounds=${ROUNDS:-5}
 warm_ms=${WARM_MS:-300}
 
 source bench/lib.sh
+bench_require umoci runc docker.io
 PROFILE=${PROFILE:-dist} bench_setup start
 export GRAVEN_HOME="$work/home"
 "$graven" bake examples/hello --tag hello-bench >/dev/null

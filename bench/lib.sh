@@ -2,6 +2,11 @@
 # the machine's Docker is touched, stopped by its PID and nothing else; and the common start of
 # a script that times the example.
 
+# bench_require PACKAGE...: installs the Debian packages a script's peers come in, when missing.
+bench_require() {
+  "$(dirname "${BASH_SOURCE[0]}")/../scripts/install-packages" "$@"
+}
+
 # bench_setup NAME: from the repository root, makes the scratch dir $work
 # (/tmp/graven-bench-NAME.*), removed on exit after any private dockerd is stopped, and builds
 # graven (the cargo profile $PROFILE, release unless set; path in $graven) and the example's

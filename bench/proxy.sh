@@ -35,9 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in wrk haproxy nginx; do
-    command -v "$tool" >/dev/null || { echo "bench/proxy.sh: $tool is not installed" >&2; exit 1; }
-done
+"$root/scripts/install-packages" wrk haproxy nginx
 
 echo "building graven (profile $PROFILE)..." >&2
 (cd "$root" && cargo build --profile "$PROFILE" --quiet --bin graven)
