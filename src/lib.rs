@@ -11,5 +11,6 @@ pub mod loadgen;
 pub mod proxy;
 pub mod runtime;
 pub mod sandbox;
+pub mod size;
 pub mod spec;
 pub mod store;

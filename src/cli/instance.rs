@@ -94,7 +94,7 @@ pub struct ExecArgs {
 
 /// A size limit as `graven.toml` reads it.
 fn positive_size(text: &str) -> Result<u64, String> {
-    spec::size_text(text).and_then(spec::nonzero_size)
+    crate::size::parse(text).and_then(spec::nonzero_size)
 }
 
 /// Resolves a full id or a unique prefix of one.

@@ -20,7 +20,7 @@ use crate::store::Digest;
 
 pub use problem::{Problem, SpecErrors};
 pub use validate::DEFAULT_ENVIRONMENT;
-pub use values::{nonzero_size, size_text};
+pub use values::nonzero_size;
 
 /// The project file's name inside a project directory.
 pub const FILE_NAME: &str = "graven.toml";

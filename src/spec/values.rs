@@ -7,6 +7,7 @@ use std::time::Duration;
 use toml::Value;
 
 use super::raw::describe;
+use crate::size;
 
 /// `"500ms"`, `"1s"`, `"2m"`, `"1h 30m"` (humantime's syntax).
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
@@ -14,13 +15,13 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{text:?} is not a duration (try \"1s\", \"500ms\")"))
 }
 
-/// A size in bytes: an integer, or a string with a unit (see [`size_text`]).
+/// A size in bytes: an integer, or a string with a unit (see [`crate::size::parse`]).
 pub(crate) fn size(value: &Value) -> Result<u64, String> {
     match value {
         Value::Integer(bytes) => {
-            u64::try_from(*bytes).map_err(|_| format!("{bytes} is not a size {SIZE_HINT}"))
+            u64::try_from(*bytes).map_err(|_| format!("{bytes} is not a size {}", size::HINT))
         }
-        Value::String(text) => size_text(text),
+        Value::String(text) => size::parse(text),
         other => Err(format!(
             "expected a size such as \"64MiB\", found {}",
             describe(other)
@@ -34,35 +35,6 @@ pub fn nonzero_size(bytes: u64) -> Result<u64, String> {
         0 => Err("a size limit must be larger than zero".to_owned()),
         bytes => Ok(bytes),
     }
-}
-
-const SIZE_HINT: &str = "(try \"64MiB\", \"512M\", \"1G\")";
-
-/// A size written out: a number of bytes with an optional unit. `B`; `KB`, `MB`, `GB`, `TB`
-/// are decimal (SI); `KiB`/`Ki`, `MiB`/`Mi`, … and bare `K`, `M`, `G`, `T` are binary, as
-/// Docker reads `512m`. Units are case-insensitive. `graven.toml` and the command line both
-/// read sizes with this.
-pub fn size_text(text: &str) -> Result<u64, String> {
-    let bad = || format!("{text:?} is not a size {SIZE_HINT}");
-    let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(digits_end);
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        "k" | "ki" | "kib" => 1 << 10,
-        "m" | "mi" | "mib" => 1 << 20,
-        "g" | "gi" | "gib" => 1 << 30,
-        "t" | "ti" | "tib" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(multiplier).ok_or_else(bad)
 }
 
 /// CPU in thousandths of a core: a number of cores (`0.5`, `2`) or millicores (`"500m"`).

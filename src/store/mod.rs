@@ -71,7 +71,7 @@ pub enum StoreError {
     )]
     TooLarge { digest: Digest, limit: u64 },
     #[error(
-        "{MAX_IMAGE_SIZE_VAR}={value:?} is not a size: use bytes or a number with K, M, G or T (powers of 1024)"
+        "{MAX_IMAGE_SIZE_VAR}={value:?} is not a size: write bytes or a number with a unit, as in graven.toml (512M, 16GiB, 20GB)"
     )]
     BadMaxImageSize { value: String },
     #[error(transparent)]
@@ -88,31 +88,14 @@ pub const MAX_IMAGE_SIZE_VAR: &str = "GRAVEN_MAX_IMAGE_SIZE";
 pub const DEFAULT_MAX_IMAGE_SIZE: u64 = 16 << 30;
 
 /// How many bytes an image (all its layers, or one ADD archive) may take unpacked:
-/// `$GRAVEN_MAX_IMAGE_SIZE` (`512M`, `16G`, plain bytes), else `DEFAULT_MAX_IMAGE_SIZE`.
+/// `$GRAVEN_MAX_IMAGE_SIZE` (a size as `graven.toml` writes one), else `DEFAULT_MAX_IMAGE_SIZE`.
 pub fn max_image_size() -> Result<u64> {
     match std::env::var(MAX_IMAGE_SIZE_VAR) {
         Ok(value) if !value.trim().is_empty() => {
-            parse_size(value.trim()).ok_or(StoreError::BadMaxImageSize { value })
+            crate::size::parse(&value).map_err(|_| StoreError::BadMaxImageSize { value })
         }
         _ => Ok(DEFAULT_MAX_IMAGE_SIZE),
     }
-}
-
-/// A size in bytes, or with a K, M, G or T suffix (powers of 1024, an optional `i` and `B`).
-fn parse_size(text: &str) -> Option<u64> {
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let number: u64 = text[..digits].parse().ok()?;
-    let shift = match text[digits..].trim_start().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return None,
-    };
-    number.checked_mul(1 << shift)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -505,25 +488,6 @@ pub fn digest_reader(mut reader: impl Read) -> io::Result<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        for (text, expected) in [
-            ("0", Some(0)),
-            ("1024", Some(1024)),
-            ("512M", Some(512 << 20)),
-            ("16G", Some(16 << 30)),
-            ("2 GiB", Some(2 << 30)),
-            ("1t", Some(1 << 40)),
-            ("", None),
-            ("G", None),
-            ("1.5G", None),
-            ("-1", None),
-            ("99999999999T", None),
-        ] {
-            assert_eq!(parse_size(text), expected, "{text:?}");
-        }
-    }
 
     #[test]
     fn blob_round_trip_and_tags() {
