@@ -6,6 +6,7 @@ pub mod api;
 pub mod bake;
 pub mod cli;
 pub mod controller;
+pub mod deploy;
 pub mod events;
 pub mod loadgen;
 pub mod proxy;

@@ -11,7 +11,7 @@ use graven::controller::{self, ControllerHandle, ControllerOptions, Snapshot};
 use graven::events::{DeployOutcome, Lifecycle};
 use graven::runtime::{AnyRuntime, FakeRuntime, InstanceId, Runtime};
 use graven::store::Digest;
-use support::daemon::{config, free_port, outcome, release, version};
+use support::daemon::{config, free_port, order, outcome, release, version};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -48,7 +48,7 @@ fn healthy_versions(snapshot: &Snapshot) -> BTreeMap<u64, usize> {
     let mut counts = BTreeMap::new();
     for i in snapshot.state.instances.values() {
         if i.lifecycle == Lifecycle::Healthy {
-            *counts.entry(i.release).or_default() += 1;
+            *counts.entry(i.release.get()).or_default() += 1;
         }
     }
     counts
@@ -66,7 +66,10 @@ async fn running_on_runtime(fake: &FakeRuntime) -> usize {
 /// Deploys two instances of v1 behind `route` and waits until the deploy ends.
 async fn deploy_v1(controller: &ControllerHandle, route: SocketAddr) {
     controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .deploy(
+            order(vec![release(config(2, route, &[("VERSION", "v1")]))]),
+            "test",
+        )
         .await
         .unwrap();
     outcome(controller).await;
@@ -96,7 +99,10 @@ async fn deploys_roll_out_and_the_route_follows() {
     let route = free_port();
     let first = s
         .controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .deploy(
+            order(vec![release(config(2, route, &[("VERSION", "v1")]))]),
+            "test",
+        )
         .await
         .unwrap();
     assert_eq!(first.started.len(), 1);
@@ -110,18 +116,28 @@ async fn deploys_roll_out_and_the_route_follows() {
     // The same image and config again makes no release.
     let again = s
         .controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .deploy(
+            order(vec![release(config(2, route, &[("VERSION", "v1")]))]),
+            "test",
+        )
         .await
         .unwrap();
-    assert_eq!(again.unchanged, vec!["web".to_owned()]);
+    assert_eq!(
+        again.unchanged,
+        vec![graven::events::ServiceName::new("web")]
+    );
 
     // The instance count is not part of a release: scaling keeps release 1 and adds one.
     let scaled = s
         .controller
-        .deploy(vec![release(config(3, route, &[("VERSION", "v1")]))])
+        .deploy(
+            order(vec![release(config(3, route, &[("VERSION", "v1")]))]),
+            "test",
+        )
         .await
         .unwrap();
-    assert_eq!(scaled.unchanged, vec!["web".to_owned()]);
+    assert_eq!(scaled.scaled.len(), 1, "{scaled:?}");
+    assert_eq!(scaled.scaled[0].instances, 3);
     let snapshot = tokio::time::timeout(
         Duration::from_secs(10),
         s.controller
@@ -131,7 +147,10 @@ async fn deploys_roll_out_and_the_route_follows() {
     .expect("scaled to 3");
     assert_eq!(snapshot.state.releases.len(), 1);
     s.controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v1")]))])
+        .deploy(
+            order(vec![release(config(2, route, &[("VERSION", "v1")]))]),
+            "test",
+        )
         .await
         .unwrap();
     tokio::time::timeout(
@@ -144,7 +163,10 @@ async fn deploys_roll_out_and_the_route_follows() {
 
     // A config change alone is a new release that replaces every instance.
     s.controller
-        .deploy(vec![release(config(2, route, &[("VERSION", "v2")]))])
+        .deploy(
+            order(vec![release(config(2, route, &[("VERSION", "v2")]))]),
+            "test",
+        )
         .await
         .unwrap();
     assert!(matches!(
@@ -167,7 +189,7 @@ async fn deploys_roll_out_and_the_route_follows() {
     .expect("old instances removed");
 
     // Rollback goes back to release 1 through the same path.
-    let back = s.controller.rollback(None, None).await.unwrap();
+    let back = s.controller.rollback(None, None, "test").await.unwrap();
     assert_eq!(back.started[0].to, 1);
     assert!(matches!(
         outcome(&s.controller).await,
@@ -185,11 +207,14 @@ async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
     let route = free_port();
     deploy_v1(&s.controller, route).await;
     s.controller
-        .deploy(vec![release(config(
-            2,
-            route,
-            &[("VERSION", "bad"), ("HEALTHY", "0")],
-        ))])
+        .deploy(
+            order(vec![release(config(
+                2,
+                route,
+                &[("VERSION", "bad"), ("HEALTHY", "0")],
+            ))]),
+            "test",
+        )
         .await
         .unwrap();
     // Requests keep flowing while the bad release is tried; every one is served by v1.
@@ -205,6 +230,7 @@ async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
     let DeployOutcome::RolledBack { reason, .. } = result else {
         panic!("expected a rollback, got {result:?}");
     };
+    let reason = reason.to_string();
     assert!(reason.contains("healthy within"), "{reason}");
     let served = probe.await.unwrap();
     assert!(!served.is_empty());
@@ -213,7 +239,7 @@ async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
         "{served:?}"
     );
     let snapshot = s.controller.snapshot();
-    assert_eq!(snapshot.state.services["web"].wanted, Some(1));
+    assert_eq!(snapshot.state.services["web"].wanted, Some(1.into()));
     s.controller.shutdown().await;
 }
 
@@ -228,20 +254,19 @@ async fn a_crashed_instance_is_replaced() {
     });
     let victim = s.fake.list().await.unwrap()[0].id.clone();
     s.fake.crash(&victim, 3).unwrap();
-    let healed = tokio::time::timeout(
-        Duration::from_secs(10),
-        s.controller.wait_for(|snap| {
-            healthy_versions(snap).get(&1) == Some(&2)
-                && snap.state.instances.len() == 2
-                && snap
-                    .state
-                    .instances
-                    .values()
-                    .all(|i| i.runtime_id.as_ref() != Some(&victim))
-        }),
-    )
-    .await
-    .expect("a replacement is healthy");
+    let healed =
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            s.controller.wait_for(|snap| {
+                healthy_versions(snap).get(&1) == Some(&2)
+                    && snap.state.instances.len() == 2
+                    && snap.state.instances.values().all(|i| {
+                        i.runtime_id.as_ref().map(|r| r.as_str()) != Some(victim.0.as_str())
+                    })
+            }),
+        )
+        .await
+        .expect("a replacement is healthy");
     assert_eq!(healed.state.instances.len(), 2);
     let before = load.snapshot().total;
     support::wait_for(Duration::from_secs(10), "requests after healing", || {
@@ -323,11 +348,15 @@ async fn a_release_whose_instances_fail_at_once_rolls_back_early_and_says_why() 
     deploy_v1(&controller, route).await;
     let mut broken = release(config(2, route, &[("VERSION", "v2")]));
     broken.image = Digest::of(b"an image the runtime cannot start");
-    controller.deploy(vec![broken]).await.unwrap();
+    controller
+        .deploy(order(vec![broken]), "test")
+        .await
+        .unwrap();
     let result = outcome(&controller).await;
     let DeployOutcome::RolledBack { reason, .. } = result else {
         panic!("expected a rollback, got {result:?}");
     };
+    let reason = reason.to_string();
     assert!(reason.contains("failed 3 times"), "{reason}");
     assert!(reason.contains("did not start"), "{reason}");
     let r = served(route).await;
@@ -357,7 +386,10 @@ async fn an_adopted_instance_that_stops_answering_is_replaced() {
         .find_map(|(name, i)| Some((name.clone(), i.runtime_id.clone()?)))
         .expect("an adopted instance with a runtime id");
     s.fake
-        .set_behavior(&victim, graven::runtime::fake::Behavior::Unhealthy)
+        .set_behavior(
+            &graven::runtime::InstanceId(victim.0.clone()),
+            graven::runtime::fake::Behavior::Unhealthy,
+        )
         .unwrap();
     tokio::time::timeout(
         Duration::from_secs(10),

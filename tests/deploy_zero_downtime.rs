@@ -10,7 +10,7 @@ use std::time::Duration;
 use graven::controller::{self, ControllerOptions};
 use graven::events::DeployOutcome;
 use graven::runtime::{AnyRuntime, FakeRuntime, Runtime};
-use support::daemon::{config, free_port, outcome, release};
+use support::daemon::{config, free_port, order, outcome, release};
 use support::load::Load;
 
 const CONNECTIONS: usize = 8;
@@ -29,7 +29,10 @@ async fn three_rolling_deploys_under_load_fail_no_request() {
     .unwrap();
     let route = free_port();
     controller
-        .deploy(vec![release(config(4, route, &[("VERSION", "v1")]))])
+        .deploy(
+            order(vec![release(config(4, route, &[("VERSION", "v1")]))]),
+            "test",
+        )
         .await
         .unwrap();
     assert!(matches!(
@@ -42,7 +45,10 @@ async fn three_rolling_deploys_under_load_fail_no_request() {
     let mut previous = "v1";
     for version in ["v2", "v3", "v4"] {
         let rollout = controller
-            .deploy(vec![release(config(4, route, &[("VERSION", version)]))])
+            .deploy(
+                order(vec![release(config(4, route, &[("VERSION", version)]))]),
+                "test",
+            )
             .await
             .unwrap();
         assert_eq!(rollout.started.len(), 1, "{version} is a new release");

@@ -451,7 +451,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
     add("corpus", "event_envelope", "typed.row", {
         let line = String::from_utf8(event_lines()).unwrap();
         let first = line.lines().next().unwrap().to_owned();
-        format!("1\n1000\ncontroller\n1\nrelease_created\n\n{first}").into_bytes()
+        format!("1\n1000\ncontroller\n2\nrelease_created\n\n{first}").into_bytes()
     });
 
     for (name, body) in api_requests() {
@@ -527,33 +527,36 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
 
 /// A service's life as the controller logs it, one JSON event a line.
 fn event_lines() -> Vec<u8> {
-    use graven::events::{DeployReason, Event, GoneReason, ServiceConfig};
-    use graven::runtime::InstanceId;
+    use graven::events::{
+        DeployReason, DrainReason, Event, GoneReason, ReleaseNumber, RollbackReason, RuntimeId,
+        ServiceConfig,
+    };
     let source =
         fs::read_to_string(support::workspace().join("examples/hello/graven.toml")).unwrap();
     let dir = Path::new("/project");
     let project = graven::spec::parse(&source, &dir.join("graven.toml"), dir, "local").unwrap();
     let service = &project.services["web"];
-    let web = || "web".to_owned();
-    let instance = || "web-1".to_owned();
-    let runtime_id = || InstanceId("abc123".to_owned());
+    let web = || "web".into();
+    let instance = || "web-1".into();
+    let runtime_id = || RuntimeId::new("abc123");
     let events = [
         Event::ReleaseCreated {
             service: web(),
-            number: 1,
+            release: ReleaseNumber(1),
             image: Digest::of(b"image"),
-            config_digest: service.config_digest().to_string(),
+            config_digest: ServiceConfig::from(service).digest().to_string(),
             config: ServiceConfig::from(service),
+            source: None,
         },
         Event::DeployStarted {
             service: web(),
             from: None,
-            to: 1,
+            to: ReleaseNumber(1),
             reason: DeployReason::Deploy,
         },
         Event::InstanceLaunched {
             service: web(),
-            release: 1,
+            release: ReleaseNumber(1),
             instance: instance(),
         },
         Event::InstanceStarted {
@@ -566,7 +569,7 @@ fn event_lines() -> Vec<u8> {
         },
         Event::DeploySucceeded {
             service: web(),
-            release: 1,
+            release: ReleaseNumber(1),
         },
         Event::ServiceScaled {
             service: web(),
@@ -594,13 +597,18 @@ fn event_lines() -> Vec<u8> {
         },
         Event::DeployRolledBack {
             service: web(),
-            from: 2,
-            to: Some(1),
-            reason: "unhealthy".to_owned(),
+            from: ReleaseNumber(2),
+            to: Some(ReleaseNumber(1)),
+            reason: RollbackReason::TooManyFailures {
+                failures: 3,
+                last_failure: Some("status 503".to_owned()),
+            },
         },
         Event::InstanceDraining {
             instance: instance(),
-            reason: "replaced".to_owned(),
+            reason: DrainReason::Replaced {
+                by: ReleaseNumber(2),
+            },
         },
         Event::OrphanRemoved {
             runtime_id: runtime_id(),
@@ -633,7 +641,6 @@ fn api_requests() -> Vec<(String, Vec<u8>)> {
         "services": [{
             "service": "web",
             "image": release["image"],
-            "config_digest": release["config_digest"],
             "config": release["config"],
         }],
     });

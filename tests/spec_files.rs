@@ -27,7 +27,7 @@ fn describe(result: Result<Project, SpecErrors>, dir: &Path) -> String {
         out.push_str(&format!(
             "\n[{}]\nconfig_digest: {}\n{service:#?}\n",
             service.name,
-            service.config_digest()
+            graven::events::ServiceConfig::from(service).digest()
         ));
     }
     out

@@ -23,11 +23,12 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::controller::{
-    self, ControllerError, ControllerHandle, ControllerOptions, Rollout, ServiceRelease, Snapshot,
+    self, ControllerError, ControllerHandle, ControllerOptions, DeployOrder, Rollout, Snapshot,
 };
-use crate::events::{Envelope, Event};
+use crate::events::{Envelope, Event, ReleaseNumber, ServiceName};
 use crate::runtime::AnyRuntime;
 
+pub mod actor;
 pub mod client;
 
 pub use client::Client;
@@ -148,15 +149,16 @@ impl Target {
 pub struct DeployRequest {
     pub app: String,
     pub environment: String,
-    pub services: Vec<ServiceRelease>,
+    #[serde(flatten)]
+    pub order: DeployOrder,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RollbackRequest {
     #[serde(flatten)]
     pub target: Target,
-    pub service: Option<String>,
-    pub to: Option<u64>,
+    pub service: Option<ServiceName>,
+    pub to: Option<ReleaseNumber>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,10 +349,16 @@ impl Daemon {
             };
             failing = false;
             let daemon = self.clone();
+            // Who asks, from the kernel's word on the peer: what its commands' events record.
+            let actor: Arc<str> = match stream.peer_cred() {
+                Ok(cred) => actor::of_uid(cred.uid()).into(),
+                Err(_) => actor::UNKNOWN.into(),
+            };
             let connection = builder.serve_connection(TokioIo::new(stream), {
                 hyper::service::service_fn(move |request| {
                     let daemon = daemon.clone();
-                    async move { Ok::<_, Infallible>(daemon.answer(request).await) }
+                    let actor = actor.clone();
+                    async move { Ok::<_, Infallible>(daemon.answer(request, &actor).await) }
                 })
             });
             tokio::spawn(async move {
@@ -359,8 +367,8 @@ impl Daemon {
         }
     }
 
-    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        match self.route(request).await {
+    async fn answer(&self, request: Request<Incoming>, actor: &str) -> Response<Full<Bytes>> {
+        match self.route(request, actor).await {
             Ok(body) => json_response(StatusCode::OK, body),
             Err(error) => {
                 let mut response = json_response(
@@ -386,7 +394,7 @@ impl Daemon {
         }
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
+    async fn route(&self, request: Request<Incoming>, actor: &str) -> Result<Vec<u8>, ApiError> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let body = self.read_body(request).await?;
@@ -394,19 +402,19 @@ impl Daemon {
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(&body)?;
                 let handle = self.controller(&request.app, &request.environment)?;
-                let rollout = handle.deploy(request.services).await?;
+                let rollout = handle.deploy(request.order, actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }
             (&Method::POST, "/v1/rollback") => {
                 let request: RollbackRequest = parse(&body)?;
                 let handle = self.find(&request.target)?;
-                let rollout = handle.rollback(request.service, request.to).await?;
+                let rollout = handle.rollback(request.service, request.to, actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }
             (&Method::POST, "/v1/down") => {
                 let target: Target = parse(&body)?;
                 let handle = self.find(&target)?;
-                let rollout = handle.down().await?;
+                let rollout = handle.down(actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }
             (&Method::POST, "/v1/status") => {
@@ -625,10 +633,11 @@ mod tests {
             let image = Digest::of(app.as_bytes());
             let created = Event::ReleaseCreated {
                 service: "web".into(),
-                number: 1,
+                release: crate::events::ReleaseNumber(1),
                 image: image.clone(),
                 config_digest: "c".into(),
                 config: config.clone(),
+                source: None,
             };
             EventLog::open(&log)
                 .unwrap()

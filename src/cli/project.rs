@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +15,11 @@ use serde::Serialize;
 
 use super::{Threads, async_runtime};
 use crate::api::{self, Client, Daemon, DeployRequest, HistoryRequest, RollbackRequest, Target};
-use crate::controller::{Rollout, ServiceRelease, Snapshot};
-use crate::events::{DeployOutcome, Envelope, Event, ServiceConfig};
+use crate::controller::{DeployOrder, Rollout, Snapshot};
+use crate::deploy::Step;
+use crate::events::{DeployOutcome, Envelope, Event, ReleaseNumber, ServiceName};
 use crate::runtime::{AnyRuntime, FakeRuntime, LocalRuntime};
 use crate::spec::{self, DEFAULT_ENVIRONMENT, Project};
-use crate::store::Digest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RuntimeKind {
@@ -171,73 +171,34 @@ fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
     spec::load(&dir, environment).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
-/// Runs the build step, bakes the image, and describes each service's next release.
-fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>> {
-    if let Some(build) = &project.build {
-        note!("graven: build: {}", build.command);
-        let mut command = std::process::Command::new("sh");
-        command
-            .arg("-c")
-            .arg(&build.command)
-            .current_dir(&project.dir)
-            .stdout(Stdio::from(std::io::stderr()));
-        if let Some(restore) = crate::proxy::limits::restore_in_child() {
-            // SAFETY: the hook only calls getrlimit and setrlimit, which are async-signal-safe
-            // and allocate nothing.
-            unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, restore) };
-        }
-        let status = command
-            .status()
-            .with_context(|| format!("running the build step {:?}", build.command))?;
-        if !status.success() {
-            bail!("the build step {:?} failed ({status})", build.command);
-        }
-    }
-    let image = bake(home, project)?;
-    Ok(project
-        .services
-        .values()
-        .map(|service| ServiceRelease {
-            service: service.name.clone(),
-            image: image.clone(),
-            config_digest: service.config_digest().to_string(),
-            config: ServiceConfig::from(service),
-        })
-        .collect())
-}
-
-/// Bakes the project's image (every unchanged step comes from the cache) and tags it
-/// `<app>:<environment>`.
-fn bake(home: &Path, project: &Project) -> anyhow::Result<Digest> {
-    let options = crate::bake::BakeOptions {
-        context: project.dir.join(&project.image.context),
-        containerfile: Some(project.dir.join(&project.image.containerfile)),
-        tag: format!("{}:{}", project.app, project.environment),
-        build_args: BTreeMap::new(),
-        epoch: 0,
-    };
-    let mut progress = |event: crate::bake::Progress<'_>| {
-        if let crate::bake::Progress::Finished {
+/// Runs the build step and bakes the image (`deploy::prepare`), printing each step.
+fn prepare(home: &Path, project: &Project, resume: bool) -> anyhow::Result<DeployOrder> {
+    let mut progress = |step: Step<'_>| match step {
+        Step::Build { command } => note!("graven: build: {command}"),
+        Step::Baked(crate::bake::Progress::Finished {
             step,
             total,
             text,
             cached,
-        } = event
-        {
+        }) => {
             let how = if cached { "cached" } else { "done" };
             note!("graven: bake [{step}/{total}] {text}  {how}");
         }
+        Step::Baked(_) => {}
     };
-    let baked = crate::bake::bake(home, &options, &mut progress)
-        .with_context(|| format!("baking {}", options.context.display()))?;
-    Ok(baked.digest)
+    Ok(crate::deploy::prepare(
+        home,
+        project,
+        resume,
+        &mut progress,
+    )?)
 }
 
 /// How one service's rollout ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Outcome {
-    pub service: String,
-    pub release: u64,
+    pub service: ServiceName,
+    pub release: ReleaseNumber,
     #[serde(flatten)]
     pub outcome: DeployOutcome,
 }
@@ -248,7 +209,7 @@ struct DeployReport<'a> {
     environment: &'a str,
     rollout: &'a Rollout,
     outcomes: &'a [Outcome],
-    routes: BTreeMap<String, String>,
+    routes: BTreeMap<ServiceName, String>,
 }
 
 /// Prints the rollout's events as they are appended until every started deploy has ended.
@@ -261,7 +222,7 @@ where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = anyhow::Result<Vec<Envelope<Event>>>>,
 {
-    let mut pending: BTreeMap<String, u64> = rollout
+    let mut pending: BTreeMap<ServiceName, ReleaseNumber> = rollout
         .started
         .iter()
         .map(|s| (s.service.clone(), s.to))
@@ -342,7 +303,7 @@ fn report(
     outcomes: &[Outcome],
     snapshot: Option<&Snapshot>,
 ) -> anyhow::Result<ExitCode> {
-    let routes: BTreeMap<String, String> = snapshot
+    let routes: BTreeMap<ServiceName, String> = snapshot
         .map(|s| {
             s.routes
                 .iter()
@@ -365,6 +326,31 @@ fn report(
     } else {
         for service in &rollout.unchanged {
             say!("{service}: unchanged");
+        }
+        for scaled in &rollout.scaled {
+            match scaled.route {
+                Some(route) => say!(
+                    "{}: scaled to {} on {route} (same release)",
+                    scaled.service,
+                    scaled.instances
+                ),
+                None => say!(
+                    "{}: scaled to {} (same release)",
+                    scaled.service,
+                    scaled.instances
+                ),
+            }
+        }
+        for kept in &rollout.kept {
+            match kept.wanted {
+                Some(wanted) if wanted != kept.made => say!(
+                    "{}: release {wanted} stays wanted; this directory is unchanged since it \
+                     made release {} (`graven deploy` deploys it again)",
+                    kept.service,
+                    kept.made
+                ),
+                _ => say!("{}: release {} (unchanged)", kept.service, kept.made),
+            }
         }
         for outcome in outcomes {
             match &outcome.outcome {
@@ -414,11 +400,13 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let result = async {
             let handle = daemon.controller(&project.app, &project.environment)?;
             let home = home.to_owned();
-            let releases = {
+            let order = {
                 let project = project.clone();
-                tokio::task::spawn_blocking(move || prepare(&home, &project)).await??
+                tokio::task::spawn_blocking(move || prepare(&home, &project, true)).await??
             };
-            let rollout = handle.deploy(releases).await?;
+            let rollout = handle
+                .deploy(order, &crate::api::actor::this_process())
+                .await?;
             let outcomes = follow(&rollout, args.json, |after| {
                 let handle = handle.clone();
                 async move { Ok(handle.history(after).await?) }
@@ -513,13 +501,13 @@ pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     let runtime = async_runtime(Threads::One)?;
     // Check the daemon is there before spending time on a build.
     runtime.block_on(client.status(&Target::default()))?;
-    let services = prepare(home, &project)?;
+    let order = prepare(home, &project, false)?;
     runtime.block_on(async {
         let accepted = client
             .deploy(&DeployRequest {
                 app: project.app.clone(),
                 environment: project.environment.clone(),
-                services,
+                order,
             })
             .await?;
         finish(&client, accepted, args.json).await
@@ -532,8 +520,8 @@ pub fn rollback(home: &Path, args: RollbackArgs) -> anyhow::Result<ExitCode> {
         let accepted = client
             .rollback(&RollbackRequest {
                 target: args.target.target(),
-                service: args.service,
-                to: args.to,
+                service: args.service.map(ServiceName::from),
+                to: args.to.map(ReleaseNumber),
             })
             .await?;
         finish(&client, accepted, args.target.json).await

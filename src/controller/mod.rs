@@ -22,20 +22,29 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::{
-    CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, Lifecycle,
-    Scale, ServiceConfig, State, fold, replay,
+    CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, InstanceName,
+    Lifecycle, ReleaseNumber, RuntimeId, Scale, ServiceConfig, ServiceName, Source, State, fold,
+    replay,
 };
 use crate::proxy::health::{Health, HealthChange, HealthMonitor};
-use crate::proxy::{Backend, Route, RouteOptions};
-use crate::runtime::{AnyRuntime, Instance, InstanceId, InstanceSpec, Runtime, RuntimeError};
+use crate::proxy::{Backend, HealthCheck, Route, RouteOptions};
+use crate::runtime::{
+    AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, VolumeMount,
+};
 use crate::store::Digest;
 
 pub mod plan;
 
-pub use plan::{Action, Observed, Seen, plan};
+pub use plan::{Action, Observed, Seen, plan, shutdown_plan};
 
 /// How much longer than two stop graces a shutdown waits for the runtime.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(30);
+
+/// How long a closing route may wait for its connections before they are cut.
+const ROUTE_CLOSE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The most events one history request returns; a reader pages with `after`.
+pub const HISTORY_PAGE: usize = 1000;
 
 /// The first and the longest wait before writing to a log that could not be written is
 /// tried again: short enough that a freed disk is noticed within seconds, long enough that
@@ -53,14 +62,17 @@ pub const LABEL_INSTANCE: &str = "instance";
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error("unknown service {service:?}")]
-    UnknownService { service: String },
+    UnknownService { service: ServiceName },
     #[error("service {service} has no release {number}")]
-    UnknownRelease { service: String, number: u64 },
+    UnknownRelease {
+        service: ServiceName,
+        number: ReleaseNumber,
+    },
     #[error("service {service} has no earlier release to roll back to")]
-    NoPreviousRelease { service: String },
+    NoPreviousRelease { service: ServiceName },
     #[error("route {route} of service {service} cannot be bound: {reason}")]
     RouteUnavailable {
-        service: String,
+        service: ServiceName,
         route: SocketAddr,
         reason: String,
     },
@@ -93,13 +105,27 @@ pub struct ControllerOptions {
     pub tick: Duration,
 }
 
-/// One service of a deploy: what its next release would be.
+/// One service of a deploy: what its next release would be. Its config digest is computed
+/// here, by the controller, from the config itself: no client says what it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRelease {
-    pub service: String,
+    pub service: ServiceName,
     pub image: Digest,
-    pub config_digest: String,
     pub config: ServiceConfig,
+}
+
+/// A deploy as the controller is asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployOrder {
+    pub services: Vec<ServiceRelease>,
+    /// The project directory (and host) the releases were made from.
+    #[serde(default)]
+    pub source: Option<Source>,
+    /// `graven up`'s resume: a service whose inputs are those of the newest release made
+    /// from `source` keeps its wanted release (a rollback stays rolled back) instead of
+    /// deploying them again.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// What a deploy or rollback command started.
@@ -109,14 +135,47 @@ pub struct Rollout {
     pub after_seq: u64,
     pub started: Vec<StartedDeploy>,
     /// Services whose image and config did not change: no new release.
-    pub unchanged: Vec<String>,
+    pub unchanged: Vec<ServiceName>,
+    /// Services whose instance count or route changed without a new release.
+    #[serde(default)]
+    pub scaled: Vec<ScaledService>,
+    /// Services `graven up` resumed: the working tree is what `made` was made from, and the
+    /// wanted release (which a rollback chose) stays.
+    #[serde(default)]
+    pub kept: Vec<KeptService>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartedDeploy {
-    pub service: String,
-    pub from: Option<u64>,
-    pub to: u64,
+    pub service: ServiceName,
+    pub from: Option<ReleaseNumber>,
+    pub to: ReleaseNumber,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaledService {
+    pub service: ServiceName,
+    pub instances: u32,
+    pub route: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptService {
+    pub service: ServiceName,
+    pub wanted: Option<ReleaseNumber>,
+    pub made: ReleaseNumber,
+}
+
+impl Rollout {
+    fn after(seq: u64) -> Rollout {
+        Rollout {
+            after_seq: seq,
+            started: Vec::new(),
+            unchanged: Vec::new(),
+            scaled: Vec::new(),
+            kept: Vec::new(),
+        }
+    }
 }
 
 /// The state as the API shows it: the fold plus where the routes listen.
@@ -125,9 +184,9 @@ pub struct Snapshot {
     pub app: String,
     pub environment: String,
     pub state: State,
-    pub routes: BTreeMap<String, SocketAddr>,
+    pub routes: BTreeMap<ServiceName, SocketAddr>,
     /// Why a route could not be bound, by service.
-    pub route_errors: BTreeMap<String, String>,
+    pub route_errors: BTreeMap<ServiceName, String>,
     /// Set while the event log cannot be written.
     #[serde(default)]
     pub log_problem: Option<LogProblem>,
@@ -146,17 +205,21 @@ type Reply<T> = oneshot::Sender<Result<T, ControllerError>>;
 #[derive(Debug)]
 pub enum Command {
     Deploy {
-        services: Vec<ServiceRelease>,
+        order: DeployOrder,
+        actor: String,
         reply: Reply<Rollout>,
     },
     Rollback {
-        service: Option<String>,
-        to: Option<u64>,
+        service: Option<ServiceName>,
+        to: Option<ReleaseNumber>,
+        actor: String,
         reply: Reply<Rollout>,
     },
     Down {
+        actor: String,
         reply: Reply<Rollout>,
     },
+    /// At most `HISTORY_PAGE` events after `after`.
     History {
         after: u64,
         reply: Reply<Vec<Envelope<Event>>>,
@@ -170,15 +233,15 @@ pub enum Input {
     Tick,
     Health(HealthChange),
     Started {
-        instance: String,
+        instance: InstanceName,
         result: Result<Instance, RuntimeError>,
     },
     Stopped {
-        instance: String,
+        instance: InstanceName,
         result: Result<(), RuntimeError>,
     },
     Removed {
-        runtime_id: InstanceId,
+        runtime_id: RuntimeId,
     },
     Command(Command),
     /// Drain and stop every instance, then end the loop.
@@ -234,21 +297,39 @@ impl ControllerHandle {
         answer.await.map_err(|_| stopped())?
     }
 
-    pub async fn deploy(&self, services: Vec<ServiceRelease>) -> Result<Rollout, ControllerError> {
-        self.ask(|reply| Command::Deploy { services, reply }).await
+    pub async fn deploy(
+        &self,
+        order: DeployOrder,
+        actor: &str,
+    ) -> Result<Rollout, ControllerError> {
+        let actor = actor.to_owned();
+        self.ask(|reply| Command::Deploy {
+            order,
+            actor,
+            reply,
+        })
+        .await
     }
 
     pub async fn rollback(
         &self,
-        service: Option<String>,
-        to: Option<u64>,
+        service: Option<ServiceName>,
+        to: Option<ReleaseNumber>,
+        actor: &str,
     ) -> Result<Rollout, ControllerError> {
-        self.ask(|reply| Command::Rollback { service, to, reply })
-            .await
+        let actor = actor.to_owned();
+        self.ask(|reply| Command::Rollback {
+            service,
+            to,
+            actor,
+            reply,
+        })
+        .await
     }
 
-    pub async fn down(&self) -> Result<Rollout, ControllerError> {
-        self.ask(|reply| Command::Down { reply }).await
+    pub async fn down(&self, actor: &str) -> Result<Rollout, ControllerError> {
+        let actor = actor.to_owned();
+        self.ask(|reply| Command::Down { actor, reply }).await
     }
 
     pub async fn history(&self, after: u64) -> Result<Vec<Envelope<Event>>, ControllerError> {
@@ -318,6 +399,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         shutting_down: None,
         since_ms: now_ms(),
         unwritable: None,
+        dirty: false,
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -338,16 +420,20 @@ struct Shell {
     publish: watch::Sender<Arc<Snapshot>>,
     inputs: mpsc::UnboundedSender<Input>,
     health_tx: mpsc::UnboundedSender<HealthChange>,
-    routes: BTreeMap<String, RouteEntry>,
-    route_errors: BTreeMap<String, String>,
-    monitors: BTreeMap<String, HealthMonitor>,
-    busy: BTreeSet<String>,
-    busy_ids: BTreeSet<InstanceId>,
+    routes: BTreeMap<ServiceName, RouteEntry>,
+    route_errors: BTreeMap<ServiceName, String>,
+    monitors: BTreeMap<InstanceName, HealthMonitor>,
+    busy: BTreeSet<InstanceName>,
+    busy_ids: BTreeSet<RuntimeId>,
     /// Set by `Shutdown`: who to tell, and when to give up waiting for stops.
     shutting_down: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
     since_ms: u64,
     /// Set while the log cannot be written.
     unwritable: Option<Unwritable>,
+    /// The state changed since the snapshot was last published. The snapshot is published
+    /// once per round (and before a command is answered), not once per event: a round that
+    /// records many events clones the state once.
+    dirty: bool,
 }
 
 struct Unwritable {
@@ -368,6 +454,26 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn runtime_id(id: &InstanceId) -> RuntimeId {
+    RuntimeId(id.0.clone())
+}
+
+fn instance_id(id: &RuntimeId) -> InstanceId {
+    InstanceId(id.0.clone())
+}
+
+/// The proxy's health check for a release's.
+fn health_check(config: &ServiceConfig) -> HealthCheck {
+    let health = &config.health;
+    HealthCheck {
+        path: health.path.clone(),
+        interval: health.interval,
+        timeout: health.timeout,
+        healthy_after: health.healthy_after,
+        unhealthy_after: health.unhealthy_after,
+    }
 }
 
 impl Shell {
@@ -402,6 +508,7 @@ impl Shell {
                     self.sync();
                 }
             }
+            self.publish_if_changed();
             let done =
                 self.state.instances.is_empty() && self.busy.is_empty() && self.busy_ids.is_empty();
             // A shutdown that cannot record its drains leaves the instances running for the
@@ -437,8 +544,12 @@ impl Shell {
 
     async fn stop_routes(&mut self) {
         self.monitors.clear();
-        for (_, entry) in std::mem::take(&mut self.routes) {
-            shutdown_route(entry.route).await;
+        let closing: Vec<_> = std::mem::take(&mut self.routes)
+            .into_values()
+            .map(|entry| tokio::spawn(shutdown_route(entry.route)))
+            .collect();
+        for closed in closing {
+            let _ = closed.await;
         }
     }
 
@@ -511,15 +622,28 @@ impl Shell {
         self.publish_snapshot();
     }
 
-    /// Appends the event, folds it in and publishes the new state.
+    /// Appends the controller's own decision and folds it in.
     fn record(&mut self, event: Event) -> Result<Envelope<Event>, ControllerError> {
-        let envelope = self.log.append(CONTROLLER, now_ms(), &event)?;
+        self.record_as(CONTROLLER, event)
+    }
+
+    /// Appends an event on behalf of `actor` (a command's user) and folds it in; the round
+    /// publishes the new state.
+    fn record_as(&mut self, actor: &str, event: Event) -> Result<Envelope<Event>, ControllerError> {
+        let envelope = self.log.append(actor, now_ms(), &event)?;
         self.state = fold(std::mem::take(&mut self.state), &envelope);
-        self.publish_snapshot();
+        self.dirty = true;
         Ok(envelope)
     }
 
-    fn publish_snapshot(&self) {
+    fn publish_if_changed(&mut self) {
+        if self.dirty {
+            self.publish_snapshot();
+        }
+    }
+
+    fn publish_snapshot(&mut self) {
+        self.dirty = false;
         let snapshot = Snapshot {
             app: self.options.app.clone(),
             environment: self.options.environment.clone(),
@@ -546,7 +670,7 @@ impl Shell {
                         Some(address) => {
                             self.record(Event::InstanceStarted {
                                 instance,
-                                runtime_id: started.id,
+                                runtime_id: runtime_id(&started.id),
                                 address,
                             })?;
                         }
@@ -557,7 +681,7 @@ impl Shell {
                                     error: "the runtime gave it no address".to_owned(),
                                 },
                             })?;
-                            self.remove_runtime_instance(started.id, Duration::ZERO);
+                            self.remove_runtime_instance(runtime_id(&started.id), Duration::ZERO);
                         }
                     },
                     Err(error) => {
@@ -608,8 +732,8 @@ impl Shell {
     }
 
     fn health_changed(&mut self, change: HealthChange) -> Result<(), ControllerError> {
-        let name = change.instance.clone();
-        let Some(instance) = self.state.instances.get(&change.instance) else {
+        let name = InstanceName(change.instance);
+        let Some(instance) = self.state.instances.get(&name) else {
             return Ok(());
         };
         let event = match (instance.lifecycle, change.health) {
@@ -619,12 +743,12 @@ impl Shell {
             }
             (Lifecycle::Starting | Lifecycle::Unhealthy, Health::Healthy) => {
                 Event::InstanceHealthy {
-                    instance: change.instance,
+                    instance: name.clone(),
                 }
             }
             (Lifecycle::Starting | Lifecycle::Healthy, Health::Unhealthy) => {
                 Event::InstanceUnhealthy {
-                    instance: change.instance,
+                    instance: name.clone(),
                     detail: change.detail,
                 }
             }
@@ -656,7 +780,7 @@ impl Shell {
             match command {
                 Command::Deploy { reply, .. }
                 | Command::Rollback { reply, .. }
-                | Command::Down { reply } => {
+                | Command::Down { reply, .. } => {
                     let _ = reply.send(Err(refused));
                 }
                 Command::History { .. } => {}
@@ -664,24 +788,28 @@ impl Shell {
             return Ok(());
         }
         match command {
-            Command::Deploy { services, reply } => {
-                let result = self.deploy(services).await;
+            Command::Deploy {
+                order,
+                actor,
+                reply,
+            } => {
+                let result = self.deploy(order, &actor).await;
                 self.answer(reply, result)
             }
-            Command::Rollback { service, to, reply } => {
-                let result = self.rollback(service, to);
+            Command::Rollback {
+                service,
+                to,
+                actor,
+                reply,
+            } => {
+                let result = self.rollback(service, to, &actor);
                 self.answer(reply, result)
             }
-            Command::Down { reply } => {
-                let after_seq = self.state.seq;
-                let services: Vec<String> = self.state.wanted_services().cloned().collect();
-                let mut result = Ok(Rollout {
-                    after_seq,
-                    started: Vec::new(),
-                    unchanged: Vec::new(),
-                });
+            Command::Down { actor, reply } => {
+                let mut result = Ok(Rollout::after(self.state.seq));
+                let services: Vec<ServiceName> = self.state.wanted_services().cloned().collect();
                 for service in services {
-                    if let Err(error) = self.record(Event::ServiceRemoved { service }) {
+                    if let Err(error) = self.record_as(&actor, Event::ServiceRemoved { service }) {
                         result = Err(error);
                         break;
                     }
@@ -689,19 +817,24 @@ impl Shell {
                 self.answer(reply, result)
             }
             Command::History { after, reply } => {
-                let result = self.log.read_after(after).map_err(ControllerError::from);
+                let result = self
+                    .log
+                    .read_page(after, HISTORY_PAGE)
+                    .map_err(ControllerError::from);
                 self.answer(reply, result)
             }
         }
     }
 
-    /// Sends the command's answer. A failed log write is told to the caller, and goes up to
-    /// the loop, which stops deciding until the log can be written.
+    /// Sends the command's answer, with the snapshot published first so a caller that asks
+    /// for the status next sees what the command did. A failed log write is told to the
+    /// caller, and goes up to the loop, which stops deciding until the log can be written.
     fn answer<T>(
-        &self,
+        &mut self,
         reply: Reply<T>,
         result: Result<T, ControllerError>,
     ) -> Result<(), ControllerError> {
+        self.publish_if_changed();
         match result {
             Err(ControllerError::Log(error)) => {
                 let _ = reply.send(Err(ControllerError::LogUnwritable {
@@ -718,49 +851,78 @@ impl Shell {
         }
     }
 
-    async fn deploy(&mut self, services: Vec<ServiceRelease>) -> Result<Rollout, ControllerError> {
+    async fn deploy(
+        &mut self,
+        order: DeployOrder,
+        actor: &str,
+    ) -> Result<Rollout, ControllerError> {
         // Everything that can refuse the deploy is checked before anything is recorded, so a
         // refused deploy leaves the running release untouched.
-        for release in &services {
+        for release in &order.services {
             if let Some(listen) = release.config.route {
                 self.ensure_route(&release.service, listen).await?;
             }
         }
-        let mut rollout = Rollout {
-            after_seq: self.state.seq,
-            started: Vec::new(),
-            unchanged: Vec::new(),
-        };
-        let wanted: BTreeSet<&str> = services.iter().map(|s| s.service.as_str()).collect();
-        let removed: Vec<String> = self
+        let mut rollout = Rollout::after(self.state.seq);
+        let wanted: BTreeSet<&ServiceName> = order.services.iter().map(|s| &s.service).collect();
+        let removed: Vec<ServiceName> = self
             .state
             .wanted_services()
-            .filter(|name| !wanted.contains(name.as_str()))
+            .filter(|name| !wanted.contains(name))
             .cloned()
             .collect();
         for service in removed {
-            self.record(Event::ServiceRemoved { service })?;
+            self.record_as(actor, Event::ServiceRemoved { service })?;
         }
-        for release in services {
+        for release in order.services {
+            let digest = release.config.digest().to_string();
+            let same =
+                |r: &crate::events::Release| r.image == release.image && r.config_digest == digest;
+            let service_state = self.state.services.get(&release.service);
             let current = self.state.wanted_release(&release.service);
-            if current.is_some_and(|c| {
-                c.image == release.image && c.config_digest == release.config_digest
-            }) {
+            if current.is_some_and(same) {
                 let scale = Scale {
                     instances: release.config.instances,
                     route: release.config.route,
                 };
                 if self.state.scale(&release.service) != Some(scale) {
-                    self.record(Event::ServiceScaled {
-                        service: release.service.clone(),
+                    self.record_as(
+                        actor,
+                        Event::ServiceScaled {
+                            service: release.service.clone(),
+                            instances: scale.instances,
+                            route: scale.route,
+                        },
+                    )?;
+                    rollout.scaled.push(ScaledService {
+                        service: release.service,
                         instances: scale.instances,
                         route: scale.route,
-                    })?;
+                    });
+                } else {
+                    rollout.unchanged.push(release.service);
                 }
-                rollout.unchanged.push(release.service);
                 continue;
             }
-            let service_state = self.state.services.get(&release.service);
+            // `up` on a project that has releases: when the working tree is what the newest
+            // release made from this directory was made from, the log's wanted release stays
+            // (a rollback is never undone by starting again).
+            let made_here = order.source.as_ref().and_then(|source| {
+                self.state
+                    .releases_of(&release.service)
+                    .rfind(|r| r.source.as_ref() == Some(source))
+            });
+            if order.resume
+                && service_state.is_some_and(|s| s.wanted.is_some())
+                && let Some(made) = made_here.filter(|r| same(r))
+            {
+                rollout.kept.push(KeptService {
+                    service: release.service.clone(),
+                    wanted: service_state.and_then(|s| s.wanted),
+                    made: made.number,
+                });
+                continue;
+            }
             // A deploy that replaces one still rolling out falls back to what was serving
             // before it, never to a release that was not yet proven.
             let from = service_state.and_then(|s| match &s.deploy {
@@ -768,19 +930,26 @@ impl Shell {
                 None => s.wanted,
             });
             let number = self.state.next_release();
-            self.record(Event::ReleaseCreated {
-                service: release.service.clone(),
-                number,
-                image: release.image,
-                config_digest: release.config_digest,
-                config: release.config,
-            })?;
-            self.record(Event::DeployStarted {
-                service: release.service.clone(),
-                from,
-                to: number,
-                reason: DeployReason::Deploy,
-            })?;
+            self.record_as(
+                actor,
+                Event::ReleaseCreated {
+                    service: release.service.clone(),
+                    release: number,
+                    image: release.image,
+                    config_digest: digest,
+                    config: release.config,
+                    source: order.source.clone(),
+                },
+            )?;
+            self.record_as(
+                actor,
+                Event::DeployStarted {
+                    service: release.service.clone(),
+                    from,
+                    to: number,
+                    reason: DeployReason::Deploy,
+                },
+            )?;
             rollout.started.push(StartedDeploy {
                 service: release.service,
                 from,
@@ -792,10 +961,11 @@ impl Shell {
 
     fn rollback(
         &mut self,
-        service: Option<String>,
-        to: Option<u64>,
+        service: Option<ServiceName>,
+        to: Option<ReleaseNumber>,
+        actor: &str,
     ) -> Result<Rollout, ControllerError> {
-        let services: Vec<String> = match service {
+        let services: Vec<ServiceName> = match service {
             Some(service) => {
                 if !self.state.services.contains_key(&service) {
                     return Err(ControllerError::UnknownService { service });
@@ -831,22 +1001,21 @@ impl Shell {
             };
             targets.push((service.clone(), current, target));
         }
-        let mut rollout = Rollout {
-            after_seq: self.state.seq,
-            started: Vec::new(),
-            unchanged: Vec::new(),
-        };
+        let mut rollout = Rollout::after(self.state.seq);
         for (service, from, to) in targets {
             if from == Some(to) {
                 rollout.unchanged.push(service);
                 continue;
             }
-            self.record(Event::DeployStarted {
-                service: service.clone(),
-                from,
-                to,
-                reason: DeployReason::Rollback,
-            })?;
+            self.record_as(
+                actor,
+                Event::DeployStarted {
+                    service: service.clone(),
+                    from,
+                    to,
+                    reason: DeployReason::Rollback,
+                },
+            )?;
             rollout.started.push(StartedDeploy { service, from, to });
         }
         Ok(rollout)
@@ -855,7 +1024,7 @@ impl Shell {
     /// Binds the service's route at `listen` unless it is bound there already.
     async fn ensure_route(
         &mut self,
-        service: &str,
+        service: &ServiceName,
         listen: SocketAddr,
     ) -> Result<(), ControllerError> {
         if self
@@ -868,19 +1037,19 @@ impl Shell {
         let route = Route::bind(RouteOptions::new(listen))
             .await
             .map_err(|error| ControllerError::RouteUnavailable {
-                service: service.to_owned(),
+                service: service.clone(),
                 route: listen,
                 reason: error.to_string(),
             })?;
         if let Some(old) = self.routes.insert(
-            service.to_owned(),
+            service.clone(),
             RouteEntry {
                 route: Arc::new(route),
                 listen,
                 last: Vec::new(),
             },
         ) {
-            shutdown_route(old.route).await;
+            tokio::spawn(shutdown_route(old.route));
         }
         self.route_errors.remove(service);
         self.sync();
@@ -888,7 +1057,7 @@ impl Shell {
     }
 
     async fn bind_wanted_routes(&mut self) {
-        let wanted: Vec<(String, SocketAddr)> = self
+        let wanted: Vec<(ServiceName, SocketAddr)> = self
             .state
             .services
             .keys()
@@ -921,7 +1090,10 @@ impl Shell {
                         .into_iter()
                         .filter(|i| self.owns(i))
                         .map(|i| Seen {
-                            name: i.labels.get(LABEL_INSTANCE).cloned(),
+                            name: i
+                                .labels
+                                .get(LABEL_INSTANCE)
+                                .map(|n| InstanceName(n.clone())),
                             exited: match i.status {
                                 crate::runtime::InstanceStatus::Exited { code, signal } => {
                                     Some((code, signal))
@@ -931,7 +1103,8 @@ impl Shell {
                                 | crate::runtime::InstanceStatus::Stopping => None,
                             },
                             address: i.address,
-                            id: i.id,
+                            tainted: i.tainted,
+                            id: runtime_id(&i.id),
                         })
                         .collect();
                 }
@@ -946,6 +1119,7 @@ impl Shell {
             self.act(action)?;
         }
         self.sync();
+        self.close_gone_routes();
         Ok(())
     }
 
@@ -982,8 +1156,11 @@ impl Shell {
             Action::Exited { runtime_id, .. } => {
                 self.remove_runtime_instance(runtime_id, Duration::ZERO)
             }
+            Action::Route { .. } => {
+                // Routes must follow the decision before any drain of this round waits.
+                self.sync();
+            }
             Action::Drain { instance, .. } | Action::ResumeStop { instance } => {
-                // Routes must stop sending it requests before the drain is waited on.
                 self.sync();
                 self.stop_instance(instance);
             }
@@ -992,6 +1169,7 @@ impl Shell {
             }
             Action::Adopt { .. }
             | Action::Forget { .. }
+            | Action::Condemn { .. }
             | Action::Backoff { .. }
             | Action::Succeed { .. }
             | Action::RollBack { .. } => {}
@@ -999,26 +1177,40 @@ impl Shell {
         Ok(())
     }
 
-    fn launch(&mut self, service: String, release: u64, instance: String) {
+    fn launch(&mut self, service: ServiceName, release: ReleaseNumber, instance: InstanceName) {
         let Some(config) = self.state.releases.get(&release) else {
             return;
         };
         let mut spec = InstanceSpec::new(config.image.clone());
-        spec.command = config.config.command.clone();
-        spec.env = config.config.env.clone();
-        spec.port = Some(config.config.port);
-        spec.volumes = config.config.volumes.clone();
-        spec.limits = config.config.limits.clone();
-        spec.stop_grace = config.config.stop_grace;
+        let c = &config.config;
+        spec.command = c.command.clone();
+        spec.env = c.env.clone();
+        spec.port = Some(c.port);
+        spec.volumes = c
+            .volumes
+            .iter()
+            .map(|v| VolumeMount {
+                name: v.name.clone(),
+                path: v.path.clone(),
+            })
+            .collect();
+        spec.limits = Limits {
+            memory_bytes: c.limits.memory_bytes,
+            pids: c.limits.pids,
+            cpu_millis: c.limits.cpu_millis,
+            tmp_bytes: c.limits.tmp_bytes,
+            log_bytes: c.limits.log_bytes,
+        };
+        spec.stop_grace = c.stop_grace;
         spec.labels = BTreeMap::from([
             (LABEL_APP.to_owned(), self.options.app.clone()),
             (
                 LABEL_ENVIRONMENT.to_owned(),
                 self.options.environment.clone(),
             ),
-            (LABEL_SERVICE.to_owned(), service.clone()),
+            (LABEL_SERVICE.to_owned(), service.to_string()),
             (LABEL_RELEASE.to_owned(), release.to_string()),
-            (LABEL_INSTANCE.to_owned(), instance.clone()),
+            (LABEL_INSTANCE.to_owned(), instance.to_string()),
             // The local runtime keeps the logs of a bounded number of removed instances
             // per group: per service, so one churning service cannot push out another's.
             (
@@ -1042,14 +1234,14 @@ impl Shell {
     }
 
     /// Drains the instance from its route, stops it with its grace and removes it.
-    fn stop_instance(&mut self, instance: String) {
+    fn stop_instance(&mut self, instance: InstanceName) {
         if self.busy.contains(&instance) {
             return;
         }
         let Some(state) = self.state.instances.get(&instance) else {
             return;
         };
-        let Some(runtime_id) = state.runtime_id.clone() else {
+        let Some(runtime_id) = state.runtime_id.as_ref().map(instance_id) else {
             // Its start is under way; once it reports, the next listing resumes the stop.
             return;
         };
@@ -1068,7 +1260,7 @@ impl Shell {
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             if let Some(route) = route {
-                route.drain(&instance, grace).await;
+                route.drain(instance.as_str(), grace).await;
             }
             let result = match runtime.stop(&runtime_id, grace).await {
                 Ok(_) => runtime.remove(&runtime_id).await,
@@ -1078,41 +1270,65 @@ impl Shell {
         });
     }
 
-    fn remove_runtime_instance(&mut self, runtime_id: InstanceId, grace: Duration) {
-        if !self.busy_ids.insert(runtime_id.clone()) {
+    fn remove_runtime_instance(&mut self, id: RuntimeId, grace: Duration) {
+        if !self.busy_ids.insert(id.clone()) {
             return;
         }
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
+            let runtime_instance = instance_id(&id);
             // The stop may find it exited already; only a failed removal is worth a word,
             // and the next listing tries again.
-            let stopped = runtime.stop(&runtime_id, grace).await;
-            match runtime.remove(&runtime_id).await {
+            let stopped = runtime.stop(&runtime_instance, grace).await;
+            match runtime.remove(&runtime_instance).await {
                 Ok(()) | Err(RuntimeError::UnknownInstance { .. }) => {}
                 Err(error) => {
                     let stop = stopped
                         .err()
                         .map(|e| format!(" (stop: {e})"))
                         .unwrap_or_default();
-                    warn(format_args!("graven: removing {runtime_id}: {error}{stop}"));
+                    warn(format_args!("graven: removing {id}: {error}{stop}"));
                 }
             }
-            let _ = inputs.send(Input::Removed { runtime_id });
+            let _ = inputs.send(Input::Removed { runtime_id: id });
         });
+    }
+
+    /// Closes the route of a service that is gone (removed, its last instance drained) or
+    /// no longer has one. Run
+    /// at the end of a round, never while a command is binding the route of a service it is
+    /// about to deploy.
+    fn close_gone_routes(&mut self) {
+        let gone: Vec<ServiceName> = self
+            .routes
+            .keys()
+            .filter(|service| match self.state.scale(service) {
+                // Removed: closed once its last instance has drained.
+                None => self.state.instances_of(service).next().is_none(),
+                // Still wanted, but no longer routed.
+                Some(scale) => scale.route.is_none(),
+            })
+            .cloned()
+            .collect();
+        for service in gone {
+            if let Some(entry) = self.routes.remove(&service) {
+                tokio::spawn(shutdown_route(entry.route));
+            }
+            self.route_errors.remove(&service);
+        }
     }
 
     /// Brings health monitors and route snapshots in line with the state.
     fn sync(&mut self) {
-        let watched: BTreeMap<&str, SocketAddr> = self
+        let watched: BTreeMap<&InstanceName, SocketAddr> = self
             .state
             .instances
             .values()
             .filter(|i| i.lifecycle != Lifecycle::Draining)
-            .filter_map(|i| Some((i.name.as_str(), i.address?)))
+            .filter_map(|i| Some((&i.name, i.address?)))
             .collect();
-        self.monitors
-            .retain(|name, _| watched.contains_key(name.as_str()));
+        self.monitors.retain(|name, _| watched.contains_key(name));
         for (name, address) in watched {
             if self.monitors.contains_key(name) {
                 continue;
@@ -1131,13 +1347,13 @@ impl Shell {
                 Lifecycle::Starting | Lifecycle::Draining => Health::Unknown,
             };
             let monitor = HealthMonitor::spawn_from(
-                name.to_owned(),
+                name.to_string(),
                 address,
-                release.config.health.clone(),
+                health_check(&release.config),
                 known,
                 self.health_tx.clone(),
             );
-            self.monitors.insert(name.to_owned(), monitor);
+            self.monitors.insert(name.clone(), monitor);
         }
         for (service, entry) in &mut self.routes {
             let backends = backends(&self.state, service);
@@ -1146,21 +1362,26 @@ impl Shell {
                 entry.last = backends;
             }
         }
-        self.publish_snapshot();
+        self.dirty = true;
     }
 }
 
-/// Stops a route gracefully once no drain task holds it any more; otherwise dropping it
-/// closes the listener.
+/// Stops a route gracefully (its connections get `ROUTE_CLOSE_DEADLINE` to finish) once no
+/// drain task holds it any more; otherwise dropping it closes the listener. Runs off the
+/// control loop.
 async fn shutdown_route(route: Arc<Route>) {
     if let Ok(route) = Arc::try_unwrap(route) {
-        route.shutdown().await;
+        let _ = tokio::time::timeout(ROUTE_CLOSE_DEADLINE, route.shutdown()).await;
     }
 }
 
 /// The release a rollback returns to: the one the last successful deploy of the service
 /// replaced, or else the newest older release.
-pub fn previous_release(state: &State, service: &str, current: Option<u64>) -> Option<u64> {
+pub fn previous_release(
+    state: &State,
+    service: &str,
+    current: Option<ReleaseNumber>,
+) -> Option<ReleaseNumber> {
     let replaced = state
         .deploys
         .iter()
@@ -1176,52 +1397,23 @@ pub fn previous_release(state: &State, service: &str, current: Option<u64>) -> O
     })
 }
 
-/// What the route of `service` should balance over: every instance with an address; only
-/// healthy ones that are not draining take new requests.
+/// What the route of `service` should balance over: every instance with an address; those
+/// the last traffic decision routes take new requests, draining ones finish theirs.
 pub fn backends(state: &State, service: &str) -> Vec<Backend> {
+    let traffic = state.services.get(service).map(|s| &s.traffic);
     state
         .instances_of(service)
         .filter_map(|i| {
+            let routed = traffic.is_some_and(|t| t.contains_key(&i.name));
             Some(Backend {
-                instance: i.name.clone(),
-                release: i.release,
+                instance: i.name.to_string(),
+                release: i.release.get(),
                 address: i.address?,
-                healthy: matches!(i.lifecycle, Lifecycle::Healthy | Lifecycle::Draining),
+                healthy: routed || i.lifecycle == Lifecycle::Draining,
                 enabled: i.lifecycle != Lifecycle::Draining,
             })
         })
         .collect()
-}
-
-/// While shutting down: drain everything, finish drains, forget what never started.
-fn shutdown_plan(state: &State, observed: &Observed) -> Vec<Action> {
-    let mut actions = Vec::new();
-    for instance in state.instances.values() {
-        if observed.busy.contains(&instance.name) {
-            if instance.lifecycle != Lifecycle::Draining {
-                actions.push(Action::Drain {
-                    instance: instance.name.clone(),
-                    reason: "shutdown".to_owned(),
-                });
-            }
-            continue;
-        }
-        match (instance.lifecycle, &instance.runtime_id) {
-            (_, None) => actions.push(Action::Forget {
-                instance: instance.name.clone(),
-                reason: GoneReason::Lost,
-            }),
-            (Lifecycle::Draining, Some(_)) => actions.push(Action::ResumeStop {
-                instance: instance.name.clone(),
-            }),
-            (Lifecycle::Starting | Lifecycle::Healthy | Lifecycle::Unhealthy, Some(_)) => actions
-                .push(Action::Drain {
-                    instance: instance.name.clone(),
-                    reason: "shutdown".to_owned(),
-                }),
-        }
-    }
-    actions
 }
 
 #[cfg(test)]
@@ -1236,24 +1428,28 @@ mod tests {
         let mut state = State::default();
         for number in releases {
             state.releases.insert(
-                *number,
+                ReleaseNumber(*number),
                 Release {
-                    number: *number,
+                    number: ReleaseNumber(*number),
                     service: "web".into(),
                     image: Digest::of(b"x"),
                     config_digest: String::new(),
                     config: config.clone(),
                     created_at_ms: 0,
+                    created_by: "test".into(),
+                    source: None,
+                    failed: None,
                 },
             );
         }
         for (from, to) in deploys {
             state.deploys.push(DeployRecord {
                 service: "web".into(),
-                from: *from,
-                to: *to,
+                from: from.map(ReleaseNumber),
+                to: ReleaseNumber(*to),
                 reason: DeployReason::Deploy,
                 started_at_ms: 0,
+                by: "test".into(),
                 outcome: Some(DeployOutcome::Succeeded { at_ms: 0 }),
             });
         }
@@ -1262,10 +1458,13 @@ mod tests {
 
     #[test]
     fn rollback_returns_to_what_the_current_release_replaced() {
-        let check = |releases: &[u64], deploys: &[(Option<u64>, u64)], current, expected| {
+        let check = |releases: &[u64],
+                     deploys: &[(Option<u64>, u64)],
+                     current: Option<u64>,
+                     expected: Option<u64>| {
             assert_eq!(
-                previous_release(&state(releases, deploys), "web", current),
-                expected,
+                previous_release(&state(releases, deploys), "web", current.map(ReleaseNumber)),
+                expected.map(ReleaseNumber),
                 "{releases:?} {deploys:?} current {current:?}"
             );
         };
@@ -1302,15 +1501,19 @@ mod tests {
                 InstanceState {
                     name: name.into(),
                     service: "web".into(),
-                    release: 1,
+                    release: ReleaseNumber(1),
                     lifecycle,
                     runtime_id: None,
                     address: address.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
                     launched_at_ms: 0,
                     detail: None,
+                    drain: None,
+                    condemned: None,
                 },
             );
         }
+        // The planner's decision: the healthy one takes requests.
+        state.services.entry("web".into()).or_default().traffic = [("c".into(), 1)].into();
         let routed: Vec<(String, bool, bool)> = backends(&state, "web")
             .into_iter()
             .map(|b| (b.instance, b.healthy, b.enabled))

@@ -1,14 +1,17 @@
 //! The fold: state is what the events say, and nothing else. Pure: no I/O and no clock (times
-//! come from the envelopes), so replaying the same log always gives the same state.
+//! come from the envelopes), so replaying the same log always gives the same state, and an
+//! envelope at or below the sequence already folded is skipped, so folding one twice is
+//! harmless.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::Envelope;
-use super::{DeployReason, Event, GoneReason, ServiceConfig};
-use crate::runtime::InstanceId;
+use super::{
+    CondemnReason, DeployReason, DrainReason, Envelope, Event, GoneReason, InstanceName,
+    ReleaseNumber, RollbackReason, RuntimeId, ServiceConfig, ServiceName, Source,
+};
 use crate::store::Digest;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,10 +19,10 @@ pub struct State {
     /// The sequence number of the last event folded in.
     pub seq: u64,
     /// Every release ever created, by number; never edited.
-    pub releases: BTreeMap<u64, Release>,
-    pub services: BTreeMap<String, ServiceState>,
+    pub releases: BTreeMap<ReleaseNumber, Release>,
+    pub services: BTreeMap<ServiceName, ServiceState>,
     /// Instances that are not gone, by the name the controller gave them.
-    pub instances: BTreeMap<String, InstanceState>,
+    pub instances: BTreeMap<InstanceName, InstanceState>,
     /// How many instances were ever launched; the controller numbers new ones from it.
     pub launched: u64,
     /// Every deploy and rollback, oldest first.
@@ -31,18 +34,25 @@ pub struct State {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
-    pub number: u64,
-    pub service: String,
+    pub number: ReleaseNumber,
+    pub service: ServiceName,
     pub image: Digest,
     pub config_digest: String,
     pub config: ServiceConfig,
     pub created_at_ms: u64,
+    /// Who made it: the actor of the event that created it.
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// Set when a rollout towards it was rolled back: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<RollbackReason>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceState {
     /// The release that should run; `None` once the service is removed.
-    pub wanted: Option<u64>,
+    pub wanted: Option<ReleaseNumber>,
     pub deploy: Option<Deploy>,
     /// Instances of the wanted release that failed since one was last healthy.
     pub failures: u32,
@@ -51,6 +61,8 @@ pub struct ServiceState {
     pub backoff: Option<Backoff>,
     /// Instance count and route when they differ from the wanted release's config.
     pub scale: Option<Scale>,
+    /// The instances that take new requests, with their weights, as last decided.
+    pub traffic: BTreeMap<InstanceName, u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +74,8 @@ pub struct Scale {
 /// A rollout in progress towards the wanted release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deploy {
-    pub from: Option<u64>,
-    pub to: u64,
+    pub from: Option<ReleaseNumber>,
+    pub to: ReleaseNumber,
     pub reason: DeployReason,
     pub started_at_ms: u64,
     /// Instances of `to` that failed during this rollout.
@@ -79,11 +91,13 @@ pub struct Backoff {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployRecord {
-    pub service: String,
-    pub from: Option<u64>,
-    pub to: u64,
+    pub service: ServiceName,
+    pub from: Option<ReleaseNumber>,
+    pub to: ReleaseNumber,
     pub reason: DeployReason,
     pub started_at_ms: u64,
+    /// Who started it.
+    pub by: String,
     pub outcome: Option<DeployOutcome>,
 }
 
@@ -95,7 +109,7 @@ pub enum DeployOutcome {
     },
     RolledBack {
         at_ms: u64,
-        reason: String,
+        reason: RollbackReason,
     },
     /// A newer deploy of the same service began before this one ended.
     Superseded {
@@ -105,16 +119,22 @@ pub enum DeployOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceState {
-    pub name: String,
-    pub service: String,
-    pub release: u64,
+    pub name: InstanceName,
+    pub service: ServiceName,
+    pub release: ReleaseNumber,
     pub lifecycle: Lifecycle,
     /// Known once the runtime started it.
-    pub runtime_id: Option<InstanceId>,
+    pub runtime_id: Option<RuntimeId>,
     pub address: Option<SocketAddr>,
     pub launched_at_ms: u64,
-    /// The last health detail or drain reason.
+    /// What the last health check said when it failed.
     pub detail: Option<String>,
+    /// Why it is being drained, once it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainReason>,
+    /// Set once it must be replaced; it serves until its replacement does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condemned: Option<CondemnReason>,
 }
 
 /// An instance's life as the controller sees it. `Gone` instances leave the state.
@@ -130,9 +150,9 @@ pub enum Lifecycle {
 
 impl State {
     /// The next release number in this environment.
-    pub fn next_release(&self) -> u64 {
-        let newest = self.releases.keys().next_back().copied().unwrap_or(0);
-        newest.max(self.lost_through) + 1
+    pub fn next_release(&self) -> ReleaseNumber {
+        let newest = self.releases.keys().next_back().map_or(0, |n| n.0);
+        ReleaseNumber(newest.max(self.lost_through) + 1)
     }
 
     /// How many instances of the service should run, and on which route.
@@ -146,11 +166,19 @@ impl State {
     }
 
     /// Services that want a release: deployed and not removed since.
-    pub fn wanted_services(&self) -> impl Iterator<Item = &String> {
+    pub fn wanted_services(&self) -> impl Iterator<Item = &ServiceName> {
         self.services
             .iter()
             .filter(|(_, s)| s.wanted.is_some())
             .map(|(name, _)| name)
+    }
+
+    /// Services that are wanted or still have instances: what `status` shows. A removed
+    /// service leaves it once its last instance is gone.
+    pub fn live_services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceState)> {
+        self.services.iter().filter(|(name, s)| {
+            s.wanted.is_some() || self.instances.values().any(|i| i.service == **name)
+        })
     }
 
     pub fn wanted_release(&self, service: &str) -> Option<&Release> {
@@ -159,7 +187,10 @@ impl State {
     }
 
     /// Releases of one service, oldest first.
-    pub fn releases_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Release> + 'a {
+    pub fn releases_of<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl DoubleEndedIterator<Item = &'a Release> + 'a {
         self.releases.values().filter(move |r| r.service == service)
     }
 
@@ -200,30 +231,47 @@ impl State {
             state.deploy = None;
         }
     }
+
+    /// Takes a gone instance out of the state and out of its service's traffic.
+    fn remove_instance(&mut self, instance: &str) -> Option<InstanceState> {
+        let removed = self.instances.remove(instance)?;
+        if let Some(service) = self.services.get_mut(&removed.service) {
+            service.traffic.remove(instance);
+        }
+        Some(removed)
+    }
 }
 
-/// Applies one event to the state. Events that name something the state does not know (an
-/// instance already gone) change nothing, so replaying a log twice is harmless.
+/// Applies one event to the state. An envelope at or below the sequence already folded
+/// changes nothing, and events that name something the state does not know (an instance
+/// already gone) change nothing, so replaying a log twice is harmless.
 pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
+    if envelope.seq <= state.seq {
+        return state;
+    }
     let at = envelope.at_ms;
     state.seq = envelope.seq;
     match &envelope.payload {
         Event::ReleaseCreated {
             service,
-            number,
+            release,
             image,
             config_digest,
             config,
+            source,
         } => {
             state.releases.insert(
-                *number,
+                *release,
                 Release {
-                    number: *number,
+                    number: *release,
                     service: service.clone(),
                     image: image.clone(),
                     config_digest: config_digest.clone(),
                     config: config.clone(),
                     created_at_ms: at,
+                    created_by: envelope.actor.clone(),
+                    source: source.clone(),
+                    failed: None,
                 },
             );
             state.services.entry(service.clone()).or_default();
@@ -260,6 +308,7 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                 to: *to,
                 reason: *reason,
                 started_at_ms: at,
+                by: envelope.actor.clone(),
                 outcome: None,
             });
         }
@@ -268,9 +317,9 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
         }
         Event::DeployRolledBack {
             service,
+            from,
             to,
             reason,
-            ..
         } => {
             state.end_deploy(
                 service,
@@ -279,6 +328,9 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                     reason: reason.clone(),
                 },
             );
+            if let Some(release) = state.releases.get_mut(from) {
+                release.failed = Some(reason.clone());
+            }
             let entry = state.services.entry(service.clone()).or_default();
             entry.wanted = *to;
             entry.failures = 0;
@@ -301,6 +353,8 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                     address: None,
                     launched_at_ms: at,
                     detail: None,
+                    drain: None,
+                    condemned: None,
                 },
             );
         }
@@ -339,10 +393,19 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                 i.detail = Some(detail.clone());
             }
         }
+        Event::InstanceCondemned { instance, reason } => {
+            if let Some(i) = state.instances.get_mut(instance) {
+                i.condemned = Some(reason.clone());
+            }
+        }
         Event::InstanceDraining { instance, reason } => {
             if let Some(i) = state.instances.get_mut(instance) {
                 i.lifecycle = Lifecycle::Draining;
-                i.detail = Some(reason.clone());
+                i.drain = Some(reason.clone());
+                let service = i.service.clone();
+                if let Some(s) = state.services.get_mut(&service) {
+                    s.traffic.remove(instance);
+                }
             }
         }
         Event::InstanceExited {
@@ -350,7 +413,7 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
             code,
             signal,
         } => {
-            if let Some(i) = state.instances.remove(instance) {
+            if let Some(i) = state.remove_instance(instance) {
                 let why = format!(
                     "instance {instance} exited ({})",
                     super::exit_text(*code, *signal)
@@ -359,7 +422,7 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
             }
         }
         Event::InstanceGone { instance, reason } => {
-            if let Some(i) = state.instances.remove(instance)
+            if let Some(i) = state.remove_instance(instance)
                 && let GoneReason::StartFailed { error } = reason
             {
                 state.failed(
@@ -367,6 +430,11 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                     at,
                     format!("instance {instance} did not start: {error}"),
                 );
+            }
+        }
+        Event::TrafficChanged { service, routed } => {
+            if let Some(s) = state.services.get_mut(service) {
+                s.traffic = routed.clone();
             }
         }
         Event::OrphanRemoved { .. } => {}
@@ -402,6 +470,7 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                 s.wanted = None;
                 s.failures = 0;
                 s.backoff = None;
+                s.scale = None;
             }
         }
         Event::HistoryLost { lost_through, .. } => {
@@ -434,18 +503,19 @@ mod tests {
     fn release(number: u64, version: &str) -> Event {
         Event::ReleaseCreated {
             service: "web".into(),
-            number,
+            release: ReleaseNumber(number),
             image: Digest::of(b"hello"),
             config_digest: format!("cfg-{version}"),
             config: config(version),
+            source: None,
         }
     }
 
     fn deploy(from: Option<u64>, to: u64) -> Event {
         Event::DeployStarted {
             service: "web".into(),
-            from,
-            to,
+            from: from.map(ReleaseNumber),
+            to: ReleaseNumber(to),
             reason: DeployReason::Deploy,
         }
     }
@@ -453,7 +523,7 @@ mod tests {
     fn launched(instance: &str, release: u64) -> Event {
         Event::InstanceLaunched {
             service: "web".into(),
-            release,
+            release: ReleaseNumber(release),
             instance: instance.into(),
         }
     }
@@ -461,7 +531,7 @@ mod tests {
     fn started(instance: &str, port: u16) -> Event {
         Event::InstanceStarted {
             instance: instance.into(),
-            runtime_id: InstanceId(format!("rt-{instance}")),
+            runtime_id: RuntimeId(format!("rt-{instance}")),
             address: SocketAddr::from(([127, 0, 0, 1], port)),
         }
     }
@@ -487,13 +557,16 @@ mod tests {
             })
             .collect();
         let state = replay(&envelopes);
-        // Replaying twice must not change anything the fold keeps.
-        let again = envelopes.iter().fold(state.clone(), |s, e| {
-            let mut e = e.clone();
-            e.seq += envelopes.len() as u64;
-            fold(s, &e)
-        });
-        assert_eq!(again.instances, state.instances, "replay is idempotent");
+        // Folding any envelope again, at or below the folded sequence, changes nothing.
+        let again = envelopes.iter().fold(state.clone(), fold);
+        assert_eq!(again, state, "replay is idempotent");
+        if let Some(middle) = envelopes.get(envelopes.len() / 2) {
+            assert_eq!(
+                fold(state.clone(), middle),
+                state,
+                "an old envelope is skipped"
+            );
+        }
         let mut out = String::new();
         out += &format!(
             "releases: {:?}\n",
@@ -544,7 +617,7 @@ mod tests {
                 healthy("web-2"),
                 Event::DeploySucceeded {
                     service: "web".into(),
-                    release: 1,
+                    release: ReleaseNumber(1),
                 },
             ],
             expect![[r#"
@@ -573,13 +646,15 @@ mod tests {
                 healthy("web-2"),
                 Event::InstanceDraining {
                     instance: "web-1".into(),
-                    reason: "replaced by release 2".into(),
+                    reason: DrainReason::Recorded {
+                        text: "replaced by release 2".into(),
+                    },
                 },
             ],
             expect![[r#"
                 releases: [1, 2]
                 service web: wanted=Some(2) deploy=Some((Some(1), 2, 0)) failures=0 backoff=None
-                instance web-1: release=1 Draining addr=Some(127.0.0.1:9001) detail=Some("replaced by release 2")
+                instance web-1: release=1 Draining addr=Some(127.0.0.1:9001) detail=None
                 instance web-2: release=2 Healthy addr=Some(127.0.0.1:9002) detail=None
                 deploy None->1 Some(Superseded { at_ms: 7000 })
                 deploy Some(1)->2 None
@@ -597,7 +672,9 @@ mod tests {
                 started("web-1", 9001),
                 Event::InstanceDraining {
                     instance: "web-1".into(),
-                    reason: "shutdown".into(),
+                    reason: DrainReason::Recorded {
+                        text: "shutdown".into(),
+                    },
                 },
                 Event::InstanceGone {
                     instance: "web-1".into(),
@@ -687,7 +764,7 @@ mod tests {
                 launched("web-2", 2),
                 Event::InstanceDraining {
                     instance: "web-2".into(),
-                    reason: "x".into(),
+                    reason: DrainReason::Recorded { text: "x".into() },
                 },
                 Event::InstanceExited {
                     instance: "web-2".into(),
@@ -712,7 +789,7 @@ mod tests {
                 deploy(None, 1),
                 Event::DeploySucceeded {
                     service: "web".into(),
-                    release: 1,
+                    release: ReleaseNumber(1),
                 },
                 release(2, "bad"),
                 deploy(Some(1), 2),
@@ -723,9 +800,11 @@ mod tests {
                 },
                 Event::DeployRolledBack {
                     service: "web".into(),
-                    from: 2,
-                    to: Some(1),
-                    reason: "not healthy within 30s".into(),
+                    from: ReleaseNumber(2),
+                    to: Some(ReleaseNumber(1)),
+                    reason: RollbackReason::Recorded {
+                        text: "not healthy within 30s".into(),
+                    },
                 },
             ],
             expect![[r#"
@@ -733,7 +812,7 @@ mod tests {
                 service web: wanted=Some(1) deploy=None failures=0 backoff=None
                 instance web-1: release=2 Unhealthy addr=None detail=Some("503")
                 deploy None->1 Some(Succeeded { at_ms: 3000 })
-                deploy Some(1)->2 Some(RolledBack { at_ms: 8000, reason: "not healthy within 30s" })
+                deploy Some(1)->2 Some(RolledBack { at_ms: 8000, reason: Recorded { text: "not healthy within 30s" } })
             "#]],
         );
     }
@@ -784,8 +863,8 @@ mod tests {
         state = fold(state, &at(4, release(2, "v2")));
         let rollback = Event::DeployStarted {
             service: "web".into(),
-            from: Some(1),
-            to: 2,
+            from: Some(ReleaseNumber(1)),
+            to: ReleaseNumber(2),
             reason: DeployReason::Rollback,
         };
         state = fold(state, &at(5, rollback));
@@ -797,7 +876,7 @@ mod tests {
     #[test]
     fn next_release_numbers_per_environment() {
         let mut state = State::default();
-        assert_eq!(state.next_release(), 1);
+        assert_eq!(state.next_release(), ReleaseNumber(1));
         state = fold(
             state,
             &Envelope {
@@ -808,7 +887,7 @@ mod tests {
                 payload: release(7, "v"),
             },
         );
-        assert_eq!(state.next_release(), 8);
+        assert_eq!(state.next_release(), ReleaseNumber(8));
     }
 
     #[test]
@@ -828,9 +907,9 @@ mod tests {
             lost_through: 9,
         };
         state = fold(state, &envelope(10, lost));
-        assert_eq!(state.next_release(), 10);
+        assert_eq!(state.next_release(), ReleaseNumber(10));
         assert_eq!(state.launched, 9);
         state = fold(state, &envelope(11, release(10, "w")));
-        assert_eq!(state.next_release(), 11);
+        assert_eq!(state.next_release(), ReleaseNumber(11));
     }
 }

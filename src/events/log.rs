@@ -24,8 +24,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-/// The envelope format this graven writes and the newest it reads.
-pub const ENVELOPE_VERSION: u32 = 1;
+/// The envelope format this graven writes and the newest it reads. It is the payload's
+/// vocabulary version too: `EventKind::decode` reads every older one (version 1 is upcast).
+pub const ENVELOPE_VERSION: u32 = 2;
 /// The database layout (`PRAGMA user_version`) this graven writes and the newest it opens.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -37,6 +38,16 @@ pub trait EventKind {
     /// reader lets the gap it describes pass, and no other.
     fn loss(&self) -> Option<Loss> {
         None
+    }
+
+    /// Reads a payload written under envelope `version`; a vocabulary that changed reads its
+    /// older versions here (upcasting), so the log is never rewritten.
+    fn decode(version: u32, payload: &str) -> Result<Self, serde_json::Error>
+    where
+        Self: Sized + DeserializeOwned,
+    {
+        let _ = version;
+        serde_json::from_str(payload)
     }
 }
 
@@ -141,8 +152,23 @@ pub fn checksum(seq: i64, at_ms: i64, actor: &str, version: i64, payload: &str) 
     hex::encode(sha2::Sha256::digest(joined.as_bytes()))
 }
 
-/// Checks one stored row and decodes its payload: pure, so a fuzzer can drive it.
+/// Checks one stored row and decodes its payload as it is, whatever its version: pure, so a
+/// fuzzer can drive it.
 pub fn decode_envelope<T: DeserializeOwned>(row: &RawRow) -> Result<Envelope<T>, EventLogError> {
+    decode_envelope_with(row, |_, payload| serde_json::from_str(payload))
+}
+
+/// Checks one stored row and decodes its payload as its version says (`EventKind::decode`).
+pub fn decode_event<T: DeserializeOwned + EventKind>(
+    row: &RawRow,
+) -> Result<Envelope<T>, EventLogError> {
+    decode_envelope_with(row, T::decode)
+}
+
+fn decode_envelope_with<T>(
+    row: &RawRow,
+    decode: impl FnOnce(u32, &str) -> Result<T, serde_json::Error>,
+) -> Result<Envelope<T>, EventLogError> {
     let corrupt = |reason: String| EventLogError::Corrupt {
         seq: row.seq,
         reason,
@@ -176,7 +202,7 @@ pub fn decode_envelope<T: DeserializeOwned>(row: &RawRow) -> Result<Envelope<T>,
             )));
         }
     };
-    let payload = serde_json::from_str(&row.payload)
+    let payload = decode(version, &row.payload)
         .map_err(|source| EventLogError::BadPayload { seq, source })?;
     Ok(Envelope {
         seq,
@@ -515,16 +541,28 @@ impl EventLog {
         &self,
         after_seq: u64,
     ) -> Result<Vec<Envelope<T>>, EventLogError> {
+        self.read_page(after_seq, usize::MAX)
+    }
+
+    /// At most `limit` events after `after_seq`, in order, each one verified: a page of
+    /// history, so that a reader of a long log never holds all of it at once.
+    pub fn read_page<T: DeserializeOwned + EventKind>(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope<T>>, EventLogError> {
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        // SQLite reads a negative LIMIT as none.
+        let limit = i64::try_from(limit).unwrap_or(-1);
         let connection = self.connection();
         let mut statement = connection
             .prepare_cached(
                 "SELECT seq, at_ms, actor, version, kind, payload, checksum
-                 FROM events WHERE seq > ?1 ORDER BY seq",
+                 FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )
             .map_err(self.sqlite())?;
         let rows = statement
-            .query_map([after], |row| {
+            .query_map([after, limit], |row| {
                 Ok(RawRow {
                     seq: row.get(0)?,
                     at_ms: row.get(1)?,
@@ -539,7 +577,7 @@ impl EventLog {
         let mut events = Vec::new();
         let mut expected = after_seq + 1;
         for row in rows {
-            let envelope: Envelope<T> = decode_envelope(&row.map_err(self.sqlite())?)?;
+            let envelope: Envelope<T> = decode_event(&row.map_err(self.sqlite())?)?;
             let recovered = envelope.payload.loss().is_some_and(|loss| {
                 loss.lost_through + 1 == envelope.seq && loss.kept_through < expected
             });
@@ -887,8 +925,8 @@ mod tests {
         let payload = r#"{"type":"created","name":"b"}"#;
         raw(&path)
             .execute(
-                "INSERT INTO events VALUES (2, 5, 'controller', 2, 'created', ?1, ?2)",
-                [payload, &checksum(2, 5, "controller", 2, payload)],
+                "INSERT INTO events VALUES (2, 5, 'controller', 3, 'created', ?1, ?2)",
+                [payload, &checksum(2, 5, "controller", 3, payload)],
             )
             .unwrap();
         let error = log.read_after::<Fact>(0).unwrap_err();
@@ -897,7 +935,7 @@ mod tests {
                 error,
                 EventLogError::NewerEnvelope {
                     seq: 2,
-                    version: 2,
+                    version: 3,
                     ..
                 }
             ),
@@ -1053,7 +1091,7 @@ mod tests {
                 version: 3,
                 ..good_row()
             }),
-            expect!["error event 7: envelope version 3 is newer than 1: upgrade graven"],
+            expect!["error event 7: envelope version 3 is newer than 2: upgrade graven"],
         );
         for payload in ["", "{", "null", r#"{"type":"exploded"}"#, "\u{0}\u{ffff}"] {
             let row = signed(RawRow {

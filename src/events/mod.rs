@@ -11,16 +11,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::HealthCheck;
-use crate::runtime::{InstanceId, Limits, VolumeMount};
 use crate::store::Digest;
 
 pub mod fold;
+mod ids;
 mod log;
+mod v1;
 
+pub use ids::{InstanceName, ReleaseNumber, RuntimeId, ServiceName};
 pub use log::{
     ENVELOPE_VERSION, Envelope, EventKind, EventLog, EventLogError, Loss, RawRow, SCHEMA_VERSION,
-    checksum, decode_envelope,
+    checksum, decode_envelope, decode_event,
 };
 
 pub use fold::{
@@ -28,11 +29,13 @@ pub use fold::{
     ServiceState, State, fold, replay,
 };
 
-/// The actor the controller appends its decisions as.
+/// The actor the controller appends its own decisions as. A decision a command asked for
+/// (a deploy, a rollback, a down) carries the command's actor: the user and host that ran it.
 pub const CONTROLLER: &str = "controller";
 
 /// One fact in the event log. The set is closed: a new kind of fact is a new variant, and the
-/// fold must say what it means.
+/// fold must say what it means. Version 2 of the vocabulary (`ENVELOPE_VERSION`); version 1
+/// payloads are read through `v1::upcast`, never rewritten.
 // Events are few and short-lived; boxing the release config would only make matching noisier.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,72 +43,87 @@ pub const CONTROLLER: &str = "controller";
 pub enum Event {
     /// A new release of a service: its image and resolved config, numbered per environment.
     ReleaseCreated {
-        service: String,
-        number: u64,
+        service: ServiceName,
+        release: ReleaseNumber,
         image: Digest,
         config_digest: String,
         config: ServiceConfig,
+        /// Where the deploy that made it came from, when a project directory did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<Source>,
     },
     /// The service's wanted release changes to `to`; the rollout towards it begins.
     DeployStarted {
-        service: String,
-        from: Option<u64>,
-        to: u64,
+        service: ServiceName,
+        from: Option<ReleaseNumber>,
+        to: ReleaseNumber,
         reason: DeployReason,
     },
     /// Every instance of the service runs the wanted release, healthy; no other remains.
     DeploySucceeded {
-        service: String,
-        release: u64,
+        service: ServiceName,
+        release: ReleaseNumber,
     },
     /// The rollout towards `from` failed; the wanted release goes back to `to`.
     DeployRolledBack {
-        service: String,
-        from: u64,
-        to: Option<u64>,
-        reason: String,
+        service: ServiceName,
+        from: ReleaseNumber,
+        to: Option<ReleaseNumber>,
+        reason: RollbackReason,
     },
     /// The controller decided to start an instance; announced before the runtime is asked.
     InstanceLaunched {
-        service: String,
-        release: u64,
-        instance: String,
+        service: ServiceName,
+        release: ReleaseNumber,
+        instance: InstanceName,
     },
     /// The runtime started (or, after a restart, still runs) the instance at `address`.
     InstanceStarted {
-        instance: String,
-        runtime_id: InstanceId,
+        instance: InstanceName,
+        runtime_id: RuntimeId,
         address: SocketAddr,
     },
     InstanceHealthy {
-        instance: String,
+        instance: InstanceName,
     },
     InstanceUnhealthy {
-        instance: String,
+        instance: InstanceName,
         detail: String,
+    },
+    /// The instance must be replaced (it was touched, or it drifted): a replacement is
+    /// started and healthy first, then it is drained like an instance of an old release.
+    InstanceCondemned {
+        instance: InstanceName,
+        reason: CondemnReason,
     },
     /// The instance gets no new requests; it is stopped once its requests finish.
     InstanceDraining {
-        instance: String,
-        reason: String,
+        instance: InstanceName,
+        reason: DrainReason,
     },
     /// The instance's process ended without being asked to.
     InstanceExited {
-        instance: String,
+        instance: InstanceName,
         code: Option<i32>,
         signal: Option<i32>,
     },
     InstanceGone {
-        instance: String,
+        instance: InstanceName,
         reason: GoneReason,
+    },
+    /// Which instances of the service take new requests, and with what weight. Decided by
+    /// the planner and recorded like every other decision: routes follow this, nothing else.
+    TrafficChanged {
+        service: ServiceName,
+        routed: BTreeMap<InstanceName, u32>,
     },
     /// An instance on the runtime that the log does not want (left by a killed controller).
     OrphanRemoved {
-        runtime_id: InstanceId,
+        runtime_id: RuntimeId,
     },
     /// Launches of the service wait until `until_ms` after `failures` failed instances.
     CrashLoopBackoff {
-        service: String,
+        service: ServiceName,
         failures: u32,
         delay_ms: u64,
         until_ms: u64,
@@ -113,13 +131,13 @@ pub enum Event {
     /// The service's instance count or route changed without a new release (neither is part
     /// of a release's config digest).
     ServiceScaled {
-        service: String,
+        service: ServiceName,
         instances: u32,
         route: Option<SocketAddr>,
     },
     /// The service is no longer wanted at all (`graven down`, or gone from graven.toml).
     ServiceRemoved {
-        service: String,
+        service: ServiceName,
     },
     /// The log's end was lost (a damaged or missing WAL): it kept events up to
     /// `kept_through`, its mark said `lost_through` had been appended. Appended by
@@ -137,6 +155,29 @@ pub enum Event {
     },
 }
 
+/// Every kind name, in declaration order: what `EventKind::kind` returns and the serde tag.
+pub const KINDS: &[&str] = &[
+    "release_created",
+    "deploy_started",
+    "deploy_succeeded",
+    "deploy_rolled_back",
+    "instance_launched",
+    "instance_started",
+    "instance_healthy",
+    "instance_unhealthy",
+    "instance_condemned",
+    "instance_draining",
+    "instance_exited",
+    "instance_gone",
+    "traffic_changed",
+    "orphan_removed",
+    "crash_loop_backoff",
+    "service_scaled",
+    "service_removed",
+    "history_lost",
+    "log_unwritable",
+];
+
 impl EventKind for Event {
     fn kind(&self) -> &'static str {
         match self {
@@ -148,9 +189,11 @@ impl EventKind for Event {
             Event::InstanceStarted { .. } => "instance_started",
             Event::InstanceHealthy { .. } => "instance_healthy",
             Event::InstanceUnhealthy { .. } => "instance_unhealthy",
+            Event::InstanceCondemned { .. } => "instance_condemned",
             Event::InstanceDraining { .. } => "instance_draining",
             Event::InstanceExited { .. } => "instance_exited",
             Event::InstanceGone { .. } => "instance_gone",
+            Event::TrafficChanged { .. } => "traffic_changed",
             Event::OrphanRemoved { .. } => "orphan_removed",
             Event::CrashLoopBackoff { .. } => "crash_loop_backoff",
             Event::ServiceScaled { .. } => "service_scaled",
@@ -172,6 +215,13 @@ impl EventKind for Event {
             _ => None,
         }
     }
+
+    fn decode(version: u32, payload: &str) -> Result<Event, serde_json::Error> {
+        match version {
+            1 => serde_json::from_str::<v1::Event>(payload).map(v1::upcast),
+            _ => serde_json::from_str(payload),
+        }
+    }
 }
 
 impl Event {
@@ -180,11 +230,11 @@ impl Event {
         match self {
             Event::ReleaseCreated {
                 service,
-                number,
+                release,
                 image,
                 ..
             } => format!(
-                "release {number} of {service} created (image {})",
+                "release {release} of {service} created (image {})",
                 image.short()
             ),
             Event::DeployStarted {
@@ -222,6 +272,9 @@ impl Event {
             Event::InstanceUnhealthy { instance, detail } => {
                 format!("instance {instance} unhealthy: {detail}")
             }
+            Event::InstanceCondemned { instance, reason } => {
+                format!("instance {instance} condemned ({reason}); it is replaced")
+            }
             Event::InstanceDraining { instance, reason } => {
                 format!("instance {instance} draining ({reason})")
             }
@@ -232,6 +285,20 @@ impl Event {
             } => format!("instance {instance} exited ({})", exit_text(*code, *signal)),
             Event::InstanceGone { instance, reason } => {
                 format!("instance {instance} gone ({reason})")
+            }
+            Event::TrafficChanged { service, routed } => {
+                if routed.is_empty() {
+                    format!("{service} routes to no instance")
+                } else {
+                    let names: Vec<String> = routed
+                        .iter()
+                        .map(|(name, weight)| match weight {
+                            1 => name.to_string(),
+                            w => format!("{name} (weight {w})"),
+                        })
+                        .collect();
+                    format!("{service} routes to {}", names.join(", "))
+                }
             }
             Event::OrphanRemoved { runtime_id } => {
                 format!("orphan instance {runtime_id} removed")
@@ -272,6 +339,14 @@ impl Event {
     }
 }
 
+/// Where a release's inputs came from: the project directory a deploy was made from, on
+/// which host. `graven up` compares the working tree with the newest release made from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub host: String,
+    pub dir: String,
+}
+
 /// How a process ended, in words.
 pub fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
     match (code, signal) {
@@ -294,6 +369,122 @@ impl std::fmt::Display for DeployReason {
             DeployReason::Deploy => "deploy",
             DeployReason::Rollback => "rollback",
         })
+    }
+}
+
+/// Why a rollout was abandoned for the release before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
+pub enum RollbackReason {
+    /// Fewer than `desired` instances of the release were healthy at its deadline.
+    NotHealthyInTime {
+        healthy: u32,
+        desired: u32,
+        deadline: Duration,
+        last_failure: Option<String>,
+    },
+    /// Its instances failed this many times before the deadline.
+    TooManyFailures {
+        failures: u32,
+        last_failure: Option<String>,
+    },
+    /// Written by a graven whose log said why in words only (vocabulary 1).
+    Recorded { text: String },
+}
+
+impl std::fmt::Display for RollbackReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let last = |f: &mut std::fmt::Formatter<'_>, last: &Option<String>| match last {
+            Some(last) => write!(f, " (last: {last})"),
+            None => Ok(()),
+        };
+        match self {
+            RollbackReason::NotHealthyInTime {
+                healthy,
+                desired,
+                deadline,
+                last_failure,
+            } => {
+                write!(
+                    f,
+                    "{healthy} of {desired} instances healthy within {}",
+                    humantime::format_duration(*deadline)
+                )?;
+                last(f, last_failure)
+            }
+            RollbackReason::TooManyFailures {
+                failures,
+                last_failure,
+            } => {
+                write!(f, "its instances failed {failures} times")?;
+                last(f, last_failure)
+            }
+            RollbackReason::Recorded { text } => f.write_str(text),
+        }
+    }
+}
+
+/// Why an instance is condemned to be replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
+pub enum CondemnReason {
+    /// Someone ran a command inside it (`graven exec`): it may differ from its image.
+    Tainted,
+}
+
+impl std::fmt::Display for CondemnReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CondemnReason::Tainted => f.write_str("a command was run inside it"),
+        }
+    }
+}
+
+/// Why an instance is drained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
+pub enum DrainReason {
+    /// An instance of the wanted release took its place.
+    Replaced { by: ReleaseNumber },
+    /// It is of a release that is no longer wanted and never served (starting or unhealthy).
+    NotWanted { wanted: ReleaseNumber },
+    /// It turned unhealthy after it had been healthy.
+    Unhealthy { detail: Option<String> },
+    /// It was not healthy within the deadline after its launch.
+    NotHealthyInTime { deadline: Duration },
+    /// The service was scaled down to `to` instances.
+    ScaledDown { to: u32 },
+    /// The service was removed.
+    ServiceRemoved,
+    /// The control plane is stopping.
+    Shutdown,
+    /// It was condemned and a replacement serves.
+    Condemned { reason: CondemnReason },
+    /// Written by a graven whose log said why in words only (vocabulary 1).
+    Recorded { text: String },
+}
+
+impl std::fmt::Display for DrainReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DrainReason::Replaced { by } => write!(f, "replaced by release {by}"),
+            DrainReason::NotWanted { wanted } => write!(f, "release {wanted} is wanted"),
+            DrainReason::Unhealthy { detail } => write!(
+                f,
+                "unhealthy: {}",
+                detail.as_deref().unwrap_or("failed its health check")
+            ),
+            DrainReason::NotHealthyInTime { deadline } => write!(
+                f,
+                "not healthy within {}",
+                humantime::format_duration(*deadline)
+            ),
+            DrainReason::ScaledDown { to } => write!(f, "scaled to {to}"),
+            DrainReason::ServiceRemoved => f.write_str("service removed"),
+            DrainReason::Shutdown => f.write_str("shutdown"),
+            DrainReason::Condemned { reason } => write!(f, "condemned: {reason}"),
+            DrainReason::Recorded { text } => f.write_str(text),
+        }
     }
 }
 
@@ -322,7 +513,9 @@ impl std::fmt::Display for GoneReason {
 }
 
 /// A service's resolved config as a release records it: everything an instance is started
-/// with and everything the controller needs to run the service, for one environment.
+/// with and everything the controller needs to run the service, for one environment. Its
+/// types are the log's own (not the proxy's or the runtime's), so moving code never moves
+/// the log's format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     pub instances: u32,
@@ -330,30 +523,172 @@ pub struct ServiceConfig {
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
-    pub health: HealthCheck,
-    pub max_surge: u32,
-    pub max_unavailable: u32,
+    pub health: HealthConfig,
+    /// How a new release replaces the old one, with the strategy's own settings.
+    pub strategy: Strategy,
+    /// New instances must be healthy within this long, or the deploy rolls back.
     pub health_deadline: Duration,
     pub stop_grace: Duration,
-    pub volumes: Vec<VolumeMount>,
-    pub limits: Limits,
+    pub volumes: Vec<VolumeConfig>,
+    pub limits: LimitsConfig,
+}
+
+/// A rollout strategy and its settings. A new strategy is a new variant here and a planner
+/// of its own (`controller::plan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Strategy {
+    /// Replace instances a few at a time: at most `instances + max_surge` exist, and at least
+    /// `instances - max_unavailable` healthy ones remain.
+    Rolling {
+        max_surge: u32,
+        max_unavailable: u32,
+    },
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Rolling { .. } => "rolling",
+        }
+    }
+}
+
+/// The active health check of a service's instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes before an instance counts as healthy.
+    pub healthy_after: u32,
+    /// Consecutive failures before a healthy instance counts as unhealthy.
+    pub unhealthy_after: u32,
+}
+
+/// A named volume mounted at an absolute path inside each instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub path: String,
+}
+
+/// Resource limits of each instance; `None` is the runtime's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsConfig {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+    pub cpu_millis: Option<u64>,
+    pub tmp_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
+}
+
+impl ServiceConfig {
+    /// The digest of the config a release is made of: everything but the instance count and
+    /// the route, which change without replacing instances. Durations count nanoseconds and
+    /// the JSON's key order is fixed by the struct below, so the same config always hashes the
+    /// same (and as it did when the spec computed it).
+    pub fn digest(&self) -> Digest {
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            version: u32,
+            command: &'a Option<Vec<String>>,
+            env: &'a BTreeMap<String, String>,
+            port: u16,
+            health: CanonicalHealth<'a>,
+            limits: &'a LimitsConfig,
+            volumes: &'a [VolumeConfig],
+            stop_grace_ns: u64,
+            deploy: CanonicalDeploy,
+        }
+        #[derive(Serialize)]
+        struct CanonicalHealth<'a> {
+            path: &'a str,
+            interval_ns: u64,
+            timeout_ns: u64,
+            healthy_after: u32,
+            unhealthy_after: u32,
+        }
+        #[derive(Serialize)]
+        struct CanonicalDeploy {
+            strategy: &'static str,
+            max_surge: u32,
+            max_unavailable: u32,
+            health_deadline_ns: u64,
+        }
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let Strategy::Rolling {
+            max_surge,
+            max_unavailable,
+        } = self.strategy;
+        let canonical = Canonical {
+            version: 1,
+            command: &self.command,
+            env: &self.env,
+            port: self.port,
+            health: CanonicalHealth {
+                path: &self.health.path,
+                interval_ns: nanos(self.health.interval),
+                timeout_ns: nanos(self.health.timeout),
+                healthy_after: self.health.healthy_after,
+                unhealthy_after: self.health.unhealthy_after,
+            },
+            limits: &self.limits,
+            volumes: &self.volumes,
+            stop_grace_ns: nanos(self.stop_grace),
+            deploy: CanonicalDeploy {
+                strategy: self.strategy.name(),
+                max_surge,
+                max_unavailable,
+                health_deadline_ns: nanos(self.health_deadline),
+            },
+        };
+        let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
+        Digest::of(&json)
+    }
 }
 
 impl From<&crate::spec::Service> for ServiceConfig {
     fn from(service: &crate::spec::Service) -> ServiceConfig {
+        let health = &service.health;
+        let limits = &service.limits;
         ServiceConfig {
             instances: service.instances,
             port: service.port,
             route: service.route,
             command: service.command.clone(),
             env: service.env.clone(),
-            health: service.health.clone(),
-            max_surge: service.deploy.max_surge,
-            max_unavailable: service.deploy.max_unavailable,
+            health: HealthConfig {
+                path: health.path.clone(),
+                interval: health.interval,
+                timeout: health.timeout,
+                healthy_after: health.healthy_after,
+                unhealthy_after: health.unhealthy_after,
+            },
+            strategy: match service.deploy.strategy {
+                crate::spec::Strategy::Rolling => Strategy::Rolling {
+                    max_surge: service.deploy.max_surge,
+                    max_unavailable: service.deploy.max_unavailable,
+                },
+            },
             health_deadline: service.deploy.health_deadline,
             stop_grace: service.stop_grace,
-            volumes: service.volumes.clone(),
-            limits: service.limits.clone(),
+            volumes: service
+                .volumes
+                .iter()
+                .map(|v| VolumeConfig {
+                    name: v.name.clone(),
+                    path: v.path.clone(),
+                })
+                .collect(),
+            limits: LimitsConfig {
+                memory_bytes: limits.memory_bytes,
+                pids: limits.pids,
+                cpu_millis: limits.cpu_millis,
+                tmp_bytes: limits.tmp_bytes,
+                log_bytes: limits.log_bytes,
+            },
         }
     }
 }
@@ -369,15 +704,17 @@ impl ServiceConfig {
             route: None,
             command: None,
             env: BTreeMap::new(),
-            health: HealthCheck {
+            health: HealthConfig {
                 path: "/healthz".to_owned(),
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),
                 healthy_after: 1,
                 unhealthy_after: 2,
             },
-            max_surge,
-            max_unavailable,
+            strategy: Strategy::Rolling {
+                max_surge,
+                max_unavailable,
+            },
             health_deadline: Duration::from_secs(30),
             stop_grace: Duration::from_secs(5),
             volumes: vec![],

@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use crate::proxy::HealthCheck;
 use crate::runtime::{Limits, VolumeMount};
-use crate::store::Digest;
 
 pub use problem::{Problem, SpecErrors};
 pub use validate::DEFAULT_ENVIRONMENT;
@@ -112,68 +111,6 @@ pub struct DeployPolicy {
     pub max_unavailable: u32,
     /// New instances must be healthy within this long, or the deploy rolls back.
     pub health_deadline: Duration,
-}
-
-impl Service {
-    /// The digest of this service's resolved config: a release is an image digest plus this.
-    /// It covers what an instance is started with (command, env, port, health check, limits,
-    /// volumes, stop grace) and how it is rolled out; not the instance count or the route,
-    /// which change without replacing instances. Durations count nanoseconds; the JSON's key
-    /// order is fixed by the struct below, so the same config always hashes the same.
-    pub fn config_digest(&self) -> Digest {
-        #[derive(Serialize)]
-        struct Canonical<'a> {
-            version: u32,
-            command: &'a Option<Vec<String>>,
-            env: &'a BTreeMap<String, String>,
-            port: u16,
-            health: CanonicalHealth<'a>,
-            limits: &'a Limits,
-            volumes: &'a [VolumeMount],
-            stop_grace_ns: u64,
-            deploy: CanonicalDeploy,
-        }
-        #[derive(Serialize)]
-        struct CanonicalHealth<'a> {
-            path: &'a str,
-            interval_ns: u64,
-            timeout_ns: u64,
-            healthy_after: u32,
-            unhealthy_after: u32,
-        }
-        #[derive(Serialize)]
-        struct CanonicalDeploy {
-            strategy: Strategy,
-            max_surge: u32,
-            max_unavailable: u32,
-            health_deadline_ns: u64,
-        }
-        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let canonical = Canonical {
-            version: 1,
-            command: &self.command,
-            env: &self.env,
-            port: self.port,
-            health: CanonicalHealth {
-                path: &self.health.path,
-                interval_ns: nanos(self.health.interval),
-                timeout_ns: nanos(self.health.timeout),
-                healthy_after: self.health.healthy_after,
-                unhealthy_after: self.health.unhealthy_after,
-            },
-            limits: &self.limits,
-            volumes: &self.volumes,
-            stop_grace_ns: nanos(self.stop_grace),
-            deploy: CanonicalDeploy {
-                strategy: self.deploy.strategy,
-                max_surge: self.deploy.max_surge,
-                max_unavailable: self.deploy.max_unavailable,
-                health_deadline_ns: nanos(self.deploy.health_deadline),
-            },
-        };
-        let json = serde_json::to_vec(&canonical).expect("plain data serializes");
-        Digest::of(&json)
-    }
 }
 
 #[cfg(test)]

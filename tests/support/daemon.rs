@@ -5,9 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use graven::controller::{ControllerHandle, ServiceRelease};
-use graven::events::{DeployOutcome, ServiceConfig};
-use graven::proxy::HealthCheck;
+use graven::controller::{ControllerHandle, DeployOrder, ServiceRelease};
+use graven::events::{DeployOutcome, HealthConfig, ServiceConfig, Strategy};
 use graven::store::Digest;
 
 /// A fast-checking service config behind `route`, with `env` for the instances.
@@ -21,15 +20,17 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        health: HealthCheck {
+        health: HealthConfig {
             path: "/healthz".to_owned(),
             interval: Duration::from_millis(50),
             timeout: Duration::from_millis(500),
             healthy_after: 1,
             unhealthy_after: 2,
         },
-        max_surge: 1,
-        max_unavailable: 0,
+        strategy: Strategy::Rolling {
+            max_surge: 1,
+            max_unavailable: 0,
+        },
         health_deadline: Duration::from_secs(2),
         stop_grace: Duration::from_secs(2),
         volumes: vec![],
@@ -39,16 +40,18 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
 
 pub fn release(config: ServiceConfig) -> ServiceRelease {
     ServiceRelease {
-        service: "web".to_owned(),
+        service: "web".into(),
         image: Digest::of(b"hello image"),
-        // Like the spec's digest, the count and the route are not part of a release.
-        config_digest: {
-            let mut release_part = config.clone();
-            release_part.instances = 0;
-            release_part.route = None;
-            Digest::of(serde_json::to_string(&release_part).unwrap().as_bytes()).to_string()
-        },
         config,
+    }
+}
+
+/// A deploy of `services` as a test asks for it: no source directory, no resume.
+pub fn order(services: Vec<ServiceRelease>) -> DeployOrder {
+    DeployOrder {
+        services,
+        source: None,
+        resume: false,
     }
 }
 
