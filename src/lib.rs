@@ -7,6 +7,8 @@ pub mod bake;
 pub mod cli;
 pub mod controller;
 pub mod events;
+// A test and benchmark tool, built only with the `dev-tools` feature (Cargo.toml says when).
+#[cfg(feature = "dev-tools")]
 pub mod loadgen;
 pub mod proxy;
 pub mod runtime;
