@@ -23,7 +23,9 @@
 #   (the command itself returns earlier, once new tasks run; both are printed). Defaults:
 #   parallelism 1, no delay, start-first, stop grace 5s (the example's stop_grace).
 # - Load: `graven __load` (graven::loadgen), C keep-alive connections for the whole update
-#   plus a second after; a failed request is a connection error or a non-2xx answer.
+#   plus a second after; a failed request is a connection error or a non-2xx answer. The
+#   release build here adds the `dev-tools` feature for it (and for GRAVEN_BENCH_RUNTIME=fake);
+#   the deploy path it times is the same code as without.
 #
 # graven half (bench_graven): the same 4-instance rolling replace with `graven deploy`
 # against `graven up` (its own GRAVEN_HOME in the temp dir, stopped by its PID), the example
@@ -59,7 +61,7 @@ now() { date +%s.%N; }
 seconds() { echo "scale=2; ($2 - $1) / 1" | bc; }
 
 echo "building graven (release) and the example" >&2
-cargo build --quiet --release --bin graven --manifest-path "$ROOT/Cargo.toml"
+cargo build --quiet --release --features dev-tools --bin graven --manifest-path "$ROOT/Cargo.toml"
 GRAVEN=$ROOT/target/release/graven
 sh "$ROOT/examples/hello/build.sh"
 

@@ -11,6 +11,8 @@
 # other processes on the machine falls on all of them alike; the summary takes the median of
 # each figure over the rounds. graven is built with the `dist` profile (release plus fat LTO,
 # Cargo.toml: the profile for shipped binaries); PROFILE=release measures a plain release build.
+# The build adds the `dev-tools` feature for the hidden `graven __proxy` command, which serves
+# one `graven::proxy::Route`: the same route code `graven up` serves, with the same profile.
 #
 # HAProxy and nginx get PROXY_THREADS threads (nbthread, worker_processes); graven serves each
 # route on one thread of its own, so the default of 1 compares like with like. Keep-alive on both sides everywhere. The backend is
@@ -38,7 +40,7 @@ trap cleanup EXIT
 "$root/scripts/install-packages" wrk haproxy nginx
 
 echo "building graven (profile $PROFILE)..." >&2
-(cd "$root" && cargo build --profile "$PROFILE" --quiet --bin graven)
+(cd "$root" && cargo build --profile "$PROFILE" --features dev-tools --quiet --bin graven)
 graven="$root/target/$PROFILE/graven"
 
 free_port() {

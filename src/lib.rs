@@ -8,6 +8,8 @@ pub mod cli;
 pub mod controller;
 pub mod deploy;
 pub mod events;
+// A test and benchmark tool, built only with the `dev-tools` feature (Cargo.toml says when).
+#[cfg(feature = "dev-tools")]
 pub mod loadgen;
 pub mod proxy;
 pub mod runtime;

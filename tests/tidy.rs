@@ -300,6 +300,198 @@ fn every_module_says_what_it_owns() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// The files of the test and benchmark tools, relative to `src/`: the load generator, the
+/// in-memory runtime and the hidden `__load` and `__proxy` commands. Each exists only with the
+/// `dev-tools` feature, which no build of the product turns on.
+const DEV_ONLY_FILES: &[&str] = &[
+    "loadgen.rs",
+    "runtime/fake.rs",
+    "cli/load.rs",
+    "cli/proxy.rs",
+];
+
+/// The identifiers that name a tool or what only a tool needs: the modules, the fake runtime
+/// and its `Fake` variants, the hidden commands' variants, arguments and names.
+const DEV_ONLY_NAMES: &[&str] = &[
+    "loadgen",
+    "fake",
+    "Fake",
+    "FakeRuntime",
+    "Load",
+    "LoadArgs",
+    "Proxy",
+    "ProxyArgs",
+    "__load",
+    "__proxy",
+];
+
+/// The CLI's modules of the hidden commands, whose names are also product words (`load`,
+/// `crate::proxy`): named as a path from outside the CLI, declared with `mod` inside it.
+const DEV_ONLY_CLI_MODULES: &[&str] = &["load", "proxy"];
+
+/// The attribute that keeps an item, or a match arm, out of the product.
+const DEV_TOOLS_CFG: &str = "#[cfg(feature = \"dev-tools\")]";
+
+/// The identifiers of a line of code, in order.
+fn identifiers(code: &str) -> Vec<&str> {
+    code.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|word| !word.is_empty())
+        .collect()
+}
+
+/// How much a line opens brackets minus how much it closes them.
+fn bracket_balance(code: &str) -> i64 {
+    code.chars()
+        .map(|c| match c {
+            '(' | '[' | '{' => 1,
+            ')' | ']' | '}' => -1,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The lines of the items and match arms that carry `DEV_TOOLS_CFG`: from the attribute to
+/// the line where the item's brackets balance again and it ends with `,`, `;` or `}`.
+fn gated_lines(text: &str) -> Vec<usize> {
+    let mut gated = Vec::new();
+    let mut open: Option<i64> = None;
+    for (line, code) in code_lines(text) {
+        let mut code = code.trim();
+        if open.is_none() {
+            let Some(rest) = code.strip_prefix(DEV_TOOLS_CFG) else {
+                continue;
+            };
+            open = Some(0);
+            code = rest.trim();
+        }
+        gated.push(line);
+        let depth = open.unwrap_or(0) + bracket_balance(code);
+        open = Some(depth);
+        if depth <= 0 && code.ends_with([',', ';', '}']) {
+            open = None;
+        }
+    }
+    gated
+}
+
+/// The lines of `text` (a product file of `module`) that name a test tool outside an item
+/// gated by the `dev-tools` feature, with what they name.
+fn dev_tool_names(module: &str, text: &str) -> Vec<(usize, String)> {
+    let gated = gated_lines(text);
+    let mut found = Vec::new();
+    for (line, code) in code_lines(text) {
+        if gated.contains(&line) {
+            continue;
+        }
+        let words = identifiers(code);
+        for word in &words {
+            if DEV_ONLY_NAMES.contains(word) {
+                found.push((line, (*word).to_owned()));
+            }
+        }
+        for tool in DEV_ONLY_CLI_MODULES {
+            let path = format!("cli::{tool}");
+            if code.contains(&path) {
+                found.push((line, path));
+            }
+            let declared = words.windows(2).any(|pair| pair == ["mod", *tool]);
+            if module == "cli" && declared {
+                found.push((line, format!("mod {tool}")));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn product_modules_name_test_tools_only_behind_the_feature() {
+    let src = src_dir();
+    for file in DEV_ONLY_FILES {
+        assert!(src.join(file).is_file(), "DEV_ONLY_FILES: no src/{file}");
+    }
+    let mut problems = Vec::new();
+    for file in source_files() {
+        let relative = file
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if DEV_ONLY_FILES.contains(&relative.as_str()) {
+            continue;
+        }
+        let module = module_of(&src, &file);
+        let text = fs::read_to_string(&file).unwrap();
+        for (line, name) in dev_tool_names(&module, &text) {
+            problems.push(format!(
+                "src/{relative}:{line}: `{name}` is a test tool: name it only in an item under \
+                 {DEV_TOOLS_CFG}"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The feature is off unless the tests are built: not a default feature, and turned on by the
+/// package's dev-dependency on itself, so plain `cargo test` runs the tests that need it.
+#[test]
+fn test_tools_are_off_by_default_and_on_for_the_tests() {
+    let manifest: toml::Table =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+    let features = manifest["features"].as_table().unwrap();
+    assert!(features.contains_key("dev-tools"), "{features:?}");
+    let default = features.get("default").and_then(|d| d.as_array());
+    assert!(
+        default.is_none_or(|d| !d.iter().any(|f| f.as_str() == Some("dev-tools"))),
+        "dev-tools must not be a default feature: {default:?}"
+    );
+    let itself = &manifest["dev-dependencies"]["graven"];
+    assert_eq!(itself["path"].as_str(), Some("."), "{itself:?}");
+    let enabled = itself["features"].as_array().unwrap();
+    assert!(
+        enabled.iter().any(|f| f.as_str() == Some("dev-tools")),
+        "{itself:?}"
+    );
+    // And it did: the tests were built with it (checked when they compile).
+    const {
+        assert!(
+            cfg!(feature = "dev-tools"),
+            "the tests are built with the dev-tools feature"
+        )
+    };
+}
+
+/// A negative control for the test-tools check: it flags an ungated use, a declaration and a
+/// variant, and lets gated items (one line or several), match arms, product words that share a
+/// name (`load`, `crate::proxy`) and comments through.
+#[test]
+fn the_test_tools_check_sees_an_ungated_use() {
+    let text = "use crate::runtime::FakeRuntime;\n// FakeRuntime in a comment\n\
+                #[cfg(feature = \"dev-tools\")]\npub mod loadgen;\nmod load;\n\
+                #[cfg(feature = \"dev-tools\")]\n#[command(name = \"__load\", hide = true)]\n\
+                Load(load::LoadArgs),\nmatch kind {\n    RuntimeKind::Local => local(),\n\
+                #[cfg(feature = \"dev-tools\")]\n    RuntimeKind::Fake => {\n\
+                AnyRuntime::Fake(FakeRuntime::new())\n    }\n    Kind::Fake => fake(),\n}\n\
+                let n = state::load(dir)?;\nuse crate::proxy::Route;\nuse crate::cli::proxy;\n";
+    assert_eq!(
+        dev_tool_names("cli", text),
+        vec![
+            (1, "FakeRuntime".to_owned()),
+            (5, "mod load".to_owned()),
+            (15, "Fake".to_owned()),
+            (15, "fake".to_owned()),
+            (19, "cli::proxy".to_owned()),
+        ]
+    );
+    // `mod load` is the tool only in the CLI.
+    assert_eq!(
+        dev_tool_names("spec", "mod load;\n"),
+        Vec::<(usize, String)>::new()
+    );
+}
+
 /// A negative control for the dependency check: it does flag a forbidden path, and it lets
 /// an allowed one and a comment through.
 #[test]

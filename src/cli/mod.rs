@@ -10,8 +10,11 @@ use clap::{Parser, Subcommand};
 mod bake;
 mod image;
 mod instance;
+// Test and benchmark tools, built only with the `dev-tools` feature (Cargo.toml says when).
+#[cfg(feature = "dev-tools")]
 mod load;
 mod project;
+#[cfg(feature = "dev-tools")]
 mod proxy;
 
 #[derive(Debug, Parser)]
@@ -69,9 +72,11 @@ pub enum Command {
     /// Accept event logs whose end was lost: record the loss and number on after it.
     Recover(project::RecoverArgs),
     /// Serve one route over fixed backends (for benchmarks).
+    #[cfg(feature = "dev-tools")]
     #[command(name = "__proxy", hide = true)]
     Proxy(proxy::ProxyArgs),
     /// A keep-alive HTTP load generator for tests and benchmarks.
+    #[cfg(feature = "dev-tools")]
     #[command(name = "__load", hide = true)]
     Load(load::LoadArgs),
 }
@@ -81,14 +86,31 @@ impl Command {
     /// they keep Rust's ignored SIGPIPE (so does `run`, which must stop its instance on the
     /// way out); every other command only prints.
     fn serves(&self) -> bool {
-        matches!(
-            self,
-            Command::Up(_)
-                | Command::Daemon(_)
-                | Command::Run(_)
-                | Command::Proxy(_)
-                | Command::Load(_)
-        )
+        match self {
+            Command::Up(_) | Command::Daemon(_) | Command::Run(_) => true,
+            #[cfg(feature = "dev-tools")]
+            Command::Proxy(_) | Command::Load(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Commands that serve routes, which take their share of the descriptor limit.
+    fn routes(&self) -> bool {
+        match self {
+            Command::Up(_) | Command::Daemon(_) => true,
+            #[cfg(feature = "dev-tools")]
+            Command::Proxy(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Every command but the test tools reads or writes the home.
+    fn uses_home(&self) -> bool {
+        match self {
+            #[cfg(feature = "dev-tools")]
+            Command::Proxy(_) | Command::Load(_) => false,
+            _ => true,
+        }
     }
 }
 
@@ -142,15 +164,13 @@ pub fn main() -> ExitCode {
     }
     // Owner-only before any command writes to it, whichever comes first: it will hold image
     // content (`LocalRuntime::make_home` says why).
-    let uses_home = !matches!(cli.command, Command::Proxy(_) | Command::Load(_));
-    if uses_home && let Err(error) = crate::runtime::local::make_home(&home) {
+    if cli.command.uses_home()
+        && let Err(error) = crate::runtime::local::make_home(&home)
+    {
         eprintln!("graven: {error}");
         return ExitCode::FAILURE;
     }
-    if matches!(
-        cli.command,
-        Command::Up(_) | Command::Daemon(_) | Command::Proxy(_)
-    ) {
+    if cli.command.routes() {
         // Before any thread exists: routes take their share of descriptors from this limit.
         crate::proxy::limits::raise_nofile();
     }
@@ -173,7 +193,9 @@ pub fn main() -> ExitCode {
         Command::History(args) => project::history(&home, args),
         Command::Down(args) => project::down(&home, args),
         Command::Recover(args) => project::recover(&home, args),
+        #[cfg(feature = "dev-tools")]
         Command::Proxy(args) => proxy::run(args),
+        #[cfg(feature = "dev-tools")]
         Command::Load(args) => load::run(args),
     };
     match result {

@@ -18,13 +18,14 @@ use crate::api::{self, Client, Daemon, DeployRequest, HistoryRequest, RollbackRe
 use crate::controller::{DeployOrder, Rollout, Snapshot};
 use crate::deploy::Step;
 use crate::events::{DeployOutcome, Envelope, Event, ReleaseNumber, ServiceName};
-use crate::runtime::{AnyRuntime, FakeRuntime, LocalRuntime};
+use crate::runtime::{AnyRuntime, LocalRuntime};
 use crate::spec::{self, DEFAULT_ENVIRONMENT, Project};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RuntimeKind {
     Local,
-    /// In-memory instances inside the daemon (tests).
+    /// In-memory instances inside the daemon (tests; never in the shipped binary).
+    #[cfg(feature = "dev-tools")]
     Fake,
 }
 
@@ -116,7 +117,8 @@ pub struct RecoverArgs {
 fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
     Ok(match kind {
         RuntimeKind::Local => AnyRuntime::Local(LocalRuntime::open(home)?),
-        RuntimeKind::Fake => AnyRuntime::Fake(FakeRuntime::new()),
+        #[cfg(feature = "dev-tools")]
+        RuntimeKind::Fake => AnyRuntime::Fake(crate::runtime::FakeRuntime::new()),
     })
 }
 

@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::Digest;
 
+#[cfg(feature = "dev-tools")]
 pub mod fake;
 pub mod local;
 
+#[cfg(feature = "dev-tools")]
 pub use fake::FakeRuntime;
 pub use local::LocalRuntime;
 
@@ -309,6 +311,8 @@ pub trait Runtime {
 #[derive(Debug, Clone)]
 pub enum AnyRuntime {
     Local(LocalRuntime),
+    /// The tests' in-memory backend; never in the shipped binary.
+    #[cfg(feature = "dev-tools")]
     Fake(FakeRuntime),
 }
 
@@ -316,6 +320,7 @@ macro_rules! dispatch {
     ($self:ident, $rt:ident => $call:expr) => {
         match $self {
             AnyRuntime::Local($rt) => $call,
+            #[cfg(feature = "dev-tools")]
             AnyRuntime::Fake($rt) => $call,
         }
     };
