@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::controller::{self, ControllerHandle, ControllerOptions, Snapshot};
-use graven::events::{DeployOutcome, Lifecycle};
+use graven::events::{CondemnReason, DeployOutcome, DrainReason, Event, Lifecycle};
 use graven::runtime::{AnyRuntime, FakeRuntime, InstanceId, Runtime};
 use graven::store::Digest;
 use support::daemon::{config, free_port, order, outcome, release, version};
@@ -401,4 +401,79 @@ async fn an_adopted_instance_that_stops_answering_is_replaced() {
     .await
     .expect("the adopted instance that stopped answering is replaced");
     controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tainted_instance_is_condemned_and_replaced_before_it_drains() {
+    let s = setup();
+    let route = free_port();
+    deploy_v1(&s.controller, route).await;
+    let load = support::load::Load::start(route, 4);
+    support::wait_for(Duration::from_secs(10), "load running", || {
+        (load.snapshot().total > 50).then_some(())
+    });
+    // A break-glass exec marks the instance on the runtime, as `graven exec` does.
+    let victim = s.fake.list().await.unwrap()[0].id.clone();
+    s.fake.taint(&victim).unwrap();
+    let replaced =
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            s.controller.wait_for(|snap| {
+                healthy_versions(snap).get(&1) == Some(&2)
+                    && snap.state.instances.len() == 2
+                    && snap.state.instances.values().all(|i| {
+                        i.runtime_id.as_ref().map(|r| r.as_str()) != Some(victim.0.as_str())
+                    })
+            }),
+        )
+        .await
+        .expect("the tainted instance is replaced");
+    assert!(
+        replaced
+            .state
+            .instances
+            .values()
+            .all(|i| i.condemned.is_none())
+    );
+    wait_until_removed(&s.fake, &victim, "the tainted instance is removed").await;
+    let report = load.stop();
+    assert_eq!(
+        report.failed, 0,
+        "clients saw errors: {:?}",
+        report.failures
+    );
+    // The log says why, and the replacement was launched before the condemned one drained.
+    let history = s.controller.history(0).await.unwrap();
+    let position = |wanted: &dyn Fn(&Event) -> bool| {
+        history
+            .iter()
+            .position(|e| wanted(&e.payload))
+            .expect("the event is in the log")
+    };
+    let condemned = position(&|e| {
+        matches!(
+            e,
+            Event::InstanceCondemned {
+                reason: CondemnReason::Tainted,
+                ..
+            }
+        )
+    });
+    let drained = position(&|e| {
+        matches!(
+            e,
+            Event::InstanceDraining {
+                reason: DrainReason::Condemned { .. },
+                ..
+            }
+        )
+    });
+    let launched_after = history[condemned..drained]
+        .iter()
+        .any(|e| matches!(e.payload, Event::InstanceLaunched { .. }));
+    assert!(
+        launched_after,
+        "a replacement was launched before the drain"
+    );
+    s.controller.shutdown().await;
 }

@@ -30,6 +30,7 @@ use crate::runtime::AnyRuntime;
 
 pub mod actor;
 pub mod client;
+pub mod offline;
 
 pub use client::Client;
 
@@ -60,7 +61,7 @@ pub fn log_path(home: &Path, app: &str, environment: &str) -> PathBuf {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("no app {app:?} in environment {environment:?} is known to this daemon")]
+    #[error("nothing is deployed {}", named(app, environment))]
     UnknownApp { app: String, environment: String },
     #[error("several apps run here ({choices}); name one with --app and --env")]
     Ambiguous { choices: String },
@@ -287,13 +288,43 @@ impl Daemon {
         }
     }
 
-    pub fn snapshots(&self, target: &Target) -> Vec<Arc<Snapshot>> {
+    /// The snapshots of the controllers `target` names; naming an app or environment that
+    /// has none is an error.
+    pub fn snapshots(&self, target: &Target) -> Result<Vec<Arc<Snapshot>>, ApiError> {
         let controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
-        controllers
+        let snapshots: Vec<Arc<Snapshot>> = controllers
             .values()
             .filter(|h| target.matches(h))
             .map(|h| h.snapshot())
-            .collect()
+            .collect();
+        if snapshots.is_empty() && (target.app.is_some() || target.environment.is_some()) {
+            return Err(ApiError::UnknownApp {
+                app: target.app.clone().unwrap_or_default(),
+                environment: target.environment.clone().unwrap_or_default(),
+            });
+        }
+        Ok(snapshots)
+    }
+
+    /// Drains and stops the instances of `app` in `environment` only; every other controller
+    /// ends at once, as a killed process would, leaving its instances running for the next
+    /// control plane to adopt. What `graven up` does when it stops: another project deployed
+    /// to it is not its to stop.
+    pub async fn shutdown_only(&self, app: &str, environment: &str) {
+        let handles: Vec<ControllerHandle> = self
+            .controllers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for handle in handles {
+            if handle.app() == app && handle.environment() == environment {
+                handle.shutdown().await;
+            } else {
+                handle.abort().await;
+            }
+        }
     }
 
     /// Drains and stops every instance of every controller.
@@ -420,7 +451,7 @@ impl Daemon {
             (&Method::POST, "/v1/status") => {
                 let target: Target = parse(&body)?;
                 let snapshots: Vec<Snapshot> = self
-                    .snapshots(&target)
+                    .snapshots(&target)?
                     .iter()
                     .map(|s| (**s).clone())
                     .collect();
@@ -524,7 +555,7 @@ pub fn release_images(home: &Path) -> Result<Vec<crate::store::Digest>, ApiError
 }
 
 /// Every event log under `home` (the layout `log_path` makes), as (app, environment, path).
-fn event_logs(home: &Path) -> Result<Vec<(OsString, OsString, PathBuf)>, ApiError> {
+pub(crate) fn event_logs(home: &Path) -> Result<Vec<(OsString, OsString, PathBuf)>, ApiError> {
     let apps = home.join("apps");
     let mut logs = Vec::new();
     if !apps.is_dir() {
@@ -546,6 +577,16 @@ fn event_logs(home: &Path) -> Result<Vec<(OsString, OsString, PathBuf)>, ApiErro
         }
     }
     Ok(logs)
+}
+
+/// "for app x in environment y", leaving out what was not named.
+fn named(app: &str, environment: &str) -> String {
+    match (app.is_empty(), environment.is_empty()) {
+        (false, false) => format!("for app {app:?} in environment {environment:?}"),
+        (false, true) => format!("for app {app:?}"),
+        (true, false) => format!("in environment {environment:?}"),
+        (true, true) => "here".to_owned(),
+    }
 }
 
 /// Turns an I/O error on `path` into the API's error naming it.

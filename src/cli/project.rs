@@ -444,8 +444,14 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }
         };
-        note!("graven: draining and stopping every instance");
-        daemon.shutdown().await;
+        note!(
+            "graven: draining and stopping the instances of {}/{}",
+            project.app,
+            project.environment
+        );
+        daemon
+            .shutdown_only(&project.app, &project.environment)
+            .await;
         let _ = stop_api.send(());
         let _ = server.await;
         let _ = std::fs::remove_file(api::socket_path(home));
@@ -555,63 +561,127 @@ pub fn down(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The target of a reporting command: what `--app`/`--env` say, else the app of
+/// `./graven.toml` when there is one (its environment too when `--env` is left out and the
+/// app has only one on this home).
+fn reported_target(args: &TargetArgs) -> Target {
+    let mut target = args.target();
+    if target.app.is_none()
+        && let Ok(project) = spec::load(Path::new("."), DEFAULT_ENVIRONMENT)
+    {
+        target.app = Some(project.app);
+    }
+    target
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long ago `at_ms` was, in a short human form ("3m 12s").
+fn age(at_ms: u64) -> String {
+    let secs = now_ms().saturating_sub(at_ms) / 1000;
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+fn at(at_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at_ms))
+        .to_string()
+}
+
+/// The snapshots a reporting command shows: the daemon's when one runs, else folded from
+/// the logs on disk (said once on stderr). Whether they came from the disk.
+fn snapshots(home: &Path, target: &Target) -> anyhow::Result<(Vec<Snapshot>, bool)> {
+    let client = Client::new(home);
+    match async_runtime(Threads::One)?.block_on(client.status(target)) {
+        Ok(snapshots) => Ok((snapshots, false)),
+        Err(crate::api::client::ClientError::NoDaemon { .. }) => {
+            Ok((api::offline::snapshots(home, target)?, true))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
-    let snapshots =
-        async_runtime(Threads::One)?.block_on(Client::new(home).status(&args.target()))?;
+    let target = reported_target(&args);
+    let (snapshots, offline) = snapshots(home, &target)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&snapshots)?);
+        say!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if offline {
+        note!(
+            "graven: no control plane runs on {}: this is what its event logs say; routes are \
+             not bound",
+            home.display()
+        );
+    }
     if snapshots.is_empty() {
-        println!("nothing is deployed");
+        say!("nothing is deployed");
     }
     for snapshot in &snapshots {
-        println!("{}/{}", snapshot.app, snapshot.environment);
+        say!("{}/{}", snapshot.app, snapshot.environment);
         if let Some(problem) = &snapshot.log_problem {
-            let since = std::time::UNIX_EPOCH + Duration::from_millis(problem.since_ms);
-            println!(
+            say!(
                 "  the event log cannot be written since {} ({}): routes serve the last known \
                  state, nothing new is done, retrying",
-                humantime::format_rfc3339_seconds(since),
+                at(problem.since_ms),
                 problem.error
             );
         }
-        for (name, service) in &snapshot.state.services {
-            let wanted = service
-                .wanted
-                .map_or("none".to_owned(), |w| format!("release {w}"));
+        let state = &snapshot.state;
+        for (name, service) in state.live_services() {
+            let wanted = match service.wanted {
+                Some(w) => format!("release {w}"),
+                None => "removed, draining".to_owned(),
+            };
             let route = snapshot
                 .routes
                 .get(name)
                 .map(|a| format!(" http://{a}"))
                 .unwrap_or_default();
-            println!("  service {name}: {wanted}{route}");
+            say!("  service {name}: {wanted}{route}");
             if let Some(deploy) = &service.deploy {
-                println!(
-                    "    {} in progress: {} -> {}",
+                say!(
+                    "    {} in progress: {} -> {} (for {})",
                     deploy.reason,
                     deploy.from.map_or("none".to_owned(), |f| f.to_string()),
-                    deploy.to
+                    deploy.to,
+                    age(deploy.started_at_ms)
                 );
             }
             if let Some(backoff) = &service.backoff {
-                println!(
+                say!(
                     "    crash loop: {} failures, launches wait {}",
                     backoff.failures,
                     humantime::format_duration(Duration::from_millis(backoff.delay_ms))
                 );
             }
             if let Some(error) = snapshot.route_errors.get(name) {
-                println!("    route error: {error}");
+                say!("    route error: {error}");
             }
-            for instance in snapshot.state.instances_of(name) {
-                println!(
-                    "    {:<16} release {:<4} {:<10} {:<22} {}",
+            for instance in state.instances_of(name) {
+                let mut lifecycle = format!("{:?}", instance.lifecycle).to_lowercase();
+                if instance.condemned.is_some() {
+                    lifecycle += ", condemned";
+                }
+                say!(
+                    "    {:<16} release {:<4} {:<20} {:<22} up {:<8} {}",
                     instance.name,
                     instance.release,
-                    format!("{:?}", instance.lifecycle).to_lowercase(),
+                    lifecycle,
                     instance.address.map_or("-".to_owned(), |a| a.to_string()),
-                    instance.runtime_id.as_ref().map_or("-", |id| id.0.as_str()),
+                    age(instance.launched_at_ms),
+                    instance.runtime_id.as_ref().map_or("-", |id| id.as_str()),
                 );
             }
         }
@@ -620,18 +690,18 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
-    let snapshots =
-        async_runtime(Threads::One)?.block_on(Client::new(home).status(&args.target()))?;
+    let target = reported_target(&args);
+    let (snapshots, _) = snapshots(home, &target)?;
     if args.json {
         let releases: Vec<_> = snapshots
             .iter()
             .flat_map(|s| s.state.releases.values())
             .collect();
-        println!("{}", serde_json::to_string_pretty(&releases)?);
+        say!("{}", serde_json::to_string_pretty(&releases)?);
         return Ok(ExitCode::SUCCESS);
     }
     for snapshot in &snapshots {
-        println!("{}/{}", snapshot.app, snapshot.environment);
+        say!("{}/{}", snapshot.app, snapshot.environment);
         for release in snapshot.state.releases.values() {
             let wanted = snapshot
                 .state
@@ -639,8 +709,13 @@ pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                 .get(&release.service)
                 .and_then(|s| s.wanted)
                 == Some(release.number);
-            println!(
-                "  {} {:<4} {:<12} image {} config {}",
+            let failed = release
+                .failed
+                .as_ref()
+                .map(|why| format!("  FAILED: {why}"))
+                .unwrap_or_default();
+            say!(
+                "  {} {:<4} {:<12} image {} config {}  {} by {}{failed}",
                 if wanted { "*" } else { " " },
                 release.number,
                 release.service,
@@ -649,6 +724,8 @@ pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                     .config_digest
                     .get(7..19)
                     .unwrap_or(&release.config_digest),
+                at(release.created_at_ms),
+                release.created_by,
             );
         }
     }
@@ -656,23 +733,51 @@ pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
-    let events =
-        async_runtime(Threads::One)?.block_on(Client::new(home).history(&HistoryRequest {
-            target: args.target(),
-            after: 0,
-        }))?;
+    let target = reported_target(&args);
+    let client = Client::new(home);
+    let runtime = async_runtime(Threads::One)?;
+    // Page by page, so a long log is never held whole, by the daemon or here.
+    let mut after = 0;
+    let mut first = true;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&events)?);
-        return Ok(ExitCode::SUCCESS);
+        say!("[");
     }
-    for envelope in &events {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(envelope.at_ms);
-        println!(
-            "{:>5} {} {}",
-            envelope.seq,
-            humantime::format_rfc3339_millis(at),
-            envelope.payload.describe()
-        );
+    loop {
+        let request = HistoryRequest {
+            target: target.clone(),
+            after,
+        };
+        let page = match runtime.block_on(client.history(&request)) {
+            Ok(page) => page,
+            Err(crate::api::client::ClientError::NoDaemon { .. }) => {
+                api::offline::history(home, &target, after, crate::controller::HISTORY_PAGE)?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = last.seq;
+        for envelope in &page {
+            if args.json {
+                let comma = if first { "" } else { "," };
+                say!("{comma}{}", serde_json::to_string(envelope)?);
+            } else {
+                say!(
+                    "{:>5} {} {:<24} {}",
+                    envelope.seq,
+                    humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH + Duration::from_millis(envelope.at_ms)
+                    ),
+                    envelope.actor,
+                    envelope.payload.describe()
+                );
+            }
+            first = false;
+        }
+    }
+    if args.json {
+        say!("]");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -183,7 +183,8 @@ impl Rollout {
 pub struct Snapshot {
     pub app: String,
     pub environment: String,
-    pub state: State,
+    /// Shared, not copied, by every reader of the same snapshot.
+    pub state: Arc<State>,
     pub routes: BTreeMap<ServiceName, SocketAddr>,
     /// Why a route could not be bound, by service.
     pub route_errors: BTreeMap<ServiceName, String>,
@@ -371,7 +372,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
     let snapshot = Arc::new(Snapshot {
         app: options.app.clone(),
         environment: options.environment.clone(),
-        state: state.clone(),
+        state: Arc::new(state.clone()),
         ..Snapshot::default()
     });
     let (publish, watcher) = watch::channel(snapshot);
@@ -647,7 +648,7 @@ impl Shell {
         let snapshot = Snapshot {
             app: self.options.app.clone(),
             environment: self.options.environment.clone(),
-            state: self.state.clone(),
+            state: Arc::new(self.state.clone()),
             routes: self
                 .routes
                 .iter()

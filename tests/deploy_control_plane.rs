@@ -1,0 +1,89 @@
+//! The control plane's daily workflow, as a user meets it through the binary: `graven up`
+//! on a project that has releases resumes the release the log wants (a rollback stays
+//! rolled back) and deploys the working tree only when it changed; a service's route closes
+//! when the service goes; `status`, `releases` and `history` say who made what, and when.
+
+mod support;
+
+use std::time::Duration;
+
+use support::daemon::{Up, hello_project, run_ok, v1_project, version};
+
+fn wanted(home: &std::path::Path) -> Option<u64> {
+    let (stdout, _) = run_ok(home, &["status", "--json"]);
+    let snapshots: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    snapshots[0]["state"]["services"]["web"]["wanted"].as_u64()
+}
+
+fn release_count(home: &std::path::Path) -> usize {
+    let (stdout, _) = run_ok(home, &["releases", "--json"]);
+    serde_json::from_str::<Vec<serde_json::Value>>(&stdout)
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn a_rollback_is_not_undone_by_up_again() {
+    let (_temp, home, dir, route) = v1_project(1);
+    let dir_arg = dir.to_str().unwrap();
+    let mut up = Up::start(&home, &dir, "fake");
+    hello_project(&dir, route, 1, r#"VERSION = "v2""#, "");
+    run_ok(&home, &["deploy", dir_arg]);
+    assert_eq!(version(route).as_deref(), Ok("v2"));
+    run_ok(&home, &["rollback"]);
+    assert_eq!(wanted(&home), Some(1));
+    up.signal(libc::SIGINT, Duration::from_secs(30));
+
+    // The working tree is still v2, which made release 2: up resumes release 1.
+    let _up = Up::start(&home, &dir, "fake");
+    assert_eq!(wanted(&home), Some(1), "the rollback stays");
+    assert_eq!(release_count(&home), 2, "no new release");
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+    drop(_up);
+
+    // A changed working tree is deployed, and up says so.
+    hello_project(&dir, route, 1, r#"VERSION = "v3""#, "");
+    let mut up = Up::start(&home, &dir, "fake");
+    assert_eq!(wanted(&home), Some(3));
+    assert_eq!(version(route).as_deref(), Ok("v3"));
+    up.signal(libc::SIGINT, Duration::from_secs(30));
+}
+
+#[test]
+fn a_removed_service_closes_its_route_and_leaves_status() {
+    let (_temp, home, dir, route) = v1_project(1);
+    let api_route = support::daemon::free_port();
+    let api = format!(
+        r#"
+[services.api]
+instances = 1
+port = 8080
+route = "{api_route}"
+env = {{ VERSION = "api" }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
+"#
+    );
+    hello_project(&dir, route, 1, r#"VERSION = "v1""#, &api);
+    let _up = Up::start(&home, &dir, "fake");
+    assert_eq!(version(api_route).as_deref(), Ok("api"));
+
+    // Gone from graven.toml, then deployed: its route stops listening.
+    hello_project(&dir, route, 1, r#"VERSION = "v1""#, "");
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    support::wait_for(Duration::from_secs(10), "the api route to close", || {
+        std::net::TcpStream::connect(api_route)
+            .is_err()
+            .then_some(())
+    });
+    let (status, _) = run_ok(&home, &["status"]);
+    assert!(!status.contains("service api"), "{status}");
+    assert!(status.contains("service web"), "{status}");
+
+    // `graven down`: every route closes.
+    run_ok(&home, &["down"]);
+    support::wait_for(Duration::from_secs(10), "the web route to close", || {
+        std::net::TcpStream::connect(route).is_err().then_some(())
+    });
+    let (status, _) = run_ok(&home, &["status"]);
+    assert!(!status.contains("service web"), "{status}");
+}
