@@ -1405,7 +1405,10 @@ pub fn backends(state: &State, service: &str) -> Vec<Backend> {
     state
         .instances_of(service)
         .filter_map(|i| {
-            let routed = traffic.is_some_and(|t| t.contains_key(&i.name));
+            // An instance that turned unhealthy since the last traffic decision takes no
+            // new request even before the next round decides without it.
+            let routed = traffic.is_some_and(|t| t.contains_key(&i.name))
+                && i.lifecycle == Lifecycle::Healthy;
             Some(Backend {
                 instance: i.name.to_string(),
                 release: i.release.get(),

@@ -22,6 +22,8 @@ mod rolling;
 mod traffic;
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
 
 /// What the shell knows beyond the log: the runtime's last listing and its own work under way.

@@ -81,6 +81,13 @@ pub(super) fn plan(
                 new_names.push((false, instance.name.clone()));
             }
             (Some(reason), Lifecycle::Healthy) => old_healthy.push((instance.name.clone(), reason)),
+            // Failing is the reason an instance that was to be replaced anyway goes now.
+            (Some(_), Lifecycle::Unhealthy) if current => round.drain(
+                &instance.name,
+                DrainReason::Unhealthy {
+                    detail: instance.detail.clone(),
+                },
+            ),
             (Some(reason), Lifecycle::Starting | Lifecycle::Unhealthy) => {
                 let reason = match reason {
                     DrainReason::Replaced { .. } => DrainReason::NotWanted { wanted },

@@ -1,0 +1,312 @@
+//! Properties of the planner over random histories (proptest): a simulated runtime carries out
+//! each round's actions while random health flips, crashes, deploys and the passing of time
+//! happen in between, and after every round the invariants hold:
+//! - a planned drain (replaced, condemned, scaled down) never takes the instances that take
+//!   traffic below `instances - max_unavailable`, or below what they were if already fewer;
+//! - traffic never goes to an instance that is draining or gone, and no instance is drained
+//!   while the round's own traffic decision still routes it;
+//! - every launched instance is in the state under a name never used before, and the state's
+//!   launch count is the number of launches.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::{Action, Observed, Seen, plan};
+use crate::events::{
+    DeployReason, DrainReason, Envelope, Event, GoneReason, InstanceName, Lifecycle, RuntimeId,
+    ServiceConfig, State, fold,
+};
+use crate::store::Digest;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Healthy(usize),
+    Unhealthy(usize),
+    Exit(usize),
+    Taint(usize),
+    Advance(u64),
+    Deploy,
+    Scale(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => any::<usize>().prop_map(Op::Healthy),
+        1 => any::<usize>().prop_map(Op::Unhealthy),
+        1 => any::<usize>().prop_map(Op::Exit),
+        1 => any::<usize>().prop_map(Op::Taint),
+        2 => (100u64..40_000).prop_map(Op::Advance),
+        1 => Just(Op::Deploy),
+        1 => (1u32..6).prop_map(Op::Scale),
+    ]
+}
+
+struct Sim {
+    state: State,
+    now_ms: u64,
+    /// The simulated runtime: what runs, by runtime id, and whether it exited or was touched.
+    runtime: BTreeMap<RuntimeId, (InstanceName, bool, bool)>,
+    names: BTreeSet<InstanceName>,
+    launches: u64,
+    config: ServiceConfig,
+}
+
+impl Sim {
+    fn record(&mut self, event: Event) {
+        let envelope = Envelope {
+            seq: self.state.seq + 1,
+            at_ms: self.now_ms,
+            actor: "test".into(),
+            version: 2,
+            payload: event,
+        };
+        self.state = fold(std::mem::take(&mut self.state), &envelope);
+    }
+
+    fn deploy(&mut self) {
+        let number = self.state.next_release();
+        let mut config = self.config.clone();
+        config.env.insert("N".into(), number.to_string());
+        let from = self.state.services.get("web").and_then(|s| s.wanted);
+        self.record(Event::ReleaseCreated {
+            service: "web".into(),
+            release: number,
+            image: Digest::of(b"x"),
+            config_digest: config.digest().to_string(),
+            config,
+            source: None,
+        });
+        self.record(Event::DeployStarted {
+            service: "web".into(),
+            from,
+            to: number,
+            reason: DeployReason::Deploy,
+        });
+    }
+
+    /// The live instance `index` picks, if any.
+    fn pick(&self, index: usize) -> Option<InstanceName> {
+        let live: Vec<&InstanceName> = self
+            .state
+            .instances
+            .values()
+            .filter(|i| i.lifecycle != Lifecycle::Draining)
+            .map(|i| &i.name)
+            .collect();
+        (!live.is_empty()).then(|| live[index % live.len()].clone())
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Healthy(i) => {
+                if let Some(name) = self.pick(i)
+                    && self.state.instances[&name].address.is_some()
+                {
+                    self.record(Event::InstanceHealthy { instance: name });
+                }
+            }
+            Op::Unhealthy(i) => {
+                if let Some(name) = self.pick(i)
+                    && self.state.instances[&name].address.is_some()
+                {
+                    self.record(Event::InstanceUnhealthy {
+                        instance: name,
+                        detail: "503".into(),
+                    });
+                }
+            }
+            Op::Exit(i) | Op::Taint(i) => {
+                let exit = matches!(op, Op::Exit(_));
+                if let Some(name) = self.pick(i)
+                    && let Some((_, exited, tainted)) =
+                        self.runtime.values_mut().find(|(n, _, _)| *n == name)
+                {
+                    if exit {
+                        *exited = true;
+                    } else {
+                        *tainted = true;
+                    }
+                }
+            }
+            Op::Advance(ms) => self.now_ms += ms,
+            Op::Deploy => self.deploy(),
+            Op::Scale(n) => {
+                let route = None;
+                self.record(Event::ServiceScaled {
+                    service: "web".into(),
+                    instances: n,
+                    route,
+                });
+            }
+        }
+    }
+
+    fn observed(&self) -> Observed {
+        Observed {
+            listed: true,
+            runtime: self
+                .runtime
+                .iter()
+                .map(|(id, (name, exited, tainted))| Seen {
+                    id: id.clone(),
+                    name: Some(name.clone()),
+                    exited: exited.then_some((Some(1), None)),
+                    address: Some(SocketAddr::from(([127, 0, 0, 1], 9))),
+                    tainted: *tainted,
+                })
+                .collect(),
+            ..Observed::default()
+        }
+    }
+
+    /// The instances that take traffic: routed by the last decision and healthy now.
+    fn routed(&self) -> usize {
+        self.state.services.get("web").map_or(0, |s| {
+            s.traffic
+                .keys()
+                .filter(|name| {
+                    self.state
+                        .instances
+                        .get(*name)
+                        .is_some_and(|i| i.lifecycle == Lifecycle::Healthy)
+                })
+                .count()
+        })
+    }
+
+    /// One planning round, carried out as the shell would; checks the invariants.
+    fn round(&mut self) -> Result<bool, TestCaseError> {
+        let actions = plan(&self.state, &self.observed(), self.now_ms);
+        let routed_before = self.routed();
+        let desired = self.state.scale("web").map_or(0, |s| s.instances);
+        let max_unavailable =
+            self.state
+                .wanted_release("web")
+                .map_or(0, |r| match r.config.strategy {
+                    crate::events::Strategy::Rolling {
+                        max_unavailable, ..
+                    } => max_unavailable,
+                });
+        let mut planned_drain = false;
+        // Nothing is drained that the round's traffic decision still routes: an instance that
+        // takes traffic is taken out by a route decision before its drain.
+        let traffic_before = self
+            .state
+            .services
+            .get("web")
+            .map(|s| s.traffic.clone())
+            .unwrap_or_default();
+        let mut routed_now = traffic_before.clone();
+        for action in &actions {
+            match action {
+                Action::Route { routed, .. } => routed_now = routed.clone(),
+                Action::Drain { instance, .. } => prop_assert!(
+                    !routed_now.contains_key(instance),
+                    "{instance} is drained while the plan still routes it: {actions:?}"
+                ),
+                _ => {}
+            }
+        }
+        for action in &actions {
+            if let Some(event) = action.event() {
+                self.record(event);
+            }
+            match action {
+                Action::Launch { instance, .. } => {
+                    prop_assert!(
+                        self.names.insert(instance.clone()),
+                        "{instance} was launched twice"
+                    );
+                    self.launches += 1;
+                    prop_assert!(self.state.instances.contains_key(instance));
+                    // The runtime starts it at once.
+                    let id = RuntimeId(format!("rt-{instance}"));
+                    self.runtime
+                        .insert(id.clone(), (instance.clone(), false, false));
+                    self.record(Event::InstanceStarted {
+                        instance: instance.clone(),
+                        runtime_id: id,
+                        address: SocketAddr::from(([127, 0, 0, 1], 9)),
+                    });
+                }
+                Action::Drain { instance, reason } => {
+                    if matches!(
+                        reason,
+                        DrainReason::Replaced { .. }
+                            | DrainReason::Condemned { .. }
+                            | DrainReason::ScaledDown { .. }
+                    ) {
+                        planned_drain = true;
+                    }
+                    self.runtime.retain(|_, (n, _, _)| n != instance);
+                    self.record(Event::InstanceGone {
+                        instance: instance.clone(),
+                        reason: GoneReason::Stopped,
+                    });
+                }
+                Action::Exited { runtime_id, .. } | Action::RemoveOrphan { runtime_id } => {
+                    self.runtime.remove(runtime_id);
+                }
+                _ => {}
+            }
+        }
+        // Traffic never goes to what is draining or gone.
+        if let Some(service) = self.state.services.get("web") {
+            for name in service.traffic.keys() {
+                let instance = self.state.instances.get(name);
+                prop_assert!(
+                    instance.is_some_and(|i| i.lifecycle == Lifecycle::Healthy),
+                    "{name} takes traffic but is {:?}",
+                    instance.map(|i| i.lifecycle)
+                );
+            }
+        }
+        if planned_drain {
+            let floor = routed_before.min(desired.saturating_sub(max_unavailable) as usize);
+            prop_assert!(
+                self.routed() >= floor,
+                "planned drains left {} routed of {routed_before} (floor {floor}): {actions:?}",
+                self.routed()
+            );
+        }
+        prop_assert_eq!(self.state.launched, self.launches);
+        Ok(!actions.is_empty())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_rolling_planner_keeps_its_invariants(
+        instances in 1u32..5,
+        max_surge in 0u32..3,
+        max_unavailable in 0u32..3,
+        ops in proptest::collection::vec(op(), 1..60),
+    ) {
+        let mut config = ServiceConfig::test(instances, max_surge, max_unavailable);
+        config.health_deadline = Duration::from_secs(30);
+        let mut sim = Sim {
+            state: State::default(),
+            now_ms: 1_000,
+            runtime: BTreeMap::new(),
+            names: BTreeSet::new(),
+            launches: 0,
+            config,
+        };
+        sim.deploy();
+        for op in ops {
+            sim.apply(op);
+            // Rounds until the planner has nothing more to do right now (bounded: back-offs
+            // and deadlines wait for time to pass).
+            for _ in 0..8 {
+                if !sim.round()? {
+                    break;
+                }
+            }
+        }
+    }
+}
