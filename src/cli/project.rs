@@ -138,11 +138,14 @@ macro_rules! note {
     }};
 }
 
-/// Ctrl-C and SIGTERM, caught from the moment this is made: from then on neither ends the
-/// process at once, so instances started after it are always drained and stopped.
+/// Ctrl-C, SIGTERM and SIGHUP, caught from the moment this is made: from then on none ends
+/// the process at once, so instances started after it are always drained and stopped. SIGHUP
+/// is the terminal closing under a foreground `up` or `daemon`: left at its default it would
+/// kill the process and leave its instances running unrouted.
 struct StopSignal {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl StopSignal {
@@ -152,6 +155,7 @@ impl StopSignal {
         Ok(StopSignal {
             interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("catching SIGHUP")?,
         })
     }
 
@@ -160,6 +164,7 @@ impl StopSignal {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
         }
     }
 }
