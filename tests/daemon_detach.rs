@@ -180,6 +180,19 @@ fn up_detach_deploys_to_a_control_plane_already_running() {
         !home.join("daemon.log").exists(),
         "a second one was started"
     );
+    // `daemon stop` stops whichever control plane holds the home, this one too.
+    let (_, _, _, start) = stat(foreground.pid()).unwrap();
+    let process = Recorded {
+        pid: foreground.pid(),
+        start,
+    };
+    let (stdout, _) = run_ok(&home, &["daemon", "stop"]);
+    assert!(stdout.contains("has stopped"), "{stdout}");
+    assert!(!process.alive(), "daemon stop returned first");
+    assert!(
+        std::net::TcpStream::connect(route).is_err(),
+        "the route listens"
+    );
 }
 
 #[test]

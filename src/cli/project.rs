@@ -535,6 +535,10 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
 /// The output of a control plane `up --detach` started, under the home.
 const DAEMON_LOG: &str = "daemon.log";
 
+/// Past this size, the log a start would append to becomes `daemon.log.1` (one earlier
+/// file is kept), so restarts do not grow it without bound.
+const DAEMON_LOG_SIZE: u64 = 8 << 20;
+
 /// How long `up --detach` waits for the control plane it started to answer (it replays
 /// every event log first).
 const DAEMON_START: Duration = Duration::from_secs(60);
@@ -584,6 +588,11 @@ fn start_daemon(home: &Path, kind: RuntimeKind) -> anyhow::Result<lock::Holder> 
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
     let log_path = home.join(DAEMON_LOG);
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > DAEMON_LOG_SIZE) {
+        let earlier = home.join(format!("{DAEMON_LOG}.1"));
+        std::fs::rename(&log_path, &earlier)
+            .with_context(|| format!("moving {} to {}", log_path.display(), earlier.display()))?;
+    }
     let log = std::fs::File::options()
         .create(true)
         .append(true)
