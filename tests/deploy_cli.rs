@@ -176,7 +176,10 @@ fn the_daemon_takes_deploys_from_a_project_and_stops_on_sigterm() {
     // A second control plane on the same home is refused.
     let (ok, _, stderr) = run(&home, &["daemon"]);
     assert!(!ok);
-    assert!(stderr.contains("already listens"), "{stderr}");
+    assert!(
+        stderr.contains("a control plane already runs on"),
+        "{stderr}"
+    );
     let status = daemon.signal(libc::SIGTERM, Duration::from_secs(30));
     assert!(status.success(), "{status}\n{}", daemon.stderr());
     assert!(version(route).is_err());

@@ -1,7 +1,8 @@
-//! `graven up` asked to stop: by SIGTERM before its first rollout has finished, and by
-//! Ctrl-C after whatever read its output has gone away. Either way it drains and stops every
-//! instance it started before it exits, checked by the processes the instances' states
-//! recorded (their PIDs and start times in /proc), not by name.
+//! `graven up` asked to stop: by SIGTERM before its first rollout has finished, by Ctrl-C
+//! after whatever read its output has gone away, and by the hang-up of a closed terminal (as
+//! is `graven daemon`). Each time it drains and stops every instance it started before it
+//! exits, checked by the processes the instances' states recorded (their PIDs and start times
+//! in /proc), not by name.
 
 mod support;
 
@@ -10,7 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::daemon::{
-    RemoveInstancesOnDrop, demo_instances, recorded_processes, run, v1_project, write_project,
+    RemoveInstancesOnDrop, Up, demo_instances, recorded_processes, run, run_ok, v1_project,
+    version, write_project,
 };
 
 /// Waits (bounded) for `child` to exit by itself.
@@ -130,4 +132,44 @@ fn a_failing_up_with_a_closed_stderr_exits_1_not_101() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(1), "{status}");
+}
+
+/// Closing the terminal `graven up` runs in sends it SIGHUP: it drains and stops its
+/// instances and closes its route, as Ctrl-C does, instead of dying with them left running
+/// unrouted.
+#[test]
+fn sighup_drains_like_ctrl_c() {
+    let (_temp, home, dir, route) = v1_project(2);
+    let _cleanup = RemoveInstancesOnDrop(home.clone());
+    let mut up = Up::start(&home, &dir, "local");
+    assert_eq!(version(route), Ok("v1".to_owned()));
+    let recorded = recorded_processes(&home);
+    assert_eq!(
+        recorded.len(),
+        4,
+        "two instances, each a shim and a workload"
+    );
+    let exited = up.signal(libc::SIGHUP, Duration::from_secs(60));
+    assert_eq!(exited.code(), Some(0), "{exited}\n{}", up.stderr());
+    assert!(up.stderr().contains("draining"), "{}", up.stderr());
+    nothing_left(&home, &recorded);
+    assert!(
+        std::net::TcpStream::connect(route).is_err(),
+        "the route still listens"
+    );
+}
+
+/// The same for `graven daemon` started from a terminal.
+#[test]
+fn a_daemon_drains_on_sighup_too() {
+    let (_temp, home, dir, route) = v1_project(1);
+    let _cleanup = RemoveInstancesOnDrop(home.clone());
+    let mut daemon = Up::daemon(&home, "local");
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    assert_eq!(version(route), Ok("v1".to_owned()));
+    let recorded = recorded_processes(&home);
+    assert_eq!(recorded.len(), 2, "one instance: a shim and a workload");
+    let exited = daemon.signal(libc::SIGHUP, Duration::from_secs(60));
+    assert_eq!(exited.code(), Some(0), "{exited}\n{}", daemon.stderr());
+    nothing_left(&home, &recorded);
 }

@@ -30,9 +30,11 @@ use crate::runtime::AnyRuntime;
 
 pub mod actor;
 pub mod client;
+pub mod lock;
 pub mod offline;
 
 pub use client::Client;
+pub use lock::ControlLock;
 
 /// The socket's file name under `$GRAVEN_HOME`.
 pub const SOCKET: &str = "graven.sock";
@@ -595,9 +597,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ApiError + use<> {
     move |error| ApiError::Io { path, error }
 }
 
-/// Binds the API socket owner-only in an owner-only `home`. A socket file left by a dead
-/// daemon is replaced; a live daemon is an error.
-pub async fn bind(home: &Path) -> Result<UnixListener, ApiError> {
+/// Binds the API socket owner-only in an owner-only `home`, for the holder of its control
+/// lock (asked for so that nothing binds without it): a socket file there was left by a
+/// control plane that ended, and is replaced. One that still answers (a graven from before
+/// the lock) is an error.
+pub async fn bind(home: &Path, _lock: &ControlLock) -> Result<UnixListener, ApiError> {
     std::fs::create_dir_all(home).map_err(io(home))?;
     std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(io(home))?;
     let socket = socket_path(home);

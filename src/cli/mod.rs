@@ -53,9 +53,11 @@ pub enum Command {
     /// Break-glass: run a command inside an instance, which taints it.
     Exec(instance::ExecArgs),
     /// Run the control plane for a project in the foreground: build, bake, deploy, route,
-    /// keep healthy. Ctrl-C drains and stops every instance.
+    /// keep healthy. Ctrl-C (or SIGTERM, or the terminal closing) drains and stops every
+    /// instance. `--detach` runs it in the background instead.
     Up(project::UpArgs),
-    /// Run the control plane without a project, for `graven deploy` from several apps.
+    /// Run the control plane without a project, for `graven deploy` from several apps;
+    /// `graven daemon stop` stops the one running on this home.
     Daemon(project::DaemonArgs),
     /// Build, bake and roll out a new release of the project's services.
     Deploy(project::DeployArgs),

@@ -1,12 +1,14 @@
 //! `graven up`, `daemon`, `deploy`, `rollback`, `status`, `releases`, `history`, `down`:
-//! the project commands. `up` and `daemon` run the control plane in this process; the others
-//! talk to it over the API socket. Building and baking happen here, in the CLI process,
-//! before the daemon is asked for anything, so a failed bake never touches what runs.
+//! the project commands. `up` and `daemon` run the control plane in this process, holding the
+//! home's control lock (`up --detach` starts `daemon` in the background instead, and `daemon
+//! stop` signals the lock's holder); the others talk to it over the API socket. Building and
+//! baking happen here, in the CLI process, before the daemon is asked for anything, so a
+//! failed bake never touches what runs.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +16,9 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{Threads, async_runtime};
-use crate::api::{self, Client, Daemon, DeployRequest, HistoryRequest, RollbackRequest, Target};
+use crate::api::{
+    self, Client, ControlLock, Daemon, DeployRequest, HistoryRequest, RollbackRequest, Target, lock,
+};
 use crate::controller::{DeployOrder, Rollout, Snapshot};
 use crate::deploy::Step;
 use crate::events::{DeployOutcome, Envelope, Event, ReleaseNumber, ServiceName};
@@ -40,13 +44,41 @@ pub struct UpArgs {
     /// Print the deploy's outcome as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Run the control plane in the background (a daemon that outlives this terminal, its
+    /// output in $GRAVEN_HOME/daemon.log), deploy to it and return; `graven daemon stop`
+    /// stops it. When one already runs on this home, deploy to that one.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
     // `up` runs the same control plane as `daemon`, with its options.
     #[command(flatten)]
-    pub daemon: DaemonArgs,
+    pub daemon: ControlPlaneArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
+    #[command(subcommand)]
+    pub action: Option<DaemonAction>,
+    #[command(flatten)]
+    pub options: ControlPlaneArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DaemonAction {
+    /// Stop the control plane running on this home (a daemon or an `up`): it drains and
+    /// stops every instance, then exits.
+    Stop(StopDaemonArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopDaemonArgs {
+    /// How long to wait for it to drain and exit.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The options of the control plane, which `up` and `daemon` both run.
+#[derive(Debug, clap::Args)]
+pub struct ControlPlaneArgs {
     #[arg(
         long,
         value_enum,
@@ -140,11 +172,14 @@ macro_rules! note {
     }};
 }
 
-/// Ctrl-C and SIGTERM, caught from the moment this is made: from then on neither ends the
-/// process at once, so instances started after it are always drained and stopped.
+/// Ctrl-C, SIGTERM and SIGHUP, caught from the moment this is made: from then on none ends
+/// the process at once, so instances started after it are always drained and stopped. SIGHUP
+/// is the terminal closing under a foreground `up` or `daemon`: left at its default it would
+/// kill the process and leave its instances running unrouted.
 struct StopSignal {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl StopSignal {
@@ -154,6 +189,7 @@ impl StopSignal {
         Ok(StopSignal {
             interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("catching SIGHUP")?,
         })
     }
 
@@ -162,6 +198,7 @@ impl StopSignal {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
         }
     }
 }
@@ -387,13 +424,19 @@ fn report(
 }
 
 pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
+    if args.detach {
+        return up_detached(home, args);
+    }
+    // Before anything is read or started: a second control plane on this home fails here.
+    let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
+    let lock = ControlLock::acquire(home, &format!("graven up {}", dir.display()))?;
     let project = load_project(&args.dir, &args.environment)?;
     let runtime = async_runtime(Threads::All)?;
     let code = runtime.block_on(async {
         // Before anything can start an instance: a stop asked for during the bake or the
         // first rollout must still drain what was started.
         let mut stop = StopSignal::install()?;
-        let listener = api::bind(home).await?;
+        let listener = api::bind(home, &lock).await?;
         let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(daemon.clone().serve(listener, async {
@@ -464,11 +507,15 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    if let Some(DaemonAction::Stop(stop)) = args.action {
+        return stop_daemon(home, stop);
+    }
+    let lock = ControlLock::acquire(home, "graven daemon")?;
     let runtime = async_runtime(Threads::All)?;
     runtime.block_on(async {
         let mut stop = StopSignal::install()?;
-        let listener = api::bind(home).await?;
-        let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.runtime)?)?;
+        let listener = api::bind(home, &lock).await?;
+        let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.options.runtime)?)?;
         note!(
             "graven: daemon listening on {}",
             api::socket_path(home).display()
@@ -479,6 +526,170 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(api::socket_path(home));
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The output of a control plane `up --detach` started, under the home.
+const DAEMON_LOG: &str = "daemon.log";
+
+/// Past this size, the log a start would append to becomes `daemon.log.1` (one earlier
+/// file is kept), so restarts do not grow it without bound.
+const DAEMON_LOG_SIZE: u64 = 8 << 20;
+
+/// How long `up --detach` waits for the control plane it started to answer (it replays
+/// every event log first).
+const DAEMON_START: Duration = Duration::from_secs(60);
+
+/// `up --detach`: a control plane in the background (unless one runs on this home already),
+/// then a deploy to it, exactly as `graven deploy` makes one.
+fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
+    // A project that does not load starts nothing.
+    load_project(&args.dir, &args.environment)?;
+    let holder = match lock::holder(home)? {
+        Some(holder) => {
+            note!(
+                "graven: a control plane already runs on {} ({holder}): deploying to it",
+                home.display()
+            );
+            holder
+        }
+        None => {
+            let holder = start_daemon(home, args.daemon.runtime)?;
+            note!(
+                "graven: started the control plane in the background ({holder}); its output \
+                 goes to {}",
+                home.join(DAEMON_LOG).display()
+            );
+            holder
+        }
+    };
+    // `up`, in the background: it resumes the wanted release as the foreground one does.
+    let code = deploy_to_daemon(
+        home,
+        DeployArgs {
+            dir: args.dir,
+            environment: args.environment,
+            json: args.json,
+        },
+        true,
+    )?;
+    note!(
+        "graven: the control plane keeps serving in the background (pid {}); `graven daemon \
+         stop` drains and stops it",
+        holder.pid
+    );
+    Ok(code)
+}
+
+/// Starts `graven daemon` in a session of its own (no terminal, so no hang-up reaches it),
+/// its output appended to `daemon.log`, and waits until it answers on the socket.
+fn start_daemon(home: &Path, kind: RuntimeKind) -> anyhow::Result<lock::Holder> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let log_path = home.join(DAEMON_LOG);
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > DAEMON_LOG_SIZE) {
+        let earlier = home.join(format!("{DAEMON_LOG}.1"));
+        std::fs::rename(&log_path, &earlier)
+            .with_context(|| format!("moving {} to {}", log_path.display(), earlier.display()))?;
+    }
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    log.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} owner-only", log_path.display()))?;
+    {
+        use std::io::Write as _;
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let _ = writeln!(&log, "graven: {now}: started by `graven up --detach`");
+    }
+    // What the daemon writes begins here; an error shows that part only.
+    let start = log.metadata().map_or(0, |m| m.len());
+    let exe = std::env::current_exe().context("finding graven's own binary")?;
+    let kind = clap::ValueEnum::to_possible_value(&kind).expect("every runtime has a name");
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("--home")
+        .arg(home)
+        .args(["daemon", "--runtime", kind.get_name()])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .context("duplicating the log's descriptor")?,
+        )
+        .stderr(log);
+    // SAFETY: setsid and close_range are single syscalls, async-signal-safe, allocating
+    // nothing.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::setsid()?;
+            // Whatever this command's caller left open without close-on-exec (a CI step's
+            // pipe, say) would be held by the daemon for its whole life: closed at the exec.
+            // Marked rather than closed, so std's own pipe still reports a failed exec.
+            libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
+            Ok(())
+        })
+    };
+    let mut child = command
+        .spawn()
+        .context("starting the control plane in the background")?;
+    let client = Client::new(home);
+    let runtime = async_runtime(Threads::One)?;
+    let deadline = std::time::Instant::now() + DAEMON_START;
+    loop {
+        if runtime.block_on(client.status(&Target::default())).is_ok() {
+            // Another one started at the same moment may be the one that answered.
+            if let Some(holder) = lock::holder(home)? {
+                return Ok(holder);
+            }
+        }
+        let written = || {
+            let text = std::fs::read(&log_path).unwrap_or_default();
+            String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default()).into_owned()
+        };
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the control plane started in the background exited ({status}) before it \
+                 answered; {} says:\n{}",
+                log_path.display(),
+                written().trim_end()
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the control plane started in the background (pid {}) did not answer within \
+                 {}; see {}",
+                child.id(),
+                humantime::format_duration(DAEMON_START),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `daemon stop`: SIGTERM to the holder of the home's control lock, then a wait until it has
+/// drained and let the lock go.
+fn stop_daemon(home: &Path, args: StopDaemonArgs) -> anyhow::Result<ExitCode> {
+    let Some(holder) = lock::signal_holder(home, rustix::process::Signal::TERM)? else {
+        say!("no control plane runs on {}", home.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    note!("graven: stopping the control plane ({holder}): it drains every instance first");
+    let deadline = std::time::Instant::now() + args.timeout;
+    while lock::holder(home)?.is_some_and(|h| h.pid == holder.pid) {
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the control plane ({holder}) still runs after {}: it may still be draining",
+                humantime::format_duration(args.timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    say!("the control plane on {} has stopped", home.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow::Result<ExitCode> {
@@ -504,12 +715,17 @@ async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow:
 }
 
 pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
+    deploy_to_daemon(home, args, false)
+}
+
+/// Builds, bakes and deploys the project to the running control plane; `resume` is `up`'s.
+fn deploy_to_daemon(home: &Path, args: DeployArgs, resume: bool) -> anyhow::Result<ExitCode> {
     let project = load_project(&args.dir, &args.environment)?;
     let client = Client::new(home);
     let runtime = async_runtime(Threads::One)?;
     // Check the daemon is there before spending time on a build.
     runtime.block_on(client.status(&Target::default()))?;
-    let order = prepare(home, &project, false)?;
+    let order = prepare(home, &project, resume)?;
     runtime.block_on(async {
         let accepted = client
             .deploy(&DeployRequest {
