@@ -13,6 +13,7 @@ mod instance;
 mod load;
 mod project;
 mod proxy;
+mod secrets;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +69,9 @@ pub enum Command {
     Down(project::TargetArgs),
     /// Accept event logs whose end was lost: record the loss and number on after it.
     Recover(project::RecoverArgs),
+    /// Set, list and remove the secrets graven.toml refers to (no daemon needed).
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
     /// Serve one route over fixed backends (for benchmarks).
     #[command(name = "__proxy", hide = true)]
     Proxy(proxy::ProxyArgs),
@@ -173,6 +177,7 @@ pub fn main() -> ExitCode {
         Command::History(args) => project::history(&home, args),
         Command::Down(args) => project::down(&home, args),
         Command::Recover(args) => project::recover(&home, args),
+        Command::Secrets(command) => secrets::run(&home, command),
         Command::Proxy(args) => proxy::run(args),
         Command::Load(args) => load::run(args),
     };

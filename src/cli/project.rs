@@ -171,8 +171,10 @@ fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
     spec::load(&dir, environment).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
-/// Runs the build step, bakes the image, and describes each service's next release.
+/// Pins the secrets each service names (first: a missing one fails before any work), runs
+/// the build step, bakes the image, and describes each service's next release.
 fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>> {
+    let mut pinned = super::secrets::pin(home, project)?;
     if let Some(build) = &project.build {
         note!("graven: build: {}", build.command);
         let mut command = std::process::Command::new("sh");
@@ -197,11 +199,17 @@ fn prepare(home: &Path, project: &Project) -> anyhow::Result<Vec<ServiceRelease>
     Ok(project
         .services
         .values()
-        .map(|service| ServiceRelease {
-            service: service.name.clone(),
-            image: image.clone(),
-            config_digest: service.config_digest().to_string(),
-            config: ServiceConfig::from(service),
+        .map(|service| {
+            let pinned = pinned.remove(&service.name).expect("pinned per service");
+            ServiceRelease {
+                service: service.name.clone(),
+                image: image.clone(),
+                config_digest: pinned.config_digest.to_string(),
+                config: ServiceConfig {
+                    secrets: pinned.secrets,
+                    ..ServiceConfig::from(service)
+                },
+            }
         })
         .collect())
 }

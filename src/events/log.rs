@@ -358,12 +358,29 @@ impl EventLog {
     }
 
     fn open_unchecked(path: &Path) -> Result<EventLog, EventLogError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| EventLogError::Io {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| EventLogError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        // The log is made 0600 before SQLite opens it, whatever the umask; SQLite gives its
+        // -wal and -shm files the mode of the database file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| EventLogError::Io {
                 path: path.to_owned(),
                 source,
             })?;
-        }
         let sqlite = |source| EventLogError::Sqlite {
             path: path.to_owned(),
             source,

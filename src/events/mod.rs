@@ -330,6 +330,11 @@ pub struct ServiceConfig {
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
+    /// Env variables whose value is a secret, by the name and version the release pins;
+    /// the value itself is never in the log. Left out when empty, so configs recorded before
+    /// secrets existed read and hash as they did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretRef>,
     pub health: HealthCheck,
     pub max_surge: u32,
     pub max_unavailable: u32,
@@ -337,6 +342,14 @@ pub struct ServiceConfig {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,
     pub limits: Limits,
+}
+
+/// A secret as a release records it: its name in the app's environment and the version the
+/// deploy found latest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRef {
+    pub name: String,
+    pub version: u64,
 }
 
 impl From<&crate::spec::Service> for ServiceConfig {
@@ -347,6 +360,8 @@ impl From<&crate::spec::Service> for ServiceConfig {
             route: service.route,
             command: service.command.clone(),
             env: service.env.clone(),
+            // Pinned by the deploy, which reads the secret store (`secrets::resolve`).
+            secrets: BTreeMap::new(),
             health: service.health.clone(),
             max_surge: service.deploy.max_surge,
             max_unavailable: service.deploy.max_unavailable,
@@ -369,6 +384,7 @@ impl ServiceConfig {
             route: None,
             command: None,
             env: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             health: HealthCheck {
                 path: "/healthz".to_owned(),
                 interval: Duration::from_secs(1),

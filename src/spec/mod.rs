@@ -91,7 +91,11 @@ pub struct Service {
     pub port: u16,
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
+    /// Plain env values, as written.
     pub env: BTreeMap<String, String>,
+    /// Env variables whose value is a secret: variable → secret name. The value is read
+    /// from the secret store only when an instance starts.
+    pub secrets: BTreeMap<String, String>,
     pub health: HealthCheck,
     pub deploy: DeployPolicy,
     pub stop_grace: Duration,
@@ -120,18 +124,36 @@ impl Service {
     /// volumes, stop grace) and how it is rolled out; not the instance count or the route,
     /// which change without replacing instances. Durations count nanoseconds; the JSON's key
     /// order is fixed by the struct below, so the same config always hashes the same.
+    ///
+    /// A secret counts by name only here; a release pins versions, and its digest is
+    /// `pinned_config_digest`'s.
     pub fn config_digest(&self) -> Digest {
+        self.pinned_config_digest(&BTreeMap::new())
+    }
+
+    /// `config_digest` with the version of each secret the release pins (`secret_versions`,
+    /// by env variable; 0 for one not given), never its value: setting a secret again and
+    /// deploying makes a new release. A service without secrets hashes as it did before
+    /// secrets existed.
+    pub fn pinned_config_digest(&self, secret_versions: &BTreeMap<String, u64>) -> Digest {
         #[derive(Serialize)]
         struct Canonical<'a> {
             version: u32,
             command: &'a Option<Vec<String>>,
             env: &'a BTreeMap<String, String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            secrets: BTreeMap<&'a str, CanonicalSecret<'a>>,
             port: u16,
             health: CanonicalHealth<'a>,
             limits: &'a Limits,
             volumes: &'a [VolumeMount],
             stop_grace_ns: u64,
             deploy: CanonicalDeploy,
+        }
+        #[derive(Serialize)]
+        struct CanonicalSecret<'a> {
+            name: &'a str,
+            version: u64,
         }
         #[derive(Serialize)]
         struct CanonicalHealth<'a> {
@@ -153,6 +175,14 @@ impl Service {
             version: 1,
             command: &self.command,
             env: &self.env,
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(variable, name)| {
+                    let version = secret_versions.get(variable).copied().unwrap_or(0);
+                    (variable.as_str(), CanonicalSecret { name, version })
+                })
+                .collect(),
             port: self.port,
             health: CanonicalHealth {
                 path: &self.health.path,
