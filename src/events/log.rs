@@ -369,14 +369,22 @@ impl EventLog {
                     source,
                 })?;
         }
-        // The log is made 0600 before SQLite opens it, whatever the umask; SQLite gives its
-        // -wal and -shm files the mode of the database file.
+        // The log is made 0600 before SQLite opens it, whatever the umask, and one an older
+        // graven made wider is tightened; SQLite gives its -wal and -shm files the mode of
+        // the database file.
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(path)
+            .and_then(|file| {
+                use std::os::unix::fs::PermissionsExt;
+                match file.metadata()?.permissions().mode() & 0o077 {
+                    0 => Ok(()),
+                    _ => file.set_permissions(std::fs::Permissions::from_mode(0o600)),
+                }
+            })
             .map_err(|source| EventLogError::Io {
                 path: path.to_owned(),
                 source,
