@@ -14,6 +14,7 @@ pub mod loadgen;
 pub mod proxy;
 pub mod runtime;
 pub mod sandbox;
+pub mod secrets;
 pub mod size;
 pub mod spec;
 pub mod store;

@@ -27,6 +27,7 @@ fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
         log: log.to_owned(),
         runtime: AnyRuntime::Fake(fake.clone()),
         tick: Duration::from_millis(50),
+        secrets: None,
     })
     .unwrap()
 }

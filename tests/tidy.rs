@@ -76,6 +76,23 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("events", &["bake", "sandbox", "controller", "api", "cli"]),
     ("controller", &["api", "cli"]),
     ("api", &["cli"]),
+    // The secret store is a layer of files with no meaning of its own: it names no module,
+    // so it can serve the spec, the deploy and the controller alike.
+    (
+        "secrets",
+        &[
+            "spec",
+            "bake",
+            "store",
+            "sandbox",
+            "runtime",
+            "proxy",
+            "controller",
+            "events",
+            "api",
+            "cli",
+        ],
+    ),
     (
         "loadgen",
         &[

@@ -254,13 +254,20 @@ impl Daemon {
         }
         let log = log_path(&self.home, app, environment);
         let dir = log.parent().expect("the log has a directory");
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
         let handle = controller::spawn(ControllerOptions {
             app: app.to_owned(),
             environment: environment.to_owned(),
             log,
             runtime: self.runtime.clone(),
             tick: self.tick,
+            // A name the store refuses (graven.toml's names never are) has no secrets.
+            secrets: crate::secrets::Secrets::open(&self.home, app, environment).ok(),
         })?;
         controllers.insert(key, handle.clone());
         Ok(handle)

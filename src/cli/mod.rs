@@ -16,6 +16,7 @@ mod load;
 mod project;
 #[cfg(feature = "dev-tools")]
 mod proxy;
+mod secrets;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,6 +74,9 @@ pub enum Command {
     Down(project::TargetArgs),
     /// Accept event logs whose end was lost: record the loss and number on after it.
     Recover(project::RecoverArgs),
+    /// Set, list and remove the secrets graven.toml refers to (no daemon needed).
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
     /// Serve one route over fixed backends (for benchmarks).
     #[cfg(feature = "dev-tools")]
     #[command(name = "__proxy", hide = true)]
@@ -195,6 +199,7 @@ pub fn main() -> ExitCode {
         Command::History(args) => project::history(&home, args),
         Command::Down(args) => project::down(&home, args),
         Command::Recover(args) => project::recover(&home, args),
+        Command::Secrets(command) => secrets::run(&home, command),
         #[cfg(feature = "dev-tools")]
         Command::Proxy(args) => proxy::run(args),
         #[cfg(feature = "dev-tools")]

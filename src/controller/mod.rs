@@ -103,6 +103,9 @@ pub struct ControllerOptions {
     pub runtime: AnyRuntime,
     /// How often the runtime is listed and the plan re-run without any other input.
     pub tick: Duration,
+    /// The secret store of this app and environment, read when an instance starts; without
+    /// one, an instance of a release that pins a secret fails to start.
+    pub secrets: Option<crate::secrets::Secrets>,
 }
 
 /// One service of a deploy: what its next release would be. Its config digest is computed
@@ -1222,12 +1225,19 @@ impl Shell {
                 ),
             ),
         ]);
+        let secrets = (config.config.secrets.clone(), self.options.secrets.clone());
         self.busy.insert(instance.clone());
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            let result = match runtime.prepare(&spec.image).await {
-                Ok(()) => runtime.start(spec).await,
+            let result = match read_secrets(&secrets.0, secrets.1.as_ref()) {
+                Ok(values) => {
+                    spec.secret_env.0 = values;
+                    match runtime.prepare(&spec.image).await {
+                        Ok(()) => runtime.start(spec).await,
+                        Err(error) => Err(error),
+                    }
+                }
                 Err(error) => Err(error),
             };
             let _ = inputs.send(Input::Started { instance, result });
@@ -1416,6 +1426,37 @@ pub fn backends(state: &State, service: &str) -> Vec<Backend> {
                 healthy: routed || i.lifecycle == Lifecycle::Draining,
                 enabled: i.lifecycle != Lifecycle::Draining,
             })
+        })
+        .collect()
+}
+
+/// The value of each secret a release pins, by env variable, read from the store when an
+/// instance starts; a failure names the variable and the secret, never a value, and fails
+/// the start like any other.
+fn read_secrets(
+    pinned: &BTreeMap<String, crate::events::SecretRef>,
+    store: Option<&crate::secrets::Secrets>,
+) -> Result<BTreeMap<String, String>, RuntimeError> {
+    pinned
+        .iter()
+        .map(|(variable, secret)| {
+            let context = || format!("env {variable}");
+            let Some(store) = store else {
+                return Err(RuntimeError::Other {
+                    context: context(),
+                    source: std::io::Error::other(format!(
+                        "secret {:?}: this controller has no secret store",
+                        secret.name
+                    )),
+                });
+            };
+            let value = store
+                .read_text(&secret.name, secret.version)
+                .map_err(|error| RuntimeError::Other {
+                    context: context(),
+                    source: std::io::Error::other(error),
+                })?;
+            Ok((variable.clone(), value))
         })
         .collect()
 }

@@ -11,12 +11,22 @@ use std::process::Stdio;
 
 use crate::bake::{self, BakeOptions, Progress};
 use crate::controller::{DeployOrder, ServiceRelease};
-use crate::events::{ServiceConfig, ServiceName, Source};
-use crate::spec::Project;
+use crate::events::{SecretRef, ServiceConfig, ServiceName, Source};
+use crate::secrets::{Secrets, SecretsError};
+use crate::spec::{DEFAULT_ENVIRONMENT, Project, Service};
 use crate::store::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
+    #[error(transparent)]
+    SecretStore(SecretsError),
+    #[error("service {service}: {source}{hint}")]
+    Secret {
+        service: String,
+        source: SecretsError,
+        /// How to set a secret that is not set.
+        hint: String,
+    },
     #[error("running the build step {command:?}: {source}")]
     BuildSpawn {
         command: String,
@@ -42,14 +52,21 @@ pub enum Step<'a> {
     Baked(Progress<'a>),
 }
 
-/// Runs the build step, bakes the image and describes each service's next release; `resume`
-/// is `graven up`'s (see `DeployOrder::resume`).
+/// Pins the latest version of every secret the services name (first: a missing one fails
+/// the deploy before any work), runs the build step, bakes the image and describes each
+/// service's next release; `resume` is `graven up`'s (see `DeployOrder::resume`).
 pub fn prepare(
     home: &Path,
     project: &Project,
     resume: bool,
     progress: &mut dyn FnMut(Step<'_>),
 ) -> Result<DeployOrder, DeployError> {
+    let store = Secrets::open(home, &project.app, &project.environment)
+        .map_err(DeployError::SecretStore)?;
+    let mut pinned = BTreeMap::new();
+    for service in project.services.values() {
+        pinned.insert(service.name.clone(), pin(&store, project, service)?);
+    }
     if let Some(build) = &project.build {
         progress(Step::Build {
             command: &build.command,
@@ -84,7 +101,10 @@ pub fn prepare(
             .map(|service| ServiceRelease {
                 service: ServiceName::new(&service.name),
                 image: image.clone(),
-                config: ServiceConfig::from(service),
+                config: ServiceConfig {
+                    secrets: pinned.remove(&service.name).unwrap_or_default(),
+                    ..ServiceConfig::from(service)
+                },
             })
             .collect(),
         source: Some(Source {
@@ -116,4 +136,41 @@ fn bake_image(
             }
         })?;
     Ok(baked.digest)
+}
+
+/// The version of each secret `service` names that the release pins: the latest. A secret
+/// that is not set fails the deploy, saying how to set it.
+fn pin(
+    store: &Secrets,
+    project: &Project,
+    service: &Service,
+) -> Result<BTreeMap<String, SecretRef>, DeployError> {
+    let pinned = crate::secrets::resolve(store, &service.secrets).map_err(|source| {
+        let hint = match &source {
+            SecretsError::NotSet { name, .. } => {
+                let env = if project.environment == DEFAULT_ENVIRONMENT {
+                    String::new()
+                } else {
+                    format!(" --env {}", project.environment)
+                };
+                format!(": graven secrets set {name}{env}")
+            }
+            _ => String::new(),
+        };
+        DeployError::Secret {
+            service: service.name.clone(),
+            source,
+            hint,
+        }
+    })?;
+    Ok(pinned
+        .into_iter()
+        .map(|(variable, secret)| {
+            let reference = SecretRef {
+                name: secret.name,
+                version: secret.version,
+            };
+            (variable, reference)
+        })
+        .collect())
 }

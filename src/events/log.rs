@@ -384,12 +384,37 @@ impl EventLog {
     }
 
     fn open_unchecked(path: &Path) -> Result<EventLog, EventLogError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| EventLogError::Io {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| EventLogError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        // The log is made 0600 before SQLite opens it, whatever the umask, and one an older
+        // graven made wider is tightened; SQLite gives its -wal and -shm files the mode of
+        // the database file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .and_then(|file| {
+                use std::os::unix::fs::PermissionsExt;
+                match file.metadata()?.permissions().mode() & 0o077 {
+                    0 => Ok(()),
+                    _ => file.set_permissions(std::fs::Permissions::from_mode(0o600)),
+                }
+            })
+            .map_err(|source| EventLogError::Io {
                 path: path.to_owned(),
                 source,
             })?;
-        }
         let sqlite = |source| EventLogError::Sqlite {
             path: path.to_owned(),
             source,

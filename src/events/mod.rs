@@ -523,6 +523,10 @@ pub struct ServiceConfig {
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
+    /// Env variables whose value is a secret, by the name and version the release pins;
+    /// the value itself is never in the log. Left out when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretRef>,
     pub health: HealthConfig,
     /// How a new release replaces the old one, with the strategy's own settings.
     pub strategy: Strategy,
@@ -595,6 +599,11 @@ impl ServiceConfig {
             version: u32,
             command: &'a Option<Vec<String>>,
             env: &'a BTreeMap<String, String>,
+            // A secret counts by name and version, never its value: setting one again and
+            // deploying makes a new release. Left out when empty, so a service without
+            // secrets hashes as it did before they existed.
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            secrets: &'a BTreeMap<String, SecretRef>,
             port: u16,
             health: CanonicalHealth<'a>,
             limits: &'a LimitsConfig,
@@ -626,6 +635,7 @@ impl ServiceConfig {
             version: 1,
             command: &self.command,
             env: &self.env,
+            secrets: &self.secrets,
             port: self.port,
             health: CanonicalHealth {
                 path: &self.health.path,
@@ -649,6 +659,14 @@ impl ServiceConfig {
     }
 }
 
+/// A secret as a release records it: its name in the app's environment and the version the
+/// deploy found latest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRef {
+    pub name: String,
+    pub version: u64,
+}
+
 impl From<&crate::spec::Service> for ServiceConfig {
     fn from(service: &crate::spec::Service) -> ServiceConfig {
         let health = &service.health;
@@ -659,6 +677,8 @@ impl From<&crate::spec::Service> for ServiceConfig {
             route: service.route,
             command: service.command.clone(),
             env: service.env.clone(),
+            // Pinned by the deploy, which reads the secret store (`deploy::prepare`).
+            secrets: BTreeMap::new(),
             health: HealthConfig {
                 path: health.path.clone(),
                 interval: health.interval,
@@ -704,6 +724,7 @@ impl ServiceConfig {
             route: None,
             command: None,
             env: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             health: HealthConfig {
                 path: "/healthz".to_owned(),
                 interval: Duration::from_secs(1),
@@ -720,5 +741,93 @@ impl ServiceConfig {
             volumes: vec![],
             limits: Default::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use expect_test::expect;
+
+    use super::*;
+    use crate::spec::parse;
+
+    trait ToConfig {
+        fn to_config(&self) -> ServiceConfig;
+    }
+
+    impl ToConfig for crate::spec::Service {
+        fn to_config(&self) -> ServiceConfig {
+            ServiceConfig::from(self)
+        }
+    }
+
+    #[test]
+    fn config_digest_changes_with_config_but_not_with_scale_or_route() {
+        let base = r#"
+    app = "a"
+    [services.web]
+    port = 8080
+    route = ":8000"
+    env = { A = "1" }
+    [environments.big.services.web]
+    instances = 10
+    route = ":9000"
+    [environments.changed.services.web]
+    env = { A = "2" }
+    [environments.slower.services.web]
+    health = { interval = "2s" }
+    "#;
+        let digest = |environment: &str| {
+            parse(base, Path::new("g"), Path::new("/app"), environment)
+                .unwrap()
+                .services["web"]
+                .to_config()
+                .digest()
+        };
+        assert_eq!(digest("local"), digest("local"));
+        assert_eq!(digest("local"), digest("big"));
+        assert_ne!(digest("local"), digest("changed"));
+        assert_ne!(digest("local"), digest("slower"));
+        assert_ne!(digest("changed"), digest("slower"));
+        // Pinned so a change to the canonical form is a conscious one (it changes every release).
+        expect!["sha256:947312954d1e617d55429db810af06e157cf6d88bd2c0d5a6ac328730d1c2c6d"]
+            .assert_eq(digest("local").as_str());
+    }
+
+    #[test]
+    fn a_secret_counts_in_the_config_digest_by_name_and_version() {
+        let source = |reference: &str| {
+            format!("app = \"a\"\n[services.web]\nport = 8080\nenv = {{ A = {reference} }}\n")
+        };
+        let digest = |reference: &str, version: u64| {
+            let project = parse(
+                &source(reference),
+                Path::new("g"),
+                Path::new("/app"),
+                "local",
+            );
+            let service = &project.unwrap().services["web"];
+            let mut config = ServiceConfig::from(service);
+            config.secrets = service
+                .secrets
+                .iter()
+                .map(|(variable, name)| {
+                    let name = name.clone();
+                    (variable.clone(), SecretRef { name, version })
+                })
+                .collect();
+            config.digest()
+        };
+        let secret = r#"{ secret = "one" }"#;
+        assert_eq!(digest(secret, 1), digest(secret, 1));
+        assert_ne!(
+            digest(secret, 1),
+            digest(secret, 2),
+            "a rotation is a new release"
+        );
+        assert_ne!(digest(secret, 1), digest(r#"{ secret = "two" }"#, 1));
+        assert_ne!(digest(secret, 1), digest(r#""one""#, 1));
     }
 }

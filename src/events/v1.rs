@@ -141,6 +141,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 route: config.route,
                 command: config.command,
                 env: config.env,
+                secrets: BTreeMap::new(),
                 health: config.health,
                 strategy: Strategy::Rolling {
                     max_surge: config.max_surge,

@@ -214,7 +214,7 @@ impl Runtime for FakeRuntime {
                 context: "fake instance address".to_owned(),
                 source,
             })?;
-        let env = |key: &str| spec.env.get(key).cloned();
+        let env = |key: &str| spec.secret_env.0.get(key).or(spec.env.get(key)).cloned();
         let behavior = if env("HEALTHY").as_deref() == Some("0") {
             Behavior::Unhealthy
         } else {

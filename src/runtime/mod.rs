@@ -43,6 +43,9 @@ pub struct InstanceSpec {
     pub command: Option<Vec<String>>,
     /// Added to (and overriding) the image's ENV.
     pub env: BTreeMap<String, String>,
+    /// Added after `env`: values the workload gets but that nothing records (secrets).
+    #[serde(skip)]
+    pub secret_env: SecretEnv,
     /// The port the application listens on. Runtimes that share the host network (local)
     /// choose a free host port instead and pass it as `$PORT`; `Instance::address` says
     /// where the instance can be reached either way.
@@ -70,6 +73,7 @@ impl InstanceSpec {
             image,
             command: None,
             env: BTreeMap::new(),
+            secret_env: SecretEnv::default(),
             port: None,
             host_port: None,
             volumes: Vec::new(),
@@ -95,6 +99,25 @@ impl InstanceSpec {
             });
         }
         Ok(())
+    }
+}
+
+/// Env variables whose values only the workload may see: a runtime hands them to the
+/// workload alone and records each key with [`SecretEnv::REDACTED`] as its value wherever it
+/// keeps or shows the instance's environment. Never serialized; `Debug` shows keys only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretEnv(pub BTreeMap<String, String>);
+
+impl SecretEnv {
+    /// What a secret's value is recorded and shown as.
+    pub const REDACTED: &'static str = "<secret>";
+}
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|key| (key, SecretEnv::REDACTED)))
+            .finish()
     }
 }
 

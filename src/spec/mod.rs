@@ -90,7 +90,11 @@ pub struct Service {
     pub port: u16,
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
+    /// Plain env values, as written.
     pub env: BTreeMap<String, String>,
+    /// Env variables whose value is a secret: variable → secret name. The value is read
+    /// from the secret store only when an instance starts.
+    pub secrets: BTreeMap<String, String>,
     pub health: HealthCheck,
     pub deploy: DeployPolicy,
     pub stop_grace: Duration,

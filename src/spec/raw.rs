@@ -64,7 +64,7 @@ impl Leaf for Vec<String> {
     }
 }
 
-/// Sizes and CPU shares accept more than one type; `validate` decides.
+/// Sizes, CPU shares and env values accept more than one type; `validate` decides.
 impl Leaf for Value {
     const EXPECTED: &'static str = "a value";
     fn from_value(value: &Value) -> Option<Self> {
@@ -121,7 +121,8 @@ pub(crate) struct RawService {
     pub port: Option<Field<i64>>,
     pub route: Option<Field<String>>,
     pub command: Option<Field<Vec<String>>>,
-    pub env: Option<Spanned<Named<Field<String>>>>,
+    /// A value is a string, or `{ secret = "name" }`; `validate` decides.
+    pub env: Option<Spanned<Named<Field<Value>>>>,
     pub health: Option<Spanned<RawHealth>>,
     pub deploy: Option<Spanned<RawDeploy>>,
     pub stop_grace: Option<Field<String>>,

@@ -334,7 +334,7 @@ limits = { memory = true, pids = "10", cpu = [] }
             graven.toml:7:8: services.web.port: expected an integer, found float 8080
             graven.toml:8:9: services.web.route: expected a string, found integer 8000
             graven.toml:9:11: services.web.command: expected an array of strings, found string "/app --flag"
-            graven.toml:10:13: services.web.env.A: expected a string, found integer 1
+            graven.toml:10:13: services.web.env.A: expected a string, or { secret = "name" } for a secret, found integer 1
             graven.toml:11:14: services.web.stop_grace: expected a string, found integer 10
             graven.toml:12:20: services.web.volumes.data: expected a string, found boolean true
             graven.toml:13:28: services.web.health.healthy_after: expected an integer, found string "2"
@@ -507,6 +507,62 @@ fn syntax_errors_are_reported_with_their_place() {
         expect![[r#"
             graven.toml:4:22: invalid basic string, expected `"`
             graven.toml:5:8: unclosed inline table, expected `}`"#]],
+    );
+}
+
+#[test]
+fn env_values_may_name_secrets_which_stay_apart_from_plain_values() {
+    let source = r#"
+app = "hello"
+[services.web]
+port = 8080
+env = { GREETING = "hi", DB_PASSWORD = { secret = "db-password" } }
+[services.worker]
+port = 9000
+[services.worker.env]
+TOKEN = { secret = "api.token_2" }
+[environments.production.services.web]
+env = { GREETING = { secret = "greeting" }, DB_PASSWORD = "plain-in-prod" }
+"#;
+    let local = parse(source, Path::new("g"), Path::new("/app"), "local").unwrap();
+    let web = &local.services["web"];
+    assert_eq!(web.env, BTreeMap::from([("GREETING".into(), "hi".into())]));
+    assert_eq!(
+        web.secrets,
+        BTreeMap::from([("DB_PASSWORD".into(), "db-password".into())])
+    );
+    assert_eq!(
+        local.services["worker"].secrets,
+        BTreeMap::from([("TOKEN".into(), "api.token_2".into())])
+    );
+    // An overlay replaces a variable whichever form either side has.
+    let production = parse(source, Path::new("g"), Path::new("/app"), "production").unwrap();
+    let web = &production.services["web"];
+    assert_eq!(
+        web.env,
+        BTreeMap::from([("DB_PASSWORD".into(), "plain-in-prod".into())])
+    );
+    assert_eq!(
+        web.secrets,
+        BTreeMap::from([("GREETING".into(), "greeting".into())])
+    );
+}
+
+#[test]
+fn bad_secret_references_are_reported_with_their_place() {
+    check(
+        r#"app = "a"
+[services.web]
+port = 1
+env = { A = { secret = "../etc" }, B = { secrte = "x" }, C = { secret = 3 }, D = 4, E = {}, F = { secret = "ok", other = "x" } }
+"#,
+        expect![[r#"
+            graven.toml:4:13: services.web.env.A: secret name "../etc" is not valid: 1 to 63 lowercase letters, digits, '-', '_' or '.', starting with a letter or a digit
+            graven.toml:4:40: services.web.env.B: unknown field "secrte" in a secret reference; did you mean "secret"?
+            graven.toml:4:62: services.web.env.C: a secret reference names the secret with a string, found integer 3
+            graven.toml:4:82: services.web.env.D: expected a string, or { secret = "name" } for a secret, found integer 4
+            graven.toml:4:89: services.web.env.E: expected a string, or { secret = "name" } for a secret, found an empty table
+            graven.toml:4:97: services.web.env.F: unknown field "other" in a secret reference: it has one field, { secret = "name" }"#]],
     );
 }
 

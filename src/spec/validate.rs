@@ -45,7 +45,7 @@ struct Partial {
     port: Option<At<u16>>,
     route: Option<At<SocketAddr>>,
     command: Option<At<Vec<String>>>,
-    env: BTreeMap<String, At<String>>,
+    env: BTreeMap<String, At<values::EnvValue>>,
     health_path: Option<At<String>>,
     interval: Option<At<Duration>>,
     timeout: Option<At<Duration>>,
@@ -182,7 +182,7 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
             let field = join(&path("env"), key.get_ref());
             if let Err(message) = values::env_key(key.get_ref()) {
                 issues.push(key.span(), &field, message);
-            } else if let Some(value) = check_field(value, &field, issues, |v| Ok(v.clone())) {
+            } else if let Some(value) = check_field(value, &field, issues, values::env_value) {
                 partial.env.insert(key.get_ref().clone(), value);
             }
         }
@@ -377,7 +377,18 @@ fn resolve_service(
         env: merged
             .env
             .iter()
-            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .filter_map(|(k, v)| match &v.value {
+                values::EnvValue::Plain(text) => Some((k.clone(), text.clone())),
+                values::EnvValue::Secret(_) => None,
+            })
+            .collect(),
+        secrets: merged
+            .env
+            .iter()
+            .filter_map(|(k, v)| match &v.value {
+                values::EnvValue::Secret(name) => Some((k.clone(), name.clone())),
+                values::EnvValue::Plain(_) => None,
+            })
             .collect(),
         health: HealthCheck {
             path: merged

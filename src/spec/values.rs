@@ -122,6 +122,45 @@ pub(crate) fn env_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An env value as written: a plain string, or `{ secret = "name" }`, which names a secret
+/// of the app's environment (its value is never in `graven.toml`, nor in a release).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum EnvValue {
+    Plain(String),
+    Secret(String),
+}
+
+pub(crate) fn env_value(value: &toml::Value) -> Result<EnvValue, String> {
+    const FORM: &str = "a string, or { secret = \"name\" } for a secret";
+    let table = match value {
+        toml::Value::String(text) => return Ok(EnvValue::Plain(text.clone())),
+        toml::Value::Table(table) => table,
+        other => {
+            return Err(format!(
+                "expected {FORM}, found {}",
+                super::raw::describe(other)
+            ));
+        }
+    };
+    if let Some(key) = table.keys().find(|key| key.as_str() != "secret") {
+        let hint = match super::problem::did_you_mean(key, ["secret"]) {
+            hint if hint.is_empty() => ": it has one field, { secret = \"name\" }".to_owned(),
+            hint => hint,
+        };
+        return Err(format!("unknown field {key:?} in a secret reference{hint}"));
+    }
+    match table.get("secret") {
+        Some(toml::Value::String(name)) => crate::secrets::check_name(name)
+            .map(|()| EnvValue::Secret(name.clone()))
+            .map_err(|error| error.to_string()),
+        Some(other) => Err(format!(
+            "a secret reference names the secret with a string, found {}",
+            super::raw::describe(other)
+        )),
+        None => Err(format!("expected {FORM}, found an empty table")),
+    }
+}
+
 /// An absolute path inside an instance, without `..` (a mount must not escape its parent).
 pub(crate) fn mount_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {

@@ -20,6 +20,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        secrets: Default::default(),
         health: HealthConfig {
             path: "/healthz".to_owned(),
             interval: Duration::from_millis(50),

@@ -36,10 +36,7 @@ pub(super) struct Log {
 impl Log {
     pub(super) fn open(dir: &Path, cap: u64) -> std::io::Result<Log> {
         let path = dir.join(LOG);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = owner_only_append(&path)?;
         let len = file.metadata()?.len();
         Ok(Log {
             before: dir.join(LOG_BEFORE),
@@ -54,11 +51,7 @@ impl Log {
     /// `log` and is still the one written, so the next rotation starts from the same place.
     fn rotate(&mut self) -> std::io::Result<()> {
         std::fs::rename(&self.path, &self.before)?;
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-        {
+        match owner_only_append(&self.path) {
             Ok(file) => {
                 self.file = file;
                 self.len = 0;
@@ -70,6 +63,17 @@ impl Log {
             }
         }
     }
+}
+
+/// Opens `path` for appending, made 0600 whatever the umask: a workload's output may hold
+/// anything it prints.
+fn owner_only_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 impl Sink for Log {

@@ -166,6 +166,7 @@ impl LocalRuntime {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         env.extend(spec.env.clone());
+        env.extend(spec.secret_env.0.clone());
         env.entry("PATH".to_owned())
             .or_insert_with(|| DEFAULT_PATH.to_owned());
         check_entrypoint(&root, &args[0], &env["PATH"]).map_err(|path| {
@@ -225,7 +226,7 @@ impl LocalRuntime {
         // Everything that can be refused has been checked: now the instance is made.
         let id = InstanceId(format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff));
         let dir = self.dir_of(&id);
-        std::fs::create_dir(&dir).map_err(other(format!("creating {}", dir.display())))?;
+        owner_only_dir(&dir).map_err(other(format!("creating {}", dir.display())))?;
         let resolved = Resolved {
             root,
             args,
@@ -272,15 +273,28 @@ impl LocalRuntime {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        // The state, which every graven command and `exec` read, has a secret's key only;
+        // its value reaches the shim in memory (`shim::start`), never a file.
+        let recorded_env: Vec<String> = resolved
+            .env
+            .iter()
+            .map(|(k, v)| {
+                if spec.secret_env.0.contains_key(k) {
+                    format!("{k}={}", super::SecretEnv::REDACTED)
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
 
         let scratch = dir.join(SCRATCH);
-        std::fs::create_dir(&scratch).map_err(other("creating the scratch dir"))?;
+        owner_only_dir(&scratch).map_err(other("creating the scratch dir"))?;
         let request = ShimRequest {
             spec: SandboxSpec {
                 rootfs: resolved.root,
                 writable_root: false,
                 args: resolved.args,
-                env: env.clone(),
+                env,
                 cwd: resolved.cwd.clone(),
                 uid: resolved.uid,
                 gid: resolved.gid,
@@ -310,7 +324,7 @@ impl LocalRuntime {
             cgroups: cgroups.clone(),
             uid: resolved.uid,
             gid: resolved.gid,
-            env,
+            env: recorded_env,
             cwd: resolved.cwd,
         };
         state::save(dir, &initial)?;
@@ -743,6 +757,12 @@ pub fn make_home(home: &Path) -> Result<(), RuntimeError> {
         std::fs::create_dir_all(parent).map_err(other(format!("creating {}", parent.display())))?;
     }
     private_dir(home)
+}
+
+/// Creates `dir` 0700 whatever the umask (it must not exist yet).
+fn owner_only_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
 /// Creates `dir` 0700 (not through the umask), or takes group and other access away from an

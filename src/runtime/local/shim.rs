@@ -8,17 +8,18 @@
 //! How it comes to be depends on its starter (`start`). A single-threaded starter
 //! (`graven run`) forks it: the child already is a fresh single-threaded graven, and an exec
 //! would only add to every start. A starter with threads (the daemon, the tests) re-executes
-//! the graven binary as `graven __shim <dir>` and hands it the request in the instance dir,
-//! since a fork of a threaded process may inherit a lock another thread holds.
+//! the graven binary as `graven __shim <dir>` and hands it the request on its stdin, since a
+//! fork of a threaded process may inherit a lock another thread holds. Either way the
+//! request (which holds the workload's secrets) is never written to a file.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::log::{Log, Sink};
-use super::state::{self, Proc, SHIM_REQUEST, ShimRequest};
+use super::state::{self, Proc, ShimRequest};
 use crate::runtime::InstanceStatus;
 use crate::sandbox::{self, Ended, Launched};
 
@@ -34,24 +35,25 @@ pub fn start(dir: &Path, request: &ShimRequest) -> Result<(), String> {
     }
 }
 
-/// Re-executes the graven binary as the shim, with the request in `dir`.
+/// Re-executes the graven binary as the shim, with the request on its stdin: a pipe, so
+/// the secrets in its env are never on disk.
 fn spawn(dir: &Path, request: &ShimRequest) -> Result<(), String> {
-    let request_path = dir.join(SHIM_REQUEST);
-    state::replace(
-        &request_path,
-        &serde_json::to_vec(request).expect("a shim request serializes"),
-    )
-    .map_err(|e| e.to_string())?;
     let mut child = Command::new(sandbox::helper_binary())
         .arg(SHIM_ARG)
         .arg(dir)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the shim: {e}"))?;
     let report = child.stdout.take().expect("stdout is piped");
     remember(child.id() as i32);
+    // The shim reads the request whole before anything else, so a request larger than the
+    // pipe's buffer does not block this write for long; a shim that died early breaks it,
+    // and its report (none) says so.
+    let mut input = child.stdin.take().expect("stdin is piped");
+    let _ = input.write_all(&serde_json::to_vec(request).expect("a shim request serializes"));
+    drop(input);
     read_report(report.into())
 }
 
@@ -157,10 +159,15 @@ pub fn main(dir: &Path) -> ! {
     let Ok(mut report) = report else {
         std::process::exit(1)
     };
-    let request_path = dir.join(SHIM_REQUEST);
-    let request = std::fs::read(&request_path)
-        .map_err(|e| format!("reading {}: {e}", request_path.display()))
-        .and_then(|bytes| serde_json::from_slice::<ShimRequest>(&bytes).map_err(|e| e.to_string()));
+    let mut bytes = Vec::new();
+    let request = std::io::stdin()
+        .lock()
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the request: {e}"))
+        .and_then(|_| serde_json::from_slice::<ShimRequest>(&bytes).map_err(|e| e.to_string()));
+    drop(bytes);
+    // Its stdin was the starter's pipe: nothing of the starter's stays open.
+    detach_stdio(&[0]);
     match request {
         Ok(request) => std::process::exit(serve(dir, &request, report)),
         Err(message) => {

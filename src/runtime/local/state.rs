@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,6 @@ use crate::sandbox::{Options, SandboxSpec};
 use crate::store::Digest;
 
 pub const STATE: &str = "state.json";
-pub const SHIM_REQUEST: &str = "shim.json";
 pub const LOG: &str = "log";
 /// The log before the current one, once the shim has rotated it.
 pub const LOG_BEFORE: &str = "log.1";
@@ -152,6 +152,7 @@ pub fn update<T>(dir: &Path, change: impl FnOnce(&mut State) -> T) -> Result<T, 
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(io(&lock_path))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
