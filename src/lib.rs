@@ -2,6 +2,7 @@
 //!
 //! Modules are declared in the order data flows through them; see ARCHITECTURE.md.
 
+pub mod actor;
 pub mod api;
 pub mod bake;
 pub mod cli;

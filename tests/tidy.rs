@@ -72,9 +72,40 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         "spec",
         &["bake", "sandbox", "controller", "events", "api", "cli"],
     ),
-    // The fold is pure: events never call into the controller that produces them.
-    ("events", &["bake", "sandbox", "controller", "api", "cli"]),
-    ("controller", &["api", "cli"]),
+    // The fold is pure: events never call into the controller that produces them, and the
+    // log has its own types, so moving the proxy's or the runtime's never moves its format.
+    (
+        "events",
+        &[
+            "bake",
+            "sandbox",
+            "runtime",
+            "proxy",
+            "controller",
+            "deploy",
+            "api",
+            "cli",
+        ],
+    ),
+    ("controller", &["deploy", "api", "cli"]),
+    // The deploy use case is the library's: the API and the CLI call it, never the reverse.
+    ("deploy", &["api", "cli"]),
+    (
+        "actor",
+        &[
+            "spec",
+            "bake",
+            "store",
+            "sandbox",
+            "runtime",
+            "proxy",
+            "controller",
+            "events",
+            "deploy",
+            "api",
+            "cli",
+        ],
+    ),
     ("api", &["cli"]),
     // The secret store is a layer of files with no meaning of its own: it names no module,
     // so it can serve the spec, the deploy and the controller alike.

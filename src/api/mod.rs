@@ -28,7 +28,6 @@ use crate::controller::{
 use crate::events::{Envelope, Event, ReleaseNumber, ServiceName};
 use crate::runtime::AnyRuntime;
 
-pub mod actor;
 pub mod client;
 pub mod lock;
 pub mod offline;
@@ -391,8 +390,8 @@ impl Daemon {
             let daemon = self.clone();
             // Who asks, from the kernel's word on the peer: what its commands' events record.
             let actor: Arc<str> = match stream.peer_cred() {
-                Ok(cred) => actor::of_uid(cred.uid()).into(),
-                Err(_) => actor::UNKNOWN.into(),
+                Ok(cred) => crate::actor::of_uid(cred.uid()).into(),
+                Err(_) => crate::actor::UNKNOWN.into(),
             };
             let connection = builder.serve_connection(TokioIo::new(stream), {
                 hyper::service::service_fn(move |request| {

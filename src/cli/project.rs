@@ -449,9 +449,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                 let project = project.clone();
                 tokio::task::spawn_blocking(move || prepare(&home, &project, true)).await??
             };
-            let rollout = handle
-                .deploy(order, &crate::api::actor::this_process())
-                .await?;
+            let rollout = handle.deploy(order, &crate::actor::this_process()).await?;
             let outcomes = follow(&rollout, args.json, |after| {
                 let handle = handle.clone();
                 async move { Ok(handle.history(after).await?) }

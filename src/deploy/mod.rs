@@ -108,7 +108,7 @@ pub fn prepare(
             })
             .collect(),
         source: Some(Source {
-            host: crate::api::actor::host(),
+            host: crate::actor::host(),
             dir: project.dir.display().to_string(),
         }),
         resume,

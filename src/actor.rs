@@ -1,7 +1,7 @@
 //! Who ran a command, as the event log records it: `user@host`. The daemon takes the user
 //! from the kernel's credentials of the socket's peer (`SO_PEERCRED`), not from anything the
 //! client says, and the host is the daemon's own; `graven up`, which runs the control plane
-//! in its own process, records the user that runs it.
+//! in its own process, records the user that runs it. Names no other module.
 
 /// The actor of a peer whose credentials could not be read.
 pub const UNKNOWN: &str = "unknown";
