@@ -337,6 +337,14 @@ pub struct ServiceConfig {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,
     pub limits: Limits,
+    /// How many of the service's newest releases `graven gc` keeps the images of; logs
+    /// written before the key existed read as the default.
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: u32,
+}
+
+fn default_keep_releases() -> u32 {
+    crate::spec::DEFAULT_KEEP_RELEASES
 }
 
 impl From<&crate::spec::Service> for ServiceConfig {
@@ -354,6 +362,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
             stop_grace: service.stop_grace,
             volumes: service.volumes.clone(),
             limits: service.limits.clone(),
+            keep_releases: service.deploy.keep_releases,
         }
     }
 }
@@ -382,6 +391,7 @@ impl ServiceConfig {
             stop_grace: Duration::from_secs(5),
             volumes: vec![],
             limits: Default::default(),
+            keep_releases: 10,
         }
     }
 }

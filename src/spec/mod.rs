@@ -112,7 +112,13 @@ pub struct DeployPolicy {
     pub max_unavailable: u32,
     /// New instances must be healthy within this long, or the deploy rolls back.
     pub health_deadline: Duration,
+    /// How many of the service's newest releases keep their image through `graven gc`.
+    pub keep_releases: u32,
 }
+
+/// `keep_releases` when `graven.toml` does not say: a few weeks of daily deploys to roll
+/// back to, without every image ever deployed kept forever.
+pub const DEFAULT_KEEP_RELEASES: u32 = 10;
 
 impl Service {
     /// The digest of this service's resolved config: a release is an image digest plus this.
@@ -147,6 +153,13 @@ impl Service {
             max_surge: u32,
             max_unavailable: u32,
             health_deadline_ns: u64,
+            // Only when not the default, so the digests of configs written before the key
+            // existed do not move (which would redeploy every service).
+            #[serde(skip_serializing_if = "is_default_keep")]
+            keep_releases: u32,
+        }
+        fn is_default_keep(keep: &u32) -> bool {
+            *keep == DEFAULT_KEEP_RELEASES
         }
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let canonical = Canonical {
@@ -169,6 +182,7 @@ impl Service {
                 max_surge: self.deploy.max_surge,
                 max_unavailable: self.deploy.max_unavailable,
                 health_deadline_ns: nanos(self.deploy.health_deadline),
+                keep_releases: self.deploy.keep_releases,
             },
         };
         let json = serde_json::to_vec(&canonical).expect("plain data serializes");

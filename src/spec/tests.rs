@@ -601,3 +601,38 @@ fn mangled_files_never_panic() {
         }
     }
 }
+
+#[test]
+fn keep_releases_is_read_per_environment_and_moves_the_digest_only_when_not_the_default() {
+    let base = r#"
+app = "a"
+[services.web]
+port = 8080
+[environments.few.services.web]
+deploy = { keep_releases = 3 }
+[environments.ten.services.web]
+deploy = { keep_releases = 10 }
+"#;
+    let service = |environment: &str| {
+        parse(base, Path::new("g"), Path::new("/app"), environment)
+            .unwrap()
+            .services["web"]
+            .clone()
+    };
+    assert_eq!(service("local").deploy.keep_releases, DEFAULT_KEEP_RELEASES);
+    assert_eq!(service("few").deploy.keep_releases, 3);
+    // The digests of configs written before the key existed do not move.
+    assert_eq!(
+        service("local").config_digest(),
+        service("ten").config_digest()
+    );
+    assert_ne!(
+        service("local").config_digest(),
+        service("few").config_digest()
+    );
+    check(
+        "app = \"a\"\n[services.web]\nport = 1\ndeploy = { keep_releases = 0 }\n",
+        expect![[r#"
+            graven.toml:4:28: services.web.deploy.keep_releases: 0 is out of range: it must be at least 1"#]],
+    );
+}
