@@ -29,7 +29,7 @@ impl Store {
             let size = fs::metadata(self.blob_path(&digest))
                 .map(|m| m.len())
                 .unwrap_or(0);
-            if size > 4 * 1024 * 1024 {
+            if size > super::MAX_MANIFEST_SIZE {
                 continue;
             }
             let bytes = self.read_blob(&digest)?;
@@ -43,8 +43,9 @@ impl Store {
         Ok(seen)
     }
 
-    /// Removes every blob not reachable from a tag or `extra_roots`; never one that is.
-    pub fn gc(&self, extra_roots: &[Digest]) -> Result<GcReport> {
+    /// Removes every blob not reachable from a tag or `extra_roots`; never one that is. With
+    /// `dry_run`, reports what it would remove and removes nothing.
+    pub fn gc(&self, extra_roots: &[Digest], dry_run: bool) -> Result<GcReport> {
         let _lock = super::txn::gc_lock(self, true)?;
         let keep = self.reachable(extra_roots)?;
         let dir = self.root().join("blobs/sha256");
@@ -67,7 +68,9 @@ impl Store {
                 continue;
             }
             let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+            if !dry_run {
+                fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+            }
             report.freed_bytes += size;
             report.removed.push((digest, size));
         }
@@ -98,7 +101,11 @@ mod tests {
         store.tag("t", &tagged, None).unwrap();
         let (release, release_layer) = image(b"release layer");
         let (_, loose_layer) = image(b"loose layer");
-        let report = store.gc(std::slice::from_ref(&release)).unwrap();
+        // A dry run reports the same and removes nothing.
+        let dry = store.gc(std::slice::from_ref(&release), true).unwrap();
+        assert!(store.has_blob(&loose_layer));
+        let report = store.gc(std::slice::from_ref(&release), false).unwrap();
+        assert_eq!(dry, report);
         for kept in [&tagged, &tagged_layer, &release, &release_layer] {
             assert!(store.has_blob(kept), "{kept} was removed");
         }
@@ -106,7 +113,7 @@ mod tests {
         // The loose image's manifest and layer go; both images share one config blob.
         assert_eq!(report.removed.len(), 2, "{report:?}");
         // Negative control: without the extra root the release's blobs go too.
-        store.gc(&[]).unwrap();
+        store.gc(&[], false).unwrap();
         assert!(!store.has_blob(&release_layer));
         assert!(store.has_blob(&tagged_layer));
     }
