@@ -220,7 +220,7 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
 #[derive(serde::Serialize)]
 struct GcOutput {
     dry_run: bool,
-    /// Blobs of the store, by digest.
+    /// Blobs of the store, by digest; and temp files a crash left, by path in the store.
     blobs: Vec<Freed>,
     /// Unpacked roots, by image digest.
     roots: Vec<Freed>,
@@ -240,10 +240,9 @@ pub fn gc(home: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
     let blobs: Vec<Freed> = store
         .removed
         .iter()
-        .map(|(digest, bytes)| Freed {
-            name: digest.to_string(),
-            bytes: *bytes,
-        })
+        .map(|(digest, bytes)| (digest.to_string(), *bytes))
+        .chain(store.leftovers.iter().cloned())
+        .map(|(name, bytes)| Freed { name, bytes })
         .collect();
     let sum = |freed: &[Freed]| freed.iter().map(|f| f.bytes).sum::<u64>();
     let out = GcOutput {

@@ -5,12 +5,15 @@
 use std::collections::BTreeSet;
 use std::fs;
 
-use super::{Digest, Result, Store, io_err, oci};
+use super::{Digest, Result, Store, TEMP, io_err, oci};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcReport {
     /// Blobs removed, with their sizes.
     pub removed: Vec<(Digest, u64)>,
+    /// Temp files a write cut short (a crash mid-bake) left, by path under the store, with
+    /// their sizes.
+    pub leftovers: Vec<(String, u64)>,
     pub freed_bytes: u64,
     pub kept: usize,
 }
@@ -74,6 +77,28 @@ impl Store {
             report.freed_bytes += size;
             report.removed.push((digest, size));
         }
+        // Every blob is written through a transaction, which holds the gc lock shared: under
+        // it exclusively, a temp file is no write under way but what a crash left.
+        for dir in ["blobs", "blobs/sha256"] {
+            let dir = self.root().join(dir);
+            let mut temps: Vec<_> = fs::read_dir(&dir)
+                .map_err(io_err(&dir))?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP))
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .collect();
+            temps.sort_by_key(|e| e.file_name());
+            for entry in temps {
+                let path = entry.path();
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if !dry_run {
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+                let name = path.strip_prefix(self.root()).unwrap_or(&path);
+                report.freed_bytes += size;
+                report.leftovers.push((name.display().to_string(), size));
+            }
+        }
         Ok(report)
     }
 }
@@ -112,6 +137,12 @@ mod tests {
         assert!(!store.has_blob(&loose_layer));
         // The loose image's manifest and layer go; both images share one config blob.
         assert_eq!(report.removed.len(), 2, "{report:?}");
+        // A temp file a crash left is removed too.
+        let temp = store.root().join("blobs/.tmp-crashed");
+        fs::write(&temp, b"half a layer").unwrap();
+        let report = store.gc(std::slice::from_ref(&release), false).unwrap();
+        assert_eq!(report.leftovers, [("blobs/.tmp-crashed".to_owned(), 12)]);
+        assert!(!temp.exists());
         // Negative control: without the extra root the release's blobs go too.
         store.gc(&[], false).unwrap();
         assert!(!store.has_blob(&release_layer));

@@ -89,6 +89,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The fewest hex digits a digest prefix may have to name an image: short enough to type,
 /// long enough that a word made of hex letters (`cafe`, `dead`) is not taken for a digest.
 pub const MIN_DIGEST_PREFIX: usize = 6;
+/// The name prefix of the store's temp files (a blob before it is named, `index.json`'s
+/// replacement).
+const TEMP: &str = ".tmp-";
 /// The largest blob read as a manifest or index; layers are larger and never parsed.
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
@@ -228,7 +231,7 @@ impl Store {
     pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
         let dir = self.root.join("blobs");
         tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(TEMP)
             .tempfile_in(&dir)
             .map_err(io_err(&dir))
     }
@@ -483,7 +486,7 @@ fn validate_tag(tag: &str) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut file = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TEMP)
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
     file.write_all(bytes).map_err(io_err(path))?;
