@@ -768,6 +768,74 @@ mod tests {
         assert_eq!(retained, [1, 2, 3, 4, 6, 7, 8]);
     }
 
+    /// A plain `graven rollback` (to the release the current one replaced) is checked like
+    /// `--to`: refused when gc removed that release's image, allowed while it is there.
+    #[test]
+    fn a_rollback_to_a_collected_image_is_refused_with_or_without_to() {
+        use crate::events::{
+            DeployOutcome, DeployReason, DeployRecord, Release, ServiceConfig, ServiceState,
+        };
+        let home = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(home.path()).unwrap();
+        let mut state = State::default();
+        for number in 1..=3u64 {
+            let mut config = ServiceConfig::test(1, 1, 0);
+            config.keep_releases = 1;
+            let image = store.put_blob(&number.to_be_bytes()).unwrap();
+            state.releases.insert(
+                number,
+                Release {
+                    number,
+                    service: "web".into(),
+                    image,
+                    config_digest: String::new(),
+                    config,
+                    created_at_ms: 0,
+                },
+            );
+        }
+        state.services.insert(
+            "web".into(),
+            ServiceState {
+                wanted: Some(3),
+                ..ServiceState::default()
+            },
+        );
+        state.deploys.push(DeployRecord {
+            service: "web".into(),
+            from: Some(2),
+            to: 3,
+            reason: DeployReason::Deploy,
+            started_at_ms: 0,
+            outcome: Some(DeployOutcome::Succeeded { at_ms: 0 }),
+        });
+        let check = |service: Option<&str>, to: Option<u64>| {
+            rollback_images_present(home.path(), &state, service, to)
+        };
+        // Still in the store, though beyond retention: nothing to refuse.
+        assert!(check(None, None).is_ok());
+        std::fs::remove_file(store.blob_path(&state.releases[&2].image)).unwrap();
+        for (service, to) in [(None, None), (Some("web"), None), (None, Some(2))] {
+            let error = check(service, to).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ApiError::ImageCollected {
+                        release: 2,
+                        keep_releases: 1,
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+            assert_eq!(error.status(), StatusCode::CONFLICT);
+        }
+        // The wanted release and unknown ones are not this check's to refuse.
+        assert!(check(None, Some(3)).is_ok());
+        assert!(check(None, Some(9)).is_ok());
+        assert!(check(Some("nope"), None).is_ok());
+    }
+
     #[test]
     fn release_images_are_read_from_every_event_log() {
         use crate::events::{EventLog, ServiceConfig};
