@@ -21,13 +21,13 @@ fn blobs(home: &Path) -> Vec<String> {
     names
 }
 
-/// The digests a `gc --json` report lists as removed.
+/// The digests of the blobs a `gc --json` report lists as removed.
 fn removed_digests(report: &serde_json::Value) -> Vec<&str> {
-    report["removed"]
+    report["blobs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r[0].as_str().unwrap())
+        .map(|r| r["name"].as_str().unwrap())
         .collect()
 }
 
@@ -90,7 +90,7 @@ fn images_inspect_rm_and_gc() {
 
     // gc with both tagged frees nothing.
     let report = run_json(h, &["gc", "--json"]);
-    assert_eq!(report["removed"].as_array().unwrap().len(), 0);
+    assert_eq!(report["blobs"].as_array().unwrap().len(), 0);
 
     succeed(graven(h).args(["image", "rm", "gone:1"]));
     let again = graven(h).args(["image", "rm", "gone:1"]).output().unwrap();

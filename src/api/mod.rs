@@ -6,7 +6,7 @@
 //! log exists (replay, then reconcile) before it answers anything. It decides nothing itself:
 //! requests become controller commands, and answers are the controller's folded state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -25,7 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::controller::{
     self, ControllerError, ControllerHandle, ControllerOptions, DeployOrder, Rollout, Snapshot,
 };
-use crate::events::{Envelope, Event, ReleaseNumber, ServiceName};
+use crate::events::{Envelope, Event, ReleaseNumber, ServiceName, State};
 use crate::runtime::AnyRuntime;
 
 pub mod client;
@@ -92,6 +92,16 @@ pub enum ApiError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error(
+        "release {release} of {service} was made with image {image}, which gc removed \
+         (keep_releases = {keep_releases}): deploy it again"
+    )]
+    ImageCollected {
+        service: ServiceName,
+        release: ReleaseNumber,
+        image: crate::store::Digest,
+        keep_releases: u32,
+    },
     #[error(transparent)]
     Controller(#[from] ControllerError),
 }
@@ -112,6 +122,7 @@ impl ApiError {
             ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::AlreadyRunning { .. } => StatusCode::CONFLICT,
             ApiError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::ImageCollected { .. } => StatusCode::CONFLICT,
             ApiError::Controller(error) => match error {
                 ControllerError::UnknownService { .. } => StatusCode::NOT_FOUND,
                 ControllerError::UnknownRelease { .. } => StatusCode::NOT_FOUND,
@@ -447,6 +458,12 @@ impl Daemon {
             (&Method::POST, "/v1/rollback") => {
                 let request: RollbackRequest = parse(&body)?;
                 let handle = self.find(&request.target)?;
+                rollback_images_present(
+                    &self.home,
+                    &handle.snapshot().state,
+                    request.service.as_deref(),
+                    request.to,
+                )?;
                 let rollout = handle.rollback(request.service, request.to, actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }
@@ -548,18 +565,100 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
-/// Every image a release under `home` names, so `graven gc` keeps what a rollback may need.
+/// Every image `graven gc` must keep for the releases under `home`: those of the releases
+/// `retained_releases` keeps in each event log. Older releases stay in their log (a release
+/// is never edited), but their images may go; a rollback to one is then refused before
+/// anything is recorded (`rollback_images_present`).
 pub fn release_images(home: &Path) -> Result<Vec<crate::store::Digest>, ApiError> {
-    let mut images = std::collections::BTreeSet::new();
+    let mut images = BTreeSet::new();
     for (_, _, log) in event_logs(home)? {
         let log = crate::events::EventLog::open(&log).map_err(ControllerError::from)?;
-        for envelope in log.read_after::<Event>(0).map_err(ControllerError::from)? {
-            if let Event::ReleaseCreated { image, .. } = envelope.payload {
-                images.insert(image);
-            }
+        let state =
+            crate::events::replay(&log.read_after::<Event>(0).map_err(ControllerError::from)?);
+        for number in retained_releases(&state) {
+            images.insert(state.releases[&number].image.clone());
         }
     }
     Ok(images.into_iter().collect())
+}
+
+/// The releases of one log whose images gc keeps: for each service, the wanted release, both
+/// ends of a rollout under way, every release an instance still runs, and the newest
+/// `keep_releases` releases (the newest release's config says how many).
+pub fn retained_releases(state: &State) -> BTreeSet<ReleaseNumber> {
+    let mut kept = BTreeSet::new();
+    let mut newest: BTreeMap<&str, Vec<ReleaseNumber>> = BTreeMap::new();
+    for release in state.releases.values() {
+        newest
+            .entry(&release.service)
+            .or_default()
+            .push(release.number);
+    }
+    for (service, mut numbers) in newest {
+        numbers.sort_unstable_by(|a, b| b.cmp(a));
+        let keep = state.releases[&numbers[0]].config.keep_releases as usize;
+        kept.extend(numbers.into_iter().take(keep));
+        if let Some(service) = state.services.get(service) {
+            kept.extend(service.wanted);
+            if let Some(deploy) = &service.deploy {
+                kept.extend(deploy.from);
+                kept.insert(deploy.to);
+            }
+        }
+    }
+    kept.extend(state.instances.values().map(|i| i.release));
+    // Only releases the log holds: an instance's number always names one.
+    kept.retain(|n| state.releases.contains_key(n));
+    kept
+}
+
+/// Refuses a rollback whose target release's image gc removed, before the controller
+/// records anything: the controller cannot reach the store (its runtime may be remote or
+/// the fake), so the check is here, where the daemon's home is. Unknown services and
+/// releases are the controller's to report.
+fn rollback_images_present(
+    home: &Path,
+    state: &State,
+    service: Option<&str>,
+    to: Option<ReleaseNumber>,
+) -> Result<(), ApiError> {
+    let services: Vec<&ServiceName> = match service {
+        Some(service) => state
+            .services
+            .get_key_value(service)
+            .map(|(k, _)| k)
+            .into_iter()
+            .collect(),
+        None => state.wanted_services().collect(),
+    };
+    let retained = retained_releases(state);
+    let store = home.join("store");
+    for service in services {
+        let current = state.services.get(service).and_then(|s| s.wanted);
+        let target = to.or_else(|| controller::previous_release(state, service, current));
+        let Some(release) = target.and_then(|n| state.releases.get(&n)) else {
+            continue;
+        };
+        if release.service != *service || retained.contains(&release.number) {
+            continue;
+        }
+        let present = store.is_dir()
+            && crate::store::Store::open(home)
+                .map(|s| s.has_blob(&release.image))
+                .unwrap_or(true);
+        if !present {
+            let newest = state.releases_of(service).map(|r| r.number).max();
+            return Err(ApiError::ImageCollected {
+                service: service.clone(),
+                release: release.number,
+                image: release.image.clone(),
+                keep_releases: newest.map_or(crate::spec::DEFAULT_KEEP_RELEASES, |n| {
+                    state.releases[&n].config.keep_releases
+                }),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Every event log under `home` (the layout `log_path` makes), as (app, environment, path).
@@ -661,6 +760,156 @@ mod tests {
             },
             409,
         );
+    }
+
+    /// Regression (issue 11, item 7): every release ever made kept its image forever. Only
+    /// the newest `keep_releases` of each service (the newest release's config says how
+    /// many), the wanted one, both ends of a rollout and what instances run are kept.
+    #[test]
+    fn releases_beyond_keep_releases_are_not_retained() {
+        use crate::events::{
+            Deploy, DeployReason, InstanceState, Lifecycle, Release, ServiceConfig, ServiceState,
+        };
+        let mut state = State::default();
+        let numbers = [
+            ("web", 1),
+            ("web", 2),
+            ("web", 3),
+            ("api", 4),
+            ("web", 5),
+            ("web", 6),
+            ("api", 7),
+            ("web", 8),
+        ];
+        for (service, number) in numbers {
+            let mut config = ServiceConfig::test(1, 1, 0);
+            // Only the newest release's bound counts.
+            config.keep_releases = if number == 8 { 2 } else { 1 };
+            let release = Release {
+                number: ReleaseNumber(number),
+                service: service.into(),
+                image: crate::store::Digest::of(&number.to_be_bytes()),
+                config_digest: String::new(),
+                config,
+                created_at_ms: 0,
+                created_by: "test".into(),
+                source: None,
+                failed: None,
+            };
+            state.releases.insert(ReleaseNumber(number), release);
+        }
+        state
+            .releases
+            .get_mut(&ReleaseNumber(7))
+            .unwrap()
+            .config
+            .keep_releases = 10;
+        state.services.insert(
+            "web".into(),
+            ServiceState {
+                wanted: Some(ReleaseNumber(2)),
+                deploy: Some(Deploy {
+                    from: Some(ReleaseNumber(1)),
+                    to: ReleaseNumber(2),
+                    reason: DeployReason::Rollback,
+                    started_at_ms: 0,
+                    failures: 0,
+                }),
+                ..ServiceState::default()
+            },
+        );
+        state.instances.insert(
+            "web-3".into(),
+            InstanceState {
+                name: "web-3".into(),
+                service: "web".into(),
+                release: ReleaseNumber(3),
+                lifecycle: Lifecycle::Draining,
+                runtime_id: None,
+                address: None,
+                launched_at_ms: 0,
+                detail: None,
+                drain: None,
+                condemned: None,
+            },
+        );
+        let retained: Vec<u64> = retained_releases(&state)
+            .into_iter()
+            .map(ReleaseNumber::get)
+            .collect();
+        assert_eq!(retained, [1, 2, 3, 4, 6, 7, 8]);
+    }
+
+    /// A plain `graven rollback` (to the release the current one replaced) is checked like
+    /// `--to`: refused when gc removed that release's image, allowed while it is there.
+    #[test]
+    fn a_rollback_to_a_collected_image_is_refused_with_or_without_to() {
+        use crate::events::{
+            DeployOutcome, DeployReason, DeployRecord, Release, ServiceConfig, ServiceState,
+        };
+        let home = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(home.path()).unwrap();
+        let mut state = State::default();
+        for number in 1..=3u64 {
+            let mut config = ServiceConfig::test(1, 1, 0);
+            config.keep_releases = 1;
+            let image = store.put_blob(&number.to_be_bytes()).unwrap();
+            state.releases.insert(
+                ReleaseNumber(number),
+                Release {
+                    number: ReleaseNumber(number),
+                    service: "web".into(),
+                    image,
+                    config_digest: String::new(),
+                    config,
+                    created_at_ms: 0,
+                    created_by: "test".into(),
+                    source: None,
+                    failed: None,
+                },
+            );
+        }
+        state.services.insert(
+            "web".into(),
+            ServiceState {
+                wanted: Some(ReleaseNumber(3)),
+                ..ServiceState::default()
+            },
+        );
+        state.deploys.push(DeployRecord {
+            service: "web".into(),
+            from: Some(ReleaseNumber(2)),
+            to: ReleaseNumber(3),
+            reason: DeployReason::Deploy,
+            started_at_ms: 0,
+            by: "test".into(),
+            outcome: Some(DeployOutcome::Succeeded { at_ms: 0 }),
+        });
+        let check = |service: Option<&str>, to: Option<u64>| {
+            rollback_images_present(home.path(), &state, service, to.map(ReleaseNumber))
+        };
+        // Still in the store, though beyond retention: nothing to refuse.
+        assert!(check(None, None).is_ok());
+        std::fs::remove_file(store.blob_path(&state.releases[&ReleaseNumber(2)].image)).unwrap();
+        for (service, to) in [(None, None), (Some("web"), None), (None, Some(2))] {
+            let error = check(service, to).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ApiError::ImageCollected {
+                        release: ReleaseNumber(2),
+                        keep_releases: 1,
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+            assert_eq!(error.status(), StatusCode::CONFLICT);
+        }
+        // The wanted release and unknown ones are not this check's to refuse.
+        assert!(check(None, Some(3)).is_ok());
+        assert!(check(None, Some(9)).is_ok());
+        assert!(check(Some("nope"), None).is_ok());
     }
 
     #[test]

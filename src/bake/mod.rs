@@ -574,16 +574,22 @@ pub fn gc(
     home: &Path,
     extra_roots: &[Digest],
     drop_cache: bool,
+    dry_run: bool,
 ) -> Result<crate::store::GcReport, BakeError> {
     let store = Store::open(home)?;
     let cache = Cache::open(home);
-    if drop_cache {
+    if drop_cache && !dry_run {
         cache.clear().map_err(|source| BakeError::Read {
             path: home.join("cache"),
             source,
         })?;
     }
-    let mut roots = cache.roots();
+    // A dry run with `drop_cache` counts what the cache alone keeps as gone.
+    let mut roots = if drop_cache {
+        Vec::new()
+    } else {
+        cache.roots()
+    };
     roots.extend(extra_roots.iter().cloned());
-    Ok(store.gc(&roots)?)
+    Ok(store.gc(&roots, dry_run)?)
 }

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
+use crate::runtime::local::Freed;
 use crate::store::{Digest, ExportFormat, REF_NAME, Store};
 
 #[derive(Debug, clap::Args)]
@@ -16,27 +17,37 @@ pub struct ImagesArgs {
 pub enum ImageCommand {
     /// Print an image's manifest, config and size as JSON.
     Inspect {
-        /// A tag, a digest or a unique digest prefix.
+        /// A tag, a digest or a unique digest prefix (at least 6 hex digits).
         reference: String,
+        /// Accepted for symmetry with every other command: the output is JSON either way.
+        #[arg(long)]
+        json: bool,
     },
     /// Write an image to a tar file: an OCI archive, or a docker-archive for `docker load`.
     Export {
-        /// A tag, a digest or a unique digest prefix.
+        /// A tag, a digest or a unique digest prefix (at least 6 hex digits).
         reference: String,
         #[arg(long, value_enum, default_value = "oci")]
         format: Format,
         /// The file to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// Print what was written as JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a tag (the blobs stay until `graven gc`).
     Rm {
         /// The tag to remove.
         tag: String,
+        /// Print what was removed as JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Format {
     Oci,
     Docker,
@@ -47,6 +58,9 @@ pub struct GcArgs {
     /// Drop the bake cache too, so layers only the cache kept are freed.
     #[arg(long)]
     pub cache: bool,
+    /// Say what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -104,7 +118,8 @@ fn human_size(bytes: u64) -> String {
 pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
     let store = Store::open(home)?;
     match command {
-        ImageCommand::Inspect { reference } => {
+        // Inspect's report is JSON with or without `--json`.
+        ImageCommand::Inspect { reference, json: _ } => {
             let digest = store.resolve(&reference)?;
             let image = store.image(&digest)?;
             let tags: Vec<String> = store
@@ -126,6 +141,7 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
             reference,
             format,
             output,
+            json,
         } => {
             let digest = store.resolve(&reference)?;
             // The archive names the image by the tag asked for, else by a tag it has.
@@ -139,6 +155,7 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
                 } else {
                     reference.clone()
                 };
+            let chosen = format;
             let format = match format {
                 Format::Oci => ExportFormat::Oci,
                 Format::Docker => ExportFormat::Docker,
@@ -157,40 +174,115 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
                 format,
                 std::io::BufWriter::new(temp.as_file_mut()),
             )?;
-            temp.persist(&output)
+            let file = temp
+                .persist(&output)
                 .with_context(|| format!("cannot write {}", output.display()))?;
-            eprintln!("exported {tag} ({digest}) to {}", output.display());
+            if json {
+                let out = serde_json::json!({
+                    "tag": tag,
+                    "digest": digest,
+                    "format": chosen,
+                    "output": std::path::absolute(&output).unwrap_or(output),
+                    "bytes": file.metadata().map(|m| m.len()).unwrap_or(0),
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                eprintln!("exported {tag} ({digest}) to {}", output.display());
+            }
         }
-        ImageCommand::Rm { tag } => {
+        ImageCommand::Rm { tag, json } => {
             let removed = store.update_index(|index| {
-                let before = index.manifests.len();
+                let named = index
+                    .manifests
+                    .iter()
+                    .find(|m| m.annotation(REF_NAME) == Some(tag.as_str()))
+                    .map(|m| m.digest.clone());
                 index
                     .manifests
                     .retain(|m| m.annotation(REF_NAME) != Some(tag.as_str()));
-                Ok(before != index.manifests.len())
+                Ok(named)
             })?;
-            anyhow::ensure!(removed, "no image is tagged {tag:?}");
-            eprintln!("removed tag {tag}; `graven gc` frees its blobs");
+            let Some(digest) = removed else {
+                anyhow::bail!("no image is tagged {tag:?}");
+            };
+            if json {
+                let out = serde_json::json!({ "tag": tag, "digest": digest });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                eprintln!("removed tag {tag}; `graven gc` frees its blobs");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `graven gc` removed (or, with `--dry-run`, would remove), for `--json`.
+#[derive(serde::Serialize)]
+struct GcOutput {
+    dry_run: bool,
+    /// Blobs of the store, by digest; and temp files a crash left, by path in the store.
+    blobs: Vec<Freed>,
+    /// Unpacked roots, by image digest.
+    roots: Vec<Freed>,
+    /// Directories of removed instances (and leftovers in the ones that stay), by id.
+    instance_dirs: Vec<Freed>,
+    kept_blobs: usize,
+    freed_bytes: u64,
+}
+
 pub fn gc(home: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
+    // What releases within retention, tags, the cache and existing instances reach stays.
     let releases = crate::api::release_images(home)?;
-    let report = crate::bake::gc(home, &releases, args.cache)?;
+    let runtime = crate::runtime::LocalRuntime::open(home)?.gc(args.dry_run)?;
+    let mut roots = releases;
+    roots.extend(runtime.in_use.iter().cloned());
+    let store = crate::bake::gc(home, &roots, args.cache, args.dry_run)?;
+    let blobs: Vec<Freed> = store
+        .removed
+        .iter()
+        .map(|(digest, bytes)| (digest.to_string(), *bytes))
+        .chain(store.leftovers.iter().cloned())
+        .map(|(name, bytes)| Freed { name, bytes })
+        .collect();
+    let sum = |freed: &[Freed]| freed.iter().map(|f| f.bytes).sum::<u64>();
+    let out = GcOutput {
+        dry_run: args.dry_run,
+        freed_bytes: sum(&blobs) + sum(&runtime.roots) + sum(&runtime.instance_dirs),
+        blobs,
+        roots: runtime.roots,
+        instance_dirs: runtime.instance_dirs,
+        kept_blobs: store.kept,
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        for (digest, size) in &report.removed {
-            println!("removed {digest} {}", human_size(*size));
-        }
-        println!(
-            "freed {} in {} blobs; {} kept",
-            human_size(report.freed_bytes),
-            report.removed.len(),
-            report.kept
-        );
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
     }
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    for (what, freed) in [
+        ("blob", &out.blobs),
+        ("root", &out.roots),
+        ("instance dir", &out.instance_dirs),
+    ] {
+        for f in freed {
+            println!("{verb} {what} {} {}", f.name, human_size(f.bytes));
+        }
+    }
+    let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    println!(
+        "{} {}: {} ({}), {} ({}), {} ({}); {} kept",
+        if args.dry_run { "would free" } else { "freed" },
+        human_size(out.freed_bytes),
+        count(out.blobs.len(), "blob"),
+        human_size(sum(&out.blobs)),
+        count(out.roots.len(), "unpacked root"),
+        human_size(sum(&out.roots)),
+        count(out.instance_dirs.len(), "instance dir"),
+        human_size(sum(&out.instance_dirs)),
+        count(out.kept_blobs, "blob"),
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::{Threads, async_runtime};
+use crate::controller::{LABEL_APP, LABEL_ENVIRONMENT, LABEL_INSTANCE};
 use crate::runtime::local::log::{LogFollower, parse_log_line};
 use crate::runtime::{
     Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
@@ -62,6 +63,7 @@ pub struct PsArgs {
     /// Also list exited instances.
     #[arg(long, short)]
     pub all: bool,
+    /// Print the instances as JSON (with their labels: app, environment, service, …).
     #[arg(long)]
     pub json: bool,
 }
@@ -82,6 +84,9 @@ pub struct RmArgs {
     /// Stop running instances first (SIGKILL, no grace).
     #[arg(long, short)]
     pub force: bool,
+    /// Print the removed instances' ids as JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -276,17 +281,21 @@ pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&instances)?);
         return Ok(ExitCode::SUCCESS);
     }
-    // NAME is the controller's name for the instance (`graven status` shows it), when a
-    // controller started it; `graven run` instances have none.
+    // APP, ENV and NAME (the controller's name for the instance, which `graven status`
+    // shows) are the labels a controller gives what it starts; `graven run` instances have
+    // none. Names are unique only within an app and environment.
     println!(
-        "{:<14}{:<12}{:<14}{:<20}{:<22}{:<9}TAINTED",
-        "ID", "NAME", "IMAGE", "STATUS", "ADDRESS", "PID"
+        "{:<14}{:<12}{:<12}{:<12}{:<14}{:<20}{:<22}{:<9}TAINTED",
+        "ID", "APP", "ENV", "NAME", "IMAGE", "STATUS", "ADDRESS", "PID"
     );
+    let label = |i: &Instance, key: &str| i.labels.get(key).cloned().unwrap_or("-".to_owned());
     for i in instances {
         println!(
-            "{:<14}{:<12}{:<14}{:<20}{:<22}{:<9}{}",
+            "{:<14}{:<12}{:<12}{:<12}{:<14}{:<20}{:<22}{:<9}{}",
             i.id,
-            i.labels.get("instance").map_or("-", String::as_str),
+            label(&i, LABEL_APP),
+            label(&i, LABEL_ENVIRONMENT),
+            label(&i, LABEL_INSTANCE),
             i.image.short(),
             status_text(i.status),
             i.address.map(|a| a.to_string()).unwrap_or_default(),
@@ -314,13 +323,20 @@ pub fn stop(home: &Path, args: StopArgs) -> anyhow::Result<ExitCode> {
 pub fn rm(home: &Path, args: RmArgs) -> anyhow::Result<ExitCode> {
     let runtime = LocalRuntime::open(home)?;
     async_runtime(Threads::One)?.block_on(async {
+        let mut removed = Vec::new();
         for text in &args.ids {
             let id = find(&runtime, text).await?;
             if args.force {
                 runtime.kill(&id).await?;
             }
             runtime.remove(&id).await?;
-            println!("{id}");
+            if !args.json {
+                println!("{id}");
+            }
+            removed.push(id);
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&removed)?);
         }
         Ok(ExitCode::SUCCESS)
     })

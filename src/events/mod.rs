@@ -535,6 +535,14 @@ pub struct ServiceConfig {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeConfig>,
     pub limits: LimitsConfig,
+    /// How many of the service's newest releases `graven gc` keeps the images of; logs
+    /// written before the key existed read as the default.
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: u32,
+}
+
+fn default_keep_releases() -> u32 {
+    crate::spec::DEFAULT_KEEP_RELEASES
 }
 
 /// A rollout strategy and its settings. A new strategy is a new variant here and a planner
@@ -625,6 +633,13 @@ impl ServiceConfig {
             max_surge: u32,
             max_unavailable: u32,
             health_deadline_ns: u64,
+            // Only when not the default, so the digests of configs written before the key
+            // existed do not move (which would redeploy every service).
+            #[serde(skip_serializing_if = "is_default_keep")]
+            keep_releases: u32,
+        }
+        fn is_default_keep(keep: &u32) -> bool {
+            *keep == crate::spec::DEFAULT_KEEP_RELEASES
         }
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let Strategy::Rolling {
@@ -652,6 +667,7 @@ impl ServiceConfig {
                 max_surge,
                 max_unavailable,
                 health_deadline_ns: nanos(self.health_deadline),
+                keep_releases: self.keep_releases,
             },
         };
         let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
@@ -709,6 +725,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 tmp_bytes: limits.tmp_bytes,
                 log_bytes: limits.log_bytes,
             },
+            keep_releases: service.deploy.keep_releases,
         }
     }
 }
@@ -740,6 +757,7 @@ impl ServiceConfig {
             stop_grace: Duration::from_secs(5),
             volumes: vec![],
             limits: Default::default(),
+            keep_releases: 10,
         }
     }
 }
@@ -829,5 +847,28 @@ mod tests {
         );
         assert_ne!(digest(secret, 1), digest(r#"{ secret = "two" }"#, 1));
         assert_ne!(digest(secret, 1), digest(r#""one""#, 1));
+    }
+
+    #[test]
+    fn keep_releases_moves_the_digest_only_when_not_the_default() {
+        let base = r#"
+app = "a"
+[services.web]
+port = 8080
+[environments.few.services.web]
+deploy = { keep_releases = 3 }
+[environments.ten.services.web]
+deploy = { keep_releases = 10 }
+"#;
+        let digest = |environment: &str| {
+            parse(base, Path::new("g"), Path::new("/app"), environment)
+                .unwrap()
+                .services["web"]
+                .to_config()
+                .digest()
+        };
+        // The digests of configs written before the key existed do not move.
+        assert_eq!(digest("local"), digest("ten"));
+        assert_ne!(digest("local"), digest("few"));
     }
 }

@@ -151,6 +151,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 stop_grace: config.stop_grace,
                 volumes: config.volumes,
                 limits: config.limits,
+                keep_releases: crate::spec::DEFAULT_KEEP_RELEASES,
             },
             source: None,
         },

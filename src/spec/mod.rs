@@ -115,7 +115,13 @@ pub struct DeployPolicy {
     pub max_unavailable: u32,
     /// New instances must be healthy within this long, or the deploy rolls back.
     pub health_deadline: Duration,
+    /// How many of the service's newest releases keep their image through `graven gc`.
+    pub keep_releases: u32,
 }
+
+/// `keep_releases` when `graven.toml` does not say: a few weeks of daily deploys to roll
+/// back to, without every image ever deployed kept forever.
+pub const DEFAULT_KEEP_RELEASES: u32 = 10;
 
 #[cfg(test)]
 mod tests;

@@ -147,6 +147,7 @@ pub(crate) struct RawDeploy {
     pub max_surge: Option<Field<i64>>,
     pub max_unavailable: Option<Field<i64>>,
     pub health_deadline: Option<Field<String>>,
+    pub keep_releases: Option<Field<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

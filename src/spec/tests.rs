@@ -625,3 +625,30 @@ fn mangled_files_never_panic() {
         }
     }
 }
+
+#[test]
+fn keep_releases_is_read_per_environment() {
+    let base = r#"
+app = "a"
+[services.web]
+port = 8080
+[environments.few.services.web]
+deploy = { keep_releases = 3 }
+[environments.ten.services.web]
+deploy = { keep_releases = 10 }
+"#;
+    let service = |environment: &str| {
+        parse(base, Path::new("g"), Path::new("/app"), environment)
+            .unwrap()
+            .services["web"]
+            .clone()
+    };
+    assert_eq!(service("local").deploy.keep_releases, DEFAULT_KEEP_RELEASES);
+    assert_eq!(service("few").deploy.keep_releases, 3);
+    assert_eq!(service("ten").deploy.keep_releases, 10);
+    check(
+        "app = \"a\"\n[services.web]\nport = 1\ndeploy = { keep_releases = 0 }\n",
+        expect![[r#"
+            graven.toml:4:28: services.web.deploy.keep_releases: 0 is out of range: it must be at least 1"#]],
+    );
+}

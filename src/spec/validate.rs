@@ -55,6 +55,7 @@ struct Partial {
     max_surge: Option<At<u32>>,
     max_unavailable: Option<At<u32>>,
     health_deadline: Option<At<Duration>>,
+    keep_releases: Option<At<u32>>,
     stop_grace: Option<At<Duration>>,
     volumes: Option<At<Vec<VolumeMount>>>,
     memory: Option<At<u64>>,
@@ -87,6 +88,7 @@ impl Partial {
             max_surge: pick(&overlay.max_surge, &self.max_surge),
             max_unavailable: pick(&overlay.max_unavailable, &self.max_unavailable),
             health_deadline: pick(&overlay.health_deadline, &self.health_deadline),
+            keep_releases: pick(&overlay.keep_releases, &self.keep_releases),
             stop_grace: pick(&overlay.stop_grace, &self.stop_grace),
             volumes: pick(&overlay.volumes, &self.volumes),
             memory: pick(&overlay.memory, &self.memory),
@@ -257,6 +259,12 @@ fn check_deploy(raw: &RawDeploy, prefix: &str, issues: &mut Issues, partial: &mu
         issues,
         positive_duration,
     );
+    partial.keep_releases = leaf(
+        &raw.keep_releases,
+        &path("keep_releases"),
+        issues,
+        integer_in(1, u32_max),
+    );
 }
 
 fn check_limits(raw: &RawLimits, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
@@ -408,6 +416,7 @@ fn resolve_service(
             max_surge,
             max_unavailable,
             health_deadline: value(&merged.health_deadline, Duration::from_secs(30)),
+            keep_releases: count(&merged.keep_releases, super::DEFAULT_KEEP_RELEASES),
         },
         stop_grace: value(&merged.stop_grace, Duration::from_secs(10)),
         volumes: merged

@@ -5,12 +5,15 @@
 use std::collections::BTreeSet;
 use std::fs;
 
-use super::{Digest, Result, Store, io_err, oci};
+use super::{Digest, Result, Store, TEMP, io_err, oci};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcReport {
     /// Blobs removed, with their sizes.
     pub removed: Vec<(Digest, u64)>,
+    /// Temp files a write cut short (a crash mid-bake) left, by path under the store, with
+    /// their sizes.
+    pub leftovers: Vec<(String, u64)>,
     pub freed_bytes: u64,
     pub kept: usize,
 }
@@ -29,7 +32,7 @@ impl Store {
             let size = fs::metadata(self.blob_path(&digest))
                 .map(|m| m.len())
                 .unwrap_or(0);
-            if size > 4 * 1024 * 1024 {
+            if size > super::MAX_MANIFEST_SIZE {
                 continue;
             }
             let bytes = self.read_blob(&digest)?;
@@ -43,8 +46,9 @@ impl Store {
         Ok(seen)
     }
 
-    /// Removes every blob not reachable from a tag or `extra_roots`; never one that is.
-    pub fn gc(&self, extra_roots: &[Digest]) -> Result<GcReport> {
+    /// Removes every blob not reachable from a tag or `extra_roots`; never one that is. With
+    /// `dry_run`, reports what it would remove and removes nothing.
+    pub fn gc(&self, extra_roots: &[Digest], dry_run: bool) -> Result<GcReport> {
         let _lock = super::txn::gc_lock(self, true)?;
         let keep = self.reachable(extra_roots)?;
         let dir = self.root().join("blobs/sha256");
@@ -67,9 +71,33 @@ impl Store {
                 continue;
             }
             let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+            if !dry_run {
+                fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+            }
             report.freed_bytes += size;
             report.removed.push((digest, size));
+        }
+        // Every blob is written through a transaction, which holds the gc lock shared: under
+        // it exclusively, a temp file is no write under way but what a crash left.
+        for dir in ["blobs", "blobs/sha256"] {
+            let dir = self.root().join(dir);
+            let mut temps: Vec<_> = fs::read_dir(&dir)
+                .map_err(io_err(&dir))?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP))
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .collect();
+            temps.sort_by_key(|e| e.file_name());
+            for entry in temps {
+                let path = entry.path();
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if !dry_run {
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+                let name = path.strip_prefix(self.root()).unwrap_or(&path);
+                report.freed_bytes += size;
+                report.leftovers.push((name.display().to_string(), size));
+            }
         }
         Ok(report)
     }
@@ -98,15 +126,25 @@ mod tests {
         store.tag("t", &tagged, None).unwrap();
         let (release, release_layer) = image(b"release layer");
         let (_, loose_layer) = image(b"loose layer");
-        let report = store.gc(std::slice::from_ref(&release)).unwrap();
+        // A dry run reports the same and removes nothing.
+        let dry = store.gc(std::slice::from_ref(&release), true).unwrap();
+        assert!(store.has_blob(&loose_layer));
+        let report = store.gc(std::slice::from_ref(&release), false).unwrap();
+        assert_eq!(dry, report);
         for kept in [&tagged, &tagged_layer, &release, &release_layer] {
             assert!(store.has_blob(kept), "{kept} was removed");
         }
         assert!(!store.has_blob(&loose_layer));
         // The loose image's manifest and layer go; both images share one config blob.
         assert_eq!(report.removed.len(), 2, "{report:?}");
+        // A temp file a crash left is removed too.
+        let temp = store.root().join("blobs/.tmp-crashed");
+        fs::write(&temp, b"half a layer").unwrap();
+        let report = store.gc(std::slice::from_ref(&release), false).unwrap();
+        assert_eq!(report.leftovers, [("blobs/.tmp-crashed".to_owned(), 12)]);
+        assert!(!temp.exists());
         // Negative control: without the extra root the release's blobs go too.
-        store.gc(&[]).unwrap();
+        store.gc(&[], false).unwrap();
         assert!(!store.has_blob(&release_layer));
         assert!(store.has_blob(&tagged_layer));
     }

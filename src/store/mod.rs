@@ -48,8 +48,14 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("image {reference:?} is not in the store")]
     UnknownImage { reference: String },
-    #[error("image reference {reference:?} is ambiguous: it matches {count} images")]
-    AmbiguousImage { reference: String, count: usize },
+    #[error(
+        "image reference {reference:?} is ambiguous: it matches {}; give more of the digest",
+        candidates.iter().map(Digest::as_str).collect::<Vec<_>>().join(", ")
+    )]
+    AmbiguousImage {
+        reference: String,
+        candidates: Vec<Digest>,
+    },
     #[error("blob {digest} is missing from the store")]
     MissingBlob { digest: Digest },
     #[error("blob {digest} is corrupt: its content hashes to {actual}")]
@@ -79,6 +85,15 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The fewest hex digits a digest prefix may have to name an image: short enough to type,
+/// long enough that a word made of hex letters (`cafe`, `dead`) is not taken for a digest.
+pub const MIN_DIGEST_PREFIX: usize = 6;
+/// The name prefix of the store's temp files (a blob before it is named, `index.json`'s
+/// replacement).
+const TEMP: &str = ".tmp-";
+/// The largest blob read as a manifest or index; layers are larger and never parsed.
+const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
 /// The environment variable that bounds how large an image may be once unpacked.
 pub const MAX_IMAGE_SIZE_VAR: &str = "GRAVEN_MAX_IMAGE_SIZE";
@@ -216,7 +231,7 @@ impl Store {
     pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
         let dir = self.root.join("blobs");
         tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(TEMP)
             .tempfile_in(&dir)
             .map_err(io_err(&dir))
     }
@@ -336,8 +351,11 @@ impl Store {
             .collect())
     }
 
-    /// Resolves a tag, a full digest (`sha256:…`), or a unique hex prefix of at least 6
-    /// characters to a manifest digest that is in the store.
+    /// Resolves a tag, a full digest (`sha256:…`), or a unique prefix of a manifest's digest
+    /// (at least `MIN_DIGEST_PREFIX` hex digits, with or without `sha256:`, as `graven
+    /// images` and `graven releases` print them) to a manifest digest that is in the store.
+    /// A prefix matches every image the store holds, tagged or not (a release's image need
+    /// not be tagged); one that matches several is an error naming them.
     pub fn resolve(&self, reference: &str) -> Result<Digest> {
         let unknown = || StoreError::UnknownImage {
             reference: reference.to_owned(),
@@ -349,28 +367,46 @@ impl Store {
                 Err(unknown())
             };
         }
-        let tags = self.tags()?;
-        if let Some(tagged) = tags.iter().find(|t| t.tag == reference) {
-            return Ok(tagged.digest.clone());
+        if let Some(tagged) = self.tags()?.into_iter().find(|t| t.tag == reference) {
+            return Ok(tagged.digest);
         }
         let prefix = reference.strip_prefix("sha256:").unwrap_or(reference);
-        if prefix.len() >= 6 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let mut found: Vec<Digest> = tags
-                .into_iter()
-                .map(|t| t.digest)
-                .filter(|d| d.hex().starts_with(prefix))
-                .collect();
-            found.dedup();
-            return match found.len() {
-                0 => Err(unknown()),
-                1 => Ok(found.remove(0)),
-                count => Err(StoreError::AmbiguousImage {
-                    reference: reference.to_owned(),
-                    count,
-                }),
-            };
+        if prefix.len() < MIN_DIGEST_PREFIX || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(unknown());
         }
-        Err(unknown())
+        let mut found = self.manifests_starting_with(&prefix.to_ascii_lowercase())?;
+        match found.len() {
+            0 => Err(unknown()),
+            1 => Ok(found.remove(0)),
+            _ => Err(StoreError::AmbiguousImage {
+                reference: reference.to_owned(),
+                candidates: found,
+            }),
+        }
+    }
+
+    /// The manifests in the store whose digest's hex starts with `prefix`, in order.
+    fn manifests_starting_with(&self, prefix: &str) -> Result<Vec<Digest>> {
+        let dir = self.root.join("blobs/sha256");
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .filter(|hex| hex.starts_with(prefix))
+                .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+            else {
+                continue;
+            };
+            // Only a small blob can be a manifest: a layer is neither read nor hashed.
+            let small = entry.metadata().is_ok_and(|m| m.len() <= MAX_MANIFEST_SIZE);
+            if small && self.image(&digest).is_ok() {
+                found.push(digest);
+            }
+        }
+        found.sort();
+        Ok(found)
     }
 
     /// Reads a manifest and its config.
@@ -450,7 +486,7 @@ fn validate_tag(tag: &str) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut file = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TEMP)
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
     file.write_all(bytes).map_err(io_err(path))?;
@@ -547,5 +583,57 @@ mod tests {
             store.read_blob_verified(&digest),
             Err(StoreError::CorruptBlob { .. })
         ));
+    }
+
+    /// Regression (issue 11, item 6): a short digest that `graven releases` printed did not
+    /// resolve, since only tagged images were searched and a release's image is untagged.
+    /// Every manifest in the store resolves by a unique prefix; an ambiguous one names the
+    /// candidates; a layer or a config never resolves by prefix.
+    #[test]
+    fn untagged_manifests_resolve_by_prefix_and_ambiguous_prefixes_name_candidates() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let layer = store.put_blob(b"layer").unwrap();
+        let config = ImageConfig::default();
+        // Two manifests whose digests share their first 6 hex digits (a birthday search).
+        let mut seen = std::collections::HashMap::new();
+        let (first, second) = (1u64..)
+            .find_map(|size| {
+                let layers = vec![Descriptor::new(MEDIA_TYPE_LAYER_GZIP, layer.clone(), size)];
+                let (config_bytes, manifest) = image_blobs(&config, layers);
+                let digest = Digest::of(&manifest);
+                let prefix = digest.hex()[..MIN_DIGEST_PREFIX].to_owned();
+                seen.insert(prefix, (config_bytes.clone(), manifest.clone()))
+                    .map(|earlier| (earlier, (config_bytes, manifest)))
+            })
+            .unwrap();
+        store.put_blob(&first.0).unwrap();
+        let a = store.put_blob(&first.1).unwrap();
+        let b = store.put_blob(&second.1).unwrap();
+        let shared = &a.hex()[..MIN_DIGEST_PREFIX];
+        match store.resolve(shared) {
+            Err(error @ StoreError::AmbiguousImage { .. }) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains(a.as_str()) && text.contains(b.as_str()),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A longer prefix, with or without `sha256:`, in either case, picks one.
+        let unique = |d: &Digest| {
+            (MIN_DIGEST_PREFIX..64)
+                .map(|n| d.hex()[..n].to_owned())
+                .find(|p| !a.hex().starts_with(p.as_str()) || !b.hex().starts_with(p.as_str()))
+                .unwrap()
+        };
+        assert_eq!(store.resolve(&unique(&a)).unwrap(), a);
+        assert_eq!(store.resolve(&format!("sha256:{}", unique(&b))).unwrap(), b);
+        assert_eq!(store.resolve(&unique(&a).to_ascii_uppercase()).unwrap(), a);
+        // Too short, a layer, a config: not images.
+        assert!(store.resolve(&a.hex()[..MIN_DIGEST_PREFIX - 1]).is_err());
+        assert!(store.resolve(&layer.hex()[..12]).is_err());
+        assert!(store.resolve(&Digest::of(&first.0).hex()[..12]).is_err());
     }
 }

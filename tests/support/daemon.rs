@@ -36,6 +36,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         stop_grace: Duration::from_secs(2),
         volumes: vec![],
         limits: Default::default(),
+        keep_releases: 10,
     }
 }
 

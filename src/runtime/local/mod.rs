@@ -8,6 +8,7 @@
 //! fresh single-threaded process), never in the async process.
 
 mod cgroup;
+mod gc;
 pub mod log;
 pub mod orphans;
 pub mod retention;
@@ -22,6 +23,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use state::{LOG, LOG_BEFORE, Proc, SCRATCH, ShimRequest, State};
+
+pub use gc::{Freed, GcReport};
 
 use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
 use crate::sandbox::user;
@@ -133,6 +136,15 @@ impl LocalRuntime {
         &self,
         digest: &Digest,
     ) -> Result<(crate::store::Image, PathBuf), RuntimeError> {
+        let _lock = rootfs::start_lock(&self.home, false)?;
+        self.prepare_locked(digest)
+    }
+
+    /// `prepare_blocking` for a caller that holds the start lock.
+    fn prepare_locked(
+        &self,
+        digest: &Digest,
+    ) -> Result<(crate::store::Image, PathBuf), RuntimeError> {
         let image = self.image(digest)?;
         let root = rootfs::ensure(&self.store, &self.home, &image)?;
         Ok((image, root))
@@ -142,7 +154,10 @@ impl LocalRuntime {
     /// instance and exits, and a thread pool would only add to its start time.
     pub fn start_blocking(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
         spec.validate()?;
-        let (image, root) = self.prepare_blocking(&spec.image)?;
+        // Held until the instance's state names its image, so gc never removes the root
+        // under a start (rootfs.rs).
+        let _lock = rootfs::start_lock(&self.home, false)?;
+        let (image, root) = self.prepare_locked(&spec.image)?;
         let config = &image.config.config;
         let args = match &spec.command {
             Some(command) => command.clone(),
@@ -651,6 +666,9 @@ impl Runtime for LocalRuntime {
             self.settle(id, (dir.clone(), state.clone())).await?;
         }
         state.cgroups.remove();
+        // gc tells a removed instance's directory by its record: it must not look while the
+        // state is gone and the record not yet written.
+        let _lock = rootfs::start_lock(&self.home, false)?;
         // Everything but the log (both files), which outlives the instance.
         let entries =
             std::fs::read_dir(&dir).map_err(other(format!("removing {}", dir.display())))?;

@@ -4,6 +4,11 @@
 //! `/proc`, `/sys`, `/tmp`) made when the image lacks them. The result is shared by every
 //! instance of the image and never written again: instances see it through a read-only bind
 //! (or a read-only overlay when a volume's mount point is missing from it).
+//!
+//! `graven gc` removes the roots no instance uses. The start lock keeps it from removing one
+//! an instance is being started from: every prepare, start and removal holds it shared,
+//! from before it looks at a root until the instance's state (which names its image) is on
+//! disk; gc holds it exclusive while it decides and moves roots aside.
 
 use std::path::{Path, PathBuf};
 
@@ -16,9 +21,39 @@ pub fn is_unpacked(home: &Path, image: &Digest) -> bool {
 }
 
 /// Where unpacked roots live under `$GRAVEN_HOME`.
-const DIR: &str = "rootfs";
+pub const DIR: &str = "rootfs";
+/// The start lock's file under `$GRAVEN_HOME`.
+const START_LOCK: &str = "start.lock";
+/// The name prefix of a root being unpacked.
+pub const UNPACKING: &str = ".tmp-";
 
-fn unpacked_path(home: &Path, image: &Digest) -> PathBuf {
+/// Takes the start lock under `home`: shared for a prepare, start or removal (they do not
+/// exclude each other), exclusive for gc. Held until the file is dropped; the descriptor is
+/// close-on-exec, and a shim forked from a starter closes it, so no instance keeps it.
+pub fn start_lock(home: &Path, exclusive: bool) -> Result<std::fs::File, RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = home.join(START_LOCK);
+    let other = |source| RuntimeError::Other {
+        context: format!("locking {}", path.display()),
+        source,
+    };
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(other)?;
+    let operation = if exclusive {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::LockShared
+    };
+    rustix::fs::flock(&file, operation).map_err(|e| other(e.into()))?;
+    Ok(file)
+}
+
+pub fn unpacked_path(home: &Path, image: &Digest) -> PathBuf {
     home.join(DIR).join(image.hex())
 }
 
@@ -33,7 +68,7 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
     // Owner-only: the unpacked roots below keep the image's setuid-root files.
     super::private_dir(&dir)?;
     let temp = tempfile::Builder::new()
-        .prefix(&format!(".tmp-{}-", image.digest.short()))
+        .prefix(&format!("{UNPACKING}{}-", image.digest.short()))
         .tempdir_in(&dir)
         .map_err(other(format!("creating a temp dir in {}", dir.display())))?;
     store.unpack_layers(
