@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{ApiError, Target, event_logs};
 use crate::controller::{ControllerError, Snapshot};
-use crate::events::{Envelope, Event, EventLog, replay};
+use crate::events::{Envelope, Event, EventLog};
 
 /// The logs `target` names, as (app, environment, path), sorted; an app or environment it
 /// names that has no log is an error.
@@ -45,11 +45,11 @@ pub fn snapshots(home: &Path, target: &Target) -> Result<Vec<Snapshot>, ApiError
     let mut snapshots = Vec::new();
     for (app, environment, path) in matching(home, target)? {
         let log = EventLog::open(&path).map_err(ControllerError::from)?;
-        let events = log.read_after::<Event>(0).map_err(ControllerError::from)?;
+        let state = crate::events::snapshot::load(&log).map_err(ControllerError::from)?;
         snapshots.push(Snapshot {
             app,
             environment,
-            state: Arc::new(replay(&events)),
+            state: Arc::new(state),
             ..Snapshot::default()
         });
     }

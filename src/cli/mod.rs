@@ -17,6 +17,8 @@ mod project;
 #[cfg(feature = "dev-tools")]
 mod proxy;
 mod secrets;
+#[cfg(feature = "dev-tools")]
+mod synthetic;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,6 +76,9 @@ pub enum Command {
     Down(project::TargetArgs),
     /// Accept event logs whose end was lost: record the loss and number on after it.
     Recover(project::RecoverArgs),
+    /// Store a snapshot of each event log's folded state, so start-up reads only what
+    /// follows it (the control plane also does this every 10,000 events).
+    Compact(project::RecoverArgs),
     /// Set, list and remove the secrets graven.toml refers to (no daemon needed).
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
@@ -85,6 +90,10 @@ pub enum Command {
     #[cfg(feature = "dev-tools")]
     #[command(name = "__load", hide = true)]
     Load(load::LoadArgs),
+    /// Appends a long synthetic history to an event log (for the start-up benchmark).
+    #[cfg(feature = "dev-tools")]
+    #[command(name = "__synthetic-history", hide = true)]
+    SyntheticHistory(synthetic::SyntheticArgs),
 }
 
 impl Command {
@@ -199,11 +208,14 @@ pub fn main() -> ExitCode {
         Command::History(args) => project::history(&home, args),
         Command::Down(args) => project::down(&home, args),
         Command::Recover(args) => project::recover(&home, args),
+        Command::Compact(args) => project::compact(&home, args),
         Command::Secrets(command) => secrets::run(&home, command),
         #[cfg(feature = "dev-tools")]
         Command::Proxy(args) => proxy::run(args),
         #[cfg(feature = "dev-tools")]
         Command::Load(args) => load::run(args),
+        #[cfg(feature = "dev-tools")]
+        Command::SyntheticHistory(args) => synthetic::run(&home, args),
     };
     match result {
         Ok(code) => code,

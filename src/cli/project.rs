@@ -1000,22 +1000,7 @@ pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 /// lost, so the daemon starts on it again; release, instance and sequence numbers go on after
 /// the highest one the log's mark records. Logs that lost nothing are left as they are.
 pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
-    let apps = home.join("apps");
-    let mut logs = Vec::new();
-    for app in read_dir_names(&apps)? {
-        if args.app.as_ref().is_some_and(|a| *a != app) {
-            continue;
-        }
-        for environment in read_dir_names(&apps.join(&app))? {
-            let log = api::log_path(home, &app, &environment);
-            if args.environment.as_ref().is_none_or(|e| *e == environment) && log.is_file() {
-                logs.push((app.clone(), environment, log));
-            }
-        }
-    }
-    if logs.is_empty() {
-        bail!("no event log under {} matches", apps.display());
-    }
+    let logs = logs_named(home, &args)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -1034,6 +1019,41 @@ pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
             ),
             None => println!("{app}/{environment}: nothing was lost"),
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The event logs under `home` that `--app`/`--env` name (all when left out), as
+/// (app, environment, path); none is an error.
+fn logs_named(home: &Path, args: &RecoverArgs) -> anyhow::Result<Vec<(String, String, PathBuf)>> {
+    let apps = home.join("apps");
+    let mut logs = Vec::new();
+    for app in read_dir_names(&apps)? {
+        if args.app.as_ref().is_some_and(|a| *a != app) {
+            continue;
+        }
+        for environment in read_dir_names(&apps.join(&app))? {
+            let log = api::log_path(home, &app, &environment);
+            if args.environment.as_ref().is_none_or(|e| *e == environment) && log.is_file() {
+                logs.push((app.clone(), environment, log));
+            }
+        }
+    }
+    if logs.is_empty() {
+        bail!("no event log under {} matches", apps.display());
+    }
+    Ok(logs)
+}
+
+/// Stores a snapshot of each named log's state (`events::snapshot`): start-up then folds
+/// only the events after it. The events themselves stay.
+pub fn compact(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
+    for (app, environment, path) in logs_named(home, &args)? {
+        let log = crate::events::EventLog::open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let seq = crate::events::snapshot::compact(&log)
+            .with_context(|| format!("compacting {}", path.display()))?;
+        say!("{app}/{environment}: snapshot at event {seq}; start-up folds only what follows");
     }
     Ok(ExitCode::SUCCESS)
 }

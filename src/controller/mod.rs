@@ -24,7 +24,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::events::{
     CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, InstanceName,
     Lifecycle, ReleaseNumber, RuntimeId, Scale, ServiceConfig, ServiceName, Source, State, fold,
-    replay,
 };
 use crate::proxy::health::{Health, HealthChange, HealthMonitor};
 use crate::proxy::{Backend, HealthCheck, Route, RouteOptions};
@@ -371,13 +370,15 @@ impl ControllerHandle {
 /// Replays the log and starts the loop on the current tokio runtime.
 pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerError> {
     let log = EventLog::open(&options.log)?;
-    let state = replay(&log.read_after(0)?);
+    // The newest snapshot and the events after it: start-up stays bounded as the log grows.
+    let state = crate::events::snapshot::load(&log)?;
     let snapshot = Arc::new(Snapshot {
         app: options.app.clone(),
         environment: options.environment.clone(),
         state: Arc::new(state.clone()),
         ..Snapshot::default()
     });
+    let state_seq = state.seq;
     let (publish, watcher) = watch::channel(snapshot);
     let (inputs, receiver) = mpsc::unbounded_channel();
     let (health_tx, health_rx) = mpsc::unbounded_channel();
@@ -404,6 +405,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         since_ms: now_ms(),
         unwritable: None,
         dirty: false,
+        snapshot_at: state_seq,
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -438,6 +440,8 @@ struct Shell {
     /// once per round (and before a command is answered), not once per event: a round that
     /// records many events clones the state once.
     dirty: bool,
+    /// The sequence of the last snapshot written (or found at start).
+    snapshot_at: u64,
 }
 
 struct Unwritable {
@@ -513,6 +517,7 @@ impl Shell {
                 }
             }
             self.publish_if_changed();
+            self.snapshot_if_due();
             let done =
                 self.state.instances.is_empty() && self.busy.is_empty() && self.busy_ids.is_empty();
             // A shutdown that cannot record its drains leaves the instances running for the
@@ -638,6 +643,23 @@ impl Shell {
         self.state = fold(std::mem::take(&mut self.state), &envelope);
         self.dirty = true;
         Ok(envelope)
+    }
+
+    /// Stores a snapshot of the state every `SNAPSHOT_EVERY` events, so the next start folds
+    /// at most that many. A failure is only said: the log itself is whole, and the next
+    /// start folds more.
+    fn snapshot_if_due(&mut self) {
+        use crate::events::snapshot::{SNAPSHOT_EVERY, save};
+        if self.state.seq < self.snapshot_at + SNAPSHOT_EVERY || self.unwritable.is_some() {
+            return;
+        }
+        self.snapshot_at = self.state.seq;
+        if let Err(error) = save(&self.log, &self.state) {
+            warn(format_args!(
+                "graven: {}/{}: storing a snapshot of the state: {error}",
+                self.options.app, self.options.environment
+            ));
+        }
     }
 
     fn publish_if_changed(&mut self) {

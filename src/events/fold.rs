@@ -14,6 +14,11 @@ use super::{
 };
 use crate::store::Digest;
 
+/// How many deploy records the state keeps: enough for every rollback's "what did the
+/// current release replace" and for `status`; the log keeps every one, so the state (and
+/// its snapshots) stay bounded however many deploys there were.
+pub const DEPLOY_RECORDS: usize = 1000;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// The sequence number of the last event folded in.
@@ -25,7 +30,7 @@ pub struct State {
     pub instances: BTreeMap<InstanceName, InstanceState>,
     /// How many instances were ever launched; the controller numbers new ones from it.
     pub launched: u64,
-    /// Every deploy and rollback, oldest first.
+    /// The last `DEPLOY_RECORDS` deploys and rollbacks, oldest first (the log has them all).
     pub deploys: Vec<DeployRecord>,
     /// The last sequence number a recovered log lost (0: none). Numbers of releases and
     /// instances go on after it, since a lost one may have used any number up to it.
@@ -311,6 +316,10 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
                 by: envelope.actor.clone(),
                 outcome: None,
             });
+            if state.deploys.len() > DEPLOY_RECORDS {
+                let surplus = state.deploys.len() - DEPLOY_RECORDS;
+                state.deploys.drain(..surplus);
+            }
         }
         Event::DeploySucceeded { service, .. } => {
             state.end_deploy(service, DeployOutcome::Succeeded { at_ms: at });

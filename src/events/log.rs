@@ -28,7 +28,8 @@ use sha2::Digest as _;
 /// vocabulary version too: `EventKind::decode` reads every older one (version 1 is upcast).
 pub const ENVELOPE_VERSION: u32 = 2;
 /// The database layout (`PRAGMA user_version`) this graven writes and the newest it opens.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Layout 2 adds the `snapshots` table; a layout-1 log gains it when opened.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// What an event's payload says it is, stored beside it so queries need not parse JSON.
 pub trait EventKind {
@@ -458,6 +459,20 @@ impl EventLog {
                     CREATE INDEX events_by_kind ON events (kind, seq);",
                 )
                 .map_err(sqlite)?;
+        }
+        if found < 2 {
+            // A snapshot of the folded state at `seq`, in the format `version` names; the
+            // events stay, so a snapshot only shortens start-up and never loses history.
+            transaction
+                .execute_batch(
+                    "CREATE TABLE snapshots (
+                        seq INTEGER PRIMARY KEY,
+                        version INTEGER NOT NULL,
+                        state TEXT NOT NULL,
+                        checksum TEXT NOT NULL
+                    );",
+                )
+                .map_err(sqlite)?;
             transaction
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(sqlite)?;
@@ -617,6 +632,102 @@ impl EventLog {
             events.push(envelope);
         }
         Ok(events)
+    }
+
+    /// Appends several events in one transaction: one fsync for all of them, durable
+    /// together when this returns. For bulk writes (a benchmark's history); the controller
+    /// appends each decision on its own, before its effect.
+    pub fn append_many<T: Serialize + EventKind + Clone>(
+        &self,
+        actor: &str,
+        at_ms: u64,
+        payloads: &[T],
+    ) -> Result<u64, EventLogError> {
+        if !valid_actor(actor) {
+            return Err(EventLogError::BadActor {
+                actor: actor.to_owned(),
+            });
+        }
+        let at = i64::try_from(at_ms).map_err(|_| EventLogError::BadTime { at_ms })?;
+        let version = i64::from(ENVELOPE_VERSION);
+        let mut connection = self.connection();
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sqlite())?;
+        let mut seq: i64 = transaction
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |row| {
+                row.get(0)
+            })
+            .map_err(self.sqlite())?;
+        {
+            let mut insert = transaction
+                .prepare_cached(
+                    "INSERT INTO events (seq, at_ms, actor, version, kind, payload, checksum)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(self.sqlite())?;
+            for payload in payloads {
+                seq += 1;
+                let kind = payload.kind();
+                let json = serde_json::to_string(payload)
+                    .map_err(|source| EventLogError::Encode { kind, source })?;
+                let sum = checksum(seq, at, actor, version, &json);
+                insert
+                    .execute(params![seq, at, actor, version, kind, json, sum])
+                    .map_err(self.sqlite())?;
+            }
+        }
+        let staged = self.mark.stage(seq as u64)?;
+        transaction.commit().map_err(self.sqlite())?;
+        let _ = staged.install();
+        Ok(seq as u64)
+    }
+
+    /// Stores a snapshot of the state folded through `seq`, in format `version`, checksummed
+    /// like an event. Older snapshots are removed: only the newest is ever read.
+    pub fn save_snapshot(&self, seq: u64, version: u32, state: &str) -> Result<(), EventLogError> {
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let version = i64::from(version);
+        let sum = checksum(seq, 0, "snapshot", version, state);
+        let mut connection = self.connection();
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sqlite())?;
+        transaction
+            .execute(
+                "INSERT OR REPLACE INTO snapshots (seq, version, state, checksum)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![seq, version, state, sum],
+            )
+            .map_err(self.sqlite())?;
+        transaction
+            .execute("DELETE FROM snapshots WHERE seq < ?1", [seq])
+            .map_err(self.sqlite())?;
+        transaction.commit().map_err(self.sqlite())
+    }
+
+    /// The newest snapshot in format `version`, as (seq, state), if there is one whose
+    /// checksum holds and that the log reaches (a snapshot past the log's end, left by a
+    /// lost tail, is not used). A snapshot in another format is not used either: the caller
+    /// folds the whole log instead.
+    pub fn load_snapshot(&self, version: u32) -> Result<Option<(u64, String)>, EventLogError> {
+        let last = self.last_seq()?;
+        let connection = self.connection();
+        let row: Option<(i64, i64, String, String)> = connection
+            .query_row(
+                "SELECT seq, version, state, checksum FROM snapshots ORDER BY seq DESC LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .optional()
+            .map_err(self.sqlite())?;
+        let Some((seq, found, state, sum)) = row else {
+            return Ok(None);
+        };
+        let usable = found == i64::from(version)
+            && checksum(seq, 0, "snapshot", found, &state) == sum
+            && u64::try_from(seq).is_ok_and(|seq| seq <= last);
+        Ok(usable.then_some((seq as u64, state)))
     }
 
     /// The sequence number of the newest event, 0 for an empty log.
@@ -969,6 +1080,19 @@ mod tests {
     }
 
     #[test]
+    fn a_log_of_layout_1_gains_the_snapshots_table_when_opened() {
+        let (_dir, path) = temp_log();
+        drop(EventLog::open(&path).unwrap());
+        let old = raw(&path);
+        old.execute_batch("DROP TABLE snapshots; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(old);
+        let log = EventLog::open(&path).unwrap();
+        log.save_snapshot(0, 1, "{}").unwrap();
+        assert_eq!(log.load_snapshot(1).unwrap(), Some((0, "{}".to_owned())));
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let (_dir, path) = temp_log();
         drop(EventLog::open(&path).unwrap());
@@ -977,7 +1101,7 @@ mod tests {
             .unwrap();
         let error = EventLog::open(&path).unwrap_err();
         assert!(
-            matches!(error, EventLogError::NewerSchema { found: 2, .. }),
+            matches!(error, EventLogError::NewerSchema { found: 3, .. }),
             "{error}"
         );
     }

@@ -16,6 +16,7 @@ use crate::store::Digest;
 pub mod fold;
 mod ids;
 mod log;
+pub mod snapshot;
 mod v1;
 
 pub use ids::{InstanceName, ReleaseNumber, RuntimeId, ServiceName};
