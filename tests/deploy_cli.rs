@@ -82,9 +82,18 @@ fn up_deploy_rollback_history_and_ctrl_c() {
     assert!(up.stderr().contains("draining and stopping"));
     assert!(!home.join("graven.sock").exists());
     assert!(version(route).is_err(), "the route is closed");
-    let (ok, _, stderr) = run(&home, &["status"]);
-    assert!(!ok);
-    assert!(stderr.contains("no graven daemon answers"), "{stderr}");
+    // With no control plane, status reads the log: the app is there, its service gone.
+    let (ok, stdout, stderr) = run(&home, &["status"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("no control plane runs"), "{stderr}");
+    assert!(stdout.contains("demo/local"), "{stdout}");
+    assert!(!stdout.contains("service web"), "{stdout}");
+    let (ok, _, stderr) = run(&home, &["status", "--app", "nope"]);
+    assert!(!ok, "an unknown app is an error");
+    assert!(
+        stderr.contains("nothing is deployed for app \"nope\""),
+        "{stderr}"
+    );
 }
 
 #[test]

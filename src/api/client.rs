@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use super::{
-    Accepted, DeployRequest, ErrorBody, HistoryRequest, RollbackRequest, Target, socket_path,
+    Accepted, DeployRequest, ErrorBody, FollowRequest, HistoryRequest, RollbackRequest, Target,
+    socket_path,
 };
 use crate::controller::Snapshot;
 use crate::events::{Envelope, Event};
@@ -47,6 +48,29 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
+        let response = self.send(path, body).await?;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.transport(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| self.transport(format!("bad answer: {e}")))
+    }
+
+    fn transport(&self, reason: String) -> ClientError {
+        ClientError::Transport {
+            socket: self.socket.clone(),
+            reason,
+        }
+    }
+
+    /// Sends one request; a successful response, its body unread, or the daemon's error.
+    async fn send<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let transport = |reason: String| ClientError::Transport {
             socket: self.socket.clone(),
             reason,
@@ -76,19 +100,44 @@ impl Client {
             .await
             .map_err(|e| transport(e.to_string()))?;
         let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
         let bytes = response
             .into_body()
             .collect()
             .await
             .map_err(|e| transport(e.to_string()))?
             .to_bytes();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api { status, message });
+        let message = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        Err(ClientError::Api { status, message })
+    }
+
+    /// The rollout's events as the daemon streams them, each handed to `each` as it
+    /// arrives, until every deploy the rollout started has ended.
+    pub async fn follow(
+        &self,
+        request: &FollowRequest,
+        mut each: impl FnMut(Envelope<Event>),
+    ) -> Result<(), ClientError> {
+        let mut body = self.send("/v1/follow", request).await?.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.transport(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let envelope = serde_json::from_slice(&line)
+                    .map_err(|e| self.transport(format!("bad event: {e}")))?;
+                each(envelope);
+            }
         }
-        serde_json::from_slice(&bytes).map_err(|e| transport(format!("bad answer: {e}")))
+        Ok(())
     }
 
     pub async fn deploy(&self, request: &DeployRequest) -> Result<Accepted, ClientError> {

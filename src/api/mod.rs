@@ -174,6 +174,16 @@ pub struct RollbackRequest {
     pub to: Option<ReleaseNumber>,
 }
 
+/// Follow a rollout's events as they are appended, from after `after` until every deploy
+/// it started has ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowRequest {
+    #[serde(flatten)]
+    pub target: Target,
+    pub after: u64,
+    pub rollout: Rollout,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryRequest {
     #[serde(flatten)]
@@ -417,9 +427,17 @@ impl Daemon {
         }
     }
 
-    async fn answer(&self, request: Request<Incoming>, actor: &str) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: Request<Incoming>, actor: &str) -> Response<ApiBody> {
         match self.route(request, actor).await {
-            Ok(body) => json_response(StatusCode::OK, body),
+            Ok(Answer::Whole(body)) => json_response(StatusCode::OK, body),
+            Ok(Answer::Lines(lines)) => {
+                let mut response = Response::new(ApiBody::Lines(lines));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/x-ndjson"),
+                );
+                response
+            }
             Err(error) => {
                 let mut response = json_response(
                     error.status(),
@@ -444,19 +462,37 @@ impl Daemon {
         }
     }
 
-    async fn route(&self, request: Request<Incoming>, actor: &str) -> Result<Vec<u8>, ApiError> {
+    async fn route(&self, request: Request<Incoming>, actor: &str) -> Result<Answer, ApiError> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let body = self.read_body(request).await?;
-        match (&method, path.as_str()) {
+        if (&method, path.as_str()) == (&Method::POST, "/v1/follow") {
+            let request: FollowRequest = parse(&body)?;
+            let handle = self.find(&request.target)?;
+            return Ok(Answer::Lines(follow(&handle, request)));
+        }
+        self.route_whole(&method, &path, &body, actor)
+            .await
+            .map(Answer::Whole)
+    }
+
+    async fn route_whole(
+        &self,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+        actor: &str,
+    ) -> Result<Vec<u8>, ApiError> {
+        let path = path.to_owned();
+        match (method, path.as_str()) {
             (&Method::POST, "/v1/deploy") => {
-                let request: DeployRequest = parse(&body)?;
+                let request: DeployRequest = parse(body)?;
                 let handle = self.controller(&request.app, &request.environment)?;
                 let rollout = handle.deploy(request.order, actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }
             (&Method::POST, "/v1/rollback") => {
-                let request: RollbackRequest = parse(&body)?;
+                let request: RollbackRequest = parse(body)?;
                 let handle = self.find(&request.target)?;
                 rollback_images_present(
                     &self.home,
@@ -468,13 +504,13 @@ impl Daemon {
                 Ok(to_json(&accepted(&handle, rollout)))
             }
             (&Method::POST, "/v1/down") => {
-                let target: Target = parse(&body)?;
+                let target: Target = parse(body)?;
                 let handle = self.find(&target)?;
                 let rollout = handle.down(actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }
             (&Method::POST, "/v1/status") => {
-                let target: Target = parse(&body)?;
+                let target: Target = parse(body)?;
                 let snapshots: Vec<Snapshot> = self
                     .snapshots(&target)?
                     .iter()
@@ -483,14 +519,14 @@ impl Daemon {
                 Ok(to_json(&snapshots))
             }
             (&Method::POST, "/v1/history") => {
-                let request: HistoryRequest = parse(&body)?;
+                let request: HistoryRequest = parse(body)?;
                 let handle = self.find(&request.target)?;
                 let events: Vec<Envelope<Event>> = handle.history(request.after).await?;
                 Ok(to_json(&events))
             }
             _ => Err(ApiError::NoRoute {
                 method: method.to_string(),
-                path,
+                path: path.clone(),
             }),
         }
     }
@@ -555,8 +591,77 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// What an endpoint answers: one JSON document, or JSON lines as they come (`/v1/follow`).
+enum Answer {
+    Whole(Vec<u8>),
+    Lines(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+/// A response body: whole, or lines sent as they come, ending when the sender does.
+pub enum ApiBody {
+    Whole(Full<Bytes>),
+    Lines(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for ApiBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ApiBody::Whole(full) => std::pin::Pin::new(full).poll_frame(cx),
+            ApiBody::Lines(lines) => lines
+                .poll_recv(cx)
+                .map(|line| line.map(|bytes| Ok(hyper::body::Frame::data(bytes)))),
+        }
+    }
+
+    // A whole answer says its length (`content-length`), as a plain `Full` would.
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ApiBody::Whole(full) => full.is_end_stream(),
+            ApiBody::Lines(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ApiBody::Whole(full) => full.size_hint(),
+            ApiBody::Lines(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// Streams the controller's events after `request.after`, one JSON line each, until every
+/// deploy of `request.rollout` has ended (or the client goes). Runs off the control loop; a
+/// slow client slows only this task, and catches up from the log.
+fn follow(handle: &ControllerHandle, request: FollowRequest) -> tokio::sync::mpsc::Receiver<Bytes> {
+    let (lines, receiver) = tokio::sync::mpsc::channel(64);
+    let mut follower = controller::Follower::new(handle, request.after);
+    let mut watch = controller::RolloutWatch::new(&request.rollout);
+    tokio::spawn(async move {
+        while !watch.done() {
+            let Ok(events) = follower.next().await else {
+                return;
+            };
+            for envelope in events {
+                watch.observe(&envelope);
+                let mut line = to_json(&envelope);
+                line.push(b'\n');
+                if lines.send(Bytes::from(line)).await.is_err() || watch.done() {
+                    return;
+                }
+            }
+        }
+    });
+    receiver
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<ApiBody> {
+    let mut response = Response::new(ApiBody::Whole(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

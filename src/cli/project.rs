@@ -6,7 +6,6 @@
 //! failed bake never touches what runs.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -17,9 +16,10 @@ use serde::Serialize;
 
 use super::{Threads, async_runtime};
 use crate::api::{
-    self, Client, ControlLock, Daemon, DeployRequest, HistoryRequest, RollbackRequest, Target, lock,
+    self, Client, ControlLock, Daemon, DeployRequest, FollowRequest, HistoryRequest,
+    RollbackRequest, Target, lock,
 };
-use crate::controller::{DeployOrder, Rollout, Snapshot};
+use crate::controller::{DeployOrder, Follower, Outcome, Rollout, RolloutWatch, Snapshot};
 use crate::deploy::Step;
 use crate::events::{DeployOutcome, Envelope, Event, ReleaseNumber, ServiceName};
 use crate::runtime::{AnyRuntime, LocalRuntime};
@@ -233,15 +233,6 @@ fn prepare(home: &Path, project: &Project, resume: bool) -> anyhow::Result<Deplo
     )?)
 }
 
-/// How one service's rollout ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Outcome {
-    pub service: ServiceName,
-    pub release: ReleaseNumber,
-    #[serde(flatten)]
-    pub outcome: DeployOutcome,
-}
-
 #[derive(Debug, Serialize)]
 struct DeployReport<'a> {
     app: &'a str,
@@ -251,86 +242,32 @@ struct DeployReport<'a> {
     routes: BTreeMap<ServiceName, String>,
 }
 
-/// Prints the rollout's events as they are appended until every started deploy has ended.
-async fn follow<F, Fut>(
+/// Prints one event of a rollout's progress on stderr (unless the outcome goes out as JSON).
+fn progress_line(envelope: &Envelope<Event>, quiet: bool) {
+    if !quiet {
+        note!("  {}", envelope.payload.describe());
+    }
+}
+
+/// Follows a rollout in this process (`graven up`), printing its events as they are
+/// appended, until every deploy it started has ended.
+async fn follow_here(
+    handle: &crate::controller::ControllerHandle,
     rollout: &Rollout,
     quiet: bool,
-    mut history: F,
-) -> anyhow::Result<Vec<Outcome>>
-where
-    F: FnMut(u64) -> Fut,
-    Fut: Future<Output = anyhow::Result<Vec<Envelope<Event>>>>,
-{
-    let mut pending: BTreeMap<ServiceName, ReleaseNumber> = rollout
-        .started
-        .iter()
-        .map(|s| (s.service.clone(), s.to))
-        .collect();
-    let mut outcomes = Vec::new();
-    let mut after = rollout.after_seq;
-    while !pending.is_empty() {
-        let events = history(after).await?;
-        if events.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
-        for envelope in events {
-            after = envelope.seq;
-            if !quiet {
-                note!("  {}", envelope.payload.describe());
-            }
-            let ended = match &envelope.payload {
-                Event::DeploySucceeded { service, release } => Some((
-                    service,
-                    *release,
-                    DeployOutcome::Succeeded {
-                        at_ms: envelope.at_ms,
-                    },
-                )),
-                Event::DeployRolledBack {
-                    service,
-                    from,
-                    reason,
-                    ..
-                } => Some((
-                    service,
-                    *from,
-                    DeployOutcome::RolledBack {
-                        at_ms: envelope.at_ms,
-                        reason: reason.clone(),
-                    },
-                )),
-                Event::DeployStarted { service, to, .. } if pending.get(service) != Some(to) => {
-                    Some((
-                        service,
-                        pending.get(service).copied().unwrap_or(*to),
-                        DeployOutcome::Superseded {
-                            at_ms: envelope.at_ms,
-                        },
-                    ))
-                }
-                Event::ServiceRemoved { service } => Some((
-                    service,
-                    pending.get(service).copied().unwrap_or_default(),
-                    DeployOutcome::Superseded {
-                        at_ms: envelope.at_ms,
-                    },
-                )),
-                _ => None,
-            };
-            if let Some((service, release, outcome)) = ended
-                && pending.get(service) == Some(&release)
-            {
-                pending.remove(service);
-                outcomes.push(Outcome {
-                    service: service.clone(),
-                    release,
-                    outcome,
-                });
+) -> anyhow::Result<Vec<Outcome>> {
+    let mut watch = RolloutWatch::new(rollout);
+    let mut follower = Follower::new(handle, rollout.after_seq);
+    while !watch.done() {
+        for envelope in follower.next().await? {
+            progress_line(&envelope, quiet);
+            watch.observe(&envelope);
+            if watch.done() {
+                break;
             }
         }
     }
-    Ok(outcomes)
+    Ok(watch.outcomes())
 }
 
 /// Prints the outcome of a rollout; the exit code says whether every deploy succeeded.
@@ -450,11 +387,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || prepare(&home, &project, true)).await??
             };
             let rollout = handle.deploy(order, &crate::actor::this_process()).await?;
-            let outcomes = follow(&rollout, args.json, |after| {
-                let handle = handle.clone();
-                async move { Ok(handle.history(after).await?) }
-            })
-            .await?;
+            let outcomes = follow_here(&handle, &rollout, args.json).await?;
             let snapshot = handle.snapshot();
             report(
                 args.json,
@@ -692,15 +625,24 @@ fn stop_daemon(home: &Path, args: StopDaemonArgs) -> anyhow::Result<ExitCode> {
 
 async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow::Result<ExitCode> {
     let target = accepted.target();
-    let outcomes = follow(&accepted.rollout, json, |after| {
-        let request = HistoryRequest {
-            target: target.clone(),
-            after,
-        };
-        let client = client.clone();
-        async move { Ok(client.history(&request).await?) }
-    })
-    .await?;
+    // The daemon streams the rollout's events as they are appended, and ends the stream once
+    // every deploy has ended; nothing is polled.
+    let mut watch = RolloutWatch::new(&accepted.rollout);
+    let request = FollowRequest {
+        target: target.clone(),
+        after: accepted.rollout.after_seq,
+        rollout: accepted.rollout.clone(),
+    };
+    client
+        .follow(&request, |envelope| {
+            progress_line(&envelope, json);
+            watch.observe(&envelope);
+        })
+        .await?;
+    if !watch.done() {
+        bail!("the control plane stopped before the rollout ended");
+    }
+    let outcomes = watch.outcomes();
     let snapshot = client.status(&target).await?.into_iter().next();
     report(
         json,

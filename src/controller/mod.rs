@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::events::{
     CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, InstanceName,
@@ -32,8 +32,10 @@ use crate::runtime::{
 };
 use crate::store::Digest;
 
+pub mod follow;
 pub mod plan;
 
+pub use follow::{Follower, Outcome, RolloutWatch};
 pub use plan::{Action, Observed, Seen, plan, shutdown_plan};
 
 /// How much longer than two stop graces a shutdown waits for the runtime.
@@ -258,6 +260,8 @@ pub struct ControllerHandle {
     environment: String,
     inputs: mpsc::UnboundedSender<Input>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Every event as it is appended (`Follower`).
+    appended: broadcast::Sender<Envelope<Event>>,
     task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -382,11 +386,13 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
     let (publish, watcher) = watch::channel(snapshot);
     let (inputs, receiver) = mpsc::unbounded_channel();
     let (health_tx, health_rx) = mpsc::unbounded_channel();
+    let (appended, _) = broadcast::channel(follow::FOLLOW_BUFFER);
     let mut handle = ControllerHandle {
         app: options.app.clone(),
         environment: options.environment.clone(),
         inputs: inputs.clone(),
         snapshot: watcher,
+        appended: appended.clone(),
         task: Arc::default(),
     };
     let shell = Shell {
@@ -406,6 +412,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         unwritable: None,
         dirty: false,
         snapshot_at: state_seq,
+        appended,
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -442,6 +449,8 @@ struct Shell {
     dirty: bool,
     /// The sequence of the last snapshot written (or found at start).
     snapshot_at: u64,
+    /// Every appended event goes out here to whoever follows the log.
+    appended: broadcast::Sender<Envelope<Event>>,
 }
 
 struct Unwritable {
@@ -642,6 +651,8 @@ impl Shell {
         let envelope = self.log.append(actor, now_ms(), &event)?;
         self.state = fold(std::mem::take(&mut self.state), &envelope);
         self.dirty = true;
+        // Nobody following is fine; a slow follower catches up from the log.
+        let _ = self.appended.send(envelope.clone());
         Ok(envelope)
     }
 
