@@ -27,6 +27,7 @@ fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
         log: log.to_owned(),
         runtime: AnyRuntime::Fake(fake.clone()),
         tick: Duration::from_millis(50),
+        resync: Duration::from_secs(2),
         secrets: None,
     })
     .unwrap()

@@ -212,6 +212,7 @@ async fn a_secret_that_cannot_be_read_fails_the_start_naming_it() {
         log: temp.path().join("events.db"),
         runtime: AnyRuntime::Fake(FakeRuntime::new()),
         tick: Duration::from_millis(50),
+        resync: Duration::from_secs(2),
         secrets: Some(secrets.clone()),
     })
     .unwrap();

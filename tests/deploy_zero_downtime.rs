@@ -25,6 +25,7 @@ async fn three_rolling_deploys_under_load_fail_no_request() {
         log: dir.path().join("events.db"),
         runtime: AnyRuntime::Fake(fake.clone()),
         tick: Duration::from_millis(50),
+        resync: Duration::from_secs(2),
         secrets: None,
     })
     .unwrap();

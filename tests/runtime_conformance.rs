@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::runtime::{
-    AnyRuntime, FakeRuntime, InstanceSpec, InstanceStatus, LocalRuntime, Runtime, RuntimeError,
-    VolumeMount,
+    AnyRuntime, FakeRuntime, InstanceChange, InstanceSpec, InstanceStatus, LocalRuntime, Runtime,
+    RuntimeError, VolumeMount,
 };
 use graven::store::Digest;
 use support::runtime::{Reply, get};
@@ -195,6 +195,36 @@ async fn kill_ends_it_at_once(subject: Subject) {
     );
 }
 
+/// An instance whose process ends is reported as a change at once (the controller lists on
+/// it instead of every 100 ms): on the local runtime when its workload is killed by someone
+/// other than graven, as a crash would end it.
+async fn an_exit_is_reported_as_a_change(subject: Subject) {
+    let mut changes = subject.runtime.changes();
+    let instance = subject.runtime.start(spec(&subject)).await.unwrap();
+    wait_listening(instance.address.unwrap()).await;
+    match instance.pid {
+        // SAFETY: kill(2) on the workload this test just started and saw answering.
+        Some(pid) => unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        },
+        None => subject.runtime.kill(&instance.id).await.unwrap(),
+    }
+    let change = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match changes.recv().await {
+                Ok(InstanceChange::Exited { id }) if id == instance.id => return id,
+                Ok(_) => continue,
+                Err(error) => panic!("the watch ended: {error}"),
+            }
+        }
+    })
+    .await
+    .expect("the exit is reported within 10 s");
+    assert_eq!(change, instance.id);
+    let seen = subject.runtime.inspect(&instance.id).await.unwrap();
+    assert!(seen.status.is_exited(), "{:?}", seen.status);
+}
+
 async fn remove_needs_an_exited_instance(subject: Subject) {
     let instance = subject.runtime.start(spec(&subject)).await.unwrap();
     wait_listening(instance.address.unwrap()).await;
@@ -318,6 +348,7 @@ macro_rules! all_cases {
             unhealthy_env_fails_health,
             stop_ends_it_with_the_stop_signal,
             kill_ends_it_at_once,
+            an_exit_is_reported_as_a_change,
             remove_needs_an_exited_instance,
             unknown_image_starts_nothing,
             escaping_volume_starts_nothing,

@@ -35,6 +35,9 @@ pub mod offline;
 pub use client::Client;
 pub use lock::ControlLock;
 
+/// How often each controller lists the runtime when it reports no change.
+const RESYNC: Duration = Duration::from_secs(2);
+
 /// The socket's file name under `$GRAVEN_HOME`.
 pub const SOCKET: &str = "graven.sock";
 
@@ -286,6 +289,7 @@ impl Daemon {
             log,
             runtime: self.runtime.clone(),
             tick: self.tick,
+            resync: RESYNC,
             // A name the store refuses (graven.toml's names never are) has no secrets.
             secrets: crate::secrets::Secrets::open(&self.home, app, environment).ok(),
         })?;

@@ -102,8 +102,12 @@ pub struct ControllerOptions {
     /// The event log of this app and environment.
     pub log: PathBuf,
     pub runtime: AnyRuntime,
-    /// How often the runtime is listed and the plan re-run without any other input.
+    /// How often the plan is re-run without any other input (deadlines and back-offs are
+    /// decided on time).
     pub tick: Duration,
+    /// How often the runtime is listed anyway (the resync); a change the runtime reports
+    /// (`Runtime::changes`) lists it at once.
+    pub resync: Duration,
     /// The secret store of this app and environment, read when an instance starts; without
     /// one, an instance of a release that pins a secret fails to start.
     pub secrets: Option<crate::secrets::Secrets>,
@@ -236,6 +240,8 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Input {
     Tick,
+    /// The runtime reported a change (an instance exited): list it now.
+    RuntimeChanged,
     Health(HealthChange),
     Started {
         instance: InstanceName,
@@ -503,13 +509,28 @@ impl Shell {
         self.sync();
         let mut tick = tokio::time::interval(self.options.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = self.options.runtime.changes();
+        // The first tick lists: start-up reconciles with what runs.
+        let mut next_resync = tokio::time::Instant::now();
         loop {
             let input = tokio::select! {
                 Some(input) = inputs.recv() => input,
                 Some(change) = health.recv() => Input::Health(change),
+                // A change, or news that some were missed: either way, list.
+                changed = changes.recv(), if !changes.is_closed() => match changed {
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => continue,
+                    Ok(_) | Err(_) => Input::RuntimeChanged,
+                },
                 _ = tick.tick() => Input::Tick,
             };
-            let listed = matches!(input, Input::Tick);
+            let listed = match input {
+                Input::RuntimeChanged => true,
+                Input::Tick => tokio::time::Instant::now() >= next_resync,
+                _ => false,
+            };
+            if listed {
+                next_resync = tokio::time::Instant::now() + self.options.resync;
+            }
             // While the log cannot be written a round only runs once a try to record the
             // outage succeeds; until then nothing is planned (nothing could be recorded).
             let round = !listed || self.log_writable();
@@ -698,7 +719,7 @@ impl Shell {
 
     async fn handle(&mut self, input: Input) -> Result<(), ControllerError> {
         match input {
-            Input::Tick => {}
+            Input::Tick | Input::RuntimeChanged => {}
             Input::Health(change) => self.health_changed(change)?,
             Input::Started { instance, result } => {
                 self.busy.remove(&instance);

@@ -56,9 +56,19 @@ impl Behavior {
 }
 
 /// The in-memory runtime. Clones share the same instances.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FakeRuntime {
     inner: Arc<Mutex<Inner>>,
+    changes: tokio::sync::broadcast::Sender<super::InstanceChange>,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> FakeRuntime {
+        FakeRuntime {
+            inner: Arc::default(),
+            changes: tokio::sync::broadcast::channel(super::CHANGES_BUFFER).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -119,7 +129,16 @@ impl FakeRuntime {
                 code: Some(code),
                 signal: None,
             },
-        )
+        )?;
+        self.exited(id);
+        Ok(())
+    }
+
+    /// Tells watchers that `id` exited.
+    fn exited(&self, id: &InstanceId) {
+        let _ = self
+            .changes
+            .send(super::InstanceChange::Exited { id: id.clone() });
     }
 
     /// Changes how a running instance answers.
@@ -186,6 +205,10 @@ impl Inner {
 impl Runtime for FakeRuntime {
     fn name(&self) -> &'static str {
         "fake"
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<super::InstanceChange> {
+        self.changes.subscribe()
     }
 
     async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError> {
@@ -284,32 +307,40 @@ impl Runtime for FakeRuntime {
         } else {
             SIGTERM
         };
-        let mut inner = self.lock();
-        let instance = inner.get_mut(id)?;
-        // A crash during the grace period already recorded how it ended.
-        if !instance.info.status.is_exited() {
-            instance.server = None;
-            instance.info.pid = None;
-            instance.info.status = InstanceStatus::Exited {
-                code: None,
-                signal: Some(signal),
-            };
-        }
-        Ok(instance.info.clone())
+        let info = {
+            let mut inner = self.lock();
+            let instance = inner.get_mut(id)?;
+            // A crash during the grace period already recorded how it ended.
+            if !instance.info.status.is_exited() {
+                instance.server = None;
+                instance.info.pid = None;
+                instance.info.status = InstanceStatus::Exited {
+                    code: None,
+                    signal: Some(signal),
+                };
+            }
+            instance.info.clone()
+        };
+        self.exited(id);
+        Ok(info)
     }
 
     async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError> {
-        let mut inner = self.lock();
-        if inner.get_mut(id)?.info.status.is_exited() {
-            return Ok(());
+        {
+            let mut inner = self.lock();
+            if inner.get_mut(id)?.info.status.is_exited() {
+                return Ok(());
+            }
+            inner.exit(
+                id,
+                InstanceStatus::Exited {
+                    code: None,
+                    signal: Some(SIGKILL),
+                },
+            )?;
         }
-        inner.exit(
-            id,
-            InstanceStatus::Exited {
-                code: None,
-                signal: Some(SIGKILL),
-            },
-        )
+        self.exited(id);
+        Ok(())
     }
 
     async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {

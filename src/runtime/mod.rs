@@ -308,11 +308,25 @@ pub enum RuntimeError {
     },
 }
 
+/// A change of an instance that the runtime reports as it happens (`Runtime::changes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceChange {
+    /// Its process ended (crashed, killed, or stopped).
+    Exited { id: InstanceId },
+}
+
+/// How many changes a watcher may fall behind before it is told it lagged (and lists).
+pub const CHANGES_BUFFER: usize = 256;
+
 /// The contract every backend implements and the conformance suite checks.
 #[allow(async_fn_in_trait)]
 pub trait Runtime {
     /// The backend's name as the CLI and `graven.toml` spell it.
     fn name(&self) -> &'static str;
+    /// Instance changes as they happen, so a controller reacts at once instead of listing
+    /// all the time. A watch can miss nothing that matters only because `list` stays the
+    /// truth: a watcher that lagged, or started after a change, lists to catch up.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<InstanceChange>;
     /// Makes an image ready to start instances from (unpack, load, pull). Idempotent.
     async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError>;
     /// Starts one instance; on error nothing is left behind.
@@ -352,6 +366,9 @@ macro_rules! dispatch {
 impl Runtime for AnyRuntime {
     fn name(&self) -> &'static str {
         dispatch!(self, rt => rt.name())
+    }
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<InstanceChange> {
+        dispatch!(self, rt => rt.changes())
     }
     async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError> {
         dispatch!(self, rt => rt.prepare(image).await)

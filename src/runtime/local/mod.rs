@@ -15,11 +15,13 @@ pub mod retention;
 mod rootfs;
 pub mod shim;
 mod state;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use state::{LOG, LOG_BEFORE, Proc, SCRATCH, ShimRequest, State};
@@ -49,6 +51,8 @@ pub fn enter_if_shim() {
 pub struct LocalRuntime {
     home: PathBuf,
     store: Store,
+    /// Shared by every clone: one pidfd task per running instance.
+    watch: Arc<watch::Watch>,
 }
 
 fn other(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -69,6 +73,7 @@ impl LocalRuntime {
         Ok(LocalRuntime {
             home: home.to_owned(),
             store,
+            watch: watch::Watch::new(),
         })
     }
 
@@ -436,7 +441,12 @@ impl LocalRuntime {
             let entry = entry.map_err(other(format!("listing {}", dir.display())))?;
             let id = InstanceId(entry.file_name().to_string_lossy().into_owned());
             match self.inspect_blocking(&id) {
-                Ok(instance) => instances.push(instance),
+                Ok(instance) => {
+                    if let (false, Some(pid)) = (instance.status.is_exited(), instance.pid) {
+                        self.watch.watch(&instance.id, pid);
+                    }
+                    instances.push(instance)
+                }
                 // A state graven cannot read right now (out of descriptors or memory, an I/O
                 // error) fails the whole listing: a listing without that instance would tell
                 // the controller a live instance is gone, and it would replace it.
@@ -610,6 +620,10 @@ impl Runtime for LocalRuntime {
         "local"
     }
 
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<crate::runtime::InstanceChange> {
+        self.watch.subscribe()
+    }
+
     async fn prepare(&self, image: &Digest) -> Result<(), RuntimeError> {
         let image = image.clone();
         self.blocking(move |rt| rt.prepare_blocking(&image).map(|_| ()))
@@ -617,7 +631,11 @@ impl Runtime for LocalRuntime {
     }
 
     async fn start(&self, spec: InstanceSpec) -> Result<Instance, RuntimeError> {
-        self.blocking(move |rt| rt.start_blocking(spec)).await
+        let instance = self.blocking(move |rt| rt.start_blocking(spec)).await?;
+        if let Some(pid) = instance.pid {
+            self.watch.watch(&instance.id, pid);
+        }
+        Ok(instance)
     }
 
     async fn inspect(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
