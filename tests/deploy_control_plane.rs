@@ -87,3 +87,27 @@ health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after
     let (status, _) = run_ok(&home, &["status"]);
     assert!(!status.contains("service web"), "{status}");
 }
+
+#[test]
+fn compact_stores_a_snapshot_that_folds_to_the_same_state() {
+    let (_temp, home, dir, route) = v1_project(2);
+    let mut up = Up::start(&home, &dir, "fake");
+    hello_project(&dir, route, 2, r#"VERSION = "v2""#, "");
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    run_ok(&home, &["rollback"]);
+    up.signal(libc::SIGINT, Duration::from_secs(30));
+    let state = |home: &std::path::Path| {
+        let (stdout, _) = run_ok(home, &["status", "--json"]);
+        let snapshots: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        snapshots[0]["state"].clone()
+    };
+    let folded = state(&home);
+    let (stdout, _) = run_ok(&home, &["compact", "--json"]);
+    let compacted: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(compacted[0]["snapshot_at"], folded["seq"], "{compacted}");
+    assert_eq!(state(&home), folded, "the snapshot reads as the whole log folds");
+    // And the history stays whole.
+    let (history, _) = run_ok(&home, &["history", "--json"]);
+    let events: Vec<serde_json::Value> = serde_json::from_str(&history).unwrap();
+    assert_eq!(events.len() as u64, folded["seq"].as_u64().unwrap());
+}

@@ -144,6 +144,9 @@ pub struct RecoverArgs {
     /// Only this environment's logs (default: every environment's).
     #[arg(long = "env")]
     pub environment: Option<String>,
+    /// Print what was done to each log as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn open_runtime(home: &Path, kind: RuntimeKind) -> anyhow::Result<AnyRuntime> {
@@ -943,6 +946,7 @@ pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 /// the highest one the log's mark records. Logs that lost nothing are left as they are.
 pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
     let logs = logs_named(home, &args)?;
+    let mut reports = Vec::new();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -953,6 +957,14 @@ pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
                 lost_through: loss.lost_through,
             })
             .with_context(|| format!("recovering {}", log.display()))?;
+        if args.json {
+            reports.push(serde_json::json!({
+                "app": app,
+                "environment": environment,
+                "recorded": recorded,
+            }));
+            continue;
+        }
         match recorded {
             Some(envelope) => println!(
                 "{app}/{environment}: {}; recorded as event {}",
@@ -961,6 +973,9 @@ pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
             ),
             None => println!("{app}/{environment}: nothing was lost"),
         }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -990,12 +1005,19 @@ fn logs_named(home: &Path, args: &RecoverArgs) -> anyhow::Result<Vec<(String, St
 /// Stores a snapshot of each named log's state (`events::snapshot`): start-up then folds
 /// only the events after it. The events themselves stay.
 pub fn compact(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
+    let mut done = Vec::new();
     for (app, environment, path) in logs_named(home, &args)? {
         let log = crate::events::EventLog::open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         let seq = crate::events::snapshot::compact(&log)
             .with_context(|| format!("compacting {}", path.display()))?;
-        say!("{app}/{environment}: snapshot at event {seq}; start-up folds only what follows");
+        if !args.json {
+            say!("{app}/{environment}: snapshot at event {seq}; start-up folds only what follows");
+        }
+        done.push(serde_json::json!({"app": app, "environment": environment, "snapshot_at": seq}));
+    }
+    if args.json {
+        say!("{}", serde_json::to_string_pretty(&done)?);
     }
     Ok(ExitCode::SUCCESS)
 }
