@@ -105,9 +105,49 @@ fn compact_stores_a_snapshot_that_folds_to_the_same_state() {
     let (stdout, _) = run_ok(&home, &["compact", "--json"]);
     let compacted: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(compacted[0]["snapshot_at"], folded["seq"], "{compacted}");
-    assert_eq!(state(&home), folded, "the snapshot reads as the whole log folds");
+    assert_eq!(
+        state(&home),
+        folded,
+        "the snapshot reads as the whole log folds"
+    );
     // And the history stays whole.
     let (history, _) = run_ok(&home, &["history", "--json"]);
     let events: Vec<serde_json::Value> = serde_json::from_str(&history).unwrap();
     assert_eq!(events.len() as u64, folded["seq"].as_u64().unwrap());
+}
+
+#[test]
+fn up_stopping_leaves_another_projects_instances_running() {
+    let (temp, home, dir, _route) = v1_project(1);
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
+    // A second project, app `other`, deployed to the control plane `up` runs.
+    let other = temp.path().join("other");
+    let other_route = support::daemon::free_port();
+    hello_project(&other, other_route, 1, r#"VERSION = "other""#, "");
+    let toml = std::fs::read_to_string(other.join("graven.toml")).unwrap();
+    std::fs::write(
+        other.join("graven.toml"),
+        toml.replace(r#"app = "demo""#, r#"app = "other""#),
+    )
+    .unwrap();
+    let mut up = Up::start(&home, &dir, "local");
+    run_ok(&home, &["deploy", other.to_str().unwrap()]);
+    let running = |app: &str| {
+        use graven::runtime::Runtime as _;
+        let local = graven::runtime::LocalRuntime::open(&home).unwrap();
+        support::daemon::block_on(local.list())
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.labels.get("app").map(String::as_str) == Some(app))
+            .filter(|i| !i.status.is_exited())
+            .count()
+    };
+    assert_eq!(running("other"), 1);
+    let status = up.signal(libc::SIGINT, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    assert_eq!(running("demo"), 0, "up drained its own project");
+    assert_eq!(running("other"), 1, "and left the other one running");
+    // The next control plane adopts it, and it serves.
+    let _daemon = Up::daemon(&home, "local");
+    assert_eq!(version(other_route).as_deref(), Ok("other"));
 }
