@@ -143,6 +143,10 @@ fn up_stopping_leaves_another_projects_instances_running() {
             .count()
     };
     assert_eq!(running("other"), 1);
+    // Instance names are unique across the apps of a home: same service, same numbers.
+    let (status, _) = run_ok(&home, &["status"]);
+    assert!(status.contains("web-1-1.local.demo"), "{status}");
+    assert!(status.contains("web-1-1.local.other"), "{status}");
     let status = up.signal(libc::SIGINT, Duration::from_secs(60));
     assert!(status.success(), "{status}");
     assert_eq!(running("demo"), 0, "up drained its own project");

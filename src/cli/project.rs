@@ -834,7 +834,7 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                     lifecycle += ", condemned";
                 }
                 say!(
-                    "    {:<16} release {:<4} {:<20} {:<22} up {:<8} {}",
+                    "    {:<28} release {:<4} {:<20} {:<22} up {:<8} {}",
                     instance.name,
                     instance.release,
                     lifecycle,

@@ -1139,6 +1139,7 @@ impl Shell {
             busy: self.busy.clone(),
             busy_ids: self.busy_ids.clone(),
             since_ms: self.since_ms,
+            name_suffix: format!(".{}.{}", self.options.environment, self.options.app),
         };
         if listed {
             match self.options.runtime.list().await {

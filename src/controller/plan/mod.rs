@@ -41,6 +41,9 @@ pub struct Observed {
     /// When this controller started (ms since the epoch). Health deadlines count from here at
     /// the earliest: time a controller was down is not held against a release.
     pub since_ms: u64,
+    /// What ends every new instance's name (`.<environment>.<app>`), so that names are
+    /// unique across the apps and environments of a home, not only within one log.
+    pub name_suffix: String,
 }
 
 /// One runtime instance as listed.
@@ -238,7 +241,10 @@ impl Round<'_> {
 
     fn launch(&mut self, service: &ServiceName, release: ReleaseNumber) {
         self.launched += 1;
-        let instance = InstanceName(format!("{service}-{release}-{}", self.launched));
+        let instance = InstanceName(format!(
+            "{service}-{release}-{}{}",
+            self.launched, self.observed.name_suffix
+        ));
         self.push(Action::Launch {
             service: service.clone(),
             release,
