@@ -283,25 +283,41 @@ pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {
     }
     // APP, ENV and NAME (the controller's name for the instance, which `graven status`
     // shows) are the labels a controller gives what it starts; `graven run` instances have
-    // none. Names are unique only within an app and environment.
-    println!(
-        "{:<14}{:<12}{:<12}{:<12}{:<14}{:<20}{:<22}{:<9}TAINTED",
-        "ID", "APP", "ENV", "NAME", "IMAGE", "STATUS", "ADDRESS", "PID"
-    );
+    // none. Each column is as wide as its longest value, so long names never run together.
     let label = |i: &Instance, key: &str| i.labels.get(key).cloned().unwrap_or("-".to_owned());
-    for i in instances {
-        println!(
-            "{:<14}{:<12}{:<12}{:<12}{:<14}{:<20}{:<22}{:<9}{}",
-            i.id,
-            label(&i, LABEL_APP),
-            label(&i, LABEL_ENVIRONMENT),
-            label(&i, LABEL_INSTANCE),
-            i.image.short(),
-            status_text(i.status),
-            i.address.map(|a| a.to_string()).unwrap_or_default(),
-            i.pid.map(|p| p.to_string()).unwrap_or_default(),
-            if i.tainted { "yes" } else { "" },
-        );
+    let rows: Vec<[String; 9]> = instances
+        .iter()
+        .map(|i| {
+            [
+                i.id.to_string(),
+                label(i, LABEL_APP),
+                label(i, LABEL_ENVIRONMENT),
+                label(i, LABEL_INSTANCE),
+                i.image.short().to_string(),
+                status_text(i.status),
+                i.address.map(|a| a.to_string()).unwrap_or_default(),
+                i.pid.map(|p| p.to_string()).unwrap_or_default(),
+                if i.tainted { "yes" } else { "" }.to_owned(),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID", "APP", "ENV", "NAME", "IMAGE", "STATUS", "ADDRESS", "PID", "TAINTED",
+    ]
+    .map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
     }
     Ok(ExitCode::SUCCESS)
 }
