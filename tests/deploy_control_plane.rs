@@ -155,3 +155,41 @@ fn up_stopping_leaves_another_projects_instances_running() {
     let _daemon = Up::daemon(&home, "local");
     assert_eq!(version(other_route).as_deref(), Ok("other"));
 }
+
+#[test]
+fn graven_exec_condemns_the_instance_and_a_replacement_takes_its_place() {
+    let (_temp, home, dir, route) = v1_project(1);
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
+    let _up = Up::start(&home, &dir, "local");
+    let serving = || {
+        let (stdout, _) = run_ok(&home, &["status", "--json"]);
+        let snapshots: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let instances = snapshots[0]["state"]["instances"]
+            .as_object()
+            .unwrap()
+            .clone();
+        instances
+            .values()
+            .filter(|i| i["lifecycle"] == "healthy")
+            .map(|i| i["runtime_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let first = serving();
+    assert_eq!(first.len(), 1);
+    // Break glass: the command runs inside (and fails: the port is the instance's own).
+    let _ = support::daemon::run(&home, &["exec", &first[0], "--", "/hello"]);
+    support::wait_for(
+        Duration::from_secs(30),
+        "a replacement serving alone",
+        || {
+            let now = serving();
+            (now.len() == 1 && now[0] != first[0]).then_some(())
+        },
+    );
+    let (history, _) = run_ok(&home, &["history"]);
+    assert!(
+        history.contains("condemned (a command was run inside it)"),
+        "{history}"
+    );
+    assert_eq!(version(route).as_deref(), Ok("v1"));
+}
