@@ -344,14 +344,7 @@ impl Daemon {
     /// control plane to adopt. What `graven up` does when it stops: another project deployed
     /// to it is not its to stop.
     pub async fn shutdown_only(&self, app: &str, environment: &str) {
-        let handles: Vec<ControllerHandle> = self
-            .controllers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for handle in handles {
+        for handle in self.handles() {
             if handle.app() == app && handle.environment() == environment {
                 handle.shutdown().await;
             } else {
@@ -362,16 +355,19 @@ impl Daemon {
 
     /// Drains and stops every instance of every controller.
     pub async fn shutdown(&self) {
-        let handles: Vec<ControllerHandle> = self
-            .controllers
+        for handle in self.handles() {
+            handle.shutdown().await;
+        }
+    }
+
+    /// Every controller, taken out of the lock so none is awaited under it.
+    fn handles(&self) -> Vec<ControllerHandle> {
+        self.controllers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
-        for handle in handles {
-            handle.shutdown().await;
-        }
+            .collect()
     }
 
     /// Serves the API on the unix socket until `stop` resolves; the socket is removed after.

@@ -65,8 +65,8 @@ pub fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-/// One `GET /` on a fresh connection; the version that answered.
-pub fn version(route: SocketAddr) -> Result<String, String> {
+/// One `GET /` on a fresh connection: the whole response, head and body.
+pub fn get_root(route: SocketAddr) -> Result<String, String> {
     let mut stream = TcpStream::connect(route).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -78,6 +78,12 @@ pub fn version(route: SocketAddr) -> Result<String, String> {
     stream
         .read_to_string(&mut response)
         .map_err(|e| e.to_string())?;
+    Ok(response)
+}
+
+/// One `GET /` on a fresh connection; the version that answered.
+pub fn version(route: SocketAddr) -> Result<String, String> {
+    let response = get_root(route)?;
     if !response.starts_with("HTTP/1.1 200") {
         return Err(response.lines().next().unwrap_or("").to_owned());
     }
