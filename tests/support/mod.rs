@@ -143,13 +143,27 @@ impl StrayFds {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("secret"), "host secret").unwrap();
         let file = scratch.join("host-file");
+        // Moved above the numbers they are handed on as: a test process whose other threads
+        // hold a few files could otherwise open them at 7 or 9 themselves, and the dup2 of
+        // one onto the other's number would close it.
+        let high = |file: std::fs::File| {
+            use std::os::fd::{AsRawFd, FromRawFd};
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor this function owns; the copy it
+            // returns is a new descriptor, owned by the `File` made from it.
+            let fd = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+            assert!(fd >= 64, "{}", std::io::Error::last_os_error());
+            // SAFETY: `fd` was just returned by fcntl and is owned by nothing else.
+            unsafe { std::fs::File::from_raw_fd(fd) }
+        };
         let open = (
-            std::fs::File::open(&dir).unwrap(),
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&file)
-                .unwrap(),
+            high(std::fs::File::open(&dir).unwrap()),
+            high(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&file)
+                    .unwrap(),
+            ),
         );
         StrayFds {
             dir,
