@@ -152,15 +152,19 @@ fn up_stopping_leaves_another_projects_instances_running() {
     assert_eq!(running("demo"), 0, "up drained its own project");
     assert_eq!(running("other"), 1, "and left the other one running");
     // The next control plane adopts it, and it serves.
-    let _daemon = Up::daemon(&home, "local");
+    let mut daemon = Up::daemon(&home, "local");
     assert_eq!(version(other_route).as_deref(), Ok("other"));
+    // Stopped by its drain, not killed: it may be starting demo's instance again right now,
+    // and a start cut off by a kill would leave a shim the cleanup cannot see yet.
+    let status = daemon.signal(libc::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
 }
 
 #[test]
 fn graven_exec_condemns_the_instance_and_a_replacement_takes_its_place() {
     let (_temp, home, dir, route) = v1_project(1);
     let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
-    let _up = Up::start(&home, &dir, "local");
+    let mut up = Up::start(&home, &dir, "local");
     let serving = || {
         let (stdout, _) = run_ok(&home, &["status", "--json"]);
         let snapshots: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -192,4 +196,6 @@ fn graven_exec_condemns_the_instance_and_a_replacement_takes_its_place() {
         "{history}"
     );
     assert_eq!(version(route).as_deref(), Ok("v1"));
+    let status = up.signal(libc::SIGINT, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
 }

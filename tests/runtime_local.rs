@@ -801,3 +801,51 @@ fn the_log_rotates_at_its_size_and_run_follows_it_across() {
     let first = both[0];
     assert_eq!(both, (first..100_000).collect::<Vec<_>>());
 }
+
+/// `graven run` in the foreground: the instance lives as long as the command, so closing its
+/// terminal (SIGHUP) or SIGTERM stops the instance and the command ends, where both used to
+/// kill the command and leave the instance running unfollowed.
+#[test]
+fn graven_run_stops_its_instance_on_sighup_and_sigterm() {
+    for signal in [libc::SIGHUP, libc::SIGTERM] {
+        let home = tempfile::tempdir().unwrap();
+        // Whatever the test leaves running (when it fails) is stopped by the runtime.
+        let _cleanup = support::daemon::RemoveInstancesOnDrop(home.path().to_owned());
+        support::runtime::hello_image(home.path());
+        let mut run = support::graven(home.path())
+            .args(["run", "hello:test"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let runtime = LocalRuntime::open(home.path()).unwrap();
+        let list = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(runtime.list())
+                .unwrap()
+        };
+        support::wait_for(Duration::from_secs(30), "the instance to run", || {
+            list()
+                .iter()
+                .any(|i| i.status == InstanceStatus::Running)
+                .then_some(())
+        });
+        // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+        unsafe { libc::kill(run.id() as i32, signal) };
+        let status = support::wait_for(Duration::from_secs(30), "graven run to end", || {
+            run.try_wait().unwrap()
+        });
+        let left: Vec<_> = list()
+            .into_iter()
+            .filter(|i| !i.status.is_exited())
+            .collect();
+        assert!(left.is_empty(), "signal {signal}: still running: {left:?}");
+        assert!(
+            status.code().is_some(),
+            "signal {signal}: it ended by itself: {status}"
+        );
+    }
+}

@@ -213,38 +213,54 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Streams the instance's log until it exits; Ctrl-C stops it (and a second one kills it).
 async fn follow(runtime: &LocalRuntime, instance: &Instance) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
     let mut log = runtime.log_follower(&instance.id);
     let mut pending = String::new();
     let mut interrupts = 0;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // The instance lives as long as this command: Ctrl-C, SIGTERM and SIGHUP (its terminal
+    // closing) stop it with its grace; a second one kills it.
+    let mut interrupt = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("catching SIGHUP")?;
     loop {
         let mut exited = runtime.inspect(&instance.id).await?.status;
         if exited.is_exited() {
             // Its last lines are in the log once the shim is done with it.
             exited = runtime.logged(&instance.id).await?.status;
         }
-        print_new_lines(&mut log, &mut pending)?;
+        // A closed terminal makes writing fail: the instance is stopped all the same.
+        let _ = print_new_lines(&mut log, &mut pending);
         if exited.is_exited() {
-            eprintln!("graven: instance {} {}", instance.id, status_text(exited));
+            note(format_args!(
+                "graven: instance {} {}",
+                instance.id,
+                status_text(exited)
+            ));
             return Ok(exit_code(exited));
         }
         tokio::select! {
-            _ = &mut ctrl_c => {
-                interrupts += 1;
-                ctrl_c.set(tokio::signal::ctrl_c());
-                let runtime = runtime.clone();
-                let id = instance.id.clone();
-                if interrupts == 1 {
-                    eprintln!("graven: stopping {id} (Ctrl-C again to kill)");
-                    tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(10)).await });
-                } else {
-                    tokio::spawn(async move { runtime.kill(&id).await });
-                }
-            }
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+        }
+        interrupts += 1;
+        let runtime = runtime.clone();
+        let id = instance.id.clone();
+        if interrupts == 1 {
+            note(format_args!("graven: stopping {id} (Ctrl-C again to kill)"));
+            tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(10)).await });
+        } else {
+            tokio::spawn(async move { runtime.kill(&id).await });
         }
     }
+}
+
+/// A line on stderr; a failed write (the terminal gone) is dropped, not a panic that would
+/// leave the instance running.
+fn note(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Prints the log's complete new lines (the text only, to stdout or stderr as captured).
