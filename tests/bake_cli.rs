@@ -558,3 +558,68 @@ fn chown_by_name_reads_the_images_passwd_and_group() {
         "{stderr}"
     );
 }
+
+/// A base saved from `docker import` or Docker's classic builder: its config writes `null`
+/// for empty lists and maps and holds fields graven does not model. It is baked from; the
+/// runtime fields it has are carried into the child, what it says of how it was made is not.
+#[test]
+fn a_base_whose_config_has_nulls_and_unmodelled_fields_is_baked_from() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_size(5);
+    header.set_mode(0o644);
+    layer
+        .append_data(&mut header, "etc/motd", &b"base\n"[..])
+        .unwrap();
+    let layer = layer.into_inner().unwrap();
+    let diff_id = graven::store::Digest::of(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Hostname": "", "Env": null, "Cmd": null, "Volumes": null, "Labels": null,
+            "Entrypoint": null, "OnBuild": null, "WorkingDir": ""
+        },
+        "container_config": {"Cmd": null},
+        "docker_version": "20.10.24+dfsg1",
+        "history": null,
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.as_str()]}
+    });
+    let archive = dir.path().join("imported.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&archive).unwrap());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, name, bytes).unwrap();
+    };
+    add("config.json", config.to_string().as_bytes());
+    add("layer/layer.tar", &layer);
+    let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": ["imported:1"],
+        "Layers": ["layer/layer.tar"]}]);
+    add("manifest.json", manifest.to_string().as_bytes());
+    tar.finish().unwrap();
+    drop(tar);
+    fs::write(dir.path().join("extra"), "extra").unwrap();
+    fs::write(
+        dir.path().join("Containerfile"),
+        format!(
+            "FROM docker-archive:{}\nCOPY extra /extra\nCMD [\"x\"]\n",
+            archive.display()
+        ),
+    )
+    .unwrap();
+    bake_json(home.path(), dir.path(), &["--tag", "child:1"]);
+    let inspect = succeed(graven(home.path()).args(["image", "inspect", "child:1"]));
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let child = &inspect["config"];
+    assert_eq!(child["config"]["Cmd"][0], "x", "{child}");
+    assert_eq!(
+        child["config"]["Hostname"], "",
+        "runtime fields carry over: {child}"
+    );
+    assert!(child.get("docker_version").is_none(), "{child}");
+    assert!(child.get("container_config").is_none(), "{child}");
+}

@@ -179,3 +179,34 @@ fn a_fork_bomb_in_a_run_step_stops_at_the_process_limit() {
     let expected = format!("threads={}", graven::sandbox::DEFAULT_PIDS - 1);
     assert!(stderr.contains(&expected), "{stderr}");
 }
+
+/// A RUN gets `HOME` as Docker's builder gives it: the user's from the image's passwd, else
+/// `/root` for root; one the Containerfile sets wins.
+#[test]
+fn a_run_step_has_home() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    fs::write(
+        dir.path().join("passwd"),
+        "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    let containerfile = format!(
+        "{BASE}COPY passwd /etc/passwd\nRUN echo \"root $HOME\" > /seen-root\n\
+         RUN /bin/busybox mkdir -m 777 /out\nUSER app\nRUN echo \"app $HOME\" > /out/seen-app\n"
+    );
+    succeed(&mut bake(home.path(), dir.path(), &containerfile));
+    let store = graven::store::Store::open(home.path()).unwrap();
+    let image = store.image(&store.resolve("run:1").unwrap()).unwrap();
+    let all: Vec<String> = (0..image.manifest.layers.len())
+        .flat_map(|i| layer(home.path(), |_| i))
+        .collect();
+    assert!(
+        all.contains(&"seen-root \"root /root\\n\"".to_owned()),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&"out/seen-app \"app /home/app\\n\"".to_owned()),
+        "{all:?}"
+    );
+}

@@ -363,9 +363,12 @@ fn base_image(txn: &mut Transaction<'_>, context: &Path, name: &str) -> Result<S
             layer
         })
         .collect();
+    // What the base's config says of how it was made is not true of the image baked from it.
+    let mut config = image.config;
+    config.other.clear();
     Ok(State {
         layers,
-        config: image.config,
+        config,
         key: cache::key(None, &["FROM", digest.as_str()]),
     })
 }

@@ -246,6 +246,10 @@ pub fn plan_stage(
                 vars.insert(k.to_owned(), v.to_owned());
             }
         }
+        // `$PATH` in a Containerfile on a base that sets none is the default PATH, as in
+        // Docker (`ENV PATH=/opt/x/bin:$PATH` on scratch keeps /usr/bin and the rest).
+        vars.entry("PATH".to_owned())
+            .or_insert_with(|| DEFAULT_PATH.to_owned());
         let lookup = |name: &str| vars.get(name).cloned();
         let x = |word: &str| expand(word, escape, line, &lookup);
         let workdir = config.working_dir.clone().unwrap_or_else(|| "/".to_owned());
@@ -641,5 +645,16 @@ ENTRYPOINT ["/x"]"#,
         ] {
             assert_eq!(absolute(workdir, path), expected);
         }
+    }
+
+    #[test]
+    fn path_in_env_on_a_base_without_one_expands_to_the_default() {
+        let text = render("FROM scratch\nENV PATH=/opt/x/bin:$PATH\n", &[]);
+        assert!(
+            text.contains(
+                "PATH=/opt/x/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            ),
+            "{text}"
+        );
     }
 }

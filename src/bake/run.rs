@@ -67,11 +67,20 @@ pub fn run(
     store::inroot::create_dir_all(&root, Path::new(workdir))
         .map_err(|e| format!("working directory {workdir}: {e}"))?;
     let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    // `HOME` as a build step expects it, unless the Containerfile set one.
+    let mut env = env.to_vec();
+    if !env.iter().any(|kv| kv.starts_with("HOME=")) {
+        let passwd = crate::sandbox::root::read_text(&root, "etc/passwd");
+        env.push(format!(
+            "HOME={}",
+            crate::sandbox::user::home_of(uid, &passwd)
+        ));
+    }
     let spec = SandboxSpec {
         rootfs: root.clone(),
         writable_root: true,
         args: args.to_vec(),
-        env: env.to_vec(),
+        env,
         cwd: workdir.to_owned(),
         uid,
         gid,

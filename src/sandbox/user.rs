@@ -35,6 +35,21 @@ pub fn check_id(kind: &'static str, id: u32) -> Result<u32, UserError> {
 /// in Docker; `root` needs no passwd entry (scratch images have none). A numeric uid takes
 /// its primary group from passwd when listed there, else the same number. Every id, asked
 /// for or read from the image's files, passes `check_id`.
+/// The home directory a process of `uid` gets as `$HOME`, as Docker's builder gives it: the
+/// one the image's passwd names for it, else `/root` for root and `/` for anyone else.
+pub fn home_of(uid: u32, passwd: &str) -> String {
+    passwd
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let id: u32 = fields.get(2)?.parse().ok()?;
+            let home = fields.get(5)?;
+            (id == uid && home.starts_with('/')).then(|| (*home).to_owned())
+        })
+        .unwrap_or_else(|| if uid == 0 { "/root" } else { "/" }.to_owned())
+}
+
 pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), UserError> {
     let user = user.trim();
     let (name, group_name) = match user.split_once(':') {
@@ -147,5 +162,16 @@ mod tests {
         check("odd", passwd, unchanged_gid);
         // The largest id that is valid.
         check("4294967294:4294967294", "", Ok((4294967294, 4294967294)));
+    }
+
+    #[test]
+    fn home_is_the_passwd_entrys_else_root_or_slash() {
+        let passwd =
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\nodd:x:7:7:::\n";
+        assert_eq!(home_of(0, passwd), "/root");
+        assert_eq!(home_of(1000, passwd), "/home/app");
+        assert_eq!(home_of(7, passwd), "/");
+        assert_eq!(home_of(0, ""), "/root");
+        assert_eq!(home_of(4242, passwd), "/");
     }
 }

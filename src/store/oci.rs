@@ -16,6 +16,16 @@ pub const MEDIA_TYPE_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// Serializes compactly; with ordered fields and maps this is canonical for graven's types.
+/// Reads a JSON `null` as the field's default (an empty list or map): configs saved by
+/// Docker's classic builder or `docker import` write `"Env": null`, `"Volumes": null`.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}
+
 pub fn to_canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("graven's OCI types always serialize")
 }
@@ -102,11 +112,20 @@ pub struct ImageConfig {
     pub created: Option<String>,
     pub architecture: String,
     pub os: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub config: RuntimeConfig,
     pub rootfs: RootFs,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub history: Vec<serde_json::Value>,
+    /// Fields graven does not model (Docker's `container_config`, `docker_version`, `author`,
+    /// `variant`…), kept as they were, after the modelled ones in key order. A bake does not
+    /// carry them from its base into the image it makes: they describe how the base was made.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for ImageConfig {
@@ -121,6 +140,7 @@ impl Default for ImageConfig {
                 diff_ids: Vec::new(),
             },
             history: Vec::new(),
+            other: BTreeMap::new(),
         }
     }
 }
@@ -133,10 +153,16 @@ pub struct RuntimeConfig {
     #[serde(
         rename = "ExposedPorts",
         default,
+        deserialize_with = "null_as_default",
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub exposed_ports: BTreeMap<String, serde_json::Value>,
-    #[serde(rename = "Env", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Env",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub env: Vec<String>,
     #[serde(
         rename = "Entrypoint",
@@ -149,6 +175,7 @@ pub struct RuntimeConfig {
     #[serde(
         rename = "Volumes",
         default,
+        deserialize_with = "null_as_default",
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub volumes: BTreeMap<String, serde_json::Value>,
@@ -158,7 +185,12 @@ pub struct RuntimeConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub working_dir: Option<String>,
-    #[serde(rename = "Labels", default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        rename = "Labels",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub labels: BTreeMap<String, String>,
     #[serde(
         rename = "StopSignal",
@@ -173,12 +205,21 @@ pub struct RuntimeConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub healthcheck: Option<HealthConfig>,
+    /// Fields graven does not model (`Shell`, `OnBuild`, `ArgsEscaped`, `Hostname`…), kept as
+    /// they were and carried into the images baked from this one, as Docker does.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 /// Docker's `Healthcheck` object (durations in nanoseconds).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthConfig {
-    #[serde(rename = "Test", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Test",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub test: Vec<String>,
     #[serde(rename = "Interval", default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<u64>,
@@ -199,4 +240,53 @@ pub struct RootFs {
     #[serde(rename = "type")]
     pub kind: String,
     pub diff_ids: Vec<Digest>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config as `docker import` and Docker's classic builder save it: `null` lists and
+    /// maps, and fields graven does not model.
+    const DOCKER_IMPORT: &str = r#"{
+        "architecture": "amd64",
+        "config": {
+            "Hostname": "", "Domainname": "", "User": "", "AttachStdin": false,
+            "Env": null, "Cmd": null, "Image": "", "Volumes": null, "WorkingDir": "",
+            "Entrypoint": null, "OnBuild": null, "Labels": null, "ExposedPorts": null
+        },
+        "container_config": {"Hostname": "", "Cmd": null},
+        "created": "2026-12-01T00:00:00Z",
+        "docker_version": "20.10.24+dfsg1",
+        "history": null,
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []}
+    }"#;
+
+    #[test]
+    fn a_docker_import_config_with_nulls_reads_and_keeps_what_graven_does_not_model() {
+        let config: ImageConfig = serde_json::from_str(DOCKER_IMPORT).unwrap();
+        assert!(config.config.env.is_empty());
+        assert!(config.config.volumes.is_empty());
+        assert!(config.history.is_empty());
+        assert_eq!(config.other["docker_version"], "20.10.24+dfsg1");
+        assert!(config.other.contains_key("container_config"));
+        assert_eq!(config.config.other["Hostname"], "");
+        assert!(config.config.other.contains_key("OnBuild"));
+        // Written back, the fields graven does not model are still there.
+        let again: serde_json::Value = serde_json::from_slice(&to_canonical_json(&config)).unwrap();
+        assert_eq!(again["docker_version"], "20.10.24+dfsg1");
+        assert_eq!(again["config"]["Domainname"], "");
+    }
+
+    #[test]
+    fn a_config_graven_makes_serializes_as_before() {
+        let mut config = ImageConfig::default();
+        config.config.env = vec!["PORT=8080".into()];
+        let json = String::from_utf8(to_canonical_json(&config)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"architecture":"amd64","os":"linux","config":{"Env":["PORT=8080"]},"rootfs":{"type":"layers","diff_ids":[]}}"#
+        );
+    }
 }
