@@ -849,3 +849,31 @@ fn graven_run_stops_its_instance_on_sighup_and_sigterm() {
         );
     }
 }
+
+/// An instance whose directory is deleted and whose workload then ends on its own leaves no
+/// cgroup behind: no graven can find it any more to remove them, so its shim does.
+#[test]
+fn an_instance_whose_dir_is_gone_when_it_ends_leaves_no_cgroup() {
+    let home = tempfile::tempdir().unwrap();
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.path().to_owned());
+    support::runtime::hello_image(home.path());
+    let out =
+        support::succeed(support::graven(home.path()).args(["run", "-d", "--json", "hello:test"]));
+    let instance: Instance = serde_json::from_slice(&out.stdout).unwrap();
+    let group = Path::new("/sys/fs/cgroup/pids/graven").join(&instance.id.0);
+    let unified = Path::new("/sys/fs/cgroup/graven").join(&instance.id.0);
+    let made: Vec<&Path> = [group.as_path(), unified.as_path()]
+        .into_iter()
+        .filter(|g| g.is_dir())
+        .collect();
+    if made.is_empty() {
+        eprintln!("this host gives graven no cgroups: nothing to check");
+        return;
+    }
+    std::fs::remove_dir_all(home.path().join("instances").join(&instance.id.0)).unwrap();
+    // SAFETY: kill(2) on the workload this test just started, still running.
+    unsafe { libc::kill(instance.pid.unwrap() as i32, libc::SIGKILL) };
+    support::wait_for(Duration::from_secs(10), "its cgroup to go", || {
+        made.iter().all(|g| !g.exists()).then_some(())
+    });
+}

@@ -216,6 +216,13 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
             s.status = exited;
         }
     });
+    if recorded.is_err()
+        && let Some(id) = dir.file_name().and_then(|name| name.to_str())
+    {
+        // Its state is gone (the instance's directory was deleted): nobody will remove its
+        // cgroups but this shim, which alone knows the workload has ended.
+        super::cgroup::of(id).remove();
+    }
     i32::from(recorded.is_err())
 }
 
