@@ -483,8 +483,7 @@ impl Daemon {
         body: &Bytes,
         actor: &str,
     ) -> Result<Vec<u8>, ApiError> {
-        let path = path.to_owned();
-        match (method, path.as_str()) {
+        match (method, path) {
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(body)?;
                 let handle = self.controller(&request.app, &request.environment)?;
@@ -526,7 +525,7 @@ impl Daemon {
             }
             _ => Err(ApiError::NoRoute {
                 method: method.to_string(),
-                path: path.clone(),
+                path: path.to_owned(),
             }),
         }
     }

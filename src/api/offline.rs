@@ -8,11 +8,10 @@ use std::sync::Arc;
 
 use super::{ApiError, Target, event_logs};
 use crate::controller::{ControllerError, Snapshot};
-use crate::events::{Envelope, Event, EventLog};
+use crate::events::EventLog;
 
-/// The logs `target` names, as (app, environment, path), sorted; an app or environment it
-/// names that has no log is an error.
-fn matching(
+/// The logs `target` names, as (app, environment, path), sorted (none is no error).
+pub fn logs(
     home: &Path,
     target: &Target,
 ) -> Result<Vec<(String, String, std::path::PathBuf)>, ApiError> {
@@ -31,6 +30,15 @@ fn matching(
         })
         .collect();
     logs.sort();
+    Ok(logs)
+}
+
+/// `logs`, where naming an app or environment that has no log is an error.
+fn matching(
+    home: &Path,
+    target: &Target,
+) -> Result<Vec<(String, String, std::path::PathBuf)>, ApiError> {
+    let logs = logs(home, target)?;
     if logs.is_empty() && (target.app.is_some() || target.environment.is_some()) {
         return Err(ApiError::UnknownApp {
             app: target.app.clone().unwrap_or_default(),
@@ -56,13 +64,8 @@ pub fn snapshots(home: &Path, target: &Target) -> Result<Vec<Snapshot>, ApiError
     Ok(snapshots)
 }
 
-/// At most `limit` events after `after` of the one log `target` names.
-pub fn history(
-    home: &Path,
-    target: &Target,
-    after: u64,
-    limit: usize,
-) -> Result<Vec<Envelope<Event>>, ApiError> {
+/// The one log `target` names, opened once for reading page by page (`read_page`).
+pub fn log(home: &Path, target: &Target) -> Result<EventLog, ApiError> {
     let logs = matching(home, target)?;
     let path = match logs.as_slice() {
         [(_, _, path)] => path,
@@ -77,6 +80,5 @@ pub fn history(
             });
         }
     };
-    let log = EventLog::open(path).map_err(ControllerError::from)?;
-    Ok(log.read_page(after, limit).map_err(ControllerError::from)?)
+    Ok(EventLog::open(path).map_err(ControllerError::from)?)
 }

@@ -895,23 +895,31 @@ pub fn history(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     let target = reported_target(&args);
     let client = Client::new(home);
     let runtime = async_runtime(Threads::One)?;
-    // Page by page, so a long log is never held whole, by the daemon or here.
+    // Page by page, so a long log is never held whole, by the daemon or here; with no
+    // control plane, from the log on disk, opened once.
     let mut after = 0;
     let mut first = true;
+    let mut offline: Option<crate::events::EventLog> = None;
     if args.json {
         say!("[");
     }
     loop {
-        let request = HistoryRequest {
-            target: target.clone(),
-            after,
-        };
-        let page = match runtime.block_on(client.history(&request)) {
-            Ok(page) => page,
-            Err(crate::api::client::ClientError::NoDaemon { .. }) => {
-                api::offline::history(home, &target, after, crate::controller::HISTORY_PAGE)?
+        let page = match &offline {
+            Some(log) => log.read_page(after, crate::controller::HISTORY_PAGE)?,
+            None => {
+                let request = HistoryRequest {
+                    target: target.clone(),
+                    after,
+                };
+                match runtime.block_on(client.history(&request)) {
+                    Ok(page) => page,
+                    Err(crate::api::client::ClientError::NoDaemon { .. }) => {
+                        let log = offline.insert(api::offline::log(home, &target)?);
+                        log.read_page(after, crate::controller::HISTORY_PAGE)?
+                    }
+                    Err(error) => return Err(error.into()),
+                }
             }
-            Err(error) => return Err(error.into()),
         };
         let Some(last) = page.last() else {
             break;
@@ -983,21 +991,13 @@ pub fn recover(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
 /// The event logs under `home` that `--app`/`--env` name (all when left out), as
 /// (app, environment, path); none is an error.
 fn logs_named(home: &Path, args: &RecoverArgs) -> anyhow::Result<Vec<(String, String, PathBuf)>> {
-    let apps = home.join("apps");
-    let mut logs = Vec::new();
-    for app in read_dir_names(&apps)? {
-        if args.app.as_ref().is_some_and(|a| *a != app) {
-            continue;
-        }
-        for environment in read_dir_names(&apps.join(&app))? {
-            let log = api::log_path(home, &app, &environment);
-            if args.environment.as_ref().is_none_or(|e| *e == environment) && log.is_file() {
-                logs.push((app.clone(), environment, log));
-            }
-        }
-    }
+    let target = Target {
+        app: args.app.clone(),
+        environment: args.environment.clone(),
+    };
+    let logs = api::offline::logs(home, &target)?;
     if logs.is_empty() {
-        bail!("no event log under {} matches", apps.display());
+        bail!("no event log under {} matches", home.join("apps").display());
     }
     Ok(logs)
 }
@@ -1020,24 +1020,4 @@ pub fn compact(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
         say!("{}", serde_json::to_string_pretty(&done)?);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The names of the directories in `dir` (none when it does not exist).
-fn read_dir_names(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        if entry.path().is_dir()
-            && let Ok(name) = entry.file_name().into_string()
-        {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
 }

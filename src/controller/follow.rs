@@ -25,6 +25,8 @@ pub struct Follower {
     appended: broadcast::Receiver<Envelope<Event>>,
     /// The next sequence number to deliver.
     next: u64,
+    /// Everything the log held past `next` has been delivered; the broadcast carries the rest.
+    caught_up: bool,
 }
 
 impl Follower {
@@ -33,6 +35,7 @@ impl Follower {
             appended: handle.appended.subscribe(),
             handle: handle.clone(),
             next: after + 1,
+            caught_up: false,
         }
     }
 
@@ -41,17 +44,23 @@ impl Follower {
     pub async fn next(&mut self) -> Result<Vec<Envelope<Event>>, ControllerError> {
         loop {
             // What the log already holds past what was delivered: at start, and after
-            // falling behind the broadcast.
-            let page = self.handle.history(self.next - 1).await?;
-            if !page.is_empty() {
-                self.next = page.last().map_or(self.next, |e| e.seq + 1);
-                return Ok(page);
+            // falling behind the broadcast. Once caught up, the log is not read again.
+            if !self.caught_up {
+                let page = self.handle.history(self.next - 1).await?;
+                if let Some(last) = page.last() {
+                    self.next = last.seq + 1;
+                    return Ok(page);
+                }
+                self.caught_up = true;
             }
-            // Woken now and then to read the log again: that is also how a follower learns
-            // that the controller has stopped.
+            // Woken now and then to see whether the controller has stopped (its handle keeps
+            // the broadcast open, so the channel alone never says so).
             let received =
                 tokio::time::timeout(std::time::Duration::from_secs(1), self.appended.recv());
             let Ok(received) = received.await else {
+                if self.handle.is_finished() {
+                    return Err(self.stopped());
+                }
                 continue;
             };
             match received {
@@ -62,22 +71,26 @@ impl Follower {
                     {
                         events.push(more);
                     }
-                    events.retain(|e| e.seq >= self.next);
                     // An event the broadcast skipped is read from the log instead.
-                    if events.first().is_some_and(|e| e.seq != self.next) {
+                    if events[0].seq != self.next {
+                        self.caught_up = false;
                         continue;
                     }
                     self.next = events.last().map_or(self.next, |e| e.seq + 1);
                     return Ok(events);
                 }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(ControllerError::Stopped {
-                        app: self.handle.app().to_owned(),
-                        environment: self.handle.environment().to_owned(),
-                    });
-                }
+                // Appended before this follower read the log: delivered already.
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => self.caught_up = false,
+                Err(broadcast::error::RecvError::Closed) => return Err(self.stopped()),
             }
+        }
+    }
+
+    fn stopped(&self) -> ControllerError {
+        ControllerError::Stopped {
+            app: self.handle.app().to_owned(),
+            environment: self.handle.environment().to_owned(),
         }
     }
 }

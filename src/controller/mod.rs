@@ -1110,6 +1110,8 @@ impl Shell {
             tokio::spawn(shutdown_route(old.route));
         }
         self.route_errors.remove(service);
+        // The snapshot says where routes listen.
+        self.dirty = true;
         self.sync();
         Ok(())
     }
@@ -1127,6 +1129,7 @@ impl Shell {
         for (service, listen) in wanted {
             if let Err(error) = self.ensure_route(&service, listen).await {
                 self.route_errors.insert(service, error.to_string());
+                self.dirty = true;
             }
         }
     }
@@ -1382,6 +1385,7 @@ impl Shell {
                 tokio::spawn(shutdown_route(entry.route));
             }
             self.route_errors.remove(&service);
+            self.dirty = true;
         }
     }
 
@@ -1428,7 +1432,6 @@ impl Shell {
                 entry.last = backends;
             }
         }
-        self.dirty = true;
     }
 }
 
