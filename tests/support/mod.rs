@@ -34,6 +34,24 @@ pub fn busybox() -> &'static Path {
     path
 }
 
+/// A Debian bookworm base (debootstrap minbase) as a docker-archive tar, from
+/// `scripts/debian-base`: cached on the machine, built (from Debian's mirror) when missing.
+/// Both `FROM docker-archive:PATH` and `docker load -i PATH` read it.
+pub fn debian_base() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let out = Command::new(workspace().join("scripts/debian-base"))
+            .output()
+            .expect("run scripts/debian-base");
+        assert!(
+            out.status.success(),
+            "scripts/debian-base failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
 /// A command that runs what its arguments say as nobody (uid and gid 65534, no groups): a real
 /// other user of the host. Through a shell, as `setpriv`'s own exec may still hold root's
 /// capabilities, which pass any directory.
