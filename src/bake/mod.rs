@@ -12,6 +12,7 @@ pub mod cache;
 pub mod containerfile;
 mod context;
 pub mod plan;
+mod reproducible;
 mod run;
 mod tree;
 
@@ -152,6 +153,12 @@ pub fn bake(
         source,
     })?;
     let parsed = containerfile::parse(&file_name, &source)?;
+    let reproducible =
+        reproducible::enabled(&source).map_err(|(line, reason)| BakeError::Step {
+            file: file_name.clone(),
+            line,
+            reason,
+        })?;
     let at = |line: usize| {
         let file = file_name.clone();
         move |reason: String| BakeError::Step { file, line, reason }
@@ -238,9 +245,16 @@ pub fn bake(
             let record = match found {
                 Some(record) => record,
                 None => {
-                    let record =
-                        build(&mut txn, collected, &mut lower, &state, step, options.epoch)
-                            .map_err(at(step.line))?;
+                    let record = build(
+                        &mut txn,
+                        collected,
+                        &mut lower,
+                        &state,
+                        step,
+                        options.epoch,
+                        reproducible,
+                    )
+                    .map_err(at(step.line))?;
                     pending.push((key.clone(), record.clone()));
                     record
                 }
@@ -483,9 +497,11 @@ fn build(
     state: &State,
     step: &plan::Step,
     epoch: u64,
+    reproducible: bool,
 ) -> Result<Record, String> {
     let store = txn.store();
     let mut keep_alive = Vec::new();
+    let mut normalised = None;
     let mut run_root = None;
     let mut entries = match &step.action {
         Action::Config(_) => return Ok(Record { layer: None }),
@@ -525,8 +541,13 @@ fn build(
                 user,
                 workdir,
             )?;
-            let entries = output.entries;
+            let mut entries = output.entries;
             run_root = Some(output.root);
+            if reproducible {
+                let applied = reproducible::apply(&mut entries, epoch)
+                    .map_err(|e| format!("applying the reproducibility rules: {e}"))?;
+                normalised = Some(applied);
+            }
             entries
         }
     };
@@ -562,6 +583,7 @@ fn build(
     let descriptor = finished.keep(txn).map_err(|e| e.to_string())?;
     lower.add_if_current(&state.layers, &entries);
     drop(keep_alive);
+    drop(normalised);
     drop(run_root);
     Ok(Record {
         layer: Some(LayerRecord {
