@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod docker;
 pub mod fuzzing;
+pub mod imagefs;
 pub mod load;
 pub mod proxy;
 pub mod runtime;
@@ -138,6 +140,20 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut condition: impl FnMut() -
             Instant::now() < end,
             "timed out after {deadline:?} waiting for {what}"
         );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `wait_for` that gives up with `None` at the deadline instead of panicking.
+pub fn try_wait_for<T>(deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(value) = condition() {
+            return Some(value);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
