@@ -30,8 +30,12 @@ use tree::{Entry, EntryKind, LowerTree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    #[error("{0}")]
+    /// Transparent: the parse error already says file and line, and a display that also
+    /// named it as the source would print them twice in a report of the error's chain.
+    #[error(transparent)]
     Parse(#[from] containerfile::ParseError),
+    #[error("{file}: {reason}")]
+    Target { file: String, reason: String },
     #[error("{file}:{line}: {reason}")]
     Step {
         file: String,
@@ -60,6 +64,8 @@ pub struct BakeOptions {
     pub build_args: BTreeMap<String, String>,
     /// The mtime of every layer entry: 0, or `SOURCE_DATE_EPOCH` when the caller sets it.
     pub epoch: u64,
+    /// The stage to bake (`--target`); `None` is the last one.
+    pub target: Option<String>,
 }
 
 /// Progress of a bake, one call per step start and end.
@@ -156,7 +162,14 @@ pub fn bake(
         let file = file_name.clone();
         move |reason: String| BakeError::Step { file, line, reason }
     };
-    let stages = plan::stages(&parsed, &options.build_args).map_err(|e| at(e.line)(e.reason))?;
+    let mut stages =
+        plan::stages(&parsed, &options.build_args).map_err(|e| at(e.line)(e.reason))?;
+    if let Some(target) = &options.target {
+        stages.select(target).map_err(|reason| BakeError::Target {
+            file: file_name.clone(),
+            reason,
+        })?;
+    }
     let context = Context::open(&options.context).map_err(|reason| BakeError::Context {
         path: options.context.clone(),
         reason,
@@ -223,6 +236,26 @@ pub fn bake(
                 total,
                 text: &step.text,
             });
+            // `COPY --from`'s source: an earlier stage (built: `needed` holds it and comes
+            // in file order) or an image, imported like a FROM's.
+            let source = match &step.action {
+                Action::Copy {
+                    from: Some(from), ..
+                } => Some(match from {
+                    Base::Stage(source) => built[source].clone(),
+                    Base::Image(name) => {
+                        base_image(&mut txn, &options.context, name).map_err(|reason| {
+                            at(step.line)(reason.replacen("FROM ", "COPY --from=", 1))
+                        })?
+                    }
+                    Base::Scratch => {
+                        return Err(at(step.line)(
+                            "COPY --from=scratch: scratch holds no file to copy".to_owned(),
+                        ));
+                    }
+                }),
+                _ => None,
+            };
             let (key, found, collected) = prepare(
                 &txn,
                 &cache,
@@ -230,6 +263,7 @@ pub fn bake(
                 &mut file_hashes,
                 now,
                 &state,
+                source.as_ref(),
                 step,
                 options.epoch,
             )
@@ -238,9 +272,16 @@ pub fn bake(
             let record = match found {
                 Some(record) => record,
                 None => {
-                    let record =
-                        build(&mut txn, collected, &mut lower, &state, step, options.epoch)
-                            .map_err(at(step.line))?;
+                    let record = build(
+                        &mut txn,
+                        collected,
+                        &mut lower,
+                        &state,
+                        source.as_ref(),
+                        step,
+                        options.epoch,
+                    )
+                    .map_err(at(step.line))?;
                     pending.push((key.clone(), record.clone()));
                     record
                 }
@@ -441,6 +482,7 @@ fn prepare(
     file_hashes: &mut cache::FileHashes,
     now: i64,
     state: &State,
+    source: Option<&State>,
     step: &plan::Step,
     epoch: u64,
 ) -> Result<(Digest, Option<Record>, Option<context::Collected>), String> {
@@ -449,15 +491,40 @@ fn prepare(
     let epoch = epoch.to_string();
     let action = format!("{:?}", step.action);
     let (key, collected) = match &step.action {
+        // What a stage or image holds is named by its key, so the key is had without reading
+        // a file of it; the heredocs' contents are in the action.
+        Action::Copy { from: Some(_), .. } => {
+            let source = source.ok_or("COPY --from without its source")?;
+            let key = cache::key(
+                Some(&state.key),
+                &[&action, "from", source.key.as_str(), &args, &epoch],
+            );
+            (key, None)
+        }
         Action::Copy {
             add,
             sources,
             dest,
             chown,
             chmod,
+            from: None,
+            files,
         } => {
             let own = ownership(store, state, chown.as_deref(), *chmod)?;
-            let mut collected = context.collect(*add, sources, dest, own)?;
+            let mut collected = if sources.is_empty() {
+                context::Collected {
+                    entries: Vec::new(),
+                    unpacked: Vec::new(),
+                }
+            } else {
+                context.collect(*add, sources, dest, own)?
+            };
+            if !files.is_empty() {
+                let into_dir = dest.ends_with('/') || sources.len() + files.len() > 1;
+                let inline = context::inline_files(files, dest, into_dir, own)?;
+                collected.entries.extend(inline.entries);
+                collected.unpacked.extend(inline.unpacked);
+            }
             tree::normalize(&mut collected.entries);
             let hash = tree::content_hash(&collected.entries, &mut |path| {
                 file_hashes.digest(path, now)
@@ -481,6 +548,7 @@ fn build(
     collected: Option<context::Collected>,
     lower: &mut LowerTree,
     state: &State,
+    source: Option<&State>,
     step: &plan::Step,
     epoch: u64,
 ) -> Result<Record, String> {
@@ -489,6 +557,30 @@ fn build(
     let mut run_root = None;
     let mut entries = match &step.action {
         Action::Config(_) => return Ok(Record { layer: None }),
+        Action::Copy {
+            from: Some(_),
+            sources,
+            dest,
+            chown,
+            chmod,
+            ..
+        } => {
+            let source = source.ok_or("COPY --from without its source")?;
+            let own = ownership(store, state, chown.as_deref(), *chmod)?;
+            let own = context::FromOwnership {
+                chown: chown.is_some().then_some((own.uid, own.gid)),
+                chmod: *chmod,
+            };
+            // The source's files are read from its layers unpacked in a private temp root,
+            // as a RUN reads its lower layers.
+            let root = run::RunRoot::new()?;
+            store
+                .unpack_layers(&source.layers, &source.config.rootfs.diff_ids, &root.path())
+                .map_err(|e| e.to_string())?;
+            let entries = context::collect_from_root(&root.path(), sources, dest, own)?;
+            run_root = Some(root);
+            entries
+        }
         Action::Copy { .. } => {
             let collected = collected.ok_or("COPY without collected sources")?;
             keep_alive = collected.unpacked;
