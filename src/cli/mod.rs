@@ -232,7 +232,7 @@ pub fn main() -> ExitCode {
 /// The error and its causes, each said once: many of graven's errors already name their
 /// source in their own message (`baking DIR: FILE:LINE: …`), so a cause whose text the
 /// report holds is not appended again (`{:#}` would print the location twice).
-fn report(error: &anyhow::Error) -> String {
+pub(crate) fn report(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();
