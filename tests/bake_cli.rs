@@ -623,3 +623,35 @@ fn a_base_whose_config_has_nulls_and_unmodelled_fields_is_baked_from() {
     assert!(child.get("docker_version").is_none(), "{child}");
     assert!(child.get("container_config").is_none(), "{child}");
 }
+
+/// Each error said its location twice ("Containerfile:2: …: Containerfile:2: …"): the report
+/// printed the error's chain, and the error already held its source's text.
+#[test]
+fn an_error_names_its_file_and_line_once() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("Containerfile"),
+        "FROM scratch\nFROBNICATE x\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("Missingfile");
+    for (args, wanted) in [
+        (
+            vec![],
+            "Containerfile:2: unknown instruction \"FROBNICATE\"",
+        ),
+        (
+            vec!["-f".to_owned(), missing.display().to_string()],
+            "Missingfile: No such file or directory",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = bake(home.path(), dir.path(), &args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(wanted), "{wanted:?} not in {stderr}");
+        assert_eq!(stderr.matches(wanted).count(), 1, "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}

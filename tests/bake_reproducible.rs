@@ -21,10 +21,14 @@ const RUN: &str = r#"RUN mkdir -p /var/log/apt /var/cache/ldconfig /app/__pycach
 "#;
 
 fn digest(dir: &Path, containerfile: &str) -> String {
-    fs::write(dir.join("Containerfile"), containerfile).unwrap();
     let home = tempfile::tempdir().unwrap();
+    digest_in(home.path(), dir, containerfile)
+}
+
+fn digest_in(home: &Path, dir: &Path, containerfile: &str) -> String {
+    fs::write(dir.join("Containerfile"), containerfile).unwrap();
     let out = succeed(
-        graven(home.path())
+        graven(home)
             .args(["bake", "--json", "--tag", "r:1"])
             .arg(dir),
     );
@@ -45,6 +49,11 @@ fn two_cold_bakes_of_a_run_that_writes_logs_and_bytecode_give_one_digest() {
         digest(dir.path(), &off),
         "without the rules the random bytes reach the layer"
     );
+    // Switching the rules off is part of a RUN step's cache key: the layer made with them is
+    // not what the file without them asks for.
+    let home = tempfile::tempdir().unwrap();
+    let with = digest_in(home.path(), dir.path(), &on);
+    assert_ne!(digest_in(home.path(), dir.path(), &off), with);
 }
 
 #[test]

@@ -53,13 +53,17 @@ pub enum Kind {
         alias: Option<String>,
         platform: Option<String>,
     },
-    /// COPY and ADD; `add` marks ADD, which also unpacks local tar archives.
+    /// COPY and ADD; `add` marks ADD, which also unpacks local tar archives. `from` is the
+    /// raw `--from` word (a stage name or index, or an image); `files` the heredocs among the
+    /// sources, which COPY writes as files of their own.
     Copy {
         add: bool,
         sources: Vec<String>,
         dest: String,
         chown: Option<String>,
         chmod: Option<String>,
+        from: Option<String>,
+        files: Vec<Heredoc>,
     },
     Run(Command),
     /// Raw `key=value` words (quotes kept; the planner expands them).
@@ -75,6 +79,32 @@ pub enum Kind {
     Stopsignal(String),
     Volume(Vec<String>),
     Shell(Vec<String>),
+    /// ONBUILD: the trigger as written (checked to parse), stored in the image's `OnBuild`.
+    Onbuild(String),
+}
+
+/// A here-document (`<<EOF` … `EOF`), as BuildKit reads it: `name` is the delimiter without
+/// quotes, `expand` is false when the delimiter was quoted, `chomp` is `<<-` (leading tabs
+/// are stripped), and `body` holds the lines between, each ending in a newline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heredoc {
+    pub name: String,
+    pub body: String,
+    pub expand: bool,
+    pub chomp: bool,
+}
+
+impl Heredoc {
+    /// The body as COPY writes it and a lone `RUN <<EOF` runs it: tabs stripped for `<<-`.
+    pub fn content(&self) -> String {
+        if !self.chomp {
+            return self.body.clone();
+        }
+        self.body
+            .split_inclusive('\n')
+            .map(|line| line.trim_start_matches('\t'))
+            .collect()
+    }
 }
 
 /// HEALTHCHECK's flags (durations in nanoseconds) and its command.
@@ -144,7 +174,41 @@ pub fn parse(file: &str, source: &str) -> Result<Containerfile, ParseError> {
             joined.push_str(&part);
             more = again;
         }
-        let kind = parse_instruction(&joined, escape).map_err(|reason| err(start + 1, reason))?;
+        // The bodies of the heredocs the instruction names follow it, in order, each up to
+        // the line that is its delimiter; they are read raw (no continuation, no comment).
+        let mut heredocs = Vec::new();
+        if heredoc_allowed(&joined) {
+            for mut heredoc in heredoc_words(&joined, escape) {
+                let mut terminated = false;
+                while index < lines.len() {
+                    let line = lines[index].trim_end_matches('\r');
+                    index += 1;
+                    let candidate = if heredoc.chomp {
+                        line.trim_start_matches('\t')
+                    } else {
+                        line
+                    };
+                    if candidate == heredoc.name {
+                        terminated = true;
+                        break;
+                    }
+                    heredoc.body.push_str(line);
+                    heredoc.body.push('\n');
+                }
+                if !terminated {
+                    return Err(err(
+                        start + 1,
+                        format!(
+                            "unterminated heredoc <<{0}: no line {0} before the end of the file",
+                            heredoc.name
+                        ),
+                    ));
+                }
+                heredocs.push(heredoc);
+            }
+        }
+        let kind = parse_instruction(&joined, escape, heredocs)
+            .map_err(|reason| err(start + 1, reason))?;
         instructions.push(Instruction {
             line: start + 1,
             text: joined.trim().to_owned(),
@@ -207,7 +271,86 @@ fn trim_continuation(line: &str, escape: char) -> (String, bool) {
     }
 }
 
-fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
+/// BuildKit reads heredocs after RUN, COPY and ADD only.
+fn heredoc_allowed(line: &str) -> bool {
+    matches!(keyword(line).as_str(), "RUN" | "COPY" | "ADD")
+}
+
+/// The heredocs a line names: the words `<<NAME`, `<<-NAME`, `<<"NAME"`, `<<'NAME'` (an fd
+/// number may come first, as `3<<EOF`); `<< EOF` with a blank is no heredoc, as in BuildKit.
+fn heredoc_words(line: &str, escape: char) -> Vec<Heredoc> {
+    split_words(line, escape)
+        .iter()
+        .filter_map(|word| parse_heredoc(word, escape))
+        .collect()
+}
+
+fn parse_heredoc(word: &str, escape: char) -> Option<Heredoc> {
+    let rest = word.trim_start_matches(|c: char| c.is_ascii_digit());
+    let rest = rest.strip_prefix("<<")?;
+    let (chomp, rest) = match rest.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, rest),
+    };
+    if rest.is_empty() || rest.contains('<') || split_words(rest, escape).len() != 1 {
+        return None;
+    }
+    // Any quote in the delimiter turns expansion off (BuildKit compares the word with and
+    // without its quotes); the name is the word with its quotes and escapes removed.
+    let quoted = rest.contains(['"', '\'']);
+    let mut name = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {}
+            c if c == escape => name.extend(chars.next()),
+            c => name.push(c),
+        }
+    }
+    (!name.is_empty()).then_some(Heredoc {
+        name,
+        body: String::new(),
+        expand: !quoted,
+        chomp,
+    })
+}
+
+/// RUN with heredocs as BuildKit turns it into a shell command: a lone `<<EOF` runs its body
+/// as the script (a body starting with `#!` is run by that interpreter); otherwise the line
+/// and the bodies, each followed by its delimiter, go to the shell, which reads them as
+/// here-documents itself (so the delimiter's quoting decides the body's expansion).
+fn heredoc_command(text: &str, heredocs: &[Heredoc], escape: char) -> Command {
+    if let [single] = heredocs
+        && parse_heredoc(text, escape).is_some()
+    {
+        let content = single.content();
+        if let Some(shebang) = content.strip_prefix("#!") {
+            // BuildKit writes such a body to a file and runs it; here the interpreter reads
+            // it on its standard input, the delimiter quoted so the shell expands nothing.
+            let (line, script) = shebang.split_once('\n').unwrap_or((shebang, ""));
+            let interpreter: Vec<String> = line.split_whitespace().map(shell_quote).collect();
+            return Command::Shell(format!(
+                "{} <<'{name}'\n{script}{name}",
+                interpreter.join(" "),
+                name = single.name
+            ));
+        }
+        return Command::Shell(content);
+    }
+    let mut full = text.to_owned();
+    for heredoc in heredocs {
+        full.push('\n');
+        full.push_str(&heredoc.body);
+        full.push_str(&heredoc.name);
+    }
+    Command::Shell(full)
+}
+
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+fn parse_instruction(line: &str, escape: char, heredocs: Vec<Heredoc>) -> Result<Kind, String> {
     let line = line.trim();
     let (word, rest) = match line.find(char::is_whitespace) {
         Some(at) => (&line[..at], line[at..].trim_start()),
@@ -217,7 +360,8 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
     let (flags, rest) = split_flags(rest);
     let allowed: &[&str] = match name.as_str() {
         "FROM" => &["platform"],
-        "COPY" | "ADD" => &["chown", "chmod"],
+        "COPY" => &["chown", "chmod", "from", "link"],
+        "ADD" => &["chown", "chmod", "link"],
         "HEALTHCHECK" => &[
             "interval",
             "timeout",
@@ -229,12 +373,7 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
     };
     for (flag, _) in &flags {
         if !allowed.contains(&flag.as_str()) {
-            return Err(match (name.as_str(), flag.as_str()) {
-                ("COPY" | "ADD", "from") => {
-                    format!("{name} --from is not supported: copy from the build context")
-                }
-                _ => format!("unknown flag --{flag} for {name}"),
-            });
+            return Err(format!("unknown flag --{flag} for {name}"));
         }
     }
     let flag = |key: &str| flags.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
@@ -283,24 +422,46 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
             }
             let (dest, sources) = words.split_last().expect("two words at least");
             for (key, value) in &flags {
-                if value.is_empty() {
+                // `--link` (BuildKit's independent layer) is a switch; graven's COPY layers
+                // never depend on the layers below, so it changes nothing.
+                if value.is_empty() && key != "link" {
                     return Err(format!("{name} --{key} needs a value"));
                 }
             }
             if let Some(chmod) = flag("chmod") {
                 parse_mode(&chmod)?;
             }
+            if parse_heredoc(dest, escape).is_some() {
+                return Err(format!("{name} cannot take a heredoc as its destination"));
+            }
+            // The heredocs among the sources become files; the rest are paths.
+            let mut files = heredocs.into_iter();
+            let mut inline = Vec::new();
+            let mut paths = Vec::new();
+            for source in sources {
+                if parse_heredoc(source, escape).is_some() {
+                    inline.extend(files.next());
+                } else {
+                    paths.push(source.clone());
+                }
+            }
             Kind::Copy {
                 add: name == "ADD",
-                sources: sources.to_vec(),
+                sources: paths,
                 dest: dest.clone(),
                 chown: flag("chown"),
                 chmod: flag("chmod"),
+                from: flag("from"),
+                files: inline,
             }
         }
         "RUN" => {
             need_args("a command")?;
-            Kind::Run(command(rest))
+            if heredocs.is_empty() {
+                Kind::Run(command(rest))
+            } else {
+                Kind::Run(heredoc_command(rest, &heredocs, escape))
+            }
         }
         "CMD" => {
             need_args("a command")?;
@@ -405,8 +566,21 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
                 }
             }
         }
-        "ONBUILD" | "MAINTAINER" => {
-            return Err(format!("{name} is not supported by graven"));
+        "ONBUILD" => {
+            need_args("an instruction")?;
+            let trigger = keyword(rest);
+            if matches!(trigger.as_str(), "ONBUILD" | "FROM" | "MAINTAINER") {
+                return Err(format!(
+                    "{trigger} is not allowed as an ONBUILD trigger (Docker refuses it too)"
+                ));
+            }
+            // A trigger runs in another bake, but a mistake in it is this file's.
+            parse_instruction(rest, escape, Vec::new())
+                .map_err(|reason| format!("ONBUILD {reason}"))?;
+            Kind::Onbuild(rest.to_owned())
+        }
+        "MAINTAINER" => {
+            return Err("MAINTAINER is not supported by graven: use LABEL".to_owned());
         }
         "" => return Err("empty instruction".to_owned()),
         _ => return Err(format!("unknown instruction {word:?}")),
@@ -639,6 +813,44 @@ pub fn expand(
     Ok(out)
 }
 
+/// A COPY heredoc's body with an unquoted delimiter: `$VAR` and `${VAR…}` substituted, an
+/// escaped `$` kept literal, quotes and other characters left as written (BuildKit's lexer
+/// in its raw-quotes mode; the body is a file's content, not a word).
+pub fn expand_heredoc(
+    body: &str,
+    escape: char,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let chars: Vec<char> = body.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == escape && chars.get(i + 1) == Some(&'$') {
+            out.push('$');
+            i += 2;
+        } else if c == '$' {
+            i = variable(&chars, i, escape, lookup, &mut out)?;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Parses an ONBUILD trigger (as an image's `OnBuild` list holds it) into the instruction it
+/// names.
+pub fn parse_trigger(text: &str, escape: char) -> Result<Kind, String> {
+    if matches!(keyword(text).as_str(), "ONBUILD" | "FROM" | "MAINTAINER") {
+        return Err(format!(
+            "{} is not allowed as an ONBUILD trigger",
+            keyword(text)
+        ));
+    }
+    parse_instruction(text, escape, Vec::new())
+}
+
 /// Expands the reference starting at `chars[start] == '$'`; returns the index after it.
 fn variable(
     chars: &[char],
@@ -749,7 +961,7 @@ mod tests {
             include_str!("../../examples/hello/Containerfile"),
             expect![[r#"
                 2: From { image: "scratch", alias: None, platform: None }
-                3: Copy { add: false, sources: ["dist/hello"], dest: "/hello", chown: None, chmod: None }
+                3: Copy { add: false, sources: ["dist/hello"], dest: "/hello", chown: None, chmod: None, from: None, files: [] }
                 4: Env([("PORT", "8080")])
                 5: Expose(["8080"])
                 6: User("65534:65534")
@@ -803,8 +1015,8 @@ STOPSIGNAL 15"#,
             expect![[r#"
                 1: Arg([("BASE", Some("scratch"))])
                 2: From { image: "${BASE}", alias: Some("build"), platform: None }
-                3: Copy { add: false, sources: ["a", "\"b c\""], dest: "/dst/", chown: Some("1:2"), chmod: Some("0750") }
-                4: Copy { add: true, sources: ["x y"], dest: "/z", chown: None, chmod: None }
+                3: Copy { add: false, sources: ["a", "\"b c\""], dest: "/dst/", chown: Some("1:2"), chmod: Some("0750"), from: None, files: [] }
+                4: Copy { add: true, sources: ["x y"], dest: "/z", chown: None, chmod: None, from: None, files: [] }
                 5: Env([("A", "1"), ("B", "\"two words\""), ("C", "3")])
                 6: Env([("LEGACY", "value with spaces")])
                 7: Label([("\"org.x\"", "\"y\""), ("z", "w")])
@@ -855,8 +1067,44 @@ STOPSIGNAL 15"#,
                 "Containerfile:2: COPY requires at least one source and a destination",
             ),
             (
-                "FROM scratch\nCOPY --from=build a b",
-                "Containerfile:2: COPY --from is not supported: copy from the build context",
+                "FROM scratch\nCOPY --from= a b",
+                "Containerfile:2: COPY --from needs a value",
+            ),
+            (
+                "FROM scratch\nADD --from=x a b",
+                "Containerfile:2: unknown flag --from for ADD",
+            ),
+            (
+                "FROM scratch\nCOPY <<EOF <<EOF2\nx\nEOF\nEOF2",
+                "Containerfile:2: COPY cannot take a heredoc as its destination",
+            ),
+            (
+                "FROM scratch\nRUN <<EOF\necho never ends\n",
+                "Containerfile:2: unterminated heredoc <<EOF: no line EOF before the end of the file",
+            ),
+            (
+                "FROM scratch\nRUN cat <<A <<-B\na\nA\n",
+                "Containerfile:2: unterminated heredoc <<B: no line B before the end of the file",
+            ),
+            (
+                "FROM scratch\nONBUILD ONBUILD RUN x",
+                "Containerfile:2: ONBUILD is not allowed as an ONBUILD trigger (Docker refuses it too)",
+            ),
+            (
+                "FROM scratch\nONBUILD from scratch",
+                "Containerfile:2: FROM is not allowed as an ONBUILD trigger (Docker refuses it too)",
+            ),
+            (
+                "FROM scratch\nONBUILD MAINTAINER me",
+                "Containerfile:2: MAINTAINER is not allowed as an ONBUILD trigger (Docker refuses it too)",
+            ),
+            (
+                "FROM scratch\nONBUILD",
+                "Containerfile:2: ONBUILD requires an instruction",
+            ),
+            (
+                "FROM scratch\nONBUILD FROBNICATE x",
+                "Containerfile:2: ONBUILD unknown instruction \"FROBNICATE\"",
             ),
             (
                 "FROM scratch\nCOPY --own=1 a b",
@@ -927,8 +1175,8 @@ STOPSIGNAL 15"#,
                 "Containerfile:2: SHELL requires a JSON array, like [\"/bin/sh\", \"-c\"]",
             ),
             (
-                "FROM scratch\nONBUILD RUN x",
-                "Containerfile:2: ONBUILD is not supported by graven",
+                "FROM scratch\nMAINTAINER me",
+                "Containerfile:2: MAINTAINER is not supported by graven: use LABEL",
             ),
             (
                 "# escape=x\nFROM scratch",
@@ -948,6 +1196,77 @@ STOPSIGNAL 15"#,
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// Heredocs as BuildKit reads them: which words open one, how the delimiter's quoting
+    /// and `<<-` come out, and what RUN hands the shell.
+    #[test]
+    fn heredocs() {
+        check(
+            "# syntax=docker/dockerfile:1\n# check=skip=all\nFROM scratch\nRUN <<EOF\necho $HOME\n\tsh -c 'x'\nEOF\nRUN <<-EOF\n\techo tabs\n\tEOF\nRUN python3 <<'EOF' > /out\nprint(\"$x\")\nEOF\nRUN cat <<A && cat <<\"B\"\na $x\nA\nb $x\nB\nRUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\nRUN echo '<<NOT' << NOT2 \"<<NOT3\"\nCMD done",
+            expect![[r#"
+                3: From { image: "scratch", alias: None, platform: None }
+                4: Run(Shell("echo $HOME\n\tsh -c 'x'\n"))
+                8: Run(Shell("echo tabs\n"))
+                11: Run(Shell("python3 <<'EOF' > /out\nprint(\"$x\")\nEOF"))
+                14: Run(Shell("cat <<A && cat <<\"B\"\na $x\nA\nb $x\nB"))
+                19: Run(Shell("'/usr/bin/env' 'python3' <<'EOF'\nprint(1)\nEOF"))
+                23: Run(Shell("echo '<<NOT' << NOT2 \"<<NOT3\""))
+                24: Cmd(Shell("done"))"#]],
+        );
+        check(
+            "FROM scratch\nCOPY --chmod=0600 <<a.txt <<'b.txt' /dir/\n$A\na.txt\n$B\nb.txt\nCOPY <<-EOF ctx /f\n\tx\nEOF\nADD --link <<EOF /g\nEOF",
+            expect![[r#"
+                1: From { image: "scratch", alias: None, platform: None }
+                2: Copy { add: false, sources: [], dest: "/dir/", chown: None, chmod: Some("0600"), from: None, files: [Heredoc { name: "a.txt", body: "$A\n", expand: true, chomp: false }, Heredoc { name: "b.txt", body: "$B\n", expand: false, chomp: false }] }
+                7: Copy { add: false, sources: ["ctx"], dest: "/f", chown: None, chmod: None, from: None, files: [Heredoc { name: "EOF", body: "\tx\n", expand: true, chomp: true }] }
+                10: Copy { add: true, sources: [], dest: "/g", chown: None, chmod: None, from: None, files: [Heredoc { name: "EOF", body: "", expand: true, chomp: false }] }"#]],
+        );
+    }
+
+    #[test]
+    fn heredoc_delimiters() {
+        for (word, expected) in [
+            ("<<EOF", Some(("EOF", true, false))),
+            ("<<-EOF", Some(("EOF", true, true))),
+            ("<<'EOF'", Some(("EOF", false, false))),
+            ("<<-\"EOF\"", Some(("EOF", false, true))),
+            ("<<E\"O\"F", Some(("EOF", false, false))),
+            ("3<<EOF", Some(("EOF", true, false))),
+            ("<<", None),
+            ("<<<EOF", None),
+            ("\"<<EOF\"", None),
+            ("x<<EOF", None),
+        ] {
+            let actual = parse_heredoc(word, '\\');
+            assert_eq!(
+                actual
+                    .as_ref()
+                    .map(|h| (h.name.as_str(), h.expand, h.chomp)),
+                expected,
+                "{word}"
+            );
+        }
+    }
+
+    #[test]
+    fn heredoc_bodies_expand_variables_and_keep_quotes() {
+        let lookup = |name: &str| (name == "A").then(|| "alpha".to_owned());
+        assert_eq!(
+            expand_heredoc("'$A' \"${A}\" \\$A ${B:-b} $\n", '\\', &lookup).as_deref(),
+            Ok("'alpha' \"alpha\" $A b $\n")
+        );
+    }
+
+    #[test]
+    fn onbuild_keeps_its_trigger() {
+        check(
+            "FROM scratch\nonbuild COPY --chown=1 . /app\nONBUILD RUN make",
+            expect![[r#"
+                1: From { image: "scratch", alias: None, platform: None }
+                2: Onbuild("COPY --chown=1 . /app")
+                3: Onbuild("RUN make")"#]],
+        );
     }
 
     fn check_expand(word: &str, expected: Result<&str, &str>) {
@@ -1036,6 +1355,12 @@ STOPSIGNAL 15"#,
             "NONE",
             "AS ",
             "scratch",
+            "<<EOF",
+            "<<-'A'",
+            "EOF\n",
+            "\tA\n",
+            "ONBUILD ",
+            "--from=",
             "é",
             "\r",
         ];

@@ -1,12 +1,16 @@
 //! The build context: which files COPY and ADD may read (`.dockerignore`, nothing outside the
 //! context directory, no symlink leading out of it) and the layer entries they make, with
 //! normalized owners and modes. ADD of a local tar archive unpacks it, refusing entries that
-//! would land outside the destination.
+//! would land outside the destination. `COPY --from` reads an unpacked stage's root instead
+//! (`collect_from_root`), every source resolved inside that root by the kernel; heredocs
+//! become files of their own (`inline_files`).
 
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+
+use std::os::unix::fs::MetadataExt;
 
 use globset::{Glob, GlobMatcher};
 
@@ -346,6 +350,254 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// What `COPY --from` does to owners and modes: without `--chown` a file keeps the owner it
+/// has in the stage, as in BuildKit; without `--chmod` its mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FromOwnership {
+    pub chown: Option<(u32, u32)>,
+    pub chmod: Option<u32>,
+}
+
+impl FromOwnership {
+    fn entry(&self, path: String, kind: EntryKind, meta: &fs::Metadata) -> Entry {
+        let (uid, gid) = self.chown.unwrap_or((meta.uid(), meta.gid()));
+        let mode = match (&kind, self.chmod) {
+            (EntryKind::Symlink(_), _) => 0o777,
+            (_, Some(chmod)) => chmod,
+            (_, None) => meta.mode() & 0o7777,
+        };
+        Entry {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+        }
+    }
+}
+
+/// The entries `COPY --from` of `sources` (paths in the stage, absolute or relative to its
+/// `/`, wildcards allowed) to `dest` makes, read from `root`, the stage's unpacked root.
+///
+/// A source is resolved by the kernel inside `root` (openat2 `RESOLVE_IN_ROOT`), so a
+/// symlink in the stage (`/app -> /etc`) leads to the stage's `/etc`, never the host's; the
+/// path the kernel reached is then read back, free of symlinks. Below it, directories are
+/// walked without following anything (symlinks are copied as symlinks), so every host path an
+/// entry names is a real path inside `root`, which nobody else writes (a private temp dir).
+pub fn collect_from_root(
+    root: &Path,
+    sources: &[String],
+    dest: &str,
+    own: FromOwnership,
+) -> Result<Vec<Entry>, String> {
+    let root_fd =
+        crate::sandbox::root::open_root(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let real_root = fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let mut matched: Vec<(String, String)> = Vec::new();
+    let mut wildcard = false;
+    for source in sources {
+        let rel = super::plan::absolute("/", source)[1..].to_owned();
+        if rel.contains(['*', '?', '[']) {
+            wildcard = true;
+            let before = matched.len();
+            for path in glob_in_root(&root_fd, &real_root, &rel)? {
+                matched.push((source.clone(), path));
+            }
+            if matched.len() == before {
+                return Err(format!("source {source:?} matches no file in the stage"));
+            }
+        } else {
+            matched.push((source.clone(), rel));
+        }
+    }
+    let into_dir = dest.ends_with('/') || matched.len() > 1 || wildcard;
+    let dest_rel = dest.trim_end_matches('/').trim_start_matches('/');
+    let mut out = Vec::new();
+    for (source, rel) in matched {
+        let real = resolve_in_root(&root_fd, &real_root, &rel)
+            .map_err(|e| format!("source {source:?} in the stage: {e}"))?;
+        let meta = fs::metadata(&real).map_err(|e| format!("source {source:?}: {e}"))?;
+        if meta.is_dir() {
+            // The contents are copied, not the directory itself; the destination directory
+            // is made as root's (or --chown's), as Docker makes it.
+            if !dest_rel.is_empty() {
+                out.push(Entry {
+                    path: dest_rel.to_owned(),
+                    kind: EntryKind::Dir,
+                    mode: own.chmod.unwrap_or(0o755),
+                    uid: own.chown.map_or(0, |(u, _)| u),
+                    gid: own.chown.map_or(0, |(_, g)| g),
+                });
+            }
+            walk_root(&real, dest_rel, own, &mut out)?;
+        } else if meta.is_file() {
+            let name = rel.rsplit('/').next().unwrap_or(&rel);
+            let target = if into_dir {
+                join(dest_rel, name)
+            } else {
+                dest_rel.to_owned()
+            };
+            if target.is_empty() {
+                return Err(format!("COPY {source} to / needs a file name: use /{name}"));
+            }
+            let kind = EntryKind::File {
+                source: real,
+                size: meta.len(),
+            };
+            out.push(own.entry(target, kind, &meta));
+        } else {
+            return Err(format!(
+                "source {source:?} is not a file or a directory: COPY --from copies files, \
+                 directories and the links inside directories"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The real host path (no symlink in it) of `rel` resolved inside the root.
+fn resolve_in_root(
+    root_fd: &std::os::fd::OwnedFd,
+    real_root: &Path,
+    rel: &str,
+) -> io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let fd = crate::sandbox::root::open_in(root_fd, rel, rustix::fs::OFlags::PATH)?;
+    let real = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if real != real_root && !real.starts_with(real_root) {
+        return Err(io::Error::other("resolves outside the stage's root"));
+    }
+    Ok(real)
+}
+
+/// The paths below `root` a wildcard source matches; `*` and `?` stay within one path
+/// component, as Go's `filepath.Match` (Docker's) has them.
+fn glob_in_root(
+    root_fd: &std::os::fd::OwnedFd,
+    real_root: &Path,
+    pattern: &str,
+) -> Result<Vec<String>, String> {
+    let matcher = globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| format!("source pattern {pattern:?}: {e}"))?
+        .compile_matcher();
+    let parts: Vec<&str> = pattern.split('/').collect();
+    let fixed = parts
+        .iter()
+        .take_while(|p| !p.contains(['*', '?', '[']))
+        .count();
+    let base = parts[..fixed].join("/");
+    let Ok(start) = resolve_in_root(root_fd, real_root, &base) else {
+        return Ok(Vec::new());
+    };
+    // Only as deep as the pattern has components; nothing is followed on the way.
+    let mut out = Vec::new();
+    let mut level = vec![(start, base)];
+    for _ in fixed..parts.len() {
+        let mut next = Vec::new();
+        for (dir, rel) in level {
+            let Ok(read) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for child in read.flatten() {
+                let name = child.file_name().to_string_lossy().into_owned();
+                let child_rel = join(&rel, &name);
+                if child.file_type().is_ok_and(|t| t.is_dir()) {
+                    next.push((child.path(), child_rel.clone()));
+                }
+                if child_rel.split('/').count() == parts.len() && matcher.is_match(&child_rel) {
+                    out.push(child_rel);
+                }
+            }
+        }
+        level = next;
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A stage's directory's contents under `dest`, following no symlink.
+fn walk_root(
+    dir: &Path,
+    dest: &str,
+    own: FromOwnership,
+    out: &mut Vec<Entry>,
+) -> Result<(), String> {
+    let read = fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for child in read {
+        let child = child.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = child.file_name().to_string_lossy().into_owned();
+        let target = join(dest, &name);
+        let meta = fs::symlink_metadata(child.path())
+            .map_err(|e| format!("{}: {e}", child.path().display()))?;
+        let kind = if meta.is_dir() {
+            walk_root(&child.path(), &target, own, out)?;
+            EntryKind::Dir
+        } else if meta.file_type().is_symlink() {
+            let link = fs::read_link(child.path())
+                .map_err(|e| format!("{}: {e}", child.path().display()))?;
+            EntryKind::Symlink(link.to_string_lossy().into_owned())
+        } else if meta.is_file() {
+            EntryKind::File {
+                source: child.path(),
+                size: meta.len(),
+            }
+        } else {
+            // Sockets, fifos and devices are not content, as for the build context.
+            continue;
+        };
+        out.push(own.entry(target, kind, &meta));
+    }
+    Ok(())
+}
+
+/// COPY's heredocs as files (mode 0644 unless `--chmod`, owned as `--chown` says): under
+/// `dest` when it is a directory (a trailing `/`, or several sources), else at `dest`. Their
+/// contents are written to a temp dir the layer is written from.
+pub fn inline_files(
+    files: &[(String, String)],
+    dest: &str,
+    into_dir: bool,
+    own: Ownership,
+) -> Result<Collected, String> {
+    let temp = tempfile::Builder::new()
+        .prefix("graven-heredoc-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a temp dir: {e}"))?;
+    let dest_rel = dest.trim_end_matches('/').trim_start_matches('/');
+    let mut entries = Vec::new();
+    for (n, (name, content)) in files.iter().enumerate() {
+        let source = temp.path().join(n.to_string());
+        fs::write(&source, content).map_err(|e| format!("heredoc {name}: {e}"))?;
+        // The name is cleaned as a path in an empty root (BuildKit makes the file there
+        // first), so `<<../x` is `x`, never a path above the destination.
+        let clean = super::plan::absolute("/", name)[1..].to_owned();
+        if clean.is_empty() {
+            return Err(format!("heredoc <<{name}: its name is no file name"));
+        }
+        let path = if into_dir || dest_rel.is_empty() {
+            join(dest_rel, &clean)
+        } else {
+            dest_rel.to_owned()
+        };
+        entries.push(Entry {
+            path,
+            kind: EntryKind::File {
+                source,
+                size: content.len() as u64,
+            },
+            mode: own.chmod.unwrap_or(0o644),
+            uid: own.uid,
+            gid: own.gid,
+        });
+    }
+    Ok(Collected {
+        entries,
+        unpacked: vec![temp],
+    })
 }
 
 fn join(a: &str, b: &str) -> String {

@@ -31,8 +31,12 @@ use tree::{Entry, EntryKind, LowerTree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    #[error("{0}")]
+    /// Transparent: the parse error already says file and line, and a display that also
+    /// named it as the source would print them twice in a report of the error's chain.
+    #[error(transparent)]
     Parse(#[from] containerfile::ParseError),
+    #[error("{file}: {reason}")]
+    Target { file: String, reason: String },
     #[error("{file}:{line}: {reason}")]
     Step {
         file: String,
@@ -61,6 +65,8 @@ pub struct BakeOptions {
     pub build_args: BTreeMap<String, String>,
     /// The mtime of every layer entry: 0, or `SOURCE_DATE_EPOCH` when the caller sets it.
     pub epoch: u64,
+    /// The stage to bake (`--target`); `None` is the last one.
+    pub target: Option<String>,
 }
 
 /// Progress of a bake, one call per step start and end.
@@ -122,6 +128,14 @@ impl State {
     }
 }
 
+/// How a bake writes its layers: every entry's mtime, and whether the reproducibility rules
+/// apply to RUN layers.
+#[derive(Debug, Clone, Copy)]
+struct Layering {
+    epoch: u64,
+    reproducible: bool,
+}
+
 /// Finds the Containerfile: the given path, else `Containerfile`, else `Dockerfile`.
 pub fn containerfile_path(options: &BakeOptions) -> PathBuf {
     match &options.containerfile {
@@ -159,11 +173,22 @@ pub fn bake(
             line,
             reason,
         })?;
+    let layering = Layering {
+        epoch: options.epoch,
+        reproducible,
+    };
     let at = |line: usize| {
         let file = file_name.clone();
         move |reason: String| BakeError::Step { file, line, reason }
     };
-    let stages = plan::stages(&parsed, &options.build_args).map_err(|e| at(e.line)(e.reason))?;
+    let mut stages =
+        plan::stages(&parsed, &options.build_args).map_err(|e| at(e.line)(e.reason))?;
+    if let Some(target) = &options.target {
+        stages.select(target).map_err(|reason| BakeError::Target {
+            file: file_name.clone(),
+            reason,
+        })?;
+    }
     let context = Context::open(&options.context).map_err(|reason| BakeError::Context {
         path: options.context.clone(),
         reason,
@@ -230,6 +255,26 @@ pub fn bake(
                 total,
                 text: &step.text,
             });
+            // `COPY --from`'s source: an earlier stage (built: `needed` holds it and comes
+            // in file order) or an image, imported like a FROM's.
+            let source = match &step.action {
+                Action::Copy {
+                    from: Some(from), ..
+                } => Some(match from {
+                    Base::Stage(source) => built[source].clone(),
+                    Base::Image(name) => {
+                        base_image(&mut txn, &options.context, name).map_err(|reason| {
+                            at(step.line)(reason.replacen("FROM ", "COPY --from=", 1))
+                        })?
+                    }
+                    Base::Scratch => {
+                        return Err(at(step.line)(
+                            "COPY --from=scratch: scratch holds no file to copy".to_owned(),
+                        ));
+                    }
+                }),
+                _ => None,
+            };
             let (key, found, collected) = prepare(
                 &txn,
                 &cache,
@@ -237,8 +282,9 @@ pub fn bake(
                 &mut file_hashes,
                 now,
                 &state,
+                source.as_ref(),
                 step,
-                options.epoch,
+                layering,
             )
             .map_err(at(step.line))?;
             let cached = found.is_some();
@@ -250,9 +296,9 @@ pub fn bake(
                         collected,
                         &mut lower,
                         &state,
+                        source.as_ref(),
                         step,
-                        options.epoch,
-                        reproducible,
+                        layering,
                     )
                     .map_err(at(step.line))?;
                     pending.push((key.clone(), record.clone()));
@@ -455,23 +501,54 @@ fn prepare(
     file_hashes: &mut cache::FileHashes,
     now: i64,
     state: &State,
+    source: Option<&State>,
     step: &plan::Step,
-    epoch: u64,
+    layering: Layering,
 ) -> Result<(Digest, Option<Record>, Option<context::Collected>), String> {
     let store = txn.store();
     let args = step.args.join("\n");
-    let epoch = epoch.to_string();
+    // The rules change what a RUN's layer holds, so switching them off is part of its key
+    // (the default adds nothing: keys made before the rules existed stay valid).
+    let epoch = match layering.reproducible {
+        true => layering.epoch.to_string(),
+        false => format!("{} reproducible=off", layering.epoch),
+    };
     let action = format!("{:?}", step.action);
     let (key, collected) = match &step.action {
+        // What a stage or image holds is named by its key, so the key is had without reading
+        // a file of it; the heredocs' contents are in the action.
+        Action::Copy { from: Some(_), .. } => {
+            let source = source.ok_or("COPY --from without its source")?;
+            let key = cache::key(
+                Some(&state.key),
+                &[&action, "from", source.key.as_str(), &args, &epoch],
+            );
+            (key, None)
+        }
         Action::Copy {
             add,
             sources,
             dest,
             chown,
             chmod,
+            from: None,
+            files,
         } => {
             let own = ownership(store, state, chown.as_deref(), *chmod)?;
-            let mut collected = context.collect(*add, sources, dest, own)?;
+            let mut collected = if sources.is_empty() {
+                context::Collected {
+                    entries: Vec::new(),
+                    unpacked: Vec::new(),
+                }
+            } else {
+                context.collect(*add, sources, dest, own)?
+            };
+            if !files.is_empty() {
+                let into_dir = dest.ends_with('/') || sources.len() + files.len() > 1;
+                let inline = context::inline_files(files, dest, into_dir, own)?;
+                collected.entries.extend(inline.entries);
+                collected.unpacked.extend(inline.unpacked);
+            }
             tree::normalize(&mut collected.entries);
             let hash = tree::content_hash(&collected.entries, &mut |path| {
                 file_hashes.digest(path, now)
@@ -495,16 +572,44 @@ fn build(
     collected: Option<context::Collected>,
     lower: &mut LowerTree,
     state: &State,
+    source: Option<&State>,
     step: &plan::Step,
-    epoch: u64,
-    reproducible: bool,
+    layering: Layering,
 ) -> Result<Record, String> {
+    let Layering {
+        epoch,
+        reproducible,
+    } = layering;
     let store = txn.store();
     let mut keep_alive = Vec::new();
     let mut normalised = None;
     let mut run_root = None;
     let mut entries = match &step.action {
         Action::Config(_) => return Ok(Record { layer: None }),
+        Action::Copy {
+            from: Some(_),
+            sources,
+            dest,
+            chown,
+            chmod,
+            ..
+        } => {
+            let source = source.ok_or("COPY --from without its source")?;
+            let own = ownership(store, state, chown.as_deref(), *chmod)?;
+            let own = context::FromOwnership {
+                chown: chown.is_some().then_some((own.uid, own.gid)),
+                chmod: *chmod,
+            };
+            // The source's files are read from its layers unpacked in a private temp root,
+            // as a RUN reads its lower layers.
+            let root = run::RunRoot::new()?;
+            store
+                .unpack_layers(&source.layers, &source.config.rootfs.diff_ids, &root.path())
+                .map_err(|e| e.to_string())?;
+            let entries = context::collect_from_root(&root.path(), sources, dest, own)?;
+            run_root = Some(root);
+            entries
+        }
         Action::Copy { .. } => {
             let collected = collected.ok_or("COPY without collected sources")?;
             keep_alive = collected.unpacked;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::containerfile::{self, Command, Containerfile, Instruction, Kind};
+use super::containerfile::{self, Command, Containerfile, Kind};
 use crate::store::{HealthConfig, RuntimeConfig};
 
 /// A planning problem at a line of the Containerfile.
@@ -36,9 +36,13 @@ pub struct Stage {
     pub from_text: String,
     /// Indexes into the Containerfile's instructions, after the FROM.
     pub instructions: Vec<usize>,
+    /// What each `COPY --from` of the stage (by instruction index) copies from: an earlier
+    /// stage or an image (scratch holds nothing to copy).
+    pub copy_from: BTreeMap<usize, Base>,
 }
 
-/// The stages and which of them to build (in order): the last stage and what it is built on.
+/// The stages and which of them to build (in order): the target (the last stage unless
+/// `select` names another) and every stage it is built on or copies from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stages {
     pub stages: Vec<Stage>,
@@ -85,6 +89,14 @@ pub fn stages(file: &Containerfile, build_args: &BTreeMap<String, String>) -> Re
                     .position(|s| s.name.as_deref() == Some(lower.as_str()))
                 {
                     Base::Stage(at)
+                } else if stage_named(file, index, &lower) {
+                    return Err(PlanError {
+                        line: instruction.line,
+                        reason: format!(
+                            "FROM {image}: stage {lower:?} is not defined before this FROM: a \
+                             stage can only start from an earlier one"
+                        ),
+                    });
                 } else {
                     Base::Image(image)
                 };
@@ -102,7 +114,24 @@ pub fn stages(file: &Containerfile, build_args: &BTreeMap<String, String>) -> Re
                     from_line: instruction.line,
                     from_text: instruction.text.clone(),
                     instructions: Vec::new(),
+                    copy_from: BTreeMap::new(),
                 });
+            }
+            Kind::Copy {
+                from: Some(from), ..
+            } => {
+                let from = expand(from, file.escape, instruction.line, &|n| {
+                    global_args.get(n).cloned().flatten()
+                })?;
+                let current = stages.len() - 1;
+                let source =
+                    copy_source(file, &stages, index, &from).map_err(|reason| PlanError {
+                        line: instruction.line,
+                        reason,
+                    })?;
+                let stage = &mut stages[current];
+                stage.copy_from.insert(index, source);
+                stage.instructions.push(index);
             }
             _ => stages
                 .last_mut()
@@ -111,21 +140,117 @@ pub fn stages(file: &Containerfile, build_args: &BTreeMap<String, String>) -> Re
                 .push(index),
         }
     }
-    let mut needed = Vec::new();
-    let mut at = Some(stages.len() - 1);
-    while let Some(index) = at {
-        needed.push(index);
-        at = match stages[index].base {
-            Base::Stage(parent) => Some(parent),
-            _ => None,
+    let mut stages = Stages {
+        needed: Vec::new(),
+        stages,
+        global_args,
+    };
+    stages.needed = stages.needed_for(stages.stages.len() - 1);
+    Ok(stages)
+}
+
+/// Whether a FROM at or after instruction `from` names the stage `name`.
+fn stage_named(file: &Containerfile, from: usize, name: &str) -> bool {
+    file.instructions[from..]
+        .iter()
+        .any(|i| matches!(&i.kind, Kind::From { alias: Some(alias), .. } if alias == name))
+}
+
+/// `COPY --from=WHAT` at instruction `index`: an earlier stage by name or index, else an
+/// image (a store tag or digest, or any form FROM takes). Naming this stage or a later one
+/// is refused: it would be a cycle or a forward reference.
+fn copy_source(
+    file: &Containerfile,
+    stages: &[Stage],
+    index: usize,
+    from: &str,
+) -> std::result::Result<Base, String> {
+    let current = stages.len() - 1;
+    if from.is_empty() {
+        return Err("COPY --from expands to nothing".to_owned());
+    }
+    if let Ok(number) = from.parse::<usize>() {
+        return if number < current {
+            Ok(Base::Stage(number))
+        } else {
+            Err(format!(
+                "COPY --from={from}: stage {number} is not an earlier stage (this is stage \
+                 {current}): a stage copies only from the stages before it"
+            ))
         };
     }
-    needed.reverse();
-    Ok(Stages {
-        stages,
-        needed,
-        global_args,
+    let lower = from.to_lowercase();
+    if let Some(at) = stages[..current]
+        .iter()
+        .position(|s| s.name.as_deref() == Some(lower.as_str()))
+    {
+        return Ok(Base::Stage(at));
+    }
+    if stages[current].name.as_deref() == Some(lower.as_str()) {
+        return Err(format!(
+            "COPY --from={from}: a stage cannot copy from itself"
+        ));
+    }
+    if stage_named(file, index, &lower) {
+        return Err(format!(
+            "COPY --from={from}: stage {lower:?} is defined later in the file: a stage copies \
+             only from the stages before it"
+        ));
+    }
+    Ok(if lower == "scratch" {
+        Base::Scratch
+    } else {
+        Base::Image(from.to_owned())
     })
+}
+
+impl Stages {
+    /// The stages `target` needs, in file order: its base chain and what it copies from.
+    fn needed_for(&self, target: usize) -> Vec<usize> {
+        let mut needed = std::collections::BTreeSet::new();
+        let mut todo = vec![target];
+        while let Some(index) = todo.pop() {
+            if !needed.insert(index) {
+                continue;
+            }
+            let stage = &self.stages[index];
+            if let Base::Stage(parent) = stage.base {
+                todo.push(parent);
+            }
+            for source in stage.copy_from.values() {
+                if let Base::Stage(source) = source {
+                    todo.push(*source);
+                }
+            }
+        }
+        needed.into_iter().collect()
+    }
+
+    /// Builds up to the stage named `target` (`--target`) instead of the last one.
+    pub fn select(&mut self, target: &str) -> std::result::Result<(), String> {
+        let lower = target.to_lowercase();
+        let Some(at) = self
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+        else {
+            let names: Vec<&str> = self
+                .stages
+                .iter()
+                .filter_map(|s| s.name.as_deref())
+                .collect();
+            return Err(if names.is_empty() {
+                format!("--target {target}: no stage has a name (name one with FROM … AS NAME)")
+            } else {
+                format!(
+                    "--target {target}: no stage of that name; the stages are {}",
+                    names.join(", ")
+                )
+            });
+        };
+        self.needed = self.needed_for(at);
+        Ok(())
+    }
 }
 
 /// One step of a stage, fully expanded.
@@ -141,12 +266,16 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// COPY or ADD: `dest` is absolute; a trailing `/` means "into this directory".
+    /// `from` is `COPY --from`'s stage or image (sources are paths in its root); `files` the
+    /// heredocs, as (name, content) with the content expanded when the delimiter was bare.
     Copy {
         add: bool,
         sources: Vec<String>,
         dest: String,
         chown: Option<String>,
         chmod: Option<u32>,
+        from: Option<Base>,
+        files: Vec<(String, String)>,
     },
     /// Creates the directory (when the lower layers lack it) and sets the working directory.
     Workdir(String),
@@ -233,9 +362,33 @@ pub fn plan_stage(
     let mut shell = vec!["/bin/sh".to_owned(), "-c".to_owned()];
     let mut cmd_set = false;
     let mut steps = Vec::new();
+    // The base's ONBUILD triggers run first, as if written right after the FROM, and are
+    // not passed on to the images baked from this one (Docker clears them too).
+    let triggers = match config.other.remove("OnBuild") {
+        Some(serde_json::Value::Array(list)) => list,
+        _ => Vec::new(),
+    };
+    let mut items: Vec<(usize, String, Kind, Option<usize>)> = Vec::new();
+    for trigger in triggers {
+        let text = trigger.as_str().unwrap_or_default().trim().to_owned();
+        let kind = containerfile::parse_trigger(&text, escape).map_err(|reason| PlanError {
+            line: stage.from_line,
+            reason: format!("the base image's ONBUILD trigger {text:?}: {reason}"),
+        })?;
+        items.push((stage.from_line, text, kind, None));
+    }
     for &index in &stage.instructions {
-        let Instruction { line, text, kind } = &file.instructions[index];
-        let line = *line;
+        let instruction = &file.instructions[index];
+        items.push((
+            instruction.line,
+            instruction.text.clone(),
+            instruction.kind.clone(),
+            Some(index),
+        ));
+    }
+    let mut on_build: Vec<serde_json::Value> = Vec::new();
+    for (line, text, kind, index) in &items {
+        let (line, text, kind) = (*line, text, kind);
         // ENV wins over ARG of the same name, as in Docker.
         let mut vars: BTreeMap<String, String> = args
             .iter()
@@ -255,6 +408,10 @@ pub fn plan_stage(
         let workdir = config.working_dir.clone().unwrap_or_else(|| "/".to_owned());
         let action = match kind {
             Kind::From { .. } => unreachable!("stages() splits at FROM"),
+            Kind::Onbuild(trigger) => {
+                on_build.push(trigger.clone().into());
+                Action::Config(text.clone())
+            }
             Kind::Arg(declared) => {
                 for (name, default) in declared {
                     let value = match build_args.get(name) {
@@ -377,7 +534,34 @@ pub fn plan_stage(
                 dest,
                 chown,
                 chmod,
+                from,
+                files,
             } => {
+                let from = match (from, index.and_then(|i| stage.copy_from.get(&i))) {
+                    (None, _) => None,
+                    (Some(_), Some(source)) => Some(source.clone()),
+                    (Some(from), None) => {
+                        return Err(PlanError {
+                            line,
+                            reason: format!(
+                                "COPY --from={from} in an ONBUILD trigger is not supported"
+                            ),
+                        });
+                    }
+                };
+                let files = files
+                    .iter()
+                    .map(|doc| {
+                        let content = doc.content();
+                        let content = if doc.expand {
+                            containerfile::expand_heredoc(&content, escape, &lookup)
+                                .map_err(|reason| PlanError { line, reason })?
+                        } else {
+                            content
+                        };
+                        Ok((doc.name.clone(), content))
+                    })
+                    .collect::<Result<_>>()?;
                 let sources: Vec<String> = sources.iter().map(|s| x(s)).collect::<Result<_>>()?;
                 let raw_dest = x(dest)?;
                 let mut dest = absolute(&workdir, &raw_dest);
@@ -399,6 +583,8 @@ pub fn plan_stage(
                     dest,
                     chown: chown.as_deref().map(x).transpose()?,
                     chmod,
+                    from,
+                    files,
                 }
             }
             Kind::Run(command) => {
@@ -430,6 +616,11 @@ pub fn plan_stage(
                 .filter_map(|(k, v)| Some(format!("{k}={}", v.as_ref()?)))
                 .collect(),
         });
+    }
+    if !on_build.is_empty() {
+        config
+            .other
+            .insert("OnBuild".to_owned(), serde_json::Value::Array(on_build));
     }
     Ok(Planned { steps, config })
 }
@@ -508,22 +699,41 @@ mod tests {
     }
 
     fn render(source: &str, build_args: &[(&str, &str)]) -> String {
+        render_target(source, build_args, None, &[])
+    }
+
+    /// Plans `source` for `target`, every base's config having the ONBUILD `triggers`.
+    fn render_target(
+        source: &str,
+        build_args: &[(&str, &str)],
+        target: Option<&str>,
+        triggers: &[&str],
+    ) -> String {
         let file = containerfile::parse("Containerfile", source).unwrap();
         let build_args: BTreeMap<String, String> = build_args
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let actual = (|| -> Result<String> {
-            let stages = stages(&file, &build_args)?;
+            let mut stages = stages(&file, &build_args)?;
+            if let Some(target) = target {
+                stages
+                    .select(target)
+                    .map_err(|reason| PlanError { line: 0, reason })?;
+            }
             let mut out = String::new();
             for &index in &stages.needed {
                 let stage = &stages.stages[index];
                 out += &format!("stage {index} {:?} from {:?}\n", stage.name, stage.base);
-                let base = RuntimeConfig {
+                let mut base = RuntimeConfig {
                     env: vec!["BASE=b".to_owned()],
                     cmd: Some(vec!["base-cmd".to_owned()]),
                     ..Default::default()
                 };
+                if !triggers.is_empty() {
+                    base.other
+                        .insert("OnBuild".to_owned(), serde_json::json!(triggers));
+                }
                 let planned = plan_stage(&file, stage, &base, &build_args, &stages.global_args)?;
                 for step in planned.steps {
                     out += &format!("  {}: {:?} {:?}\n", step.line, step.action, step.args);
@@ -548,7 +758,7 @@ mod tests {
             &[],
             expect![[r#"
                 stage 0 None from Scratch
-                  3: Copy { add: false, sources: ["dist/hello"], dest: "/hello", chown: None, chmod: None } []
+                  3: Copy { add: false, sources: ["dist/hello"], dest: "/hello", chown: None, chmod: None, from: None, files: [] } []
                   4: Config("ENV PORT=8080") []
                   5: Config("EXPOSE 8080") []
                   6: Config("USER 65534:65534") []
@@ -585,7 +795,7 @@ ENTRYPOINT ["/x"]"#,
                   6: Config("ENV GREETING=\"hello ${WHO}\" PREV=$BASE") ["TAG=1", "WHO=you"]
                   7: Workdir("/app") ["TAG=1", "WHO=you"]
                   8: Workdir("/srv/x") ["TAG=1", "WHO=you"]
-                  9: Copy { add: false, sources: ["src*"], dest: "/srv/x/", chown: Some("you"), chmod: Some(448) } ["TAG=1", "WHO=you"]
+                  9: Copy { add: false, sources: ["src*"], dest: "/srv/x/", chown: Some("you"), chmod: Some(448), from: None, files: [] } ["TAG=1", "WHO=you"]
                   10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x" } ["TAG=1", "WHO=you"]
                   11: Config("CMD serve --port 1") ["TAG=1", "WHO=you"]
                   12: Config("EXPOSE 80 53/udp 9000-9001") ["TAG=1", "WHO=you"]
@@ -633,6 +843,125 @@ ENTRYPOINT ["/x"]"#,
         for (source, expected) in cases {
             assert_eq!(render(source, &[]), expected, "{source:?}");
         }
+    }
+
+    /// Only what the target needs is planned: its base chain and the stages it copies from,
+    /// in file order; `--from` by name, index or image; a stage's ARGs stay in it.
+    #[test]
+    fn stages_the_target_needs() {
+        let source = r#"ARG V=1
+ARG BASE=img
+FROM ${BASE}:${V} AS deps
+ARG V
+RUN echo $V
+FROM scratch AS unused
+RUN never
+FROM deps AS build
+RUN echo ${V:-unset}
+FROM scratch AS tools
+FROM scratch
+ARG FROM_STAGE=build
+COPY --from=build /app /app
+COPY --from=3 /t /t
+COPY --from=other:${V} /x /x
+COPY --from=${BASE} /y /y
+"#;
+        expect![[r#"
+                stage 0 Some("deps") from Image("img:1")
+                  4: Config("ARG V") ["V=1"]
+                  5: Run { args: ["/bin/sh", "-c", "echo $V"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "V=1"], user: "0", workdir: "/" } ["V=1"]
+                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+                stage 2 Some("build") from Stage(0)
+                  9: Run { args: ["/bin/sh", "-c", "echo ${V:-unset}"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b"], user: "0", workdir: "/" } []
+                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+                stage 3 Some("tools") from Scratch
+                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+                stage 4 None from Scratch
+                  12: Config("ARG FROM_STAGE=build") ["FROM_STAGE=build"]
+                  13: Copy { add: false, sources: ["/app"], dest: "/app", chown: None, chmod: None, from: Some(Stage(2)), files: [] } ["FROM_STAGE=build"]
+                  14: Copy { add: false, sources: ["/t"], dest: "/t", chown: None, chmod: None, from: Some(Stage(3)), files: [] } ["FROM_STAGE=build"]
+                  15: Copy { add: false, sources: ["/x"], dest: "/x", chown: None, chmod: None, from: Some(Image("other:1")), files: [] } ["FROM_STAGE=build"]
+                  16: Copy { add: false, sources: ["/y"], dest: "/y", chown: None, chmod: None, from: Some(Image("img")), files: [] } ["FROM_STAGE=build"]
+                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+            "#]]
+        .assert_eq(&render_target(source, &[], None, &[]));
+        let build = render_target(source, &[], Some("BUILD"), &[]);
+        assert!(
+            build.starts_with("stage 0 ") && build.contains("stage 2 "),
+            "{build}"
+        );
+        assert!(
+            !build.contains("stage 1 ") && !build.contains("stage 3 "),
+            "{build}"
+        );
+        assert_eq!(
+            render_target(source, &[], Some("nope"), &[]),
+            "error at line 0: --target nope: no stage of that name; the stages are deps, unused, build, tools"
+        );
+    }
+
+    #[test]
+    fn bad_stage_references() {
+        for (source, expected) in [
+            (
+                "FROM scratch AS a\nCOPY --from=b /x /x\nFROM scratch AS b",
+                "error at line 2: COPY --from=b: stage \"b\" is defined later in the file: a stage copies only from the stages before it",
+            ),
+            (
+                "FROM scratch AS a\nCOPY --from=a /x /x",
+                "error at line 2: COPY --from=a: a stage cannot copy from itself",
+            ),
+            (
+                "FROM scratch\nCOPY --from=0 /x /x",
+                "error at line 2: COPY --from=0: stage 0 is not an earlier stage (this is stage 0): a stage copies only from the stages before it",
+            ),
+            (
+                "FROM b AS a\nFROM a AS b",
+                "error at line 1: FROM b: stage \"b\" is not defined before this FROM: a stage can only start from an earlier one",
+            ),
+            (
+                "ARG E\nFROM scratch\nCOPY --from=${E} /x /x",
+                "error at line 3: COPY --from expands to nothing",
+            ),
+        ] {
+            assert_eq!(render(source, &[]), expected, "{source:?}");
+        }
+    }
+
+    /// The base's triggers run first (at the FROM's line) and are not passed on; the stage's
+    /// own ONBUILDs are the child's `OnBuild`.
+    #[test]
+    fn onbuild_triggers_run_first_and_are_not_inherited() {
+        expect![[r#"
+                stage 0 None from Image("base")
+                  1: Config("ENV T=1") []
+                  1: Run { args: ["/bin/sh", "-c", "echo $T"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/" } []
+                  2: Config("ONBUILD RUN echo next") []
+                  3: Run { args: ["/bin/sh", "-c", "echo own"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/" } []
+                  config: {"Env":["BASE=b","T=1"],"Cmd":["base-cmd"],"OnBuild":["RUN echo next"]}
+            "#]]
+        .assert_eq(&render_target(
+            "FROM base\nONBUILD RUN echo next\nRUN echo own",
+            &[],
+            None,
+            &["ENV T=1", "RUN echo $T"],
+        ));
+        assert_eq!(
+            render_target("FROM base", &[], None, &["ONBUILD RUN x"]),
+            "error at line 1: the base image's ONBUILD trigger \"ONBUILD RUN x\": ONBUILD is not allowed as an ONBUILD trigger"
+        );
+    }
+
+    #[test]
+    fn copy_heredocs_expand_unless_the_delimiter_is_quoted() {
+        let text = render(
+            "FROM scratch\nARG WHO=you\nCOPY <<a <<'b' /d/\nhi $WHO\na\nhi $WHO\nb\n",
+            &[],
+        );
+        assert!(
+            text.contains(r#"files: [("a", "hi you\n"), ("b", "hi $WHO\n")]"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct BakeArgs {
     /// A build argument for ARG, repeatable.
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
+    /// Bake the stage of this name (`FROM … AS NAME`) and the stages it needs, not the last.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
     /// Print the result as JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +70,7 @@ pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
         containerfile: args.file.clone(),
         build_args,
         epoch,
+        target: args.target.clone(),
     };
     let terminal = std::io::stderr().is_terminal();
     let mut spinner: Option<indicatif::ProgressBar> = None;

@@ -223,8 +223,23 @@ pub fn main() -> ExitCode {
             // Not `eprintln!`: `up` and `daemon` keep SIGPIPE ignored, and a closed stderr
             // must not turn a clean failure into a panic (exit 101).
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "graven: {error:#}");
+            let _ = writeln!(std::io::stderr(), "graven: {}", report(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: many of graven's errors already name their
+/// source in their own message (`baking DIR: FILE:LINE: …`), so a cause whose text the
+/// report holds is not appended again (`{:#}` would print the location twice).
+pub(crate) fn report(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -412,7 +412,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                     code
                 }
                 Err(error) => {
-                    note!("graven: {error:#}");
+                    note!("graven: {}", super::report(&error));
                     ExitCode::FAILURE
                 }
             },
