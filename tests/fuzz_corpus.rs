@@ -274,6 +274,7 @@ fn baked_documents() -> Vec<(String, Vec<u8>)> {
         build_args: BTreeMap::new(),
         epoch: 0,
         target: None,
+        no_cache: false,
     };
     let home = work.path().join("home");
     let baked = graven::bake::bake(&home, &options, &mut |_| {}).unwrap();

@@ -67,6 +67,8 @@ pub struct BakeOptions {
     pub epoch: u64,
     /// The stage to bake (`--target`); `None` is the last one.
     pub target: Option<String>,
+    /// Build every step, reading no cache entry (`--no-cache`); the new layers are cached.
+    pub no_cache: bool,
 }
 
 /// Progress of a bake, one call per step start and end.
@@ -160,6 +162,78 @@ pub fn bake(
 ) -> Result<Baked, BakeError> {
     let store = Store::open(home)?;
     let cache = Cache::open(home);
+    let mut txn = store.transaction()?;
+    let unsaved = bake_in(home, &mut txn, &cache, options, progress)?;
+    let Unsaved {
+        path,
+        config,
+        layers,
+        manifest,
+        pending,
+        file_hashes,
+        cached_steps,
+        total,
+    } = unsaved;
+    let created_from = fs::canonicalize(&path)
+        .unwrap_or(path.clone())
+        .display()
+        .to_string();
+    let already = store.tags()?.into_iter().any(|t| {
+        t.tag == options.tag
+            && t.digest == manifest.digest
+            && t.created_from.as_deref() == Some(created_from.as_str())
+    });
+    if !already {
+        store.tag(&options.tag, &manifest.digest, Some(&created_from))?;
+    }
+    txn.commit();
+    for (key, record) in pending {
+        // A cache entry that cannot be written only costs a rebuild of that step later.
+        let _ = cache.put(&key, &record);
+    }
+    let _ = file_hashes.save(home);
+    let size = manifest.size
+        + config_size(&store, &manifest.digest)
+        + layers.iter().map(|l| l.size).sum::<u64>();
+    Ok(Baked {
+        digest: manifest.digest,
+        tag: options.tag.clone(),
+        size,
+        layers: layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .map(|(l, d)| BakedLayer {
+                digest: l.digest.clone(),
+                size: l.size,
+                diff_id: d.clone(),
+            })
+            .collect(),
+        cached_steps,
+        total_steps: total,
+    })
+}
+
+/// A bake's image written into a transaction, not yet tagged or committed.
+struct Unsaved {
+    path: PathBuf,
+    config: ImageConfig,
+    layers: Vec<Descriptor>,
+    manifest: Descriptor,
+    /// Cache entries to write once the transaction is committed.
+    pending: Vec<(Digest, Record)>,
+    file_hashes: cache::FileHashes,
+    cached_steps: usize,
+    total: usize,
+}
+
+/// Runs every step of the bake, writing blobs through `txn`.
+fn bake_in(
+    home: &Path,
+    txn: &mut Transaction<'_>,
+    cache: &Cache,
+    options: &BakeOptions,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Unsaved, BakeError> {
     let path = containerfile_path(options);
     let file_name = path.display().to_string();
     let source = fs::read_to_string(&path).map_err(|source| BakeError::Read {
@@ -203,7 +277,6 @@ pub fn bake(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let mut txn = store.transaction()?;
     let mut pending: Vec<(Digest, Record)> = Vec::new();
     let mut built: BTreeMap<usize, State> = BTreeMap::new();
     let mut step_no = 0;
@@ -228,7 +301,7 @@ pub fn bake(
             },
             Base::Stage(parent) => built[parent].clone(),
             Base::Image(name) => {
-                base_image(&mut txn, &options.context, name).map_err(at(stage.from_line))?
+                base_image(txn, &options.context, name).map_err(at(stage.from_line))?
             }
         };
         let from_cached = txn.added() == added_before;
@@ -263,7 +336,7 @@ pub fn bake(
                 } => Some(match from {
                     Base::Stage(source) => built[source].clone(),
                     Base::Image(name) => {
-                        base_image(&mut txn, &options.context, name).map_err(|reason| {
+                        base_image(txn, &options.context, name).map_err(|reason| {
                             at(step.line)(reason.replacen("FROM ", "COPY --from=", 1))
                         })?
                     }
@@ -276,8 +349,8 @@ pub fn bake(
                 _ => None,
             };
             let (key, found, collected) = prepare(
-                &txn,
-                &cache,
+                txn,
+                cache,
                 &context,
                 &mut file_hashes,
                 now,
@@ -287,12 +360,13 @@ pub fn bake(
                 layering,
             )
             .map_err(at(step.line))?;
+            let found = found.filter(|_| !options.no_cache);
             let cached = found.is_some();
             let record = match found {
                 Some(record) => record,
                 None => {
                     let record = build(
-                        &mut txn,
+                        txn,
                         collected,
                         &mut lower,
                         &state,
@@ -325,43 +399,137 @@ pub fn bake(
     // A base image's build time would make the bake depend on it; graven writes none.
     config.created = None;
     let manifest = txn.put_image(&config, state.layers.clone())?;
-    let created_from = fs::canonicalize(&path)
-        .unwrap_or(path.clone())
-        .display()
-        .to_string();
-    let already = store.tags()?.into_iter().any(|t| {
-        t.tag == options.tag
-            && t.digest == manifest.digest
-            && t.created_from.as_deref() == Some(created_from.as_str())
-    });
-    if !already {
-        store.tag(&options.tag, &manifest.digest, Some(&created_from))?;
-    }
-    txn.commit();
-    for (key, record) in pending {
-        // A cache entry that cannot be written only costs a rebuild of that step later.
-        let _ = cache.put(&key, &record);
-    }
-    let _ = file_hashes.save(home);
-    let size = manifest.size
-        + config_size(&store, &manifest.digest)
-        + state.layers.iter().map(|l| l.size).sum::<u64>();
-    Ok(Baked {
-        digest: manifest.digest,
-        tag: options.tag.clone(),
-        size,
-        layers: state
-            .layers
-            .iter()
-            .zip(&config.rootfs.diff_ids)
-            .map(|(l, d)| BakedLayer {
-                digest: l.digest.clone(),
-                size: l.size,
-                diff_id: d.clone(),
-            })
-            .collect(),
+    Ok(Unsaved {
+        path,
+        config,
+        layers: state.layers,
+        manifest,
+        pending,
+        file_hashes,
         cached_steps,
-        total_steps: total,
+        total,
+    })
+}
+
+/// What `bake --check` found: one digest from two bakes from clean, or where they part.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Checked {
+    pub reproducible: bool,
+    pub digest: Digest,
+    /// The second bake's digest when it differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub difference: Option<Difference>,
+}
+
+/// The first difference between two bakes: the step whose layer differs (or the config), the
+/// first path in it that differs, and how.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Difference {
+    /// The instruction whose layer differs; `None` when only the config does.
+    pub step: Option<String>,
+    pub path: Option<String>,
+    pub first: String,
+    pub second: String,
+}
+
+/// Bakes twice from clean (no cache entry read, none written, nothing tagged, every blob of
+/// both bakes removed again) and compares the images. `progress` gets the round (1 or 2) with
+/// each step.
+pub fn check(
+    home: &Path,
+    options: &BakeOptions,
+    progress: &mut dyn FnMut(usize, Progress<'_>),
+) -> Result<Checked, BakeError> {
+    let store = Store::open(home)?;
+    // A cache in a temp dir: read empty, and dropped with what the two bakes put in it.
+    let scratch = tempfile::Builder::new()
+        .prefix("graven-check-")
+        .tempdir()
+        .map_err(|source| BakeError::Read {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let cache = Cache::open(scratch.path());
+    let clean = BakeOptions {
+        no_cache: true,
+        ..options.clone()
+    };
+    let mut first_txn = store.transaction()?;
+    let first = bake_in(home, &mut first_txn, &cache, &clean, &mut |p| {
+        progress(1, p)
+    })?;
+    let mut second_txn = store.transaction()?;
+    let second = bake_in(home, &mut second_txn, &cache, &clean, &mut |p| {
+        progress(2, p)
+    })?;
+    if first.manifest.digest == second.manifest.digest {
+        return Ok(Checked {
+            reproducible: true,
+            digest: first.manifest.digest,
+            second: None,
+            difference: None,
+        });
+    }
+    let difference = first_difference(&store, &first, &second)?;
+    Ok(Checked {
+        reproducible: false,
+        digest: first.manifest.digest,
+        second: Some(second.manifest.digest),
+        difference: Some(difference),
+    })
+}
+
+fn first_difference(
+    store: &Store,
+    first: &Unsaved,
+    second: &Unsaved,
+) -> Result<Difference, BakeError> {
+    // The instruction of each layer: the history entries that are not empty layers, in order.
+    let steps: Vec<String> = first
+        .config
+        .history
+        .iter()
+        .filter(|h| h.get("empty_layer").and_then(|v| v.as_bool()) != Some(true))
+        .map(|h| {
+            h.get("created_by")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    let pairs = first.layers.iter().zip(&second.layers).enumerate();
+    for (index, (a, b)) in pairs {
+        if a.digest == b.digest {
+            continue;
+        }
+        let (a_entries, b_entries) = (
+            tree::describe_layer(store, &a.digest)?,
+            tree::describe_layer(store, &b.digest)?,
+        );
+        let paths: BTreeSet<&String> = a_entries.keys().chain(b_entries.keys()).collect();
+        let described =
+            |entry: Option<&String>| entry.cloned().unwrap_or_else(|| "absent".to_owned());
+        let path = paths
+            .into_iter()
+            .find(|p| a_entries.get(*p) != b_entries.get(*p));
+        return Ok(Difference {
+            step: steps.get(index).cloned(),
+            path: path.map(|p| format!("/{p}")),
+            first: path.map_or_else(
+                || "the same entries, in another order".to_owned(),
+                |p| described(a_entries.get(p)),
+            ),
+            second: path.map_or_else(String::new, |p| described(b_entries.get(p))),
+        });
+    }
+    let json = |config: &ImageConfig| serde_json::to_string(config).unwrap_or_default();
+    Ok(Difference {
+        step: None,
+        path: None,
+        first: json(&first.config),
+        second: json(&second.config),
     })
 }
 

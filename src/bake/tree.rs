@@ -160,6 +160,56 @@ fn open_layer(store: &Store, digest: &Digest) -> Result<Box<dyn Read>, StoreErro
     })
 }
 
+/// A layer's entries as `bake --check` compares them: path → type, mode, owner and content
+/// (a SHA-256 for files, the target for links).
+pub fn describe_layer(
+    store: &Store,
+    digest: &Digest,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let io = |source| StoreError::Io {
+        path: store.blob_path(digest),
+        source,
+    };
+    let mut archive = tar::Archive::new(open_layer(store, digest)?);
+    let mut out = BTreeMap::new();
+    for entry in archive.entries().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        let header = entry.header().clone();
+        let path = entry.path().map_err(io)?.to_string_lossy().into_owned();
+        let (mode, uid, gid) = (
+            header.mode().unwrap_or(0),
+            header.uid().unwrap_or(0),
+            header.gid().unwrap_or(0),
+        );
+        let kind = header.entry_type();
+        let content = if kind.is_file() {
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = entry.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            format!("sha256:{}", hex::encode(hasher.finalize()))
+        } else {
+            entry
+                .link_name()
+                .map_err(io)?
+                .map(|l| format!("-> {}", l.display()))
+                .unwrap_or_default()
+        };
+        out.insert(
+            path.trim_end_matches('/').to_owned(),
+            format!("{kind:?} {mode:04o} {uid}:{gid} {content}")
+                .trim_end()
+                .to_owned(),
+        );
+    }
+    Ok(out)
+}
+
 /// What the lower layers hold: path → is it a directory.
 #[derive(Debug, Default)]
 pub struct LowerTree {

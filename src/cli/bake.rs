@@ -25,6 +25,13 @@ pub struct BakeArgs {
     /// Bake the stage of this name (`FROM … AS NAME`) and the stages it needs, not the last.
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
+    /// Build every step, reading no cached layer (the new layers are cached).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Bake twice from clean (no cache, nothing kept, nothing tagged) and say whether both
+    /// gave one digest, else the first step and path that differ; exits 1 when they differ.
+    #[arg(long)]
+    pub check: bool,
     /// Print the result as JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -71,11 +78,12 @@ pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
         build_args,
         epoch,
         target: args.target.clone(),
+        no_cache: args.no_cache,
     };
     let terminal = std::io::stderr().is_terminal();
     let mut spinner: Option<indicatif::ProgressBar> = None;
     let mut started = Instant::now();
-    let mut progress = |event: Progress<'_>| match event {
+    let mut progress = |round: Option<usize>, event: Progress<'_>| match event {
         Progress::Started { step, total, text } => {
             started = Instant::now();
             if terminal {
@@ -96,14 +104,34 @@ pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
             } else {
                 format!("done {}ms", started.elapsed().as_millis())
             };
-            let line = format!("[{step}/{total}] {text}  {status}");
+            let round = round.map(|r| format!("bake {r} of 2 ")).unwrap_or_default();
+            let line = format!("{round}[{step}/{total}] {text}  {status}");
             match spinner.take() {
                 Some(bar) => bar.finish_with_message(line),
                 None => eprintln!("{line}"),
             }
         }
     };
-    let result = crate::bake::bake(home, &options, &mut progress);
+    if args.check {
+        let result = crate::bake::check(home, &options, &mut |round, event| {
+            progress(Some(round), event)
+        });
+        if let Some(bar) = spinner.take() {
+            bar.abandon();
+        }
+        let checked = result?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&checked)?);
+        } else {
+            print_checked(&checked);
+        }
+        return Ok(if checked.reproducible {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let result = crate::bake::bake(home, &options, &mut |event| progress(None, event));
     if let Some(bar) = spinner.take() {
         bar.abandon();
     }
@@ -117,4 +145,29 @@ pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
         println!("{} {}", baked.tag, baked.digest);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_checked(checked: &crate::bake::Checked) {
+    let Some(difference) = &checked.difference else {
+        println!("reproducible: two bakes from clean gave {}", checked.digest);
+        return;
+    };
+    println!(
+        "not reproducible: two bakes from clean gave {} and {}",
+        checked.digest,
+        checked.second.as_ref().map_or("?", |d| d.as_str())
+    );
+    match (&difference.step, &difference.path) {
+        (Some(step), Some(path)) => {
+            println!("first difference: {path}, in the layer of {step}");
+            println!("  first bake:  {}", difference.first);
+            println!("  second bake: {}", difference.second);
+        }
+        (Some(step), None) => println!("the layer of {step}: {}", difference.first),
+        _ => {
+            println!("the layers agree; the configs differ:");
+            println!("  first bake:  {}", difference.first);
+            println!("  second bake: {}", difference.second);
+        }
+    }
 }

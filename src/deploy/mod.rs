@@ -128,6 +128,7 @@ fn bake_image(
         build_args: BTreeMap::new(),
         epoch: 0,
         target: None,
+        no_cache: false,
     };
     let baked =
         bake::bake(home, &options, &mut |step| progress(Step::Baked(step))).map_err(|source| {

@@ -489,6 +489,7 @@ fn bake(work: &Path, context: &Path) -> Result<graven::bake::Baked, graven::bake
         build_args: BTreeMap::new(),
         epoch: 0,
         target: None,
+        no_cache: false,
     };
     graven::bake::bake(&work.join("home"), &options, &mut |_| {})
 }
