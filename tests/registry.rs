@@ -491,3 +491,35 @@ fn bad_registry_input_fails_clearly_and_leaves_the_store_untouched() {
     assert!(error.contains("hashes to"), "{error}");
     assert_eq!(store_snapshot(f), before);
 }
+
+/// Regression: a `FROM` path whose first component holds a dot (`./base.tar`,
+/// `v1.2/base.tar`) was taken for a registry's host and refused as a bad reference. A path
+/// that exists in the context is a path.
+#[test]
+fn paths_that_look_like_registry_names_stay_paths() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let digest = small_image(h);
+    let dir = context("");
+    fs::create_dir(dir.path().join("v1.2")).unwrap();
+    for path in ["small.tar", "v1.2/small.tar"] {
+        succeed(
+            graven(h)
+                .args(["image", "export", "small:1", "-o"])
+                .arg(dir.path().join(path)),
+        );
+    }
+    for from in ["./small.tar", "v1.2/small.tar"] {
+        fs::write(
+            dir.path().join("Containerfile"),
+            format!("FROM {from}\nCOPY file /copied\n"),
+        )
+        .unwrap();
+        let baked = json(&succeed(
+            graven(h)
+                .args(["bake", "--json", "--tag", "on-path:1"])
+                .arg(dir.path()),
+        ));
+        assert_eq!(baked["bases"][0]["digest"], digest.as_str(), "FROM {from}");
+    }
+}

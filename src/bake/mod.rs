@@ -355,7 +355,10 @@ fn base_image(
         }
         None => match store.resolve(name) {
             Ok(digest) => digest,
-            Err(StoreError::UnknownImage { .. }) if remote(name)?.is_some() => {
+            // A path in the context wins over a name that merely looks like a registry's.
+            Err(StoreError::UnknownImage { .. })
+                if !split_path_tag(context, name).0.exists() && remote(name)?.is_some() =>
+            {
                 let remote = remote(name)?.expect("checked just above");
                 crate::registry::pull(txn, &remote, None)
                     .map_err(|e| {

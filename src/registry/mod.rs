@@ -113,7 +113,9 @@ impl RemoteRef {
         let Some((first, _)) = text.split_once('/') else {
             return Ok(None);
         };
-        if !(first.contains('.') || first.contains(':') || first == "localhost") {
+        // `./base.tar` and `../x` are paths, not hosts.
+        let host = first.contains('.') || first.contains(':') || first == "localhost";
+        if !host || first == "." || first == ".." {
             return Ok(None);
         }
         let bad = |reason: String| RegistryError::BadReference {
@@ -737,6 +739,9 @@ mod tests {
         assert_eq!(remote("debian:12"), None);
         assert_eq!(remote("library/debian"), None);
         assert_eq!(remote("app"), None);
+        assert_eq!(remote("./images/base.tar"), None);
+        assert_eq!(remote("../base:1"), None);
+        assert_eq!(remote("/abs/base.tar"), None);
         assert_eq!(
             remote("127.0.0.1:5000/app").as_deref(),
             Some("127.0.0.1:5000")
