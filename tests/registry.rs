@@ -376,6 +376,44 @@ fn credentials_from_the_docker_config_file() {
             .arg(dir.path()),
     ));
     assert_eq!(baked["bases"][0]["digest"], digest.as_str());
+
+    // A credential store (`credsStore`): graven runs `docker-credential-NAME get` with the
+    // registry's host on stdin, as Docker does, and uses what it answers.
+    let helper = tempfile::tempdir().unwrap();
+    let asked = helper.path().join("asked");
+    let script = helper.path().join("docker-credential-graventest");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncat > {}\necho '{{\"Username\":\"graven\",\"Secret\":\"s3cret\"}}'\n",
+            asked.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(
+        helper.path().join("config.json"),
+        r#"{"credsStore": "graventest"}"#,
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        helper.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let pulled = json(&succeed(
+        graven(fresh.path())
+            .env("DOCKER_CONFIG", helper.path())
+            .env("PATH", path)
+            .args(["image", "pull", "--json", &name]),
+    ));
+    assert_eq!(pulled["digest"], digest.as_str());
+    assert_eq!(
+        fs::read_to_string(&asked).unwrap(),
+        format!("127.0.0.1:{}", registry.port)
+    );
 }
 
 /// Standard base64, for the Docker config file's `auth`.

@@ -27,7 +27,12 @@ pub fn config_file() -> Option<PathBuf> {
 
 /// The credentials for `registry` (`host[:port]`, `index.docker.io` for Docker Hub).
 pub fn credentials(registry: &str) -> Result<RegistryAuth, RegistryError> {
-    let Some(path) = config_file().filter(|p| p.exists()) else {
+    credentials_in(config_file(), registry)
+}
+
+/// The credentials for `registry` in the Docker config file `path`.
+fn credentials_in(path: Option<PathBuf>, registry: &str) -> Result<RegistryAuth, RegistryError> {
+    let Some(path) = path.filter(|p| p.exists()) else {
         return Ok(RegistryAuth::Anonymous);
     };
     let bad = |reason: String| RegistryError::Credentials {
@@ -36,7 +41,13 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RegistryError> {
         reason,
     };
     let file = File::open(&path).map_err(|e| bad(e.to_string()))?;
-    match docker_credential::get_credential_from_reader(BufReader::new(file), registry) {
+    // Docker keys Docker Hub by its old index URL, in `auths` and for credential helpers.
+    let server = if registry == "index.docker.io" {
+        "https://index.docker.io/v1/"
+    } else {
+        registry
+    };
+    match docker_credential::get_credential_from_reader(BufReader::new(file), server) {
         Ok(DockerCredential::UsernamePassword(user, password)) => {
             Ok(RegistryAuth::Basic(user, password))
         }
@@ -79,5 +90,48 @@ pub fn explain(error: RegistryError, sent: &RegistryAuth) -> RegistryError {
         reference,
         registry,
         hint,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(config: &str, registry: &str) -> Result<RegistryAuth, RegistryError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, config).unwrap();
+        credentials_in(Some(path), registry)
+    }
+
+    #[test]
+    fn docker_config_entries_as_docker_reads_them() {
+        // base64("ci:pw") and base64("hub:pw").
+        let config = r#"{"auths": {
+            "registry.example:5000": {"auth": "Y2k6cHc="},
+            "https://index.docker.io/v1/": {"auth": "aHViOnB3"},
+            "tokens.example": {"identitytoken": "refresh"}
+        }}"#;
+        let found = check(config, "registry.example:5000").unwrap();
+        assert!(matches!(&found, RegistryAuth::Basic(u, p) if u == "ci" && p == "pw"));
+        let hub = check(config, "index.docker.io").unwrap();
+        assert!(matches!(&hub, RegistryAuth::Basic(u, _) if u == "hub"));
+        assert!(matches!(
+            check(config, "other.example").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            credentials_in(None, "registry.example:5000").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        let token = check(config, "tokens.example").unwrap_err().to_string();
+        assert!(token.contains("identity token"), "{token}");
+        let broken = check("{not json", "registry.example:5000")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            broken.contains("not a valid Docker config file"),
+            "{broken}"
+        );
     }
 }
