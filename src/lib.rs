@@ -13,6 +13,7 @@ pub mod events;
 #[cfg(feature = "dev-tools")]
 pub mod loadgen;
 pub mod proxy;
+pub mod registry;
 pub mod runtime;
 pub mod sandbox;
 pub mod secrets;

@@ -108,7 +108,11 @@ fn bake_check_names_the_first_path_that_differs_and_keeps_nothing() {
     let home = tempfile::tempdir().unwrap();
     // A first bake of the base fills the store and the cache; the check uses neither.
     fs::write(dir.path().join("Containerfile"), base).unwrap();
-    succeed(graven(home.path()).args(["bake", "--tag", "base:1"]).arg(dir.path()));
+    succeed(
+        graven(home.path())
+            .args(["bake", "--tag", "base:1"])
+            .arg(dir.path()),
+    );
     let store = home.path().join("store");
     let cache = home.path().join("cache");
     let before = (listing(&store), listing(&cache));
@@ -120,9 +124,15 @@ fn bake_check_names_the_first_path_that_differs_and_keeps_nothing() {
             .arg(dir.path()),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("reproducible: two bakes from clean gave sha256:"), "{stdout}");
+    assert!(
+        stdout.starts_with("reproducible: two bakes from clean gave sha256:"),
+        "{stdout}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bake 2 of 2 [5/6]"), "progress names the round: {stderr}");
+    assert!(
+        stderr.contains("bake 2 of 2 [5/6]"),
+        "progress names the round: {stderr}"
+    );
     assert!(
         !stderr
             .lines()
@@ -146,14 +156,21 @@ fn bake_check_names_the_first_path_that_differs_and_keeps_nothing() {
     assert_ne!(checked["digest"], checked["second"]);
     let difference = &checked["difference"];
     assert!(
-        difference["step"].as_str().unwrap().starts_with("RUN mkdir -p /var/log/apt"),
+        difference["step"]
+            .as_str()
+            .unwrap()
+            .starts_with("RUN mkdir -p /var/log/apt"),
         "{difference}"
     );
     // Paths sort as the layer holds them: the bytecode under /app comes before /var.
     assert_eq!(difference["path"], "/app/__pycache__/m.cpython-311.pyc");
     assert_ne!(difference["first"], difference["second"]);
 
-    assert_eq!((listing(&store), listing(&cache)), before, "the check kept nothing");
+    assert_eq!(
+        (listing(&store), listing(&cache)),
+        before,
+        "the check kept nothing"
+    );
     let images = succeed(graven(home.path()).args(["images"]));
     assert!(!String::from_utf8_lossy(&images.stdout).contains("r:1"));
 }

@@ -14,6 +14,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         &[
             "spec",
             "bake",
+            "registry",
             "sandbox",
             "runtime",
             "proxy",
@@ -40,6 +41,23 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     (
         "bake",
         &["runtime", "proxy", "controller", "events", "api", "cli"],
+    ),
+    // Registries are a way into and out of the store, nothing more: what a pulled image is
+    // for (a bake, an instance) is its callers' business.
+    (
+        "registry",
+        &[
+            "spec",
+            "bake",
+            "sandbox",
+            "runtime",
+            "proxy",
+            "controller",
+            "events",
+            "deploy",
+            "api",
+            "cli",
+        ],
     ),
     (
         "runtime",

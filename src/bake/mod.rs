@@ -103,6 +103,16 @@ pub struct Baked {
     pub layers: Vec<BakedLayer>,
     pub cached_steps: usize,
     pub total_steps: usize,
+    /// The manifest digest of each stage's base image, in the order the stages were built:
+    /// what a tag or a registry's name resolved to, so the bake is pinned.
+    pub bases: Vec<BakedBase>,
+}
+
+/// A stage's base image: the `FROM` as written (after ARG expansion) and the manifest it named.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BakedBase {
+    pub from: String,
+    pub digest: Digest,
 }
 
 /// The image as the steps have built it so far.
@@ -173,6 +183,7 @@ pub fn bake(
         file_hashes,
         cached_steps,
         total,
+        bases,
     } = unsaved;
     let created_from = fs::canonicalize(&path)
         .unwrap_or(path.clone())
@@ -210,6 +221,7 @@ pub fn bake(
             .collect(),
         cached_steps,
         total_steps: total,
+        bases,
     })
 }
 
@@ -224,6 +236,8 @@ struct Unsaved {
     file_hashes: cache::FileHashes,
     cached_steps: usize,
     total: usize,
+    /// The images FROM and COPY --from named, by digest.
+    bases: Vec<BakedBase>,
 }
 
 /// Runs every step of the bake, writing blobs through `txn`.
@@ -281,6 +295,7 @@ fn bake_in(
     let mut built: BTreeMap<usize, State> = BTreeMap::new();
     let mut step_no = 0;
     let mut cached_steps = 0;
+    let mut bases = Vec::new();
     for &index in &stages.needed {
         let stage = &stages.stages[index];
         step_no += 1;
@@ -301,7 +316,13 @@ fn bake_in(
             },
             Base::Stage(parent) => built[parent].clone(),
             Base::Image(name) => {
-                base_image(txn, &options.context, name).map_err(at(stage.from_line))?
+                let (state, digest) =
+                    base_image(txn, &options.context, name).map_err(at(stage.from_line))?;
+                bases.push(BakedBase {
+                    from: name.clone(),
+                    digest,
+                });
+                state
             }
         };
         let from_cached = txn.added() == added_before;
@@ -336,9 +357,15 @@ fn bake_in(
                 } => Some(match from {
                     Base::Stage(source) => built[source].clone(),
                     Base::Image(name) => {
-                        base_image(txn, &options.context, name).map_err(|reason| {
-                            at(step.line)(reason.replacen("FROM ", "COPY --from=", 1))
-                        })?
+                        let (state, digest) =
+                            base_image(txn, &options.context, name).map_err(|reason| {
+                                at(step.line)(reason.replacen("FROM ", "COPY --from=", 1))
+                            })?;
+                        bases.push(BakedBase {
+                            from: name.clone(),
+                            digest,
+                        });
+                        state
                     }
                     Base::Scratch => {
                         return Err(at(step.line)(
@@ -408,6 +435,7 @@ fn bake_in(
         file_hashes,
         cached_steps,
         total,
+        bases,
     })
 }
 
@@ -541,8 +569,14 @@ fn config_size(store: &Store, manifest: &Digest) -> u64 {
 }
 
 /// FROM an image: `oci:PATH[:TAG]`, `oci-archive:PATH[:TAG]`, `docker-archive:PATH[:TAG]`,
-/// a tag or digest in the store, or a path to any of those (relative to the context).
-fn base_image(txn: &mut Transaction<'_>, context: &Path, name: &str) -> Result<State, String> {
+/// a tag or digest in the store, an image in a registry (`HOST[:PORT]/NAME[:TAG][@DIGEST]`,
+/// pulled into the bake's transaction unless the store holds its digest), or a path to any
+/// of those (relative to the context). Returns the base's manifest digest with its state.
+fn base_image(
+    txn: &mut Transaction<'_>,
+    context: &Path,
+    name: &str,
+) -> Result<(State, Digest), String> {
     let store = txn.store();
     let prefixed = [
         ("oci:", ImportKind::OciLayout),
@@ -559,11 +593,25 @@ fn base_image(txn: &mut Transaction<'_>, context: &Path, name: &str) -> Result<S
         }
         None => match store.resolve(name) {
             Ok(digest) => digest,
+            // A path in the context wins over a name that merely looks like a registry's.
+            Err(StoreError::UnknownImage { .. })
+                if !split_path_tag(context, name).0.exists() && remote(name)?.is_some() =>
+            {
+                let remote = remote(name)?.expect("checked just above");
+                crate::registry::pull(txn, &remote, None)
+                    .map_err(|e| {
+                        // The registry's errors begin with the name, which FROM already says.
+                        let text = e.to_string();
+                        let text = text.strip_prefix(&format!("{name}: ")).unwrap_or(&text);
+                        format!("FROM {name}: {text}")
+                    })?
+                    .digest
+            }
             Err(StoreError::UnknownImage { .. }) => {
                 let (path, tag) = split_path_tag(context, name);
                 if !path.exists() {
                     return Err(format!(
-                        "FROM {name}: no image of that name in the store and no such path in {}",
+                        "FROM {name}: no image of that name in the store and no such path in {}; an image in a registry is named with its host (127.0.0.1:5000/app:1, docker.io/library/debian:12)",
                         context.display()
                     ));
                 }
@@ -594,11 +642,20 @@ fn base_image(txn: &mut Transaction<'_>, context: &Path, name: &str) -> Result<S
     // What the base's config says of how it was made is not true of the image baked from it.
     let mut config = image.config;
     config.other.clear();
-    Ok(State {
-        layers,
-        config,
-        key: cache::key(None, &["FROM", digest.as_str()]),
-    })
+    let key = cache::key(None, &["FROM", digest.as_str()]);
+    Ok((
+        State {
+            layers,
+            config,
+            key,
+        },
+        digest,
+    ))
+}
+
+/// `name` as an image in a registry, when its first component is a registry host.
+fn remote(name: &str) -> Result<Option<crate::registry::RemoteRef>, String> {
+    crate::registry::RemoteRef::parse(name).map_err(|e| format!("FROM {name}: {e}"))
 }
 
 /// `path:tag` when `path` exists (relative to the context) and `path:tag` does not.

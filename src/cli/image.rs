@@ -36,6 +36,28 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Push an image to a registry: the blobs it lacks, then the manifest unchanged, so the
+    /// registry's digest is the store's. Prints the digest.
+    Push {
+        /// A tag, a digest or a unique digest prefix (at least 6 hex digits).
+        reference: String,
+        /// Where to: HOST[:PORT]/NAME[:TAG] (`latest` when no tag is given).
+        target: String,
+        /// Print what was pushed as JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image from a registry into the store, tagged with its name when it has a tag.
+    Pull {
+        /// HOST[:PORT]/NAME[:TAG][@DIGEST].
+        reference: String,
+        /// The tag to give it instead of its name.
+        #[arg(short = 't', long)]
+        tag: Option<String>,
+        /// Print what was pulled as JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a tag (the blobs stay until `graven gc`).
     Rm {
         /// The tag to remove.
@@ -190,6 +212,16 @@ pub fn run(home: &Path, command: ImageCommand) -> anyhow::Result<ExitCode> {
                 eprintln!("exported {tag} ({digest}) to {}", output.display());
             }
         }
+        ImageCommand::Push {
+            reference,
+            target,
+            json,
+        } => return super::registry::push(home, &reference, &target, json),
+        ImageCommand::Pull {
+            reference,
+            tag,
+            json,
+        } => return super::registry::pull(home, &reference, tag, json),
         ImageCommand::Rm { tag, json } => {
             let removed = store.update_index(|index| {
                 let named = index

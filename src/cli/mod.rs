@@ -16,6 +16,7 @@ mod load;
 mod project;
 #[cfg(feature = "dev-tools")]
 mod proxy;
+mod registry;
 mod secrets;
 #[cfg(feature = "dev-tools")]
 mod synthetic;
@@ -40,7 +41,7 @@ pub enum Command {
     Bake(bake::BakeArgs),
     /// List the images in the local store.
     Images(image::ImagesArgs),
-    /// Inspect, export or remove an image.
+    /// Inspect, export, push, pull or remove an image.
     #[command(subcommand)]
     Image(image::ImageCommand),
     /// Remove blobs no tag or release refers to.

@@ -34,6 +34,11 @@ impl<W> Hashing<W> {
         }
     }
 
+    /// How many bytes have been written through it.
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
     /// The inner writer, and the digest and length of all that was written through it.
     pub(super) fn finish(self) -> (W, Digest, u64) {
         let digest = Digest::from_sha256(self.hasher.finalize().into());

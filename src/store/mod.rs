@@ -30,7 +30,7 @@ pub use oci::{
     MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST, Manifest, RootFs, RuntimeConfig,
     to_canonical_json,
 };
-pub use txn::Transaction;
+pub use txn::{IncomingBlob, Transaction};
 pub use unpack::unpack_tar;
 
 use std::fs::{self, File};

@@ -6,6 +6,7 @@
 //! no tag names yet are being written.
 
 use std::fs::{self, File};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::layer::Hashing;
@@ -75,6 +76,30 @@ impl<'a> Transaction<'a> {
         self.put_blob_file(temp, digest)
     }
 
+    /// A blob that arrives as a stream (from a registry): written to a temp file in the store
+    /// and hashed on the way; `keep_incoming` names it only if it hashes to what it claims.
+    pub fn incoming(&self) -> Result<IncomingBlob> {
+        let temp = self.store.temp_file()?;
+        let file = temp.as_file().try_clone().map_err(io_err(temp.path()))?;
+        Ok(IncomingBlob {
+            out: Hashing::new(BufWriter::with_capacity(256 * 1024, file)),
+            temp,
+        })
+    }
+
+    /// Keeps an incoming blob as `digest` when its content hashes to it (`CorruptBlob`
+    /// otherwise, and the temp file goes); returns its size.
+    pub fn keep_incoming(&mut self, blob: IncomingBlob, digest: &Digest) -> Result<u64> {
+        let IncomingBlob { out, temp } = blob;
+        let (writer, actual, size) = out.finish();
+        writer
+            .into_inner()
+            .map_err(|e| io_err(temp.path())(e.into_error()))?;
+        check_digest(digest, actual)?;
+        self.put_blob_file(temp, digest)?;
+        Ok(size)
+    }
+
     /// Writes a config and a manifest over stored layers; returns the manifest's descriptor.
     pub fn put_image(
         &mut self,
@@ -99,6 +124,32 @@ impl<'a> Transaction<'a> {
     /// Keeps every blob this transaction added.
     pub fn commit(mut self) {
         self.committed = true;
+    }
+}
+
+/// A blob being written by `Transaction::incoming`; dropping it removes its temp file.
+pub struct IncomingBlob {
+    out: Hashing<BufWriter<File>>,
+    temp: tempfile::NamedTempFile,
+}
+
+impl IncomingBlob {
+    /// How many bytes have been written so far.
+    pub fn len(&self) -> u64 {
+        self.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Write for IncomingBlob {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -134,5 +185,40 @@ mod tests {
         let kept = txn.put_blob(b"kept").unwrap();
         txn.commit();
         assert!(store.has_blob(&kept));
+    }
+
+    /// A blob from outside is named only when it hashes to the digest it claims; a mismatch
+    /// leaves no blob and no temp file, and an uncommitted match goes with its transaction.
+    #[test]
+    fn incoming_blobs_are_kept_only_under_their_own_digest() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let files = || {
+            let mut names: Vec<_> = std::fs::read_dir(store.root().join("blobs"))
+                .unwrap()
+                .chain(std::fs::read_dir(store.root().join("blobs/sha256")).unwrap())
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = files();
+        let claimed = Digest::of(b"what the registry said");
+        {
+            let mut txn = store.transaction().unwrap();
+            let mut blob = txn.incoming().unwrap();
+            blob.write_all(b"what it sent").unwrap();
+            assert_eq!(blob.len(), 12);
+            assert!(matches!(
+                txn.keep_incoming(blob, &claimed),
+                Err(crate::store::StoreError::CorruptBlob { .. })
+            ));
+            assert!(!store.has_blob(&claimed));
+            let mut blob = txn.incoming().unwrap();
+            blob.write_all(b"what the registry said").unwrap();
+            assert_eq!(txn.keep_incoming(blob, &claimed).unwrap(), 22);
+            assert!(store.has_blob(&claimed));
+        }
+        assert_eq!(files(), before, "dropped uncommitted: nothing stays");
     }
 }
