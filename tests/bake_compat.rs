@@ -218,3 +218,54 @@ fn a_run_and_a_copy_on_the_debian_base() {
         engines.build(ctx.path(), "compat/smoke:1", file, None),
     );
 }
+
+#[test]
+fn heredocs_give_the_image_docker_builds_from_the_same_file_without_them() {
+    let engines = Engines::start();
+    let ctx = context(&[]);
+    let file = r#"# syntax=docker/dockerfile:1
+FROM graven-test/debian:bookworm
+ARG GREETING=hello
+RUN <<EOF
+set -e
+mkdir -p /srv/app
+echo "$GREETING from a heredoc" > /srv/app/greeting
+EOF
+COPY <<EOF /etc/app.conf
+greeting=${GREETING}
+EOF
+RUN <<'EOF' bash
+echo '$GREETING stays as written' > /srv/app/literal
+EOF
+"#;
+    let plain = r#"FROM graven-test/debian:bookworm
+ARG GREETING=hello
+RUN set -e && mkdir -p /srv/app && echo "$GREETING from a heredoc" > /srv/app/greeting
+RUN printf 'greeting=%s\n' "$GREETING" > /etc/app.conf && chmod 0644 /etc/app.conf
+RUN echo '$GREETING stays as written' > /srv/app/literal
+"#;
+    assert_same(
+        "heredocs",
+        engines.build(ctx.path(), "compat/heredoc:1", file, Some(plain)),
+    );
+}
+
+#[test]
+fn onbuild_triggers_run_in_the_child_as_docker_runs_them() {
+    let engines = Engines::start();
+    let ctx = context(&[("app/main.sh", "#!/bin/sh\necho hello from onbuild\n", 0o755)]);
+    let parent = r#"FROM graven-test/debian:bookworm
+WORKDIR /app
+ONBUILD COPY app/ /app/
+ONBUILD RUN chmod 0755 /app/main.sh && echo built > /app/stamp
+CMD ["/app/main.sh"]
+"#;
+    assert_same(
+        "onbuild parent",
+        engines.build(ctx.path(), "compat/onbuild-parent:1", parent, None),
+    );
+    let child = "FROM compat/onbuild-parent:1\nLABEL kind=child\n";
+    let (ours, docker) = engines.build(ctx.path(), "compat/onbuild-child:1", child, None);
+    assert!(ours.files.contains_key("app/stamp"), "the trigger ran");
+    assert_same("onbuild child", (ours, docker));
+}
