@@ -273,6 +273,7 @@ fn baked_documents() -> Vec<(String, Vec<u8>)> {
         tag: "seed".into(),
         build_args: BTreeMap::new(),
         epoch: 0,
+        secrets: Default::default(),
     };
     let home = work.path().join("home");
     let baked = graven::bake::bake(&home, &options, &mut |_| {}).unwrap();

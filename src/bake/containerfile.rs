@@ -61,7 +61,8 @@ pub enum Kind {
         chown: Option<String>,
         chmod: Option<String>,
     },
-    Run(Command),
+    /// The command and its `--mount`/`--network` flags (`mounts` parses them).
+    Run(Command, super::mounts::RunFlags),
     /// Raw `key=value` words (quotes kept; the planner expands them).
     Env(Vec<(String, String)>),
     Arg(Vec<(String, Option<String>)>),
@@ -218,6 +219,7 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
     let allowed: &[&str] = match name.as_str() {
         "FROM" => &["platform"],
         "COPY" | "ADD" => &["chown", "chmod"],
+        "RUN" => &["mount", "network"],
         "HEALTHCHECK" => &[
             "interval",
             "timeout",
@@ -300,7 +302,7 @@ fn parse_instruction(line: &str, escape: char) -> Result<Kind, String> {
         }
         "RUN" => {
             need_args("a command")?;
-            Kind::Run(command(rest))
+            Kind::Run(command(rest), super::mounts::parse_flags(&flags)?)
         }
         "CMD" => {
             need_args("a command")?;
@@ -764,21 +766,21 @@ mod tests {
             "FROM scratch\nRUN echo a \\\n  # a comment inside\n\n    b \\   \n  c\nCMD x",
             expect![[r#"
                 1: From { image: "scratch", alias: None, platform: None }
-                2: Run(Shell("echo a     b   c"))
+                2: Run(Shell("echo a     b   c"), RunFlags { mounts: [], no_network: false })
                 7: Cmd(Shell("x"))"#]],
         );
         check(
             "# escape=`\nFROM scratch\nRUN dir c:\\ `\n  more",
             expect![[r#"
                 2: From { image: "scratch", alias: None, platform: None }
-                3: Run(Shell("dir c:\\   more"))"#]],
+                3: Run(Shell("dir c:\\   more"), RunFlags { mounts: [], no_network: false })"#]],
         );
         // A directive after the first comment is just a comment.
         check(
             "# hello\n# escape=`\nFROM scratch\nRUN a \\\n b",
             expect![[r#"
                 3: From { image: "scratch", alias: None, platform: None }
-                4: Run(Shell("a  b"))"#]],
+                4: Run(Shell("a  b"), RunFlags { mounts: [], no_network: false })"#]],
         );
     }
 
@@ -872,7 +874,7 @@ STOPSIGNAL 15"#,
             ),
             (
                 "FROM scratch\nRUN --mount=type=cache x",
-                "Containerfile:2: unknown flag --mount for RUN",
+                "Containerfile:2: --mount=type=cache: a cache mount needs a target",
             ),
             (
                 "FROM scratch\nENV",

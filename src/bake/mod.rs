@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod containerfile;
 mod context;
+pub mod mounts;
 pub mod plan;
 mod run;
 mod tree;
@@ -30,7 +31,7 @@ use tree::{Entry, EntryKind, LowerTree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Parse(#[from] containerfile::ParseError),
     #[error("{file}:{line}: {reason}")]
     Step {
@@ -60,6 +61,8 @@ pub struct BakeOptions {
     pub build_args: BTreeMap<String, String>,
     /// The mtime of every layer entry: 0, or `SOURCE_DATE_EPOCH` when the caller sets it.
     pub epoch: u64,
+    /// `--secret`s by id, for `RUN --mount=type=secret`.
+    pub secrets: BTreeMap<String, mounts::SecretSource>,
 }
 
 /// Progress of a bake, one call per step start and end.
@@ -238,9 +241,14 @@ pub fn bake(
             let record = match found {
                 Some(record) => record,
                 None => {
-                    let record =
-                        build(&mut txn, collected, &mut lower, &state, step, options.epoch)
-                            .map_err(at(step.line))?;
+                    let inputs = run::Inputs {
+                        home,
+                        context: &options.context,
+                        secrets: &options.secrets,
+                        epoch: options.epoch,
+                    };
+                    let record = build(&mut txn, collected, &mut lower, &state, step, &inputs)
+                        .map_err(at(step.line))?;
                     pending.push((key.clone(), record.clone()));
                     record
                 }
@@ -466,6 +474,29 @@ fn prepare(
             let key = cache::key(Some(&state.key), &[&action, hash.as_str(), &args, &epoch]);
             (key, Some(collected))
         }
+        Action::Run { flags, .. } => {
+            // What a bind mount shows the step is an input like COPY's sources: its content
+            // is in the key (a cache, secret or tmpfs mount's never is).
+            let mut parts = vec![action.clone(), args.clone(), epoch.clone()];
+            for source in mounts::context_binds(flags) {
+                let own = Ownership {
+                    uid: 0,
+                    gid: 0,
+                    chmod: None,
+                };
+                let mut collected = context
+                    .collect(false, &[source.to_owned()], "/mount/", own)
+                    .map_err(|e| format!("--mount source {source}: {e}"))?;
+                tree::normalize(&mut collected.entries);
+                let hash = tree::content_hash(&collected.entries, &mut |path| {
+                    file_hashes.digest(path, now)
+                })
+                .map_err(|e| format!("reading --mount source {source}: {e}"))?;
+                parts.push(hash.as_str().to_owned());
+            }
+            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            (cache::key(Some(&state.key), &parts), None)
+        }
         _ => (
             cache::key(Some(&state.key), &[&action, &args, &epoch]),
             None,
@@ -482,8 +513,9 @@ fn build(
     lower: &mut LowerTree,
     state: &State,
     step: &plan::Step,
-    epoch: u64,
+    inputs: &run::Inputs<'_>,
 ) -> Result<Record, String> {
+    let epoch = inputs.epoch;
     let store = txn.store();
     let mut keep_alive = Vec::new();
     let mut run_root = None;
@@ -510,20 +542,13 @@ fn build(
                 gid: 0,
             }]
         }
-        Action::Run {
-            args,
-            env,
-            user,
-            workdir,
-        } => {
+        Action::Run { .. } => {
             let output = run::run(
                 store,
                 &state.layers,
                 &state.config.rootfs.diff_ids,
-                args,
-                env,
-                user,
-                workdir,
+                &step.action,
+                inputs,
             )?;
             let entries = output.entries;
             run_root = Some(output.root);

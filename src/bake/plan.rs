@@ -155,6 +155,9 @@ pub enum Action {
         env: Vec<String>,
         user: String,
         workdir: String,
+        /// `--mount` and `--network`, targets as written (`mounts::absolute_target` places a
+        /// relative one under `workdir`).
+        flags: super::mounts::RunFlags,
     },
     /// Changes the config only; the text says what.
     Config(String),
@@ -401,7 +404,7 @@ pub fn plan_stage(
                     chmod,
                 }
             }
-            Kind::Run(command) => {
+            Kind::Run(command, flags) => {
                 let mut env = config.env.clone();
                 for (name, value) in &args {
                     if let Some(value) = value
@@ -418,6 +421,7 @@ pub fn plan_stage(
                     env,
                     user: config.user.clone().unwrap_or_else(|| "0".to_owned()),
                     workdir,
+                    flags: flags.clone(),
                 }
             }
         };
@@ -586,7 +590,7 @@ ENTRYPOINT ["/x"]"#,
                   7: Workdir("/app") ["TAG=1", "WHO=you"]
                   8: Workdir("/srv/x") ["TAG=1", "WHO=you"]
                   9: Copy { add: false, sources: ["src*"], dest: "/srv/x/", chown: Some("you"), chmod: Some(448) } ["TAG=1", "WHO=you"]
-                  10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x" } ["TAG=1", "WHO=you"]
+                  10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x", flags: RunFlags { mounts: [], no_network: false } } ["TAG=1", "WHO=you"]
                   11: Config("CMD serve --port 1") ["TAG=1", "WHO=you"]
                   12: Config("EXPOSE 80 53/udp 9000-9001") ["TAG=1", "WHO=you"]
                   13: Config("HEALTHCHECK --interval=5s CMD curl -f localhost") ["TAG=1", "WHO=you"]

@@ -127,6 +127,7 @@ fn bake_image(
         tag: format!("{}:{}", project.app, project.environment),
         build_args: BTreeMap::new(),
         epoch: 0,
+        secrets: Default::default(),
     };
     let baked =
         bake::bake(home, &options, &mut |step| progress(Step::Baked(step))).map_err(|source| {

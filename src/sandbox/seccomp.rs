@@ -3,6 +3,15 @@
 //! namespaces, clock and swap changes, io_uring), answered with EPERM so programs see a plain refusal.
 //! `clone3` gets ENOSYS instead: its flags live in memory a filter cannot read, and ENOSYS
 //! makes libc fall back to `clone`, whose namespace flags the filter does check.
+//!
+//! No weaker than Docker's default profile (moby's `profiles/seccomp/default.json`) for the
+//! capabilities a sandbox holds (none for an instance, Docker's default set for a build step):
+//! what that profile refuses without `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE`, `CAP_SYS_NICE`,
+//! `CAP_SYS_RAWIO`, `CAP_SYSLOG`, `CAP_SYS_TTY_CONFIG` or `CAP_SYS_TIME` is refused here too,
+//! `personality` only takes the values it allows, and `ptrace` is refused where Docker allows
+//! it. The one difference between the two: a build step may `chroot`, as Docker's profile lets
+//! a holder of `CAP_SYS_CHROOT` (the step is pivot_rooted with nothing of the host left open,
+//! so a chroot cannot lead out of it).
 
 use std::collections::BTreeMap;
 
@@ -16,7 +25,6 @@ const DENIED: &[i64] = &[
     libc::SYS_mount,
     libc::SYS_umount2,
     libc::SYS_pivot_root,
-    libc::SYS_chroot,
     libc::SYS_kexec_load,
     libc::SYS_kexec_file_load,
     libc::SYS_init_module,
@@ -59,6 +67,21 @@ const DENIED: &[i64] = &[
     libc::SYS_io_uring_register,
     libc::SYS_syslog,
     libc::SYS_vhangup,
+    libc::SYS_mount_setattr,
+    libc::SYS_fanotify_init,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_kcmp,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_get_mempolicy,
+    libc::SYS_set_mempolicy,
+    libc::SYS_mbind,
+    libc::SYS_move_pages,
+    libc::SYS_migrate_pages,
+    libc::SYS_uselib,
+    libc::SYS_ustat,
+    libc::SYS_sysfs,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS__sysctl,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_iopl,
     #[cfg(target_arch = "x86_64")]
@@ -76,16 +99,35 @@ const NAMESPACE_FLAGS: [u64; 7] = [
     libc::CLONE_NEWNET as u64,
 ];
 
+/// The `personality` values Docker's profile allows: Linux itself, `UNAME26`, `PER_LINUX32`,
+/// both, and the query. Others (`ADDR_NO_RANDOMIZE`, `READ_IMPLIES_EXEC`) weaken the process.
+const PERSONALITIES: [u64; 5] = [0x0, 0x0008, 0x20000, 0x20008, 0xffff_ffff];
+
 fn arch() -> Result<TargetArch, String> {
     TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| format!("no seccomp filter for {}", std::env::consts::ARCH))
 }
 
-/// The compiled filters, in the order they are installed.
-pub(super) fn filters() -> Result<Vec<BpfProgram>, String> {
+/// The compiled filters, in the order they are installed; `build_step` allows `chroot`.
+pub(super) fn filters(build_step: bool) -> Result<Vec<BpfProgram>, String> {
     let fail = |e: seccompiler::BackendError| format!("building the seccomp filter: {e}");
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+        .iter()
+        .chain(if build_step {
+            &[][..]
+        } else {
+            &[libc::SYS_chroot][..]
+        })
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    // Refused when the argument is none of the allowed values (a rule's conditions all hold).
+    let personality = PERSONALITIES
+        .iter()
+        .map(|&value| SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, value))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(SeccompRule::new)
+        .map_err(fail)?;
+    rules.insert(libc::SYS_personality, vec![personality]);
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|&flag| {
@@ -126,8 +168,10 @@ pub(super) fn filters() -> Result<Vec<BpfProgram>, String> {
 mod tests {
     #[test]
     fn the_default_filter_compiles() {
-        let filters = super::filters().unwrap();
-        assert_eq!(filters.len(), 2);
-        assert!(filters.iter().all(|f| !f.is_empty()));
+        for build_step in [false, true] {
+            let filters = super::filters(build_step).unwrap();
+            assert_eq!(filters.len(), 2);
+            assert!(filters.iter().all(|f| !f.is_empty()));
+        }
     }
 }

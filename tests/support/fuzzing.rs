@@ -488,6 +488,7 @@ fn bake(work: &Path, context: &Path) -> Result<graven::bake::Baked, graven::bake
         tag: "fuzz".to_owned(),
         build_args: BTreeMap::new(),
         epoch: 0,
+        secrets: Default::default(),
     };
     graven::bake::bake(&work.join("home"), &options, &mut |_| {})
 }
