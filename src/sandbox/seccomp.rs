@@ -166,6 +166,77 @@ pub(super) fn filters(build_step: bool) -> Result<Vec<BpfProgram>, String> {
 
 #[cfg(test)]
 mod tests {
+    /// Runs `probe` in a forked child under the filters and returns its exit code. The child
+    /// only makes syscalls (the filters are compiled before the fork), so forking the
+    /// multi-threaded test process is safe.
+    fn under_filters(build_step: bool, probe: fn() -> bool) -> i32 {
+        let filters = super::filters(build_step).unwrap();
+        // SAFETY: the child makes raw syscalls only and ends with _exit.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                for filter in &filters {
+                    if seccompiler::apply_filter(filter).is_err() {
+                        libc::_exit(2);
+                    }
+                }
+                libc::_exit(if probe() { 0 } else { 1 });
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            libc::WEXITSTATUS(status)
+        }
+    }
+
+    fn refused(rc: libc::c_long) -> bool {
+        rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+
+    /// Docker's profile lets `personality` take a few values only: `ADDR_NO_RANDOMIZE` and
+    /// `READ_IMPLIES_EXEC` weaken the process, and were allowed here.
+    #[test]
+    fn personality_takes_docker_s_values_only() {
+        let probe = || {
+            // SAFETY: personality only changes this (child) process's execution domain.
+            unsafe {
+                refused(libc::syscall(libc::SYS_personality, 0x0040000))
+                    && refused(libc::syscall(libc::SYS_personality, 0x0400000))
+                    && libc::syscall(libc::SYS_personality, 0xffff_ffffu64) >= 0
+                    && libc::syscall(libc::SYS_personality, 0) >= 0
+            }
+        };
+        assert_eq!(under_filters(false, probe), 0);
+        assert_eq!(under_filters(true, probe), 0);
+    }
+
+    /// What Docker's profile refuses without `CAP_SYS_PTRACE` or `CAP_SYS_ADMIN` is refused;
+    /// `chroot` is refused to an instance, allowed to a build step (as Docker's profile
+    /// allows it with `CAP_SYS_CHROOT`).
+    #[test]
+    fn docker_s_refusals_hold_and_a_build_step_may_chroot() {
+        fn common() -> bool {
+            // SAFETY: each call fails or acts on this child only.
+            unsafe {
+                refused(libc::syscall(libc::SYS_kcmp, 0, 0, 0, 0, 0))
+                    && refused(libc::syscall(libc::SYS_pidfd_getfd, 0, 0, 0))
+                    && refused(libc::syscall(libc::SYS_mount_setattr, 0, 0, 0, 0, 0))
+                    && refused(libc::syscall(libc::SYS_fanotify_init, 0, 0))
+                    && refused(libc::syscall(libc::SYS_mbind, 0, 0, 0, 0, 0, 0))
+                    && refused(libc::syscall(libc::SYS_mount, 0, 0, 0, 0, 0))
+                    && refused(libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER))
+            }
+        }
+        // A chroot to `/` changes nothing.
+        fn chroot() -> libc::c_long {
+            // SAFETY: a valid C string path.
+            unsafe { libc::syscall(libc::SYS_chroot, c"/".as_ptr()) }
+        }
+        assert_eq!(under_filters(false, || common() && refused(chroot())), 0);
+        assert_eq!(under_filters(true, || common() && chroot() == 0), 0);
+    }
+
     #[test]
     fn the_default_filter_compiles() {
         for build_step in [false, true] {
