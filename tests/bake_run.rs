@@ -516,9 +516,10 @@ fn a_changed_bind_mounted_file_runs_the_step_again() {
 }
 
 /// A RUN resolves names as the host does: the host's resolv.conf and hosts are bound into
-/// the step, read-only, and are never in its layer: on a base without /etc the mount points
-/// made for them (and /etc) are gone again; on a base with its own resolv.conf the image
-/// keeps its own.
+/// the step, read-only, and are never in its layer: on a base whose /etc lacks them the mount
+/// points made for them are gone again; on a base with its own resolv.conf the image keeps
+/// its own. A base without /etc gets none (so `mkdir /etc` works, as
+/// `user_lookup_reads_the_images_passwd_not_the_hosts` does).
 #[test]
 fn the_host_s_resolv_conf_and_hosts_reach_the_step_only() {
     let home = tempfile::tempdir().unwrap();
@@ -527,13 +528,18 @@ fn the_host_s_resolv_conf_and_hosts_reach_the_step_only() {
     let host = fs::read_to_string("/etc/resolv.conf").unwrap();
     let hosts = fs::read_to_string("/etc/hosts").unwrap();
     let containerfile = format!(
-        "{BASE}RUN /bin/busybox cat /etc/resolv.conf > /seen-resolv && /bin/busybox cat /etc/hosts > /seen-hosts\n\
+        "{BASE}RUN /bin/busybox mkdir /etc\n\
+         RUN /bin/busybox cat /etc/resolv.conf > /seen-resolv && /bin/busybox cat /etc/hosts > /seen-hosts\n\
          COPY resolv.conf /etc/resolv.conf\n\
          RUN /bin/busybox cat /etc/resolv.conf > /seen-again; (echo x > /etc/resolv.conf) 2>/dev/null || echo refused > /write\n"
     );
     succeed(&mut bake(home.path(), dir.path(), &containerfile));
     let layers = layers_of(home.path(), "run:1");
-    let first = &layers[2];
+    assert_eq!(
+        layers[2].iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+        ["etc"]
+    );
+    let first = &layers[3];
     let paths: Vec<&str> = first.iter().map(|(p, ..)| p.as_str()).collect();
     assert_eq!(paths, ["seen-hosts", "seen-resolv"]);
     assert_eq!(file_in(first, "seen-resolv").unwrap(), host);

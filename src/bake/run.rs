@@ -147,7 +147,8 @@ pub fn run(
         Ok(Stdio::from(fd))
     };
     let status = crate::sandbox::run(&spec, out()?, out()?).map_err(|e| e.to_string());
-    // The locks on cache mounts are let go, and the secrets' copies removed, at once.
+    // The locks on cache mounts are let go, and the secrets' copies removed, at once: not
+    // when the layer is written.
     let targets = mounts.targets.clone();
     drop(mounts);
     let status = status?;
@@ -176,14 +177,21 @@ pub fn run(
 }
 
 /// The mounts of one step, made ready on the host: what the sandbox binds and mounts, and
-/// what must stay alive until the step ends (cache locks; the secrets' and rw binds' copies
-/// live in the run root's private dir, removed with it).
+/// what must stay alive until the step ends (cache locks, and the run root's private dir
+/// with the secrets' and rw binds' copies, removed when this is dropped).
 struct Mounts {
     binds: Vec<Bind>,
     tmpfs: Vec<Tmpfs>,
     /// Every target inside the image, to remove the mount points made only for the step.
     targets: Vec<String>,
+    private: PathBuf,
     _locks: Vec<fs::File>,
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.private);
+    }
 }
 
 impl Mounts {
@@ -194,10 +202,12 @@ impl Mounts {
         workdir: &str,
         inputs: &Inputs<'_>,
     ) -> Result<Mounts, String> {
+        let private = run_root.private_dir()?;
         let mut mounts = Mounts {
             binds: Vec::new(),
             tmpfs: Vec::new(),
             targets: Vec::new(),
+            private: private.clone(),
             _locks: Vec::new(),
         };
         for file in HOST_FILES {
@@ -205,7 +215,6 @@ impl Mounts {
                 mounts.bind(file.into(), file.to_owned(), true);
             }
         }
-        let private = run_root.private_dir()?;
         for (n, mount) in flags.mounts.iter().enumerate() {
             let target = mounts::absolute_target(&mount.target, workdir);
             let at = |e: String| format!("--mount target {target}: {e}");
@@ -284,14 +293,20 @@ impl Mounts {
     }
 }
 
-/// Whether the image's `path` can take a file bind: it is missing (the sandbox makes it) or
-/// resolves, inside the root, to a regular file. A dangling symlink there (to a resolver's
-/// runtime file, say) is left alone, and the step goes without the host's file.
+/// Whether the image's `path` can take a file bind: its directory is in the image (a step of
+/// an image without /etc may `mkdir /etc`, which a mount point there would make fail), and
+/// it is missing (the sandbox makes it) or resolves, inside the root, to a regular file. A
+/// dangling symlink there (to a resolver's runtime file, say) is left alone, and the step
+/// goes without the host's file.
 fn mount_point_usable(root: &Path, path: &str) -> bool {
     use rustix::fs::{FileType, OFlags};
     let Ok(root_fd) = crate::sandbox::root::open_root(root) else {
         return false;
     };
+    let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+    if crate::sandbox::root::open_in(&root_fd, parent, OFlags::PATH | OFlags::DIRECTORY).is_err() {
+        return false;
+    }
     match crate::sandbox::root::open_in(&root_fd, path, OFlags::PATH) {
         Ok(fd) => rustix::fs::fstat(&fd)
             .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile),
