@@ -275,6 +275,7 @@ fn baked_documents() -> Vec<(String, Vec<u8>)> {
         epoch: 0,
         target: None,
         no_cache: false,
+        secrets: Default::default(),
     };
     let home = work.path().join("home");
     let baked = graven::bake::bake(&home, &options, &mut |_| {}).unwrap();

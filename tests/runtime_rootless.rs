@@ -210,3 +210,64 @@ fn an_unprivileged_user_bakes_a_run_step_whose_files_are_root_s() {
     assert_eq!(owners.get("made"), Some(&(0, 0)), "{owners:?}");
     assert_eq!(owners.get("uid"), Some(&(0, 0)), "{owners:?}");
 }
+
+/// A RUN step baked without root has Docker's default capabilities inside its user
+/// namespace, which maps one id: a chown to root (graven's user) works, one to any other id
+/// fails, a device node cannot be made, and cache and tmpfs mounts work.
+#[test]
+fn a_rootless_run_step_has_the_build_capabilities_inside_its_namespace() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: the bake tests run rootless already");
+        return;
+    }
+    let place = Place::new();
+    let home = place.home();
+    let context = place.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::copy(support::busybox(), context.join("busybox")).unwrap();
+    let script = "B=/bin/busybox; $B grep CapEff /proc/self/status > /out; \
+        $B touch /f; $B chown 0:0 /f && echo chown-root-ok >> /out; \
+        $B chown 1:1 /f 2>/dev/null || echo chown-other-refused >> /out; \
+        $B mknod /node c 1 5 2>/dev/null || echo mknod-refused >> /out; \
+        echo cached >> /cache/runs; $B cat /cache/runs >> /out; \
+        $B grep -c ' /scratch tmpfs' /proc/mounts >> /out";
+    std::fs::write(
+        context.join("Containerfile"),
+        format!(
+            "FROM scratch\nCOPY busybox /bin/busybox\n\
+             RUN --mount=type=cache,target=/cache --mount=type=tmpfs,target=/scratch \
+             [\"/bin/busybox\", \"sh\", \"-c\", {}]\n",
+            serde_json::to_string(script).unwrap()
+        ),
+    )
+    .unwrap();
+    place.give_to_user();
+    succeed(
+        place
+            .graven()
+            .arg("bake")
+            .arg(&context)
+            .args(["--tag", "caps", "--json"]),
+    );
+    let store = graven::store::Store::open(&home).unwrap();
+    let image = store.image(&store.resolve("caps").unwrap()).unwrap();
+    let top = image.manifest.layers.last().unwrap();
+    let gz = store.read_blob(&top.digest).unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz.as_slice()));
+    let mut out = String::new();
+    let mut paths = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        if path == "out" {
+            use std::io::Read;
+            entry.read_to_string(&mut out).unwrap();
+        }
+        paths.push(path);
+    }
+    assert_eq!(
+        out,
+        "CapEff:\t00000000a80425fb\nchown-root-ok\nchown-other-refused\nmknod-refused\ncached\n1\n"
+    );
+    assert_eq!(paths, ["f", "out"]);
+}

@@ -65,7 +65,8 @@ pub enum Kind {
         from: Option<String>,
         files: Vec<Heredoc>,
     },
-    Run(Command),
+    /// The command and its `--mount`/`--network` flags (`mounts` parses them).
+    Run(Command, super::mounts::RunFlags),
     /// Raw `key=value` words (quotes kept; the planner expands them).
     Env(Vec<(String, String)>),
     Arg(Vec<(String, Option<String>)>),
@@ -362,6 +363,7 @@ fn parse_instruction(line: &str, escape: char, heredocs: Vec<Heredoc>) -> Result
         "FROM" => &["platform"],
         "COPY" => &["chown", "chmod", "from", "link"],
         "ADD" => &["chown", "chmod", "link"],
+        "RUN" => &["mount", "network"],
         "HEALTHCHECK" => &[
             "interval",
             "timeout",
@@ -457,10 +459,11 @@ fn parse_instruction(line: &str, escape: char, heredocs: Vec<Heredoc>) -> Result
         }
         "RUN" => {
             need_args("a command")?;
+            let flags = super::mounts::parse_flags(&flags)?;
             if heredocs.is_empty() {
-                Kind::Run(command(rest))
+                Kind::Run(command(rest), flags)
             } else {
-                Kind::Run(heredoc_command(rest, &heredocs, escape))
+                Kind::Run(heredoc_command(rest, &heredocs, escape), flags)
             }
         }
         "CMD" => {
@@ -976,21 +979,21 @@ mod tests {
             "FROM scratch\nRUN echo a \\\n  # a comment inside\n\n    b \\   \n  c\nCMD x",
             expect![[r#"
                 1: From { image: "scratch", alias: None, platform: None }
-                2: Run(Shell("echo a     b   c"))
+                2: Run(Shell("echo a     b   c"), RunFlags { mounts: [], no_network: false })
                 7: Cmd(Shell("x"))"#]],
         );
         check(
             "# escape=`\nFROM scratch\nRUN dir c:\\ `\n  more",
             expect![[r#"
                 2: From { image: "scratch", alias: None, platform: None }
-                3: Run(Shell("dir c:\\   more"))"#]],
+                3: Run(Shell("dir c:\\   more"), RunFlags { mounts: [], no_network: false })"#]],
         );
         // A directive after the first comment is just a comment.
         check(
             "# hello\n# escape=`\nFROM scratch\nRUN a \\\n b",
             expect![[r#"
                 3: From { image: "scratch", alias: None, platform: None }
-                4: Run(Shell("a  b"))"#]],
+                4: Run(Shell("a  b"), RunFlags { mounts: [], no_network: false })"#]],
         );
     }
 
@@ -1120,7 +1123,7 @@ STOPSIGNAL 15"#,
             ),
             (
                 "FROM scratch\nRUN --mount=type=cache x",
-                "Containerfile:2: unknown flag --mount for RUN",
+                "Containerfile:2: --mount=type=cache: a cache mount needs a target",
             ),
             (
                 "FROM scratch\nENV",
@@ -1206,12 +1209,12 @@ STOPSIGNAL 15"#,
             "# syntax=docker/dockerfile:1\n# check=skip=all\nFROM scratch\nRUN <<EOF\necho $HOME\n\tsh -c 'x'\nEOF\nRUN <<-EOF\n\techo tabs\n\tEOF\nRUN python3 <<'EOF' > /out\nprint(\"$x\")\nEOF\nRUN cat <<A && cat <<\"B\"\na $x\nA\nb $x\nB\nRUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\nRUN echo '<<NOT' << NOT2 \"<<NOT3\"\nCMD done",
             expect![[r#"
                 3: From { image: "scratch", alias: None, platform: None }
-                4: Run(Shell("echo $HOME\n\tsh -c 'x'\n"))
-                8: Run(Shell("echo tabs\n"))
-                11: Run(Shell("python3 <<'EOF' > /out\nprint(\"$x\")\nEOF"))
-                14: Run(Shell("cat <<A && cat <<\"B\"\na $x\nA\nb $x\nB"))
-                19: Run(Shell("'/usr/bin/env' 'python3' <<'EOF'\nprint(1)\nEOF"))
-                23: Run(Shell("echo '<<NOT' << NOT2 \"<<NOT3\""))
+                4: Run(Shell("echo $HOME\n\tsh -c 'x'\n"), RunFlags { mounts: [], no_network: false })
+                8: Run(Shell("echo tabs\n"), RunFlags { mounts: [], no_network: false })
+                11: Run(Shell("python3 <<'EOF' > /out\nprint(\"$x\")\nEOF"), RunFlags { mounts: [], no_network: false })
+                14: Run(Shell("cat <<A && cat <<\"B\"\na $x\nA\nb $x\nB"), RunFlags { mounts: [], no_network: false })
+                19: Run(Shell("'/usr/bin/env' 'python3' <<'EOF'\nprint(1)\nEOF"), RunFlags { mounts: [], no_network: false })
+                23: Run(Shell("echo '<<NOT' << NOT2 \"<<NOT3\""), RunFlags { mounts: [], no_network: false })
                 24: Cmd(Shell("done"))"#]],
         );
         check(

@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod containerfile;
 mod context;
+pub mod mounts;
 pub mod plan;
 mod reproducible;
 mod run;
@@ -69,6 +70,8 @@ pub struct BakeOptions {
     pub target: Option<String>,
     /// Build every step, reading no cache entry (`--no-cache`); the new layers are cached.
     pub no_cache: bool,
+    /// `--secret`s by id, for `RUN --mount=type=secret`.
+    pub secrets: BTreeMap<String, mounts::SecretSource>,
 }
 
 /// Progress of a bake, one call per step start and end.
@@ -392,6 +395,12 @@ fn bake_in(
             let record = match found {
                 Some(record) => record,
                 None => {
+                    let inputs = run::Inputs {
+                        home,
+                        context: &options.context,
+                        secrets: &options.secrets,
+                        epoch: options.epoch,
+                    };
                     let record = build(
                         txn,
                         collected,
@@ -399,6 +408,7 @@ fn bake_in(
                         &state,
                         source.as_ref(),
                         step,
+                        &inputs,
                         layering,
                     )
                     .map_err(at(step.line))?;
@@ -782,6 +792,29 @@ fn prepare(
             let key = cache::key(Some(&state.key), &[&action, hash.as_str(), &args, &epoch]);
             (key, Some(collected))
         }
+        Action::Run { flags, .. } => {
+            // What a bind mount shows the step is an input like COPY's sources: its content
+            // is in the key (a cache, secret or tmpfs mount's never is).
+            let mut parts = vec![action.clone(), args.clone(), epoch.clone()];
+            for source in mounts::context_binds(flags) {
+                let own = Ownership {
+                    uid: 0,
+                    gid: 0,
+                    chmod: None,
+                };
+                let mut collected = context
+                    .collect(false, &[source.to_owned()], "/mount/", own)
+                    .map_err(|e| format!("--mount source {source}: {e}"))?;
+                tree::normalize(&mut collected.entries);
+                let hash = tree::content_hash(&collected.entries, &mut |path| {
+                    file_hashes.digest(path, now)
+                })
+                .map_err(|e| format!("reading --mount source {source}: {e}"))?;
+                parts.push(hash.as_str().to_owned());
+            }
+            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            (cache::key(Some(&state.key), &parts), None)
+        }
         _ => (
             cache::key(Some(&state.key), &[&action, &args, &epoch]),
             None,
@@ -792,6 +825,7 @@ fn prepare(
 }
 
 /// Builds the layer of a step whose key missed the cache.
+#[allow(clippy::too_many_arguments)]
 fn build(
     txn: &mut Transaction<'_>,
     collected: Option<context::Collected>,
@@ -799,6 +833,7 @@ fn build(
     state: &State,
     source: Option<&State>,
     step: &plan::Step,
+    inputs: &run::Inputs<'_>,
     layering: Layering,
 ) -> Result<Record, String> {
     let Layering {
@@ -856,20 +891,13 @@ fn build(
                 gid: 0,
             }]
         }
-        Action::Run {
-            args,
-            env,
-            user,
-            workdir,
-        } => {
+        Action::Run { .. } => {
             let output = run::run(
                 store,
                 &state.layers,
                 &state.config.rootfs.diff_ids,
-                args,
-                env,
-                user,
-                workdir,
+                &step.action,
+                inputs,
             )?;
             let mut entries = output.entries;
             run_root = Some(output.root);

@@ -284,6 +284,9 @@ pub enum Action {
         env: Vec<String>,
         user: String,
         workdir: String,
+        /// `--mount` and `--network`, targets as written (`mounts::absolute_target` places a
+        /// relative one under `workdir`).
+        flags: super::mounts::RunFlags,
     },
     /// Changes the config only; the text says what.
     Config(String),
@@ -587,7 +590,7 @@ pub fn plan_stage(
                     files,
                 }
             }
-            Kind::Run(command) => {
+            Kind::Run(command, flags) => {
                 let mut env = config.env.clone();
                 for (name, value) in &args {
                     if let Some(value) = value
@@ -604,6 +607,7 @@ pub fn plan_stage(
                     env,
                     user: config.user.clone().unwrap_or_else(|| "0".to_owned()),
                     workdir,
+                    flags: flags.clone(),
                 }
             }
         };
@@ -796,7 +800,7 @@ ENTRYPOINT ["/x"]"#,
                   7: Workdir("/app") ["TAG=1", "WHO=you"]
                   8: Workdir("/srv/x") ["TAG=1", "WHO=you"]
                   9: Copy { add: false, sources: ["src*"], dest: "/srv/x/", chown: Some("you"), chmod: Some(448), from: None, files: [] } ["TAG=1", "WHO=you"]
-                  10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x" } ["TAG=1", "WHO=you"]
+                  10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x", flags: RunFlags { mounts: [], no_network: false } } ["TAG=1", "WHO=you"]
                   11: Config("CMD serve --port 1") ["TAG=1", "WHO=you"]
                   12: Config("EXPOSE 80 53/udp 9000-9001") ["TAG=1", "WHO=you"]
                   13: Config("HEALTHCHECK --interval=5s CMD curl -f localhost") ["TAG=1", "WHO=you"]
@@ -867,23 +871,23 @@ COPY --from=other:${V} /x /x
 COPY --from=${BASE} /y /y
 "#;
         expect![[r#"
-                stage 0 Some("deps") from Image("img:1")
-                  4: Config("ARG V") ["V=1"]
-                  5: Run { args: ["/bin/sh", "-c", "echo $V"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "V=1"], user: "0", workdir: "/" } ["V=1"]
-                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
-                stage 2 Some("build") from Stage(0)
-                  9: Run { args: ["/bin/sh", "-c", "echo ${V:-unset}"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b"], user: "0", workdir: "/" } []
-                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
-                stage 3 Some("tools") from Scratch
-                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
-                stage 4 None from Scratch
-                  12: Config("ARG FROM_STAGE=build") ["FROM_STAGE=build"]
-                  13: Copy { add: false, sources: ["/app"], dest: "/app", chown: None, chmod: None, from: Some(Stage(2)), files: [] } ["FROM_STAGE=build"]
-                  14: Copy { add: false, sources: ["/t"], dest: "/t", chown: None, chmod: None, from: Some(Stage(3)), files: [] } ["FROM_STAGE=build"]
-                  15: Copy { add: false, sources: ["/x"], dest: "/x", chown: None, chmod: None, from: Some(Image("other:1")), files: [] } ["FROM_STAGE=build"]
-                  16: Copy { add: false, sources: ["/y"], dest: "/y", chown: None, chmod: None, from: Some(Image("img")), files: [] } ["FROM_STAGE=build"]
-                  config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
-            "#]]
+            stage 0 Some("deps") from Image("img:1")
+              4: Config("ARG V") ["V=1"]
+              5: Run { args: ["/bin/sh", "-c", "echo $V"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "V=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } ["V=1"]
+              config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+            stage 2 Some("build") from Stage(0)
+              9: Run { args: ["/bin/sh", "-c", "echo ${V:-unset}"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } []
+              config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+            stage 3 Some("tools") from Scratch
+              config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+            stage 4 None from Scratch
+              12: Config("ARG FROM_STAGE=build") ["FROM_STAGE=build"]
+              13: Copy { add: false, sources: ["/app"], dest: "/app", chown: None, chmod: None, from: Some(Stage(2)), files: [] } ["FROM_STAGE=build"]
+              14: Copy { add: false, sources: ["/t"], dest: "/t", chown: None, chmod: None, from: Some(Stage(3)), files: [] } ["FROM_STAGE=build"]
+              15: Copy { add: false, sources: ["/x"], dest: "/x", chown: None, chmod: None, from: Some(Image("other:1")), files: [] } ["FROM_STAGE=build"]
+              16: Copy { add: false, sources: ["/y"], dest: "/y", chown: None, chmod: None, from: Some(Image("img")), files: [] } ["FROM_STAGE=build"]
+              config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
+        "#]]
         .assert_eq(&render_target(source, &[], None, &[]));
         let build = render_target(source, &[], Some("BUILD"), &[]);
         assert!(
@@ -933,13 +937,13 @@ COPY --from=${BASE} /y /y
     #[test]
     fn onbuild_triggers_run_first_and_are_not_inherited() {
         expect![[r#"
-                stage 0 None from Image("base")
-                  1: Config("ENV T=1") []
-                  1: Run { args: ["/bin/sh", "-c", "echo $T"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/" } []
-                  2: Config("ONBUILD RUN echo next") []
-                  3: Run { args: ["/bin/sh", "-c", "echo own"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/" } []
-                  config: {"Env":["BASE=b","T=1"],"Cmd":["base-cmd"],"OnBuild":["RUN echo next"]}
-            "#]]
+            stage 0 None from Image("base")
+              1: Config("ENV T=1") []
+              1: Run { args: ["/bin/sh", "-c", "echo $T"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } []
+              2: Config("ONBUILD RUN echo next") []
+              3: Run { args: ["/bin/sh", "-c", "echo own"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } []
+              config: {"Env":["BASE=b","T=1"],"Cmd":["base-cmd"],"OnBuild":["RUN echo next"]}
+        "#]]
         .assert_eq(&render_target(
             "FROM base\nONBUILD RUN echo next\nRUN echo own",
             &[],

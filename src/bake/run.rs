@@ -1,15 +1,24 @@
 //! RUN steps: the lower layers are unpacked into a temp root, the command runs there in the
-//! same sandbox the local runtime uses (with a writable root), and what it changed becomes the
-//! step's layer (new and changed paths, removed ones as whiteouts).
+//! same sandbox the local runtime uses (with a writable root, as a build step: Docker's
+//! default capabilities as root, the host's network, resolv.conf and hosts), and what it
+//! changed becomes the step's layer (new and changed paths, removed ones as whiteouts).
+//! `--mount`s are made ready here (cache dirs under the home, context paths, secrets'
+//! copies); the mount points made only for them are removed before the diff.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use sha2::Digest as _;
+
+use super::mounts::{self, MountKind, RunFlags, SecretSource, Sharing};
+use super::plan::Action;
 use super::tree::{self, Entry};
-use crate::sandbox::SandboxSpec;
+use crate::sandbox::{Bind, BuildStep, SandboxSpec, Tmpfs};
 use crate::store::{self, Descriptor, Digest, Store};
 
 pub struct RunOutput {
@@ -43,18 +52,49 @@ impl RunRoot {
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("root")
     }
+
+    /// `<0700 temp dir>/private`, beside the root: the step's secrets and throwaway copies,
+    /// reached only through the mounts made of them.
+    fn private_dir(&self) -> Result<PathBuf, String> {
+        let dir = self.dir.path().join("private");
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) => Err(format!("cannot make the step's private dir: {e}")),
+        }
+    }
 }
 
-/// Runs `args` in the image made of `layers`; returns the entries it changed.
+/// What a RUN step reaches beyond its image: the bake's home (cache mounts), the build
+/// context (bind mounts), the secrets given to the bake and its epoch.
+pub struct Inputs<'a> {
+    pub home: &'a Path,
+    pub context: &'a Path,
+    pub secrets: &'a BTreeMap<String, SecretSource>,
+    pub epoch: u64,
+}
+
+/// The host files a step gets read-only for the step only, never in its layer, so that
+/// package managers resolve names as the host does: `docker build --network=host`'s view.
+const HOST_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
+
+/// Runs the RUN step `action` in the image made of `layers`; returns the entries it changed.
 pub fn run(
     store: &Store,
     layers: &[Descriptor],
     diff_ids: &[Digest],
-    args: &[String],
-    env: &[String],
-    user: &str,
-    workdir: &str,
+    action: &Action,
+    inputs: &Inputs<'_>,
 ) -> Result<RunOutput, String> {
+    let Action::Run {
+        args,
+        env,
+        user,
+        workdir,
+        flags,
+    } = action
+    else {
+        return Err("not a RUN step".to_owned());
+    };
     let run_root = RunRoot::new()?;
     let root = run_root.path();
     // `unpack_layers` makes the root 0755, as an image's `/` is.
@@ -67,8 +107,8 @@ pub fn run(
     store::inroot::create_dir_all(&root, Path::new(workdir))
         .map_err(|e| format!("working directory {workdir}: {e}"))?;
     let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
-    // `HOME` as a build step expects it, unless the Containerfile set one.
     let mut env = env.to_vec();
+    // `HOME` as a build step expects it, unless the Containerfile set one.
     if !env.iter().any(|kv| kv.starts_with("HOME=")) {
         let passwd = crate::sandbox::root::read_text(&root, "etc/passwd");
         env.push(format!(
@@ -76,6 +116,12 @@ pub fn run(
             crate::sandbox::user::home_of(uid, &passwd)
         ));
     }
+    // The bake's epoch, for the tools that stamp what they make with it, unless the
+    // Containerfile set one (an ARG or ENV of that name).
+    if !env.iter().any(|kv| kv.starts_with("SOURCE_DATE_EPOCH=")) {
+        env.push(format!("SOURCE_DATE_EPOCH={}", inputs.epoch));
+    }
+    let mounts = Mounts::prepare(&run_root, &root, flags, workdir, inputs)?;
     let spec = SandboxSpec {
         rootfs: root.clone(),
         writable_root: true,
@@ -85,8 +131,12 @@ pub fn run(
         uid,
         gid,
         hostname: "graven-bake".to_owned(),
-        binds: Vec::new(),
+        binds: mounts.binds.clone(),
         tmp_bytes: 0,
+        build_step: Some(BuildStep {
+            tmpfs: mounts.tmpfs.clone(),
+            no_network: flags.no_network,
+        }),
     };
     // The command's output goes to graven's stderr, so `--json` keeps stdout clean.
     let out = || -> Result<Stdio, String> {
@@ -96,7 +146,12 @@ pub fn run(
             .map_err(|e| format!("cannot pass stderr to the sandbox: {e}"))?;
         Ok(Stdio::from(fd))
     };
-    let status = crate::sandbox::run(&spec, out()?, out()?).map_err(|e| e.to_string())?;
+    let status = crate::sandbox::run(&spec, out()?, out()?).map_err(|e| e.to_string());
+    // The locks on cache mounts are let go, and the secrets' copies removed, at once: not
+    // when the layer is written.
+    let targets = mounts.targets.clone();
+    drop(mounts);
+    let status = status?;
     if !status.success() {
         let how = match (
             status.code(),
@@ -108,7 +163,9 @@ pub fn run(
         };
         return Err(format!("the command failed with {how}"));
     }
-    let after = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    remove_made_mount_points(&root, &before, &targets)?;
+    let mut after = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    keep_only_layer_kinds(&root, &before, &mut after)?;
     // What is in the directories the sandbox mounts over is never layer content, and the
     // mount points it made are not either.
     let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
@@ -117,6 +174,365 @@ pub fn run(
         entries,
         root: run_root,
     })
+}
+
+/// The mounts of one step, made ready on the host: what the sandbox binds and mounts, and
+/// what must stay alive until the step ends (cache locks, and the run root's private dir
+/// with the secrets' and rw binds' copies, removed when this is dropped).
+struct Mounts {
+    binds: Vec<Bind>,
+    tmpfs: Vec<Tmpfs>,
+    /// Every target inside the image, to remove the mount points made only for the step.
+    targets: Vec<String>,
+    private: PathBuf,
+    _locks: Vec<fs::File>,
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.private);
+    }
+}
+
+impl Mounts {
+    fn prepare(
+        run_root: &RunRoot,
+        root: &Path,
+        flags: &RunFlags,
+        workdir: &str,
+        inputs: &Inputs<'_>,
+    ) -> Result<Mounts, String> {
+        let private = run_root.private_dir()?;
+        let mut mounts = Mounts {
+            binds: Vec::new(),
+            tmpfs: Vec::new(),
+            targets: Vec::new(),
+            private: private.clone(),
+            _locks: Vec::new(),
+        };
+        for file in HOST_FILES {
+            if Path::new(file).is_file() && mount_point_usable(root, file) {
+                mounts.bind(file.into(), file.to_owned(), true);
+            }
+        }
+        for (n, mount) in flags.mounts.iter().enumerate() {
+            let target = mounts::absolute_target(&mount.target, workdir);
+            let at = |e: String| format!("--mount target {target}: {e}");
+            match &mount.kind {
+                MountKind::Bind { source, from, rw } => {
+                    if let Some(from) = from {
+                        return Err(at(format!(
+                            "from={from}: a bind mount from a stage or an image is not supported yet; mount the build context"
+                        )));
+                    }
+                    let source = in_context(inputs.context, source).map_err(at)?;
+                    let source = if *rw {
+                        // Writes are thrown away, as BuildKit's: the step gets a copy.
+                        let copy = private.join(format!("bind-{n}"));
+                        copy_tree(&source, &copy).map_err(|e| at(e.to_string()))?;
+                        copy
+                    } else {
+                        source
+                    };
+                    mounts.bind(source, target, !rw);
+                }
+                MountKind::Cache {
+                    id,
+                    sharing,
+                    readonly,
+                    mode,
+                    uid,
+                    gid,
+                } => {
+                    let (dir, lock) = cache_dir(inputs.home, id, *sharing, *mode, (*uid, *gid))
+                        .map_err(|e| at(format!("cache {id}: {e}")))?;
+                    mounts._locks.extend(lock);
+                    mounts.bind(dir, target, *readonly);
+                }
+                MountKind::Secret {
+                    id,
+                    required,
+                    mode,
+                    uid,
+                    gid,
+                } => {
+                    let Some(value) = secret_value(inputs.secrets, id)? else {
+                        if *required {
+                            return Err(format!(
+                                "secret {id} was not given: pass it with graven bake --secret id={id},src=PATH (or env=VAR), or mount it with required=false"
+                            ));
+                        }
+                        continue;
+                    };
+                    let file = private.join(format!("secret-{n}"));
+                    write_owned(&file, &value, *mode, (*uid, *gid))
+                        .map_err(|e| format!("secret {id}: {e}"))?;
+                    mounts.bind(file, target, true);
+                }
+                MountKind::Tmpfs { bytes } => {
+                    mounts.targets.push(target.clone());
+                    mounts.tmpfs.push(Tmpfs {
+                        target,
+                        bytes: *bytes,
+                    });
+                }
+            }
+        }
+        // A mount inside another one's target comes after it.
+        mounts.binds.sort_by_key(|b| b.target.matches('/').count());
+        Ok(mounts)
+    }
+
+    fn bind(&mut self, source: PathBuf, target: String, readonly: bool) {
+        self.targets.push(target.clone());
+        self.binds.push(Bind {
+            source,
+            target,
+            readonly,
+        });
+    }
+}
+
+/// Whether the image's `path` can take a file bind: its directory is in the image (a step of
+/// an image without /etc may `mkdir /etc`, which a mount point there would make fail), and
+/// it is missing (the sandbox makes it) or resolves, inside the root, to a regular file. A
+/// dangling symlink there (to a resolver's runtime file, say) is left alone, and the step
+/// goes without the host's file.
+fn mount_point_usable(root: &Path, path: &str) -> bool {
+    use rustix::fs::{FileType, OFlags};
+    let Ok(root_fd) = crate::sandbox::root::open_root(root) else {
+        return false;
+    };
+    let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+    if crate::sandbox::root::open_in(&root_fd, parent, OFlags::PATH | OFlags::DIRECTORY).is_err() {
+        return false;
+    }
+    match crate::sandbox::root::open_in(&root_fd, path, OFlags::PATH) {
+        Ok(fd) => rustix::fs::fstat(&fd)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            // Missing, or a symlink to something missing: only the first is usable.
+            crate::sandbox::root::open_in(&root_fd, path, OFlags::PATH | OFlags::NOFOLLOW).is_err()
+        }
+        Err(_) => false,
+    }
+}
+
+/// A path of the build context, resolved inside it by the kernel (a symlink in the context
+/// cannot lead a bind outside it), as the host path of what it names.
+fn in_context(context: &Path, source: &str) -> Result<PathBuf, String> {
+    let fail = |e: std::io::Error| format!("source {source} in the build context: {e}");
+    let context = crate::sandbox::root::open_root(context).map_err(fail)?;
+    let fd =
+        crate::sandbox::root::open_in(&context, source, rustix::fs::OFlags::PATH).map_err(fail)?;
+    fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(fail)
+}
+
+/// `$GRAVEN_HOME/bake-mounts/<sha256 of the id>`, made with `mode` and owner on first use
+/// (0700 above it: other host users never reach what steps leave there); locked for the
+/// step when `sharing` says so.
+fn cache_dir(
+    home: &Path,
+    id: &str,
+    sharing: Sharing,
+    mode: u32,
+    (uid, gid): (u32, u32),
+) -> std::io::Result<(PathBuf, Option<fs::File>)> {
+    let parent = home.join(CACHE_MOUNTS);
+    if !parent.is_dir() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)?;
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o700))?;
+    }
+    let name = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+    let dir = parent.join(&name);
+    if !dir.is_dir() {
+        // Made aside and renamed, so no step sees it half made.
+        let temp = tempfile::Builder::new()
+            .prefix(".new-")
+            .tempdir_in(&parent)?
+            .keep();
+        set_owner(&temp, (uid, gid))?;
+        fs::set_permissions(&temp, fs::Permissions::from_mode(mode))?;
+        if let Err(e) = fs::rename(&temp, &dir) {
+            let _ = fs::remove_dir(&temp);
+            if !dir.is_dir() {
+                return Err(e);
+            }
+        }
+    }
+    let lock = match sharing {
+        Sharing::Shared => None,
+        Sharing::Locked => {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(parent.join(format!("{name}.lock")))?;
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+            Some(file)
+        }
+    };
+    Ok((dir, lock))
+}
+
+/// The directory under the home that holds the cache mounts.
+pub const CACHE_MOUNTS: &str = "bake-mounts";
+
+/// A secret's value from where `graven bake --secret` said; `None` when it was not given. A
+/// file or variable it names that is missing is an error, naming the id only.
+fn secret_value(
+    secrets: &BTreeMap<String, SecretSource>,
+    id: &str,
+) -> Result<Option<Vec<u8>>, String> {
+    match secrets.get(id) {
+        None => Ok(None),
+        Some(SecretSource::File(path)) => fs::read(path)
+            .map(Some)
+            .map_err(|e| format!("secret {id}: cannot read {}: {e}", path.display())),
+        Some(SecretSource::Env(var)) => std::env::var_os(var)
+            .map(|value| Some(value.into_encoded_bytes()))
+            .ok_or_else(|| format!("secret {id}: the environment variable {var} is not set")),
+    }
+}
+
+/// Writes `bytes` to a new file with `mode` and owner.
+fn write_owned(path: &Path, bytes: &[u8], mode: u32, owner: (u32, u32)) -> std::io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    set_owner(path, owner)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// Gives `path` the owner a step sees as `uid:gid`. Without root the sandbox maps only
+/// graven's own user (root inside), so there the file stays graven's: root's to the step.
+fn set_owner(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+    if crate::sandbox::rootless() {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+}
+
+/// Copies a directory tree (or one file) as it is: directories, regular files and symlinks
+/// with their modes; nothing is followed below `source`, and other kinds are skipped.
+fn copy_tree(source: &Path, dest: &Path) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(source)?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        fs::create_dir(dest)?;
+        for child in fs::read_dir(source)? {
+            let child = child?;
+            copy_tree(&child.path(), &dest.join(child.file_name()))?;
+        }
+        fs::set_permissions(dest, fs::Permissions::from_mode(meta.mode() & 0o7777))
+    } else if kind.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(source)?, dest)
+    } else if kind.is_file() {
+        fs::copy(source, dest).map(|_| ())
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes the mount points the sandbox made only for this step (a bind's or tmpfs's target
+/// and the directories above it that the image lacked), where the step left them empty:
+/// they are not its content. Each is found where the kernel resolved it, inside the root.
+fn remove_made_mount_points(
+    root: &Path,
+    before: &BTreeMap<String, tree::Seen>,
+    targets: &[String],
+) -> Result<(), String> {
+    use rustix::fs::{AtFlags, FileType, OFlags};
+    let fail = |e: std::io::Error| format!("removing the step's mount points: {e}");
+    let root_fd = crate::sandbox::root::open_root(root).map_err(fail)?;
+    let real_root = fs::canonicalize(root).map_err(fail)?;
+    let mut made = BTreeSet::new();
+    for target in targets {
+        let Ok(fd) = crate::sandbox::root::open_in(&root_fd, target, OFlags::PATH) else {
+            continue;
+        };
+        let Ok(real) = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+            continue;
+        };
+        let Some(mut path) = real
+            .strip_prefix(&real_root)
+            .ok()
+            .and_then(|p| p.to_str())
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        while !path.is_empty() && !before.contains_key(&path) {
+            let parent = path.rsplit_once('/').map_or("", |(p, _)| p).to_owned();
+            made.insert(path);
+            path = parent;
+        }
+    }
+    let mut made: Vec<String> = made.into_iter().collect();
+    made.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    for path in made {
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", &path));
+        let dir = store::inroot::open_dir(root_fd.as_fd(), Path::new(parent)).map_err(fail)?;
+        let Ok(stat) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let flags = match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => AtFlags::REMOVEDIR,
+            FileType::RegularFile if stat.st_size == 0 => AtFlags::empty(),
+            _ => continue,
+        };
+        match rustix::fs::unlinkat(&dir, name, flags) {
+            Ok(()) | Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(fail(e.into())),
+        }
+    }
+    Ok(())
+}
+
+/// A layer carries directories, regular files and symlinks. A socket the step left is not
+/// content (as with BuildKit); a device node or FIFO it made is refused by name: graven
+/// would have to open it on the host to read it, and a block device would be the host's
+/// disk. Called once the step's processes are gone, so nothing changes meanwhile.
+fn keep_only_layer_kinds(
+    root: &Path,
+    before: &BTreeMap<String, tree::Seen>,
+    after: &mut BTreeMap<String, tree::Seen>,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let changed: Vec<String> = after
+        .iter()
+        .filter(|(path, now)| !now.is_dir && now.link.is_none() && before.get(*path) != Some(*now))
+        .map(|(path, _)| path.clone())
+        .collect();
+    for path in changed {
+        // The path was walked without following anything, so joining it names what was seen.
+        let kind = fs::symlink_metadata(root.join(&path))
+            .map_err(|e| format!("/{path}: {e}"))?
+            .file_type();
+        if kind.is_socket() {
+            match before.get(&path) {
+                Some(was) => after.insert(path, was.clone()),
+                None => after.remove(&path),
+            };
+        } else if kind.is_block_device() || kind.is_char_device() || kind.is_fifo() {
+            let what = if kind.is_fifo() {
+                "a fifo"
+            } else {
+                "a device node"
+            };
+            return Err(format!(
+                "the command left {what} at /{path}, which an image layer made by graven cannot hold; remove it in the same RUN"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `uid[:gid]` numerically, or names looked up in the image's /etc/passwd and /etc/group

@@ -32,6 +32,10 @@ pub struct BakeArgs {
     /// gave one digest, else the first step and path that differ; exits 1 when they differ.
     #[arg(long)]
     pub check: bool,
+    /// A secret for `RUN --mount=type=secret,id=ID`, from a file or an environment variable;
+    /// repeatable. Never in a layer, the cache key or any output.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
+    pub secrets: Vec<String>,
     /// Print the result as JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -71,6 +75,19 @@ pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("SOURCE_DATE_EPOCH={value:?} is not a number of seconds"))?,
         _ => 0,
     };
+    let mut secrets = BTreeMap::new();
+    for value in &args.secrets {
+        let (id, source) =
+            crate::bake::mounts::parse_secret(value).map_err(|e| anyhow::anyhow!(e))?;
+        if let crate::bake::mounts::SecretSource::File(path) = &source
+            && !path.is_file()
+        {
+            anyhow::bail!("--secret {value}: {} is not a file", path.display());
+        }
+        if secrets.insert(id.clone(), source).is_some() {
+            anyhow::bail!("--secret id={id} is given twice");
+        }
+    }
     let options = BakeOptions {
         tag: args.tag.clone().unwrap_or_else(|| default_tag(&args.dir)),
         context: args.dir.clone(),
@@ -79,6 +96,7 @@ pub fn run(home: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
         epoch,
         target: args.target.clone(),
         no_cache: args.no_cache,
+        secrets,
     };
     let terminal = std::io::stderr().is_terminal();
     let mut spinner: Option<indicatif::ProgressBar> = None;

@@ -129,6 +129,7 @@ fn bake_image(
         epoch: 0,
         target: None,
         no_cache: false,
+        secrets: Default::default(),
     };
     let baked =
         bake::bake(home, &options, &mut |step| progress(Step::Baked(step))).map_err(|source| {

@@ -114,7 +114,17 @@ pub(super) fn launch(
     if spec.args.is_empty() || spec.args[0].is_empty() {
         return Err("no command to run".to_owned());
     }
-    let filters = super::seccomp::filters()?;
+    let build_step = spec.build_step.as_ref();
+    let filters = super::seccomp::filters(build_step.is_some())?;
+    // A build step that runs as root in the image keeps Docker's default capabilities; one
+    // that runs as another user, and every instance, none. The id asked for decides, not the
+    // one it maps to: without root every id maps to 0 inside.
+    let keep = match build_step {
+        Some(_) if spec.uid == 0 => super::BUILD_CAPABILITIES
+            .iter()
+            .fold(0u64, |all, (_, cap)| all | 1 << cap),
+        _ => 0,
+    };
     // Both asked before the user namespace, inside which this process is uid 0.
     let rootless = super::rootless();
     let (uid, gid) = super::identity(spec.uid, spec.gid).map_err(|e| e.to_string())?;
@@ -125,7 +135,15 @@ pub(super) fn launch(
     // every process of a mount namespace, and this helper must keep the host's /proc to
     // look at the workload.
     // SAFETY: unshare only changes this process's namespace membership.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) };
+    let net = if build_step.is_some_and(|step| step.no_network) {
+        libc::CLONE_NEWNET
+    } else {
+        0
+    };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | net)
+    };
     check(rc, "unshare of the pid, uts and ipc namespaces")?;
     fork_workload(status_fd, || {
         if let Some((stdout, stderr)) = stdio {
@@ -146,7 +164,7 @@ pub(super) fn launch(
         // /proc/self/fd/0 (it owns it).
         redirect_stdin_to_null()?;
         sethostname(&spec.hostname)?;
-        drop_privileges_and_exec(&spec.args, &spec.env, &spec.cwd, uid, gid, &filters)
+        drop_privileges_and_exec(&spec.args, &spec.env, &spec.cwd, (uid, gid), keep, &filters)
     })
 }
 
@@ -180,7 +198,7 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
     if request.args.is_empty() || request.args[0].is_empty() {
         return Err("no command to run".to_owned());
     }
-    let filters = super::seccomp::filters()?;
+    let filters = super::seccomp::filters(false)?;
     join_cgroups(&request.cgroups)?;
     let (uid, gid) = super::identity(request.uid, request.gid).map_err(|e| e.to_string())?;
     let ns = |name: &str| format!("/proc/{}/ns/{name}", request.pid);
@@ -225,8 +243,8 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
             &request.args,
             &request.env,
             &request.cwd,
-            uid,
-            gid,
+            (uid, gid),
+            0,
             &filters,
         )
     })
@@ -373,6 +391,20 @@ fn build_root(request: &Request, rootless: bool) -> Result<()> {
             readonly | libc::MS_NOSUID | libc::MS_NODEV,
         )?;
     }
+    for tmpfs in spec.build_step.iter().flat_map(|step| &step.tmpfs) {
+        let target = ensure_dir(&root_fd, &tmpfs.target)?;
+        let size = match tmpfs.bytes {
+            0 => String::new(),
+            bytes => format!(",size={bytes}"),
+        };
+        mount(
+            Some("tmpfs"),
+            fd_path(&target),
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&format!("mode=1777{size}")),
+        )?;
+    }
     let tmp_bytes = if spec.tmp_bytes == 0 {
         DEFAULT_TMP_BYTES
     } else {
@@ -387,7 +419,7 @@ fn build_root(request: &Request, rootless: bool) -> Result<()> {
             Some(&format!("mode=1777,size={tmp_bytes}")),
         )?;
     }
-    build_dev(&root_fd, tmp_bytes, !rootless)?;
+    build_dev(&root_fd, scratch, tmp_bytes, !rootless)?;
     mount(
         Some("proc"),
         fd_path(&open_mount_point(&root_fd, "proc")?),
@@ -422,28 +454,41 @@ const DEVICE_NUMBERS: [(&str, u32, u32); 6] = [
     ("tty", 5, 0),
 ];
 
-/// A minimal /dev on a small tmpfs. As real root its device nodes are the sandbox's own,
-/// made with mknod: a bind of the host's would be the host's inode, which a workload running
-/// as uid 0 owns and could chmod or touch (it needs no capability for its own file).
-/// Without root (a user namespace) mknod is refused and binds are safe: the host's root is
-/// not mapped inside, so the nodes belong to no one the workload can be. /dev/shm is sized
-/// as /tmp is.
-fn build_dev(root_fd: &OwnedFd, shm_bytes: u64, own_nodes: bool) -> Result<()> {
+/// A minimal /dev on a small tmpfs, mounted `nodev`: its device nodes are bind mounts, each
+/// its own mount that works whatever /dev's flags, and a node made in /dev itself (a build
+/// step holds `CAP_MKNOD`) never opens, as Docker's devices cgroup keeps it from opening.
+/// As real root the nodes bound are the sandbox's own, made with mknod on a tmpfs of the
+/// scratch dir that no path of the sandbox reaches after the pivot: a bind of the host's
+/// would be the host's inode, which a workload running as uid 0 owns and could chmod or
+/// touch (it needs no capability for its own file). Without root (a user namespace) mknod is
+/// refused and the host's are bound: the host's root is not mapped inside, so the nodes
+/// belong to no one the workload can be. /dev/shm is sized as /tmp is.
+fn build_dev(root_fd: &OwnedFd, scratch: &Path, shm_bytes: u64, own_nodes: bool) -> Result<()> {
     let dev = ensure_dir(root_fd, "dev")?;
-    // Not nodev: the nodes made here must work; noexec and nosuid all the same.
     mount(
         Some("tmpfs"),
         fd_path(&dev),
         Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
+        libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
         Some("mode=755,size=65536"),
     )?;
     let dev = open_mount_point(root_fd, "dev")?;
     let in_dev = |what: &str, e: rustix::io::Errno| format!("creating /dev/{what}: {e}");
-    for (name, major, minor) in DEVICE_NUMBERS {
-        if own_nodes {
+    let nodes = if own_nodes {
+        let nodes = scratch.join("devices");
+        mkdir(&nodes, 0o755)?;
+        // Not nodev: the nodes made here must work; noexec and nosuid all the same.
+        mount(
+            Some("tmpfs"),
+            &nodes,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("mode=755,size=65536"),
+        )?;
+        let dir = root::open_root(&nodes).map_err(|e| format!("opening the nodes' dir: {e}"))?;
+        for (name, major, minor) in DEVICE_NUMBERS {
             rustix::fs::mknodat(
-                &dev,
+                &dir,
                 name,
                 rustix::fs::FileType::CharacterDevice,
                 rustix::fs::Mode::from_raw_mode(0o666),
@@ -452,31 +497,35 @@ fn build_dev(root_fd: &OwnedFd, shm_bytes: u64, own_nodes: bool) -> Result<()> {
             .map_err(|e| in_dev(name, e))?;
             // The umask took 0o022 off.
             rustix::fs::chmodat(
-                &dev,
+                &dir,
                 name,
                 rustix::fs::Mode::from_raw_mode(0o666),
                 rustix::fs::AtFlags::empty(),
             )
             .map_err(|e| in_dev(name, e))?;
-        } else {
-            rustix::fs::mknodat(
-                &dev,
-                name,
-                rustix::fs::FileType::RegularFile,
-                rustix::fs::Mode::from_raw_mode(0o644),
-                0,
-            )
-            .map_err(|e| in_dev(name, e))?;
-            let target = root::open_in(&dev, name, rustix::fs::OFlags::PATH)
-                .map_err(|e| format!("opening /dev/{name}: {e}"))?;
-            mount(
-                Some(&Path::new("/dev").join(name)),
-                fd_path(&target),
-                None,
-                libc::MS_BIND,
-                None,
-            )?;
         }
+        nodes
+    } else {
+        PathBuf::from("/dev")
+    };
+    for (name, _, _) in DEVICE_NUMBERS {
+        rustix::fs::mknodat(
+            &dev,
+            name,
+            rustix::fs::FileType::RegularFile,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .map_err(|e| in_dev(name, e))?;
+        let target = root::open_in(&dev, name, rustix::fs::OFlags::PATH)
+            .map_err(|e| format!("opening /dev/{name}: {e}"))?;
+        mount(
+            Some(&nodes.join(name)),
+            fd_path(&target),
+            None,
+            libc::MS_BIND,
+            None,
+        )?;
     }
     for (link, to) in [
         ("fd", "/proc/self/fd"),
@@ -591,14 +640,15 @@ fn sethostname(name: &str) -> Result<()> {
     check(rc, "sethostname")
 }
 
-/// Drops every capability, sets no_new_privs and the seccomp filter, becomes `uid:gid` and
+/// Drops every capability but those in `keep` (a bit per capability; only a build step that
+/// runs as root keeps any), sets no_new_privs and the seccomp filter, becomes `uid:gid` and
 /// execs `args[0]` (searched in `$PATH` from `env` when it has no slash).
 fn drop_privileges_and_exec(
     args: &[String],
     env: &[String],
     cwd: &str,
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
+    keep: u64,
     filters: &[seccompiler::BpfProgram],
 ) -> Result<Never> {
     let argv = cstrings(args)?;
@@ -611,7 +661,7 @@ fn drop_privileges_and_exec(
     let rc = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
     check(rc, "marking inherited descriptors close-on-exec")?;
     // The bounding set first: dropping from it needs CAP_SETPCAP, which setuid takes away.
-    for cap in 0..=last_cap() {
+    for cap in (0..=last_cap()).filter(|cap| keep & (1 << cap) == 0) {
         // SAFETY: PR_CAPBSET_DROP only shrinks this process's bounding set.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         check(
@@ -643,7 +693,9 @@ fn drop_privileges_and_exec(
         )
     };
     check(rc, "clearing ambient capabilities")?;
-    clear_capabilities()?;
+    // A root exec gets its bounding set as permitted and effective capabilities: what is kept
+    // here. Nothing is inheritable (Docker's fix for CVE-2022-24769).
+    set_capabilities(keep)?;
     // SAFETY: PR_SET_NO_NEW_PRIVS only restricts this process and its children.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     check(rc, "setting no_new_privs")?;
@@ -692,9 +744,9 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-/// Empties the effective, permitted and inheritable sets (setuid to non-root already did;
-/// a workload that runs as uid 0 needs it done here).
-fn clear_capabilities() -> Result<()> {
+/// Sets the effective and permitted sets to `keep` and empties the inheritable one (setuid to
+/// non-root already emptied them all; a workload that runs as uid 0 needs it done here).
+fn set_capabilities(keep: u64) -> Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -712,14 +764,14 @@ fn clear_capabilities() -> Result<()> {
         version: VERSION_3,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
+    let data = [keep as u32, (keep >> 32) as u32].map(|bits| Data {
+        effective: bits,
+        permitted: bits,
         inheritable: 0,
-    }; 2];
+    });
     // SAFETY: capset reads a v3 header and two data structs, which is what is passed.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as i32 };
-    check(rc, "clearing capabilities")
+    check(rc, "setting capabilities")
 }
 
 /// Waits for the workload (a child of this process), passing on forwarded signals, and

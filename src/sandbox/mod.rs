@@ -84,7 +84,53 @@ pub struct SandboxSpec {
     /// Size cap of the tmpfs mounted at /tmp of a read-only root (0 means
     /// `DEFAULT_TMP_BYTES`); a writable root has none.
     pub tmp_bytes: u64,
+    /// Set for a bake's RUN step only: what a build step gets beyond an instance's lock-down.
+    /// `None` (every instance) keeps it: no capability at all.
+    #[serde(default)]
+    pub build_step: Option<BuildStep>,
 }
+
+/// What a bake's RUN step gets that an instance does not: as root in the image, Docker's
+/// default capabilities (`BUILD_CAPABILITIES`) inside its namespaces, `chroot` (which Docker's
+/// seccomp profile allows with `CAP_SYS_CHROOT`), and tmpfs mounts of its own. Device nodes it
+/// makes with `CAP_MKNOD` never open: everything writable in its sandbox is mounted `nodev`
+/// and `/dev` holds only bind mounts of the standard nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuildStep {
+    /// Tmpfs mounts (`RUN --mount=type=tmpfs`), made after the binds.
+    pub tmpfs: Vec<Tmpfs>,
+    /// A network namespace of its own with nothing in it (`RUN --network=none`); otherwise
+    /// the host's, as `docker build --network=host` gives.
+    pub no_network: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tmpfs {
+    /// The directory inside the root, made when missing.
+    pub target: String,
+    /// The size cap; 0 means the kernel's default (half the memory), as BuildKit's.
+    pub bytes: u64,
+}
+
+/// The capabilities a build step running as root has, by name and number
+/// (`linux/capability.h`): Docker's default set (moby's `oci/caps/defaults.go`). A step that
+/// runs as another user has none, as with Docker.
+pub const BUILD_CAPABILITIES: [(&str, u32); 14] = [
+    ("CAP_CHOWN", 0),
+    ("CAP_DAC_OVERRIDE", 1),
+    ("CAP_FOWNER", 3),
+    ("CAP_FSETID", 4),
+    ("CAP_KILL", 5),
+    ("CAP_SETGID", 6),
+    ("CAP_SETUID", 7),
+    ("CAP_SETPCAP", 8),
+    ("CAP_NET_BIND_SERVICE", 10),
+    ("CAP_NET_RAW", 13),
+    ("CAP_SYS_CHROOT", 18),
+    ("CAP_MKNOD", 27),
+    ("CAP_AUDIT_WRITE", 29),
+    ("CAP_SETFCAP", 31),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bind {

@@ -490,6 +490,7 @@ fn bake(work: &Path, context: &Path) -> Result<graven::bake::Baked, graven::bake
         epoch: 0,
         target: None,
         no_cache: false,
+        secrets: Default::default(),
     };
     graven::bake::bake(&work.join("home"), &options, &mut |_| {})
 }

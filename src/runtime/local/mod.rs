@@ -321,6 +321,7 @@ impl LocalRuntime {
                 hostname: id.0.clone(),
                 binds: resolved.binds,
                 tmp_bytes: spec.limits.tmp_bytes.unwrap_or(0),
+                build_step: None,
             },
             options: Options {
                 scratch: Some(scratch),
