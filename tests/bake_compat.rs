@@ -269,3 +269,149 @@ CMD ["/app/main.sh"]
     assert!(ours.files.contains_key("app/stamp"), "the trigger ran");
     assert_same("onbuild child", (ours, docker));
 }
+
+#[test]
+fn a_python_web_app_with_apt_a_venv_pip_and_useradd() {
+    let engines = Engines::start();
+    let ctx = context(&[
+        (
+            "requirements.txt",
+            "flask==3.0.3\ngunicorn==22.0.0\n",
+            0o644,
+        ),
+        (
+            "app.py",
+            "from flask import Flask\n\napp = Flask(__name__)\n\n\n@app.route(\"/\")\ndef index():\n    return \"hello from flask\\n\"\n",
+            0o644,
+        ),
+    ]);
+    let file = r#"FROM graven-test/debian:bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+RUN useradd --create-home --uid 1000 app
+WORKDIR /app
+COPY requirements.txt .
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
+ENV PATH=/opt/venv/bin:$PATH
+COPY app.py .
+USER app
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/')"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "app:app"]
+"#;
+    assert_same(
+        "python app",
+        engines.build(ctx.path(), "compat/python:1", file, None),
+    );
+}
+
+#[test]
+fn nginx_with_a_custom_config_as_www_data() {
+    let engines = Engines::start();
+    let ctx = context(&[
+        (
+            "nginx.conf",
+            "pid /tmp/nginx.pid;\nerror_log /dev/stderr;\nevents {}\nhttp {\n  access_log /dev/stdout;\n  client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n  uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n  server {\n    listen 8080;\n    root /var/www/html;\n  }\n}\n",
+            0o644,
+        ),
+        ("site/index.html", "<h1>hello from nginx</h1>\n", 0o644),
+    ]);
+    let file = r#"FROM graven-test/debian:bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nginx \
+ && rm -rf /var/lib/apt/lists/*
+COPY nginx.conf /etc/nginx/nginx.conf
+COPY site/ /var/www/html/
+RUN chown -R www-data:www-data /var/lib/nginx /var/log/nginx
+USER www-data
+EXPOSE 8080
+STOPSIGNAL SIGQUIT
+CMD ["nginx", "-g", "daemon off;"]
+"#;
+    assert_same(
+        "nginx",
+        engines.build(ctx.path(), "compat/nginx:1", file, None),
+    );
+}
+
+#[test]
+fn postgresql_with_its_data_dir_owned_by_its_user() {
+    let engines = Engines::start();
+    let ctx = context(&[]);
+    // As the official postgres image does: no cluster at install time (initdb stamps it with
+    // the time and a random system identifier), the data directory made for the server's user.
+    let file = r#"FROM graven-test/debian:bookworm
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends postgresql-common; \
+    sed -ri 's/#(create_main_cluster) .*$/\1 = false/' /etc/postgresql-common/createcluster.conf; \
+    apt-get install -y --no-install-recommends postgresql-15; \
+    rm -rf /var/lib/apt/lists/*
+ENV PATH=$PATH:/usr/lib/postgresql/15/bin PGDATA=/var/lib/postgresql/data
+RUN mkdir -p "$PGDATA" && chown -R postgres:postgres "$PGDATA" && chmod 0700 "$PGDATA"
+VOLUME /var/lib/postgresql/data
+USER postgres
+EXPOSE 5432
+STOPSIGNAL SIGINT
+CMD ["postgres"]
+"#;
+    assert_same(
+        "postgresql",
+        engines.build(ctx.path(), "compat/postgres:1", file, None),
+    );
+}
+
+#[test]
+fn a_multi_stage_build_of_a_c_program_that_ends_from_scratch() {
+    let engines = Engines::start();
+    let ctx = context(&[(
+        "hello.c",
+        "#include <stdio.h>\nint main(void) { puts(\"hello from a static binary\"); return 0; }\n",
+        0o644,
+    )]);
+    let file = r#"FROM graven-test/debian:bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev
+WORKDIR /src
+COPY hello.c .
+RUN gcc -static -O2 -o /hello hello.c
+
+FROM graven-test/debian:bookworm AS unused
+RUN echo "a stage the target does not need" > /unused
+
+FROM scratch
+COPY --from=build /hello /hello
+USER 65534
+ENTRYPOINT ["/hello"]
+"#;
+    let (ours, docker) = engines.build(ctx.path(), "compat/static:1", file, None);
+    assert!(ours.files.contains_key("hello"), "the binary was copied");
+    let found = differences(&ours, &docker);
+    assert!(found.is_empty(), "static: {}", found.join("\n"));
+}
+
+#[test]
+fn a_cache_mount_keeps_apt_downloads_out_of_the_image() {
+    let engines = Engines::start();
+    let ctx = context(&[]);
+    // Docker's documented pattern for apt with a cache mount.
+    let file = r#"FROM graven-test/debian:bookworm
+RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
+    --mount=type=cache,target=/var/lib/apt,sharing=locked \
+    apt-get update && apt-get install -y --no-install-recommends netbase
+"#;
+    let (ours, docker) = engines.build(ctx.path(), "compat/cache:1", file, None);
+    assert!(
+        ours.files.contains_key("etc/protocols"),
+        "netbase was installed"
+    );
+    assert!(
+        !ours
+            .files
+            .keys()
+            .any(|p| p.starts_with("var/cache/apt/archives/netbase")),
+        "the downloaded package stayed in the cache mount"
+    );
+    let found = differences(&ours, &docker);
+    assert!(found.is_empty(), "cache mount: {}", found.join("\n"));
+}
