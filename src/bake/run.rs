@@ -1,8 +1,11 @@
-//! RUN steps: the lower layers are unpacked into a temp root, the command runs there in the
-//! same sandbox the local runtime uses (with a writable root), and what it changed becomes the
-//! step's layer (new and changed paths, removed ones as whiteouts).
+//! RUN steps: the command runs in the same sandbox the local runtime uses, with a writable
+//! root, and what it changed becomes the step's layer (new and changed paths, removed ones as
+//! whiteouts). The root is an overlay of the chain's snapshots (`store::snapshot`) whose upper
+//! dir is the change, or, where overlayfs cannot be mounted (or `GRAVEN_BAKE_OVERLAY=0`), the
+//! lower layers unpacked into a temp root and diffed whole before and after.
 
 use std::fs;
+use std::io::Write as _;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::process::Stdio;
 
 use super::tree::{self, Entry};
 use crate::sandbox::SandboxSpec;
+use crate::store::snapshot::{self, SnapshotError};
 use crate::store::{self, Descriptor, Digest, Store};
 
 pub struct RunOutput {
@@ -45,7 +49,9 @@ impl RunRoot {
     }
 }
 
-/// Runs `args` in the image made of `layers`; returns the entries it changed.
+/// Runs `args` in the image made of `layers`; returns the entries it changed. On overlayfs
+/// over the layers' snapshots where the kernel allows it (the step's writes, in the upper dir,
+/// are the layer), else on a fresh unpack of the layers, diffed whole.
 pub fn run(
     store: &Store,
     layers: &[Descriptor],
@@ -55,29 +61,136 @@ pub fn run(
     user: &str,
     workdir: &str,
 ) -> Result<RunOutput, String> {
+    // FROM scratch has nothing to unpack, and an overlay needs a lower dir.
+    if !layers.is_empty() && snapshot::overlay_wanted() {
+        let overlay = snapshot::with_private_mounts(|| {
+            run_overlay(store, layers, diff_ids, args, env, user, workdir)
+        });
+        match overlay.and_then(|result| result) {
+            Ok(result) => return result,
+            Err(SnapshotError::Unavailable { what, source }) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "graven: overlayfs is not available ({what}: {source}); RUN steps \
+                         unpack their layers instead, which is slower"
+                    );
+                });
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     let run_root = RunRoot::new()?;
     let root = run_root.path();
     // `unpack_layers` makes the root 0755, as an image's `/` is.
     store
         .unpack_layers(layers, diff_ids, &root)
         .map_err(|e| e.to_string())?;
-    let (uid, gid) = resolve_user(&root, user)?;
+    let (uid, gid) = prepare(&root, user, workdir)?;
+    let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    command(&root, args, env, uid, gid, workdir)?;
+    let after = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    // What is in the directories the sandbox mounts over is never layer content, and the
+    // mount points it made are not either.
+    let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
+    let entries = tree::diff(&root, &before, &after, &mounted);
+    Ok(RunOutput {
+        entries,
+        root: run_root,
+    })
+}
+
+/// The overlay way, on a thread in a private mount namespace (`with_private_mounts`): the
+/// chain's snapshots (made where missing) are the lower dirs, `<temp>/upper` the upper one,
+/// and the layer is read from the upper dir. The outer `Err` is an overlay this kernel or
+/// these privileges cannot mount, raised before the command runs; the inner one the step's.
+#[allow(clippy::type_complexity)]
+fn run_overlay(
+    store: &Store,
+    layers: &[Descriptor],
+    diff_ids: &[Digest],
+    args: &[String],
+    env: &[String],
+    user: &str,
+    workdir: &str,
+) -> Result<Result<RunOutput, String>, SnapshotError> {
+    let fail = |e: String| Ok(Err(e));
+    let run_root = match RunRoot::new() {
+        Ok(run_root) => run_root,
+        Err(e) => return fail(e),
+    };
+    let root = run_root.path();
+    let (upper, work, lower_view) = (
+        run_root.dir.path().join("upper"),
+        run_root.dir.path().join("work"),
+        run_root.dir.path().join("lower"),
+    );
+    for dir in [&upper, &work, &lower_view] {
+        if let Err(e) = fs::create_dir(dir) {
+            return fail(format!("cannot make {}: {e}", dir.display()));
+        }
+    }
+    // The upper dir's root is the merged root: 0755, as an image's `/` is.
+    if let Err(e) = fs::set_permissions(&upper, fs::Permissions::from_mode(0o755)) {
+        return fail(format!("cannot make {}: {e}", upper.display()));
+    }
+    let lowers = store.snapshots(layers, diff_ids)?;
+    let top_first: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
+    let _merged = snapshot::mount_overlay(&top_first, Some((&upper, &work)), &root)?;
+    // The tree the step started from, to compare the upper dir with: one snapshot is that
+    // tree as it is; more are merged by a read-only overlay (it needs two lower dirs).
+    let (_lower_mount, lower) = match top_first.as_slice() {
+        [only] => (None, only.to_path_buf()),
+        _ => (
+            Some(snapshot::mount_overlay(&top_first, None, &lower_view)?),
+            lower_view,
+        ),
+    };
+    Ok((|| {
+        let (uid, gid) = prepare(&root, user, workdir)?;
+        let pre = tree::snapshot(&upper).map_err(|e| e.to_string())?;
+        command(&root, args, env, uid, gid, workdir)?;
+        let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
+        let entries = tree::upper_diff(&upper, &lower, &pre, &mounted)
+            .map_err(|e| format!("reading what the command wrote: {e}"))?;
+        Ok(RunOutput {
+            entries,
+            root: run_root,
+        })
+    })())
+}
+
+/// The user the step runs as, and its working directory, made inside the root.
+fn prepare(root: &Path, user: &str, workdir: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = resolve_user(root, user)?;
     // The working directory is a path inside the image: made inside its root whatever the
     // image's symlinks say (`WORKDIR /lnk/x` with `lnk -> /home` must not make a host dir).
-    store::inroot::create_dir_all(&root, Path::new(workdir))
+    store::inroot::create_dir_all(root, Path::new(workdir))
         .map_err(|e| format!("working directory {workdir}: {e}"))?;
-    let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    Ok((uid, gid))
+}
+
+/// Runs the step's command in the sandbox with `root` as its writable `/`.
+fn command(
+    root: &Path,
+    args: &[String],
+    env: &[String],
+    uid: u32,
+    gid: u32,
+    workdir: &str,
+) -> Result<(), String> {
     // `HOME` as a build step expects it, unless the Containerfile set one.
     let mut env = env.to_vec();
     if !env.iter().any(|kv| kv.starts_with("HOME=")) {
-        let passwd = crate::sandbox::root::read_text(&root, "etc/passwd");
+        let passwd = crate::sandbox::root::read_text(root, "etc/passwd");
         env.push(format!(
             "HOME={}",
             crate::sandbox::user::home_of(uid, &passwd)
         ));
     }
     let spec = SandboxSpec {
-        rootfs: root.clone(),
+        rootfs: root.to_owned(),
         writable_root: true,
         args: args.to_vec(),
         env,
@@ -108,15 +221,7 @@ pub fn run(
         };
         return Err(format!("the command failed with {how}"));
     }
-    let after = tree::snapshot(&root).map_err(|e| e.to_string())?;
-    // What is in the directories the sandbox mounts over is never layer content, and the
-    // mount points it made are not either.
-    let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
-    let entries = tree::diff(&root, &before, &after, &mounted);
-    Ok(RunOutput {
-        entries,
-        root: run_root,
-    })
+    Ok(())
 }
 
 /// `uid[:gid]` numerically, or names looked up in the image's /etc/passwd and /etc/group
