@@ -137,28 +137,32 @@ fn run_overlay(
     }
     let lowers = store.snapshots(layers, diff_ids)?;
     let top_first: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
-    let _merged = snapshot::mount_overlay(&top_first, Some((&upper, &work)), &root)?;
+    let merged = snapshot::mount_overlay(&top_first, Some((&upper, &work)), &root)?;
     // The tree the step started from, to compare the upper dir with: one snapshot is that
     // tree as it is; more are merged by a read-only overlay (it needs two lower dirs).
-    let (_lower_mount, lower) = match top_first.as_slice() {
+    let (lower_mount, lower) = match top_first.as_slice() {
         [only] => (None, only.to_path_buf()),
         _ => (
             Some(snapshot::mount_overlay(&top_first, None, &lower_view)?),
             lower_view,
         ),
     };
-    Ok((|| {
+    let entries = (|| {
         let (uid, gid) = prepare(&root, user, workdir)?;
         let pre = tree::snapshot(&upper).map_err(|e| e.to_string())?;
         command(&root, args, env, uid, gid, workdir)?;
         let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
-        let entries = tree::upper_diff(&upper, &lower, &pre, &mounted)
-            .map_err(|e| format!("reading what the command wrote: {e}"))?;
-        Ok(RunOutput {
-            entries,
-            root: run_root,
-        })
-    })())
+        tree::upper_diff(&upper, &lower, &pre, &mounted)
+            .map_err(|e| format!("reading what the command wrote: {e}"))
+    })();
+    // Unmounted before the temp dir goes, on every path: removing it through a live
+    // overlay would walk (and white out) the whole image, and leave the mount point.
+    drop(lower_mount);
+    drop(merged);
+    Ok(entries.map(|entries| RunOutput {
+        entries,
+        root: run_root,
+    }))
 }
 
 /// The user the step runs as, and its working directory, made inside the root.

@@ -151,7 +151,41 @@ pub fn write_layer(
         }
     }
     let writer = tar.into_inner().map_err(io("layer"))?;
-    writer.finish()
+    let finished = writer.finish()?;
+    // What the layer does to which paths exist, for a later COPY on top of it (`LowerTree`):
+    // an index that cannot be written only costs reading the layer then.
+    let _ = store.put_path_index(&finished.digest, &path_changes_of(entries));
+    Ok(finished)
+}
+
+/// The path changes of a layer's entries.
+fn path_changes_of(entries: &[Entry]) -> Vec<PathChange> {
+    entries
+        .iter()
+        .map(|entry| path_change(&entry.path, matches!(entry.kind, EntryKind::Dir)))
+        .collect()
+}
+
+/// The change a layer entry at `path` (clean, relative) makes.
+fn path_change(path: &str, dir: bool) -> PathChange {
+    let (parent, name) = match path.rsplit_once('/') {
+        Some((p, n)) => (p, n),
+        None => ("", path),
+    };
+    if name == ".wh..wh..opq" {
+        PathChange::Opaque(parent.to_owned())
+    } else if let Some(hidden) = name.strip_prefix(".wh.") {
+        PathChange::Remove(if parent.is_empty() {
+            hidden.to_owned()
+        } else {
+            format!("{parent}/{hidden}")
+        })
+    } else {
+        PathChange::Add {
+            path: path.to_owned(),
+            dir,
+        }
+    }
 }
 
 /// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
@@ -239,22 +273,8 @@ fn path_changes(store: &Store, digest: &Digest) -> Result<Vec<PathChange>, Store
     for entry in archive.entries().map_err(err)? {
         let entry = entry.map_err(err)?;
         let path = clean(&entry.path().map_err(err)?.to_string_lossy());
-        let (parent, name) = match path.rsplit_once('/') {
-            Some((p, n)) => (p.to_owned(), n),
-            None => (String::new(), path.as_str()),
-        };
-        if name == ".wh..wh..opq" {
-            changes.push(PathChange::Opaque(parent));
-        } else if let Some(hidden) = name.strip_prefix(".wh.") {
-            let gone = if parent.is_empty() {
-                hidden.to_owned()
-            } else {
-                format!("{parent}/{hidden}")
-            };
-            changes.push(PathChange::Remove(gone));
-        } else if !path.is_empty() {
-            let dir = entry.header().entry_type().is_dir();
-            changes.push(PathChange::Add { path, dir });
+        if !path.is_empty() {
+            changes.push(path_change(&path, entry.header().entry_type().is_dir()));
         }
     }
     Ok(changes)
