@@ -365,3 +365,30 @@ fn a_copy_reads_no_lower_layer() {
     )));
     assert_eq!(json(&out)["digest"], reference["digest"]);
 }
+
+/// Regression: a snapshot is one layer unpacked, and was bounded alone, so an image of
+/// layers each below `GRAVEN_MAX_IMAGE_SIZE` but past it together went through.
+#[test]
+fn the_image_size_bound_counts_every_layer_below_a_run() {
+    let dir = context();
+    let containerfile = format!("{BASE}RUN echo x > /x\n");
+    for overlay in ["1", "0"] {
+        let home = tempfile::tempdir().unwrap();
+        // One busybox (about 2 MB) fits, two do not.
+        let out = bake(home.path(), dir.path(), "t:1", &containerfile, overlay)
+            .env("GRAVEN_MAX_IMAGE_SIZE", "3000K")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "GRAVEN_BAKE_OVERLAY={overlay}: {stderr}"
+        );
+        assert!(
+            stderr.contains("the image unpacks to more than 3072000 bytes"),
+            "GRAVEN_BAKE_OVERLAY={overlay}: {stderr}"
+        );
+        // The snapshot of the first layer, which fits, may stay; none of the second.
+        assert!(snapshots(home.path()).len() <= 1, "{overlay}");
+    }
+}

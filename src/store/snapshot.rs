@@ -42,6 +42,19 @@ pub enum SnapshotError {
     Store(#[from] StoreError),
 }
 
+/// The file beside a snapshot's `fs` that says how many bytes the image takes unpacked up to
+/// its layer.
+const SIZE: &str = "image-size";
+
+/// What `image-size` of the snapshot at `place` says.
+fn image_size(place: &Path) -> Result<u64, SnapshotError> {
+    let file = place.join(SIZE);
+    let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+    text.trim()
+        .parse()
+        .map_err(|e| io_err(&file)(io::Error::other(format!("not a size: {e}"))))
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
         path: path.to_owned(),
@@ -221,12 +234,25 @@ impl Store {
             ))));
         }
         let mut made: Vec<PathBuf> = Vec::with_capacity(layers.len());
+        let mut used = 0;
         for ((layer, diff_id), chain) in layers.iter().zip(diff_ids).zip(chain_ids(diff_ids)) {
             let place = dir.join(chain.hex());
             if !place.is_dir() {
-                self.make_snapshot(&dir, layer, diff_id, &made, &place)?;
+                self.make_snapshot(&dir, layer, diff_id, &made, used, &place)?;
             }
+            used = image_size(&place)?;
             made.push(place.join("fs"));
+        }
+        // The bound may have been lowered since the snapshots were made.
+        let limit = super::max_image_size()?;
+        if let Some(top) = layers.last()
+            && used > limit
+        {
+            return Err(StoreError::TooLarge {
+                digest: top.digest.clone(),
+                limit,
+            }
+            .into());
         }
         Ok(made)
     }
@@ -237,6 +263,7 @@ impl Store {
         layer: &Descriptor,
         diff_id: &Digest,
         below: &[PathBuf],
+        used: u64,
         place: &Path,
     ) -> Result<(), SnapshotError> {
         let temp = tempfile::Builder::new()
@@ -245,10 +272,10 @@ impl Store {
             .map_err(io_err(dir))?;
         let fs_dir = temp.path().join("fs");
         fs::create_dir(&fs_dir).map_err(io_err(&fs_dir))?;
-        let one = std::slice::from_ref(layer);
-        let one_diff = std::slice::from_ref(diff_id);
-        if below.is_empty() {
-            self.unpack_layers(one, one_diff, &fs_dir)?;
+        // An image's `/` is 0755, whatever the umask made of it.
+        fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755)).map_err(io_err(&fs_dir))?;
+        let size = if below.is_empty() {
+            self.unpack_layer_above(layer, diff_id, &fs_dir, used)?
         } else {
             let work = temp.path().join("work");
             let merged = temp.path().join("merged");
@@ -256,14 +283,18 @@ impl Store {
                 fs::create_dir(made).map_err(io_err(made))?;
             }
             let lowers: Vec<&Path> = below.iter().rev().map(PathBuf::as_path).collect();
-            {
+            let size = {
                 let _mount = mount_overlay(&lowers, Some((&fs_dir, &work)), &merged)?;
-                self.unpack_layers(one, one_diff, &merged)?;
-            }
+                self.unpack_layer_above(layer, diff_id, &merged, used)?
+            };
             for made in [&work, &merged] {
                 fs::remove_dir_all(made).map_err(io_err(made))?;
             }
-        }
+            size
+        };
+        // What the image takes unpacked up to this layer, as `GRAVEN_MAX_IMAGE_SIZE` counts.
+        let size_file = temp.path().join(SIZE);
+        fs::write(&size_file, size.to_string()).map_err(io_err(&size_file))?;
         let temp = temp.keep();
         match fs::rename(&temp, place) {
             Ok(()) => Ok(()),
