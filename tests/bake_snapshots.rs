@@ -392,3 +392,46 @@ fn the_image_size_bound_counts_every_layer_below_a_run() {
         assert!(snapshots(home.path()).len() <= 1, "{overlay}");
     }
 }
+
+/// The snapshots hold what images hold, setuid-root files among them: under a home any user
+/// may enter (as `$HOME/.local/share` is), no other user reaches them.
+#[test]
+fn setuid_files_of_snapshots_are_out_of_other_users_reach() {
+    if !rustix::process::geteuid().is_root() {
+        return; // the setuid file is root's only when the bake is root's
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = context();
+    let place = tempfile::tempdir().unwrap();
+    fs::set_permissions(place.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let home = place.path().join("home");
+    fs::create_dir(&home).unwrap();
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+    succeed(&mut bake(
+        &home,
+        dir.path(),
+        "t:1",
+        "FROM scratch\nCOPY busybox /bin/sh\nCOPY --chmod=4755 busybox /bin/suid\nRUN echo x > /x\n",
+        "1",
+    ));
+    let store = graven::store::Store::open(&home).unwrap();
+    let image = store.image(&store.resolve("t:1").unwrap()).unwrap();
+    let chain = &graven::store::snapshot::chain_ids(&image.config.rootfs.diff_ids)[1];
+    let file = home.join(format!("snapshots/{}/fs/bin/suid", chain.hex()));
+    assert_eq!(fs::metadata(&file).unwrap().mode() & 0o7777, 0o4755);
+    let nobody_stat = |path: &Path| {
+        support::as_nobody()
+            .arg(support::busybox())
+            .arg("stat")
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    // The control: nobody does reach the home itself (its mode is the user's to choose).
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(nobody_stat(&home), "the control failed");
+    assert!(!nobody_stat(&file), "nobody reached {}", file.display());
+}
