@@ -149,9 +149,14 @@ print(total // (1 << 20))' 2>/dev/null || echo "~500")
   use_or_start_dockerd "$work/docker"
   docker load -q -i "$work/big.tar" >&2
   docker tag big:1 graven-big:1
+  # BuildKit where the docker CLI has its buildx plugin; else the legacy builder, named so.
+  local buildkit=1 builder="BuildKit"
+  if ! docker buildx version >/dev/null 2>&1; then
+    buildkit=0 builder="legacy builder: this docker CLI has no buildx for BuildKit"
+  fi
   hyperfine -N --warmup 1 --runs "$runs" --prepare "$work/prep-docker.sh" \
     --export-json "$work/e-docker.json" \
-    "env DOCKER_BUILDKIT=1 docker build -q -t graven-echo:1 $echo_ctx/docker" >&2
+    "env DOCKER_BUILDKIT=$buildkit docker build --network host -q -f $echo_ctx/docker/Containerfile -t graven-echo:1 $echo_ctx/docker" >&2
   docker rmi -f graven-echo:1 graven-big:1 big:1 >/dev/null 2>&1 || true
   docker builder prune -af >/dev/null 2>&1 || true
 
@@ -161,7 +166,7 @@ print(total // (1 << 20))' 2>/dev/null || echo "~500")
   $buildah tag "$($buildah images -q | head -1)" localhost/graven-big:1
   hyperfine -N --warmup 1 --runs "$runs" --prepare "$work/prep-buildah.sh" \
     --export-json "$work/e-buildah.json" \
-    "$buildah bud --timestamp 0 --layers -q -t echo $echo_ctx/buildah" >&2
+    "$buildah bud --network host --timestamp 0 --layers -q -t echo $echo_ctx/buildah" >&2
   rm -rf "$b_root" 2>/dev/null || true
 
   local eg ed eb
@@ -175,7 +180,7 @@ print(total // (1 << 20))' 2>/dev/null || echo "~500")
 | tool | RUN echo (ms) | vs graven |
 |---|---:|---:|
 | graven | $eg | 1.00x |
-| docker build, BuildKit ($(docker version --format '{{.Server.Version}}')) | $ed | $(ratio "$ed" "$eg") |
+| docker build ($(docker version --format '{{.Server.Version}}'), $builder) | $ed | $(ratio "$ed" "$eg") |
 | buildah bud --timestamp 0 (vfs) | $eb | $(ratio "$eb" "$eg") |
 EOF
 }

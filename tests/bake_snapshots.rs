@@ -435,3 +435,53 @@ fn setuid_files_of_snapshots_are_out_of_other_users_reach() {
     assert!(nobody_stat(&home), "the control failed");
     assert!(!nobody_stat(&file), "nobody reached {}", file.display());
 }
+
+/// Without the privilege to mount (an unprivileged user's bake), graven says once that
+/// overlayfs is not available, unpacks instead, and makes the same image.
+#[test]
+fn without_mount_privileges_a_bake_says_so_once_and_makes_the_same_image() {
+    if !rustix::process::geteuid().is_root() {
+        return; // the rest of the suite runs rootless already; this compares with root's
+    }
+    let dir = context();
+    let containerfile = format!("{BASE}RUN echo one > /one\nRUN echo two > /two\n");
+    let root_home = tempfile::tempdir().unwrap();
+    let as_root = json(&succeed(&mut bake(
+        root_home.path(),
+        dir.path(),
+        "t:1",
+        &containerfile,
+        "1",
+    )));
+    assert!(!snapshots(root_home.path()).is_empty());
+    let place = tempfile::tempdir().unwrap();
+    let home = place.path().join("home");
+    let context = place.path().join("context");
+    fs::create_dir(&home).unwrap();
+    fs::create_dir(&context).unwrap();
+    for name in ["busybox", "Containerfile"] {
+        fs::copy(dir.path().join(name), context.join(name)).unwrap();
+    }
+    succeed(
+        Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(place.path()),
+    );
+    let out = succeed(
+        support::as_nobody()
+            .env("GRAVEN_HOME", &home)
+            .env_remove("GRAVEN_BAKE_OVERLAY")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .arg(support::graven_bin())
+            .args(["bake", "--json", "--tag", "t:1"])
+            .arg(&context),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("overlayfs is not available").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(snapshots(&home).is_empty());
+    assert_eq!(json(&out)["digest"], as_root["digest"]);
+}

@@ -105,7 +105,6 @@ pub fn run(
 /// chain's snapshots (made where missing) are the lower dirs, `<temp>/upper` the upper one,
 /// and the layer is read from the upper dir. The outer `Err` is an overlay this kernel or
 /// these privileges cannot mount, raised before the command runs; the inner one the step's.
-#[allow(clippy::type_complexity)]
 fn run_overlay(
     store: &Store,
     layers: &[Descriptor],

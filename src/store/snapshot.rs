@@ -13,9 +13,9 @@
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fs;
-use std::io;
+use std::io::{self, Write as _};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
@@ -222,10 +222,7 @@ impl Store {
         diff_ids: &[Digest],
     ) -> Result<Vec<PathBuf>, SnapshotError> {
         let dir = self.snapshots_dir();
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        // The snapshots hold what images hold, setuid-root files among them: no other host
-        // user may reach them.
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+        private_dir(&dir).map_err(io_err(&dir))?;
         if layers.len() != diff_ids.len() {
             return Err(io_err(&dir)(io::Error::other(format!(
                 "{} layers but {} diff ids",
@@ -294,7 +291,13 @@ impl Store {
         };
         // What the image takes unpacked up to this layer, as `GRAVEN_MAX_IMAGE_SIZE` counts.
         let size_file = temp.path().join(SIZE);
-        fs::write(&size_file, size.to_string()).map_err(io_err(&size_file))?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&size_file)
+            .and_then(|mut file| file.write_all(size.to_string().as_bytes()))
+            .map_err(io_err(&size_file))?;
         let temp = temp.keep();
         match fs::rename(&temp, place) {
             Ok(()) => Ok(()),
@@ -326,7 +329,8 @@ impl Store {
     pub fn put_path_index(&self, layer: &Digest, changes: &[PathChange]) -> io::Result<()> {
         let file = self.path_index_file(layer);
         let dir = file.parent().expect("the index is in a directory");
-        fs::create_dir_all(dir)?;
+        private_dir(&self.snapshots_dir())?;
+        private_dir(dir)?;
         let mut temp = tempfile::Builder::new().prefix(TEMP).tempfile_in(dir)?;
         serde_json::to_writer(io::BufWriter::new(temp.as_file_mut()), changes)?;
         temp.persist(&file).map_err(|e| e.error)?;
@@ -427,6 +431,13 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Makes `dir` (and its parents) where missing, 0700 whatever the umask: the snapshots hold
+/// what images hold, setuid-root files among them, and no other host user may reach them.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
 /// The bytes of the files under `path` (not following symlinks), for gc's report.
