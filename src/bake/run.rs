@@ -1,9 +1,11 @@
-//! RUN steps: the lower layers are unpacked into a temp root, the command runs there in the
-//! same sandbox the local runtime uses (with a writable root, as a build step: Docker's
-//! default capabilities as root, the host's network, resolv.conf and hosts), and what it
-//! changed becomes the step's layer (new and changed paths, removed ones as whiteouts).
-//! `--mount`s are made ready here (cache dirs under the home, context paths, secrets'
-//! copies); the mount points made only for them are removed before the diff.
+//! RUN steps: the command runs in the same sandbox the local runtime uses, with a writable
+//! root, as a build step (Docker's default capabilities as root, the host's network,
+//! resolv.conf and hosts), and what it changed becomes the step's layer (new and changed paths,
+//! removed ones as whiteouts). The root is an overlay of the chain's snapshots
+//! (`store::snapshot`) whose upper dir is the change, or, where overlayfs cannot be mounted (or
+//! `GRAVEN_BAKE_OVERLAY=0`), the lower layers unpacked into a temp root and diffed whole before
+//! and after. `--mount`s are made ready here (cache dirs under the home, context paths,
+//! secrets' copies); the mount points made only for them are removed before the diff.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -19,6 +21,7 @@ use super::mounts::{self, MountKind, RunFlags, SecretSource, Sharing};
 use super::plan::Action;
 use super::tree::{self, Entry};
 use crate::sandbox::{Bind, BuildStep, SandboxSpec, Tmpfs};
+use crate::store::snapshot::{self, SnapshotError};
 use crate::store::{self, Descriptor, Digest, Store};
 
 pub struct RunOutput {
@@ -78,6 +81,8 @@ pub struct Inputs<'a> {
 const HOST_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
 
 /// Runs the RUN step `action` in the image made of `layers`; returns the entries it changed.
+/// On overlayfs over the layers' snapshots where the kernel allows it (the step's writes, in
+/// the upper dir, are the layer), else on a fresh unpack of the layers, diffed whole.
 pub fn run(
     store: &Store,
     layers: &[Descriptor],
@@ -95,22 +100,162 @@ pub fn run(
     else {
         return Err("not a RUN step".to_owned());
     };
+    let step = Step {
+        args,
+        env,
+        user,
+        workdir,
+        flags,
+        inputs,
+    };
+    // FROM scratch has nothing to unpack, and an overlay needs a lower dir.
+    if !layers.is_empty() && snapshot::overlay_wanted() {
+        let overlay = snapshot::with_private_mounts(|| run_overlay(store, layers, diff_ids, &step));
+        match overlay.and_then(|result| result) {
+            Ok(result) => return result,
+            Err(SnapshotError::Unavailable { what, source }) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "graven: overlayfs is not available ({what}: {source}); RUN steps \
+                         unpack their layers instead, which is slower"
+                    );
+                });
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     let run_root = RunRoot::new()?;
     let root = run_root.path();
     // `unpack_layers` makes the root 0755, as an image's `/` is.
     store
         .unpack_layers(layers, diff_ids, &root)
         .map_err(|e| e.to_string())?;
-    let (uid, gid) = resolve_user(&root, user)?;
+    let (uid, gid) = prepare(&root, user, workdir)?;
+    let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    command(&run_root, &root, &step, uid, gid, &|path| {
+        before.contains_key(path)
+    })?;
+    let mut after = tree::snapshot(&root).map_err(|e| e.to_string())?;
+    keep_only_layer_kinds(&root, &before, &mut after)?;
+    // What is in the directories the sandbox mounts over is never layer content, and the
+    // mount points it made are not either.
+    let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
+    let entries = tree::diff(&root, &before, &after, &mounted);
+    Ok(RunOutput {
+        entries,
+        root: run_root,
+    })
+}
+
+/// One RUN step's instruction and what it reaches.
+struct Step<'a> {
+    args: &'a [String],
+    env: &'a [String],
+    user: &'a str,
+    workdir: &'a str,
+    flags: &'a RunFlags,
+    inputs: &'a Inputs<'a>,
+}
+
+/// The overlay way, on a thread in a private mount namespace (`with_private_mounts`): the
+/// chain's snapshots (made where missing) are the lower dirs, `<temp>/upper` the upper one,
+/// and the layer is read from the upper dir. The outer `Err` is an overlay this kernel or
+/// these privileges cannot mount, raised before the command runs; the inner one the step's.
+fn run_overlay(
+    store: &Store,
+    layers: &[Descriptor],
+    diff_ids: &[Digest],
+    step: &Step<'_>,
+) -> Result<Result<RunOutput, String>, SnapshotError> {
+    let fail = |e: String| Ok(Err(e));
+    let run_root = match RunRoot::new() {
+        Ok(run_root) => run_root,
+        Err(e) => return fail(e),
+    };
+    let root = run_root.path();
+    let (upper, work, lower_view) = (
+        run_root.dir.path().join("upper"),
+        run_root.dir.path().join("work"),
+        run_root.dir.path().join("lower"),
+    );
+    for dir in [&upper, &work, &lower_view] {
+        if let Err(e) = fs::create_dir(dir) {
+            return fail(format!("cannot make {}: {e}", dir.display()));
+        }
+    }
+    // The upper dir's root is the merged root: 0755, as an image's `/` is.
+    if let Err(e) = fs::set_permissions(&upper, fs::Permissions::from_mode(0o755)) {
+        return fail(format!("cannot make {}: {e}", upper.display()));
+    }
+    let lowers = store.snapshots(layers, diff_ids)?;
+    let top_first: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
+    let merged = snapshot::mount_overlay(&top_first, Some((&upper, &work)), &root)?;
+    // The tree the step started from, to compare the upper dir with: one snapshot is that
+    // tree as it is; more are merged by a read-only overlay (it needs two lower dirs).
+    let (lower_mount, lower) = match top_first.as_slice() {
+        [only] => (None, only.to_path_buf()),
+        _ => (
+            Some(snapshot::mount_overlay(&top_first, None, &lower_view)?),
+            lower_view,
+        ),
+    };
+    let entries = (|| {
+        let (uid, gid) = prepare(&root, step.user, step.workdir)?;
+        let pre = tree::snapshot(&upper).map_err(|e| e.to_string())?;
+        let lower_fd = crate::sandbox::root::open_root(&lower)
+            .map_err(|e| format!("opening the step's lower tree: {e}"))?;
+        // A path existed before the step when the lower tree or the upper dir (the working
+        // directory graven made) held it.
+        let existed = |path: &str| {
+            pre.contains_key(path)
+                || crate::sandbox::root::open_in(
+                    &lower_fd,
+                    path,
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW,
+                )
+                .is_ok()
+        };
+        command(&run_root, &root, step, uid, gid, &existed)?;
+        let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
+        tree::upper_diff(&upper, &lower, &pre, &mounted).map_err(|e| e.to_string())
+    })();
+    // Unmounted before the temp dir goes, on every path: removing it through a live
+    // overlay would walk (and white out) the whole image, and leave the mount point.
+    drop(lower_mount);
+    drop(merged);
+    Ok(entries.map(|entries| RunOutput {
+        entries,
+        root: run_root,
+    }))
+}
+
+/// The user the step runs as, and its working directory, made inside the root.
+fn prepare(root: &Path, user: &str, workdir: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = resolve_user(root, user)?;
     // The working directory is a path inside the image: made inside its root whatever the
     // image's symlinks say (`WORKDIR /lnk/x` with `lnk -> /home` must not make a host dir).
-    store::inroot::create_dir_all(&root, Path::new(workdir))
+    store::inroot::create_dir_all(root, Path::new(workdir))
         .map_err(|e| format!("working directory {workdir}: {e}"))?;
-    let before = tree::snapshot(&root).map_err(|e| e.to_string())?;
-    let mut env = env.to_vec();
+    Ok((uid, gid))
+}
+
+/// Runs the step's command in the sandbox with `root` as its writable `/`, its mounts made
+/// ready and, once it ended, the mount points made only for it removed (`existed` says which
+/// paths the root held before the step).
+fn command(
+    run_root: &RunRoot,
+    root: &Path,
+    step: &Step<'_>,
+    uid: u32,
+    gid: u32,
+    existed: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
+    let mut env = step.env.to_vec();
     // `HOME` as a build step expects it, unless the Containerfile set one.
     if !env.iter().any(|kv| kv.starts_with("HOME=")) {
-        let passwd = crate::sandbox::root::read_text(&root, "etc/passwd");
+        let passwd = crate::sandbox::root::read_text(root, "etc/passwd");
         env.push(format!(
             "HOME={}",
             crate::sandbox::user::home_of(uid, &passwd)
@@ -119,15 +264,15 @@ pub fn run(
     // The bake's epoch, for the tools that stamp what they make with it, unless the
     // Containerfile set one (an ARG or ENV of that name).
     if !env.iter().any(|kv| kv.starts_with("SOURCE_DATE_EPOCH=")) {
-        env.push(format!("SOURCE_DATE_EPOCH={}", inputs.epoch));
+        env.push(format!("SOURCE_DATE_EPOCH={}", step.inputs.epoch));
     }
-    let mounts = Mounts::prepare(&run_root, &root, flags, workdir, inputs)?;
+    let mounts = Mounts::prepare(run_root, root, step.flags, step.workdir, step.inputs)?;
     let spec = SandboxSpec {
-        rootfs: root.clone(),
+        rootfs: root.to_owned(),
         writable_root: true,
-        args: args.to_vec(),
+        args: step.args.to_vec(),
         env,
-        cwd: workdir.to_owned(),
+        cwd: step.workdir.to_owned(),
         uid,
         gid,
         hostname: "graven-bake".to_owned(),
@@ -135,7 +280,7 @@ pub fn run(
         tmp_bytes: 0,
         build_step: Some(BuildStep {
             tmpfs: mounts.tmpfs.clone(),
-            no_network: flags.no_network,
+            no_network: step.flags.no_network,
         }),
     };
     // The command's output goes to graven's stderr, so `--json` keeps stdout clean.
@@ -163,17 +308,7 @@ pub fn run(
         };
         return Err(format!("the command failed with {how}"));
     }
-    remove_made_mount_points(&root, &before, &targets)?;
-    let mut after = tree::snapshot(&root).map_err(|e| e.to_string())?;
-    keep_only_layer_kinds(&root, &before, &mut after)?;
-    // What is in the directories the sandbox mounts over is never layer content, and the
-    // mount points it made are not either.
-    let mounted: Vec<&str> = crate::sandbox::mount_points(true).collect();
-    let entries = tree::diff(&root, &before, &after, &mounted);
-    Ok(RunOutput {
-        entries,
-        root: run_root,
-    })
+    remove_made_mount_points(root, existed, &targets)
 }
 
 /// The mounts of one step, made ready on the host: what the sandbox binds and mounts, and
@@ -446,7 +581,7 @@ fn copy_tree(source: &Path, dest: &Path) -> std::io::Result<()> {
 /// they are not its content. Each is found where the kernel resolved it, inside the root.
 fn remove_made_mount_points(
     root: &Path,
-    before: &BTreeMap<String, tree::Seen>,
+    existed: &dyn Fn(&str) -> bool,
     targets: &[String],
 ) -> Result<(), String> {
     use rustix::fs::{AtFlags, FileType, OFlags};
@@ -469,7 +604,7 @@ fn remove_made_mount_points(
         else {
             continue;
         };
-        while !path.is_empty() && !before.contains_key(&path) {
+        while !path.is_empty() && !existed(&path) {
             let parent = path.rsplit_once('/').map_or("", |(p, _)| p).to_owned();
             made.insert(path);
             path = parent;

@@ -3,13 +3,18 @@
 //! layers back: listing the paths the lower layers hold and unpacking them for RUN.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, Mode, OFlags};
 use sha2::Digest as _;
 
+use crate::store::snapshot::PathChange;
 use crate::store::{Descriptor, Digest, FinishedLayer, LayerWriter, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,7 +151,41 @@ pub fn write_layer(
         }
     }
     let writer = tar.into_inner().map_err(io("layer"))?;
-    writer.finish()
+    let finished = writer.finish()?;
+    // What the layer does to which paths exist, for a later COPY on top of it (`LowerTree`):
+    // an index that cannot be written only costs reading the layer then.
+    let _ = store.put_path_index(&finished.digest, &path_changes_of(entries));
+    Ok(finished)
+}
+
+/// The path changes of a layer's entries.
+fn path_changes_of(entries: &[Entry]) -> Vec<PathChange> {
+    entries
+        .iter()
+        .map(|entry| path_change(&entry.path, matches!(entry.kind, EntryKind::Dir)))
+        .collect()
+}
+
+/// The change a layer entry at `path` (clean, relative) makes.
+fn path_change(path: &str, dir: bool) -> PathChange {
+    let (parent, name) = match path.rsplit_once('/') {
+        Some((p, n)) => (p, n),
+        None => ("", path),
+    };
+    if name == ".wh..wh..opq" {
+        PathChange::Opaque(parent.to_owned())
+    } else if let Some(hidden) = name.strip_prefix(".wh.") {
+        PathChange::Remove(if parent.is_empty() {
+            hidden.to_owned()
+        } else {
+            format!("{parent}/{hidden}")
+        })
+    } else {
+        PathChange::Add {
+            path: path.to_owned(),
+            dir,
+        }
+    }
 }
 
 /// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
@@ -218,44 +257,45 @@ pub struct LowerTree {
 }
 
 impl LowerTree {
-    /// Reads the layers not read yet (headers only).
+    /// Reads the layers not read yet: from each layer's path index when the store has one,
+    /// else from its tar headers (which writes the index, so the next bake reads no layer).
     pub fn update(&mut self, store: &Store, layers: &[Descriptor]) -> Result<(), StoreError> {
         if layers.len() < self.applied {
             *self = LowerTree::default();
         }
         for layer in &layers[self.applied..] {
-            let err = |source| StoreError::Io {
-                path: store.blob_path(&layer.digest),
-                source,
-            };
-            let mut archive = tar::Archive::new(open_layer(store, &layer.digest)?);
-            for entry in archive.entries().map_err(err)? {
-                let entry = entry.map_err(err)?;
-                let path = clean(&entry.path().map_err(err)?.to_string_lossy());
-                let (parent, name) = match path.rsplit_once('/') {
-                    Some((p, n)) => (p.to_owned(), n),
-                    None => (String::new(), path.as_str()),
-                };
-                if name == ".wh..wh..opq" {
-                    let prefix = format!("{parent}/");
-                    self.paths.retain(|p, _| !p.starts_with(&prefix));
-                } else if let Some(hidden) = name.strip_prefix(".wh.") {
-                    let gone = if parent.is_empty() {
-                        hidden.to_owned()
-                    } else {
-                        format!("{parent}/{hidden}")
-                    };
-                    let prefix = format!("{gone}/");
-                    self.paths
-                        .retain(|p, _| p != &gone && !p.starts_with(&prefix));
-                } else if !path.is_empty() {
-                    self.paths
-                        .insert(path, entry.header().entry_type().is_dir());
+            let changes = match store.path_index(&layer.digest) {
+                Some(changes) => changes,
+                None => {
+                    let changes = path_changes(store, &layer.digest)?;
+                    // An index that cannot be written only costs reading the layer again.
+                    let _ = store.put_path_index(&layer.digest, &changes);
+                    changes
                 }
+            };
+            for change in changes {
+                self.apply(change);
             }
         }
         self.applied = layers.len();
         Ok(())
+    }
+
+    fn apply(&mut self, change: PathChange) {
+        match change {
+            PathChange::Opaque(dir) => {
+                let prefix = format!("{dir}/");
+                self.paths.retain(|p, _| !p.starts_with(&prefix));
+            }
+            PathChange::Remove(gone) => {
+                let prefix = format!("{gone}/");
+                self.paths
+                    .retain(|p, _| p != &gone && !p.starts_with(&prefix));
+            }
+            PathChange::Add { path, dir } => {
+                self.paths.insert(path, dir);
+            }
+        }
     }
 
     /// Records the entries of the layer just written on top of `layers`, when the tree is
@@ -270,6 +310,24 @@ impl LowerTree {
         }
         self.applied += 1;
     }
+}
+
+/// What one layer changes of which paths exist, read from its tar headers.
+fn path_changes(store: &Store, digest: &Digest) -> Result<Vec<PathChange>, StoreError> {
+    let err = |source| StoreError::Io {
+        path: store.blob_path(digest),
+        source,
+    };
+    let mut changes = Vec::new();
+    let mut archive = tar::Archive::new(open_layer(store, digest)?);
+    for entry in archive.entries().map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let path = clean(&entry.path().map_err(err)?.to_string_lossy());
+        if !path.is_empty() {
+            changes.push(path_change(&path, entry.header().entry_type().is_dir()));
+        }
+    }
+    Ok(changes)
 }
 
 /// A tar path without `./`, leading or trailing slashes.
@@ -423,26 +481,250 @@ pub fn diff(
         if after.contains_key(path) || skipped(path) {
             continue;
         }
+        // Only the topmost removal is written: below a directory that is gone, or that a
+        // file or symlink replaced, nothing is left to remove.
         let parent_gone = path
             .rsplit_once('/')
-            .is_some_and(|(parent, _)| !after.contains_key(parent));
+            .is_some_and(|(parent, _)| !after.get(parent).is_some_and(|seen| seen.is_dir));
         if parent_gone {
             continue;
         }
-        let whiteout = match path.rsplit_once('/') {
-            Some((parent, name)) => format!("{parent}/.wh.{name}"),
-            None => format!(".wh.{path}"),
-        };
-        entries.push(Entry {
-            path: whiteout,
-            kind: EntryKind::Empty,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        });
+        entries.push(whiteout(path));
     }
     normalize(&mut entries);
     entries
+}
+
+/// A `Seen` from what `stat` says of a path; `link` is its target when it is a symlink.
+fn seen_of(stat: &rustix::fs::Stat, link: Option<String>) -> Seen {
+    Seen {
+        is_dir: rustix::fs::FileType::from_raw_mode(stat.st_mode)
+            == rustix::fs::FileType::Directory,
+        mode: stat.st_mode & 0o7777,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        size: stat.st_size as u64,
+        mtime: (stat.st_mtime, stat.st_mtime_nsec as i64),
+        ino: stat.st_ino,
+        link,
+    }
+}
+
+/// What `lower` (a directory of the lower tree) holds at `name`, not following symlinks.
+fn lower_seen(lower: &OwnedFd, name: &OsStr) -> io::Result<Option<Seen>> {
+    let stat = match rustix::fs::statat(lower, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => stat,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let link = if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Symlink
+    {
+        let target = rustix::fs::readlinkat(lower, name, Vec::new())?;
+        Some(target.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Ok(Some(seen_of(&stat, link)))
+}
+
+/// The entries of the layer a RUN made on an overlay, read from its upper dir alone: what
+/// `diff` gives for the same change made to an unpacked root (the tests bake both ways and
+/// compare digests). `lower` is the tree the RUN started from (the overlay's lower dirs,
+/// merged), read only where the upper dir holds something; `pre` is what the upper dir held
+/// before the command (the working directory graven made), which counts as unchanged.
+/// A path is compared with what it was as `diff` compares it, but for the inode, which a
+/// copy-up always changes: a file in a directory the RUN removed and made again (opaque) is
+/// new whatever its metadata, the paths that directory held and no longer does are removals.
+pub fn upper_diff(
+    upper: &Path,
+    lower: &Path,
+    pre: &BTreeMap<String, Seen>,
+    skip: &[&str],
+) -> io::Result<Vec<Entry>> {
+    let lower = rustix::fs::open(
+        lower,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut walk = UpperWalk {
+        pre,
+        skip,
+        entries: Vec::new(),
+    };
+    walk.dir(upper, "", Some(&lower), false)?;
+    let mut entries = walk.entries;
+    normalize(&mut entries);
+    Ok(entries)
+}
+
+struct UpperWalk<'a> {
+    pre: &'a BTreeMap<String, Seen>,
+    skip: &'a [&'a str],
+    entries: Vec<Entry>,
+}
+
+impl UpperWalk<'_> {
+    /// Walks `dir` (the upper dir's copy of `rel`); `lower` is the lower tree's directory at
+    /// `rel` when it has one, `hidden` whether the upper one hides it (opaque).
+    fn dir(
+        &mut self,
+        dir: &Path,
+        rel: &str,
+        lower: Option<&OwnedFd>,
+        hidden: bool,
+    ) -> io::Result<()> {
+        let join = |name: &str| {
+            if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            }
+        };
+        let mut names = std::collections::BTreeSet::new();
+        for child in fs::read_dir(dir)? {
+            let child = child?;
+            let os_name = child.file_name();
+            let name = os_name.to_string_lossy().into_owned();
+            names.insert(os_name.clone());
+            if rel.is_empty() && self.skip.contains(&name.as_str()) {
+                continue;
+            }
+            let path = join(&name);
+            let meta = fs::symlink_metadata(child.path())?;
+            let below = match lower {
+                Some(lower) => lower_seen(lower, &os_name)?,
+                None => None,
+            };
+            let was = self.pre.get(&path).cloned().or_else(|| below.clone());
+            let kind = meta.file_type();
+            // overlayfs records a removal as a 0/0 character device.
+            if kind.is_char_device() && meta.rdev() == 0 {
+                if was.is_some() {
+                    self.entries.push(whiteout(&path));
+                }
+                continue;
+            }
+            // A layer carries directories, regular files and symlinks. A socket the step left
+            // is not content (the lower tree's stays); a device node or FIFO it made is refused
+            // by name: writing the layer would open it on the host, and a block device there
+            // would be the host's disk.
+            if kind.is_socket() {
+                continue;
+            }
+            if kind.is_block_device() || kind.is_char_device() || kind.is_fifo() {
+                let what = if kind.is_fifo() {
+                    "a fifo"
+                } else {
+                    "a device node"
+                };
+                return Err(io::Error::other(format!(
+                    "the command left {what} at /{path}, which an image layer made by graven \
+                     cannot hold; remove it in the same RUN"
+                )));
+            }
+            let link = if meta.file_type().is_symlink() {
+                Some(fs::read_link(child.path())?.to_string_lossy().into_owned())
+            } else {
+                None
+            };
+            let now = Seen {
+                is_dir: meta.is_dir(),
+                mode: meta.permissions().mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                size: meta.len(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                ino: meta.ino(),
+                link,
+            };
+            let changed = match &was {
+                None => true,
+                Some(was) if now.is_dir && was.is_dir => {
+                    (now.mode, now.uid, now.gid) != (was.mode, was.uid, was.gid)
+                }
+                Some(was) => {
+                    hidden
+                        || Seen {
+                            ino: now.ino,
+                            ..was.clone()
+                        } != now
+                }
+            };
+            if changed {
+                let kind = if now.is_dir {
+                    EntryKind::Dir
+                } else if let Some(target) = &now.link {
+                    EntryKind::Symlink(target.clone())
+                } else {
+                    EntryKind::File {
+                        source: child.path(),
+                        size: now.size,
+                    }
+                };
+                self.entries.push(Entry {
+                    path: path.clone(),
+                    kind,
+                    mode: now.mode,
+                    uid: now.uid,
+                    gid: now.gid,
+                });
+            }
+            if now.is_dir {
+                let below_dir = match (lower, &below) {
+                    (Some(lower), Some(below)) if below.is_dir => Some(rustix::fs::openat(
+                        lower,
+                        &os_name,
+                        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?),
+                    _ => None,
+                };
+                let opaque = hidden || is_opaque(&child.path());
+                self.dir(&child.path(), &path, below_dir.as_ref(), opaque)?;
+            }
+        }
+        // An opaque directory hides what the lower tree held in it: what it no longer holds
+        // is removed.
+        if hidden && let Some(lower) = lower {
+            let mut gone = Vec::new();
+            for entry in rustix::fs::Dir::read_from(lower)? {
+                let entry = entry?;
+                let name = OsStr::from_bytes(entry.file_name().to_bytes());
+                if name == "." || name == ".." || names.contains(name) {
+                    continue;
+                }
+                let name = name.to_string_lossy().into_owned();
+                if rel.is_empty() && self.skip.contains(&name.as_str()) {
+                    continue;
+                }
+                gone.push(whiteout(&join(&name)));
+            }
+            self.entries.extend(gone);
+        }
+        Ok(())
+    }
+}
+
+/// Whether overlayfs marked `dir` opaque (made again after its lower copy was removed).
+fn is_opaque(dir: &Path) -> bool {
+    let mut value = [0u8; 8];
+    rustix::fs::lgetxattr(dir, "trusted.overlay.opaque", &mut value[..])
+        .is_ok_and(|n| value[..n] == *b"y")
+}
+
+/// The whiteout entry that removes `path`.
+fn whiteout(path: &str) -> Entry {
+    let name = match path.rsplit_once('/') {
+        Some((parent, name)) => format!("{parent}/.wh.{name}"),
+        None => format!(".wh.{path}"),
+    };
+    Entry {
+        path: name,
+        kind: EntryKind::Empty,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    }
 }
 
 #[cfg(test)]

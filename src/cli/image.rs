@@ -258,6 +258,8 @@ struct GcOutput {
     roots: Vec<Freed>,
     /// Directories of removed instances (and leftovers in the ones that stay), by id.
     instance_dirs: Vec<Freed>,
+    /// Snapshots of layer chains no kept image needs, by chain id, and path indexes.
+    snapshots: Vec<Freed>,
     kept_blobs: usize,
     freed_bytes: u64,
 }
@@ -276,10 +278,22 @@ pub fn gc(home: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
         .chain(store.leftovers.iter().cloned())
         .map(|(name, bytes)| Freed { name, bytes })
         .collect();
+    let snapshots: Vec<Freed> = store
+        .snapshots
+        .iter()
+        .map(|(name, bytes)| Freed {
+            name: name.clone(),
+            bytes: *bytes,
+        })
+        .collect();
     let sum = |freed: &[Freed]| freed.iter().map(|f| f.bytes).sum::<u64>();
     let out = GcOutput {
         dry_run: args.dry_run,
-        freed_bytes: sum(&blobs) + sum(&runtime.roots) + sum(&runtime.instance_dirs),
+        freed_bytes: sum(&blobs)
+            + sum(&runtime.roots)
+            + sum(&runtime.instance_dirs)
+            + sum(&snapshots),
+        snapshots,
         blobs,
         roots: runtime.roots,
         instance_dirs: runtime.instance_dirs,
@@ -298,14 +312,21 @@ pub fn gc(home: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
         ("blob", &out.blobs),
         ("root", &out.roots),
         ("instance dir", &out.instance_dirs),
+        ("", &out.snapshots),
     ] {
         for f in freed {
-            println!("{verb} {what} {} {}", f.name, human_size(f.bytes));
+            // A snapshot's name says what it is (`snapshot <chain id>`, or its path).
+            let what = if what.is_empty() {
+                ""
+            } else {
+                &format!("{what} ")
+            };
+            println!("{verb} {what}{} {}", f.name, human_size(f.bytes));
         }
     }
     let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
     println!(
-        "{} {}: {} ({}), {} ({}), {} ({}); {} kept",
+        "{} {}: {} ({}), {} ({}), {} ({}), {} ({}); {} kept",
         if args.dry_run { "would free" } else { "freed" },
         human_size(out.freed_bytes),
         count(out.blobs.len(), "blob"),
@@ -314,6 +335,8 @@ pub fn gc(home: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
         human_size(sum(&out.roots)),
         count(out.instance_dirs.len(), "instance dir"),
         human_size(sum(&out.instance_dirs)),
+        count(out.snapshots.len(), "snapshot"),
+        human_size(sum(&out.snapshots)),
         count(out.kept_blobs, "blob"),
     );
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! Garbage collection: removes blobs that nothing reachable names. Roots are the tags of
 //! `index.json` plus the caller's extra roots (release digests, the bake cache's layers).
-//! A root that is a manifest or an index keeps everything it refers to.
+//! A root that is a manifest or an index keeps everything it refers to. The snapshots of
+//! layer chains go with the images that need them (`snapshot`).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -14,6 +15,8 @@ pub struct GcReport {
     /// Temp files a write cut short (a crash mid-bake) left, by path under the store, with
     /// their sizes.
     pub leftovers: Vec<(String, u64)>,
+    /// Snapshots (by chain id) and path indexes no kept image needs, with their sizes.
+    pub snapshots: Vec<(String, u64)>,
     pub freed_bytes: u64,
     pub kept: usize,
 }
@@ -46,8 +49,9 @@ impl Store {
         Ok(seen)
     }
 
-    /// Removes every blob not reachable from a tag or `extra_roots`; never one that is. With
-    /// `dry_run`, reports what it would remove and removes nothing.
+    /// Removes every blob not reachable from a tag or `extra_roots`, and every snapshot no
+    /// image kept needs; never one that is. With `dry_run`, reports what it would remove and
+    /// removes nothing.
     pub fn gc(&self, extra_roots: &[Digest], dry_run: bool) -> Result<GcReport> {
         let _lock = super::txn::gc_lock(self, true)?;
         let keep = self.reachable(extra_roots)?;
@@ -99,6 +103,8 @@ impl Store {
                 report.leftovers.push((name.display().to_string(), size));
             }
         }
+        report.snapshots = self.gc_snapshots(&keep, dry_run)?;
+        report.freed_bytes += report.snapshots.iter().map(|(_, size)| size).sum::<u64>();
         Ok(report)
     }
 }

@@ -17,6 +17,7 @@ pub mod inroot;
 mod layer;
 mod oci;
 mod pgzip;
+pub mod snapshot;
 mod txn;
 mod unpack;
 

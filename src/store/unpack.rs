@@ -73,6 +73,25 @@ impl Store {
         Ok(())
     }
 
+    /// Applies one layer on top of `root` as `unpack_layers` does each, `used` bytes of the
+    /// image's bound being taken by the layers below it already (a snapshot is one layer
+    /// unpacked on the ones below); returns what the image takes with this layer.
+    pub(super) fn unpack_layer_above(
+        &self,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        root: &Path,
+        used: u64,
+    ) -> Result<u64> {
+        let limit = max_image_size()?;
+        let mut budget = Budget {
+            limit,
+            left: limit.saturating_sub(used),
+        };
+        self.unpack_layer(&layer.digest, Some(diff_id), root, &mut budget)?;
+        Ok(limit - budget.left)
+    }
+
     fn unpack_layer(
         &self,
         digest: &Digest,
