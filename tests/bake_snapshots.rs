@@ -485,3 +485,34 @@ fn without_mount_privileges_a_bake_says_so_once_and_makes_the_same_image() {
     assert!(snapshots(&home).is_empty());
     assert_eq!(json(&out)["digest"], as_root["digest"]);
 }
+
+/// useradd writes its backups (`/etc/group-`) in place with the old size and mtime put back:
+/// only the content says the file changed. The overlay way compares it (the unpacking way,
+/// which keeps no copy of the old content, does not: docs/bake.md says so).
+#[test]
+fn a_file_rewritten_in_place_with_its_size_and_mtime_put_back_is_in_the_layer() {
+    let dir = context();
+    let containerfile = format!(
+        "{BASE}RUN [\"/bin/busybox\", \"sh\", \"-c\", \"busybox mkdir -p /etc && echo root:x:0: > /etc/group-\"]\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"busybox cp -p /etc/group- /saved && echo root:*:0: > /etc/group- && busybox touch -r /saved /etc/group- && busybox rm /saved\"]\n"
+    );
+    let home = tempfile::tempdir().unwrap();
+    succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "inplace:1",
+        &containerfile,
+        "1",
+    ));
+    assert!(
+        !snapshots(home.path()).is_empty(),
+        "the overlay way was taken"
+    );
+    let entries = layer(home.path(), "inplace:1", 3);
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.starts_with("etc/group- ") && e.ends_with("\"root:*:0:\\n\"")),
+        "{entries:?}"
+    );
+}

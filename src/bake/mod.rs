@@ -309,10 +309,18 @@ fn bake_in(
         });
         let added_before = txn.added();
         let mut state = match &stage.base {
+            // As BuildKit starts a stage FROM scratch: the default PATH and `/` as the
+            // working directory, so an image of a static binary runs the same way Docker's
+            // does.
             Base::Scratch => State {
                 layers: Vec::new(),
                 config: ImageConfig {
                     architecture: crate::store::host_architecture().to_owned(),
+                    config: crate::store::RuntimeConfig {
+                        env: vec![format!("PATH={}", plan::DEFAULT_PATH)],
+                        working_dir: Some("/".to_owned()),
+                        ..Default::default()
+                    },
                     ..ImageConfig::default()
                 },
                 key: cache::key(None, &["FROM scratch", crate::store::host_architecture()]),

@@ -16,7 +16,7 @@ pub struct PlanError {
 
 type Result<T> = std::result::Result<T, PlanError>;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What a stage starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]

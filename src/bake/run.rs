@@ -76,6 +76,10 @@ pub struct Inputs<'a> {
     pub epoch: u64,
 }
 
+/// `SOURCE_DATE_EPOCH` in a RUN step when the bake has no epoch: 1980-01-01T00:00:00Z, the
+/// earliest time a zip archive can hold.
+pub const RUN_DEFAULT_EPOCH: u64 = 315_532_800;
+
 /// The host files a step gets read-only for the step only, never in its layer, so that
 /// package managers resolve names as the host does: `docker build --network=host`'s view.
 const HOST_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
@@ -262,9 +266,15 @@ fn command(
         ));
     }
     // The bake's epoch, for the tools that stamp what they make with it, unless the
-    // Containerfile set one (an ARG or ENV of that name).
+    // Containerfile set one (an ARG or ENV of that name). Without one the step gets 1980's
+    // first second, not 0: at 0 useradd writes a password change day of 0 (the password
+    // must be changed at once) and zip cannot store the time.
     if !env.iter().any(|kv| kv.starts_with("SOURCE_DATE_EPOCH=")) {
-        env.push(format!("SOURCE_DATE_EPOCH={}", step.inputs.epoch));
+        let epoch = match step.inputs.epoch {
+            0 => RUN_DEFAULT_EPOCH,
+            epoch => epoch,
+        };
+        env.push(format!("SOURCE_DATE_EPOCH={epoch}"));
     }
     let mounts = Mounts::prepare(run_root, root, step.flags, step.workdir, step.inputs)?;
     let spec = SandboxSpec {

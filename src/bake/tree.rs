@@ -377,6 +377,10 @@ pub struct Seen {
     pub gid: u32,
     pub size: u64,
     pub mtime: (i64, i64),
+    /// The inode change time: a file rewritten in place with its size and mtime put back
+    /// (useradd's backups, `cp -p` over a file) changes nothing else a stat shows; and a
+    /// copy-up into an overlay's upper dir always changes it, as any write or chmod would.
+    pub ctime: (i64, i64),
     pub ino: u64,
     pub link: Option<String>,
 }
@@ -422,6 +426,7 @@ pub fn snapshot(root: &Path) -> io::Result<BTreeMap<String, Seen>> {
                     gid: inside(meta.gid(), mapped.map(|m| m.1)),
                     size: meta.len(),
                     mtime: (meta.mtime(), meta.mtime_nsec()),
+                    ctime: (meta.ctime(), meta.ctime_nsec()),
                     ino: meta.ino(),
                     link,
                 },
@@ -454,7 +459,15 @@ pub fn diff(
             Some(was) if now.is_dir && was.is_dir => {
                 (now.mode, now.uid, now.gid) != (was.mode, was.uid, was.gid)
             }
-            Some(was) => was != now,
+            // Not the change time: a chmod to the same mode or a hard link made to a file
+            // changes it and nothing the layer holds. (A file rewritten in place with its size
+            // and mtime put back goes unseen here; the overlay way compares its content.)
+            Some(was) => {
+                Seen {
+                    ctime: now.ctime,
+                    ..was.clone()
+                } != *now
+            }
         };
         if !changed {
             continue;
@@ -505,6 +518,7 @@ fn seen_of(stat: &rustix::fs::Stat, link: Option<String>) -> Seen {
         gid: stat.st_gid,
         size: stat.st_size as u64,
         mtime: (stat.st_mtime, stat.st_mtime_nsec as i64),
+        ctime: (stat.st_ctime, stat.st_ctime_nsec as i64),
         ino: stat.st_ino,
         link,
     }
@@ -634,6 +648,7 @@ impl UpperWalk<'_> {
                 gid: meta.gid(),
                 size: meta.len(),
                 mtime: (meta.mtime(), meta.mtime_nsec()),
+                ctime: (meta.ctime(), meta.ctime_nsec()),
                 ino: meta.ino(),
                 link,
             };
@@ -642,12 +657,25 @@ impl UpperWalk<'_> {
                 Some(was) if now.is_dir && was.is_dir => {
                     (now.mode, now.uid, now.gid) != (was.mode, was.uid, was.gid)
                 }
+                // A copy-up changes the inode and its change time whatever the step did
+                // (a chmod to the same mode, a hard link made to it), so a file whose other
+                // metadata is the lower one's changed only if its content did: useradd
+                // rewrites its backups in place and puts their size and mtime back.
                 Some(was) => {
                     hidden
                         || Seen {
                             ino: now.ino,
+                            ctime: now.ctime,
                             ..was.clone()
                         } != now
+                        || (was.link.is_none()
+                            && !now.is_dir
+                            && below.is_some()
+                            && !self.pre.contains_key(&path)
+                            && match lower {
+                                Some(lower) => !same_content(&child.path(), lower, &os_name)?,
+                                None => true,
+                            })
                 }
             };
             if changed {
@@ -702,6 +730,30 @@ impl UpperWalk<'_> {
             self.entries.extend(gone);
         }
         Ok(())
+    }
+}
+
+/// Whether the file at `upper` holds the bytes of `name` in the lower directory `lower`.
+fn same_content(upper: &Path, lower: &OwnedFd, name: &OsStr) -> io::Result<bool> {
+    let lower = rustix::fs::openat(
+        lower,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let (mut a, mut b) = (
+        BufReader::new(File::open(upper)?),
+        BufReader::new(File::from(lower)),
+    );
+    let (mut x, mut y) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = a.read(&mut x)?;
+        if n == 0 {
+            return Ok(b.read(&mut y[..1])? == 0);
+        }
+        if b.read_exact(&mut y[..n]).is_err() || x[..n] != y[..n] {
+            return Ok(false);
+        }
     }
 }
 

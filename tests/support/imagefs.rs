@@ -21,6 +21,8 @@ pub struct Node {
 
 pub struct Image {
     pub files: BTreeMap<String, Node>,
+    /// The text of small files (under 4 KiB, UTF-8), to show what differs.
+    pub texts: BTreeMap<String, String>,
     /// The image config's `config` object (Env, Cmd, User…).
     pub config: serde_json::Value,
 }
@@ -43,6 +45,7 @@ pub fn read(archive: &Path, content: &dyn Fn(&str, &[u8]) -> Vec<u8>) -> Image {
     let config: serde_json::Value =
         serde_json::from_slice(&blobs[manifest["Config"].as_str().unwrap()]).unwrap();
     let mut files = BTreeMap::new();
+    let mut texts = BTreeMap::new();
     for layer in manifest["Layers"].as_array().unwrap() {
         let bytes = &blobs[layer.as_str().unwrap()];
         let reader: Box<dyn Read> = if bytes.starts_with(&[0x1f, 0x8b]) {
@@ -50,16 +53,19 @@ pub fn read(archive: &Path, content: &dyn Fn(&str, &[u8]) -> Vec<u8>) -> Image {
         } else {
             Box::new(&bytes[..])
         };
-        apply(&mut files, reader, content);
+        apply(&mut files, &mut texts, reader, content);
     }
+    texts.retain(|path, _| files.contains_key(path));
     Image {
         files,
+        texts,
         config: config["config"].clone(),
     }
 }
 
 fn apply(
     files: &mut BTreeMap<String, Node>,
+    texts: &mut BTreeMap<String, String>,
     layer: impl Read,
     content: &dyn Fn(&str, &[u8]) -> Vec<u8>,
 ) {
@@ -113,6 +119,10 @@ fn apply(
             'f' => {
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes).unwrap();
+                match String::from_utf8(bytes.clone()) {
+                    Ok(text) if bytes.len() < 4096 => texts.insert(path.clone(), text),
+                    _ => texts.remove(&path),
+                };
                 hex(&sha2::Sha256::digest(content(&path, &bytes)))
             }
             'l' => link.unwrap_or_default(),
