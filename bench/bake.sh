@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
 
 source bench/lib.sh
+use_debian_docker
 bench_require buildah hyperfine docker.io
 bench_setup bake
 
@@ -149,11 +150,7 @@ print(total // (1 << 20))' 2>/dev/null || echo "~500")
   use_or_start_dockerd "$work/docker"
   docker load -q -i "$work/big.tar" >&2
   docker tag big:1 graven-big:1
-  # BuildKit where the docker CLI has its buildx plugin; else the legacy builder, named so.
   local buildkit=1 builder="BuildKit"
-  if ! docker buildx version >/dev/null 2>&1; then
-    buildkit=0 builder="legacy builder: this docker CLI has no buildx for BuildKit"
-  fi
   hyperfine -N --warmup 1 --runs "$runs" --prepare "$work/prep-docker.sh" \
     --export-json "$work/e-docker.json" \
     "env DOCKER_BUILDKIT=$buildkit docker build --network host -q -f $echo_ctx/docker/Containerfile -t graven-echo:1 $echo_ctx/docker" >&2

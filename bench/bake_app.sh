@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 runs=${RUNS:-3}
 
 source bench/lib.sh
+use_debian_docker
 bench_require buildah hyperfine docker.io debootstrap
 bench_setup bake-app
 base=$(scripts/debian-base)

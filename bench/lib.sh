@@ -7,6 +7,13 @@ bench_require() {
   "$(dirname "${BASH_SOURCE[0]}")/../scripts/install-packages" "$@"
 }
 
+# use_debian_docker: `docker` is Debian's docker.io client (20.10, BuildKit built in, on with
+# DOCKER_BUILDKIT=1), whatever else is earlier on the PATH: a newer client runs BuildKit only
+# through a buildx plugin Debian 12 does not package, and falls back to the legacy builder.
+use_debian_docker() {
+  export PATH="/usr/bin:$PATH" DOCKER_BUILDKIT=1
+}
+
 # bench_setup NAME: from the repository root, makes the scratch dir $work
 # (/tmp/graven-bench-NAME.*), removed on exit after any private dockerd is stopped, and builds
 # graven (the cargo profile $PROFILE, release unless set; path in $graven) and the example's

@@ -25,17 +25,8 @@ use support::{graven, imagefs, succeed};
 /// The base's tag in both engines; the Containerfiles say `FROM graven-test/debian:bookworm`.
 const BASE: &str = "graven-test/debian:bookworm";
 
-/// Paths graven's reproducibility rules keep out of RUN layers (src/bake/reproducible.rs).
-const DROPPED: [&str; 8] = [
-    "var/log/dpkg.log",
-    "var/log/alternatives.log",
-    "var/log/apt/history.log",
-    "var/log/apt/term.log",
-    "var/log/apt/eipp.log.xz",
-    "var/cache/apt/pkgcache.bin",
-    "var/cache/apt/srcpkgcache.bin",
-    "var/cache/ldconfig/aux-cache",
-];
+/// Paths graven's reproducibility rules keep out of RUN layers.
+use graven::bake::reproducible::DROPPED;
 
 /// Files whose content is random or names the day it was made, on any two builds of any
 /// engine: compared as present with their type, mode and owner, not their content.
@@ -316,37 +307,18 @@ CMD ["/app/main.sh"]
 
 #[test]
 fn a_python_web_app_with_apt_a_venv_pip_and_useradd() {
+    // The app the bake benchmark times (bench/python-app): apt, a venv and pip, useradd.
     let engines = Engines::start();
-    let ctx = context(&[
-        (
-            "requirements.txt",
-            "flask==3.0.3\ngunicorn==22.0.0\n",
-            0o644,
-        ),
-        (
-            "app.py",
-            "from flask import Flask\n\napp = Flask(__name__)\n\n\n@app.route(\"/\")\ndef index():\n    return \"hello from flask\\n\"\n",
-            0o644,
-        ),
-    ]);
-    let file = r#"FROM graven-test/debian:bookworm
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-RUN useradd --create-home --uid 1000 app
-WORKDIR /app
-COPY requirements.txt .
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
-ENV PATH=/opt/venv/bin:$PATH
-COPY app.py .
-USER app
-EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/')"]
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "app:app"]
-"#;
+    let app = support::workspace().join("bench/python-app");
+    let ctx = context(&[]);
+    for name in ["requirements.txt", "app.py"] {
+        fs::copy(app.join(name), ctx.path().join(name)).unwrap();
+        fs::set_permissions(ctx.path().join(name), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let file = fs::read_to_string(app.join("Containerfile")).unwrap();
     assert_same(
         "python app",
-        engines.build(ctx.path(), "compat/python:1", file, None),
+        engines.build(ctx.path(), "compat/python:1", &file, None),
     );
 }
 

@@ -13,7 +13,7 @@ pub mod containerfile;
 mod context;
 pub mod mounts;
 pub mod plan;
-mod reproducible;
+pub mod reproducible;
 mod run;
 mod tree;
 
