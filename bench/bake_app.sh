@@ -30,7 +30,8 @@ echo "FROM docker-archive:$base" >"$work/import/Containerfile"
 GRAVEN_HOME="$g_base" "$graven" bake --tag graven-test/debian:bookworm "$work/import" >/dev/null 2>&1
 g_home="$work/graven-home"
 g_cmd="env GRAVEN_HOME=$g_home $graven bake --tag app:1 $ctx"
-g_fresh="rm -rf $g_home && cp -a $g_base $g_home"
+# hyperfine -N runs commands without a shell, its --prepare too.
+g_fresh="sh -c 'rm -rf $g_home && cp -a $g_base $g_home'"
 hyperfine -N --runs "$runs" --prepare "$g_fresh" --export-json "$work/g-cold.json" "$g_cmd" >&2
 hyperfine -N --warmup 1 --runs "$((runs * 3))" --export-json "$work/g-warm.json" "$g_cmd" >&2
 hyperfine --runs "$runs" --prepare "$edit" --export-json "$work/g-edit.json" "$g_cmd" >&2
@@ -45,7 +46,7 @@ start_dockerd "$work/docker"
 docker=/usr/bin/docker
 export DOCKER_BUILDKIT=1
 $docker load -i "$base" >/dev/null
-d_cmd="$docker build --network=host -q -t app:1 $ctx"
+d_cmd="$docker build --network=host -q -f $ctx/Containerfile -t app:1 $ctx"
 d_fresh="$docker rmi -f app:1 >/dev/null 2>&1; $docker builder prune -af >/dev/null 2>&1; true"
 hyperfine --runs "$runs" --prepare "$d_fresh" --export-json "$work/d-cold.json" "$d_cmd" >&2
 hyperfine --warmup 1 --runs "$((runs * 3))" --export-json "$work/d-warm.json" "$d_cmd" >&2
