@@ -7,7 +7,7 @@
 # `RUN echo`, by graven, `docker build` (BuildKit) and `buildah bud`. Prints markdown tables.
 #
 # Usage: bench/bake.sh            (RUNS=5 by default; needs hyperfine, buildah, dockerd)
-#        BAKE_CASES=run-echo bench/bake.sh   (one case: `example` or `run-echo`)
+#        BAKE_CASES=run-echo bench/bake.sh   (one case: `example`, `run-echo` or `python-app`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
@@ -29,7 +29,7 @@ python3 -c 'import random, sys; sys.stdout.buffer.write(random.Random(42).randby
   echo 'ENTRYPOINT ["/hello"]'
 } >"$ctx/Containerfile"
 
-cases=${BAKE_CASES:-example run-echo}
+cases=${BAKE_CASES:-example run-echo python-app}
 want() { [[ " $cases " == *" $1 "* ]]; }
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2"; }
 same() { [ "$1" = "$2" ] && echo "yes" || echo "no"; }
@@ -182,8 +182,8 @@ print(total // (1 << 20))' 2>/dev/null || echo "~500")
 EOF
 }
 
-# (The Python app on the Debian base, cold / no-change rebuild / rebuild after one edit, goes
-# here as a case of its own.)
-
 if want example; then example_case; fi
 if want run-echo; then run_echo_case; fi
+# The Python app on the Debian base (cold, no-change rebuild, rebuild after one edit) is a
+# script of its own, run here as the case `python-app`.
+if want python-app; then RUNS=$runs bench/bake_app.sh; fi

@@ -700,7 +700,7 @@ fn misused_run_mounts_and_secrets_fail_once_and_keep_the_store() {
         (
             "RUN --mount=type=bind,from=builder,target=/m true",
             &[],
-            "from=builder: a bind mount from a stage or an image is not supported yet",
+            "--mount from=builder: no image of that name",
         ),
         (
             "RUN --mount=type=secret,id=token true",
@@ -806,4 +806,41 @@ fn apt_get_install_and_useradd_work_on_a_debian_base() {
         file_in(copied, "etc/resolv.conf").unwrap(),
         "nameserver 192.0.2.1\n"
     );
+}
+
+#[test]
+fn a_bind_mount_from_a_stage_shows_that_stage_and_is_keyed_by_it() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    let file = |word: &str| {
+        format!(
+            "FROM scratch AS tools\nCOPY busybox /bin/busybox\nCOPY busybox /bin/sh\n\
+             RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo {word} > /made\"]\n\
+             {BASE}RUN --mount=type=bind,from=tools,source=/made,target=/mnt/made \
+             /bin/busybox cp /mnt/made /copied\n"
+        )
+    };
+    let out = succeed(&mut bake(home.path(), dir.path(), &file("first")));
+    let entries = last_layer(home.path());
+    assert!(
+        entries.contains(&"copied \"first\\n\"".to_owned()),
+        "{entries:?}"
+    );
+    assert!(
+        !entries.iter().any(|e| e.starts_with("mnt")),
+        "the mount point is not content: {entries:?}"
+    );
+    let baked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Another word in the source stage is another key for the step that binds it.
+    succeed(&mut bake(home.path(), dir.path(), &file("second")));
+    let entries = last_layer(home.path());
+    assert!(
+        entries.contains(&"copied \"second\\n\"".to_owned()),
+        "{entries:?}"
+    );
+    // The unchanged file again: every step cached.
+    let again = succeed(&mut bake(home.path(), dir.path(), &file("first")));
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["digest"], baked["digest"]);
+    assert_eq!(again["cached_steps"], again["total_steps"]);
 }

@@ -360,32 +360,40 @@ fn bake_in(
                 total,
                 text: &step.text,
             });
-            // `COPY --from`'s source: an earlier stage (built: `needed` holds it and comes
-            // in file order) or an image, imported like a FROM's.
-            let source = match &step.action {
-                Action::Copy {
-                    from: Some(from), ..
-                } => Some(match from {
-                    Base::Stage(source) => built[source].clone(),
+            // `COPY --from`'s source, and the roots of `RUN --mount=type=bind,from=`: an
+            // earlier stage (built: `needed` holds it and comes in file order) or an image,
+            // imported like a FROM's.
+            let mut from_state = |from: &Base, what: &str| -> Result<State, BakeError> {
+                match from {
+                    Base::Stage(source) => Ok(built[source].clone()),
                     Base::Image(name) => {
-                        let (state, digest) =
-                            base_image(txn, &options.context, name).map_err(|reason| {
-                                at(step.line)(reason.replacen("FROM ", "COPY --from=", 1))
-                            })?;
+                        let (state, digest) = base_image(txn, &options.context, name)
+                            .map_err(|reason| at(step.line)(reason.replacen("FROM ", what, 1)))?;
                         bases.push(BakedBase {
                             from: name.clone(),
                             digest,
                         });
-                        state
+                        Ok(state)
                     }
-                    Base::Scratch => {
-                        return Err(at(step.line)(
-                            "COPY --from=scratch: scratch holds no file to copy".to_owned(),
-                        ));
-                    }
-                }),
-                _ => None,
+                    Base::Scratch => Err(at(step.line)(format!(
+                        "{what}scratch: scratch holds no file to copy"
+                    ))),
+                }
             };
+            let (source, mount_sources) = match &step.action {
+                Action::Copy {
+                    from: Some(from), ..
+                } => (Some(from_state(from, "COPY --from=")?), Vec::new()),
+                Action::Run { bind_from, .. } => {
+                    let mut sources = Vec::new();
+                    for (number, from) in bind_from {
+                        sources.push((*number, from_state(from, "--mount from=")?));
+                    }
+                    (None, sources)
+                }
+                _ => (None, Vec::new()),
+            };
+            let bind_keys: Vec<&str> = mount_sources.iter().map(|(_, s)| s.key.as_str()).collect();
             let (key, found, collected) = prepare(
                 txn,
                 cache,
@@ -394,6 +402,7 @@ fn bake_in(
                 now,
                 &state,
                 source.as_ref(),
+                &bind_keys,
                 step,
                 layering,
             )
@@ -403,11 +412,27 @@ fn bake_in(
             let record = match found {
                 Some(record) => record,
                 None => {
+                    // The roots bind mounts name with `from=`, unpacked for this step only.
+                    let mut bind_roots = BTreeMap::new();
+                    let mut unpacked = Vec::new();
+                    for (number, source) in &mount_sources {
+                        let root = run::RunRoot::new().map_err(at(step.line))?;
+                        txn.store()
+                            .unpack_layers(
+                                &source.layers,
+                                &source.config.rootfs.diff_ids,
+                                &root.path(),
+                            )
+                            .map_err(|e| at(step.line)(e.to_string()))?;
+                        bind_roots.insert(*number, root.path());
+                        unpacked.push(root);
+                    }
                     let inputs = run::Inputs {
                         home,
                         context: &options.context,
                         secrets: &options.secrets,
                         epoch: options.epoch,
+                        bind_roots: &bind_roots,
                     };
                     let record = build(
                         txn,
@@ -745,6 +770,7 @@ fn prepare(
     now: i64,
     state: &State,
     source: Option<&State>,
+    bind_keys: &[&str],
     step: &plan::Step,
     layering: Layering,
 ) -> Result<(Digest, Option<Record>, Option<context::Collected>), String> {
@@ -820,6 +846,8 @@ fn prepare(
                 .map_err(|e| format!("reading --mount source {source}: {e}"))?;
                 parts.push(hash.as_str().to_owned());
             }
+            // A bind from a stage or an image: that stage's key says all it holds.
+            parts.extend(bind_keys.iter().map(|key| format!("bind from {key}")));
             let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
             (cache::key(Some(&state.key), &parts), None)
         }

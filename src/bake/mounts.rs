@@ -103,6 +103,18 @@ pub fn parse_secret(value: &str) -> Result<(String, SecretSource), String> {
     Ok((id, source))
 }
 
+impl RunMount {
+    /// The stage or image a bind mount's `from=` names, if any.
+    pub fn bind_from(&self) -> Option<&str> {
+        match &self.kind {
+            MountKind::Bind {
+                from: Some(from), ..
+            } => Some(from),
+            _ => None,
+        }
+    }
+}
+
 /// Parses RUN's flags (`flags` as the instruction gave them, keys lowercased).
 pub fn parse_flags(flags: &[(String, String)]) -> Result<RunFlags, String> {
     let mut parsed = RunFlags::default();

@@ -39,6 +39,9 @@ pub struct Stage {
     /// What each `COPY --from` of the stage (by instruction index) copies from: an earlier
     /// stage or an image (scratch holds nothing to copy).
     pub copy_from: BTreeMap<usize, Base>,
+    /// What each `RUN --mount=type=bind,from=…` of the stage (by instruction index and
+    /// mount number) binds from: an earlier stage or an image.
+    pub mount_from: BTreeMap<(usize, usize), Base>,
 }
 
 /// The stages and which of them to build (in order): the target (the last stage unless
@@ -115,6 +118,7 @@ pub fn stages(file: &Containerfile, build_args: &BTreeMap<String, String>) -> Re
                     from_text: instruction.text.clone(),
                     instructions: Vec::new(),
                     copy_from: BTreeMap::new(),
+                    mount_from: BTreeMap::new(),
                 });
             }
             Kind::Copy {
@@ -132,6 +136,24 @@ pub fn stages(file: &Containerfile, build_args: &BTreeMap<String, String>) -> Re
                 let stage = &mut stages[current];
                 stage.copy_from.insert(index, source);
                 stage.instructions.push(index);
+            }
+            Kind::Run(_, flags) if flags.mounts.iter().any(|m| m.bind_from().is_some()) => {
+                let current = stages.len() - 1;
+                for (number, mount) in flags.mounts.iter().enumerate() {
+                    let Some(from) = mount.bind_from() else {
+                        continue;
+                    };
+                    let from = expand(from, file.escape, instruction.line, &|n| {
+                        global_args.get(n).cloned().flatten()
+                    })?;
+                    let source =
+                        copy_source(file, &stages, index, &from).map_err(|reason| PlanError {
+                            line: instruction.line,
+                            reason: reason.replace("COPY --from=", "--mount from="),
+                        })?;
+                    stages[current].mount_from.insert((index, number), source);
+                }
+                stages[current].instructions.push(index);
             }
             _ => stages
                 .last_mut()
@@ -217,7 +239,7 @@ impl Stages {
             if let Base::Stage(parent) = stage.base {
                 todo.push(parent);
             }
-            for source in stage.copy_from.values() {
+            for source in stage.copy_from.values().chain(stage.mount_from.values()) {
                 if let Base::Stage(source) = source {
                     todo.push(*source);
                 }
@@ -287,6 +309,8 @@ pub enum Action {
         /// `--mount` and `--network`, targets as written (`mounts::absolute_target` places a
         /// relative one under `workdir`).
         flags: super::mounts::RunFlags,
+        /// What each bind mount with `from=` (by mount number) binds from.
+        bind_from: BTreeMap<usize, Base>,
     },
     /// Changes the config only; the text says what.
     Config(String),
@@ -602,12 +626,28 @@ pub fn plan_stage(
                 if env_get(&env, "PATH").is_none() {
                     env.insert(0, format!("PATH={DEFAULT_PATH}"));
                 }
+                let bind_from: BTreeMap<usize, Base> = match index {
+                    Some(i) => stage
+                        .mount_from
+                        .range((*i, 0)..=(*i, usize::MAX))
+                        .map(|(&(_, number), base)| (number, base.clone()))
+                        .collect(),
+                    None => BTreeMap::new(),
+                };
+                if flags.mounts.iter().any(|m| m.bind_from().is_some()) && index.is_none() {
+                    return Err(PlanError {
+                        line,
+                        reason: "RUN --mount from= in an ONBUILD trigger is not supported"
+                            .to_owned(),
+                    });
+                }
                 Action::Run {
                     args: argv(command, &shell),
                     env,
                     user: config.user.clone().unwrap_or_else(|| "0".to_owned()),
                     workdir,
                     flags: flags.clone(),
+                    bind_from,
                 }
             }
         };
@@ -800,7 +840,7 @@ ENTRYPOINT ["/x"]"#,
                   7: Workdir("/app") ["TAG=1", "WHO=you"]
                   8: Workdir("/srv/x") ["TAG=1", "WHO=you"]
                   9: Copy { add: false, sources: ["src*"], dest: "/srv/x/", chown: Some("you"), chmod: Some(448), from: None, files: [] } ["TAG=1", "WHO=you"]
-                  10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x", flags: RunFlags { mounts: [], no_network: false } } ["TAG=1", "WHO=you"]
+                  10: Run { args: ["/bin/sh", "-c", "echo $GREETING"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "GREETING=hello you", "PREV=b", "TAG=1", "WHO=you"], user: "0", workdir: "/srv/x", flags: RunFlags { mounts: [], no_network: false }, bind_from: {} } ["TAG=1", "WHO=you"]
                   11: Config("CMD serve --port 1") ["TAG=1", "WHO=you"]
                   12: Config("EXPOSE 80 53/udp 9000-9001") ["TAG=1", "WHO=you"]
                   13: Config("HEALTHCHECK --interval=5s CMD curl -f localhost") ["TAG=1", "WHO=you"]
@@ -873,10 +913,10 @@ COPY --from=${BASE} /y /y
         expect![[r#"
             stage 0 Some("deps") from Image("img:1")
               4: Config("ARG V") ["V=1"]
-              5: Run { args: ["/bin/sh", "-c", "echo $V"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "V=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } ["V=1"]
+              5: Run { args: ["/bin/sh", "-c", "echo $V"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "V=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false }, bind_from: {} } ["V=1"]
               config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
             stage 2 Some("build") from Stage(0)
-              9: Run { args: ["/bin/sh", "-c", "echo ${V:-unset}"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } []
+              9: Run { args: ["/bin/sh", "-c", "echo ${V:-unset}"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false }, bind_from: {} } []
               config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
             stage 3 Some("tools") from Scratch
               config: {"Env":["BASE=b"],"Cmd":["base-cmd"]}
@@ -939,9 +979,9 @@ COPY --from=${BASE} /y /y
         expect![[r#"
             stage 0 None from Image("base")
               1: Config("ENV T=1") []
-              1: Run { args: ["/bin/sh", "-c", "echo $T"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } []
+              1: Run { args: ["/bin/sh", "-c", "echo $T"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false }, bind_from: {} } []
               2: Config("ONBUILD RUN echo next") []
-              3: Run { args: ["/bin/sh", "-c", "echo own"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false } } []
+              3: Run { args: ["/bin/sh", "-c", "echo own"], env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=b", "T=1"], user: "0", workdir: "/", flags: RunFlags { mounts: [], no_network: false }, bind_from: {} } []
               config: {"Env":["BASE=b","T=1"],"Cmd":["base-cmd"],"OnBuild":["RUN echo next"]}
         "#]]
         .assert_eq(&render_target(

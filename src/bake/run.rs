@@ -74,6 +74,9 @@ pub struct Inputs<'a> {
     pub context: &'a Path,
     pub secrets: &'a BTreeMap<String, SecretSource>,
     pub epoch: u64,
+    /// The unpacked roots of the stages and images bind mounts name with `from=`, by mount
+    /// number.
+    pub bind_roots: &'a BTreeMap<usize, PathBuf>,
 }
 
 /// `SOURCE_DATE_EPOCH` in a RUN step when the bake has no epoch: 1980-01-01T00:00:00Z, the
@@ -100,6 +103,7 @@ pub fn run(
         user,
         workdir,
         flags,
+        ..
     } = action
     else {
         return Err("not a RUN step".to_owned());
@@ -365,12 +369,15 @@ impl Mounts {
             let at = |e: String| format!("--mount target {target}: {e}");
             match &mount.kind {
                 MountKind::Bind { source, from, rw } => {
-                    if let Some(from) = from {
-                        return Err(at(format!(
-                            "from={from}: a bind mount from a stage or an image is not supported yet; mount the build context"
-                        )));
-                    }
-                    let source = in_context(inputs.context, source).map_err(at)?;
+                    // From a stage or an image: a path of its unpacked root, resolved inside
+                    // it as a context path is inside the context.
+                    let root = match from {
+                        Some(from) => inputs.bind_roots.get(&n).ok_or_else(|| {
+                            at(format!("from={from}: the stage was not unpacked"))
+                        })?,
+                        None => inputs.context,
+                    };
+                    let source = in_context(root, source).map_err(at)?;
                     let source = if *rw {
                         // Writes are thrown away, as BuildKit's: the step gets a copy.
                         let copy = private.join(format!("bind-{n}"));
