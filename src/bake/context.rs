@@ -323,17 +323,7 @@ impl Context {
             if excluded {
                 continue;
             }
-            let kind = if meta.file_type().is_symlink() {
-                let link = fs::read_link(child.path())
-                    .map_err(|e| format!("{}: {e}", child.path().display()))?;
-                EntryKind::Symlink(link.to_string_lossy().into_owned())
-            } else if meta.is_file() {
-                EntryKind::File {
-                    source: child.path(),
-                    size: meta.len(),
-                }
-            } else {
-                // Sockets, fifos and devices are not content.
+            let Some(kind) = leaf_kind(&child.path(), &meta)? else {
                 continue;
             };
             let mode = match kind {
@@ -519,6 +509,22 @@ fn glob_in_root(
     Ok(out)
 }
 
+/// What a walked non-directory is in a layer: a symlink (its target as written) or a regular
+/// file; sockets, fifos and devices are not content (`None`).
+fn leaf_kind(path: &Path, meta: &fs::Metadata) -> Result<Option<EntryKind>, String> {
+    Ok(if meta.file_type().is_symlink() {
+        let link = fs::read_link(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Some(EntryKind::Symlink(link.to_string_lossy().into_owned()))
+    } else if meta.is_file() {
+        Some(EntryKind::File {
+            source: path.to_owned(),
+            size: meta.len(),
+        })
+    } else {
+        None
+    })
+}
+
 /// A stage's directory's contents under `dest`, following no symlink.
 fn walk_root(
     dir: &Path,
@@ -536,18 +542,11 @@ fn walk_root(
         let kind = if meta.is_dir() {
             walk_root(&child.path(), &target, own, out)?;
             EntryKind::Dir
-        } else if meta.file_type().is_symlink() {
-            let link = fs::read_link(child.path())
-                .map_err(|e| format!("{}: {e}", child.path().display()))?;
-            EntryKind::Symlink(link.to_string_lossy().into_owned())
-        } else if meta.is_file() {
-            EntryKind::File {
-                source: child.path(),
-                size: meta.len(),
-            }
         } else {
-            // Sockets, fifos and devices are not content, as for the build context.
-            continue;
+            let Some(kind) = leaf_kind(&child.path(), &meta)? else {
+                continue;
+            };
+            kind
         };
         out.push(own.entry(target, kind, &meta));
     }

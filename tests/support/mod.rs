@@ -130,18 +130,9 @@ pub fn hello_binary() -> PathBuf {
 }
 
 /// Polls `condition` until it returns `Some` or `deadline` passes.
-pub fn wait_for<T>(deadline: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_for<T>(deadline: Duration, what: &str, condition: impl FnMut() -> Option<T>) -> T {
+    try_wait_for(deadline, condition)
+        .unwrap_or_else(|| panic!("timed out after {deadline:?} waiting for {what}"))
 }
 
 /// `wait_for` that gives up with `None` at the deadline instead of panicking.
