@@ -204,8 +204,10 @@ fn exec_checks_pass_and_fail_inside_the_instance_without_tainting_it() {
     let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
     let route = free_port();
     // Passes only inside the instance: the file is the image's, and $PORT the instance's.
-    let inside = r#"["/bin/sh", "-c", "test -x /hello && test -n \"$PORT\""]"#;
-    project(&dir, &debian(""), &exec_web(route, "v1", inside));
+    // It fails, saying so, once the test leaves a file in its volume.
+    let inside = r#"["/bin/sh", "-c", "test -x /hello && test -n \"$PORT\" && if test -e /data/broken; then echo broken by the test; exit 1; fi"]"#;
+    let volume = "volumes = { data = \"/data\" }\n";
+    project(&dir, &debian(""), &(exec_web(route, "v1", inside) + volume));
     let _up = Up::start(&home, &dir, "local");
     wait_healthy(&home);
     assert_eq!(version(route).as_deref(), Ok("v1"));
@@ -226,10 +228,20 @@ fn exec_checks_pass_and_fail_inside_the_instance_without_tainting_it() {
     assert_eq!(version(route).as_deref(), Ok("v1"));
     // Seconds of probes later, the v1 instance is the same, untainted (a tainted one is
     // condemned and replaced).
-    let still = running(&home);
-    assert_eq!(still.len(), 1, "{still:?}");
+    let still = support::wait_for(Duration::from_secs(20), "v2's instance stopped", || {
+        Some(running(&home)).filter(|r| r.len() == 1)
+    });
     assert_eq!(still[0].id, serving[0].id);
     assert!(!still[0].tainted, "an exec probe tainted the instance");
+
+    // A failing check's answer is the exec's exit and its last line of output.
+    std::fs::write(home.join("volumes/data/broken"), "").unwrap();
+    support::wait_for(Duration::from_secs(30), "the instance unhealthy", || {
+        let (_, history, _) = run(&home, &["history"]);
+        history
+            .contains("unhealthy: exit 1: broken by the test")
+            .then_some(())
+    });
 }
 
 #[test]
@@ -353,4 +365,56 @@ health = { kind = "tcp" }
         "{stderr}"
     );
     assert!(demo_instances(&home).is_empty());
+}
+
+#[test]
+fn an_exec_probe_that_outlasts_its_timeout_is_killed_and_leaves_nothing() {
+    use graven::runtime::{InstanceSpec, LocalRuntime, Runtime as _};
+    graven::sandbox::set_helper_binary(support::graven_bin());
+    let home = tempfile::tempdir().unwrap();
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.path().to_owned());
+    let image = support::runtime::hello_image(home.path());
+    let runtime = LocalRuntime::open(home.path()).unwrap();
+    let mut spec = InstanceSpec::new(image);
+    spec.env.insert("REUSE_PORT".to_owned(), "1".to_owned());
+    let instance = support::daemon::block_on(runtime.start(spec)).unwrap();
+    let address = instance.address.unwrap();
+    support::wait_for(Duration::from_secs(10), "the instance listening", || {
+        support::runtime::get(address, "/healthz")
+    });
+    // The example again, inside: with REUSE_PORT it binds beside the instance and serves
+    // until it is killed.
+    let command = ["/hello".to_owned()];
+    let output = support::daemon::block_on(runtime.probe(
+        &instance.id,
+        &command,
+        Duration::from_millis(500),
+    ))
+    .unwrap();
+    assert!(output.timed_out, "{output:?}");
+    assert_eq!(output.code, None, "{output:?}");
+    assert!(output.last_line.contains("listening"), "{output:?}");
+    assert_eq!(
+        output.to_string(),
+        format!("timed out: {}", output.last_line)
+    );
+    // Nothing of the probe is left: the instance's PID namespace holds its own process only.
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let theirs = namespace(&instance.pid.unwrap().to_string()).unwrap();
+    support::wait_for(Duration::from_secs(10), "the probe gone", || {
+        let inside = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter(|e| namespace(&e.file_name().to_string_lossy()) == Some(theirs.clone()))
+            .count();
+        (inside == 1).then_some(())
+    });
+    let seen = support::daemon::block_on(runtime.inspect(&instance.id)).unwrap();
+    assert!(!seen.tainted && !seen.status.is_exited(), "{seen:?}");
 }

@@ -761,16 +761,14 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 timeout: health.timeout,
                 healthy_after: health.healthy_after,
                 unhealthy_after: health.unhealthy_after,
-                kind: match &health.kind {
-                    crate::proxy::HealthKind::Http => HealthKind::Http,
-                    crate::proxy::HealthKind::Tcp => HealthKind::Tcp,
-                    crate::proxy::HealthKind::Exec { .. } => HealthKind::Exec,
-                    crate::proxy::HealthKind::None => HealthKind::None,
+                // By name: the log's types name no proxy type.
+                kind: match health.kind.name() {
+                    "tcp" => HealthKind::Tcp,
+                    "exec" => HealthKind::Exec,
+                    "none" => HealthKind::None,
+                    _ => HealthKind::Http,
                 },
-                command: match &health.kind {
-                    crate::proxy::HealthKind::Exec { command } => command.clone(),
-                    _ => Vec::new(),
-                },
+                command: health.kind.command().to_vec(),
                 start_period: health.start_period,
                 from_image: false,
             },

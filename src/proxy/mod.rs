@@ -58,6 +58,26 @@ pub enum HealthKind {
     None,
 }
 
+impl HealthKind {
+    /// The kind as graven.toml and the event log spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HealthKind::Http => "http",
+            HealthKind::Tcp => "tcp",
+            HealthKind::Exec { .. } => "exec",
+            HealthKind::None => "none",
+        }
+    }
+
+    /// The `exec` kind's command; empty for the others.
+    pub fn command(&self) -> &[String] {
+        match self {
+            HealthKind::Exec { command } => command,
+            HealthKind::Http | HealthKind::Tcp | HealthKind::None => &[],
+        }
+    }
+}
+
 /// One instance as the route sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backend {
