@@ -1,7 +1,9 @@
-//! Active health checks: one monitor per instance probes its health path over HTTP/1.1 and
-//! reports a flip only after N consecutive results, so one slow answer does not unroute an
-//! instance and one lucky answer does not route a broken one. The counting is a pure state
-//! machine (`HealthCounter`); the monitor is the thin shell that probes on a timer.
+//! Active health checks: one monitor per instance probes it (a GET of its health path over
+//! HTTP/1.1, a TCP connect, or a probe its caller gives: an exec or a process check, which
+//! only the runtime can make) and reports a flip only after N consecutive results, so one
+//! slow answer does not unroute an instance and one lucky answer does not route a broken
+//! one. The counting is a pure state machine (`HealthCounter`) shared by every kind; the
+//! monitor is the thin shell that probes on a timer.
 //!
 //! A probe that fails because graven itself is out of descriptors or buffers (or times out
 //! while graven failed for want of them elsewhere) says nothing about the instance: the round
@@ -124,7 +126,7 @@ impl HealthMonitor {
     /// Like `spawn`, for an instance whose health is already known: only a change from
     /// `initial` is reported. Probes `address` as the check's kind says: `http` and `tcp`
     /// connect; the kinds that need the runtime (`exec`, `none`) are the caller's, through
-    /// `spawn_probing`, and here always fail.
+    /// `spawn_probing`: here they are never made (skipped, as graven's own failure).
     pub fn spawn_from(
         instance: String,
         address: SocketAddr,
@@ -171,7 +173,7 @@ impl HealthMonitor {
                             let _ = writeln!(
                                 std::io::stderr(),
                                 "graven: health checks of instance {instance} are skipped \
-                                 until graven can open connections again: {why}"
+                                 until graven can make them again: {why}"
                             );
                             skipping = true;
                         }
