@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use graven::proxy::limits::exhaustions;
-use graven::proxy::{Health, HealthCheck, HealthMonitor};
+use graven::proxy::{Health, HealthCheck, HealthKind, HealthMonitor};
 use support::proxy::*;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -27,11 +27,13 @@ fn fill_descriptor_table() -> Vec<std::fs::File> {
 async fn probes_graven_cannot_make_do_not_flip_a_healthy_instance() {
     let backend = TestBackend::start("a").await;
     let check = HealthCheck {
+        kind: HealthKind::Http,
         path: "/healthz".into(),
         interval: Duration::from_millis(10),
         timeout: Duration::from_secs(1),
         healthy_after: 1,
         unhealthy_after: 2,
+        start_period: Duration::ZERO,
     };
     let (changes, mut received) = tokio::sync::mpsc::unbounded_channel();
     let _monitor =

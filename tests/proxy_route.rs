@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use graven::proxy::{Backend, Health, HealthCheck, HealthMonitor, ProxyError, Route, RouteOptions};
+use graven::proxy::{
+    Backend, Health, HealthCheck, HealthKind, HealthMonitor, ProxyError, Route, RouteOptions,
+};
 use http::{Method, StatusCode};
 use support::proxy::*;
 
@@ -68,11 +70,13 @@ async fn only_healthy_and_enabled_backends_get_traffic() {
 async fn health_monitor_reports_flips_after_consecutive_results() {
     let backend = TestBackend::start("a").await;
     let check = HealthCheck {
+        kind: HealthKind::Http,
         path: "/healthz".into(),
         interval: Duration::from_millis(10),
         timeout: Duration::from_secs(1),
         healthy_after: 2,
         unhealthy_after: 3,
+        start_period: Duration::ZERO,
     };
     let (changes, mut received) = tokio::sync::mpsc::unbounded_channel();
     let monitor = HealthMonitor::spawn("a".into(), backend.address, check.clone(), changes);

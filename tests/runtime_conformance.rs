@@ -328,6 +328,36 @@ async fn instances_get_distinct_addresses(subject: Subject) {
     }
 }
 
+/// A health probe runs in the instance without touching it: the instance keeps running,
+/// untainted, and still serves; an exited instance cannot be probed.
+async fn a_probe_leaves_the_instance_untainted(subject: Subject) {
+    let rt = &subject.runtime;
+    let instance = rt.start(spec(&subject)).await.unwrap();
+    let address = instance.address.unwrap();
+    wait_listening(address).await;
+    // The example again, inside the instance: on the local runtime it finds its port taken
+    // and exits 1; the fake answers for its health. Either way an answer, not an error.
+    let command = ["/hello".to_owned()];
+    let output = rt
+        .probe(&instance.id, &command, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(!output.timed_out, "{output:?}");
+    let seen = rt.inspect(&instance.id).await.unwrap();
+    assert!(!seen.tainted, "a probe tainted the instance");
+    assert!(!seen.status.is_exited());
+    assert_eq!(fetch(address, "/healthz").await.unwrap().status, 200);
+    rt.kill(&instance.id).await.unwrap();
+    let refused = rt
+        .probe(&instance.id, &command, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, RuntimeError::WrongState { .. }),
+        "{refused}"
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident: $($case:ident),* $(,)?) => {
         mod $backend {
@@ -354,6 +384,7 @@ macro_rules! all_cases {
             escaping_volume_starts_nothing,
             fixed_port_is_used_or_refused,
             instances_get_distinct_addresses,
+            a_probe_leaves_the_instance_untainted,
         );
     };
 }

@@ -842,6 +842,11 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                     age(instance.launched_at_ms),
                     instance.runtime_id.as_ref().map_or("-", |id| id.as_str()),
                 );
+                // What the check said when it failed: the http status, the connect error,
+                // the exec's exit and last line. Cleared once the instance passes again.
+                if let Some(detail) = &instance.detail {
+                    say!("      last health check: {detail}");
+                }
             }
         }
     }

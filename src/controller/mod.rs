@@ -25,8 +25,8 @@ use crate::events::{
     CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, InstanceName,
     Lifecycle, ReleaseNumber, RuntimeId, Scale, ServiceConfig, ServiceName, Source, State, fold,
 };
-use crate::proxy::health::{Health, HealthChange, HealthMonitor};
-use crate::proxy::{Backend, HealthCheck, Route, RouteOptions};
+use crate::proxy::health::{Health, HealthChange, HealthMonitor, ProbeFailure};
+use crate::proxy::{Backend, HealthCheck, HealthKind, Route, RouteOptions};
 use crate::runtime::{
     AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, VolumeMount,
 };
@@ -491,11 +491,83 @@ fn instance_id(id: &RuntimeId) -> InstanceId {
 fn health_check(config: &ServiceConfig) -> HealthCheck {
     let health = &config.health;
     HealthCheck {
+        kind: match health.kind {
+            crate::events::HealthKind::Http => HealthKind::Http,
+            crate::events::HealthKind::Tcp => HealthKind::Tcp,
+            crate::events::HealthKind::Exec => HealthKind::Exec {
+                command: health.command.clone(),
+            },
+            crate::events::HealthKind::None => HealthKind::None,
+        },
         path: health.path.clone(),
         interval: health.interval,
         timeout: health.timeout,
         healthy_after: health.healthy_after,
         unhealthy_after: health.unhealthy_after,
+        start_period: health.start_period,
+    }
+}
+
+/// Starts the health monitor of one instance: `http` and `tcp` probes are the proxy's,
+/// `exec` and `none` ask the runtime (a command inside the instance; whether its process
+/// runs), so the proxy never learns of runtimes.
+fn monitor(
+    runtime: &AnyRuntime,
+    name: &InstanceName,
+    id: InstanceId,
+    address: SocketAddr,
+    check: HealthCheck,
+    known: Health,
+    changes: mpsc::UnboundedSender<HealthChange>,
+) -> HealthMonitor {
+    let runtime = runtime.clone();
+    match check.kind.clone() {
+        HealthKind::Http | HealthKind::Tcp => {
+            HealthMonitor::spawn_from(name.to_string(), address, check, known, changes)
+        }
+        HealthKind::Exec { command } => {
+            let timeout = check.timeout;
+            let probe = move || {
+                let (runtime, id, command) = (runtime.clone(), id.clone(), command.clone());
+                async move { exec_probe(&runtime, &id, &command, timeout).await }
+            };
+            HealthMonitor::spawn_probing(name.to_string(), check, known, changes, probe)
+        }
+        HealthKind::None => {
+            let probe = move || {
+                let (runtime, id) = (runtime.clone(), id.clone());
+                async move {
+                    match runtime.inspect(&id).await {
+                        Ok(instance) if !instance.status.is_exited() => Ok("running".to_owned()),
+                        Ok(instance) => Err(ProbeFailure::Instance(format!(
+                            "not running ({:?})",
+                            instance.status
+                        ))),
+                        Err(error) => Err(ProbeFailure::Instance(error.to_string())),
+                    }
+                }
+            };
+            HealthMonitor::spawn_probing(name.to_string(), check, known, changes, probe)
+        }
+    }
+}
+
+/// One exec probe: exit 0 within the timeout passes; the answer is the exit and the last
+/// line of output. graven's own failure to run it (no descriptor, no process) is no
+/// evidence against the instance.
+async fn exec_probe(
+    runtime: &AnyRuntime,
+    id: &InstanceId,
+    command: &[String],
+    timeout: Duration,
+) -> Result<String, ProbeFailure> {
+    match runtime.probe(id, command, timeout).await {
+        Ok(output) if output.passed() => Ok(output.to_string()),
+        Ok(output) => Err(ProbeFailure::Instance(output.to_string())),
+        Err(error @ (RuntimeError::Other { .. } | RuntimeError::Io { .. })) => {
+            Err(ProbeFailure::Graven(error.to_string()))
+        }
+        Err(error) => Err(ProbeFailure::Instance(error.to_string())),
     }
 }
 
@@ -1247,7 +1319,8 @@ impl Shell {
         let c = &config.config;
         spec.command = c.command.clone();
         spec.env = c.env.clone();
-        spec.port = Some(c.port);
+        // 0 is a service with no port (a worker).
+        spec.port = Some(c.port).filter(|&port| port != 0);
         spec.volumes = c
             .volumes
             .iter()
@@ -1391,15 +1464,15 @@ impl Shell {
 
     /// Brings health monitors and route snapshots in line with the state.
     fn sync(&mut self) {
-        let watched: BTreeMap<&InstanceName, SocketAddr> = self
+        let watched: BTreeMap<&InstanceName, (SocketAddr, InstanceId)> = self
             .state
             .instances
             .values()
             .filter(|i| i.lifecycle != Lifecycle::Draining)
-            .filter_map(|i| Some((&i.name, i.address?)))
+            .filter_map(|i| Some((&i.name, (i.address?, instance_id(i.runtime_id.as_ref()?)))))
             .collect();
         self.monitors.retain(|name, _| watched.contains_key(name));
-        for (name, address) in watched {
+        for (name, (address, id)) in watched {
             if self.monitors.contains_key(name) {
                 continue;
             }
@@ -1416,8 +1489,10 @@ impl Shell {
                 Lifecycle::Unhealthy => Health::Unhealthy,
                 Lifecycle::Starting | Lifecycle::Draining => Health::Unknown,
             };
-            let monitor = HealthMonitor::spawn_from(
-                name.to_string(),
+            let monitor = monitor(
+                &self.options.runtime,
+                name,
+                id,
                 address,
                 health_check(&release.config),
                 known,

@@ -520,6 +520,7 @@ impl std::fmt::Display for GoneReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     pub instances: u32,
+    /// The port the service listens on; 0 when it has none (a worker).
     pub port: u16,
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
@@ -577,6 +578,46 @@ pub struct HealthConfig {
     pub healthy_after: u32,
     /// Consecutive failures before a healthy instance counts as unhealthy.
     pub unhealthy_after: u32,
+    /// What a probe does; left out when `http`, so configs written before the key existed
+    /// read (and write) as they did.
+    #[serde(default, skip_serializing_if = "HealthKind::is_http")]
+    pub kind: HealthKind,
+    /// The `exec` kind's command (a shell string as `["/bin/sh", "-c", TEXT]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// How much longer than the health deadline a new instance has to become healthy.
+    #[serde(default, skip_serializing_if = "Duration::is_zero")]
+    pub start_period: Duration,
+    /// Set when the check is the image's HEALTHCHECK (graven.toml had no health table), so
+    /// the log says where it came from.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_image: bool,
+}
+
+/// What a health probe does (`HealthConfig::kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    #[default]
+    Http,
+    Tcp,
+    Exec,
+    None,
+}
+
+impl HealthKind {
+    fn is_http(&self) -> bool {
+        *self == HealthKind::Http
+    }
+}
+
+impl ServiceConfig {
+    /// How long after its launch a new instance may take to become healthy: the deploy's
+    /// health deadline plus the check's start period.
+    pub fn time_to_healthy(&self) -> Duration {
+        self.health_deadline
+            .saturating_add(self.health.start_period)
+    }
 }
 
 /// A named volume mounted at an absolute path inside each instance.
@@ -627,6 +668,19 @@ impl ServiceConfig {
             timeout_ns: u64,
             healthy_after: u32,
             unhealthy_after: u32,
+            // The keys added with health kinds are left out at their defaults, so a config
+            // written before they existed hashes as it did.
+            #[serde(skip_serializing_if = "HealthKind::is_http")]
+            kind: HealthKind,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            command: &'a [String],
+            #[serde(skip_serializing_if = "is_zero")]
+            start_period_ns: u64,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            from_image: bool,
+        }
+        fn is_zero(n: &u64) -> bool {
+            *n == 0
         }
         #[derive(Serialize)]
         struct CanonicalDeploy {
@@ -659,6 +713,10 @@ impl ServiceConfig {
                 timeout_ns: nanos(self.health.timeout),
                 healthy_after: self.health.healthy_after,
                 unhealthy_after: self.health.unhealthy_after,
+                kind: self.health.kind,
+                command: &self.health.command,
+                start_period_ns: nanos(self.health.start_period),
+                from_image: self.health.from_image,
             },
             limits: &self.limits,
             volumes: &self.volumes,
@@ -690,7 +748,8 @@ impl From<&crate::spec::Service> for ServiceConfig {
         let limits = &service.limits;
         ServiceConfig {
             instances: service.instances,
-            port: service.port,
+            // 0 is a service with no port (a worker).
+            port: service.port.unwrap_or(0),
             route: service.route,
             command: service.command.clone(),
             env: service.env.clone(),
@@ -702,6 +761,16 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 timeout: health.timeout,
                 healthy_after: health.healthy_after,
                 unhealthy_after: health.unhealthy_after,
+                // By name: the log's types name no proxy type.
+                kind: match health.kind.name() {
+                    "tcp" => HealthKind::Tcp,
+                    "exec" => HealthKind::Exec,
+                    "none" => HealthKind::None,
+                    _ => HealthKind::Http,
+                },
+                command: health.kind.command().to_vec(),
+                start_period: health.start_period,
+                from_image: false,
             },
             strategy: match service.deploy.strategy {
                 crate::spec::Strategy::Rolling => Strategy::Rolling {
@@ -749,6 +818,10 @@ impl ServiceConfig {
                 timeout: Duration::from_secs(1),
                 healthy_after: 1,
                 unhealthy_after: 2,
+                kind: HealthKind::Http,
+                command: Vec::new(),
+                start_period: Duration::ZERO,
+                from_image: false,
             },
             strategy: Strategy::Rolling {
                 max_surge,

@@ -1,13 +1,16 @@
-//! Active health checks: one monitor per instance probes its health path over HTTP/1.1 and
-//! reports a flip only after N consecutive results, so one slow answer does not unroute an
-//! instance and one lucky answer does not route a broken one. The counting is a pure state
-//! machine (`HealthCounter`); the monitor is the thin shell that probes on a timer.
+//! Active health checks: one monitor per instance probes it (a GET of its health path over
+//! HTTP/1.1, a TCP connect, or a probe its caller gives: an exec or a process check, which
+//! only the runtime can make) and reports a flip only after N consecutive results, so one
+//! slow answer does not unroute an instance and one lucky answer does not route a broken
+//! one. The counting is a pure state machine (`HealthCounter`) shared by every kind; the
+//! monitor is the thin shell that probes on a timer.
 //!
 //! A probe that fails because graven itself is out of descriptors or buffers (or times out
 //! while graven failed for want of them elsewhere) says nothing about the instance: the round
 //! is skipped, neither a pass nor a failure, so that a client exhausting graven can never
 //! make the controller see a healthy instance flip and replace it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -19,8 +22,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
-use super::HealthCheck;
 use super::limits;
+use super::{HealthCheck, HealthKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,7 +124,9 @@ impl HealthMonitor {
     }
 
     /// Like `spawn`, for an instance whose health is already known: only a change from
-    /// `initial` is reported.
+    /// `initial` is reported. Probes `address` as the check's kind says: `http` and `tcp`
+    /// connect; the kinds that need the runtime (`exec`, `none`) are the caller's, through
+    /// `spawn_probing`: here they are never made (skipped, as graven's own failure).
     pub fn spawn_from(
         instance: String,
         address: SocketAddr,
@@ -129,6 +134,24 @@ impl HealthMonitor {
         initial: Health,
         changes: UnboundedSender<HealthChange>,
     ) -> HealthMonitor {
+        let probe = network_probe(address, &check);
+        HealthMonitor::spawn_probing(instance, check, initial, changes, probe)
+    }
+
+    /// Like `spawn_from`, with the probe given: each call makes one probe, which must end
+    /// within about the check's timeout on its own (the monitor does not cut it short: a
+    /// probe that runs a process must reap it). An `Ok` passes and says what it saw.
+    pub fn spawn_probing<P, F>(
+        instance: String,
+        check: HealthCheck,
+        initial: Health,
+        changes: UnboundedSender<HealthChange>,
+        mut probe: P,
+    ) -> HealthMonitor
+    where
+        P: FnMut() -> F + Send + 'static,
+        F: Future<Output = Result<String, ProbeFailure>> + Send + 'static,
+    {
         let task = tokio::spawn(async move {
             let mut counter = HealthCounter::starting_at(initial);
             // Whether the last round was skipped for graven's own exhaustion (logged once).
@@ -139,33 +162,18 @@ impl HealthMonitor {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let exhaustions = limits::exhaustions();
-                let result =
-                    match tokio::time::timeout(check.timeout, probe(address, &check.path)).await {
-                        Ok(result) => result,
-                        // graven itself ran out of descriptors meanwhile: the wait may be its own.
-                        Err(_) if limits::exhaustions() != exhaustions => {
-                            Err(Failure::Graven(format!(
-                                "no answer within {:?} while graven was out of descriptors",
-                                check.timeout
-                            )))
-                        }
-                        Err(_) => Err(Failure::Instance(format!(
-                            "no answer within {:?}",
-                            check.timeout
-                        ))),
-                    };
+                let result = probe().await;
                 let passed = match &result {
                     Ok(_) => true,
-                    Err(Failure::Instance(_)) => false,
-                    Err(Failure::Graven(why)) => {
+                    Err(ProbeFailure::Instance(_)) => false,
+                    Err(ProbeFailure::Graven(why)) => {
                         if !skipping {
                             // Not `eprintln!`: a closed stderr must not end the monitor.
                             use std::io::Write as _;
                             let _ = writeln!(
                                 std::io::stderr(),
                                 "graven: health checks of instance {instance} are skipped \
-                                 until graven can open connections again: {why}"
+                                 until graven can make them again: {why}"
                             );
                             skipping = true;
                         }
@@ -175,10 +183,8 @@ impl HealthMonitor {
                 skipping = false;
                 if let Some(health) = counter.observe(passed, &check) {
                     let detail = match result {
-                        Ok(status) => format!("{} {status}", check.path),
-                        Err(Failure::Instance(error) | Failure::Graven(error)) => {
-                            format!("{}: {error}", check.path)
-                        }
+                        Ok(answer) => answer,
+                        Err(ProbeFailure::Instance(error) | ProbeFailure::Graven(error)) => error,
                     };
                     let change = HealthChange {
                         instance: instance.clone(),
@@ -196,20 +202,82 @@ impl HealthMonitor {
 }
 
 /// Why a probe did not pass: the instance's doing, or graven's own.
-#[derive(Debug)]
-enum Failure {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// What the instance answered, or that it did not: counts as a failure.
     Instance(String),
     /// graven could not make the probe (no descriptor, no buffer): not evidence.
     Graven(String),
 }
 
+/// The probe of an `http` or `tcp` check on `address`, bounded by the check's timeout; the
+/// answer as it is shown (`/healthz 200`, `connected`).
+fn network_probe(
+    address: SocketAddr,
+    check: &HealthCheck,
+) -> impl FnMut() -> std::pin::Pin<Box<dyn Future<Output = Result<String, ProbeFailure>> + Send>>
++ Send
++ 'static {
+    let kind = check.kind.clone();
+    let path = check.path.clone();
+    let timeout = check.timeout;
+    move || {
+        let kind = kind.clone();
+        let path = path.clone();
+        Box::pin(async move {
+            let exhaustions = limits::exhaustions();
+            let probed = async {
+                match kind {
+                    HealthKind::Http => http_probe(address, &path)
+                        .await
+                        .map(|status| format!("{path} {status}")),
+                    HealthKind::Tcp => tcp_probe(address).await,
+                    HealthKind::Exec { .. } | HealthKind::None => Err(ProbeFailure::Graven(
+                        format!("a {kind:?} check is not made by connecting"),
+                    )),
+                }
+            };
+            let result = match tokio::time::timeout(timeout, probed).await {
+                Ok(result) => result,
+                // graven itself ran out of descriptors meanwhile: the wait may be its own.
+                Err(_) if limits::exhaustions() != exhaustions => Err(ProbeFailure::Graven(
+                    format!("no answer within {timeout:?} while graven was out of descriptors"),
+                )),
+                Err(_) => Err(ProbeFailure::Instance(format!(
+                    "no answer within {timeout:?}"
+                ))),
+            };
+            // An http failure names the path, as the answer does.
+            result.map_err(|failure| match (&kind, failure) {
+                (HealthKind::Http, ProbeFailure::Instance(e)) => {
+                    ProbeFailure::Instance(format!("{path}: {e}"))
+                }
+                (HealthKind::Http, ProbeFailure::Graven(e)) => {
+                    ProbeFailure::Graven(format!("{path}: {e}"))
+                }
+                (_, failure) => failure,
+            })
+        })
+    }
+}
+
+/// A connect, which says nothing of the protocol: for a server that does not speak HTTP (a
+/// database answers an HTTP probe with an error of its own). The connection is closed at once.
+async fn tcp_probe(address: SocketAddr) -> Result<String, ProbeFailure> {
+    match TcpStream::connect(address).await {
+        Ok(_) => Ok("connected".to_owned()),
+        Err(error) if limits::exhausted(&error) => Err(ProbeFailure::Graven(error.to_string())),
+        Err(error) => Err(ProbeFailure::Instance(format!("connect: {error}"))),
+    }
+}
+
 /// One probe on a fresh connection (a pooled one could hide a listener that is gone):
 /// a 2xx or 3xx answer passes. Returns the status, or why it failed.
-async fn probe(address: SocketAddr, path: &str) -> Result<u16, Failure> {
-    let instance = |error: &dyn std::fmt::Display| Failure::Instance(error.to_string());
+async fn http_probe(address: SocketAddr, path: &str) -> Result<u16, ProbeFailure> {
+    let instance = |error: &dyn std::fmt::Display| ProbeFailure::Instance(error.to_string());
     let stream = TcpStream::connect(address).await.map_err(|error| {
         if limits::exhausted(&error) {
-            Failure::Graven(error.to_string())
+            ProbeFailure::Graven(error.to_string())
         } else {
             instance(&error)
         }
@@ -231,7 +299,7 @@ async fn probe(address: SocketAddr, path: &str) -> Result<u16, Failure> {
     if status.is_success() || status.is_redirection() {
         Ok(status.as_u16())
     } else {
-        Err(Failure::Instance(format!("answered {status}")))
+        Err(ProbeFailure::Instance(format!("answered {status}")))
     }
 }
 
@@ -243,11 +311,13 @@ mod tests {
 
     fn check_after(healthy_after: u32, unhealthy_after: u32) -> HealthCheck {
         HealthCheck {
+            kind: HealthKind::Http,
             path: "/healthz".into(),
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             healthy_after,
             unhealthy_after,
+            start_period: Duration::ZERO,
         }
     }
 

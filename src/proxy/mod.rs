@@ -22,13 +22,15 @@ mod route;
 mod upstream;
 
 pub use error::{ErrorClass, ProxyError};
-pub use health::{Health, HealthChange, HealthMonitor};
+pub use health::{Health, HealthChange, HealthMonitor, ProbeFailure};
 pub use metrics::{ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts};
 pub use route::Route;
 
 /// An active health check, as `graven.toml`'s `health` table describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
+    /// What a probe does; `path` is only the `http` kind's.
+    pub kind: HealthKind,
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
@@ -36,6 +38,44 @@ pub struct HealthCheck {
     pub healthy_after: u32,
     /// Consecutive failures before a healthy instance counts as unhealthy.
     pub unhealthy_after: u32,
+    /// How much longer than the deploy's health deadline a new instance has to become
+    /// healthy (Docker's start period: a slow start is not a failure).
+    pub start_period: Duration,
+}
+
+/// What a health probe does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A GET of the path on a fresh connection: 2xx or 3xx passes.
+    Http,
+    /// A TCP connect to the instance's address passes.
+    Tcp,
+    /// A command run inside the instance (by the runtime, never the proxy): exit 0 passes.
+    /// A shell string is `["/bin/sh", "-c", TEXT]` here.
+    Exec { command: Vec<String> },
+    /// No probe: the instance passes while its process runs.
+    None,
+}
+
+impl HealthKind {
+    /// The kind as graven.toml and the event log spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HealthKind::Http => "http",
+            HealthKind::Tcp => "tcp",
+            HealthKind::Exec { .. } => "exec",
+            HealthKind::None => "none",
+        }
+    }
+
+    /// The `exec` kind's command; empty for the others.
+    pub fn command(&self) -> &[String] {
+        match self {
+            HealthKind::Exec { command } => command,
+            HealthKind::Http | HealthKind::Tcp | HealthKind::None => &[],
+        }
+    }
 }
 
 /// One instance as the route sees it.

@@ -20,7 +20,9 @@ use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
+use super::{
+    Instance, InstanceId, InstanceSpec, InstanceStatus, ProbeOutput, Runtime, RuntimeError,
+};
 use crate::store::Digest;
 
 const SIGKILL: i32 = 9;
@@ -280,6 +282,50 @@ impl Runtime for FakeRuntime {
 
     async fn inspect(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
         Ok(self.lock().get_mut(id)?.info.clone())
+    }
+
+    /// A fake instance runs no commands: `true` passes and `false` fails; any other command
+    /// passes while the instance's health is switched healthy, fails (exit 1) while
+    /// unhealthy and outlasts its timeout while hung. Nothing is tainted.
+    async fn probe(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ProbeOutput, RuntimeError> {
+        let behavior = {
+            let mut inner = self.lock();
+            let instance = inner.get_mut(id)?;
+            match &instance.server {
+                Some(server) => Behavior::from_u8(server.behavior.load(Ordering::SeqCst)),
+                None => {
+                    return Err(RuntimeError::WrongState {
+                        id: id.clone(),
+                        status: instance.info.status,
+                        action: "probed",
+                    });
+                }
+            }
+        };
+        let answer = |code: i32, line: &str| ProbeOutput {
+            code: Some(code),
+            timed_out: false,
+            last_line: line.to_owned(),
+        };
+        Ok(match (command.first().map(String::as_str), behavior) {
+            (Some("true"), _) => answer(0, ""),
+            (Some("false"), _) => answer(1, ""),
+            (_, Behavior::Healthy) => answer(0, "healthy"),
+            (_, Behavior::Unhealthy) => answer(1, "unhealthy"),
+            (_, Behavior::Hung) => {
+                tokio::time::sleep(timeout).await;
+                ProbeOutput {
+                    code: None,
+                    timed_out: true,
+                    last_line: String::new(),
+                }
+            }
+        })
     }
 
     async fn list(&self) -> Result<Vec<Instance>, RuntimeError> {

@@ -290,6 +290,8 @@ pub enum RuntimeError {
     NoCommand { image: Digest },
     #[error("image {image} has no {path} to run")]
     MissingEntrypoint { image: Digest, path: String },
+    #[error("image {image} has no {path} to run as its health check")]
+    MissingHealthCommand { image: Digest, path: String },
     #[error("instance {id} could not start: {message}")]
     Sandbox { id: InstanceId, message: String },
     #[error("this machine cannot sandbox instances: {reason}")]
@@ -307,6 +309,41 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
 }
+
+/// What a health probe run inside an instance (`Runtime::probe`) saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeOutput {
+    /// The command's exit code; None when it was ended by a signal (the timeout's included).
+    pub code: Option<i32>,
+    /// Whether it was killed for outlasting its timeout.
+    pub timed_out: bool,
+    /// The last line of what it wrote (stdout and stderr together), at most
+    /// `PROBE_LINE_BYTES` of it.
+    pub last_line: String,
+}
+
+impl ProbeOutput {
+    pub fn passed(&self) -> bool {
+        self.code == Some(0) && !self.timed_out
+    }
+}
+
+impl std::fmt::Display for ProbeOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.timed_out, self.code) {
+            (true, _) => f.write_str("timed out")?,
+            (false, Some(code)) => write!(f, "exit {code}")?,
+            (false, None) => f.write_str("killed")?,
+        }
+        if !self.last_line.is_empty() {
+            write!(f, ": {}", self.last_line)?;
+        }
+        Ok(())
+    }
+}
+
+/// How much of a probe's last line is kept: enough for an error message, never a flood.
+pub const PROBE_LINE_BYTES: usize = 200;
 
 /// A change of an instance that the runtime reports as it happens (`Runtime::changes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,6 +378,15 @@ pub trait Runtime {
     async fn kill(&self, id: &InstanceId) -> Result<(), RuntimeError>;
     /// Removes an exited instance and its state (never its volumes or its log).
     async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError>;
+    /// Runs `command` inside the running instance as its health probe: its namespaces, user,
+    /// env and cgroups, as a break-glass exec, but the instance is not tainted (a probe is
+    /// part of running it) and the command is killed once it outlasts `timeout`.
+    async fn probe(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ProbeOutput, RuntimeError>;
 }
 
 /// The fixed set of backends, dispatched by `match` so callers keep concrete (and `Send`)
@@ -390,6 +436,14 @@ impl Runtime for AnyRuntime {
     }
     async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         dispatch!(self, rt => rt.remove(id).await)
+    }
+    async fn probe(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ProbeOutput, RuntimeError> {
+        dispatch!(self, rt => rt.probe(id, command, timeout).await)
     }
 }
 

@@ -449,6 +449,20 @@ pub fn exec(
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<ExitStatus, SandboxError> {
+    let program = request.args.first().cloned().unwrap_or_default();
+    exec_spawn(request, stdin, stdout, stderr)?
+        .wait()
+        .map_err(|source| SandboxError::Io { program, source })
+}
+
+/// Like `exec`, but returns once the command runs: the child is the helper, which exits as
+/// the command does, and whose death (a SIGKILL, say) ends the command too.
+pub fn exec_spawn(
+    request: &ExecRequest,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Child, SandboxError> {
     let json = serde_json::to_string(request).expect("an exec request always serializes");
     let program = request.args.first().cloned().unwrap_or_default();
     // The request travels in the environment so the command keeps the caller's stdin; the
@@ -460,10 +474,8 @@ pub fn exec(
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr);
-    let (mut child, _) = start_helper_with(command, &program, |_| Ok(()))?.finish()?;
-    child
-        .wait()
-        .map_err(|source| SandboxError::Io { program, source })
+    let (child, _) = start_helper_with(command, &program, |_| Ok(()))?.finish()?;
+    Ok(child)
 }
 
 /// The scratch directory of `options`, or a temp dir made for it.

@@ -87,7 +87,9 @@ pub struct ImageSource {
 pub struct Service {
     pub name: String,
     pub instances: u32,
-    pub port: u16,
+    /// None for a service that listens on no port (a worker: no route, and a health check
+    /// that does not connect).
+    pub port: Option<u16>,
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
     /// Plain env values, as written.
@@ -96,6 +98,9 @@ pub struct Service {
     /// from the secret store only when an instance starts.
     pub secrets: BTreeMap<String, String>,
     pub health: HealthCheck,
+    /// Whether graven.toml has a health table for it; without one the image's HEALTHCHECK,
+    /// if it has one, is used instead (`deploy`).
+    pub health_table: bool,
     pub deploy: DeployPolicy,
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,

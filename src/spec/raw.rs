@@ -133,7 +133,11 @@ pub(crate) struct RawService {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
+    pub kind: Option<Field<String>>,
     pub path: Option<Field<String>>,
+    /// A list (exec form) or a string (run by `/bin/sh -c`); `validate` decides.
+    pub command: Option<Field<Value>>,
+    pub start_period: Option<Field<String>>,
     pub interval: Option<Field<String>>,
     pub timeout: Option<Field<String>>,
     pub healthy_after: Option<Field<i64>>,

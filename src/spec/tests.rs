@@ -32,7 +32,9 @@ fn render(result: Result<Project, SpecErrors>) -> String {
              volumes {:?} limits {:?}",
             service.name,
             service.instances,
-            service.port,
+            service
+                .port
+                .map_or_else(|| "none".to_owned(), |p| p.to_string()),
             service.route,
             service.command,
             service.env,
@@ -54,6 +56,16 @@ fn render(result: Result<Project, SpecErrors>) -> String {
             service.limits,
         )
         .unwrap();
+        // Only what differs from an http check without a start period, so the snapshots
+        // written before health kinds existed stay as they were.
+        if h.kind != crate::proxy::HealthKind::Http || !h.start_period.is_zero() {
+            writeln!(
+                out,
+                "  health kind {:?} start_period {:?} table {}",
+                h.kind, h.start_period, service.health_table
+            )
+            .unwrap();
+        }
     }
     out
 }
@@ -411,11 +423,18 @@ volumes = { a = "/data", b = "/data" }
 #[test]
 fn missing_required_fields() {
     check(
-        "[services.web]\ninstances = 1\n[build]\n",
+        "[services.web]\nroute = \"127.0.0.1:9000\"\n[build]\n",
         expect![[r#"
             graven.toml:1:1: app: missing field "app": name the application, e.g. app = "hello"
             graven.toml:1:11: services.web: missing field "port": the port the service listens on
             graven.toml:3:1: build: missing field "command": the command that builds the app"#]],
+    );
+    // A health check that connects needs a port, and says so.
+    check(
+        "app = \"a\"\n[services.db.health]\nkind = \"tcp\"\n",
+        expect![[
+            r#"graven.toml:2:11: services.db: missing field "port": a tcp health check connects to it"#
+        ]],
     );
     check(
         "app = \"a\"\n",
@@ -650,5 +669,110 @@ deploy = { keep_releases = 10 }
         "app = \"a\"\n[services.web]\nport = 1\ndeploy = { keep_releases = 0 }\n",
         expect![[r#"
             graven.toml:4:28: services.web.deploy.keep_releases: 0 is out of range: it must be at least 1"#]],
+    );
+}
+
+#[test]
+fn health_kinds_and_workers() {
+    // A worker: no route, no port, no health table: checked as alive, no port needed.
+    check(
+        r#"
+app = "a"
+[services.worker]
+command = ["/worker"]
+"#,
+        expect![[r#"
+            app a env local build None containerfile /app/Containerfile context /app
+            service worker: instances 1 port none route None command Some(["/worker"]) env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              health kind None start_period 0ns table false
+        "#]],
+    );
+    // A port alone keeps today's http check.
+    check(
+        r#"
+app = "a"
+[services.web]
+port = 8080
+"#,
+        expect![[r#"
+            app a env local build None containerfile /app/Containerfile context /app
+            service web: instances 1 port 8080 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+        "#]],
+    );
+    check(
+        r#"
+app = "a"
+[services.db]
+port = 5432
+health = { kind = "tcp", start_period = "5s" }
+[services.pg]
+health = { command = ["pg_isready", "-q"] }
+[services.sh]
+health = { kind = "exec", command = "test -f /tmp/ready" }
+[services.job]
+health = { kind = "none" }
+"#,
+        expect![[r#"
+            app a env local build None containerfile /app/Containerfile context /app
+            service db: instances 1 port 5432 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              health kind Tcp start_period 5s table true
+            service job: instances 1 port none route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              health kind None start_period 0ns table true
+            service pg: instances 1 port none route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              health kind Exec { command: ["pg_isready", "-q"] } start_period 0ns table true
+            service sh: instances 1 port none route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              health kind Exec { command: ["/bin/sh", "-c", "test -f /tmp/ready"] } start_period 0ns table true
+        "#]],
+    );
+}
+
+#[test]
+fn health_kinds_that_cannot_work_are_reported() {
+    check(
+        r#"
+app = "a"
+[services.a]
+health = { kind = "exec" }
+[services.b]
+health = { kind = "tcp" }
+[services.c]
+port = 1
+health = { kind = "http", command = ["true"] }
+[services.d]
+health = { kind = "ping" }
+[services.e]
+health = { command = [] }
+[services.f]
+health = { command = 7 }
+[services.g]
+route = "127.0.0.1:9000"
+health = { kind = "none" }
+"#,
+        expect![[r#"
+            graven.toml:4:19: services.a.health.kind: an exec health check needs a command, e.g. command = ["pg_isready", "-q"] or a string run by /bin/sh -c
+            graven.toml:5:11: services.b: missing field "port": a tcp health check connects to it
+            graven.toml:9:37: services.c.health.command: a command is only run by kind = "exec", not "http"
+            graven.toml:11:19: services.d.health.kind: unknown health kind "ping" (known: "http", "tcp", "exec", "none")
+            graven.toml:13:22: services.e.health.command: the command needs a program: ["pg_isready", "-q"]
+            graven.toml:15:22: services.f.health.command: a command is a list (run as it is) or a string (run by /bin/sh -c)
+            graven.toml:16:11: services.g: missing field "port": the port the service listens on"#]],
     );
 }

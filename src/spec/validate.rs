@@ -18,7 +18,7 @@ use super::problem::{Issues, did_you_mean, quoted_list};
 use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawService, join};
 use super::values;
 use super::{BuildStep, DeployPolicy, ImageSource, Project, Service, Strategy};
-use crate::proxy::HealthCheck;
+use crate::proxy::{HealthCheck, HealthKind};
 use crate::runtime::{Limits, VolumeMount};
 
 /// The environment every project has without declaring it.
@@ -46,7 +46,12 @@ struct Partial {
     route: Option<At<SocketAddr>>,
     command: Option<At<Vec<String>>>,
     env: BTreeMap<String, At<values::EnvValue>>,
+    /// Whether a health table was written (otherwise the image's HEALTHCHECK counts).
+    health_table: bool,
     health_path: Option<At<String>>,
+    health_kind: Option<At<Kind>>,
+    health_command: Option<At<Vec<String>>>,
+    start_period: Option<At<Duration>>,
     interval: Option<At<Duration>>,
     timeout: Option<At<Duration>>,
     healthy_after: Option<At<u32>>,
@@ -79,7 +84,11 @@ impl Partial {
             route: pick(&overlay.route, &self.route),
             command: pick(&overlay.command, &self.command),
             env,
+            health_table: overlay.health_table || self.health_table,
             health_path: pick(&overlay.health_path, &self.health_path),
+            health_kind: pick(&overlay.health_kind, &self.health_kind),
+            health_command: pick(&overlay.health_command, &self.health_command),
+            start_period: pick(&overlay.start_period, &self.start_period),
             interval: pick(&overlay.interval, &self.interval),
             timeout: pick(&overlay.timeout, &self.timeout),
             healthy_after: pick(&overlay.healthy_after, &self.healthy_after),
@@ -190,6 +199,7 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
         }
     }
     if let Some(health) = &raw.health {
+        partial.health_table = true;
         check_health(health.get_ref(), &path("health"), issues, &mut partial);
     }
     if let Some(deploy) = &raw.deploy {
@@ -216,6 +226,19 @@ fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mu
             ))
         }
     });
+    partial.health_kind = leaf(&raw.kind, &path("kind"), issues, |k| match k.as_str() {
+        "http" => Ok(Kind::Http),
+        "tcp" => Ok(Kind::Tcp),
+        "exec" => Ok(Kind::Exec),
+        "none" => Ok(Kind::None),
+        other => Err(format!(
+            "unknown health kind {other:?} (known: \"http\", \"tcp\", \"exec\", \"none\")"
+        )),
+    });
+    partial.health_command = leaf(&raw.command, &path("command"), issues, health_command);
+    partial.start_period = leaf(&raw.start_period, &path("start_period"), issues, |d| {
+        values::duration(d)
+    });
     partial.interval = leaf(&raw.interval, &path("interval"), issues, positive_duration);
     partial.timeout = leaf(&raw.timeout, &path("timeout"), issues, positive_duration);
     partial.healthy_after = leaf(
@@ -230,6 +253,40 @@ fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mu
         issues,
         integer_in(1, u32_max),
     );
+}
+
+/// What a health probe does, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Http,
+    Tcp,
+    Exec,
+    None,
+}
+
+/// An exec health command: a list is run as it is (Docker's `CMD`), a string by
+/// `/bin/sh -c` (Docker's `CMD-SHELL`).
+fn health_command(value: &toml::Value) -> Result<Vec<String>, String> {
+    let command = match value {
+        toml::Value::String(text) if !text.trim().is_empty() => {
+            vec!["/bin/sh".to_owned(), "-c".to_owned(), text.clone()]
+        }
+        toml::Value::Array(words) => words
+            .iter()
+            .map(|w| w.as_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()
+            .ok_or("a command list holds strings only: [\"pg_isready\", \"-q\"]")?,
+        toml::Value::String(_) => Vec::new(),
+        _ => {
+            return Err(
+                "a command is a list (run as it is) or a string (run by /bin/sh -c)".to_owned(),
+            );
+        }
+    };
+    if command.first().is_none_or(|program| program.is_empty()) {
+        return Err("the command needs a program: [\"pg_isready\", \"-q\"]".to_owned());
+    }
+    Ok(command)
 }
 
 fn check_deploy(raw: &RawDeploy, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
@@ -343,13 +400,32 @@ fn resolve_service(
     } else {
         format!(" (in environment {environment:?})")
     };
-    // Both whole-service rules are checked before giving up, so both are reported.
+    // The whole-service rules are checked before giving up, so all are reported.
     let port = merged.port.as_ref().map(|p| p.value);
-    if port.is_none() && !issues.mentions(&format!("services.{name}"), "port") {
+    let (kind, health_ok) = health_kind(name, merged, &in_environment, issues);
+    // A worker (no route, and a check that does not connect) needs no port.
+    let needs_port = merged.route.is_some() || matches!(kind, Kind::Http | Kind::Tcp);
+    let port_ok = port.is_some() || !needs_port;
+    if !port_ok && !issues.mentions(&format!("services.{name}"), "port") {
+        let why = match (&merged.route, &merged.health_kind) {
+            (
+                None,
+                Some(At {
+                    value: Kind::Tcp, ..
+                }),
+            ) => "a tcp health check connects to it",
+            (
+                None,
+                Some(At {
+                    value: Kind::Http, ..
+                }),
+            ) => "an http health check asks it",
+            _ => "the port the service listens on",
+        };
         issues.push(
             base.span.clone(),
             format!("services.{name}"),
-            format!("missing field \"port\": the port the service listens on{in_environment}"),
+            format!("missing field \"port\": {why}{in_environment}"),
         );
     }
     let max_surge = merged.max_surge.as_ref().map_or(1, |m| m.value);
@@ -371,7 +447,9 @@ fn resolve_service(
             ),
         );
     }
-    let port = port.filter(|_| surge_ok)?;
+    if !(surge_ok && port_ok && health_ok) {
+        return None;
+    }
     let value =
         |at: &Option<At<Duration>>, default: Duration| at.as_ref().map_or(default, |a| a.value);
     let count = |at: &Option<At<u32>>, default: u32| at.as_ref().map_or(default, |a| a.value);
@@ -399,6 +477,19 @@ fn resolve_service(
             })
             .collect(),
         health: HealthCheck {
+            kind: match kind {
+                Kind::Http => HealthKind::Http,
+                Kind::Tcp => HealthKind::Tcp,
+                Kind::Exec => HealthKind::Exec {
+                    command: merged
+                        .health_command
+                        .as_ref()
+                        .map(|c| c.value.clone())
+                        .unwrap_or_default(),
+                },
+                Kind::None => HealthKind::None,
+            },
+            start_period: value(&merged.start_period, Duration::ZERO),
             path: merged
                 .health_path
                 .as_ref()
@@ -408,6 +499,7 @@ fn resolve_service(
             healthy_after: count(&merged.healthy_after, 2),
             unhealthy_after: count(&merged.unhealthy_after, 3),
         },
+        health_table: merged.health_table,
         deploy: DeployPolicy {
             strategy: merged
                 .strategy
@@ -432,6 +524,49 @@ fn resolve_service(
             log_bytes: bytes(&merged.log),
         },
     })
+}
+
+/// The kind of a service's health check: as written; `exec` when only a command is; else
+/// `http` for a service with a route or a port and `none` for one with neither (a worker).
+/// False when the kind and the command contradict each other (reported).
+fn health_kind(
+    name: &str,
+    merged: &Partial,
+    in_environment: &str,
+    issues: &mut Issues,
+) -> (Kind, bool) {
+    let written = merged.health_kind.as_ref();
+    let command = merged.health_command.as_ref();
+    match (written, command) {
+        (Some(kind), None) if kind.value == Kind::Exec => {
+            if !issues.mentions(&format!("services.{name}.health"), "command") {
+                issues.push(
+                    kind.loc.span.clone(),
+                    &kind.loc.field,
+                    format!(
+                        "an exec health check needs a command, e.g. command = \
+                         [\"pg_isready\", \"-q\"] or a string run by /bin/sh -c{in_environment}"
+                    ),
+                );
+            }
+            (Kind::Exec, false)
+        }
+        (Some(kind), Some(command)) if kind.value != Kind::Exec => {
+            issues.push(
+                command.loc.span.clone(),
+                &command.loc.field,
+                format!(
+                    "a command is only run by kind = \"exec\", not {:?}{in_environment}",
+                    format!("{:?}", kind.value).to_lowercase()
+                ),
+            );
+            (kind.value, false)
+        }
+        (Some(kind), _) => (kind.value, true),
+        (None, Some(_)) => (Kind::Exec, true),
+        (None, None) if merged.route.is_some() || merged.port.is_some() => (Kind::Http, true),
+        (None, None) => (Kind::None, true),
+    }
 }
 
 /// `dir` joined with a path from the file, without `.` components.

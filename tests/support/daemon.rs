@@ -27,6 +27,10 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
             timeout: Duration::from_millis(500),
             healthy_after: 1,
             unhealthy_after: 2,
+            kind: Default::default(),
+            command: Vec::new(),
+            start_period: Duration::ZERO,
+            from_image: false,
         },
         strategy: Strategy::Rolling {
             max_surge: 1,

@@ -285,10 +285,13 @@ proptest! {
         instances in 1u32..5,
         max_surge in 0u32..3,
         max_unavailable in 0u32..3,
+        start_period in 0u64..20,
         ops in proptest::collection::vec(op(), 1..60),
     ) {
         let mut config = ServiceConfig::test(instances, max_surge, max_unavailable);
         config.health_deadline = Duration::from_secs(30);
+        // A start period lengthens the time new instances have to become healthy.
+        config.health.start_period = Duration::from_secs(start_period);
         let mut sim = Sim {
             state: State::default(),
             now_ms: 1_000,

@@ -67,12 +67,12 @@ pub(super) fn plan(
             (None, Lifecycle::Starting)
                 if now_ms
                     >= instance.launched_at_ms.max(observed.since_ms)
-                        + config.health_deadline.as_millis() as u64 =>
+                        + config.time_to_healthy().as_millis() as u64 =>
             {
                 round.drain(
                     &instance.name,
                     DrainReason::NotHealthyInTime {
-                        deadline: config.health_deadline,
+                        deadline: config.time_to_healthy(),
                     },
                 )
             }
@@ -100,8 +100,8 @@ pub(super) fn plan(
     }
 
     if let Some(deploy) = service_state.deploy.as_ref().filter(|d| d.to == wanted) {
-        let deadline =
-            deploy.started_at_ms.max(observed.since_ms) + config.health_deadline.as_millis() as u64;
+        let deadline = deploy.started_at_ms.max(observed.since_ms)
+            + config.time_to_healthy().as_millis() as u64;
         let last_failure = service_state.last_failure.clone();
         let reason = if deploy.failures >= super::MAX_DEPLOY_FAILURES {
             Some(RollbackReason::TooManyFailures {
@@ -112,7 +112,7 @@ pub(super) fn plan(
             Some(RollbackReason::NotHealthyInTime {
                 healthy: new_healthy,
                 desired,
-                deadline: config.health_deadline,
+                deadline: config.time_to_healthy(),
                 last_failure,
             })
         } else {

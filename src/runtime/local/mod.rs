@@ -11,6 +11,7 @@ mod cgroup;
 mod gc;
 pub mod log;
 pub mod orphans;
+mod probe;
 pub mod retention;
 mod rootfs;
 pub mod shim;
@@ -619,6 +620,17 @@ impl LocalRuntime {
 impl Runtime for LocalRuntime {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    async fn probe(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<super::ProbeOutput, RuntimeError> {
+        let (id, command) = (id.clone(), command.to_vec());
+        self.blocking(move |rt| rt.probe_blocking(&id, command, timeout))
+            .await
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<crate::runtime::InstanceChange> {
