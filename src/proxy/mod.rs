@@ -1,7 +1,7 @@
-//! The proxy owns the identity layer: one HTTP listener per route, balancing over the
-//! instances it is given, active health checks, draining, request holding and retries, and
-//! per-release counters. It knows nothing of deploys, releases' meaning or the event log:
-//! the controller hands it snapshots of backends and reads its health changes.
+//! The proxy owns the identity layer: one listener per route (HTTP, or TCP at layer 4),
+//! balancing over the instances it is given, active health checks, draining, holding and
+//! retries, and per-release counters. It knows nothing of deploys, releases' meaning or the
+//! event log: the controller hands it snapshots of backends and reads its health changes.
 //!
 //! Division of labour with the controller: `health::HealthMonitor` probes one instance and
 //! reports flips (after N consecutive results); the controller records each flip as an event
@@ -13,18 +13,24 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod backends;
 mod body;
 mod error;
 pub mod health;
 pub mod limits;
 mod metrics;
 mod route;
+mod serving;
+mod tcp;
 mod upstream;
 
 pub use error::{ErrorClass, ProxyError};
 pub use health::{Health, HealthChange, HealthMonitor};
-pub use metrics::{ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts};
+pub use metrics::{
+    ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts, TcpCounts,
+};
 pub use route::Route;
+pub use tcp::TcpRoute;
 
 /// An active health check, as `graven.toml`'s `health` table describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
