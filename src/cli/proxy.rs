@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Threads, async_runtime};
-use crate::proxy::{Backend, Route, RouteOptions, TcpRoute};
+use crate::proxy::{AnyRoute, Backend, RouteOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
@@ -38,16 +38,9 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 enabled: true,
             })
             .collect();
-        let options = RouteOptions::new(args.listen);
-        let (local_addr, route) = if args.tcp {
-            let route = TcpRoute::bind(options).await?;
-            route.set_backends(backends);
-            (route.local_addr(), Either::Tcp(route))
-        } else {
-            let route = Route::bind(options).await?;
-            route.set_backends(backends);
-            (route.local_addr(), Either::Http(route))
-        };
+        let route = AnyRoute::bind(RouteOptions::new(args.listen), args.tcp).await?;
+        route.set_backends(backends);
+        let local_addr = route.local_addr();
         // Watch for SIGTERM before announcing the address: whoever reads it may stop us next.
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -57,15 +50,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        match route {
-            Either::Http(route) => route.shutdown().await,
-            Either::Tcp(route) => route.shutdown().await,
-        }
+        route.shutdown().await;
         anyhow::Ok(ExitCode::SUCCESS)
     })
-}
-
-enum Either {
-    Http(Route),
-    Tcp(TcpRoute),
 }

@@ -32,6 +32,65 @@ pub use metrics::{
 pub use route::Route;
 pub use tcp::TcpRoute;
 
+/// A route of either kind, as its owner holds it.
+#[derive(Debug)]
+pub enum AnyRoute {
+    Http(Route),
+    Tcp(TcpRoute),
+}
+
+impl AnyRoute {
+    /// Binds an HTTP route, or a TCP one when `tcp`.
+    pub async fn bind(options: RouteOptions, tcp: bool) -> Result<AnyRoute, ProxyError> {
+        Ok(if tcp {
+            AnyRoute::Tcp(TcpRoute::bind(options).await?)
+        } else {
+            AnyRoute::Http(Route::bind(options).await?)
+        })
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, AnyRoute::Tcp(_))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            AnyRoute::Http(route) => route.local_addr(),
+            AnyRoute::Tcp(route) => route.local_addr(),
+        }
+    }
+
+    pub fn set_backends(&self, backends: Vec<Backend>) {
+        match self {
+            AnyRoute::Http(route) => route.set_backends(backends),
+            AnyRoute::Tcp(route) => route.set_backends(backends),
+        }
+    }
+
+    /// Waits until the instance's requests (HTTP) or connections (TCP) have finished, or
+    /// `timeout` passes; a TCP route then closes the connections left.
+    pub async fn drain(&self, instance: &str, timeout: Duration) -> usize {
+        match self {
+            AnyRoute::Http(route) => route.drain(instance, timeout).await,
+            AnyRoute::Tcp(route) => route.drain(instance, timeout).await,
+        }
+    }
+
+    pub fn metrics(&self) -> RouteMetrics {
+        match self {
+            AnyRoute::Http(route) => route.metrics(),
+            AnyRoute::Tcp(route) => route.metrics(),
+        }
+    }
+
+    pub async fn shutdown(self) {
+        match self {
+            AnyRoute::Http(route) => route.shutdown().await,
+            AnyRoute::Tcp(route) => route.shutdown().await,
+        }
+    }
+}
+
 /// An active health check, as `graven.toml`'s `health` table describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
