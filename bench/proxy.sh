@@ -14,6 +14,11 @@
 # The build adds the `dev-tools` feature for the hidden `graven __proxy` command, which serves
 # one `graven::proxy::Route`: the same route code `graven up` serves, with the same profile.
 #
+# The TCP part (MODES contains tcp) serves the same backend through graven's TCP route and
+# HAProxy in `mode tcp` (its defaults: no splicing): CPU per connection from wrk with
+# `Connection: close` (one connection per request), and CPU per megabyte from wrk fetching a
+# BULK_MB file over CONNECTIONS_BULK keep-alive connections.
+#
 # HAProxy and nginx get PROXY_THREADS threads (nbthread, worker_processes); graven serves each
 # route on one thread of its own, so the default of 1 compares like with like. Keep-alive on both sides everywhere. The backend is
 # nginx answering a fixed `return 200` on loopback, one worker.
@@ -26,6 +31,9 @@ WRK_THREADS=${WRK_THREADS:-1}
 PROXY_THREADS=${PROXY_THREADS:-1}
 ROUNDS=${ROUNDS:-3}
 PROFILE=${PROFILE:-dist}
+MODES=${MODES:-http tcp}
+BULK_MB=${BULK_MB:-16}
+CONNECTIONS_BULK=${CONNECTIONS_BULK:-4}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/graven-bench-proxy.XXXXXX)
@@ -41,7 +49,7 @@ trap cleanup EXIT
 
 echo "building graven (profile $PROFILE)..." >&2
 (cd "$root" && cargo build --profile "$PROFILE" --features dev-tools --quiet --bin graven)
-graven="$root/target/$PROFILE/graven"
+graven="$root/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/graven"
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -93,11 +101,15 @@ EOF
 }
 
 backend_port=$(free_port)
+mkdir -p "$work/files"
+head -c $((BULK_MB * 1048576)) /dev/urandom >"$work/files/bulk"
 nginx_conf "$work/backend" 1 <<EOF
     keepalive_timeout 300s;
+    sendfile on;
     server {
         listen 127.0.0.1:$backend_port;
         location / { return 200 "hello from the backend\n"; }
+        location = /bulk { alias $work/files/bulk; }
     }
 EOF
 nginx -c "$work/backend/nginx.conf" -p "$work/backend" &
@@ -106,6 +118,32 @@ wait_port "$backend_port"
 
 start_graven() {
     "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
+    started=$!
+}
+
+start_graven_tcp() {
+    "$graven" __proxy --tcp --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
+    started=$!
+}
+
+start_haproxy_tcp() {
+    mkdir -p "$work/haproxy"
+    cat >"$work/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread $PROXY_THREADS
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend route
+    bind 127.0.0.1:$1
+    default_backend instances
+backend instances
+    server backend 127.0.0.1:$backend_port
+EOF
+    haproxy -db -f "$work/haproxy/haproxy.cfg" >"$work/haproxy/log" 2>&1 &
     started=$!
 }
 
@@ -205,6 +243,40 @@ run() {
     results+=("$name|$rps|$(micros "$p50")|$(micros "$p99")|$cpu")
 }
 
+# One row per TCP run: name|connections/s|CPU µs/connection|MB/s|CPU µs/MB.
+tcp_results=()
+run_tcp() {
+    local name=$1 pid=$2 port=$3 user0 sys0 user1 sys1
+    wait_port "$port"
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" -H "Connection: close" "http://127.0.0.1:$port/" >/dev/null
+    read -r user0 sys0 < <(family_ticks "$pid")
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" -H "Connection: close" "http://127.0.0.1:$port/" >"$work/wrk.out"
+    read -r user1 sys1 < <(family_ticks "$pid")
+    local connections rate
+    read -r connections rate < <(awk '/requests in/ { n = $1 } /Requests\/sec/ { r = $2 } END { print n, r }' "$work/wrk.out")
+    local per_connection
+    per_connection=$(awk -v t=$((user1 + sys1 - user0 - sys0)) -v hz="$(getconf CLK_TCK)" -v n="$connections" \
+        'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+    read -r user0 sys0 < <(family_ticks "$pid")
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS_BULK" -d"$DURATION" "http://127.0.0.1:$port/bulk" >"$work/wrk.out"
+    read -r user1 sys1 < <(family_ticks "$pid")
+    local fetched seconds
+    read -r fetched seconds < <(awk '/requests in/ { n = $1; s = $4; sub(/s,?$/, "", s) } END { print n, s }' "$work/wrk.out")
+    local bulk
+    bulk=$(awk -v t=$((user1 + sys1 - user0 - sys0)) -v hz="$(getconf CLK_TCK)" -v n="$fetched" \
+        -v mb="$BULK_MB" -v s="$seconds" 'BEGIN { printf "%.1f|%.1f", n * mb / s, t / hz * 1e6 / (n * mb) }')
+    tcp_results+=("$name|$rate|$per_connection|$bulk")
+}
+
+# The median of a space-separated list, for the summaries' awk programs.
+AWK_MEDIAN='
+    function median(list,   n, a, i, j, t) {
+        n = split(list, a, " ")
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+'
+
 # wrk prints latencies as 512.00us, 1.20ms or 1.01s; convert to microseconds.
 micros() {
     awk -v v="$1" 'BEGIN {
@@ -219,52 +291,82 @@ stop() {
     wait "$pid" 2>/dev/null || true
 }
 
-for round in $(seq 1 "$ROUNDS"); do
-    echo "round $round/$ROUNDS" >&2
-    run "direct (backend, no proxy)" "" "$backend_port"
-    for proxy in graven haproxy nginx; do
-        port=$(free_port)
-        start_"$proxy" "$port"
-        pid=$started
-        pids+=("$pid")
-        run "$proxy" "$pid" "$port"
-        stop "$pid"
+if [[ " $MODES " == *" http "* ]]; then
+    for round in $(seq 1 "$ROUNDS"); do
+        echo "round $round/$ROUNDS" >&2
+        run "direct (backend, no proxy)" "" "$backend_port"
+        for proxy in graven haproxy nginx; do
+            port=$(free_port)
+            start_"$proxy" "$port"
+            pid=$started
+            pids+=("$pid")
+            run "$proxy" "$pid" "$port"
+            stop "$pid"
+        done
     done
-done
-
-echo
-echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $PROXY_THREADS thread(s);" \
-    "graven profile $PROFILE; $ROUNDS round(s); $(nproc) CPUs; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo
-echo "Median over the rounds; CPU is the proxy process's utime+stime per request."
-echo
-printf '%s\n' "${results[@]}" | awk -F'|' '
-    function median(list,   n, a, i, j, t) {
-        n = split(list, a, " ")
-        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
-    {
-        if (!($1 in seen)) { seen[$1] = 1; order[++targets] = $1 }
-        rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4
-        if ($5 != "-") { user[$1] = user[$1] " " $5; sys[$1] = sys[$1] " " $6; cpu[$1] = cpu[$1] " " ($5 + $6) }
-    }
-    END {
-        base_cpu = median(cpu["haproxy"]); base_rps = median(rps["haproxy"])
-        print "| target | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy |"
-        print "|---|---:|---:|---:|---:|---:|---:|"
-        for (i = 1; i <= targets; i++) {
-            t = order[i]
-            if (t in cpu) {
-                c = sprintf("%.2f (%.2f + %.2f)", median(cpu[t]), median(user[t]), median(sys[t]))
-                r = sprintf("%.2f×", median(cpu[t]) / base_cpu)
-            } else { c = "-"; r = "-" }
-            printf "| %s | %.0f | %.0f | %.0f | %s | %s | %.2f× |\n", t, median(rps[t]), median(p50[t]), median(p99[t]), c, r, median(rps[t]) / base_rps
+    
+    echo
+    echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $PROXY_THREADS thread(s);" \
+        "graven profile $PROFILE; $ROUNDS round(s); $(nproc) CPUs; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "Median over the rounds; CPU is the proxy process's utime+stime per request."
+    echo
+    printf '%s\n' "${results[@]}" | awk -F'|' "$AWK_MEDIAN"'
+        {
+            if (!($1 in seen)) { seen[$1] = 1; order[++targets] = $1 }
+            rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4
+            if ($5 != "-") { user[$1] = user[$1] " " $5; sys[$1] = sys[$1] " " $6; cpu[$1] = cpu[$1] " " ($5 + $6) }
         }
-    }'
-echo
-echo "Every run:"
-echo
-echo "| target | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request |"
-echo "|---|---:|---:|---:|---:|---:|"
-printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %.0f | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'
+        END {
+            base_cpu = median(cpu["haproxy"]); base_rps = median(rps["haproxy"])
+            print "| target | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy |"
+            print "|---|---:|---:|---:|---:|---:|---:|"
+            for (i = 1; i <= targets; i++) {
+                t = order[i]
+                if (t in cpu) {
+                    c = sprintf("%.2f (%.2f + %.2f)", median(cpu[t]), median(user[t]), median(sys[t]))
+                    r = sprintf("%.2f×", median(cpu[t]) / base_cpu)
+                } else { c = "-"; r = "-" }
+                printf "| %s | %.0f | %.0f | %.0f | %s | %s | %.2f× |\n", t, median(rps[t]), median(p50[t]), median(p99[t]), c, r, median(rps[t]) / base_rps
+            }
+        }'
+    echo
+    echo "Every run:"
+    echo
+    echo "| target | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %.0f | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'
+fi
+
+if [[ " $MODES " == *" tcp "* ]]; then
+    for round in $(seq 1 "$ROUNDS"); do
+        echo "tcp round $round/$ROUNDS" >&2
+        for proxy in graven_tcp haproxy_tcp; do
+            port=$(free_port)
+            start_"$proxy" "$port"
+            pid=$started
+            pids+=("$pid")
+            run_tcp "${proxy%_tcp}" "$pid" "$port"
+            stop "$pid"
+        done
+    done
+    echo
+    echo "TCP routes: graven's TCP route and HAProxy mode tcp (defaults), one thread each; the same nginx backend."
+    echo "Per connection: wrk -c$CONNECTIONS -H 'Connection: close' (one connection per request)."
+    echo "Per MB: wrk -c$CONNECTIONS_BULK fetching a ${BULK_MB} MiB file. Median over $ROUNDS round(s); CPU is utime+stime."
+    echo
+    printf '%s\n' "${tcp_results[@]}" | awk -F'|' "$AWK_MEDIAN"'
+        {
+            if (!($1 in seen)) { seen[$1] = 1; order[++targets] = $1 }
+            rate[$1] = rate[$1] " " $2; conn[$1] = conn[$1] " " $3; mbs[$1] = mbs[$1] " " $4; mb[$1] = mb[$1] " " $5
+        }
+        END {
+            bc = median(conn["haproxy"]); bm = median(mb["haproxy"])
+            print "| target | connections/s | CPU µs/connection | vs HAProxy | MB/s | CPU µs/MB | vs HAProxy |"
+            print "|---|---:|---:|---:|---:|---:|---:|"
+            for (i = 1; i <= targets; i++) {
+                t = order[i]
+                printf "| %s | %.0f | %.2f | %.2f× | %.0f | %.1f | %.2f× |\n", t, median(rate[t]), median(conn[t]), median(conn[t]) / bc, median(mbs[t]), median(mb[t]), median(mb[t]) / bm
+            }
+        }'
+fi

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::controller::{self, ControllerHandle, ControllerOptions, Snapshot};
-use graven::events::{CondemnReason, DeployOutcome, DrainReason, Event, Lifecycle};
+use graven::events::{CondemnReason, DeployOutcome, DrainReason, Event, Lifecycle, RouteKind};
 use graven::runtime::{AnyRuntime, FakeRuntime, InstanceId, Runtime};
 use graven::store::Digest;
 use support::daemon::{config, free_port, order, outcome, release, version};
@@ -201,6 +201,136 @@ async fn deploys_roll_out_and_the_route_follows() {
     assert_eq!(r.as_deref(), Ok("v1"));
     s.controller.shutdown().await;
     assert_eq!(s.fake.list().await.unwrap().len(), 0, "shutdown stops all");
+}
+
+/// One keep-alive `GET /` on an open connection; the version that answered.
+fn keep_alive_version(stream: &mut std::net::TcpStream) -> Result<String, String> {
+    use std::io::{BufRead, Read, Write};
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reader = std::io::BufReader::new(&*stream);
+    let (mut version, mut length) = (None, 0usize);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("the connection ended".to_owned());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            let value = value.trim().to_owned();
+            match name.to_ascii_lowercase().as_str() {
+                "x-hello-version" => version = Some(value),
+                "content-length" => length = value.parse().map_err(|_| "bad length")?,
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+    version.ok_or_else(|| "no version header".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_route_keeps_a_long_connection_through_a_rolling_deploy() {
+    let s = setup();
+    let route = free_port();
+    let tcp = |version: &str| {
+        let mut config = config(2, route, &[("VERSION", version)]);
+        config.route_kind = RouteKind::Tcp;
+        config.stop_grace = Duration::from_secs(20);
+        config
+    };
+    s.controller
+        .deploy(order(vec![release(tcp("v1"))]), "test")
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome(&s.controller).await,
+        DeployOutcome::Succeeded { .. }
+    ));
+    // A client's session: one connection, kept open across the deploy.
+    let mut session = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(route).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let answer = keep_alive_version(&mut stream);
+        (stream, answer)
+    })
+    .await
+    .unwrap();
+    assert_eq!(session.1.as_deref(), Ok("v1"));
+
+    s.controller
+        .deploy(order(vec![release(tcp("v2"))]), "test")
+        .await
+        .unwrap();
+    // New connections during the deploy all succeed and end up on v2; the old instance that
+    // holds the session is drained, not stopped, while the session lasts.
+    let during = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        while std::time::Instant::now() < deadline {
+            let answer = version(route);
+            let done = answer.as_deref() == Ok("v2");
+            seen.push(answer);
+            if done && seen.len() > 20 {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    let failed: Vec<_> = during.iter().filter(|answer| answer.is_err()).collect();
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    assert_eq!(during.last().map(|a| a.as_deref()), Some(Ok("v2")));
+    let snapshot = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.controller.wait_for(|snap| {
+            healthy_versions(snap) == BTreeMap::from([(2, 2)])
+                && snap
+                    .state
+                    .instances
+                    .values()
+                    .any(|i| i.release.get() == 1 && i.lifecycle == Lifecycle::Draining)
+        }),
+    )
+    .await
+    .expect("v2 serves while a v1 instance drains");
+    assert!(
+        snapshot.state.deploys.last().unwrap().outcome.is_none(),
+        "the deploy waits for the drain"
+    );
+    let (mut stream, _) = session;
+    session = tokio::task::spawn_blocking(move || {
+        let answer = keep_alive_version(&mut stream);
+        (stream, answer)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        session.1.as_deref(),
+        Ok("v1"),
+        "the session is still served by its instance while it drains"
+    );
+    drop(session);
+    assert!(matches!(
+        outcome(&s.controller).await,
+        DeployOutcome::Succeeded { .. }
+    ));
+    let fake = s.fake.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while running_on_runtime(&fake).await != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the drained instances stop once the session ends");
+    s.controller.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! `graven __proxy`: one route over fixed backends, all healthy and enabled, until SIGTERM.
+//! `graven __proxy`: one route (HTTP, or TCP with `--tcp`) over fixed backends, all healthy
+//! and enabled, until SIGTERM.
 //! Hidden: it exists so bench/proxy.sh can measure the proxy alone, without a controller.
 
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Threads, async_runtime};
-use crate::proxy::{Backend, Route, RouteOptions};
+use crate::proxy::{AnyRoute, Backend, RouteOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
@@ -17,13 +18,15 @@ pub struct ProxyArgs {
     /// An instance's address; repeat for several.
     #[arg(long = "backend", value_name = "ADDR", required = true, num_args = 1..)]
     pub backends: Vec<SocketAddr>,
+    /// Serve a TCP route (layer 4) instead of an HTTP one.
+    #[arg(long)]
+    pub tcp: bool,
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     // The route serves on its own thread; this runtime only waits for the signal.
     async_runtime(Threads::One)?.block_on(async {
-        let route = Route::bind(RouteOptions::new(args.listen)).await?;
-        let backends = args
+        let backends: Vec<Backend> = args
             .backends
             .iter()
             .enumerate()
@@ -35,12 +38,14 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 enabled: true,
             })
             .collect();
+        let route = AnyRoute::bind(RouteOptions::new(args.listen), args.tcp).await?;
         route.set_backends(backends);
+        let local_addr = route.local_addr();
         // Watch for SIGTERM before announcing the address: whoever reads it may stop us next.
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("cannot watch for SIGTERM")?;
-        println!("proxy listening on {}", route.local_addr());
+        println!("proxy listening on {local_addr}");
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -23,10 +23,11 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::events::{
     CONTROLLER, DeployReason, Envelope, Event, EventLog, EventLogError, GoneReason, InstanceName,
-    Lifecycle, ReleaseNumber, RuntimeId, Scale, ServiceConfig, ServiceName, Source, State, fold,
+    Lifecycle, ReleaseNumber, RouteKind, RuntimeId, Scale, ServiceConfig, ServiceName, Source,
+    State, fold,
 };
 use crate::proxy::health::{Health, HealthChange, HealthMonitor, ProbeFailure};
-use crate::proxy::{Backend, HealthCheck, HealthKind, Route, RouteOptions};
+use crate::proxy::{AnyRoute, Backend, HealthCheck, HealthKind, RouteOptions};
 use crate::runtime::{
     AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, VolumeMount,
 };
@@ -427,7 +428,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
 }
 
 struct RouteEntry {
-    route: Arc<Route>,
+    route: Arc<AnyRoute>,
     listen: SocketAddr,
     last: Vec<Backend>,
 }
@@ -990,7 +991,8 @@ impl Shell {
         // refused deploy leaves the running release untouched.
         for release in &order.services {
             if let Some(listen) = release.config.route {
-                self.ensure_route(&release.service, listen).await?;
+                self.ensure_route(&release.service, listen, release.config.route_kind)
+                    .await?;
             }
         }
         let mut rollout = Rollout::after(self.state.seq);
@@ -1151,26 +1153,52 @@ impl Shell {
         Ok(rollout)
     }
 
-    /// Binds the service's route at `listen` unless it is bound there already.
+    /// Binds the service's route at `listen`, speaking `kind`, unless it is bound so already.
     async fn ensure_route(
         &mut self,
         service: &ServiceName,
         listen: SocketAddr,
+        kind: RouteKind,
     ) -> Result<(), ControllerError> {
-        if self
-            .routes
-            .get(service)
-            .is_some_and(|entry| entry.listen == listen)
-        {
+        let tcp = kind == RouteKind::Tcp;
+        let existing = self.routes.get(service);
+        if existing.is_some_and(|entry| entry.listen == listen && entry.route.is_tcp() == tcp) {
             return Ok(());
         }
-        let route = Route::bind(RouteOptions::new(listen))
-            .await
-            .map_err(|error| ControllerError::RouteUnavailable {
-                service: service.clone(),
-                route: listen,
-                reason: error.to_string(),
-            })?;
+        // Another kind on the same address: the old listener must close before the new one
+        // can bind (dropping a route frees its address before the drop returns). Should the
+        // new one fail, the old kind is bound again, so a refused deploy keeps its route.
+        let mut previous_kind = None;
+        if existing.is_some_and(|entry| entry.listen == listen)
+            && let Some(old) = self.routes.remove(service)
+        {
+            previous_kind = Some(old.route.is_tcp());
+            drop(old);
+        }
+        let bound = AnyRoute::bind(RouteOptions::new(listen), tcp).await;
+        let route = match (bound, previous_kind) {
+            (Ok(route), _) => route,
+            (Err(error), previous) => {
+                if let Some(was_tcp) = previous
+                    && let Ok(old) = AnyRoute::bind(RouteOptions::new(listen), was_tcp).await
+                {
+                    self.routes.insert(
+                        service.clone(),
+                        RouteEntry {
+                            route: Arc::new(old),
+                            listen,
+                            last: Vec::new(),
+                        },
+                    );
+                    self.sync();
+                }
+                return Err(ControllerError::RouteUnavailable {
+                    service: service.clone(),
+                    route: listen,
+                    reason: error.to_string(),
+                });
+            }
+        };
         if let Some(old) = self.routes.insert(
             service.clone(),
             RouteEntry {
@@ -1189,17 +1217,21 @@ impl Shell {
     }
 
     async fn bind_wanted_routes(&mut self) {
-        let wanted: Vec<(ServiceName, SocketAddr)> = self
+        let wanted: Vec<(ServiceName, SocketAddr, RouteKind)> = self
             .state
             .services
             .keys()
             .filter_map(|service| {
                 let route = self.state.scale(service)?.route?;
-                Some((service.clone(), route))
+                let kind = self
+                    .state
+                    .wanted_release(service)
+                    .map_or(RouteKind::Http, |release| release.config.route_kind);
+                Some((service.clone(), route, kind))
             })
             .collect();
-        for (service, listen) in wanted {
-            if let Err(error) = self.ensure_route(&service, listen).await {
+        for (service, listen, kind) in wanted {
+            if let Err(error) = self.ensure_route(&service, listen, kind).await {
                 self.route_errors.insert(service, error.to_string());
                 self.dirty = true;
             }
@@ -1513,7 +1545,7 @@ impl Shell {
 /// Stops a route gracefully (its connections get `ROUTE_CLOSE_DEADLINE` to finish) once no
 /// drain task holds it any more; otherwise dropping it closes the listener. Runs off the
 /// control loop.
-async fn shutdown_route(route: Arc<Route>) {
+async fn shutdown_route(route: Arc<AnyRoute>) {
     if let Ok(route) = Arc::try_unwrap(route) {
         let _ = tokio::time::timeout(ROUTE_CLOSE_DEADLINE, route.shutdown()).await;
     }

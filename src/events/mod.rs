@@ -523,6 +523,9 @@ pub struct ServiceConfig {
     /// The port the service listens on; 0 when it has none (a worker).
     pub port: u16,
     pub route: Option<SocketAddr>,
+    /// What the route speaks; left out when HTTP (every release before TCP routes).
+    #[serde(default, skip_serializing_if = "RouteKind::is_http")]
+    pub route_kind: RouteKind,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     /// Env variables whose value is a secret, by the name and version the release pins;
@@ -541,6 +544,21 @@ pub struct ServiceConfig {
     /// written before the key existed read as the default.
     #[serde(default = "default_keep_releases")]
     pub keep_releases: u32,
+}
+
+/// What a route speaks: HTTP (a reverse proxy) or TCP (bytes, at layer 4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Tcp,
+}
+
+impl RouteKind {
+    fn is_http(&self) -> bool {
+        *self == RouteKind::Http
+    }
 }
 
 fn default_keep_releases() -> u32 {
@@ -655,6 +673,9 @@ impl ServiceConfig {
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             secrets: &'a BTreeMap<String, SecretRef>,
             port: u16,
+            // Left out when HTTP, so a service hashes as it did before TCP routes existed.
+            #[serde(skip_serializing_if = "RouteKind::is_http")]
+            route_kind: RouteKind,
             health: CanonicalHealth<'a>,
             limits: &'a LimitsConfig,
             volumes: &'a [VolumeConfig],
@@ -707,6 +728,7 @@ impl ServiceConfig {
             env: &self.env,
             secrets: &self.secrets,
             port: self.port,
+            route_kind: self.route_kind,
             health: CanonicalHealth {
                 path: &self.health.path,
                 interval_ns: nanos(self.health.interval),
@@ -751,6 +773,10 @@ impl From<&crate::spec::Service> for ServiceConfig {
             // 0 is a service with no port (a worker).
             port: service.port.unwrap_or(0),
             route: service.route,
+            route_kind: match service.route_kind {
+                crate::spec::RouteKind::Http => RouteKind::Http,
+                crate::spec::RouteKind::Tcp => RouteKind::Tcp,
+            },
             command: service.command.clone(),
             env: service.env.clone(),
             // Pinned by the deploy, which reads the secret store (`deploy::prepare`).
@@ -809,6 +835,7 @@ impl ServiceConfig {
             instances,
             port: 8080,
             route: None,
+            route_kind: RouteKind::Http,
             command: None,
             env: BTreeMap::new(),
             secrets: BTreeMap::new(),

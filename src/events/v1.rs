@@ -139,6 +139,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 instances: config.instances,
                 port: config.port,
                 route: config.route,
+                route_kind: Default::default(),
                 command: config.command,
                 env: config.env,
                 secrets: BTreeMap::new(),

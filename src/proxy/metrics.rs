@@ -28,17 +28,45 @@ pub(crate) struct ReleaseCounters {
     /// Proxy-generated errors by class: client, upstream, graven.
     errors: [AtomicU64; 3],
     latency: [AtomicU64; BUCKETS],
+    /// A TCP route's byte and connection counts; None on an HTTP route.
+    tcp: Option<TcpCounters>,
+}
+
+/// What only a TCP route counts, per release.
+#[derive(Debug, Default)]
+pub(crate) struct TcpCounters {
+    /// Bytes from clients to instances, and back.
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    /// Connections open now.
+    pub(crate) open: AtomicU64,
+    /// Connections graven closed: still open at a drain's deadline or the route's shutdown.
+    pub(crate) cut: AtomicU64,
 }
 
 impl ReleaseCounters {
-    pub(crate) fn new(release: u64) -> ReleaseCounters {
+    /// `tcp`: the release is served by a TCP route (see `TcpCounters`).
+    pub(crate) fn new(release: u64, tcp: bool) -> ReleaseCounters {
         ReleaseCounters {
             release,
             requests: AtomicU64::new(0),
             responses: Default::default(),
             errors: Default::default(),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            tcp: tcp.then(TcpCounters::default),
         }
+    }
+
+    /// Records a connection that reached an instance of this release `elapsed` after it was
+    /// accepted (TCP routes).
+    pub(crate) fn connected(&self, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.latency[bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A TCP route's counters (None on an HTTP route).
+    pub(crate) fn tcp(&self) -> Option<&TcpCounters> {
+        self.tcp.as_ref()
     }
 
     /// Records an answer from an instance that took `elapsed` to begin.
@@ -76,6 +104,12 @@ impl ReleaseCounters {
                 bounds_us: LATENCY_BOUNDS_US.to_vec(),
                 counts,
             },
+            tcp: self.tcp.as_ref().map(|tcp| TcpCounts {
+                bytes_in: load(&tcp.bytes_in),
+                bytes_out: load(&tcp.bytes_out),
+                open: load(&tcp.open),
+                cut: load(&tcp.cut),
+            }),
         }
     }
 }
@@ -197,10 +231,28 @@ pub struct ReleaseMetrics {
     pub responses: StatusCounts,
     /// Answers graven made up because the instance failed (or the client did).
     pub errors: ErrorCounts,
-    /// Time from receiving the request to the start of the answer.
+    /// Time from receiving the request to the start of the answer; on a TCP route, from
+    /// accepting the connection to reaching an instance.
     pub latency: LatencyHistogram,
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
+    /// A TCP route's counts (absent on an HTTP route, whose `requests` count requests; on a
+    /// TCP route they count connections, and `responses` stay zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCounts>,
+}
+
+/// What a TCP route counts per release beyond connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpCounts {
+    /// Bytes from clients to instances.
+    pub bytes_in: u64,
+    /// Bytes from instances to clients.
+    pub bytes_out: u64,
+    /// Connections open when the metrics were taken.
+    pub open: u64,
+    /// Connections graven closed: still open at a drain's deadline or the route's shutdown.
+    pub cut: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,7 +302,7 @@ mod tests {
     }
 
     fn check_quantile(samples_us: &[u64], q: f64, expected: Option<u64>) {
-        let counters = ReleaseCounters::new(1);
+        let counters = ReleaseCounters::new(1, false);
         for &micros in samples_us {
             counters.response(200, Duration::from_micros(micros));
         }
@@ -279,7 +331,7 @@ mod tests {
 
     #[test]
     fn counts_by_status_and_error_class() {
-        let counters = ReleaseCounters::new(7);
+        let counters = ReleaseCounters::new(7, false);
         counters.response(200, Duration::ZERO);
         counters.response(404, Duration::ZERO);
         counters.response(503, Duration::ZERO);

@@ -1,7 +1,7 @@
-//! The proxy owns the identity layer: one HTTP listener per route, balancing over the
-//! instances it is given, active health checks, draining, request holding and retries, and
-//! per-release counters. It knows nothing of deploys, releases' meaning or the event log:
-//! the controller hands it snapshots of backends and reads its health changes.
+//! The proxy owns the identity layer: one listener per route (HTTP, or TCP at layer 4),
+//! balancing over the instances it is given, active health checks, draining, holding and
+//! retries, and per-release counters. It knows nothing of deploys, releases' meaning or the
+//! event log: the controller hands it snapshots of backends and reads its health changes.
 //!
 //! Division of labour with the controller: `health::HealthMonitor` probes one instance and
 //! reports flips (after N consecutive results); the controller records each flip as an event
@@ -13,18 +13,83 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod backends;
 mod body;
 mod error;
 pub mod health;
 pub mod limits;
 mod metrics;
 mod route;
+mod serving;
+mod tcp;
 mod upstream;
 
 pub use error::{ErrorClass, ProxyError};
 pub use health::{Health, HealthChange, HealthMonitor, ProbeFailure};
-pub use metrics::{ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts};
+pub use metrics::{
+    ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts, TcpCounts,
+};
 pub use route::Route;
+pub use tcp::TcpRoute;
+
+/// A route of either kind, as its owner holds it.
+#[derive(Debug)]
+pub enum AnyRoute {
+    Http(Route),
+    Tcp(TcpRoute),
+}
+
+impl AnyRoute {
+    /// Binds an HTTP route, or a TCP one when `tcp`.
+    pub async fn bind(options: RouteOptions, tcp: bool) -> Result<AnyRoute, ProxyError> {
+        Ok(if tcp {
+            AnyRoute::Tcp(TcpRoute::bind(options).await?)
+        } else {
+            AnyRoute::Http(Route::bind(options).await?)
+        })
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, AnyRoute::Tcp(_))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            AnyRoute::Http(route) => route.local_addr(),
+            AnyRoute::Tcp(route) => route.local_addr(),
+        }
+    }
+
+    pub fn set_backends(&self, backends: Vec<Backend>) {
+        match self {
+            AnyRoute::Http(route) => route.set_backends(backends),
+            AnyRoute::Tcp(route) => route.set_backends(backends),
+        }
+    }
+
+    /// Waits until the instance's requests (HTTP) or connections (TCP) have finished, or
+    /// `timeout` passes; a TCP route then closes the connections left.
+    pub async fn drain(&self, instance: &str, timeout: Duration) -> usize {
+        match self {
+            AnyRoute::Http(route) => route.drain(instance, timeout).await,
+            AnyRoute::Tcp(route) => route.drain(instance, timeout).await,
+        }
+    }
+
+    pub fn metrics(&self) -> RouteMetrics {
+        match self {
+            AnyRoute::Http(route) => route.metrics(),
+            AnyRoute::Tcp(route) => route.metrics(),
+        }
+    }
+
+    pub async fn shutdown(self) {
+        match self {
+            AnyRoute::Http(route) => route.shutdown().await,
+            AnyRoute::Tcp(route) => route.shutdown().await,
+        }
+    }
+}
 
 /// An active health check, as `graven.toml`'s `health` table describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,17 +10,16 @@
 //! instance, takes a pooled keep-alive connection and streams both bodies. It allocates no
 //! snapshot, takes no lock but the pool's (held for one push or pop) and logs nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -31,14 +30,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Sleep;
 
+use super::backends::BackendSet;
 use super::body::{ForwardBody, ProxyBody};
-use super::limits::{Slot, budget};
+use super::limits::budget;
 use super::metrics::{ReleaseCounters, UnroutedCounters};
-use super::upstream::{Instance, Lease, choose};
+use super::serving::{self, Bound, Connections, Open, Serving, Stop};
+use super::upstream::{Instance, Lease};
 use super::{Backend, ProxyError, RouteMetrics, RouteOptions};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -56,11 +57,7 @@ const WRITEV: bool = false;
 #[derive(Debug)]
 pub struct Route {
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    /// Fires when the route's thread has stopped listening.
-    listener_closed: Mutex<std::sync::mpsc::Receiver<()>>,
-    /// Fires when the route's thread has closed every connection and ended.
-    done: Option<oneshot::Receiver<()>>,
+    serving: Serving,
 }
 
 /// What the route's tasks share.
@@ -68,38 +65,12 @@ pub struct Route {
 struct Shared {
     options: RouteOptions,
     local_addr: SocketAddr,
-    snapshot: ArcSwap<Snapshot>,
-    /// Bumped on every snapshot swap; held requests wait on it.
-    changed: watch::Sender<u64>,
-    /// Where the next scan for a ready instance starts (round-robin among equals).
-    next: AtomicUsize,
-    /// Requests currently held for want of a ready instance.
-    held: AtomicUsize,
-    /// The instances by id, across snapshots; touched by set_backends, drain and metrics only.
-    registry: Mutex<Registry>,
+    backends: BackendSet,
     client: hyper::client::conn::http1::Builder,
     unrouted: UnroutedCounters,
-    /// Client connections open now, and refused for the connection limit since the start.
-    connections: AtomicUsize,
-    refused: AtomicU64,
+    connections: Arc<Connections>,
     /// What connections' request times are counted from (see `Activity`).
     epoch: Instant,
-}
-
-/// An immutable backend set, swapped whole.
-#[derive(Debug, Default)]
-struct Snapshot {
-    backends: Vec<Backend>,
-    /// The instances that are healthy and enabled, in backend order.
-    ready: Vec<Arc<Instance>>,
-}
-
-#[derive(Debug, Default)]
-struct Registry {
-    instances: HashMap<String, Arc<Instance>>,
-    /// Removed instances some request may still hold, so drain and in_flight can see them.
-    retired: Vec<Weak<Instance>>,
-    releases: BTreeMap<u64, Arc<ReleaseCounters>>,
 }
 
 impl Route {
@@ -109,65 +80,33 @@ impl Route {
         let address = options.listen;
         // A malformed GRAVEN_ROUTE_* override fails the bind instead of being ignored.
         options.clone().apply_environment()?;
-        let bind_error = |source| ProxyError::Bind { address, source };
-        // The route serves on its own thread with a single-threaded runtime, whatever runtime
-        // the caller uses: a request's server side, its upstream connection and its timers
-        // then never wake each other across threads (that costs CPU and latency per request).
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(bind_error)?;
-        let listening = {
-            // The listener registers with the route's runtime, not the caller's.
-            let _entered = runtime.enter();
-            listen(address).and_then(|listener| Ok((listener.local_addr()?, listener)))
-        };
-        let (local_addr, listener) = match listening {
-            Ok(listening) => listening,
-            Err(source) => {
-                // Dropping a runtime blocks, which an async caller must not do.
-                runtime.shutdown_background();
-                return Err(bind_error(source));
-            }
-        };
+        let Bound {
+            runtime,
+            local_addr,
+            listener,
+        } = serving::bind(address)?;
         let mut client = hyper::client::conn::http1::Builder::new();
         client.max_buf_size(256 * 1024).writev(WRITEV);
+        let backends = BackendSet::new(local_addr, false, options.hold_queue, options.hold_timeout);
+        let connections = Arc::new(Connections::new(options.max_connections));
         let shared = Arc::new(Shared {
             options,
             local_addr,
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
-            changed: watch::Sender::new(0),
-            next: AtomicUsize::new(0),
-            held: AtomicUsize::new(0),
-            registry: Mutex::new(Registry::default()),
+            backends,
             client,
             unrouted: UnroutedCounters::default(),
-            connections: AtomicUsize::new(0),
-            refused: AtomicU64::new(0),
+            connections,
             epoch: Instant::now(),
         });
-        let (stop, stopped) = oneshot::channel();
-        let (finished, done) = oneshot::channel();
-        let (unbound, listener_closed) = std::sync::mpsc::channel();
         let serving = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("graven-route".to_owned())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    // accept owns the listener: when it returns, the address is free again.
-                    let closing = accept(listener, serving, stopped).await;
-                    let _ = unbound.send(());
-                    closing.close_all().await;
-                });
-                let _ = finished.send(());
-            })
-            .map_err(bind_error)?;
-        Ok(Route {
-            shared,
-            stop: Some(stop),
-            listener_closed: Mutex::new(listener_closed),
-            done: Some(done),
-        })
+        let serving = Serving::spawn(runtime, "graven-route", address, move |stop| async move {
+            // accept owns the listener: when it returns, the address is free again.
+            let Stop { requested, unbound } = stop;
+            let closing = accept(listener, serving, requested).await;
+            let _ = unbound.send(());
+            closing.close_all().await;
+        })?;
+        Ok(Route { shared, serving })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -178,240 +117,46 @@ impl Route {
     /// enabled; in-flight counts and pooled connections carry over by instance id; a
     /// removed instance's idle connections are closed and never reused.
     pub fn set_backends(&self, backends: Vec<Backend>) {
-        let mut registry = self.shared.registry();
-        self.shared.install(&mut registry, backends);
+        self.shared.backends.set(backends);
     }
 
     pub fn backends(&self) -> Vec<Backend> {
-        self.shared.snapshot.load().backends.clone()
+        self.shared.backends.backends()
     }
 
     /// Marks the instance not enabled (if still present) and waits until its in-flight
     /// requests have finished or `timeout` passes; returns how many were still in flight at
     /// the end (0 = clean).
     pub async fn drain(&self, instance: &str, timeout: Duration) -> usize {
-        let targets: Vec<Arc<Instance>> = {
-            let mut registry = self.shared.registry();
-            if registry.instances.contains_key(instance) {
-                let mut backends = self.shared.snapshot.load().backends.clone();
-                for backend in backends
-                    .iter_mut()
-                    .filter(|backend| backend.instance == instance)
-                {
-                    backend.enabled = false;
-                }
-                self.shared.install(&mut registry, backends);
-            }
-            registry.matching(instance).collect()
-        };
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut left = 0;
-        for target in targets {
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            left += target.wait_drained(remaining).await;
-        }
-        left
+        self.shared.backends.drain(instance, timeout).await
     }
 
     pub fn in_flight(&self, instance: &str) -> usize {
-        self.shared
-            .registry()
-            .matching(instance)
-            .map(|target| target.in_flight())
-            .sum()
+        self.shared.backends.in_flight(instance)
     }
 
     /// Requests waiting for a ready instance right now.
     pub fn held(&self) -> usize {
-        self.shared.held.load(Ordering::SeqCst)
+        self.shared.backends.held()
     }
 
     pub fn metrics(&self) -> RouteMetrics {
-        let releases = self
-            .shared
-            .registry()
-            .releases
-            .values()
-            .map(|counters| counters.snapshot())
-            .collect();
-        let mut metrics = self
-            .shared
-            .unrouted
-            .metrics(self.shared.local_addr, releases);
-        metrics.connections = self.shared.connections.load(Ordering::Relaxed) as u64;
-        metrics.refused = self.shared.refused.load(Ordering::Relaxed);
-        metrics
+        let shared = &self.shared;
+        serving::metrics(&shared.backends, &shared.unrouted, &shared.connections)
     }
 
     /// Client connections open on this route now.
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
+        self.shared.connections.count()
     }
 
     /// Stops accepting, lets every connection finish the request it is serving, then closes.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(done) = self.done.take() {
-            let _ = done.await;
-        }
-    }
-}
-
-impl Drop for Route {
-    /// A route dropped without `shutdown` lets its connections finish in the background, but
-    /// frees its address before returning, so that a successor can bind it at once. That
-    /// wait is the route thread noticing the stop: microseconds, bounded anyway.
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take()
-            && stop.send(()).is_ok()
-        {
-            let listener_closed = self
-                .listener_closed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let _ = listener_closed.recv_timeout(Duration::from_secs(1));
-        }
-    }
-}
-
-/// A listening socket with the backlog and address reuse a busy route wants (what
-/// `TcpListener::bind` does, but without needing to be async).
-fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if address.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(address)?;
-    socket.listen(1024)
-}
-
-impl Registry {
-    fn matching<'a>(&'a self, id: &'a str) -> impl Iterator<Item = Arc<Instance>> + 'a {
-        let current = self.instances.get(id).cloned();
-        let retired = self
-            .retired
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(move |old| old.id == id);
-        current.into_iter().chain(retired)
+        self.serving.shutdown().await;
     }
 }
 
 impl Shared {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Swaps in a new snapshot. Instances that become routable are flagged before the swap
-    /// (a request that finds them in the new snapshot must be able to lease them); those that
-    /// stop being routable are flagged after it, so that a drain that follows sees every
-    /// request that could still pick them from the older snapshot.
-    fn install(&self, registry: &mut Registry, backends: Vec<Backend>) {
-        let mut instances = HashMap::with_capacity(backends.len());
-        let mut ready = Vec::new();
-        let mut unroutable = Vec::new();
-        for backend in &backends {
-            if instances.contains_key(&backend.instance) {
-                continue;
-            }
-            let instance = match registry.instances.remove(&backend.instance) {
-                Some(existing)
-                    if existing.address == backend.address
-                        && existing.release == backend.release =>
-                {
-                    existing
-                }
-                replaced => {
-                    if let Some(old) = replaced {
-                        old.retire();
-                        registry.retired.push(Arc::downgrade(&old));
-                    }
-                    let counters = registry
-                        .releases
-                        .entry(backend.release)
-                        .or_insert_with(|| Arc::new(ReleaseCounters::new(backend.release)));
-                    Arc::new(Instance::new(
-                        backend.instance.clone(),
-                        backend.release,
-                        backend.address,
-                        Arc::clone(counters),
-                    ))
-                }
-            };
-            if backend.healthy && backend.enabled {
-                instance.set_routable(true);
-                ready.push(Arc::clone(&instance));
-            } else {
-                unroutable.push(Arc::clone(&instance));
-            }
-            instances.insert(backend.instance.clone(), instance);
-        }
-        self.snapshot.store(Arc::new(Snapshot { backends, ready }));
-        for instance in unroutable {
-            instance.set_routable(false);
-        }
-        for (_, removed) in registry.instances.drain() {
-            removed.retire();
-            registry.retired.push(Arc::downgrade(&removed));
-        }
-        registry.retired.retain(|old| old.strong_count() > 0);
-        registry.instances = instances;
-        self.changed.send_modify(|version| *version += 1);
-    }
-
-    /// Leases the least busy ready instance not in `tried`, without waiting.
-    fn try_acquire(&self, tried: &[Arc<Instance>]) -> Option<Lease> {
-        let snapshot = self.snapshot.load();
-        let ready = &snapshot.ready;
-        loop {
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
-            let index = choose(ready.len(), start, |index| {
-                let instance = &ready[index];
-                let usable = instance.is_routable()
-                    && !tried.iter().any(|other| Arc::ptr_eq(other, instance));
-                usable.then(|| instance.load())
-            })?;
-            // A lease fails only when a drain raced with this request; the instance is no
-            // longer routable, so the next scan skips it.
-            if let Some(lease) = ready[index].lease() {
-                return Some(lease);
-            }
-        }
-    }
-
-    /// Holds a request that found no ready instance (bounded queue, bounded wait) until one
-    /// is ready, and leases it.
-    async fn hold(&self) -> Result<Lease, ProxyError> {
-        let waiting = self.held.fetch_add(1, Ordering::SeqCst);
-        let _held = Held(&self.held);
-        if waiting >= self.options.hold_queue {
-            return Err(ProxyError::HoldQueueFull {
-                route: self.local_addr,
-                limit: self.options.hold_queue,
-            });
-        }
-        let mut changed = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + self.options.hold_timeout;
-        loop {
-            if let Some(lease) = self.try_acquire(&[]) {
-                return Ok(lease);
-            }
-            match tokio::time::timeout_at(deadline, changed.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    return Err(ProxyError::HoldTimeout {
-                        route: self.local_addr,
-                        waited: self.options.hold_timeout,
-                    });
-                }
-            }
-        }
-    }
-
     async fn handle(
         &self,
         request: Request<Incoming>,
@@ -444,10 +189,10 @@ impl Shared {
         prepare_request(&mut parts, client_ip);
         let mut body = ForwardBody::Client(body);
         // When the request goes out: the answer timer starts then, not while it was held.
-        let (mut lease, mut sent_at) = match self.try_acquire(&[]) {
+        let (mut lease, mut sent_at) = match self.backends.try_acquire(&[]) {
             Some(lease) => (lease, start),
             None => (
-                self.hold().await.map_err(|error| (error, None))?,
+                self.backends.hold().await.map_err(|error| (error, None))?,
                 Instant::now(),
             ),
         };
@@ -545,7 +290,7 @@ impl Shared {
             if !(idempotent && error.retry_safe() && (stale || attempt < self.options.retries)) {
                 return Err((error, Some(counters)));
             }
-            let Some(next) = self.try_acquire(&failed_on) else {
+            let Some(next) = self.backends.try_acquire(&failed_on) else {
                 return Err((error, Some(counters)));
             };
             if stale {
@@ -562,15 +307,6 @@ impl Shared {
 
 /// How many times one request may be re-sent after a reused connection closed under it.
 const MAX_STALE_RESENDS: u32 = 4;
-
-/// Decrements the held-request count when a held request stops waiting.
-struct Held<'a>(&'a AtomicUsize);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 async fn accept(
     listener: TcpListener,
@@ -604,7 +340,7 @@ async fn accept(
                 }
             },
         };
-        let Some(open) = Open::new(&shared) else {
+        let Some(open) = shared.connections.open() else {
             refuse(&shared, stream, limit);
             continue;
         };
@@ -626,47 +362,13 @@ async fn accept(
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let connection = Watched::new(connection, &closing, open, activity);
+        let connection = Watched::new(connection, &closing, open, activity, &shared);
         tokio::spawn(async move {
             // A client that goes away mid-request is its own business; nothing to report.
             let _ = connection.await;
         });
     }
     closing
-}
-
-/// A client connection's place: counted on its route and in the process's descriptor
-/// budget until dropped.
-struct Open {
-    shared: Arc<Shared>,
-    _slot: Slot,
-}
-
-impl Open {
-    /// None when the route is at its `max_connections` or the process's budget for client
-    /// connections is spent.
-    fn new(shared: &Arc<Shared>) -> Option<Open> {
-        let open = shared.connections.fetch_add(1, Ordering::SeqCst);
-        let slot = (open < shared.options.max_connections)
-            .then(|| budget().client())
-            .flatten();
-        match slot {
-            Some(slot) => Some(Open {
-                shared: Arc::clone(shared),
-                _slot: slot,
-            }),
-            None => {
-                shared.connections.fetch_sub(1, Ordering::SeqCst);
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.shared.connections.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// How long a refused connection is kept to read what its client already sent: closing a
@@ -678,7 +380,6 @@ const REFUSAL_LINGER: Duration = Duration::from_millis(250);
 /// REFUSING`), the connection is closed unanswered: a refusal must not cost more
 /// descriptors than the reserve holds.
 fn refuse(shared: &Shared, mut stream: TcpStream, limit: usize) {
-    shared.refused.fetch_add(1, Ordering::Relaxed);
     let Some(slot) = budget().refusal() else {
         return;
     };
@@ -780,7 +481,8 @@ struct Watched<C> {
     /// No request has begun yet, as far as the timer knows: it is set for the header
     /// deadline.
     awaiting_first: bool,
-    open: Open,
+    shared: Arc<Shared>,
+    _open: Open,
 }
 
 impl<C: GracefulConnection> Watched<C> {
@@ -789,9 +491,10 @@ impl<C: GracefulConnection> Watched<C> {
         closing: &Arc<Closing>,
         open: Open,
         activity: Arc<Activity>,
+        shared: &Arc<Shared>,
     ) -> Watched<C> {
         closing.live.fetch_add(1, Ordering::SeqCst);
-        let timer = Box::pin(tokio::time::sleep(open.shared.options.header_timeout));
+        let timer = Box::pin(tokio::time::sleep(shared.options.header_timeout));
         Watched {
             connection: Box::pin(connection),
             closing: Arc::clone(closing),
@@ -801,7 +504,8 @@ impl<C: GracefulConnection> Watched<C> {
             activity,
             timer,
             awaiting_first: true,
-            open,
+            shared: Arc::clone(shared),
+            _open: open,
         }
     }
 
@@ -815,14 +519,14 @@ impl<C: GracefulConnection> Watched<C> {
             // only move it later, which is found when the timer fires (see below), so no
             // request pays for a timer reset.
             self.awaiting_first = false;
-            let shared = &self.open.shared;
+            let shared = &self.shared;
             let deadline = shared.epoch + first + shared.options.idle_timeout;
             self.timer.as_mut().reset(deadline.into());
         }
         if self.timer.as_mut().poll(cx).is_pending() {
             return Idleness::Busy;
         }
-        let shared = &self.open.shared;
+        let shared = &self.shared;
         let Some(last) = self.activity.last_request() else {
             return Idleness::NeverAsked;
         };

@@ -38,6 +38,9 @@ pub(crate) struct Instance {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     drained: Notify,
+    /// Set when a TCP route gives up draining the instance: its connections still open are
+    /// closed.
+    pub(crate) cut: Latch,
     idle: Mutex<Vec<Connection>>,
     pub(crate) counters: Arc<ReleaseCounters>,
 }
@@ -57,6 +60,7 @@ impl Instance {
             retired: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
+            cut: Latch::default(),
             idle: Mutex::new(Vec::new()),
             counters,
         }
@@ -143,6 +147,31 @@ impl Instance {
         }
     }
 
+    /// Opens a TCP connection to the instance, with TCP_NODELAY (small requests and answers
+    /// must not wait for Nagle's algorithm).
+    pub(crate) async fn open_stream(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(source)) => {
+                // Counted for the health monitors' sake (see `limits::exhaustions`).
+                super::limits::exhausted(&source);
+                Err(ProxyError::Connect {
+                    instance: self.id.clone(),
+                    address: self.address,
+                    source,
+                })
+            }
+            Err(_) => Err(ProxyError::ConnectTimeout {
+                instance: self.id.clone(),
+                address: self.address,
+                after: timeout,
+            }),
+        }
+    }
+
     /// Opens a connection, which holds `slot` (its place in the descriptor budget) until
     /// its socket is closed.
     async fn connect(
@@ -151,27 +180,7 @@ impl Instance {
         timeout: Duration,
         slot: Slot,
     ) -> Result<Connection, ProxyError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => {
-                // Counted for the health monitors' sake (see `limits::exhaustions`).
-                super::limits::exhausted(&source);
-                return Err(ProxyError::Connect {
-                    instance: self.id.clone(),
-                    address: self.address,
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(ProxyError::ConnectTimeout {
-                    instance: self.id.clone(),
-                    address: self.address,
-                    after: timeout,
-                });
-            }
-        };
-        // Small requests and answers must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
+        let stream = self.open_stream(timeout).await?;
         let (sender, connection) =
             builder
                 .handshake(TokioIo::new(stream))
@@ -232,15 +241,7 @@ impl Lease {
                 return Ok(());
             }
         }
-        // Connections to instances have their own share of the descriptors (`limits`), so
-        // that neither they nor clients can take what health checks and the log need.
-        let budget = budget();
-        let slot = budget
-            .instance()
-            .ok_or(ProxyError::InstanceConnectionLimit {
-                route,
-                limit: budget.instance_limit(),
-            })?;
+        let slot = instance_slot(route)?;
         self.connection = Some(self.instance.connect(builder, timeout, slot).await?);
         self.reused = false;
         Ok(())
@@ -283,6 +284,46 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if self.instance.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.instance.drained.notify_waiters();
+        }
+    }
+}
+
+/// A place in the descriptor budget for one connection to an instance of `route`.
+/// Connections to instances have their own share of the descriptors (`limits`), so that
+/// neither they nor clients can take what health checks and the log need.
+pub(crate) fn instance_slot(route: SocketAddr) -> Result<Slot, ProxyError> {
+    let budget = budget();
+    budget
+        .instance()
+        .ok_or(ProxyError::InstanceConnectionLimit {
+            route,
+            limit: budget.instance_limit(),
+        })
+}
+
+/// A one-way flag that tasks can wait for: once set, it stays set.
+#[derive(Debug, Default)]
+pub(crate) struct Latch {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Latch {
+    pub(crate) fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once `set` has been called (at once if it was already).
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.set.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
         }
     }
 }

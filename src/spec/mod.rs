@@ -91,6 +91,8 @@ pub struct Service {
     /// that does not connect).
     pub port: Option<u16>,
     pub route: Option<SocketAddr>,
+    /// What the route speaks: HTTP (a reverse proxy) or TCP (bytes, at layer 4).
+    pub route_kind: RouteKind,
     pub command: Option<Vec<String>>,
     /// Plain env values, as written.
     pub env: BTreeMap<String, String>,
@@ -105,6 +107,15 @@ pub struct Service {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,
     pub limits: Limits,
+}
+
+/// What a route speaks, as `route` says: `http://` (the default) or `tcp://`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -392,7 +392,7 @@ volumes = { a = "/data", b = "/data" }
             graven.toml:7:11: services.Web_1: service name "Web_1" must be a DNS label: 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'
             graven.toml:10:13: services.web.instances: -1 is out of range: it must be at least 0
             graven.toml:11:8: services.web.port: 65536 is out of range: it must be between 1 and 65535
-            graven.toml:12:9: services.web.route: "localhost:80" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
+            graven.toml:12:9: services.web.route: "localhost:80" is not a route: write IP:PORT, e.g. "127.0.0.1:8000", ":8000" or "tcp://:5432"
             graven.toml:13:11: services.web.command: the command needs a program: ["/app", "--flag"]
             graven.toml:14:9: services.web.env.1BAD: "1BAD" is not a valid environment variable name (letters, digits and '_', not starting with a digit)
             graven.toml:14:23: services.web.env.PORT: PORT is set by graven from the service's `port`; set `port` instead

@@ -7,7 +7,6 @@
 //! environment's result is returned.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use toml::Spanned;
 use super::problem::{Issues, did_you_mean, quoted_list};
 use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawService, join};
 use super::values;
-use super::{BuildStep, DeployPolicy, ImageSource, Project, Service, Strategy};
+use super::{BuildStep, DeployPolicy, ImageSource, Project, RouteKind, Service, Strategy};
 use crate::proxy::{HealthCheck, HealthKind};
 use crate::runtime::{Limits, VolumeMount};
 
@@ -43,7 +42,7 @@ struct At<T> {
 struct Partial {
     instances: Option<At<u32>>,
     port: Option<At<u16>>,
-    route: Option<At<SocketAddr>>,
+    route: Option<At<values::Route>>,
     command: Option<At<Vec<String>>>,
     env: BTreeMap<String, At<values::EnvValue>>,
     /// Whether a health table was written (otherwise the image's HEALTHCHECK counts).
@@ -458,7 +457,11 @@ fn resolve_service(
         name: name.to_owned(),
         instances: count(&merged.instances, 1),
         port,
-        route: merged.route.as_ref().map(|r| r.value),
+        route: merged.route.as_ref().map(|r| r.value.listen),
+        route_kind: merged
+            .route
+            .as_ref()
+            .map_or(RouteKind::Http, |r| r.value.kind),
         command: merged.command.as_ref().map(|c| c.value.clone()),
         env: merged
             .env
@@ -527,7 +530,8 @@ fn resolve_service(
 }
 
 /// The kind of a service's health check: as written; `exec` when only a command is; else
-/// `http` for a service with a route or a port and `none` for one with neither (a worker).
+/// `tcp` for a service with a TCP route, `http` for one with another route or a port and
+/// `none` for one with neither (a worker).
 /// False when the kind and the command contradict each other (reported).
 fn health_kind(
     name: &str,
@@ -564,6 +568,14 @@ fn health_kind(
         }
         (Some(kind), _) => (kind.value, true),
         (None, Some(_)) => (Kind::Exec, true),
+        (None, None)
+            if merged
+                .route
+                .as_ref()
+                .is_some_and(|r| r.value.kind == RouteKind::Tcp) =>
+        {
+            (Kind::Tcp, true)
+        }
         (None, None) if merged.route.is_some() || merged.port.is_some() => (Kind::Http, true),
         (None, None) => (Kind::None, true),
     }
@@ -714,7 +726,7 @@ pub(crate) fn validate(
     let mut wanted = None;
     for env_name in order {
         let mut services = BTreeMap::new();
-        let mut routes: Vec<(String, At<SocketAddr>)> = Vec::new();
+        let mut routes: Vec<(String, At<values::Route>)> = Vec::new();
         for (name, base) in &bases {
             let merged = match overlays[env_name].get(name) {
                 Some(overlay) => base.partial.overlaid(overlay),
@@ -723,7 +735,7 @@ pub(crate) fn validate(
             if let Some(route) = &merged.route {
                 if let Some((other, _)) = routes
                     .iter()
-                    .find(|(_, r)| values::routes_overlap(r.value, route.value))
+                    .find(|(_, r)| values::routes_overlap(r.value.listen, route.value.listen))
                 {
                     let in_environment = if env_name == DEFAULT_ENVIRONMENT {
                         String::new()

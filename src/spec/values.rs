@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use toml::Value;
 
+use super::RouteKind;
 use super::raw::describe;
 use crate::size;
 
@@ -62,17 +63,52 @@ pub(crate) fn cpu_millis(value: &Value) -> Result<u64, String> {
     }
 }
 
-/// A route: `IP:PORT` or `[IPv6]:PORT`, or `:PORT` for 127.0.0.1, which keeps a service
-/// private to the machine unless an address is written out. Port 0 asks for a free port.
-pub(crate) fn route(text: &str) -> Result<SocketAddr, String> {
-    if let Some(port) = text.strip_prefix(':')
-        && let Ok(port) = port.parse::<u16>()
-    {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+/// A route as written: an optional kind, `http://` (the default) or `tcp://`, then
+/// `IP:PORT` or `[IPv6]:PORT`, or `:PORT` for 127.0.0.1, which keeps a service private to the
+/// machine unless an address is written out. Port 0 asks for a free port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub kind: RouteKind,
+    pub listen: SocketAddr,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
-    text.parse().map_err(|_| {
-        format!("{text:?} is not a route: write IP:PORT, e.g. \"127.0.0.1:8000\" or \":8000\"")
-    })
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            RouteKind::Http => write!(f, "{}", self.listen),
+            RouteKind::Tcp => write!(f, "tcp://{}", self.listen),
+        }
+    }
+}
+
+pub(crate) fn route(text: &str) -> Result<Route, String> {
+    let (kind, address) = match text.split_once("://") {
+        Some(("http", address)) => (RouteKind::Http, address),
+        Some(("tcp", address)) => (RouteKind::Tcp, address),
+        Some((scheme, _)) => {
+            return Err(format!(
+                "{text:?} is not a route: {scheme}:// is not a kind of route; write http:// \
+                 (the default) or tcp://"
+            ));
+        }
+        None => (RouteKind::Http, text),
+    };
+    let listen = match address.strip_prefix(':').map(str::parse::<u16>) {
+        Some(Ok(port)) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+        _ => address.parse().map_err(|_| {
+            format!(
+                "{text:?} is not a route: write IP:PORT, e.g. \"127.0.0.1:8000\", \":8000\" \
+                 or \"tcp://:5432\""
+            )
+        })?,
+    };
+    Ok(Route { kind, listen })
 }
 
 /// Whether two routes would need the same listening socket.
@@ -280,6 +316,9 @@ mod tests {
             "0.0.0.0:80",
             "[::1]:8080",
             "127.0.0.1:0",
+            "tcp://:5432",
+            "http://0.0.0.0:80",
+            "udp://:53",
             "localhost:8000",
             "8000",
             ":99999",
@@ -296,20 +335,25 @@ mod tests {
                 "0.0.0.0:80" -> 0.0.0.0:80
                 "[::1]:8080" -> [::1]:8080
                 "127.0.0.1:0" -> 127.0.0.1:0
-                "localhost:8000" -> error: "localhost:8000" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
-                "8000" -> error: "8000" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
-                ":99999" -> error: ":99999" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000"
-                "" -> error: "" is not a route: write IP:PORT, e.g. "127.0.0.1:8000" or ":8000""#]],
+                "tcp://:5432" -> tcp://127.0.0.1:5432
+                "http://0.0.0.0:80" -> 0.0.0.0:80
+                "udp://:53" -> error: "udp://:53" is not a route: udp:// is not a kind of route; write http:// (the default) or tcp://
+                "localhost:8000" -> error: "localhost:8000" is not a route: write IP:PORT, e.g. "127.0.0.1:8000", ":8000" or "tcp://:5432"
+                "8000" -> error: "8000" is not a route: write IP:PORT, e.g. "127.0.0.1:8000", ":8000" or "tcp://:5432"
+                ":99999" -> error: ":99999" is not a route: write IP:PORT, e.g. "127.0.0.1:8000", ":8000" or "tcp://:5432"
+                "" -> error: "" is not a route: write IP:PORT, e.g. "127.0.0.1:8000", ":8000" or "tcp://:5432""#]],
         );
     }
 
     #[test]
     fn overlapping_routes() {
-        let r = |s: &str| route(s).unwrap();
+        let r = |s: &str| route(s).unwrap().listen;
         assert!(routes_overlap(r(":8000"), r("127.0.0.1:8000")));
         assert!(routes_overlap(r("0.0.0.0:8000"), r("127.0.0.1:8000")));
         assert!(!routes_overlap(r("127.0.0.2:8000"), r("127.0.0.1:8000")));
         assert!(!routes_overlap(r(":8000"), r(":8001")));
+        // One socket whatever the kind of route.
+        assert!(routes_overlap(r("tcp://:8000"), r(":8000")));
         // Port 0 asks for a free port, so two of them never collide.
         assert!(!routes_overlap(r(":0"), r(":0")));
     }

@@ -15,6 +15,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         instances,
         port: 8080,
         route: Some(route),
+        route_kind: Default::default(),
         command: None,
         env: env
             .iter()
