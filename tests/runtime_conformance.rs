@@ -284,6 +284,9 @@ async fn escaping_volume_starts_nothing(subject: Subject) {
 async fn fixed_port_is_used_or_refused(subject: Subject) {
     let port = free_port();
     let mut spec = spec(&subject);
+    // A fixed host port is the host network's: in a network of its own every instance has
+    // every port.
+    spec.network = graven::runtime::NetworkMode::Host;
     spec.host_port = Some(port);
     let instance = subject.runtime.start(spec.clone()).await.unwrap();
     assert_eq!(instance.address.unwrap().port(), port);

@@ -20,9 +20,17 @@ use crate::spec;
 pub struct RunArgs {
     /// The image: a tag, a digest, or a unique digest prefix.
     pub image: String,
-    /// A fixed host port (default: a free one graven picks). The instance gets it as $PORT.
+    /// The port the instance listens on in its own network (default 8080); with `--network
+    /// host`, a fixed host port (default: a free one graven picks). It gets it as $PORT.
     #[arg(long, short)]
     pub port: Option<u16>,
+    /// `private` (default: a network of its own, with its own address) or `host` (the
+    /// host's network, on a free port).
+    #[arg(long, value_parser = ["private", "host"], default_value = "private")]
+    pub network: String,
+    /// In its own network, allow no connection beyond graven's bridge.
+    #[arg(long)]
+    pub no_outbound: bool,
     /// Environment variables, added to the image's.
     #[arg(long = "env", short, value_name = "K=V")]
     pub env: Vec<String>,
@@ -170,6 +178,10 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         spec.volumes.push(VolumeMount::parse(volume)?);
     }
     spec.host_port = args.port;
+    if args.network == "host" {
+        spec.network = crate::runtime::NetworkMode::Host;
+    }
+    spec.outbound = !args.no_outbound;
     spec.user = args.user.clone();
     spec.command = (!args.command.is_empty()).then(|| args.command.clone());
     spec.limits = Limits {

@@ -1248,6 +1248,10 @@ impl Shell {
         spec.command = c.command.clone();
         spec.env = c.env.clone();
         spec.port = Some(c.port);
+        if c.host_network {
+            spec.network = crate::runtime::NetworkMode::Host;
+        }
+        spec.outbound = c.outbound;
         spec.volumes = c
             .volumes
             .iter()

@@ -233,6 +233,9 @@ fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<(Ipv4Addr, usi
     let Ok(entries) = std::fs::read_dir(&pool) else {
         return Ok(None);
     };
+    // Shared with other starts, exclusive for `sweep`: between the unlink and the lease's new
+    // owner, a lease still says `pool` with no marker, which `sweep` must not take for lost.
+    let _lock = leases_lock(rustix::fs::FlockOperation::LockShared)?;
     let ready: Vec<Ipv4Addr> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
@@ -245,6 +248,19 @@ fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<(Ipv4Addr, usi
         }
     }
     Ok(None)
+}
+
+fn leases_lock(operation: rustix::fs::FlockOperation) -> Result<std::fs::File, NetError> {
+    let path = dir("leases.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    rustix::fs::flock(&lock, operation)
+        .map_err(|e| io(format!("locking {}", path.display()))(e.into()))?;
+    Ok(lock)
 }
 
 /// Frees an address: its namespace's name is unmounted and removed (the namespace itself,
@@ -402,7 +418,8 @@ fn bridge_has_address(bridge: &str, gateway: Ipv4Addr) -> bool {
 
 /// Refuses a subnet that overlaps one the host already routes (other than the bridge's).
 fn check_routes(settings: &Settings) -> Result<(), NetError> {
-    let table = std::fs::read_to_string("/proc/net/route").map_err(io("reading /proc/net/route"))?;
+    let table =
+        std::fs::read_to_string("/proc/net/route").map_err(io("reading /proc/net/route"))?;
     for (device, route) in parse_routes(&table) {
         if device != settings.bridge && route.prefix > 0 && settings.subnet.overlaps(route) {
             return Err(NetError::Overlap {
@@ -469,8 +486,9 @@ fn make_netns(settings: &Settings, ip: Ipv4Addr) -> Result<(), NetError> {
     let own = std::fs::File::open("/proc/self/ns/net").map_err(io("opening this netns"))?;
     let theirs = std::fs::File::open(netns_path(ip)).map_err(io(format!("opening {name}")))?;
     setns(&theirs)?;
-    let written = std::fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0")
-        .map_err(io("setting ip_unprivileged_port_start in the instance's netns"));
+    let written = std::fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0").map_err(io(
+        "setting ip_unprivileged_port_start in the instance's netns",
+    ));
     setns(&own)?;
     written
 }
@@ -493,8 +511,7 @@ fn lease_free(settings: &Settings) -> Result<Ipv4Addr, NetError> {
     let start = fastrand::u32(..hosts);
     for i in 0..hosts {
         let ip = settings.subnet.host((start + i) % hosts);
-        if Path::new("/sys/class/net").join(veth_name(ip)).exists() || netns_path(ip).exists()
-        {
+        if Path::new("/sys/class/net").join(veth_name(ip)).exists() || netns_path(ip).exists() {
             continue;
         }
         let created = std::fs::File::options()
@@ -548,6 +565,9 @@ pub fn sweep() -> Vec<Ipv4Addr> {
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
     });
     let now = SystemTime::now();
+    let Ok(_lock) = leases_lock(rustix::fs::FlockOperation::LockExclusive) else {
+        return freed;
+    };
     for entry in std::fs::read_dir(&leases).into_iter().flatten().flatten() {
         let Some(ip) = entry
             .file_name()
@@ -588,7 +608,11 @@ pub fn sweep() -> Vec<Ipv4Addr> {
         }
     }
     if !filling {
-        for entry in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(ip) = name
                 .strip_prefix(VETH_PREFIX)
@@ -661,7 +685,13 @@ mod tests {
         assert_eq!(s.hosts(), 65533);
         assert!(s.contains(Ipv4Addr::new(10, 213, 255, 254)));
         assert!(!s.contains(Ipv4Addr::new(10, 214, 0, 1)));
-        for bad in ["10.213.0.1/16", "10.213.0.0", "10.213.0.0/4", "x/16", "10.0.0.0/30"] {
+        for bad in [
+            "10.213.0.1/16",
+            "10.213.0.0",
+            "10.213.0.0/4",
+            "x/16",
+            "10.0.0.0/30",
+        ] {
             assert!(Subnet::parse(bad).is_err(), "{bad}");
         }
         let wide = Subnet::parse("10.0.0.0/8").unwrap();
