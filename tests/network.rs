@@ -271,3 +271,48 @@ fn addresses_stay_with_their_instances_and_go_with_their_removal() {
     let others: Vec<&str> = others.iter().map(String::as_str).collect();
     remove(home.path(), &others);
 }
+
+#[test]
+fn a_server_that_is_not_root_binds_port_80_and_holds_no_namespace_descriptor() {
+    let home = tempfile::tempdir().unwrap();
+    // The image runs as 65534; unprivileged ports start at 0 in its own network.
+    hello_image(home.path());
+    let out =
+        succeed(graven(home.path()).args(["run", "-d", "--json", "--port", "80", "hello:test"]));
+    let instance: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let address: SocketAddr = instance["address"].as_str().unwrap().parse().unwrap();
+    assert_eq!(address.port(), 80);
+    wait_for(Duration::from_secs(10), "the instance on port 80", || {
+        get(address, "/healthz")
+    });
+    // The namespace was joined through a descriptor the workload never holds.
+    let pid = instance["pid"].as_u64().unwrap() as u32;
+    let links = support::fd_links(pid);
+    assert!(!links.iter().any(|l| l.starts_with("net:")), "{links:?}");
+    remove(home.path(), &[&id]);
+}
+
+#[test]
+fn gc_frees_the_lease_and_namespace_of_an_instance_that_is_gone() {
+    let home = tempfile::tempdir().unwrap();
+    hello_image(home.path());
+    // Something to make the bridge and the lease directory exist.
+    let (id, _) = start(home.path(), &["hello:test"]);
+    remove(home.path(), &[&id]);
+    // A leftover as a crash would leave it: a lease whose instance directory is gone, and
+    // its namespace.
+    let ip = "10.213.255.250";
+    assert!(!leased(ip), "{ip} is in use");
+    let owner = home.path().join("instances/gone");
+    std::fs::write(
+        Path::new("/run/graven/net/leases").join(ip),
+        owner.to_str().unwrap(),
+    )
+    .unwrap();
+    let name = format!("graven-{}", ip.replace('.', "-"));
+    succeed(Command::new("ip").args(["netns", "add", &name]));
+    succeed(graven(home.path()).arg("gc"));
+    assert!(!leased(ip));
+    assert!(!netns_file(ip).exists());
+}
