@@ -81,6 +81,8 @@ def measure(name, n, prepare, start, stop, times):
         i += 1
         warming = time.perf_counter() < warm_until
         port = free_port()
+        # A port number comes round again: the address of an earlier start on it is stale.
+        addresses.pop(port, None)
         prepare(i, port)
         if rest:
             time.sleep(rest)
