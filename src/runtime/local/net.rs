@@ -215,10 +215,8 @@ pub fn take(owner: &Path, outbound: bool) -> Result<Attached, NetError> {
         discard_pool();
     }
     for _ in 0..3 {
-        if let Some((ip, left)) = take_ready(owner, &settings)? {
-            if left < LOW {
-                refill_in_background();
-            }
+        if let Some(ip) = take_ready(owner, &settings)? {
+            refill_in_background();
             return Ok(attached(ip));
         }
         run_filler()?;
@@ -226,9 +224,8 @@ pub fn take(owner: &Path, outbound: bool) -> Result<Attached, NetError> {
     Err(NetError::NoneReady)
 }
 
-/// Unlinks one ready marker (whoever unlinks it owns it) and gives its lease to `owner`;
-/// also says how many stay ready.
-fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<(Ipv4Addr, usize)>, NetError> {
+/// Unlinks one ready marker (whoever unlinks it owns it) and gives its lease to `owner`.
+fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<Ipv4Addr>, NetError> {
     let pool = dir("pool");
     let Ok(entries) = std::fs::read_dir(&pool) else {
         return Ok(None);
@@ -241,10 +238,10 @@ fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<(Ipv4Addr, usi
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .filter(|ip| settings.subnet.contains(*ip))
         .collect();
-    for (i, ip) in ready.iter().enumerate() {
+    for ip in ready {
         if std::fs::remove_file(pool.join(ip.to_string())).is_ok() {
-            write_lease(*ip, &owner.to_string_lossy())?;
-            return Ok(Some((*ip, ready.len() - i - 1)));
+            write_lease(ip, &owner.to_string_lossy())?;
+            return Ok(Some(ip));
         }
     }
     Ok(None)
@@ -273,9 +270,11 @@ pub fn release(ip: Ipv4Addr) {
     let _ = std::fs::remove_file(dir("leases").join(ip.to_string()));
 }
 
-/// Starts `graven __net fill` detached, to make the pool whole again off the start path.
+/// Starts `graven __net fill` detached, to make the pool whole again off the start path, once
+/// it runs low: a filler then makes several namespaces at once, and its own start and its
+/// rules' reload are paid once for them.
 pub fn refill_in_background() {
-    if !available() || pool_size() >= POOL {
+    if !available() || pool_size() >= LOW {
         return;
     }
     let spawned = Command::new(crate::sandbox::helper_binary())
@@ -367,9 +366,16 @@ fn fill() -> Result<(), NetError> {
 /// nftables table, when the bridge is not there yet (or not as it should be).
 fn ensure_host(settings: &Settings) -> Result<(), NetError> {
     let bridge = &settings.bridge;
+    // The bridge set up by an earlier filler for these settings, and still there: not looked
+    // at again (each `ip` exec costs milliseconds of CPU a start may be waiting for). The
+    // rules are loaded on every fill all the same: a firewall's reload may have flushed them.
+    let ready = dir("bridge-ready");
+    let settings_text = format!("{bridge} {}", settings.subnet);
+    let bridge_ready = Path::new("/sys/class/net").join(bridge).exists()
+        && std::fs::read_to_string(&ready).is_ok_and(|t| t == settings_text);
     let gateway = format!("{}/{}", settings.subnet.gateway(), settings.subnet.prefix);
     let has_bridge = Path::new("/sys/class/net").join(bridge).exists();
-    if !has_bridge || !bridge_has_address(bridge, settings.subnet.gateway()) {
+    if !bridge_ready && (!has_bridge || !bridge_has_address(bridge, settings.subnet.gateway())) {
         check_routes(settings)?;
         if !has_bridge {
             ip_command(&["link", "add", bridge, "type", "bridge"], None)?;
@@ -382,7 +388,12 @@ fn ensure_host(settings: &Settings) -> Result<(), NetError> {
     if std::fs::read_to_string(forward).is_ok_and(|v| v.trim() != "1") {
         std::fs::write(forward, "1").map_err(io(format!("writing {forward}")))?;
     }
-    nft(&ruleset(settings))
+    nft(&ruleset(settings))?;
+    if !bridge_ready {
+        std::fs::write(&ready, settings_text)
+            .map_err(io(format!("writing {}", ready.display())))?;
+    }
+    Ok(())
 }
 
 /// graven's own table, replaced whole: the instances' traffic to other networks leaves with
