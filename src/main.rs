@@ -16,5 +16,6 @@ fn main() -> ExitCode {
     graven::sandbox::enter_if_helper();
     // An instance's shim is the same binary too; it needs no CLI parsing.
     graven::runtime::local::enter_if_shim();
+    graven::runtime::local::net::enter_if_net();
     graven::cli::main()
 }

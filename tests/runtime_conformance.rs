@@ -284,6 +284,9 @@ async fn escaping_volume_starts_nothing(subject: Subject) {
 async fn fixed_port_is_used_or_refused(subject: Subject) {
     let port = free_port();
     let mut spec = spec(&subject);
+    // A fixed host port is the host network's: in a network of its own every instance has
+    // every port.
+    spec.network = graven::runtime::NetworkMode::Host;
     spec.host_port = Some(port);
     let instance = subject.runtime.start(spec.clone()).await.unwrap();
     assert_eq!(instance.address.unwrap().port(), port);
@@ -303,8 +306,12 @@ async fn fixed_port_is_used_or_refused(subject: Subject) {
 }
 
 async fn instances_get_distinct_addresses(subject: Subject) {
-    let a = subject.runtime.start(spec(&subject)).await.unwrap();
-    let b = subject.runtime.start(spec(&subject)).await.unwrap();
+    // Both asked to listen on the same port: each still has an address of its own (its own
+    // network's, or a free host port).
+    let mut same_port = spec(&subject);
+    same_port.port = Some(8080);
+    let a = subject.runtime.start(same_port.clone()).await.unwrap();
+    let b = subject.runtime.start(same_port).await.unwrap();
     assert_ne!(a.id, b.id);
     assert_ne!(a.address, b.address);
     for instance in [&a, &b] {

@@ -569,6 +569,8 @@ async fn bad_input_starts_nothing_and_leaves_nothing() {
     });
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut port = home.spec();
+    // A fixed host port is taken on the host's network only.
+    port.network = graven::runtime::NetworkMode::Host;
     port.host_port = Some(taken.local_addr().unwrap().port());
     type Expect = fn(&RuntimeError) -> bool;
     let cases: Vec<(InstanceSpec, Expect)> = vec![

@@ -122,6 +122,9 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     let _cleanup = Cleanup(&place, id.clone());
     let address = instance["address"].as_str().unwrap().parse().unwrap();
     let pid = instance["pid"].as_u64().unwrap();
+    // No network of its own without root (no user-mode network yet): the host's, said plainly.
+    let warnings = instance["warnings"].to_string();
+    assert!(warnings.contains("shares the host's network"), "{warnings}");
 
     // Inside: root of its own user namespace, and still without any privilege.
     let reply = support::wait_for(Duration::from_secs(10), "the probe to answer", || {

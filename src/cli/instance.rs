@@ -20,9 +20,17 @@ use crate::spec;
 pub struct RunArgs {
     /// The image: a tag, a digest, or a unique digest prefix.
     pub image: String,
-    /// A fixed host port (default: a free one graven picks). The instance gets it as $PORT.
+    /// The port the instance listens on in its own network (default 8080); with `--network
+    /// host`, a fixed host port (default: a free one graven picks). It gets it as $PORT.
     #[arg(long, short)]
     pub port: Option<u16>,
+    /// `private` (default: a network of its own, with its own address) or `host` (the
+    /// host's network, on a free port).
+    #[arg(long, value_parser = ["private", "host"], default_value = "private")]
+    pub network: String,
+    /// In its own network, allow no connection beyond graven's bridge.
+    #[arg(long)]
+    pub no_outbound: bool,
     /// Environment variables, added to the image's.
     #[arg(long = "env", short, value_name = "K=V")]
     pub env: Vec<String>,
@@ -170,6 +178,10 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         spec.volumes.push(VolumeMount::parse(volume)?);
     }
     spec.host_port = args.port;
+    if args.network == "host" {
+        spec.network = crate::runtime::NetworkMode::Host;
+    }
+    spec.outbound = !args.no_outbound;
     spec.user = args.user.clone();
     spec.command = (!args.command.is_empty()).then(|| args.command.clone());
     spec.limits = Limits {
@@ -193,6 +205,19 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_millis()
         );
     }
+    // In the foreground the instance lives as long as this command, whose signals are caught
+    // from before the start: one that comes while the instance starts stops it too, instead
+    // of ending this command and leaving the instance running unfollowed.
+    let foreground = if args.detach {
+        None
+    } else {
+        let rt = async_runtime(Threads::One)?;
+        let signals = {
+            let _entered = rt.enter();
+            Signals::catch()?
+        };
+        Some((rt, signals))
+    };
     // Started without an async runtime: `run -d` is done as soon as the instance runs, and
     // is timed as an instance start (bench/instance_start.sh).
     let instance = runtime.start_blocking(spec)?;
@@ -208,20 +233,46 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(address) = instance.address {
         eprintln!("graven: instance {} on http://{address}", instance.id);
     }
-    async_runtime(Threads::One)?.block_on(follow(&runtime, &instance))
+    let (rt, signals) = foreground.context("a foreground run has its async runtime")?;
+    rt.block_on(follow(&runtime, &instance, signals))
+}
+
+/// The signals that stop a foreground instance: Ctrl-C, SIGTERM and SIGHUP (its terminal
+/// closing).
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must be called inside the async runtime that will wait for them.
+    fn catch() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("catching SIGHUP")?,
+        })
+    }
 }
 
 /// Streams the instance's log until it exits; Ctrl-C stops it (and a second one kills it).
-async fn follow(runtime: &LocalRuntime, instance: &Instance) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
+async fn follow(
+    runtime: &LocalRuntime,
+    instance: &Instance,
+    signals: Signals,
+) -> anyhow::Result<ExitCode> {
     let mut log = runtime.log_follower(&instance.id);
     let mut pending = String::new();
     let mut interrupts = 0;
     // The instance lives as long as this command: Ctrl-C, SIGTERM and SIGHUP (its terminal
     // closing) stop it with its grace; a second one kills it.
-    let mut interrupt = signal(SignalKind::interrupt()).context("catching SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("catching SIGTERM")?;
-    let mut hangup = signal(SignalKind::hangup()).context("catching SIGHUP")?;
+    let Signals {
+        mut interrupt,
+        mut terminate,
+        mut hangup,
+    } = signals;
     loop {
         let mut exited = runtime.inspect(&instance.id).await?.status;
         if exited.is_exited() {

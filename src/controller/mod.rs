@@ -1353,6 +1353,10 @@ impl Shell {
         spec.env = c.env.clone();
         // 0 is a service with no port (a worker).
         spec.port = Some(c.port).filter(|&port| port != 0);
+        if c.host_network {
+            spec.network = crate::runtime::NetworkMode::Host;
+        }
+        spec.outbound = c.outbound;
         spec.volumes = c
             .volumes
             .iter()

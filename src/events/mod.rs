@@ -544,6 +544,25 @@ pub struct ServiceConfig {
     /// written before the key existed read as the default.
     #[serde(default = "default_keep_releases")]
     pub keep_releases: u32,
+    /// `network = "host"`. Left out when false, so configs without the key serialize and
+    /// hash as before it existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub host_network: bool,
+    /// `outbound = false`; left out when true, for the same reason.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub outbound: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a route speaks: HTTP (a reverse proxy) or TCP (bytes, at layer 4).
@@ -681,6 +700,12 @@ impl ServiceConfig {
             volumes: &'a [VolumeConfig],
             stop_grace_ns: u64,
             deploy: CanonicalDeploy,
+            // Only when not the default, so the digests of configs written before the keys
+            // existed do not move.
+            #[serde(skip_serializing_if = "is_false")]
+            host_network: bool,
+            #[serde(skip_serializing_if = "is_true")]
+            outbound: bool,
         }
         #[derive(Serialize)]
         struct CanonicalHealth<'a> {
@@ -750,6 +775,8 @@ impl ServiceConfig {
                 health_deadline_ns: nanos(self.health_deadline),
                 keep_releases: self.keep_releases,
             },
+            host_network: self.host_network,
+            outbound: self.outbound,
         };
         let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
         Digest::of(&json)
@@ -822,6 +849,8 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 log_bytes: limits.log_bytes,
             },
             keep_releases: service.deploy.keep_releases,
+            host_network: service.host_network,
+            outbound: service.outbound,
         }
     }
 }
@@ -859,6 +888,8 @@ impl ServiceConfig {
             volumes: vec![],
             limits: Default::default(),
             keep_releases: 10,
+            host_network: false,
+            outbound: true,
         }
     }
 }

@@ -153,6 +153,8 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 volumes: config.volumes,
                 limits: config.limits,
                 keep_releases: crate::spec::DEFAULT_KEEP_RELEASES,
+                host_network: false,
+                outbound: true,
             },
             source: None,
         },

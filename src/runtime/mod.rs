@@ -64,6 +64,28 @@ pub struct InstanceSpec {
     pub stop_grace: Duration,
     /// Opaque to the runtime; kept with the instance so a restarted graven can tell what it is.
     pub labels: BTreeMap<String, String>,
+    /// The instance's network: its own (the default, where the runtime can make one) or the
+    /// host's.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// Whether an instance with a network of its own may open connections beyond it.
+    #[serde(default = "outbound_default")]
+    pub outbound: bool,
+}
+
+fn outbound_default() -> bool {
+    true
+}
+
+/// Which network an instance is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// A network of its own: its own loopback and address, listening on its own port.
+    #[default]
+    Private,
+    /// The host's network, on a free port of the host's passed as `$PORT`.
+    Host,
 }
 
 impl InstanceSpec {
@@ -82,6 +104,8 @@ impl InstanceSpec {
             stop_signal: None,
             stop_grace: Duration::from_secs(10),
             labels: BTreeMap::new(),
+            network: NetworkMode::Private,
+            outbound: true,
         }
     }
 

@@ -128,6 +128,10 @@ pub(super) fn launch(
     // Both asked before the user namespace, inside which this process is uid 0.
     let rootless = super::rootless();
     let (uid, gid) = super::identity(spec.uid, spec.gid).map_err(|e| e.to_string())?;
+    // Before the user namespace: the prepared namespace belongs to the host's.
+    if let Some(network) = &request.network {
+        join_network(network)?;
+    }
     if rootless {
         enter_user_namespace()?;
     }
@@ -216,6 +220,16 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
     // The mount namespace is entered by the child only, so this helper keeps the host's
     // /proc (as in `launch`).
     names.extend(["ipc", "uts", "pid"]);
+    // Its own network namespace too, when it has one (not when it shares the host's, which
+    // a rootless helper could not enter again).
+    let own_net =
+        std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let their_net = std::fs::metadata(ns("net")).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    if let (Ok(own), Ok(theirs)) = (own_net, their_net)
+        && own != theirs
+    {
+        names.push("net");
+    }
     let files = names
         .iter()
         .map(|name| {
@@ -248,6 +262,58 @@ fn enter(request: &ExecRequest) -> Result<libc::pid_t> {
             &filters,
         )
     })
+}
+
+/// Enters a prepared network namespace (this process and every child it forks), closing
+/// the descriptor at once so nothing after holds it, and adds the default route through
+/// `gateway` when there is one.
+fn join_network(network: &super::NetworkJoin) -> Result<()> {
+    let file = std::fs::File::open(&network.netns)
+        .map_err(|e| format!("opening {}: {e}", network.netns.display()))?;
+    // SAFETY: setns only changes this process's namespace membership; `file` is a
+    // close-on-exec descriptor of a network namespace, dropped right after.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    drop(file);
+    check(rc, "entering the instance's network namespace")?;
+    if let Some(gateway) = network.gateway {
+        add_default_route(gateway)?;
+    }
+    Ok(())
+}
+
+/// `ip route add default via GATEWAY`, through the routing ioctl: no netlink exchange and no
+/// `ip` exec on the start path.
+fn add_default_route(gateway: std::net::Ipv4Addr) -> Result<()> {
+    let sockaddr = |ip: std::net::Ipv4Addr| {
+        let inet = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads the family.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(inet) }
+    };
+    // SAFETY: rtentry is plain data, all zeroes a valid (empty) value.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = sockaddr(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = sockaddr(gateway);
+    route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: a plain socket, closed below.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(socket, "opening a socket for the default route")?;
+    // SAFETY: SIOCADDRT reads the rtentry we own, for the duration of the call.
+    let rc = unsafe { libc::ioctl(socket, libc::SIOCADDRT, &route) };
+    let error = errno();
+    // SAFETY: the socket is ours.
+    unsafe { libc::close(socket) };
+    if rc < 0 {
+        return Err(format!("adding the default route via {gateway}: {error}"));
+    }
+    Ok(())
 }
 
 fn join_cgroups(procs: &[PathBuf]) -> Result<()> {

@@ -164,6 +164,19 @@ pub struct Options {
     /// `cgroup.procs` files the workload joins before its exec (only the workload: whoever
     /// supervises it stays outside its limits).
     pub cgroups: Vec<PathBuf>,
+    /// A prepared network namespace the workload joins instead of the host's network.
+    #[serde(default)]
+    pub network: Option<NetworkJoin>,
+}
+
+/// A network namespace made ready for a sandbox (`runtime::local::net`): the helper enters
+/// it through a close-on-exec descriptor it closes at once, and adds the default route.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkJoin {
+    /// The namespace's file (`/run/netns/NAME`).
+    pub netns: PathBuf,
+    /// The gateway of the default route; `None` leaves the workload only its own subnet.
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 /// The JSON the helper reads from its stdin.
@@ -172,6 +185,8 @@ struct Request {
     spec: SandboxSpec,
     scratch: PathBuf,
     cgroups: Vec<PathBuf>,
+    #[serde(default)]
+    network: Option<NetworkJoin>,
 }
 
 /// The JSON `graven __sandbox-exec` reads: a command to run inside a running sandbox.
@@ -354,6 +369,7 @@ pub fn spawn(
         spec: spec.clone(),
         scratch,
         cgroups: options.cgroups.clone(),
+        network: options.network.clone(),
     };
     let json = serde_json::to_vec(&request).expect("a sandbox request always serializes");
     let mut command = Command::new(helper_binary());
@@ -393,6 +409,7 @@ pub fn launch(
         spec: spec.clone(),
         scratch,
         cgroups: options.cgroups.clone(),
+        network: options.network.clone(),
     };
     let (status, status_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| io_error(spec, e.into()))?;

@@ -107,6 +107,10 @@ pub struct Service {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,
     pub limits: Limits,
+    /// `network = "host"`: the host's network instead of one of its own.
+    pub host_network: bool,
+    /// `outbound = false`: no connection beyond graven's bridge.
+    pub outbound: bool,
 }
 
 /// What a route speaks, as `route` says: `http://` (the default) or `tcp://`.

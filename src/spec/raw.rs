@@ -46,6 +46,13 @@ impl Leaf for String {
     }
 }
 
+impl Leaf for bool {
+    const EXPECTED: &'static str = "true or false";
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_bool()
+    }
+}
+
 impl Leaf for i64 {
     const EXPECTED: &'static str = "an integer";
     fn from_value(value: &Value) -> Option<Self> {
@@ -128,6 +135,8 @@ pub(crate) struct RawService {
     pub stop_grace: Option<Field<String>>,
     pub volumes: Option<Spanned<Named<Field<String>>>>,
     pub limits: Option<Spanned<RawLimits>>,
+    pub network: Option<Field<String>>,
+    pub outbound: Option<Field<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

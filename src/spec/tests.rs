@@ -293,7 +293,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "network", "outbound")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -774,5 +774,63 @@ health = { kind = "none" }
             graven.toml:13:22: services.e.health.command: the command needs a program: ["pg_isready", "-q"]
             graven.toml:15:22: services.f.health.command: a command is a list (run as it is) or a string (run by /bin/sh -c)
             graven.toml:16:11: services.g: missing field "port": the port the service listens on"#]],
+    );
+}
+
+#[test]
+fn network_and_outbound_per_service_and_per_environment() {
+    let source = r#"
+app = "a"
+[services.web]
+port = 80
+[services.db]
+port = 5432
+network = "host"
+[services.worker]
+port = 1
+outbound = false
+[environments.production.services.web]
+network = "host"
+"#;
+    let parsed = |environment: &str| {
+        parse(
+            source,
+            Path::new("graven.toml"),
+            Path::new("/app"),
+            environment,
+        )
+        .unwrap()
+    };
+    let facts = |project: &Project| -> Vec<(String, bool, bool)> {
+        project
+            .services
+            .values()
+            .map(|s| (s.name.clone(), s.host_network, s.outbound))
+            .collect()
+    };
+    let owned = |v: &[(&str, bool, bool)]| -> Vec<(String, bool, bool)> {
+        v.iter().map(|(n, h, o)| (n.to_string(), *h, *o)).collect()
+    };
+    assert_eq!(
+        facts(&parsed("local")),
+        owned(&[
+            ("db", true, true),
+            ("web", false, true),
+            ("worker", false, false)
+        ])
+    );
+    assert_eq!(
+        facts(&parsed("production")),
+        owned(&[
+            ("db", true, true),
+            ("web", true, true),
+            ("worker", false, false)
+        ])
+    );
+    check(
+        "app = \"a\"\n[services.web]\nport = 80\nnetwork = \"bridge\"\noutbound = \"no\"\n",
+        expect![[r#"
+            graven.toml:4:11: services.web.network: "bridge" is not a network: write "private" or "host"
+            graven.toml:5:12: services.web.outbound: expected true or false, found string "no""#]],
     );
 }

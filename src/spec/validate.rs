@@ -67,6 +67,8 @@ struct Partial {
     cpu: Option<At<u64>>,
     tmp: Option<At<u64>>,
     log: Option<At<u64>>,
+    host_network: Option<At<bool>>,
+    outbound: Option<At<bool>>,
 }
 
 impl Partial {
@@ -98,6 +100,8 @@ impl Partial {
             health_deadline: pick(&overlay.health_deadline, &self.health_deadline),
             keep_releases: pick(&overlay.keep_releases, &self.keep_releases),
             stop_grace: pick(&overlay.stop_grace, &self.stop_grace),
+            host_network: pick(&overlay.host_network, &self.host_network),
+            outbound: pick(&overlay.outbound, &self.outbound),
             volumes: pick(&overlay.volumes, &self.volumes),
             memory: pick(&overlay.memory, &self.memory),
             pids: pick(&overlay.pids, &self.pids),
@@ -185,6 +189,16 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
         stop_grace: leaf(&raw.stop_grace, &path("stop_grace"), issues, |d| {
             values::duration(d)
         }),
+        host_network: leaf(&raw.network, &path("network"), issues, |n| {
+            match n.as_str() {
+                "host" => Ok(true),
+                "private" => Ok(false),
+                _ => Err(format!(
+                    "{n:?} is not a network: write \"private\" or \"host\""
+                )),
+            }
+        }),
+        outbound: leaf(&raw.outbound, &path("outbound"), issues, |o| Ok(*o)),
         ..Partial::default()
     };
     if let Some(env) = &raw.env {
@@ -514,6 +528,8 @@ fn resolve_service(
             keep_releases: count(&merged.keep_releases, super::DEFAULT_KEEP_RELEASES),
         },
         stop_grace: value(&merged.stop_grace, Duration::from_secs(10)),
+        host_network: merged.host_network.as_ref().is_some_and(|h| h.value),
+        outbound: merged.outbound.as_ref().is_none_or(|o| o.value),
         volumes: merged
             .volumes
             .as_ref()

@@ -42,6 +42,8 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         volumes: vec![],
         limits: Default::default(),
         keep_releases: 10,
+        host_network: false,
+        outbound: true,
     }
 }
 

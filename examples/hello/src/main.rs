@@ -23,7 +23,9 @@ struct Config {
 
 fn main() {
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".to_owned());
-    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
+    // Every address unless told otherwise: in a network of its own, an instance is reached
+    // at its own address, never at the host's loopback.
+    let host = std::env::var("HOST").unwrap_or_else(|_| "0.0.0.0".to_owned());
     let config: &'static Config = Box::leak(Box::new(Config {
         greeting: std::env::var("GREETING").unwrap_or_else(|_| "hello".to_owned()),
         version: std::env::var("VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned()),

@@ -337,7 +337,7 @@ fn serve() {
     let text = report();
     print!("{text}");
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".to_owned());
-    let listener = match TcpListener::bind(format!("127.0.0.1:{port}")) {
+    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("probe: cannot listen on {port}: {e}");

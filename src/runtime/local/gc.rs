@@ -55,6 +55,8 @@ impl LocalRuntime {
             if !dry_run {
                 // An orphan's root is named by no state: it must not run while roots go.
                 orphans::stop(&orphans::find(&instances, None));
+                // Leases, namespaces and links no instance owns any more.
+                super::net::sweep();
             }
             report.in_use = self.images_in_use(&instances)?;
             for (name, path) in unused_roots(&roots_dir, &report.in_use)? {

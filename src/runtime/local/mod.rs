@@ -10,6 +10,7 @@
 mod cgroup;
 mod gc;
 pub mod log;
+pub mod net;
 pub mod orphans;
 mod probe;
 pub mod retention;
@@ -29,11 +30,15 @@ use state::{LOG, LOG_BEFORE, Proc, SCRATCH, ShimRequest, State};
 
 pub use gc::{Freed, GcReport};
 
-use super::{Instance, InstanceId, InstanceSpec, InstanceStatus, Runtime, RuntimeError};
+use super::{
+    Instance, InstanceId, InstanceSpec, InstanceStatus, NetworkMode, Runtime, RuntimeError,
+};
 use crate::sandbox::user;
 use crate::sandbox::{self, Bind, Options, SandboxSpec};
 use crate::store::{Digest, Store, StoreError};
 
+/// The port an instance with a network of its own listens on when nothing says another.
+const DEFAULT_PORT: u16 = 8080;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long `stop` waits for the shim to record an exit after the kill.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -241,13 +246,29 @@ impl LocalRuntime {
             .clone()
             .filter(|d| !d.is_empty())
             .unwrap_or_else(|| "/".to_owned());
-        let port = pick_port(spec.host_port)?;
+        // A network of its own: the instance listens on its port, whatever other instances
+        // do; on the host's, on a free port of the host's.
+        let private = spec.network == NetworkMode::Private && net::available();
+        let port = if private {
+            spec.port.or(spec.host_port).unwrap_or(DEFAULT_PORT)
+        } else {
+            pick_port(spec.host_port)?
+        };
         env.insert("PORT".to_owned(), port.to_string());
         let binds = self.volume_binds(&spec, (uid, gid))?;
         // Everything that can be refused has been checked: now the instance is made.
         let id = InstanceId(format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff));
         let dir = self.dir_of(&id);
         owner_only_dir(&dir).map_err(other(format!("creating {}", dir.display())))?;
+        let network = match private.then(|| net::take(&dir, spec.outbound)).transpose() {
+            Ok(network) => network,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(other("making the instance's network")(
+                    std::io::Error::other(error),
+                ));
+            }
+        };
         let resolved = Resolved {
             root,
             args,
@@ -258,10 +279,14 @@ impl LocalRuntime {
             port,
             stop_signal,
             cwd,
+            network,
         };
         let result = self.launch(&id, &dir, &spec, resolved);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
+            if let Some(network) = network {
+                net::release(network.ip);
+            }
         }
         result
     }
@@ -274,6 +299,12 @@ impl LocalRuntime {
         resolved: Resolved,
     ) -> Result<Instance, RuntimeError> {
         let mut warnings = Vec::new();
+        if spec.network == NetworkMode::Private && resolved.network.is_none() {
+            warnings.push(
+                "no network of its own (that needs root): the instance shares the host's network"
+                    .to_owned(),
+            );
+        }
         // Every instance has a process limit, the default one unless another is given, so a
         // fork bomb stops at it; memory and CPU only when asked for. A limit of 0 is none at
         // all, and no cgroup: on cgroup v1 joining one waits for an RCU grace period (about
@@ -327,6 +358,7 @@ impl LocalRuntime {
             options: Options {
                 scratch: Some(scratch),
                 cgroups: cgroups.procs(),
+                network: resolved.network.map(|n| n.join()),
             },
             log_bytes: spec.limits.log_bytes.unwrap_or(super::DEFAULT_LOG_BYTES),
         };
@@ -335,7 +367,11 @@ impl LocalRuntime {
             image: spec.image.clone(),
             labels: spec.labels.clone(),
             status: InstanceStatus::Created,
-            address: SocketAddr::from(([127, 0, 0, 1], resolved.port)),
+            address: match resolved.network {
+                Some(network) => SocketAddr::from((network.ip, resolved.port)),
+                None => SocketAddr::from(([127, 0, 0, 1], resolved.port)),
+            },
+            network: resolved.network,
             started_at_ms: super::now_ms(),
             tainted: false,
             warnings,
@@ -720,6 +756,11 @@ impl Runtime for LocalRuntime {
             .labels
             .get(retention::LOG_GROUP)
             .map_or("", String::as_str);
+        // Its address is free once its state is gone (`net::sweep` tells by that too).
+        if let Some(network) = state.network {
+            net::release(network.ip);
+            net::refill_in_background();
+        }
         retention::record(&dir, group).map_err(other(format!("recording {}", dir.display())))?;
         retention::prune(&self.home.join("instances"), group, retention::KEEP);
         Ok(())
@@ -737,6 +778,7 @@ struct Resolved {
     port: u16,
     stop_signal: i32,
     cwd: String,
+    network: Option<net::Attached>,
 }
 
 /// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.

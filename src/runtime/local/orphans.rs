@@ -187,5 +187,7 @@ pub fn sweep(instances: &Path) -> Vec<Orphan> {
     }
     let orphans = find(instances, None);
     stop(&orphans);
+    // The addresses and namespaces of instances whose directory went with them.
+    super::net::sweep();
     orphans
 }

@@ -110,7 +110,7 @@ fn forked(dir: &Path, request: &ShimRequest, report: OwnedFd) -> i32 {
 /// waiting per instance. A shim left here when its starter exits is reaped by init.
 static SHIMS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
 
-fn remember(pid: i32) {
+pub(super) fn remember(pid: i32) {
     SHIMS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

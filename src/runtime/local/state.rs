@@ -79,6 +79,9 @@ pub struct State {
     pub gid: u32,
     pub env: Vec<String>,
     pub cwd: String,
+    /// Its address on graven's bridge, when it has a network of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<super::net::Attached>,
 }
 
 impl State {

@@ -1,0 +1,724 @@
+//! A network of its own for each instance: a network namespace with loopback up and an
+//! address on graven's bridge (`graven0`), whose host side is its gateway, NAT to the host's
+//! uplink for outbound traffic.
+//!
+//! Making a namespace and its veth pair takes tens of milliseconds (`ip` and `nft` are run
+//! for it), far more than a start may cost, so a few are made ahead of need (`fill`, run as
+//! `graven __net fill` off the start path: after a removal, or when a start left the pool
+//! low) and a start only takes one (`take`: an unlink and a file written). The workload joins
+//! the namespace in the sandbox (`sandbox::NetworkJoin`); this module never enters one in
+//! graven's async process.
+//!
+//! Everything lives under `/run/graven/net`, shared by every graven home on the host, since
+//! the bridge and its addresses are the host's: a lease file per address (`leases/<ip>`,
+//! made with `O_EXCL`, holding its owner: `pool` or the instance's directory), a marker per
+//! ready namespace (`pool/<ip>`), the namespaces as `ip netns` knows them
+//! (`/run/netns/graven-<ip>`). `/run` is emptied at boot, along with every namespace and link.
+//! A lease is freed by the removal of its instance, or by `sweep` when its owner is gone.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+/// The bridge's name; `GRAVEN_BRIDGE` overrides it.
+pub const BRIDGE_ENV: &str = "GRAVEN_BRIDGE";
+/// The instances' subnet (`10.213.0.0/16` unless `GRAVEN_SUBNET` says otherwise).
+pub const SUBNET_ENV: &str = "GRAVEN_SUBNET";
+const DEFAULT_BRIDGE: &str = "graven0";
+const DEFAULT_SUBNET: &str = "10.213.0.0/16";
+/// The argv[1] of the process that makes namespaces (`graven __net fill`).
+pub const NET_ARG: &str = "__net";
+const DIR: &str = "/run/graven/net";
+const NETNS_DIR: &str = "/run/netns";
+/// The name every graven namespace starts with, for `ip netns` and `sweep`.
+const NETNS_PREFIX: &str = "graven-";
+/// The prefix of the host sides of the veth pairs.
+const VETH_PREFIX: &str = "gv";
+/// The nftables table graven owns (and flushes whenever it sets it up).
+pub const NFT_TABLE: &str = "graven";
+/// How many ready namespaces `fill` keeps.
+const POOL: usize = 4;
+/// A start refills the pool in the background when it leaves fewer than this.
+const LOW: usize = 2;
+/// A lease whose owner has no state yet is left alone this long (a start in progress).
+const GRACE: Duration = Duration::from_secs(60);
+/// The owner of a lease held by the pool.
+const POOL_OWNER: &str = "pool";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {message}")]
+    Command { command: String, message: String },
+    #[error(
+        "the instance subnet {subnet} overlaps the host's route to {route}: choose another with {SUBNET_ENV}"
+    )]
+    Overlap { subnet: Subnet, route: String },
+    #[error("{SUBNET_ENV}={text:?} is not an IPv4 subnet of /8 to /28 (e.g. 10.213.0.0/16)")]
+    BadSubnet { text: String },
+    #[error("no address of {subnet} is free")]
+    Exhausted { subnet: Subnet },
+    #[error("no ready network namespace after making them (another start took them all)")]
+    NoneReady,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Io { what, source }
+}
+
+/// An IPv4 subnet: the bridge takes its first address, instances the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl Subnet {
+    pub fn parse(text: &str) -> Result<Subnet, NetError> {
+        let bad = || NetError::BadSubnet {
+            text: text.to_owned(),
+        };
+        let (ip, prefix) = text.trim().split_once('/').ok_or_else(bad)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(8..=28).contains(&prefix) {
+            return Err(bad());
+        }
+        let subnet = Subnet { base: ip, prefix };
+        if u32::from(ip) & !subnet.mask() != 0 {
+            return Err(bad());
+        }
+        Ok(subnet)
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX << (32 - self.prefix)
+    }
+
+    /// The bridge's address, the instances' gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
+    }
+
+    /// How many addresses instances may take (all but network, gateway and broadcast).
+    fn hosts(&self) -> u32 {
+        (1u32 << (32 - self.prefix)) - 3
+    }
+
+    /// The `n`th instance address, from 0.
+    fn host(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 2 + n)
+    }
+
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.base)
+    }
+
+    /// Whether this subnet and `other` share an address.
+    fn overlaps(&self, other: Subnet) -> bool {
+        let mask = self.mask() & other.mask();
+        u32::from(self.base) & mask == u32::from(other.base) & mask
+    }
+}
+
+/// The network settings in force: from the environment, or the defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bridge: String,
+    pub subnet: Subnet,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Settings, NetError> {
+        let bridge = std::env::var(BRIDGE_ENV)
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| DEFAULT_BRIDGE.to_owned());
+        let subnet = std::env::var(SUBNET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_SUBNET.to_owned());
+        Ok(Settings {
+            bridge,
+            subnet: Subnet::parse(&subnet)?,
+        })
+    }
+}
+
+/// An instance's place on the bridge, as its state records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attached {
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    /// Whether the instance may reach beyond the bridge (it gets a default route).
+    pub outbound: bool,
+}
+
+impl Attached {
+    /// What the sandbox is told to join.
+    pub fn join(&self) -> crate::sandbox::NetworkJoin {
+        crate::sandbox::NetworkJoin {
+            netns: netns_path(self.ip),
+            gateway: self.outbound.then_some(self.gateway),
+        }
+    }
+}
+
+fn netns_name(ip: Ipv4Addr) -> String {
+    format!("{NETNS_PREFIX}{}", ip.to_string().replace('.', "-"))
+}
+
+fn netns_path(ip: Ipv4Addr) -> PathBuf {
+    Path::new(NETNS_DIR).join(netns_name(ip))
+}
+
+fn veth_name(ip: Ipv4Addr) -> String {
+    format!("{VETH_PREFIX}{:08x}", u32::from(ip))
+}
+
+fn dir(sub: &str) -> PathBuf {
+    Path::new(DIR).join(sub)
+}
+
+/// Whether instances can have a network of their own here: graven runs as root. Without
+/// root they share the host's (a user-mode network is not made yet).
+pub fn available() -> bool {
+    !crate::sandbox::rootless()
+}
+
+/// Takes a ready namespace for the instance in `owner` (its directory), making some first
+/// when none is ready; refills the pool in the background when it runs low.
+pub fn take(owner: &Path, outbound: bool) -> Result<Attached, NetError> {
+    let settings = Settings::from_env()?;
+    let attached = |ip| Attached {
+        ip,
+        gateway: settings.subnet.gateway(),
+        outbound,
+    };
+    // The bridge may be gone (removed by hand): the pool's namespaces are then cut off.
+    if !Path::new("/sys/class/net").join(&settings.bridge).exists() {
+        discard_pool();
+    }
+    for _ in 0..3 {
+        if let Some(ip) = take_ready(owner, &settings)? {
+            refill_in_background();
+            return Ok(attached(ip));
+        }
+        run_filler()?;
+    }
+    Err(NetError::NoneReady)
+}
+
+/// Unlinks one ready marker (whoever unlinks it owns it) and gives its lease to `owner`.
+fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<Ipv4Addr>, NetError> {
+    let pool = dir("pool");
+    let Ok(entries) = std::fs::read_dir(&pool) else {
+        return Ok(None);
+    };
+    // Shared with other starts, exclusive for `sweep`: between the unlink and the lease's new
+    // owner, a lease still says `pool` with no marker, which `sweep` must not take for lost.
+    let _lock = leases_lock(rustix::fs::FlockOperation::LockShared)?;
+    let ready: Vec<Ipv4Addr> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|ip| settings.subnet.contains(*ip))
+        .collect();
+    for ip in ready {
+        if std::fs::remove_file(pool.join(ip.to_string())).is_ok() {
+            write_lease(ip, &owner.to_string_lossy())?;
+            return Ok(Some(ip));
+        }
+    }
+    Ok(None)
+}
+
+fn leases_lock(operation: rustix::fs::FlockOperation) -> Result<std::fs::File, NetError> {
+    let path = dir("leases.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    rustix::fs::flock(&lock, operation)
+        .map_err(|e| io(format!("locking {}", path.display()))(e.into()))?;
+    Ok(lock)
+}
+
+/// Frees an address: its namespace's name is unmounted and removed (the namespace itself,
+/// with its veth pair, goes when its last process does), then its lease.
+pub fn release(ip: Ipv4Addr) {
+    let path = netns_path(ip);
+    let _ = rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(dir("pool").join(ip.to_string()));
+    let _ = std::fs::remove_file(dir("leases").join(ip.to_string()));
+}
+
+/// Starts `graven __net fill` detached, to make the pool whole again off the start path, once
+/// it runs low: a filler then makes several namespaces at once, and its own start and its
+/// rules' reload are paid once for them.
+pub fn refill_in_background() {
+    if !available() || pool_size() >= LOW {
+        return;
+    }
+    let spawned = Command::new(crate::sandbox::helper_binary())
+        .args([NET_ARG, "fill"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Ok(child) = spawned {
+        super::shim::remember(child.id() as i32);
+    }
+}
+
+fn pool_size() -> usize {
+    std::fs::read_dir(dir("pool")).map_or(0, |d| d.count())
+}
+
+/// Runs `graven __net fill` and waits for it (behind a filler already at work).
+fn run_filler() -> Result<(), NetError> {
+    let output = Command::new(crate::sandbox::helper_binary())
+        .args([NET_ARG, "fill"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io("starting graven __net fill"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Command {
+            command: "graven __net fill".to_owned(),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// When this process was started as `graven __net ...`, does that and never returns.
+pub fn enter_if_net() {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some(NET_ARG) {
+        return;
+    }
+    let result = match args.next().as_deref() {
+        Some("fill") => fill(),
+        Some("sweep") => {
+            sweep();
+            Ok(())
+        }
+        other => Err(NetError::Command {
+            command: format!("graven {NET_ARG}"),
+            message: format!("unknown action {other:?}"),
+        }),
+    };
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "graven {NET_ARG}: {error}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Makes the bridge and its rules when missing, then ready namespaces until the pool holds
+/// `POOL`. One filler at a time (a lock under `DIR`); this is a fresh single-threaded
+/// process, which may enter the namespaces it makes.
+fn fill() -> Result<(), NetError> {
+    let settings = Settings::from_env()?;
+    for sub in ["leases", "pool"] {
+        std::fs::create_dir_all(dir(sub)).map_err(io(format!("creating {DIR}/{sub}")))?;
+    }
+    let lock_path = dir("fill.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("opening {}", lock_path.display())))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io(format!("locking {}", lock_path.display()))(e.into()))?;
+    ensure_host(&settings)?;
+    while pool_size() < POOL {
+        let ip = make_one(&settings)?;
+        std::fs::write(dir("pool").join(ip.to_string()), b"")
+            .map_err(io("marking a namespace ready"))?;
+    }
+    Ok(())
+}
+
+/// Makes the bridge, gives it the gateway address, turns forwarding on and sets graven's
+/// nftables table, when the bridge is not there yet (or not as it should be).
+fn ensure_host(settings: &Settings) -> Result<(), NetError> {
+    let bridge = &settings.bridge;
+    // The bridge set up by an earlier filler for these settings, and still there: not looked
+    // at again (each `ip` exec costs milliseconds of CPU a start may be waiting for). The
+    // rules are loaded on every fill all the same: a firewall's reload may have flushed them.
+    let ready = dir("bridge-ready");
+    let settings_text = format!("{bridge} {}", settings.subnet);
+    let bridge_ready = Path::new("/sys/class/net").join(bridge).exists()
+        && std::fs::read_to_string(&ready).is_ok_and(|t| t == settings_text);
+    let gateway = format!("{}/{}", settings.subnet.gateway(), settings.subnet.prefix);
+    let has_bridge = Path::new("/sys/class/net").join(bridge).exists();
+    if !bridge_ready && (!has_bridge || !bridge_has_address(bridge, settings.subnet.gateway())) {
+        check_routes(settings)?;
+        if !has_bridge {
+            ip_command(&["link", "add", bridge, "type", "bridge"], None)?;
+        }
+        ip_command(&["addr", "replace", &gateway, "dev", bridge], None)?;
+        ip_command(&["link", "set", bridge, "up"], None)?;
+    }
+    // Routing between the bridge and the uplink; turned on, never off (a user may rely on it).
+    let forward = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(forward).is_ok_and(|v| v.trim() != "1") {
+        std::fs::write(forward, "1").map_err(io(format!("writing {forward}")))?;
+    }
+    nft(&ruleset(settings))?;
+    if !bridge_ready {
+        std::fs::write(&ready, settings_text)
+            .map_err(io(format!("writing {}", ready.display())))?;
+    }
+    Ok(())
+}
+
+/// graven's own table, replaced whole: the instances' traffic to other networks leaves with
+/// the host's address (masquerade), and no instance opens a connection to the host's
+/// bridge address, where the host's services on 0.0.0.0 listen (answers to connections the
+/// host opened, the proxy's and the health checks', pass).
+fn ruleset(settings: &Settings) -> String {
+    let subnet = settings.subnet;
+    let bridge = &settings.bridge;
+    let gateway = subnet.gateway();
+    format!(
+        "table ip {NFT_TABLE}\n\
+         delete table ip {NFT_TABLE}\n\
+         table ip {NFT_TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {subnet} oifname != \"{bridge}\" masquerade\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"{bridge}\" ip daddr {gateway} ct state new drop\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+fn bridge_has_address(bridge: &str, gateway: Ipv4Addr) -> bool {
+    Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", bridge])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {gateway}/")))
+}
+
+/// Refuses a subnet that overlaps one the host already routes (other than the bridge's).
+fn check_routes(settings: &Settings) -> Result<(), NetError> {
+    let table =
+        std::fs::read_to_string("/proc/net/route").map_err(io("reading /proc/net/route"))?;
+    for (device, route) in parse_routes(&table) {
+        if device != settings.bridge && route.prefix > 0 && settings.subnet.overlaps(route) {
+            return Err(NetError::Overlap {
+                subnet: settings.subnet,
+                route: format!("{route} on {device}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The routes of `/proc/net/route`: device and destination (addresses in hex, in network
+/// byte order as the kernel stores them).
+fn parse_routes(table: &str) -> Vec<(String, Subnet)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let device = fields.first()?;
+            let destination = u32::from_str_radix(fields.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(fields.get(7)?, 16).ok()?;
+            let base = Ipv4Addr::from(u32::from_be(destination));
+            let prefix = u32::from_be(mask).leading_ones() as u8;
+            Some((device.to_string(), Subnet { base, prefix }))
+        })
+        .collect()
+}
+
+/// Leases a free address and makes its namespace: loopback up, `eth0` with the address,
+/// its veth peer on the bridge, unprivileged ports from 0 (as Docker sets it, so a
+/// non-root server binds port 80). No default route: the sandbox adds it for an instance
+/// that may reach out.
+fn make_one(settings: &Settings) -> Result<Ipv4Addr, NetError> {
+    let ip = lease_free(settings)?;
+    let made = make_netns(settings, ip);
+    if made.is_err() {
+        let _ = Command::new("ip")
+            .args(["link", "del", &veth_name(ip)])
+            .stderr(Stdio::null())
+            .status();
+        release(ip);
+    }
+    made.map(|()| ip)
+}
+
+fn make_netns(settings: &Settings, ip: Ipv4Addr) -> Result<(), NetError> {
+    let name = netns_name(ip);
+    let veth = veth_name(ip);
+    let cidr = format!("{ip}/{}", settings.subnet.prefix);
+    let host_side = [
+        format!("netns add {name}"),
+        format!("link add {veth} type veth peer name eth0 netns {name}"),
+        format!("link set {veth} master {} up", settings.bridge),
+    ];
+    ip_command(&["-batch", "-"], Some(&host_side.join("\n")))?;
+    let inside = [
+        format!("addr add {cidr} dev eth0"),
+        "link set eth0 up".to_owned(),
+        "link set lo up".to_owned(),
+    ];
+    ip_command(&["-n", &name, "-batch", "-"], Some(&inside.join("\n")))?;
+    // A net sysctl applies to the namespace of whoever opens the file: entered for that.
+    let own = std::fs::File::open("/proc/self/ns/net").map_err(io("opening this netns"))?;
+    let theirs = std::fs::File::open(netns_path(ip)).map_err(io(format!("opening {name}")))?;
+    setns(&theirs)?;
+    let written = std::fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0").map_err(io(
+        "setting ip_unprivileged_port_start in the instance's netns",
+    ));
+    setns(&own)?;
+    written
+}
+
+fn setns(file: &std::fs::File) -> Result<(), NetError> {
+    // SAFETY: setns only changes this single-threaded process's namespace membership.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc < 0 {
+        return Err(io("entering a network namespace")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the lease of an address no one holds (`O_EXCL`: two fillers never share one),
+/// skipping addresses whose veth is still being torn down by the kernel.
+fn lease_free(settings: &Settings) -> Result<Ipv4Addr, NetError> {
+    let hosts = settings.subnet.hosts();
+    let start = fastrand::u32(..hosts);
+    for i in 0..hosts {
+        let ip = settings.subnet.host((start + i) % hosts);
+        if Path::new("/sys/class/net").join(veth_name(ip)).exists() || netns_path(ip).exists() {
+            continue;
+        }
+        let created = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(dir("leases").join(ip.to_string()));
+        match created {
+            Ok(mut file) => {
+                file.write_all(POOL_OWNER.as_bytes())
+                    .map_err(io("writing a lease"))?;
+                return Ok(ip);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io("creating a lease")(e)),
+        }
+    }
+    Err(NetError::Exhausted {
+        subnet: settings.subnet,
+    })
+}
+
+/// Rewrites a lease in place: its owner alone writes it, and `sweep` never reads it meanwhile
+/// (it holds the leases' lock exclusively, a taker shared). A rename over it would be safe
+/// without the lock, but costs a start a few hundred microseconds on tmpfs.
+fn write_lease(ip: Ipv4Addr, owner: &str) -> Result<(), NetError> {
+    let path = dir("leases").join(ip.to_string());
+    std::fs::write(&path, owner).map_err(io(format!("writing {}", path.display())))
+}
+
+/// The ready namespaces are dropped (the bridge they hung on is gone).
+fn discard_pool() {
+    let Ok(entries) = std::fs::read_dir(dir("pool")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse().ok())
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            release(ip);
+        }
+    }
+}
+
+/// Frees what no one owns any more: leases of instances whose directory has no state (it
+/// was removed, or never finished starting) for a while, pool leases with no ready marker
+/// while no filler runs, graven namespaces with no lease, and veth links of graven's with no
+/// namespace. Returns the addresses freed.
+pub fn sweep() -> Vec<Ipv4Addr> {
+    let mut freed = Vec::new();
+    let leases = dir("leases");
+    let filling = std::fs::File::open(dir("fill.lock")).is_ok_and(|lock| {
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+    });
+    let now = SystemTime::now();
+    let Ok(_lock) = leases_lock(rustix::fs::FlockOperation::LockExclusive) else {
+        return freed;
+    };
+    for entry in std::fs::read_dir(&leases).into_iter().flatten().flatten() {
+        let Some(ip) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        let Ok(owner) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > GRACE);
+        let orphaned = if owner == POOL_OWNER {
+            !filling && !dir("pool").join(ip.to_string()).exists()
+        } else {
+            let owner = Path::new(&owner);
+            !owner.exists() || (old && !owner.join(super::state::STATE).exists())
+        };
+        if orphaned {
+            release(ip);
+            freed.push(ip);
+        }
+    }
+    // Names and links left by a filler that died half-way, or a lease removed by hand.
+    for entry in std::fs::read_dir(NETNS_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(ip) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|rest| rest.replace('-', ".").parse::<Ipv4Addr>().ok())
+            && !filling
+            && !leases.join(ip.to_string()).exists()
+        {
+            release(ip);
+            freed.push(ip);
+        }
+    }
+    if !filling {
+        for entry in std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(ip) = name
+                .strip_prefix(VETH_PREFIX)
+                .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+                .map(Ipv4Addr::from)
+                .filter(|ip| !netns_path(*ip).exists())
+                && name.len() == VETH_PREFIX.len() + 8
+            {
+                let _ = Command::new("ip")
+                    .args(["link", "del", &name])
+                    .stderr(Stdio::null())
+                    .status();
+                if !freed.contains(&ip) {
+                    freed.push(ip);
+                }
+            }
+        }
+    }
+    freed
+}
+
+/// Runs `ip ARGS`, with `input` on its stdin.
+fn ip_command(args: &[&str], input: Option<&str>) -> Result<(), NetError> {
+    run("ip", args, input)
+}
+
+fn nft(ruleset: &str) -> Result<(), NetError> {
+    run("nft", &["-f", "-"], Some(ruleset))
+}
+
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<(), NetError> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io(format!("running {command}")))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(io(format!("writing to {command}")))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(io(format!("running {command}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(NetError::Command {
+        command,
+        message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets() {
+        let s = Subnet::parse("10.213.0.0/16").unwrap();
+        assert_eq!(s.gateway(), Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(s.host(0), Ipv4Addr::new(10, 213, 0, 2));
+        assert_eq!(s.hosts(), 65533);
+        assert!(s.contains(Ipv4Addr::new(10, 213, 255, 254)));
+        assert!(!s.contains(Ipv4Addr::new(10, 214, 0, 1)));
+        for bad in [
+            "10.213.0.1/16",
+            "10.213.0.0",
+            "10.213.0.0/4",
+            "x/16",
+            "10.0.0.0/30",
+        ] {
+            assert!(Subnet::parse(bad).is_err(), "{bad}");
+        }
+        let wide = Subnet::parse("10.0.0.0/8").unwrap();
+        assert!(wide.overlaps(s) && s.overlaps(wide));
+        assert!(!s.overlaps(Subnet::parse("192.168.0.0/16").unwrap()));
+    }
+
+    #[test]
+    fn routes_of_proc_net_route() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let routes = parse_routes(table);
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].1.prefix, 0);
+        assert_eq!(routes[1].1, Subnet::parse("192.0.2.0/24").unwrap());
+    }
+}

@@ -1,0 +1,318 @@
+//! A network of its own for each instance, through the real binary: own address at the
+//! image's port, loopback isolation (with `--network host` as the negative control),
+//! outbound on and off, addresses that stay put, nothing left after removal.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use graven::store::RuntimeConfig;
+use support::runtime::{File, hello_image, put_image};
+use support::{graven, succeed, wait_for};
+
+/// A busybox image with no command of its own: each instance is told `/busybox APPLET ...`.
+fn busybox_image(home: &Path) {
+    let config = RuntimeConfig {
+        cmd: Some(vec!["/busybox".to_owned(), "true".to_owned()]),
+        ..RuntimeConfig::default()
+    };
+    put_image(
+        home,
+        "box:test",
+        &[File::executable("busybox", support::busybox())],
+        config,
+    );
+}
+
+/// `graven run -d --json ARGS`: the instance's id and address.
+fn start(home: &Path, args: &[&str]) -> (String, SocketAddr) {
+    let out = succeed(graven(home).args(["run", "-d", "--json"]).args(args));
+    let instance: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        instance["id"].as_str().unwrap().to_owned(),
+        instance["address"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+/// Runs `busybox ARGS` in a new instance (`graven run`, followed to its end) and says
+/// whether it succeeded.
+fn run_box(home: &Path, network: &[&str], args: &[&str]) -> bool {
+    let status = graven(home)
+        .arg("run")
+        .args(network)
+        .arg("box:test")
+        .args(["--", "/busybox"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    status.success()
+}
+
+/// The shell line that asks `HOST:PORT` for `/` and succeeds on any HTTP answer within 2 s (busybox's
+/// `nc`: its static `wget` needs a resolver a scratch image lacks).
+fn ask(address: &str) -> String {
+    let (host, port) = address.rsplit_once(':').unwrap();
+    format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /busybox nc -w 2 {host} {port} | /busybox grep -q '^HTTP/'"
+    )
+}
+
+/// Whether a new instance gets an answer from `address` (`HOST:PORT`).
+fn wget(home: &Path, network: &[&str], address: &str) -> bool {
+    run_box(home, network, &["sh", "-c", &ask(address)])
+}
+
+fn get(address: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.1 200")
+        .then(|| text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+}
+
+/// A one-answer-per-connection HTTP server of the test's own, on `address`, stopped when
+/// the test ends (its thread is the test process's).
+fn serve(address: &str) -> SocketAddr {
+    let listener = TcpListener::bind(address).unwrap();
+    let bound = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        }
+    });
+    bound
+}
+
+fn remove(home: &Path, ids: &[&str]) {
+    succeed(graven(home).args(["rm", "-f"]).args(ids));
+}
+
+fn leased(ip: &str) -> bool {
+    Path::new("/run/graven/net/leases").join(ip).exists()
+}
+
+fn netns_file(ip: &str) -> std::path::PathBuf {
+    Path::new("/run/netns").join(format!("graven-{}", ip.replace('.', "-")))
+}
+
+fn veth(ip: std::net::Ipv4Addr) -> std::path::PathBuf {
+    Path::new("/sys/class/net").join(format!("gv{:08x}", u32::from(ip)))
+}
+
+#[test]
+fn two_instances_of_one_image_answer_on_the_same_port_at_their_own_addresses() {
+    let home = tempfile::tempdir().unwrap();
+    hello_image(home.path());
+    let (a, a_address) = start(home.path(), &["--env", "GREETING=first", "hello:test"]);
+    let (b, b_address) = start(home.path(), &["--env", "GREETING=second", "hello:test"]);
+    // The image's port (8080, its $PORT) for both, each at its own address.
+    assert_eq!(a_address.port(), 8080);
+    assert_eq!(b_address.port(), 8080);
+    assert_ne!(a_address.ip(), b_address.ip());
+    assert!(!a_address.ip().is_loopback());
+    for (address, greeting) in [(a_address, "first"), (b_address, "second")] {
+        let body = wait_for(Duration::from_secs(10), "the instance to answer", || {
+            get(address, "/")
+        });
+        assert!(body.starts_with(greeting), "{address}: {body:?}");
+    }
+    remove(home.path(), &[&a, &b]);
+}
+
+#[test]
+fn an_instance_reaches_neither_another_instance_s_loopback_nor_the_host_s() {
+    let home = tempfile::tempdir().unwrap();
+    busybox_image(home.path());
+    // An instance serving on its own loopback only.
+    let (server, _) = start(
+        home.path(),
+        &[
+            "box:test",
+            "--",
+            "/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "127.0.0.1:9000",
+            "-h",
+            "/",
+        ],
+    );
+    let own_loopback = "127.0.0.1:9000";
+    // It does serve there: from inside itself (exec joins its network).
+    wait_for(Duration::from_secs(10), "the server instance", || {
+        let ok = graven(home.path())
+            .args([
+                "exec",
+                &server,
+                "--",
+                "/busybox",
+                "sh",
+                "-c",
+                &ask(own_loopback),
+            ])
+            .status()
+            .unwrap()
+            .success();
+        ok.then_some(())
+    });
+    // Another instance's 127.0.0.1 is its own: nothing there.
+    assert!(!wget(home.path(), &[], own_loopback));
+    // A server on the host's loopback is out of reach too...
+    let host = serve("127.0.0.1:0");
+    let url = host.to_string();
+    assert!(!wget(home.path(), &[], &url));
+    // ...but not on the host's network (the negative control).
+    assert!(wget(home.path(), &["--network", "host"], &url));
+    remove(home.path(), &[&server]);
+}
+
+/// An address of the host's that is not loopback, on a veth pair the test makes (so the
+/// test does not depend on the machine's uplink), removed when dropped.
+struct HostAddress {
+    link: String,
+    ip: &'static str,
+}
+
+impl HostAddress {
+    fn new() -> HostAddress {
+        let link = format!("gvt{}", std::process::id() % 100_000);
+        let peer = format!("gvu{}", std::process::id() % 100_000);
+        let ip = "198.51.100.77";
+        succeed(
+            Command::new("ip").args(["link", "add", &link, "type", "veth", "peer", "name", &peer]),
+        );
+        let address = HostAddress { link, ip };
+        succeed(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &address.link,
+        ]));
+        succeed(Command::new("ip").args(["link", "set", &address.link, "up"]));
+        address
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+    }
+}
+
+#[test]
+fn outbound_false_reaches_nothing_beyond_the_bridge_while_the_default_does() {
+    let home = tempfile::tempdir().unwrap();
+    busybox_image(home.path());
+    let host = HostAddress::new();
+    let outside = serve(&format!("{}:0", host.ip));
+    let url = outside.to_string();
+    assert!(wget(home.path(), &[], &url), "the default reaches out");
+    assert!(!wget(home.path(), &["--no-outbound"], &url));
+    // Nor the host's services on every address, through the bridge's own address.
+    let everywhere = serve("0.0.0.0:0");
+    let gateway = format!("10.213.0.1:{}", everywhere.port());
+    assert!(!wget(home.path(), &["--no-outbound"], &gateway));
+    assert!(!wget(home.path(), &[], &gateway));
+}
+
+#[test]
+fn addresses_stay_with_their_instances_and_go_with_their_removal() {
+    let home = tempfile::tempdir().unwrap();
+    hello_image(home.path());
+    let (first, address) = start(home.path(), &["hello:test"]);
+    let ip = address.ip().to_string();
+    let std::net::IpAddr::V4(v4) = address.ip() else {
+        panic!("{address} is not IPv4")
+    };
+    assert!(leased(&ip) && netns_file(&ip).exists() && veth(v4).exists());
+    // Later starts, each by a new graven process, never take it.
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let (id, other) = start(home.path(), &["hello:test"]);
+        assert_ne!(other.ip(), address.ip());
+        others.push(id);
+    }
+    // A new graven process reads it back from the instance's state.
+    let out = succeed(graven(home.path()).args(["ps", "--json"]));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let again = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == first.as_str())
+        .unwrap();
+    assert_eq!(again["address"].as_str().unwrap(), address.to_string());
+    remove(home.path(), &[&first]);
+    // Its lease, its namespace's name and (once the kernel has torn the namespace down) its
+    // veth are gone.
+    assert!(!leased(&ip));
+    assert!(!netns_file(&ip).exists());
+    wait_for(Duration::from_secs(10), "the veth to go", || {
+        (!veth(v4).exists()).then_some(())
+    });
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    remove(home.path(), &others);
+}
+
+#[test]
+fn a_server_that_is_not_root_binds_port_80_and_holds_no_namespace_descriptor() {
+    let home = tempfile::tempdir().unwrap();
+    // The image runs as 65534; unprivileged ports start at 0 in its own network.
+    hello_image(home.path());
+    let out =
+        succeed(graven(home.path()).args(["run", "-d", "--json", "--port", "80", "hello:test"]));
+    let instance: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let address: SocketAddr = instance["address"].as_str().unwrap().parse().unwrap();
+    assert_eq!(address.port(), 80);
+    wait_for(Duration::from_secs(10), "the instance on port 80", || {
+        get(address, "/healthz")
+    });
+    // The namespace was joined through a descriptor the workload never holds.
+    let pid = instance["pid"].as_u64().unwrap() as u32;
+    let links = support::fd_links(pid);
+    assert!(!links.iter().any(|l| l.starts_with("net:")), "{links:?}");
+    remove(home.path(), &[&id]);
+}
+
+#[test]
+fn gc_frees_the_lease_and_namespace_of_an_instance_that_is_gone() {
+    let home = tempfile::tempdir().unwrap();
+    hello_image(home.path());
+    // Something to make the bridge and the lease directory exist.
+    let (id, _) = start(home.path(), &["hello:test"]);
+    remove(home.path(), &[&id]);
+    // A leftover as a crash would leave it: a lease whose instance directory is gone, and
+    // its namespace.
+    let ip = "10.213.255.250";
+    assert!(!leased(ip), "{ip} is in use");
+    let owner = home.path().join("instances/gone");
+    std::fs::write(
+        Path::new("/run/graven/net/leases").join(ip),
+        owner.to_str().unwrap(),
+    )
+    .unwrap();
+    let name = format!("graven-{}", ip.replace('.', "-"));
+    succeed(Command::new("ip").args(["netns", "add", &name]));
+    succeed(graven(home.path()).arg("gc"));
+    assert!(!leased(ip));
+    assert!(!netns_file(ip).exists());
+}
