@@ -28,7 +28,8 @@ use crate::events::{
 use crate::proxy::health::{Health, HealthChange, HealthMonitor};
 use crate::proxy::{Backend, HealthCheck, Route, RouteOptions};
 use crate::runtime::{
-    AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, VolumeMount,
+    AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, TmpfsMount,
+    VolumeMount,
 };
 use crate::store::Digest;
 
@@ -1246,6 +1247,16 @@ impl Shell {
         let mut spec = InstanceSpec::new(config.image.clone());
         let c = &config.config;
         spec.command = c.command.clone();
+        spec.entrypoint = c.entrypoint.clone();
+        spec.user = c.user.clone();
+        spec.tmpfs = c
+            .tmpfs
+            .iter()
+            .map(|(path, &bytes)| TmpfsMount {
+                path: path.clone(),
+                bytes,
+            })
+            .collect();
         spec.env = c.env.clone();
         spec.port = Some(c.port);
         spec.volumes = c

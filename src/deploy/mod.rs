@@ -5,6 +5,8 @@
 //! config's digest and decides whether it is a new release. Nothing here touches what runs:
 //! a failed build or bake leaves every release as it was.
 
+mod image;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
@@ -37,6 +39,9 @@ pub enum DeployError {
         command: String,
         status: std::process::ExitStatus,
     },
+    /// The service cannot run from the image as configured (a port, a VOLUME, a user).
+    #[error("service {service}: {message}")]
+    Image { service: String, message: String },
     #[error("baking {context}: {source}")]
     Bake {
         context: String,
@@ -94,19 +99,21 @@ pub fn prepare(
         }
     }
     let image = bake_image(home, project, progress)?;
+    let mut services = Vec::new();
+    for service in project.services.values() {
+        let mut config = ServiceConfig {
+            secrets: pinned.remove(&service.name).unwrap_or_default(),
+            ..ServiceConfig::from(service)
+        };
+        image::complete(home, &image, service, &mut config)?;
+        services.push(ServiceRelease {
+            service: ServiceName::new(&service.name),
+            image: image.clone(),
+            config,
+        });
+    }
     Ok(DeployOrder {
-        services: project
-            .services
-            .values()
-            .map(|service| ServiceRelease {
-                service: ServiceName::new(&service.name),
-                image: image.clone(),
-                config: ServiceConfig {
-                    secrets: pinned.remove(&service.name).unwrap_or_default(),
-                    ..ServiceConfig::from(service)
-                },
-            })
-            .collect(),
+        services,
         source: Some(Source {
             host: crate::actor::host(),
             dir: project.dir.display().to_string(),

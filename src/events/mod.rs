@@ -536,6 +536,16 @@ pub struct ServiceConfig {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeConfig>,
     pub limits: LimitsConfig,
+    /// Replaces the image's ENTRYPOINT (`command` replaces its CMD). Left out when unset,
+    /// as are `user` and `tmpfs`, so a config without them serializes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's USER: `name[:group]` or `uid[:gid]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Size-capped tmpfs mounts: path inside the instance → bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tmpfs: BTreeMap<String, u64>,
     /// How many of the service's newest releases `graven gc` keeps the images of; logs
     /// written before the key existed read as the default.
     #[serde(default = "default_keep_releases")]
@@ -619,6 +629,13 @@ impl ServiceConfig {
             volumes: &'a [VolumeConfig],
             stop_grace_ns: u64,
             deploy: CanonicalDeploy,
+            // Each left out when unset, so a config without them hashes as before.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            entrypoint: &'a Option<Vec<String>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user: &'a Option<String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            tmpfs: &'a BTreeMap<String, u64>,
         }
         #[derive(Serialize)]
         struct CanonicalHealth<'a> {
@@ -670,6 +687,9 @@ impl ServiceConfig {
                 health_deadline_ns: nanos(self.health_deadline),
                 keep_releases: self.keep_releases,
             },
+            entrypoint: &self.entrypoint,
+            user: &self.user,
+            tmpfs: &self.tmpfs,
         };
         let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
         Digest::of(&json)
@@ -690,7 +710,9 @@ impl From<&crate::spec::Service> for ServiceConfig {
         let limits = &service.limits;
         ServiceConfig {
             instances: service.instances,
-            port: service.port,
+            // A service without a port takes its image's EXPOSE, which the deploy reads
+            // (`deploy::prepare`); 0 until then.
+            port: service.port.unwrap_or(0),
             route: service.route,
             command: service.command.clone(),
             env: service.env.clone(),
@@ -727,6 +749,13 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 log_bytes: limits.log_bytes,
             },
             keep_releases: service.deploy.keep_releases,
+            entrypoint: service.entrypoint.clone(),
+            user: service.user.clone(),
+            tmpfs: service
+                .tmpfs
+                .iter()
+                .map(|t| (t.path.clone(), t.bytes))
+                .collect(),
         }
     }
 }
@@ -759,6 +788,9 @@ impl ServiceConfig {
             volumes: vec![],
             limits: Default::default(),
             keep_releases: 10,
+            entrypoint: None,
+            user: None,
+            tmpfs: Default::default(),
         }
     }
 }

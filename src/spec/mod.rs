@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::proxy::HealthCheck;
-use crate::runtime::{Limits, VolumeMount};
+use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 
 pub use problem::{Problem, SpecErrors};
 pub use validate::DEFAULT_ENVIRONMENT;
@@ -87,9 +87,14 @@ pub struct ImageSource {
 pub struct Service {
     pub name: String,
     pub instances: u32,
-    pub port: u16,
+    /// `None`: the image's one exposed TCP port, read by the deploy.
+    pub port: Option<u16>,
     pub route: Option<SocketAddr>,
     pub command: Option<Vec<String>>,
+    /// Replaces the image's ENTRYPOINT (`command` replaces its CMD).
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's USER; checked against the image's files by the deploy.
+    pub user: Option<String>,
     /// Plain env values, as written.
     pub env: BTreeMap<String, String>,
     /// Env variables whose value is a secret: variable → secret name. The value is read
@@ -99,6 +104,7 @@ pub struct Service {
     pub deploy: DeployPolicy,
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,
+    pub tmpfs: Vec<TmpfsMount>,
     pub limits: Limits,
 }
 

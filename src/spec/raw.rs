@@ -128,6 +128,10 @@ pub(crate) struct RawService {
     pub stop_grace: Option<Field<String>>,
     pub volumes: Option<Spanned<Named<Field<String>>>>,
     pub limits: Option<Spanned<RawLimits>>,
+    pub entrypoint: Option<Field<Vec<String>>>,
+    pub user: Option<Field<String>>,
+    /// Path → size; `validate` checks both.
+    pub tmpfs: Option<Spanned<Named<Field<Value>>>>,
 }
 
 #[derive(Debug, Deserialize)]

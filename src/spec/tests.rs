@@ -32,7 +32,9 @@ fn render(result: Result<Project, SpecErrors>) -> String {
              volumes {:?} limits {:?}",
             service.name,
             service.instances,
-            service.port,
+            service
+                .port
+                .map_or("from EXPOSE".to_owned(), |p| p.to_string()),
             service.route,
             service.command,
             service.env,
@@ -281,7 +283,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "entrypoint", "user", "tmpfs")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -414,7 +416,6 @@ fn missing_required_fields() {
         "[services.web]\ninstances = 1\n[build]\n",
         expect![[r#"
             graven.toml:1:1: app: missing field "app": name the application, e.g. app = "hello"
-            graven.toml:1:11: services.web: missing field "port": the port the service listens on
             graven.toml:3:1: build: missing field "command": the command that builds the app"#]],
     );
     check(
@@ -650,5 +651,56 @@ deploy = { keep_releases = 10 }
         "app = \"a\"\n[services.web]\nport = 1\ndeploy = { keep_releases = 0 }\n",
         expect![[r#"
             graven.toml:4:28: services.web.deploy.keep_releases: 0 is out of range: it must be at least 1"#]],
+    );
+}
+
+#[test]
+fn the_image_settings_keys_are_read_and_checked() {
+    let project = parse(
+        r#"
+app = "a"
+[services.web]
+entrypoint = []
+command = ["nginx", "-g", "daemon off;"]
+user = "www-data:www-data"
+tmpfs = { "/run" = "16MiB", "/var/lib/nginx" = "64MiB" }
+"#,
+        Path::new("graven.toml"),
+        Path::new("/app"),
+        "local",
+    )
+    .unwrap();
+    let web = &project.services["web"];
+    assert_eq!(
+        web.port, None,
+        "no port: the deploy takes the image's EXPOSE"
+    );
+    assert_eq!(web.entrypoint, Some(vec![]));
+    assert_eq!(web.user.as_deref(), Some("www-data:www-data"));
+    let tmpfs: Vec<(&str, u64)> = web.tmpfs.iter().map(|t| (&*t.path, t.bytes)).collect();
+    assert_eq!(tmpfs, [("/run", 16 << 20), ("/var/lib/nginx", 64 << 20)]);
+    check(
+        r#"
+app = "a"
+[services.web]
+entrypoint = ["", "x"]
+user = "a:b:c"
+tmpfs = { "run" = "1M", "/cache" = 0, "/x" = "lots" }
+[services.api]
+user = " "
+volumes = { data = "/var/lib/data" }
+tmpfs = { "/var/lib" = "1M" }
+[services.db]
+tmpfs = { "/run" = "1M", "/run/db" = "1M" }
+"#,
+        expect![[r#"
+            graven.toml:4:14: services.web.entrypoint: the entrypoint needs a program: ["/entry", "--flag"], or [] for none
+            graven.toml:5:8: services.web.user: "a:b:c" is not a user: write name[:group] or uid[:gid], e.g. "www-data"
+            graven.toml:6:11: services.web.tmpfs.run: "run" is not an absolute path
+            graven.toml:6:36: services.web.tmpfs./cache: a size limit must be larger than zero
+            graven.toml:6:46: services.web.tmpfs./x: "lots" is not a size (try "64MiB", "512M", "1G")
+            graven.toml:8:8: services.api.user: " " is not a user: write name[:group] or uid[:gid], e.g. "www-data"
+            graven.toml:10:9: services.api.tmpfs: tmpfs "/var/lib": it overlaps volume "data" mounted at /var/lib/data
+            graven.toml:12:9: services.db.tmpfs: tmpfs "/run/db": it overlaps the tmpfs at /run"#]],
     );
 }

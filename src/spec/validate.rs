@@ -19,7 +19,7 @@ use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawS
 use super::values;
 use super::{BuildStep, DeployPolicy, ImageSource, Project, Service, Strategy};
 use crate::proxy::HealthCheck;
-use crate::runtime::{Limits, VolumeMount};
+use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 
 /// The environment every project has without declaring it.
 pub const DEFAULT_ENVIRONMENT: &str = "local";
@@ -63,6 +63,9 @@ struct Partial {
     cpu: Option<At<u64>>,
     tmp: Option<At<u64>>,
     log: Option<At<u64>>,
+    entrypoint: Option<At<Vec<String>>>,
+    user: Option<At<String>>,
+    tmpfs: Option<At<Vec<TmpfsMount>>>,
 }
 
 impl Partial {
@@ -96,6 +99,9 @@ impl Partial {
             cpu: pick(&overlay.cpu, &self.cpu),
             tmp: pick(&overlay.tmp, &self.tmp),
             log: pick(&overlay.log, &self.log),
+            entrypoint: pick(&overlay.entrypoint, &self.entrypoint),
+            user: pick(&overlay.user, &self.user),
+            tmpfs: pick(&overlay.tmpfs, &self.tmpfs),
         }
     }
 }
@@ -177,6 +183,18 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
         stop_grace: leaf(&raw.stop_grace, &path("stop_grace"), issues, |d| {
             values::duration(d)
         }),
+        // Empty is allowed: no entrypoint, as `docker run --entrypoint ""` gives.
+        entrypoint: leaf(&raw.entrypoint, &path("entrypoint"), issues, |entrypoint| {
+            if entrypoint.first().is_some_and(|program| program.is_empty()) {
+                Err(
+                    "the entrypoint needs a program: [\"/entry\", \"--flag\"], or [] for none"
+                        .into(),
+                )
+            } else {
+                Ok(entrypoint.clone())
+            }
+        }),
+        user: leaf(&raw.user, &path("user"), issues, values::user),
         ..Partial::default()
     };
     if let Some(env) = &raw.env {
@@ -201,7 +219,45 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
     if let Some(volumes) = &raw.volumes {
         partial.volumes = check_volumes(volumes, &path("volumes"), issues);
     }
+    if let Some(tmpfs) = &raw.tmpfs {
+        partial.tmpfs = check_tmpfs(tmpfs, &path("tmpfs"), issues);
+    }
     partial
+}
+
+/// `tmpfs = { "/run" = "16MiB" }`: absolute paths, each with a size more than zero. Overlaps
+/// (with each other and with volumes) are checked once the service is whole.
+fn check_tmpfs(
+    raw: &Spanned<Named<Field<toml::Value>>>,
+    prefix: &str,
+    issues: &mut Issues,
+) -> Option<At<Vec<TmpfsMount>>> {
+    let mut mounts = Vec::new();
+    let mut ok = true;
+    for (path, size) in raw.get_ref() {
+        let field = join(prefix, path.get_ref());
+        if let Err(message) = values::mount_path(path.get_ref()) {
+            issues.push(path.span(), &field, message);
+            ok = false;
+            continue;
+        }
+        match check_field(size, &field, issues, |v| {
+            values::size(v).and_then(values::nonzero_size)
+        }) {
+            Some(bytes) => mounts.push(TmpfsMount {
+                path: path.get_ref().clone(),
+                bytes: bytes.value,
+            }),
+            None => ok = false,
+        }
+    }
+    ok.then(|| At {
+        value: mounts,
+        loc: Loc {
+            span: raw.span(),
+            field: prefix.to_owned(),
+        },
+    })
 }
 
 fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
@@ -343,14 +399,26 @@ fn resolve_service(
     } else {
         format!(" (in environment {environment:?})")
     };
-    // Both whole-service rules are checked before giving up, so both are reported.
+    // Every whole-service rule is checked before giving up, so each is reported. A missing
+    // port is not one: the deploy takes the image's EXPOSE.
     let port = merged.port.as_ref().map(|p| p.value);
-    if port.is_none() && !issues.mentions(&format!("services.{name}"), "port") {
-        issues.push(
-            base.span.clone(),
-            format!("services.{name}"),
-            format!("missing field \"port\": the port the service listens on{in_environment}"),
+    let volumes = merged
+        .volumes
+        .as_ref()
+        .map(|v| v.value.clone())
+        .unwrap_or_default();
+    let tmpfs = merged
+        .tmpfs
+        .as_ref()
+        .map(|t| t.value.clone())
+        .unwrap_or_default();
+    let mounts = crate::runtime::settings::check_mounts(&volumes, &tmpfs);
+    if let Err(error) = &mounts {
+        let (span, field) = merged.tmpfs.as_ref().map_or_else(
+            || (base.span.clone(), format!("services.{name}")),
+            |at| (at.loc.span.clone(), at.loc.field.clone()),
         );
+        issues.push(span, field, format!("{error}{in_environment}"));
     }
     let max_surge = merged.max_surge.as_ref().map_or(1, |m| m.value);
     let max_unavailable = merged.max_unavailable.as_ref().map_or(0, |m| m.value);
@@ -371,7 +439,9 @@ fn resolve_service(
             ),
         );
     }
-    let port = port.filter(|_| surge_ok)?;
+    if !surge_ok || mounts.is_err() {
+        return None;
+    }
     let value =
         |at: &Option<At<Duration>>, default: Duration| at.as_ref().map_or(default, |a| a.value);
     let count = |at: &Option<At<u32>>, default: u32| at.as_ref().map_or(default, |a| a.value);
@@ -382,6 +452,8 @@ fn resolve_service(
         port,
         route: merged.route.as_ref().map(|r| r.value),
         command: merged.command.as_ref().map(|c| c.value.clone()),
+        entrypoint: merged.entrypoint.as_ref().map(|e| e.value.clone()),
+        user: merged.user.as_ref().map(|u| u.value.clone()),
         env: merged
             .env
             .iter()
@@ -419,11 +491,8 @@ fn resolve_service(
             keep_releases: count(&merged.keep_releases, super::DEFAULT_KEEP_RELEASES),
         },
         stop_grace: value(&merged.stop_grace, Duration::from_secs(10)),
-        volumes: merged
-            .volumes
-            .as_ref()
-            .map(|v| v.value.clone())
-            .unwrap_or_default(),
+        volumes,
+        tmpfs,
         limits: Limits {
             memory_bytes: bytes(&merged.memory),
             pids: bytes(&merged.pids),

@@ -37,6 +37,9 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         volumes: vec![],
         limits: Default::default(),
         keep_releases: 10,
+        entrypoint: None,
+        user: None,
+        tmpfs: Default::default(),
     }
 }
 

@@ -71,7 +71,7 @@ pub fn spec(data: &[u8]) {
                         "instances changed the digest"
                     );
                     let mut moved = service.clone();
-                    moved.port = moved.port.wrapping_add(1);
+                    moved.port = Some(moved.port.unwrap_or(0).wrapping_add(1));
                     assert_ne!(
                         graven::events::ServiceConfig::from(&moved).digest(),
                         digest,
