@@ -146,7 +146,7 @@ fn a_release_whose_instances_crash_at_once_rolls_back_and_the_old_one_serves() {
         route,
         2,
         r#"VERSION = "v2""#,
-        r#"command = ["/no-such-program"]"#,
+        r#"entrypoint = ["/no-such-program"]"#,
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok, "{stdout}\n{stderr}");

@@ -45,7 +45,8 @@ fn probe_files(extra: &[File]) -> Vec<File> {
 
 fn probe_config() -> RuntimeConfig {
     RuntimeConfig {
-        entrypoint: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
+        // CMD, so a command given (`graven run IMG -- /probe report`) replaces it.
+        cmd: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
         ..RuntimeConfig::default()
     }
 }
@@ -329,7 +330,7 @@ fn setuid_files_of_an_image_are_out_of_other_users_reach() {
     std::fs::copy(probe_binary(), context.join("probe")).unwrap();
     std::fs::write(
         context.join("Containerfile"),
-        "FROM scratch\nCOPY --chmod=4755 probe /suid\nENTRYPOINT [\"/suid\", \"report\"]\n",
+        "FROM scratch\nCOPY --chmod=4755 probe /suid\nUSER 65534:65534\nCMD [\"/suid\", \"report\"]\n",
     )
     .unwrap();
     succeed(
@@ -345,7 +346,7 @@ fn setuid_files_of_an_image_are_out_of_other_users_reach() {
         "nobody lists the home: {}",
         text(&listed.stdout)
     );
-    // The first run unpacks the image; the probe runs as nobody (the image says nothing).
+    // The first run unpacks the image; the probe runs as nobody (its USER).
     let seen = parse_report(&text(
         &succeed(graven(&home).args(["run", "suid:1"])).stdout,
     ));

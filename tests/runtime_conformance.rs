@@ -281,6 +281,29 @@ async fn escaping_volume_starts_nothing(subject: Subject) {
     assert!(subject.runtime.list().await.unwrap().is_empty());
 }
 
+/// A tmpfs that overlaps a volume (or is not absolute) is refused the same way by every
+/// backend, before anything starts.
+async fn overlapping_tmpfs_starts_nothing(subject: Subject) {
+    let mut spec = spec(&subject);
+    spec.volumes.push(VolumeMount {
+        name: "data".into(),
+        path: "/data".into(),
+    });
+    for path in ["/data/cache", "cache"] {
+        let mut bad = spec.clone();
+        bad.tmpfs.push(graven::runtime::TmpfsMount {
+            path: path.into(),
+            bytes: 1 << 20,
+        });
+        let result = subject.runtime.start(bad).await;
+        assert!(
+            matches!(&result, Err(RuntimeError::BadTmpfs { path: p, .. }) if p == path),
+            "{result:?}"
+        );
+    }
+    assert!(subject.runtime.list().await.unwrap().is_empty());
+}
+
 async fn fixed_port_is_used_or_refused(subject: Subject) {
     let port = free_port();
     let mut spec = spec(&subject);
@@ -389,6 +412,7 @@ macro_rules! all_cases {
             remove_needs_an_exited_instance,
             unknown_image_starts_nothing,
             escaping_volume_starts_nothing,
+            overlapping_tmpfs_starts_nothing,
             fixed_port_is_used_or_refused,
             instances_get_distinct_addresses,
             a_probe_leaves_the_instance_untainted,

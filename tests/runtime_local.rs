@@ -63,7 +63,8 @@ impl Drop for Home {
 fn probe_image(home: &Path, user: Option<&str>) -> Digest {
     let config = RuntimeConfig {
         user: user.map(str::to_owned),
-        entrypoint: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
+        // CMD, so a command given (`graven run IMG -- /probe report`) replaces it.
+        cmd: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
         ..RuntimeConfig::default()
     };
     put_image(
@@ -155,7 +156,8 @@ async fn the_instance_is_locked_down() {
     // Every mount point is in the unpacked image: the root is a plain read-only bind of it.
     assert_ne!(root_fstype(&instance), "overlay");
     assert_locked_down(&seen);
-    assert_eq!(seen["uid"], "65534", "an image without USER runs as nobody");
+    // As with Docker, an image without USER runs as root: here uid 0 with no capability.
+    assert_eq!(seen["uid"], "0", "an image without USER runs as root");
     assert_eq!(seen["timer_list_bytes"], "0");
     assert_eq!(seen["probe_env"], "given");
     assert_eq!(seen["port"], instance.address.unwrap().port().to_string());
@@ -202,19 +204,19 @@ async fn the_instance_is_locked_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_user_is_resolved_and_root_becomes_nobody() {
+async fn an_image_user_is_resolved_and_root_stays_root_without_capabilities() {
     let home = Home::new();
     let app = probe_image(home.path(), Some("app"));
     let instance = home.runtime.start(InstanceSpec::new(app)).await.unwrap();
     assert_eq!(report(&instance, "/report")["uid"], "1000");
     let root = probe_image(home.path(), Some("root"));
-    let nobody = home
+    let as_root = home
         .runtime
         .start(InstanceSpec::new(root.clone()))
         .await
         .unwrap();
-    assert_eq!(report(&nobody, "/report")["uid"], "65534");
-    // An explicit --user 0 is honoured: root in name, still without capabilities.
+    assert_eq!(report(&as_root, "/report")["uid"], "0");
+    // An explicit user replaces the image's: root in name, still without capabilities.
     let mut spec = InstanceSpec::new(root);
     spec.user = Some("0".into());
     let explicit = home.runtime.start(spec).await.unwrap();
@@ -561,7 +563,7 @@ async fn bad_input_starts_nothing_and_leaves_nothing() {
     let mut ghost = home.spec();
     ghost.user = Some("ghost".into());
     let mut missing = home.spec();
-    missing.command = Some(vec!["/nope".into()]);
+    missing.entrypoint = Some(vec!["/nope".into()]);
     let mut escaping = home.spec();
     escaping.volumes.push(VolumeMount {
         name: "..".into(),
@@ -665,7 +667,7 @@ fn a_restarted_graven_finds_execs_and_stops_the_instance() {
         "report",
     ]));
     let seen = String::from_utf8_lossy(&exec.stdout).into_owned();
-    assert!(seen.contains("uid=65534"), "{seen}");
+    assert!(seen.contains("uid=0"), "{seen}");
     assert!(seen.contains("cap_eff=0000000000000000"), "{seen}");
     assert!(seen.contains("probe_env=cli"), "{seen}");
     assert!(seen.contains(&format!("hostname={id}")), "{seen}");

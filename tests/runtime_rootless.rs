@@ -98,7 +98,8 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     let place = Place::new();
     let home = &place.home();
     let config = RuntimeConfig {
-        entrypoint: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
+        // CMD, so a command given (`graven run IMG -- /probe report`) replaces it.
+        cmd: Some(vec!["/probe".to_owned(), "serve".to_owned()]),
         ..RuntimeConfig::default()
     };
     put_image(

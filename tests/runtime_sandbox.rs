@@ -30,6 +30,7 @@ fn spec(root: &Path, args: &[&str]) -> SandboxSpec {
         hostname: "probe-host".to_owned(),
         binds: Vec::new(),
         tmp_bytes: 8 << 20,
+        tmpfs: Vec::new(),
         build_step: None,
     }
 }

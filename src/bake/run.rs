@@ -292,6 +292,7 @@ fn command(
         hostname: "graven-bake".to_owned(),
         binds: mounts.binds.clone(),
         tmp_bytes: 0,
+        tmpfs: Vec::new(),
         build_step: Some(BuildStep {
             tmpfs: mounts.tmpfs.clone(),
             no_network: step.flags.no_network,

@@ -12,7 +12,8 @@ use super::{Threads, async_runtime};
 use crate::controller::{LABEL_APP, LABEL_ENVIRONMENT, LABEL_INSTANCE};
 use crate::runtime::local::log::{LogFollower, parse_log_line};
 use crate::runtime::{
-    Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, VolumeMount,
+    Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, TmpfsMount,
+    VolumeMount,
 };
 use crate::spec;
 
@@ -37,9 +38,16 @@ pub struct RunArgs {
     /// Named volumes from $GRAVEN_HOME/volumes, mounted read-write.
     #[arg(long = "volume", short, value_name = "NAME:/path")]
     pub volumes: Vec<String>,
+    /// A size-capped tmpfs at PATH (SIZE default 64M), writable on the read-only root.
+    #[arg(long, value_name = "PATH[:SIZE]")]
+    pub tmpfs: Vec<String>,
     /// Run as this user (uid[:gid] or a name in the image) instead of the image's USER.
     #[arg(long, short)]
     pub user: Option<String>,
+    /// The program to run instead of the image's ENTRYPOINT ("" for none); the image's CMD
+    /// is then dropped unless a command is given, as with docker run.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
     /// Memory limit: bytes, or with a unit (512M, 1GiB, 1GB; as in graven.toml).
     #[arg(long, value_parser = positive_size)]
     pub memory: Option<u64>,
@@ -61,7 +69,8 @@ pub struct RunArgs {
     /// Print the instance as JSON (with -d).
     #[arg(long)]
     pub json: bool,
-    /// The command to run instead of the image's ENTRYPOINT and CMD.
+    /// The command to run instead of the image's CMD (its ENTRYPOINT stays, as with docker
+    /// run; see --entrypoint).
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -183,7 +192,14 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     spec.outbound = !args.no_outbound;
     spec.user = args.user.clone();
+    for tmpfs in &args.tmpfs {
+        spec.tmpfs.push(TmpfsMount::parse(tmpfs)?);
+    }
     spec.command = (!args.command.is_empty()).then(|| args.command.clone());
+    spec.entrypoint = args
+        .entrypoint
+        .as_ref()
+        .map(|e| [e.clone()].into_iter().filter(|e| !e.is_empty()).collect());
     spec.limits = Limits {
         memory_bytes: args.memory,
         pids: args.pids,

@@ -29,7 +29,8 @@ use crate::events::{
 use crate::proxy::health::{Health, HealthChange, HealthMonitor, ProbeFailure};
 use crate::proxy::{AnyRoute, Backend, HealthCheck, HealthKind, RouteOptions};
 use crate::runtime::{
-    AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, VolumeMount,
+    AnyRuntime, Instance, InstanceId, InstanceSpec, Limits, Runtime, RuntimeError, TmpfsMount,
+    VolumeMount,
 };
 use crate::store::Digest;
 
@@ -1350,6 +1351,16 @@ impl Shell {
         let mut spec = InstanceSpec::new(config.image.clone());
         let c = &config.config;
         spec.command = c.command.clone();
+        spec.entrypoint = c.entrypoint.clone();
+        spec.user = c.user.clone();
+        spec.tmpfs = c
+            .tmpfs
+            .iter()
+            .map(|(path, &bytes)| TmpfsMount {
+                path: path.clone(),
+                bytes,
+            })
+            .collect();
         spec.env = c.env.clone();
         // 0 is a service with no port (a worker).
         spec.port = Some(c.port).filter(|&port| port != 0);

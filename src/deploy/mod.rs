@@ -5,6 +5,8 @@
 //! config's digest and decides whether it is a new release. Nothing here touches what runs:
 //! a failed build or bake leaves every release as it was.
 
+mod image;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
@@ -39,7 +41,7 @@ pub enum DeployError {
         status: std::process::ExitStatus,
     },
     #[error("reading image {image}: {source}")]
-    Image {
+    ImageRead {
         image: Digest,
         source: crate::store::StoreError,
     },
@@ -48,6 +50,9 @@ pub enum DeployError {
         service: String,
         source: crate::runtime::RuntimeError,
     },
+    /// The service cannot run from the image as configured (a port, a VOLUME, a user).
+    #[error("service {service}: {message}")]
+    Image { service: String, message: String },
     #[error("baking {context}: {source}")]
     Bake {
         context: String,
@@ -107,7 +112,7 @@ pub fn prepare(
     let image = bake_image(home, project, progress)?;
     let image_config = crate::store::Store::open(home)
         .and_then(|store| store.image(&image))
-        .map_err(|source| DeployError::Image {
+        .map_err(|source| DeployError::ImageRead {
             image: image.clone(),
             source,
         })?
@@ -129,6 +134,9 @@ pub fn prepare(
         if config.health.kind == HealthKind::Exec {
             check_health_command(home, &image, &service.name, &config.health.command)?;
         }
+        // The image's port, volumes and user, once the health check is known (whether the
+        // service needs a port depends on it).
+        image::complete(home, &image, service, &mut config)?;
         services.push(ServiceRelease {
             service: ServiceName::new(&service.name),
             image: image.clone(),

@@ -540,6 +540,16 @@ pub struct ServiceConfig {
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeConfig>,
     pub limits: LimitsConfig,
+    /// Replaces the image's ENTRYPOINT (`command` replaces its CMD). Left out when unset,
+    /// as are `user` and `tmpfs`, so a config without them serializes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's USER: `name[:group]` or `uid[:gid]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Size-capped tmpfs mounts: path inside the instance → bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tmpfs: BTreeMap<String, u64>,
     /// How many of the service's newest releases `graven gc` keeps the images of; logs
     /// written before the key existed read as the default.
     #[serde(default = "default_keep_releases")]
@@ -706,6 +716,13 @@ impl ServiceConfig {
             host_network: bool,
             #[serde(skip_serializing_if = "is_true")]
             outbound: bool,
+            // Each left out when unset, so a config without them hashes as before.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            entrypoint: &'a Option<Vec<String>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user: &'a Option<String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            tmpfs: &'a BTreeMap<String, u64>,
         }
         #[derive(Serialize)]
         struct CanonicalHealth<'a> {
@@ -777,6 +794,9 @@ impl ServiceConfig {
             },
             host_network: self.host_network,
             outbound: self.outbound,
+            entrypoint: &self.entrypoint,
+            user: &self.user,
+            tmpfs: &self.tmpfs,
         };
         let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
         Digest::of(&json)
@@ -797,7 +817,8 @@ impl From<&crate::spec::Service> for ServiceConfig {
         let limits = &service.limits;
         ServiceConfig {
             instances: service.instances,
-            // 0 is a service with no port (a worker).
+            // 0 is a service with no port (a worker), or one whose port the deploy takes from
+            // its image's EXPOSE (`deploy::prepare`).
             port: service.port.unwrap_or(0),
             route: service.route,
             route_kind: match service.route_kind {
@@ -851,6 +872,13 @@ impl From<&crate::spec::Service> for ServiceConfig {
             keep_releases: service.deploy.keep_releases,
             host_network: service.host_network,
             outbound: service.outbound,
+            entrypoint: service.entrypoint.clone(),
+            user: service.user.clone(),
+            tmpfs: service
+                .tmpfs
+                .iter()
+                .map(|t| (t.path.clone(), t.bytes))
+                .collect(),
         }
     }
 }
@@ -890,6 +918,9 @@ impl ServiceConfig {
             keep_releases: 10,
             host_network: false,
             outbound: true,
+            entrypoint: None,
+            user: None,
+            tmpfs: Default::default(),
         }
     }
 }

@@ -18,10 +18,12 @@ use crate::store::Digest;
 #[cfg(feature = "dev-tools")]
 pub mod fake;
 pub mod local;
+pub mod settings;
 
 #[cfg(feature = "dev-tools")]
 pub use fake::FakeRuntime;
 pub use local::LocalRuntime;
+pub use settings::TmpfsMount;
 
 /// A runtime-assigned instance name, unique on its runtime and stable across graven restarts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -39,8 +41,12 @@ impl std::fmt::Display for InstanceId {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
     pub image: Digest,
-    /// Replaces the image's ENTRYPOINT + CMD when set.
+    /// Replaces the image's CMD when set (the ENTRYPOINT stays, as with `docker run`).
     pub command: Option<Vec<String>>,
+    /// Replaces the image's ENTRYPOINT when set, and clears its CMD unless `command` is set
+    /// too (`settings::compose_command`); empty: no entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
     /// Added to (and overriding) the image's ENV.
     pub env: BTreeMap<String, String>,
     /// Added after `env`: values the workload gets but that nothing records (secrets).
@@ -55,6 +61,9 @@ pub struct InstanceSpec {
     #[serde(default)]
     pub host_port: Option<u16>,
     pub volumes: Vec<VolumeMount>,
+    /// Size-capped tmpfs mounts, writable paths on the read-only root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<TmpfsMount>,
     /// Replaces the image's USER when set.
     pub user: Option<String>,
     pub limits: Limits,
@@ -94,11 +103,13 @@ impl InstanceSpec {
         InstanceSpec {
             image,
             command: None,
+            entrypoint: None,
             env: BTreeMap::new(),
             secret_env: SecretEnv::default(),
             port: None,
             host_port: None,
             volumes: Vec::new(),
+            tmpfs: Vec::new(),
             user: None,
             limits: Limits::default(),
             stop_signal: None,
@@ -109,12 +120,14 @@ impl InstanceSpec {
         }
     }
 
-    /// Checks what can be checked without the image: volume names and paths, an empty
-    /// command. Every backend calls this first so bad input fails the same way everywhere.
+    /// Checks what can be checked without the image: volume names and paths, tmpfs paths
+    /// and overlaps, an empty command. Every backend calls this first so bad input fails the
+    /// same way everywhere.
     pub fn validate(&self) -> Result<(), RuntimeError> {
         for volume in &self.volumes {
             volume.validate()?;
         }
+        settings::check_mounts(&self.volumes, &self.tmpfs)?;
         if let Some(command) = &self.command
             && command.first().is_none_or(|c| c.is_empty())
         {
@@ -300,6 +313,8 @@ pub enum RuntimeError {
     },
     #[error("volume {name:?}: {reason}")]
     BadVolume { name: String, reason: String },
+    #[error("tmpfs {path:?}: {reason}")]
+    BadTmpfs { path: String, reason: String },
     #[error("port {port} is already in use")]
     PortInUse { port: u16 },
     #[error("user {user:?} does not exist in image {image}")]

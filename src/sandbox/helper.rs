@@ -457,7 +457,8 @@ fn build_root(request: &Request, rootless: bool) -> Result<()> {
             readonly | libc::MS_NOSUID | libc::MS_NODEV,
         )?;
     }
-    for tmpfs in spec.build_step.iter().flat_map(|step| &step.tmpfs) {
+    let build_tmpfs = spec.build_step.iter().flat_map(|step| &step.tmpfs);
+    for tmpfs in spec.tmpfs.iter().chain(build_tmpfs) {
         let target = ensure_dir(&root_fd, &tmpfs.target)?;
         let size = match tmpfs.bytes {
             0 => String::new(),
@@ -1127,8 +1128,8 @@ fn open_mount_point(root_fd: &OwnedFd, path: &str) -> Result<OwnedFd> {
 }
 
 /// Whether every mount point a read-only root needs is in `rootfs` already, resolved inside
-/// it: `/dev`, `/proc`, `/sys`, `/tmp` and each bind's target, a directory or a file as its
-/// source is.
+/// it: `/dev`, `/proc`, `/sys`, `/tmp`, each bind's target, a directory or a file as its
+/// source is, and each tmpfs's directory.
 fn has_mount_points(rootfs: &Path, spec: &super::SandboxSpec) -> bool {
     use rustix::fs::FileType;
     let Ok(root_fd) = root::open_root(rootfs) else {
@@ -1153,6 +1154,7 @@ fn has_mount_points(rootfs: &Path, spec: &super::SandboxSpec) -> bool {
             .binds
             .iter()
             .all(|bind| present(&bind.target, bind.source.is_dir()))
+        && spec.tmpfs.iter().all(|tmpfs| present(&tmpfs.target, true))
 }
 
 /// Opens the directory `path` inside the root, first making what is missing of it, each

@@ -84,6 +84,10 @@ pub struct SandboxSpec {
     /// Size cap of the tmpfs mounted at /tmp of a read-only root (0 means
     /// `DEFAULT_TMP_BYTES`); a writable root has none.
     pub tmp_bytes: u64,
+    /// An instance's tmpfs mounts (a build step's are its `BuildStep::tmpfs`), made after
+    /// the binds; a missing mount point is made on the read-only root's overlay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<Tmpfs>,
     /// Set for a bake's RUN step only: what a build step gets beyond an instance's lock-down.
     /// `None` (every instance) keeps it: no capability at all.
     #[serde(default)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::proxy::HealthCheck;
-use crate::runtime::{Limits, VolumeMount};
+use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 
 pub use problem::{Problem, SpecErrors};
 pub use validate::DEFAULT_ENVIRONMENT;
@@ -87,13 +87,18 @@ pub struct ImageSource {
 pub struct Service {
     pub name: String,
     pub instances: u32,
-    /// None for a service that listens on no port (a worker: no route, and a health check
-    /// that does not connect).
+    /// `None`: the image's one exposed TCP port, read by the deploy; none at all for a
+    /// service that listens on no port (a worker: no route, and a health check that does
+    /// not connect).
     pub port: Option<u16>,
     pub route: Option<SocketAddr>,
     /// What the route speaks: HTTP (a reverse proxy) or TCP (bytes, at layer 4).
     pub route_kind: RouteKind,
     pub command: Option<Vec<String>>,
+    /// Replaces the image's ENTRYPOINT (`command` replaces its CMD).
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's USER; checked against the image's files by the deploy.
+    pub user: Option<String>,
     /// Plain env values, as written.
     pub env: BTreeMap<String, String>,
     /// Env variables whose value is a secret: variable → secret name. The value is read
@@ -106,6 +111,7 @@ pub struct Service {
     pub deploy: DeployPolicy,
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,
+    pub tmpfs: Vec<TmpfsMount>,
     pub limits: Limits,
     /// `network = "host"`: the host's network instead of one of its own.
     pub host_network: bool,

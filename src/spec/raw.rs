@@ -137,6 +137,10 @@ pub(crate) struct RawService {
     pub limits: Option<Spanned<RawLimits>>,
     pub network: Option<Field<String>>,
     pub outbound: Option<Field<bool>>,
+    pub entrypoint: Option<Field<Vec<String>>>,
+    pub user: Option<Field<String>>,
+    /// Path → size; `validate` checks both.
+    pub tmpfs: Option<Spanned<Named<Field<Value>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -32,9 +32,10 @@ fn render(result: Result<Project, SpecErrors>) -> String {
              volumes {:?} limits {:?}",
             service.name,
             service.instances,
-            service
-                .port
-                .map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            service.port.map_or_else(
+                || "none (EXPOSE, or a worker)".to_owned(),
+                |p| p.to_string()
+            ),
             service.route,
             service.command,
             service.env,
@@ -293,7 +294,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "network", "outbound")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -426,15 +427,19 @@ fn missing_required_fields() {
         "[services.web]\nroute = \"127.0.0.1:9000\"\n[build]\n",
         expect![[r#"
             graven.toml:1:1: app: missing field "app": name the application, e.g. app = "hello"
-            graven.toml:1:11: services.web: missing field "port": the port the service listens on
             graven.toml:3:1: build: missing field "command": the command that builds the app"#]],
     );
     // A health check that connects needs a port, and says so.
     check(
         "app = \"a\"\n[services.db.health]\nkind = \"tcp\"\n",
-        expect![[
-            r#"graven.toml:2:11: services.db: missing field "port": a tcp health check connects to it"#
-        ]],
+        expect![[r#"
+            app a env local build None containerfile /app/Containerfile context /app
+            service db: instances 1 port none (EXPOSE, or a worker) route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              health kind Tcp start_period 0ns table true
+        "#]],
     );
     check(
         "app = \"a\"\n",
@@ -683,7 +688,7 @@ command = ["/worker"]
 "#,
         expect![[r#"
             app a env local build None containerfile /app/Containerfile context /app
-            service worker: instances 1 port none route None command Some(["/worker"]) env {}
+            service worker: instances 1 port none (EXPOSE, or a worker) route None command Some(["/worker"]) env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
@@ -725,17 +730,17 @@ health = { kind = "none" }
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
               health kind Tcp start_period 5s table true
-            service job: instances 1 port none route None command None env {}
+            service job: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
               health kind None start_period 0ns table true
-            service pg: instances 1 port none route None command None env {}
+            service pg: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
               health kind Exec { command: ["pg_isready", "-q"] } start_period 0ns table true
-            service sh: instances 1 port none route None command None env {}
+            service sh: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
@@ -768,12 +773,10 @@ health = { kind = "none" }
 "#,
         expect![[r#"
             graven.toml:4:19: services.a.health.kind: an exec health check needs a command, e.g. command = ["pg_isready", "-q"] or a string run by /bin/sh -c
-            graven.toml:5:11: services.b: missing field "port": a tcp health check connects to it
             graven.toml:9:37: services.c.health.command: a command is only run by kind = "exec", not "http"
             graven.toml:11:19: services.d.health.kind: unknown health kind "ping" (known: "http", "tcp", "exec", "none")
             graven.toml:13:22: services.e.health.command: the command needs a program: ["pg_isready", "-q"]
-            graven.toml:15:22: services.f.health.command: a command is a list (run as it is) or a string (run by /bin/sh -c)
-            graven.toml:16:11: services.g: missing field "port": the port the service listens on"#]],
+            graven.toml:15:22: services.f.health.command: a command is a list (run as it is) or a string (run by /bin/sh -c)"#]],
     );
 }
 
@@ -832,5 +835,56 @@ network = "host"
         expect![[r#"
             graven.toml:4:11: services.web.network: "bridge" is not a network: write "private" or "host"
             graven.toml:5:12: services.web.outbound: expected true or false, found string "no""#]],
+    );
+}
+
+#[test]
+fn the_image_settings_keys_are_read_and_checked() {
+    let project = parse(
+        r#"
+app = "a"
+[services.web]
+entrypoint = []
+command = ["nginx", "-g", "daemon off;"]
+user = "www-data:www-data"
+tmpfs = { "/run" = "16MiB", "/var/lib/nginx" = "64MiB" }
+"#,
+        Path::new("graven.toml"),
+        Path::new("/app"),
+        "local",
+    )
+    .unwrap();
+    let web = &project.services["web"];
+    assert_eq!(
+        web.port, None,
+        "no port: the deploy takes the image's EXPOSE"
+    );
+    assert_eq!(web.entrypoint, Some(vec![]));
+    assert_eq!(web.user.as_deref(), Some("www-data:www-data"));
+    let tmpfs: Vec<(&str, u64)> = web.tmpfs.iter().map(|t| (&*t.path, t.bytes)).collect();
+    assert_eq!(tmpfs, [("/run", 16 << 20), ("/var/lib/nginx", 64 << 20)]);
+    check(
+        r#"
+app = "a"
+[services.web]
+entrypoint = ["", "x"]
+user = "a:b:c"
+tmpfs = { "run" = "1M", "/cache" = 0, "/x" = "lots" }
+[services.api]
+user = " "
+volumes = { data = "/var/lib/data" }
+tmpfs = { "/var/lib" = "1M" }
+[services.db]
+tmpfs = { "/run" = "1M", "/run/db" = "1M" }
+"#,
+        expect![[r#"
+            graven.toml:4:14: services.web.entrypoint: the entrypoint needs a program: ["/entry", "--flag"], or [] for none
+            graven.toml:5:8: services.web.user: "a:b:c" is not a user: write name[:group] or uid[:gid], e.g. "www-data"
+            graven.toml:6:11: services.web.tmpfs.run: "run" is not an absolute path
+            graven.toml:6:36: services.web.tmpfs./cache: a size limit must be larger than zero
+            graven.toml:6:46: services.web.tmpfs./x: "lots" is not a size (try "64MiB", "512M", "1G")
+            graven.toml:8:8: services.api.user: " " is not a user: write name[:group] or uid[:gid], e.g. "www-data"
+            graven.toml:10:9: services.api.tmpfs: tmpfs "/var/lib": it overlaps volume "data" mounted at /var/lib/data
+            graven.toml:12:9: services.db.tmpfs: tmpfs "/run/db": it overlaps the tmpfs at /run"#]],
     );
 }

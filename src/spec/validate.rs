@@ -18,7 +18,7 @@ use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawS
 use super::values;
 use super::{BuildStep, DeployPolicy, ImageSource, Project, RouteKind, Service, Strategy};
 use crate::proxy::{HealthCheck, HealthKind};
-use crate::runtime::{Limits, VolumeMount};
+use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 
 /// The environment every project has without declaring it.
 pub const DEFAULT_ENVIRONMENT: &str = "local";
@@ -69,6 +69,9 @@ struct Partial {
     log: Option<At<u64>>,
     host_network: Option<At<bool>>,
     outbound: Option<At<bool>>,
+    entrypoint: Option<At<Vec<String>>>,
+    user: Option<At<String>>,
+    tmpfs: Option<At<Vec<TmpfsMount>>>,
 }
 
 impl Partial {
@@ -108,6 +111,9 @@ impl Partial {
             cpu: pick(&overlay.cpu, &self.cpu),
             tmp: pick(&overlay.tmp, &self.tmp),
             log: pick(&overlay.log, &self.log),
+            entrypoint: pick(&overlay.entrypoint, &self.entrypoint),
+            user: pick(&overlay.user, &self.user),
+            tmpfs: pick(&overlay.tmpfs, &self.tmpfs),
         }
     }
 }
@@ -199,6 +205,18 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
             }
         }),
         outbound: leaf(&raw.outbound, &path("outbound"), issues, |o| Ok(*o)),
+        // Empty is allowed: no entrypoint, as `docker run --entrypoint ""` gives.
+        entrypoint: leaf(&raw.entrypoint, &path("entrypoint"), issues, |entrypoint| {
+            if entrypoint.first().is_some_and(|program| program.is_empty()) {
+                Err(
+                    "the entrypoint needs a program: [\"/entry\", \"--flag\"], or [] for none"
+                        .into(),
+                )
+            } else {
+                Ok(entrypoint.clone())
+            }
+        }),
+        user: leaf(&raw.user, &path("user"), issues, values::user),
         ..Partial::default()
     };
     if let Some(env) = &raw.env {
@@ -224,7 +242,45 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
     if let Some(volumes) = &raw.volumes {
         partial.volumes = check_volumes(volumes, &path("volumes"), issues);
     }
+    if let Some(tmpfs) = &raw.tmpfs {
+        partial.tmpfs = check_tmpfs(tmpfs, &path("tmpfs"), issues);
+    }
     partial
+}
+
+/// `tmpfs = { "/run" = "16MiB" }`: absolute paths, each with a size more than zero. Overlaps
+/// (with each other and with volumes) are checked once the service is whole.
+fn check_tmpfs(
+    raw: &Spanned<Named<Field<toml::Value>>>,
+    prefix: &str,
+    issues: &mut Issues,
+) -> Option<At<Vec<TmpfsMount>>> {
+    let mut mounts = Vec::new();
+    let mut ok = true;
+    for (path, size) in raw.get_ref() {
+        let field = join(prefix, path.get_ref());
+        if let Err(message) = values::mount_path(path.get_ref()) {
+            issues.push(path.span(), &field, message);
+            ok = false;
+            continue;
+        }
+        match check_field(size, &field, issues, |v| {
+            values::size(v).and_then(values::nonzero_size)
+        }) {
+            Some(bytes) => mounts.push(TmpfsMount {
+                path: path.get_ref().clone(),
+                bytes: bytes.value,
+            }),
+            None => ok = false,
+        }
+    }
+    ok.then(|| At {
+        value: mounts,
+        loc: Loc {
+            span: raw.span(),
+            field: prefix.to_owned(),
+        },
+    })
 }
 
 fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
@@ -413,33 +469,28 @@ fn resolve_service(
     } else {
         format!(" (in environment {environment:?})")
     };
-    // The whole-service rules are checked before giving up, so all are reported.
+    // Every whole-service rule is checked before giving up, so each is reported. A missing
+    // port is not one: the deploy takes the image's EXPOSE, and refuses a service that needs
+    // a port (a route, or a check that connects to it) when the image exposes none.
     let port = merged.port.as_ref().map(|p| p.value);
     let (kind, health_ok) = health_kind(name, merged, &in_environment, issues);
-    // A worker (no route, and a check that does not connect) needs no port.
-    let needs_port = merged.route.is_some() || matches!(kind, Kind::Http | Kind::Tcp);
-    let port_ok = port.is_some() || !needs_port;
-    if !port_ok && !issues.mentions(&format!("services.{name}"), "port") {
-        let why = match (&merged.route, &merged.health_kind) {
-            (
-                None,
-                Some(At {
-                    value: Kind::Tcp, ..
-                }),
-            ) => "a tcp health check connects to it",
-            (
-                None,
-                Some(At {
-                    value: Kind::Http, ..
-                }),
-            ) => "an http health check asks it",
-            _ => "the port the service listens on",
-        };
-        issues.push(
-            base.span.clone(),
-            format!("services.{name}"),
-            format!("missing field \"port\": {why}{in_environment}"),
+    let volumes = merged
+        .volumes
+        .as_ref()
+        .map(|v| v.value.clone())
+        .unwrap_or_default();
+    let tmpfs = merged
+        .tmpfs
+        .as_ref()
+        .map(|t| t.value.clone())
+        .unwrap_or_default();
+    let mounts = crate::runtime::settings::check_mounts(&volumes, &tmpfs);
+    if let Err(error) = &mounts {
+        let (span, field) = merged.tmpfs.as_ref().map_or_else(
+            || (base.span.clone(), format!("services.{name}")),
+            |at| (at.loc.span.clone(), at.loc.field.clone()),
         );
+        issues.push(span, field, format!("{error}{in_environment}"));
     }
     let max_surge = merged.max_surge.as_ref().map_or(1, |m| m.value);
     let max_unavailable = merged.max_unavailable.as_ref().map_or(0, |m| m.value);
@@ -460,7 +511,7 @@ fn resolve_service(
             ),
         );
     }
-    if !(surge_ok && port_ok && health_ok) {
+    if !(surge_ok && health_ok) || mounts.is_err() {
         return None;
     }
     let value =
@@ -477,6 +528,8 @@ fn resolve_service(
             .as_ref()
             .map_or(RouteKind::Http, |r| r.value.kind),
         command: merged.command.as_ref().map(|c| c.value.clone()),
+        entrypoint: merged.entrypoint.as_ref().map(|e| e.value.clone()),
+        user: merged.user.as_ref().map(|u| u.value.clone()),
         env: merged
             .env
             .iter()
@@ -530,11 +583,8 @@ fn resolve_service(
         stop_grace: value(&merged.stop_grace, Duration::from_secs(10)),
         host_network: merged.host_network.as_ref().is_some_and(|h| h.value),
         outbound: merged.outbound.as_ref().is_none_or(|o| o.value),
-        volumes: merged
-            .volumes
-            .as_ref()
-            .map(|v| v.value.clone())
-            .unwrap_or_default(),
+        volumes,
+        tmpfs,
         limits: Limits {
             memory_bytes: bytes(&merged.memory),
             pids: bytes(&merged.pids),

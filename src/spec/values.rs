@@ -198,6 +198,19 @@ pub(crate) fn env_value(value: &toml::Value) -> Result<EnvValue, String> {
 }
 
 /// An absolute path inside an instance, without `..` (a mount must not escape its parent).
+/// A user as USER writes it: `name[:group]` or `uid[:gid]`. Whether it exists is the image's
+/// to say, at deploy.
+pub(crate) fn user(text: &String) -> Result<String, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let part_ok = |p: &&str| !p.is_empty() && !p.contains(char::is_whitespace);
+    if parts.len() > 2 || !parts.iter().all(part_ok) {
+        return Err(format!(
+            "{text:?} is not a user: write name[:group] or uid[:gid], e.g. \"www-data\""
+        ));
+    }
+    Ok(text.clone())
+}
+
 pub(crate) fn mount_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("{path:?} is not an absolute path"));

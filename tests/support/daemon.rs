@@ -44,6 +44,9 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         keep_releases: 10,
         host_network: false,
         outbound: true,
+        entrypoint: None,
+        user: None,
+        tmpfs: Default::default(),
     }
 }
 

@@ -13,6 +13,10 @@
 //! `probe lines N` prints `line 0` to `line N-1` on stdout (for log capture and rotation).
 //! `probe threads N` starts threads until one is refused or N run, and reports how many ran
 //! (for the process limit).
+//! `probe powers` prints the report, then what a process of its uid may do: write a file in
+//! each directory of `$PROBE_WRITE` (comma-separated), read each file of `$PROBE_READ`, chown
+//! a file it made, open a raw socket, read /dev/stdin, open /dev/stdout and /dev/stderr for
+//! writing, and last setuid to another user.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -29,6 +33,8 @@ mod nr {
     pub const SIGNALFD4: usize = 289;
     pub const IO_URING_SETUP: usize = 425;
     pub const STATFS: usize = 137;
+    pub const SOCKET: usize = 41;
+    pub const SETUID: usize = 105;
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -40,6 +46,8 @@ mod nr {
     pub const SIGNALFD4: usize = 74;
     pub const IO_URING_SETUP: usize = 425;
     pub const STATFS: usize = 43;
+    pub const SOCKET: usize = 198;
+    pub const SETUID: usize = 146;
 }
 
 /// A raw system call; returns the kernel's result (a negative errno on failure).
@@ -386,9 +394,56 @@ fn lines() {
     }
 }
 
+/// `probe powers`: see the module's head.
+fn powers() -> String {
+    let mut lines = vec![report()];
+    let list = |name: &str| -> Vec<String> {
+        std::env::var(name)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    for dir in list("PROBE_WRITE") {
+        let file = format!("{dir}/probe-wrote");
+        let result = std::fs::write(&file, b"x");
+        lines.push(format!("write:{dir}={}\n", io_outcome(result)));
+    }
+    for file in list("PROBE_READ") {
+        let result = std::fs::read(&file);
+        lines.push(format!("read:{file}={}\n", io_outcome(result)));
+    }
+    let mine = "/tmp/probe-chown";
+    let _ = std::fs::write(mine, b"x");
+    let chown = std::os::unix::fs::chown(mine, Some(1), Some(1));
+    lines.push(format!("chown={}\n", io_outcome(chown)));
+    // AF_INET, SOCK_RAW, IPPROTO_ICMP: what ping needs CAP_NET_RAW for.
+    lines.push(format!(
+        "raw_socket={}\n",
+        outcome(syscall(nr::SOCKET, 2, 3, 1, 0))
+    ));
+    let stdin = std::fs::File::open("/dev/stdin").and_then(|mut f| f.read(&mut [0u8; 1]));
+    lines.push(format!("dev_stdin={}\n", io_outcome(stdin)));
+    for stream in ["stdout", "stderr"] {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/dev/{stream}"))
+            .and_then(|mut f| f.write_all(format!("probe wrote to /dev/{stream}\n").as_bytes()));
+        lines.push(format!("dev_{stream}={}\n", io_outcome(opened)));
+    }
+    // Last: when it is allowed, the probe is another user from here on.
+    lines.push(format!(
+        "setuid={}\n",
+        outcome(syscall(nr::SETUID, 1, 0, 0, 0))
+    ));
+    lines.concat()
+}
+
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("report") => print!("{}", report()),
+        Some("powers") => print!("{}", powers()),
         Some("fill-tmp") => print!("{}", fill_tmp()),
         Some("lines") => lines(),
         Some("threads") => threads(),

@@ -170,16 +170,12 @@ impl LocalRuntime {
         let _lock = rootfs::start_lock(&self.home, false)?;
         let (image, root) = self.prepare_locked(&spec.image)?;
         let config = &image.config.config;
-        let args = match &spec.command {
-            Some(command) => command.clone(),
-            None => config
-                .entrypoint
-                .iter()
-                .flatten()
-                .chain(config.cmd.iter().flatten())
-                .cloned()
-                .collect(),
-        };
+        let args = super::settings::compose_command(
+            config.entrypoint.as_deref(),
+            config.cmd.as_deref(),
+            spec.entrypoint.as_deref(),
+            spec.command.as_deref(),
+        );
         if args.first().is_none_or(|a| a.is_empty()) {
             return Err(RuntimeError::NoCommand {
                 image: spec.image.clone(),
@@ -219,13 +215,17 @@ impl LocalRuntime {
                 },
             }
         };
+        let passwd = read("etc/passwd");
         let (uid, gid) = choose_user(
             spec.user.as_deref(),
             config.user.as_deref(),
-            &read("etc/passwd"),
+            &passwd,
             &read("etc/group"),
         )
         .map_err(bad_user)?;
+        // As Docker does, a workload gets its user's home unless its environment says one.
+        env.entry("HOME".to_owned())
+            .or_insert_with(|| user::home_of(uid, &passwd));
         // What really runs (rootless: the one mapped id) is what is recorded and used.
         let (uid, gid) = sandbox::identity(uid, gid).map_err(bad_user)?;
         let stop_signal = parse_signal(
@@ -255,7 +255,24 @@ impl LocalRuntime {
             pick_port(spec.host_port)?
         };
         env.insert("PORT".to_owned(), port.to_string());
-        let binds = self.volume_binds(&spec, (uid, gid))?;
+        let mut binds = self.volume_binds(&spec, (uid, gid))?;
+        let anonymous: Vec<String> =
+            super::settings::uncovered_volumes(&config.volumes, &spec.volumes, &spec.tmpfs)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        // An image's VOLUME is its author's word: held to a volume's rules before anything is
+        // made (the sandbox resolves it inside the root all the same).
+        for path in &anonymous {
+            let volume = super::VolumeMount {
+                name: "anonymous".to_owned(),
+                path: path.clone(),
+            };
+            volume.validate().map_err(|e| RuntimeError::BadVolume {
+                name: format!("the image's VOLUME {path}"),
+                reason: e.to_string(),
+            })?;
+        }
         // Everything that can be refused has been checked: now the instance is made.
         let id = InstanceId(format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff));
         let dir = self.dir_of(&id);
@@ -269,23 +286,27 @@ impl LocalRuntime {
                 ));
             }
         };
-        let resolved = Resolved {
-            root,
-            args,
-            env,
-            uid,
-            gid,
-            binds,
-            port,
-            stop_signal,
-            cwd,
-            network,
-        };
-        let result = self.launch(&id, &dir, &spec, resolved);
+        let leased = network.as_ref().map(|network| network.ip);
+        let result = anonymous_volumes(&dir, &anonymous, (uid, gid)).and_then(|extra| {
+            binds.extend(extra);
+            let resolved = Resolved {
+                root,
+                args,
+                env,
+                uid,
+                gid,
+                binds,
+                port,
+                stop_signal,
+                cwd,
+                network,
+            };
+            self.launch(&id, &dir, &spec, resolved)
+        });
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
-            if let Some(network) = network {
-                net::release(network.ip);
+            if let Some(ip) = leased {
+                net::release(ip);
             }
         }
         result
@@ -353,6 +374,14 @@ impl LocalRuntime {
                 hostname: id.0.clone(),
                 binds: resolved.binds,
                 tmp_bytes: spec.limits.tmp_bytes.unwrap_or(0),
+                tmpfs: spec
+                    .tmpfs
+                    .iter()
+                    .map(|t| sandbox::Tmpfs {
+                        target: t.path.clone(),
+                        bytes: t.bytes,
+                    })
+                    .collect(),
                 build_step: None,
             },
             options: Options {
@@ -874,24 +903,44 @@ fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The unprivileged identity instances run as when the image says root or nothing.
-pub const NOBODY: (u32, u32) = (65534, 65534);
-
-/// The identity an instance runs as: an explicit `--user` is honoured even when it is root
-/// (it still has no capabilities); an image that says root, or nothing, gets `NOBODY`.
+/// The identity an instance runs as, as with Docker: the `user` asked for, else the image's
+/// USER, else root. Root is uid 0 with no capability at all, no_new_privs and seccomp
+/// (docs/security.md says what that can and cannot do).
 fn choose_user(
     explicit: Option<&str>,
     image: Option<&str>,
     passwd: &str,
     group: &str,
 ) -> Result<(u32, u32), user::UserError> {
-    match explicit {
-        Some(explicit) => user::resolve(explicit, passwd, group),
-        None => {
-            let resolved = user::resolve(image.unwrap_or(""), passwd, group)?;
-            Ok(if resolved.0 == 0 { NOBODY } else { resolved })
-        }
-    }
+    user::resolve(explicit.or(image).unwrap_or(""), passwd, group)
+}
+
+/// Makes an instance's anonymous volumes, one per image VOLUME that no volume or tmpfs of its
+/// covers (`docker run` makes one each too), in its directory (`volumes/N`), so they go with
+/// the instance; each belongs to the instance's user, who must write it.
+fn anonymous_volumes(
+    dir: &Path,
+    paths: &[String],
+    owner: (u32, u32),
+) -> Result<Vec<Bind>, RuntimeError> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let source = dir.join("volumes").join(i.to_string());
+            std::fs::create_dir_all(&source)
+                .map_err(other(format!("creating volume {}", source.display())))?;
+            if !sandbox::rootless() {
+                std::os::unix::fs::chown(&source, Some(owner.0), Some(owner.1))
+                    .map_err(other(format!("giving {} to its user", source.display())))?;
+            }
+            Ok(Bind {
+                source,
+                target: path.clone(),
+                readonly: false,
+            })
+        })
+        .collect()
 }
 
 /// Whether `error` says an instance's state could not be read now, rather than that there is
@@ -910,8 +959,10 @@ fn unreadable_now(error: &RuntimeError) -> bool {
 #[cfg(test)]
 mod tests {
 
+    /// Docker runs an image as its USER, root included, and as root when it says none;
+    /// `--user` replaces it. (graven used to run root and nothing as 65534.)
     #[test]
-    fn an_image_that_says_root_or_nothing_runs_as_nobody() {
+    fn an_image_runs_as_its_user_root_or_nothing_included() {
         let passwd = "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/:/bin/sh\n";
         let check = |explicit: Option<&str>, image: Option<&str>, expected: (u32, u32)| {
             assert_eq!(
@@ -920,12 +971,14 @@ mod tests {
                 "{explicit:?} {image:?}"
             );
         };
-        check(None, None, NOBODY);
-        check(None, Some("root"), NOBODY);
-        check(None, Some("0:0"), NOBODY);
+        check(None, None, (0, 0));
+        check(None, Some("root"), (0, 0));
+        check(None, Some("0:0"), (0, 0));
         check(None, Some("app"), (1000, 1001));
         check(Some("0"), Some("app"), (0, 0));
+        check(Some("app"), Some("root"), (1000, 1001));
         assert!(choose_user(None, Some("ghost"), passwd, "").is_err());
+        assert!(choose_user(Some("ghost"), None, passwd, "").is_err());
     }
 
     use super::*;

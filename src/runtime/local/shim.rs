@@ -232,6 +232,19 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Log, [OwnedFd;
     let log = Log::open(dir, request.log_bytes).map_err(|e| format!("opening the log: {e}"))?;
     let (out_read, out_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_read, err_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // A pipe is made 0600 for its maker: the workload's user gets its ends, as runc gives
+    // them, so a server that opens /dev/stdout or /dev/stderr (nginx's `error_log
+    // /dev/stderr`) as a user other than root may. Rootless, the maker already is that user.
+    if !sandbox::rootless() {
+        let owner = (
+            Some(rustix::fs::Uid::from_raw(request.spec.uid)),
+            Some(rustix::fs::Gid::from_raw(request.spec.gid)),
+        );
+        for pipe in [&out_write, &err_write] {
+            rustix::fs::fchown(pipe, owner.0, owner.1)
+                .map_err(|e| format!("giving the output pipes to the workload's user: {e}"))?;
+        }
+    }
     let launched = sandbox::launch(
         &request.spec,
         &request.options,
