@@ -345,14 +345,12 @@ fn bad_health_input_is_refused_before_anything_starts() {
     assert!(stderr.contains("has no pg_isready to run"), "{stderr}");
     assert!(demo_instances(&home).is_empty());
 
-    // An exec check with no command, a tcp check with no port: graven.toml's problems.
+    // An exec check with no command: graven.toml's problem.
     project(
         &dir,
         &debian(""),
         r#"[services.a]
 health = { kind = "exec" }
-[services.b]
-health = { kind = "tcp" }
 "#,
     );
     let stderr = up(&home);
@@ -360,8 +358,20 @@ health = { kind = "tcp" }
         stderr.contains("services.a.health.kind: an exec health check needs a command"),
         "{stderr}"
     );
+    assert!(demo_instances(&home).is_empty());
+
+    // A tcp check with no port, and an image that exposes none: the deploy's (a port may
+    // come from the image's EXPOSE, so only the image can tell).
+    project(
+        &dir,
+        &debian(""),
+        r#"[services.b]
+health = { kind = "tcp" }
+"#,
+    );
+    let stderr = up(&home);
     assert!(
-        stderr.contains("services.b: missing field \"port\": a tcp health check connects to it"),
+        stderr.contains("service b: no port: the image exposes none"),
         "{stderr}"
     );
     assert!(demo_instances(&home).is_empty());

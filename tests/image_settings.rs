@@ -401,7 +401,8 @@ fn prepare(
 /// A service's release reads its image once baked, before anything is recorded:
 /// - EXPOSE: Docker only documents a port with it (`docker run -P` publishes each); a
 ///   service without `port` takes the image's one exposed TCP port, and several (or none)
-///   are a clear error naming them;
+///   are a clear error naming them when the service needs a port (a route, or a check
+///   that connects);
 /// - VOLUME: `docker run` makes an anonymous volume per container (Compose keeps a
 ///   service's across recreations); a service gets one named after it and the path,
 ///   `db.var-lib-db`, unless it declares a volume (or tmpfs) at that path;
@@ -473,12 +474,14 @@ fn a_service_takes_its_images_expose_and_volumes_and_its_user_must_exist() {
     );
     refused(
         format!("{image}EXPOSE 80 443\n"),
-        "app = \"a\"\n[services.db]\n",
+        "app = \"a\"\n[services.db]\nroute = \":0\"\n",
         "service db: the image exposes several ports (443/tcp, 80/tcp); set `port`",
     );
+    // A service that is reached on its port (here through a route) needs one; a worker
+    // (no route, a check that does not connect) deploys without.
     refused(
         image.to_owned(),
-        "app = \"a\"\n[services.db]\n",
+        "app = \"a\"\n[services.db]\nroute = \":0\"\n",
         "service db: no port: the image exposes none",
     );
 }
@@ -506,12 +509,26 @@ fn start<'a>(home: &'a Path, args: &[&str]) -> Instance<'a> {
     }
 }
 
+/// Where the instance is reached, as `graven ps --json` says.
+fn address_of(home: &Path, id: &str) -> String {
+    let out = support::succeed(support::graven(home).args(["ps", "--json"]));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|instance| instance["id"].as_str() == Some(id))
+        .and_then(|instance| instance["address"].as_str())
+        .unwrap_or_else(|| panic!("instance {id} has an address: {listed}"))
+        .to_owned()
+}
+
 fn log_of(home: &Path, id: &str) -> String {
     std::fs::read_to_string(home.join("instances").join(id).join("log")).unwrap_or_default()
 }
 
 /// Stock Debian nginx (`apt-get install nginx`), its config untouched but for a site of its
-/// own on a free high port (instances share the host's network for now), as `www-data`
+/// own on port 80 of the instance's own network, as `www-data`
 /// (USER), logging to /dev/stdout and /dev/stderr as Docker's nginx image does (its log
 /// files are symlinks to them), with tmpfs mounts for /run (its pid file) and
 /// /var/lib/nginx (its temp dirs): started with `graven run`, it answers, and its access
@@ -524,13 +541,10 @@ fn stock_debian_nginx_runs_as_www_data_with_tmpfs_and_logs_to_dev_stdout() {
     let home = home.as_path();
     let ctx = temp.path().join("nginx");
     std::fs::create_dir_all(&ctx).unwrap();
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    // Port 80, as www-data: the instance's own network lets any user bind it (as Docker's).
     std::fs::write(
         ctx.join("site"),
-        format!("server {{\n    listen 127.0.0.1:{port};\n    root /srv/site;\n}}\n"),
+        "server {\n    listen 80;\n    root /srv/site;\n}\n",
     )
     .unwrap();
     std::fs::write(ctx.join("index.html"), "hello from nginx\n").unwrap();
@@ -560,6 +574,8 @@ fn stock_debian_nginx_runs_as_www_data_with_tmpfs_and_logs_to_dev_stdout() {
     let nginx = start(
         home,
         &[
+            "--port",
+            "80",
             "--tmpfs",
             "/run:16MiB",
             "--tmpfs",
@@ -567,7 +583,7 @@ fn stock_debian_nginx_runs_as_www_data_with_tmpfs_and_logs_to_dev_stdout() {
             "nginx:test",
         ],
     );
-    let url = format!("http://127.0.0.1:{port}/");
+    let url = format!("http://{}/", address_of(home, &nginx.id));
     let body = support::wait_for(
         std::time::Duration::from_secs(30),
         "nginx to answer",
