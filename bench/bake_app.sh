@@ -5,10 +5,12 @@
 # rebuild after editing app.py; medians of RUNS runs (hyperfine), ratios to graven, and
 # whether two cold builds gave one digest. Prints a markdown table.
 #
-# Usage: bench/bake_app.sh          (RUNS=3 by default; pip and apt reach PyPI and Debian)
+# Usage: bench/bake_app.sh          (RUNS=3 by default; pip and apt reach PyPI and Debian;
+#        TOOLS="graven docker" leaves buildah out, whose runs take most of the script's time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-3}
+tools=${TOOLS:-graven docker buildah}
 
 source bench/lib.sh
 use_debian_docker
@@ -59,6 +61,7 @@ d_digest() {
 d1=$(d_digest); d2=$(d_digest)
 
 # --- buildah (vfs) ----------------------------------------------------------------------------
+if [[ " $tools " == *" buildah "* ]]; then
 b_root="$work/buildah"
 b_store="--root $b_root/root --runroot $b_root/run --storage-driver vfs"
 buildah $b_store pull -q "docker-archive:$base" >/dev/null
@@ -73,12 +76,15 @@ b_digest() {
   buildah $b_store images --digests --format '{{.Digest}}' localhost/app:1
 }
 b1=$(b_digest); b2=$(b_digest)
+fi
 
 # --- table ------------------------------------------------------------------------------------
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2"; }
 same() { [ "$1" = "$2" ] && echo "yes" || echo "no"; }
 for t in g d b; do for k in cold warm edit; do
-  eval "${t}_${k}=\$(median_ms \"$work/${t}-${k}.json\")"
+  if [ -f "$work/${t}-${k}.json" ]; then
+    eval "${t}_${k}=\$(median_ms \"$work/${t}-${k}.json\")"
+  fi
 done; done
 cat <<EOF
 
@@ -90,7 +96,7 @@ Machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cu
 |---|---:|---:|---:|---:|---:|---:|---|
 | graven | $g_cold | 1.00x | $g_warm | 1.00x | $g_edit | 1.00x | $(same "$g1" "$g2") |
 | docker build (BuildKit, $($docker version --format '{{.Server.Version}}')) | $d_cold | $(ratio "$d_cold" "$g_cold") | $d_warm | $(ratio "$d_warm" "$g_warm") | $d_edit | $(ratio "$d_edit" "$g_edit") | $(same "$d1" "$d2") |
-| buildah bud --timestamp 0 (vfs) | $b_cold | $(ratio "$b_cold" "$g_cold") | $b_warm | $(ratio "$b_warm" "$g_warm") | $b_edit | $(ratio "$b_edit" "$g_edit") | $(same "$b1" "$b2") |
+$(if [ -n "${b_cold:-}" ]; then echo "| buildah bud --timestamp 0 (vfs) | $b_cold | $(ratio "$b_cold" "$g_cold") | $b_warm | $(ratio "$b_warm" "$g_warm") | $b_edit | $(ratio "$b_edit" "$g_edit") | $(same "$b1" "$b2") |"; fi)
 
 graven digest: $g1
 EOF

@@ -203,8 +203,9 @@ fn a_snapshot_is_made_once_and_shared_by_later_bakes() {
         &format!("{BASE}RUN echo one > /one\n"),
         "1",
     ));
+    // The two COPY layers', and the RUN's (its upper dir, kept).
     let first = snapshots(home.path());
-    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first.len(), 3, "{first:?}");
     let again = json(&succeed(&mut bake(
         home.path(),
         dir.path(),
@@ -213,8 +214,12 @@ fn a_snapshot_is_made_once_and_shared_by_later_bakes() {
         "1",
     )));
     assert_eq!(again["cached_steps"], 3, "the RUN ran: {again}");
-    // The same directories (same inodes): not unpacked again.
-    assert_eq!(snapshots(home.path()), first);
+    // The same directories (same inodes): not unpacked again; one more, the new RUN's.
+    let now = snapshots(home.path());
+    assert_eq!(now.len(), 4, "{now:?}");
+    for (chain, inode) in &first {
+        assert_eq!(now.get(chain), Some(inode), "{chain} was made again");
+    }
 }
 
 #[test]
@@ -258,9 +263,15 @@ fn gc_removes_the_snapshots_no_image_needs_and_keeps_the_rest() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, [format!("snapshot sha256:{}", dropped[2])], "{out}");
+    let mut gone = vec![
+        format!("snapshot sha256:{}", dropped[2]),
+        format!("snapshot sha256:{}", dropped[3]),
+    ];
+    gone.sort();
+    assert_eq!(names, gone, "{out}");
     let left = snapshots(home.path());
     assert!(!left.contains_key(&dropped[2]), "{left:?}");
+    assert!(!left.contains_key(&dropped[3]), "{left:?}");
     for chain in &kept[..3] {
         assert!(left.contains_key(chain), "gc removed {chain}: {left:?}");
     }
@@ -515,4 +526,173 @@ fn a_file_rewritten_in_place_with_its_size_and_mtime_put_back_is_in_the_layer() 
             .any(|e| e.starts_with("etc/group- ") && e.ends_with("\"root:*:0:\\n\"")),
         "{entries:?}"
     );
+}
+
+/// Regression (cold bakes spent seconds on it): a RUN's upper dir was deleted once its layer
+/// was written, and the next RUN unpacked that layer again into a snapshot; BuildKit keeps the
+/// step's upper dir as the next step's lower. Now the upper dir becomes the layer's snapshot.
+#[test]
+fn a_run_s_upper_dir_becomes_the_snapshot_of_its_layer() {
+    let dir = context();
+    let home = tempfile::tempdir().unwrap();
+    succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "t:1",
+        &format!("{BASE}RUN echo one > /one && mkdir -p /var/log && echo x > /var/log/dpkg.log\n"),
+        "1",
+    ));
+    let chains = chains(home.path(), "t:1");
+    let made = snapshots(home.path());
+    assert!(made.contains_key(&chains[2]), "{made:?}");
+    let fs_dir = home.path().join("snapshots").join(&chains[2]).join("fs");
+    assert_eq!(fs::read_to_string(fs_dir.join("one")).unwrap(), "one\n");
+    // As the layer has it: the layer's mtime, and no file the rules drop.
+    assert_eq!(fs::symlink_metadata(fs_dir.join("one")).unwrap().mtime(), 1);
+    assert!(!fs_dir.join("var/log/dpkg.log").exists());
+    let temps: Vec<String> = made
+        .into_keys()
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+}
+
+/// What a later RUN sees of the tree: every path under `/` (not /proc, /sys, /dev) with its
+/// type, mode and owners, and for all but directories (whose mtimes unpacking never sets) its
+/// size, mtime, link count and content hash.
+const LISTING: &str = "RUN busybox find / -xdev -path /proc -prune -o -path /sys -prune \
+ -o -path /dev -prune -o -path /paths -prune -o -print | busybox sort > /paths \
+ && while read p; do if [ -d \"$p\" ] && [ ! -L \"$p\" ]; then busybox stat -c '%n %F %a %u:%g' \"$p\"; \
+ else busybox stat -c '%n %F %a %u:%g %s %Y %h' \"$p\"; fi; \
+ if [ -f \"$p\" ] && [ ! -L \"$p\" ]; then busybox md5sum \"$p\"; fi; done < /paths > /listing \
+ && rm /paths\n";
+
+/// The snapshot a RUN's upper dir became is the tree its layer unpacks to: a later RUN sees
+/// the same (paths, types, modes, owners, sizes, mtimes, link counts, contents) whether it
+/// starts on the kept upper dir, on a snapshot unpacked from the layer, or on the layers
+/// unpacked whole. The step writes files the rules drop and bytecode they rewrite, hard
+/// links (a layer stores copies), a setuid file, a removed and remade directory (opaque), a
+/// chmod of `/` (which no layer holds) and a working directory graven made again.
+#[test]
+fn a_snapshot_kept_from_a_run_is_the_one_unpacked_from_its_layer() {
+    let dir = context();
+    let steps = format!(
+        "{BASE}COPY tree /data\nWORKDIR /work/deep\nRUN rm -rf /work\n\
+RUN echo new > /data/new && echo changed >> /data/keep && rm /data/b/g \
+ && rm -rf /data/a && mkdir -p /data/a/sub && echo again > /data/a/f1 \
+ && ln /data/same /data/same-link && ln -s ../same /data/b/sym && chmod 700 /data/b \
+ && chown 0:0 /data/owned && chmod 644 /data/owned && chmod 700 / \
+ && mkdir -p /var/log /app/__pycache__ && echo log > /var/log/dpkg.log \
+ && echo 'x = 1' > /app/m.py \
+ && printf '\\247\\r\\r\\n\\0\\0\\0\\0\\1\\2\\3\\4\\5\\0\\0\\0code' > /app/__pycache__/m.cpython-311.pyc \
+ && chmod 4755 /data/new && ln /data/new /data/new-link\n"
+    );
+    let whole = format!("{steps}{LISTING}");
+    let kept = tempfile::tempdir().unwrap();
+    let with = json(&succeed(&mut bake(
+        kept.path(),
+        dir.path(),
+        "t:1",
+        &whole,
+        "1",
+    )));
+    // The same steps, with every snapshot then removed: the listing's RUN unpacks them.
+    let unpacked = tempfile::tempdir().unwrap();
+    succeed(&mut bake(unpacked.path(), dir.path(), "t:0", &steps, "1"));
+    for chain in snapshots(unpacked.path()).into_keys() {
+        fs::remove_dir_all(unpacked.path().join("snapshots").join(chain)).unwrap();
+    }
+    let again = json(&succeed(&mut bake(
+        unpacked.path(),
+        dir.path(),
+        "t:1",
+        &whole,
+        "1",
+    )));
+    assert_eq!(
+        again["cached_steps"],
+        with["total_steps"].as_u64().unwrap() - 1
+    );
+    let whole_unpack = tempfile::tempdir().unwrap();
+    let without = json(&succeed(&mut bake(
+        whole_unpack.path(),
+        dir.path(),
+        "t:1",
+        &whole,
+        "0",
+    )));
+    let listing = |home: &Path| {
+        let layers = layer(home, "t:1", 6);
+        layers
+            .into_iter()
+            .find(|l| l.starts_with("listing "))
+            .unwrap()
+    };
+    assert_eq!(listing(kept.path()), listing(unpacked.path()));
+    assert_eq!(listing(kept.path()), listing(whole_unpack.path()));
+    assert_eq!(with["digest"], again["digest"]);
+    assert_eq!(with["digest"], without["digest"]);
+}
+
+/// Regression (the first RUN of a cold bake unpacked the base, and the first COPY or WORKDIR
+/// read its whole layer for the paths it holds, where `docker load` unpacks an image before
+/// any build): importing a base unpacks its snapshots and writes its layers' path indexes.
+#[test]
+fn importing_a_base_unpacks_its_snapshots_and_path_indexes() {
+    let dir = context();
+    let home = tempfile::tempdir().unwrap();
+    succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "base:1",
+        &format!("{BASE}COPY other.txt /other\n"),
+        "1",
+    ));
+    let archive = dir.path().join("base.tar");
+    succeed(
+        graven(home.path())
+            .args(["image", "export", "base:1", "--format", "docker", "-o"])
+            .arg(&archive),
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    succeed(&mut bake(
+        fresh.path(),
+        dir.path(),
+        "imported:1",
+        "FROM docker-archive:base.tar\n",
+        "1",
+    ));
+    let made = snapshots(fresh.path());
+    let chains = chains(fresh.path(), "imported:1");
+    assert_eq!(chains.len(), 3);
+    for chain in &chains {
+        assert!(made.contains_key(chain), "no snapshot {chain}: {made:?}");
+    }
+    let store = graven::store::Store::open(fresh.path()).unwrap();
+    let image = store.image(&store.resolve("imported:1").unwrap()).unwrap();
+    for layer in &image.manifest.layers {
+        assert!(
+            store.path_index(&layer.digest).is_some(),
+            "{}",
+            layer.digest
+        );
+    }
+    // With overlayfs switched off, no snapshot; the path indexes all the same.
+    let off = tempfile::tempdir().unwrap();
+    succeed(&mut bake(
+        off.path(),
+        dir.path(),
+        "imported:1",
+        "FROM docker-archive:base.tar\n",
+        "0",
+    ));
+    assert!(snapshots(off.path()).is_empty());
+    let store = graven::store::Store::open(off.path()).unwrap();
+    for layer in &image.manifest.layers {
+        assert!(
+            store.path_index(&layer.digest).is_some(),
+            "{}",
+            layer.digest
+        );
+    }
 }

@@ -880,6 +880,7 @@ fn build(
     let mut keep_alive = Vec::new();
     let mut normalised = None;
     let mut run_root = None;
+    let mut upper = None;
     let mut entries = match &step.action {
         Action::Config(_) => return Ok(Record { layer: None }),
         Action::Copy {
@@ -937,6 +938,7 @@ fn build(
             )?;
             let mut entries = output.entries;
             run_root = Some(output.root);
+            upper = output.upper;
             if reproducible {
                 let applied = reproducible::apply(&mut entries, epoch)
                     .map_err(|e| format!("applying the reproducibility rules: {e}"))?;
@@ -975,6 +977,21 @@ fn build(
     let finished = tree::write_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
     let diff_id = finished.diff_id.clone();
     let descriptor = finished.keep(txn).map_err(|e| e.to_string())?;
+    if let Some(upper) = upper {
+        let dropped = normalised
+            .as_ref()
+            .map_or(&[][..], |n: &reproducible::Applied| n.dropped.as_slice());
+        // A snapshot not kept here costs only its unpacking when a later RUN needs it.
+        let _ = run::keep_upper(
+            store,
+            upper,
+            &entries,
+            dropped,
+            &state.config.rootfs.diff_ids,
+            &diff_id,
+            epoch,
+        );
+    }
     lower.add_if_current(&state.layers, &entries);
     drop(keep_alive);
     drop(normalised);

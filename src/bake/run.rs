@@ -28,6 +28,14 @@ pub struct RunOutput {
     pub entries: Vec<Entry>,
     /// Holds the step's root (whose files the entries name) until the layer is written.
     pub root: RunRoot,
+    /// The overlay way's upper dir, which `keep_upper` can make the layer's snapshot.
+    pub upper: Option<Upper>,
+}
+
+/// A RUN's upper dir (in its `RunRoot`) and what it holds that the layer does not.
+pub struct Upper {
+    dir: PathBuf,
+    rest: tree::UpperRest,
 }
 
 /// A RUN step's root: `<0700 temp dir>/root`. The root is 0755 so that the image's own users
@@ -38,6 +46,14 @@ pub struct RunRoot {
 }
 
 impl RunRoot {
+    /// In the snapshots dir (0700 itself), where the upper dir can be renamed to a snapshot.
+    fn in_snapshots(store: &Store) -> Result<RunRoot, SnapshotError> {
+        let dir = store.snapshot_temp_dir()?;
+        let root = dir.path().join("root");
+        fs::create_dir(&root).map_err(|source| SnapshotError::Io { path: root, source })?;
+        Ok(RunRoot { dir })
+    }
+
     pub fn new() -> Result<RunRoot, String> {
         let fail = |e: std::io::Error| format!("cannot make a temp root: {e}");
         let dir = tempfile::Builder::new()
@@ -154,7 +170,42 @@ pub fn run(
     Ok(RunOutput {
         entries,
         root: run_root,
+        upper: None,
     })
+}
+
+/// Makes the step's upper dir the snapshot of the chain its layer (`diff_id`, on `below`)
+/// ends, once the layer is written from it: `tree::settle_upper` makes it the tree unpacking
+/// the layer would (`entries` as written, the files the reproducibility rules `dropped`,
+/// `mtime` the layer's), then the store names it. The next RUN then starts on it at once, as
+/// BuildKit's does on the step's upper dir, where it would unpack the layer and this step's
+/// upper dir be deleted. Returns whether it did; when not, nothing is named, the upper dir is
+/// removed with the root, and a later step unpacks the snapshot as before.
+pub fn keep_upper(
+    store: &Store,
+    upper: Upper,
+    entries: &[Entry],
+    dropped: &[String],
+    below: &[Digest],
+    diff_id: &Digest,
+    mtime: u64,
+) -> Result<bool, String> {
+    if !tree::settle_upper(&upper.dir, entries, &upper.rest, dropped, mtime)
+        .map_err(|e| format!("settling the step's upper dir: {e}"))?
+    {
+        return Ok(false);
+    }
+    // What unpacking the layer charges the image's bound: a block per entry and the bytes.
+    let bytes = entries
+        .iter()
+        .map(|entry| match entry.kind {
+            tree::EntryKind::File { size, .. } => 512 + size,
+            _ => 512,
+        })
+        .sum();
+    store
+        .adopt_snapshot(below, diff_id, &upper.dir, bytes)
+        .map_err(|e| e.to_string())
 }
 
 /// One RUN step's instruction and what it reaches.
@@ -178,10 +229,7 @@ fn run_overlay(
     step: &Step<'_>,
 ) -> Result<Result<RunOutput, String>, SnapshotError> {
     let fail = |e: String| Ok(Err(e));
-    let run_root = match RunRoot::new() {
-        Ok(run_root) => run_root,
-        Err(e) => return fail(e),
-    };
+    let run_root = RunRoot::in_snapshots(store)?;
     let root = run_root.path();
     let (upper, work, lower_view) = (
         run_root.dir.path().join("upper"),
@@ -233,9 +281,10 @@ fn run_overlay(
     // overlay would walk (and white out) the whole image, and leave the mount point.
     drop(lower_mount);
     drop(merged);
-    Ok(entries.map(|entries| RunOutput {
+    Ok(entries.map(|(entries, rest)| RunOutput {
         entries,
         root: run_root,
+        upper: Some(Upper { dir: upper, rest }),
     }))
 }
 

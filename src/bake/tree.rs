@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -168,24 +168,7 @@ fn path_changes_of(entries: &[Entry]) -> Vec<PathChange> {
 
 /// The change a layer entry at `path` (clean, relative) makes.
 fn path_change(path: &str, dir: bool) -> PathChange {
-    let (parent, name) = match path.rsplit_once('/') {
-        Some((p, n)) => (p, n),
-        None => ("", path),
-    };
-    if name == ".wh..wh..opq" {
-        PathChange::Opaque(parent.to_owned())
-    } else if let Some(hidden) = name.strip_prefix(".wh.") {
-        PathChange::Remove(if parent.is_empty() {
-            hidden.to_owned()
-        } else {
-            format!("{parent}/{hidden}")
-        })
-    } else {
-        PathChange::Add {
-            path: path.to_owned(),
-            dir,
-        }
-    }
+    PathChange::of(path, dir)
 }
 
 /// Opens a layer blob as an uncompressed tar stream (gzip is detected by its magic).
@@ -318,16 +301,7 @@ fn path_changes(store: &Store, digest: &Digest) -> Result<Vec<PathChange>, Store
         path: store.blob_path(digest),
         source,
     };
-    let mut changes = Vec::new();
-    let mut archive = tar::Archive::new(open_layer(store, digest)?);
-    for entry in archive.entries().map_err(err)? {
-        let entry = entry.map_err(err)?;
-        let path = clean(&entry.path().map_err(err)?.to_string_lossy());
-        if !path.is_empty() {
-            changes.push(path_change(&path, entry.header().entry_type().is_dir()));
-        }
-    }
-    Ok(changes)
+    crate::store::snapshot::tar_path_changes(open_layer(store, digest)?).map_err(err)
 }
 
 /// A tar path without `./`, leading or trailing slashes.
@@ -549,12 +523,13 @@ fn lower_seen(lower: &OwnedFd, name: &OsStr) -> io::Result<Option<Seen>> {
 /// A path is compared with what it was as `diff` compares it, but for the inode, which a
 /// copy-up always changes: a file in a directory the RUN removed and made again (opaque) is
 /// new whatever its metadata, the paths that directory held and no longer does are removals.
+/// Also returns what else the upper dir holds, for `settle_upper`.
 pub fn upper_diff(
     upper: &Path,
     lower: &Path,
     pre: &BTreeMap<String, Seen>,
     skip: &[&str],
-) -> io::Result<Vec<Entry>> {
+) -> io::Result<(Vec<Entry>, UpperRest)> {
     let lower = rustix::fs::open(
         lower,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -564,17 +539,36 @@ pub fn upper_diff(
         pre,
         skip,
         entries: Vec::new(),
+        rest: UpperRest::default(),
     };
     walk.dir(upper, "", Some(&lower), false)?;
     let mut entries = walk.entries;
     normalize(&mut entries);
-    Ok(entries)
+    Ok((entries, walk.rest))
+}
+
+/// What a RUN's upper dir holds that its layer does not, found by `upper_diff`: what
+/// `settle_upper` removes so that the upper dir, over the same lower dirs, shows the tree the
+/// layer unpacked there would.
+#[derive(Debug, Default)]
+pub struct UpperRest {
+    /// Paths to remove whole, so the lower tree shows through: overlayfs's copies of files
+    /// the step left as they were, sockets, and what is under the directories the sandbox
+    /// mounts over.
+    unchanged: Vec<String>,
+    /// The directories graven made for the working directory that the layer does not hold:
+    /// removed when nothing the layer holds is under them (unpacking makes them only then).
+    made_dirs: Vec<String>,
+    /// Something to remove is inside a directory the step made opaque, where the lower tree
+    /// would not show through: this upper dir cannot be the snapshot.
+    hidden: bool,
 }
 
 struct UpperWalk<'a> {
     pre: &'a BTreeMap<String, Seen>,
     skip: &'a [&'a str],
     entries: Vec<Entry>,
+    rest: UpperRest,
 }
 
 impl UpperWalk<'_> {
@@ -601,6 +595,7 @@ impl UpperWalk<'_> {
             let name = os_name.to_string_lossy().into_owned();
             names.insert(os_name.clone());
             if rel.is_empty() && self.skip.contains(&name.as_str()) {
+                self.rest.unchanged.push(name);
                 continue;
             }
             let path = join(&name);
@@ -623,6 +618,8 @@ impl UpperWalk<'_> {
             // by name: writing the layer would open it on the host, and a block device there
             // would be the host's disk.
             if kind.is_socket() {
+                self.rest.hidden |= hidden;
+                self.rest.unchanged.push(path);
                 continue;
             }
             if kind.is_block_device() || kind.is_char_device() || kind.is_fifo() {
@@ -696,6 +693,16 @@ impl UpperWalk<'_> {
                     uid: now.uid,
                     gid: now.gid,
                 });
+            } else if now.is_dir {
+                // A copied-up directory (the lower one's mode and owners) stays: its
+                // children may be entries. One graven made is the layer's only when
+                // something under it is.
+                if !below.as_ref().is_some_and(|below| below.is_dir) {
+                    self.rest.made_dirs.push(path.clone());
+                }
+            } else {
+                self.rest.hidden |= hidden;
+                self.rest.unchanged.push(path.clone());
             }
             if now.is_dir {
                 let below_dir = match (lower, &below) {
@@ -762,6 +769,231 @@ fn is_opaque(dir: &Path) -> bool {
     let mut value = [0u8; 8];
     rustix::fs::lgetxattr(dir, "trusted.overlay.opaque", &mut value[..])
         .is_ok_and(|n| value[..n] == *b"y")
+}
+
+/// Makes a RUN's upper dir, once its layer is written, the tree that unpacking that layer
+/// onto an overlay of the same lower dirs makes (`Store::snapshots`), so it can be the layer's
+/// snapshot without unpacking it: what the layer does not hold is removed (`rest`, and the
+/// files the reproducibility rules `dropped`), so the lower tree shows through; every file and
+/// symlink takes the layer's `mtime`, a file the rules rewrote its rewritten bytes, a hard
+/// link becomes a file of its own (layers store copies); no extended attribute is left but
+/// overlayfs's own; `/` is 0755 again. `Ok(false)` means the upper dir cannot be made that
+/// tree (a removal inside an opaque directory): it is then thrown away and the snapshot
+/// unpacked when a step needs it. Call it only once the step's processes are gone. Every
+/// path is taken inside `upper` by descriptor, following no symlink the step made.
+pub fn settle_upper(
+    upper: &Path,
+    entries: &[Entry],
+    rest: &UpperRest,
+    dropped: &[String],
+    mtime: u64,
+) -> io::Result<bool> {
+    use crate::store::inroot;
+    if rest.hidden {
+        return Ok(false);
+    }
+    let root = inroot::open_root(upper)?;
+    let split = |path: &str| -> (String, String) {
+        match path.rsplit_once('/') {
+            Some((parent, name)) => (parent.to_owned(), name.to_owned()),
+            None => (String::new(), path.to_owned()),
+        }
+    };
+    for path in dropped {
+        // Inside an opaque directory the lower file would not show through.
+        let mut ancestor = String::new();
+        for part in path.split('/').take(path.matches('/').count()) {
+            ancestor = if ancestor.is_empty() {
+                part.to_owned()
+            } else {
+                format!("{ancestor}/{part}")
+            };
+            let dir = inroot::open_dir(root.as_fd(), Path::new(&ancestor))?;
+            let mut value = [0u8; 8];
+            if rustix::fs::fgetxattr(&dir, "trusted.overlay.opaque", &mut value[..])
+                .is_ok_and(|n| value[..n] == *b"y")
+            {
+                return Ok(false);
+            }
+        }
+    }
+    for path in rest.unchanged.iter().chain(dropped) {
+        let (parent, name) = split(path);
+        let dir = inroot::open_dir(root.as_fd(), Path::new(&parent))?;
+        inroot::remove_at(dir.as_fd(), OsStr::new(&name))?;
+    }
+    let by_path: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: i64::try_from(mtime.max(1)).unwrap_or(i64::MAX),
+            tv_nsec: 0,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: i64::try_from(mtime.max(1)).unwrap_or(i64::MAX),
+            tv_nsec: 0,
+        },
+    };
+    let settle = Settle {
+        upper,
+        by_path,
+        times,
+    };
+    if !settle.dir(root.as_fd(), "")? {
+        return Ok(false);
+    }
+    let mut made: Vec<&String> = rest.made_dirs.iter().collect();
+    made.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    for path in made {
+        let (parent, name) = split(path);
+        let dir = inroot::open_dir(root.as_fd(), Path::new(&parent))?;
+        match rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    strip_xattrs(root.as_fd(), None)?;
+    rustix::fs::fchmod(&root, Mode::from_raw_mode(0o755))?;
+    Ok(true)
+}
+
+/// The walk of `settle_upper` over what is left of the upper dir.
+struct Settle<'a> {
+    upper: &'a Path,
+    by_path: BTreeMap<&'a str, &'a Entry>,
+    times: rustix::fs::Timestamps,
+}
+
+impl Settle<'_> {
+    /// Settles what the directory `dir` (the upper dir's `rel`) holds; `false` when something
+    /// is there that the layer cannot account for.
+    fn dir(&self, dir: BorrowedFd<'_>, rel: &str) -> io::Result<bool> {
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(OsStr::from_bytes(name).to_owned());
+            }
+        }
+        for name in names {
+            let text = name.to_string_lossy();
+            let path = if rel.is_empty() {
+                text.into_owned()
+            } else {
+                format!("{rel}/{text}")
+            };
+            let stat = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+            strip_xattrs(dir, Some(&name))?;
+            let entry = self.by_path.get(path.as_str());
+            match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+                rustix::fs::FileType::Directory => {
+                    let child = rustix::fs::openat(
+                        dir,
+                        &name,
+                        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    if !self.dir(child.as_fd(), &path)? {
+                        return Ok(false);
+                    }
+                }
+                // overlayfs's removals: the layer's whiteouts, or nothing below to hide.
+                rustix::fs::FileType::CharacterDevice if stat.st_rdev == 0 => {}
+                rustix::fs::FileType::Symlink if entry.is_some() => {
+                    rustix::fs::utimensat(dir, &name, &self.times, AtFlags::SYMLINK_NOFOLLOW)?;
+                }
+                rustix::fs::FileType::RegularFile => {
+                    let Some(Entry {
+                        kind: EntryKind::File { source, .. },
+                        mode,
+                        uid,
+                        gid,
+                        ..
+                    }) = entry
+                    else {
+                        return Ok(false);
+                    };
+                    let rewritten = (*source != self.upper.join(&path)).then_some(source.as_path());
+                    if rewritten.is_some() || stat.st_nlink > 1 {
+                        copy_in(dir, &name, rewritten, (*mode, *uid, *gid))?;
+                    }
+                    rustix::fs::utimensat(dir, &name, &self.times, AtFlags::SYMLINK_NOFOLLOW)?;
+                }
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Replaces `name` in `dir` with a new file with the entry's mode and owners, holding the
+/// bytes of `rewritten` (graven's copy) when given, else its own: a hard link's own copy.
+fn copy_in(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    rewritten: Option<&Path>,
+    (mode, uid, gid): (u32, u32, u32),
+) -> io::Result<()> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut from = File::from(match rewritten {
+        Some(source) => rustix::fs::open(source, flags, Mode::empty())?,
+        None => rustix::fs::openat(dir, name, flags, Mode::empty())?,
+    });
+    // No layer entry has a name starting with `.wh.` (`check_names`), so this one is free.
+    let temp = OsStr::new(".wh.graven-settle");
+    let mut to = File::from(rustix::fs::openat(
+        dir,
+        temp,
+        OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?);
+    io::copy(&mut from, &mut to)?;
+    // Owner first: chown clears the setuid and setgid bits chmod sets.
+    if rustix::process::geteuid().is_root() {
+        rustix::fs::fchown(
+            &to,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )?;
+    }
+    rustix::fs::fchmod(&to, Mode::from_raw_mode(mode))?;
+    rustix::fs::renameat(dir, temp, dir, name)?;
+    Ok(())
+}
+
+/// Removes the extended attributes of `name` in `dir` (of `dir` itself when `None`) but
+/// overlayfs's own (`trusted.overlay.*`: opaque directories): a layer carries none, so the
+/// tree it unpacks to has none either.
+fn strip_xattrs(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // The l* calls name the file through the directory's descriptor and do not follow the
+    // last component: a symlink's own attributes, never its target's.
+    let path = name.map(|name| {
+        let mut path = std::ffi::OsString::from(format!("/proc/self/fd/{}/", dir.as_raw_fd()));
+        path.push(name);
+        path
+    });
+    let mut list = vec![0u8; 64 * 1024];
+    let n = match &path {
+        Some(path) => rustix::fs::llistxattr(path.as_os_str(), &mut list[..]),
+        None => rustix::fs::flistxattr(dir, &mut list[..]),
+    };
+    let n = match n {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for attr in list[..n].split(|b| *b == 0).filter(|a| !a.is_empty()) {
+        if attr.starts_with(b"trusted.overlay.") {
+            continue;
+        }
+        let attr = OsStr::from_bytes(attr);
+        match &path {
+            Some(path) => rustix::fs::lremovexattr(path.as_os_str(), attr)?,
+            None => rustix::fs::fremovexattr(dir, attr)?,
+        }
+    }
+    Ok(())
 }
 
 /// The whiteout entry that removes `path`.
@@ -924,5 +1156,87 @@ mod tests {
             paths,
             [".wh.gone", "etc/.wh.removed", "etc/changed", "etc/keep/new"]
         );
+    }
+
+    /// An upper dir laid out by hand as overlayfs leaves one (a copy-up of a file the step
+    /// left as it was, a socket, what is under a directory the sandbox mounts over, a
+    /// working directory graven made, a file the rules drop, and new files with an extended
+    /// attribute and a second hard link) settles into what the layer holds and nothing else.
+    #[test]
+    fn a_settled_upper_dir_holds_the_layer_and_nothing_else() {
+        let lower = tempfile::tempdir().unwrap();
+        let upper = tempfile::tempdir().unwrap();
+        let (l, u) = (lower.path(), upper.path());
+        fs::write(l.join("keep"), "k").unwrap();
+        fs::create_dir_all(l.join("var/log")).unwrap();
+        fs::write(l.join("var/log/dpkg.log"), "lower log").unwrap();
+        let kept_time = fs::metadata(l.join("keep")).unwrap().modified().unwrap();
+        fs::write(u.join("keep"), "k").unwrap();
+        File::options()
+            .write(true)
+            .open(u.join("keep"))
+            .unwrap()
+            .set_modified(kept_time)
+            .unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(u.join("sock")).unwrap();
+        fs::create_dir_all(u.join("proc/self")).unwrap();
+        fs::create_dir_all(u.join("made/deeper")).unwrap();
+        let pre = snapshot(u).unwrap();
+        fs::create_dir_all(u.join("var/log")).unwrap();
+        fs::write(u.join("var/log/dpkg.log"), "new log").unwrap();
+        fs::write(u.join("new"), "new").unwrap();
+        fs::hard_link(u.join("new"), u.join("new-link")).unwrap();
+        rustix::fs::setxattr(
+            u.join("new"),
+            "user.graven-test",
+            b"x",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        fs::set_permissions(u, fs::Permissions::from_mode(0o700)).unwrap();
+        let (mut entries, rest) = upper_diff(u, l, &pre, &["proc"]).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["new", "new-link", "var/log/dpkg.log"]);
+        let dropped = vec!["var/log/dpkg.log".to_owned()];
+        entries.retain(|e| !dropped.contains(&e.path));
+        assert!(settle_upper(u, &entries, &rest, &dropped, 5).unwrap());
+        let left: Vec<String> = snapshot(u).unwrap().into_keys().collect();
+        assert_eq!(left, ["new", "new-link", "var", "var/log"]);
+        for name in ["new", "new-link"] {
+            let meta = fs::symlink_metadata(u.join(name)).unwrap();
+            assert_eq!((meta.nlink(), meta.mtime()), (1, 5), "{name}");
+            assert_eq!(fs::read_to_string(u.join(name)).unwrap(), "new");
+            let mut list = [0u8; 256];
+            let n = rustix::fs::llistxattr(u.join(name), &mut list[..]).unwrap();
+            assert_eq!(&list[..n], b"", "{name}");
+        }
+        assert_eq!(
+            fs::metadata(u).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+    }
+
+    /// A file the rules drop inside a directory the step removed and made again (opaque)
+    /// cannot be removed from the upper dir to show the lower one: the upper dir is not kept.
+    #[test]
+    fn an_upper_dir_that_cannot_show_the_layer_is_not_kept() {
+        let lower = tempfile::tempdir().unwrap();
+        let upper = tempfile::tempdir().unwrap();
+        let (l, u) = (lower.path(), upper.path());
+        fs::create_dir_all(l.join("var/log")).unwrap();
+        fs::write(l.join("var/log/dpkg.log"), "lower log").unwrap();
+        fs::create_dir_all(u.join("var/log")).unwrap();
+        rustix::fs::setxattr(
+            u.join("var/log"),
+            "trusted.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        fs::write(u.join("var/log/dpkg.log"), "new log").unwrap();
+        let (mut entries, rest) = upper_diff(u, l, &BTreeMap::new(), &[]).unwrap();
+        let dropped = vec!["var/log/dpkg.log".to_owned()];
+        entries.retain(|e| !dropped.contains(&e.path));
+        assert!(!settle_upper(u, &entries, &rest, &dropped, 5).unwrap());
     }
 }

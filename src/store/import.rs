@@ -72,11 +72,11 @@ impl Transaction<'_> {
             ImportKind::OciLayout | ImportKind::OciArchive => false,
             ImportKind::Detect => has_docker,
         };
-        if docker {
+        let digest = if docker {
             if !has_docker {
                 return Err(bad(path, "it has no manifest.json: not a docker-archive"));
             }
-            self.import_docker(path, &dir, tag)
+            self.import_docker(path, &dir, tag)?
         } else {
             if !has_layout {
                 return Err(bad(
@@ -84,7 +84,36 @@ impl Transaction<'_> {
                     "it is neither an OCI layout (no oci-layout file) nor a docker-archive (no manifest.json)",
                 ));
             }
-            self.import_oci(path, &dir, tag)
+            self.import_oci(path, &dir, tag)?
+        };
+        self.make_snapshots(&digest);
+        Ok(digest)
+    }
+
+    /// Unpacks the snapshots of the image's layer chains (`snapshot`) where missing, as
+    /// `docker load` unpacks an image it loads, and writes the layers' path indexes: the first
+    /// RUN, COPY or WORKDIR on the image then starts at once. Only a cache: where it cannot be made (no overlayfs, `GRAVEN_BAKE_OVERLAY=0`, a
+    /// layer past the image's bound) the first RUN that needs it makes it, or says why not.
+    fn make_snapshots(&self, digest: &Digest) {
+        let store = self.store();
+        let Ok(image) = store.image(digest) else {
+            return;
+        };
+        let (layers, diff_ids) = (&image.manifest.layers, &image.config.rootfs.diff_ids);
+        if layers.is_empty() {
+            return;
+        }
+        if super::snapshot::overlay_wanted() {
+            let _ = super::snapshot::with_private_mounts(|| store.snapshots(layers, diff_ids));
+        }
+        // And the path indexes a COPY or WORKDIR on it reads instead of the layers.
+        for layer in layers {
+            if store.path_index(&layer.digest).is_none()
+                && let Ok(tar) = decompressed(&store.blob_path(&layer.digest))
+                && let Ok(changes) = super::snapshot::tar_path_changes(tar)
+            {
+                let _ = store.put_path_index(&layer.digest, &changes);
+            }
         }
     }
 

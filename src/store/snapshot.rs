@@ -204,6 +204,50 @@ pub enum PathChange {
     Opaque(String),
 }
 
+impl PathChange {
+    /// The change a layer entry at `path` (clean, relative) makes.
+    pub fn of(path: &str, dir: bool) -> PathChange {
+        let (parent, name) = match path.rsplit_once('/') {
+            Some((p, n)) => (p, n),
+            None => ("", path),
+        };
+        if name == ".wh..wh..opq" {
+            PathChange::Opaque(parent.to_owned())
+        } else if let Some(hidden) = name.strip_prefix(".wh.") {
+            PathChange::Remove(if parent.is_empty() {
+                hidden.to_owned()
+            } else {
+                format!("{parent}/{hidden}")
+            })
+        } else {
+            PathChange::Add {
+                path: path.to_owned(),
+                dir,
+            }
+        }
+    }
+}
+
+/// What one layer changes of which paths exist, read from its (uncompressed) tar headers.
+pub fn tar_path_changes(reader: impl io::Read) -> io::Result<Vec<PathChange>> {
+    let mut changes = Vec::new();
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries()? {
+        let entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        // Without `./`, leading or trailing slashes.
+        let path = path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect::<Vec<_>>()
+            .join("/");
+        if !path.is_empty() {
+            changes.push(PathChange::of(&path, entry.header().entry_type().is_dir()));
+        }
+    }
+    Ok(changes)
+}
+
 impl Store {
     /// `$GRAVEN_HOME/snapshots`.
     pub fn snapshots_dir(&self) -> PathBuf {
@@ -254,6 +298,56 @@ impl Store {
         Ok(made)
     }
 
+    /// A new 0700 temp dir in the snapshots dir, for a RUN step's root and upper dir: on the
+    /// snapshots' filesystem, so the upper dir can become a snapshot by a rename.
+    pub fn snapshot_temp_dir(&self) -> Result<tempfile::TempDir, SnapshotError> {
+        let dir = self.snapshots_dir();
+        private_dir(&dir).map_err(io_err(&dir))?;
+        let temp = tempfile::Builder::new()
+            .prefix(TEMP)
+            .tempdir_in(&dir)
+            .map_err(io_err(&dir))?;
+        fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o700))
+            .map_err(io_err(temp.path()))?;
+        Ok(temp)
+    }
+
+    /// Makes `fs_dir` (in a temp dir of `snapshot_temp_dir`), which holds what unpacking the
+    /// layer `diff_id` onto the snapshots of `below` would write, the snapshot of that chain
+    /// by a rename: a RUN's upper dir once `bake::tree::settle_upper` made it that tree.
+    /// `bytes` is what the layer takes unpacked, as the image's bound counts it. Returns
+    /// whether it did: not when the chain has a snapshot already, nor past the bound (the
+    /// step that needs the snapshot then unpacks it, and fails as it should).
+    pub fn adopt_snapshot(
+        &self,
+        below: &[Digest],
+        diff_id: &Digest,
+        fs_dir: &Path,
+        bytes: u64,
+    ) -> Result<bool, SnapshotError> {
+        let dir = self.snapshots_dir();
+        let mut diff_ids = below.to_vec();
+        diff_ids.push(diff_id.clone());
+        let chains = chain_ids(&diff_ids);
+        let place = dir.join(chains[chains.len() - 1].hex());
+        if place.is_dir() {
+            return Ok(false);
+        }
+        let used = match chains.len() {
+            1 => 0,
+            n => image_size(&dir.join(chains[n - 2].hex()))?,
+        };
+        let size = used.saturating_add(bytes);
+        if size > super::max_image_size()? {
+            return Ok(false);
+        }
+        let temp = self.snapshot_temp_dir()?;
+        let to = temp.path().join("fs");
+        fs::rename(fs_dir, &to).map_err(io_err(fs_dir))?;
+        self.name_snapshot(temp, size, &place)?;
+        Ok(true)
+    }
+
     fn make_snapshot(
         &self,
         dir: &Path,
@@ -289,7 +383,18 @@ impl Store {
             }
             size
         };
-        // What the image takes unpacked up to this layer, as `GRAVEN_MAX_IMAGE_SIZE` counts.
+        self.name_snapshot(temp, size, place)
+    }
+
+    /// Writes `image-size` (what the image takes unpacked up to this layer, as
+    /// `GRAVEN_MAX_IMAGE_SIZE` counts) beside the temp dir's `fs` and renames the temp dir to
+    /// `place`: the snapshot is named only once it is whole, and never written after.
+    fn name_snapshot(
+        &self,
+        temp: tempfile::TempDir,
+        size: u64,
+        place: &Path,
+    ) -> Result<(), SnapshotError> {
         let size_file = temp.path().join(SIZE);
         fs::OpenOptions::new()
             .write(true)
