@@ -334,6 +334,27 @@ async fn a_tcp_route_keeps_a_long_connection_through_a_rolling_deploy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_route_on_a_port_in_use_refuses_the_deploy_and_records_nothing() {
+    let s = setup();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let route = taken.local_addr().unwrap();
+    let mut config = config(1, route, &[("VERSION", "v1")]);
+    config.route_kind = RouteKind::Tcp;
+    let error = s
+        .controller
+        .deploy(order(vec![release(config)]), "test")
+        .await
+        .expect_err("the route's address is taken");
+    let message = error.to_string();
+    assert!(message.contains(&route.to_string()), "{message}");
+    let snapshot = s.controller.snapshot();
+    assert!(snapshot.state.releases.is_empty(), "{:?}", snapshot.state);
+    assert!(snapshot.state.instances.is_empty());
+    assert_eq!(running_on_runtime(&s.fake).await, 0);
+    s.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
     let s = setup();
     let route = free_port();
