@@ -14,6 +14,44 @@ use std::time::Duration;
 use support::daemon::{Up, free_port, run_ok};
 use support::load::{Load, LoadOptions};
 
+/// A scratch dir with a graven home and a project whose Containerfile is `steps` on the
+/// Debian base: (the dir, which must be kept, home, project, a free route address).
+fn debian_project(
+    steps: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    SocketAddr,
+) {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    write(
+        &dir,
+        "Containerfile",
+        &format!(
+            "FROM docker-archive:{}\n{steps}",
+            support::debian_base().display()
+        ),
+    );
+    (temp, home, dir, free_port())
+}
+
+/// `psql` as postgres through `route`, with what else the caller adds.
+fn psql_at(route: SocketAddr) -> Command {
+    let mut command = Command::new("psql");
+    command
+        .args([
+            "-h",
+            &route.ip().to_string(),
+            "-p",
+            &route.port().to_string(),
+        ])
+        .args(["-U", "postgres", "-tA"])
+        .env("PGCONNECT_TIMEOUT", "10");
+    command
+}
+
 /// Writes a file of the project.
 fn write(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);
@@ -47,17 +85,7 @@ CMD [\"nginx\", \"-g\", \"daemon off;\"]
 
 #[test]
 fn stock_nginx_as_www_data_on_its_own_port_rolls_with_no_failed_request() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    write(
-        &dir,
-        "Containerfile",
-        &format!(
-            "FROM docker-archive:{}\n{NGINX_CONTAINERFILE}",
-            support::debian_base().display()
-        ),
-    );
+    let (_temp, home, dir, route) = debian_project(NGINX_CONTAINERFILE);
     write(&dir, "site.conf", &nginx_site("v1"));
     write(
         &dir,
@@ -122,15 +150,8 @@ CMD [\"sh\", \"-c\", \"initdb -D /tmp/pg -U postgres --auth=trust >/dev/null && 
 
 /// `psql -c SQL` through the route: its trimmed output, or why it failed.
 fn psql(route: SocketAddr, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            &route.ip().to_string(),
-            "-p",
-            &route.port().to_string(),
-        ])
-        .args(["-U", "postgres", "-tA", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "10")
+    let out = psql_at(route)
+        .args(["-c", sql])
         .output()
         .map_err(|e| e.to_string())?;
     if out.status.success() {
@@ -142,17 +163,7 @@ fn psql(route: SocketAddr, sql: &str) -> Result<String, String> {
 
 #[test]
 fn postgres_behind_a_tcp_route_rolls_with_no_failed_connection() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    write(
-        &dir,
-        "Containerfile",
-        &format!(
-            "FROM docker-archive:{}\n{POSTGRES_CONTAINERFILE}",
-            support::debian_base().display()
-        ),
-    );
+    let (_temp, home, dir, route) = debian_project(POSTGRES_CONTAINERFILE);
     let project = |version: &str| {
         format!(
             r#"app = "pg"
