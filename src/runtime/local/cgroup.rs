@@ -60,6 +60,49 @@ fn of_under(root: &Path, id: &str) -> Cgroups {
     }
 }
 
+/// How old an instance's group must be before `sweep` may remove it: a start makes its
+/// groups a moment before its workload joins them, and an empty group of that age is a start
+/// in progress, not a leftover.
+const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the empty groups of instances that are gone, whatever home they came from: a shim
+/// killed with SIGKILL, or a home deleted while its instances ran, leaves groups that no state
+/// names any more. The kernel refuses to remove a group that still holds a process, so only
+/// empty ones go; young ones are left to the start that made them. On cgroup v1 a group's
+/// time is when its inode was last brought into memory, never earlier than its making, so
+/// the age is at worst too young: a leftover may wait for a later sweep, a start never loses
+/// its group.
+pub fn sweep() {
+    sweep_under(Path::new(ROOT), SWEEP_GRACE);
+}
+
+fn sweep_under(root: &Path, grace: std::time::Duration) {
+    let parents: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+        vec![root.join("graven")]
+    } else {
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|hierarchy| hierarchy.path().join("graven"))
+            .collect()
+    };
+    let now = std::time::SystemTime::now();
+    for parent in parents {
+        for group in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let old = group
+                .metadata()
+                .ok()
+                .filter(|m| m.is_dir())
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|at| now.duration_since(at).is_ok_and(|age| age >= grace));
+            if old {
+                let _ = std::fs::remove_dir(group.path());
+            }
+        }
+    }
+}
+
 /// Makes the instance's cgroups and writes its limits. `Err` says why limits are not
 /// enforced; nothing is left behind then.
 pub fn create(id: &str, limits: &Limits) -> Result<Cgroups, String> {
@@ -214,6 +257,42 @@ mod tests {
         };
         let groups = create_under(root.path(), "abc", &pids_only).unwrap();
         assert_eq!(groups.dirs, [root.path().join("pids/graven/abc")]);
+    }
+
+    #[test]
+    fn sweep_removes_old_empty_groups_and_leaves_young_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let old = root.path().join("pids/graven/0ld");
+        let young = root.path().join("pids/graven/young");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::create_dir_all(&young).unwrap();
+        let an_hour_ago = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    - 3600) as _,
+                tv_nsec: 0,
+            },
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            &old,
+            &an_hour_ago,
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
+        sweep_under(root.path(), std::time::Duration::from_secs(60));
+        assert!(!old.exists(), "an old empty group is a leftover");
+        assert!(
+            young.exists(),
+            "a young group belongs to a start in progress"
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ impl LocalRuntime {
                 orphans::stop(&orphans::find(&instances, None));
                 // Leases, namespaces and links no instance owns any more.
                 super::net::sweep();
+                super::cgroup::sweep();
             }
             report.in_use = self.images_in_use(&instances)?;
             for (name, path) in unused_roots(&roots_dir, &report.in_use)? {

@@ -189,5 +189,6 @@ pub fn sweep(instances: &Path) -> Vec<Orphan> {
     stop(&orphans);
     // The addresses and namespaces of instances whose directory went with them.
     super::net::sweep();
+    super::cgroup::sweep();
     orphans
 }
