@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod api;
+pub mod app_events;
 pub mod bake;
 pub mod cli;
 pub mod controller;

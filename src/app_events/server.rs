@@ -1,0 +1,476 @@
+//! The app event log's HTTP API, which instances reach at `$GRAVEN_EVENTS_URL`
+//! (`http://ADDR:PORT/v1/<app>/<environment>/<token>`):
+//!
+//! - `GET  URL` — where the log stands: `{"first","last","bytes"}`;
+//! - `POST URL/events[?expected=N]` — append the body (JSON when the content type says so,
+//!   bytes otherwise); `201 {"seq"}` once durable, `409 {"error","last"}` when the last event
+//!   is not `N`, `413` over the size limit;
+//! - `GET  URL/events?from=N[&limit=L][&wait=30s]` — events from `N` on, paged; with `wait`
+//!   and none to give, the answer waits (long poll) for the next append or the time;
+//!   `410 {"error","first"}` when `N` was compacted into the snapshot;
+//! - `GET  URL/snapshot` and `PUT URL/snapshot?seq=N` — the app's own snapshot.
+//!
+//! Appends of one log are batched by a writer thread of its own (a group commit: one
+//! `fdatasync` per batch); the token is checked in constant time against the one the control
+//! plane made for the app and environment. Errors map to status codes in one exhaustive match.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{oneshot, watch};
+
+use super::{AppEventLog, AppEventsError, Append, Event, Kind, MAX_BODY, Snapshot};
+
+/// The token's file name in an environment's directory.
+pub const TOKEN_FILE: &str = "app-events.token";
+/// The environment variable instances find the URL in.
+pub const URL_ENV: &str = "GRAVEN_EVENTS_URL";
+/// The most a long poll waits.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// The most events one read answers with, and the default.
+const MAX_PAGE: usize = 10_000;
+const DEFAULT_PAGE: usize = 1_000;
+/// The most appends one batch takes: a bound on one write, not on throughput.
+const MAX_BATCH: usize = 4_096;
+
+/// What the API answers with when something is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("no such path: {0}")]
+    NotFound(String),
+    #[error("{0} is not allowed here")]
+    Method(Method),
+    #[error("the token is not this app's and environment's")]
+    Forbidden,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("the body is over the limit of {MAX_BODY} bytes")]
+    TooLarge,
+    #[error(transparent)]
+    Log(#[from] AppEventsError),
+    #[error("the log's writer has stopped")]
+    WriterGone,
+}
+
+impl ServeError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ServeError::Forbidden => StatusCode::FORBIDDEN,
+            ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::Log(error) => match error {
+                AppEventsError::Conflict { .. } => StatusCode::CONFLICT,
+                AppEventsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                AppEventsError::Compacted { .. } => StatusCode::GONE,
+                AppEventsError::SnapshotAhead { .. } => StatusCode::BAD_REQUEST,
+                AppEventsError::Io { .. }
+                | AppEventsError::NotALog { .. }
+                | AppEventsError::NotWritten { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ServeError::WriterGone => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The answer's body: the message, and the figure a client needs to carry on.
+    fn body(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        match self {
+            ServeError::Log(AppEventsError::Conflict { last, .. }) => body["last"] = (*last).into(),
+            ServeError::Log(AppEventsError::Compacted { first }) => {
+                body["first"] = (*first).into()
+            }
+            _ => {}
+        }
+        body
+    }
+}
+
+/// The token an environment's instances carry, made on first use (random, 0600).
+pub fn token(env_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = env_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if token.trim().len() == 64 => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(env_dir)?;
+    // The kernel's CSPRNG: the token is a credential.
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    let token = hex::encode(bytes);
+    let mut temp = tempfile::NamedTempFile::new_in(env_dir)?;
+    temp.write_all(token.as_bytes())?;
+    temp.as_file().sync_all()?;
+    std::fs::set_permissions(
+        temp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    // Two makers at once: the first name wins and both read it back.
+    match temp.persist_noclobber(&path) {
+        Ok(_) => Ok(token),
+        Err(_) => {
+            let _ = std::fs::OpenOptions::new().mode(0o600).open(&path);
+            Ok(std::fs::read_to_string(&path)?.trim().to_owned())
+        }
+    }
+}
+
+/// The URL an instance of `app` in `environment` is given, for a server at `addr`.
+pub fn url(addr: SocketAddr, app: &str, environment: &str, token: &str) -> String {
+    format!("http://{addr}/v1/{app}/{environment}/{token}")
+}
+
+/// One open log: its writer thread's queue, a handle for reads, and the last sequence for
+/// long polls to wait on.
+struct Stream {
+    log: Arc<Mutex<AppEventLog>>,
+    queue: std::sync::mpsc::Sender<(Append, oneshot::Sender<Result<u64, AppEventsError>>)>,
+    last: watch::Receiver<u64>,
+    token: String,
+}
+
+impl Stream {
+    fn open(dir: &Path) -> Result<Stream, ServeError> {
+        let token = token(dir).map_err(|source| AppEventsError::Io {
+            path: dir.join(TOKEN_FILE),
+            source,
+        })?;
+        let log = Arc::new(Mutex::new(AppEventLog::open(dir)?));
+        let (last_tx, last) = watch::channel(lock(&log).position().last);
+        let (queue, jobs) = std::sync::mpsc::channel();
+        let writer = log.clone();
+        std::thread::Builder::new()
+            .name("app-events".into())
+            .spawn(move || write_batches(&writer, &jobs, &last_tx))
+            .map_err(|source| AppEventsError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(Stream {
+            log,
+            queue,
+            last,
+            token,
+        })
+    }
+}
+
+fn lock(log: &Mutex<AppEventLog>) -> std::sync::MutexGuard<'_, AppEventLog> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Job = (Append, oneshot::Sender<Result<u64, AppEventsError>>);
+
+/// The writer thread: takes every append waiting (up to `MAX_BATCH`), appends them as one
+/// batch, answers each, and tells long polls the new last sequence. Ends when the server
+/// drops the queue.
+fn write_batches(
+    log: &Mutex<AppEventLog>,
+    jobs: &std::sync::mpsc::Receiver<Job>,
+    last: &watch::Sender<u64>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let (appends, answers): (Vec<Append>, Vec<_>) = batch.into_iter().unzip();
+        let mut log = lock(log);
+        match log.append(&appends) {
+            Ok(results) => {
+                let now = log.position().last;
+                drop(log);
+                for (result, answer) in results.into_iter().zip(answers) {
+                    let _ = answer.send(result);
+                }
+                last.send_replace(now);
+            }
+            Err(error) => {
+                drop(log);
+                let message = error.to_string();
+                for answer in answers {
+                    let _ = answer.send(Err(AppEventsError::NotWritten {
+                        message: message.clone(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// The server: the logs of every app and environment under `apps_dir`
+/// (`<apps_dir>/<app>/<environment>/`), opened when first asked for.
+pub struct AppEventsServer {
+    apps_dir: PathBuf,
+    streams: Mutex<BTreeMap<(String, String), Arc<Stream>>>,
+}
+
+impl AppEventsServer {
+    pub fn new(apps_dir: PathBuf) -> Arc<AppEventsServer> {
+        Arc::new(AppEventsServer {
+            apps_dir,
+            streams: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn stream(&self, app: &str, environment: &str) -> Result<Arc<Stream>, ServeError> {
+        let key = (app.to_owned(), environment.to_owned());
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stream) = streams.get(&key) {
+            return Ok(stream.clone());
+        }
+        // Only an environment the control plane knows (its directory exists) has a log: a
+        // stranger's path makes nothing on disk.
+        let dir = self.apps_dir.join(app).join(environment);
+        if !valid_name(app) || !valid_name(environment) || !dir.is_dir() {
+            return Err(ServeError::NotFound(format!("{app}/{environment}")));
+        }
+        let stream = Arc::new(Stream::open(&dir)?);
+        streams.insert(key, stream.clone());
+        Ok(stream)
+    }
+
+    /// Serves on `listener` until `stop` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        // Out of descriptors, most likely: back off rather than spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                () = &mut stop => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            let connection = builder.serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn(move |request| {
+                    let server = server.clone();
+                    async move { Ok::<_, Infallible>(server.answer(request).await) }
+                }),
+            );
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        match self.route(request).await {
+            Ok(response) => response,
+            Err(error) => json(error.status(), &error.body()),
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, ServeError> {
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (app, environment, token, rest) = match parts.as_slice() {
+            ["v1", app, environment, token, rest @ ..] => (*app, *environment, *token, rest),
+            _ => return Err(ServeError::NotFound(path.clone())),
+        };
+        let stream = self.stream(app, environment)?;
+        if !constant_time_eq(token.as_bytes(), stream.token.as_bytes()) {
+            return Err(ServeError::Forbidden);
+        }
+        let method = request.method().clone();
+        match (rest, &method) {
+            ([], &Method::GET) => {
+                let position = lock(&stream.log).position();
+                Ok(json(StatusCode::OK, &serde_json::to_value(position).unwrap_or_default()))
+            }
+            (["events"], &Method::POST) => {
+                let kind = if is_json(&request) { Kind::Json } else { Kind::Bytes };
+                let expected = param(&query, "expected")
+                    .map(|v| v.parse::<u64>().map_err(|_| bad("expected must be a number")))
+                    .transpose()?;
+                let body = read_body(request).await?;
+                if kind == Kind::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                    return Err(bad("the body is not JSON, though its content type says so"));
+                }
+                let (answer, answered) = oneshot::channel();
+                stream
+                    .queue
+                    .send((
+                        Append {
+                            kind,
+                            body: body.to_vec(),
+                            expected,
+                        },
+                        answer,
+                    ))
+                    .map_err(|_| ServeError::WriterGone)?;
+                let seq = answered.await.map_err(|_| ServeError::WriterGone)??;
+                Ok(json(StatusCode::CREATED, &serde_json::json!({ "seq": seq })))
+            }
+            (["events"], &Method::GET) => {
+                let from = match param(&query, "from") {
+                    Some(v) => v.parse::<u64>().map_err(|_| bad("from must be a number"))?,
+                    None => 1,
+                };
+                let limit = match param(&query, "limit") {
+                    Some(v) => v.parse::<usize>().map_err(|_| bad("limit must be a number"))?,
+                    None => DEFAULT_PAGE,
+                }
+                .min(MAX_PAGE);
+                let wait = match param(&query, "wait") {
+                    Some(v) => humantime::parse_duration(&v)
+                        .map_err(|_| bad("wait must be a duration such as 30s"))?
+                        .min(MAX_WAIT),
+                    None => Duration::ZERO,
+                };
+                let mut last = stream.last.clone();
+                if !wait.is_zero() && *last.borrow() < from {
+                    let _ = tokio::time::timeout(wait, last.wait_for(|last| *last >= from)).await;
+                }
+                let log = stream.log.clone();
+                let events = tokio::task::spawn_blocking(move || {
+                    let log = lock(&log);
+                    log.read(from, limit, 4 << 20).map(|events| (events, log.position()))
+                })
+                .await
+                .map_err(|_| ServeError::WriterGone)??;
+                let (events, position) = events;
+                let next = events.last().map_or(from.max(position.first), |e| e.seq + 1);
+                let events: Vec<serde_json::Value> = events.iter().map(wire).collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "events": events, "next": next, "last": position.last }),
+                ))
+            }
+            (["snapshot"], &Method::GET) => {
+                let snapshot = lock(&stream.log).snapshot()?;
+                match snapshot {
+                    Some(snapshot) => {
+                        let mut response = Response::new(Full::new(Bytes::from(snapshot.body)));
+                        response.headers_mut().insert(
+                            "graven-seq",
+                            http::HeaderValue::from(snapshot.seq),
+                        );
+                        Ok(response)
+                    }
+                    None => Err(ServeError::NotFound("no snapshot yet".into())),
+                }
+            }
+            (["snapshot"], &Method::PUT) => {
+                let seq = param(&query, "seq")
+                    .ok_or_else(|| bad("seq is required: the last event the snapshot covers"))?
+                    .parse::<u64>()
+                    .map_err(|_| bad("seq must be a number"))?;
+                let body = read_body(request).await?;
+                lock(&stream.log).put_snapshot(&Snapshot {
+                    seq,
+                    body: body.to_vec(),
+                })?;
+                Ok(json(StatusCode::OK, &serde_json::json!({ "seq": seq })))
+            }
+            ([], _) | (["events"], _) | (["snapshot"], _) => Err(ServeError::Method(method)),
+            _ => Err(ServeError::NotFound(path.clone())),
+        }
+    }
+}
+
+/// An event as the API gives it: a JSON body as JSON, any other as base64.
+fn wire(event: &Event) -> serde_json::Value {
+    use base64::Engine;
+    let mut value = serde_json::json!({ "seq": event.seq, "time_ms": event.time_ms });
+    match event.kind {
+        Kind::Json => {
+            value["body"] = serde_json::from_slice(&event.body).unwrap_or(serde_json::Value::Null)
+        }
+        Kind::Bytes => {
+            value["base64"] = base64::engine::general_purpose::STANDARD
+                .encode(&event.body)
+                .into()
+        }
+    }
+    value
+}
+
+fn is_json(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime == "application/json" || mime.ends_with("+json")
+        })
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, ServeError> {
+    let limited = Limited::new(request.into_body(), MAX_BODY);
+    match tokio::time::timeout(Duration::from_secs(30), limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ServeError::TooLarge),
+        Ok(Err(error)) => Err(bad(&format!("reading the body: {error}"))),
+        Err(_) => Err(bad("the body took over 30s to arrive")),
+    }
+}
+
+fn bad(message: &str) -> ServeError {
+    ServeError::BadRequest(message.to_owned())
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| value.to_owned())
+    })
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(value).unwrap_or_default(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// App and environment names as the spec allows them: no path tricks.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

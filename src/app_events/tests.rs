@@ -1,0 +1,199 @@
+use super::*;
+
+fn bytes(body: &str) -> Append {
+    Append {
+        kind: Kind::Bytes,
+        body: body.as_bytes().to_vec(),
+        expected: None,
+    }
+}
+
+fn expecting(body: &str, expected: u64) -> Append {
+    Append {
+        expected: Some(expected),
+        ..bytes(body)
+    }
+}
+
+fn bodies(log: &AppEventLog, from: u64) -> Vec<(u64, String)> {
+    log.read(from, usize::MAX, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, String::from_utf8(e.body).unwrap()))
+        .collect()
+}
+
+fn seqs(answers: Vec<Result<u64>>) -> Vec<Result<u64, String>> {
+    answers
+        .into_iter()
+        .map(|a| a.map_err(|e| e.to_string()))
+        .collect()
+}
+
+#[test]
+fn appends_are_numbered_from_one_and_read_back_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    assert_eq!(log.position().last, 0);
+    assert_eq!(seqs(log.append(&[bytes("a"), bytes("b")]).unwrap()), [Ok(1), Ok(2)]);
+    assert_eq!(seqs(log.append(&[bytes("c")]).unwrap()), [Ok(3)]);
+    drop(log);
+    let log = AppEventLog::open(dir.path()).unwrap();
+    assert_eq!(
+        bodies(&log, 1),
+        [(1, "a".into()), (2, "b".into()), (3, "c".into())]
+    );
+    assert_eq!(bodies(&log, 3), [(3, "c".into())]);
+    assert_eq!(bodies(&log, 4), []);
+}
+
+#[test]
+fn an_append_expecting_an_old_last_event_is_refused_with_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.append(&[bytes("a")]).unwrap();
+    // Two appenders both saw event 1: in one batch, the first wins and the second is told
+    // the last is now 2.
+    let answers = seqs(log.append(&[expecting("b", 1), expecting("c", 1)]).unwrap());
+    assert_eq!(answers[0], Ok(2));
+    assert_eq!(
+        answers[1],
+        Err("expected the last event to be 1, but it is 2".to_owned())
+    );
+    assert_eq!(bodies(&log, 1).len(), 2);
+}
+
+#[test]
+fn a_body_over_the_limit_is_refused_and_the_rest_of_the_batch_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    let big = Append {
+        kind: Kind::Bytes,
+        body: vec![b'x'; MAX_BODY + 1],
+        expected: None,
+    };
+    let answers = seqs(log.append(&[big, bytes("small")]).unwrap());
+    assert!(answers[0].as_ref().unwrap_err().contains("over the limit"));
+    assert_eq!(answers[1], Ok(1));
+}
+
+#[test]
+fn a_torn_record_at_the_end_is_cut_and_the_next_append_follows_the_last_whole_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.append(&[bytes("kept")]).unwrap();
+    drop(log);
+    // A crash in the middle of a write: half of a record's head and nothing after it.
+    let path = dir.path().join(LOG_FILE);
+    let mut torn = Vec::new();
+    encode(2, 0, Kind::Bytes, b"lost", &mut torn);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    file.write_all(&torn[..HEAD / 2]).unwrap();
+    drop(file);
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    assert_eq!(log.position().last, 1);
+    assert_eq!(seqs(log.append(&[bytes("next")]).unwrap()), [Ok(2)]);
+    drop(log);
+    let log = AppEventLog::open(dir.path()).unwrap();
+    assert_eq!(bodies(&log, 1), [(1, "kept".into()), (2, "next".into())]);
+}
+
+#[test]
+fn two_writers_on_one_log_never_reuse_a_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut one = AppEventLog::open(dir.path()).unwrap();
+    let mut two = AppEventLog::open(dir.path()).unwrap();
+    for i in 0..10 {
+        one.append(&[bytes(&format!("one {i}"))]).unwrap();
+        two.append(&[bytes(&format!("two {i}"))]).unwrap();
+    }
+    let log = AppEventLog::open(dir.path()).unwrap();
+    let read = bodies(&log, 1);
+    assert_eq!(read.len(), 20);
+    assert!(read.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1));
+    // The other writer's optimistic check sees the other's appends too.
+    let answers = seqs(one.append(&[expecting("stale", 19)]).unwrap());
+    assert_eq!(
+        answers,
+        [Err("expected the last event to be 19, but it is 20".to_owned())]
+    );
+}
+
+#[test]
+fn reads_page_from_any_sequence_through_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    let batch: Vec<Append> = (1..=1000).map(|i| bytes(&i.to_string())).collect();
+    log.append(&batch).unwrap();
+    let page = log.read(700, 5, usize::MAX).unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [700, 701, 702, 703, 704]
+    );
+    assert_eq!(page[0].body, b"700");
+    // At least one event even when it alone is over the byte budget.
+    assert_eq!(log.read(999, 10, 1).unwrap().len(), 1);
+}
+
+#[test]
+fn compaction_drops_what_the_snapshot_covers_and_every_handle_follows_the_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    let mut other = AppEventLog::open(dir.path()).unwrap();
+    let batch: Vec<Append> = (1..=10).map(|i| bytes(&i.to_string())).collect();
+    log.append(&batch).unwrap();
+    log.put_snapshot(&Snapshot {
+        seq: 6,
+        body: b"sum 21".to_vec(),
+    })
+    .unwrap();
+    assert_eq!(log.compact().unwrap(), 6);
+    assert_eq!(log.position().first, 7);
+    assert!(matches!(
+        log.read(3, 10, usize::MAX),
+        Err(AppEventsError::Compacted { first: 7 })
+    ));
+    assert_eq!(bodies(&log, 7).len(), 4);
+    // The other handle still had the old file open: its next append lands in the new one.
+    assert_eq!(seqs(other.append(&[bytes("11")]).unwrap()), [Ok(11)]);
+    let log = AppEventLog::open(dir.path()).unwrap();
+    assert_eq!(log.position().first, 7);
+    assert_eq!(bodies(&log, 7).last().unwrap(), &(11, "11".to_owned()));
+    assert_eq!(
+        log.snapshot().unwrap(),
+        Some(Snapshot {
+            seq: 6,
+            body: b"sum 21".to_vec()
+        })
+    );
+}
+
+#[test]
+fn a_snapshot_past_the_last_event_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.append(&[bytes("a")]).unwrap();
+    let refused = log.put_snapshot(&Snapshot {
+        seq: 2,
+        body: Vec::new(),
+    });
+    assert!(matches!(
+        refused,
+        Err(AppEventsError::SnapshotAhead { seq: 2, last: 1 })
+    ));
+    assert_eq!(log.snapshot().unwrap(), None);
+}
+
+#[test]
+fn a_file_that_is_not_a_log_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(LOG_FILE), b"something else entirely").unwrap();
+    assert!(matches!(
+        AppEventLog::open(dir.path()),
+        Err(AppEventsError::NotALog { .. })
+    ));
+    assert_eq!(
+        std::fs::read(dir.path().join(LOG_FILE)).unwrap(),
+        b"something else entirely"
+    );
+}
