@@ -29,6 +29,7 @@ fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
         tick: Duration::from_millis(50),
         resync: Duration::from_secs(2),
         secrets: None,
+        app_events: None,
     })
     .unwrap()
 }

@@ -204,6 +204,7 @@ async fn a_secret_that_cannot_be_read_fails_the_start_naming_it() {
         tick: Duration::from_millis(50),
         resync: Duration::from_secs(2),
         secrets: Some(secrets.clone()),
+        app_events: None,
     })
     .unwrap();
     let route = free_port();

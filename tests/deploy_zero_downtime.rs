@@ -27,6 +27,7 @@ async fn three_rolling_deploys_under_load_fail_no_request() {
         tick: Duration::from_millis(50),
         resync: Duration::from_secs(2),
         secrets: None,
+        app_events: None,
     })
     .unwrap();
     let route = free_port();

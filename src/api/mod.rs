@@ -105,6 +105,8 @@ pub enum ApiError {
         image: crate::store::Digest,
         keep_releases: u32,
     },
+    #[error("the app event log cannot listen: {message}")]
+    AppEvents { message: String },
     #[error(transparent)]
     Controller(#[from] ControllerError),
 }
@@ -126,6 +128,7 @@ impl ApiError {
             ApiError::AlreadyRunning { .. } => StatusCode::CONFLICT,
             ApiError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::ImageCollected { .. } => StatusCode::CONFLICT,
+            ApiError::AppEvents { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Controller(error) => match error {
                 ControllerError::UnknownService { .. } => StatusCode::NOT_FOUND,
                 ControllerError::UnknownRelease { .. } => StatusCode::NOT_FOUND,
@@ -222,6 +225,8 @@ pub struct ErrorBody {
 pub struct Daemon {
     home: PathBuf,
     runtime: AnyRuntime,
+    /// Where instances reach the app event log.
+    app_events: crate::app_events::server::Endpoint,
     tick: Duration,
     /// See `IDLE_TIMEOUT`.
     idle_timeout: Duration,
@@ -248,9 +253,21 @@ impl Daemon {
     /// Starts a controller for every app and environment that has an event log. Must run
     /// inside a tokio runtime.
     pub fn open(home: &Path, runtime: AnyRuntime) -> Result<Arc<Daemon>, ApiError> {
+        // The app event log's listeners, before any controller can start an instance that
+        // is told where they are.
+        let gateway = crate::runtime::local::net::available()
+            .then(|| crate::runtime::local::net::Settings::from_env().ok())
+            .flatten()
+            .map(|settings| settings.subnet.gateway());
+        let app_events = crate::app_events::server::start(home, gateway).map_err(|error| {
+            ApiError::AppEvents {
+                message: error.to_string(),
+            }
+        })?;
         let daemon = Arc::new(Daemon {
             home: home.to_owned(),
             runtime,
+            app_events,
             tick: Duration::from_millis(100),
             idle_timeout: idle_timeout()?,
             controllers: Mutex::new(BTreeMap::new()),
@@ -292,6 +309,7 @@ impl Daemon {
             resync: RESYNC,
             // A name the store refuses (graven.toml's names never are) has no secrets.
             secrets: crate::secrets::Secrets::open(&self.home, app, environment).ok(),
+            app_events: Some(self.app_events),
         })?;
         controllers.insert(key, handle.clone());
         Ok(handle)

@@ -345,7 +345,7 @@ impl AppEventLog {
             if checksum(&head, &body) != parsed.crc {
                 break;
             }
-            if (parsed.seq - self.first) % INDEX_EVERY == 0 {
+            if (parsed.seq - self.first).is_multiple_of(INDEX_EVERY) {
                 self.index.push((parsed.seq, self.end));
             }
             self.last = parsed.seq;
@@ -408,7 +408,7 @@ impl AppEventLog {
             return Err(io(&self.path)(e));
         }
         for (seq, offset) in accepted {
-            if (seq - self.first) % INDEX_EVERY == 0 {
+            if (seq - self.first).is_multiple_of(INDEX_EVERY) {
                 self.index.push((seq, offset));
             }
         }
@@ -452,6 +452,19 @@ impl AppEventLog {
         self.catch_up()
     }
 
+    /// `refresh`, but only when the file at the path is not what this handle last saw (a
+    /// stat, cheap enough for every read): another process appended or compacted.
+    pub fn refresh_if_changed(&mut self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let named = std::fs::metadata(&self.path).map_err(io(&self.path))?;
+        let here = self.file.metadata().map_err(io(&self.path))?;
+        if (named.dev(), named.ino()) == (here.dev(), here.ino()) && named.len() == self.end {
+            return Ok(false);
+        }
+        self.refresh()?;
+        Ok(true)
+    }
+
     /// Up to `max_events` events from `from` on (and at most about `max_bytes` of bodies,
     /// always at least one event if there is one). Past the end: none.
     pub fn read(&self, from: u64, max_events: usize, max_bytes: usize) -> Result<Vec<Event>> {
@@ -470,7 +483,8 @@ impl AppEventLog {
         };
         let mut bytes = 0;
         while seq <= self.last && events.len() < max_events {
-            let Some((event, next)) = read_record(&self.file, offset, seq).map_err(io(&self.path))?
+            let Some((event, next)) =
+                read_record(&self.file, offset, seq).map_err(io(&self.path))?
             else {
                 break;
             };
@@ -505,7 +519,13 @@ impl AppEventLog {
         let path = dir.join(SNAPSHOT_FILE);
         let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
         let mut bytes = Vec::with_capacity(HEAD + snapshot.body.len());
-        encode(snapshot.seq, now_ms(), Kind::Bytes, &snapshot.body, &mut bytes);
+        encode(
+            snapshot.seq,
+            now_ms(),
+            Kind::Bytes,
+            &snapshot.body,
+            &mut bytes,
+        );
         temp.write_all(&bytes).map_err(io(&path))?;
         temp.as_file().sync_all().map_err(io(&path))?;
         temp.persist(&path).map_err(|e| io(&path)(e.error))?;
@@ -566,7 +586,13 @@ impl AppEventLog {
             };
             let mut bytes = Vec::new();
             for event in &events {
-                encode(event.seq, event.time_ms, event.kind, &event.body, &mut bytes);
+                encode(
+                    event.seq,
+                    event.time_ms,
+                    event.kind,
+                    &event.body,
+                    &mut bytes,
+                );
             }
             temp.write_all(&bytes).map_err(io(&self.path))?;
             from = last + 1;
@@ -607,9 +633,7 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
 /// Makes a new name in `path`'s directory durable.
 fn sync_dir(path: &Path) -> Result<()> {
     let dir = path.parent().expect("a file is in a directory");
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// The most events one read answers with, and the default.
 const MAX_PAGE: usize = 10_000;
 const DEFAULT_PAGE: usize = 1_000;
+/// How often an idle writer looks for another process's appends.
+const LOOK_AGAIN: Duration = Duration::from_millis(200);
 /// The most appends one batch takes: a bound on one write, not on throughput.
 const MAX_BATCH: usize = 4_096;
 
@@ -87,9 +89,7 @@ impl ServeError {
         let mut body = serde_json::json!({ "error": self.to_string() });
         match self {
             ServeError::Log(AppEventsError::Conflict { last, .. }) => body["last"] = (*last).into(),
-            ServeError::Log(AppEventsError::Compacted { first }) => {
-                body["first"] = (*first).into()
-            }
+            ServeError::Log(AppEventsError::Compacted { first }) => body["first"] = (*first).into(),
             _ => {}
         }
         body
@@ -183,7 +183,20 @@ fn write_batches(
     jobs: &std::sync::mpsc::Receiver<Job>,
     last: &watch::Sender<u64>,
 ) {
-    while let Ok(first) = jobs.recv() {
+    loop {
+        let first = match jobs.recv_timeout(LOOK_AGAIN) {
+            Ok(job) => job,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Appends and compactions by another process (`graven events`): long polls
+                // must hear of them too.
+                let mut log = lock(log);
+                if log.refresh_if_changed().unwrap_or(false) {
+                    last.send_replace(log.position().last);
+                }
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -307,16 +320,32 @@ impl AppEventsServer {
         let method = request.method().clone();
         match (rest, &method) {
             ([], &Method::GET) => {
-                let position = lock(&stream.log).position();
-                Ok(json(StatusCode::OK, &serde_json::to_value(position).unwrap_or_default()))
+                let position = {
+                    let mut log = lock(&stream.log);
+                    log.refresh_if_changed()?;
+                    log.position()
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(position).unwrap_or_default(),
+                ))
             }
             (["events"], &Method::POST) => {
-                let kind = if is_json(&request) { Kind::Json } else { Kind::Bytes };
+                let kind = if is_json(&request) {
+                    Kind::Json
+                } else {
+                    Kind::Bytes
+                };
                 let expected = param(&query, "expected")
-                    .map(|v| v.parse::<u64>().map_err(|_| bad("expected must be a number")))
+                    .map(|v| {
+                        v.parse::<u64>()
+                            .map_err(|_| bad("expected must be a number"))
+                    })
                     .transpose()?;
                 let body = read_body(request).await?;
-                if kind == Kind::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                if kind == Kind::Json
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+                {
                     return Err(bad("the body is not JSON, though its content type says so"));
                 }
                 let (answer, answered) = oneshot::channel();
@@ -332,7 +361,10 @@ impl AppEventsServer {
                     ))
                     .map_err(|_| ServeError::WriterGone)?;
                 let seq = answered.await.map_err(|_| ServeError::WriterGone)??;
-                Ok(json(StatusCode::CREATED, &serde_json::json!({ "seq": seq })))
+                Ok(json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({ "seq": seq }),
+                ))
             }
             (["events"], &Method::GET) => {
                 let from = match param(&query, "from") {
@@ -340,7 +372,9 @@ impl AppEventsServer {
                     None => 1,
                 };
                 let limit = match param(&query, "limit") {
-                    Some(v) => v.parse::<usize>().map_err(|_| bad("limit must be a number"))?,
+                    Some(v) => v
+                        .parse::<usize>()
+                        .map_err(|_| bad("limit must be a number"))?,
                     None => DEFAULT_PAGE,
                 }
                 .min(MAX_PAGE);
@@ -356,13 +390,17 @@ impl AppEventsServer {
                 }
                 let log = stream.log.clone();
                 let events = tokio::task::spawn_blocking(move || {
-                    let log = lock(&log);
-                    log.read(from, limit, 4 << 20).map(|events| (events, log.position()))
+                    let mut log = lock(&log);
+                    log.refresh_if_changed()?;
+                    log.read(from, limit, 4 << 20)
+                        .map(|events| (events, log.position()))
                 })
                 .await
                 .map_err(|_| ServeError::WriterGone)??;
                 let (events, position) = events;
-                let next = events.last().map_or(from.max(position.first), |e| e.seq + 1);
+                let next = events
+                    .last()
+                    .map_or(from.max(position.first), |e| e.seq + 1);
                 let events: Vec<serde_json::Value> = events.iter().map(wire).collect();
                 Ok(json(
                     StatusCode::OK,
@@ -374,10 +412,9 @@ impl AppEventsServer {
                 match snapshot {
                     Some(snapshot) => {
                         let mut response = Response::new(Full::new(Bytes::from(snapshot.body)));
-                        response.headers_mut().insert(
-                            "graven-seq",
-                            http::HeaderValue::from(snapshot.seq),
-                        );
+                        response
+                            .headers_mut()
+                            .insert("graven-seq", http::HeaderValue::from(snapshot.seq));
                         Ok(response)
                     }
                     None => Err(ServeError::NotFound("no snapshot yet".into())),
@@ -433,7 +470,9 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, ServeError> {
     let limited = Limited::new(request.into_body(), MAX_BODY);
     match tokio::time::timeout(Duration::from_secs(30), limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ServeError::TooLarge),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(ServeError::TooLarge)
+        }
         Ok(Err(error)) => Err(bad(&format!("reading the body: {error}"))),
         Err(_) => Err(bad("the body took over 30s to arrive")),
     }
@@ -473,4 +512,114 @@ fn valid_name(name: &str) -> bool {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Where a daemon's app event log listens: one port, on loopback (for `network = "host"`
+/// instances and people) and, when instances have networks of their own, on the bridge's
+/// gateway address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub port: u16,
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl Endpoint {
+    /// The URL an instance of `app` in `environment` is given: the gateway's address when it
+    /// has a network of its own, loopback when it shares the host's.
+    pub fn url_for(&self, host_network: bool, app: &str, environment: &str, token: &str) -> String {
+        let ip = match (host_network, self.gateway) {
+            (false, Some(gateway)) => gateway,
+            _ => std::net::Ipv4Addr::LOCALHOST,
+        };
+        url(SocketAddr::from((ip, self.port)), app, environment, token)
+    }
+}
+
+/// The file under `$GRAVEN_HOME` that keeps the port, so a restarted daemon listens where the
+/// instances it left running were told to look.
+const PORT_FILE: &str = "app-events.port";
+
+/// Binds the app event log's listeners for the daemon of `home` and serves them for as long as
+/// the async runtime runs. `gateway` is the bridge's address when instances get networks of
+/// their own; the port is opened to them there.
+pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<Endpoint, ServeError> {
+    let port_path = home.join(PORT_FILE);
+    let io = |source| {
+        ServeError::Log(AppEventsError::Io {
+            path: port_path.clone(),
+            source,
+        })
+    };
+    let remembered: Option<u16> = std::fs::read_to_string(&port_path)
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    let bind = |port: u16| {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+        listener.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(listener)
+    };
+    // A port taken by someone else meanwhile: a new one, and instances started from now on
+    // are told it.
+    let loopback = match remembered.map(bind) {
+        Some(Ok(listener)) => listener,
+        _ => bind(0).map_err(io)?,
+    };
+    let port = loopback.local_addr().map_err(io)?.port();
+    if remembered != Some(port) {
+        std::fs::write(&port_path, port.to_string()).map_err(io)?;
+    }
+    let server = AppEventsServer::new(home.join("apps"));
+    tokio::spawn(server.clone().serve(loopback, std::future::pending()));
+    let mut endpoint = Endpoint {
+        port,
+        gateway: None,
+    };
+    if let Some(gateway) = gateway {
+        match bind_free(SocketAddr::from((gateway, port))) {
+            Ok(listener) => {
+                tokio::spawn(server.serve(listener, std::future::pending()));
+                match crate::runtime::local::net::open_port(port) {
+                    Ok(()) => endpoint.gateway = Some(gateway),
+                    Err(error) => note(&format!(
+                        "instances with a network of their own cannot reach the app event log: {error}"
+                    )),
+                }
+            }
+            Err(error) => note(&format!(
+                "cannot listen for the app event log on {gateway}:{port}: {error}"
+            )),
+        }
+    }
+    Ok(endpoint)
+}
+
+/// Binds even before the address exists on the host (the bridge is made with the first
+/// instance that needs it): IP_FREEBIND.
+fn bind_free(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `one`, a live c_int, for exactly its size, on a socket this
+    // function owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// A note for the operator on the daemon's stderr (not `eprintln!`: a closed stderr must not
+/// end the daemon).
+fn note(message: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "graven: {message}");
 }

@@ -35,7 +35,10 @@ fn appends_are_numbered_from_one_and_read_back_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = AppEventLog::open(dir.path()).unwrap();
     assert_eq!(log.position().last, 0);
-    assert_eq!(seqs(log.append(&[bytes("a"), bytes("b")]).unwrap()), [Ok(1), Ok(2)]);
+    assert_eq!(
+        seqs(log.append(&[bytes("a"), bytes("b")]).unwrap()),
+        [Ok(1), Ok(2)]
+    );
     assert_eq!(seqs(log.append(&[bytes("c")]).unwrap()), [Ok(3)]);
     drop(log);
     let log = AppEventLog::open(dir.path()).unwrap();
@@ -87,7 +90,10 @@ fn a_torn_record_at_the_end_is_cut_and_the_next_append_follows_the_last_whole_on
     let path = dir.path().join(LOG_FILE);
     let mut torn = Vec::new();
     encode(2, 0, Kind::Bytes, b"lost", &mut torn);
-    let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     file.write_all(&torn[..HEAD / 2]).unwrap();
     drop(file);
     let mut log = AppEventLog::open(dir.path()).unwrap();
@@ -110,12 +116,18 @@ fn two_writers_on_one_log_never_reuse_a_sequence() {
     let log = AppEventLog::open(dir.path()).unwrap();
     let read = bodies(&log, 1);
     assert_eq!(read.len(), 20);
-    assert!(read.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1));
+    assert!(
+        read.iter()
+            .enumerate()
+            .all(|(i, (seq, _))| *seq == i as u64 + 1)
+    );
     // The other writer's optimistic check sees the other's appends too.
     let answers = seqs(one.append(&[expecting("stale", 19)]).unwrap());
     assert_eq!(
         answers,
-        [Err("expected the last event to be 19, but it is 20".to_owned())]
+        [Err(
+            "expected the last event to be 19, but it is 20".to_owned()
+        )]
     );
 }
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bake;
+mod events;
 mod image;
 mod instance;
 // Test and benchmark tools, built only with the `dev-tools` feature (Cargo.toml says when).
@@ -80,6 +81,9 @@ pub enum Command {
     /// Store a snapshot of each event log's folded state, so start-up reads only what
     /// follows it (the control plane also does this every 10,000 events).
     Compact(project::RecoverArgs),
+    /// The app event log: its state, its events (`tail -f`), an append, compaction.
+    #[command(subcommand_value_name = "ACTION")]
+    Events(events::EventsArgs),
     /// Set, list and remove the secrets graven.toml refers to (no daemon needed).
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
@@ -210,6 +214,7 @@ pub fn main() -> ExitCode {
         Command::Down(args) => project::down(&home, args),
         Command::Recover(args) => project::recover(&home, args),
         Command::Compact(args) => project::compact(&home, args),
+        Command::Events(args) => events::run(&home, args),
         Command::Secrets(command) => secrets::run(&home, command),
         #[cfg(feature = "dev-tools")]
         Command::Proxy(args) => proxy::run(args),

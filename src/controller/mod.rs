@@ -113,6 +113,9 @@ pub struct ControllerOptions {
     /// The secret store of this app and environment, read when an instance starts; without
     /// one, an instance of a release that pins a secret fails to start.
     pub secrets: Option<crate::secrets::Secrets>,
+    /// Where instances reach the app event log; each is given its URL (with the token of
+    /// this app and environment) in `$GRAVEN_EVENTS_URL`, as a secret: never recorded.
+    pub app_events: Option<crate::app_events::server::Endpoint>,
 }
 
 /// One service of a deploy: what its next release would be. Its config digest is computed
@@ -1404,6 +1407,16 @@ impl Shell {
             ),
         ]);
         let secrets = (config.config.secrets.clone(), self.options.secrets.clone());
+        let events_url = self.options.app_events.and_then(|endpoint| {
+            let dir = self.options.log.parent()?;
+            let token = crate::app_events::server::token(dir).ok()?;
+            Some(endpoint.url_for(
+                c.host_network,
+                &self.options.app,
+                &self.options.environment,
+                &token,
+            ))
+        });
         self.busy.insert(instance.clone());
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
@@ -1411,6 +1424,11 @@ impl Shell {
             let result = match read_secrets(&secrets.0, secrets.1.as_ref()) {
                 Ok(values) => {
                     spec.secret_env.0 = values;
+                    if let Some(url) = events_url {
+                        spec.secret_env
+                            .0
+                            .insert(crate::app_events::server::URL_ENV.to_owned(), url);
+                    }
                     match runtime.prepare(&spec.image).await {
                         Ok(()) => runtime.start(spec).await,
                         Err(error) => Err(error),

@@ -107,26 +107,33 @@ pub fn succeed(command: &mut Command) -> Output {
 /// declared build step does, and returns its path.
 pub fn hello_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let target = workspace().join("target/static");
-            succeed(
-                Command::new(env!("CARGO"))
-                    .current_dir(workspace())
-                    .args([
-                        "rustc",
-                        "--quiet",
-                        "--release",
-                        "-p",
-                        "hello",
-                        "--target-dir",
-                    ])
-                    .arg(&target)
-                    .args(["--", "-C", "target-feature=+crt-static"]),
-            );
-            target.join("release/hello")
-        })
-        .clone()
+    BINARY.get_or_init(|| example_binary("hello")).clone()
+}
+
+/// Builds the event-sourced example (`examples/ledger`) as a static binary once per test
+/// process and returns its path.
+pub fn ledger_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| example_binary("ledger")).clone()
+}
+
+fn example_binary(package: &str) -> PathBuf {
+    let target = workspace().join("target/static");
+    succeed(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace())
+            .args([
+                "rustc",
+                "--quiet",
+                "--release",
+                "-p",
+                package,
+                "--target-dir",
+            ])
+            .arg(&target)
+            .args(["--", "-C", "target-feature=+crt-static"]),
+    );
+    target.join("release").join(package)
 }
 
 /// Polls `condition` until it returns `Some` or `deadline` passes.

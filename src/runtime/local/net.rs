@@ -404,6 +404,18 @@ fn ruleset(settings: &Settings) -> String {
     let subnet = settings.subnet;
     let bridge = &settings.bridge;
     let gateway = subnet.gateway();
+    // The host services instances are meant to reach on the gateway (each daemon's app event
+    // log), each a file under `open/` named by its TCP port.
+    let ports = open_ports();
+    let open = if ports.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        format!(
+            "\t\tiifname \"{bridge}\" ip daddr {gateway} tcp dport {{ {} }} accept\n",
+            list.join(", ")
+        )
+    };
     format!(
         "table ip {NFT_TABLE}\n\
          delete table ip {NFT_TABLE}\n\
@@ -414,6 +426,7 @@ fn ruleset(settings: &Settings) -> String {
          \t}}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority filter; policy accept;\n\
+         {open}\
          \t\tiifname \"{bridge}\" ip daddr {gateway} ct state new drop\n\
          \t}}\n\
          }}\n"
@@ -425,6 +438,37 @@ fn bridge_has_address(bridge: &str, gateway: Ipv4Addr) -> bool {
         .args(["-4", "-o", "addr", "show", "dev", bridge])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {gateway}/")))
+}
+
+/// The TCP ports on the gateway that instances may connect to (`open_port`).
+fn open_ports() -> Vec<u16> {
+    let mut ports: Vec<u16> = std::fs::read_dir(dir("open"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// Lets instances connect to `port` on the gateway address, where a host service of graven's
+/// own listens for them (the app event log), and reloads the rules if the bridge is set up.
+/// The opening outlives this process (a restarted daemon binds the same port again); a port
+/// is never opened for anything but a graven listener bound to the gateway.
+pub fn open_port(port: u16) -> Result<(), NetError> {
+    let open = dir("open");
+    std::fs::create_dir_all(&open).map_err(io(format!("creating {}", open.display())))?;
+    let marker = open.join(port.to_string());
+    if marker.exists() {
+        return Ok(());
+    }
+    std::fs::write(&marker, b"").map_err(io(format!("writing {}", marker.display())))?;
+    let settings = Settings::from_env()?;
+    if Path::new("/sys/class/net").join(&settings.bridge).exists() {
+        nft(&ruleset(&settings))?;
+    }
+    Ok(())
 }
 
 /// Refuses a subnet that overlaps one the host already routes (other than the bridge's).

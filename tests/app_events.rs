@@ -1,0 +1,409 @@
+//! The app event log: an event-sourced app (examples/ledger) keeps its state across deploys,
+//! kills and rollbacks with nothing but the log; the HTTP API, driven with curl, answers bad
+//! input clearly; concurrent appenders with expected sequences lose and duplicate nothing;
+//! a kill -9 of graven in the middle of appends loses no acknowledged event.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::daemon::{Up, free_port, recorded_processes, run_ok};
+use support::{ledger_binary, wait_for};
+
+/// A project of the ledger example with two instances behind `route`.
+fn ledger_project(dir: &Path, route: SocketAddr, version: &str) {
+    std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::copy(ledger_binary(), dir.join("dist/ledger")).unwrap();
+    std::fs::copy(
+        support::workspace().join("examples/ledger/Containerfile"),
+        dir.join("Containerfile"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("graven.toml"),
+        format!(
+            r#"app = "demo"
+
+[services.ledger]
+instances = 2
+route = "{route}"
+env = {{ VERSION = "{version}" }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "20s" }}
+stop_grace = "2s"
+"#
+        ),
+    )
+    .unwrap();
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(70)))?;
+    let body = json.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// The loopback address of the daemon's app event log, and the URL path prefix of `demo` in
+/// `local` (with its token), as an instance on the host network would be given them.
+fn endpoint(home: &Path) -> (SocketAddr, String) {
+    let port: u16 = std::fs::read_to_string(home.join("app-events.port"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let token = std::fs::read_to_string(home.join("apps/demo/local/app-events.token")).unwrap();
+    (
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        format!("/v1/demo/local/{}", token.trim()),
+    )
+}
+
+fn totals_through(route: SocketAddr, times: usize) -> Vec<String> {
+    (0..times)
+        .map(|_| http(route, "GET", "/", None).map_or_else(|e| e.to_string(), |(_, body)| body))
+        .collect()
+}
+
+/// Waits until every answer of the route (both instances) shows `expected`.
+fn wait_for_total(route: SocketAddr, expected: &str) {
+    wait_for(Duration::from_secs(30), expected, || {
+        totals_through(route, 12)
+            .iter()
+            .all(|t| t == expected)
+            .then_some(())
+    });
+}
+
+#[test]
+fn an_event_sourced_app_keeps_its_state_across_deploys_kills_and_rollbacks() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    ledger_project(&dir, route, "v1");
+    let _up = Up::start(&home, &dir, "local");
+    for n in 1..=10 {
+        let (status, body) = http(route, "POST", &format!("/add?n={n}"), None).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_for_total(route, "total 55 after event 10");
+
+    // A new release: new instances rebuild the total from the log alone.
+    ledger_project(&dir, route, "v2");
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    wait_for_total(route, "total 55 after event 10");
+    http(route, "POST", "/add?n=45", None).unwrap();
+    wait_for_total(route, "total 100 after event 11");
+
+    // A kill -9 of an instance: its replacement replays the same events.
+    let before = recorded_processes(&home);
+    let workload = before[1];
+    assert!(workload.alive());
+    // SAFETY: kill(2) of a PID the instance's state records, checked alive just before by
+    // its start time.
+    unsafe { libc::kill(workload.pid as i32, libc::SIGKILL) };
+    wait_for(
+        Duration::from_secs(30),
+        "the killed instance's replacement",
+        || {
+            let now = recorded_processes(&home);
+            (!now.contains(&workload) && now.len() >= 4).then_some(())
+        },
+    );
+    wait_for_total(route, "total 100 after event 11");
+
+    // A rollback to the first release: the same state, since the state is in no release.
+    run_ok(&home, &["rollback"]);
+    wait_for_total(route, "total 100 after event 11");
+
+    // People see the same events.
+    let (stdout, _) = run_ok(
+        &home,
+        &["events", "tail", "--app", "demo", "--from", "1", "--json"],
+    );
+    let adds: Vec<i64> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["body"]["add"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(adds, (1..=10).chain([45]).collect::<Vec<_>>());
+}
+
+/// curl with the body and status split: (status, body).
+fn curl(args: &[&str]) -> (u16, String) {
+    let output = Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), body.to_owned())
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"))
+}
+
+/// A daemon with the ledger deployed (so `demo/local` has a log and a token), with its
+/// endpoint: (scratch dir, daemon, address, path prefix).
+fn deployed() -> (tempfile::TempDir, Up, PathBuf, SocketAddr, String) {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    ledger_project(&dir, free_port(), "v1");
+    let up = Up::start(&home, &dir, "local");
+    let (addr, prefix) = endpoint(&home);
+    (temp, up, home, addr, prefix)
+}
+
+#[test]
+fn the_api_answers_bad_input_clearly_and_loses_nothing() {
+    let (_temp, _up, home, addr, prefix) = deployed();
+    let url = |path: &str| format!("http://{addr}{prefix}{path}");
+    let post = |path: &str, body: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+            &url(path),
+        ])
+    };
+
+    let (status, body) = post("/events", r#"{"n":1}"#);
+    assert_eq!(
+        (status, json(&body)["seq"].as_u64()),
+        (201, Some(1)),
+        "{body}"
+    );
+    // Optimistic concurrency: expecting 0 when 1 is last is a conflict that says what is.
+    let (status, body) = post("/events?expected=0", r#"{"n":2}"#);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(json(&body)["last"], 1);
+    let (status, _) = post("/events?expected=1", r#"{"n":2}"#);
+    assert_eq!(status, 201);
+    // A body that claims to be JSON and is not; one over the size limit.
+    assert_eq!(post("/events", "{not json").0, 400);
+    let big = home.join("big");
+    std::fs::write(&big, vec![b'x'; 1024 * 1024 + 1]).unwrap();
+    let (status, _) = curl(&[
+        "-X",
+        "POST",
+        "--data-binary",
+        &format!("@{}", big.display()),
+        &url("/events"),
+    ]);
+    assert_eq!(status, 413);
+    // Another app's token, and an app that does not exist.
+    let wrong = format!("http://{addr}/v1/demo/local/{}/events", "0".repeat(64));
+    assert_eq!(curl(&[&wrong]).0, 403);
+    assert_eq!(
+        curl(&[&format!("http://{addr}/v1/nope/local/x/events")]).0,
+        404
+    );
+
+    // Reads: from 1, and past the end (nothing, with where the end is).
+    let (status, body) = curl(&[&url("/events?from=1")]);
+    assert_eq!(status, 200);
+    let page = json(&body);
+    assert_eq!(page["events"][1]["body"]["n"], 2);
+    assert_eq!(
+        (page["next"].as_u64(), page["last"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let page = json(&curl(&[&url("/events?from=50")]).1);
+    assert_eq!(page["events"].as_array().unwrap().len(), 0);
+    assert_eq!(page["last"], 2);
+
+    // A long poll is answered by the next append.
+    let waiting = {
+        let url = url("/events?from=3&wait=30s");
+        std::thread::spawn(move || curl(&[&url]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    post("/events", r#"{"n":3}"#);
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["events"][0]["body"]["n"], 3);
+
+    // Snapshot, compaction, and a read from before it.
+    let (status, _) = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "state as of 2",
+        &url("/snapshot?seq=2"),
+    ]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        curl(&["-X", "PUT", "--data-binary", "x", &url("/snapshot?seq=9")]).0,
+        400
+    );
+    assert_eq!(
+        curl(&[&url("/snapshot")]),
+        (200, "state as of 2".to_owned())
+    );
+    run_ok(&home, &["events", "compact", "--app", "demo"]);
+    let (status, body) = curl(&[&url("/events?from=1")]);
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(json(&body)["first"], 3);
+    assert_eq!(
+        json(&curl(&[&url("/events?from=3")]).1)["events"][0]["body"]["n"],
+        3
+    );
+}
+
+#[test]
+fn concurrent_appenders_with_expected_sequences_lose_and_duplicate_nothing() {
+    let (_temp, _up, _home, addr, prefix) = deployed();
+    const WRITERS: usize = 6;
+    const EACH: usize = 40;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let prefix = prefix.clone();
+            std::thread::spawn(move || {
+                let mut conflicts = 0;
+                for i in 0..EACH {
+                    loop {
+                        let (_, body) =
+                            http(addr, "GET", &format!("{prefix}/events?from=999999"), None)
+                                .unwrap();
+                        let last = json(&body)["last"].as_u64().unwrap();
+                        let event = format!(r#"{{"writer":{writer},"i":{i}}}"#);
+                        let (status, _) = http(
+                            addr,
+                            "POST",
+                            &format!("{prefix}/events?expected={last}"),
+                            Some(&event),
+                        )
+                        .unwrap();
+                        match status {
+                            201 => break,
+                            409 => conflicts += 1,
+                            other => panic!("append answered {other}"),
+                        }
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    let conflicts: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let mut seen: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    let mut from = 1;
+    loop {
+        let (_, body) = http(addr, "GET", &format!("{prefix}/events?from={from}"), None).unwrap();
+        let page = json(&body);
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            break;
+        }
+        for event in events {
+            let key = (
+                event["body"]["writer"].as_u64().unwrap(),
+                event["body"]["i"].as_u64().unwrap(),
+            );
+            *seen.entry(key).or_default() += 1;
+        }
+        from = page["next"].as_u64().unwrap();
+    }
+    assert_eq!(seen.len(), WRITERS * EACH, "every append is there");
+    assert!(seen.values().all(|&n| n == 1), "none twice");
+    // Each writer appended in order, which it could only do by winning its expected sequence.
+    println!("{conflicts} conflicts answered 409 and retried");
+}
+
+#[test]
+fn kill_9_of_graven_during_appends_loses_no_acknowledged_event() {
+    let (_temp, mut up, home, addr, prefix) = deployed();
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, String)>::new()));
+    let appenders: Vec<_> = (0..4)
+        .map(|writer| {
+            let prefix = prefix.clone();
+            let acknowledged = acknowledged.clone();
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    let body = format!(r#"{{"writer":{writer},"i":{i}}}"#);
+                    match http(addr, "POST", &format!("{prefix}/events"), Some(&body)) {
+                        Ok((201, answer)) => {
+                            let seq = json(&answer)["seq"].as_u64().unwrap();
+                            acknowledged.lock().unwrap().push((seq, body));
+                        }
+                        // The daemon is gone: whatever was not answered 201 was never promised.
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), "some acknowledged appends", || {
+        (acknowledged.lock().unwrap().len() > 200).then_some(())
+    });
+    up.signal(libc::SIGKILL, Duration::from_secs(10));
+    for appender in appenders {
+        appender.join().unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    // Read back after the kill, as a restarted daemon would see the file.
+    let (stdout, _) = run_ok(
+        &home,
+        &["events", "tail", "--app", "demo", "--from", "1", "--json"],
+    );
+    let stored: BTreeMap<u64, String> = stdout
+        .lines()
+        .map(|line| {
+            let event = json(line);
+            (event["seq"].as_u64().unwrap(), event["body"].to_string())
+        })
+        .collect();
+    for (seq, body) in &acknowledged {
+        assert_eq!(
+            stored.get(seq).map(|b| json(b)),
+            Some(json(body)),
+            "acknowledged event {seq} is in the log as acknowledged"
+        );
+    }
+    println!(
+        "{} acknowledged before the kill, {} in the log",
+        acknowledged.len(),
+        stored.len()
+    );
+    // The next daemon on the home serves the same log and appends after it.
+    let restarted = Up::daemon(&home, "local");
+    let (addr, prefix) = endpoint(&home);
+    let (status, answer) = http(addr, "POST", &format!("{prefix}/events"), Some("{}")).unwrap();
+    assert_eq!(status, 201);
+    assert_eq!(json(&answer)["seq"].as_u64(), Some(stored.len() as u64 + 1));
+    drop(restarted);
+}
