@@ -30,6 +30,13 @@ const HEAD: usize = 32;
 /// The largest body an append may carry, so one event never holds up a batch for long and
 /// a reader's page always has room for it.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// The most bytes of records one batch should write (`server` batches up to it); a crash
+/// inside a batch leaves at most this much, plus one record, to clear.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// The file is extended this much at a time, with zeros really written: an append then
+/// rewrites blocks the file already has, so its `fdatasync` flushes data and no metadata (the
+/// size and the extents stay as they are), as PostgreSQL's pre-zeroed WAL segments do.
+const PREALLOCATE: u64 = 8 * 1024 * 1024;
 /// One index entry per this many events: a read from a sequence seeks near it at once.
 const INDEX_EVERY: u64 = 256;
 
@@ -142,6 +149,8 @@ pub struct AppEventLog {
     last: u64,
     /// Where the whole records end: the next append's offset.
     end: u64,
+    /// The file's length: records, then zeros written ahead (`PREALLOCATE`).
+    allocated: u64,
     /// (sequence, offset) of every `INDEX_EVERY`th event, ascending.
     index: Vec<(u64, u64)>,
 }
@@ -283,6 +292,7 @@ impl AppEventLog {
             first: 1,
             last: 0,
             end: HEADER,
+            allocated: 0,
             index: Vec::new(),
         };
         {
@@ -321,11 +331,19 @@ impl AppEventLog {
         self.last = self.first - 1;
         self.end = HEADER;
         self.index.clear();
-        self.scan()
+        self.scan()?;
+        self.allocated = self.file.metadata().map_err(io(&self.path))?.len();
+        self.clear_tail()
     }
 
     /// Reads the records after `end` that other writers (or earlier runs) added.
     fn scan(&mut self) -> Result<()> {
+        // Mostly nothing was added (this process is the only writer): one small read says so.
+        let mut probe = [0u8; HEAD];
+        let whole = read_exact_at(&self.file, &mut probe, self.end).map_err(io(&self.path))?;
+        if !whole || decode_head(&probe).is_none_or(|h| h.seq != self.last + 1) {
+            return Ok(());
+        }
         let mut reader = std::io::BufReader::with_capacity(1 << 20, &self.file);
         reader
             .seek(SeekFrom::Start(self.end))
@@ -397,14 +415,18 @@ impl AppEventLog {
         if bytes.is_empty() {
             return Ok(answers);
         }
+        self.make_room(bytes.len() as u64)?;
         let written = self
             .file
             .write_all_at(&bytes, self.end)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            // Nothing of the batch counts: cut what may have landed, so a later append
-            // does not follow a record nobody was told about.
-            let _ = self.file.set_len(self.end);
+            // Nothing of the batch counts: clear what may have landed, so no reader takes a
+            // record nobody was told about for an event (best effort: the disk may be failing).
+            let _ = self
+                .file
+                .write_all_at(&vec![0; bytes.len()], self.end)
+                .and_then(|()| self.file.sync_data());
             return Err(io(&self.path)(e));
         }
         for (seq, offset) in accepted {
@@ -418,7 +440,8 @@ impl AppEventLog {
     }
 
     /// Under the lock: learns what other writers appended, and cuts a torn record at the end
-    /// (a crash inside an unacknowledged write) so the next record follows the last sound one.
+    /// (a crash inside an unacknowledged write) is cleared so the next record follows the last
+    /// sound one.
     fn catch_up(&mut self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         let here = self.file.metadata().map_err(io(&self.path))?;
@@ -428,9 +451,61 @@ impl AppEventLog {
             return self.reopen();
         }
         self.scan()?;
-        if here.len() > self.end {
-            self.file.set_len(self.end).map_err(io(&self.path))?;
+        self.allocated = here.len();
+        // Another process that crashed mid-batch left its bytes in the page cache in order: a
+        // fragment starts right at the end. (After a power loss pages may have reached the disk
+        // out of order; `load`, at every open, clears the whole span for that.)
+        let mut head = [0u8; HEAD];
+        let read = self
+            .file
+            .read_at(&mut head, self.end)
+            .map_err(io(&self.path))?;
+        if head[..read].iter().any(|&b| b != 0) {
+            self.clear_tail()?;
         }
+        Ok(())
+    }
+
+    /// Zeroes what follows the last whole record, when something does: the part of a batch a
+    /// crash cut short (never acknowledged), so the next append is not followed by a stale
+    /// fragment that a scan could misread.
+    fn clear_tail(&mut self) -> Result<()> {
+        let span = (self.allocated.saturating_sub(self.end))
+            .min((MAX_BATCH_BYTES + HEAD + MAX_BODY) as u64) as usize;
+        if span == 0 {
+            return Ok(());
+        }
+        let mut tail = vec![0u8; span];
+        let read = self
+            .file
+            .read_at(&mut tail, self.end)
+            .map_err(io(&self.path))?;
+        let Some(last) = tail[..read].iter().rposition(|&b| b != 0) else {
+            return Ok(());
+        };
+        self.file
+            .write_all_at(&vec![0; last + 1], self.end)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io(&self.path))
+    }
+
+    /// Extends the file with written zeros when `len` more bytes would not fit.
+    fn make_room(&mut self, len: u64) -> Result<()> {
+        if self.end + len <= self.allocated {
+            return Ok(());
+        }
+        let target = (self.end + len).div_ceil(PREALLOCATE) * PREALLOCATE;
+        let zeros = vec![0u8; (target - self.allocated).min(PREALLOCATE) as usize];
+        let mut at = self.allocated;
+        while at < target {
+            let n = zeros.len().min((target - at) as usize);
+            self.file
+                .write_all_at(&zeros[..n], at)
+                .map_err(io(&self.path))?;
+            at += n as u64;
+        }
+        self.file.sync_all().map_err(io(&self.path))?;
+        self.allocated = target;
         Ok(())
     }
 

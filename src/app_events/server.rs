@@ -197,10 +197,14 @@ fn write_batches(
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
+        let mut bytes = first.0.body.len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < super::MAX_BATCH_BYTES - MAX_BODY {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => {
+                    bytes += job.0.body.len();
+                    batch.push(job);
+                }
                 Err(_) => break,
             }
         }
@@ -537,7 +541,7 @@ impl Endpoint {
 
 /// The file under `$GRAVEN_HOME` that keeps the port, so a restarted daemon listens where the
 /// instances it left running were told to look.
-const PORT_FILE: &str = "app-events.port";
+pub const PORT_FILE: &str = "app-events.port";
 
 /// Binds the app event log's listeners for the daemon of `home` and serves them for as long as
 /// the async runtime runs. `gateway` is the bridge's address when instances get networks of

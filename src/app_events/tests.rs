@@ -81,7 +81,7 @@ fn a_body_over_the_limit_is_refused_and_the_rest_of_the_batch_kept() {
 }
 
 #[test]
-fn a_torn_record_at_the_end_is_cut_and_the_next_append_follows_the_last_whole_one() {
+fn a_torn_record_at_the_end_is_cleared_and_the_next_append_follows_the_last_whole_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = AppEventLog::open(dir.path()).unwrap();
     log.append(&[bytes("kept")]).unwrap();

@@ -61,6 +61,9 @@ pub enum EventsAction {
     },
     /// Drop the events the app's snapshot covers.
     Compact(Scope),
+    /// The URL of the log's API on loopback, with its token (for curl and scripts; it is a
+    /// credential).
+    Url(Scope),
 }
 
 pub fn run(home: &Path, args: EventsArgs) -> anyhow::Result<ExitCode> {
@@ -78,6 +81,7 @@ pub fn run(home: &Path, args: EventsArgs) -> anyhow::Result<ExitCode> {
             body,
         } => append(home, &scope, json_body, expected, &body),
         EventsAction::Compact(scope) => compact(home, &scope),
+        EventsAction::Url(scope) => url(home, &scope),
     }
 }
 
@@ -228,6 +232,32 @@ fn compact(home: &Path, scope: &Scope) -> anyhow::Result<ExitCode> {
             "dropped {dropped} events the snapshot covers; the log holds {}..{}",
             position.first, position.last
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn url(home: &Path, scope: &Scope) -> anyhow::Result<ExitCode> {
+    let dir = dir(home, scope)?;
+    let port: u16 = std::fs::read_to_string(home.join(crate::app_events::server::PORT_FILE))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .context("no control plane has served the app event log on this home yet")?;
+    let token = crate::app_events::server::token(&dir)?;
+    let app = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let url = crate::app_events::server::url(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        app,
+        &scope.environment,
+        &token,
+    );
+    if scope.json {
+        println!("{}", serde_json::json!({ "url": url }));
+    } else {
+        println!("{url}");
     }
     Ok(ExitCode::SUCCESS)
 }
