@@ -570,7 +570,17 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<Endpoin
     };
     let port = loopback.local_addr().map_err(io)?.port();
     if remembered != Some(port) {
-        std::fs::write(&port_path, port.to_string()).map_err(io)?;
+        // Owner-only, as everything in the home.
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&port_path)
+            .and_then(|mut file| file.write_all(port.to_string().as_bytes()))
+            .map_err(io)?;
     }
     let server = AppEventsServer::new(home.join("apps"));
     tokio::spawn(server.clone().serve(loopback, std::future::pending()));
