@@ -21,6 +21,7 @@ mod registry;
 mod secrets;
 #[cfg(feature = "dev-tools")]
 mod synthetic;
+mod volume;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,6 +82,11 @@ pub enum Command {
     /// Store a snapshot of each event log's folded state, so start-up reads only what
     /// follows it (the control plane also does this every 10,000 events).
     Compact(project::RecoverArgs),
+    /// Named volumes: their size and the instances that hold them.
+    Volumes(volume::VolumesArgs),
+    /// Remove or export a named volume (refused while a live instance holds it).
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// The app event log: its state, its events (`tail -f`), an append, compaction.
     #[command(subcommand_value_name = "ACTION")]
     Events(events::EventsArgs),
@@ -215,6 +221,8 @@ pub fn main() -> ExitCode {
         Command::Recover(args) => project::recover(&home, args),
         Command::Compact(args) => project::compact(&home, args),
         Command::Events(args) => events::run(&home, args),
+        Command::Volumes(args) => volume::list(&home, args),
+        Command::Volume(command) => volume::run(&home, command),
         Command::Secrets(command) => secrets::run(&home, command),
         #[cfg(feature = "dev-tools")]
         Command::Proxy(args) => proxy::run(args),

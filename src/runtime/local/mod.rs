@@ -17,6 +17,7 @@ pub mod retention;
 mod rootfs;
 pub mod shim;
 mod state;
+pub mod volumes;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -413,6 +414,7 @@ impl LocalRuntime {
             gid: resolved.gid,
             env: recorded_env,
             cwd: resolved.cwd,
+            volumes: spec.volumes.iter().map(|v| v.name.clone()).collect(),
         };
         state::save(dir, &initial)?;
         if let Err(message) = shim::start(dir, &request) {

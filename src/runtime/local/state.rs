@@ -82,6 +82,9 @@ pub struct State {
     /// Its address on graven's bridge, when it has a network of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<super::net::Attached>,
+    /// The named volumes it binds (`graven volumes` says who holds what).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
 }
 
 impl State {
