@@ -210,6 +210,12 @@ impl Stamper {
         }
     }
 
+    /// Bytes an unprivileged writer may still take on the data files' filesystem.
+    pub fn space_left(&self) -> Option<u64> {
+        let stat = rustix::fs::fstatvfs(&self.data[0]).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
     /// How many entries the index holds.
     pub fn entries(&self) -> u64 {
         self.index.len / ENTRY as u64

@@ -291,8 +291,10 @@ struct Ingest<'a> {
     next_retention: Instant,
     group: Option<PathBuf>,
     policy: crate::logs::retention::Policy,
-    /// When the index could not be written (a full disk), since when.
+    /// Since when the store's filesystem is full (no space left, or the index could not be
+    /// written), and whether the last stamp failed.
     full_since: Option<std::time::SystemTime>,
+    stamp_failed: bool,
 }
 
 /// How often a shim enforces its service's retention.
@@ -322,6 +324,7 @@ impl<'a> Ingest<'a> {
             group: request.log.dir.parent().map(Path::to_owned),
             policy: request.log.policy(),
             full_since: None,
+            stamp_failed: false,
         })
     }
 
@@ -336,6 +339,20 @@ impl<'a> Ingest<'a> {
         if now >= self.next_sync {
             let _ = self.stamper.sync();
             self.next_sync = now + self.sync_every;
+            // A full disk fails the workload's writes, not ours (the index's page may
+            // have room): the filesystem says so.
+            match (self.stamper.space_left(), self.full_since) {
+                (Some(0), None) => {
+                    let since = std::time::SystemTime::now();
+                    self.full_since = Some(since);
+                    self.note_full(since, true);
+                }
+                (Some(left), Some(since)) if left > 0 => {
+                    self.full_since = None;
+                    self.note_full(since, false);
+                }
+                _ => {}
+            }
         }
         if now >= self.next_retention {
             if let Some(group) = &self.group {
@@ -346,8 +363,8 @@ impl<'a> Ingest<'a> {
         let until = self.next_sync.min(self.next_retention);
         let idle = until.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1;
         match () {
-            // A full disk: try again shortly, whatever the files do.
-            () if self.full_since.is_some() => sandbox::Wake {
+            // The index could not be written: try again shortly, whatever the files do.
+            () if self.stamp_failed => sandbox::Wake {
                 watched: false,
                 timeout_ms: 100.min(idle),
             },
@@ -368,12 +385,11 @@ impl<'a> Ingest<'a> {
         let before = self.stamper.entries();
         match self.stamper.stamp(crate::logs::now_ns()) {
             Ok(pending) => {
-                if let Some(since) = self.full_since.take() {
-                    self.note_full(since, false);
-                }
+                self.stamp_failed = false;
                 (self.stamper.entries() > before, pending)
             }
             Err(_) => {
+                self.stamp_failed = true;
                 if self.full_since.is_none() {
                     let now = std::time::SystemTime::now();
                     self.full_since = Some(now);
@@ -391,11 +407,11 @@ impl<'a> Ingest<'a> {
         let at = humantime::format_rfc3339_seconds(since);
         let line = if starting {
             format!(
-                "log store full since {at}: output is not stamped; lines the workload could not write are lost"
+                "log store full since {at}: what the workload could not write meanwhile is lost"
             )
         } else {
             let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-            format!("log store was full from {at} to {now}; stamping resumed")
+            format!("log store has space again since {now} (full since {at})")
         };
         let _ = state::update(self.dir, |s| s.warnings.push(line));
     }
