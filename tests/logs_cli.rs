@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use support::daemon::{Up, run, run_ok};
+use support::daemon::{remove_instances, run, run_ok};
 
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
@@ -380,10 +380,13 @@ fn follow_shows_old_and_new_instances_across_a_rolling_deploy_with_the_old_ones_
     )
     .unwrap();
     let project = |version: &str| {
-        let script = format!(
-            "trap 'echo bye {version}; exit 0' TERM; echo start {version}; \
-             while :; do echo tick {version}; sleep 0.1; done"
-        );
+        let script = match version {
+            "broken" => "echo fatal: DATABASE_URL is not set >&2; exit 3".to_owned(),
+            _ => format!(
+                "trap 'echo bye {version}; exit 0' TERM; echo start {version}; \
+                 i=0; while :; do i=$((i+1)); echo tick {version} $i; sleep 0.1; done"
+            ),
+        };
         std::fs::write(
             dir.join("graven.toml"),
             format!(
@@ -391,7 +394,7 @@ fn follow_shows_old_and_new_instances_across_a_rolling_deploy_with_the_old_ones_
 
 [services.ticker]
 command = ["/bin/sh", "-c", "{script}"]
-deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = "90s" }}
+deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = "20s" }}
 stop_grace = "5s"
 "#
             ),
@@ -402,7 +405,7 @@ stop_grace = "5s"
     // The image baked and unpacked beforehand, so `up` serves well within its deadline.
     base(&home, temp.path());
     run_script(&home, None, "true");
-    let _up = Up::start(&home, &dir, "local");
+    let _up = UpSlow::start(&home, &dir);
     let mut follow = support::graven(&home)
         .args(["logs", "-f", "--json", "ticker"])
         .stdout(std::process::Stdio::piped())
@@ -419,7 +422,12 @@ stop_grace = "5s"
                 .push(serde_json::from_str(&line).unwrap());
         }
     });
-    let has = |text: &str| seen.lock().unwrap().iter().any(|v| v["line"] == text);
+    let has = |text: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["line"].as_str().unwrap().starts_with(text))
+    };
     support::wait_for(Duration::from_secs(120), "v1 ticking", || {
         has("tick v1").then_some(())
     });
@@ -438,20 +446,76 @@ stop_grace = "5s"
     );
     let release = |v: &serde_json::Value| v["release"].as_u64().unwrap();
     assert!(seen.iter().any(|v| release(v) == 1) && seen.iter().any(|v| release(v) == 2));
-    // Every line once: each instance's ticks are distinct lines at distinct offsets, so a
-    // doubled one shows as two equal (instance, time, line) triples.
-    let mut keys: Vec<(String, String, String)> = seen
-        .iter()
-        .map(|v| {
-            (
-                v["id"].to_string(),
-                v["time"].to_string(),
-                v["line"].to_string(),
-            )
-        })
-        .collect();
-    let before = keys.len();
-    keys.sort();
-    keys.dedup();
-    assert_eq!(keys.len(), before, "no line twice");
+    // A release whose instances fail: the deploy shows their last lines beside the failure.
+    project("broken");
+    let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
+    assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("! fatal: DATABASE_URL is not set"),
+        "{stdout}"
+    );
+    // Every line once, none lost: each instance's ticks are numbered 1, 2, 3...
+    let mut ticks: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for v in &seen {
+        let line = v["line"].as_str().unwrap();
+        if let Some(n) = line.strip_prefix("tick ").and_then(|t| t.split(' ').nth(1)) {
+            let id = v["id"].as_str().unwrap().to_owned();
+            ticks.entry(id).or_default().push(n.parse().unwrap());
+        }
+    }
+    assert!(ticks.len() >= 2, "{ticks:?}");
+    for (id, numbers) in &ticks {
+        let expected: Vec<u64> = (1..=numbers.len() as u64).collect();
+        assert_eq!(numbers, &expected, "{id}: every tick once, in order");
+    }
+}
+
+/// `graven up DIR`, waited for with a deadline that allows for a loaded machine (the
+/// first rollout unpacks the Debian base), killed by its PID and its instances removed
+/// when dropped.
+struct UpSlow {
+    child: std::process::Child,
+    home: PathBuf,
+}
+
+impl UpSlow {
+    fn start(home: &Path, dir: &Path) -> UpSlow {
+        let mut child = support::graven(home)
+            .arg("up")
+            .arg(dir)
+            .env("GRAVEN_RUNTIME", "local")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let up = UpSlow {
+            child,
+            home: home.to_owned(),
+        };
+        let mut said = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("graven: serving") => return up,
+                Ok(line) => said.push(line),
+                Err(_) => panic!("graven up did not serve: {}", said.join("\n")),
+            }
+        }
+    }
+}
+
+impl Drop for UpSlow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        remove_instances(&self.home);
+    }
 }
