@@ -13,6 +13,7 @@ pub mod events;
 // A test and benchmark tool, built only with the `dev-tools` feature (Cargo.toml says when).
 #[cfg(feature = "dev-tools")]
 pub mod loadgen;
+pub mod logs;
 pub mod proxy;
 pub mod registry;
 pub mod runtime;

@@ -215,30 +215,35 @@ fn unused_roots_are_collected_and_roots_of_instances_are_kept() {
 
 #[test]
 fn dirs_of_removed_instances_beyond_retention_are_collected() {
-    use graven::runtime::local::retention::KEEP;
     let temp = tempfile::tempdir().unwrap();
     let home = temp.path().join("home");
     let _cleanup = RemoveInstancesOnDrop(home.clone());
     support::runtime::hello_image(&home);
     let instances = home.join("instances");
 
-    // A removed instance whose removal left a file behind, removed just now.
+    // A removed instance leaves nothing there: its output is in the log store.
     let (stdout, _) = run_ok(&home, &["run", "-d", "hello:test"]);
     let removed = stdout.trim().to_owned();
     run_ok(&home, &["rm", "-f", &removed]);
-    std::fs::write(instances.join(&removed).join("shim.json"), "{}").unwrap();
-    // Directories from a graven before log retention: a log and no record, older.
-    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
-    let mut unrecorded = Vec::new();
-    for n in 0..KEEP + 2 {
-        let dir = instances.join(format!("0000000000{n:02}"));
-        std::fs::create_dir(&dir).unwrap();
+    assert!(!instances.join(&removed).exists());
+    assert!(
+        home.join("logs/_run")
+            .join(&removed)
+            .join("meta.json")
+            .is_file()
+    );
+    // Directories from a graven before the log store: a log and no state. One within the
+    // store's age (with a file a removal cut short left beside it), one past it.
+    let recent = instances.join("000000000001");
+    let old = instances.join("000000000002");
+    for (dir, age) in [(&recent, 3600), (&old, 8 * 24 * 3600)] {
+        std::fs::create_dir(dir).unwrap();
         let log = std::fs::File::create(dir.join("log")).unwrap();
-        log.set_modified(an_hour_ago + Duration::from_secs(n as u64))
+        log.set_modified(SystemTime::now() - Duration::from_secs(age))
             .unwrap();
-        unrecorded.push(dir);
     }
-    // What a start that died left: no state, no record, no log.
+    std::fs::write(recent.join("shim.json"), "{}").unwrap();
+    // What a start that died left: no state, no log.
     let dead_start = instances.join("00000000dead");
     std::fs::create_dir_all(dead_start.join("mnt")).unwrap();
     // A running instance is never touched.
@@ -246,29 +251,21 @@ fn dirs_of_removed_instances_beyond_retention_are_collected() {
     let running = stdout.trim().to_owned();
 
     let report = json(&home, &["gc", "--json"]);
-    let names: Vec<&str> = report["instance_dirs"]
+    let mut names: Vec<String> = report["instance_dirs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| d["name"].as_str().unwrap())
+        .map(|d| d["name"].as_str().unwrap().to_owned())
         .collect();
-    // The group keeps `KEEP`: the removed instance and the newest unrecorded ones.
-    let mut expected = vec![
-        "000000000000".to_owned(),
-        "000000000001".to_owned(),
-        "000000000002".to_owned(),
-        "00000000dead".to_owned(),
-        format!("{removed}/shim.json"),
-    ];
-    expected.sort();
-    let mut names: Vec<String> = names.into_iter().map(str::to_owned).collect();
     names.sort();
-    assert_eq!(names, expected, "{report}");
-    assert!(!dead_start.exists());
-    assert!(!unrecorded[0].exists() && !unrecorded[2].exists());
-    assert!(unrecorded[3].join("log").is_file());
-    assert!(instances.join(&removed).join("log").is_file());
-    assert!(!instances.join(&removed).join("shim.json").exists());
+    assert_eq!(
+        names,
+        ["000000000001/shim.json", "000000000002", "00000000dead"],
+        "{report}"
+    );
+    assert!(!dead_start.exists() && !old.exists());
+    assert!(recent.join("log").is_file());
+    assert!(!recent.join("shim.json").exists());
     assert!(instances.join(&running).join("state.json").is_file());
     run_ok(&home, &["rm", "-f", &running]);
 }

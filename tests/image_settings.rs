@@ -523,8 +523,23 @@ fn address_of(home: &Path, id: &str) -> String {
         .to_owned()
 }
 
+/// The instance's lines in the log store, as `<time> <stream> <line>`.
 fn log_of(home: &Path, id: &str) -> String {
-    std::fs::read_to_string(home.join("instances").join(id).join("log")).unwrap_or_default()
+    let query = graven::logs::Query {
+        instance: Some(id.to_owned()),
+        ..Default::default()
+    };
+    let mut text = String::new();
+    graven::logs::read::read(home, &query, &mut |r| {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(r.time_ns);
+        text.push_str(&format!(
+            "{} {} {}\n",
+            humantime::format_rfc3339_millis(time),
+            r.stream.name(),
+            String::from_utf8_lossy(&r.line)
+        ));
+    });
+    text
 }
 
 /// Stock Debian nginx (`apt-get install nginx`), its config untouched but for a site of its

@@ -141,8 +141,27 @@ fn parent_and_session(pid: u64) -> (u64, u64) {
     (fields[1].parse().unwrap(), fields[3].parse().unwrap())
 }
 
-fn log_text(instance: &Instance) -> String {
-    std::fs::read_to_string(instance.log.as_ref().unwrap()).unwrap_or_default()
+/// The instance's lines in the log store, as `<time> <stream> <line>`.
+fn log_of(home: &Path, id: &str) -> String {
+    let query = graven::logs::Query {
+        instance: Some(id.to_owned()),
+        ..Default::default()
+    };
+    let mut text = String::new();
+    graven::logs::read::read(home, &query, &mut |r| {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(r.time_ns);
+        text.push_str(&format!(
+            "{} {} {}\n",
+            humantime::format_rfc3339_millis(time),
+            r.stream.name(),
+            String::from_utf8_lossy(&r.line)
+        ));
+    });
+    text
+}
+
+fn log_text(home: &Home, instance: &Instance) -> String {
+    log_of(home.path(), &instance.id.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +214,7 @@ async fn the_instance_is_locked_down() {
         .unwrap();
     // The log holds the probe's output, timestamped, and outlives the instance.
     home.runtime.remove(&instance.id).await.unwrap();
-    let log = log_text(&instance);
+    let log = log_text(&home, &instance);
     let line = log
         .lines()
         .find(|l| l.contains("stdout pid=1"))
@@ -275,7 +294,7 @@ async fn sigterm_is_delivered() {
             signal: None
         }
     );
-    assert!(log_text(&instance).contains("probe: got SIGTERM"));
+    assert!(log_text(&home, &instance).contains("probe: got SIGTERM"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +316,7 @@ async fn sigkill_follows_after_the_grace() {
             signal: Some(9)
         }
     );
-    assert!(log_text(&instance).contains("probe: ignoring SIGTERM"));
+    assert!(log_text(&home, &instance).contains("probe: ignoring SIGTERM"));
     assert!(get(instance.address.unwrap(), "/healthz").is_none());
 }
 
@@ -693,13 +712,8 @@ fn a_restarted_graven_finds_execs_and_stops_the_instance() {
         .unwrap();
     let listed: Vec<Instance> = serde_json::from_slice(&ps.stdout).unwrap();
     assert!(listed.is_empty());
-    assert!(
-        home.path()
-            .join("instances")
-            .join(&id)
-            .join("log")
-            .is_file()
-    );
+    // Its output outlives it, in the log store.
+    assert!(!log_of(home.path(), &id).is_empty());
 }
 
 #[test]
@@ -736,26 +750,18 @@ fn run_reads_sizes_as_graven_toml_does_and_refuses_an_overflow() {
     }
 }
 
-/// The numbers of a log's `line N` lines, from its files' text.
+/// The numbers of `line N` lines.
 fn line_numbers(text: &str) -> Vec<u64> {
     text.lines()
-        .map(|l| {
-            let parsed = graven::runtime::local::log::parse_log_line(l).unwrap();
-            parsed.text.strip_prefix("line ").unwrap().parse().unwrap()
-        })
+        .map(|l| l.split(" line ").nth(1).unwrap().parse().unwrap())
         .collect()
 }
 
-/// An instance's two log files, the earlier and the latest.
-fn log_files(dir: &Path) -> (String, String) {
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
-    (read("log.1"), read("log"))
-}
-
-/// The instance's log is rotated at its size with one earlier file kept, whole lines in each,
-/// and `graven run` follows it across the rotation.
+/// `graven run` prints every line the instance wrote, through the log store's reader; an
+/// instance's logs past its size bound (`--log-size`) lose their oldest lines only, even
+/// once it is removed: the newest lines, up to the last, stay.
 #[test]
-fn the_log_rotates_at_its_size_and_run_follows_it_across() {
+fn run_prints_every_line_and_a_removed_instances_log_keeps_its_newest_lines_within_its_size() {
     let home = Home::new();
     let cap = 64 << 10;
     // `graven run [-d --json] --log-size 64K probe:test -- /probe lines COUNT`
@@ -766,7 +772,6 @@ fn the_log_rotates_at_its_size_and_run_follows_it_across() {
             .args(["--log-size", "64K", "probe:test"]);
         support::succeed(run.args(["--", "/probe", "lines", count]))
     };
-    // About 110 KB of log against a 64 KiB cap: one rotation.
     let run = lines(&[], "3000");
     let printed: Vec<String> = String::from_utf8(run.stdout)
         .unwrap()
@@ -775,35 +780,35 @@ fn the_log_rotates_at_its_size_and_run_follows_it_across() {
         .collect();
     let expected: Vec<String> = (0..3000).map(|i| format!("line {i}")).collect();
     assert_eq!(printed, expected);
-    let ps = support::succeed(support::graven(home.path()).args(["ps", "--all", "--json"]));
-    let listed: Vec<Instance> = serde_json::from_slice(&ps.stdout).unwrap();
-    let dir = home.path().join("instances").join(&listed[0].id.0);
-    let (before, latest) = log_files(&dir);
-    assert!(before.len() <= cap && latest.len() <= cap);
-    let both = line_numbers(&(before + &latest));
-    assert_eq!(both, (0..3000).collect::<Vec<_>>());
-    // Many times the cap: the two newest files remain, full up to the last line.
+    // Many times the cap.
     let run = lines(&["-d", "--json"], "100000");
     let instance: Instance = serde_json::from_slice(&run.stdout).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(wait_exited(&home.runtime, &instance));
-    // Removed as soon as it is seen exited: the shim may still be logging, and the removal
-    // waits for it, so the log is whole and nothing else is left but the record of the
-    // removal that bounds how many removed instances' logs stay.
+    // Removed as soon as it is seen exited: the shim may still be stamping, and the removal
+    // waits for it. Nothing is left of its directory; its log is in the store.
     support::succeed(support::graven(home.path()).args(["rm", &instance.id.0]));
-    let dir = home.path().join("instances").join(&instance.id.0);
-    let mut left: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    left.sort();
-    assert_eq!(left, ["log", "log.1", "removed.json"]);
-    let (before, latest) = log_files(&dir);
-    assert!(before.len() <= cap && before.len() > cap - 64);
-    assert!(latest.len() <= cap);
-    let both = line_numbers(&(before + &latest));
+    assert!(!home.path().join("instances").join(&instance.id.0).exists());
+    let both = line_numbers(&log_of(home.path(), &instance.id.0));
     let first = both[0];
+    assert!(first > 0, "the oldest lines went");
     assert_eq!(both, (first..100_000).collect::<Vec<_>>());
+    let group = home.path().join("logs/_run");
+    let used: u64 = walk_usage(&group);
+    assert!(used <= cap + (32 << 10), "{used} bytes on disk");
+}
+
+/// Bytes the files under `dir` take on disk.
+fn walk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| match e.path() {
+            p if p.is_dir() => walk_usage(&p),
+            _ => e.metadata().map_or(0, |m| m.blocks() * 512),
+        })
+        .sum()
 }
 
 /// `graven run` in the foreground: the instance lives as long as the command, so closing its

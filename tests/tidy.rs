@@ -125,6 +125,24 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         ],
     ),
     ("api", &["cli"]),
+    // The log store names no module: the runtime's shim writes through it and the CLI
+    // reads through it, so it can take lines from anything (syslog) without knowing it.
+    (
+        "logs",
+        &[
+            "spec",
+            "bake",
+            "store",
+            "sandbox",
+            "runtime",
+            "proxy",
+            "controller",
+            "events",
+            "deploy",
+            "api",
+            "cli",
+        ],
+    ),
     // The secret store is a layer of files with no meaning of its own: it names no module,
     // so it can serve the spec, the deploy and the controller alike.
     (

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 
 use super::{Threads, async_runtime};
 use crate::controller::{LABEL_APP, LABEL_ENVIRONMENT, LABEL_INSTANCE};
-use crate::runtime::local::log::{LogFollower, parse_log_line};
+use crate::logs::{Cursor, Follower, Query, Stream};
 use crate::runtime::{
     Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, LocalRuntime, Runtime, TmpfsMount,
     VolumeMount,
@@ -60,7 +60,8 @@ pub struct RunArgs {
     /// Size cap of /tmp and of /dev/shm: bytes, or with a unit (default 64M).
     #[arg(long, value_parser = positive_size)]
     pub tmp_size: Option<u64>,
-    /// Size at which the instance's log is rotated; one earlier file is kept (default 16M).
+    /// The most the logs of `graven run` instances keep on disk, all of them together, in
+    /// the log store (default 256M); older ones go first.
     #[arg(long, value_parser = positive_size)]
     pub log_size: Option<u64>,
     /// Start it and print its id instead of following its output.
@@ -279,8 +280,12 @@ async fn follow(
     instance: &Instance,
     signals: Signals,
 ) -> anyhow::Result<ExitCode> {
-    let mut log = runtime.log_follower(&instance.id);
-    let mut pending = String::new();
+    // The instance's own source in the log store, read as `graven logs -f` reads it.
+    let query = Query {
+        instance: Some(instance.id.0.clone()),
+        ..Query::default()
+    };
+    let mut log = Follower::new(runtime.home(), query, Cursor::default());
     let mut interrupts = 0;
     // The instance lives as long as this command: Ctrl-C, SIGTERM and SIGHUP (its terminal
     // closing) stop it with its grace; a second one kills it.
@@ -296,7 +301,7 @@ async fn follow(
             exited = runtime.logged(&instance.id).await?.status;
         }
         // A closed terminal makes writing fail: the instance is stopped all the same.
-        let _ = print_new_lines(&mut log, &mut pending);
+        print_new_lines(&mut log);
         if exited.is_exited() {
             note(format_args!(
                 "graven: instance {} {}",
@@ -330,27 +335,24 @@ fn note(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Prints the log's complete new lines (the text only, to stdout or stderr as captured).
-fn print_new_lines(log: &mut LogFollower, pending: &mut String) -> anyhow::Result<()> {
-    let mut bytes = Vec::new();
-    log.read_new(&mut bytes)
-        .context("reading the instance's log")?;
-    pending.push_str(&String::from_utf8_lossy(&bytes));
-    let Some(end) = pending.rfind('\n') else {
-        return Ok(());
-    };
-    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
-    for line in pending[..end].split('\n') {
-        if let Some(parsed) = parse_log_line(line) {
-            let _ = if parsed.stream == "stderr" {
-                writeln!(stderr, "{}", parsed.text)
-            } else {
-                writeln!(stdout, "{}", parsed.text)
-            };
-        }
+/// Prints the instance's new lines as it wrote them, to stdout or stderr as it did. A
+/// failed write (a closed terminal) is dropped: the instance is stopped all the same.
+fn print_new_lines(log: &mut Follower) {
+    let records = log.poll();
+    if records.is_empty() {
+        return;
     }
-    pending.drain(..=end);
-    Ok(())
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+    for record in records {
+        let out: &mut dyn Write = match record.stream {
+            Stream::Stdout => &mut stdout,
+            Stream::Stderr => &mut stderr,
+        };
+        let _ = out.write_all(&record.line);
+        let _ = out.write_all(b"\n");
+    }
+    let _ = stdout.flush();
+    let _ = stderr.flush();
 }
 
 pub fn ps(home: &Path, args: PsArgs) -> anyhow::Result<ExitCode> {

@@ -14,6 +14,7 @@ mod instance;
 // Test and benchmark tools, built only with the `dev-tools` feature (Cargo.toml says when).
 #[cfg(feature = "dev-tools")]
 mod load;
+mod logs;
 mod project;
 #[cfg(feature = "dev-tools")]
 mod proxy;
@@ -75,6 +76,8 @@ pub enum Command {
     Releases(project::TargetArgs),
     /// Every event in the log: releases, deploys, instances, rollbacks and why.
     History(project::TargetArgs),
+    /// Instances' output from the log store, merged in time order; `-f` follows it.
+    Logs(logs::LogsArgs),
     /// Drain and stop every service of an app.
     Down(project::TargetArgs),
     /// Accept event logs whose end was lost: record the loss and number on after it.
@@ -217,6 +220,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => project::status(&home, args),
         Command::Releases(args) => project::releases(&home, args),
         Command::History(args) => project::history(&home, args),
+        Command::Logs(args) => logs::logs(&home, args),
         Command::Down(args) => project::down(&home, args),
         Command::Recover(args) => project::recover(&home, args),
         Command::Compact(args) => project::compact(&home, args),

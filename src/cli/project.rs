@@ -273,8 +273,11 @@ async fn follow_here(
     Ok(watch.outcomes())
 }
 
-/// Prints the outcome of a rollout; the exit code says whether every deploy succeeded.
+/// Prints the outcome of a rollout; the exit code says whether every deploy succeeded. A
+/// release rolled back is followed by the last lines its instances wrote (from the log
+/// store under `home`): why they did not become healthy is usually there.
 fn report(
+    home: &Path,
     json: bool,
     app: &str,
     environment: &str,
@@ -340,11 +343,14 @@ fn report(
                         outcome.release
                     )
                 }
-                DeployOutcome::RolledBack { reason, .. } => say!(
-                    "{}: release {} rolled back: {reason}",
-                    outcome.service,
-                    outcome.release
-                ),
+                DeployOutcome::RolledBack { reason, .. } => {
+                    say!(
+                        "{}: release {} rolled back: {reason}",
+                        outcome.service,
+                        outcome.release
+                    );
+                    failing_lines(home, app, environment, outcome);
+                }
                 DeployOutcome::Superseded { .. } => say!(
                     "{}: release {} was superseded before it finished",
                     outcome.service,
@@ -382,6 +388,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let server = tokio::spawn(daemon.clone().serve(listener, async {
             let _ = api_stopped.await;
         }));
+        let logs_home = home.to_owned();
         let result = async {
             let handle = daemon.controller(&project.app, &project.environment)?;
             let home = home.to_owned();
@@ -393,6 +400,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             let outcomes = follow_here(&handle, &rollout, args.json).await?;
             let snapshot = handle.snapshot();
             report(
+                &logs_home,
                 args.json,
                 &project.app,
                 &project.environment,
@@ -604,6 +612,46 @@ fn start_daemon(home: &Path, kind: RuntimeKind) -> anyhow::Result<lock::Holder> 
     }
 }
 
+/// How many of a failed release's last lines a deploy shows.
+const FAILING_LINES: usize = 20;
+
+/// The last lines the instances of a release that was rolled back wrote, indented under
+/// its outcome.
+fn failing_lines(home: &Path, app: &str, environment: &str, outcome: &Outcome) {
+    let query = crate::logs::Query {
+        app: Some(app.to_owned()),
+        environment: Some(environment.to_owned()),
+        services: vec![outcome.service.to_string()],
+        release: Some(outcome.release.0),
+        tail: Some(FAILING_LINES),
+        ..crate::logs::Query::default()
+    };
+    let mut lines = Vec::new();
+    crate::logs::read::read(home, &query, &mut |record| {
+        let mark = match record.stream {
+            crate::logs::Stream::Stdout => '|',
+            crate::logs::Stream::Stderr => '!',
+        };
+        lines.push(format!(
+            "  {} {mark} {}",
+            record.source.meta.instance,
+            String::from_utf8_lossy(&record.line)
+        ));
+    });
+    if lines.is_empty() {
+        return;
+    }
+    say!(
+        "  the last {} lines of its instances (`graven logs {} --release {}` for all):",
+        lines.len(),
+        outcome.service,
+        outcome.release
+    );
+    for line in lines {
+        say!("{line}");
+    }
+}
+
 /// `daemon stop`: SIGTERM to the holder of the home's control lock, then a wait until it has
 /// drained and let the lock go.
 fn stop_daemon(home: &Path, args: StopDaemonArgs) -> anyhow::Result<ExitCode> {
@@ -626,7 +674,12 @@ fn stop_daemon(home: &Path, args: StopDaemonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow::Result<ExitCode> {
+async fn finish(
+    home: &Path,
+    client: &Client,
+    accepted: api::Accepted,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let target = accepted.target();
     // The daemon streams the rollout's events as they are appended, and ends the stream once
     // every deploy has ended; nothing is polled.
@@ -648,6 +701,7 @@ async fn finish(client: &Client, accepted: api::Accepted, json: bool) -> anyhow:
     let outcomes = watch.outcomes();
     let snapshot = client.status(&target).await?.into_iter().next();
     report(
+        home,
         json,
         &accepted.app,
         &accepted.environment,
@@ -677,7 +731,7 @@ fn deploy_to_daemon(home: &Path, args: DeployArgs, resume: bool) -> anyhow::Resu
                 order,
             })
             .await?;
-        finish(&client, accepted, args.json).await
+        finish(home, &client, accepted, args.json).await
     })
 }
 
@@ -691,7 +745,7 @@ pub fn rollback(home: &Path, args: RollbackArgs) -> anyhow::Result<ExitCode> {
                 to: args.to.map(ReleaseNumber),
             })
             .await?;
-        finish(&client, accepted, args.target.json).await
+        finish(home, &client, accepted, args.target.json).await
     })
 }
 

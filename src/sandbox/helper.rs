@@ -930,6 +930,74 @@ pub(super) fn supervise(
     }
 }
 
+pub(super) fn supervise_watching(
+    pid: libc::pid_t,
+    watched: std::os::fd::BorrowedFd<'_>,
+    on_wake: &mut dyn FnMut(bool) -> super::Wake,
+) -> super::Ended {
+    let mut mask = empty_sigset();
+    for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+        // SAFETY: `mask` is an initialized sigset.
+        unsafe { libc::sigaddset(&mut mask, *signal) };
+    }
+    // SAFETY: a new signalfd for the signals that are blocked in this process.
+    let signals = unsafe { libc::signalfd(-1, &mask, libc::SFD_CLOEXEC) };
+    let mut translated: Option<i32> = None;
+    let mut wake = on_wake(false);
+    loop {
+        if let Some(status) = reap(pid) {
+            on_wake(false);
+            if signals >= 0 {
+                // SAFETY: the signalfd is ours and no longer needed.
+                unsafe { libc::close(signals) };
+            }
+            return super::Ended::from_wait_status(status, translated);
+        }
+        let mut polled: Vec<libc::pollfd> = Vec::with_capacity(2);
+        if signals >= 0 {
+            polled.push(libc::pollfd {
+                fd: signals,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        if wake.watched {
+            polled.push(libc::pollfd {
+                fd: watched.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // Without a signalfd the child's exit is only seen by looking again now and then.
+        let timeout = match (signals >= 0, wake.timeout_ms) {
+            (true, t) => t,
+            (false, t) if t < 0 => 100,
+            (false, t) => t.min(100),
+        };
+        // SAFETY: `polled` is a valid array of pollfds of the given length.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            continue;
+        }
+        if signals >= 0
+            && polled[0].revents != 0
+            && let Some(signal) = read_signal(signals)
+            && signal != libc::SIGCHLD
+        {
+            let deliver = if translates_to_kill(pid, signal) {
+                translated = Some(signal);
+                libc::SIGKILL
+            } else {
+                signal
+            };
+            // SAFETY: signalling our own child (not yet reaped, so its PID is its own).
+            unsafe { libc::kill(pid, deliver) };
+        }
+        let readable = wake.watched && polled.last().is_some_and(|p| p.revents != 0);
+        wake = on_wake(readable);
+    }
+}
+
 /// One signal from the signalfd, if a whole record could be read.
 fn read_signal(fd: i32) -> Option<i32> {
     // SAFETY: zeroed memory is a valid signalfd_siginfo.

@@ -462,6 +462,25 @@ pub fn supervise(
     helper::supervise(launched.pid as libc::pid_t, outputs, on_output)
 }
 
+/// What `supervise_watching`'s caller wants next: whether to wake when `watched` is
+/// readable, and at the latest after `timeout_ms` (-1: no bound).
+#[derive(Debug, Clone, Copy)]
+pub struct Wake {
+    pub watched: bool,
+    pub timeout_ms: i32,
+}
+
+/// `supervise` for a workload whose output goes to files rather than pipes: passes signals
+/// on the same way, and calls `on_wake(readable)` whenever `watched` (an inotify descriptor,
+/// say) is readable or the timeout it asked for passed; once more after the workload ended.
+pub fn supervise_watching(
+    launched: &Launched,
+    watched: std::os::fd::BorrowedFd<'_>,
+    on_wake: &mut dyn FnMut(bool) -> Wake,
+) -> Ended {
+    helper::supervise_watching(launched.pid as libc::pid_t, watched, on_wake)
+}
+
 /// Runs a command inside the running sandbox whose first process is `request.pid`, with
 /// the same privilege drop as the workload. Blocking; returns the command's exit status.
 pub fn exec(

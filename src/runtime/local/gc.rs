@@ -1,5 +1,5 @@
-//! `graven gc`'s share of the local runtime: unpacked roots no instance uses, and what is
-//! left of removed instances beyond log retention. It never removes the root or the
+//! `graven gc`'s share of the local runtime: unpacked roots no instance uses, what is left
+//! of removed instances, and the log store's retention (`logs::retention`). It never removes the root or the
 //! directory of an instance that exists (running or not): it decides under the start lock
 //! held exclusively (`rootfs::start_lock`), when no prepare, start or removal is half done,
 //! and stops orphans (instances running without a directory, whose root no state names)
@@ -72,7 +72,7 @@ impl LocalRuntime {
                     .map_err(other(format!("moving {} aside", path.display())))?;
                 doomed.push((name, aside));
             }
-            let expired = retention::expired(&instances, retention::KEEP);
+            let expired = retention::expired(&instances);
             for dir in &expired {
                 let name = file_name(dir);
                 report.instance_dirs.push(Freed {
@@ -83,7 +83,7 @@ impl LocalRuntime {
                     remove_tree(dir)?;
                 }
             }
-            for dir in removed_dirs(&instances)
+            for dir in retention::stateless(&instances)
                 .into_iter()
                 .filter(|d| !expired.contains(d))
             {
@@ -97,6 +97,25 @@ impl LocalRuntime {
                     }
                 }
             }
+        }
+        // The log store's retention, every service's bound (what each group recorded).
+        let home = &self.home;
+        let freed = crate::logs::retention::enforce_all(home, dry_run);
+        for f in freed {
+            let path = Path::new(&f.source);
+            let name = path
+                .strip_prefix(home)
+                .unwrap_or(path)
+                .display()
+                .to_string();
+            report.instance_dirs.push(Freed {
+                name: if f.whole {
+                    name
+                } else {
+                    format!("{name} (oldest lines)")
+                },
+                bytes: f.bytes,
+            });
         }
         for (name, path) in doomed {
             let bytes = disk_usage(&path);
@@ -152,18 +171,6 @@ fn unused_roots(
     }
     unused.sort();
     Ok(unused)
-}
-
-/// The directories of removed instances that stay (their logs within retention).
-fn removed_dirs(instances: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(instances) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|dir| dir.is_dir() && !dir.join(state::STATE).exists())
-        .collect()
 }
 
 fn file_name(path: &Path) -> String {

@@ -9,7 +9,6 @@
 
 mod cgroup;
 mod gc;
-pub mod log;
 pub mod net;
 pub mod orphans;
 mod probe;
@@ -27,7 +26,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use state::{LOG, LOG_BEFORE, Proc, SCRATCH, ShimRequest, State};
+use state::{Proc, SCRATCH, ShimRequest, State};
 
 pub use gc::{Freed, GcReport};
 
@@ -126,10 +125,9 @@ impl LocalRuntime {
         rootfs::is_unpacked(&self.home, image)
     }
 
-    /// Reads an instance's log (`log`, and `log.1` before it once rotated) from the start,
-    /// across rotations.
-    pub fn log_follower(&self, id: &InstanceId) -> log::LogFollower {
-        log::LogFollower::new(&self.dir_of(id))
+    /// Where the log store is: the home's, beside the instances.
+    pub fn home(&self) -> &Path {
+        &self.home
     }
 
     fn image(&self, digest: &Digest) -> Result<crate::store::Image, RuntimeError> {
@@ -390,7 +388,7 @@ impl LocalRuntime {
                 cgroups: cgroups.procs(),
                 network: resolved.network.map(|n| n.join()),
             },
-            log_bytes: spec.limits.log_bytes.unwrap_or(super::DEFAULT_LOG_BYTES),
+            log: retention::target(&self.home, id, &spec.labels, &spec.limits)?,
         };
         let initial = State {
             id: id.clone(),
@@ -472,7 +470,7 @@ impl LocalRuntime {
             .collect()
     }
 
-    fn instance(&self, dir: &Path, state: &State) -> Instance {
+    fn instance(&self, _dir: &Path, state: &State) -> Instance {
         let status = state.observed_status();
         Instance {
             id: state.id.clone(),
@@ -487,7 +485,9 @@ impl LocalRuntime {
                 .map(|p| p.pid),
             started_at_ms: state.started_at_ms,
             tainted: state.tainted,
-            log: Some(dir.join(LOG)),
+            log: retention::target(&self.home, &state.id, &state.labels, &Default::default())
+                .ok()
+                .map(|t| t.dir.join(crate::logs::Stream::Stdout.file())),
             warnings: state.warnings.clone(),
         }
     }
@@ -767,33 +767,20 @@ impl Runtime for LocalRuntime {
         // gc tells a removed instance's directory by its record: it must not look while the
         // state is gone and the record not yet written.
         let _lock = rootfs::start_lock(&self.home, false)?;
-        // Everything but the log (both files), which outlives the instance.
-        let entries =
-            std::fs::read_dir(&dir).map_err(other(format!("removing {}", dir.display())))?;
-        for entry in entries.flatten() {
-            if entry.file_name() == LOG || entry.file_name() == LOG_BEFORE {
-                continue;
-            }
-            let path = entry.path();
-            let result = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            result.map_err(other(format!("removing {}", path.display())))?;
-        }
-        // The log stays, within its group's bound.
-        let group = state
-            .labels
-            .get(retention::LOG_GROUP)
-            .map_or("", String::as_str);
+        // All of it: the instance's output is in the log store, which outlives it.
+        std::fs::remove_dir_all(&dir).map_err(other(format!("removing {}", dir.display())))?;
         // Its address is free once its state is gone (`net::sweep` tells by that too).
         if let Some(network) = state.network {
             net::release(network.ip);
             net::refill_in_background();
         }
-        retention::record(&dir, group).map_err(other(format!("recording {}", dir.display())))?;
-        retention::prune(&self.home.join("instances"), group, retention::KEEP);
+        // Its service's logs, within their bound.
+        if let Ok(target) = retention::target(&self.home, id, &state.labels, &Default::default())
+            && let Some(group) = target.dir.parent()
+        {
+            let policy = crate::logs::retention::policy_of(group);
+            let _ = crate::logs::retention::enforce(group, policy, false);
+        }
         Ok(())
     }
 }

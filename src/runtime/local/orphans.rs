@@ -1,8 +1,8 @@
 //! Orphans: instances whose directory under `$GRAVEN_HOME/instances` is gone while their
 //! processes still run (someone ran `rm -rf` on it). Nothing else could find them: their
 //! state, PIDs included, was in that directory. This module finds them by what the
-//! directory's loss cannot erase — a shim holds its instance's log open for writing, and
-//! `/proc/<pid>/fd` still names that file — and stops them.
+//! directory's loss cannot erase — a shim holds its instance's `shim.held` open for
+//! writing, and `/proc/<pid>/fd` still names that file — and stops them.
 //!
 //! It only ever signals a shim that writes a log under this home's `instances` directory
 //! while that instance has no `state.json`, and that shim's children (the workload, PID 1 of
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::state::{LOG, LOG_BEFORE, Proc, STATE};
+use super::state::{HELD, LOG, LOG_BEFORE, Proc, STATE};
 
 /// How often `list` looks for orphans: walking /proc costs a few milliseconds, and the
 /// controller lists every 100 ms.
@@ -80,7 +80,8 @@ fn written_log(pid: u32, instances: &Path) -> Option<String> {
         let (Some(name), Some(dir)) = (target.file_name(), target.parent()) else {
             continue;
         };
-        if (name != LOG && name != LOG_BEFORE) || dir.parent() != Some(instances) {
+        // `HELD`, or the log a shim of a graven from before the log store writes.
+        if (name != HELD && name != LOG && name != LOG_BEFORE) || dir.parent() != Some(instances) {
             continue;
         }
         // A reader (`graven run` following the log) is no shim: only a writer is.

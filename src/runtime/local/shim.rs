@@ -1,9 +1,10 @@
 //! The per-instance supervisor, a fresh single-threaded graven process in its own session so
 //! it outlives the graven that started it. Being single-threaded, it starts the sandbox
 //! itself (`sandbox::launch`, no helper exec), tells its starter "ok" or the error on a pipe,
-//! passes stop signals on to the workload, captures the workload's stdout and stderr line by
-//! line with a timestamp into the instance's log (rotated at a size, one earlier file kept),
-//! and records the exit in the instance's state.
+//! passes stop signals on to the workload, and records the exit in the instance's state.
+//! The workload writes its stdout and stderr straight into its source in the log store
+//! (`logs::ingest`); the shim stamps times into the source's index, syncs it on a schedule
+//! and enforces its service's retention, so a kill -9 of the shim loses no line.
 //!
 //! How it comes to be depends on its starter (`start`). A single-threaded starter
 //! (`graven run`) forks it: the child already is a fresh single-threaded graven, and an exec
@@ -15,11 +16,12 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use super::log::{Log, Sink};
 use super::state::{self, Proc, ShimRequest};
+use crate::logs::Stamper;
 use crate::runtime::InstanceStatus;
 use crate::sandbox::{self, Ended, Launched};
 
@@ -177,10 +179,10 @@ pub fn main(dir: &Path) -> ! {
     }
 }
 
-/// Starts the workload, reports "ok" or the error on `report` and closes it, then captures
-/// the workload's output until it ends and records how. Returns the shim's exit code.
+/// Starts the workload, reports "ok" or the error on `report` and closes it, then stamps
+/// and syncs its output until it ends and records how. Returns the shim's exit code.
 fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
-    let (launched, mut log, outputs) = match launch(dir, request) {
+    let (launched, stamper, _held) = match launch(dir, request) {
         Ok(started) => started,
         Err(message) => {
             let _ = writeln!(report, "error {message}");
@@ -189,15 +191,27 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
     };
     let _ = report.write_all(b"ok\n");
     drop(report);
-    let mut streams = [Lines::new("stdout"), Lines::new("stderr")];
-    let ended = sandbox::supervise(
-        &launched,
-        &[outputs[0].as_fd(), outputs[1].as_fd()],
-        &mut |i, bytes| streams[i].push(bytes, &mut log),
-    );
-    for stream in &mut streams {
-        stream.finish(&mut log);
-    }
+    let ended = match Ingest::new(dir, request, stamper) {
+        Ok(mut ingest) => {
+            let inotify = ingest
+                .inotify
+                .try_clone()
+                .expect("an inotify descriptor dups");
+            let ended = sandbox::supervise_watching(&launched, inotify.as_fd(), &mut |readable| {
+                ingest.wake(readable)
+            });
+            ingest.finish();
+            ended
+        }
+        // Without inotify (out of watches) output is still written, stamped on a timer.
+        Err(mut stamper) => {
+            let ended = sandbox::supervise(&launched, &[], &mut |_, _| {});
+            let _ = stamper.stamp_final(crate::logs::now_ns());
+            let _ = stamper.sync();
+            stamper.unseal();
+            ended
+        }
+    };
     let exited = match ended {
         Ended::Code(code) => InstanceStatus::Exited {
             code: Some(code),
@@ -226,30 +240,31 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
     i32::from(recorded.is_err())
 }
 
-/// Opens the log, starts the workload with its output on two pipes and records it in the
-/// instance's state.
-fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Log, [OwnedFd; 2]), String> {
-    let log = Log::open(dir, request.log_bytes).map_err(|e| format!("opening the log: {e}"))?;
-    let (out_read, out_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_read, err_write) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    // A pipe is made 0600 for its maker: the workload's user gets its ends, as runc gives
-    // them, so a server that opens /dev/stdout or /dev/stderr (nginx's `error_log
-    // /dev/stderr`) as a user other than root may. Rootless, the maker already is that user.
-    if !sandbox::rootless() {
-        let owner = (
-            Some(rustix::fs::Uid::from_raw(request.spec.uid)),
-            Some(rustix::fs::Gid::from_raw(request.spec.gid)),
-        );
-        for pipe in [&out_write, &err_write] {
-            rustix::fs::fchown(pipe, owner.0, owner.1)
-                .map_err(|e| format!("giving the output pipes to the workload's user: {e}"))?;
-        }
+/// Makes the instance's log source, starts the workload writing straight into its data
+/// files and records it in the instance's state.
+fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Stamper, File), String> {
+    // Held open for writing for life (never written): how `orphans` finds this shim if the
+    // instance's directory is deleted.
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(state::HELD))
+        .map_err(|e| format!("opening {}: {e}", state::HELD))?;
+    // The data files are given to the workload's user, as runc gives it its pipes, so a
+    // server that opens /dev/stdout or /dev/stderr (nginx's `error_log /dev/stderr`) as a
+    // user other than root may. Rootless, the maker already is that user.
+    let owner = (!sandbox::rootless()).then_some((request.spec.uid, request.spec.gid));
+    let (stamper, outputs) = Stamper::create(&request.log.dir, &request.log.meta, owner)
+        .map_err(|e| format!("opening the log: {e}"))?;
+    if let Some(group) = request.log.dir.parent() {
+        // The newest start's bound is its service's, for `remove` and gc to enforce.
+        let _ = crate::logs::retention::save_policy(group, request.log.policy());
     }
     let launched = sandbox::launch(
         &request.spec,
         &request.options,
-        out_write.into(),
-        err_write.into(),
+        outputs.stdout,
+        outputs.stderr,
     )
     .map_err(|e| e.to_string())?;
     state::update(dir, |s| {
@@ -260,7 +275,153 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Log, [OwnedFd;
         }
     })
     .map_err(|e| e.to_string())?;
-    Ok((launched, log, [out_read.into(), err_read.into()]))
+    Ok((launched, stamper, held))
+}
+
+/// The shim's loop over the log: an inotify watch on the two data files wakes it when the
+/// workload writes; it stamps (at most once per stream per millisecond, then looks away for
+/// that millisecond, so its wake-ups do not grow with the line rate), syncs on the
+/// request's interval and enforces its service's retention now and then.
+struct Ingest<'a> {
+    dir: &'a Path,
+    stamper: Stamper,
+    inotify: OwnedFd,
+    sync_every: Duration,
+    next_sync: Instant,
+    next_retention: Instant,
+    group: Option<PathBuf>,
+    policy: crate::logs::retention::Policy,
+    /// Since when the store's filesystem is full (no space left, or the index could not be
+    /// written), and whether the last stamp failed.
+    full_since: Option<std::time::SystemTime>,
+    stamp_failed: bool,
+}
+
+/// How often a shim enforces its service's retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(30);
+
+impl<'a> Ingest<'a> {
+    fn new(dir: &'a Path, request: &ShimRequest, stamper: Stamper) -> Result<Ingest<'a>, Stamper> {
+        use rustix::fs::inotify;
+        let Ok(fd) = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+        else {
+            return Err(stamper);
+        };
+        for path in stamper.paths() {
+            if inotify::add_watch(&fd, &path, inotify::WatchFlags::MODIFY).is_err() {
+                return Err(stamper);
+            }
+        }
+        let now = Instant::now();
+        let sync_every = Duration::from_millis(request.log.sync_ms.max(1));
+        Ok(Ingest {
+            dir,
+            stamper,
+            inotify: fd,
+            sync_every,
+            next_sync: now + sync_every,
+            next_retention: now + RETENTION_EVERY,
+            group: request.log.dir.parent().map(Path::to_owned),
+            policy: request.log.policy(),
+            full_since: None,
+            stamp_failed: false,
+        })
+    }
+
+    fn wake(&mut self, readable: bool) -> sandbox::Wake {
+        if readable {
+            let mut buffer = [0u8; 4096];
+            // Drained: only that a file changed matters, not which.
+            while rustix::io::read(&self.inotify, &mut buffer).is_ok_and(|n| n > 0) {}
+        }
+        let (stamped, pending) = self.stamp();
+        let now = Instant::now();
+        if now >= self.next_sync {
+            let _ = self.stamper.sync();
+            self.next_sync = now + self.sync_every;
+            // A full disk fails the workload's writes, not ours (the index's page may
+            // have room): the filesystem says so.
+            match (self.stamper.space_left(), self.full_since) {
+                (Some(0), None) => {
+                    let since = std::time::SystemTime::now();
+                    self.full_since = Some(since);
+                    self.note_full(since, true);
+                }
+                (Some(left), Some(since)) if left > 0 => {
+                    self.full_since = None;
+                    self.note_full(since, false);
+                }
+                _ => {}
+            }
+        }
+        if now >= self.next_retention {
+            if let Some(group) = &self.group {
+                let _ = crate::logs::retention::enforce(group, self.policy, false);
+            }
+            self.next_retention = now + RETENTION_EVERY;
+        }
+        let until = self.next_sync.min(self.next_retention);
+        let idle = until.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1;
+        match () {
+            // The index could not be written: try again shortly, whatever the files do.
+            () if self.stamp_failed => sandbox::Wake {
+                watched: false,
+                timeout_ms: 100.min(idle),
+            },
+            // Just stamped, or growth left for the next millisecond: look again in one.
+            () if stamped || pending => sandbox::Wake {
+                watched: false,
+                timeout_ms: 1,
+            },
+            () => sandbox::Wake {
+                watched: true,
+                timeout_ms: idle,
+            },
+        }
+    }
+
+    /// Stamps; returns (whether it wrote an entry, whether growth is left to stamp).
+    fn stamp(&mut self) -> (bool, bool) {
+        let before = self.stamper.entries();
+        match self.stamper.stamp(crate::logs::now_ns()) {
+            Ok(pending) => {
+                self.stamp_failed = false;
+                (self.stamper.entries() > before, pending)
+            }
+            Err(_) => {
+                self.stamp_failed = true;
+                if self.full_since.is_none() {
+                    let now = std::time::SystemTime::now();
+                    self.full_since = Some(now);
+                    self.note_full(now, true);
+                }
+                (false, true)
+            }
+        }
+    }
+
+    /// Records in the instance's state (its warnings, which `graven ps --json` and the
+    /// controller show) that the log store could not be written, and when it could again.
+    /// On a full disk the state may not be writable either: the end is recorded anyway.
+    fn note_full(&self, since: std::time::SystemTime, starting: bool) {
+        let at = humantime::format_rfc3339_seconds(since);
+        let line = if starting {
+            format!(
+                "log store full since {at}: what the workload could not write meanwhile is lost"
+            )
+        } else {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            format!("log store has space again since {now} (full since {at})")
+        };
+        let _ = state::update(self.dir, |s| s.warnings.push(line));
+    }
+
+    /// The last stamp, whatever the millisecond, and a sync: the workload has ended.
+    fn finish(&mut self) {
+        let _ = self.stamper.stamp_final(crate::logs::now_ns());
+        let _ = self.stamper.sync();
+        self.stamper.unseal();
+    }
 }
 
 /// Points the given standard fds at /dev/null, so nothing the shim reads or writes there
@@ -275,123 +436,5 @@ fn detach_stdio(fds: &[i32]) {
             // SAFETY: dup2 onto a standard fd replaces it with /dev/null; `null` stays valid.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
-    }
-}
-
-/// A line longer than this is logged in pieces of this size, so a workload that never
-/// writes a newline cannot make the shim hold an unbounded line.
-const MAX_LINE: usize = 16 * 1024;
-
-/// One captured stream, cut into lines that are logged as `<RFC 3339 time> <stream> <line>`.
-struct Lines {
-    stream: &'static str,
-    pending: Vec<u8>,
-}
-
-impl Lines {
-    fn new(stream: &'static str) -> Lines {
-        Lines {
-            stream,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Takes what arrived and logs every line it completes, in one write.
-    fn push(&mut self, bytes: &[u8], log: &mut impl Sink) {
-        let mut lines = Vec::new();
-        self.split(bytes, |line| lines.push(line));
-        self.write(&lines, log);
-    }
-
-    /// Logs the last line when the stream ended without a newline.
-    fn finish(&mut self, log: &mut impl Sink) {
-        if !self.pending.is_empty() {
-            let line = std::mem::take(&mut self.pending);
-            self.write(&[line], log);
-        }
-    }
-
-    fn split(&mut self, mut bytes: &[u8], mut line: impl FnMut(Vec<u8>)) {
-        while !bytes.is_empty() {
-            let room = MAX_LINE - self.pending.len();
-            // One byte past the room: a newline right after a full piece ends that piece.
-            let window = &bytes[..bytes.len().min(room + 1)];
-            match window.iter().position(|&b| b == b'\n') {
-                Some(end) => {
-                    self.pending.extend_from_slice(&window[..end]);
-                    line(std::mem::take(&mut self.pending));
-                    bytes = &bytes[end + 1..];
-                }
-                None if window.len() > room => {
-                    self.pending.extend_from_slice(&window[..room]);
-                    line(std::mem::take(&mut self.pending));
-                    bytes = &bytes[room..];
-                }
-                None => {
-                    self.pending.extend_from_slice(window);
-                    bytes = &[];
-                }
-            }
-        }
-    }
-
-    fn write(&self, lines: &[Vec<u8>], log: &mut impl Sink) {
-        if lines.is_empty() {
-            return;
-        }
-        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let mut text = String::new();
-        for line in lines {
-            text.push_str(&now);
-            text.push(' ');
-            text.push_str(self.stream);
-            text.push(' ');
-            text.push_str(&String::from_utf8_lossy(line));
-            text.push('\n');
-        }
-        log.append(text.as_bytes());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::runtime::local::log::parse_log_line;
-
-    fn lines(chunks: &[&[u8]]) -> Vec<String> {
-        let mut framer = Lines::new("stdout");
-        let mut log = Vec::new();
-        for chunk in chunks {
-            framer.push(chunk, &mut log);
-        }
-        framer.finish(&mut log);
-        String::from_utf8(log)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                let parsed = parse_log_line(line).unwrap();
-                assert_eq!(parsed.stream, "stdout");
-                parsed.text.to_owned()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn output_is_cut_into_lines_across_chunks() {
-        assert_eq!(lines(&[b"a\nb", b"c\n", b"\nd"]), ["a", "bc", "", "d"]);
-        assert_eq!(lines(&[b"one\ntwo\n"]), ["one", "two"]);
-        assert!(lines(&[b""]).is_empty());
-    }
-
-    #[test]
-    fn a_line_without_end_is_logged_in_pieces() {
-        let long = vec![b'x'; MAX_LINE * 2 + 5];
-        let got = lines(&[&long[..MAX_LINE - 1], &long[MAX_LINE - 1..], b"\nshort\n"]);
-        let lengths: Vec<usize> = got.iter().map(String::len).collect();
-        assert_eq!(lengths, [MAX_LINE, MAX_LINE, 5, 5]);
-        // A line of exactly the piece size is one line, with no empty one after it.
-        let exact = [vec![b'y'; MAX_LINE], b"\n".to_vec()].concat();
-        assert_eq!(lines(&[&exact]).len(), 1);
-        assert_eq!(lines(&[&exact[..MAX_LINE], b"\n"]).len(), 1);
     }
 }

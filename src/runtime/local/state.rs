@@ -16,9 +16,13 @@ use crate::sandbox::{Options, SandboxSpec};
 use crate::store::Digest;
 
 pub const STATE: &str = "state.json";
+/// The log of an instance started by a graven from before the log store, and the one
+/// before it, once rotated: kept within the store's age by gc.
 pub const LOG: &str = "log";
-/// The log before the current one, once the shim has rotated it.
 pub const LOG_BEFORE: &str = "log.1";
+/// A file the shim holds open for writing as long as it lives: how an instance whose
+/// directory was deleted is still found (`orphans`), its output being in the log store.
+pub const HELD: &str = "shim.held";
 pub const SCRATCH: &str = "mnt";
 const LOCK: &str = "state.lock";
 
@@ -113,8 +117,29 @@ impl State {
 pub struct ShimRequest {
     pub spec: SandboxSpec,
     pub options: Options,
-    /// The size at which the shim rotates the log.
-    pub log_bytes: u64,
+    pub log: LogTarget,
+}
+
+/// Where the shim's workload writes its output: its source in the log store, and how the
+/// shim keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogTarget {
+    pub dir: PathBuf,
+    pub meta: crate::logs::Meta,
+    /// How often the shim syncs the source to disk.
+    pub sync_ms: u64,
+    /// The service's retention, which the shim enforces on its group now and then.
+    pub max_bytes: u64,
+    pub max_age_s: u64,
+}
+
+impl LogTarget {
+    pub fn policy(&self) -> crate::logs::retention::Policy {
+        crate::logs::retention::Policy {
+            max_bytes: self.max_bytes,
+            max_age: std::time::Duration::from_secs(self.max_age_s),
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
