@@ -14,7 +14,7 @@ use graven::syslog::{
     Stream, Transport, VecFeed, VecSink, WireFormat,
 };
 
-const DEADLINE: Duration = Duration::from_secs(60);
+const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Waits for `ready` with a deadline, polling.
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
@@ -276,4 +276,168 @@ async fn graven_forwards_rfc3164_when_asked() {
         "<134>Dec  6 11:02:43 graven-host api[api-7-abc]: line 0 of api".len()
     );
     rsyslog.stop();
+}
+
+fn listen_config(addresses: &[&str]) -> ListenConfig {
+    ListenConfig {
+        addresses: addresses
+            .iter()
+            .map(|a| Endpoint::parse(a).unwrap())
+            .collect(),
+        max_message: 8192,
+    }
+}
+
+/// The numbers of `message N` a sink received.
+fn received_numbers(sink: &VecSink) -> BTreeMap<u64, usize> {
+    let mut seen = BTreeMap::new();
+    for r in sink.snapshot() {
+        let text = String::from_utf8_lossy(&r.message).into_owned();
+        if let Some(n) = text.trim().strip_prefix("message ") {
+            *seen.entry(n.parse::<u64>().unwrap()).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsyslog_forwards_to_graven_octet_counted_lf_and_udp() {
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = [VecSink::new(), VecSink::new(), VecSink::new()];
+    let mut listeners = Vec::new();
+    for (address, sink) in [
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        "udp://127.0.0.1:0",
+    ]
+    .iter()
+    .zip(&sinks)
+    {
+        listeners.push(
+            Listener::bind(&listen_config(&[address]), sink.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let port = |i: usize| listeners[i].local_addrs()[0].port;
+    let config = format!(
+        r#"module(load="imtcp")
+ruleset(name="fwd") {{
+  action(type="omfwd" target="127.0.0.1" port="{octet}" protocol="tcp" TCP_Framing="octet-counted" template="RSYSLOG_SyslogProtocol23Format")
+  action(type="omfwd" target="127.0.0.1" port="{lf}" protocol="tcp" TCP_Framing="traditional")
+  action(type="omfwd" target="127.0.0.1" port="{udp}" protocol="udp")
+}}
+input(type="imtcp" port="0" listenPortFileName="{port_file}" ruleset="fwd")
+"#,
+        octet = port(0),
+        lf = port(1),
+        udp = port(2),
+        port_file = dir.path().join("tcp.port").display(),
+    );
+    let rsyslog = Rsyslog::start(dir.path(), &config);
+    let mut to_rsyslog = TcpStream::connect(("127.0.0.1", rsyslog.tcp_port)).unwrap();
+    let mut batch = String::new();
+    for n in 0..300 {
+        batch.push_str(&format!(
+            "<30>Dec  6 10:00:01 sender-host myapp[42]: message {n}\n"
+        ));
+    }
+    to_rsyslog.write_all(batch.as_bytes()).unwrap();
+    for (i, sink) in sinks.iter().enumerate() {
+        wait_async("every message at graven", || {
+            received_numbers(sink).len() == 300
+        })
+        .await;
+        let all = sink.snapshot();
+        assert!(
+            all.iter()
+                .all(|r| r.hostname.as_deref() == Some("sender-host")
+                    && r.app_name.as_deref() == Some("myapp")
+                    && r.procid.as_deref() == Some("42")
+                    && r.facility == Facility::new(3).unwrap()),
+            "listener {i}: {:?}",
+            &all[0]
+        );
+    }
+    // The octet-counted action sent RFC 5424, the others RFC 3164.
+    assert!(sinks[0].snapshot()[0].structured_data.is_none());
+    assert!(sinks[0].snapshot()[0].timestamp.is_some());
+    for listener in listeners {
+        let stats = listener.stats();
+        assert!(
+            BadInput::ALL.iter().all(|k| stats.bad(*k) == 0),
+            "no bad input from rsyslog"
+        );
+        listener.stop().await;
+    }
+    rsyslog.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_are_counted_and_skipped_with_the_good_ones_kept() {
+    let sink = VecSink::new();
+    let mut config = listen_config(&["tcp://127.0.0.1:0", "udp://127.0.0.1:0"]);
+    config.max_message = 256;
+    let listener = Listener::bind(&config, sink.clone()).await.unwrap();
+    let tcp = listener.local_addrs()[0].listen_addr().unwrap();
+    let udp = listener.local_addrs()[1].listen_addr().unwrap();
+    let good = |n: u64| format!("<13>1 - host app - - - message {n}");
+    let octet = |m: &[u8]| [format!("{} ", m.len()).as_bytes(), m].concat();
+    let mut stream = Vec::new();
+    stream.extend(octet(good(0).as_bytes()));
+    // A length prefix too long: it swallows the next frame's start.
+    stream.extend(b"60 <13>1 - host app - - - cut short");
+    stream.extend(octet(good(1).as_bytes()));
+    // A frame larger than the limit.
+    stream.extend(octet(
+        format!("<13>1 - host app - - - {}", "x".repeat(1000)).as_bytes(),
+    ));
+    stream.extend(octet(good(2).as_bytes()));
+    // Invalid UTF-8, then a PRI out of range, then garbage between frames.
+    stream.extend(octet(b"<13>1 - host app - - - \xff\xfe"));
+    stream.extend(format!("{}\n", good(3)).as_bytes());
+    stream.extend(octet(b"<999>1 - host app - - - pri"));
+    stream.extend(b"\x01\x02garbage!");
+    stream.extend(octet(good(4).as_bytes()));
+    stream.extend(format!("{}\n", good(5)).as_bytes());
+    let mut conn = TcpStream::connect(tcp).unwrap();
+    conn.write_all(&stream).unwrap();
+    drop(conn);
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for datagram in [
+        good(10).into_bytes(),
+        b"<200>1 - host app - - - pri".to_vec(),
+        format!("{}\n", good(11)).into_bytes(),
+        b"<13>1 - host app - - - \xc3\x28".to_vec(),
+        format!("<13>1 - h a - - - {}", "y".repeat(300)).into_bytes(),
+        b"<13>1 not-a-time host app - - - x".to_vec(),
+        good(12).into_bytes(),
+    ] {
+        sender.send_to(&datagram, udp).unwrap();
+    }
+    let stats = listener.stats();
+    let counts = |stats: &graven::syslog::ListenerStats| BadInput::ALL.map(|k| (k, stats.bad(k)));
+    let start = Instant::now();
+    while !(received_numbers(&sink).len() == 9 && stats.bad(BadInput::Malformed) == 1) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{:?} {:?}",
+            received_numbers(&sink),
+            counts(&stats)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen: Vec<u64> = received_numbers(&sink).into_keys().collect();
+    assert_eq!(seen, [0, 1, 2, 3, 4, 5, 10, 11, 12]);
+    assert_eq!(stats.bad(BadInput::BadLength), 1);
+    assert_eq!(
+        stats.bad(BadInput::Oversize),
+        2,
+        "one over TCP, one over UDP"
+    );
+    assert_eq!(stats.bad(BadInput::InvalidUtf8), 2);
+    assert_eq!(stats.bad(BadInput::Pri), 2);
+    assert_eq!(stats.bad(BadInput::Garbage), 1);
+    assert_eq!(stats.bad(BadInput::Malformed), 1);
+    listener.stop().await;
 }

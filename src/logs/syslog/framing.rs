@@ -90,6 +90,12 @@ fn next_start(buf: &[u8], from: usize, inside_frame: bool) -> Start {
     Start::None
 }
 
+/// How many bytes of a start found at `i` come before its message: a length prefix and the
+/// space, or nothing for a line-framed message.
+fn prefix_len(buf: &[u8], i: usize) -> usize {
+    buf[i..].iter().take_while(|b| b.is_ascii_digit()).count() + 1
+}
+
 /// A TCP connection's framing state; `push` what arrives, `finish` at the end.
 #[derive(Debug)]
 pub struct Deframer {
@@ -158,7 +164,9 @@ impl Deframer {
                 // its length was a lie and the frame starts there.
                 let window = &avail[..avail.len().min(self.discard)];
                 let skip = match next_start(avail, 0, true) {
-                    Start::Found(i) if i < window.len() => {
+                    // Whole inside the frame: digits that run on past its end are a message
+                    // ending in a digit followed by the next frame's length.
+                    Start::Found(i) if i + prefix_len(avail, i) < self.discard => {
                         self.discard = 0;
                         i
                     }
@@ -255,8 +263,11 @@ impl Deframer {
         let end = body + count;
         // A frame that holds another frame's start had a wrong length (too long).
         match next_start(avail, body + 1, true) {
-            Start::Found(i) if i < end => return self.resync(avail, BadInput::BadLength),
-            Start::Partial(i) if i < end && !eof => return Step::Wait,
+            // Whole inside the frame, as for an oversize frame's bytes.
+            Start::Found(i) if i + prefix_len(avail, i) < end => {
+                return self.resync(avail, BadInput::BadLength);
+            }
+            Start::Partial(i) if i < end && avail.len() < end && !eof => return Step::Wait,
             _ => {}
         }
         if avail.len() < end {
@@ -356,6 +367,16 @@ mod tests {
     }
 
     #[test]
+    fn a_message_ending_in_a_digit_keeps_the_next_frame() {
+        let (frames, bad) = run(&[b"6 <13>a15 <14>b6 <15>c2"], 100);
+        assert_eq!(frames, ["<13>a1", "<14>b", "<15>c2"]);
+        assert!(bad.is_empty());
+        let (frames, bad) = run(&[b"9 <13>aaaa7", b"5 <14>b"], 8);
+        assert_eq!(frames, ["<14>b"]);
+        assert_eq!(bad, [BadInput::Oversize]);
+    }
+
+    #[test]
     fn oversize_and_garbage_are_counted_and_skipped() {
         let (frames, bad) = run(&[b"4 <1>a", b"999 <13>", &[b'x'; 300], b"4 <2>b"], 64);
         assert_eq!(frames, ["<1>a", "<2>b"]);
@@ -369,13 +390,14 @@ mod tests {
     }
 
     /// A valid frame as a test builds it: octet-counted or line-framed, RFC 5424 or 3164, its
-    /// text free of digits and `<` (which could start a frame: see the module's head).
+    /// text free of `<` and of digits but at its end (either could start a frame: see the
+    /// module's head).
     fn frame() -> impl Strategy<Value = (bool, Vec<u8>)> {
         (
             any::<bool>(),
             0u8..192,
             any::<bool>(),
-            "[a-zA-Z .,:=\\[\\]\"-]{0,40}",
+            "[a-zA-Z .,:=\\[\\]\"-]{0,40}[0-9]{0,3}",
         )
             .prop_map(|(octet, pri, modern, text)| {
                 let msg = if modern {

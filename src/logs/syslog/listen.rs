@@ -2,14 +2,16 @@
 //! framed, told apart per frame), parsed and handed to a `Sink` in batches from a thread of
 //! its own. Each connection holds at most one frame (`max_message`) and a read buffer;
 //! connections past `MAX_CONNECTIONS` are closed as they come. Bad input is counted by kind
-//! and skipped (`framing` says how the frames around it are kept).
+//! and skipped (`framing` says how the frames around it are kept). A listener stopping shuts
+//! its side of each connection and reads what the peer had sent for up to `DRAIN`, so a peer
+//! that checks its connection before sending (rsyslog does) sends nothing into the void.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -24,6 +26,8 @@ const READ_SIZE: usize = 16 * 1024;
 /// Messages queued for the sink before connections wait for it.
 const QUEUE: usize = 4096;
 const SINK_BATCH: usize = 1024;
+/// How long a stopping listener reads what its TCP peers already sent.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the listener has taken and refused so far.
 #[derive(Debug, Default)]
@@ -247,7 +251,8 @@ async fn serve_tcp(
             drop(permit);
         });
     }
-    connections.shutdown().await;
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 async fn serve_connection(
@@ -261,10 +266,22 @@ async fn serve_connection(
     let mut deframer = Deframer::new(max);
     let mut buf = vec![0u8; READ_SIZE];
     let mut out = Vec::new();
+    let mut drain_until = None;
     loop {
-        let n = tokio::select! {
-            _ = stopped.changed() => return,
-            r = stream.read(&mut buf) => r.unwrap_or(0),
+        let n = match drain_until {
+            None => tokio::select! {
+                _ = stopped.changed() => {
+                    // Tell the sender first (rsyslog checks its connection before each send
+                    // and reconnects elsewhere or later), then read what it already sent.
+                    let _ = stream.shutdown().await;
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN);
+                    continue;
+                }
+                r = stream.read(&mut buf) => r.unwrap_or(0),
+            },
+            Some(until) => tokio::time::timeout_at(until, stream.read(&mut buf))
+                .await
+                .map_or(0, |r| r.unwrap_or(0)),
         };
         let mut emit =
             |r: Result<(&[u8], _), BadInput>| match r.and_then(|(f, _)| received(f, peer)) {
