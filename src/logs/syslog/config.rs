@@ -129,6 +129,9 @@ pub struct ForwardConfig {
     pub facility: Facility,
     /// The HOSTNAME field; the machine's node name when `None`.
     pub hostname: Option<String>,
+    /// How long a line's bytes must have been acknowledged, the connection still up, before
+    /// it is confirmed (`forward`'s head says why).
+    pub confirm_after: std::time::Duration,
 }
 
 impl ForwardConfig {
@@ -140,6 +143,7 @@ impl ForwardConfig {
             buffer: DEFAULT_BUFFER,
             facility: Facility::USER,
             hostname: None,
+            confirm_after: super::forward::CONFIRM_AFTER,
         }
     }
 }

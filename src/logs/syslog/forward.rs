@@ -30,7 +30,7 @@ use super::config::{ForwardConfig, Transport, WireFormat};
 use super::{Cursor, Feed, format};
 
 /// How long after its bytes were acknowledged a line is confirmed (see the module's head).
-pub const CONFIRM_AFTER: Duration = Duration::from_secs(2);
+pub const CONFIRM_AFTER: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -231,10 +231,12 @@ impl Link {
     }
 
     async fn ready(&self, write: bool) -> std::io::Result<tokio::io::Ready> {
+        // ERROR too: a refused datagram's ICMP makes a UDP socket neither readable nor
+        // writable, only errored.
         let interest = if write {
-            Interest::READABLE | Interest::WRITABLE
+            Interest::READABLE | Interest::WRITABLE | Interest::ERROR
         } else {
-            Interest::READABLE
+            Interest::READABLE | Interest::ERROR
         };
         match self {
             Link::Tcp(s) => s.ready(interest).await,
@@ -310,7 +312,7 @@ impl State {
     }
 
     /// Marks acknowledged entries and confirms those acknowledged long enough ago.
-    fn confirm(&mut self, link: &Link, now: Instant, stats: &ForwardStats) {
+    fn confirm(&mut self, link: &Link, now: Instant, after: Duration, stats: &ForwardStats) {
         let unacked = link.unacknowledged();
         let acked = self.offset.saturating_sub(unacked);
         for entry in self.entries.iter_mut().take(self.written) {
@@ -321,7 +323,7 @@ impl State {
         }
         while let Some(front) = self.entries.front() {
             match front.acked_at {
-                Some(at) if now.duration_since(at) >= CONFIRM_AFTER => {
+                Some(at) if now.duration_since(at) >= after => {
                     let entry = self.entries.pop_front().unwrap();
                     self.written -= 1;
                     self.deliver(entry.delivers);
@@ -454,7 +456,7 @@ async fn run(
                 let l = link.as_ref().unwrap();
                 match ready {
                     Ok(ready) => {
-                        if ready.is_readable() || ready.is_read_closed() {
+                        if ready.is_readable() || ready.is_read_closed() || ready.is_error() {
                             failed |= l.check_read().is_err();
                         }
                         if !failed && ready.is_writable() {
@@ -470,7 +472,7 @@ async fn run(
             }
             _ = tick.tick() => {
                 if let Some(l) = &link {
-                    state.confirm(l, Instant::now(), &stats);
+                    state.confirm(l, Instant::now(), config.confirm_after, &stats);
                 }
             }
         }
