@@ -569,3 +569,97 @@ async fn rsyslog_restarted_over_udp_gets_lines_again_once_back() {
         "every line after the last restart arrives"
     );
 }
+
+/// The other direction: an app's log file read by rsyslog's imfile and forwarded to graven
+/// (TCP, octet-counted) with a disk-assisted action queue saved on shutdown, as a user
+/// would configure a shipper that must not lose lines; rsyslog stopped by its PID and
+/// started again twice while the app writes.
+async fn ship_across_restarts(restart_graven: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = VecSink::new();
+    let mut listener = Listener::bind(&listen_config(&["tcp://127.0.0.1:0"]), sink.clone())
+        .await
+        .unwrap();
+    let port = listener.local_addrs()[0].port;
+    let app_log = dir.path().join("app.log");
+    std::fs::write(&app_log, "").unwrap();
+    let config = |tcp_port: u16| {
+        format!(
+            r#"module(load="imtcp")
+module(load="imfile")
+input(type="imtcp" port="{tcp_port}" listenPortFileName="{port_file}" ruleset="fwd")
+input(type="imfile" file="{app_log}" tag="shipper:" ruleset="fwd")
+ruleset(name="fwd") {{
+  action(type="omfwd" target="127.0.0.1" port="{port}" protocol="tcp" TCP_Framing="octet-counted"
+         template="RSYSLOG_SyslogProtocol23Format"
+         queue.type="LinkedList" queue.filename="to-graven" queue.saveOnShutdown="on"
+         action.resumeRetryCount="-1" action.resumeInterval="1")
+}}
+"#,
+            port_file = dir.path().join("tcp.port").display(),
+            app_log = app_log.display(),
+        )
+    };
+    let mut rsyslog = Rsyslog::start(dir.path(), &config(0));
+    let tcp_port = rsyslog.tcp_port;
+    let total = 3000u64;
+    let writer = {
+        let app_log = app_log.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut file = std::fs::OpenOptions::new().append(true).open(app_log).unwrap();
+            for n in 0..total {
+                writeln!(file, "message {n}").unwrap();
+                if n % 10 == 9 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+    };
+    for at in [total / 4, total / 2] {
+        wait_async("lines before the restart", || {
+            received_numbers(&sink).len() as u64 >= at
+        })
+        .await;
+        if restart_graven {
+            listener.stop().await;
+            let again = format!("tcp://127.0.0.1:{port}");
+            listener = Listener::bind(&listen_config(&[&again]), sink.clone())
+                .await
+                .unwrap();
+        } else {
+            rsyslog.stop();
+            rsyslog = Rsyslog::start(dir.path(), &config(tcp_port));
+        }
+    }
+    writer.await.unwrap();
+    wait_async("every line at graven", || {
+        received_numbers(&sink).len() as u64 == total
+    })
+    .await;
+    let seen = received_numbers(&sink);
+    let duplicates: usize = seen.values().map(|c| c - 1).sum();
+    eprintln!(
+        "rsyslog to graven, {} restarted: {total} lines, 0 missing, {duplicates} duplicates",
+        if restart_graven { "graven" } else { "rsyslog" }
+    );
+    assert!(
+        sink.snapshot()
+            .iter()
+            .all(|r| r.app_name.as_deref() == Some("shipper"))
+    );
+    rsyslog.stop();
+    listener.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsyslog_restarted_while_shipping_to_graven_loses_no_line() {
+    ship_across_restarts(false).await;
+}
+
+/// graven's listener stopped and bound again on the same port twice: rsyslog's action queue
+/// holds the lines meanwhile, and the listener's drain (its side shut first, what was sent
+/// read) loses none of what rsyslog had sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graven_listener_restarted_while_rsyslog_ships_loses_no_line() {
+    ship_across_restarts(true).await;
+}
