@@ -606,7 +606,10 @@ ruleset(name="fwd") {{
     let writer = {
         let app_log = app_log.clone();
         tokio::task::spawn_blocking(move || {
-            let mut file = std::fs::OpenOptions::new().append(true).open(app_log).unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(app_log)
+                .unwrap();
             for n in 0..total {
                 writeln!(file, "message {n}").unwrap();
                 if n % 10 == 9 {
