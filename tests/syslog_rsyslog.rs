@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use graven::syslog::{
-    BadInput, Endpoint, Facility, ForwardConfig, Forwarder, ListenConfig, Listener, OutRecord,
-    Stream, Transport, VecFeed, VecSink, WireFormat,
+    BadInput, Endpoint, Facility, FileFeed, ForwardConfig, Forwarder, ListenConfig, Listener,
+    OutRecord, Stream, Transport, VecFeed, VecSink, WireFormat,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -665,4 +665,75 @@ async fn rsyslog_restarted_while_shipping_to_graven_loses_no_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graven_listener_restarted_while_rsyslog_ships_loses_no_line() {
     ship_across_restarts(true).await;
+}
+
+/// A forwarder stopped (graven stopping) and started again over the same file feed resumes
+/// after the last confirmed line: nothing again, nothing skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_forwarder_resumes_from_the_feeds_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsyslog = Rsyslog::start(
+        dir.path(),
+        &receiving_config(dir.path(), 0, free_udp_port()),
+    );
+    let records = dir.path().join("records.jsonl");
+    let cursor = dir.path().join("cursor");
+    let config = forward_config(Transport::Tcp, rsyslog.tcp_port, WireFormat::Rfc5424);
+    let out = dir.path().join("out.log");
+    for round in 0..2u64 {
+        for n in round * 100..round * 100 + 100 {
+            FileFeed::append(&records, &record("web", n, Stream::Stdout)).unwrap();
+        }
+        let feed = FileFeed::open(&records, &cursor).unwrap();
+        let forwarder = Forwarder::spawn(config.clone(), feed);
+        let last = (round * 100 + 99).to_string();
+        wait_async("the round's lines confirmed", || {
+            std::fs::read_to_string(&cursor).is_ok_and(|c| c == last)
+        })
+        .await;
+        forwarder.stop().await;
+    }
+    let seen = numbers(&lines(&out));
+    assert_eq!(seen.len(), 200);
+    assert!(
+        seen.values().all(|c| *c == 1),
+        "no line sent twice: {seen:?}"
+    );
+    rsyslog.stop();
+}
+
+/// A server away for longer than the buffer holds: the oldest lines are dropped and counted,
+/// the newest arrive once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_buffer_the_oldest_lines_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nobody listens on until rsyslog takes it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let feed = VecFeed::new();
+    let mut config = forward_config(Transport::Tcp, port, WireFormat::Rfc5424);
+    config.buffer = 10;
+    let forwarder = Forwarder::spawn(config, feed.clone());
+    let stats = forwarder.stats();
+    for n in 0..100 {
+        feed.push(record("web", n, Stream::Stdout));
+    }
+    wait_async("90 lines dropped", || {
+        stats.dropped.load(Ordering::Relaxed) == 90
+    })
+    .await;
+    let rsyslog = Rsyslog::start(
+        dir.path(),
+        &receiving_config(dir.path(), port, free_udp_port()),
+    );
+    let out = dir.path().join("out.log");
+    wait_async("the 10 newest lines", || numbers(&lines(&out)).len() == 10).await;
+    let seen: Vec<u64> = numbers(&lines(&out)).into_keys().collect();
+    assert_eq!(seen, (90..100).collect::<Vec<_>>());
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 90);
+    forwarder.stop().await;
+    rsyslog.stop();
 }
