@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -188,7 +188,7 @@ fn forward_config(transport: Transport, port: u16, format: WireFormat) -> Forwar
 fn numbers(lines: &[String]) -> BTreeMap<u64, usize> {
     let mut seen = BTreeMap::new();
     for l in lines {
-        let msg = l.splitn(8, '|').nth(6).unwrap_or_default().trim_start();
+        let msg = l.split('|').nth(6).unwrap_or_default().trim_start();
         if let Some(rest) = msg.strip_prefix("line ") {
             let n: u64 = rest.split(' ').next().unwrap().parse().unwrap();
             *seen.entry(n).or_insert(0) += 1;
@@ -476,7 +476,7 @@ async fn forward_across_restarts(
         Transport::Udp => udp_port,
     };
     let feed = VecFeed::new();
-    let mut config = forward_config(transport, port, WireFormat::Rfc5424);
+    let config = forward_config(transport, port, WireFormat::Rfc5424);
     let forwarder = Forwarder::spawn(config, feed.clone());
     let stats = forwarder.stats();
     let out = dir.join("out.log");

@@ -88,7 +88,7 @@ pub(crate) fn check(
             {
                 Ok(e) => e,
                 Err(message) => {
-                    issues.push(to.span.clone(), &field("to"), message);
+                    issues.push(to.span.clone(), field("to"), message);
                     continue;
                 }
             },
@@ -99,10 +99,10 @@ pub(crate) fn check(
                 Ok(Some(w)) => checked.format = w,
                 Ok(None) => issues.push(
                     format.span.clone(),
-                    &field("format"),
+                    field("format"),
                     "the format must be \"rfc5424\" or \"rfc3164\"",
                 ),
-                Err(message) => issues.push(format.span.clone(), &field("format"), message),
+                Err(message) => issues.push(format.span.clone(), field("format"), message),
             }
         }
         if let Some(names) = &f.services {
@@ -112,7 +112,7 @@ pub(crate) fn check(
                         if !services.contains(&name.as_str()) {
                             issues.push(
                                 names_span(f),
-                                &field("services"),
+                                field("services"),
                                 format!(
                                     "no service {name:?} in [services] (known: {}){}",
                                     quoted_list(services.iter().copied()),
@@ -123,7 +123,7 @@ pub(crate) fn check(
                     }
                     checked.services = names.clone();
                 }
-                Err(message) => issues.push(names.span.clone(), &field("services"), message),
+                Err(message) => issues.push(names.span.clone(), field("services"), message),
             }
         }
         if let Some(buffer) = &f.buffer {
@@ -131,10 +131,10 @@ pub(crate) fn check(
                 Ok(n) if (1..=100_000_000).contains(&n) => checked.buffer = n as usize,
                 Ok(n) => issues.push(
                     buffer.span.clone(),
-                    &field("buffer"),
+                    field("buffer"),
                     format!("{n} is out of range: it must be between 1 and 100000000 lines"),
                 ),
-                Err(ref message) => issues.push(buffer.span.clone(), &field("buffer"), message),
+                Err(ref message) => issues.push(buffer.span.clone(), field("buffer"), message),
             }
         }
         if let Some(facility) = &f.facility {
@@ -142,10 +142,10 @@ pub(crate) fn check(
                 Ok(Some(code)) => checked.facility = code,
                 Ok(None) => issues.push(
                     facility.span.clone(),
-                    &field("facility"),
+                    field("facility"),
                     "the facility must be a syslog facility name, e.g. \"user\" or \"local0\"",
                 ),
-                Err(message) => issues.push(facility.span.clone(), &field("facility"), message),
+                Err(message) => issues.push(facility.span.clone(), field("facility"), message),
             }
         }
         logs.forward.push(checked);
@@ -160,8 +160,6 @@ fn names_span(f: &RawForward) -> std::ops::Range<usize> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-
-    use super::*;
 
     fn check(logs: &str, expected: expect_test::Expect) {
         let source = format!("app = \"a\"\n[services.web]\nport = 1\n{logs}");
