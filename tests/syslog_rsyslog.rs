@@ -14,7 +14,7 @@ use graven::syslog::{
     OutRecord, Stream, Transport, VecFeed, VecSink, WireFormat,
 };
 
-const DEADLINE: Duration = Duration::from_secs(20);
+const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Waits for `ready` with a deadline, polling.
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
@@ -356,7 +356,9 @@ input(type="imtcp" port="0" listenPortFileName="{port_file}" ruleset="fwd")
     let rsyslog = Rsyslog::start(dir.path(), &config);
     let mut to_rsyslog = TcpStream::connect(("127.0.0.1", rsyslog.tcp_port)).unwrap();
     let mut batch = String::new();
-    for n in 0..300 {
+    // 100: a burst of UDP larger than the socket's receive buffer can be dropped by the
+    // kernel on a loaded machine, which no receiver can prevent (docs/syslog.md).
+    for n in 0..100 {
         batch.push_str(&format!(
             "<30>Dec  6 10:00:01 sender-host myapp[42]: message {n}\n"
         ));
