@@ -16,6 +16,7 @@ pub mod index;
 pub mod ingest;
 pub mod read;
 pub mod retention;
+pub mod syslog;
 
 use std::path::{Path, PathBuf};
 

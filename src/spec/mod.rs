@@ -2,6 +2,7 @@
 //! validating that into the typed `Project`, and reporting every problem at once with line,
 //! column and field. Pure: it reads one file and touches nothing else.
 
+pub mod logs;
 mod problem;
 mod raw;
 mod validate;
@@ -69,6 +70,8 @@ pub struct Project {
     pub build: Option<BuildStep>,
     pub image: ImageSource,
     pub services: BTreeMap<String, Service>,
+    /// `[logs]`: syslog listening and forwarding.
+    pub logs: logs::Logs,
 }
 
 /// A command run before baking (compiling the app), from the project directory.

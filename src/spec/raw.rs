@@ -104,6 +104,7 @@ pub(crate) struct RawProject {
     pub image: Option<Spanned<RawImage>>,
     pub services: Option<Spanned<Named<Spanned<RawService>>>>,
     pub environments: Option<Spanned<Named<Spanned<RawEnvironment>>>>,
+    pub logs: Option<Spanned<super::logs::RawLogs>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -830,6 +830,9 @@ pub(crate) fn validate(
         }
     }
 
+    let names: Vec<&str> = bases.keys().map(String::as_str).collect();
+    let logs = super::logs::check(raw.logs.as_ref(), &names, issues);
+
     if !issues.is_empty() {
         return None;
     }
@@ -843,5 +846,6 @@ pub(crate) fn validate(
             context: resolve_path(dir, &context),
         },
         services: wanted?,
+        logs,
     })
 }
