@@ -124,6 +124,16 @@ COPY --from=one /both /both
         Some(digest),
         "two cold bakes give one digest"
     );
+    // Without overlayfs every RUN unpacks the layers below it, waiting for their gzips.
+    let unpacking = tempfile::tempdir().unwrap();
+    let out = succeed(
+        graven(unpacking.path())
+            .env("GRAVEN_BAKE_OVERLAY", "0")
+            .args(["bake", "--json", "--tag", "c:1"])
+            .arg(dir.path()),
+    );
+    let unpacked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(unpacked["digest"].as_str(), Some(digest));
     let cached = bake(home.path(), dir.path(), &[]);
     assert_eq!(cached["digest"].as_str(), Some(digest));
     assert_eq!(cached["cached_steps"], cached["total_steps"]);

@@ -883,8 +883,8 @@ fn prepare(
 /// Waits for the gzips of the layers below `step` that it reads the blobs of, and names those
 /// layers by their blobs in `state`: all of them for a COPY --chown (it reads passwd and group
 /// from the layers); for a RUN, those whose chain has no snapshot yet (the overlay's lower
-/// dirs are made from them; a RUN that cannot use overlayfs settles the rest itself). A COPY
-/// or WORKDIR reads path indexes only.
+/// dirs are made from them; a RUN that cannot use overlayfs settles the rest itself); for a
+/// COPY or WORKDIR, which read path indexes, those without one.
 fn settle_for(
     txn: &mut Transaction<'_>,
     gzips: &mut compress::Compressions,
@@ -895,11 +895,18 @@ fn settle_for(
         return Ok(());
     }
     let result = match &step.action {
-        Action::Copy {
-            chown: Some(_),
-            from: None,
-            ..
-        } => gzips.settle(txn, &mut state.layers, |_| true),
+        Action::Copy { chown: Some(_), .. } => gzips.settle(txn, &mut state.layers, |_| true),
+        // Their path indexes are written under the diff_id; one that could not be is read
+        // from the layer.
+        Action::Copy { .. } | Action::Workdir(_) => {
+            let store = txn.store();
+            let unindexed: Vec<bool> = state
+                .layers
+                .iter()
+                .map(|l| compress::is_placeholder(l) && store.path_index(&l.digest).is_none())
+                .collect();
+            gzips.settle(txn, &mut state.layers, |index| unindexed[index])
+        }
         Action::Run { .. } => {
             let snapshots = txn.store().snapshots_dir();
             let chains = crate::store::snapshot::chain_ids(&state.config.rootfs.diff_ids);

@@ -230,6 +230,13 @@ impl StagedLayer {
                     writer.write_all(&buf[..n]).map_err(io(temp.path()))?;
                 }
                 let finished = writer.finish()?;
+                // Written to disk here, off the bake's path, so the fsync that names the
+                // blob (`Transaction::put_blob_file`) finds nothing left to write.
+                finished
+                    .temp
+                    .as_file()
+                    .sync_all()
+                    .map_err(io(finished.temp.path()))?;
                 // The tar is read back whole: a staged file changed underneath would give
                 // a blob that is not this layer.
                 if finished.diff_id != expected {
