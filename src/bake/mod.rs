@@ -9,6 +9,7 @@
 //! so a failed bake leaves the store as it was; cache entries are written only on success.
 
 pub mod cache;
+mod compress;
 pub mod containerfile;
 mod context;
 pub mod mounts;
@@ -295,6 +296,7 @@ fn bake_in(
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let mut pending: Vec<(Digest, Record)> = Vec::new();
+    let mut gzips = compress::Compressions::default();
     let mut built: BTreeMap<usize, State> = BTreeMap::new();
     let mut step_no = 0;
     let mut cached_steps = 0;
@@ -365,7 +367,14 @@ fn bake_in(
             // imported like a FROM's.
             let mut from_state = |from: &Base, what: &str| -> Result<State, BakeError> {
                 match from {
-                    Base::Stage(source) => Ok(built[source].clone()),
+                    // Its files are read from its blobs: a gzip still running is waited for.
+                    Base::Stage(source) => {
+                        let mut state = built[source].clone();
+                        gzips
+                            .settle(txn, &mut state.layers, |_| true)
+                            .map_err(|e| at(step.line)(e.to_string()))?;
+                        Ok(state)
+                    }
                     Base::Image(name) => {
                         let (state, digest) = base_image(txn, &options.context, name)
                             .map_err(|reason| at(step.line)(reason.replacen("FROM ", what, 1)))?;
@@ -394,6 +403,7 @@ fn bake_in(
                 _ => (None, Vec::new()),
             };
             let bind_keys: Vec<&str> = mount_sources.iter().map(|(_, s)| s.key.as_str()).collect();
+            settle_for(txn, &mut gzips, &mut state, step).map_err(at(step.line))?;
             let (key, found, collected) = prepare(
                 txn,
                 cache,
@@ -436,6 +446,7 @@ fn bake_in(
                     };
                     let record = build(
                         txn,
+                        &mut gzips,
                         collected,
                         &mut lower,
                         &state,
@@ -465,14 +476,23 @@ fn bake_in(
     let state = built
         .remove(stages.needed.last().expect("a file has a stage"))
         .expect("the last stage was built");
+    // The manifest and the cache entries name only whole blobs.
+    gzips.finish(txn)?;
+    let mut layers = state.layers;
+    gzips.settle(txn, &mut layers, |_| true)?;
+    for (_, record) in &mut pending {
+        if let Some(layer) = &mut record.layer {
+            gzips.settle(txn, std::slice::from_mut(&mut layer.descriptor), |_| true)?;
+        }
+    }
     let mut config = state.config;
     // A base image's build time would make the bake depend on it; graven writes none.
     config.created = None;
-    let manifest = txn.put_image(&config, state.layers.clone())?;
+    let manifest = txn.put_image(&config, layers.clone())?;
     Ok(Unsaved {
         path,
         config,
-        layers: state.layers,
+        layers,
         manifest,
         pending,
         file_hashes,
@@ -860,10 +880,52 @@ fn prepare(
     Ok((key, found, collected))
 }
 
+/// Waits for the gzips of the layers below `step` that it reads the blobs of, and names those
+/// layers by their blobs in `state`: all of them for a COPY --chown (it reads passwd and group
+/// from the layers); for a RUN, those whose chain has no snapshot yet (the overlay's lower
+/// dirs are made from them; a RUN that cannot use overlayfs settles the rest itself); for a
+/// COPY or WORKDIR, which read path indexes, those without one.
+fn settle_for(
+    txn: &mut Transaction<'_>,
+    gzips: &mut compress::Compressions,
+    state: &mut State,
+    step: &plan::Step,
+) -> Result<(), String> {
+    if !state.layers.iter().any(compress::is_placeholder) {
+        return Ok(());
+    }
+    let result = match &step.action {
+        Action::Copy { chown: Some(_), .. } => gzips.settle(txn, &mut state.layers, |_| true),
+        // Their path indexes are written under the diff_id; one that could not be is read
+        // from the layer.
+        Action::Copy { .. } | Action::Workdir(_) => {
+            let store = txn.store();
+            let unindexed: Vec<bool> = state
+                .layers
+                .iter()
+                .map(|l| compress::is_placeholder(l) && store.path_index(&l.digest).is_none())
+                .collect();
+            gzips.settle(txn, &mut state.layers, |index| unindexed[index])
+        }
+        Action::Run { .. } => {
+            let snapshots = txn.store().snapshots_dir();
+            let chains = crate::store::snapshot::chain_ids(&state.config.rootfs.diff_ids);
+            gzips.settle(txn, &mut state.layers, |index| {
+                chains
+                    .get(index)
+                    .is_none_or(|c| !snapshots.join(c.hex()).is_dir())
+            })
+        }
+        _ => Ok(()),
+    };
+    result.map_err(|e| e.to_string())
+}
+
 /// Builds the layer of a step whose key missed the cache.
 #[allow(clippy::too_many_arguments)]
 fn build(
     txn: &mut Transaction<'_>,
+    gzips: &mut compress::Compressions,
     collected: Option<context::Collected>,
     lower: &mut LowerTree,
     state: &State,
@@ -929,12 +991,21 @@ fn build(
             }]
         }
         Action::Run { .. } => {
+            // Without overlayfs the RUN unpacks every layer below it, so it waits for them all.
+            let mut settled = || {
+                let mut layers = state.layers.clone();
+                gzips
+                    .settle(txn, &mut layers, |_| true)
+                    .map_err(|e| e.to_string())?;
+                Ok(layers)
+            };
             let output = run::run(
                 store,
                 &state.layers,
                 &state.config.rootfs.diff_ids,
                 &step.action,
                 inputs,
+                &mut settled,
             )?;
             let mut entries = output.entries;
             run_root = Some(output.root);
@@ -974,9 +1045,21 @@ fn build(
     }
     tree::normalize(&mut entries);
     tree::check_names(&entries)?;
-    let finished = tree::write_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
-    let diff_id = finished.diff_id.clone();
-    let descriptor = finished.keep(txn).map_err(|e| e.to_string())?;
+    // A big layer's gzip runs on the other cores while the next steps do; a small one is
+    // written whole at once.
+    let (descriptor, diff_id) = if tree::content_len(&entries) >= tree::STAGE_FROM {
+        let (staged, changes) =
+            tree::stage_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
+        let diff_id = staged.diff_id.clone();
+        let placeholder = gzips
+            .start(txn, staged, changes)
+            .map_err(|e| e.to_string())?;
+        (placeholder, diff_id)
+    } else {
+        let finished = tree::write_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
+        let diff_id = finished.diff_id.clone();
+        (finished.keep(txn).map_err(|e| e.to_string())?, diff_id)
+    };
     if let Some(upper) = upper {
         let dropped = normalised
             .as_ref()

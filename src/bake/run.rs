@@ -105,13 +105,15 @@ const HOST_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
 
 /// Runs the RUN step `action` in the image made of `layers`; returns the entries it changed.
 /// On overlayfs over the layers' snapshots where the kernel allows it (the step's writes, in
-/// the upper dir, are the layer), else on a fresh unpack of the layers, diffed whole.
+/// the upper dir, are the layer), else on a fresh unpack of the layers, diffed whole: those
+/// `settled` gives, every one named by its blob (the bake may still be compressing some).
 pub fn run(
     store: &Store,
     layers: &[Descriptor],
     diff_ids: &[Digest],
     action: &Action,
     inputs: &Inputs<'_>,
+    settled: &mut dyn FnMut() -> Result<Vec<Descriptor>, String>,
 ) -> Result<RunOutput, String> {
     let Action::Run {
         args,
@@ -152,9 +154,11 @@ pub fn run(
     }
     let run_root = RunRoot::new()?;
     let root = run_root.path();
+    // Every layer is read from its blob now, a gzip still running included.
+    let layers = settled()?;
     // `unpack_layers` makes the root 0755, as an image's `/` is.
     store
-        .unpack_layers(layers, diff_ids, &root)
+        .unpack_layers(&layers, diff_ids, &root)
         .map_err(|e| e.to_string())?;
     let (uid, gid) = prepare(&root, user, workdir)?;
     let before = tree::snapshot(&root).map_err(|e| e.to_string())?;

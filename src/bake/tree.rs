@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -15,7 +15,9 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use sha2::Digest as _;
 
 use crate::store::snapshot::PathChange;
-use crate::store::{Descriptor, Digest, FinishedLayer, LayerWriter, Store, StoreError};
+use crate::store::{
+    Descriptor, Digest, FinishedLayer, LayerWriter, StagedLayer, StagingWriter, Store, StoreError,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
@@ -100,7 +102,48 @@ pub fn write_layer(
     entries: &[Entry],
     mtime: u64,
 ) -> Result<FinishedLayer, StoreError> {
-    let writer = LayerWriter::new(store)?;
+    let writer = write_tar(LayerWriter::new(store)?, entries, mtime)?;
+    let finished = writer.finish()?;
+    // What the layer does to which paths exist, for a later COPY on top of it (`LowerTree`):
+    // an index that cannot be written only costs reading the layer then.
+    let _ = store.put_path_index(&finished.digest, &path_changes_of(entries));
+    Ok(finished)
+}
+
+/// A layer with at least this many bytes of file content is staged (`stage_layer`) rather
+/// than compressed as it is written: below it the gzip takes a few milliseconds, and a layer
+/// written whole is one the next step never waits for.
+pub const STAGE_FROM: u64 = 4 << 20;
+
+/// The bytes of file content the entries hold.
+pub fn content_len(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .map(|entry| match entry.kind {
+            EntryKind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Writes the (normalized) entries as an uncompressed tar in a temp file of the store, to be
+/// compressed off the bake's path (`StagedLayer::compress`). Its path index is written under
+/// the diff_id, which names the same tar as an uncompressed blob, so a later COPY or WORKDIR
+/// reads no layer before the gzip is done; the caller indexes the gzip blob once it is.
+pub fn stage_layer(
+    store: &Store,
+    entries: &[Entry],
+    mtime: u64,
+) -> Result<(StagedLayer, Vec<PathChange>), StoreError> {
+    let writer = write_tar(StagingWriter::new(store)?, entries, mtime)?;
+    let staged = writer.finish()?;
+    let changes = path_changes_of(entries);
+    let _ = store.put_path_index(&staged.diff_id, &changes);
+    Ok((staged, changes))
+}
+
+/// Writes the entries as a tar into `writer` and returns it, the tar ended.
+fn write_tar<W: Write>(writer: W, entries: &[Entry], mtime: u64) -> Result<W, StoreError> {
     let mut tar = tar::Builder::new(writer);
     let io = |path: &str| {
         let path = PathBuf::from(path);
@@ -150,12 +193,7 @@ pub fn write_layer(
             }
         }
     }
-    let writer = tar.into_inner().map_err(io("layer"))?;
-    let finished = writer.finish()?;
-    // What the layer does to which paths exist, for a later COPY on top of it (`LowerTree`):
-    // an index that cannot be written only costs reading the layer then.
-    let _ = store.put_path_index(&finished.digest, &path_changes_of(entries));
-    Ok(finished)
+    tar.into_inner().map_err(io("layer"))
 }
 
 /// The path changes of a layer's entries.
@@ -287,9 +325,12 @@ impl LowerTree {
         if self.applied != layers.len() {
             return;
         }
+        // As unpacking applies them: a whiteout removes the path it names, not adds itself.
         for entry in entries {
-            self.paths
-                .insert(entry.path.clone(), matches!(entry.kind, EntryKind::Dir));
+            self.apply(path_change(
+                &entry.path,
+                matches!(entry.kind, EntryKind::Dir),
+            ));
         }
         self.applied += 1;
     }
@@ -1014,6 +1055,32 @@ fn whiteout(path: &str) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A RUN layer added to a current tree removes what its whiteouts name, as unpacking it
+    /// does: a WORKDIR or COPY above a RUN that deleted a directory makes it again.
+    #[test]
+    fn a_run_layers_whiteouts_remove_from_the_lower_tree() {
+        let mut lower = LowerTree::default();
+        let dir = |path: &str| Entry {
+            path: path.to_owned(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        let whiteout = |path: &str| Entry {
+            kind: EntryKind::Empty,
+            ..dir(path)
+        };
+        lower.add_if_current(&[], &[dir("d"), dir("d/sub"), dir("e"), dir("e/x")]);
+        let one = Descriptor::new(crate::store::MEDIA_TYPE_LAYER, Digest::of(b"one"), 0);
+        lower.add_if_current(
+            std::slice::from_ref(&one),
+            &[whiteout(".wh.d"), whiteout("e/.wh..wh..opq")],
+        );
+        let paths: Vec<&str> = lower.paths.keys().map(String::as_str).collect();
+        assert_eq!(paths, ["e"]);
+    }
 
     fn file(path: &str, content: &[u8], dir: &Path) -> Entry {
         let source = dir.join(path.replace('/', "_"));

@@ -5,9 +5,15 @@
 //! The gzip header is fixed (no mtime, no file name, OS byte 255), the level is constant and
 //! the stream is cut into fixed chunks compressed in parallel (`pgzip`), so the same tar always
 //! gives the same blob.
+//!
+//! A bake may also stage a layer (`StagingWriter`): the tar goes to a temp file, hashed to its
+//! diff_id on the way, and `StagedLayer::compress` gzips it on a thread of its own into the
+//! very blob `LayerWriter` would have written, while the bake's next steps run.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::Digest as _;
 
@@ -132,6 +138,151 @@ impl FinishedLayer {
     }
 }
 
+/// Takes the uncompressed tar bytes of one layer into a temp file, hashing them to the diff_id.
+pub struct StagingWriter {
+    out: Hashing<BufWriter<File>>,
+    temp: tempfile::NamedTempFile,
+}
+
+/// A layer's uncompressed tar in a temp file of the store, not yet compressed.
+pub struct StagedLayer {
+    temp: tempfile::NamedTempFile,
+    pub diff_id: Digest,
+    /// The tar's length.
+    pub len: u64,
+}
+
+/// A staged layer being compressed on its own thread. Dropping it stops the work and removes
+/// both temp files; `wait` gives the finished blob.
+pub struct Compressing {
+    thread: Option<std::thread::JoinHandle<Result<FinishedLayer>>>,
+    stop: Arc<AtomicBool>,
+    pub diff_id: Digest,
+}
+
+impl StagingWriter {
+    pub fn new(store: &Store) -> Result<StagingWriter> {
+        let temp = store.temp_file()?;
+        let file = temp
+            .as_file()
+            .try_clone()
+            .map_err(|source| StoreError::Io {
+                path: temp.path().to_owned(),
+                source,
+            })?;
+        Ok(StagingWriter {
+            out: Hashing::new(BufWriter::with_capacity(256 * 1024, file)),
+            temp,
+        })
+    }
+
+    /// The staged tar. Not fsynced: it is read back by this process only, never named as a
+    /// blob; what a crash leaves of it is a temp file gc removes.
+    pub fn finish(self) -> Result<StagedLayer> {
+        let (writer, diff_id, len) = self.out.finish();
+        writer.into_inner().map_err(|e| StoreError::Io {
+            path: self.temp.path().to_owned(),
+            source: e.into_error(),
+        })?;
+        Ok(StagedLayer {
+            temp: self.temp,
+            diff_id,
+            len,
+        })
+    }
+}
+
+impl Write for StagingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl StagedLayer {
+    /// Starts compressing the tar on a thread of its own, into the blob `LayerWriter` makes of
+    /// the same bytes (`pgzip`'s chunks spread over every core, as when writing inline).
+    pub fn compress(self, store: &Store) -> Result<Compressing> {
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        let mut writer = LayerWriter::new(store)?;
+        let mut reader = self.temp.reopen().map_err(io(self.temp.path()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let StagedLayer { temp, diff_id, .. } = self;
+        let expected = diff_id.clone();
+        let thread = std::thread::Builder::new()
+            .name("graven-gzip".to_owned())
+            .spawn(move || {
+                let mut buf = vec![0; 1 << 20];
+                loop {
+                    if stopped.load(Ordering::Relaxed) {
+                        return Err(io(temp.path())(io::Error::other("compression stopped")));
+                    }
+                    let n = reader.read(&mut buf).map_err(io(temp.path()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    writer.write_all(&buf[..n]).map_err(io(temp.path()))?;
+                }
+                let finished = writer.finish()?;
+                // Written to disk here, off the bake's path, so the fsync that names the
+                // blob (`Transaction::put_blob_file`) finds nothing left to write.
+                finished
+                    .temp
+                    .as_file()
+                    .sync_all()
+                    .map_err(io(finished.temp.path()))?;
+                // The tar is read back whole: a staged file changed underneath would give
+                // a blob that is not this layer.
+                if finished.diff_id != expected {
+                    return Err(StoreError::CorruptBlob {
+                        digest: expected,
+                        actual: finished.diff_id,
+                    });
+                }
+                drop(temp);
+                Ok(finished)
+            })
+            .map_err(io(std::path::Path::new("graven-gzip")))?;
+        Ok(Compressing {
+            thread: Some(thread),
+            stop,
+            diff_id,
+        })
+    }
+}
+
+impl Compressing {
+    /// Waits for the blob.
+    pub fn wait(mut self) -> Result<FinishedLayer> {
+        let thread = self
+            .thread
+            .take()
+            .expect("a compression is waited for once");
+        thread.join().unwrap_or_else(|_| {
+            Err(StoreError::Io {
+                path: "graven-gzip".into(),
+                source: io::Error::other("the compression thread panicked"),
+            })
+        })
+    }
+}
+
+impl Drop for Compressing {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.store(true, Ordering::Relaxed);
+            // Joined, so no temp file outlives a failed bake in a process that goes on.
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Opens a file as an uncompressed stream: gunzipped when it starts with gzip's magic bytes.
 pub fn decompressed(path: &std::path::Path) -> io::Result<Box<dyn io::Read>> {
     use io::BufRead;
@@ -181,5 +332,60 @@ mod tests {
         assert_eq!(blob[9], 255);
         let other = compress_into(&store, &b"different"[..]).unwrap();
         assert_ne!(other.digest, a.digest);
+    }
+
+    /// A layer staged and compressed on its own thread is the very blob writing it inline
+    /// gives: a bake that compresses off its path changes no digest.
+    #[test]
+    fn a_staged_layer_compresses_to_the_inline_blob() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        // Over three pgzip chunks, part incompressible, part not.
+        let mut tar: Vec<u8> = (0..3 * (1 << 20) + 4321).map(|_| rng.u8(..)).collect();
+        tar[..1 << 20].fill(b'z');
+        let inline = compress_into(&store, &tar[..]).unwrap();
+        let mut staging = StagingWriter::new(&store).unwrap();
+        for piece in tar.chunks(99_999) {
+            staging.write_all(piece).unwrap();
+        }
+        let staged = staging.finish().unwrap();
+        assert_eq!(staged.diff_id, inline.diff_id);
+        assert_eq!(staged.len, tar.len() as u64);
+        let staged_path = staged.temp.path().to_owned();
+        let finished = staged.compress(&store).unwrap().wait().unwrap();
+        assert_eq!(
+            (&finished.digest, finished.size, &finished.diff_id),
+            (&inline.digest, inline.size, &inline.diff_id)
+        );
+        assert_eq!(
+            std::fs::read(finished.temp.path()).unwrap(),
+            std::fs::read(inline.temp.path()).unwrap()
+        );
+        assert!(!staged_path.exists(), "the staged tar goes once compressed");
+    }
+
+    /// A compression dropped unfinished (a failed bake) stops and leaves no temp file.
+    #[test]
+    fn a_dropped_compression_leaves_no_temp_file() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let temps = || {
+            std::fs::read_dir(store.root().join("blobs"))
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(super::super::TEMP)
+                })
+                .count()
+        };
+        let mut staging = StagingWriter::new(&store).unwrap();
+        staging.write_all(&vec![1u8; 8 << 20]).unwrap();
+        let compressing = staging.finish().unwrap().compress(&store).unwrap();
+        assert_eq!(temps(), 2, "the staged tar and the blob being written");
+        drop(compressing);
+        assert_eq!(temps(), 0);
     }
 }

@@ -25,7 +25,10 @@ pub use digest::{Digest, DigestError};
 pub use export::{ExportFormat, docker_repo_tag};
 pub use gc::GcReport;
 pub use import::{ImportKind, host_architecture};
-pub use layer::{FinishedLayer, GZIP_LEVEL, LayerWriter, compress_into, decompressed, is_gzip};
+pub use layer::{
+    Compressing, FinishedLayer, GZIP_LEVEL, LayerWriter, StagedLayer, StagingWriter, compress_into,
+    decompressed, is_gzip,
+};
 pub use oci::{
     Descriptor, HealthConfig, ImageConfig, ImageIndex, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX,
     MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST, Manifest, RootFs, RuntimeConfig,
