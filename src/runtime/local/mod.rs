@@ -11,6 +11,7 @@ mod cgroup;
 mod gc;
 pub mod log;
 pub mod net;
+mod netlink;
 pub mod orphans;
 mod probe;
 pub mod retention;
