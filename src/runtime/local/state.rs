@@ -82,6 +82,11 @@ pub struct State {
     /// Its address on graven's bridge, when it has a network of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<super::net::Attached>,
+    /// Its user-mode network (rootless), and the pasta process that carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_network: Option<super::usernet::UserNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasta: Option<Proc>,
 }
 
 impl State {
