@@ -410,10 +410,8 @@ fn a_rootless_instance_serves_on_its_own_port_behind_a_route_and_cannot_reach_th
     );
     assert!(answer.contains("hello"), "{answer}");
     // SAFETY: kill(2) on the PID of a child this test started and has not reaped yet.
-    assert_eq!(
-        unsafe { libc::kill(route.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let sent = unsafe { libc::kill(route.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
     route.wait().unwrap();
 
     // The pasta that carries its network is the instance's: gone with its removal.
