@@ -316,3 +316,46 @@ fn gc_frees_the_lease_and_namespace_of_an_instance_that_is_gone() {
     assert!(!leased(ip));
     assert!(!netns_file(ip).exists());
 }
+
+/// Whether graven's nftables table (NAT and the bridge address's guard) is loaded.
+fn rules_loaded() -> bool {
+    Command::new("nft")
+        .args(["list", "table", "ip", "graven"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn a_filler_loads_the_rules_again_once_a_firewall_reload_removed_them() {
+    let home = tempfile::tempdir().unwrap();
+    // A filler runs `nft` only when the table is missing: made once here...
+    succeed(graven(home.path()).args(["__net", "fill"]));
+    assert!(rules_loaded());
+    // ... then removed, as `nft flush ruleset` in a firewall's reload does, and the next
+    // filler sees it gone (its own record says the rules were loaded) and loads them again.
+    succeed(Command::new("nft").args(["delete", "table", "ip", "graven"]));
+    succeed(graven(home.path()).args(["__net", "fill"]));
+    assert!(rules_loaded());
+}
+
+#[test]
+fn gc_deletes_a_veth_of_graven_s_whose_namespace_is_gone() {
+    let home = tempfile::tempdir().unwrap();
+    succeed(graven(home.path()).args(["__net", "fill"]));
+    // A pair as a filler that died half-way would leave it: graven's name, no namespace.
+    let ip = std::net::Ipv4Addr::new(10, 213, 255, 249);
+    let name = format!("gv{:08x}", u32::from(ip));
+    assert!(!veth(ip).exists() && !netns_file(&ip.to_string()).exists());
+    let pair = format!("link add {name} type veth peer name gvtest-peer");
+    succeed(Command::new("ip").args(pair.split(' ')));
+    assert!(veth(ip).exists());
+    // A filler at work (another test's start may have begun one) holds `gc` back from links.
+    wait_for(Duration::from_secs(10), "gc to delete the veth", || {
+        succeed(graven(home.path()).arg("gc"));
+        (!veth(ip).exists()).then_some(())
+    });
+    assert!(!Path::new("/sys/class/net/gvtest-peer").exists());
+}

@@ -5,10 +5,12 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use graven::store::RuntimeConfig;
@@ -123,9 +125,12 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
     let _cleanup = Cleanup(&place, id.clone());
     let address = instance["address"].as_str().unwrap().parse().unwrap();
     let pid = instance["pid"].as_u64().unwrap();
-    // No network of its own without root (no user-mode network yet): the host's, said plainly.
+    // A network of its own without root too: a user-mode one (pasta).
     let warnings = instance["warnings"].to_string();
-    assert!(warnings.contains("shares the host's network"), "{warnings}");
+    assert!(
+        !warnings.contains("shares the host's network"),
+        "{warnings}"
+    );
 
     // Inside: root of its own user namespace, and still without any privilege.
     let reply = support::wait_for(Duration::from_secs(10), "the probe to answer", || {
@@ -274,4 +279,162 @@ fn a_rootless_run_step_has_the_build_capabilities_inside_its_namespace() {
         "CapEff:\t00000000a80425fb\nchown-root-ok\nchown-other-refused\nmknod-refused\ncached\n1\n"
     );
     assert_eq!(paths, ["f", "out"]);
+}
+
+/// A server of the test's on the host's loopback, answering any request with HTTP 200.
+fn serve_on_loopback() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bound = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        }
+    });
+    bound
+}
+
+/// `GET PATH` from `address`: the whole answer, or `None` when nothing answers.
+fn http_get(address: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.starts_with("HTTP/").then_some(answer)
+}
+
+/// Whether a new instance (`graven run ARGS box:test`, followed to its end) gets an HTTP
+/// answer from port `port` of its own `127.0.0.1` and of its default gateway: the two ways a
+/// user-mode network could lead to the host's loopback.
+fn reaches_host_loopback(place: &Place, args: &[&str], port: u16) -> bool {
+    let script = format!(
+        "gw=$(/busybox ip route | /busybox awk '/^default/ {{print $3}}'); \
+         for host in 127.0.0.1 $gw; do \
+           printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /busybox nc -w 2 $host {port} \
+             | /busybox grep -q '^HTTP/' && exit 0; \
+         done; exit 1"
+    );
+    place
+        .graven()
+        .arg("run")
+        .args(args)
+        .args(["box:test", "--", "/busybox", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn running(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+#[test]
+fn a_rootless_instance_serves_on_its_own_port_behind_a_route_and_cannot_reach_the_host_s_loopback()
+{
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: this test needs root only to become the unprivileged user");
+        return;
+    }
+    let place = Place::new();
+    let home = &place.home();
+    support::runtime::hello_image(home);
+    let config = RuntimeConfig {
+        cmd: Some(vec!["/busybox".to_owned(), "true".to_owned()]),
+        ..RuntimeConfig::default()
+    };
+    put_image(
+        home,
+        "box:test",
+        &[File::executable("busybox", support::busybox())],
+        config,
+    );
+    place.give_to_user();
+
+    // Port 80 of its own network (not the host's: the user could not bind it there).
+    let started =
+        succeed(
+            place
+                .graven()
+                .args(["run", "-d", "--json", "--port", "80", "hello:test"]),
+        );
+    let instance: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let _cleanup = Cleanup(&place, id.clone());
+    let warnings = instance["warnings"].to_string();
+    assert!(
+        !warnings.contains("shares the host's network"),
+        "{warnings}"
+    );
+    let address = instance["address"].as_str().unwrap().to_owned();
+    let address: SocketAddr = address.parse().unwrap();
+    assert!(
+        address.ip().is_loopback() && address.port() != 80,
+        "{address}"
+    );
+
+    // Behind a route (the standalone proxy), which connects to the address the runtime says.
+    let mut route = Command::new(support::graven_bin())
+        .args([
+            "__proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &address.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(route.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let listen = line
+        .trim()
+        .strip_prefix("proxy listening on ")
+        .unwrap()
+        .to_owned();
+    let answer = support::wait_for(
+        Duration::from_secs(10),
+        "the instance behind the route",
+        || http_get(&listen, "/").filter(|a| a.contains(" 200 OK\r\n")),
+    );
+    assert!(answer.contains("hello"), "{answer}");
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped yet.
+    let sent = unsafe { libc::kill(route.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    route.wait().unwrap();
+
+    // The pasta that carries its network is the instance's: gone with its removal.
+    let state = std::fs::read_to_string(home.join(format!("instances/{id}/state.json"))).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let pasta = state["pasta"]["pid"]
+        .as_u64()
+        .expect("the instance's pasta");
+    assert!(running(pasta));
+    succeed(place.graven().args(["rm", "-f", &id]));
+    support::wait_for(
+        Duration::from_secs(10),
+        "the instance's pasta to end",
+        || (!running(pasta)).then_some(()),
+    );
+
+    // The host's loopback is out of its reach, through 127.0.0.1 as through the gateway...
+    let server = serve_on_loopback();
+    assert!(!reaches_host_loopback(&place, &[], server.port()));
+    // ... and within reach on the host's network (the negative control).
+    assert!(reaches_host_loopback(
+        &place,
+        &["--network", "host"],
+        server.port()
+    ));
 }

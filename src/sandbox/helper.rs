@@ -139,7 +139,7 @@ pub(super) fn launch(
     // every process of a mount namespace, and this helper must keep the host's /proc to
     // look at the workload.
     // SAFETY: unshare only changes this process's namespace membership.
-    let net = if build_step.is_some_and(|step| step.no_network) {
+    let net = if build_step.is_some_and(|step| step.no_network) || request.new_network {
         libc::CLONE_NEWNET
     } else {
         0
@@ -149,6 +149,12 @@ pub(super) fn launch(
         libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | net)
     };
     check(rc, "unshare of the pid, uts and ipc namespaces")?;
+    if request.new_network {
+        // As in a prepared namespace (and as Docker sets it): a server that is not root binds
+        // port 80. A net sysctl is the namespace's of whoever opens it: this one's, now.
+        std::fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0")
+            .map_err(|e| format!("setting ip_unprivileged_port_start in the new netns: {e}"))?;
+    }
     fork_workload(status_fd, || {
         if let Some((stdout, stderr)) = stdio {
             // SAFETY: dup2 onto fds 1 and 2 replaces them with the given pipes.

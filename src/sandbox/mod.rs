@@ -171,6 +171,10 @@ pub struct Options {
     /// A prepared network namespace the workload joins instead of the host's network.
     #[serde(default)]
     pub network: Option<NetworkJoin>,
+    /// A network namespace of its own with loopback only, made inside the sandbox's user
+    /// namespace (rootless), for a user-mode network to attach to.
+    #[serde(default)]
+    pub new_network: bool,
 }
 
 /// A network namespace made ready for a sandbox (`runtime::local::net`): the helper enters
@@ -191,6 +195,8 @@ struct Request {
     cgroups: Vec<PathBuf>,
     #[serde(default)]
     network: Option<NetworkJoin>,
+    #[serde(default)]
+    new_network: bool,
 }
 
 /// The JSON `graven __sandbox-exec` reads: a command to run inside a running sandbox.
@@ -374,6 +380,7 @@ pub fn spawn(
         scratch,
         cgroups: options.cgroups.clone(),
         network: options.network.clone(),
+        new_network: options.new_network,
     };
     let json = serde_json::to_vec(&request).expect("a sandbox request always serializes");
     let mut command = Command::new(helper_binary());
@@ -414,6 +421,7 @@ pub fn launch(
         scratch,
         cgroups: options.cgroups.clone(),
         network: options.network.clone(),
+        new_network: options.new_network,
     };
     let (status, status_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| io_error(spec, e.into()))?;

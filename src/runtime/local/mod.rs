@@ -10,12 +10,14 @@
 mod cgroup;
 mod gc;
 pub mod net;
+mod netlink;
 pub mod orphans;
 mod probe;
 pub mod retention;
 mod rootfs;
 pub mod shim;
 mod state;
+mod usernet;
 pub mod volumes;
 mod watch;
 
@@ -39,6 +41,8 @@ use crate::store::{Digest, Store, StoreError};
 
 /// The port an instance with a network of its own listens on when nothing says another.
 const DEFAULT_PORT: u16 = 8080;
+/// Where pasta writes its PID (a rootless instance's user-mode network).
+const PASTA_PID: &str = "pasta.pid";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long `stop` waits for the shim to record an exit after the kill.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -248,10 +252,25 @@ impl LocalRuntime {
         // A network of its own: the instance listens on its port, whatever other instances
         // do; on the host's, on a free port of the host's.
         let private = spec.network == NetworkMode::Private && net::available();
-        let port = if private {
+        // Rootless, a user-mode network instead: reached at a free port of the host's
+        // loopback that pasta forwards to the instance's.
+        let user_mode = spec.network == NetworkMode::Private
+            && !private
+            && sandbox::rootless()
+            && usernet::available().is_ok();
+        let port = if private || user_mode {
             spec.port.or(spec.host_port).unwrap_or(DEFAULT_PORT)
         } else {
             pick_port(spec.host_port)?
+        };
+        let user_network = if user_mode {
+            Some(usernet::UserNet {
+                host_port: pick_port(None)?,
+                port,
+                outbound: spec.outbound,
+            })
+        } else {
+            None
         };
         env.insert("PORT".to_owned(), port.to_string());
         let mut binds = self.volume_binds(&spec, (uid, gid))?;
@@ -299,6 +318,7 @@ impl LocalRuntime {
                 stop_signal,
                 cwd,
                 network,
+                user_network,
             };
             self.launch(&id, &dir, &spec, resolved)
         });
@@ -319,11 +339,17 @@ impl LocalRuntime {
         resolved: Resolved,
     ) -> Result<Instance, RuntimeError> {
         let mut warnings = Vec::new();
-        if spec.network == NetworkMode::Private && resolved.network.is_none() {
-            warnings.push(
-                "no network of its own (that needs root): the instance shares the host's network"
-                    .to_owned(),
-            );
+        if spec.network == NetworkMode::Private
+            && resolved.network.is_none()
+            && resolved.user_network.is_none()
+        {
+            let why = match usernet::available() {
+                Ok(()) => "that needs root".to_owned(),
+                Err(reason) => format!("without root, a user-mode network: {reason}"),
+            };
+            warnings.push(format!(
+                "no network of its own ({why}): the instance shares the host's network"
+            ));
         }
         // Every instance has a process limit, the default one unless another is given, so a
         // fork bomb stops at it; memory and CPU only when asked for. A limit of 0 is none at
@@ -387,6 +413,7 @@ impl LocalRuntime {
                 scratch: Some(scratch),
                 cgroups: cgroups.procs(),
                 network: resolved.network.map(|n| n.join()),
+                new_network: resolved.user_network.is_some(),
             },
             log: retention::target(&self.home, id, &spec.labels, &spec.limits)?,
         };
@@ -395,11 +422,14 @@ impl LocalRuntime {
             image: spec.image.clone(),
             labels: spec.labels.clone(),
             status: InstanceStatus::Created,
-            address: match resolved.network {
-                Some(network) => SocketAddr::from((network.ip, resolved.port)),
-                None => SocketAddr::from(([127, 0, 0, 1], resolved.port)),
+            address: match (resolved.network, resolved.user_network) {
+                (Some(network), _) => SocketAddr::from((network.ip, resolved.port)),
+                (None, Some(user)) => SocketAddr::from(([127, 0, 0, 1], user.host_port)),
+                (None, None) => SocketAddr::from(([127, 0, 0, 1], resolved.port)),
             },
             network: resolved.network,
+            user_network: resolved.user_network,
+            pasta: None,
             started_at_ms: super::now_ms(),
             tainted: false,
             warnings,
@@ -422,7 +452,36 @@ impl LocalRuntime {
                 message,
             });
         }
-        let state = state::load(dir)?;
+        let mut state = state::load(dir)?;
+        if let Some(user) = resolved.user_network {
+            // The workload runs in its namespace: pasta is attached to it now, from here (the
+            // shim is inside the instance's user namespace and cannot bind the host's port).
+            let attached = state
+                .workload
+                .ok_or_else(|| "the workload ended before its network was attached".to_owned())
+                .and_then(|workload| {
+                    usernet::attach(workload.pid, &user, &dir.join(PASTA_PID))
+                        .map_err(|e| e.to_string())
+                });
+            let pasta = match attached {
+                Ok(pasta) => pasta,
+                Err(message) => {
+                    Self::signal(&state, libc::SIGKILL);
+                    return Err(RuntimeError::Sandbox {
+                        id: id.clone(),
+                        message,
+                    });
+                }
+            };
+            state = state::update(dir, |s| {
+                s.pasta = Some(pasta);
+                s.clone()
+            })?;
+            // The workload may have ended meanwhile, its shim finding no pasta to stop.
+            if state.observed_status().is_exited() {
+                usernet::stop(pasta);
+            }
+        }
         Ok(self.instance(dir, &state))
     }
 
@@ -764,6 +823,9 @@ impl Runtime for LocalRuntime {
             self.settle(id, (dir.clone(), state.clone())).await?;
         }
         state.cgroups.remove();
+        if let Some(pasta) = state.pasta {
+            usernet::stop(pasta);
+        }
         // gc tells a removed instance's directory by its record: it must not look while the
         // state is gone and the record not yet written.
         let _lock = rootfs::start_lock(&self.home, false)?;
@@ -797,6 +859,7 @@ struct Resolved {
     stop_signal: i32,
     cwd: String,
     network: Option<net::Attached>,
+    user_network: Option<usernet::UserNet>,
 }
 
 /// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.

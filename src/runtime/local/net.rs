@@ -2,12 +2,13 @@
 //! address on graven's bridge (`graven0`), whose host side is its gateway, NAT to the host's
 //! uplink for outbound traffic.
 //!
-//! Making a namespace and its veth pair takes tens of milliseconds (`ip` and `nft` are run
-//! for it), far more than a start may cost, so a few are made ahead of need (`fill`, run as
-//! `graven __net fill` off the start path: after a removal, or when a start left the pool
-//! low) and a start only takes one (`take`: an unlink and a file written). The workload joins
-//! the namespace in the sandbox (`sandbox::NetworkJoin`); this module never enters one in
-//! graven's async process.
+//! Making a namespace and its veth pair costs about a millisecond of kernel work (through
+//! netlink, `netlink.rs`: no `ip` is run, and `nft` only when graven's table is missing),
+//! more than a start may cost, so several are made ahead of need (`fill`, run as `graven
+//! __net fill` off the start path once a start or a removal left the pool low, at the lowest
+//! CPU priority and after the starts have paused) and a start only takes one (`take`: an
+//! unlink and a file written). The workload joins the namespace in the sandbox
+//! (`sandbox::NetworkJoin`); this module never enters one in graven's async process.
 //!
 //! Everything lives under `/run/graven/net`, shared by every graven home on the host, since
 //! the bridge and its addresses are the host's: a lease file per address (`leases/<ip>`,
@@ -18,11 +19,13 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
+
+use super::netlink::{self, Route};
 
 /// The bridge's name; `GRAVEN_BRIDGE` overrides it.
 pub const BRIDGE_ENV: &str = "GRAVEN_BRIDGE";
@@ -41,9 +44,20 @@ const VETH_PREFIX: &str = "gv";
 /// The nftables table graven owns (and flushes whenever it sets it up).
 pub const NFT_TABLE: &str = "graven";
 /// How many ready namespaces `fill` keeps.
-const POOL: usize = 4;
-/// A start refills the pool in the background when it leaves fewer than this.
-const LOW: usize = 2;
+const POOL: usize = 12;
+/// A start refills the pool in the background when it leaves fewer than this: one filler
+/// then makes the namespaces of the next eight or so starts, and its own exec is paid once
+/// for all of them.
+const LOW: usize = 4;
+/// A filler in the background waits for the starts to pause this long before it makes any
+/// namespace (each take touches the pool's directory), so that back-to-back starts do not
+/// share the CPU with it...
+const QUIET: Duration = Duration::from_millis(50);
+/// ... unless the pool is down to this, or it has waited this long.
+const QUIET_FLOOR: usize = 1;
+const QUIET_MAX: Duration = Duration::from_secs(1);
+/// The argument of a filler started in the background (`graven __net fill idle`).
+const IDLE_ARG: &str = "idle";
 /// A lease whose owner has no state yet is left alone this long (a start in progress).
 const GRACE: Duration = Duration::from_secs(60);
 /// The owner of a lease held by the pool.
@@ -270,20 +284,29 @@ pub fn release(ip: Ipv4Addr) {
     let _ = std::fs::remove_file(dir("leases").join(ip.to_string()));
 }
 
-/// Starts `graven __net fill` detached, to make the pool whole again off the start path, once
-/// it runs low: a filler then makes several namespaces at once, and its own start and its
-/// rules' reload are paid once for them.
+/// Starts `graven __net fill idle` detached, to make the pool whole again off the start path,
+/// once it runs low: a filler then makes several namespaces at once, and its own start is
+/// paid once for them. It runs at the lowest priority (nice 19, set before its exec, so the
+/// exec itself yields to the starts too) and waits for the starts to pause.
 pub fn refill_in_background() {
     if !available() || pool_size() >= LOW {
         return;
     }
-    let spawned = Command::new(crate::sandbox::helper_binary())
-        .args([NET_ARG, "fill"])
+    let mut command = Command::new(crate::sandbox::helper_binary());
+    command
+        .args([NET_ARG, "fill", IDLE_ARG])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
+        .process_group(0);
+    // SAFETY: setpriority is async-signal-safe and touches nothing of the parent's memory.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::setpriority_process(None, 19)?;
+            Ok(())
+        });
+    }
+    let spawned = command.spawn();
     if let Ok(child) = spawned {
         super::shim::remember(child.id() as i32);
     }
@@ -317,7 +340,12 @@ pub fn enter_if_net() {
         return;
     }
     let result = match args.next().as_deref() {
-        Some("fill") => fill(),
+        Some("fill") => {
+            if args.next().as_deref() == Some(IDLE_ARG) {
+                wait_for_quiet();
+            }
+            fill()
+        }
         Some("sweep") => {
             sweep();
             Ok(())
@@ -333,6 +361,22 @@ pub fn enter_if_net() {
             let _ = writeln!(std::io::stderr(), "graven {NET_ARG}: {error}");
             std::process::exit(1)
         }
+    }
+}
+
+/// Waits until no start has taken a namespace for `QUIET` (a take unlinks a marker, which
+/// sets the pool directory's mtime), the pool is nearly empty, or `QUIET_MAX` has passed.
+fn wait_for_quiet() {
+    let began = std::time::Instant::now();
+    while began.elapsed() < QUIET_MAX && pool_size() > QUIET_FLOOR {
+        let since_take = std::fs::metadata(dir("pool"))
+            .and_then(|m| m.modified())
+            .map(|t| SystemTime::now().duration_since(t).unwrap_or_default())
+            .unwrap_or(QUIET);
+        if since_take >= QUIET {
+            return;
+        }
+        std::thread::sleep((QUIET - since_take).max(Duration::from_millis(5)));
     }
 }
 
@@ -353,9 +397,19 @@ fn fill() -> Result<(), NetError> {
         .map_err(io(format!("opening {}", lock_path.display())))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| io(format!("locking {}", lock_path.display()))(e.into()))?;
-    ensure_host(&settings)?;
+    let mut route = Route::open().map_err(io("opening netlink"))?;
+    let bridge = ensure_host(&settings, &mut route)?;
+    if pool_size() >= POOL {
+        return Ok(());
+    }
+    share_netns_dir()?;
+    let mut host = Host {
+        netns: std::fs::File::open("/proc/self/ns/net").map_err(io("opening this netns"))?,
+        route,
+        bridge,
+    };
     while pool_size() < POOL {
-        let ip = make_one(&settings)?;
+        let ip = make_one(&settings, &mut host)?;
         std::fs::write(dir("pool").join(ip.to_string()), b"")
             .map_err(io("marking a namespace ready"))?;
     }
@@ -363,37 +417,68 @@ fn fill() -> Result<(), NetError> {
 }
 
 /// Makes the bridge, gives it the gateway address, turns forwarding on and sets graven's
-/// nftables table, when the bridge is not there yet (or not as it should be).
-fn ensure_host(settings: &Settings) -> Result<(), NetError> {
+/// nftables table, when the bridge is not there yet (or not as it should be). Returns the
+/// bridge's index.
+fn ensure_host(settings: &Settings, route: &mut Route) -> Result<u32, NetError> {
     let bridge = &settings.bridge;
-    // The bridge set up by an earlier filler for these settings, and still there: not looked
-    // at again (each `ip` exec costs milliseconds of CPU a start may be waiting for). The
-    // rules are loaded on every fill all the same: a firewall's reload may have flushed them.
-    let ready = dir("bridge-ready");
     let settings_text = format!("{bridge} {}", settings.subnet);
-    let bridge_ready = Path::new("/sys/class/net").join(bridge).exists()
-        && std::fs::read_to_string(&ready).is_ok_and(|t| t == settings_text);
-    let gateway = format!("{}/{}", settings.subnet.gateway(), settings.subnet.prefix);
-    let has_bridge = Path::new("/sys/class/net").join(bridge).exists();
-    if !bridge_ready && (!has_bridge || !bridge_has_address(bridge, settings.subnet.gateway())) {
-        check_routes(settings)?;
-        if !has_bridge {
-            ip_command(&["link", "add", bridge, "type", "bridge"], None)?;
+    // The bridge set up by an earlier filler for these settings, and still there: not set
+    // up again.
+    let ready = dir("bridge-ready");
+    let index = route
+        .link_index(bridge)
+        .map_err(io(format!("looking up {bridge}")))?;
+    let bridge_ready =
+        index.is_some() && std::fs::read_to_string(&ready).is_ok_and(|t| t == settings_text);
+    let index = match index {
+        Some(index) if bridge_ready => index,
+        index => {
+            check_routes(settings)?;
+            let index = match index {
+                Some(index) => index,
+                None => {
+                    route
+                        .add_bridge(bridge)
+                        .map_err(io(format!("making the bridge {bridge}")))?;
+                    route
+                        .link_index(bridge)
+                        .map_err(io(format!("looking up {bridge}")))?
+                        .ok_or_else(|| NetError::Command {
+                            command: format!("making the bridge {bridge}"),
+                            message: "it is gone right after".to_owned(),
+                        })?
+                }
+            };
+            route
+                .replace_address(index, settings.subnet.gateway(), settings.subnet.prefix)
+                .map_err(io(format!("giving {bridge} its address")))?;
+            route
+                .set_up(index)
+                .map_err(io(format!("setting {bridge} up")))?;
+            index
         }
-        ip_command(&["addr", "replace", &gateway, "dev", bridge], None)?;
-        ip_command(&["link", "set", bridge, "up"], None)?;
-    }
+    };
     // Routing between the bridge and the uplink; turned on, never off (a user may rely on it).
     let forward = "/proc/sys/net/ipv4/ip_forward";
     if std::fs::read_to_string(forward).is_ok_and(|v| v.trim() != "1") {
         std::fs::write(forward, "1").map_err(io(format!("writing {forward}")))?;
     }
-    nft(&ruleset(settings))?;
+    // The rules are loaded (`nft`, the one program run) when they were never loaded for these
+    // settings, or when the table is gone: a firewall's reload (`flush ruleset`) removes it.
+    let rules = dir("rules-ready");
+    let rules_ready = std::fs::read_to_string(&rules).is_ok_and(|t| t == settings_text)
+        && netlink::nft_table_exists(NFT_TABLE)
+            .map_err(io("looking up graven's nftables table"))?;
+    if !rules_ready {
+        nft(&ruleset(settings))?;
+        std::fs::write(&rules, &settings_text)
+            .map_err(io(format!("writing {}", rules.display())))?;
+    }
     if !bridge_ready {
         std::fs::write(&ready, settings_text)
             .map_err(io(format!("writing {}", ready.display())))?;
     }
-    Ok(())
+    Ok(index)
 }
 
 /// graven's own table, replaced whole: the instances' traffic to other networks leaves with
@@ -431,13 +516,6 @@ fn ruleset(settings: &Settings) -> String {
          \t}}\n\
          }}\n"
     )
-}
-
-fn bridge_has_address(bridge: &str, gateway: Ipv4Addr) -> bool {
-    Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "dev", bridge])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {gateway}/")))
 }
 
 /// The TCP ports on the gateway that instances may connect to (`open_port`).
@@ -508,44 +586,89 @@ fn parse_routes(table: &str) -> Vec<(String, Subnet)> {
 /// its veth peer on the bridge, unprivileged ports from 0 (as Docker sets it, so a
 /// non-root server binds port 80). No default route: the sandbox adds it for an instance
 /// that may reach out.
-fn make_one(settings: &Settings) -> Result<Ipv4Addr, NetError> {
+fn make_one(settings: &Settings, host: &mut Host) -> Result<Ipv4Addr, NetError> {
     let ip = lease_free(settings)?;
-    let made = make_netns(settings, ip);
+    let made = make_netns(settings, host, ip);
     if made.is_err() {
-        let _ = Command::new("ip")
-            .args(["link", "del", &veth_name(ip)])
-            .stderr(Stdio::null())
-            .status();
+        let _ = host.route.delete_link(&veth_name(ip));
         release(ip);
     }
     made.map(|()| ip)
 }
 
-fn make_netns(settings: &Settings, ip: Ipv4Addr) -> Result<(), NetError> {
+/// What a filler keeps for every namespace it makes: its own namespace (to come back to), a
+/// netlink socket there, and the bridge's index.
+struct Host {
+    netns: std::fs::File,
+    route: Route,
+    bridge: u32,
+}
+
+/// Makes a network namespace and names it as `ip netns add` does (a bind mount of it under
+/// `/run/netns`, a shared mount point), then its links, through netlink: no `ip` is run.
+fn make_netns(settings: &Settings, host: &mut Host, ip: Ipv4Addr) -> Result<(), NetError> {
     let name = netns_name(ip);
-    let veth = veth_name(ip);
-    let cidr = format!("{ip}/{}", settings.subnet.prefix);
-    let host_side = [
-        format!("netns add {name}"),
-        format!("link add {veth} type veth peer name eth0 netns {name}"),
-        format!("link set {veth} master {} up", settings.bridge),
-    ];
-    ip_command(&["-batch", "-"], Some(&host_side.join("\n")))?;
-    let inside = [
-        format!("addr add {cidr} dev eth0"),
-        "link set eth0 up".to_owned(),
-        "link set lo up".to_owned(),
-    ];
-    ip_command(&["-n", &name, "-batch", "-"], Some(&inside.join("\n")))?;
-    // A net sysctl applies to the namespace of whoever opens the file: entered for that.
-    let own = std::fs::File::open("/proc/self/ns/net").map_err(io("opening this netns"))?;
-    let theirs = std::fs::File::open(netns_path(ip)).map_err(io(format!("opening {name}")))?;
-    setns(&theirs)?;
-    let written = std::fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0").map_err(io(
-        "setting ip_unprivileged_port_start in the instance's netns",
-    ));
-    setns(&own)?;
-    written
+    let path = netns_path(ip);
+    std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io(format!("creating {}", path.display())))?;
+    // SAFETY: unshare only changes this single-threaded process's namespace membership.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+        return Err(io("making a network namespace")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // Everything that must be done inside is done before coming back out; the socket opened
+    // here keeps speaking to the new namespace afterwards.
+    let inside = (|| {
+        rustix::mount::mount_bind("/proc/self/ns/net", &path)
+            .map_err(|e| io(format!("naming {name}"))(e.into()))?;
+        // A net sysctl applies to the namespace of whoever opens the file.
+        std::fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0").map_err(io(
+            "setting ip_unprivileged_port_start in the instance's netns",
+        ))?;
+        let theirs = std::fs::File::open("/proc/self/ns/net").map_err(io("opening the netns"))?;
+        let route = Route::open().map_err(io(format!("opening netlink in {name}")))?;
+        Ok::<_, NetError>((theirs, route))
+    })();
+    setns(&host.netns)?;
+    let (theirs, mut inner) = inside?;
+    host.route
+        .add_veth(&veth_name(ip), host.bridge, "eth0", theirs.as_fd())
+        .map_err(io(format!("making the veth pair of {name}")))?;
+    let eth0 = inner
+        .link_index("eth0")
+        .map_err(io(format!("looking up eth0 in {name}")))?
+        .ok_or_else(|| NetError::Command {
+            command: format!("making the veth pair of {name}"),
+            message: "eth0 is not in the namespace".to_owned(),
+        })?;
+    inner
+        .replace_address(eth0, ip, settings.subnet.prefix)
+        .map_err(io(format!("giving eth0 its address in {name}")))?;
+    for index in [eth0, netlink::LOOPBACK] {
+        inner
+            .set_up(index)
+            .map_err(io(format!("setting links up in {name}")))?;
+    }
+    Ok(())
+}
+
+/// Makes `/run/netns` a shared mount point, as `ip netns` does, so a name made later shows
+/// in mount namespaces copied from this one (and `ip netns` sees graven's as its own).
+fn share_netns_dir() -> Result<(), NetError> {
+    use rustix::mount::{MountPropagationFlags, mount_bind_recursive, mount_change};
+    std::fs::create_dir_all(NETNS_DIR).map_err(io(format!("creating {NETNS_DIR}")))?;
+    let shared = MountPropagationFlags::SHARED | MountPropagationFlags::REC;
+    if mount_change(NETNS_DIR, shared).is_ok() {
+        return Ok(());
+    }
+    // Not a mount point yet: bound onto itself first.
+    mount_bind_recursive(NETNS_DIR, NETNS_DIR)
+        .and_then(|()| mount_change(NETNS_DIR, shared))
+        .map_err(|e| io(format!("sharing {NETNS_DIR}"))(e.into()))
 }
 
 fn setns(file: &std::fs::File) -> Result<(), NetError> {
@@ -664,6 +787,7 @@ pub fn sweep() -> Vec<Ipv4Addr> {
         }
     }
     if !filling {
+        let mut route = Route::open().ok();
         for entry in std::fs::read_dir("/sys/class/net")
             .into_iter()
             .flatten()
@@ -677,10 +801,9 @@ pub fn sweep() -> Vec<Ipv4Addr> {
                 .filter(|ip| !netns_path(*ip).exists())
                 && name.len() == VETH_PREFIX.len() + 8
             {
-                let _ = Command::new("ip")
-                    .args(["link", "del", &name])
-                    .stderr(Stdio::null())
-                    .status();
+                if let Some(route) = route.as_mut() {
+                    let _ = route.delete_link(&name);
+                }
                 if !freed.contains(&ip) {
                     freed.push(ip);
                 }
@@ -688,11 +811,6 @@ pub fn sweep() -> Vec<Ipv4Addr> {
         }
     }
     freed
-}
-
-/// Runs `ip ARGS`, with `input` on its stdin.
-fn ip_command(args: &[&str], input: Option<&str>) -> Result<(), NetError> {
-    run("ip", args, input)
 }
 
 fn nft(ruleset: &str) -> Result<(), NetError> {

@@ -226,6 +226,10 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
         // The cgroups go before the exit is recorded, so whoever sees the instance exited
         // finds nothing of it left in /sys/fs/cgroup.
         s.cgroups.remove();
+        // Its user-mode network carries nothing any more.
+        if let Some(pasta) = s.pasta {
+            super::usernet::stop(pasta);
+        }
         if !s.status.is_exited() {
             s.status = exited;
         }

@@ -89,6 +89,11 @@ pub struct State {
     /// The named volumes it binds (`graven volumes` says who holds what).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
+    /// Its user-mode network (rootless), and the pasta process that carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_network: Option<super::usernet::UserNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasta: Option<Proc>,
 }
 
 impl State {
