@@ -75,6 +75,7 @@ echo "postgresql: pgbench -c $CONNS -T $DURATION INSERT" >&2
 (cd "$work/pg" && runuser -u postgres -- "$pgbin/pgbench" -h "$work/sock" -n -c "$CONNS" -j 2 -T "$DURATION" \
   -f "$work/insert.sql" --log --log-prefix="$work/pg/txn" postgres >"$work/pgbench.txt")
 
+cat "$work/wrk.txt" >&2
 python3 - "$work" "$events" <<'PY'
 import glob, re, sys
 work, events = sys.argv[1], int(sys.argv[2])

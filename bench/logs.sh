@@ -29,7 +29,8 @@ base=$(scripts/debian-base)
 
 now() { date +%s.%N; }
 # cpu PID: user+system seconds of a process so far.
-cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat" 2>/dev/null; }
+# (Fields counted after the name's closing parenthesis: a process's name may hold spaces.)
+cpu() { awk -v t="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); print ($12+$13)/t}' "/proc/$1/stat" 2>/dev/null; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 mkdir -p "$work/ctx"
@@ -43,7 +44,8 @@ writer="awk 'BEGIN { for (i = 1; i <= $LINES; i++) { if (i % 1000 == 0) print \"
 
 echo "ingesting $LINES lines through graven" >&2
 start=$(now)
-id=$("$graven" run -d base:bench -- /bin/sh -c "$writer")
+# A bound above the lines' size: retention must not free any of them during the run.
+id=$("$graven" run -d --log-size 4GiB base:bench -- /bin/sh -c "$writer")
 state="$GRAVEN_HOME/instances/$id/state.json"
 shim=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['shim']['pid'])" "$state")
 work_pid=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['workload']['pid'])" "$state")
@@ -57,6 +59,10 @@ done
 graven_s=$(echo "$(now) - $start" | bc)
 source_dir=$(dirname "$(find "$GRAVEN_HOME/logs" -name out -path "*$id*")")
 stored=$(wc -l < "$source_dir/out")
+if [ "$stored" -ne "$LINES" ]; then
+  echo "the store holds $stored lines of the $LINES written" >&2
+  exit 1
+fi
 
 echo "ingesting $LINES lines through rsyslogd" >&2
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -83,12 +89,14 @@ kill "$rsyslog_pid"; wait "$rsyslog_pid" 2>/dev/null || true
 rm -f "$work/rsyslog.out"
 
 echo "searching" >&2
-cp "$source_dir/out" "$work/plain.txt"
+# The same text as a plain file, written afresh (not a copy of the data file).
+sh -c "$writer" > "$work/plain.txt"
 hits=$("$graven" logs --grep NEEDLE | wc -l)
 graven_grep=$(for _ in $(seq "$RUNS"); do
   s=$(now); "$graven" logs --grep NEEDLE >/dev/null; echo "$(now) - $s" | bc; done | median)
 grep_f=$(for _ in $(seq "$RUNS"); do
-  s=$(now); grep -F NEEDLE "$work/plain.txt" >/dev/null; echo "$(now) - $s" | bc; done | median)
+  s=$(now); grep -F NEEDLE "$work/plain.txt" | wc -l >/dev/null; echo "$(now) - $s" | bc; done | median)
+grep_hits=$(grep -F -c NEEDLE "$work/plain.txt")
 rm -f "$work/plain.txt"
 
 rate() { echo "$stored / $1" | bc; }
@@ -98,6 +106,6 @@ printf '%-44s %14s %14s %8s\n' "ingestion, lines/s (durable)" "$(rate "$graven_s
   "$(echo "scale=2; $rsyslog_s / $graven_s" | bc)x"
 printf '%-44s %14s %14s\n' "CPU per line, ns (graven: shim only)" "$(per_line "$shim_cpu")" "$(per_line "$rsyslog_cpu")"
 printf '%-44s %14s\n' "  the workload's own writes, ns per line" "$(per_line "$load_cpu")"
-printf '\n%-44s %14s %14s %8s\n' "search ($hits hits)" "graven logs" "grep -F" ratio
+printf '\n%-44s %14s %14s %8s\n' "search (hits: $hits, grep's $grep_hits)" "graven logs" "grep -F" ratio
 printf '%-44s %14s %14s %8s\n' "  median of $RUNS, s" "$graven_grep" "$grep_f" \
   "$(echo "scale=2; $graven_grep / $grep_f" | bc)x"

@@ -183,6 +183,7 @@ fn instances_lines_a_binary_flood_and_a_workload_that_tries_to_rewrite_its_log()
     let temp = tempfile::tempdir().unwrap();
     let home = temp.path().join("home");
     base(&home, temp.path());
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
 
     // Both streams, in order.
     let id = run_script(&home, None, "echo out one; echo err one >&2; echo out two");
@@ -305,6 +306,9 @@ fn a_full_store_is_said_once_corrupts_nothing_and_ingestion_resumes() {
     let home = temp.path().join("home");
     base(&home, temp.path());
     let _tmpfs = Tmpfs::mount(&home.join("logs"), "2m");
+    // Dropped before the tmpfs: a failed assertion leaves no writer running on a detached
+    // mount, where nothing could find it.
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
     let (stdout, _) = run_ok(
         &home,
         &[
