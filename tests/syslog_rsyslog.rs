@@ -1,6 +1,8 @@
 //! Syslog out and in against a real rsyslog (Debian's `rsyslogd`), started by each test on
 //! loopback with a config it writes into its own directory and stopped by its PID.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{TcpStream, UdpSocket};
@@ -738,5 +740,91 @@ async fn past_the_buffer_the_oldest_lines_are_dropped_and_counted() {
     assert_eq!(seen, (90..100).collect::<Vec<_>>());
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 90);
     forwarder.stop().await;
+    rsyslog.stop();
+}
+
+/// The whole way through the store: `graven up` with `[logs]` forwards an instance's lines
+/// (read from the store) to a real rsyslog, and files what a real client (util-linux's
+/// `logger`, RFC 5424 over TCP, octet-counted) sends to its listener in the store, where
+/// `graven logs` shows it.
+#[test]
+fn graven_up_forwards_the_store_to_rsyslog_and_files_what_it_receives() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let rsyslog_dir = temp.path().join("rsyslog");
+    let rsyslog = Rsyslog::start(
+        &rsyslog_dir,
+        &receiving_config(&rsyslog_dir, 0, free_udp_port()),
+    );
+    let listen = support::daemon::free_port();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Containerfile"),
+        format!("FROM docker-archive:{}\n", support::debian_base().display()),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("graven.toml"),
+        format!(
+            r#"app = "demo"
+
+[logs]
+listen = ["tcp://{listen}"]
+
+[[logs.forward]]
+to = "tcp://127.0.0.1:{port}"
+
+[services.ticker]
+command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.05; done"]
+"#,
+            port = rsyslog.tcp_port
+        ),
+    )
+    .unwrap();
+    let mut up = support::daemon::Up::start(&home, &dir, "local");
+    up.wait_for_line("syslog listening on", DEADLINE);
+
+    // Out: the ticker's lines reach rsyslog as RFC 5424, app-name the service.
+    let out = rsyslog_dir.join("out.log");
+    wait_for("forwarded ticks in rsyslog's file", || {
+        lines(&out)
+            .iter()
+            .filter(|l| l.contains("|ticker|"))
+            .count()
+            >= 20
+    });
+    let forwarded: Vec<String> = lines(&out)
+        .into_iter()
+        .filter(|l| l.contains("|ticker|"))
+        .collect();
+    assert!(forwarded[0].contains("graven@32473"), "{}", forwarded[0]);
+    let ticks: Vec<u64> = forwarded
+        .iter()
+        .filter_map(|l| l.split("|tick ").nth(1)?.split('|').next()?.parse().ok())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, none lost or doubled: {ticks:?}"
+    );
+
+    // In: what logger sends is in the store, under the app `_syslog`, its APP-NAME the
+    // service.
+    let sent = Command::new("logger")
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &listen.port().to_string(),
+        ])
+        .args(["--tcp", "--octet-count", "--rfc5424", "--tag", "billing"])
+        .arg("invoice 42 paid")
+        .status()
+        .expect("logger (util-linux) runs");
+    assert!(sent.success());
+    wait_for("the received line in graven logs", || {
+        let (_, stdout, _) =
+            support::daemon::run(&home, &["logs", "--app", "_syslog", "billing", "--json"]);
+        stdout.contains("invoice 42 paid")
+    });
     rsyslog.stop();
 }

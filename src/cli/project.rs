@@ -384,6 +384,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let mut stop = StopSignal::install()?;
         let listener = api::bind(home, &lock).await?;
         let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
+        let syslog = start_syslog(home, &project).await?;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(daemon.clone().serve(listener, async {
             let _ = api_stopped.await;
@@ -440,6 +441,9 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_api.send(());
         let _ = server.await;
         let _ = std::fs::remove_file(api::socket_path(home));
+        // After the instances' last lines: a forwarder still sends what they wrote while
+        // draining, as far as it gets before it is stopped.
+        syslog.stop().await;
         anyhow::Ok(code)
     });
     // A bake cut short by a stop may still be running on a blocking thread; it started no
@@ -1079,4 +1083,64 @@ pub fn compact(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
         say!("{}", serde_json::to_string_pretty(&done)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The syslog forwarders and listener a project's `[logs]` asks for, run by its control
+/// plane (`graven up`) for as long as it runs.
+struct Syslog {
+    forwarders: Vec<crate::logs::syslog::Forwarder>,
+    listener: Option<crate::logs::syslog::Listener>,
+}
+
+impl Syslog {
+    async fn stop(self) {
+        for forwarder in self.forwarders {
+            forwarder.stop().await;
+        }
+        if let Some(listener) = self.listener {
+            listener.stop().await;
+        }
+    }
+}
+
+async fn start_syslog(home: &Path, project: &spec::Project) -> anyhow::Result<Syslog> {
+    use crate::logs::bridge::{StoreFeed, StoreSink};
+    let dir = api::log_path(home, &project.app, &project.environment)
+        .parent()
+        .expect("the log has a directory")
+        .to_owned();
+    let mut forwarders = Vec::new();
+    for config in &project.logs.forward {
+        std::fs::create_dir_all(&dir)?;
+        let query = crate::logs::read::Query {
+            app: Some(project.app.clone()),
+            environment: Some(project.environment.clone()),
+            services: config.services.clone(),
+            ..Default::default()
+        };
+        // One cursor per destination, named after it, so a restart resumes each where it was.
+        let name: String = config
+            .to
+            .to_string()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let feed = StoreFeed::open(home, query, dir.join(format!("syslog-{name}.cursor")));
+        forwarders.push(crate::logs::syslog::Forwarder::spawn(config.clone(), feed));
+    }
+    let listener = match &project.logs.listen {
+        Some(config) => {
+            let listener =
+                crate::logs::syslog::Listener::bind(config, StoreSink::new(home)).await?;
+            for address in listener.local_addrs() {
+                note!("graven: syslog listening on {address}");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    Ok(Syslog {
+        forwarders,
+        listener,
+    })
 }

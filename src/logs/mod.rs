@@ -12,6 +12,7 @@
 //! and, once retention freed its oldest bytes, `start` (where each stream's kept bytes
 //! begin). A line's time is that of the first index entry at or past its end.
 
+pub mod bridge;
 pub mod index;
 pub mod ingest;
 pub mod read;
