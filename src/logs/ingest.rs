@@ -284,15 +284,14 @@ pub struct Writer {
 
 impl Writer {
     /// Opens the source `group/name`, described as `graven logs` shows it: the app is the
-    /// group's first name, the instance its last and the service `name` (so
-    /// `_syslog/<host>/<app-name>` reads as app `_syslog`, instance `<host>`, service
-    /// `<app-name>`: `graven logs <app-name>` finds it).
+    /// group's first name, and the service and the instance are `name` (a source that knows
+    /// more says so with `open_with`, as syslog's sink does).
     pub fn open(home: &Path, group: &str, name: &str) -> Result<Writer, LogsError> {
         let mut parts = group.split('/');
         let meta = Meta {
             app: parts.next().unwrap_or_default().to_owned(),
             service: name.to_owned(),
-            instance: group.rsplit('/').next().unwrap_or_default().to_owned(),
+            instance: name.to_owned(),
             started_at_ms: super::now_ns() / 1_000_000,
             ..Meta::default()
         };
