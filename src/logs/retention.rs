@@ -65,11 +65,21 @@ pub fn save_policy(group_dir: &Path, policy: Policy) -> Result<(), LogsError> {
         max_bytes: policy.max_bytes,
         max_age_s: policy.max_age.as_secs(),
     };
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&recorded).expect("a policy serializes"),
-    )
-    .map_err(io(&tmp))?;
+    {
+        // Owner-only, as everything in graven's home.
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| {
+                file.write_all(&serde_json::to_vec(&recorded).expect("a policy serializes"))
+            })
+            .map_err(io(&tmp))?;
+    }
     std::fs::rename(&tmp, &path).map_err(io(&path))
 }
 

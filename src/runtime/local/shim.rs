@@ -247,11 +247,13 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
 /// Makes the instance's log source, starts the workload writing straight into its data
 /// files and records it in the instance's state.
 fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Stamper, File), String> {
+    use std::os::unix::fs::OpenOptionsExt;
     // Held open for writing for life (never written): how `orphans` finds this shim if the
     // instance's directory is deleted.
     let held = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(dir.join(state::HELD))
         .map_err(|e| format!("opening {}: {e}", state::HELD))?;
     // The data files are given to the workload's user, as runc gives it its pipes, so a
