@@ -239,6 +239,9 @@ fn a_workload_that_is_not_root_opens_dev_stdout_and_dev_stderr() {
     assert_eq!(seen["uid"], "1000");
     assert_eq!(seen["dev_stdout"], "ok");
     assert_eq!(seen["dev_stderr"], "ok");
+    // Docker's pipe takes a plain open too; graven's log files are append-only as root, so
+    // an instance cannot rewrite its history, at this price (docs/logs.md, "Protection").
+    assert_eq!(seen["dev_stdout_plain"], "Operation not permitted");
     assert_eq!(seen["dev_stdin"], "ok");
     assert!(stdout(&output).contains("probe wrote to /dev/stdout\n"));
     assert!(stderr(&output).contains("probe wrote to /dev/stderr\n"));

@@ -12,7 +12,7 @@
 //! The file: a 16-byte header (`MAGIC`, the first sequence it holds), then records, each a
 //! 32-byte head (body length, kind, sequence, time, CRC-32 of head and body) and the body.
 //! An append is acknowledged only after its batch's `fdatasync`; a torn record at the end
-//! (a crash inside a write) was never acknowledged and is cut off by the next writer.
+//! (a crash inside a write) was never acknowledged and is zeroed by the next writer.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};

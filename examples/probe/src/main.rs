@@ -425,13 +425,21 @@ fn powers() -> String {
     ));
     let stdin = std::fs::File::open("/dev/stdin").and_then(|mut f| f.read(&mut [0u8; 1]));
     lines.push(format!("dev_stdin={}\n", io_outcome(stdin)));
+    // Opened for appending, as servers open a log (nginx's `error_log /dev/stderr`), and once
+    // plainly, as `echo x > /dev/stdout` does (which graven's append-only log files refuse
+    // as root: docs/logs.md, "Protection").
     for stream in ["stdout", "stderr"] {
         let opened = std::fs::OpenOptions::new()
-            .write(true)
+            .append(true)
             .open(format!("/dev/{stream}"))
             .and_then(|mut f| f.write_all(format!("probe wrote to /dev/{stream}\n").as_bytes()));
         lines.push(format!("dev_{stream}={}\n", io_outcome(opened)));
     }
+    let plain = std::fs::OpenOptions::new().write(true).open("/dev/stdout");
+    lines.push(format!(
+        "dev_stdout_plain={}\n",
+        io_outcome(plain.map(drop))
+    ));
     // Last: when it is allowed, the probe is another user from here on.
     lines.push(format!(
         "setuid={}\n",
