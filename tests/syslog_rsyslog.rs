@@ -360,7 +360,8 @@ input(type="imtcp" port="0" listenPortFileName="{port_file}" ruleset="fwd")
     let mut batch = String::new();
     // 100: a burst of UDP larger than the socket's receive buffer can be dropped by the
     // kernel on a loaded machine, which no receiver can prevent (docs/syslog.md).
-    for n in 0..100 {
+    const BURST: usize = 100;
+    for n in 0..BURST {
         batch.push_str(&format!(
             "<30>Dec  6 10:00:01 sender-host myapp[42]: message {n}\n"
         ));
@@ -368,7 +369,7 @@ input(type="imtcp" port="0" listenPortFileName="{port_file}" ruleset="fwd")
     to_rsyslog.write_all(batch.as_bytes()).unwrap();
     for (i, sink) in sinks.iter().enumerate() {
         wait_async("every message at graven", || {
-            received_numbers(sink).len() == 300
+            received_numbers(sink).len() == BURST
         })
         .await;
         let all = sink.snapshot();

@@ -81,6 +81,7 @@ impl Listener {
             match endpoint.transport {
                 Transport::Udp => {
                     let socket = UdpSocket::bind(addr).await.map_err(bind_error)?;
+                    grow_receive_buffer(&socket);
                     let at = socket.local_addr().map_err(bind_error)?;
                     local.push(Endpoint {
                         transport: Transport::Udp,
@@ -299,6 +300,34 @@ async fn serve_connection(
             }
         }
         if n == 0 {
+            return;
+        }
+    }
+}
+
+/// How much a UDP listener asks the kernel to hold for it: a burst from several senders
+/// while the listener's thread waits for a core is dropped by the kernel past the buffer, and
+/// UDP has no resend (rsyslog's imudp raises it for the same reason).
+const UDP_RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
+/// Raises the socket's receive buffer to `UDP_RECEIVE_BUFFER`: past `net.core.rmem_max` when
+/// graven may (`SO_RCVBUFFORCE`, root), else as far as that limit allows. Best effort: a
+/// smaller buffer only means more loss under bursts.
+fn grow_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads the c_int it is given, for its size, on a socket this
+        // listener owns and keeps open for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&UDP_RECEIVE_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
             return;
         }
     }
