@@ -137,23 +137,6 @@ fn every_flag_selects_what_it_says() {
     assert!(!ok && stderr.contains("--regex ("), "{stderr}");
 }
 
-/// An image of the Debian base, tagged `base:test`.
-fn base(home: &Path, temp: &Path) {
-    let ctx = temp.join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Containerfile"),
-        format!("FROM docker-archive:{}\n", support::debian_base().display()),
-    )
-    .unwrap();
-    support::succeed(
-        support::graven(home)
-            .args(["bake", "--tag", "base:test", "--file"])
-            .arg(ctx.join("Containerfile"))
-            .arg(&ctx),
-    );
-}
-
 /// Runs `script` with /bin/sh in a `base:test` instance (as `user` when given) to its end,
 /// then removes it; returns its id.
 fn run_script(home: &Path, user: Option<&str>, script: &str) -> String {
@@ -182,7 +165,7 @@ fn run_script(home: &Path, user: Option<&str>, script: &str) -> String {
 fn instances_lines_a_binary_flood_and_a_workload_that_tries_to_rewrite_its_log() {
     let temp = tempfile::tempdir().unwrap();
     let home = temp.path().join("home");
-    base(&home, temp.path());
+    support::bake_debian_base(&home, temp.path());
     let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
 
     // Both streams, in order.
@@ -304,7 +287,7 @@ fn warnings(home: &Path, id: &str) -> Vec<String> {
 fn a_full_store_is_said_once_corrupts_nothing_and_ingestion_resumes() {
     let temp = tempfile::tempdir().unwrap();
     let home = temp.path().join("home");
-    base(&home, temp.path());
+    support::bake_debian_base(&home, temp.path());
     let _tmpfs = Tmpfs::mount(&home.join("logs"), "2m");
     // Dropped before the tmpfs: a failed assertion leaves no writer running on a detached
     // mount, where nothing could find it.
@@ -407,7 +390,7 @@ stop_grace = "5s"
     };
     project("v1");
     // The image baked and unpacked beforehand, so `up` serves well within its deadline.
-    base(&home, temp.path());
+    support::bake_debian_base(&home, temp.path());
     run_script(&home, None, "true");
     let _up = UpSlow::start(&home, &dir);
     let mut follow = support::graven(&home)

@@ -14,23 +14,6 @@ use graven::runtime::local::retention::LOG_GROUP;
 use graven::runtime::{InstanceSpec, LocalRuntime, Runtime};
 use support::daemon::{block_on, run_ok};
 
-/// An image of the Debian base, tagged `base:test`.
-fn base(home: &Path, temp: &Path) {
-    let ctx = temp.join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Containerfile"),
-        format!("FROM docker-archive:{}\n", support::debian_base().display()),
-    )
-    .unwrap();
-    support::succeed(
-        support::graven(home)
-            .args(["bake", "--tag", "base:test", "--file"])
-            .arg(ctx.join("Containerfile"))
-            .arg(&ctx),
-    );
-}
-
 /// The sources of a group, by name, with the bytes they hold.
 fn sources(home: &Path, group: &str) -> BTreeMap<String, u64> {
     let dir = home.join("logs").join(group);
@@ -70,7 +53,7 @@ fn disk_usage(dir: &Path) -> u64 {
 fn a_services_logs_are_bounded_by_size_oldest_instances_first_and_per_group() {
     let temp = tempfile::tempdir().unwrap();
     let home = temp.path().join("home");
-    base(&home, temp.path());
+    support::bake_debian_base(&home, temp.path());
 
     // One removed instance of another group, as the controller labels a service's.
     graven::sandbox::set_helper_binary(support::graven_bin());

@@ -191,17 +191,7 @@ struct Head {
 }
 
 fn decode_head(head: &[u8; HEAD]) -> Option<Head> {
-    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
-    if len > MAX_BODY {
-        return None;
-    }
-    Some(Head {
-        len,
-        kind: Kind::from_code(head[4])?,
-        seq: u64::from_le_bytes(head[8..16].try_into().ok()?),
-        time_ms: u64::from_le_bytes(head[16..24].try_into().ok()?),
-        crc: u32::from_le_bytes(head[28..32].try_into().ok()?),
-    })
+    decode_head_any(head).filter(|h| h.len <= MAX_BODY)
 }
 
 /// Reads the record at `offset` if it is whole and sound, with the offset after it.
@@ -684,7 +674,7 @@ impl AppEventLog {
     }
 }
 
-/// A snapshot's head is a record head whose sequence is whatever it says.
+/// A record's head as written, its length unchecked (a snapshot may exceed `MAX_BODY`).
 fn decode_head_any(head: &[u8; HEAD]) -> Option<Head> {
     let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
     Some(Head {

@@ -99,7 +99,6 @@ impl ServeError {
 /// The token an environment's instances carry, made on first use (random, 0600).
 pub fn token(env_dir: &Path) -> std::io::Result<String> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = env_dir.join(TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(token) if token.trim().len() == 64 => return Ok(token.trim().to_owned()),
@@ -122,10 +121,7 @@ pub fn token(env_dir: &Path) -> std::io::Result<String> {
     // Two makers at once: the first name wins and both read it back.
     match temp.persist_noclobber(&path) {
         Ok(_) => Ok(token),
-        Err(_) => {
-            let _ = std::fs::OpenOptions::new().mode(0o600).open(&path);
-            Ok(std::fs::read_to_string(&path)?.trim().to_owned())
-        }
+        Err(_) => Ok(std::fs::read_to_string(&path)?.trim().to_owned()),
     }
 }
 

@@ -277,3 +277,21 @@ pub const TOUCH_DEVICES: &str = "set -e; B=/bin/busybox; \
     for f in /proc/kcore /proc/keys /proc/timer_list; do \
     if [ -e $f ]; then $B chmod 0666 $f; $B touch $f; fi; done; \
     echo gone > /dev/null; test -z \"$($B cat /dev/null)\"; $B head -c 5 /dev/zero | $B wc -c";
+
+/// Bakes the Debian base (`debian_base`) into `home`'s store as `base:test`, from a context
+/// under `temp`.
+pub fn bake_debian_base(home: &Path, temp: &Path) {
+    let ctx = temp.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Containerfile"),
+        format!("FROM docker-archive:{}\n", debian_base().display()),
+    )
+    .unwrap();
+    succeed(
+        graven(home)
+            .args(["bake", "--tag", "base:test", "--file"])
+            .arg(ctx.join("Containerfile"))
+            .arg(&ctx),
+    );
+}
