@@ -461,6 +461,30 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         add("corpus", "api_request", &name, body);
     }
 
+    // A limit of 8 + 4 * 40 bytes, the stream cut at byte 30.
+    let syslog = |frames: &[u8]| [&[40u8, 30][..], frames].concat();
+    add(
+        "corpus",
+        "syslog_stream",
+        "octet-counted-5424.bin",
+        syslog(
+            b"61 <165>1 2026-12-06T10:00:00Z host app 1 ID47 - an rfc 5424 message\
+                 44 <13>1 - - - - - [x@32473 a=\"1\"] with sd",
+        ),
+    );
+    add(
+        "corpus",
+        "syslog_stream",
+        "lf-3164.bin",
+        syslog(b"<34>Oct 11 22:14:15 mymachine su: 'su root' failed\n<13>no header at all\n"),
+    );
+    add(
+        "corpus",
+        "syslog_stream",
+        "bad-input.bin",
+        syslog(b"5 <13>1 - - - - - too long for its count\n999 <13>oversize\n\xff\xfe\n<999>pri\n"),
+    );
+
     add(
         "corpus",
         "image_paths",

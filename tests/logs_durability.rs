@@ -147,6 +147,24 @@ fn no_line_is_lost_or_doubled_across_kill_9_of_workload_shim_and_graven() {
 
     // `graven up` itself, killed -9 and started again: the instance goes on writing.
     let third = a_new_writer(&home, &seen);
+    // The killed shim could not clear its data files' append-only attribute; removing the
+    // instance does, or nobody could ever delete them (not even root).
+    let second_out = home
+        .join("logs/demo/local/writer")
+        .join(&second)
+        .join("out");
+    support::wait_for(
+        Duration::from_secs(30),
+        "the killed shim's data files unsealed once its instance is removed",
+        || {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&second_out)
+                .unwrap();
+            let flags = rustix::fs::ioctl_getflags(&file).unwrap();
+            (!flags.contains(rustix::fs::IFlags::APPEND)).then_some(())
+        },
+    );
     up.signal(libc::SIGKILL, Duration::from_secs(30));
     let _up = Up::start(&home, &dir, "local");
     let before = recorded(&home)[&third];

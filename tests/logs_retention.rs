@@ -2,7 +2,8 @@
 //! group's) logs are bounded by size, the oldest removed instances' going first and
 //! another group's (as the controller gives each service) untouched; `graven gc` applies
 //! every group's bound, by age too; a live instance over its share loses its oldest lines
-//! only, by a hole punched in its data file.
+//! only, by a hole punched in its data file. A service's age bound is its own
+//! (`limits.log_age`, `graven run --log-age`).
 
 mod support;
 
@@ -171,4 +172,36 @@ fn gc_removes_sources_past_their_age_and_punches_a_live_ones_oldest_lines() {
         "{meta:?}"
     );
     drop(live);
+}
+
+#[test]
+fn a_services_own_age_bound_lets_gc_remove_its_lines_sooner_than_the_default() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("home");
+    support::bake_debian_base(&home, temp.path());
+    let run = |age: Option<&str>| {
+        let mut args = vec!["run"];
+        if let Some(age) = age {
+            args.extend(["--log-age", age]);
+        }
+        args.extend(["base:test", "--", "/bin/sh", "-c", "echo kept-for-a-while"]);
+        run_ok(&home, &args);
+    };
+    // One instance with the default bound (7 days), then one whose group is given 1 s: the
+    // group's policy is the newest instance's, so both lines go once they are a second old.
+    run(None);
+    let before = sources(&home, "_run");
+    assert_eq!(before.len(), 1, "{before:?}");
+    run_ok(&home, &["gc"]);
+    assert_eq!(sources(&home, "_run").len(), 1, "the default bound kept it");
+    run(Some("1s"));
+    assert_eq!(sources(&home, "_run").len(), 2);
+    support::wait_for(
+        Duration::from_secs(30),
+        "gc removing the group's lines past its 1 s bound",
+        || {
+            run_ok(&home, &["gc"]);
+            sources(&home, "_run").is_empty().then_some(())
+        },
+    );
 }

@@ -827,5 +827,28 @@ command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.
             support::daemon::run(&home, &["logs", "--app", "_syslog", "billing", "--json"]);
         stdout.contains("invoice 42 paid")
     });
+
+    // `graven status` shows the counters: lines sent and none dropped, the line received.
+    wait_for("the syslog counters in graven status", || {
+        let (_, stdout, _) = support::daemon::run(&home, &["status", "--json"]);
+        let Ok(status) = serde_json::from_str::<serde_json::Value>(&stdout) else {
+            return false;
+        };
+        let syslog = &status[0]["syslog"];
+        let forward = &syslog["forward"][0];
+        forward["sent"].as_u64().unwrap_or(0) >= 20
+            && forward["dropped"] == 0
+            && forward["up"] == true
+            && syslog["listen"]["received"].as_u64().unwrap_or(0) >= 1
+    });
+    let (text, _) = support::daemon::run_ok(&home, &["status"]);
+    assert!(
+        text.contains(&format!(
+            "syslog to tcp://127.0.0.1:{}: up",
+            rsyslog.tcp_port
+        )),
+        "{text}"
+    );
+    assert!(text.contains("syslog listening on tcp://"), "{text}");
     rsyslog.stop();
 }

@@ -64,6 +64,9 @@ pub struct RunArgs {
     /// the log store (default 256M); older ones go first.
     #[arg(long, value_parser = positive_size)]
     pub log_size: Option<u64>,
+    /// How long the logs of `graven run` instances are kept in the log store (default 7d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub log_age: Option<std::time::Duration>,
     /// Start it and print its id instead of following its output.
     #[arg(long, short)]
     pub detach: bool,
@@ -207,6 +210,7 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
         cpu_millis: args.cpu_millis,
         tmp_bytes: args.tmp_size,
         log_bytes: args.log_size,
+        log_age_s: args.log_age.map(|a| a.as_secs().max(1)),
     };
     // The first instance of an image unpacks it, which takes a while for a big one.
     if !runtime.is_prepared(&spec.image) {

@@ -830,7 +830,10 @@ fn snapshots(home: &Path, target: &Target) -> anyhow::Result<(Vec<Snapshot>, boo
 
 pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     let target = reported_target(&args);
-    let (snapshots, offline) = snapshots(home, &target)?;
+    let (mut snapshots, offline) = snapshots(home, &target)?;
+    for snapshot in &mut snapshots {
+        snapshot.syslog = syslog_report(home, &snapshot.app, &snapshot.environment);
+    }
     if args.json {
         say!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(ExitCode::SUCCESS);
@@ -907,8 +910,46 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if let Some(report) = &snapshot.syslog {
+            print_syslog(report);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The syslog counters, as of when the control plane last wrote them.
+fn print_syslog(report: &crate::logs::syslog::SyslogReport) {
+    let when = age(report.at_ms);
+    for f in &report.forward {
+        say!(
+            "  syslog to {}: {}, {} sent, {} dropped (buffer full), {} buffered, {} resent, {} \
+             connection failures ({when} ago)",
+            f.to,
+            if f.up { "up" } else { "down" },
+            f.sent,
+            f.dropped,
+            f.buffered,
+            f.resent,
+            f.failures,
+        );
+    }
+    if let Some(l) = &report.listen {
+        let refused = if l.bad.is_empty() {
+            "none refused".to_owned()
+        } else {
+            let kinds: Vec<String> = l.bad.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            format!("refused {}", kinds.join(", "))
+        };
+        say!(
+            "  syslog listening on {}: {} received, {refused}, {} connections ({} refused), {} \
+             lost to the store's errors ({when} ago)",
+            l.addresses.join(", "),
+            l.received,
+            l.connections,
+            l.refused_connections,
+            l.sink_errors,
+        );
+    }
 }
 
 pub fn releases(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
@@ -1090,16 +1131,41 @@ pub fn compact(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
 struct Syslog {
     forwarders: Vec<crate::logs::syslog::Forwarder>,
     listener: Option<crate::logs::syslog::Listener>,
+    /// Writes the counters to `syslog.json` every `SYSLOG_REPORT_EVERY`.
+    reporter: Option<tokio::task::JoinHandle<()>>,
+    report: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// How often the syslog counters `graven status` shows are written.
+const SYSLOG_REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// Where a control plane writes its syslog counters: beside the app's event log.
+fn syslog_report_path(home: &Path, app: &str, environment: &str) -> PathBuf {
+    api::log_path(home, app, environment).with_file_name("syslog.json")
+}
+
+/// The syslog counters of a control plane that runs, or ran, on this app and environment.
+fn syslog_report(
+    home: &Path,
+    app: &str,
+    environment: &str,
+) -> Option<crate::logs::syslog::SyslogReport> {
+    let text = std::fs::read(syslog_report_path(home, app, environment)).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 impl Syslog {
     async fn stop(self) {
+        if let Some(reporter) = self.reporter {
+            reporter.abort();
+        }
         for forwarder in self.forwarders {
             forwarder.stop().await;
         }
         if let Some(listener) = self.listener {
             listener.stop().await;
         }
+        (self.report)();
     }
 }
 
@@ -1139,8 +1205,62 @@ async fn start_syslog(home: &Path, project: &spec::Project) -> anyhow::Result<Sy
         }
         None => None,
     };
+    if forwarders.is_empty() && listener.is_none() {
+        return Ok(Syslog {
+            forwarders,
+            listener,
+            reporter: None,
+            report: Arc::new(|| {}),
+        });
+    }
+    let stats: Vec<_> = forwarders
+        .iter()
+        .zip(&project.logs.forward)
+        .map(|(f, config)| (f.stats(), config.to.clone()))
+        .collect();
+    let listening = listener
+        .as_ref()
+        .map(|l| (l.stats(), l.local_addrs().to_vec()));
+    let path = syslog_report_path(home, &project.app, &project.environment);
+    let report: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        let report = crate::logs::syslog::SyslogReport {
+            at_ms: now_ms(),
+            forward: stats.iter().map(|(s, to)| s.report(to)).collect(),
+            listen: listening.as_ref().map(|(s, at)| s.report(at)),
+        };
+        // Counters for people: a write that fails is tried again at the next tick.
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                std::io::Write::write_all(&mut file, &bytes)
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    });
+    let reporter = {
+        let report = report.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SYSLOG_REPORT_EVERY);
+            loop {
+                every.tick().await;
+                report();
+            }
+        })
+    };
     Ok(Syslog {
         forwarders,
         listener,
+        reporter: Some(reporter),
+        report,
     })
 }

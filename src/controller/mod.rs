@@ -204,6 +204,11 @@ pub struct Snapshot {
     /// Set while the event log cannot be written.
     #[serde(default)]
     pub log_problem: Option<LogProblem>,
+    /// The counters of the control plane's syslog forwarders and listener, when `[logs]`
+    /// asks for any: the controller does not run them, `graven status` reads them from
+    /// where the control plane writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog: Option<crate::logs::syslog::SyslogReport>,
 }
 
 /// The event log cannot be written: since when (ms since the epoch) and the last error.
@@ -790,6 +795,7 @@ impl Shell {
                 .collect(),
             route_errors: self.route_errors.clone(),
             log_problem: self.unwritable.as_ref().map(|u| u.problem.clone()),
+            syslog: None,
         };
         self.publish.send_replace(Arc::new(snapshot));
     }
@@ -1385,6 +1391,7 @@ impl Shell {
             cpu_millis: c.limits.cpu_millis,
             tmp_bytes: c.limits.tmp_bytes,
             log_bytes: c.limits.log_bytes,
+            log_age_s: c.limits.log_age_s,
         };
         spec.stop_grace = c.stop_grace;
         spec.labels = BTreeMap::from([

@@ -683,6 +683,8 @@ pub struct LimitsConfig {
     pub tmp_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_age_s: Option<u64>,
 }
 
 impl ServiceConfig {
@@ -868,6 +870,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 cpu_millis: limits.cpu_millis,
                 tmp_bytes: limits.tmp_bytes,
                 log_bytes: limits.log_bytes,
+                log_age_s: limits.log_age_s,
             },
             keep_releases: service.deploy.keep_releases,
             host_network: service.host_network,

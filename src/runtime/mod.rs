@@ -226,11 +226,15 @@ pub struct Limits {
     pub cpu_millis: Option<u64>,
     /// Size cap of the instance's /tmp tmpfs, and of its /dev/shm (`None`: 64 MiB).
     pub tmp_bytes: Option<u64>,
-    /// Size at which the instance's log is rotated; it keeps one earlier file, so its output
-    /// takes at most twice this on disk. `None`: [`DEFAULT_LOG_BYTES`]. Left out of
-    /// the JSON when unset, so releases recorded before it existed keep their config digest.
+    /// The most the logs of the instance's service (its log group) keep on disk in the log
+    /// store, all its instances together; the oldest lines go first. `None`: 256 MiB. Left
+    /// out of the JSON when unset, so releases recorded before it existed keep their digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<u64>,
+    /// How long the service's log lines are kept, in seconds. `None`: 7 days. Left out of
+    /// the JSON when unset, as `log_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_age_s: Option<u64>,
 }
 
 /// The process limit (processes and threads, the cgroup's `pids.max`) of an instance when

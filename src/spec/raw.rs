@@ -176,6 +176,7 @@ pub(crate) struct RawLimits {
     pub cpu: Option<Field<Value>>,
     pub tmp: Option<Field<Value>>,
     pub log: Option<Field<Value>>,
+    pub log_age: Option<Field<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -98,7 +98,7 @@ port = 8080
             service web: instances 1 port 8080 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
         "#]],
     );
 }
@@ -126,7 +126,7 @@ health = { path = "/ready", interval = "250ms", timeout = "100ms", healthy_after
 deploy = { strategy = "rolling", max_surge = 2, max_unavailable = 1, health_deadline = "1m" }
 stop_grace = "0s"
 volumes = { cache = "/var/cache/web" }
-limits = { memory = "512MiB", pids = 128, cpu = 1.5, tmp = "64M", log = "8MiB" }
+limits = { memory = "512MiB", pids = 128, cpu = 1.5, tmp = "64M", log = "8MiB", log_age = "2d" }
 
 [services.db]
 instances = 0
@@ -137,11 +137,11 @@ port = 5432
             service db: instances 0 port 5432 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
             service web: instances 3 port 8080 route Some(127.0.0.1:8000) command Some(["/web", "--verbose"]) env {"GREETING": "hi", "_X": "1"}
               health /ready every 250ms timeout 100ms up 1 down 5
               deploy Rolling surge 2 unavailable 1 deadline 60s stop_grace 0ns
-              volumes ["cache=/var/cache/web"] limits Limits { memory_bytes: Some(536870912), pids: Some(128), cpu_millis: Some(1500), tmp_bytes: Some(67108864), log_bytes: Some(8388608) }
+              volumes ["cache=/var/cache/web"] limits Limits { memory_bytes: Some(536870912), pids: Some(128), cpu_millis: Some(1500), tmp_bytes: Some(67108864), log_bytes: Some(8388608), log_age_s: Some(172800) }
         "#]],
     );
 }
@@ -177,11 +177,11 @@ fn the_default_environment_ignores_overlays() {
             service web: instances 2 port 8080 route Some(127.0.0.1:8000) command None env {"GREETING": "hello", "LEVEL": "debug"}
               health /healthz every 200ms timeout 1s up 3 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
             service worker: instances 1 port 9000 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
         "#]],
     );
 }
@@ -197,11 +197,11 @@ fn an_overlay_replaces_field_by_field() {
             service web: instances 4 port 8080 route Some(0.0.0.0:8080) command None env {"GREETING": "hello", "LEVEL": "info"}
               health /healthz every 200ms timeout 2s up 3 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
             service worker: instances 1 port 9000 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
         "#]],
     );
 }
@@ -254,7 +254,7 @@ instances = 0
             service web: instances 0 port 1 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
         "#]],
     );
 }
@@ -379,7 +379,7 @@ health = { path = "healthz", interval = "0s", timeout = "1x", healthy_after = 0,
 deploy = { strategy = "canary", max_surge = -1, max_unavailable = 0, health_deadline = "0ms" }
 stop_grace = "forever"
 volumes = { Data = "/data", logs = "relative", tmp = "/" }
-limits = { memory = "0", pids = -1, cpu = 0, tmp = "12 parsecs", log = 0 }
+limits = { memory = "0", pids = -1, cpu = 0, tmp = "12 parsecs", log = 0, log_age = "0s" }
 [services.api]
 port = 2
 command = [""]
@@ -415,6 +415,7 @@ volumes = { a = "/data", b = "/data" }
             graven.toml:19:43: services.web.limits.cpu: 0 is not a cpu share: it must be at least 0.001 cores
             graven.toml:19:52: services.web.limits.tmp: "12 parsecs" is not a size (try "64MiB", "512M", "1G")
             graven.toml:19:72: services.web.limits.log: a size limit must be larger than zero
+            graven.toml:19:85: services.web.limits.log_age: "0s" must be longer than zero
             graven.toml:22:11: services.api.command: the command needs a program: ["/app", "--flag"]
             graven.toml:23:24: services.api.deploy.max_surge: max_surge + max_unavailable must be at least 1, or a deploy could never replace an instance
             graven.toml:24:30: services.api.volumes.b: "/data" is already where volume "a" is mounted"#]],
@@ -437,7 +438,7 @@ fn missing_required_fields() {
             service db: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind Tcp start_period 0ns table true
         "#]],
     );
@@ -691,7 +692,7 @@ command = ["/worker"]
             service worker: instances 1 port none (EXPOSE, or a worker) route None command Some(["/worker"]) env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind None start_period 0ns table false
         "#]],
     );
@@ -707,7 +708,7 @@ port = 8080
             service web: instances 1 port 8080 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
         "#]],
     );
     check(
@@ -728,22 +729,22 @@ health = { kind = "none" }
             service db: instances 1 port 5432 route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind Tcp start_period 5s table true
             service job: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind None start_period 0ns table true
             service pg: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind Exec { command: ["pg_isready", "-q"] } start_period 0ns table true
             service sh: instances 1 port none (EXPOSE, or a worker) route None command None env {}
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
-              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None }
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind Exec { command: ["/bin/sh", "-c", "test -f /tmp/ready"] } start_period 0ns table true
         "#]],
     );

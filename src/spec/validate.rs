@@ -67,6 +67,7 @@ struct Partial {
     cpu: Option<At<u64>>,
     tmp: Option<At<u64>>,
     log: Option<At<u64>>,
+    log_age: Option<At<Duration>>,
     host_network: Option<At<bool>>,
     outbound: Option<At<bool>>,
     entrypoint: Option<At<Vec<String>>>,
@@ -111,6 +112,7 @@ impl Partial {
             cpu: pick(&overlay.cpu, &self.cpu),
             tmp: pick(&overlay.tmp, &self.tmp),
             log: pick(&overlay.log, &self.log),
+            log_age: pick(&overlay.log_age, &self.log_age),
             entrypoint: pick(&overlay.entrypoint, &self.entrypoint),
             user: pick(&overlay.user, &self.user),
             tmpfs: pick(&overlay.tmpfs, &self.tmpfs),
@@ -399,6 +401,7 @@ fn check_limits(raw: &RawLimits, prefix: &str, issues: &mut Issues, partial: &mu
     partial.memory = leaf(&raw.memory, &path("memory"), issues, positive_size);
     partial.tmp = leaf(&raw.tmp, &path("tmp"), issues, positive_size);
     partial.log = leaf(&raw.log, &path("log"), issues, positive_size);
+    partial.log_age = leaf(&raw.log_age, &path("log_age"), issues, positive_duration);
     partial.pids = leaf(&raw.pids, &path("pids"), issues, integer_in(0, i64::MAX));
     partial.cpu = leaf(&raw.cpu, &path("cpu"), issues, values::cpu_millis);
 }
@@ -591,6 +594,7 @@ fn resolve_service(
             cpu_millis: bytes(&merged.cpu),
             tmp_bytes: bytes(&merged.tmp),
             log_bytes: bytes(&merged.log),
+            log_age_s: merged.log_age.as_ref().map(|a| a.value.as_secs().max(1)),
         },
     })
 }

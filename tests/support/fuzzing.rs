@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("add_archive", add_archive),
     ("instance_rootfs", instance_rootfs),
     ("image_paths", image_paths),
+    ("syslog_stream", syslog_stream),
 ];
 
 /// `graven.toml`: parsing is deterministic; a project's config digests are stable and cover
@@ -723,4 +724,60 @@ fn tree_of(dir: &Path) -> BTreeMap<String, Option<String>> {
         }
     }
     out
+}
+
+/// A TCP syslog stream as the listener takes it: the first byte sets the frame limit (small
+/// ones reach the oversize paths), the second where the stream is cut in two. Whatever the
+/// bytes, cutting the stream anywhere, or feeding it a byte at a time, gives the same frames
+/// and the same refusals in the same order; no frame is longer than the limit; the bytes held
+/// stay within the limit and a header; every frame parses or is refused by kind, and a
+/// parsed message is never longer than its frame.
+pub fn syslog_stream(data: &[u8]) {
+    use graven::logs::syslog::{BadInput, Deframer, Framing};
+    let Some((&[limit, cut], stream)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let limit = 8 + limit as usize * 4;
+    type Out = Vec<Result<(Vec<u8>, Framing), BadInput>>;
+    let feed = |pieces: &mut dyn Iterator<Item = &[u8]>| -> Out {
+        let mut deframer = Deframer::new(limit);
+        let mut out = Vec::new();
+        let mut emit = |r: Result<(&[u8], Framing), BadInput>| {
+            out.push(r.map(|(frame, framing)| (frame.to_vec(), framing)))
+        };
+        for piece in pieces {
+            deframer.push(piece, &mut emit);
+            assert!(
+                deframer.buffered() <= limit + 32,
+                "the deframer holds {} bytes, over its limit of {limit}",
+                deframer.buffered()
+            );
+        }
+        deframer.finish(&mut emit);
+        out
+    };
+    let whole = feed(&mut std::iter::once(stream));
+    let cut = (cut as usize).min(stream.len());
+    let (a, b) = stream.split_at(cut);
+    assert_eq!(
+        feed(&mut [a, b].into_iter()),
+        whole,
+        "cutting the stream at {cut} changed what it holds"
+    );
+    assert_eq!(
+        feed(&mut stream.chunks(1)),
+        whole,
+        "a byte at a time changed what the stream holds"
+    );
+    let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    for (frame, _) in whole.iter().flatten() {
+        assert!(
+            frame.len() <= limit,
+            "a frame of {} bytes passed a limit of {limit}",
+            frame.len()
+        );
+        if let Ok(parsed) = graven::logs::syslog::parse::parse(frame, now) {
+            assert!(parsed.message.len() <= frame.len());
+        }
+    }
 }

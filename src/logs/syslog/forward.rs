@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::config::{ForwardConfig, Transport, WireFormat};
+use super::config::{Endpoint, ForwardConfig, Transport, WireFormat};
 use super::{Cursor, Feed, format};
 
 /// How long after its bytes were acknowledged a line is confirmed (see the module's head).
@@ -62,6 +62,21 @@ pub struct ForwardStats {
 impl ForwardStats {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters now, for `graven status`.
+    pub fn report(&self, to: &Endpoint) -> super::ForwardReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        super::ForwardReport {
+            to: to.to_string(),
+            up: self.up.load(Ordering::Relaxed),
+            sent: get(&self.sent),
+            dropped: get(&self.dropped),
+            resent: get(&self.resent),
+            buffered: get(&self.buffered),
+            connections: get(&self.connections),
+            failures: get(&self.failures),
+        }
     }
 }
 

@@ -30,6 +30,18 @@ pub enum BadInput {
 }
 
 impl BadInput {
+    /// Its name in counts people read (`graven status`, docs/syslog.md's table).
+    pub fn name(self) -> &'static str {
+        match self {
+            BadInput::BadLength => "bad_length",
+            BadInput::Oversize => "oversize",
+            BadInput::Garbage => "garbage",
+            BadInput::InvalidUtf8 => "invalid_utf8",
+            BadInput::Pri => "pri",
+            BadInput::Malformed => "malformed",
+        }
+    }
+
     pub const ALL: [BadInput; 6] = [
         BadInput::BadLength,
         BadInput::Oversize,

@@ -48,6 +48,24 @@ impl ListenerStats {
         self.bad[i].load(Ordering::Relaxed)
     }
 
+    /// The counters now, for `graven status`: refused input by kind, named as its error.
+    pub fn report(&self, addresses: &[Endpoint]) -> super::ListenReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        super::ListenReport {
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            received: get(&self.received),
+            bad: BadInput::ALL
+                .iter()
+                .zip(&self.bad)
+                .map(|(kind, count)| (kind.name().to_owned(), get(count)))
+                .filter(|(_, count)| *count > 0)
+                .collect(),
+            connections: get(&self.connections),
+            refused_connections: get(&self.refused_connections),
+            sink_errors: get(&self.sink_errors),
+        }
+    }
+
     fn count_bad(&self, kind: BadInput) {
         let i = BadInput::ALL.iter().position(|k| *k == kind).unwrap();
         self.bad[i].fetch_add(1, Ordering::Relaxed);
@@ -330,5 +348,27 @@ fn grow_receive_buffer(socket: &UdpSocket) {
         if rc == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_names_refused_input_by_its_documented_kind_and_leaves_out_zeros() {
+        let stats = ListenerStats::default();
+        stats.count_bad(BadInput::BadLength);
+        stats.count_bad(BadInput::BadLength);
+        stats.count_bad(BadInput::Pri);
+        stats.received.fetch_add(7, Ordering::Relaxed);
+        let at = [Endpoint::parse("udp://127.0.0.1:5514").unwrap()];
+        let report = stats.report(&at);
+        assert_eq!(report.received, 7);
+        assert_eq!(report.addresses, ["udp://127.0.0.1:5514"]);
+        assert_eq!(
+            report.bad.into_iter().collect::<Vec<_>>(),
+            [("bad_length".to_owned(), 2), ("pri".to_owned(), 1)]
+        );
     }
 }

@@ -31,6 +31,41 @@ pub use framing::{BadInput, Deframer, Framing};
 pub use listen::{Listener, ListenerStats};
 pub use memory::{VecFeed, VecSink};
 
+/// What a control plane's syslog forwarders and listener have done, as `graven status` shows
+/// it: read from the running counters, written beside the app's event log now and then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyslogReport {
+    /// When the counters were read, in ms since the epoch.
+    pub at_ms: u64,
+    pub forward: Vec<ForwardReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<ListenReport>,
+}
+
+/// One forwarder's counters (`ForwardStats`), with its destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardReport {
+    pub to: String,
+    pub up: bool,
+    pub sent: u64,
+    pub dropped: u64,
+    pub resent: u64,
+    pub buffered: u64,
+    pub connections: u64,
+    pub failures: u64,
+}
+
+/// The listener's counters (`ListenerStats`), refused input by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenReport {
+    pub addresses: Vec<String>,
+    pub received: u64,
+    pub bad: std::collections::BTreeMap<String, u64>,
+    pub connections: u64,
+    pub refused_connections: u64,
+    pub sink_errors: u64,
+}
+
 /// Everything that can go wrong in this module, each carrying what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SyslogError {

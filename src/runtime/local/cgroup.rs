@@ -200,6 +200,7 @@ mod tests {
         cpu_millis: Some(1500),
         tmp_bytes: None,
         log_bytes: None,
+        log_age_s: None,
     };
 
     #[test]

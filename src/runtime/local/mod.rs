@@ -840,6 +840,9 @@ impl Runtime for LocalRuntime {
         if let Ok(target) = retention::target(&self.home, id, &state.labels, &Default::default())
             && let Some(group) = target.dir.parent()
         {
+            // A shim killed before its workload ended left the data files append-only, which
+            // nobody could then delete (not even root): nothing writes them any more.
+            crate::logs::ingest::unseal(&target.dir);
             let policy = crate::logs::retention::policy_of(group);
             let _ = crate::logs::retention::enforce(group, policy, false);
         }

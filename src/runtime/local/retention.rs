@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::state::{LOG, LOG_BEFORE, LogTarget, STATE};
 use crate::logs::retention::{DEFAULT, Policy};
@@ -56,7 +57,9 @@ pub fn target(
     };
     let policy = Policy {
         max_bytes: limits.log_bytes.unwrap_or(DEFAULT.max_bytes),
-        ..DEFAULT
+        max_age: limits
+            .log_age_s
+            .map_or(DEFAULT.max_age, Duration::from_secs),
     };
     Ok(LogTarget {
         dir,
