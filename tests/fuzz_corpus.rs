@@ -671,8 +671,25 @@ fn api_requests() -> Vec<(String, Vec<u8>)> {
             "config": release["config"],
         }],
     });
+    let mut with_logs = deploy.clone();
+    with_logs["logs"] = serde_json::json!({
+        "listen": {"addresses": ["udp://127.0.0.1:5514", "tcp://[::1]:5514"], "max_message": 8192},
+        "forward": [{
+            "to": "tcp://logs.example.com:514",
+            "format": "rfc3164",
+            "services": ["web"],
+            "buffer": 1000,
+            "facility": 16,
+            "hostname": null,
+            "confirm_after": {"secs": 1, "nanos": 0},
+        }],
+    });
     vec![
         ("deploy.json".into(), serde_json::to_vec(&deploy).unwrap()),
+        (
+            "deploy-logs.json".into(),
+            serde_json::to_vec(&with_logs).unwrap(),
+        ),
         (
             "rollback.json".into(),
             br#"{"app":"hello","environment":"local","service":"web","to":1}"#.to_vec(),

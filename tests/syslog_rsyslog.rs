@@ -852,3 +852,79 @@ command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.
     assert!(text.contains("syslog listening on tcp://"), "{text}");
     rsyslog.stop();
 }
+
+/// The daemon runs what a deploy's `[logs]` asks for, runs it again after a restart with
+/// nothing deployed, and stops it when a deploy no longer asks for it.
+#[test]
+fn a_daemon_runs_the_deployed_logs_table_across_its_restart_until_a_deploy_drops_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let rsyslog_dir = temp.path().join("rsyslog");
+    let rsyslog = Rsyslog::start(
+        &rsyslog_dir,
+        &receiving_config(&rsyslog_dir, 0, free_udp_port()),
+    );
+    let listen = support::daemon::free_port();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Containerfile"),
+        format!("FROM docker-archive:{}\n", support::debian_base().display()),
+    )
+    .unwrap();
+    let project = |logs: bool| {
+        let table = if logs {
+            format!(
+                "[logs]\nlisten = [\"tcp://{listen}\"]\n\n[[logs.forward]]\nto = \"tcp://127.0.0.1:{}\"\n\n",
+                rsyslog.tcp_port
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            dir.join("graven.toml"),
+            format!(
+                r#"app = "demo"
+
+{table}[services.ticker]
+command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.05; done"]
+"#
+            ),
+        )
+        .unwrap();
+    };
+    let out = rsyslog_dir.join("out.log");
+    let ticks = || -> Vec<u64> {
+        lines(&out)
+            .iter()
+            .filter(|l| l.contains("|ticker|"))
+            .filter_map(|l| l.split("|tick ").nth(1)?.split('|').next()?.parse().ok())
+            .collect()
+    };
+    let listening = || std::net::TcpStream::connect(listen).is_ok();
+
+    project(true);
+    let mut daemon = support::daemon::Up::daemon(&home, "local");
+    support::daemon::run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    wait_for("forwarded ticks from the daemon", || ticks().len() >= 20);
+    assert!(listening(), "the daemon listens where [logs] says");
+
+    // Restarted with nothing deployed: it forwards again, from where it was confirmed.
+    daemon.signal(libc::SIGTERM, DEADLINE);
+    let before = ticks().len();
+    // (The controller starts the wanted release again from its log: no deploy is made.)
+    let mut daemon = support::daemon::Up::daemon(&home, "local");
+    wait_for("ticks forwarded after the restart", || {
+        ticks().len() >= before + 20
+    });
+    assert!(listening());
+
+    // A deploy without [logs] stops both: the port is free, nothing more is forwarded.
+    project(false);
+    support::daemon::run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    wait_for("the listener closed", || !listening());
+    let stopped = ticks().len();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ticks().len(), stopped, "still forwarding after [logs] went");
+    daemon.signal(libc::SIGTERM, DEADLINE);
+    rsyslog.stop();
+}

@@ -31,6 +31,7 @@ use crate::runtime::AnyRuntime;
 pub mod client;
 pub mod lock;
 pub mod offline;
+pub mod syslog;
 
 pub use client::Client;
 pub use lock::ControlLock;
@@ -107,6 +108,8 @@ pub enum ApiError {
     },
     #[error("the app event log cannot listen: {message}")]
     AppEvents { message: String },
+    #[error("syslog ([logs]): {message}")]
+    Syslog { message: String },
     #[error(transparent)]
     Controller(#[from] ControllerError),
 }
@@ -129,6 +132,7 @@ impl ApiError {
             ApiError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::ImageCollected { .. } => StatusCode::CONFLICT,
             ApiError::AppEvents { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Syslog { .. } => StatusCode::CONFLICT,
             ApiError::Controller(error) => match error {
                 ControllerError::UnknownService { .. } => StatusCode::NOT_FOUND,
                 ControllerError::UnknownRelease { .. } => StatusCode::NOT_FOUND,
@@ -170,6 +174,10 @@ pub struct DeployRequest {
     pub environment: String,
     #[serde(flatten)]
     pub order: DeployOrder,
+    /// The project's `[logs]`: the syslog forwarders and listener the control plane runs for
+    /// this app and environment from now on (none when empty).
+    #[serde(default, skip_serializing_if = "crate::spec::logs::Logs::is_empty")]
+    pub logs: crate::spec::logs::Logs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +239,8 @@ pub struct Daemon {
     /// See `IDLE_TIMEOUT`.
     idle_timeout: Duration,
     controllers: Mutex<BTreeMap<(String, String), ControllerHandle>>,
+    /// The syslog each app and environment's `[logs]` asks for, by app and environment.
+    syslog: tokio::sync::Mutex<BTreeMap<(String, String), syslog::Syslog>>,
 }
 
 fn valid_name(name: &str) -> Result<(), ApiError> {
@@ -271,6 +281,7 @@ impl Daemon {
             tick: Duration::from_millis(100),
             idle_timeout: idle_timeout()?,
             controllers: Mutex::new(BTreeMap::new()),
+            syslog: tokio::sync::Mutex::new(BTreeMap::new()),
         });
         for (app, environment, _) in event_logs(home)? {
             if let (Some(app), Some(environment)) = (app.to_str(), environment.to_str())
@@ -369,12 +380,97 @@ impl Daemon {
                 handle.abort().await;
             }
         }
+        self.stop_syslog().await;
     }
 
     /// Drains and stops every instance of every controller.
     pub async fn shutdown(&self) {
         for handle in self.handles() {
             handle.shutdown().await;
+        }
+        self.stop_syslog().await;
+    }
+
+    /// Runs `logs` for `app` in `environment` from now on, in place of what ran: unchanged,
+    /// nothing is restarted; changed, the old forwarders stop (their cursors kept) and the
+    /// new ones start; empty, nothing runs. Kept beside the app's event log, so a restarted
+    /// control plane runs it again. Returns where the listener listens. When the new one
+    /// cannot start (a listen address in use), the old one runs again and the error says why.
+    pub async fn set_logs(
+        &self,
+        app: &str,
+        environment: &str,
+        logs: &crate::spec::logs::Logs,
+    ) -> Result<Vec<String>, ApiError> {
+        valid_name(app)?;
+        valid_name(environment)?;
+        let mut running = self.syslog.lock().await;
+        let key = (app.to_owned(), environment.to_owned());
+        if let Some(current) = running.get(&key)
+            && current.config == *logs
+        {
+            return Ok(current.listening());
+        }
+        let old = running.remove(&key);
+        let old_config = old.as_ref().map(|o| o.config.clone());
+        if let Some(old) = old {
+            old.stop().await;
+        }
+        if !logs.is_empty() {
+            match syslog::Syslog::start(&self.home, app, environment, logs).await {
+                Ok(started) => {
+                    running.insert(key.clone(), started);
+                }
+                Err(error) => {
+                    if let Some(config) = old_config
+                        && let Ok(again) =
+                            syslog::Syslog::start(&self.home, app, environment, &config).await
+                    {
+                        running.insert(key, again);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        syslog::keep_config(&self.home, app, environment, logs)?;
+        Ok(running.get(&key).map(|s| s.listening()).unwrap_or_default())
+    }
+
+    /// Runs again the `[logs]` each app and environment's last deploy carried (a restarted
+    /// control plane); one that cannot start is said on stderr and left off.
+    pub async fn resume_syslog(&self) {
+        let apps = match event_logs(&self.home) {
+            Ok(apps) => apps,
+            Err(_) => return,
+        };
+        for (app, environment, _) in apps {
+            let (Some(app), Some(environment)) = (app.to_str(), environment.to_str()) else {
+                continue;
+            };
+            let Some(logs) = syslog::kept_config(&self.home, app, environment) else {
+                continue;
+            };
+            let said = match self.set_logs(app, environment, &logs).await {
+                Ok(addresses) => addresses
+                    .iter()
+                    .map(|a| format!("graven: syslog listening on {a} for {app}/{environment}"))
+                    .collect(),
+                Err(error) => vec![format!("graven: {app}/{environment}: {error}")],
+            };
+            use std::io::Write as _;
+            for line in said {
+                // Not `eprintln!`: a closed stderr must not end the daemon.
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
+        }
+    }
+
+    /// Stops every app's syslog, after the instances' last lines (a forwarder still sends
+    /// what they wrote while draining, as far as it gets).
+    async fn stop_syslog(&self) {
+        let running = std::mem::take(&mut *self.syslog.lock().await);
+        for (_, syslog) in running {
+            syslog.stop().await;
         }
     }
 
@@ -505,6 +601,8 @@ impl Daemon {
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(body)?;
                 let handle = self.controller(&request.app, &request.environment)?;
+                self.set_logs(&request.app, &request.environment, &request.logs)
+                    .await?;
                 let rollout = handle.deploy(request.order, actor).await?;
                 Ok(to_json(&accepted(&handle, rollout)))
             }

@@ -384,7 +384,13 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let mut stop = StopSignal::install()?;
         let listener = api::bind(home, &lock).await?;
         let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
-        let syslog = start_syslog(home, &project).await?;
+        for address in daemon
+            .set_logs(&project.app, &project.environment, &project.logs)
+            .await?
+        {
+            note!("graven: syslog listening on {address}");
+        }
+        daemon.resume_syslog().await;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(daemon.clone().serve(listener, async {
             let _ = api_stopped.await;
@@ -441,9 +447,6 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_api.send(());
         let _ = server.await;
         let _ = std::fs::remove_file(api::socket_path(home));
-        // After the instances' last lines: a forwarder still sends what they wrote while
-        // draining, as far as it gets before it is stopped.
-        syslog.stop().await;
         anyhow::Ok(code)
     });
     // A bake cut short by a stop may still be running on a blocking thread; it started no
@@ -462,6 +465,9 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
         let mut stop = StopSignal::install()?;
         let listener = api::bind(home, &lock).await?;
         let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.options.runtime)?)?;
+        // What the apps' last deploys asked for: forwarding resumes where each destination
+        // last confirmed.
+        daemon.resume_syslog().await;
         note!(
             "graven: daemon listening on {}",
             api::socket_path(home).display()
@@ -733,6 +739,7 @@ fn deploy_to_daemon(home: &Path, args: DeployArgs, resume: bool) -> anyhow::Resu
                 app: project.app.clone(),
                 environment: project.environment.clone(),
                 order,
+                logs: project.logs.clone(),
             })
             .await?;
         finish(home, &client, accepted, args.json).await
@@ -832,7 +839,7 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     let target = reported_target(&args);
     let (mut snapshots, offline) = snapshots(home, &target)?;
     for snapshot in &mut snapshots {
-        snapshot.syslog = syslog_report(home, &snapshot.app, &snapshot.environment);
+        snapshot.syslog = api::syslog::report(home, &snapshot.app, &snapshot.environment);
     }
     if args.json {
         say!("{}", serde_json::to_string_pretty(&snapshots)?);
@@ -1124,143 +1131,4 @@ pub fn compact(home: &Path, args: RecoverArgs) -> anyhow::Result<ExitCode> {
         say!("{}", serde_json::to_string_pretty(&done)?);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The syslog forwarders and listener a project's `[logs]` asks for, run by its control
-/// plane (`graven up`) for as long as it runs.
-struct Syslog {
-    forwarders: Vec<crate::logs::syslog::Forwarder>,
-    listener: Option<crate::logs::syslog::Listener>,
-    /// Writes the counters to `syslog.json` every `SYSLOG_REPORT_EVERY`.
-    reporter: Option<tokio::task::JoinHandle<()>>,
-    report: Arc<dyn Fn() + Send + Sync>,
-}
-
-/// How often the syslog counters `graven status` shows are written.
-const SYSLOG_REPORT_EVERY: Duration = Duration::from_secs(2);
-
-/// Where a control plane writes its syslog counters: beside the app's event log.
-fn syslog_report_path(home: &Path, app: &str, environment: &str) -> PathBuf {
-    api::log_path(home, app, environment).with_file_name("syslog.json")
-}
-
-/// The syslog counters of a control plane that runs, or ran, on this app and environment.
-fn syslog_report(
-    home: &Path,
-    app: &str,
-    environment: &str,
-) -> Option<crate::logs::syslog::SyslogReport> {
-    let text = std::fs::read(syslog_report_path(home, app, environment)).ok()?;
-    serde_json::from_slice(&text).ok()
-}
-
-impl Syslog {
-    async fn stop(self) {
-        if let Some(reporter) = self.reporter {
-            reporter.abort();
-        }
-        for forwarder in self.forwarders {
-            forwarder.stop().await;
-        }
-        if let Some(listener) = self.listener {
-            listener.stop().await;
-        }
-        (self.report)();
-    }
-}
-
-async fn start_syslog(home: &Path, project: &spec::Project) -> anyhow::Result<Syslog> {
-    use crate::logs::bridge::{StoreFeed, StoreSink};
-    let dir = api::log_path(home, &project.app, &project.environment)
-        .parent()
-        .expect("the log has a directory")
-        .to_owned();
-    let mut forwarders = Vec::new();
-    for config in &project.logs.forward {
-        std::fs::create_dir_all(&dir)?;
-        let query = crate::logs::read::Query {
-            app: Some(project.app.clone()),
-            environment: Some(project.environment.clone()),
-            services: config.services.clone(),
-            ..Default::default()
-        };
-        // One cursor per destination, named after it, so a restart resumes each where it was.
-        let name: String = config
-            .to
-            .to_string()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let feed = StoreFeed::open(home, query, dir.join(format!("syslog-{name}.cursor")));
-        forwarders.push(crate::logs::syslog::Forwarder::spawn(config.clone(), feed));
-    }
-    let listener = match &project.logs.listen {
-        Some(config) => {
-            let listener =
-                crate::logs::syslog::Listener::bind(config, StoreSink::new(home)).await?;
-            for address in listener.local_addrs() {
-                note!("graven: syslog listening on {address}");
-            }
-            Some(listener)
-        }
-        None => None,
-    };
-    if forwarders.is_empty() && listener.is_none() {
-        return Ok(Syslog {
-            forwarders,
-            listener,
-            reporter: None,
-            report: Arc::new(|| {}),
-        });
-    }
-    let stats: Vec<_> = forwarders
-        .iter()
-        .zip(&project.logs.forward)
-        .map(|(f, config)| (f.stats(), config.to.clone()))
-        .collect();
-    let listening = listener
-        .as_ref()
-        .map(|l| (l.stats(), l.local_addrs().to_vec()));
-    let path = syslog_report_path(home, &project.app, &project.environment);
-    let report: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        let report = crate::logs::syslog::SyslogReport {
-            at_ms: now_ms(),
-            forward: stats.iter().map(|(s, to)| s.report(to)).collect(),
-            listen: listening.as_ref().map(|(s, at)| s.report(at)),
-        };
-        // Counters for people: a write that fails is tried again at the next tick.
-        let tmp = path.with_extension("json.tmp");
-        let written = serde_json::to_vec_pretty(&report)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                std::io::Write::write_all(&mut file, &bytes)
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-    });
-    let reporter = {
-        let report = report.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(SYSLOG_REPORT_EVERY);
-            loop {
-                every.tick().await;
-                report();
-            }
-        })
-    };
-    Ok(Syslog {
-        forwarders,
-        listener,
-        reporter: Some(reporter),
-        report,
-    })
 }

@@ -25,11 +25,20 @@ pub(crate) struct RawForward {
     pub facility: Option<Field<String>>,
 }
 
-/// The checked `[logs]` table: nothing to listen on and nowhere to forward when absent.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The checked `[logs]` table: nothing to listen on and nowhere to forward when absent. A
+/// deploy carries it to the control plane, which runs it (`api::syslog`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Logs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<ListenConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward: Vec<ForwardConfig>,
+}
+
+impl Logs {
+    pub fn is_empty(&self) -> bool {
+        self.listen.is_none() && self.forward.is_empty()
+    }
 }
 
 fn endpoint(text: &str) -> Result<Endpoint, String> {

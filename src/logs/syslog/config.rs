@@ -5,16 +5,22 @@
 use std::fmt;
 use std::net::SocketAddr;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Facility, SyslogError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     Tcp,
     Udp,
 }
 
 /// A syslog address: a scheme, a host (a name or an IP address, `[...]` for IPv6) and a port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// In JSON (a deploy's `[logs]`, as the daemon keeps it) it is the string it was written as,
+/// checked again when read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Endpoint {
     pub transport: Transport,
     pub host: String,
@@ -79,6 +85,20 @@ impl Endpoint {
     }
 }
 
+impl From<Endpoint> for String {
+    fn from(endpoint: Endpoint) -> String {
+        endpoint.to_string()
+    }
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = SyslogError;
+
+    fn try_from(text: String) -> Result<Endpoint, SyslogError> {
+        Endpoint::parse(&text)
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = match self.transport {
@@ -93,7 +113,8 @@ impl fmt::Display for Endpoint {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WireFormat {
     Rfc5424,
     Rfc3164,
@@ -117,7 +138,7 @@ pub const DEFAULT_BUFFER: usize = 100_000;
 pub const DEFAULT_MAX_MESSAGE: usize = 8192;
 
 /// One `[[logs.forward]]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardConfig {
     pub to: Endpoint,
     pub format: WireFormat,
@@ -149,7 +170,7 @@ impl ForwardConfig {
 }
 
 /// `[logs] listen`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenConfig {
     pub addresses: Vec<Endpoint>,
     pub max_message: usize,

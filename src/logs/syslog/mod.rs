@@ -140,7 +140,16 @@ impl Severity {
 
 /// A facility code, 0 (kern) to 23 (local7), as RFC 5424 §6.2.1 numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "u8")]
 pub struct Facility(u8);
+
+impl TryFrom<u8> for Facility {
+    type Error = String;
+
+    fn try_from(code: u8) -> Result<Facility, String> {
+        Facility::new(code).ok_or_else(|| format!("facility {code} is out of range (0 to 23)"))
+    }
+}
 
 impl Facility {
     pub const USER: Facility = Facility(1);
