@@ -748,22 +748,34 @@ async fn past_the_buffer_the_oldest_lines_are_dropped_and_counted() {
 /// (read from the store) to a real rsyslog, and files what a real client (util-linux's
 /// `logger`, RFC 5424 over TCP, octet-counted) sends to its listener in the store, where
 /// `graven logs` shows it.
-#[test]
-fn graven_up_forwards_the_store_to_rsyslog_and_files_what_it_receives() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let rsyslog_dir = temp.path().join("rsyslog");
+/// A receiving rsyslog in `rsyslog_dir`, a free port for graven's listener, and a project in
+/// `dir` whose image is the Debian base.
+fn receiving_rsyslog_and_debian_project(
+    rsyslog_dir: &Path,
+    dir: &Path,
+) -> (Rsyslog, std::net::SocketAddr) {
     let rsyslog = Rsyslog::start(
-        &rsyslog_dir,
-        &receiving_config(&rsyslog_dir, 0, free_udp_port()),
+        rsyslog_dir,
+        &receiving_config(rsyslog_dir, 0, free_udp_port()),
     );
-    let listen = support::daemon::free_port();
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("Containerfile"),
         format!("FROM docker-archive:{}\n", support::debian_base().display()),
     )
     .unwrap();
+    (rsyslog, support::daemon::free_port())
+}
+
+#[test]
+fn graven_up_forwards_the_store_to_rsyslog_and_files_what_it_receives() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir, rsyslog_dir) = (
+        temp.path().join("home"),
+        temp.path().join("project"),
+        temp.path().join("rsyslog"),
+    );
+    let (rsyslog, listen) = receiving_rsyslog_and_debian_project(&rsyslog_dir, &dir);
     std::fs::write(
         dir.join("graven.toml"),
         format!(
@@ -858,19 +870,12 @@ command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.
 #[test]
 fn a_daemon_runs_the_deployed_logs_table_across_its_restart_until_a_deploy_drops_it() {
     let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let rsyslog_dir = temp.path().join("rsyslog");
-    let rsyslog = Rsyslog::start(
-        &rsyslog_dir,
-        &receiving_config(&rsyslog_dir, 0, free_udp_port()),
+    let (home, dir, rsyslog_dir) = (
+        temp.path().join("home"),
+        temp.path().join("project"),
+        temp.path().join("rsyslog"),
     );
-    let listen = support::daemon::free_port();
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("Containerfile"),
-        format!("FROM docker-archive:{}\n", support::debian_base().display()),
-    )
-    .unwrap();
+    let (rsyslog, listen) = receiving_rsyslog_and_debian_project(&rsyslog_dir, &dir);
     let project = |logs: bool| {
         let table = if logs {
             format!(
