@@ -51,6 +51,13 @@ pub fn keep_config(home: &Path, app: &str, environment: &str, logs: &Logs) -> Re
         };
     }
     let bytes = serde_json::to_vec_pretty(logs).expect("logs serialize");
+    // `graven up` on a new home sets its logs before its first deploy made the directory.
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(super::io(&dir))?;
     write_private(&path, &bytes).map_err(super::io(&path))
 }
 
