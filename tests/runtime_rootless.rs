@@ -166,6 +166,24 @@ fn an_unprivileged_user_runs_a_locked_down_instance_in_a_user_namespace() {
         "the workload is gone"
     );
     succeed(place.graven().args(["rm", &id]));
+
+    // Its output is in the log store without root too, every line stamped, and outlives it.
+    let logs = succeed(place.graven().args(["logs", "--json", "--instance", &id]));
+    let lines: Vec<serde_json::Value> = String::from_utf8(logs.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let said: Vec<&str> = lines.iter().filter_map(|l| l["line"].as_str()).collect();
+    assert!(
+        said.iter().any(|l| l.starts_with("probe: listening on"))
+            && said.contains(&"probe: got SIGTERM"),
+        "{lines:?}"
+    );
+    assert!(lines.iter().all(|l| l["time"].is_string()), "{lines:?}");
+    let source = home.join("logs/_run").join(&id);
+    let owner = std::fs::metadata(source.join("out")).unwrap().uid();
+    assert_eq!(owner, USER, "the log belongs to uid {owner}");
 }
 
 /// Baking without root: RUN runs as root of a user namespace, and what it writes lands in
