@@ -15,7 +15,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::daemon::{Up, demo_instances, free_port, hello_project, run, run_ok, write_project};
+use support::daemon::{Up, demo_instances, free_port, hello_project, run, run_ok};
 use support::load::Load;
 
 const CONNECTIONS: usize = 8;
@@ -209,17 +209,27 @@ fn a_program_not_in_the_image_replaces_its_instance_and_writing_alone_never_does
     support::bake_debian_base(&home, temp.path());
     let route = free_port();
     let command = serde_json::to_string(&["/bin/sh", "-c", LOOP]).unwrap();
-    write_project(
-        &dir,
-        route,
-        INSTANCES as u32,
-        r#"VERSION = "v1""#,
-        &format!(
-            "volumes = {{ data = \"/data\" }}\ncommand = {command}\n\
-             drift = {{ interval = \"{INTERVAL}\", exec_tmp = true }}"
-        ),
-    );
+    // A Debian instance takes longer to start than the example's: a generous deadline.
     std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::write(
+        dir.join("graven.toml"),
+        format!(
+            r#"app = "demo"
+
+[services.web]
+instances = {INSTANCES}
+port = 8080
+route = "{route}"
+command = {command}
+volumes = {{ data = "/data" }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "60s" }}
+stop_grace = "2s"
+drift = {{ interval = "{INTERVAL}", exec_tmp = true }}
+"#
+        ),
+    )
+    .unwrap();
     std::fs::copy(support::hello_binary(), dir.join("dist/hello")).unwrap();
     std::fs::write(
         dir.join("Containerfile"),
@@ -227,7 +237,7 @@ fn a_program_not_in_the_image_replaces_its_instance_and_writing_alone_never_does
     )
     .unwrap();
     let _up = Up::start(&home, &dir, "local");
-    support::wait_for(Duration::from_secs(60), "the instances healthy", || {
+    support::wait_for(Duration::from_secs(120), "the instances healthy", || {
         (running_ids(&home).len() == INSTANCES && healthy(&home) == INSTANCES).then_some(())
     });
     let load = Load::start(route, CONNECTIONS);

@@ -459,8 +459,10 @@ fn under(path: &Path, prefix: &Path) -> bool {
 }
 
 /// Whether the running program (`meta`, what `/proc/<pid>/exe` is) is the file `path` names
-/// in the image's root: the same inode, on the root's device or on the instance's root
-/// mount (an overlay of the root reports its own device and the lower file's inode).
+/// in the image's root: the same inode, on the mount that is the instance's root (the
+/// read-only bind of the root, or the read-only overlay over it, whose files report their
+/// inode in the root but a device of the overlay's own). A program on /tmp, /dev/shm or a
+/// volume is on another mount; one the instance wrote has no path in the image's root.
 fn from_image(root_fd: &OwnedFd, path: &Path, meta: &std::fs::Metadata, pid: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
     let Ok(file) = rustix::fs::openat2(
@@ -478,8 +480,18 @@ fn from_image(root_fd: &OwnedFd, path: &Path, meta: &std::fs::Metadata, pid: u32
     if image.st_ino != meta.ino() {
         return false;
     }
-    let instance_root = std::fs::metadata(format!("/proc/{pid}/root")).map(|m| m.dev());
-    image.st_dev == meta.dev() || instance_root.is_ok_and(|dev| dev == meta.dev())
+    let mount = |link: &str| {
+        rustix::fs::statx(
+            rustix::fs::CWD,
+            format!("/proc/{pid}/{link}"),
+            AtFlags::empty(),
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .ok()
+        .filter(|s| s.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0)
+        .map(|s| s.stx_mnt_id)
+    };
+    matches!((mount("exe"), mount("root")), (Some(exe), Some(root)) if exe == root)
 }
 
 fn cmdline(pid: u32) -> String {
