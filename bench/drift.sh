@@ -11,14 +11,22 @@
 # 2. `graven up` of a one-instance service with `drift.interval = INTERVAL`: one byte of a
 #    file of the root changed, the time until `graven drift --json` shows it condemned.
 #
-# Usage: bench/drift.sh      (RUNS=5, INTERVAL=5s; PROFILE=release by default)
+# Usage: bench/drift.sh      (RUNS=5, INTERVAL=5s; PROFILE=release by default;
+#        GRAVEN=path/to/graven uses that binary instead of building one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
 interval=${INTERVAL:-5s}
 
 source bench/lib.sh
-bench_setup drift
+if [ -n "${GRAVEN:-}" ]; then
+  work=$(mktemp -d /tmp/graven-bench-drift.XXXXXX)
+  trap bench_cleanup EXIT
+  graven=$GRAVEN
+  [ -x examples/hello/dist/hello ] || examples/hello/build.sh
+else
+  bench_setup drift
+fi
 export GRAVEN_HOME="$work/home"
 base=$(scripts/debian-base)
 

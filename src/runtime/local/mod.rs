@@ -818,9 +818,9 @@ impl LocalRuntime {
         drift::verify(&root, &manifest, &mut budget).map_err(io("verifying"))
     }
 
-    /// Moves the tampered root of `image` aside, unpacks it afresh and records `change` on
-    /// every running instance of the image, all under the start lock held exclusively: no
-    /// start is half done, so every instance of the image runs on the tampered root, and
+    /// Moves the tampered root of `image` aside, records `change` on every running instance
+    /// of the image and unpacks the root afresh, all under the start lock held exclusively:
+    /// no start is half done, so every instance of the image runs on the tampered root, and
     /// none starts on it after.
     fn replace_root(
         &self,
@@ -839,8 +839,9 @@ impl LocalRuntime {
             std::fs::rename(&root, &aside)
                 .map_err(other(format!("moving {} aside", root.display())))?;
             let _ = std::fs::remove_file(drift::manifest_path(&root));
-            rootfs::ensure(&self.store, &self.home, &self.image(image)?)?;
         }
+        // Recorded before the fresh unpack, so the controller condemns at once and launches
+        // the replacements, whose starts wait for the lock, hence for the fresh root.
         let dir = self.home.join("instances");
         let mut found = Vec::new();
         let entries =
@@ -855,6 +856,7 @@ impl LocalRuntime {
                 found.push((id, change.clone()));
             }
         }
+        rootfs::ensure(&self.store, &self.home, &self.image(image)?)?;
         Ok(found)
     }
 
