@@ -7,8 +7,9 @@
 //!   descriptor, never following a symlink and never joining strings; a cheap metadata pass
 //!   first, then the hashing pass, which reads at most a budget of bytes per second;
 //! - each process of a running instance (its cgroups' members, else its PID namespace's):
-//!   its `/proc/<pid>/exe` must be the very file (device and inode) its path names in the
-//!   image's root, else the program is not the image's (written to /tmp, a volume, deleted).
+//!   its `/proc/<pid>/exe` must be the very file its path names in the image's root (the same
+//!   inode, on the instance's root mount), else the program is not the image's (written to
+//!   /tmp, /dev/shm or a volume, or deleted).
 //!
 //! It never writes a root: a tampered one is moved aside and unpacked afresh by the caller.
 
@@ -87,6 +88,7 @@ impl Kind {
             FileType::Fifo => Kind::Fifo,
             FileType::Socket => Kind::Socket,
             FileType::CharacterDevice => Kind::Char,
+            // Nothing else exists on Linux; an unknown type is recorded as one, never skipped.
             FileType::BlockDevice | FileType::Unknown => Kind::Block,
         }
     }
