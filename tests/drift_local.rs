@@ -290,3 +290,57 @@ drift = {{ interval = "{INTERVAL}", exec_tmp = true }}
         report.failures
     );
 }
+
+/// A root unpacked by a graven from before manifests has none: the check makes one from the
+/// image's layers, never from the tree in use, so a change made before the first check is
+/// found all the same; the tampered root is moved aside and a fresh one (with its manifest)
+/// takes its place.
+#[test]
+fn a_root_without_a_manifest_is_checked_against_the_image_not_against_itself() {
+    use graven::runtime::{Drift, DriftCheck, FileChange, InstanceSpec, LocalRuntime, Runtime};
+    graven::sandbox::set_helper_binary(support::graven_bin());
+    let temp = tempfile::tempdir().unwrap();
+    let image = support::runtime::hello_image(temp.path());
+    let local = LocalRuntime::open(temp.path()).unwrap();
+    let instance = local
+        .start_blocking(InstanceSpec::new(image.clone()))
+        .unwrap();
+    let _cleanup = support::daemon::RemoveInstancesOnDrop(temp.path().to_owned());
+    let root = temp.path().join("rootfs").join(image.hex());
+    let manifest = temp
+        .path()
+        .join("rootfs")
+        .join(format!("{}.manifest", image.hex()));
+    std::fs::remove_file(&manifest).unwrap();
+    std::fs::write(root.join("planted"), "x").unwrap();
+    let found = local
+        .check_drift_blocking(std::slice::from_ref(&instance.id), DriftCheck::default())
+        .unwrap();
+    assert_eq!(
+        found,
+        vec![(
+            instance.id.clone(),
+            Drift::RootChanged {
+                path: "/planted".into(),
+                change: FileChange::Added,
+                expected: None,
+                found: Some("file 0644 0:0".into()),
+            }
+        )]
+    );
+    assert!(manifest.exists(), "the fresh root has its manifest");
+    assert!(
+        !root.join("planted").exists(),
+        "the root was unpacked afresh"
+    );
+    let seen = support::daemon::block_on(local.inspect(&instance.id)).unwrap();
+    assert!(
+        seen.drift.is_some(),
+        "the finding is recorded on the instance"
+    );
+    // Found once: a second check does not find it again.
+    let again = local
+        .check_drift_blocking(std::slice::from_ref(&instance.id), DriftCheck::default())
+        .unwrap();
+    assert_eq!(again, vec![]);
+}
