@@ -388,6 +388,34 @@ async fn a_probe_leaves_the_instance_untainted(subject: Subject) {
     );
 }
 
+/// A drift check of an untouched instance (probed, even) finds nothing and records nothing;
+/// an exited instance, or one the runtime does not know, is skipped, not an error.
+async fn an_untouched_instance_has_no_drift(subject: Subject) {
+    let rt = &subject.runtime;
+    let instance = rt.start(spec(&subject)).await.unwrap();
+    wait_listening(instance.address.unwrap()).await;
+    let command = ["/hello".to_owned()];
+    rt.probe(&instance.id, &command, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let unknown = graven::runtime::InstanceId("nope".to_owned());
+    let ids = [instance.id.clone(), unknown];
+    let found = rt
+        .check_drift(&ids, graven::runtime::DriftCheck::default())
+        .await
+        .unwrap();
+    assert_eq!(found, vec![]);
+    let seen = rt.inspect(&instance.id).await.unwrap();
+    assert_eq!(seen.drift, None);
+    assert!(!seen.status.is_exited());
+    rt.kill(&instance.id).await.unwrap();
+    let found = rt
+        .check_drift(&ids, graven::runtime::DriftCheck::default())
+        .await
+        .unwrap();
+    assert_eq!(found, vec![]);
+}
+
 macro_rules! conformance {
     ($backend:ident: $($case:ident),* $(,)?) => {
         mod $backend {
@@ -416,6 +444,7 @@ macro_rules! all_cases {
             fixed_port_is_used_or_refused,
             instances_get_distinct_addresses,
             a_probe_leaves_the_instance_untainted,
+            an_untouched_instance_has_no_drift,
         );
     };
 }

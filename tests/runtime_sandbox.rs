@@ -31,6 +31,7 @@ fn spec(root: &Path, args: &[&str]) -> SandboxSpec {
         binds: Vec::new(),
         tmp_bytes: 8 << 20,
         tmpfs: Vec::new(),
+        exec_tmp: false,
         build_step: None,
     }
 }

@@ -37,6 +37,7 @@ fn a_status_pipe_that_lands_on_fd_3_still_reaches_the_helper() {
         binds: Vec::new(),
         tmp_bytes: 0,
         tmpfs: Vec::new(),
+        exec_tmp: false,
         build_step: None,
     };
     let status = sandbox::run(&spec, Stdio::null(), Stdio::null()).expect("the sandbox starts");

@@ -346,6 +346,7 @@ fn command(
         binds: mounts.binds.clone(),
         tmp_bytes: 0,
         tmpfs: Vec::new(),
+        exec_tmp: false,
         build_step: Some(BuildStep {
             tmpfs: mounts.tmpfs.clone(),
             no_network: step.flags.no_network,

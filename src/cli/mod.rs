@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bake;
+mod drift;
 mod events;
 mod image;
 mod instance;
@@ -59,6 +60,8 @@ pub enum Command {
     Rm(instance::RmArgs),
     /// Break-glass: run a command inside an instance, which taints it.
     Exec(instance::ExecArgs),
+    /// Instances found changed from their image (drift), and those condemned for it.
+    Drift(drift::DriftArgs),
     /// Run the control plane for a project in the foreground: build, bake, deploy, route,
     /// keep healthy. Ctrl-C (or SIGTERM, or the terminal closing) drains and stops every
     /// instance. `--detach` runs it in the background instead.
@@ -213,6 +216,7 @@ pub fn main() -> ExitCode {
         Command::Stop(args) => instance::stop(&home, args),
         Command::Rm(args) => instance::rm(&home, args),
         Command::Exec(args) => instance::exec(&home, args),
+        Command::Drift(args) => drift::drift(&home, args),
         Command::Up(args) => project::up(&home, args),
         Command::Daemon(args) => project::daemon(&home, args),
         Command::Deploy(args) => project::deploy(&home, args),

@@ -915,6 +915,10 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                 if let Some(detail) = &instance.detail {
                     say!("      last health check: {detail}");
                 }
+                // Why it is being replaced: an exec, or drift with its evidence.
+                if let Some(reason) = &instance.condemned {
+                    say!("      condemned: {reason}");
+                }
             }
         }
         if let Some(report) = &snapshot.syslog {

@@ -267,6 +267,8 @@ pub enum Input {
     Command(Command),
     /// Drain and stop every instance, then end the loop.
     Shutdown(oneshot::Sender<()>),
+    /// A drift check ended (what it found comes as runtime changes, which list).
+    DriftChecked,
 }
 
 /// A cheap handle on a running controller.
@@ -429,6 +431,8 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         dirty: false,
         snapshot_at: state_seq,
         appended,
+        drift_last: None,
+        drift_checking: false,
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -467,6 +471,9 @@ struct Shell {
     snapshot_at: u64,
     /// Every appended event goes out here to whoever follows the log.
     appended: broadcast::Sender<Envelope<Event>>,
+    /// When the last drift check started, and whether one runs (`check_drift`).
+    drift_last: Option<tokio::time::Instant>,
+    drift_checking: bool,
 }
 
 struct Unwritable {
@@ -491,6 +498,37 @@ fn now_ms() -> u64 {
 
 fn runtime_id(id: &InstanceId) -> RuntimeId {
     RuntimeId(id.0.clone())
+}
+
+/// A runtime's drift finding in the log's own words.
+fn condemn_reason(drift: crate::runtime::Drift) -> crate::events::CondemnReason {
+    use crate::events::CondemnReason;
+    use crate::events::FileChange as Logged;
+    use crate::runtime::FileChange;
+    match drift {
+        crate::runtime::Drift::RootChanged {
+            path,
+            change,
+            expected,
+            found,
+        } => CondemnReason::RootChanged {
+            path,
+            change: match change {
+                FileChange::Content => Logged::Content,
+                FileChange::Mode => Logged::Mode,
+                FileChange::Owner => Logged::Owner,
+                FileChange::Kind => Logged::Kind,
+                FileChange::Link => Logged::Link,
+                FileChange::Added => Logged::Added,
+                FileChange::Removed => Logged::Removed,
+            },
+            expected,
+            found,
+        },
+        crate::runtime::Drift::ForeignProgram { pid, exe, cmdline } => {
+            CondemnReason::ForeignProgram { pid, exe, cmdline }
+        }
+    }
 }
 
 fn instance_id(id: &RuntimeId) -> InstanceId {
@@ -803,6 +841,7 @@ impl Shell {
     async fn handle(&mut self, input: Input) -> Result<(), ControllerError> {
         match input {
             Input::Tick | Input::RuntimeChanged => {}
+            Input::DriftChecked => self.drift_checking = false,
             Input::Health(change) => self.health_changed(change)?,
             Input::Started { instance, result } => {
                 self.busy.remove(&instance);
@@ -1248,8 +1287,54 @@ impl Shell {
         }
     }
 
+    /// Starts a drift check of this controller's running instances when one is due (the
+    /// shortest drift interval of the wanted releases after the last one started) and none
+    /// runs. It runs off the loop;
+    /// what it finds, the runtime records on the instances and reports as changes.
+    fn check_drift(&mut self) {
+        if self.drift_checking || self.shutting_down.is_some() {
+            return;
+        }
+        // The interval of the releases wanted now, from the last check: a deploy that
+        // shortens it takes effect at once.
+        let interval = self
+            .state
+            .services
+            .values()
+            .filter_map(|s| self.state.releases.get(&s.wanted?))
+            .map(|r| r.config.drift.interval())
+            .min()
+            .unwrap_or(crate::events::DriftConfig::DEFAULT_INTERVAL);
+        let now = tokio::time::Instant::now();
+        if self.drift_last.is_some_and(|last| now < last + interval) {
+            return;
+        }
+        let ids: Vec<InstanceId> = self
+            .state
+            .instances
+            .values()
+            .filter(|i| i.condemned.is_none())
+            .filter_map(|i| i.runtime_id.as_ref().map(instance_id))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.drift_last = Some(now);
+        self.drift_checking = true;
+        let runtime = self.options.runtime.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let check = crate::runtime::DriftCheck::default();
+            if let Err(error) = runtime.check_drift(&ids, check).await {
+                warn(format_args!("graven: checking for drift: {error}"));
+            }
+            let _ = inputs.send(Input::DriftChecked);
+        });
+    }
+
     /// Plans and carries out one round of decisions.
     async fn step(&mut self, listed: bool) -> Result<(), ControllerError> {
+        self.check_drift();
         let mut observed = Observed {
             listed: false,
             runtime: Vec::new(),
@@ -1280,6 +1365,7 @@ impl Shell {
                             },
                             address: i.address,
                             tainted: i.tainted,
+                            drift: i.drift.map(condemn_reason),
                             id: runtime_id(&i.id),
                         })
                         .collect();
@@ -1377,6 +1463,8 @@ impl Shell {
             spec.network = crate::runtime::NetworkMode::Host;
         }
         spec.outbound = c.outbound;
+        spec.exec_tmp = c.drift.exec_tmp;
+        spec.allow_exec = c.drift.allow_exec.clone();
         spec.volumes = c
             .volumes
             .iter()

@@ -431,12 +431,89 @@ impl std::fmt::Display for RollbackReason {
 pub enum CondemnReason {
     /// Someone ran a command inside it (`graven exec`): it may differ from its image.
     Tainted,
+    /// A file of its image's root was changed on the host (drift): the evidence of the
+    /// first change the check found.
+    RootChanged {
+        path: String,
+        change: FileChange,
+        /// What the image has (a hash, mode, owner or kind); none for an added file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected: Option<String>,
+        /// What was found; none for a removed file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        found: Option<String>,
+    },
+    /// One of its processes ran a program that is not its image's (drift).
+    ForeignProgram {
+        /// The process's PID on the host.
+        pid: u32,
+        /// The program's path inside the instance.
+        exe: String,
+        cmdline: String,
+    },
+}
+
+/// What changed about one file of an image's root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileChange {
+    Content,
+    Mode,
+    Owner,
+    Kind,
+    Link,
+    Added,
+    Removed,
+}
+
+impl FileChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileChange::Content => "content",
+            FileChange::Mode => "mode",
+            FileChange::Owner => "owner",
+            FileChange::Kind => "kind",
+            FileChange::Link => "link",
+            FileChange::Added => "added",
+            FileChange::Removed => "removed",
+        }
+    }
+}
+
+impl CondemnReason {
+    /// Whether it was condemned for drift (its root or its programs), not an exec.
+    pub fn is_drift(&self) -> bool {
+        match self {
+            CondemnReason::Tainted => false,
+            CondemnReason::RootChanged { .. } | CondemnReason::ForeignProgram { .. } => true,
+        }
+    }
 }
 
 impl std::fmt::Display for CondemnReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CondemnReason::Tainted => f.write_str("a command was run inside it"),
+            CondemnReason::RootChanged {
+                path,
+                change,
+                expected,
+                found,
+            } => {
+                write!(f, "its image's file {path} changed ({})", change.as_str())?;
+                match (expected, found) {
+                    (Some(expected), Some(found)) => {
+                        write!(f, ": expected {expected}, found {found}")
+                    }
+                    (None, Some(found)) => write!(f, ": found {found}"),
+                    (Some(expected), None) => write!(f, ": expected {expected}"),
+                    (None, None) => Ok(()),
+                }
+            }
+            CondemnReason::ForeignProgram { pid, exe, cmdline } => write!(
+                f,
+                "process {pid} runs {exe}, which is not in its image ({cmdline})"
+            ),
         }
     }
 }
@@ -561,6 +638,35 @@ pub struct ServiceConfig {
     /// `outbound = false`; left out when true, for the same reason.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub outbound: bool,
+    /// `[services.NAME.drift]`; left out when it is the default, for the same reason.
+    #[serde(default, skip_serializing_if = "DriftConfig::is_default")]
+    pub drift: DriftConfig,
+}
+
+/// How drift is watched for in a service's instances (`[services.NAME.drift]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftConfig {
+    /// How often its instances are checked; `None`: `DriftConfig::DEFAULT_INTERVAL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// Programs may run from /tmp, /dev/shm and tmpfs mounts (they are `noexec` otherwise).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub exec_tmp: bool,
+    /// Paths inside the instance from which running a program is not drift.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_exec: Vec<String>,
+}
+
+impl DriftConfig {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+
+    fn is_default(&self) -> bool {
+        *self == DriftConfig::default()
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval.unwrap_or(DriftConfig::DEFAULT_INTERVAL)
+    }
 }
 
 fn is_false(value: &bool) -> bool {
@@ -725,6 +831,8 @@ impl ServiceConfig {
             user: &'a Option<String>,
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             tmpfs: &'a BTreeMap<String, u64>,
+            #[serde(skip_serializing_if = "DriftConfig::is_default")]
+            drift: &'a DriftConfig,
         }
         #[derive(Serialize)]
         struct CanonicalHealth<'a> {
@@ -799,6 +907,7 @@ impl ServiceConfig {
             entrypoint: &self.entrypoint,
             user: &self.user,
             tmpfs: &self.tmpfs,
+            drift: &self.drift,
         };
         let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
         Digest::of(&json)
@@ -864,6 +973,11 @@ impl From<&crate::spec::Service> for ServiceConfig {
                     path: v.path.clone(),
                 })
                 .collect(),
+            drift: DriftConfig {
+                interval: service.drift.interval,
+                exec_tmp: service.drift.exec_tmp,
+                allow_exec: service.drift.allow_exec.clone(),
+            },
             limits: LimitsConfig {
                 memory_bytes: limits.memory_bytes,
                 pids: limits.pids,
@@ -924,6 +1038,7 @@ impl ServiceConfig {
             entrypoint: None,
             user: None,
             tmpfs: Default::default(),
+            drift: DriftConfig::default(),
         }
     }
 }

@@ -158,6 +158,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 entrypoint: None,
                 user: None,
                 tmpfs: Default::default(),
+                drift: Default::default(),
             },
             source: None,
         },

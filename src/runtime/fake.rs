@@ -80,6 +80,10 @@ struct Inner {
     known_images: Option<BTreeSet<Digest>>,
     prepared: BTreeSet<Digest>,
     instances: BTreeMap<InstanceId, FakeInstance>,
+    /// Drift made by a test, found by the next check that asks for its instance.
+    planted: BTreeMap<InstanceId, super::Drift>,
+    /// How many drift checks were asked for.
+    drift_checks: u64,
 }
 
 #[derive(Debug)]
@@ -164,6 +168,20 @@ impl FakeRuntime {
     pub fn taint(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         self.lock().get_mut(id)?.info.tainted = true;
         Ok(())
+    }
+
+    /// Changes a running instance behind graven's back, as a tampered root or a program
+    /// written and run would: the next drift check that asks for it finds `drift`.
+    pub fn plant_drift(&self, id: &InstanceId, drift: super::Drift) -> Result<(), RuntimeError> {
+        let mut inner = self.lock();
+        inner.get_mut(id)?;
+        inner.planted.insert(id.clone(), drift);
+        Ok(())
+    }
+
+    /// How many drift checks this fake was asked for.
+    pub fn drift_checks(&self) -> u64 {
+        self.lock().drift_checks
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -268,6 +286,7 @@ impl Runtime for FakeRuntime {
             tainted: false,
             log: None,
             warnings: Vec::new(),
+            drift: None,
         };
         inner.instances.insert(
             id,
@@ -282,6 +301,36 @@ impl Runtime for FakeRuntime {
 
     async fn inspect(&self, id: &InstanceId) -> Result<Instance, RuntimeError> {
         Ok(self.lock().get_mut(id)?.info.clone())
+    }
+
+    async fn check_drift(
+        &self,
+        ids: &[InstanceId],
+        _check: super::DriftCheck,
+    ) -> Result<Vec<(InstanceId, super::Drift)>, RuntimeError> {
+        let mut found = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.drift_checks += 1;
+            for id in ids {
+                let Some(drift) = inner.planted.remove(id) else {
+                    continue;
+                };
+                if let Ok(instance) = inner.get_mut(id)
+                    && !instance.info.status.is_exited()
+                    && instance.info.drift.is_none()
+                {
+                    instance.info.drift = Some(drift.clone());
+                    found.push((id.clone(), drift));
+                }
+            }
+        }
+        for (id, _) in &found {
+            let _ = self
+                .changes
+                .send(super::InstanceChange::Drifted { id: id.clone() });
+        }
+        Ok(found)
     }
 
     /// A fake instance runs no commands: `true` passes and `false` fails; any other command

@@ -463,6 +463,14 @@ fn build_root(request: &Request, rootless: bool) -> Result<()> {
             readonly | libc::MS_NOSUID | libc::MS_NODEV,
         )?;
     }
+    // An instance's writable mounts are `noexec` unless it opts out: a program it writes
+    // there cannot be started (drift). A build step's are not: a RUN step may run what it
+    // writes, as with Docker.
+    let noexec = if spec.exec_tmp || spec.build_step.is_some() {
+        0
+    } else {
+        libc::MS_NOEXEC
+    };
     let build_tmpfs = spec.build_step.iter().flat_map(|step| &step.tmpfs);
     for tmpfs in spec.tmpfs.iter().chain(build_tmpfs) {
         let target = ensure_dir(&root_fd, &tmpfs.target)?;
@@ -474,7 +482,7 @@ fn build_root(request: &Request, rootless: bool) -> Result<()> {
             Some("tmpfs"),
             fd_path(&target),
             Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
+            libc::MS_NOSUID | libc::MS_NODEV | noexec,
             Some(&format!("mode=1777{size}")),
         )?;
     }
@@ -488,11 +496,12 @@ fn build_root(request: &Request, rootless: bool) -> Result<()> {
             Some("tmpfs"),
             fd_path(&open_mount_point(&root_fd, "tmp")?),
             Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
+            libc::MS_NOSUID | libc::MS_NODEV | noexec,
             Some(&format!("mode=1777,size={tmp_bytes}")),
         )?;
     }
-    build_dev(&root_fd, scratch, tmp_bytes, !rootless)?;
+    let shm_noexec = if spec.exec_tmp { 0 } else { libc::MS_NOEXEC };
+    build_dev(&root_fd, scratch, tmp_bytes, shm_noexec, !rootless)?;
     mount(
         Some("proc"),
         fd_path(&open_mount_point(&root_fd, "proc")?),
@@ -535,8 +544,15 @@ const DEVICE_NUMBERS: [(&str, u32, u32); 6] = [
 /// would be the host's inode, which a workload running as uid 0 owns and could chmod or
 /// touch (it needs no capability for its own file). Without root (a user namespace) mknod is
 /// refused and the host's are bound: the host's root is not mapped inside, so the nodes
-/// belong to no one the workload can be. /dev/shm is sized as /tmp is.
-fn build_dev(root_fd: &OwnedFd, scratch: &Path, shm_bytes: u64, own_nodes: bool) -> Result<()> {
+/// belong to no one the workload can be. /dev/shm is sized as /tmp is, and `noexec` as
+/// /tmp is unless `shm_noexec` is 0 (an instance that opted out).
+fn build_dev(
+    root_fd: &OwnedFd,
+    scratch: &Path,
+    shm_bytes: u64,
+    shm_noexec: libc::c_ulong,
+    own_nodes: bool,
+) -> Result<()> {
     let dev = ensure_dir(root_fd, "dev")?;
     mount(
         Some("tmpfs"),
@@ -635,7 +651,7 @@ fn build_dev(root_fd: &OwnedFd, scratch: &Path, shm_bytes: u64, own_nodes: bool)
         Some("tmpfs"),
         fd_path(&shm),
         Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        libc::MS_NOSUID | libc::MS_NODEV | shm_noexec,
         Some(&format!("mode=1777,size={shm_bytes}")),
     )
 }

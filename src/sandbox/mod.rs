@@ -88,6 +88,10 @@ pub struct SandboxSpec {
     /// the binds; a missing mount point is made on the read-only root's overlay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tmpfs: Vec<Tmpfs>,
+    /// Whether programs may be run from an instance's /tmp, /dev/shm and tmpfs mounts; by
+    /// default they are mounted `noexec`, so a program written there cannot be started.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exec_tmp: bool,
     /// Set for a bake's RUN step only: what a build step gets beyond an instance's lock-down.
     /// `None` (every instance) keeps it: no capability at all.
     #[serde(default)]

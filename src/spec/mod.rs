@@ -120,6 +120,19 @@ pub struct Service {
     pub host_network: bool,
     /// `outbound = false`: no connection beyond graven's bridge.
     pub outbound: bool,
+    /// `[services.NAME.drift]`.
+    pub drift: Drift,
+}
+
+/// How drift is watched for in a service's instances (docs/drift.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// How often the check runs; `None`: every minute.
+    pub interval: Option<Duration>,
+    /// Programs may run from /tmp, /dev/shm and tmpfs mounts.
+    pub exec_tmp: bool,
+    /// Paths inside the instance from which running a program is not drift.
+    pub allow_exec: Vec<String>,
 }
 
 /// What a route speaks, as `route` says: `http://` (the default) or `tcp://`.

@@ -142,6 +142,15 @@ pub(crate) struct RawService {
     pub user: Option<Field<String>>,
     /// Path → size; `validate` checks both.
     pub tmpfs: Option<Spanned<Named<Field<Value>>>>,
+    pub drift: Option<Spanned<RawDrift>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDrift {
+    pub interval: Option<Field<String>>,
+    pub exec_tmp: Option<Field<bool>>,
+    pub allow_exec: Option<Field<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

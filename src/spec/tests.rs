@@ -294,7 +294,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -887,5 +887,52 @@ tmpfs = { "/run" = "1M", "/run/db" = "1M" }
             graven.toml:8:8: services.api.user: " " is not a user: write name[:group] or uid[:gid], e.g. "www-data"
             graven.toml:10:9: services.api.tmpfs: tmpfs "/var/lib": it overlaps volume "data" mounted at /var/lib/data
             graven.toml:12:9: services.db.tmpfs: tmpfs "/run/db": it overlaps the tmpfs at /run"#]],
+    );
+}
+
+#[test]
+fn drift_keys_per_service_and_per_environment() {
+    let source = r#"
+app = "a"
+[services.web]
+port = 80
+drift = { interval = "500ms", exec_tmp = true, allow_exec = ["/data/bin"] }
+[services.api]
+port = 81
+[environments.production.services.web.drift]
+interval = "30s"
+"#;
+    let parsed = |environment: &str| {
+        parse(
+            source,
+            Path::new("graven.toml"),
+            Path::new("/app"),
+            environment,
+        )
+        .unwrap()
+    };
+    let local = parsed("local");
+    assert_eq!(
+        local.services["web"].drift,
+        super::Drift {
+            interval: Some(Duration::from_millis(500)),
+            exec_tmp: true,
+            allow_exec: vec!["/data/bin".to_owned()],
+        }
+    );
+    assert_eq!(local.services["api"].drift, super::Drift::default());
+    // An overlay replaces the keys it sets, one by one.
+    let production = parsed("production");
+    assert_eq!(
+        production.services["web"].drift.interval,
+        Some(Duration::from_secs(30))
+    );
+    assert!(production.services["web"].drift.exec_tmp);
+    check(
+        "app = \"a\"\n[services.web]\nport = 80\ndrift = { interval = \"0s\", allow_exec = [\"bin\"], allow = 1 }\n",
+        expect![[r#"
+            graven.toml:4:22: services.web.drift.interval: the interval must be more than zero
+            graven.toml:4:41: services.web.drift.allow_exec: "bin" is not an absolute path
+            graven.toml:4:50: services.web.drift.allow: unknown field "allow" (known: "interval", "exec_tmp", "allow_exec")"#]],
     );
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::problem::{Issues, did_you_mean, quoted_list};
-use super::raw::{Field, Named, RawDeploy, RawHealth, RawLimits, RawProject, RawService, join};
+use super::raw::{
+    Field, Named, RawDeploy, RawDrift, RawHealth, RawLimits, RawProject, RawService, join,
+};
 use super::values;
 use super::{BuildStep, DeployPolicy, ImageSource, Project, RouteKind, Service, Strategy};
 use crate::proxy::{HealthCheck, HealthKind};
@@ -73,6 +75,9 @@ struct Partial {
     entrypoint: Option<At<Vec<String>>>,
     user: Option<At<String>>,
     tmpfs: Option<At<Vec<TmpfsMount>>>,
+    drift_interval: Option<At<Duration>>,
+    exec_tmp: Option<At<bool>>,
+    allow_exec: Option<At<Vec<String>>>,
 }
 
 impl Partial {
@@ -116,6 +121,9 @@ impl Partial {
             entrypoint: pick(&overlay.entrypoint, &self.entrypoint),
             user: pick(&overlay.user, &self.user),
             tmpfs: pick(&overlay.tmpfs, &self.tmpfs),
+            drift_interval: pick(&overlay.drift_interval, &self.drift_interval),
+            exec_tmp: pick(&overlay.exec_tmp, &self.exec_tmp),
+            allow_exec: pick(&overlay.allow_exec, &self.allow_exec),
         }
     }
 }
@@ -247,7 +255,30 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
     if let Some(tmpfs) = &raw.tmpfs {
         partial.tmpfs = check_tmpfs(tmpfs, &path("tmpfs"), issues);
     }
+    if let Some(drift) = &raw.drift {
+        check_drift(drift.get_ref(), &path("drift"), issues, &mut partial);
+    }
     partial
+}
+
+/// `[services.NAME.drift]`: how often the check runs (more than zero), whether programs may
+/// run from /tmp, and the absolute paths from which running one is not drift.
+fn check_drift(raw: &RawDrift, prefix: &str, issues: &mut Issues, partial: &mut Partial) {
+    let path = |name: &str| join(prefix, name);
+    partial.drift_interval = leaf(&raw.interval, &path("interval"), issues, |d| {
+        let interval = values::duration(d)?;
+        if interval.is_zero() {
+            return Err("the interval must be more than zero".into());
+        }
+        Ok(interval)
+    });
+    partial.exec_tmp = leaf(&raw.exec_tmp, &path("exec_tmp"), issues, |e| Ok(*e));
+    partial.allow_exec = leaf(&raw.allow_exec, &path("allow_exec"), issues, |paths| {
+        for p in paths {
+            values::mount_path(p)?;
+        }
+        Ok(paths.clone())
+    });
 }
 
 /// `tmpfs = { "/run" = "16MiB" }`: absolute paths, each with a size more than zero. Overlaps
@@ -586,6 +617,15 @@ fn resolve_service(
         stop_grace: value(&merged.stop_grace, Duration::from_secs(10)),
         host_network: merged.host_network.as_ref().is_some_and(|h| h.value),
         outbound: merged.outbound.as_ref().is_none_or(|o| o.value),
+        drift: super::Drift {
+            interval: merged.drift_interval.as_ref().map(|i| i.value),
+            exec_tmp: merged.exec_tmp.as_ref().is_some_and(|e| e.value),
+            allow_exec: merged
+                .allow_exec
+                .as_ref()
+                .map(|a| a.value.clone())
+                .unwrap_or_default(),
+        },
         volumes,
         tmpfs,
         limits: Limits {

@@ -47,6 +47,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         entrypoint: None,
         user: None,
         tmpfs: Default::default(),
+        drift: Default::default(),
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Seen {
     pub address: Option<SocketAddr>,
     /// Someone ran a command inside it: it must be replaced.
     pub tainted: bool,
+    /// A drift check found it changed from its image: it must be replaced, for this reason.
+    pub drift: Option<CondemnReason>,
 }
 
 /// One decision. Most carry the event that announces them (`Action::event`).

@@ -156,6 +156,7 @@ impl Sim {
                     exited: exited.then_some((Some(1), None)),
                     address: Some(SocketAddr::from(([127, 0, 0, 1], 9))),
                     tainted: *tainted,
+                    drift: None,
                 })
                 .collect(),
             ..Observed::default()

@@ -1,7 +1,7 @@
 //! Reconciling the log with the runtime's listing: instances the log knows but the runtime no
 //! longer has are forgotten, ones whose process ended are recorded as exited, ones started
 //! while no controller listened are adopted, drains cut short by a restart are resumed,
-//! tainted ones are condemned, and instances the log does not want are orphans to remove.
+//! tainted or drifted ones are condemned, and instances the log does not want are orphans to remove.
 
 use std::collections::BTreeMap;
 
@@ -68,14 +68,19 @@ pub(super) fn reconcile(round: &mut Round<'_>) {
             }
             (None, false, _) => {}
         }
-        if seen.exited.is_none()
-            && seen.tainted
+        // Drift is condemned as an exec is: the same replacement, with its evidence.
+        let reason = match (seen.tainted, &seen.drift) {
+            (true, _) => Some(CondemnReason::Tainted),
+            (false, drift) => drift.clone(),
+        };
+        if let Some(reason) = reason
+            && seen.exited.is_none()
             && instance.condemned.is_none()
             && !round.gone.contains(name)
         {
             round.push(Action::Condemn {
                 instance: name.clone(),
-                reason: CondemnReason::Tainted,
+                reason,
             });
         }
     }

@@ -108,6 +108,7 @@ fn running(state: &State) -> Observed {
                 exited: None,
                 address: i.address,
                 tainted: false,
+                drift: None,
             })
             .collect(),
         ..Observed::default()
@@ -448,6 +449,7 @@ fn restart_reconciles_from_the_runtime_listing() {
         exited: None,
         address: Some(SocketAddr::from(([127, 0, 0, 1], 7))),
         tainted: false,
+        drift: None,
     };
     // The runtime runs a (unrecorded start), b, c, and a stranger; d is missing.
     let observed = Observed {

@@ -163,6 +163,11 @@ fn unused_roots(
         let path = entry.path();
         if name.starts_with(rootfs::UNPACKING) || name.starts_with(DOOMED) {
             unused.push((name, path));
+        } else if let Some(hex) = super::drift::image_of(&name)
+            && Digest::parse(&format!("sha256:{hex}")).is_ok_and(|d| !in_use.contains(&d))
+        {
+            // A manifest, or a tampered root kept while instances of its image drain.
+            unused.push((name, path));
         } else if let Ok(digest) = Digest::parse(&format!("sha256:{name}"))
             && !in_use.contains(&digest)
         {

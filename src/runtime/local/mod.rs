@@ -8,6 +8,7 @@
 //! fresh single-threaded process), never in the async process.
 
 mod cgroup;
+pub mod drift;
 mod gc;
 pub mod net;
 mod netlink;
@@ -407,6 +408,7 @@ impl LocalRuntime {
                         bytes: t.bytes,
                     })
                     .collect(),
+                exec_tmp: spec.exec_tmp,
                 build_step: None,
             },
             options: Options {
@@ -443,6 +445,8 @@ impl LocalRuntime {
             env: recorded_env,
             cwd: resolved.cwd,
             volumes: spec.volumes.iter().map(|v| v.name.clone()).collect(),
+            allow_exec: spec.allow_exec.clone(),
+            drift: None,
         };
         state::save(dir, &initial)?;
         if let Err(message) = shim::start(dir, &request) {
@@ -548,6 +552,7 @@ impl LocalRuntime {
                 .ok()
                 .map(|t| t.dir.join(crate::logs::Stream::Stdout.file())),
             warnings: state.warnings.clone(),
+            drift: state.drift.clone(),
         }
     }
 
@@ -556,7 +561,8 @@ impl LocalRuntime {
         Ok(self.instance(&dir, &state))
     }
 
-    fn list_blocking(&self) -> Result<Vec<Instance>, RuntimeError> {
+    /// [`Runtime::list`] for a caller without an async runtime.
+    pub fn list_blocking(&self) -> Result<Vec<Instance>, RuntimeError> {
         shim::reap();
         let dir = self.home.join("instances");
         // Instances whose directory was deleted cannot be listed; they are stopped instead
@@ -743,6 +749,139 @@ impl LocalRuntime {
     }
 }
 
+impl LocalRuntime {
+    /// [`Runtime::check_drift`] for a caller without an async runtime (`graven drift
+    /// --check`). Runs on the calling thread, at idle CPU and I/O priority.
+    pub fn check_drift_blocking(
+        &self,
+        ids: &[InstanceId],
+        check: super::DriftCheck,
+    ) -> Result<Vec<(InstanceId, super::Drift)>, RuntimeError> {
+        drift::idle_priority();
+        let mut running = Vec::new();
+        for id in ids {
+            let Ok((dir, state)) = self.load(id) else {
+                continue;
+            };
+            if state.drift.is_none() && !state.observed_status().is_exited() {
+                running.push((dir, state));
+            }
+        }
+        let mut found = Vec::new();
+        let images: std::collections::BTreeSet<Digest> =
+            running.iter().map(|(_, s)| s.image.clone()).collect();
+        for image in images {
+            if let Some(change) = self.verify_root(&image, check.read_per_second)? {
+                found.extend(self.replace_root(&image, &change)?);
+            }
+        }
+        for (dir, state) in &running {
+            let (Some(workload), true) =
+                (state.workload, found.iter().all(|(id, _)| *id != state.id))
+            else {
+                continue;
+            };
+            let root = rootfs::unpacked_path(&self.home, &state.image);
+            if let Some(change) = drift::foreign_program(
+                &root,
+                &state.cgroups.procs(),
+                workload.pid,
+                &state.allow_exec,
+            ) && self.record(dir, &state.id, &change)?
+            {
+                found.push((state.id.clone(), change));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Verifies the root of `image` against its manifest; a tampered one is moved aside and
+    /// unpacked afresh before this returns. A root without a manifest (unpacked by a graven
+    /// from before them) gets one made from the image's layers, never from the tree.
+    fn verify_root(
+        &self,
+        image: &Digest,
+        read_per_second: u64,
+    ) -> Result<Option<super::Drift>, RuntimeError> {
+        // Shared: gc may not move the root away while it is read; starts go on.
+        let _lock = rootfs::start_lock(&self.home, false)?;
+        let root = rootfs::unpacked_path(&self.home, image);
+        if !root.is_dir() {
+            return Ok(None);
+        }
+        let io = |what: &str| other(format!("{what} {}", root.display()));
+        let manifest = match drift::read_manifest(&root).map_err(io("reading the manifest of"))? {
+            Some(manifest) => manifest,
+            None => rootfs::manifest_from_layers(&self.store, &self.home, &self.image(image)?)?,
+        };
+        let mut budget = drift::Budget::new(read_per_second);
+        drift::verify(&root, &manifest, &mut budget).map_err(io("verifying"))
+    }
+
+    /// Moves the tampered root of `image` aside, records `change` on every running instance
+    /// of the image and unpacks the root afresh, all under the start lock held exclusively:
+    /// no start is half done, so every instance of the image runs on the tampered root, and
+    /// none starts on it after.
+    fn replace_root(
+        &self,
+        image: &Digest,
+        change: &super::Drift,
+    ) -> Result<Vec<(InstanceId, super::Drift)>, RuntimeError> {
+        let _lock = rootfs::start_lock(&self.home, true)?;
+        let root = rootfs::unpacked_path(&self.home, image);
+        if root.is_dir() {
+            let aside = root.with_file_name(format!(
+                "{}{}-{}",
+                drift::TAMPERED,
+                image.hex(),
+                fastrand::u64(..)
+            ));
+            std::fs::rename(&root, &aside)
+                .map_err(other(format!("moving {} aside", root.display())))?;
+            let _ = std::fs::remove_file(drift::manifest_path(&root));
+        }
+        // Recorded before the fresh unpack, so the controller condemns at once and launches
+        // the replacements, whose starts wait for the lock, hence for the fresh root.
+        let dir = self.home.join("instances");
+        let mut found = Vec::new();
+        let entries =
+            std::fs::read_dir(&dir).map_err(other(format!("listing {}", dir.display())))?;
+        for entry in entries.flatten() {
+            let id = InstanceId(entry.file_name().to_string_lossy().into_owned());
+            if let Ok((dir, state)) = self.load(&id)
+                && state.image == *image
+                && !state.observed_status().is_exited()
+                && self.record(&dir, &id, change)?
+            {
+                found.push((id, change.clone()));
+            }
+        }
+        rootfs::ensure(&self.store, &self.home, &self.image(image)?)?;
+        Ok(found)
+    }
+
+    /// Records `change` as the instance's drift unless it has one; true when it is new.
+    fn record(
+        &self,
+        dir: &Path,
+        id: &InstanceId,
+        change: &super::Drift,
+    ) -> Result<bool, RuntimeError> {
+        let new = state::update(dir, |s| {
+            let new = s.drift.is_none();
+            if new {
+                s.drift = Some(change.clone());
+            }
+            new
+        })?;
+        if new {
+            self.watch
+                .notify(super::InstanceChange::Drifted { id: id.clone() });
+        }
+        Ok(new)
+    }
+}
+
 impl Runtime for LocalRuntime {
     fn name(&self) -> &'static str {
         "local"
@@ -783,6 +922,24 @@ impl Runtime for LocalRuntime {
 
     async fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
         self.list_blocking()
+    }
+
+    async fn check_drift(
+        &self,
+        ids: &[InstanceId],
+        check: super::DriftCheck,
+    ) -> Result<Vec<(InstanceId, super::Drift)>, RuntimeError> {
+        // A thread of its own: its idle priority must not stay with a pool's thread.
+        let (this, ids) = (self.clone(), ids.to_vec());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("graven-drift".to_owned())
+            .spawn(move || {
+                let _ = tx.send(this.check_drift_blocking(&ids, check));
+            })
+            .map_err(other("starting a drift check"))?;
+        rx.await
+            .map_err(|e| other("a drift check failed")(std::io::Error::other(e)))?
     }
 
     async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<Instance, RuntimeError> {

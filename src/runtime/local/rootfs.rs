@@ -80,6 +80,14 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
         "adding mount points to {}",
         temp.path().display()
     )))?;
+    // The manifest the drift check verifies the root against, made from the tree just
+    // written (nobody else has reached it yet); written beside the root before the root is
+    // named, so a named root always has one (but one unpacked by an older graven).
+    let entries = manifest_of(temp.path())?;
+    super::drift::write_manifest(&target, &entries).map_err(other(format!(
+        "writing the manifest of {}",
+        target.display()
+    )))?;
     let path = temp.keep();
     match std::fs::rename(&path, &target) {
         Ok(()) => Ok(target),
@@ -96,6 +104,50 @@ pub fn ensure(store: &Store, home: &Path, image: &Image) -> Result<PathBuf, Runt
             })
         }
     }
+}
+
+fn manifest_of(root: &Path) -> Result<Vec<super::drift::Entry>, RuntimeError> {
+    let fd = super::drift::open_root(root);
+    fd.and_then(|fd| super::drift::scan(&fd, Some(&mut super::drift::Budget::unbounded())))
+        .map_err(|source| RuntimeError::Other {
+            context: format!("making the manifest of {}", root.display()),
+            source,
+        })
+}
+
+/// The manifest of a root unpacked by a graven from before manifests, made from the image's
+/// layers (unpacked afresh into a temp dir beside it, then removed), never from the tree in
+/// use, which may be the tampered one; written beside the root.
+pub fn manifest_from_layers(
+    store: &Store,
+    home: &Path,
+    image: &Image,
+) -> Result<Vec<super::drift::Entry>, RuntimeError> {
+    let dir = home.join(DIR);
+    let target = unpacked_path(home, &image.digest);
+    let temp = tempfile::Builder::new()
+        .prefix(&format!("{UNPACKING}{}-", image.digest.short()))
+        .tempdir_in(&dir)
+        .map_err(|source| RuntimeError::Other {
+            context: format!("creating a temp dir in {}", dir.display()),
+            source,
+        })?;
+    store.unpack_layers(
+        &image.manifest.layers,
+        &image.config.rootfs.diff_ids,
+        temp.path(),
+    )?;
+    let other = |context: String| move |source| RuntimeError::Other { context, source };
+    add_mount_points(temp.path()).map_err(other(format!(
+        "adding mount points to {}",
+        temp.path().display()
+    )))?;
+    let entries = manifest_of(temp.path())?;
+    super::drift::write_manifest(&target, &entries).map_err(other(format!(
+        "writing the manifest of {}",
+        target.display()
+    )))?;
+    Ok(entries)
 }
 
 /// Makes the mount points every instance needs that the unpacked root lacks, each right

@@ -94,6 +94,12 @@ pub struct State {
     pub user_network: Option<super::usernet::UserNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pasta: Option<Proc>,
+    /// Where running a program that is not the image's is not drift (`InstanceSpec`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_exec: Vec<String>,
+    /// What a drift check found: the instance must be replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<crate::runtime::Drift>,
 }
 
 impl State {

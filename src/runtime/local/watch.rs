@@ -34,6 +34,11 @@ impl Watch {
         self.changes.subscribe()
     }
 
+    /// Tells every watcher of a change found other than by waiting (a drift check's).
+    pub fn notify(&self, change: InstanceChange) {
+        let _ = self.changes.send(change);
+    }
+
     fn watched(&self) -> std::sync::MutexGuard<'_, BTreeSet<InstanceId>> {
         self.watched.lock().unwrap_or_else(|e| e.into_inner())
     }
