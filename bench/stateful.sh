@@ -18,14 +18,26 @@
 #
 # Target (issue 15): pause <= stop + start + 100 ms (medians). Prints a markdown table.
 #
-# Usage: bench/stateful.sh          (SWITCHES=5; PROFILE=release by default, as every bench)
+# Usage: bench/stateful.sh          (SWITCHES=5; PROFILE=release by default, as every bench;
+#                                    PROFILE=dev for the debug build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 switches=${SWITCHES:-5}
 
 source bench/lib.sh
 bench_require postgresql-15 postgresql-client-15
-bench_setup stateful
+# Not bench_setup's build: this one has the test tools (`dev-tools`), as the tests' build has,
+# so a bench run between test runs rebuilds nothing; the path it times is the same code. The
+# binary is copied into the scratch dir, so a build meanwhile cannot replace it under the
+# daemon (whose shims re-execute it).
+work=$(mktemp -d /tmp/graven-bench-stateful.XXXXXX)
+trap bench_cleanup EXIT
+profile=${PROFILE:-release}
+cargo build --profile "$profile" --features dev-tools --quiet --bin graven
+out=$profile
+[ "$profile" = dev ] && out=debug
+cp "target/$out/graven" "$work/graven"
+graven="$work/graven"
 pgbin=/usr/lib/postgresql/15/bin
 base=$(scripts/debian-base)
 home="$work/home" dir="$work/project"
@@ -67,7 +79,10 @@ finish() {
     kill -TERM "$daemon_pid" 2>/dev/null || true
     wait "$daemon_pid" 2>/dev/null || true
   fi
-  [ -n "$peer_dir" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$peer_dir/pg" stop -m immediate >/dev/null 2>&1 || true
+  if [ -n "$peer_dir" ]; then
+    runuser -u postgres -- "$pgbin/pg_ctl" -D "$peer_dir/pg" stop -m immediate >/dev/null 2>&1 || true
+    rm -rf "$peer_dir"
+  fi
   # Instance logs are append-only (chattr +a): cleared so the scratch dir can go.
   chattr -R -a "$work" 2>/dev/null || true
   bench_cleanup
@@ -113,8 +128,8 @@ wait "$writer_pid" 2>/dev/null || true
 writer_pid=""
 
 # --- peer: pg_ctl stop -m fast + pg_ctl start -w --------------------------------------------
-peer_dir="$work/peer"
-mkdir -p "$peer_dir"
+# Its own dir, which the postgres user can reach (the scratch dir is root's alone).
+peer_dir=$(mktemp -d /tmp/graven-bench-stateful-peer.XXXXXX)
 chown postgres: "$peer_dir"
 peer_port=$(free_port)
 as_pg() { runuser -u postgres -- "$@"; }
@@ -132,6 +147,7 @@ for _ in $(seq "$switches"); do
   echo "$t0 $t1" >>"$peer"
 done
 pg_ctl_peer stop -m fast
+rm -rf "$peer_dir"
 peer_dir=""
 
 # --- table -----------------------------------------------------------------------------------

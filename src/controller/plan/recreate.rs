@@ -11,18 +11,24 @@ use crate::events::{
     DrainReason, InstanceName, Lifecycle, Release, RollbackReason, ServiceName, State, Strategy,
 };
 
-/// Whether `service` is planned stop-first: its wanted release says so, or has a named
-/// volume (owned by one instance at a time, so a surge could never start), or a live
-/// instance's release does (a rollback from a stateful release stops it first too).
+/// Whether `service` is planned stop-first: its wanted release is stateful (`recreate`), or
+/// a live instance's release is (a rollback from a stateful release stops it first too), or
+/// the wanted release mounts a named volume a live instance of the service mounts (a volume
+/// is owned by one instance at a time, so a surge could never start beside it).
 pub(super) fn applies(state: &State, service: &ServiceName, release: &Release) -> bool {
-    let stop_first = |release: &Release| {
-        release.config.strategy == Strategy::Recreate || !release.config.volumes.is_empty()
+    let recreate = |release: &Release| release.config.strategy == Strategy::Recreate;
+    let shares = |other: &Release| {
+        release
+            .config
+            .volumes
+            .iter()
+            .any(|v| other.config.volumes.iter().any(|o| o.name == v.name))
     };
-    stop_first(release)
+    recreate(release)
         || state
             .instances_of(service)
             .filter_map(|i| state.releases.get(&i.release))
-            .any(stop_first)
+            .any(|other| recreate(other) || shares(other))
 }
 
 pub(super) fn plan(round: &mut Round<'_>, service: &ServiceName, release: &Release) {
