@@ -70,7 +70,8 @@ impl LocalRuntime {
             let Ok(state) = state::load(&entry.path()) else {
                 continue;
             };
-            if state.observed_status().is_exited() {
+            // One still starting holds nothing yet (its shim takes the lock, or is refused).
+            if state.workload.is_none() || state.observed_status().is_exited() {
                 continue;
             }
             for volume in &state.volumes {
