@@ -281,6 +281,41 @@ async fn escaping_volume_starts_nothing(subject: Subject) {
     assert!(subject.runtime.list().await.unwrap().is_empty());
 }
 
+/// A named volume is owned by one live instance at a time: a second start on it is refused,
+/// naming the volume; another volume is no obstacle; once the holder is stopped, it starts.
+async fn a_held_volume_starts_nothing_until_its_holder_is_gone(subject: Subject) {
+    let with_volume = |name: &str| {
+        let mut spec = spec(&subject);
+        spec.volumes.push(VolumeMount {
+            name: name.into(),
+            path: "/data".into(),
+        });
+        spec
+    };
+    let holder = subject.runtime.start(with_volume("data")).await.unwrap();
+    let refused = subject.runtime.start(with_volume("data")).await;
+    let message = refused
+        .as_ref()
+        .map(|_| String::new())
+        .unwrap_or_else(|e| e.to_string());
+    assert!(
+        message.contains("\"data\"") && message.contains("in use by"),
+        "{refused:?}"
+    );
+    assert_eq!(subject.runtime.list().await.unwrap().len(), 1);
+    let other = subject.runtime.start(with_volume("other")).await.unwrap();
+    subject
+        .runtime
+        .stop(&holder.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let next = subject.runtime.start(with_volume("data")).await.unwrap();
+    for instance in [&holder, &other, &next] {
+        let _ = subject.runtime.stop(&instance.id, Duration::ZERO).await;
+        let _ = subject.runtime.remove(&instance.id).await;
+    }
+}
+
 /// A tmpfs that overlaps a volume (or is not absolute) is refused the same way by every
 /// backend, before anything starts.
 async fn overlapping_tmpfs_starts_nothing(subject: Subject) {
@@ -440,6 +475,7 @@ macro_rules! all_cases {
             remove_needs_an_exited_instance,
             unknown_image_starts_nothing,
             escaping_volume_starts_nothing,
+            a_held_volume_starts_nothing_until_its_holder_is_gone,
             overlapping_tmpfs_starts_nothing,
             fixed_port_is_used_or_refused,
             instances_get_distinct_addresses,

@@ -264,6 +264,11 @@ pub enum Input {
     Removed {
         runtime_id: RuntimeId,
     },
+    /// A stop-first replacement's image is ready (or could not be made so).
+    Prepared {
+        image: crate::store::Digest,
+        result: Result<(), RuntimeError>,
+    },
     Command(Command),
     /// Drain and stop every instance, then end the loop.
     Shutdown(oneshot::Sender<()>),
@@ -425,6 +430,8 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         monitors: BTreeMap::new(),
         busy: BTreeSet::new(),
         busy_ids: BTreeSet::new(),
+        prepared: BTreeSet::new(),
+        preparing: BTreeMap::new(),
         shutting_down: None,
         since_ms: now_ms(),
         unwritable: None,
@@ -458,6 +465,10 @@ struct Shell {
     monitors: BTreeMap<InstanceName, HealthMonitor>,
     busy: BTreeSet<InstanceName>,
     busy_ids: BTreeSet<RuntimeId>,
+    /// Images prepared for a stop-first replacement, and those being prepared (with when a
+    /// failed one may be tried again).
+    prepared: BTreeSet<crate::store::Digest>,
+    preparing: BTreeMap<crate::store::Digest, Option<tokio::time::Instant>>,
     /// Set by `Shutdown`: who to tell, and when to give up waiting for stops.
     shutting_down: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
     since_ms: u64,
@@ -529,6 +540,16 @@ fn condemn_reason(drift: crate::runtime::Drift) -> crate::events::CondemnReason 
             CondemnReason::ForeignProgram { pid, exe, cmdline }
         }
     }
+}
+
+/// How long the route of a stop-first service holds clients while no instance is ready:
+/// its whole switch, the old instance's stop (its grace) and the new one's start until
+/// healthy (its deadline), so a client waits out a deploy rather than failing in it. Other
+/// services keep the route's default.
+fn route_hold(config: &ServiceConfig) -> Option<Duration> {
+    let stop_first =
+        config.strategy == crate::events::Strategy::Recreate || !config.volumes.is_empty();
+    stop_first.then(|| config.stop_grace.saturating_add(config.time_to_healthy()))
 }
 
 fn instance_id(id: &RuntimeId) -> InstanceId {
@@ -890,6 +911,19 @@ impl Shell {
             Input::Removed { runtime_id } => {
                 self.busy_ids.remove(&runtime_id);
             }
+            Input::Prepared { image, result } => match result {
+                Ok(()) => {
+                    self.preparing.remove(&image);
+                    self.prepared.insert(image);
+                }
+                Err(error) => {
+                    // The old instance keeps serving; the deploy's deadline rolls it back if
+                    // the image never gets ready.
+                    warn(format_args!("graven: preparing image {image}: {error}"));
+                    let retry = tokio::time::Instant::now() + Duration::from_secs(2);
+                    self.preparing.insert(image, Some(retry));
+                }
+            },
             Input::Command(command) => self.command(command).await?,
             Input::Shutdown(done) => {
                 // A log that can be written again records the drains; one that cannot ends
@@ -1040,7 +1074,8 @@ impl Shell {
         // refused deploy leaves the running release untouched.
         for release in &order.services {
             if let Some(listen) = release.config.route {
-                self.ensure_route(&release.service, listen, release.config.route_kind)
+                let hold = route_hold(&release.config);
+                self.ensure_route(&release.service, listen, release.config.route_kind, hold)
                     .await?;
             }
         }
@@ -1202,12 +1237,14 @@ impl Shell {
         Ok(rollout)
     }
 
-    /// Binds the service's route at `listen`, speaking `kind`, unless it is bound so already.
+    /// Binds the service's route at `listen`, speaking `kind`, unless it is bound so already;
+    /// while no instance is ready it holds clients at least `hold` when given.
     async fn ensure_route(
         &mut self,
         service: &ServiceName,
         listen: SocketAddr,
         kind: RouteKind,
+        hold: Option<Duration>,
     ) -> Result<(), ControllerError> {
         let tcp = kind == RouteKind::Tcp;
         let existing = self.routes.get(service);
@@ -1224,7 +1261,11 @@ impl Shell {
             previous_kind = Some(old.route.is_tcp());
             drop(old);
         }
-        let bound = AnyRoute::bind(RouteOptions::new(listen), tcp).await;
+        let mut options = RouteOptions::new(listen);
+        if let Some(hold) = hold {
+            options.hold_timeout = options.hold_timeout.max(hold);
+        }
+        let bound = AnyRoute::bind(options, tcp).await;
         let route = match (bound, previous_kind) {
             (Ok(route), _) => route,
             (Err(error), previous) => {
@@ -1266,21 +1307,21 @@ impl Shell {
     }
 
     async fn bind_wanted_routes(&mut self) {
-        let wanted: Vec<(ServiceName, SocketAddr, RouteKind)> = self
+        type Wanted = (ServiceName, SocketAddr, RouteKind, Option<Duration>);
+        let wanted: Vec<Wanted> = self
             .state
             .services
             .keys()
             .filter_map(|service| {
                 let route = self.state.scale(service)?.route?;
-                let kind = self
-                    .state
-                    .wanted_release(service)
-                    .map_or(RouteKind::Http, |release| release.config.route_kind);
-                Some((service.clone(), route, kind))
+                let release = self.state.wanted_release(service);
+                let kind = release.map_or(RouteKind::Http, |release| release.config.route_kind);
+                let hold = release.and_then(|release| route_hold(&release.config));
+                Some((service.clone(), route, kind, hold))
             })
             .collect();
-        for (service, listen, kind) in wanted {
-            if let Err(error) = self.ensure_route(&service, listen, kind).await {
+        for (service, listen, kind, hold) in wanted {
+            if let Err(error) = self.ensure_route(&service, listen, kind, hold).await {
                 self.route_errors.insert(service, error.to_string());
                 self.dirty = true;
             }
@@ -1340,6 +1381,7 @@ impl Shell {
             runtime: Vec::new(),
             busy: self.busy.clone(),
             busy_ids: self.busy_ids.clone(),
+            prepared: self.prepared.clone(),
             since_ms: self.since_ms,
             name_suffix: format!(".{}.{}", self.options.environment, self.options.app),
         };
@@ -1429,6 +1471,7 @@ impl Shell {
             Action::RemoveOrphan { runtime_id } => {
                 self.remove_runtime_instance(runtime_id, Duration::from_secs(2))
             }
+            Action::Prepare { release, .. } => self.prepare(release),
             Action::Adopt { .. }
             | Action::Forget { .. }
             | Action::Condemn { .. }
@@ -1532,6 +1575,27 @@ impl Shell {
                 Err(error) => Err(error),
             };
             let _ = inputs.send(Input::Started { instance, result });
+        });
+    }
+
+    /// Prepares the release's image off the loop, unless it is being prepared already or
+    /// failed a moment ago.
+    fn prepare(&mut self, release: ReleaseNumber) {
+        let Some(image) = self.state.releases.get(&release).map(|r| r.image.clone()) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        match self.preparing.get(&image) {
+            Some(None) => return,
+            Some(Some(retry)) if now < *retry => return,
+            _ => {}
+        }
+        self.preparing.insert(image.clone(), None);
+        let runtime = self.options.runtime.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let result = runtime.prepare(&image).await;
+            let _ = inputs.send(Input::Prepared { image, result });
         });
     }
 

@@ -711,12 +711,16 @@ pub enum Strategy {
         max_surge: u32,
         max_unavailable: u32,
     },
+    /// Stop-first: every instance of the old release is gone (its volumes let go) before one
+    /// of the new release starts, whose image is prepared before the old one stops.
+    Recreate,
 }
 
 impl Strategy {
     pub fn name(&self) -> &'static str {
         match self {
             Strategy::Rolling { .. } => "rolling",
+            Strategy::Recreate => "recreate",
         }
     }
 }
@@ -870,10 +874,15 @@ impl ServiceConfig {
             *keep == crate::spec::DEFAULT_KEEP_RELEASES
         }
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let Strategy::Rolling {
-            max_surge,
-            max_unavailable,
-        } = self.strategy;
+        // A recreate release hashes with its name and zero settings: no rolling release's
+        // digest moves.
+        let (max_surge, max_unavailable) = match self.strategy {
+            Strategy::Rolling {
+                max_surge,
+                max_unavailable,
+            } => (max_surge, max_unavailable),
+            Strategy::Recreate => (0, 0),
+        };
         let canonical = Canonical {
             version: 1,
             command: &self.command,
@@ -962,6 +971,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                     max_surge: service.deploy.max_surge,
                     max_unavailable: service.deploy.max_unavailable,
                 },
+                crate::spec::Strategy::Recreate => Strategy::Recreate,
             },
             health_deadline: service.deploy.health_deadline,
             stop_grace: service.stop_grace,
@@ -1151,5 +1161,32 @@ deploy = { keep_releases = 10 }
         // The digests of configs written before the key existed do not move.
         assert_eq!(digest("local"), digest("ten"));
         assert_ne!(digest("local"), digest("few"));
+    }
+
+    #[test]
+    fn a_stateful_release_has_its_own_digest_and_reads_back() {
+        let base = r#"
+app = "a"
+[services.db]
+port = 5432
+[environments.stateful.services.db]
+stateful = true
+[environments.recreate.services.db]
+deploy = { strategy = "recreate" }
+"#;
+        let config = |environment: &str| {
+            parse(base, Path::new("g"), Path::new("/app"), environment)
+                .unwrap()
+                .services["db"]
+                .to_config()
+        };
+        let stateful = config("stateful");
+        assert_eq!(stateful.strategy, Strategy::Recreate);
+        assert_eq!(stateful.digest(), config("recreate").digest());
+        assert_ne!(stateful.digest(), config("local").digest());
+        let json = serde_json::to_value(&stateful).unwrap();
+        assert_eq!(json["strategy"], serde_json::json!({ "kind": "recreate" }));
+        let back: ServiceConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, stateful);
     }
 }

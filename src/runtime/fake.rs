@@ -93,6 +93,8 @@ struct FakeInstance {
     server: Option<Server>,
     /// `IGNORE_SIGTERM=1` in the env: `stop` waits out the grace and kills.
     ignores_stop: bool,
+    /// Its named volumes: owned by it while it runs, as the local runtime's lock makes them.
+    volumes: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -273,6 +275,21 @@ impl Runtime for FakeRuntime {
             task: tokio::spawn(serve(listener, answers)),
         };
         let mut inner = self.lock();
+        // A named volume is owned by one live instance at a time (checked under the lock
+        // that inserts, so two starts at once cannot both take it).
+        for volume in &spec.volumes {
+            let holder = inner
+                .instances
+                .iter()
+                .find(|(_, i)| !i.info.status.is_exited() && i.volumes.contains(&volume.name));
+            if let Some((holder, _)) = holder {
+                server.task.abort();
+                return Err(RuntimeError::BadVolume {
+                    name: volume.name.clone(),
+                    reason: format!("in use by instance {holder}"),
+                });
+            }
+        }
         inner.next_id += 1;
         let id = InstanceId(format!("fake{:06}", inner.next_id));
         let info = Instance {
@@ -294,6 +311,7 @@ impl Runtime for FakeRuntime {
                 info: info.clone(),
                 server: Some(server),
                 ignores_stop: env("IGNORE_SIGTERM").as_deref() == Some("1"),
+                volumes: spec.volumes.iter().map(|v| v.name.clone()).collect(),
             },
         );
         Ok(info)

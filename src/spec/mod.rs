@@ -148,6 +148,8 @@ pub enum RouteKind {
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     Rolling,
+    /// Stop-first: the old instance is gone before the new one starts (`stateful = true`).
+    Recreate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -133,6 +133,8 @@ pub(crate) struct RawService {
     pub env: Option<Spanned<Named<Field<Value>>>>,
     pub health: Option<Spanned<RawHealth>>,
     pub deploy: Option<Spanned<RawDeploy>>,
+    /// `stateful = true`: replaced stop-first, one instance owning its volumes.
+    pub stateful: Option<Field<bool>>,
     pub stop_grace: Option<Field<String>>,
     pub volumes: Option<Spanned<Named<Field<String>>>>,
     pub limits: Option<Spanned<RawLimits>>,

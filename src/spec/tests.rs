@@ -117,7 +117,7 @@ containerfile = "deploy/Containerfile"
 context = "./src"
 
 [services.web]
-instances = 3
+instances = 1
 port = 8080
 route = ":8000"
 command = ["/web", "--verbose"]
@@ -138,7 +138,7 @@ port = 5432
               health /healthz every 1s timeout 1s up 2 down 3
               deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
-            service web: instances 3 port 8080 route Some(127.0.0.1:8000) command Some(["/web", "--verbose"]) env {"GREETING": "hi", "_X": "1"}
+            service web: instances 1 port 8080 route Some(127.0.0.1:8000) command Some(["/web", "--verbose"]) env {"GREETING": "hi", "_X": "1"}
               health /ready every 250ms timeout 100ms up 1 down 5
               deploy Rolling surge 2 unavailable 1 deadline 60s stop_grace 0ns
               volumes ["cache=/var/cache/web"] limits Limits { memory_bytes: Some(536870912), pids: Some(128), cpu_millis: Some(1500), tmp_bytes: Some(67108864), log_bytes: Some(8388608), log_age_s: Some(172800) }
@@ -294,7 +294,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -403,7 +403,7 @@ volumes = { a = "/data", b = "/data" }
             graven.toml:15:57: services.web.health.timeout: "1x" is not a duration (try "1s", "500ms")
             graven.toml:15:79: services.web.health.healthy_after: 0 is out of range: it must be at least 1
             graven.toml:15:100: services.web.health.unhealthy_after: 0 is out of range: it must be at least 1
-            graven.toml:16:23: services.web.deploy.strategy: unknown strategy "canary" (known: "rolling")
+            graven.toml:16:23: services.web.deploy.strategy: unknown strategy "canary" (known: "rolling", "recreate")
             graven.toml:16:45: services.web.deploy.max_surge: -1 is out of range: it must be at least 0
             graven.toml:16:88: services.web.deploy.health_deadline: "0ms" must be longer than zero
             graven.toml:17:14: services.web.stop_grace: "forever" is not a duration (try "1s", "500ms")
@@ -934,5 +934,59 @@ interval = "30s"
             graven.toml:4:22: services.web.drift.interval: the interval must be more than zero
             graven.toml:4:41: services.web.drift.allow_exec: "bin" is not an absolute path
             graven.toml:4:50: services.web.drift.allow: unknown field "allow" (known: "interval", "exec_tmp", "allow_exec")"#]],
+    );
+}
+
+#[test]
+fn a_stateful_service_is_replaced_stop_first() {
+    check(
+        r#"
+app = "db"
+[services.pg]
+port = 5432
+stateful = true
+volumes = { pgdata = "/var/lib/postgresql/data" }
+[services.cache]
+port = 6379
+deploy = { strategy = "recreate" }
+"#,
+        expect![[r#"
+            app db env local build None containerfile /app/Containerfile context /app
+            service cache: instances 1 port 6379 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Recreate surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
+            service pg: instances 1 port 5432 route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Recreate surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes ["pgdata=/var/lib/postgresql/data"] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
+        "#]],
+    );
+}
+
+#[test]
+fn what_a_volume_or_a_stateful_service_cannot_guarantee_is_refused() {
+    check(
+        r#"
+app = "db"
+[services.pg]
+port = 5432
+instances = 2
+stateful = true
+deploy = { strategy = "rolling", max_surge = 1 }
+[services.shared]
+port = 80
+instances = 3
+volumes = { data = "/data" }
+[services.cache]
+port = 6379
+deploy = { strategy = "recreate", max_unavailable = 1 }
+"#,
+        expect![[r#"
+            graven.toml:5:13: services.pg.instances: service "pg" has instances = 2: a stateful service runs a single instance
+            graven.toml:7:23: services.pg.deploy.strategy: a stateful service is replaced stop-first: write strategy = "recreate" or leave it out (stateful = true at services.pg.stateful)
+            graven.toml:7:46: services.pg.deploy.max_surge: a stop-first service never runs two instances of a release at once: leave max_surge and max_unavailable out
+            graven.toml:10:13: services.shared.instances: service "shared" has instances = 3: volume "data" is owned by one live instance at a time, so they cannot share it
+            graven.toml:14:53: services.cache.deploy.max_unavailable: a stop-first service never runs two instances of a release at once: leave max_surge and max_unavailable out"#]],
     );
 }

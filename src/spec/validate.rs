@@ -58,6 +58,7 @@ struct Partial {
     healthy_after: Option<At<u32>>,
     unhealthy_after: Option<At<u32>>,
     strategy: Option<At<Strategy>>,
+    stateful: Option<At<bool>>,
     max_surge: Option<At<u32>>,
     max_unavailable: Option<At<u32>>,
     health_deadline: Option<At<Duration>>,
@@ -104,6 +105,7 @@ impl Partial {
             healthy_after: pick(&overlay.healthy_after, &self.healthy_after),
             unhealthy_after: pick(&overlay.unhealthy_after, &self.unhealthy_after),
             strategy: pick(&overlay.strategy, &self.strategy),
+            stateful: pick(&overlay.stateful, &self.stateful),
             max_surge: pick(&overlay.max_surge, &self.max_surge),
             max_unavailable: pick(&overlay.max_unavailable, &self.max_unavailable),
             health_deadline: pick(&overlay.health_deadline, &self.health_deadline),
@@ -202,6 +204,7 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
                 Ok(command.clone())
             }
         }),
+        stateful: leaf(&raw.stateful, &path("stateful"), issues, |b| Ok(*b)),
         stop_grace: leaf(&raw.stop_grace, &path("stop_grace"), issues, |d| {
             values::duration(d)
         }),
@@ -397,7 +400,10 @@ fn check_deploy(raw: &RawDeploy, prefix: &str, issues: &mut Issues, partial: &mu
     partial.strategy = leaf(&raw.strategy, &path("strategy"), issues, |s| {
         match s.as_str() {
             "rolling" => Ok(Strategy::Rolling),
-            other => Err(format!("unknown strategy {other:?} (known: \"rolling\")")),
+            "recreate" => Ok(Strategy::Recreate),
+            other => Err(format!(
+                "unknown strategy {other:?} (known: \"rolling\", \"recreate\")"
+            )),
         }
     });
     partial.max_surge = leaf(
@@ -545,7 +551,8 @@ fn resolve_service(
             ),
         );
     }
-    if !(surge_ok && health_ok) || mounts.is_err() {
+    let stateful_ok = check_stateful(name, merged, &volumes, &in_environment, issues);
+    if !(surge_ok && health_ok && stateful_ok) || mounts.is_err() {
         return None;
     }
     let value =
@@ -605,10 +612,11 @@ fn resolve_service(
         },
         health_table: merged.health_table,
         deploy: DeployPolicy {
-            strategy: merged
-                .strategy
-                .as_ref()
-                .map_or(Strategy::Rolling, |s| s.value),
+            strategy: match (&merged.strategy, &merged.stateful) {
+                (Some(strategy), _) => strategy.value,
+                (None, Some(stateful)) if stateful.value => Strategy::Recreate,
+                (None, _) => Strategy::Rolling,
+            },
             max_surge,
             max_unavailable,
             health_deadline: value(&merged.health_deadline, Duration::from_secs(30)),
@@ -637,6 +645,76 @@ fn resolve_service(
             log_age_s: merged.log_age.as_ref().map(|a| a.value.as_secs().max(1)),
         },
     })
+}
+
+/// What a stop-first service needs, and what a volume allows: a named volume is owned by
+/// one live instance at a time, so a service with one runs a single instance, and a
+/// stateful service is not rolled. False when something contradicts that (reported).
+fn check_stateful(
+    name: &str,
+    merged: &Partial,
+    volumes: &[VolumeMount],
+    in_environment: &str,
+    issues: &mut Issues,
+) -> bool {
+    let mut ok = true;
+    let stateful = merged.stateful.as_ref().filter(|s| s.value);
+    let recreate = merged
+        .strategy
+        .as_ref()
+        .filter(|s| s.value == Strategy::Recreate);
+    if let (Some(stateful), Some(strategy)) = (stateful, &merged.strategy)
+        && strategy.value == Strategy::Rolling
+    {
+        issues.push(
+            strategy.loc.span.clone(),
+            &strategy.loc.field,
+            format!(
+                "a stateful service is replaced stop-first: write strategy = \"recreate\" or \
+                 leave it out (stateful = true at {}){in_environment}",
+                stateful.loc.field
+            ),
+        );
+        ok = false;
+    }
+    if stateful.is_some() || recreate.is_some() {
+        for surge in [&merged.max_surge, &merged.max_unavailable]
+            .into_iter()
+            .flatten()
+        {
+            issues.push(
+                surge.loc.span.clone(),
+                &surge.loc.field,
+                format!(
+                    "a stop-first service never runs two instances of a release at once: \
+                     leave max_surge and max_unavailable out{in_environment}"
+                ),
+            );
+            ok = false;
+        }
+    }
+    let instances = merged.instances.as_ref().filter(|i| i.value > 1);
+    if let Some(instances) = instances
+        && (stateful.is_some() || !volumes.is_empty())
+    {
+        let why = match volumes.first() {
+            Some(volume) => format!(
+                "volume {:?} is owned by one live instance at a time, so they cannot share it",
+                volume.name
+            ),
+            None => "a stateful service runs a single instance".to_owned(),
+        };
+        issues.push(
+            instances.loc.span.clone(),
+            &instances.loc.field,
+            format!(
+                "service {name:?} has instances = {}: {why}{in_environment}",
+                instances.value
+            ),
+        );
+        ok = false;
+    }
+    ok
 }
 
 /// The kind of a service's health check: as written; `exec` when only a command is; else

@@ -4,7 +4,7 @@
 //!
 //! A round is four jobs, each its own function: reconcile the log with the runtime's listing
 //! (`reconcile`), drain what no wanted service needs, plan each wanted service with the
-//! planner of its release's strategy (`rolling`; a new strategy is a new file and a match arm
+//! planner of its release's strategy (`rolling`, `recreate`; a new strategy is a new file and a match arm
 //! in `plan_service`), and decide which instances take traffic (`traffic`), which comes first
 //! in the round's actions so that nothing is drained while a route still sends to it.
 
@@ -16,8 +16,10 @@ use crate::events::{
     CondemnReason, DrainReason, Event, GoneReason, InstanceName, Lifecycle, ReleaseNumber,
     RollbackReason, RuntimeId, ServiceName, State, Strategy,
 };
+use crate::store::Digest;
 
 mod reconcile;
+mod recreate;
 mod rolling;
 mod traffic;
 
@@ -44,6 +46,9 @@ pub struct Observed {
     /// What ends every new instance's name (`.<environment>.<app>`), so that names are
     /// unique across the apps and environments of a home, not only within one log.
     pub name_suffix: String,
+    /// Images the runtime has prepared since this controller started: a stop-first
+    /// replacement stops the old instance only once the new one's image is among them.
+    pub prepared: BTreeSet<Digest>,
 }
 
 /// One runtime instance as listed.
@@ -68,6 +73,11 @@ pub enum Action {
         service: ServiceName,
         release: ReleaseNumber,
         instance: InstanceName,
+    },
+    /// Get the release's image ready to start (unpacked), recorded in `Observed::prepared`.
+    Prepare {
+        service: ServiceName,
+        release: ReleaseNumber,
     },
     /// A launched instance the runtime runs though no start result was recorded.
     Adopt {
@@ -162,6 +172,8 @@ impl Action {
             Action::Drain { instance, reason } => Event::InstanceDraining { instance, reason },
             // The drain was recorded when it was decided; this only finishes it.
             Action::ResumeStop { .. } => return None,
+            // Only work ahead of a decision; what it got ready is not the log's business.
+            Action::Prepare { .. } => return None,
             Action::Route { service, routed } => Event::TrafficChanged { service, routed },
             Action::RemoveOrphan { runtime_id } => Event::OrphanRemoved { runtime_id },
             Action::Backoff {
@@ -332,10 +344,14 @@ fn plan_service(round: &mut Round<'_>, service: &ServiceName) {
     let Some(release) = state.wanted_release(service) else {
         return;
     };
+    if recreate::applies(state, service, release) {
+        return recreate::plan(round, service, release);
+    }
     match release.config.strategy {
         Strategy::Rolling {
             max_surge,
             max_unavailable,
         } => rolling::plan(round, service, release, max_surge, max_unavailable),
+        Strategy::Recreate => recreate::plan(round, service, release),
     }
 }

@@ -6,7 +6,10 @@
 //! - traffic never goes to an instance that is draining or gone, and no instance is drained
 //!   while the round's own traffic decision still routes it;
 //! - every launched instance is in the state under a name never used before, and the state's
-//!   launch count is the number of launches.
+//!   launch count is the number of launches;
+//! - for a stop-first (stateful) service, whose stops take time here: never two instances
+//!   alive at once, whatever their state (starting, healthy, unhealthy, draining), in the log
+//!   or on the runtime, and an old instance is drained only once the new image is prepared.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -30,6 +33,8 @@ enum Op {
     Advance(u64),
     Deploy,
     Scale(u32),
+    /// The stops under way finish (a stop-first service's sim stops slowly).
+    StopsDone,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -41,6 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (100u64..40_000).prop_map(Op::Advance),
         1 => Just(Op::Deploy),
         1 => (1u32..6).prop_map(Op::Scale),
+        2 => Just(Op::StopsDone),
     ]
 }
 
@@ -52,6 +58,10 @@ struct Sim {
     names: BTreeSet<InstanceName>,
     launches: u64,
     config: ServiceConfig,
+    /// Stop-first: drains finish only at `StopsDone`, and the invariants are the stateful ones.
+    stateful: bool,
+    stopping: BTreeSet<InstanceName>,
+    prepared: BTreeSet<Digest>,
 }
 
 impl Sim {
@@ -74,7 +84,8 @@ impl Sim {
         self.record(Event::ReleaseCreated {
             service: "web".into(),
             release: number,
-            image: Digest::of(b"x"),
+            // Each release its own image, so each stop-first replacement prepares anew.
+            image: Digest::of(number.to_string().as_bytes()),
             config_digest: config.digest().to_string(),
             config,
             source: None,
@@ -133,6 +144,16 @@ impl Sim {
             }
             Op::Advance(ms) => self.now_ms += ms,
             Op::Deploy => self.deploy(),
+            Op::Scale(_) if self.stateful => {}
+            Op::StopsDone => {
+                for instance in std::mem::take(&mut self.stopping) {
+                    self.runtime.retain(|_, (n, _, _)| *n != instance);
+                    self.record(Event::InstanceGone {
+                        instance,
+                        reason: GoneReason::Stopped,
+                    });
+                }
+            }
             Op::Scale(n) => {
                 let route = None;
                 self.record(Event::ServiceScaled {
@@ -159,8 +180,29 @@ impl Sim {
                     drift: None,
                 })
                 .collect(),
+            busy: self.stopping.clone(),
+            prepared: self.prepared.clone(),
             ..Observed::default()
         }
+    }
+
+    /// Stop-first: at most one instance of the service alive, in the log and on the runtime.
+    fn check_alone(&self, actions: &[Action]) -> Result<(), TestCaseError> {
+        if !self.stateful {
+            return Ok(());
+        }
+        let alive: Vec<_> = self.state.instances.keys().collect();
+        prop_assert!(
+            alive.len() <= 1,
+            "alive at once: {alive:?} after {actions:?}"
+        );
+        let running = self
+            .runtime
+            .values()
+            .filter(|(_, exited, _)| !exited)
+            .count();
+        prop_assert!(running <= 1, "running at once: {:?}", self.runtime);
+        Ok(())
     }
 
     /// The instances that take traffic: routed by the last decision and healthy now.
@@ -190,6 +232,8 @@ impl Sim {
                     crate::events::Strategy::Rolling {
                         max_unavailable, ..
                     } => max_unavailable,
+                    // Stop-first takes everything down on purpose.
+                    crate::events::Strategy::Recreate => desired,
                 });
         let mut planned_drain = false;
         // Nothing is drained that the round's traffic decision still routes: an instance that
@@ -204,10 +248,27 @@ impl Sim {
         for action in &actions {
             match action {
                 Action::Route { routed, .. } => routed_now = routed.clone(),
-                Action::Drain { instance, .. } => prop_assert!(
-                    !routed_now.contains_key(instance),
-                    "{instance} is drained while the plan still routes it: {actions:?}"
-                ),
+                Action::Drain { instance, .. } => {
+                    prop_assert!(
+                        !routed_now.contains_key(instance),
+                        "{instance} is drained while the plan still routes it: {actions:?}"
+                    );
+                    // A replacement's image is ready before the instance it replaces goes.
+                    let wanted = self.state.wanted_release("web").map(|r| &r.image);
+                    let replaced = self.state.instances.get(instance).is_some_and(|i| {
+                        Some(i.release) != self.state.services["web"].wanted
+                            && i.lifecycle == Lifecycle::Healthy
+                    });
+                    if self.stateful
+                        && replaced
+                        && let Some(image) = wanted
+                    {
+                        prop_assert!(
+                            self.prepared.contains(image),
+                            "{instance} drained before {image} was prepared: {actions:?}"
+                        );
+                    }
+                }
                 _ => {}
             }
         }
@@ -242,17 +303,26 @@ impl Sim {
                     ) {
                         planned_drain = true;
                     }
-                    self.runtime.retain(|_, (n, _, _)| n != instance);
-                    self.record(Event::InstanceGone {
-                        instance: instance.clone(),
-                        reason: GoneReason::Stopped,
-                    });
+                    if self.stateful {
+                        self.stopping.insert(instance.clone());
+                    } else {
+                        self.runtime.retain(|_, (n, _, _)| n != instance);
+                        self.record(Event::InstanceGone {
+                            instance: instance.clone(),
+                            reason: GoneReason::Stopped,
+                        });
+                    }
+                }
+                Action::Prepare { release, .. } => {
+                    let image = self.state.releases[release].image.clone();
+                    self.prepared.insert(image);
                 }
                 Action::Exited { runtime_id, .. } | Action::RemoveOrphan { runtime_id } => {
                     self.runtime.remove(runtime_id);
                 }
                 _ => {}
             }
+            self.check_alone(&actions)?;
         }
         // Traffic never goes to what is draining or gone.
         if let Some(service) = self.state.services.get("web") {
@@ -300,12 +370,50 @@ proptest! {
             names: BTreeSet::new(),
             launches: 0,
             config,
+            stateful: false,
+            stopping: BTreeSet::new(),
+            prepared: BTreeSet::new(),
         };
         sim.deploy();
         for op in ops {
             sim.apply(op);
             // Rounds until the planner has nothing more to do right now (bounded: back-offs
             // and deadlines wait for time to pass).
+            for _ in 0..8 {
+                if !sim.round()? {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_stop_first_planner_never_runs_two_instances_of_a_stateful_service(
+        start_period in 0u64..20,
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let mut config = ServiceConfig::test(1, 0, 1);
+        config.strategy = crate::events::Strategy::Recreate;
+        config.health_deadline = Duration::from_secs(30);
+        config.health.start_period = Duration::from_secs(start_period);
+        let mut sim = Sim {
+            state: State::default(),
+            now_ms: 1_000,
+            runtime: BTreeMap::new(),
+            names: BTreeSet::new(),
+            launches: 0,
+            config,
+            stateful: true,
+            stopping: BTreeSet::new(),
+            prepared: BTreeSet::new(),
+        };
+        sim.deploy();
+        for op in ops {
+            sim.apply(op);
             for _ in 0..8 {
                 if !sim.round()? {
                     break;

@@ -19,6 +19,7 @@ mod rootfs;
 pub mod shim;
 mod state;
 mod usernet;
+mod volume_lock;
 pub mod volumes;
 mod watch;
 
@@ -418,6 +419,16 @@ impl LocalRuntime {
                 new_network: resolved.user_network.is_some(),
             },
             log: retention::target(&self.home, id, &spec.labels, &spec.limits)?,
+            volume_locks: spec
+                .volumes
+                .iter()
+                .map(|v| volume_lock::Claim {
+                    volume: v.name.clone(),
+                    path: volume_lock::path(&self.home, &v.name),
+                    id: id.clone(),
+                    instance: spec.labels.get("instance").cloned(),
+                })
+                .collect(),
         };
         let initial = State {
             id: id.clone(),

@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::state::{self, Proc, ShimRequest};
+use super::volume_lock;
 use crate::logs::Stamper;
 use crate::runtime::InstanceStatus;
 use crate::sandbox::{self, Ended, Launched};
@@ -182,7 +183,7 @@ pub fn main(dir: &Path) -> ! {
 /// Starts the workload, reports "ok" or the error on `report` and closes it, then stamps
 /// and syncs its output until it ends and records how. Returns the shim's exit code.
 fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
-    let (launched, stamper, _held) = match launch(dir, request) {
+    let (launched, stamper, _held, volumes) = match launch(dir, request) {
         Ok(started) => started,
         Err(message) => {
             let _ = writeln!(report, "error {message}");
@@ -212,6 +213,9 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
             ended
         }
     };
+    // The workload is gone (reaped, and its namespace with it): its volumes are free, and
+    // are let go before the exit is recorded, so whoever sees it exited can take them.
+    drop(volumes);
     let exited = match ended {
         Ended::Code(code) => InstanceStatus::Exited {
             code: Some(code),
@@ -244,9 +248,36 @@ fn serve(dir: &Path, request: &ShimRequest, mut report: File) -> i32 {
     i32::from(recorded.is_err())
 }
 
-/// Makes the instance's log source, starts the workload writing straight into its data
-/// files and records it in the instance's state.
-fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Stamper, File), String> {
+/// Takes the locks of the instance's named volumes (volume_lock.rs), or says who holds one.
+fn lock_volumes(request: &ShimRequest) -> Result<Vec<volume_lock::Held>, String> {
+    if volume_lock::disabled() {
+        return Ok(Vec::new());
+    }
+    let mut held = Vec::new();
+    for claim in &request.volume_locks {
+        let holder = volume_lock::Holder {
+            id: claim.id.clone(),
+            instance: claim.instance.clone(),
+            shim: Proc::of(std::process::id()),
+            workload: None,
+        };
+        let lock = volume_lock::take(
+            &claim.volume,
+            &claim.path,
+            holder,
+            volume_lock::WAIT_FOR_GONE,
+        )
+        .map_err(|e| e.to_string())?;
+        held.push(lock);
+    }
+    Ok(held)
+}
+
+type Started = (Launched, Stamper, File, Vec<volume_lock::Held>);
+
+/// Makes the instance's log source, takes its volumes' locks, starts the workload writing
+/// straight into its data files and records it in the instance's state.
+fn launch(dir: &Path, request: &ShimRequest) -> Result<Started, String> {
     use std::os::unix::fs::OpenOptionsExt;
     // Held open for writing for life (never written): how `orphans` finds this shim if the
     // instance's directory is deleted.
@@ -266,6 +297,7 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Stamper, File)
         // The newest start's bound is its service's, for `remove` and gc to enforce.
         let _ = crate::logs::retention::save_policy(group, request.log.policy());
     }
+    let mut volumes = lock_volumes(request)?;
     let launched = sandbox::launch(
         &request.spec,
         &request.options,
@@ -273,6 +305,10 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Stamper, File)
         outputs.stderr,
     )
     .map_err(|e| e.to_string())?;
+    let workload = Proc::of(launched.pid);
+    for lock in &mut volumes {
+        lock.record_workload(workload);
+    }
     state::update(dir, |s| {
         s.shim = Proc::of(std::process::id());
         s.workload = Proc::of(launched.pid);
@@ -281,7 +317,7 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<(Launched, Stamper, File)
         }
     })
     .map_err(|e| e.to_string())?;
-    Ok((launched, stamper, held))
+    Ok((launched, stamper, held, volumes))
 }
 
 /// The shim's loop over the log: an inotify watch on the two data files wakes it when the

@@ -129,6 +129,9 @@ pub struct ShimRequest {
     pub spec: SandboxSpec,
     pub options: Options,
     pub log: LogTarget,
+    /// The named volumes whose locks the shim takes before the workload starts.
+    #[serde(default)]
+    pub volume_locks: Vec<super::volume_lock::Claim>,
 }
 
 /// Where the shim's workload writes its output: its source in the log store, and how the

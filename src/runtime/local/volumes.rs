@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use super::LocalRuntime;
-use super::state::{self, STATE};
+use super::state::{self, Proc, STATE};
+use super::volume_lock;
 use crate::runtime::{InstanceId, RuntimeError};
 
 /// One named volume.
@@ -44,9 +45,23 @@ impl LocalRuntime {
         }
     }
 
-    /// The live instances that bind each volume.
+    /// The live instances that bind each volume: its lock's holder (volume_lock.rs), and
+    /// any instance whose state names it (one started by a graven from before the lock).
     fn holders(&self) -> std::collections::BTreeMap<String, Vec<Holder>> {
         let mut holders: std::collections::BTreeMap<String, Vec<Holder>> = Default::default();
+        let entries = std::fs::read_dir(self.home.join("volumes"));
+        for entry in entries.into_iter().flatten().flatten() {
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(".lock-")) else {
+                continue;
+            };
+            if let Some(holder) = volume_lock::holder(&entry.path()) {
+                holders.entry(name.to_owned()).or_default().push(Holder {
+                    id: holder.id,
+                    instance: holder.instance,
+                });
+            }
+        }
         let entries = std::fs::read_dir(self.home.join("instances"));
         for entry in entries.into_iter().flatten().flatten() {
             if !entry.path().join(STATE).is_file() {
@@ -55,14 +70,18 @@ impl LocalRuntime {
             let Ok(state) = state::load(&entry.path()) else {
                 continue;
             };
-            if state.observed_status().is_exited() {
+            // One still starting holds nothing yet (its shim takes the lock, or is refused).
+            if state.workload.is_none() || state.observed_status().is_exited() {
                 continue;
             }
             for volume in &state.volumes {
-                holders.entry(volume.clone()).or_default().push(Holder {
-                    id: state.id.clone(),
-                    instance: state.labels.get("instance").cloned(),
-                });
+                let list = holders.entry(volume.clone()).or_default();
+                if !list.iter().any(|h| h.id == state.id) {
+                    list.push(Holder {
+                        id: state.id.clone(),
+                        instance: state.labels.get("instance").cloned(),
+                    });
+                }
             }
         }
         holders
@@ -109,10 +128,34 @@ impl LocalRuntime {
         Ok(())
     }
 
+    /// Takes the volume's lock for a command (not an instance), refusing at once when an
+    /// instance's workload has it.
+    fn lock_volume(&self, name: &str, command: &str) -> Result<volume_lock::Held, RuntimeError> {
+        let holder = volume_lock::Holder {
+            id: InstanceId(String::new()),
+            instance: Some(command.to_owned()),
+            shim: Proc::of(std::process::id()),
+            workload: None,
+        };
+        let path = volume_lock::path(&self.home, name);
+        volume_lock::take(name, &path, holder, std::time::Duration::ZERO).map_err(|e| match e {
+            volume_lock::LockError::Held { holder, .. }
+            | volume_lock::LockError::StillRunning { holder, .. } => bad(
+                name,
+                format!(
+                    "in use by {holder}: stop it first ({command} needs a volume nothing writes to)"
+                ),
+            ),
+            other => bad(name, other.to_string()),
+        })
+    }
+
     /// Deletes a volume and its data, unless a live instance holds it.
     pub fn remove_volume(&self, name: &str) -> Result<u64, RuntimeError> {
         let dir = self.volume_dir(name)?;
         self.refuse_if_held(name, "removing it")?;
+        // Held while it goes: a start meanwhile is refused rather than given a dying tree.
+        let _lock = self.lock_volume(name, "graven volume rm")?;
         let bytes = disk_usage(&dir);
         // Renamed aside first: a start that binds it by name from now on makes a new, empty
         // one instead of getting a half-deleted tree.
@@ -130,6 +173,8 @@ impl LocalRuntime {
     pub fn export_volume(&self, name: &str, out: impl std::io::Write) -> Result<(), RuntimeError> {
         let dir = self.volume_dir(name)?;
         self.refuse_if_held(name, "exporting it")?;
+        // Held while the copy is taken, so no instance starts writing under it.
+        let _lock = self.lock_volume(name, "graven volume export")?;
         let mut builder = tar::Builder::new(out);
         builder.follow_symlinks(false);
         builder.mode(tar::HeaderMode::Complete);
