@@ -80,6 +80,18 @@ pub struct InstanceSpec {
     /// Whether an instance with a network of its own may open connections beyond it.
     #[serde(default = "outbound_default")]
     pub outbound: bool,
+    /// Graven's DNS server, for the resolv.conf of an instance with a network of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<InstanceDns>,
+}
+
+/// What an instance's generated `/etc/resolv.conf` names first: graven's DNS server (the
+/// daemon's address on the bridge) and the search domain of its app and environment, where
+/// a service's name alone resolves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceDns {
+    pub nameserver: std::net::Ipv4Addr,
+    pub search: String,
 }
 
 fn outbound_default() -> bool {
@@ -117,6 +129,7 @@ impl InstanceSpec {
             labels: BTreeMap::new(),
             network: NetworkMode::Private,
             outbound: true,
+            dns: None,
         }
     }
 

@@ -832,6 +832,7 @@ pub(crate) fn validate(
 
     let names: Vec<&str> = bases.keys().map(String::as_str).collect();
     let logs = super::logs::check(raw.logs.as_ref(), &names, issues);
+    let dns = super::dns::check(raw.dns.as_ref(), issues);
 
     if !issues.is_empty() {
         return None;
@@ -847,5 +848,6 @@ pub(crate) fn validate(
         },
         services: wanted?,
         logs,
+        dns,
     })
 }

@@ -9,6 +9,7 @@
 
 mod cgroup;
 mod gc;
+mod names;
 pub mod net;
 mod netlink;
 pub mod orphans;
@@ -307,6 +308,12 @@ impl LocalRuntime {
         let leased = network.as_ref().map(|network| network.ip);
         let result = anonymous_volumes(&dir, &anonymous, (uid, gid)).and_then(|extra| {
             binds.extend(extra);
+            // Its own resolv.conf and hosts: the host's name neither its resolvers nor it.
+            if let Some(network) = &network {
+                let names = names::binds(&dir, &root, network.ip, &id.0, spec.dns.as_ref())
+                    .map_err(other("writing the instance's resolv.conf and hosts"))?;
+                binds.extend(names);
+            }
             let resolved = Resolved {
                 root,
                 args,

@@ -62,6 +62,10 @@ const IDLE_ARG: &str = "idle";
 const GRACE: Duration = Duration::from_secs(60);
 /// The owner of a lease held by the pool.
 const POOL_OWNER: &str = "pool";
+/// The owner of a daemon's own address on the bridge, before the home it is kept in.
+const DAEMON_OWNER: &str = "daemon:";
+/// The file under a daemon's home that keeps its address on the bridge.
+pub const DAEMON_ADDRESS: &str = "bridge-address";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -282,6 +286,60 @@ pub fn release(ip: Ipv4Addr) {
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(dir("pool").join(ip.to_string()));
     let _ = std::fs::remove_file(dir("leases").join(ip.to_string()));
+}
+
+/// The daemon of `home`'s own address on the bridge, where its DNS server listens for
+/// instances (`dns`): leased like an instance's (so no instance gets it) and added to the
+/// bridge, the bridge made first when missing. It is kept across restarts in
+/// `home/bridge-address`, because instances outlive their daemon and their resolv.conf names
+/// it; `sweep` frees it (and takes it off the bridge) once that file is gone.
+pub fn daemon_address(home: &Path) -> Result<Ipv4Addr, NetError> {
+    let settings = Settings::from_env()?;
+    if !Path::new("/sys/class/net").join(&settings.bridge).exists() {
+        run_filler()?;
+    }
+    let owner = format!("{DAEMON_OWNER}{}", home.display());
+    let file = home.join(DAEMON_ADDRESS);
+    let remembered = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|text| text.trim().parse::<Ipv4Addr>().ok())
+        .filter(|ip| settings.subnet.contains(*ip) && *ip != settings.subnet.gateway())
+        .filter(|ip| {
+            std::fs::read_to_string(dir("leases").join(ip.to_string())).is_ok_and(|o| o == owner)
+        });
+    let ip = match remembered {
+        Some(ip) => ip,
+        None => {
+            // Shared with starts, exclusive for `sweep`, which would take a lease still
+            // naming the pool without a ready marker for lost.
+            let _lock = leases_lock(rustix::fs::FlockOperation::LockShared)?;
+            let ip = lease_free(&settings)?;
+            write_lease(ip, &owner)?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&file)
+                .and_then(|mut f| f.write_all(ip.to_string().as_bytes()))
+                .map_err(io(format!("writing {}", file.display())))?;
+            ip
+        }
+    };
+    let mut route = Route::open().map_err(io("opening netlink"))?;
+    let bridge = &settings.bridge;
+    let index = route
+        .link_index(bridge)
+        .map_err(io(format!("looking up {bridge}")))?
+        .ok_or_else(|| NetError::Command {
+            command: format!("looking up {bridge}"),
+            message: "the bridge is missing".to_owned(),
+        })?;
+    route
+        .replace_address(index, ip, settings.subnet.prefix)
+        .map_err(io(format!("giving {bridge} the address {ip}")))?;
+    Ok(ip)
 }
 
 /// Starts `graven __net fill idle` detached, to make the pool whole again off the start path,
@@ -764,6 +822,18 @@ pub fn sweep() -> Vec<Ipv4Addr> {
             .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > GRACE);
         let orphaned = if owner == POOL_OWNER {
             !filling && !dir("pool").join(ip.to_string()).exists()
+        } else if let Some(home) = owner.strip_prefix(DAEMON_OWNER) {
+            let gone = !Path::new(home).join(DAEMON_ADDRESS).exists();
+            if gone && let Ok(settings) = Settings::from_env() {
+                // Off the bridge before the address can be leased to an instance.
+                let mut route = Route::open().ok();
+                if let Some(route) = route.as_mut()
+                    && let Ok(Some(index)) = route.link_index(&settings.bridge)
+                {
+                    let _ = route.delete_address(index, ip, settings.subnet.prefix);
+                }
+            }
+            gone
         } else {
             let owner = Path::new(&owner);
             !owner.exists() || (old && !owner.join(super::state::STATE).exists())
