@@ -119,11 +119,8 @@ fn a_service_reaches_another_by_its_short_name_inside_its_network() {
     let _cleanup = RemoveInstancesOnDrop(home.clone());
     let mut up = Up::start(&home, &dir, "local");
     let server = dns_address(&mut up);
-    let bridge: std::net::Ipv4Addr = std::fs::read_to_string(home.join("bridge-address"))
-        .expect("the daemon's address on the bridge is kept in its home")
-        .trim()
-        .parse()
-        .unwrap();
+    let bridge = graven::runtime::local::net::daemon_address_of(&home)
+        .expect("the daemon's address on the bridge is kept in its home");
     let data = home.join("volumes/webdata");
 
     // Inside `web`: `db` alone is db.local.shop.graven, the daemon's bridge address, where
@@ -174,4 +171,11 @@ fn a_service_reaches_another_by_its_short_name_inside_its_network() {
         },
     );
     drop(up);
+    // Its address is off the bridge again.
+    let addresses = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .unwrap();
+    let addresses = String::from_utf8(addresses.stdout).unwrap();
+    assert!(!addresses.contains(&format!(" {bridge}/")), "{addresses}");
 }
