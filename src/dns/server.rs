@@ -301,13 +301,13 @@ async fn serve_connection(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub(super) enum Transport {
     Udp,
     Tcp,
 }
 
 /// The bytes answering `query`, or `None` when nothing should be sent.
-fn respond(
+pub(super) fn respond(
     query: &[u8],
     view: &View,
     zone: &ArcSwap<Zone>,

@@ -487,3 +487,83 @@ fn edns_is_answered_and_odd_requests_are_errors() {
     assert_eq!(malformed(&bytes), None);
     assert_eq!(malformed(&bytes[..11]), None);
 }
+
+#[test]
+fn a_big_answer_is_truncated_over_plain_udp_and_whole_with_edns_or_tcp() {
+    use crate::dns::server::{Transport, respond};
+    let mut events = release("web", 1, RouteKind::Http);
+    let names: Vec<String> = (0..50).map(|i| format!("web-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        events.extend(instance("web", 1, name, [10, 213, 1, i as u8]));
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    events.push(routed("web", &names));
+    let web = snapshot("hello", "production", events, &[("web", "127.0.0.1:8080")]);
+    let zone = arc_swap::ArcSwap::from_pointee(zone(&[web]));
+    let ask = |edns: bool, transport: Transport| {
+        let mut request = query("instances.web.production.hello.graven.", RecordType::A);
+        if edns {
+            // As dig offers it.
+            let mut offer = Edns::new();
+            offer.set_max_payload(1232);
+            request.set_edns(offer);
+        }
+        let bytes = respond(&request.to_vec().unwrap(), &HOST, &zone, transport).unwrap();
+        let response = Message::from_vec(&bytes).unwrap();
+        assert_eq!(response.metadata.id, 4242);
+        (
+            response.metadata.truncation,
+            response.answers.len(),
+            bytes.len(),
+        )
+    };
+    // 50 addresses are about 850 bytes: past 512, within EDNS's 1232.
+    let (truncated, answers, size) = ask(false, Transport::Udp);
+    assert!(truncated && answers == 0 && size <= 512, "{size}");
+    let (truncated, answers, _) = ask(true, Transport::Udp);
+    assert_eq!((truncated, answers), (false, 50));
+    let (truncated, answers, _) = ask(false, Transport::Tcp);
+    assert_eq!((truncated, answers), (false, 50));
+}
+
+#[test]
+fn an_ipv6_route_is_aaaa() {
+    let v6 = snapshot(
+        "hello",
+        "production",
+        release("web", 1, RouteKind::Http),
+        &[("web", "[::1]:8443")],
+    );
+    let zone = zone(&[v6]);
+    check(
+        &zone,
+        &HOST,
+        "web.production.hello.graven.",
+        RecordType::AAAA,
+        expect![[r#"
+            No Error aa
+            web.production.hello.graven. 5 IN AAAA ::1
+        "#]],
+    );
+    check(
+        &zone,
+        &HOST,
+        "web.production.hello.graven.",
+        RecordType::A,
+        expect![[r#"
+            No Error aa
+            authority graven. 5 IN SOA ns.graven. hostmaster.graven. 7 3600 600 86400 5
+        "#]],
+    );
+    // Over the bridge, a loopback route is the daemon's bridge address, IPv4.
+    check(
+        &zone,
+        &BRIDGE,
+        "web.production.hello.graven.",
+        RecordType::A,
+        expect![[r#"
+            No Error aa
+            web.production.hello.graven. 5 IN A 10.213.0.7
+        "#]],
+    );
+}
