@@ -63,7 +63,7 @@ echo "FROM scratch" >"$work/project/Containerfile"
 } >"$work/project/graven.toml"
 
 echo "starting graven up ($SERVICES services, in-memory runtime)" >&2
-GRAVEN_HOME="$work/home" GRAVEN_RUNTIME=fake "$graven" up "$work/project" 2>"$work/up.log" &
+GRAVEN_HOME="$work/home" GRAVEN_RUNTIME=fake "$graven" up "$work/project" >"$work/up.out" 2>"$work/up.log" &
 up_pid=$!
 for _ in $(seq 600); do
   grep -q "graven: serving" "$work/up.log" && break
