@@ -9,6 +9,7 @@ pub mod bake;
 pub mod cli;
 pub mod controller;
 pub mod deploy;
+pub mod dns;
 pub mod events;
 // A test and benchmark tool, built only with the `dev-tools` feature (Cargo.toml says when).
 #[cfg(feature = "dev-tools")]

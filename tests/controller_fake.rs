@@ -30,6 +30,7 @@ fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
         resync: Duration::from_secs(2),
         secrets: None,
         app_events: None,
+        dns: None,
     })
     .unwrap()
 }

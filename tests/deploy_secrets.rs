@@ -205,6 +205,7 @@ async fn a_secret_that_cannot_be_read_fails_the_start_naming_it() {
         resync: Duration::from_secs(2),
         secrets: Some(secrets.clone()),
         app_events: None,
+        dns: None,
     })
     .unwrap();
     let route = free_port();

@@ -28,6 +28,7 @@ async fn three_rolling_deploys_under_load_fail_no_request() {
         resync: Duration::from_secs(2),
         secrets: None,
         app_events: None,
+        dns: None,
     })
     .unwrap();
     let route = free_port();

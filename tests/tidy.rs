@@ -106,6 +106,14 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         ],
     ),
     ("controller", &["deploy", "api", "cli"]),
+    // The DNS server reads the controllers' snapshots and answers: it decides nothing and
+    // touches no instance, route, image or log.
+    (
+        "dns",
+        &[
+            "bake", "registry", "sandbox", "proxy", "deploy", "secrets", "api", "cli",
+        ],
+    ),
     // The deploy use case is the library's: the API and the CLI call it, never the reverse.
     ("deploy", &["api", "cli"]),
     (

@@ -238,9 +238,63 @@ pub struct Daemon {
     tick: Duration,
     /// See `IDLE_TIMEOUT`.
     idle_timeout: Duration,
-    controllers: Mutex<BTreeMap<(String, String), ControllerHandle>>,
+    /// Shared with the DNS server, which answers from every controller's snapshot.
+    controllers: Arc<Mutex<BTreeMap<(String, String), ControllerHandle>>>,
     /// The syslog each app and environment's `[logs]` asks for, by app and environment.
     syslog: tokio::sync::Mutex<BTreeMap<(String, String), syslog::Syslog>>,
+    /// Graven's DNS server, and how instances with a network of their own reach it.
+    dns: Option<crate::dns::DnsServer>,
+    dns_config: crate::dns::DnsConfig,
+}
+
+/// Starts graven's DNS server for `config`, and on the daemon's own address on the bridge when
+/// instances get networks of their own; what cannot be bound is said on stderr and left out
+/// (several homes' daemons on one host cannot all have the default address).
+fn start_dns(
+    home: &Path,
+    config: &crate::dns::DnsConfig,
+    bridged: bool,
+    controllers: Arc<Mutex<BTreeMap<(String, String), ControllerHandle>>>,
+) -> Option<crate::dns::DnsServer> {
+    use std::io::Write as _;
+    // Not `eprintln!`: a closed stderr must not end the daemon.
+    let note = |message: &str| {
+        let _ = writeln!(std::io::stderr(), "graven: {message}");
+    };
+    if config.listen.is_empty() {
+        return None;
+    }
+    let bridge = if bridged {
+        match crate::runtime::local::net::daemon_address(home) {
+            Ok(ip) => Some(ip),
+            Err(error) => {
+                note(&format!(
+                    "instances with a network of their own cannot reach graven's DNS server: {error}"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (server, errors) = crate::dns::start(config, bridge, move || {
+        controllers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(ControllerHandle::snapshot)
+            .collect()
+    });
+    for error in errors {
+        note(&error.to_string());
+    }
+    for address in &server.addresses {
+        note(&format!(
+            "dns listening on {address} (udp, tcp) for {}",
+            config.zone
+        ));
+    }
+    Some(server)
 }
 
 fn valid_name(name: &str) -> Result<(), ApiError> {
@@ -262,7 +316,11 @@ fn valid_name(name: &str) -> Result<(), ApiError> {
 impl Daemon {
     /// Starts a controller for every app and environment that has an event log. Must run
     /// inside a tokio runtime.
-    pub fn open(home: &Path, runtime: AnyRuntime) -> Result<Arc<Daemon>, ApiError> {
+    pub fn open(
+        home: &Path,
+        runtime: AnyRuntime,
+        dns_config: crate::dns::DnsConfig,
+    ) -> Result<Arc<Daemon>, ApiError> {
         // The app event log's listeners, before any controller can start an instance that
         // is told where they are.
         let gateway = crate::runtime::local::net::available()
@@ -274,14 +332,21 @@ impl Daemon {
                 message: error.to_string(),
             }
         })?;
+        let controllers = Arc::new(Mutex::new(BTreeMap::new()));
+        // Only the local runtime's instances are on graven's bridge.
+        let bridged =
+            matches!(runtime, AnyRuntime::Local(_)) && crate::runtime::local::net::available();
+        let dns = start_dns(home, &dns_config, bridged, controllers.clone());
         let daemon = Arc::new(Daemon {
             home: home.to_owned(),
             runtime,
             app_events,
             tick: Duration::from_millis(100),
             idle_timeout: idle_timeout()?,
-            controllers: Mutex::new(BTreeMap::new()),
+            controllers,
             syslog: tokio::sync::Mutex::new(BTreeMap::new()),
+            dns,
+            dns_config,
         });
         for (app, environment, _) in event_logs(home)? {
             if let (Some(app), Some(environment)) = (app.to_str(), environment.to_str())
@@ -321,6 +386,14 @@ impl Daemon {
             // A name the store refuses (graven.toml's names never are) has no secrets.
             secrets: crate::secrets::Secrets::open(&self.home, app, environment).ok(),
             app_events: Some(self.app_events),
+            dns: self
+                .dns
+                .as_ref()
+                .and_then(|dns| dns.bridge)
+                .map(|nameserver| crate::runtime::InstanceDns {
+                    nameserver,
+                    search: self.dns_config.search(app, environment),
+                }),
         })?;
         controllers.insert(key, handle.clone());
         Ok(handle)

@@ -383,7 +383,11 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         // first rollout must still drain what was started.
         let mut stop = StopSignal::install()?;
         let listener = api::bind(home, &lock).await?;
-        let daemon = Daemon::open(home, open_runtime(home, args.daemon.runtime)?)?;
+        let daemon = Daemon::open(
+            home,
+            open_runtime(home, args.daemon.runtime)?,
+            dns_config(Some(&project))?,
+        )?;
         for address in daemon
             .set_logs(&project.app, &project.environment, &project.logs)
             .await?
@@ -464,7 +468,11 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let mut stop = StopSignal::install()?;
         let listener = api::bind(home, &lock).await?;
-        let daemon: Arc<Daemon> = Daemon::open(home, open_runtime(home, args.options.runtime)?)?;
+        let daemon: Arc<Daemon> = Daemon::open(
+            home,
+            open_runtime(home, args.options.runtime)?,
+            dns_config(None)?,
+        )?;
         // What the apps' last deploys asked for: forwarding resumes where each destination
         // last confirmed.
         daemon.resume_syslog().await;
@@ -478,6 +486,16 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(api::socket_path(home));
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The DNS server's settings: the project's `[dns]` for `up`, the defaults for `daemon`;
+/// `GRAVEN_DNS_LISTEN` overrides where it listens for both.
+fn dns_config(project: Option<&spec::Project>) -> anyhow::Result<crate::dns::DnsConfig> {
+    let mut config = project.map(|p| p.dns.clone()).unwrap_or_default();
+    if let Ok(listen) = std::env::var(crate::dns::LISTEN_ENV) {
+        config.listen = crate::dns::DnsConfig::parse_listen(&listen)?;
+    }
+    Ok(config)
 }
 
 /// The output of a control plane `up --detach` started, under the home.

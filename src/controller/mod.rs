@@ -116,6 +116,9 @@ pub struct ControllerOptions {
     /// Where instances reach the app event log; each is given its URL (with the token of
     /// this app and environment) in `$GRAVEN_EVENTS_URL`, as a secret: never recorded.
     pub app_events: Option<crate::app_events::server::Endpoint>,
+    /// Graven's DNS server as instances with a network of their own reach it: named first
+    /// in their resolv.conf, with this app and environment's search domain.
+    pub dns: Option<crate::runtime::InstanceDns>,
 }
 
 /// One service of a deploy: what its next release would be. Its config digest is computed
@@ -1508,6 +1511,9 @@ impl Shell {
         spec.outbound = c.outbound;
         spec.exec_tmp = c.drift.exec_tmp;
         spec.allow_exec = c.drift.allow_exec.clone();
+        if !c.host_network {
+            spec.dns = self.options.dns.clone();
+        }
         spec.volumes = c
             .volumes
             .iter()

@@ -88,6 +88,18 @@ pub struct InstanceSpec {
     /// image's is not drift (a volume's tools, say).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_exec: Vec<String>,
+    /// Graven's DNS server, for the resolv.conf of an instance with a network of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<InstanceDns>,
+}
+
+/// What an instance's generated `/etc/resolv.conf` names first: graven's DNS server (the
+/// daemon's address on the bridge) and the search domain of its app and environment, where
+/// a service's name alone resolves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceDns {
+    pub nameserver: std::net::Ipv4Addr,
+    pub search: String,
 }
 
 fn outbound_default() -> bool {
@@ -127,6 +139,7 @@ impl InstanceSpec {
             outbound: true,
             exec_tmp: false,
             allow_exec: Vec::new(),
+            dns: None,
         }
     }
 

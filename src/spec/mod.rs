@@ -2,6 +2,7 @@
 //! validating that into the typed `Project`, and reporting every problem at once with line,
 //! column and field. Pure: it reads one file and touches nothing else.
 
+pub mod dns;
 pub mod logs;
 mod problem;
 mod raw;
@@ -72,6 +73,8 @@ pub struct Project {
     pub services: BTreeMap<String, Service>,
     /// `[logs]`: syslog listening and forwarding.
     pub logs: logs::Logs,
+    /// `[dns]`: graven's DNS server, as `graven up` runs it.
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// A command run before baking (compiling the app), from the project directory.

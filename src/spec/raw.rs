@@ -105,6 +105,7 @@ pub(crate) struct RawProject {
     pub services: Option<Spanned<Named<Spanned<RawService>>>>,
     pub environments: Option<Spanned<Named<Spanned<RawEnvironment>>>>,
     pub logs: Option<Spanned<super::logs::RawLogs>>,
+    pub dns: Option<Spanned<super::dns::RawDns>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -990,3 +990,39 @@ deploy = { strategy = "recreate", max_unavailable = 1 }
             graven.toml:14:53: services.cache.deploy.max_unavailable: a stop-first service never runs two instances of a release at once: leave max_surge and max_unavailable out"#]],
     );
 }
+
+#[test]
+fn the_dns_table_is_checked_whole_and_defaults_apply() {
+    check(
+        r#"
+app = "hello"
+[services.web]
+port = 8080
+[dns]
+zone = "bad..zone"
+listen = ["localhost:53", "127.0.0.1:1053"]
+ttl = 86400
+"#,
+        expect![[r#"
+            graven.toml:6:8: dns.zone: dns zone "bad..zone": not a DNS name: each label between dots is 1 to 63 letters, digits, '-' or '_'
+            graven.toml:7:10: dns.listen: "localhost:53" is not IP:PORT (e.g. "127.0.0.1:1053")
+            graven.toml:8:7: dns.ttl: 86400 is not a TTL of 0 to 3600 seconds"#]],
+    );
+    let parsed = |text: &str| {
+        parse(text, Path::new("graven.toml"), Path::new("/app"), "local")
+            .unwrap()
+            .dns
+    };
+    let defaults = parsed("app = \"hello\"\n[services.web]\nport = 8080\n");
+    assert_eq!(defaults, crate::dns::DnsConfig::default());
+    let set = parsed(
+        "app = \"hello\"\n[services.web]\nport = 8080\n\
+         [dns]\nzone = \"Internal.Example\"\nlisten = [\"127.0.0.1:0\", \"[::1]:53\"]\nttl = 0\n",
+    );
+    assert_eq!(set.zone.to_ascii(), "internal.example.");
+    assert_eq!(
+        set.listen,
+        ["127.0.0.1:0".parse().unwrap(), "[::1]:53".parse().unwrap()]
+    );
+    assert_eq!(set.ttl, 0);
+}

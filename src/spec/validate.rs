@@ -954,6 +954,7 @@ pub(crate) fn validate(
 
     let names: Vec<&str> = bases.keys().map(String::as_str).collect();
     let logs = super::logs::check(raw.logs.as_ref(), &names, issues);
+    let dns = super::dns::check(raw.dns.as_ref(), issues);
 
     if !issues.is_empty() {
         return None;
@@ -969,5 +970,6 @@ pub(crate) fn validate(
         },
         services: wanted?,
         logs,
+        dns,
     })
 }

@@ -256,8 +256,11 @@ impl Drop for Up {
         let _ = child.kill();
         let _ = child.wait();
         // Instances outlive the graven that started them, by design: killing the controller
-        // leaves them running. A test must not, so whatever is left in its home goes too.
+        // leaves them running. A test must not, so whatever is left in its home goes too,
+        // and the daemon's address on the bridge with it (a sweep would free it only once the
+        // home is gone).
         remove_instances(&self.home);
+        graven::runtime::local::net::release_daemon_address(&self.home);
     }
 }
 

@@ -10,6 +10,7 @@
 mod cgroup;
 pub mod drift;
 mod gc;
+mod names;
 pub mod net;
 mod netlink;
 pub mod orphans;
@@ -309,6 +310,12 @@ impl LocalRuntime {
         let leased = network.as_ref().map(|network| network.ip);
         let result = anonymous_volumes(&dir, &anonymous, (uid, gid)).and_then(|extra| {
             binds.extend(extra);
+            // Its own resolv.conf and hosts: the host's name neither its resolvers nor it.
+            if let Some(network) = &network {
+                let names = names::binds(&dir, &root, network.ip, &id.0, spec.dns.as_ref())
+                    .map_err(other("writing the instance's resolv.conf and hosts"))?;
+                binds.extend(names);
+            }
             let resolved = Resolved {
                 root,
                 args,

@@ -62,6 +62,10 @@ const IDLE_ARG: &str = "idle";
 const GRACE: Duration = Duration::from_secs(60);
 /// The owner of a lease held by the pool.
 const POOL_OWNER: &str = "pool";
+/// The directory under a daemon's home that owns its address on the bridge (its DNS
+/// server's), as an instance's directory owns the instance's: its `state.json` names the
+/// address, and the lease is kept while that file is there.
+pub const DNS_DIR: &str = "dns";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -282,6 +286,84 @@ pub fn release(ip: Ipv4Addr) {
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(dir("pool").join(ip.to_string()));
     let _ = std::fs::remove_file(dir("leases").join(ip.to_string()));
+}
+
+/// What `home/dns/state.json` says.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DnsState {
+    bridge_address: Ipv4Addr,
+}
+
+/// The address `home`'s daemon holds on the bridge, if it holds one.
+pub fn daemon_address_of(home: &Path) -> Option<Ipv4Addr> {
+    let text = std::fs::read(home.join(DNS_DIR).join(super::state::STATE)).ok()?;
+    serde_json::from_slice::<DnsState>(&text)
+        .ok()
+        .map(|s| s.bridge_address)
+}
+
+/// The daemon of `home`'s own address on the bridge, where its DNS server listens for
+/// instances (`dns`): leased like an instance's, owned by `home/dns` (so no instance gets it,
+/// and `sweep` keeps it while `home/dns/state.json` is there), and added to the bridge, the
+/// bridge made first when missing. It is kept across restarts, because instances outlive
+/// their daemon and their resolv.conf names it; `sweep` frees it, taking it off the bridge
+/// first, once its home is gone.
+pub fn daemon_address(home: &Path) -> Result<Ipv4Addr, NetError> {
+    let settings = Settings::from_env()?;
+    if !Path::new("/sys/class/net").join(&settings.bridge).exists() {
+        run_filler()?;
+    }
+    let owner_dir = home.join(DNS_DIR);
+    let owner = owner_dir.to_string_lossy().into_owned();
+    let file = owner_dir.join(super::state::STATE);
+    let remembered = daemon_address_of(home)
+        .filter(|ip| settings.subnet.contains(*ip) && *ip != settings.subnet.gateway())
+        .filter(|ip| {
+            std::fs::read_to_string(dir("leases").join(ip.to_string())).is_ok_and(|o| o == owner)
+        });
+    let ip = match remembered {
+        Some(ip) => ip,
+        None => {
+            // Shared with starts, exclusive for `sweep`, which would take a lease still
+            // naming the pool without a ready marker for lost.
+            let _lock = leases_lock(rustix::fs::FlockOperation::LockShared)?;
+            let ip = lease_free(&settings)?;
+            use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+            // The owner and its state first: a lease naming an owner without state is
+            // freed by a sweep once it is a minute old.
+            let state = serde_json::to_vec(&DnsState { bridge_address: ip })
+                .map_err(|e| io("writing the DNS server's state")(e.into()))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&owner_dir)
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&file)
+                })
+                .and_then(|mut f| f.write_all(&state))
+                .map_err(io(format!("writing {}", file.display())))?;
+            write_lease(ip, &owner)?;
+            ip
+        }
+    };
+    let mut route = Route::open().map_err(io("opening netlink"))?;
+    let bridge = &settings.bridge;
+    let index = route
+        .link_index(bridge)
+        .map_err(io(format!("looking up {bridge}")))?
+        .ok_or_else(|| NetError::Command {
+            command: format!("looking up {bridge}"),
+            message: "the bridge is missing".to_owned(),
+        })?;
+    route
+        .replace_address(index, ip, settings.subnet.prefix)
+        .map_err(io(format!("giving {bridge} the address {ip}")))?;
+    Ok(ip)
 }
 
 /// Starts `graven __net fill idle` detached, to make the pool whole again off the start path,
@@ -769,6 +851,9 @@ pub fn sweep() -> Vec<Ipv4Addr> {
             !owner.exists() || (old && !owner.join(super::state::STATE).exists())
         };
         if orphaned {
+            // A daemon's address is on the bridge: taken off before an instance can lease
+            // it (an instance's is in its namespace, and this finds nothing).
+            take_off_bridge(ip);
             release(ip);
             freed.push(ip);
         }
@@ -811,6 +896,31 @@ pub fn sweep() -> Vec<Ipv4Addr> {
         }
     }
     freed
+}
+
+/// Takes `ip` off the bridge, when the bridge holds it (a daemon's address).
+fn take_off_bridge(ip: Ipv4Addr) {
+    let Ok(settings) = Settings::from_env() else {
+        return;
+    };
+    if let Ok(mut route) = Route::open()
+        && let Ok(Some(index)) = route.link_index(&settings.bridge)
+    {
+        let _ = route.delete_address(index, ip, settings.subnet.prefix);
+    }
+}
+
+/// Frees `home`'s daemon address at once (off the bridge, lease, state): for a home that is
+/// about to be deleted, whose control plane is gone.
+pub fn release_daemon_address(home: &Path) {
+    if let Some(ip) = daemon_address_of(home) {
+        let lease = std::fs::read_to_string(dir("leases").join(ip.to_string()));
+        if lease.is_ok_and(|owner| Path::new(&owner) == home.join(DNS_DIR)) {
+            take_off_bridge(ip);
+            release(ip);
+        }
+    }
+    let _ = std::fs::remove_dir_all(home.join(DNS_DIR));
 }
 
 fn nft(ruleset: &str) -> Result<(), NetError> {

@@ -189,6 +189,20 @@ impl Route {
         )
         .map(drop)
     }
+
+    /// `ip addr del IP/PREFIX dev INDEX`.
+    pub fn delete_address(&mut self, index: u32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut message = AddressMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.prefix_len = prefix;
+        message.header.index = index;
+        message.attributes = vec![
+            AddressAttribute::Local(ip.into()),
+            AddressAttribute::Address(ip.into()),
+        ];
+        self.request(RouteNetlinkMessage::DelAddress(message), 0)
+            .map(drop)
+    }
 }
 
 fn connect(protocol: isize) -> io::Result<Socket> {

@@ -1,0 +1,67 @@
+//! `[dns]`: graven's DNS server as `graven up` runs it (the zone, where it listens, the TTL
+//! of its answers), read and checked into the dns module's own config type.
+
+use serde::Deserialize;
+
+use super::problem::Issues;
+use super::raw::Field;
+use crate::dns::DnsConfig;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    pub zone: Option<Field<String>>,
+    pub listen: Option<Field<Vec<String>>>,
+    pub ttl: Option<Field<i64>>,
+}
+
+/// The longest TTL `[dns] ttl` takes: answers change with every deploy, and a day-long
+/// cache would hide that.
+const MAX_TTL: i64 = 3600;
+
+pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) -> DnsConfig {
+    let mut dns = DnsConfig::default();
+    let Some(raw) = raw.map(toml::Spanned::get_ref) else {
+        return dns;
+    };
+    if let Some(field) = &raw.zone {
+        match field
+            .value
+            .clone()
+            .and_then(|zone| DnsConfig::zone(&zone).map_err(|e| e.to_string()))
+        {
+            Ok(zone) => dns.zone = zone,
+            Err(message) => issues.push(field.span.clone(), "dns.zone", message),
+        }
+    }
+    if let Some(field) = &raw.listen {
+        match &field.value {
+            Err(message) => issues.push(field.span.clone(), "dns.listen", message),
+            Ok(addresses) => {
+                dns.listen.clear();
+                for address in addresses {
+                    match address.parse() {
+                        Ok(address) => dns.listen.push(address),
+                        Err(_) => issues.push(
+                            field.span.clone(),
+                            "dns.listen",
+                            format!("{address:?} is not IP:PORT (e.g. \"127.0.0.1:1053\")"),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    if let Some(field) = &raw.ttl {
+        match field.value {
+            Ok(ttl @ 0..=MAX_TTL) => dns.ttl = ttl as u32,
+            Ok(ttl) => issues.push(
+                field.span.clone(),
+                "dns.ttl",
+                format!("{ttl} is not a TTL of 0 to {MAX_TTL} seconds"),
+            ),
+            Err(ref message) => issues.push(field.span.clone(), "dns.ttl", message.clone()),
+        }
+    }
+    dns
+}

@@ -1,0 +1,256 @@
+//! graven's DNS server, asked with `dig` (Debian's bind9-dnsutils) while `graven up` serves a
+//! project on the in-memory runtime: names, SRV, instances, NXDOMAIN, NODATA, REFUSED, TCP,
+//! and a removed service's names gone.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use support::daemon::{Up, free_port, run_ok};
+
+/// A project `demo` with `web` (HTTP route, two instances) and `db` (TCP route), and `extra`
+/// appended (the `[dns]` table).
+fn write_project(dir: &std::path::Path, web: SocketAddr, db: Option<SocketAddr>, extra: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("Containerfile"), "FROM scratch\n").unwrap();
+    let service = |name: &str, instances: u32, route: String| {
+        format!(
+            r#"
+[services.{name}]
+instances = {instances}
+port = 8080
+route = "{route}"
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
+stop_grace = "1s"
+"#
+        )
+    };
+    let mut text = format!("app = \"demo\"\n{}", service("web", 2, web.to_string()));
+    if let Some(db) = db {
+        text += &service("db", 1, format!("tcp://{db}"));
+    }
+    text += extra;
+    std::fs::write(dir.join("graven.toml"), text).unwrap();
+}
+
+/// The address the server's startup line names for loopback.
+fn dns_address(up: &mut Up) -> SocketAddr {
+    up.wait_for_line("dns listening on 127.0.0.1:", Duration::from_secs(10));
+    let stderr = up.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("dns listening on 127.0.0.1:"))
+        .unwrap();
+    line.split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+/// `dig` against graven's server with `args`, its whole output.
+fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let output = Command::new("dig")
+        .args([
+            format!("@{}", server.ip()),
+            "-p".to_owned(),
+            server.port().to_string(),
+            "+time=2".to_owned(),
+            "+tries=1".to_owned(),
+        ])
+        .args(args)
+        .output()
+        .expect("dig runs (Debian's bind9-dnsutils)");
+    assert!(output.status.success(), "dig {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `text` with every run of white space made one space (dig aligns its columns with tabs).
+fn words(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn short(server: SocketAddr, name: &str, kind: &str) -> Vec<String> {
+    let mut lines: Vec<String> = dig(server, &["+short", name, kind])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The status `dig` reports (`NOERROR`, `NXDOMAIN`, `REFUSED`, ...) and the answer count.
+fn status(server: SocketAddr, args: &[&str]) -> (String, u32) {
+    let out = dig(server, args);
+    let status = out
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("no status in {out}"))
+        .to_owned();
+    let answers = out
+        .split("ANSWER: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no answer count in {out}"));
+    (status, answers)
+}
+
+#[test]
+fn dig_finds_services_their_ports_and_instances_and_removed_ones_go() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let (web, db) = (free_port(), free_port());
+    write_project(
+        &dir,
+        web,
+        Some(db),
+        "\n[dns]\nlisten = [\"127.0.0.1:0\"]\nttl = 1\n",
+    );
+    let mut up = Up::start(&home, &dir, "fake");
+    let server = dns_address(&mut up);
+
+    // The service's route, with the TTL asked for.
+    assert_eq!(short(server, "web.local.demo.graven.", "A"), ["127.0.0.1"]);
+    let answer = words(&dig(
+        server,
+        &["+noall", "+answer", "web.local.demo.graven.", "A"],
+    ));
+    assert_eq!(answer, "web.local.demo.graven. 1 IN A 127.0.0.1");
+    // SRV with the route's port: `http` for an HTTP route, the service's name for TCP.
+    assert_eq!(
+        short(server, "_http._tcp.web.local.demo.graven.", "SRV"),
+        [format!("0 0 {} web.local.demo.graven.", web.port())]
+    );
+    assert_eq!(
+        short(server, "_db._tcp.db.local.demo.graven.", "SRV"),
+        [format!("0 0 {} db.local.demo.graven.", db.port())]
+    );
+    // The instances behind the route: the in-memory runtime's all listen on loopback.
+    assert_eq!(
+        short(server, "instances.web.local.demo.graven.", "A"),
+        ["127.0.0.1"]
+    );
+    // Over TCP the same.
+    assert_eq!(
+        dig(server, &["+tcp", "+short", "web.local.demo.graven.", "A"]).trim(),
+        "127.0.0.1"
+    );
+    // No such name: NXDOMAIN; the name without the type: NODATA (NOERROR, no answer), also
+    // for a name that only leads to others.
+    assert_eq!(
+        status(server, &["nope.local.demo.graven.", "A"]),
+        ("NXDOMAIN".into(), 0)
+    );
+    assert_eq!(
+        status(server, &["web.local.demo.graven.", "AAAA"]),
+        ("NOERROR".into(), 0)
+    );
+    assert_eq!(
+        status(server, &["local.demo.graven.", "A"]),
+        ("NOERROR".into(), 0)
+    );
+    // The apex, and no other zone: graven is no resolver.
+    assert_eq!(status(server, &["graven.", "SOA"]), ("NOERROR".into(), 1));
+    assert_eq!(status(server, &["graven.", "NS"]), ("NOERROR".into(), 1));
+    assert_eq!(
+        status(server, &["example.com.", "A"]),
+        ("REFUSED".into(), 0)
+    );
+    assert_eq!(
+        status(server, &["+tcp", "example.com.", "A"]),
+        ("REFUSED".into(), 0)
+    );
+
+    // A deploy without `db` removes it: its names go, web's stay.
+    write_project(
+        &dir,
+        web,
+        None,
+        "\n[dns]\nlisten = [\"127.0.0.1:0\"]\nttl = 1\n",
+    );
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    support::wait_for(Duration::from_secs(10), "db's name gone", || {
+        (status(server, &["db.local.demo.graven.", "A"]).0 == "NXDOMAIN").then_some(())
+    });
+    assert_eq!(
+        status(server, &["_db._tcp.db.local.demo.graven.", "SRV"]).0,
+        "NXDOMAIN"
+    );
+    assert_eq!(short(server, "web.local.demo.graven.", "A"), ["127.0.0.1"]);
+}
+
+#[test]
+fn a_zone_of_its_own_replaces_graven() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let web = free_port();
+    write_project(
+        &dir,
+        web,
+        None,
+        "\n[dns]\nzone = \"Internal.Example\"\nlisten = [\"127.0.0.1:0\"]\n",
+    );
+    let mut up = Up::start(&home, &dir, "fake");
+    let server = dns_address(&mut up);
+    assert_eq!(
+        short(server, "web.local.demo.internal.example.", "A"),
+        ["127.0.0.1"]
+    );
+    // The default TTL: 5 s.
+    let answer = words(&dig(
+        server,
+        &["+noall", "+answer", "web.local.demo.internal.example.", "A"],
+    ));
+    assert_eq!(answer, "web.local.demo.internal.example. 5 IN A 127.0.0.1");
+    assert_eq!(
+        status(server, &["web.local.demo.graven.", "A"]).0,
+        "REFUSED"
+    );
+}
+
+#[test]
+fn malformed_queries_get_formerr_or_nothing_and_the_server_goes_on() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    write_project(
+        &dir,
+        free_port(),
+        None,
+        "\n[dns]\nlisten = [\"127.0.0.1:0\"]\n",
+    );
+    let mut up = Up::start(&home, &dir, "fake");
+    let server = dns_address(&mut up);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    // A header and a question cut short: FORMERR, with the query's id.
+    let mut cut = vec![
+        0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'e',
+    ];
+    socket.send_to(&cut, server).unwrap();
+    let mut buffer = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buffer).unwrap();
+    assert!(n >= 12);
+    assert_eq!(&buffer[..2], &[0x12, 0x34]);
+    assert_eq!(buffer[3] & 0x0f, 1, "FORMERR");
+    // Scraps and someone's answer: no reply at all (an answer to an answer could loop).
+    socket.send_to(&[1, 2, 3], server).unwrap();
+    cut[2] |= 0x80;
+    socket.send_to(&cut, server).unwrap();
+    // TCP: a length that promises more than ever comes, then the connection closed.
+    {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(server).unwrap();
+        stream.write_all(&[0xff, 0xff, 0, 0]).unwrap();
+    }
+    // The server still answers.
+    assert_eq!(status(server, &["graven.", "SOA"]), ("NOERROR".into(), 1));
+    assert!(
+        socket.recv_from(&mut buffer).is_err(),
+        "nothing answers the scraps or the answer"
+    );
+}
