@@ -526,6 +526,9 @@ pub struct ServiceConfig {
     /// What the route speaks; left out when HTTP (every release before TCP routes).
     #[serde(default, skip_serializing_if = "RouteKind::is_http")]
     pub route_kind: RouteKind,
+    /// Threads the route serves on; None (left out): one per core of the machine serving it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_threads: Option<u32>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     /// Env variables whose value is a secret, by the name and version the release pins;
@@ -705,6 +708,10 @@ impl ServiceConfig {
             // Left out when HTTP, so a service hashes as it did before TCP routes existed.
             #[serde(skip_serializing_if = "RouteKind::is_http")]
             route_kind: RouteKind,
+            // A new thread count rebinds the route, which only a release does; left out when
+            // unset, so a config without it hashes as before.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            route_threads: Option<u32>,
             health: CanonicalHealth<'a>,
             limits: &'a LimitsConfig,
             volumes: &'a [VolumeConfig],
@@ -771,6 +778,7 @@ impl ServiceConfig {
             secrets: &self.secrets,
             port: self.port,
             route_kind: self.route_kind,
+            route_threads: self.route_threads,
             health: CanonicalHealth {
                 path: &self.health.path,
                 interval_ns: nanos(self.health.interval),
@@ -825,6 +833,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 crate::spec::RouteKind::Http => RouteKind::Http,
                 crate::spec::RouteKind::Tcp => RouteKind::Tcp,
             },
+            route_threads: service.route_threads,
             command: service.command.clone(),
             env: service.env.clone(),
             // Pinned by the deploy, which reads the secret store (`deploy::prepare`).
@@ -893,6 +902,7 @@ impl ServiceConfig {
             port: 8080,
             route: None,
             route_kind: RouteKind::Http,
+            route_threads: None,
             command: None,
             env: BTreeMap::new(),
             secrets: BTreeMap::new(),
