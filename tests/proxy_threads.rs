@@ -240,8 +240,8 @@ async fn a_drain_waits_for_requests_on_every_thread() {
     assert_eq!(route.in_flight("a"), 0);
 }
 
-/// A TCP server that greets each connection with a line, then holds it open until the
-/// client closes.
+/// A TCP server that greets each connection with a line, then echoes what it reads until
+/// the client closes.
 async fn greeting_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
@@ -249,8 +249,8 @@ async fn greeting_server() -> SocketAddr {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 stream.write_all(b"hello\n").await?;
-                let mut sink = [0u8; 1024];
-                while stream.read(&mut sink).await? > 0 {}
+                let (mut read, mut write) = stream.split();
+                tokio::io::copy(&mut read, &mut write).await?;
                 Ok::<(), std::io::Error>(())
             });
         }
@@ -303,6 +303,68 @@ async fn a_tcp_drain_cuts_connections_on_every_thread_at_its_deadline() {
         .and_then(|release| release.tcp.clone())
         .expect("counted");
     assert_eq!((tcp.cut, tcp.open), (4, 0));
+}
+
+async fn greeted(address: SocketAddr) -> BufReader<TcpStream> {
+    let mut stream = connect(address).await.expect("connect");
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_line(&mut line))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    assert_eq!(line, "hello\n");
+    stream
+}
+
+#[tokio::test]
+async fn a_tcp_route_with_a_new_thread_count_keeps_its_open_sessions() {
+    let instance = Backend {
+        instance: "a".to_owned(),
+        release: 1,
+        address: greeting_server().await,
+        healthy: true,
+        enabled: true,
+    };
+    let mut options = RouteOptions::new("127.0.0.1:0".parse().expect("address"));
+    options.threads = 1;
+    let old = TcpRoute::bind(options).await.expect("bind the route");
+    old.set_backends(vec![instance.clone()]);
+    let address = old.local_addr();
+    let mut session = greeted(address).await;
+
+    let mut options = RouteOptions::new(address);
+    options.threads = 2;
+    let takeover = old.takeover().expect("a listening route");
+    let new = TcpRoute::take_over(options, &takeover)
+        .await
+        .expect("take the listener over");
+    drop(takeover);
+    new.set_backends(vec![instance]);
+    // A grace far longer than the test's deadline: the old route must end because its last
+    // session did, not because the grace ran out.
+    let retiring = tokio::spawn(old.retire(Duration::from_secs(600)));
+    for _ in 0..4 {
+        drop(greeted(address).await);
+    }
+    // The old route accepts no more, but its session goes on.
+    session.get_mut().write_all(b"ping\n").await.expect("send");
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, session.read_line(&mut line))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(line, "ping\n");
+    assert!(
+        !retiring.is_finished(),
+        "the old route waits for its session"
+    );
+    drop(session);
+    tokio::time::timeout(DEADLINE, retiring)
+        .await
+        .expect("the old route ends with its last session")
+        .expect("retired");
+    drop(greeted(address).await);
+    assert!(new.metrics().accepted_by_thread.iter().sum::<u64>() >= 1);
 }
 
 /// Clients that each open a connection, send one request and read the answer, again and

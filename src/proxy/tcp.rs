@@ -106,7 +106,9 @@ impl TcpRoute {
                 serving.closing.set();
                 serving.connections.all_closed(CLOSE_WAIT).await;
             },
-        )?;
+        )
+        // A route that could not start all its threads has none to wait for.
+        .inspect_err(|_| shared.close_now.set())?;
         Ok(TcpRoute { shared, serving })
     }
 
