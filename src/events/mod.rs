@@ -955,6 +955,25 @@ mod tests {
     }
 
     #[test]
+    fn route_threads_are_left_out_unless_set() {
+        let plain = ServiceConfig::test(1, 1, 0);
+        let threads = ServiceConfig {
+            route_threads: Some(2),
+            ..plain.clone()
+        };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("route_threads"), "{json}");
+        assert_ne!(
+            plain.digest(),
+            threads.digest(),
+            "a new thread count is a new release"
+        );
+        let back: ServiceConfig =
+            serde_json::from_str(&serde_json::to_string(&threads).unwrap()).unwrap();
+        assert_eq!(back, threads);
+    }
+
+    #[test]
     fn config_digest_changes_with_config_but_not_with_scale_or_route() {
         let base = r#"
     app = "a"
