@@ -10,7 +10,7 @@
 //! lose some; and hashing spreads connections by address, not by how busy a thread is. One
 //! listener has one queue, which a successor route can take over whole (`Takeover`); the
 //! hand-off costs two `epoll_ctl` calls and a wake-up per connection, not per request
-//! (BENCHMARKS.md measures both).
+//! (bench/proxy-listeners.sh measures what the kernel drops).
 
 use std::cell::Cell;
 use std::future::Future;
