@@ -2,10 +2,11 @@
 # bench/proxy.sh: the same backend hit directly, through graven's route, through HAProxy and
 # through nginx, with the same wrk settings; prints requests/s, p50/p99 latency and the CPU
 # time each proxy process spent per request (utime+stime from /proc/PID/stat around the
-# measured run, divided by the requests wrk completed), with ratios to HAProxy.
+# measured run, divided by the requests wrk completed), with ratios to HAProxy at the same
+# thread count, for each thread count in THREAD_COUNTS.
 #
 # Usage: bench/proxy.sh            (defaults below; override with environment variables)
-#   DURATION=10s CONNECTIONS=32 WRK_THREADS=1 PROXY_THREADS=1 ROUNDS=3 PROFILE=dist bench/proxy.sh
+#   DURATION=10s CONNECTIONS=32 WRK_THREADS=1 THREAD_COUNTS="1 2" ROUNDS=3 PROFILE=dist bench/proxy.sh
 #
 # Rounds interleave the targets (direct, graven, HAProxy, nginx, direct, ...) so that load from
 # other processes on the machine falls on all of them alike; the summary takes the median of
@@ -19,16 +20,22 @@
 # `Connection: close` (one connection per request), and CPU per megabyte from wrk fetching a
 # BULK_MB file over CONNECTIONS_BULK keep-alive connections.
 #
-# HAProxy and nginx get PROXY_THREADS threads (nbthread, worker_processes); graven serves each
-# route on one thread of its own, so the default of 1 compares like with like. Keep-alive on both sides everywhere. The backend is
-# nginx answering a fixed `return 200` on loopback, one worker.
+# Each proxy runs with each thread count N of THREAD_COUNTS: graven's route with `--threads N`,
+# HAProxy with `nbthread N`, nginx with `worker_processes N`. Keep-alive on both sides
+# everywhere. The backend is nginx answering a fixed `return 200` on loopback, one worker.
+#
+# The load generator and the backend share the machine's cores with the proxy. So that this
+# is seen rather than guessed, each run also reports the CPU wrk itself spent per request
+# (its rusage, from the shell's `times`) and how busy the whole machine was (/proc/stat):
+# when the machine is near 100% busy, requests/s is bounded by the machine, not the proxy,
+# and only CPU per request compares the proxies.
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 WRK_THREADS=${WRK_THREADS:-1}
-PROXY_THREADS=${PROXY_THREADS:-1}
+THREAD_COUNTS=${THREAD_COUNTS:-${PROXY_THREADS:-1 2}}
 ROUNDS=${ROUNDS:-3}
 PROFILE=${PROFILE:-dist}
 MODES=${MODES:-http tcp}
@@ -116,13 +123,14 @@ nginx -c "$work/backend/nginx.conf" -p "$work/backend" &
 pids+=($!)
 wait_port "$backend_port"
 
+# start_PROXY PORT THREADS: starts the proxy on PORT with THREADS threads (or workers).
 start_graven() {
-    "$graven" __proxy --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
+    "$graven" __proxy --threads "$2" --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
     started=$!
 }
 
 start_graven_tcp() {
-    "$graven" __proxy --tcp --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
+    "$graven" __proxy --tcp --threads "$2" --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
     started=$!
 }
 
@@ -130,7 +138,7 @@ start_haproxy_tcp() {
     mkdir -p "$work/haproxy"
     cat >"$work/haproxy/haproxy.cfg" <<EOF
 global
-    nbthread $PROXY_THREADS
+    nbthread $2
     maxconn 4096
 defaults
     mode tcp
@@ -151,7 +159,7 @@ start_haproxy() {
     mkdir -p "$work/haproxy"
     cat >"$work/haproxy/haproxy.cfg" <<EOF
 global
-    nbthread $PROXY_THREADS
+    nbthread $2
     maxconn 4096
 defaults
     mode http
@@ -171,7 +179,7 @@ EOF
 }
 
 start_nginx() {
-    nginx_conf "$work/nginx" "$PROXY_THREADS" <<EOF
+    nginx_conf "$work/nginx" "$2" <<EOF
     upstream instances {
         server 127.0.0.1:$backend_port;
         keepalive 256;
@@ -206,10 +214,22 @@ family_ticks() {
     echo "$user $sys"
 }
 
-# Runs wrk against a port and prints: requests rps p50 p99 (latencies as wrk prints them).
-measure() {
-    local port=$1
-    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" >"$work/wrk.out"
+# The machine's busy and total clock ticks so far, from /proc/stat (idle and iowait count as
+# not busy).
+machine_ticks() {
+    awk '$1 == "cpu" { total = 0; for (i = 2; i <= 9; i++) total += $i; print total - $5 - $6, total }' /proc/stat
+}
+
+# The user+system seconds this shell's waited-for children had used, from the output of
+# `times` saved in file $1 (`times` must run in this shell, not in a subshell).
+children_seconds() {
+    awk 'NR == 2 {
+        split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2]
+    }' "$1"
+}
+
+# Reads wrk's output and prints: requests rps p50 p99 (latencies as wrk prints them).
+wrk_figures() {
     awk '
         /requests in/ { requests = $1 }
         /Requests\/sec/ { rps = $2 }
@@ -224,23 +244,34 @@ measure() {
 # stays a child of this shell and can be waited for).
 started=""
 
-# One row per run: name|requests/s|p50 µs|p99 µs|user µs/request|system µs/request.
+# One row per run: name|threads|requests/s|p50 µs|p99 µs|user µs/request|system µs/request|
+# wrk's CPU µs/request|machine busy %.
 results=()
 run() {
-    local name=$1 pid=$2 port=$3
+    local name=$1 threads=$2 pid=$3 port=$4
     wait_port "$port"
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
-    local user0=0 sys0=0 user1=0 sys1=0
+    local user0=0 sys0=0 user1=0 sys1=0 busy0 total0 busy1 total1 wrk0 wrk1
     if [ -n "$pid" ]; then read -r user0 sys0 < <(family_ticks "$pid"); fi
-    read -r requests rps p50 p99 < <(measure "$port")
+    read -r busy0 total0 < <(machine_ticks)
+    times >"$work/times0"
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" >"$work/wrk.out"
+    times >"$work/times1"
+    wrk0=$(children_seconds "$work/times0")
+    wrk1=$(children_seconds "$work/times1")
+    read -r busy1 total1 < <(machine_ticks)
     if [ -n "$pid" ]; then read -r user1 sys1 < <(family_ticks "$pid"); fi
+    read -r requests rps p50 p99 < <(wrk_figures)
+    local load
+    load=$(awk -v w0="$wrk0" -v w1="$wrk1" -v n="$requests" -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) \
+        'BEGIN { printf "%.2f|%.0f", (w1 - w0) * 1e6 / n, 100 * b / t }')
     # Clock ticks are 1/CLK_TCK s; report microseconds of CPU per request.
     local cpu
     cpu=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$(getconf CLK_TCK)" \
         -v n="$requests" -v proxy="$pid" 'BEGIN {
             if (proxy == "") { print "-|-" } else { printf "%.2f|%.2f", u / hz * 1e6 / n, s / hz * 1e6 / n }
         }')
-    results+=("$name|$rps|$(micros "$p50")|$(micros "$p99")|$cpu")
+    results+=("$name|$threads|$rps|$(micros "$p50")|$(micros "$p99")|$cpu|$load")
 }
 
 # One row per TCP run: name|connections/s|CPU µs/connection|MB/s|CPU µs/MB.
@@ -294,79 +325,90 @@ stop() {
 if [[ " $MODES " == *" http "* ]]; then
     for round in $(seq 1 "$ROUNDS"); do
         echo "round $round/$ROUNDS" >&2
-        run "direct (backend, no proxy)" "" "$backend_port"
-        for proxy in graven haproxy nginx; do
-            port=$(free_port)
-            start_"$proxy" "$port"
-            pid=$started
-            pids+=("$pid")
-            run "$proxy" "$pid" "$port"
-            stop "$pid"
+        run "direct (backend, no proxy)" - "" "$backend_port"
+        for threads in $THREAD_COUNTS; do
+            for proxy in graven haproxy nginx; do
+                port=$(free_port)
+                start_"$proxy" "$port" "$threads"
+                pid=$started
+                pids+=("$pid")
+                run "$proxy" "$threads" "$pid" "$port"
+                stop "$pid"
+            done
         done
     done
-    
+
     echo
-    echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $PROXY_THREADS thread(s);" \
+    echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, keep-alive; proxies with $THREAD_COUNTS thread(s);" \
         "graven profile $PROFILE; $ROUNDS round(s); $(nproc) CPUs; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
-    echo "Median over the rounds; CPU is the proxy process's utime+stime per request."
+    echo "Median over the rounds. CPU is the proxy's utime+stime per request (all its threads or"
+    echo "worker processes); ratios are to HAProxy with the same thread count; 'vs 1 thread' is the"
+    echo "proxy's own requests/s over its requests/s at 1 thread. wrk CPU is the load generator's;"
+    echo "machine busy is the share of both cores in use during the run (idle and iowait excluded)."
     echo
     printf '%s\n' "${results[@]}" | awk -F'|' "$AWK_MEDIAN"'
         {
-            if (!($1 in seen)) { seen[$1] = 1; order[++targets] = $1 }
-            rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4
-            if ($5 != "-") { user[$1] = user[$1] " " $5; sys[$1] = sys[$1] " " $6; cpu[$1] = cpu[$1] " " ($5 + $6) }
+            key = $1 "|" $2
+            if (!(key in seen)) { seen[key] = 1; order[++targets] = key }
+            rps[key] = rps[key] " " $3; p50[key] = p50[key] " " $4; p99[key] = p99[key] " " $5
+            if ($6 != "-") { user[key] = user[key] " " $6; sys[key] = sys[key] " " $7; cpu[key] = cpu[key] " " ($6 + $7) }
+            wrk[key] = wrk[key] " " $8; busy[key] = busy[key] " " $9
         }
         END {
-            base_cpu = median(cpu["haproxy"]); base_rps = median(rps["haproxy"])
-            print "| target | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy |"
-            print "|---|---:|---:|---:|---:|---:|---:|"
+            print "| target | threads | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy | req/s vs 1 thread | wrk CPU µs/request | machine busy |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             for (i = 1; i <= targets; i++) {
-                t = order[i]
-                if (t in cpu) {
-                    c = sprintf("%.2f (%.2f + %.2f)", median(cpu[t]), median(user[t]), median(sys[t]))
-                    r = sprintf("%.2f×", median(cpu[t]) / base_cpu)
-                } else { c = "-"; r = "-" }
-                printf "| %s | %.0f | %.0f | %.0f | %s | %s | %.2f× |\n", t, median(rps[t]), median(p50[t]), median(p99[t]), c, r, median(rps[t]) / base_rps
+                key = order[i]; split(key, part, "|"); t = part[1]; n = part[2]
+                base = "haproxy|" n; one = t "|1"
+                if (key in cpu) {
+                    c = sprintf("%.2f (%.2f + %.2f)", median(cpu[key]), median(user[key]), median(sys[key]))
+                    r = sprintf("%.2f×", median(cpu[key]) / median(cpu[base]))
+                    q = sprintf("%.2f×", median(rps[key]) / median(rps[base]))
+                    v = (one in rps) ? sprintf("%.2f×", median(rps[key]) / median(rps[one])) : "-"
+                } else { c = "-"; r = "-"; q = "-"; v = "-" }
+                printf "| %s | %s | %.0f | %.0f | %.0f | %s | %s | %s | %s | %.2f | %.0f%% |\n", t, n, median(rps[key]), median(p50[key]), median(p99[key]), c, r, q, v, median(wrk[key]), median(busy[key])
             }
         }'
     echo
     echo "Every run:"
     echo
-    echo "| target | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %.0f | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'
+    echo "| target | threads | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request | wrk CPU µs/request | machine busy % |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }'
 fi
 
 if [[ " $MODES " == *" tcp "* ]]; then
     for round in $(seq 1 "$ROUNDS"); do
         echo "tcp round $round/$ROUNDS" >&2
-        for proxy in graven_tcp haproxy_tcp; do
-            port=$(free_port)
-            start_"$proxy" "$port"
-            pid=$started
-            pids+=("$pid")
-            run_tcp "${proxy%_tcp}" "$pid" "$port"
-            stop "$pid"
+        for threads in $THREAD_COUNTS; do
+            for proxy in graven_tcp haproxy_tcp; do
+                port=$(free_port)
+                start_"$proxy" "$port" "$threads"
+                pid=$started
+                pids+=("$pid")
+                run_tcp "${proxy%_tcp}|$threads" "$pid" "$port"
+                stop "$pid"
+            done
         done
     done
     echo
-    echo "TCP routes: graven's TCP route and HAProxy mode tcp (defaults), one thread each; the same nginx backend."
+    echo "TCP routes: graven's TCP route and HAProxy mode tcp (defaults), with $THREAD_COUNTS thread(s); the same nginx backend."
     echo "Per connection: wrk -c$CONNECTIONS -H 'Connection: close' (one connection per request)."
     echo "Per MB: wrk -c$CONNECTIONS_BULK fetching a ${BULK_MB} MiB file. Median over $ROUNDS round(s); CPU is utime+stime."
     echo
     printf '%s\n' "${tcp_results[@]}" | awk -F'|' "$AWK_MEDIAN"'
         {
-            if (!($1 in seen)) { seen[$1] = 1; order[++targets] = $1 }
-            rate[$1] = rate[$1] " " $2; conn[$1] = conn[$1] " " $3; mbs[$1] = mbs[$1] " " $4; mb[$1] = mb[$1] " " $5
+            key = $1 "|" $2
+            if (!(key in seen)) { seen[key] = 1; order[++targets] = key }
+            rate[key] = rate[key] " " $3; conn[key] = conn[key] " " $4; mbs[key] = mbs[key] " " $5; mb[key] = mb[key] " " $6
         }
         END {
-            bc = median(conn["haproxy"]); bm = median(mb["haproxy"])
-            print "| target | connections/s | CPU µs/connection | vs HAProxy | MB/s | CPU µs/MB | vs HAProxy |"
-            print "|---|---:|---:|---:|---:|---:|---:|"
+            print "| target | threads | connections/s | CPU µs/connection | vs HAProxy | MB/s | CPU µs/MB | vs HAProxy |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|"
             for (i = 1; i <= targets; i++) {
-                t = order[i]
-                printf "| %s | %.0f | %.2f | %.2f× | %.0f | %.1f | %.2f× |\n", t, median(rate[t]), median(conn[t]), median(conn[t]) / bc, median(mbs[t]), median(mb[t]), median(mb[t]) / bm
+                key = order[i]; split(key, part, "|"); base = "haproxy|" part[2]
+                printf "| %s | %s | %.0f | %.2f | %.2f× | %.0f | %.1f | %.2f× |\n", part[1], part[2], median(rate[key]), median(conn[key]), median(conn[key]) / median(conn[base]), median(mbs[key]), median(mb[key]), median(mb[key]) / median(mb[base])
             }
         }'
 fi

@@ -21,6 +21,9 @@ pub struct ProxyArgs {
     /// Serve a TCP route (layer 4) instead of an HTTP one.
     #[arg(long)]
     pub tcp: bool,
+    /// Threads the route serves on (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
@@ -38,7 +41,11 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 enabled: true,
             })
             .collect();
-        let route = AnyRoute::bind(RouteOptions::new(args.listen), args.tcp).await?;
+        let mut options = RouteOptions::new(args.listen);
+        if let Some(threads) = args.threads {
+            options.threads = usize::from(threads);
+        }
+        let route = AnyRoute::bind(options, args.tcp).await?;
         route.set_backends(backends);
         let local_addr = route.local_addr();
         // Watch for SIGTERM before announcing the address: whoever reads it may stop us next.

@@ -1078,7 +1078,8 @@ impl Shell {
         for release in &order.services {
             if let Some(listen) = release.config.route {
                 let hold = route_hold(&release.config);
-                self.ensure_route(&release.service, listen, release.config.route_kind, hold)
+                let (kind, threads) = (release.config.route_kind, release.config.route_threads);
+                self.ensure_route(&release.service, listen, kind, threads, hold)
                     .await?;
             }
         }
@@ -1240,18 +1241,54 @@ impl Shell {
         Ok(rollout)
     }
 
-    /// Binds the service's route at `listen`, speaking `kind`, unless it is bound so already;
-    /// while no instance is ready it holds clients at least `hold` when given.
+    /// Binds the service's route at `listen`, speaking `kind` on `threads` (None: one per
+    /// core), unless it is bound so already; while no instance is ready it holds clients at
+    /// least `hold` when given.
     async fn ensure_route(
         &mut self,
         service: &ServiceName,
         listen: SocketAddr,
         kind: RouteKind,
+        threads: Option<u32>,
         hold: Option<Duration>,
     ) -> Result<(), ControllerError> {
         let tcp = kind == RouteKind::Tcp;
+        let threads =
+            threads.map_or_else(crate::proxy::default_threads, |threads| threads as usize);
+        let mut options = RouteOptions {
+            threads,
+            ..RouteOptions::new(listen)
+        };
+        if let Some(hold) = hold {
+            options.hold_timeout = options.hold_timeout.max(hold);
+        }
         let existing = self.routes.get(service);
-        if existing.is_some_and(|entry| entry.listen == listen && entry.route.is_tcp() == tcp) {
+        let same_socket =
+            existing.filter(|entry| entry.listen == listen && entry.route.is_tcp() == tcp);
+        if same_socket.is_some_and(|entry| entry.route.threads() == threads) {
+            return Ok(());
+        }
+        // Only the thread count changed: the new route takes the listening socket over and
+        // the old one retires once its connections are done, so none is refused or lost.
+        if let Some(entry) = same_socket {
+            let route = AnyRoute::take_over(options, tcp, &entry.route)
+                .await
+                .map_err(|error| ControllerError::RouteUnavailable {
+                    service: service.clone(),
+                    route: listen,
+                    reason: error.to_string(),
+                })?;
+            let entry = RouteEntry {
+                route: Arc::new(route),
+                listen,
+                last: Vec::new(),
+            };
+            if let Some(old) = self.routes.insert(service.clone(), entry) {
+                tokio::spawn(retire_route(old.route));
+            }
+            self.route_errors.remove(service);
+            self.dirty = true;
+            self.sync();
             return Ok(());
         }
         // Another kind on the same address: the old listener must close before the new one
@@ -1263,10 +1300,6 @@ impl Shell {
         {
             previous_kind = Some(old.route.is_tcp());
             drop(old);
-        }
-        let mut options = RouteOptions::new(listen);
-        if let Some(hold) = hold {
-            options.hold_timeout = options.hold_timeout.max(hold);
         }
         let bound = AnyRoute::bind(options, tcp).await;
         let route = match (bound, previous_kind) {
@@ -1310,7 +1343,13 @@ impl Shell {
     }
 
     async fn bind_wanted_routes(&mut self) {
-        type Wanted = (ServiceName, SocketAddr, RouteKind, Option<Duration>);
+        type Wanted = (
+            ServiceName,
+            SocketAddr,
+            RouteKind,
+            Option<u32>,
+            Option<Duration>,
+        );
         let wanted: Vec<Wanted> = self
             .state
             .services
@@ -1318,13 +1357,18 @@ impl Shell {
             .filter_map(|service| {
                 let route = self.state.scale(service)?.route?;
                 let release = self.state.wanted_release(service);
-                let kind = release.map_or(RouteKind::Http, |release| release.config.route_kind);
+                let (kind, threads) = release.map_or((RouteKind::Http, None), |release| {
+                    (release.config.route_kind, release.config.route_threads)
+                });
                 let hold = release.and_then(|release| route_hold(&release.config));
-                Some((service.clone(), route, kind, hold))
+                Some((service.clone(), route, kind, threads, hold))
             })
             .collect();
-        for (service, listen, kind, hold) in wanted {
-            if let Err(error) = self.ensure_route(&service, listen, kind, hold).await {
+        for (service, listen, kind, threads, hold) in wanted {
+            if let Err(error) = self
+                .ensure_route(&service, listen, kind, threads, hold)
+                .await
+            {
                 self.route_errors.insert(service, error.to_string());
                 self.dirty = true;
             }
@@ -1746,6 +1790,18 @@ impl Shell {
 async fn shutdown_route(route: Arc<AnyRoute>) {
     if let Ok(route) = Arc::try_unwrap(route) {
         let _ = tokio::time::timeout(ROUTE_CLOSE_DEADLINE, route.shutdown()).await;
+    }
+}
+
+/// Retires a route whose successor took its listener over: its connections get
+/// `ROUTE_CLOSE_DEADLINE` to finish (a TCP route's to end) once no drain task holds it.
+async fn retire_route(route: Arc<AnyRoute>) {
+    if let Ok(route) = Arc::try_unwrap(route) {
+        let _ = tokio::time::timeout(
+            ROUTE_CLOSE_DEADLINE + SHUTDOWN_SLACK,
+            route.retire(ROUTE_CLOSE_DEADLINE),
+        )
+        .await;
     }
 }
 

@@ -603,6 +603,9 @@ pub struct ServiceConfig {
     /// What the route speaks; left out when HTTP (every release before TCP routes).
     #[serde(default, skip_serializing_if = "RouteKind::is_http")]
     pub route_kind: RouteKind,
+    /// Threads the route serves on; None (left out): one per core of the machine serving it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_threads: Option<u32>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     /// Env variables whose value is a secret, by the name and version the release pins;
@@ -817,6 +820,10 @@ impl ServiceConfig {
             // Left out when HTTP, so a service hashes as it did before TCP routes existed.
             #[serde(skip_serializing_if = "RouteKind::is_http")]
             route_kind: RouteKind,
+            // A new thread count rebinds the route, which only a release does; left out when
+            // unset, so a config without it hashes as before.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            route_threads: Option<u32>,
             health: CanonicalHealth<'a>,
             limits: &'a LimitsConfig,
             volumes: &'a [VolumeConfig],
@@ -890,6 +897,7 @@ impl ServiceConfig {
             secrets: &self.secrets,
             port: self.port,
             route_kind: self.route_kind,
+            route_threads: self.route_threads,
             health: CanonicalHealth {
                 path: &self.health.path,
                 interval_ns: nanos(self.health.interval),
@@ -945,6 +953,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 crate::spec::RouteKind::Http => RouteKind::Http,
                 crate::spec::RouteKind::Tcp => RouteKind::Tcp,
             },
+            route_threads: service.route_threads,
             command: service.command.clone(),
             env: service.env.clone(),
             // Pinned by the deploy, which reads the secret store (`deploy::prepare`).
@@ -1020,6 +1029,7 @@ impl ServiceConfig {
             port: 8080,
             route: None,
             route_kind: RouteKind::Http,
+            route_threads: None,
             command: None,
             env: BTreeMap::new(),
             secrets: BTreeMap::new(),
@@ -1070,6 +1080,25 @@ mod tests {
         fn to_config(&self) -> ServiceConfig {
             ServiceConfig::from(self)
         }
+    }
+
+    #[test]
+    fn route_threads_are_left_out_unless_set() {
+        let plain = ServiceConfig::test(1, 1, 0);
+        let threads = ServiceConfig {
+            route_threads: Some(2),
+            ..plain.clone()
+        };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("route_threads"), "{json}");
+        assert_ne!(
+            plain.digest(),
+            threads.digest(),
+            "a new thread count is a new release"
+        );
+        let back: ServiceConfig =
+            serde_json::from_str(&serde_json::to_string(&threads).unwrap()).unwrap();
+        assert_eq!(back, threads);
     }
 
     #[test]

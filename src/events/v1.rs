@@ -140,6 +140,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 port: config.port,
                 route: config.route,
                 route_kind: Default::default(),
+                route_threads: None,
                 command: config.command,
                 env: config.env,
                 secrets: BTreeMap::new(),

@@ -27,6 +27,8 @@ pub(crate) struct BackendSet {
     hold_queue: usize,
     /// A held caller waits at most this long.
     hold_timeout: Duration,
+    /// The route's threads, each with its own idle pool per instance.
+    threads: usize,
     snapshot: ArcSwap<Snapshot>,
     /// Bumped on every snapshot swap; held callers wait on it.
     changed: watch::Sender<u64>,
@@ -73,12 +75,14 @@ impl BackendSet {
         tcp: bool,
         hold_queue: usize,
         hold_timeout: Duration,
+        threads: usize,
     ) -> BackendSet {
         BackendSet {
             route,
             tcp,
             hold_queue,
             hold_timeout,
+            threads,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             changed: watch::Sender::new(0),
             next: AtomicUsize::new(0),
@@ -190,6 +194,7 @@ impl BackendSet {
                         backend.release,
                         backend.address,
                         Arc::clone(counters),
+                        self.threads,
                     ))
                 }
             };

@@ -139,6 +139,7 @@ impl UnroutedCounters {
             retries: load(&self.retries),
             connections: 0,
             refused: 0,
+            accepted_by_thread: Vec::new(),
         }
     }
 }
@@ -212,6 +213,10 @@ pub struct RouteMetrics {
     /// Client connections refused because the route was at its connection limit.
     #[serde(default)]
     pub refused: u64,
+    /// Client connections each of the route's threads has been given since it started
+    /// (the acceptor hands each to the thread with the fewest open).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepted_by_thread: Vec<u64>,
 }
 
 impl RouteMetrics {

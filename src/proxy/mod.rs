@@ -1,4 +1,5 @@
 //! The proxy owns the identity layer: one listener per route (HTTP, or TCP at layer 4),
+//! served on as many threads as the route is given,
 //! balancing over the instances it is given, active health checks, draining, holding and
 //! retries, and per-release counters. It knows nothing of deploys, releases' meaning or the
 //! event log: the controller hands it snapshots of backends and reads its health changes.
@@ -30,6 +31,7 @@ pub use metrics::{
     ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts, TcpCounts,
 };
 pub use route::Route;
+pub use serving::Takeover;
 pub use tcp::TcpRoute;
 
 /// A route of either kind, as its owner holds it.
@@ -47,6 +49,36 @@ impl AnyRoute {
         } else {
             AnyRoute::Http(Route::bind(options).await?)
         })
+    }
+
+    /// Binds a route of the kind `tcp` says on `previous`'s listening socket, with new
+    /// options (another thread count): no connection waiting to be accepted is lost. Binds
+    /// afresh when `previous` is stopping already.
+    pub async fn take_over(
+        options: RouteOptions,
+        tcp: bool,
+        previous: &AnyRoute,
+    ) -> Result<AnyRoute, ProxyError> {
+        let takeover = match previous {
+            AnyRoute::Http(route) => route.takeover(),
+            AnyRoute::Tcp(route) => route.takeover(),
+        };
+        let Some(takeover) = takeover else {
+            return AnyRoute::bind(options, tcp).await;
+        };
+        Ok(if tcp {
+            AnyRoute::Tcp(TcpRoute::take_over(options, &takeover).await?)
+        } else {
+            AnyRoute::Http(Route::take_over(options, &takeover).await?)
+        })
+    }
+
+    /// How many threads the route serves on.
+    pub fn threads(&self) -> usize {
+        match self {
+            AnyRoute::Http(route) => route.threads(),
+            AnyRoute::Tcp(route) => route.threads(),
+        }
     }
 
     pub fn is_tcp(&self) -> bool {
@@ -87,6 +119,16 @@ impl AnyRoute {
         match self {
             AnyRoute::Http(route) => route.shutdown().await,
             AnyRoute::Tcp(route) => route.shutdown().await,
+        }
+    }
+
+    /// Stops accepting and closes once the connections are done: an HTTP route after the
+    /// request each is serving (as `shutdown`), a TCP route once they end or `grace` passes.
+    /// For a route whose successor took its listener over (`take_over`).
+    pub async fn retire(self, grace: Duration) {
+        match self {
+            AnyRoute::Http(route) => route.shutdown().await,
+            AnyRoute::Tcp(route) => route.retire(grace).await,
         }
     }
 }
@@ -158,6 +200,9 @@ pub struct Backend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteOptions {
     pub listen: SocketAddr,
+    /// Threads the route serves on (at least one); each client connection is served wholly
+    /// by one of them.
+    pub threads: usize,
     /// At most this many requests wait for a ready instance; more are answered 503 at once.
     pub hold_queue: usize,
     /// A held request waits at most this long, then is answered 503.
@@ -199,6 +244,7 @@ impl RouteOptions {
     pub fn new(listen: SocketAddr) -> RouteOptions {
         let mut options = RouteOptions {
             listen,
+            threads: default_threads(),
             hold_queue: 1024,
             hold_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
@@ -225,6 +271,11 @@ impl RouteOptions {
         }
         Ok(())
     }
+}
+
+/// A route's threads unless told otherwise: one per core the process may run on.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Reads one override: None when unset, the error naming it when malformed.

@@ -2,9 +2,13 @@
 //! backend snapshot, holding requests while none is ready and retrying idempotent ones that
 //! could not reach an instance.
 //!
-//! Each route serves on its own thread with a single-threaded runtime; the API (bind,
-//! set_backends, drain, metrics, shutdown) is called from the controller's runtime and talks
-//! to it through the snapshot, atomics, Notify and watch, which work across runtimes.
+//! Each route serves on threads of its own (`RouteOptions::threads`), each with a
+//! single-threaded runtime and each connection wholly on one of them (`serving`); the API
+//! (bind, set_backends, drain, metrics, shutdown) is called from the controller's runtime
+//! and talks to them through the snapshot, atomics, Notify and watch, which work across
+//! runtimes. Everything the threads share (the snapshot, in-flight and held counts, the
+//! counters, the connection count) is one atomic value per fact, so it stays exact whatever
+//! thread a request is on.
 //!
 //! The hot path loads the snapshot with one arc-swap load, picks the least busy ready
 //! instance, takes a pooled keep-alive connection and streams both bodies. It allocates no
@@ -38,7 +42,7 @@ use super::backends::BackendSet;
 use super::body::{ForwardBody, ProxyBody};
 use super::limits::budget;
 use super::metrics::{ReleaseCounters, UnroutedCounters};
-use super::serving::{self, Bound, Connections, Open, Serving, Stop};
+use super::serving::{self, Connections, Open, Serving, Stop, Takeover, Workers};
 use super::upstream::{Instance, Lease};
 use super::{Backend, ProxyError, RouteMetrics, RouteOptions};
 
@@ -69,26 +73,51 @@ struct Shared {
     client: hyper::client::conn::http1::Builder,
     unrouted: UnroutedCounters,
     connections: Arc<Connections>,
+    workers: Arc<Workers>,
     /// What connections' request times are counted from (see `Activity`).
     epoch: Instant,
+    /// How connections are served (HTTP/1.1 and HTTP/2, with the route's timeouts).
+    server: auto::Builder<TokioExecutor>,
+    /// Open connections, asked to close when the route shuts down.
+    closing: Arc<Closing>,
 }
 
 impl Route {
     /// Binds the listener and starts serving with no backends: requests are held until
     /// `set_backends` gives it a ready instance.
     pub async fn bind(options: RouteOptions) -> Result<Route, ProxyError> {
+        Route::start(options, None)
+    }
+
+    /// Serves `previous`'s address with new options (another thread count), taking its
+    /// listening socket over: until `previous` is shut down both routes accept from the one
+    /// queue, so no connection waiting in it is lost. Binds afresh when `previous` is
+    /// stopping already.
+    pub async fn take_over(
+        options: RouteOptions,
+        previous: &Takeover,
+    ) -> Result<Route, ProxyError> {
+        Route::start(options, Some(previous))
+    }
+
+    fn start(options: RouteOptions, from: Option<&Takeover>) -> Result<Route, ProxyError> {
         let address = options.listen;
         // A malformed GRAVEN_ROUTE_* override fails the bind instead of being ignored.
         options.clone().apply_environment()?;
-        let Bound {
-            runtime,
-            local_addr,
-            listener,
-        } = serving::bind(address)?;
+        let bound = serving::bind(address, options.threads, from)?;
+        let local_addr = bound.local_addr;
+        let workers = Workers::new(&bound);
         let mut client = hyper::client::conn::http1::Builder::new();
         client.max_buf_size(256 * 1024).writev(WRITEV);
-        let backends = BackendSet::new(local_addr, false, options.hold_queue, options.hold_timeout);
+        let backends = BackendSet::new(
+            local_addr,
+            false,
+            options.hold_queue,
+            options.hold_timeout,
+            workers.count(),
+        );
         let connections = Arc::new(Connections::new(options.max_connections));
+        let server = server(&options);
         let shared = Arc::new(Shared {
             options,
             local_addr,
@@ -96,17 +125,36 @@ impl Route {
             client,
             unrouted: UnroutedCounters::default(),
             connections,
+            workers,
             epoch: Instant::now(),
+            server,
+            closing: Arc::new(Closing::default()),
         });
         let serving = Arc::clone(&shared);
-        let serving = Serving::spawn(runtime, "graven-route", address, move |stop| async move {
-            // accept owns the listener: when it returns, the address is free again.
-            let Stop { requested, unbound } = stop;
-            let closing = accept(listener, serving, requested).await;
-            let _ = unbound.send(());
-            closing.close_all().await;
-        })?;
+        let serving = Serving::spawn(
+            bound,
+            "graven-route",
+            address,
+            move |stop, listener| async move {
+                // accept owns the listener: when it returns, the address is free again
+                // (unless a successor took it over).
+                let Stop { requested, unbound } = stop;
+                accept(listener, Arc::clone(&serving), requested).await;
+                let _ = unbound.send(());
+                serving.closing.close_all().await;
+            },
+        )?;
         Ok(Route { shared, serving })
+    }
+
+    /// The listening socket, for a successor with other options (`take_over`).
+    pub fn takeover(&self) -> Option<Takeover> {
+        self.serving.takeover()
+    }
+
+    /// How many threads the route serves on.
+    pub fn threads(&self) -> usize {
+        self.shared.workers.count()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -142,7 +190,12 @@ impl Route {
 
     pub fn metrics(&self) -> RouteMetrics {
         let shared = &self.shared;
-        serving::metrics(&shared.backends, &shared.unrouted, &shared.connections)
+        serving::metrics(
+            &shared.backends,
+            &shared.unrouted,
+            &shared.connections,
+            &shared.workers,
+        )
     }
 
     /// Client connections open on this route now.
@@ -308,24 +361,24 @@ impl Shared {
 /// How many times one request may be re-sent after a reused connection closed under it.
 const MAX_STALE_RESENDS: u32 = 4;
 
-async fn accept(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut stop: oneshot::Receiver<()>,
-) -> Arc<Closing> {
-    let closing = Arc::new(Closing::default());
+/// How a route serves its client connections: HTTP/1.1 and HTTP/2 with its timeouts.
+fn server(options: &RouteOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's HTTP/1.1 head timer runs from when it starts waiting for a head, the idle wait
     // between requests included: it bounds a head that trickles in after the first request.
     // The first request's head and idle connections are `Watched`'s business.
-    let options = &shared.options;
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout.max(options.idle_timeout))
         .writev(WRITEV);
     builder.http2().timer(TokioTimer::new());
-    let limit = options.max_connections.min(budget().client_limit());
+    builder
+}
+
+/// Accepts until asked to stop, handing each connection within the caps to a route thread.
+async fn accept(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let limit = shared.options.max_connections.min(budget().client_limit());
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -345,11 +398,24 @@ async fn accept(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Counted live from here, so that a shutdown waits for a connection still on its way
+        // to another thread.
+        let live = Live::new(&shared.closing);
+        let serving = Arc::clone(&shared);
+        shared.workers.dispatch(stream, move |stream| {
+            serving.serve(stream, peer, open, live)
+        });
+    }
+}
+
+impl Shared {
+    /// Serves one client connection on the calling route thread until it closes.
+    async fn serve(self: Arc<Shared>, stream: TcpStream, peer: SocketAddr, open: Open, live: Live) {
         let client_ip = HeaderValue::try_from(peer.ip().to_string())
             .expect("an IP address is a valid header value");
         let activity = Arc::new(Activity::default());
         let service = {
-            let shared = Arc::clone(&shared);
+            let shared = Arc::clone(&self);
             let activity = Arc::clone(&activity);
             service_fn(move |request| {
                 let shared = Arc::clone(&shared);
@@ -359,16 +425,14 @@ async fn accept(
                 async move { Ok::<_, Infallible>(shared.handle(request, client_ip, start).await) }
             })
         };
-        let connection = builder
+        let connection = self
+            .server
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let connection = Watched::new(connection, &closing, open, activity, &shared);
-        tokio::spawn(async move {
-            // A client that goes away mid-request is its own business; nothing to report.
-            let _ = connection.await;
-        });
+        let connection = Watched::new(connection, live, open, activity, &self);
+        // A client that goes away mid-request is its own business; nothing to report.
+        let _ = connection.await;
     }
-    closing
 }
 
 /// How long a refused connection is kept to read what its client already sent: closing a
@@ -465,13 +529,37 @@ impl Closing {
     }
 }
 
+/// A connection counted in `Closing::live` until dropped, from its accept on.
+struct Live(Arc<Closing>);
+
+impl Live {
+    fn new(closing: &Arc<Closing>) -> Live {
+        closing.live.fetch_add(1, Ordering::SeqCst);
+        Live(Arc::clone(closing))
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// How long a connection of a route that is shutting down must have been quiet (no request
+/// begun) to be closed between requests. One that is busier is closed after the answer to
+/// its next request (which then says `Connection: close`): closing it between two requests
+/// would race the next one, which its client may be sending already.
+const CLOSE_QUIET: Duration = Duration::from_secs(1);
+
 /// A server connection that closes gracefully when its route shuts down, is closed if no
 /// whole request head came within `header_timeout` of its accept, and closes gracefully
 /// once no request began for `idle_timeout` (HTTP/1.1 after the answer in progress, HTTP/2
 /// with GOAWAY, letting open streams finish).
 struct Watched<C> {
     connection: Pin<Box<C>>,
-    closing: Arc<Closing>,
+    live: Live,
     id: u64,
     registered: bool,
     shutting_down: bool,
@@ -481,6 +569,9 @@ struct Watched<C> {
     /// No request has begun yet, as far as the timer knows: it is set for the header
     /// deadline.
     awaiting_first: bool,
+    /// When the route asked it to close (since the route's epoch), and the timer for
+    /// `CLOSE_QUIET`: set once it does.
+    closing: Option<(Duration, Pin<Box<Sleep>>)>,
     shared: Arc<Shared>,
     _open: Open,
 }
@@ -488,22 +579,23 @@ struct Watched<C> {
 impl<C: GracefulConnection> Watched<C> {
     fn new(
         connection: C,
-        closing: &Arc<Closing>,
+        live: Live,
         open: Open,
         activity: Arc<Activity>,
         shared: &Arc<Shared>,
     ) -> Watched<C> {
-        closing.live.fetch_add(1, Ordering::SeqCst);
+        let id = live.0.next_id.fetch_add(1, Ordering::Relaxed);
         let timer = Box::pin(tokio::time::sleep(shared.options.header_timeout));
         Watched {
             connection: Box::pin(connection),
-            closing: Arc::clone(closing),
-            id: closing.next_id.fetch_add(1, Ordering::Relaxed),
+            live,
+            id,
             registered: false,
             shutting_down: false,
             activity,
             timer,
             awaiting_first: true,
+            closing: None,
             shared: Arc::clone(shared),
             _open: open,
         }
@@ -541,6 +633,35 @@ impl<C: GracefulConnection> Watched<C> {
     }
 }
 
+impl<C> Watched<C> {
+    /// Whether the connection may close now that its route is shutting down: once a request
+    /// began since (it is in progress, and its answer will say `Connection: close`), or once
+    /// none began for `CLOSE_QUIET`. One that never had a request waits for its first:
+    /// closing it would drop a request its client already sent (hyper cannot shut down
+    /// gracefully before it knows the protocol, and closing a socket with unread data
+    /// resets it); the header timeout bounds that wait.
+    fn may_close(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(last) = self.activity.last_request() else {
+            return false;
+        };
+        let epoch = self.shared.epoch;
+        let now = Instant::now();
+        let quiet_until = epoch + last + CLOSE_QUIET;
+        let (asked, timer) = self.closing.get_or_insert_with(|| {
+            let asked = now.saturating_duration_since(epoch);
+            (
+                asked,
+                Box::pin(tokio::time::sleep_until(quiet_until.into())),
+            )
+        });
+        if last > *asked || now >= quiet_until {
+            return true;
+        }
+        timer.as_mut().reset(quiet_until.into());
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 enum Idleness {
     /// A request began within the idle timeout, or the header timeout has not passed.
     Busy,
@@ -559,26 +680,23 @@ impl<C: GracefulConnection> Future for Watched<C> {
             if !this.registered {
                 // A task's waker stays the same across its polls, so once is enough; the
                 // flag is read after registering, so a shutdown in between still wakes us.
-                this.closing
+                this.live
+                    .0
                     .wakers
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(this.id, cx.waker().clone());
                 this.registered = true;
             }
-            if this.closing.requested.load(Ordering::SeqCst) {
-                this.connection.as_mut().graceful_shutdown();
-                this.shutting_down = true;
-            } else {
-                match this.idleness(cx) {
-                    Idleness::Busy => {}
-                    // Nothing to finish: the connection is dropped, which closes it.
-                    Idleness::NeverAsked => return Poll::Ready(Ok(())),
-                    Idleness::Idle => {
-                        this.connection.as_mut().graceful_shutdown();
-                        this.shutting_down = true;
-                    }
+            let close = this.live.0.requested.load(Ordering::SeqCst) && this.may_close(cx);
+            match (close, this.idleness(cx)) {
+                (true, _) | (false, Idleness::Idle) => {
+                    this.connection.as_mut().graceful_shutdown();
+                    this.shutting_down = true;
                 }
+                // Nothing to finish: the connection is dropped, which closes it.
+                (false, Idleness::NeverAsked) => return Poll::Ready(Ok(())),
+                (false, Idleness::Busy) => {}
             }
         }
         this.connection.as_mut().poll(cx)
@@ -587,16 +705,15 @@ impl<C: GracefulConnection> Future for Watched<C> {
 
 impl<C> Drop for Watched<C> {
     fn drop(&mut self) {
+        // `live` is dropped after this, so the connection counts until it is unregistered.
         if self.registered {
             let mut wakers = self
-                .closing
+                .live
+                .0
                 .wakers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             wakers.remove(&self.id);
-        }
-        if self.closing.live.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.closing.all_closed.notify_waiters();
         }
     }
 }

@@ -5,7 +5,7 @@
 //! sent, so that is always safe), draining that lets open connections finish up to a
 //! deadline, and per-release counters (connections, bytes, time to reach an instance).
 //!
-//! Like the HTTP route it serves on a thread of its own with a single-threaded runtime. There
+//! Like the HTTP route it serves on threads of its own, each connection wholly on one. There
 //! are no header or idle timeouts: a database session may be silent for hours, and only its
 //! client and server know when it is over.
 
@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::backends::BackendSet;
 use super::metrics::{TcpCounters, UnroutedCounters};
-use super::serving::{self, Bound, Connections, Serving};
+use super::serving::{self, Connections, Serving, Takeover, Workers};
 use super::upstream::{Instance, Latch, instance_slot};
 use super::{Backend, ErrorClass, ProxyError, RouteMetrics, RouteOptions};
 
@@ -46,22 +46,43 @@ struct Shared {
     backends: BackendSet,
     unrouted: UnroutedCounters,
     connections: Arc<Connections>,
+    workers: Arc<Workers>,
     /// Set when the route shuts down: every open connection is closed.
     closing: Latch,
+    /// Set when the route may close its connections, once it has stopped accepting: at
+    /// once on `shutdown` and drop, after a grace on `retire`.
+    close_now: Latch,
 }
 
 impl TcpRoute {
     /// Binds the listener and starts serving with no backends: connections are held until
     /// `set_backends` gives it a ready instance.
     pub async fn bind(options: RouteOptions) -> Result<TcpRoute, ProxyError> {
+        TcpRoute::start(options, None)
+    }
+
+    /// Serves `previous`'s address with new options, taking its listening socket over (see
+    /// `Route::take_over`).
+    pub async fn take_over(
+        options: RouteOptions,
+        previous: &Takeover,
+    ) -> Result<TcpRoute, ProxyError> {
+        TcpRoute::start(options, Some(previous))
+    }
+
+    fn start(options: RouteOptions, from: Option<&Takeover>) -> Result<TcpRoute, ProxyError> {
         let address = options.listen;
         options.clone().apply_environment()?;
-        let Bound {
-            runtime,
+        let bound = serving::bind(address, options.threads, from)?;
+        let local_addr = bound.local_addr;
+        let workers = Workers::new(&bound);
+        let backends = BackendSet::new(
             local_addr,
-            listener,
-        } = serving::bind(address)?;
-        let backends = BackendSet::new(local_addr, true, options.hold_queue, options.hold_timeout);
+            true,
+            options.hold_queue,
+            options.hold_timeout,
+            workers.count(),
+        );
         let connections = Arc::new(Connections::new(options.max_connections));
         let shared = Arc::new(Shared {
             options,
@@ -69,21 +90,36 @@ impl TcpRoute {
             backends,
             unrouted: UnroutedCounters::default(),
             connections,
+            workers,
             closing: Latch::default(),
+            close_now: Latch::default(),
         });
         let serving = Arc::clone(&shared);
         let serving = Serving::spawn(
-            runtime,
+            bound,
             "graven-tcp-route",
             address,
-            move |stop| async move {
+            move |stop, listener| async move {
                 accept(listener, Arc::clone(&serving), stop.requested).await;
                 let _ = stop.unbound.send(());
+                serving.close_now.wait().await;
                 serving.closing.set();
                 serving.connections.all_closed(CLOSE_WAIT).await;
             },
-        )?;
+        )
+        // A route that could not start all its threads has none to wait for.
+        .inspect_err(|_| shared.close_now.set())?;
         Ok(TcpRoute { shared, serving })
+    }
+
+    /// The listening socket, for a successor with other options (`take_over`).
+    pub fn takeover(&self) -> Option<Takeover> {
+        self.serving.takeover()
+    }
+
+    /// How many threads the route serves on.
+    pub fn threads(&self) -> usize {
+        self.shared.workers.count()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -125,7 +161,12 @@ impl TcpRoute {
 
     pub fn metrics(&self) -> RouteMetrics {
         let shared = &self.shared;
-        serving::metrics(&shared.backends, &shared.unrouted, &shared.connections)
+        serving::metrics(
+            &shared.backends,
+            &shared.unrouted,
+            &shared.connections,
+            &shared.workers,
+        )
     }
 
     /// Client connections open on this route now.
@@ -135,7 +176,23 @@ impl TcpRoute {
 
     /// Stops accepting and closes every connection (drain first what must finish).
     pub async fn shutdown(mut self) {
+        self.shared.close_now.set();
         self.serving.shutdown().await;
+    }
+
+    /// Stops accepting, lets open connections end on their own for up to `grace`, then
+    /// closes the rest: how a route hands over to a successor that took its listener over.
+    pub async fn retire(mut self, grace: Duration) {
+        self.serving.stop_accepting();
+        self.shared.connections.all_closed(grace).await;
+        self.shared.close_now.set();
+        self.serving.shutdown().await;
+    }
+}
+
+impl Drop for TcpRoute {
+    fn drop(&mut self) {
+        self.shared.close_now.set();
     }
 }
 
@@ -259,7 +316,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::R
         };
         let _ = stream.set_nodelay(true);
         let serving = Arc::clone(&shared);
-        tokio::spawn(async move {
+        shared.workers.dispatch(stream, move |stream| async move {
             serving.serve(stream, accepted).await;
             drop(open);
         });

@@ -1,7 +1,9 @@
 //! The route's side of each instance: its in-flight count, whether it may take new requests,
 //! and its pool of idle keep-alive connections. An `Instance` outlives snapshot swaps (it is
 //! keyed by instance id), so counts and pooled connections carry over from one backend set
-//! to the next, and a removed instance's connections are never handed out again.
+//! to the next, and a removed instance's connections are never handed out again. Each of the
+//! route's threads has its own idle pool: a pooled connection is driven by the runtime that
+//! opened it, so a request on another thread would wake that one for every read.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use super::ProxyError;
 use super::body::ForwardBody;
 use super::limits::{Slot, budget};
 use super::metrics::ReleaseCounters;
+use super::serving::thread_index;
 
 pub(crate) type Sender = SendRequest<ForwardBody>;
 
@@ -41,7 +44,8 @@ pub(crate) struct Instance {
     /// Set when a TCP route gives up draining the instance: its connections still open are
     /// closed.
     pub(crate) cut: Latch,
-    idle: Mutex<Vec<Connection>>,
+    /// Idle connections, one pool per route thread (`serving::thread_index`).
+    idle: Box<[Mutex<Vec<Connection>>]>,
     pub(crate) counters: Arc<ReleaseCounters>,
 }
 
@@ -51,6 +55,7 @@ impl Instance {
         release: u64,
         address: SocketAddr,
         counters: Arc<ReleaseCounters>,
+        threads: usize,
     ) -> Instance {
         Instance {
             id,
@@ -61,7 +66,7 @@ impl Instance {
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
             cut: Latch::default(),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
             counters,
         }
     }
@@ -87,10 +92,9 @@ impl Instance {
     pub(crate) fn retire(&self) {
         self.set_routable(false);
         self.retired.store(true, Ordering::SeqCst);
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        for pool in &self.idle {
+            pool.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
     }
 
     /// Counts a request in flight, unless the instance stopped being routable since the
@@ -130,8 +134,13 @@ impl Instance {
         }
     }
 
+    /// The calling route thread's idle pool.
+    fn pool(&self) -> &Mutex<Vec<Connection>> {
+        &self.idle[thread_index() % self.idle.len()]
+    }
+
     fn take_idle(&self) -> Option<Connection> {
-        self.idle
+        self.pool()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
@@ -141,7 +150,7 @@ impl Instance {
         if self.retired.load(Ordering::SeqCst) {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.pool().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(connection);
         }

@@ -100,6 +100,8 @@ pub struct Service {
     pub route: Option<SocketAddr>,
     /// What the route speaks: HTTP (a reverse proxy) or TCP (bytes, at layer 4).
     pub route_kind: RouteKind,
+    /// Threads the route serves on; None: one per core.
+    pub route_threads: Option<u32>,
     pub command: Option<Vec<String>>,
     /// Replaces the image's ENTRYPOINT (`command` replaces its CMD).
     pub entrypoint: Option<Vec<String>>,

@@ -129,6 +129,7 @@ pub(crate) struct RawService {
     pub instances: Option<Field<i64>>,
     pub port: Option<Field<i64>>,
     pub route: Option<Field<String>>,
+    pub route_threads: Option<Field<i64>>,
     pub command: Option<Field<Vec<String>>>,
     /// A value is a string, or `{ secret = "name" }`; `validate` decides.
     pub env: Option<Spanned<Named<Field<Value>>>>,

@@ -294,7 +294,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "route_threads", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -1025,4 +1025,43 @@ ttl = 86400
         ["127.0.0.1:0".parse().unwrap(), "[::1]:53".parse().unwrap()]
     );
     assert_eq!(set.ttl, 0);
+}
+
+#[test]
+fn route_threads_need_a_route_and_a_sane_count() {
+    let project = parse(
+        r#"
+app = "a"
+[services.web]
+port = 8080
+route = ":8000"
+route_threads = 2
+[environments.production.services.web]
+route_threads = 4
+"#,
+        Path::new("graven.toml"),
+        Path::new("/app"),
+        "production",
+    )
+    .unwrap();
+    assert_eq!(project.services["web"].route_threads, Some(4));
+    check(
+        r#"
+app = "a"
+[services.web]
+port = 8080
+route = ":8000"
+route_threads = 0
+[services.api]
+port = 8080
+route = ":8001"
+route_threads = 257
+[services.worker]
+route_threads = 1
+"#,
+        expect![[r#"
+            graven.toml:6:17: services.web.route_threads: 0 is out of range: it must be between 1 and 256
+            graven.toml:10:17: services.api.route_threads: 257 is out of range: it must be between 1 and 256
+            graven.toml:12:17: services.worker.route_threads: route_threads needs a route"#]],
+    );
 }

@@ -25,6 +25,10 @@ use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 /// The environment every project has without declaring it.
 pub const DEFAULT_ENVIRONMENT: &str = "local";
 
+/// The most threads a route may be given: far beyond the cores a machine running graven
+/// has, low enough that a typo cannot start thousands of threads.
+const MAX_ROUTE_THREADS: i64 = 256;
+
 /// Where a value was written: its span and dotted field path.
 #[derive(Debug, Clone)]
 struct Loc {
@@ -45,6 +49,7 @@ struct Partial {
     instances: Option<At<u32>>,
     port: Option<At<u16>>,
     route: Option<At<values::Route>>,
+    route_threads: Option<At<u32>>,
     command: Option<At<Vec<String>>>,
     env: BTreeMap<String, At<values::EnvValue>>,
     /// Whether a health table was written (otherwise the image's HEALTHCHECK counts).
@@ -93,6 +98,7 @@ impl Partial {
             instances: pick(&overlay.instances, &self.instances),
             port: pick(&overlay.port, &self.port),
             route: pick(&overlay.route, &self.route),
+            route_threads: pick(&overlay.route_threads, &self.route_threads),
             command: pick(&overlay.command, &self.command),
             env,
             health_table: overlay.health_table || self.health_table,
@@ -197,6 +203,12 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
         ),
         port: leaf(&raw.port, &path("port"), issues, integer_in(1, 65535)),
         route: leaf(&raw.route, &path("route"), issues, |r| values::route(r)),
+        route_threads: leaf(
+            &raw.route_threads,
+            &path("route_threads"),
+            issues,
+            integer_in(1, MAX_ROUTE_THREADS),
+        ),
         command: leaf(&raw.command, &path("command"), issues, |command| {
             if command.first().is_none_or(|program| program.is_empty()) {
                 Err("the command needs a program: [\"/app\", \"--flag\"]".into())
@@ -514,6 +526,17 @@ fn resolve_service(
     // a port (a route, or a check that connects to it) when the image exposes none.
     let port = merged.port.as_ref().map(|p| p.value);
     let (kind, health_ok) = health_kind(name, merged, &in_environment, issues);
+    let threads_ok = match (&merged.route_threads, &merged.route) {
+        (Some(threads), None) => {
+            issues.push(
+                threads.loc.span.clone(),
+                threads.loc.field.clone(),
+                format!("route_threads needs a route{in_environment}"),
+            );
+            false
+        }
+        _ => true,
+    };
     let volumes = merged
         .volumes
         .as_ref()
@@ -552,7 +575,7 @@ fn resolve_service(
         );
     }
     let stateful_ok = check_stateful(name, merged, &volumes, &in_environment, issues);
-    if !(surge_ok && health_ok && stateful_ok) || mounts.is_err() {
+    if !(surge_ok && health_ok && stateful_ok && threads_ok) || mounts.is_err() {
         return None;
     }
     let value =
@@ -568,6 +591,7 @@ fn resolve_service(
             .route
             .as_ref()
             .map_or(RouteKind::Http, |r| r.value.kind),
+        route_threads: merged.route_threads.as_ref().map(|t| t.value),
         command: merged.command.as_ref().map(|c| c.value.clone()),
         entrypoint: merged.entrypoint.as_ref().map(|e| e.value.clone()),
         user: merged.user.as_ref().map(|u| u.value.clone()),

@@ -16,6 +16,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         port: 8080,
         route: Some(route),
         route_kind: Default::default(),
+        route_threads: None,
         command: None,
         env: env
             .iter()
