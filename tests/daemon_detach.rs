@@ -63,11 +63,23 @@ impl Drop for Background {
 /// dropped.
 struct Terminal(std::process::Child);
 
+/// Gives `command` the default disposition of SIGHUP, as a terminal's job has: the test may
+/// run under `nohup` (SIGHUP ignored, and inherited across exec), which would make a hang-up
+/// end nothing and the test pass whether or not the daemon escaped the terminal.
+fn hang_up_ends_it(command: &mut std::process::Command) -> &mut std::process::Command {
+    // SAFETY: signal(2) is async-signal-safe; the closure runs in the child before exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            Ok(())
+        })
+    }
+}
+
 impl Terminal {
     fn open() -> Terminal {
         Terminal(
-            std::process::Command::new("sleep")
-                .arg("600")
+            hang_up_ends_it(std::process::Command::new("sleep").arg("600"))
                 .process_group(0)
                 .spawn()
                 .unwrap(),
@@ -101,7 +113,7 @@ fn up_detach_serves_after_the_terminal_hangs_up_until_daemon_stop() {
     let (_temp, home, dir, route) = v1_project(1);
     let mut terminal = Terminal::open();
     let output = support::succeed(
-        support::graven(&home)
+        hang_up_ends_it(&mut support::graven(&home))
             .args(["up", "--detach", dir.to_str().unwrap()])
             .process_group(terminal.group()),
     );

@@ -134,7 +134,11 @@ fn secret_values_never_leave_the_secret_store() {
         files.iter().any(|f| f.ends_with("events.db")),
         "the walk sees the event log: {files:?}"
     );
-    let states: Vec<&PathBuf> = files.iter().filter(|f| f.ends_with("state.json")).collect();
+    // Instances' states (the DNS server's own `dns/state.json` names only its address).
+    let states: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| f.ends_with("state.json") && f.starts_with(home.join("instances")))
+        .collect();
     assert!(!states.is_empty(), "the walk sees instance state");
     for file in &files {
         // A file may vanish between the walk and the read (a removed instance's).
@@ -351,7 +355,9 @@ fn home_files_are_owner_only() {
 /// (`rootfs/<manifest>` is the image's `/`, whose modes the workload needs), a volume (the
 /// workload's own files), and the store and bake cache (image content, which every instance
 /// sees unpacked with the image's modes anyway; only the home's 0700 keeps it from other
-/// users, and that is checked here).
+/// users, and that is checked here), and an instance's `resolv.conf` and `hosts` (bound into
+/// its root read-only, for its workload's user to read as an image's `/etc` files are; they
+/// name resolvers and the instance's own name, behind the instance's 0700 directory).
 fn check_modes(home: &Path, dir: &Path, wrong: &mut Vec<String>) {
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
     let relative = dir.strip_prefix(home).unwrap();
@@ -373,6 +379,11 @@ fn check_modes(home: &Path, dir: &Path, wrong: &mut Vec<String>) {
         if kind.is_dir() {
             check_modes(home, &path, wrong);
         } else if kind.is_file() || kind.is_socket() {
+            let in_instance = parent == Some("instances");
+            let name = entry.file_name();
+            if in_instance && (name == "resolv.conf" || name == "hosts") {
+                continue;
+            }
             let mode = mode(&path);
             if mode & 0o077 != 0 {
                 wrong.push(format!("{mode:o} {}", path.display()));

@@ -112,8 +112,16 @@ fn dig_finds_services_their_ports_and_instances_and_removed_ones_go() {
     let mut up = Up::start(&home, &dir, "fake");
     let server = dns_address(&mut up);
 
-    // The service's route, with the TTL asked for.
-    assert_eq!(short(server, "web.local.demo.graven.", "A"), ["127.0.0.1"]);
+    // The service's route, with the TTL asked for (the zone follows the controllers'
+    // snapshots, looked at every 100 ms: shortly after `up` serves).
+    let started = std::time::Instant::now();
+    support::wait_for(Duration::from_secs(10), "web's name in the zone", || {
+        (short(server, "web.local.demo.graven.", "A") == ["127.0.0.1"]).then_some(())
+    });
+    eprintln!(
+        "web's name answered {:?} after up served",
+        started.elapsed()
+    );
     let answer = words(&dig(
         server,
         &["+noall", "+answer", "web.local.demo.graven.", "A"],
@@ -195,10 +203,11 @@ fn a_zone_of_its_own_replaces_graven() {
     );
     let mut up = Up::start(&home, &dir, "fake");
     let server = dns_address(&mut up);
-    assert_eq!(
-        short(server, "web.local.demo.internal.example.", "A"),
-        ["127.0.0.1"]
-    );
+    // The zone follows the controllers' snapshots (looked at every 100 ms): the route is in
+    // it shortly after `up` serves, not necessarily at that instant.
+    support::wait_for(Duration::from_secs(10), "web's name in the zone", || {
+        (short(server, "web.local.demo.internal.example.", "A") == ["127.0.0.1"]).then_some(())
+    });
     // The default TTL: 5 s.
     let answer = words(&dig(
         server,

@@ -5,7 +5,7 @@
 //! and stops orphans (instances running without a directory, whose root no state names)
 //! before it looks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -60,17 +60,21 @@ impl LocalRuntime {
                 super::cgroup::sweep();
             }
             report.in_use = self.images_in_use(&instances)?;
-            for (name, path) in unused_roots(&roots_dir, &report.in_use)? {
+            for (name, paths) in unused_roots(&roots_dir, &report.in_use)? {
                 if dry_run {
-                    doomed.push((name, path));
+                    doomed.push((name, paths));
                     continue;
                 }
                 // Moved aside now (a rename is quick), measured and deleted once starts may
                 // go on.
-                let aside = roots_dir.join(format!("{DOOMED}{}", fastrand::u64(..)));
-                std::fs::rename(&path, &aside)
-                    .map_err(other(format!("moving {} aside", path.display())))?;
-                doomed.push((name, aside));
+                let mut moved = Vec::new();
+                for path in paths {
+                    let aside = roots_dir.join(format!("{DOOMED}{}", fastrand::u64(..)));
+                    std::fs::rename(&path, &aside)
+                        .map_err(other(format!("moving {} aside", path.display())))?;
+                    moved.push(aside);
+                }
+                doomed.push((name, moved));
             }
             let expired = retention::expired(&instances);
             for dir in &expired {
@@ -117,10 +121,12 @@ impl LocalRuntime {
                 bytes: f.bytes,
             });
         }
-        for (name, path) in doomed {
-            let bytes = disk_usage(&path);
+        for (name, paths) in doomed {
+            let bytes = paths.iter().map(|p| disk_usage(p)).sum();
             if !dry_run {
-                remove_tree(&path)?;
+                for path in &paths {
+                    remove_tree(path)?;
+                }
             }
             report.roots.push(Freed { name, bytes });
         }
@@ -145,16 +151,17 @@ impl LocalRuntime {
     }
 }
 
-/// The roots under `dir` to delete: each unpacked image no instance uses, and what an
+/// The roots under `dir` to delete, by name: each unpacked image no instance uses with its
+/// drift manifest and any tampered copy (one entry, named by the image), and what an
 /// unpacking or a gc cut short left (none is under way while the start lock is exclusive).
 fn unused_roots(
     dir: &Path,
     in_use: &BTreeSet<Digest>,
-) -> Result<Vec<(String, PathBuf)>, RuntimeError> {
-    let mut unused = Vec::new();
+) -> Result<Vec<(String, Vec<PathBuf>)>, RuntimeError> {
+    let mut unused: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(unused),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(other(format!("listing {}", dir.display()))(e)),
     };
     for entry in entries {
@@ -162,20 +169,21 @@ fn unused_roots(
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         if name.starts_with(rootfs::UNPACKING) || name.starts_with(DOOMED) {
-            unused.push((name, path));
+            unused.entry(name).or_default().push(path);
         } else if let Some(hex) = super::drift::image_of(&name)
-            && Digest::parse(&format!("sha256:{hex}")).is_ok_and(|d| !in_use.contains(&d))
+            && let Ok(digest) = Digest::parse(&format!("sha256:{hex}"))
+            && !in_use.contains(&digest)
         {
-            // A manifest, or a tampered root kept while instances of its image drain.
-            unused.push((name, path));
+            // A manifest, or a tampered root kept while instances of its image drain: part
+            // of the image's root.
+            unused.entry(digest.to_string()).or_default().push(path);
         } else if let Ok(digest) = Digest::parse(&format!("sha256:{name}"))
             && !in_use.contains(&digest)
         {
-            unused.push((digest.to_string(), path));
+            unused.entry(digest.to_string()).or_default().push(path);
         }
     }
-    unused.sort();
-    Ok(unused)
+    Ok(unused.into_iter().collect())
 }
 
 fn file_name(path: &Path) -> String {

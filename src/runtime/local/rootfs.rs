@@ -175,5 +175,38 @@ fn add_mount_points(root: &Path) -> std::io::Result<()> {
         )?;
         rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?;
     }
+    // The files an instance's generated resolv.conf and hosts are bound on (`names`), so the
+    // root stays a plain bind rather than an overlay that makes them: empty, only where the
+    // image has none, in an `/etc` that is a directory of the root's own (a symlinked one is
+    // left to the sandbox, which resolves it inside the root).
+    let made = match rustix::fs::mkdirat(&root_fd, "etc", Mode::from_raw_mode(0o755)) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::EXIST) => false,
+        Err(e) => return Err(e.into()),
+    };
+    let Ok(etc) = rustix::fs::openat(
+        &root_fd,
+        "etc",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return Ok(());
+    };
+    if made {
+        // The umask took bits off; an image's own /etc keeps its mode.
+        rustix::fs::fchmod(&etc, Mode::from_raw_mode(0o755))?;
+    }
+    for name in ["resolv.conf", "hosts"] {
+        match rustix::fs::openat(
+            &etc,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        ) {
+            Ok(file) => rustix::fs::fchmod(&file, Mode::from_raw_mode(0o644))?,
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
