@@ -155,8 +155,11 @@ fn a_service_reaches_another_by_its_short_name_inside_its_network() {
     // From the host: db's route as it listens, and web's instance at its own address, which
     // its hosts file names too.
     assert_eq!(dig_short(server, "db.local.shop.graven."), ["127.0.0.1"]);
-    let instances = dig_short(server, "instances.web.local.shop.graven.");
-    assert_eq!(instances.len(), 1, "{instances:?}");
+    // (The zone follows the controllers' snapshots, looked at every 100 ms.)
+    let instances = support::wait_for(Duration::from_secs(10), "web's instance named", || {
+        let instances = dig_short(server, "instances.web.local.shop.graven.");
+        (instances.len() == 1).then_some(instances)
+    });
     assert!(hosts.contains(&format!("{}\t", instances[0])), "{hosts}");
 
     // web turns unhealthy: its instance leaves the name within a health interval or so.
