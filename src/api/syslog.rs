@@ -58,10 +58,14 @@ pub fn keep_config(home: &Path, app: &str, environment: &str, logs: &Logs) -> Re
         .mode(0o700)
         .create(&dir)
         .map_err(super::io(&dir))?;
-    write_private(&path, &bytes).map_err(super::io(&path))
+    // Durable, as the store writes its files (0600: a temp file's mode).
+    crate::store::write_atomic(&path, &bytes).map_err(|e| ApiError::Syslog {
+        message: e.to_string(),
+    })
 }
 
-/// Writes `bytes` to a 0600 temp file beside `path` and renames it into place.
+/// Writes `bytes` to a 0600 temp file beside `path` and renames it into place, without a
+/// sync: the counters are rewritten every `REPORT_EVERY`, a lost one costs nothing.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
