@@ -49,6 +49,18 @@ fn dns_address(up: &mut Up) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
 }
 
+/// `graven up` of the project with `web` alone, its server on a free loopback port with the
+/// `[dns]` keys `dns` besides: the temp dir to keep, the control plane, and the address.
+fn serve_web(dns: &str) -> (tempfile::TempDir, Up, SocketAddr) {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let extra = format!("\n[dns]\nlisten = [\"127.0.0.1:0\"]\n{dns}");
+    write_project(&dir, free_port(), None, &extra);
+    let mut up = Up::start(&home, &dir, "fake");
+    let server = dns_address(&mut up);
+    (temp, up, server)
+}
+
 /// `dig` against graven's server with `args`, its whole output.
 fn dig(server: SocketAddr, args: &[&str]) -> String {
     let output = Command::new("dig")
@@ -222,16 +234,7 @@ fn a_zone_of_its_own_replaces_graven() {
 
 #[test]
 fn malformed_queries_get_formerr_or_nothing_and_the_server_goes_on() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    write_project(
-        &dir,
-        free_port(),
-        None,
-        "\n[dns]\nlisten = [\"127.0.0.1:0\"]\n",
-    );
-    let mut up = Up::start(&home, &dir, "fake");
-    let server = dns_address(&mut up);
+    let (_temp, _up, server) = serve_web("");
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -262,4 +265,79 @@ fn malformed_queries_get_formerr_or_nothing_and_the_server_goes_on() {
         socket.recv_from(&mut buffer).is_err(),
         "nothing answers the scraps or the answer"
     );
+}
+
+/// A query for the zone's SOA with `id`, as bytes (RFC 1035 4.1): one question, RD set.
+fn soa_query(id: u16) -> Vec<u8> {
+    let mut query = id.to_be_bytes().to_vec();
+    query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    query.extend_from_slice(b"\x06graven\x00");
+    query.extend_from_slice(&[0, 6, 0, 1]);
+    query
+}
+
+/// A source that floods the server is answered up to `[dns] rate_limit` a second and the rest
+/// dropped, while another source's queries, asked during the flood, are all answered.
+#[test]
+fn a_flood_from_one_source_is_cut_to_its_limit_and_others_are_answered() {
+    let (_temp, _up, server) = serve_web("rate_limit = 100\n");
+    // Two sources of their own on loopback (127.0.0.1 itself, the host, is never limited).
+    let flood = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    let answers = {
+        let flood = flood.try_clone().unwrap();
+        flood
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 512];
+            let mut answers = 0u32;
+            while flood.recv_from(&mut buffer).is_ok() {
+                answers += 1;
+            }
+            answers
+        })
+    };
+    let other = std::thread::spawn(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buffer = [0u8; 512];
+        let mut answered = 0;
+        for id in 0..50u16 {
+            socket.send_to(&soa_query(id), server).unwrap();
+            if let Ok((n, _)) = socket.recv_from(&mut buffer) {
+                answered += u32::from(n >= 12 && buffer[..2] == id.to_be_bytes());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        answered
+    });
+    let mut sent = 0u32;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        if flood.send_to(&soa_query(sent as u16), server).is_ok() {
+            sent += 1;
+        }
+    }
+    let answered_others = other.join().unwrap();
+    let answered_flood = answers.join().unwrap();
+    println!(
+        "flood: {sent} sent, {answered_flood} answered; the other source: {answered_others} of 50"
+    );
+    assert_eq!(
+        answered_others, 50,
+        "every query of the other source is answered"
+    );
+    assert!(
+        answered_flood >= 1,
+        "the flood's first queries are answered"
+    );
+    // The flood lasted under a second, but each reader counts its own seconds: at most two
+    // of them, each up to the limit.
+    assert!(
+        answered_flood <= 2 * 100 + 2,
+        "{answered_flood} answers to a source limited to 100 a second"
+    );
+    assert!(sent > 1000, "the flood was a flood: {sent} queries");
 }

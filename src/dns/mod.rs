@@ -29,6 +29,11 @@ pub const DEFAULT_ZONE: &str = "graven.";
 /// seen within seconds by clients that cache.
 pub const DEFAULT_TTL: u32 = 5;
 
+/// Queries a second one source may send before the rest of that second's are dropped unanswered,
+/// unless `[dns] rate_limit` says otherwise: far above what a service resolving its peers asks,
+/// so only a runaway or hostile instance meets it.
+pub const DEFAULT_RATE_LIMIT: u32 = 5000;
+
 /// Overrides `[dns] listen` for the control plane (`graven daemon` reads no graven.toml):
 /// addresses separated by commas, or `off`.
 pub const LISTEN_ENV: &str = "GRAVEN_DNS_LISTEN";
@@ -41,6 +46,10 @@ pub struct DnsConfig {
     /// Where it listens, UDP and TCP alike; empty: not at all (not even on the bridge).
     pub listen: Vec<SocketAddr>,
     pub ttl: u32,
+    /// Queries per second one source address may send over UDP; 0: no limit. The host's own
+    /// loopback address (127.0.0.1, ::1) is never limited: it is every process of the host at
+    /// once, `network = "host"` instances included.
+    pub rate_limit: u32,
 }
 
 impl Default for DnsConfig {
@@ -49,6 +58,7 @@ impl Default for DnsConfig {
             zone: Name::from_ascii(DEFAULT_ZONE).expect("the default zone is a name"),
             listen: vec![DEFAULT_LISTEN.parse().expect("the default address parses")],
             ttl: DEFAULT_TTL,
+            rate_limit: DEFAULT_RATE_LIMIT,
         }
     }
 }

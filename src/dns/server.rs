@@ -1,18 +1,20 @@
 //! The DNS server's sockets: UDP and TCP on each configured address and on the daemon's own
 //! address on the bridge, answering from the zone in an `ArcSwap` (one lock-free load per
-//! query); the zone rebuilt from the controllers' snapshots when one changes; and, on the
+//! query; UDP on threads of its own, each with a cache of the answers it encoded and a
+//! per-source limit); the zone rebuilt from the controllers' snapshots when one changes; and, on the
 //! bridge address, a forwarder per route that listens on loopback only, so an instance with a
 //! network of its own reaches the route at the address its name gives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::zone::{EDNS_PAYLOAD, View, Zone};
@@ -31,6 +33,9 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The most TCP clients at once per listener; more wait in the kernel's backlog.
 const TCP_CLIENTS: usize = 256;
 
+/// How much each UDP socket asks the kernel to hold: some tens of thousands of queries.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
 /// The largest answer to a UDP query without EDNS (RFC 1035).
 const PLAIN_PAYLOAD: usize = 512;
 
@@ -42,12 +47,22 @@ pub struct DnsServer {
     /// Its address on the bridge, for instances' resolv.conf.
     pub bridge: Option<Ipv4Addr>,
     tasks: Vec<JoinHandle<()>>,
+    /// The UDP sockets, each answered by threads of its own: shut down on drop, which wakes
+    /// the threads blocked reading them.
+    udp: Vec<std::net::UdpSocket>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Drop for DnsServer {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        for socket in &self.udp {
+            // On an unconnected UDP socket Linux reports ENOTCONN, and still marks it shut
+            // and wakes every reader, which then sees the stop flag.
+            let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
         }
     }
 }
@@ -75,6 +90,8 @@ pub fn start(
         addresses: Vec::new(),
         bridge: None,
         tasks: Vec::new(),
+        udp: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
     };
     for address in &config.listen {
         let (udp, tcp) = match bind_pair(*address, false) {
@@ -96,7 +113,7 @@ pub fn start(
             server: server_ip,
             bridge: None,
         };
-        server.tasks.extend(serve(udp, tcp, view, zone.clone()));
+        server.serve(udp, tcp, view, config.rate_limit);
         server.addresses.push(local);
     }
     let bridge = bridge.filter(|ip| {
@@ -107,7 +124,7 @@ pub fn start(
                     server: IpAddr::V4(*ip),
                     bridge: Some(*ip),
                 };
-                server.tasks.extend(serve(udp, tcp, view, zone.clone()));
+                server.serve(udp, tcp, view, config.rate_limit);
                 server.addresses.push(address);
                 server.bridge = Some(*ip);
                 true
@@ -167,7 +184,10 @@ fn bind_error(address: SocketAddr) -> impl Fn(std::io::Error) -> DnsError {
 /// A UDP socket and a TCP listener on the same address and port (for port 0, the port the
 /// kernel gave the UDP socket, tried a few times in case TCP's is taken). `free` binds an
 /// address the host may not have yet (IP_FREEBIND).
-fn bind_pair(address: SocketAddr, free: bool) -> Result<(UdpSocket, TcpListener), DnsError> {
+fn bind_pair(
+    address: SocketAddr,
+    free: bool,
+) -> Result<(std::net::UdpSocket, TcpListener), DnsError> {
     let mut last = None;
     for _ in 0..8 {
         let udp = bind_udp(address, free).map_err(bind_error(address))?;
@@ -207,9 +227,21 @@ fn socket(
     Ok(fd)
 }
 
-fn bind_udp(address: SocketAddr, free: bool) -> std::io::Result<UdpSocket> {
+/// A blocking UDP socket: its readers are threads of their own, not tasks.
+fn bind_udp(address: SocketAddr, free: bool) -> std::io::Result<std::net::UdpSocket> {
     let fd = socket(address, rustix::net::SocketType::DGRAM, free)?;
-    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+    let socket = std::net::UdpSocket::from(fd);
+    socket.set_nonblocking(false)?;
+    // A burst (or a flood its readers are cutting down) waits here rather than being
+    // dropped by the kernel with everyone else's queries. Past `net.core.rmem_max` only as
+    // root; best effort: a smaller buffer only means more loss in bursts.
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, UDP_RECEIVE_BUFFER).is_err()
+    {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, UDP_RECEIVE_BUFFER);
+    }
+    // A fallback only: shutdown wakes the readers at once when the server is dropped.
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    Ok(socket)
 }
 
 fn bind_tcp(address: SocketAddr, free: bool) -> std::io::Result<TcpListener> {
@@ -218,34 +250,161 @@ fn bind_tcp(address: SocketAddr, free: bool) -> std::io::Result<TcpListener> {
     TcpListener::from_std(std::net::TcpListener::from(fd))
 }
 
-/// The tasks answering one address: a UDP reader per core on the shared socket, and the TCP
-/// acceptor.
-fn serve(
-    udp: UdpSocket,
-    tcp: TcpListener,
-    view: View,
-    zone: Arc<ArcSwap<Zone>>,
-) -> Vec<JoinHandle<()>> {
-    let udp = Arc::new(udp);
-    let readers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut tasks: Vec<JoinHandle<()>> = (0..readers)
-        .map(|_| tokio::spawn(serve_udp(udp.clone(), view, zone.clone())))
-        .collect();
-    tasks.push(tokio::spawn(serve_tcp(tcp, view, zone)));
-    tasks
+impl DnsServer {
+    /// Answers one address: UDP on a thread per core reading the shared socket, TCP on the
+    /// async runtime. UDP is the hot path: plain threads in a blocking read keep its answers
+    /// off the async runtime's two workers, which the daemon's controllers and routes share.
+    fn serve(&mut self, udp: std::net::UdpSocket, tcp: TcpListener, view: View, rate_limit: u32) {
+        let readers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for _ in 0..readers {
+            let Ok(socket) = udp.try_clone() else {
+                continue;
+            };
+            let zone = self.zone.clone();
+            let stop = self.stop.clone();
+            // The kernel spreads one source's packets over the readers about evenly.
+            let limit = SourceLimit::new(rate_limit.div_ceil(readers as u32));
+            let _ = std::thread::Builder::new()
+                .name("graven-dns".into())
+                .spawn(move || serve_udp(&socket, view, &zone, &stop, limit));
+        }
+        self.udp.push(udp);
+        self.tasks
+            .push(tokio::spawn(serve_tcp(tcp, view, self.zone.clone())));
+    }
 }
 
-async fn serve_udp(socket: Arc<UdpSocket>, view: View, zone: Arc<ArcSwap<Zone>>) {
+fn serve_udp(
+    socket: &std::net::UdpSocket,
+    view: View,
+    zone: &ArcSwap<Zone>,
+    stop: &AtomicBool,
+    mut limit: SourceLimit,
+) {
     let mut buffer = vec![0u8; 4096];
-    loop {
-        let Ok((received, peer)) = socket.recv_from(&mut buffer).await else {
-            // An ICMP error from an earlier answer's client, reported on this socket: it
-            // concerns that client only.
+    let mut cache = AnswerCache::new(zone.load_full());
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((received, peer)) = socket.recv_from(&mut buffer) else {
+            // The read timeout, or an ICMP error from an earlier answer's client reported
+            // on this socket: it concerns that client only.
             continue;
         };
-        if let Some(answer) = respond(&buffer[..received], &view, &zone, Transport::Udp) {
-            let _ = socket.send_to(&answer, peer).await;
+        if limit.exceeded(peer.ip()) {
+            continue;
         }
+        let query = &buffer[..received];
+        let current = zone.load();
+        if let Some(answer) = cache.answer(&current, query, |zone| {
+            respond(query, &view, zone, Transport::Udp)
+        }) {
+            let _ = socket.send_to(answer, peer);
+        }
+    }
+}
+
+/// One reader's count of each source's queries in the current second: past its share of the
+/// limit, a source's queries are dropped unanswered until the next second, which keeps a flood
+/// from one source from taking the answers' time (an answer costs more than a read) and never
+/// amplifies it. Forgotten every second, so its memory is bounded by one second's sources.
+struct SourceLimit {
+    per_second: u32,
+    second: u64,
+    counts: HashMap<IpAddr, u32>,
+    start: std::time::Instant,
+}
+
+/// Sources one reader counts in a second before it starts the count afresh: spoofed sources
+/// cannot grow it without bound.
+const COUNTED_SOURCES: usize = 65_536;
+
+impl SourceLimit {
+    fn new(per_second: u32) -> SourceLimit {
+        SourceLimit {
+            per_second,
+            second: 0,
+            counts: HashMap::new(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Counts one query from `source`; true when it is over the limit.
+    fn exceeded(&mut self, source: IpAddr) -> bool {
+        if self.per_second == 0
+            || source == IpAddr::V4(Ipv4Addr::LOCALHOST)
+            || source == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        {
+            return false;
+        }
+        let second = self.start.elapsed().as_secs();
+        if second != self.second || self.counts.len() >= COUNTED_SOURCES {
+            self.second = second;
+            self.counts.clear();
+        }
+        let count = self.counts.entry(source).or_insert(0);
+        *count = count.saturating_add(1);
+        *count > self.per_second
+    }
+}
+
+/// The answers one UDP reader has sent for the zone it last answered from, by the query's
+/// bytes after its ID. An answer depends on nothing else (the view is the reader's), so a
+/// query seen before is answered with the same bytes under its own ID: no parsing, no
+/// encoding. A query differing in any byte (another name, case, flag or EDNS size) is a
+/// different key. Cleared when the zone is swapped, and when full.
+pub(super) struct AnswerCache {
+    zone: Arc<Zone>,
+    answers: HashMap<Box<[u8]>, Option<Box<[u8]>>>,
+    out: Vec<u8>,
+}
+
+/// Entries one reader keeps: every name of a large zone twice over (A and SRV, a few query
+/// shapes), a few hundred kilobytes.
+const CACHED_ANSWERS: usize = 8192;
+
+impl AnswerCache {
+    pub(super) fn new(zone: Arc<Zone>) -> AnswerCache {
+        AnswerCache {
+            zone,
+            answers: HashMap::new(),
+            out: Vec::with_capacity(PLAIN_PAYLOAD),
+        }
+    }
+
+    /// The answer to `query` from `zone`: from the cache, or made by `respond` and kept.
+    pub(super) fn answer(
+        &mut self,
+        zone: &Arc<Zone>,
+        query: &[u8],
+        respond: impl FnOnce(&Zone) -> Option<Vec<u8>>,
+    ) -> Option<&[u8]> {
+        // Holding the cached zone keeps its address from being reused by another zone, so
+        // equal pointers mean the same zone.
+        if !Arc::ptr_eq(&self.zone, zone) {
+            self.zone = zone.clone();
+            self.answers.clear();
+        }
+        let (Some(id), Some(key)) = (query.get(..2), query.get(2..)) else {
+            return None;
+        };
+        let answer = match self.answers.get(key) {
+            Some(answer) => answer.as_deref()?,
+            None => {
+                let answer = respond(zone);
+                if self.answers.len() >= CACHED_ANSWERS {
+                    self.answers.clear();
+                }
+                let answer = self
+                    .answers
+                    .entry(key.into())
+                    .or_insert(answer.map(Vec::into_boxed_slice));
+                answer.as_deref()?
+            }
+        };
+        self.out.clear();
+        self.out.extend_from_slice(answer);
+        // Every answer begins with its query's ID (none shorter than the header is made).
+        self.out.get_mut(..2)?.copy_from_slice(id);
+        Some(&self.out)
     }
 }
 
@@ -290,7 +449,7 @@ async fn serve_connection(
             Ok(Ok(_)) => {}
             _ => return Ok(()),
         }
-        let Some(answer) = respond(query, &view, &zone, Transport::Tcp) else {
+        let Some(answer) = respond(query, &view, &zone.load(), Transport::Tcp) else {
             return Ok(());
         };
         let mut framed = Vec::with_capacity(answer.len() + 2);
@@ -310,7 +469,7 @@ pub(super) enum Transport {
 pub(super) fn respond(
     query: &[u8],
     view: &View,
-    zone: &ArcSwap<Zone>,
+    zone: &Zone,
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let (response, limit) = match Message::from_vec(query) {
@@ -322,7 +481,7 @@ pub(super) fn respond(
                 }
                 (None, Transport::Udp) => PLAIN_PAYLOAD,
             };
-            (zone.load().answer(&request, view), limit)
+            (zone.answer(&request, view), limit)
         }
         // Someone's answer: never answered, or two servers could talk forever.
         Ok(_) => return None,

@@ -13,11 +13,15 @@ pub(crate) struct RawDns {
     pub zone: Option<Field<String>>,
     pub listen: Option<Field<Vec<String>>>,
     pub ttl: Option<Field<i64>>,
+    pub rate_limit: Option<Field<i64>>,
 }
 
 /// The longest TTL `[dns] ttl` takes: answers change with every deploy, and a day-long
 /// cache would hide that.
 const MAX_TTL: i64 = 3600;
+
+/// The highest per-source rate `[dns] rate_limit` takes; beyond it a limit limits nothing.
+const MAX_RATE_LIMIT: i64 = 1_000_000;
 
 pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) -> DnsConfig {
     let mut dns = DnsConfig::default();
@@ -61,6 +65,19 @@ pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) ->
                 format!("{ttl} is not a TTL of 0 to {MAX_TTL} seconds"),
             ),
             Err(ref message) => issues.push(field.span.clone(), "dns.ttl", message.clone()),
+        }
+    }
+    if let Some(field) = &raw.rate_limit {
+        match field.value {
+            Ok(limit @ 0..=MAX_RATE_LIMIT) => dns.rate_limit = limit as u32,
+            Ok(limit) => issues.push(
+                field.span.clone(),
+                "dns.rate_limit",
+                format!(
+                    "{limit} is not a rate of 0 (no limit) to {MAX_RATE_LIMIT} queries a second"
+                ),
+            ),
+            Err(ref message) => issues.push(field.span.clone(), "dns.rate_limit", message.clone()),
         }
     }
     dns

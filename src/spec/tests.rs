@@ -1002,11 +1002,13 @@ port = 8080
 zone = "bad..zone"
 listen = ["localhost:53", "127.0.0.1:1053"]
 ttl = 86400
+rate_limit = -1
 "#,
         expect![[r#"
             graven.toml:6:8: dns.zone: dns zone "bad..zone": not a DNS name: each label between dots is 1 to 63 letters, digits, '-' or '_'
             graven.toml:7:10: dns.listen: "localhost:53" is not IP:PORT (e.g. "127.0.0.1:1053")
-            graven.toml:8:7: dns.ttl: 86400 is not a TTL of 0 to 3600 seconds"#]],
+            graven.toml:8:7: dns.ttl: 86400 is not a TTL of 0 to 3600 seconds
+            graven.toml:9:14: dns.rate_limit: -1 is not a rate of 0 (no limit) to 1000000 queries a second"#]],
     );
     let parsed = |text: &str| {
         parse(text, Path::new("graven.toml"), Path::new("/app"), "local")
@@ -1017,7 +1019,8 @@ ttl = 86400
     assert_eq!(defaults, crate::dns::DnsConfig::default());
     let set = parsed(
         "app = \"hello\"\n[services.web]\nport = 8080\n\
-         [dns]\nzone = \"Internal.Example\"\nlisten = [\"127.0.0.1:0\", \"[::1]:53\"]\nttl = 0\n",
+         [dns]\nzone = \"Internal.Example\"\nlisten = [\"127.0.0.1:0\", \"[::1]:53\"]\nttl = 0\n\
+         rate_limit = 0\n",
     );
     assert_eq!(set.zone.to_ascii(), "internal.example.");
     assert_eq!(
@@ -1025,6 +1028,7 @@ ttl = 86400
         ["127.0.0.1:0".parse().unwrap(), "[::1]:53".parse().unwrap()]
     );
     assert_eq!(set.ttl, 0);
+    assert_eq!(set.rate_limit, 0);
 }
 
 #[test]

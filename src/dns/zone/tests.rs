@@ -499,7 +499,7 @@ fn a_big_answer_is_truncated_over_plain_udp_and_whole_with_edns_or_tcp() {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     events.push(routed("web", &names));
     let web = snapshot("hello", "production", events, &[("web", "127.0.0.1:8080")]);
-    let zone = arc_swap::ArcSwap::from_pointee(zone(&[web]));
+    let zone = zone(&[web]);
     let ask = |edns: bool, transport: Transport| {
         let mut request = query("instances.web.production.hello.graven.", RecordType::A);
         if edns {
@@ -566,4 +566,45 @@ fn an_ipv6_route_is_aaaa() {
             web.production.hello.graven. 5 IN A 10.213.0.7
         "#]],
     );
+}
+
+/// A UDP reader answers a query it has seen with the bytes it made the first time, under the
+/// new query's own ID; another name, or the same name in another case, is made afresh, and
+/// so is everything once the zone is swapped.
+#[test]
+fn a_cached_answer_carries_its_query_s_id_and_follows_the_zone() {
+    use crate::dns::server::{AnswerCache, Transport, respond};
+    let first = Arc::new(zone(&[hello()]));
+    let mut cache = AnswerCache::new(first.clone());
+    let mut ask = |zone: &Arc<Zone>, id: u16, name: &str| {
+        let mut request = query(name, RecordType::A);
+        request.metadata.id = id;
+        let bytes = request.to_vec().unwrap();
+        let mut made = false;
+        let answer = cache
+            .answer(zone, &bytes, |zone| {
+                made = true;
+                respond(&bytes, &HOST, zone, Transport::Udp)
+            })
+            .map(|answer| Message::from_vec(answer).unwrap())
+            .unwrap();
+        assert_eq!(answer.metadata.id, id);
+        (render(&answer), made)
+    };
+    let web = "web.production.hello.graven.";
+    let (answer, made) = ask(&first, 1, web);
+    assert!(made);
+    assert_eq!(ask(&first, 2, web), (answer.clone(), false));
+    assert_eq!(ask(&first, 3, web), (answer.clone(), false));
+    let (shouted, made) = ask(&first, 4, "WEB.production.hello.graven.");
+    assert!(made);
+    assert!(shouted.contains("WEB.production"), "{shouted}");
+    let (_, made) = ask(&first, 5, "db.production.hello.graven.");
+    assert!(made);
+    // A zone without the service: the name is gone at once.
+    let second = Arc::new(zone(&[]));
+    let (gone, made) = ask(&second, 6, web);
+    assert!(made);
+    assert!(gone.starts_with("Non-Existent Domain"), "{gone}");
+    assert_ne!(gone, answer);
 }
