@@ -27,10 +27,10 @@ pub struct ClusterArgs {
     #[arg(long, env = "GRAVEN_REGISTRY")]
     pub registry: Option<String>,
     /// The namespace of every object (default: APP-ENV).
-    #[arg(long)]
+    #[arg(long, requires = "runtime")]
     pub namespace: Option<String>,
     /// An image of the store (tag, digest or unique prefix) instead of building and baking.
-    #[arg(long)]
+    #[arg(long, requires = "runtime")]
     pub image: Option<String>,
     /// The storage each named volume's claim asks for.
     #[arg(long, default_value = "1Gi")]

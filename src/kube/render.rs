@@ -624,3 +624,57 @@ fn no_outbound(options: &Options, workload: &Workload) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_dns_labels_without_meeting() {
+        let check = |name: &str, expected: &str| assert_eq!(label_of(name), expected, "{name}");
+        check("pgdata", "pgdata");
+        check(
+            "db.var-lib-postgresql-data",
+            "db-var-lib-postgresql-data-19ad4ff2c4",
+        );
+        check("db.srv-my_2dapp", "db-srv-my-2dapp-58b0515051");
+        check("tmpfs-run", "tmpfs-run");
+        // Two names that clean to the same text keep apart by their hashes.
+        assert_ne!(label_of("a.b"), label_of("a_b"));
+        let long = label_of(&format!("x.{}", "y".repeat(80)));
+        assert!(check_label(&long).is_ok(), "{long}");
+    }
+
+    #[test]
+    fn probe_seconds_round_up_to_kubernetes_minimum() {
+        let check = |ms: u64, expected: u64| {
+            assert_eq!(seconds(Duration::from_millis(ms)), expected, "{ms} ms")
+        };
+        check(0, 1);
+        check(200, 1);
+        check(1000, 1);
+        check(1001, 2);
+        check(30_000, 30);
+    }
+
+    #[test]
+    fn registries_are_host_and_path() {
+        for good in [
+            "registry.example.com",
+            "127.0.0.1:5000/team",
+            "ghcr.io/org/sub",
+        ] {
+            assert!(check_registry(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "https://ghcr.io",
+            "ghcr.io/org/",
+            "Ghcr.io",
+            "a b",
+            "x@sha256:00",
+        ] {
+            assert!(check_registry(bad).is_err(), "{bad}");
+        }
+    }
+}
