@@ -236,3 +236,50 @@ fn stateful_service_becomes_a_statefulset() {
             .is_some()
     );
 }
+
+#[test]
+fn refused_apply_rolls_back_the_workloads_already_changed() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    project(dir.path(), true);
+    let first = test_image(home.path(), "first", "first\n");
+    test_image(home.path(), "second", "second\n");
+    let sim = KubeSim::start();
+    let output = deploy(home.path(), dir.path(), &sim, "first");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let db_release = release_of(&sim.object(STATEFULSET).unwrap());
+
+    // db (applied first) rolls out the second release, then web's apply is refused.
+    sim.refuse(DEPLOYMENT);
+    let output = deploy(home.path(), dir.path(), &sim, "second");
+    assert!(!output.status.success());
+    let report = report(&output);
+    assert!(
+        report["failure"]
+            .as_str()
+            .unwrap()
+            .contains("refused by the test"),
+        "{report:#}"
+    );
+    assert_eq!(report["workloads"][0]["outcome"]["outcome"], "rolled_back");
+    assert_eq!(
+        report["workloads"][0]["outcome"]["release"],
+        db_release.as_str()
+    );
+    let set = sim.object(STATEFULSET).unwrap();
+    assert_eq!(
+        image_of(&set),
+        format!("registry.example.com/team/shop@{first}")
+    );
+    // Three applies of db: the first release, the second, and the first again.
+    let patches = sim
+        .requests()
+        .iter()
+        .filter(|r| *r == &format!("PATCH {STATEFULSET}"))
+        .count();
+    assert_eq!(patches, 3);
+}

@@ -210,7 +210,7 @@ impl StopSignal {
 }
 
 /// Loads graven.toml, printing every problem it has.
-fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
+pub(super) fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
     let dir = std::fs::canonicalize(dir)
         .with_context(|| format!("project directory {}", dir.display()))?;
     spec::load(&dir, environment).map_err(|errors| anyhow::anyhow!("{errors}"))

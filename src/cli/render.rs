@@ -146,15 +146,9 @@ fn run_as(home: &Path, image: &Digest, user: Option<&str>) -> anyhow::Result<(u3
     )?)
 }
 
-fn load(dir: &Path, environment: &str) -> anyhow::Result<Project> {
-    let dir = std::fs::canonicalize(dir)
-        .with_context(|| format!("project directory {}", dir.display()))?;
-    crate::spec::load(&dir, environment).map_err(|errors| anyhow::anyhow!("{errors}"))
-}
-
 pub fn render(home: &Path, args: RenderArgs) -> anyhow::Result<ExitCode> {
     let Runtime::Kubernetes = args.runtime;
-    let project = load(&args.dir, &args.environment)?;
+    let project = super::project::load_project(&args.dir, &args.environment)?;
     let (options, workloads) = workloads(home, &project, &args.cluster)?;
     let objects = kube::render(&options, &workloads)?;
     if args.output == "-" {
@@ -189,7 +183,7 @@ pub fn deploy(
         .server
         .context("--server is needed: the API server, http://HOST:PORT (a `kubectl proxy`)")?;
     let client = kube::api::Client::new(&server, args.token)?;
-    let project = load(dir, environment)?;
+    let project = super::project::load_project(dir, environment)?;
     let (options, workloads) = workloads(home, &project, &args.cluster)?;
     let objects = kube::render(&options, &workloads)?;
     let runtime = super::async_runtime(super::Threads::One)?;
@@ -212,6 +206,9 @@ pub fn deploy(
                 ),
                 kube::api::WorkloadOutcome::Removed => "removed (no release before)".to_owned(),
                 kube::api::WorkloadOutcome::Skipped => "not applied".to_owned(),
+                kube::api::WorkloadOutcome::RollbackFailed { reason } => {
+                    format!("its rollback failed: {reason}")
+                }
             };
             println!(
                 "{} {} release {}: {outcome}",

@@ -235,6 +235,8 @@ pub enum WorkloadOutcome {
     Removed,
     /// Not applied: an earlier workload of the deploy failed first.
     Skipped,
+    /// Its rollback could not be applied (the API server refused or did not answer).
+    RollbackFailed { reason: String },
 }
 
 /// A deploy's result: every workload's outcome, and why it failed, if it did.
@@ -312,6 +314,32 @@ async fn watch(
     }
 }
 
+/// Puts the workload at `path` back as it was `before` this deploy, or removes it when
+/// there was none, and watches the rollback's rollout.
+async fn roll_back(
+    client: &Client,
+    path: &str,
+    before: Option<&Value>,
+    poll: Duration,
+    progress: &mut dyn FnMut(&str),
+) -> Result<WorkloadOutcome, KubeError> {
+    let Some(before) = before else {
+        progress("removing it (no release before this one)");
+        client.delete(path).await?;
+        return Ok(WorkloadOutcome::Removed);
+    };
+    let release = release_of(before);
+    progress(&format!(
+        "rolling back to release {}",
+        release.as_deref().unwrap_or("(unlabelled)")
+    ));
+    client.apply(&reapplicable(before.clone())).await?;
+    if let Err(why) = watch(client, path, deadline_of(before), poll, progress).await? {
+        progress(&format!("the rollback is not healthy either: {why}"));
+    }
+    Ok(WorkloadOutcome::RolledBack { release })
+}
+
 /// Applies `objects` (in `render`'s order) and watches each workload's rollout; on a
 /// failure, rolls every workload it changed back. `progress` hears what it waits for.
 pub async fn deploy(
@@ -351,47 +379,40 @@ pub async fn deploy(
             "{} {name}: applying release {}",
             reports[index].kind, reports[index].release
         ));
-        client.apply(object).await?;
+        // Counted before the apply: a refused or lost apply may still have changed it, and
+        // putting back what was read is harmless when it did not.
         applied = index + 1;
         let mut hear = |what: &str| progress(&format!("{name}: {what}"));
-        match watch(client, &path, deadline_of(object), poll, &mut hear).await? {
-            Ok(()) => reports[index].outcome = WorkloadOutcome::RolledOut,
-            Err(why) => {
+        let watched = match client.apply(object).await {
+            Ok(_) => watch(client, &path, deadline_of(object), poll, &mut hear).await,
+            Err(error) => Err(error),
+        };
+        match watched {
+            Ok(Ok(())) => reports[index].outcome = WorkloadOutcome::RolledOut,
+            Ok(Err(why)) => {
                 failure = Some(format!("{} {name}: {why}", reports[index].kind));
+                break;
+            }
+            Err(error) => {
+                failure = Some(format!("{} {name}: {error}", reports[index].kind));
                 break;
             }
         }
     }
     if failure.is_some() {
-        // Every workload this deploy changed goes back, the failed one first.
+        // Every workload this deploy changed goes back, the failed one first; one that
+        // cannot be put back is said and the others still are.
         for index in (0..applied).rev() {
-            let object = workloads[index];
-            let path = object_path(object)?;
+            let path = object_path(workloads[index])?;
             let name = reports[index].name.clone();
-            match &previous[index] {
-                Some(before) => {
-                    let release = release_of(before);
-                    progress(&format!(
-                        "{name}: rolling back to release {}",
-                        release.as_deref().unwrap_or("(unlabelled)")
-                    ));
-                    client.apply(&reapplicable(before.clone())).await?;
-                    let mut hear = |what: &str| progress(&format!("{name}: {what}"));
-                    if let Err(why) =
-                        watch(client, &path, deadline_of(before), poll, &mut hear).await?
-                    {
-                        progress(&format!(
-                            "{name}: the rollback is not healthy either: {why}"
-                        ));
-                    }
-                    reports[index].outcome = WorkloadOutcome::RolledBack { release };
-                }
-                None => {
-                    progress(&format!("{name}: removing it (no release before this one)"));
-                    client.delete(&path).await?;
-                    reports[index].outcome = WorkloadOutcome::Removed;
-                }
-            }
+            let mut hear = |what: &str| progress(&format!("{name}: {what}"));
+            reports[index].outcome =
+                match roll_back(client, &path, previous[index].as_ref(), poll, &mut hear).await {
+                    Ok(outcome) => outcome,
+                    Err(error) => WorkloadOutcome::RollbackFailed {
+                        reason: error.to_string(),
+                    },
+                };
         }
     }
     Ok(Report {

@@ -65,7 +65,7 @@ pub fn render(options: &Options, workloads: &[Workload]) -> Result<Vec<Value>, K
     }
     let mut workloads: Vec<&Workload> = workloads.iter().collect();
     workloads.sort_by(|a, b| a.service.cmp(&b.service));
-    let mut namespace = vec![json!({
+    let mut objects = vec![json!({
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {
@@ -96,9 +96,9 @@ pub fn render(options: &Options, workloads: &[Workload]) -> Result<Vec<Value>, K
         apps.push(pod.workload(options));
     }
     for group in [config_maps, secrets, services, policies, apps] {
-        namespace.extend(group);
+        objects.extend(group);
     }
-    Ok(namespace)
+    Ok(objects)
 }
 
 /// The objects as a YAML stream of JSON documents (JSON is YAML), which `kubectl apply -f`

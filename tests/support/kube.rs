@@ -29,6 +29,8 @@ struct State {
     requests: Vec<String>,
     /// Image name fragments whose pods never become available.
     never_available: Vec<String>,
+    /// Paths whose applies are refused as invalid.
+    refused: Vec<String>,
     /// Replicas available when the last rollout of each workload finished.
     stable: BTreeMap<String, u64>,
     /// Reads of each workload's status since its generation changed.
@@ -108,6 +110,11 @@ impl KubeSim {
             .unwrap()
             .never_available
             .push(fragment.to_owned());
+    }
+
+    /// Applies to `path` are refused (422, as an admission webhook or a validation would).
+    pub fn refuse(&self, path: &str) {
+        self.state.lock().unwrap().refused.push(path.to_owned());
     }
 
     pub fn object(&self, path: &str) -> Option<Value> {
@@ -255,6 +262,13 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "UnsupportedMediaType",
                     "only server-side apply with a field manager is simulated",
+                );
+            }
+            if state.refused.contains(&path) {
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "refused by the test",
                 );
             }
             let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
