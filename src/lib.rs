@@ -11,6 +11,7 @@ pub mod controller;
 pub mod deploy;
 pub mod dns;
 pub mod events;
+pub mod kube;
 // A test and benchmark tool, built only with the `dev-tools` feature (Cargo.toml says when).
 #[cfg(feature = "dev-tools")]
 pub mod loadgen;

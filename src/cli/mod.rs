@@ -20,6 +20,7 @@ mod project;
 #[cfg(feature = "dev-tools")]
 mod proxy;
 mod registry;
+mod render;
 mod secrets;
 #[cfg(feature = "dev-tools")]
 mod synthetic;
@@ -71,6 +72,8 @@ pub enum Command {
     Daemon(project::DaemonArgs),
     /// Build, bake and roll out a new release of the project's services.
     Deploy(project::DeployArgs),
+    /// Write an environment's manifests for another runtime (`--runtime kubernetes`).
+    Render(render::RenderArgs),
     /// Roll back to the previous release (or `--to N`) through the same rolling path.
     Rollback(project::RollbackArgs),
     /// Services, their wanted release, deploys in progress and instances.
@@ -221,6 +224,7 @@ pub fn main() -> ExitCode {
         Command::Daemon(args) => project::daemon(&home, args),
         Command::Deploy(args) => project::deploy(&home, args),
         Command::Rollback(args) => project::rollback(&home, args),
+        Command::Render(args) => render::render(&home, args),
         Command::Status(args) => project::status(&home, args),
         Command::Releases(args) => project::releases(&home, args),
         Command::History(args) => project::history(&home, args),

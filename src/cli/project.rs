@@ -100,6 +100,9 @@ pub struct DeployArgs {
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+    /// `--runtime kubernetes` and its options (docs/kubernetes.md).
+    #[command(flatten)]
+    pub remote: super::render::RemoteDeployArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,14 +210,14 @@ impl StopSignal {
 }
 
 /// Loads graven.toml, printing every problem it has.
-fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
+pub(super) fn load_project(dir: &Path, environment: &str) -> anyhow::Result<Project> {
     let dir = std::fs::canonicalize(dir)
         .with_context(|| format!("project directory {}", dir.display()))?;
     spec::load(&dir, environment).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
 /// Runs the build step and bakes the image (`deploy::prepare`), printing each step.
-fn prepare(home: &Path, project: &Project, resume: bool) -> anyhow::Result<DeployOrder> {
+pub(super) fn prepare(home: &Path, project: &Project, resume: bool) -> anyhow::Result<DeployOrder> {
     let mut progress = |step: Step<'_>| match step {
         Step::Build { command } => note!("graven: build: {command}"),
         Step::Baked(crate::bake::Progress::Finished {
@@ -539,6 +542,7 @@ fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             dir: args.dir,
             environment: args.environment,
             json: args.json,
+            remote: Default::default(),
         },
         true,
     )?;
@@ -740,6 +744,10 @@ async fn finish(
 }
 
 pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
+    if args.remote.runtime.is_some() {
+        let remote = args.remote;
+        return super::render::deploy(home, &args.dir, &args.environment, args.json, remote);
+    }
     deploy_to_daemon(home, args, false)
 }
 

@@ -77,12 +77,7 @@ pub fn prepare(
     resume: bool,
     progress: &mut dyn FnMut(Step<'_>),
 ) -> Result<DeployOrder, DeployError> {
-    let store = Secrets::open(home, &project.app, &project.environment)
-        .map_err(DeployError::SecretStore)?;
-    let mut pinned = BTreeMap::new();
-    for service in project.services.values() {
-        pinned.insert(service.name.clone(), pin(&store, project, service)?);
-    }
+    let pinned = pin_all(home, project)?;
     if let Some(build) = &project.build {
         progress(Step::Build {
             command: &build.command,
@@ -110,6 +105,43 @@ pub fn prepare(
         }
     }
     let image = bake_image(home, project, progress)?;
+    describe(home, project, image, pinned, resume)
+}
+
+/// What [`prepare`] does after the bake, for an image already in the store (`graven render
+/// --image`, `graven deploy --runtime kubernetes --image`): pins the secrets the services name
+/// and describes each service's release from `image`. Nothing is built or baked.
+pub fn prepare_image(
+    home: &Path,
+    project: &Project,
+    image: Digest,
+) -> Result<DeployOrder, DeployError> {
+    let pinned = pin_all(home, project)?;
+    describe(home, project, image, pinned, false)
+}
+
+/// The latest version of every secret each service names, by service.
+fn pin_all(
+    home: &Path,
+    project: &Project,
+) -> Result<BTreeMap<String, BTreeMap<String, SecretRef>>, DeployError> {
+    let store = Secrets::open(home, &project.app, &project.environment)
+        .map_err(DeployError::SecretStore)?;
+    let mut pinned = BTreeMap::new();
+    for service in project.services.values() {
+        pinned.insert(service.name.clone(), pin(&store, project, service)?);
+    }
+    Ok(pinned)
+}
+
+/// Each service's release from the baked `image`, with the secrets `pinned` for it.
+fn describe(
+    home: &Path,
+    project: &Project,
+    image: Digest,
+    mut pinned: BTreeMap<String, BTreeMap<String, SecretRef>>,
+    resume: bool,
+) -> Result<DeployOrder, DeployError> {
     let image_config = crate::store::Store::open(home)
         .and_then(|store| store.image(&image))
         .map_err(|source| DeployError::ImageRead {

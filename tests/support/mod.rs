@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod docker;
 pub mod fuzzing;
 pub mod imagefs;
+pub mod kube;
 pub mod load;
 pub mod proxy;
 pub mod runtime;
