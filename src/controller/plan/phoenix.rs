@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use super::{Action, Round};
 use crate::events::{
     CondemnReason, InstanceName, InstanceState, Lifecycle, PhoenixConfig, Release, ServiceName,
-    Strategy, Window,
+    State, Strategy, Window,
 };
 
 /// Condemns the due instances of every wanted service with a phoenix table, within each
@@ -110,6 +110,17 @@ fn plan_service(round: &mut Round<'_>, service: &ServiceName, release: &Release)
         });
         healthy -= cost;
     }
+}
+
+/// When the planner will recycle `instance` (ms since the epoch), as `status` shows it: none
+/// when its service has no phoenix table, is stop-first without `stop_first`, or the instance
+/// is not of the wanted release (a rollout replaces it).
+pub fn recycle_due_ms(state: &State, instance: &InstanceState) -> Option<u64> {
+    let release = state.wanted_release(&instance.service)?;
+    let config = release.config.phoenix.as_ref()?;
+    let stop_first = super::recreate::applies(state, &instance.service, release);
+    (release.number == instance.release && (config.stop_first || !stop_first))
+        .then(|| due_ms(instance, config))
 }
 
 /// When `instance` is due to be recycled (ms since the epoch): its launch, plus `max_age`,
