@@ -245,6 +245,11 @@ fn nothing_is_recycled_outside_the_window_however_overdue() {
     support::wait_for(Duration::from_secs(60), "the instances overdue", || {
         let status = status(&home)?;
         let web = instances_of(&status, "web");
+        let replaced: Vec<&String> = web.keys().filter(|n| !first.contains_key(*n)).collect();
+        assert!(
+            replaced.is_empty(),
+            "{replaced:?} launched outside the window"
+        );
         web.values()
             .all(|i| i["age_ms"].as_u64().is_some_and(|age| age > 5_000))
             .then_some(())
