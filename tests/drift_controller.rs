@@ -224,7 +224,7 @@ fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/events/v2/condemn_reasons")
 }
 
-/// Each drift reason as the log writes it inside `instance_condemned` (the kind's own
+/// Each drift (and age) reason as the log writes it inside `instance_condemned` (the kind's own
 /// golden file holds the first vocabulary's `tainted`); `UPDATE_EXPECT=1` rewrites them.
 #[test]
 fn condemn_reasons_are_written_as_their_golden_files_say() {
@@ -254,6 +254,13 @@ fn condemn_reasons_are_written_as_their_golden_files_say() {
                 pid: 4242,
                 exe: "/tmp/miner".into(),
                 cmdline: "/tmp/miner --pool x".into(),
+            },
+        ),
+        (
+            "aged",
+            CondemnReason::Aged {
+                age: Duration::from_millis(86_412_345),
+                max_age: Duration::from_secs(86_400),
             },
         ),
     ];

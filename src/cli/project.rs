@@ -868,7 +868,28 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
         snapshot.syslog = api::syslog::report(home, &snapshot.app, &snapshot.environment);
     }
     if args.json {
-        say!("{}", serde_json::to_string_pretty(&snapshots)?);
+        let now = now_ms();
+        let mut shown = Vec::new();
+        for snapshot in &snapshots {
+            let mut value = serde_json::to_value(snapshot)?;
+            // Each instance's age and, under phoenix, when it is due to be recycled: facts of
+            // the moment, added beside the fold's state rather than in it.
+            if let Some(instances) = value["state"]["instances"].as_object_mut() {
+                for (name, shown) in instances.iter_mut() {
+                    let Some(instance) = snapshot.state.instances.get(name.as_str()) else {
+                        continue;
+                    };
+                    shown["age_ms"] = now.saturating_sub(instance.launched_at_ms).into();
+                    if let Some(due) =
+                        crate::controller::plan::phoenix::recycle_due_ms(&snapshot.state, instance)
+                    {
+                        shown["recycle_due_ms"] = due.into();
+                    }
+                }
+            }
+            shown.push(value);
+        }
+        say!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(ExitCode::SUCCESS);
     }
     if offline {
@@ -941,9 +962,13 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                 if let Some(detail) = &instance.detail {
                     say!("      last health check: {detail}");
                 }
-                // Why it is being replaced: an exec, or drift with its evidence.
+                // Why it is being replaced: an exec, drift with its evidence, or its age.
                 if let Some(reason) = &instance.condemned {
                     say!("      condemned: {reason}");
+                } else if let Some(due) =
+                    crate::controller::plan::phoenix::recycle_due_ms(state, instance)
+                {
+                    say!("      {}", recycle_text(state, instance, due));
                 }
             }
         }
@@ -952,6 +977,31 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// When an instance is recycled: in how long, or since when it is due and what it waits
+/// for (its window, or the budget).
+fn recycle_text(
+    state: &crate::events::State,
+    instance: &crate::events::InstanceState,
+    due: u64,
+) -> String {
+    let window = state
+        .wanted_release(&instance.service)
+        .and_then(|r| r.config.phoenix.as_ref()?.window.as_ref())
+        .map(|w| format!(" (window {w})"))
+        .unwrap_or_default();
+    let now = now_ms();
+    let round = |ms: u64| humantime::format_duration(Duration::from_secs(ms / 1000));
+    if due > now {
+        format!("recycled in {}{window}", round(due - now))
+    } else {
+        format!(
+            "due for recycling {} ago{window}: waits for its window, a rollout or a \
+             replacement under way",
+            round(now - due)
+        )
+    }
 }
 
 /// The syslog counters, as of when the control plane last wrote them.

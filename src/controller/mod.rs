@@ -443,6 +443,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         appended,
         drift_last: None,
         drift_checking: false,
+        missing_zones: BTreeSet::new(),
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -488,6 +489,8 @@ struct Shell {
     /// When the last drift check started, and whether one runs (`check_drift`).
     drift_last: Option<tokio::time::Instant>,
     drift_checking: bool,
+    /// Phoenix windows' time zones not found, said once each.
+    missing_zones: BTreeSet<String>,
 }
 
 struct Unwritable {
@@ -1420,6 +1423,35 @@ impl Shell {
         });
     }
 
+    /// The time zones the wanted releases' phoenix windows name, from the system's database
+    /// (jiff caches what it read); one it cannot find is left out, and said once.
+    fn phoenix_zones(&mut self) -> BTreeMap<String, jiff::tz::TimeZone> {
+        let mut zones = BTreeMap::new();
+        let names: BTreeSet<String> = self
+            .state
+            .services
+            .values()
+            .filter_map(|s| self.state.releases.get(&s.wanted?))
+            .filter_map(|r| r.config.phoenix.as_ref()?.window.as_ref()?.zone.clone())
+            .collect();
+        for name in names {
+            match jiff::tz::TimeZone::get(&name) {
+                Ok(zone) => {
+                    zones.insert(name, zone);
+                }
+                Err(error) => {
+                    if self.missing_zones.insert(name.clone()) {
+                        warn(format_args!(
+                            "graven: time zone {name:?} of a phoenix window: {error}; \
+                             no recycles until it is found"
+                        ));
+                    }
+                }
+            }
+        }
+        zones
+    }
+
     /// Plans and carries out one round of decisions.
     async fn step(&mut self, listed: bool) -> Result<(), ControllerError> {
         self.check_drift();
@@ -1431,6 +1463,7 @@ impl Shell {
             prepared: self.prepared.clone(),
             since_ms: self.since_ms,
             name_suffix: format!(".{}.{}", self.options.environment, self.options.app),
+            zones: self.phoenix_zones(),
         };
         if listed {
             match self.options.runtime.list().await {

@@ -451,6 +451,12 @@ pub enum CondemnReason {
         exe: String,
         cmdline: String,
     },
+    /// It reached its service's `max_age` (phoenix): recycled, not suspected of anything.
+    Aged {
+        /// How long it had lived when condemned.
+        age: Duration,
+        max_age: Duration,
+    },
 }
 
 /// What changed about one file of an image's root.
@@ -484,7 +490,7 @@ impl CondemnReason {
     /// Whether it was condemned for drift (its root or its programs), not an exec.
     pub fn is_drift(&self) -> bool {
         match self {
-            CondemnReason::Tainted => false,
+            CondemnReason::Tainted | CondemnReason::Aged { .. } => false,
             CondemnReason::RootChanged { .. } | CondemnReason::ForeignProgram { .. } => true,
         }
     }
@@ -513,6 +519,12 @@ impl std::fmt::Display for CondemnReason {
             CondemnReason::ForeignProgram { pid, exe, cmdline } => write!(
                 f,
                 "process {pid} runs {exe}, which is not in its image ({cmdline})"
+            ),
+            CondemnReason::Aged { age, max_age } => write!(
+                f,
+                "it is {} old, past its max_age of {}",
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+                humantime::format_duration(*max_age)
             ),
         }
     }
@@ -644,6 +656,61 @@ pub struct ServiceConfig {
     /// `[services.NAME.drift]`; left out when it is the default, for the same reason.
     #[serde(default, skip_serializing_if = "DriftConfig::is_default")]
     pub drift: DriftConfig,
+    /// `[services.NAME.phoenix]`: instances are recycled past an age. Left out when absent,
+    /// so configs without it serialize and hash as before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phoenix: Option<PhoenixConfig>,
+}
+
+/// How a service's instances are recycled once they reach an age (`[services.NAME.phoenix]`,
+/// docs/phoenix.md): each is condemned at `launched + max_age + offset` (the offset in
+/// `[0, jitter)`, taken from its name) and replaced surge-first like a drifted one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoenixConfig {
+    pub max_age: Duration,
+    #[serde(default, skip_serializing_if = "Duration::is_zero")]
+    pub jitter: Duration,
+    /// When in the day recycles may start; none: at any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    /// Recycles (and other replacements of condemned instances) in flight at once.
+    pub max_at_once: u32,
+    /// A stop-first service (stateful, or sharing a named volume) is recycled too: each
+    /// recycle is a moment without the service. Left out when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stop_first: bool,
+}
+
+/// A daily span of wall-clock time, `start` inclusive and `end` exclusive, in minutes after
+/// midnight; `end < start` wraps past midnight. `zone` is an IANA name; none: UTC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub start_minute: u16,
+    pub end_minute: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+impl Window {
+    /// Whether `minute` (after midnight, in the window's zone) is inside.
+    pub fn contains(&self, minute: u16) -> bool {
+        if self.start_minute <= self.end_minute {
+            (self.start_minute..self.end_minute).contains(&minute)
+        } else {
+            minute >= self.start_minute || minute < self.end_minute
+        }
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{}-{}", hm(self.start_minute), hm(self.end_minute))?;
+        match &self.zone {
+            Some(zone) => write!(f, " {zone}"),
+            None => f.write_str(" UTC"),
+        }
+    }
 }
 
 /// How drift is watched for in a service's instances (`[services.NAME.drift]`).
@@ -844,6 +911,8 @@ impl ServiceConfig {
             tmpfs: &'a BTreeMap<String, u64>,
             #[serde(skip_serializing_if = "DriftConfig::is_default")]
             drift: &'a DriftConfig,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            phoenix: &'a Option<PhoenixConfig>,
         }
         #[derive(Serialize)]
         struct CanonicalHealth<'a> {
@@ -925,6 +994,7 @@ impl ServiceConfig {
             user: &self.user,
             tmpfs: &self.tmpfs,
             drift: &self.drift,
+            phoenix: &self.phoenix,
         };
         let json = serde_json::to_vec(&canonical).expect("the canonical config serializes");
         Digest::of(&json)
@@ -997,6 +1067,17 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 exec_tmp: service.drift.exec_tmp,
                 allow_exec: service.drift.allow_exec.clone(),
             },
+            phoenix: service.phoenix.as_ref().map(|p| PhoenixConfig {
+                max_age: p.max_age,
+                jitter: p.jitter,
+                window: p.window.as_ref().map(|w| Window {
+                    start_minute: w.start_minute,
+                    end_minute: w.end_minute,
+                    zone: w.zone.clone(),
+                }),
+                max_at_once: p.max_at_once,
+                stop_first: p.stop_first,
+            }),
             limits: LimitsConfig {
                 memory_bytes: limits.memory_bytes,
                 pids: limits.pids,
@@ -1059,6 +1140,7 @@ impl ServiceConfig {
             user: None,
             tmpfs: Default::default(),
             drift: DriftConfig::default(),
+            phoenix: None,
         }
     }
 }

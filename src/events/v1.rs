@@ -160,6 +160,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 user: None,
                 tmpfs: Default::default(),
                 drift: Default::default(),
+                phoenix: None,
             },
             source: None,
         },

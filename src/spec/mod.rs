@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod logs;
+mod phoenix;
 mod problem;
 mod raw;
 mod validate;
@@ -127,6 +128,31 @@ pub struct Service {
     pub outbound: bool,
     /// `[services.NAME.drift]`.
     pub drift: Drift,
+    /// `[services.NAME.phoenix]`; none: instances live until replaced for another reason.
+    pub phoenix: Option<Phoenix>,
+}
+
+/// How a service's instances are recycled once they reach an age (docs/phoenix.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Phoenix {
+    pub max_age: Duration,
+    /// Each instance's due time is later by up to this much, taken from its name.
+    pub jitter: Duration,
+    /// When in the day recycles may start; none: at any time.
+    pub window: Option<Window>,
+    /// Recycles in flight at once.
+    pub max_at_once: u32,
+    /// A stop-first (stateful) service is recycled too.
+    pub stop_first: bool,
+}
+
+/// A daily span of wall-clock time in minutes after midnight, `end < start` wrapping past
+/// midnight; `zone` an IANA name known to the system (none: UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Window {
+    pub start_minute: u16,
+    pub end_minute: u16,
+    pub zone: Option<String>,
 }
 
 /// How drift is watched for in a service's instances (docs/drift.md).

@@ -147,6 +147,7 @@ pub(crate) struct RawService {
     /// Path → size; `validate` checks both.
     pub tmpfs: Option<Spanned<Named<Field<Value>>>>,
     pub drift: Option<Spanned<RawDrift>>,
+    pub phoenix: Option<Spanned<super::phoenix::RawPhoenix>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -294,7 +294,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "route_threads", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "route_threads", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift", "phoenix")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -1067,5 +1067,70 @@ route_threads = 1
             graven.toml:6:17: services.web.route_threads: 0 is out of range: it must be between 1 and 256
             graven.toml:10:17: services.api.route_threads: 257 is out of range: it must be between 1 and 256
             graven.toml:12:17: services.worker.route_threads: route_threads needs a route"#]],
+    );
+}
+
+#[test]
+fn phoenix_keys_per_service_and_per_environment() {
+    let source = r#"
+app = "a"
+[services.web]
+port = 80
+phoenix = { max_age = "6s", jitter = "3s", window = "22:00-02:00 Europe/Paris" }
+[services.api]
+port = 81
+[environments.production.services.web.phoenix]
+max_age = "24h"
+max_at_once = 2
+"#;
+    let parsed = |environment: &str| {
+        parse(
+            source,
+            Path::new("graven.toml"),
+            Path::new("/app"),
+            environment,
+        )
+        .unwrap()
+    };
+    let local = parsed("local");
+    assert_eq!(
+        local.services["web"].phoenix,
+        Some(super::Phoenix {
+            max_age: Duration::from_secs(6),
+            jitter: Duration::from_secs(3),
+            window: Some(super::Window {
+                start_minute: 22 * 60,
+                end_minute: 2 * 60,
+                zone: Some("Europe/Paris".to_owned()),
+            }),
+            max_at_once: 1,
+            stop_first: false,
+        })
+    );
+    assert_eq!(local.services["api"].phoenix, None);
+    // An overlay replaces the keys it sets, one by one.
+    let production = parsed("production").services["web"]
+        .phoenix
+        .clone()
+        .unwrap();
+    assert_eq!(production.max_age, Duration::from_secs(24 * 3600));
+    assert_eq!(production.jitter, Duration::from_secs(3));
+    assert_eq!(production.max_at_once, 2);
+    check(
+        r#"app = "a"
+[services.web]
+port = 80
+phoenix = { max_age = "0s", jitter = "soon", window = "02:00-05:00 Europe/Pariss", max_at_once = 0, every = 1 }
+[services.api]
+port = 81
+phoenix = { jitter = "1h" }
+"#,
+        expect![[r#"
+            graven.toml:4:23: services.web.phoenix.max_age: "0s" must be longer than zero
+            graven.toml:4:38: services.web.phoenix.jitter: "soon" is not a duration (try "1s", "500ms")
+            graven.toml:4:55: services.web.phoenix.window: "Europe/Pariss" is not a time zone this machine knows (failed to find time zone `Europe/Pariss` in time zone database)
+            graven.toml:4:98: services.web.phoenix.max_at_once: 0 is out of range: it must be between 1 and 1000
+            graven.toml:4:101: services.web.phoenix.every: unknown field "every" (known: "max_age", "jitter", "window", "max_at_once", "stop_first")
+            graven.toml:7:11: services.api.phoenix: a phoenix table needs max_age, how old an instance may get (e.g. max_age = "24h")"#]],
     );
 }

@@ -84,6 +84,7 @@ struct Partial {
     drift_interval: Option<At<Duration>>,
     exec_tmp: Option<At<bool>>,
     allow_exec: Option<At<Vec<String>>>,
+    phoenix: super::phoenix::Partial,
 }
 
 impl Partial {
@@ -132,6 +133,7 @@ impl Partial {
             drift_interval: pick(&overlay.drift_interval, &self.drift_interval),
             exec_tmp: pick(&overlay.exec_tmp, &self.exec_tmp),
             allow_exec: pick(&overlay.allow_exec, &self.allow_exec),
+            phoenix: self.phoenix.overlaid(&overlay.phoenix),
         }
     }
 }
@@ -272,6 +274,9 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
     }
     if let Some(drift) = &raw.drift {
         check_drift(drift.get_ref(), &path("drift"), issues, &mut partial);
+    }
+    if let Some(phoenix) = &raw.phoenix {
+        partial.phoenix = super::phoenix::check(phoenix, &path("phoenix"), issues);
     }
     partial
 }
@@ -575,7 +580,9 @@ fn resolve_service(
         );
     }
     let stateful_ok = check_stateful(name, merged, &volumes, &in_environment, issues);
-    if !(surge_ok && health_ok && stateful_ok && threads_ok) || mounts.is_err() {
+    let phoenix = merged.phoenix.resolve(&in_environment, issues);
+    let phoenix_ok = phoenix.is_some() || !merged.phoenix.written();
+    if !(surge_ok && health_ok && stateful_ok && threads_ok && phoenix_ok) || mounts.is_err() {
         return None;
     }
     let value =
@@ -658,6 +665,7 @@ fn resolve_service(
                 .map(|a| a.value.clone())
                 .unwrap_or_default(),
         },
+        phoenix,
         volumes,
         tmpfs,
         limits: Limits {

@@ -49,6 +49,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         user: None,
         tmpfs: Default::default(),
         drift: Default::default(),
+        phoenix: None,
     }
 }
 

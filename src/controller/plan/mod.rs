@@ -3,7 +3,7 @@
 //! appends each action's event before carrying it out, then plans again.
 //!
 //! A round is four jobs, each its own function: reconcile the log with the runtime's listing
-//! (`reconcile`), drain what no wanted service needs, plan each wanted service with the
+//! (`reconcile`) and condemn what is past its age (`phoenix`), drain what no wanted service needs, plan each wanted service with the
 //! planner of its release's strategy (`rolling`, `recreate`; a new strategy is a new file and a match arm
 //! in `plan_service`), and decide which instances take traffic (`traffic`), which comes first
 //! in the round's actions so that nothing is drained while a route still sends to it.
@@ -18,6 +18,7 @@ use crate::events::{
 };
 use crate::store::Digest;
 
+pub mod phoenix;
 mod reconcile;
 mod recreate;
 mod rolling;
@@ -49,6 +50,9 @@ pub struct Observed {
     /// Images the runtime has prepared since this controller started: a stop-first
     /// replacement stops the old instance only once the new one's image is among them.
     pub prepared: BTreeSet<Digest>,
+    /// The time zones the wanted releases' phoenix windows name, found by the shell in the
+    /// system's database; a window whose zone is missing is never open.
+    pub zones: BTreeMap<String, jiff::tz::TimeZone>,
 }
 
 /// One runtime instance as listed.
@@ -279,6 +283,7 @@ pub fn plan(state: &State, observed: &Observed, now_ms: u64) -> Vec<Action> {
     if observed.listed {
         reconcile::reconcile(&mut round);
     }
+    phoenix::plan(&mut round);
     drain_unwanted(&mut round);
     for service in state.wanted_services() {
         plan_service(&mut round, service);

@@ -9,7 +9,11 @@
 //!   launch count is the number of launches;
 //! - for a stop-first (stateful) service, whose stops take time here: never two instances
 //!   alive at once, whatever their state (starting, healthy, unhealthy, draining), in the log
-//!   or on the runtime, and an old instance is drained only once the new image is prepared.
+//!   or on the runtime, and an old instance is drained only once the new image is prepared;
+//! - a condemned instance of a service that may surge is drained only once the instances
+//!   taking traffic without it are as many as before, or the desired count;
+//! - phoenix: nothing is condemned for age outside the window or during a rollout, and never
+//!   more than `max_at_once` aged instances are in flight.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -19,8 +23,8 @@ use proptest::prelude::*;
 
 use super::{Action, Observed, Seen, plan};
 use crate::events::{
-    DeployReason, DrainReason, Envelope, Event, GoneReason, InstanceName, Lifecycle, RuntimeId,
-    ServiceConfig, State, fold,
+    CondemnReason, DeployReason, DrainReason, Envelope, Event, GoneReason, InstanceName, Lifecycle,
+    RuntimeId, ServiceConfig, State, fold,
 };
 use crate::store::Digest;
 
@@ -245,6 +249,36 @@ impl Sim {
             .map(|s| s.traffic.clone())
             .unwrap_or_default();
         let mut routed_now = traffic_before.clone();
+        let phoenix = self
+            .state
+            .wanted_release("web")
+            .and_then(|r| r.config.phoenix.clone());
+        for action in &actions {
+            if let Action::Condemn {
+                reason: CondemnReason::Aged { .. },
+                instance,
+            } = action
+            {
+                let phoenix = phoenix.as_ref();
+                prop_assert!(phoenix.is_some(), "{instance} aged without a phoenix table");
+                prop_assert!(
+                    self.state.services["web"].deploy.is_none(),
+                    "{instance} recycled during a rollout: {actions:?}"
+                );
+                if let Some(window) = phoenix.and_then(|p| p.window.as_ref()) {
+                    let minute = (self.now_ms / 60_000 % 1440) as u16;
+                    prop_assert!(
+                        window.contains(minute),
+                        "{instance} recycled at minute {minute}, outside {window}"
+                    );
+                }
+            }
+        }
+        let only_condemned_drains = actions.iter().any(|a| matches!(a, Action::Drain { .. }))
+            && actions.iter().all(|a| match a {
+                Action::Drain { reason, .. } => matches!(reason, DrainReason::Condemned { .. }),
+                _ => true,
+            });
         for action in &actions {
             match action {
                 Action::Route { routed, .. } => routed_now = routed.clone(),
@@ -343,6 +377,30 @@ impl Sim {
                 self.routed()
             );
         }
+        let may_surge = self.state.wanted_release("web").is_some_and(|r| {
+            matches!(r.config.strategy, crate::events::Strategy::Rolling { max_surge, .. } if max_surge > 0)
+        });
+        if only_condemned_drains && may_surge && !self.stateful {
+            let floor = routed_before.min(desired as usize);
+            prop_assert!(
+                self.routed() >= floor,
+                "condemned drains left {} routed of {routed_before} (desired {desired}): {actions:?}",
+                self.routed()
+            );
+        }
+        if let Some(phoenix) = &phoenix {
+            let aged = self
+                .state
+                .instances
+                .values()
+                .filter(|i| matches!(i.condemned, Some(CondemnReason::Aged { .. })))
+                .count();
+            prop_assert!(
+                aged <= phoenix.max_at_once as usize,
+                "{aged} aged instances in flight, max_at_once {}",
+                phoenix.max_at_once
+            );
+        }
         prop_assert_eq!(self.state.launched, self.launches);
         Ok(!actions.is_empty())
     }
@@ -408,6 +466,57 @@ proptest! {
             launches: 0,
             config,
             stateful: true,
+            stopping: BTreeSet::new(),
+            prepared: BTreeSet::new(),
+        };
+        sim.deploy();
+        for op in ops {
+            sim.apply(op);
+            for _ in 0..8 {
+                if !sim.round()? {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn phoenix_recycles_only_inside_its_window_and_within_its_budget(
+        instances in 1u32..5,
+        max_surge in 0u32..3,
+        max_unavailable in 0u32..3,
+        max_age_s in 1u64..120,
+        jitter_s in 0u64..60,
+        max_at_once in 1u32..3,
+        window in proptest::option::of((0u16..60, 1u16..60)),
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let mut config = ServiceConfig::test(instances, max_surge, max_unavailable);
+        config.health_deadline = Duration::from_secs(30);
+        config.phoenix = Some(crate::events::PhoenixConfig {
+            max_age: Duration::from_secs(max_age_s),
+            jitter: Duration::from_secs(jitter_s),
+            // Minutes of the sim's first hour (it starts at midnight UTC), some wrapping.
+            window: window.map(|(start, length)| crate::events::Window {
+                start_minute: start,
+                end_minute: (start + length) % 60,
+                zone: None,
+            }).filter(|w| w.start_minute != w.end_minute),
+            max_at_once,
+            stop_first: false,
+        });
+        let mut sim = Sim {
+            state: State::default(),
+            now_ms: 1_000,
+            runtime: BTreeMap::new(),
+            names: BTreeSet::new(),
+            launches: 0,
+            config,
+            stateful: false,
             stopping: BTreeSet::new(),
             prepared: BTreeSet::new(),
         };

@@ -158,8 +158,22 @@ pub(super) fn plan(
             .saturating_sub(min_available)
             .min(old_healthy.len() as u32)
     };
-    for (name, reason) in old_healthy.iter().take(drains as usize) {
+    // A condemned instance serves until a healthy one replaces it: running short is a
+    // rollout's allowance, not a replacement's, unless the service may not surge (then it
+    // is the only way to replace it).
+    let mut drained = 0u32;
+    let mut serving = available;
+    for (name, reason) in &old_healthy {
+        if drained == drains {
+            break;
+        }
+        let condemned = matches!(reason, DrainReason::Condemned { .. });
+        if condemned && max_surge > 0 && serving <= desired {
+            continue;
+        }
         round.drain(name, reason.clone());
+        drained += 1;
+        serving -= 1;
     }
 
     // Launch new instances within the surge allowance.
@@ -168,7 +182,7 @@ pub(super) fn plan(
     } else {
         max_surge
     };
-    let alive = new_count + old_healthy.len() as u32 - drains;
+    let alive = new_count + old_healthy.len() as u32 - drained;
     let launches = desired
         .saturating_sub(new_count)
         .min((desired + surge).saturating_sub(alive));

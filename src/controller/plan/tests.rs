@@ -534,3 +534,279 @@ fn removed_service_drains_everything() {
         "#]],
     );
 }
+
+/// A service of three healthy instances launched at 1 s, their deploy done, with a phoenix
+/// table; `more` are steps after.
+fn aged(config: ServiceConfig, more: Vec<(u64, Step)>) -> State {
+    let mut steps = vec![
+        (1, Release(1, config)),
+        (1, Deploy(None, 1)),
+        (1, Instance("a", 1, Lifecycle::Healthy)),
+        (1, Instance("b", 1, Lifecycle::Healthy)),
+        (1, Instance("c", 1, Lifecycle::Healthy)),
+        (
+            1,
+            Ev(Event::DeploySucceeded {
+                service: "web".into(),
+                release: ReleaseNumber(1),
+            }),
+        ),
+    ];
+    steps.extend(more);
+    state(steps)
+}
+
+fn phoenix_config(
+    max_age_s: u64,
+    window: Option<crate::events::Window>,
+) -> crate::events::PhoenixConfig {
+    crate::events::PhoenixConfig {
+        max_age: Duration::from_secs(max_age_s),
+        jitter: Duration::ZERO,
+        window,
+        max_at_once: 1,
+        stop_first: false,
+    }
+}
+
+fn with_phoenix(
+    instances: u32,
+    surge: u32,
+    unavailable: u32,
+    phoenix: crate::events::PhoenixConfig,
+) -> ServiceConfig {
+    ServiceConfig {
+        phoenix: Some(phoenix),
+        ..ServiceConfig::test(instances, surge, unavailable)
+    }
+}
+
+#[test]
+fn an_instance_past_its_age_is_condemned_one_at_a_time_and_replaced_surge_first() {
+    let s = aged(with_phoenix(3, 1, 0, phoenix_config(60, None)), vec![]);
+    // Launched at 1 s with a max_age of 60 s: due at 61 s, not before.
+    check(&s, &running(&s), 60, expect![""]);
+    check(
+        &s,
+        &running(&s),
+        61,
+        expect![[r#"
+            Condemn { instance: "a", reason: Aged { age: 60s, max_age: 60s } }
+        "#]],
+    );
+    // Condemned: the replacement is launched beside it (no drain), and no other recycle
+    // starts while it is in flight.
+    let s = aged(
+        with_phoenix(3, 1, 0, phoenix_config(60, None)),
+        vec![(
+            61,
+            Ev(Event::InstanceCondemned {
+                instance: "a".into(),
+                reason: CondemnReason::Aged {
+                    age: Duration::from_secs(60),
+                    max_age: Duration::from_secs(60),
+                },
+            }),
+        )],
+    );
+    check(
+        &s,
+        &running(&s),
+        62,
+        expect![[r#"
+            Launch { service: "web", release: 1, instance: "web-1-4" }
+        "#]],
+    );
+    // max_at_once = 2: two in flight, the third waits.
+    let mut two = phoenix_config(60, None);
+    two.max_at_once = 2;
+    let s = aged(with_phoenix(3, 1, 0, two), vec![]);
+    check(
+        &s,
+        &running(&s),
+        61,
+        expect![[r#"
+            Condemn { instance: "a", reason: Aged { age: 60s, max_age: 60s } }
+            Condemn { instance: "b", reason: Aged { age: 60s, max_age: 60s } }
+        "#]],
+    );
+}
+
+#[test]
+fn a_condemned_instance_serves_until_its_replacement_does_even_with_max_unavailable() {
+    // max_unavailable = 1 is a rollout's allowance to run short; a condemned instance of the
+    // wanted release is not drained on it while the service may surge.
+    let condemn = |name: &'static str| {
+        Ev(Event::InstanceCondemned {
+            instance: name.into(),
+            reason: CondemnReason::Tainted,
+        })
+    };
+    let s = aged(ServiceConfig::test(3, 1, 1), vec![(5, condemn("a"))]);
+    check(
+        &s,
+        &running(&s),
+        6,
+        expect![[r#"
+            Launch { service: "web", release: 1, instance: "web-1-4" }
+        "#]],
+    );
+    let s = aged(
+        ServiceConfig::test(3, 1, 1),
+        vec![(5, condemn("a")), (6, Instance("d", 1, Lifecycle::Healthy))],
+    );
+    check(
+        &s,
+        &running(&s),
+        7,
+        expect![[r#"
+            Route { service: "web", routed: {"b": 1, "c": 1, "d": 1} }
+            Drain { instance: "a", reason: Condemned { reason: Tainted } }
+        "#]],
+    );
+    // A service that may not surge has no other way: it runs short within its allowance.
+    let s = aged(ServiceConfig::test(3, 0, 1), vec![(5, condemn("a"))]);
+    check(
+        &s,
+        &running(&s),
+        6,
+        expect![[r#"
+            Route { service: "web", routed: {"b": 1, "c": 1} }
+            Drain { instance: "a", reason: Condemned { reason: Tainted } }
+            Launch { service: "web", release: 1, instance: "web-1-4" }
+        "#]],
+    );
+}
+
+#[test]
+fn aged_instances_are_recycled_only_inside_the_window_and_within_the_budget() {
+    let window = |start: u16, end: u16, zone: Option<&str>| crate::events::Window {
+        start_minute: start,
+        end_minute: end,
+        zone: zone.map(str::to_owned),
+    };
+    // 100 000 s after the epoch is 03:46:40 UTC, 04:46:40 in Paris (winter).
+    let now = 100_000;
+    let plan_at = |w: crate::events::Window, zones: &[&str]| {
+        let s = aged(with_phoenix(3, 1, 0, phoenix_config(60, Some(w))), vec![]);
+        let mut observed = running(&s);
+        for zone in zones {
+            observed
+                .zones
+                .insert((*zone).to_owned(), jiff::tz::TimeZone::get(zone).unwrap());
+        }
+        plan(&s, &observed, now * 1000).len()
+    };
+    assert_eq!(
+        plan_at(window(3 * 60, 4 * 60, None), &[]),
+        1,
+        "03:00-04:00 UTC"
+    );
+    assert_eq!(
+        plan_at(window(4 * 60, 5 * 60, None), &[]),
+        0,
+        "04:00-05:00 UTC"
+    );
+    assert_eq!(
+        plan_at(window(23 * 60, 4 * 60, None), &[]),
+        1,
+        "wraps midnight"
+    );
+    assert_eq!(
+        plan_at(window(23 * 60, 3 * 60, None), &[]),
+        0,
+        "wraps, ends before"
+    );
+    let paris = Some("Europe/Paris");
+    assert_eq!(plan_at(window(4 * 60, 5 * 60, paris), &["Europe/Paris"]), 1);
+    assert_eq!(plan_at(window(3 * 60, 4 * 60, paris), &["Europe/Paris"]), 0);
+    // A zone the shell did not find: never open.
+    assert_eq!(plan_at(window(4 * 60, 5 * 60, paris), &[]), 0);
+
+    // A rollout under way: nothing is recycled meanwhile.
+    let s = aged(
+        with_phoenix(3, 1, 0, phoenix_config(60, None)),
+        vec![
+            (
+                70,
+                Release(2, with_phoenix(3, 1, 0, phoenix_config(60, None))),
+            ),
+            (70, Deploy(Some(1), 2)),
+        ],
+    );
+    assert!(
+        !plan(&s, &running(&s), 71_000)
+            .iter()
+            .any(|a| matches!(a, Action::Condemn { .. })),
+    );
+    // One instance unhealthy and no instance may be missing: the budget is spent.
+    let s = aged(
+        with_phoenix(3, 1, 0, phoenix_config(60, None)),
+        vec![(
+            30,
+            Ev(Event::InstanceUnhealthy {
+                instance: "c".into(),
+                detail: "status 503".into(),
+            }),
+        )],
+    );
+    assert!(
+        !plan(&s, &running(&s), 61_000)
+            .iter()
+            .any(|a| matches!(a, Action::Condemn { .. })),
+    );
+}
+
+#[test]
+fn a_stop_first_service_is_recycled_only_when_it_opts_in() {
+    let stateful = |stop_first: bool| {
+        let mut phoenix = phoenix_config(60, None);
+        phoenix.stop_first = stop_first;
+        ServiceConfig {
+            strategy: crate::events::Strategy::Recreate,
+            phoenix: Some(phoenix),
+            ..ServiceConfig::test(1, 0, 0)
+        }
+    };
+    let one = |config| {
+        state(vec![
+            (1, Release(1, config)),
+            (1, Deploy(None, 1)),
+            (1, Instance("a", 1, Lifecycle::Healthy)),
+            (
+                1,
+                Ev(Event::DeploySucceeded {
+                    service: "web".into(),
+                    release: ReleaseNumber(1),
+                }),
+            ),
+        ])
+    };
+    let s = one(stateful(false));
+    check(&s, &running(&s), 1000, expect![""]);
+    let s = one(stateful(true));
+    check(
+        &s,
+        &running(&s),
+        1000,
+        expect![[r#"
+            Condemn { instance: "a", reason: Aged { age: 999s, max_age: 60s } }
+        "#]],
+    );
+}
+
+#[test]
+fn jitter_spreads_due_times_by_name_the_same_way_every_time() {
+    let mut config = phoenix_config(60, None);
+    config.jitter = Duration::from_secs(30);
+    let offsets: Vec<u64> = ["web-1-1", "web-1-2", "web-1-3", "web-1-4"]
+        .iter()
+        .map(|name| phoenix::offset_ms(name, &config))
+        .collect();
+    assert!(offsets.iter().all(|o| *o < 30_000), "{offsets:?}");
+    let distinct: BTreeSet<_> = offsets.iter().collect();
+    assert_eq!(distinct.len(), offsets.len(), "{offsets:?}");
+    assert_eq!(offsets[0], phoenix::offset_ms("web-1-1", &config));
+    config.jitter = Duration::ZERO;
+    assert_eq!(phoenix::offset_ms("web-1-1", &config), 0);
+}
