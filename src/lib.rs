@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod api;
+pub mod chaos;
 pub mod app_events;
 pub mod bake;
 pub mod cli;

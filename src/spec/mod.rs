@@ -3,6 +3,7 @@
 //! column and field. Pure: it reads one file and touches nothing else.
 
 pub mod dns;
+mod chaos;
 pub mod logs;
 mod problem;
 mod raw;
@@ -75,6 +76,9 @@ pub struct Project {
     pub logs: logs::Logs,
     /// `[dns]`: graven's DNS server, as `graven up` runs it.
     pub dns: crate::dns::DnsConfig,
+    /// `[chaos]` (overlaid by `[environments.ENV.chaos]`): planned failures; none when
+    /// neither is written.
+    pub chaos: Option<crate::chaos::ChaosConfig>,
 }
 
 /// A command run before baking (compiling the app), from the project directory.

@@ -979,6 +979,18 @@ pub(crate) fn validate(
     let names: Vec<&str> = bases.keys().map(String::as_str).collect();
     let logs = super::logs::check(raw.logs.as_ref(), &names, issues);
     let dns = super::dns::check(raw.dns.as_ref(), issues);
+    let env_chaos = raw.environments.as_ref().and_then(|envs| {
+        envs.get_ref()
+            .iter()
+            .find(|(name, _)| name.get_ref() == environment)
+            .and_then(|(_, env)| env.get_ref().chaos.as_ref())
+    });
+    let chaos = super::chaos::check(
+        raw.chaos.as_ref(),
+        env_chaos.map(|c| (c, environment)),
+        &names,
+        issues,
+    );
 
     if !issues.is_empty() {
         return None;
@@ -995,5 +1007,6 @@ pub(crate) fn validate(
         services: wanted?,
         logs,
         dns,
+        chaos,
     })
 }
