@@ -142,6 +142,7 @@ impl ApiError {
                 ControllerError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 ControllerError::LogUnwritable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                ControllerError::ChaosRefused { .. } => StatusCode::CONFLICT,
             },
         }
     }

@@ -191,7 +191,9 @@ impl std::fmt::Display for Broken {
 /// Judges the last window against the baseline: None while the steady state holds (or
 /// too few requests say anything).
 pub fn judge(thresholds: &Thresholds, baseline: &Figures, window: &Figures) -> Option<Broken> {
-    if !thresholds.enabled || window.requests.saturating_sub(window.injected) < thresholds.min_requests {
+    if !thresholds.enabled
+        || window.requests.saturating_sub(window.injected) < thresholds.min_requests
+    {
         return None;
     }
     let rate = window.error_rate_ppm();
@@ -254,7 +256,16 @@ mod tests {
             "error rate 30% of 100 requests against 0.5% before"
         );
         let slow = judge(&thresholds, &baseline, &figures(100, 0, [50, 0, 0, 50, 0]));
-        assert!(matches!(slow, Some(Broken::Latency { p99_us: 1_000_000, .. })), "{slow:?}");
+        assert!(
+            matches!(
+                slow,
+                Some(Broken::Latency {
+                    p99_us: 1_000_000,
+                    ..
+                })
+            ),
+            "{slow:?}"
+        );
         // Too few requests: no verdict.
         assert_eq!(
             judge(&thresholds, &baseline, &figures(10, 10, [10, 0, 0, 0, 0])),

@@ -39,7 +39,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Stop, Kind::Kill, Kind::Latency, Kind::Error, Kind::Reset];
+    pub const ALL: [Kind; 5] = [
+        Kind::Stop,
+        Kind::Kill,
+        Kind::Latency,
+        Kind::Error,
+        Kind::Reset,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -121,10 +127,18 @@ impl std::fmt::Display for Action {
                 percent(*share_ppm)
             ),
             Action::Error { status, share_ppm } => {
-                write!(f, "status {status} for {}% of requests", percent(*share_ppm))
+                write!(
+                    f,
+                    "status {status} for {}% of requests",
+                    percent(*share_ppm)
+                )
             }
             Action::Reset { share_ppm } => {
-                write!(f, "connection reset for {}% of requests", percent(*share_ppm))
+                write!(
+                    f,
+                    "connection reset for {}% of requests",
+                    percent(*share_ppm)
+                )
             }
         }
     }

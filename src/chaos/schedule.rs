@@ -43,7 +43,8 @@ impl Window {
         let (start, end) = range
             .split_once('-')
             .ok_or_else(|| format!("{text:?} is not a window like \"09:00-17:00\""))?;
-        let start = clock(start).ok_or_else(|| format!("{start:?} is not a time like \"09:00\""))?;
+        let start =
+            clock(start).ok_or_else(|| format!("{start:?} is not a time like \"09:00\""))?;
         let end = clock(end).ok_or_else(|| format!("{end:?} is not a time like \"17:00\""))?;
         if start == end {
             return Err(format!("{text:?} is an empty window"));
@@ -131,7 +132,10 @@ pub enum Refusal {
     Stateful,
     Deploying,
     /// Stopping one more would leave fewer healthy than `instances - max_unavailable`.
-    AtMinimum { healthy: u32, minimum: u32 },
+    AtMinimum {
+        healthy: u32,
+        minimum: u32,
+    },
     NoHttpRoute,
 }
 
@@ -166,9 +170,7 @@ pub fn allowed(config: &ChaosConfig, candidate: &Candidate, kind: Kind) -> Resul
     }
     if kind.targets_instance() {
         let healthy = candidate.healthy.len() as u32;
-        let minimum = candidate
-            .desired
-            .saturating_sub(candidate.max_unavailable);
+        let minimum = candidate.desired.saturating_sub(candidate.max_unavailable);
         if healthy == 0 || healthy - 1 < minimum {
             return Err(Refusal::AtMinimum { healthy, minimum });
         }
@@ -276,7 +278,13 @@ mod tests {
             Window::parse("09:00-17:00 +02:00").unwrap().to_string(),
             "09:00-17:00 +02:00"
         );
-        for bad in ["9-17", "09:00", "09:00-09:00", "25:00-26:00", "09:00-17:00 Europe/Paris"] {
+        for bad in [
+            "9-17",
+            "09:00",
+            "09:00-09:00",
+            "25:00-26:00",
+            "09:00-17:00 Europe/Paris",
+        ] {
             assert!(Window::parse(bad).is_err(), "{bad}");
         }
     }
@@ -300,7 +308,10 @@ mod tests {
         );
         // A fault takes no instance away.
         assert_eq!(check(candidate("web", 2), Kind::Latency), Ok(()));
-        assert_eq!(check(candidate("db", 3), Kind::Latency), Err(Refusal::Exempt));
+        assert_eq!(
+            check(candidate("db", 3), Kind::Latency),
+            Err(Refusal::Exempt)
+        );
         let stateful = |name: &str| Candidate {
             stateful: true,
             ..candidate(name, 3)

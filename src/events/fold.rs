@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ChaosOutcome, CondemnReason, DeployReason, DrainReason, Envelope, Event, GoneReason, InstanceName,
-    ReleaseNumber, RollbackReason, RuntimeId, ServiceConfig, ServiceName, Source,
+    ChaosOutcome, CondemnReason, DeployReason, DrainReason, Envelope, Event, GoneReason,
+    InstanceName, ReleaseNumber, RollbackReason, RuntimeId, ServiceConfig, ServiceName, Source,
 };
 use crate::store::Digest;
 

@@ -26,8 +26,8 @@ pub use log::{
 };
 
 pub use fold::{
-    Backoff, ChaosState, RunningExperiment, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, Scale,
-    ServiceState, State, fold, replay,
+    Backoff, ChaosState, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release,
+    RunningExperiment, Scale, ServiceState, State, fold, replay,
 };
 
 /// The actor the controller appends its own decisions as. A decision a command asked for

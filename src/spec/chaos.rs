@@ -89,17 +89,25 @@ fn share(value: &Value) -> Result<u32, String> {
         Value::Float(f) => *f,
         Value::Integer(i) => *i as f64,
         Value::String(s) => match s.trim().strip_suffix('%') {
-            Some(p) => p
-                .trim()
-                .parse::<f64>()
-                .map_err(|_| format!("{s:?} is not a percentage like \"10%\""))?
-                / 100.0,
+            Some(p) => {
+                p.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("{s:?} is not a percentage like \"10%\""))?
+                    / 100.0
+            }
             None => return Err(format!("{s:?} is not a share: write 0.1 or \"10%\"")),
         },
-        other => return Err(format!("expected a share (0.1 or \"10%\"), found {}", describe(other))),
+        other => {
+            return Err(format!(
+                "expected a share (0.1 or \"10%\"), found {}",
+                describe(other)
+            ));
+        }
     };
     if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(format!("{fraction} is not a share of requests between 0 (excluded) and 1"));
+        return Err(format!(
+            "{fraction} is not a share of requests between 0 (excluded) and 1"
+        ));
     }
     Ok((fraction * f64::from(PPM)).round() as u32)
 }
@@ -128,11 +136,18 @@ pub(crate) fn check(
             }
         })
     };
-    if let Some(d) = checked(pick(env, base, |r| r.mean_between.as_ref()), "mean_between", issues, positive) {
+    if let Some(d) = checked(
+        pick(env, base, |r| r.mean_between.as_ref()),
+        "mean_between",
+        issues,
+        positive,
+    ) {
         config.mean_between = d;
     }
     let min = pick(env, base, |r| r.min_between.as_ref());
-    let min_span = min.as_ref().map(|(f, t)| (f.span.clone(), format!("{t}.min_between")));
+    let min_span = min
+        .as_ref()
+        .map(|(f, t)| (f.span.clone(), format!("{t}.min_between")));
     if let Some(d) = checked(min, "min_between", issues, duration) {
         config.min_between = d;
     }
@@ -148,9 +163,12 @@ pub(crate) fn check(
             ),
         );
     }
-    config.window = checked(pick(env, base, |r| r.window.as_ref()), "window", issues, |w| {
-        Window::parse(w)
-    });
+    config.window = checked(
+        pick(env, base, |r| r.window.as_ref()),
+        "window",
+        issues,
+        |w| Window::parse(w),
+    );
     let known = |list: &Vec<String>| -> Result<Vec<String>, String> {
         for name in list {
             if !services.contains(&name.as_str()) {
@@ -163,10 +181,20 @@ pub(crate) fn check(
         }
         Ok(list.clone())
     };
-    if let Some(list) = checked(pick(env, base, |r| r.exempt.as_ref()), "exempt", issues, known) {
+    if let Some(list) = checked(
+        pick(env, base, |r| r.exempt.as_ref()),
+        "exempt",
+        issues,
+        known,
+    ) {
         config.exempt = list;
     }
-    if let Some(list) = checked(pick(env, base, |r| r.stateful.as_ref()), "stateful", issues, known) {
+    if let Some(list) = checked(
+        pick(env, base, |r| r.stateful.as_ref()),
+        "stateful",
+        issues,
+        known,
+    ) {
         config.stateful = list;
     }
     let kinds = |list: &Vec<String>| -> Result<Vec<Kind>, String> {
@@ -186,43 +214,93 @@ pub(crate) fn check(
             })
             .collect()
     };
-    if let Some(list) = checked(pick(env, base, |r| r.kinds.as_ref()), "kinds", issues, kinds) {
+    if let Some(list) = checked(
+        pick(env, base, |r| r.kinds.as_ref()),
+        "kinds",
+        issues,
+        kinds,
+    ) {
         config.kinds = list;
     }
-    if let Some(d) = checked(pick(env, base, |r| r.duration.as_ref()), "duration", issues, positive) {
+    if let Some(d) = checked(
+        pick(env, base, |r| r.duration.as_ref()),
+        "duration",
+        issues,
+        positive,
+    ) {
         config.duration = d;
     }
-    if let Some(b) = checked(pick(env, base, |r| r.leashed.as_ref()), "leashed", issues, |b| Ok(*b)) {
+    if let Some(b) = checked(
+        pick(env, base, |r| r.leashed.as_ref()),
+        "leashed",
+        issues,
+        |b| Ok(*b),
+    ) {
         config.leashed = b;
     }
-    if let Some(s) = checked(pick(env, base, |r| r.share.as_ref()), "share", issues, share) {
+    if let Some(s) = checked(
+        pick(env, base, |r| r.share.as_ref()),
+        "share",
+        issues,
+        share,
+    ) {
         config.share_ppm = s;
     }
-    if let Some(d) = checked(pick(env, base, |r| r.latency.as_ref()), "latency", issues, positive) {
+    if let Some(d) = checked(
+        pick(env, base, |r| r.latency.as_ref()),
+        "latency",
+        issues,
+        positive,
+    ) {
         config.latency = d;
     }
     let status = |s: &i64| match *s {
         400..=599 => Ok(*s as u16),
         other => Err(format!("{other} is not an error status (400 to 599)")),
     };
-    if let Some(s) = checked(pick(env, base, |r| r.status.as_ref()), "status", issues, status) {
+    if let Some(s) = checked(
+        pick(env, base, |r| r.status.as_ref()),
+        "status",
+        issues,
+        status,
+    ) {
         config.status = s;
     }
     config.seed = checked(pick(env, base, |r| r.seed.as_ref()), "seed", issues, |s| {
         u64::try_from(*s).map_err(|_| format!("{s} is not a seed (0 or more)"))
     });
     let checker = &mut config.checker;
-    if let Some(b) = checked(checker_pick(env, base, |c| c.enabled.as_ref()), "enabled", issues, |b| Ok(*b)) {
+    if let Some(b) = checked(
+        checker_pick(env, base, |c| c.enabled.as_ref()),
+        "enabled",
+        issues,
+        |b| Ok(*b),
+    ) {
         checker.enabled = b;
     }
-    if let Some(s) = checked(checker_pick(env, base, |c| c.max_error_rate.as_ref()), "max_error_rate", issues, share) {
+    if let Some(s) = checked(
+        checker_pick(env, base, |c| c.max_error_rate.as_ref()),
+        "max_error_rate",
+        issues,
+        share,
+    ) {
         checker.max_error_rate_ppm = s;
     }
-    if let Some(d) = checked(checker_pick(env, base, |c| c.max_p99_increase.as_ref()), "max_p99_increase", issues, duration) {
+    if let Some(d) = checked(
+        checker_pick(env, base, |c| c.max_p99_increase.as_ref()),
+        "max_p99_increase",
+        issues,
+        duration,
+    ) {
         checker.max_p99_increase = d;
     }
     let count = |n: &i64| u64::try_from(*n).map_err(|_| format!("{n} is not a count (0 or more)"));
-    if let Some(n) = checked(checker_pick(env, base, |c| c.min_requests.as_ref()), "min_requests", issues, count) {
+    if let Some(n) = checked(
+        checker_pick(env, base, |c| c.min_requests.as_ref()),
+        "min_requests",
+        issues,
+        count,
+    ) {
         checker.min_requests = n;
     }
     let at_least_a_second = |text: &String| {
@@ -234,13 +312,28 @@ pub(crate) fn check(
             }
         })
     };
-    if let Some(d) = checked(checker_pick(env, base, |c| c.window.as_ref()), "window", issues, at_least_a_second) {
+    if let Some(d) = checked(
+        checker_pick(env, base, |c| c.window.as_ref()),
+        "window",
+        issues,
+        at_least_a_second,
+    ) {
         checker.window = d;
     }
-    if let Some(d) = checked(checker_pick(env, base, |c| c.baseline.as_ref()), "baseline", issues, at_least_a_second) {
+    if let Some(d) = checked(
+        checker_pick(env, base, |c| c.baseline.as_ref()),
+        "baseline",
+        issues,
+        at_least_a_second,
+    ) {
         checker.baseline = d;
     }
-    if let Some(d) = checked(checker_pick(env, base, |c| c.cool_down.as_ref()), "cool_down", issues, duration) {
+    if let Some(d) = checked(
+        checker_pick(env, base, |c| c.cool_down.as_ref()),
+        "cool_down",
+        issues,
+        duration,
+    ) {
         checker.cool_down = d;
     }
     Some(config)

@@ -2,8 +2,8 @@
 //! validating that into the typed `Project`, and reporting every problem at once with line,
 //! column and field. Pure: it reads one file and touches nothing else.
 
-pub mod dns;
 mod chaos;
+pub mod dns;
 pub mod logs;
 mod problem;
 mod raw;

@@ -66,6 +66,7 @@ pub fn order(services: Vec<ServiceRelease>) -> DeployOrder {
         services,
         source: None,
         resume: false,
+        chaos: None,
     }
 }
 
