@@ -338,3 +338,111 @@ pub(crate) fn check(
     }
     Some(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use expect_test::{Expect, expect};
+
+    use crate::chaos::{ChaosConfig, Kind};
+
+    const BASE: &str = r#"
+app = "a"
+[services.web]
+port = 8080
+[services.db]
+port = 5432
+"#;
+
+    fn parse(extra: &str, environment: &str) -> Result<Option<ChaosConfig>, String> {
+        crate::spec::parse(
+            &format!("{BASE}{extra}"),
+            Path::new("graven.toml"),
+            Path::new("/app"),
+            environment,
+        )
+        .map(|p| p.chaos)
+        .map_err(|e| e.to_string())
+    }
+
+    fn check_err(extra: &str, expected: Expect) {
+        expected.assert_eq(&parse(extra, "local").unwrap_err());
+    }
+
+    #[test]
+    fn no_table_is_no_chaos_and_an_empty_one_is_the_defaults() {
+        assert_eq!(parse("", "local"), Ok(None));
+        assert_eq!(
+            parse("[chaos]\n", "local"),
+            Ok(Some(ChaosConfig::default()))
+        );
+    }
+
+    #[test]
+    fn an_environment_overlays_the_top_level_table_key_by_key() {
+        let extra = r#"
+[chaos]
+mean_between = "2h"
+min_between = "20m"
+exempt = ["db"]
+kinds = ["stop", "kill"]
+checker = { cool_down = "1h", max_error_rate = "5%" }
+[environments.prod.chaos]
+kinds = ["latency"]
+leashed = true
+window = "09:00-17:00 +01:00"
+share = 0.25
+checker = { enabled = false }
+[environments.dev]
+"#;
+        let prod = parse(extra, "prod").unwrap().unwrap();
+        assert_eq!(prod.mean_between, std::time::Duration::from_secs(7200));
+        assert_eq!(prod.exempt, vec!["db".to_owned()]);
+        assert_eq!(prod.kinds, vec![Kind::Latency]);
+        assert!(prod.leashed);
+        assert_eq!(prod.share_ppm, 250_000);
+        assert_eq!(prod.window.unwrap().to_string(), "09:00-17:00 +01:00");
+        assert!(!prod.checker.enabled);
+        // The checker's keys the environment does not set come from the top level.
+        assert_eq!(prod.checker.cool_down, std::time::Duration::from_secs(3600));
+        assert_eq!(prod.checker.max_error_rate_ppm, 50_000);
+        let dev = parse(extra, "dev").unwrap().unwrap();
+        assert_eq!(dev.kinds, vec![Kind::Stop, Kind::Kill]);
+        assert!(!dev.leashed);
+        assert!(dev.checker.enabled);
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_its_place() {
+        check_err(
+            r#"
+[chaos]
+mean_between = "1m"
+min_between = "5m"
+exempt = ["dv"]
+kinds = ["kil"]
+share = 1.5
+status = 200
+window = "9-5"
+colour = "red"
+checker = { window = "10ms" }
+"#,
+            expect![[r#"
+                graven.toml:10:15: chaos.min_between: min_between (5m) is longer than mean_between (1m): the mean could not be kept
+                graven.toml:11:10: chaos.exempt: no service "dv" (known: "db", "web"); did you mean "db"?
+                graven.toml:12:9: chaos.kinds: unknown kind "kil" (known: "stop", "kill", "latency", "error", "reset"); did you mean "kill"?
+                graven.toml:13:9: chaos.share: 1.5 is not a share of requests between 0 (excluded) and 1
+                graven.toml:14:10: chaos.status: 200 is not an error status (400 to 599)
+                graven.toml:15:10: chaos.window: "9" is not a time like "09:00"
+                graven.toml:16:1: chaos.colour: unknown field "colour" (known: "mean_between", "min_between", "window", "exempt", "stateful", "kinds", "duration", "leashed", "share", "latency", "status", "seed", "checker")
+                graven.toml:17:22: chaos.checker.window: must be at least 1s (the checker judges once a second)"#]],
+        );
+        check_err(
+            "[environments.prod.chaos]\nwindow = \"09:00-17:00 Europe/Paris\"\n",
+            expect![[
+                r#"graven.toml:8:10: environments.prod.chaos.window: "Europe/Paris" is not a UTC offset like "+01:00" (named time zones are not read: write the offset)"#
+            ]],
+        );
+    }
+}
