@@ -43,14 +43,18 @@ fn report(home: &std::path::Path) -> Vec<serde_json::Value> {
 
 /// Waits until experiment `n` (1-based) has ended and three instances serve again.
 fn wait_ended(home: &std::path::Path, n: usize) -> serde_json::Value {
-    support::wait_for(Duration::from_secs(60), "the experiment to end, healed", || {
-        let found = report(home);
-        let ended = found
-            .get(n - 1)
-            .filter(|e| !e["outcome"].is_null())
-            .cloned()?;
-        (running(home).len() == 3 && healthy(home) == 3).then_some(ended)
-    })
+    support::wait_for(
+        Duration::from_secs(60),
+        "the experiment to end, healed",
+        || {
+            let found = report(home);
+            let ended = found
+                .get(n - 1)
+                .filter(|e| !e["outcome"].is_null())
+                .cloned()?;
+            (running(home).len() == 3 && healthy(home) == 3).then_some(ended)
+        },
+    )
 }
 
 #[test]
@@ -75,7 +79,10 @@ fn a_stop_and_a_kill_asked_for_through_the_binary_heal_and_are_reported() {
     });
 
     let before = running(&home);
-    let (stdout, _) = run_ok(&home, &["chaos", "run", "web", "--kind", "stop", "--for", "1s"]);
+    let (stdout, _) = run_ok(
+        &home,
+        &["chaos", "run", "web", "--kind", "stop", "--for", "1s"],
+    );
     assert!(
         stdout.contains("chaos experiment 1 started: graceful stop on instance web-"),
         "{stdout}"
@@ -102,7 +109,10 @@ fn a_stop_and_a_kill_asked_for_through_the_binary_heal_and_are_reported() {
     assert_eq!(stop_load.failed, 0, "failures: {:?}", stop_load.failures);
 
     let (stdout, _) = run_ok(&home, &["chaos", "run", "--kind", "kill", "--for", "1s"]);
-    assert!(stdout.contains("chaos experiment 2 started: kill -9"), "{stdout}");
+    assert!(
+        stdout.contains("chaos experiment 2 started: kill -9"),
+        "{stdout}"
+    );
     let kill = wait_ended(&home, 2);
     assert_eq!(kill["action"]["kind"], "kill");
     let (history, _) = run_ok(&home, &["history"]);
@@ -120,8 +130,14 @@ fn a_stop_and_a_kill_asked_for_through_the_binary_heal_and_are_reported() {
 
     // The text report says what each did and what users saw.
     let (text, _) = run_ok(&home, &["chaos", "report"]);
-    assert!(text.contains("#1 ") && text.contains("graceful stop on web-"), "{text}");
-    assert!(text.contains("#2 ") && text.contains("kill -9 on web-"), "{text}");
+    assert!(
+        text.contains("#1 ") && text.contains("graceful stop on web-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("#2 ") && text.contains("kill -9 on web-"),
+        "{text}"
+    );
     assert!(text.contains("users saw: "), "{text}");
     assert!(text.contains("completed"), "{text}");
 }
