@@ -34,7 +34,7 @@ fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
 
 async fn deploy(controller: &ControllerHandle, route: SocketAddr, chaos: ChaosConfig) {
     let mut order = order(vec![release(config(2, route, &[("VERSION", "v1")]))]);
-    order.chaos = Some(chaos);
+    order.chaos = Some(Box::new(chaos));
     controller.deploy(order, "test").await.unwrap();
     outcome(controller).await;
     tokio::time::timeout(
@@ -199,7 +199,7 @@ async fn injected_errors_latency_and_resets_hit_the_share_asked_for() {
     assert_eq!(injected + served, 400, "{answers:?}");
     // Ended by a deploy of another release: the experiment is interrupted, the fault gone.
     let mut next = order(vec![release(config(2, route, &[("VERSION", "v2")]))]);
-    next.chaos = Some(quiet(share));
+    next.chaos = Some(Box::new(quiet(share)));
     controller.deploy(next, "test").await.unwrap();
     let end = ended(&controller, experiment, Duration::from_secs(10)).await;
     assert!(
@@ -241,7 +241,7 @@ async fn injected_errors_latency_and_resets_hit_the_share_asked_for() {
             .all(|(a, _)| matches!(a, Answer::Status(200, _)))
     );
     let mut next = order(vec![release(config(2, route, &[("VERSION", "v3")]))]);
-    next.chaos = Some(quiet(share));
+    next.chaos = Some(Box::new(quiet(share)));
     controller.deploy(next, "test").await.unwrap();
     assert!(
         ended(&controller, experiment, Duration::from_secs(10))

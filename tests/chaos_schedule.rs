@@ -63,7 +63,7 @@ fn chaos(kinds: &[Kind], mean: Duration) -> ChaosConfig {
 
 async fn deploy(controller: &ControllerHandle, services: Vec<ServiceRelease>, chaos: ChaosConfig) {
     let mut order = order(services);
-    order.chaos = Some(chaos);
+    order.chaos = Some(Box::new(chaos));
     controller.deploy(order, "test").await.unwrap();
     outcome(controller).await;
 }

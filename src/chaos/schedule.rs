@@ -159,10 +159,10 @@ impl std::fmt::Display for Refusal {
 
 /// Whether `candidate` may take an experiment of `kind` under `config`.
 pub fn allowed(config: &ChaosConfig, candidate: &Candidate, kind: Kind) -> Result<(), Refusal> {
-    if config.exempt.iter().any(|s| *s == candidate.service) {
+    if config.exempt.contains(&candidate.service) {
         return Err(Refusal::Exempt);
     }
-    if candidate.stateful && !config.stateful.iter().any(|s| *s == candidate.service) {
+    if candidate.stateful && !config.stateful.contains(&candidate.service) {
         return Err(Refusal::Stateful);
     }
     if candidate.deploying {

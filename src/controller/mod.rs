@@ -146,9 +146,10 @@ pub struct DeployOrder {
     /// deploying them again.
     #[serde(default)]
     pub resume: bool,
-    /// The environment's `[chaos]` (none: no planned failures).
+    /// The environment's `[chaos]` (none: no planned failures). Boxed: it is large, and
+    /// most deploys carry none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chaos: Option<crate::chaos::ChaosConfig>,
+    pub chaos: Option<Box<crate::chaos::ChaosConfig>>,
 }
 
 /// What a deploy or rollback command started.
@@ -1136,11 +1137,11 @@ impl Shell {
         for service in removed {
             self.record_as(actor, Event::ServiceRemoved { service })?;
         }
-        if order.chaos != self.state.chaos.config {
+        if order.chaos.as_deref() != self.state.chaos.config.as_ref() {
             self.record_as(
                 actor,
                 Event::ChaosConfigured {
-                    config: order.chaos.clone(),
+                    config: order.chaos.as_deref().cloned(),
                 },
             )?;
         }

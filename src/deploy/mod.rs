@@ -150,7 +150,7 @@ pub fn prepare(
             dir: project.dir.display().to_string(),
         }),
         resume,
-        chaos: project.chaos.clone(),
+        chaos: project.chaos.clone().map(Box::new),
     })
 }
 

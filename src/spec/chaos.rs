@@ -77,7 +77,7 @@ fn checked<T, U>(
     match result {
         Ok(value) => Some(value),
         Err(message) => {
-            issues.push(field.span.clone(), &format!("{table}.{key}"), message);
+            issues.push(field.span.clone(), format!("{table}.{key}"), message);
             None
         }
     }
