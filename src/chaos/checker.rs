@@ -74,20 +74,6 @@ impl Figures {
         }
     }
 
-    /// Adds another route's figures (a service's routes are summed).
-    pub fn add(&mut self, other: &Figures) {
-        self.requests += other.requests;
-        self.errors += other.errors;
-        self.injected += other.injected;
-        if self.counts.len() < other.counts.len() {
-            self.counts.resize(other.counts.len(), 0);
-            self.bounds_us.clone_from(&other.bounds_us);
-        }
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
-        }
-    }
-
     /// The error rate of the requests the service answered, in parts per million.
     pub fn error_rate_ppm(&self) -> u32 {
         let judged = self.requests.saturating_sub(self.injected);

@@ -154,6 +154,13 @@ impl Shell {
         // Sampled whether or not chaos is configured, so `graven chaos run` has a baseline.
         self.sample(now);
         if self.state.chaos.running.is_some() {
+            // One at a time: a scheduled start that falls due meanwhile is skipped.
+            if self.chaos.next_at_ms.is_some_and(|due| now >= due)
+                && let Some(config) = &self.state.chaos.config
+            {
+                let wait = chaos::schedule::next_gap(config, &mut self.chaos.rng);
+                self.chaos.next_at_ms = Some(now + wait.as_millis() as u64);
+            }
             return self.watch_experiment(now);
         }
         let Some(config) = self.state.chaos.config.clone() else {
