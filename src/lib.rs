@@ -6,6 +6,7 @@ pub mod actor;
 pub mod api;
 pub mod app_events;
 pub mod bake;
+pub mod chaos;
 pub mod cli;
 pub mod controller;
 pub mod deploy;

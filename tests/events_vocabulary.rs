@@ -128,6 +128,49 @@ fn examples() -> Vec<Event> {
             since_ms: 1_700_000_000_000,
             error: "No space left on device (os error 28)".into(),
         },
+        Event::ChaosConfigured {
+            config: Some(graven::chaos::ChaosConfig {
+                window: Some(graven::chaos::Window::parse("09:00-17:00 +01:00").unwrap()),
+                exempt: vec!["db".into()],
+                kinds: vec![graven::chaos::Kind::Stop, graven::chaos::Kind::Latency],
+                seed: Some(7),
+                ..Default::default()
+            }),
+        },
+        Event::ChaosStarted {
+            experiment: 4,
+            service: web(),
+            instance: Some(instance()),
+            action: graven::chaos::Action::Stop,
+            duration: Duration::from_secs(30),
+            leashed: false,
+            scheduled: true,
+            baseline: Some(graven::chaos::Seen {
+                requests: 5210,
+                errors: 2,
+                injected: 0,
+                p50_us: 1_000,
+                p99_us: 10_000,
+            }),
+        },
+        Event::ChaosEnded {
+            experiment: 4,
+            outcome: graven::events::ChaosOutcome::Aborted {
+                broken: graven::chaos::Broken::ErrorRate {
+                    rate_ppm: 250_000,
+                    baseline_ppm: 400,
+                    requests: 812,
+                },
+                paused_until_ms: 1_700_001_800_000,
+            },
+            seen: graven::chaos::Seen {
+                requests: 1630,
+                errors: 201,
+                injected: 0,
+                p50_us: 1_000,
+                p99_us: 20_000,
+            },
+        },
     ]
 }
 
@@ -152,7 +195,10 @@ fn covered(event: &Event) -> &'static str {
         | Event::ServiceScaled { .. }
         | Event::ServiceRemoved { .. }
         | Event::HistoryLost { .. }
-        | Event::LogUnwritable { .. } => event.kind(),
+        | Event::LogUnwritable { .. }
+        | Event::ChaosConfigured { .. }
+        | Event::ChaosStarted { .. }
+        | Event::ChaosEnded { .. } => event.kind(),
     }
 }
 

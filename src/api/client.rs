@@ -156,6 +156,13 @@ impl Client {
         self.call("/v1/status", target).await
     }
 
+    pub async fn chaos_run(
+        &self,
+        request: &super::ChaosRunRequest,
+    ) -> Result<super::ChaosRunAccepted, ClientError> {
+        self.call("/v1/chaos/run", request).await
+    }
+
     pub async fn history(
         &self,
         request: &HistoryRequest,

@@ -142,6 +142,7 @@ impl ApiError {
                 ControllerError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 ControllerError::LogUnwritable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                ControllerError::ChaosRefused { .. } => StatusCode::CONFLICT,
             },
         }
     }
@@ -204,6 +205,23 @@ pub struct HistoryRequest {
     pub target: Target,
     #[serde(default)]
     pub after: u64,
+}
+
+/// `graven chaos run`: one experiment now in the app and environment named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChaosRunRequest {
+    #[serde(flatten)]
+    pub target: Target,
+    #[serde(flatten)]
+    pub request: controller::ChaosRequest,
+}
+
+/// The experiment a `chaos run` started, and which controller started it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChaosRunAccepted {
+    pub app: String,
+    pub environment: String,
+    pub started: controller::ChaosStarted,
 }
 
 /// An answer to a command that changed something: which controller, and what it started.
@@ -705,6 +723,16 @@ impl Daemon {
                     .map(|s| (**s).clone())
                     .collect();
                 Ok(to_json(&snapshots))
+            }
+            (&Method::POST, "/v1/chaos/run") => {
+                let request: ChaosRunRequest = parse(body)?;
+                let handle = self.find(&request.target)?;
+                let started = handle.chaos_run(request.request, actor).await?;
+                Ok(to_json(&ChaosRunAccepted {
+                    app: handle.app().to_owned(),
+                    environment: handle.environment().to_owned(),
+                    started,
+                }))
             }
             (&Method::POST, "/v1/history") => {
                 let request: HistoryRequest = parse(body)?;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bake;
+mod chaos;
 mod drift;
 mod events;
 mod image;
@@ -63,6 +64,9 @@ pub enum Command {
     Exec(instance::ExecArgs),
     /// Instances found changed from their image (drift), and those condemned for it.
     Drift(drift::DriftArgs),
+    /// Planned failures: one experiment now (`run`), or every experiment and what users
+    /// saw during it (`report`).
+    Chaos(chaos::ChaosArgs),
     /// Run the control plane for a project in the foreground: build, bake, deploy, route,
     /// keep healthy. Ctrl-C (or SIGTERM, or the terminal closing) drains and stops every
     /// instance. `--detach` runs it in the background instead.
@@ -220,6 +224,7 @@ pub fn main() -> ExitCode {
         Command::Rm(args) => instance::rm(&home, args),
         Command::Exec(args) => instance::exec(&home, args),
         Command::Drift(args) => drift::drift(&home, args),
+        Command::Chaos(args) => chaos::run(&home, args),
         Command::Up(args) => project::up(&home, args),
         Command::Daemon(args) => project::daemon(&home, args),
         Command::Deploy(args) => project::deploy(&home, args),

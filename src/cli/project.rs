@@ -814,7 +814,7 @@ pub fn down(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
 /// The target of a reporting command: what `--app`/`--env` say, else the app of
 /// `./graven.toml` when there is one (its environment too when `--env` is left out and the
 /// app has only one on this home).
-fn reported_target(args: &TargetArgs) -> Target {
+pub(super) fn reported_target(args: &TargetArgs) -> Target {
     let mut target = args.target();
     if target.app.is_none()
         && let Ok(project) = spec::load(Path::new("."), DEFAULT_ENVIRONMENT)

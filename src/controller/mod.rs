@@ -34,9 +34,11 @@ use crate::runtime::{
 };
 use crate::store::Digest;
 
+pub mod chaos;
 pub mod follow;
 pub mod plan;
 
+pub use chaos::{ChaosRequest, ChaosStarted};
 pub use follow::{Follower, Outcome, RolloutWatch};
 pub use plan::{Action, Observed, Seen, plan, shutdown_plan};
 
@@ -94,6 +96,8 @@ pub enum ControllerError {
     },
     #[error("the controller of {app}/{environment} has stopped")]
     Stopped { app: String, environment: String },
+    #[error("no chaos experiment can start: {reason}")]
+    ChaosRefused { reason: String },
 }
 
 /// What the controller is started with.
@@ -142,6 +146,10 @@ pub struct DeployOrder {
     /// deploying them again.
     #[serde(default)]
     pub resume: bool,
+    /// The environment's `[chaos]` (none: no planned failures). Boxed: it is large, and
+    /// most deploys carry none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<Box<crate::chaos::ChaosConfig>>,
 }
 
 /// What a deploy or rollback command started.
@@ -245,6 +253,12 @@ pub enum Command {
     History {
         after: u64,
         reply: Reply<Vec<Envelope<Event>>>,
+    },
+    /// One chaos experiment now (`graven chaos run`).
+    ChaosRun {
+        request: ChaosRequest,
+        actor: String,
+        reply: Reply<ChaosStarted>,
     },
 }
 
@@ -369,6 +383,21 @@ impl ControllerHandle {
         self.ask(|reply| Command::History { after, reply }).await
     }
 
+    /// Starts one chaos experiment now.
+    pub async fn chaos_run(
+        &self,
+        request: ChaosRequest,
+        actor: &str,
+    ) -> Result<ChaosStarted, ControllerError> {
+        let actor = actor.to_owned();
+        self.ask(|reply| Command::ChaosRun {
+            request,
+            actor,
+            reply,
+        })
+        .await
+    }
+
     /// Ends the loop at once, as a killed process would: nothing is drained or stopped, and
     /// instances keep running for the next controller to adopt. Returns once it has ended.
     pub async fn abort(&self) {
@@ -444,6 +473,7 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         drift_last: None,
         drift_checking: false,
         missing_zones: BTreeSet::new(),
+        chaos: chaos::Chaos::default(),
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -491,6 +521,8 @@ struct Shell {
     drift_checking: bool,
     /// Phoenix windows' time zones not found, said once each.
     missing_zones: BTreeSet<String>,
+    /// The chaos scheduler's and outage checker's memory (`chaos`).
+    chaos: chaos::Chaos,
 }
 
 struct Unwritable {
@@ -1003,6 +1035,9 @@ impl Shell {
                 | Command::Down { reply, .. } => {
                     let _ = reply.send(Err(refused));
                 }
+                Command::ChaosRun { reply, .. } => {
+                    let _ = reply.send(Err(refused));
+                }
                 Command::History { .. } => {}
             }
             return Ok(());
@@ -1041,6 +1076,14 @@ impl Shell {
                     .log
                     .read_page(after, HISTORY_PAGE)
                     .map_err(ControllerError::from);
+                self.answer(reply, result)
+            }
+            Command::ChaosRun {
+                request,
+                actor,
+                reply,
+            } => {
+                let result = self.chaos_run(request, &actor);
                 self.answer(reply, result)
             }
         }
@@ -1096,6 +1139,14 @@ impl Shell {
             .collect();
         for service in removed {
             self.record_as(actor, Event::ServiceRemoved { service })?;
+        }
+        if order.chaos.as_deref() != self.state.chaos.config.as_ref() {
+            self.record_as(
+                actor,
+                Event::ChaosConfigured {
+                    config: order.chaos.as_deref().cloned(),
+                },
+            )?;
         }
         for release in order.services {
             let digest = release.config.digest().to_string();
@@ -1504,6 +1555,7 @@ impl Shell {
         }
         self.sync();
         self.close_gone_routes();
+        self.chaos_round()?;
         Ok(())
     }
 

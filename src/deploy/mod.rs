@@ -182,6 +182,7 @@ fn describe(
             dir: project.dir.display().to_string(),
         }),
         resume,
+        chaos: project.chaos.clone().map(Box::new),
     })
 }
 

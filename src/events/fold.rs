@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CondemnReason, DeployReason, DrainReason, Envelope, Event, GoneReason, InstanceName,
-    ReleaseNumber, RollbackReason, RuntimeId, ServiceConfig, ServiceName, Source,
+    ChaosOutcome, CondemnReason, DeployReason, DrainReason, Envelope, Event, GoneReason,
+    InstanceName, ReleaseNumber, RollbackReason, RuntimeId, ServiceConfig, ServiceName, Source,
 };
 use crate::store::Digest;
 
@@ -35,6 +35,9 @@ pub struct State {
     /// The last sequence number a recovered log lost (0: none). Numbers of releases and
     /// instances go on after it, since a lost one may have used any number up to it.
     pub lost_through: u64,
+    /// Planned failures (`[chaos]`, experiments).
+    #[serde(default)]
+    pub chaos: ChaosState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,8 +490,77 @@ pub fn fold(mut state: State, envelope: &Envelope<Event>) -> State {
             state.launched = state.launched.max(*lost_through);
         }
         Event::LogUnwritable { .. } => {}
+        Event::ChaosConfigured { config } => state.chaos.config.clone_from(config),
+        Event::ChaosStarted {
+            experiment,
+            service,
+            instance,
+            action,
+            duration,
+            leashed,
+            scheduled,
+            ..
+        } => {
+            let chaos = &mut state.chaos;
+            chaos.experiments = chaos.experiments.max(*experiment);
+            if *scheduled {
+                chaos.last_scheduled_ms = at;
+            }
+            // A leashed experiment did nothing: nothing runs.
+            if !*leashed {
+                chaos.running = Some(RunningExperiment {
+                    experiment: *experiment,
+                    service: service.clone(),
+                    instance: instance.clone(),
+                    action: action.clone(),
+                    started_at_ms: at,
+                    until_ms: at.saturating_add(duration.as_millis() as u64),
+                });
+            }
+        }
+        Event::ChaosEnded {
+            experiment,
+            outcome,
+            ..
+        } => {
+            let chaos = &mut state.chaos;
+            if chaos.running.as_ref().map(|r| r.experiment) == Some(*experiment) {
+                chaos.running = None;
+            }
+            if let ChaosOutcome::Aborted {
+                paused_until_ms, ..
+            } = outcome
+            {
+                chaos.paused_until_ms = chaos.paused_until_ms.max(*paused_until_ms);
+            }
+        }
     }
     state
+}
+
+/// Planned failures as the log says: the config, the experiment running, the pause after an
+/// abort.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChaosState {
+    pub config: Option<crate::chaos::ChaosConfig>,
+    /// The number of the last experiment (the next is one more).
+    pub experiments: u64,
+    pub running: Option<RunningExperiment>,
+    /// When the last scheduled experiment started (ms since the epoch; 0: never).
+    pub last_scheduled_ms: u64,
+    /// No scheduled experiment before this (an abort's cool-down).
+    pub paused_until_ms: u64,
+}
+
+/// The experiment under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningExperiment {
+    pub experiment: u64,
+    pub service: ServiceName,
+    pub instance: Option<InstanceName>,
+    pub action: crate::chaos::Action,
+    pub started_at_ms: u64,
+    pub until_ms: u64,
 }
 
 /// Folds a whole sequence from the empty state.

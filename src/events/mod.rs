@@ -26,8 +26,8 @@ pub use log::{
 };
 
 pub use fold::{
-    Backoff, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release, Scale,
-    ServiceState, State, fold, replay,
+    Backoff, ChaosState, Deploy, DeployOutcome, DeployRecord, InstanceState, Lifecycle, Release,
+    RunningExperiment, Scale, ServiceState, State, fold, replay,
 };
 
 /// The actor the controller appends its own decisions as. A decision a command asked for
@@ -154,6 +154,33 @@ pub enum Event {
         since_ms: u64,
         error: String,
     },
+    /// `[chaos]` of this environment as a deploy brought it (none: no planned failures).
+    ChaosConfigured {
+        config: Option<crate::chaos::ChaosConfig>,
+    },
+    /// A planned failure begins (or, leashed, would have begun: nothing is done). Announced
+    /// before its effect, like every decision.
+    ChaosStarted {
+        experiment: u64,
+        service: ServiceName,
+        /// The instance a stop or kill is for; none for a fault at the route.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<InstanceName>,
+        action: crate::chaos::Action,
+        duration: Duration,
+        leashed: bool,
+        /// Drawn by the schedule, or asked for (`graven chaos run`; the actor says who).
+        scheduled: bool,
+        /// What users saw before it (the outage checker's baseline).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        baseline: Option<crate::chaos::Seen>,
+    },
+    /// A planned failure ended: what users saw while it ran, and whether it was aborted.
+    ChaosEnded {
+        experiment: u64,
+        outcome: ChaosOutcome,
+        seen: crate::chaos::Seen,
+    },
 }
 
 /// Every kind name, in declaration order: what `EventKind::kind` returns and the serde tag.
@@ -177,6 +204,9 @@ pub const KINDS: &[&str] = &[
     "service_removed",
     "history_lost",
     "log_unwritable",
+    "chaos_configured",
+    "chaos_started",
+    "chaos_ended",
 ];
 
 impl EventKind for Event {
@@ -201,6 +231,9 @@ impl EventKind for Event {
             Event::ServiceRemoved { .. } => "service_removed",
             Event::HistoryLost { .. } => "history_lost",
             Event::LogUnwritable { .. } => "log_unwritable",
+            Event::ChaosConfigured { .. } => "chaos_configured",
+            Event::ChaosStarted { .. } => "chaos_started",
+            Event::ChaosEnded { .. } => "chaos_ended",
         }
     }
 
@@ -336,6 +369,80 @@ impl Event {
                     std::time::UNIX_EPOCH + Duration::from_millis(*since_ms)
                 )
             ),
+            Event::ChaosConfigured { config: None } => "planned failures off".to_owned(),
+            Event::ChaosConfigured { config: Some(c) } => format!(
+                "planned failures every {} on average ({}){}",
+                humantime::format_duration(c.mean_between),
+                c.kinds
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if c.leashed { ", leashed" } else { "" }
+            ),
+            Event::ChaosStarted {
+                experiment,
+                service,
+                instance,
+                action,
+                duration,
+                leashed,
+                ..
+            } => {
+                let target = match instance {
+                    Some(instance) => format!("instance {instance} of {service}"),
+                    None => format!("the route of {service}"),
+                };
+                let verb = if *leashed {
+                    "leashed, would have done"
+                } else {
+                    "started"
+                };
+                format!(
+                    "chaos experiment {experiment} {verb}: {action} on {target} for {}",
+                    humantime::format_duration(*duration)
+                )
+            }
+            Event::ChaosEnded {
+                experiment,
+                outcome,
+                seen,
+            } => format!(
+                "chaos experiment {experiment} {outcome}: {} requests, {} failed, {} injected, \
+                 p50 {}, p99 {}",
+                seen.requests,
+                seen.errors,
+                seen.injected,
+                humantime::format_duration(Duration::from_micros(seen.p50_us)),
+                humantime::format_duration(Duration::from_micros(seen.p99_us))
+            ),
+        }
+    }
+}
+
+/// How a chaos experiment ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum ChaosOutcome {
+    /// It ran its whole duration.
+    Completed,
+    /// The outage checker found the steady state broken: faults were removed, and no
+    /// scheduled experiment starts before `paused_until_ms`.
+    Aborted {
+        broken: crate::chaos::Broken,
+        paused_until_ms: u64,
+    },
+    /// Cut short for another reason (a deploy of the service began, the controller
+    /// restarted, the service went away).
+    Interrupted { why: String },
+}
+
+impl std::fmt::Display for ChaosOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChaosOutcome::Completed => f.write_str("completed"),
+            ChaosOutcome::Aborted { broken, .. } => write!(f, "aborted ({broken})"),
+            ChaosOutcome::Interrupted { why } => write!(f, "interrupted ({why})"),
         }
     }
 }
@@ -550,6 +657,8 @@ pub enum DrainReason {
     Shutdown,
     /// It was condemned and a replacement serves.
     Condemned { reason: CondemnReason },
+    /// A chaos experiment stops it gracefully; self-healing replaces it.
+    Chaos { experiment: u64 },
     /// Written by a graven whose log said why in words only (vocabulary 1).
     Recorded { text: String },
 }
@@ -573,6 +682,7 @@ impl std::fmt::Display for DrainReason {
             DrainReason::ServiceRemoved => f.write_str("service removed"),
             DrainReason::Shutdown => f.write_str("shutdown"),
             DrainReason::Condemned { reason } => write!(f, "condemned: {reason}"),
+            DrainReason::Chaos { experiment } => write!(f, "chaos experiment {experiment}"),
             DrainReason::Recorded { text } => f.write_str(text),
         }
     }

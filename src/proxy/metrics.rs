@@ -140,6 +140,7 @@ impl UnroutedCounters {
             connections: 0,
             refused: 0,
             accepted_by_thread: Vec::new(),
+            injected: Default::default(),
         }
     }
 }
@@ -217,6 +218,9 @@ pub struct RouteMetrics {
     /// (the acceptor hands each to the thread with the fewest open).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accepted_by_thread: Vec<u64>,
+    /// Requests the route's faults hit (planned failures), by effect.
+    #[serde(default)]
+    pub injected: super::faults::InjectedCounts,
 }
 
 impl RouteMetrics {

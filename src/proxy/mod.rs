@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 mod backends;
 mod body;
 mod error;
+pub mod faults;
 pub mod health;
 pub mod limits;
 mod metrics;
@@ -112,6 +113,17 @@ impl AnyRoute {
         match self {
             AnyRoute::Http(route) => route.metrics(),
             AnyRoute::Tcp(route) => route.metrics(),
+        }
+    }
+
+    /// Sets or clears an HTTP route's fault; false on a TCP route, which takes none.
+    pub fn set_fault(&self, fault: Option<faults::Fault>) -> bool {
+        match self {
+            AnyRoute::Http(route) => {
+                route.set_fault(fault);
+                true
+            }
+            AnyRoute::Tcp(_) => false,
         }
     }
 

@@ -15,7 +15,6 @@
 //! snapshot, takes no lock but the pool's (held for one push or pop) and logs nothing.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -40,6 +39,7 @@ use tokio::time::Sleep;
 
 use super::backends::BackendSet;
 use super::body::{ForwardBody, ProxyBody};
+use super::faults::{Effect, FAULT_HEADER, Fault, Faults, InjectedReset};
 use super::limits::budget;
 use super::metrics::{ReleaseCounters, UnroutedCounters};
 use super::serving::{self, Connections, Open, Serving, Stop, Takeover, Workers};
@@ -80,6 +80,8 @@ struct Shared {
     server: auto::Builder<TokioExecutor>,
     /// Open connections, asked to close when the route shuts down.
     closing: Arc<Closing>,
+    /// A planned failure's fault, when one is set (`set_fault`).
+    faults: Faults,
 }
 
 impl Route {
@@ -129,6 +131,7 @@ impl Route {
             epoch: Instant::now(),
             server,
             closing: Arc::new(Closing::default()),
+            faults: Faults::default(),
         });
         let serving = Arc::clone(&shared);
         let serving = Serving::spawn(
@@ -190,12 +193,19 @@ impl Route {
 
     pub fn metrics(&self) -> RouteMetrics {
         let shared = &self.shared;
-        serving::metrics(
+        let mut metrics = serving::metrics(
             &shared.backends,
             &shared.unrouted,
             &shared.connections,
             &shared.workers,
-        )
+        );
+        metrics.injected = shared.faults.counts();
+        metrics
+    }
+
+    /// Sets (or, with None, clears) the fault the route injects into a share of requests.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.shared.faults.set(fault);
     }
 
     /// Client connections open on this route now.
@@ -210,6 +220,45 @@ impl Route {
 }
 
 impl Shared {
+    /// Serves one request, unless a fault hits it.
+    async fn serve_request(
+        &self,
+        request: Request<Incoming>,
+        client_ip: HeaderValue,
+        start: Instant,
+    ) -> Result<Response<ProxyBody>, InjectedReset> {
+        let Some(effect) = self.faults.draw() else {
+            return Ok(self.handle(request, client_ip, start).await);
+        };
+        let mut response = match effect {
+            Effect::Reset => return Err(InjectedReset),
+            Effect::Latency(delay) => {
+                tokio::time::sleep(delay).await;
+                // Timed from here: the route's latency figures are the service's own.
+                self.handle(request, client_ip, Instant::now()).await
+            }
+            Effect::Error(status) => {
+                let status = http::StatusCode::from_u16(status)
+                    .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+                let mut response = Response::new(ProxyBody::full("injected fault"));
+                *response.status_mut() = status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                response
+            }
+        };
+        let name = match effect {
+            Effect::Latency(_) => "latency",
+            Effect::Error(_) | Effect::Reset => "error",
+        };
+        response
+            .headers_mut()
+            .insert(FAULT_HEADER, HeaderValue::from_static(name));
+        Ok(response)
+    }
+
     async fn handle(
         &self,
         request: Request<Incoming>,
@@ -422,7 +471,7 @@ impl Shared {
                 let client_ip = client_ip.clone();
                 let start = Instant::now();
                 activity.request_began(start.saturating_duration_since(shared.epoch));
-                async move { Ok::<_, Infallible>(shared.handle(request, client_ip, start).await) }
+                async move { shared.serve_request(request, client_ip, start).await }
             })
         };
         let connection = self

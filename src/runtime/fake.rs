@@ -37,6 +37,9 @@ pub enum Behavior {
     Unhealthy,
     /// Connections are accepted but no request is ever answered (a hung process).
     Hung,
+    /// `/healthz` answers 200 but `/` answers 500: a release whose requests fail while its
+    /// health check passes.
+    Failing,
 }
 
 impl Behavior {
@@ -45,6 +48,7 @@ impl Behavior {
             Behavior::Healthy => 0,
             Behavior::Unhealthy => 1,
             Behavior::Hung => 2,
+            Behavior::Failing => 3,
         }
     }
 
@@ -52,6 +56,7 @@ impl Behavior {
         match value {
             0 => Behavior::Healthy,
             1 => Behavior::Unhealthy,
+            3 => Behavior::Failing,
             _ => Behavior::Hung,
         }
     }
@@ -382,7 +387,7 @@ impl Runtime for FakeRuntime {
         Ok(match (command.first().map(String::as_str), behavior) {
             (Some("true"), _) => answer(0, ""),
             (Some("false"), _) => answer(1, ""),
-            (_, Behavior::Healthy) => answer(0, "healthy"),
+            (_, Behavior::Healthy | Behavior::Failing) => answer(0, "healthy"),
             (_, Behavior::Unhealthy) => answer(1, "unhealthy"),
             (_, Behavior::Hung) => {
                 tokio::time::sleep(timeout).await;
@@ -502,8 +507,13 @@ async fn answer(
         std::future::pending::<()>().await;
     }
     let (status, body) = match request.uri().path() {
-        "/healthz" if behavior == Behavior::Healthy => (StatusCode::OK, "ok\n".to_owned()),
+        "/healthz" if matches!(behavior, Behavior::Healthy | Behavior::Failing) => {
+            (StatusCode::OK, "ok\n".to_owned())
+        }
         "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n".to_owned()),
+        "/" if behavior == Behavior::Failing => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "failing\n".to_owned())
+        }
         "/" => (
             StatusCode::OK,
             format!("{} from hello {}\n", answers.greeting, answers.version),

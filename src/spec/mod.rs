@@ -2,6 +2,7 @@
 //! validating that into the typed `Project`, and reporting every problem at once with line,
 //! column and field. Pure: it reads one file and touches nothing else.
 
+mod chaos;
 pub mod dns;
 pub mod logs;
 mod phoenix;
@@ -76,6 +77,9 @@ pub struct Project {
     pub logs: logs::Logs,
     /// `[dns]`: graven's DNS server, as `graven up` runs it.
     pub dns: crate::dns::DnsConfig,
+    /// `[chaos]` (overlaid by `[environments.ENV.chaos]`): planned failures; none when
+    /// neither is written.
+    pub chaos: Option<crate::chaos::ChaosConfig>,
 }
 
 /// A command run before baking (compiling the app), from the project directory.

@@ -106,6 +106,7 @@ pub(crate) struct RawProject {
     pub environments: Option<Spanned<Named<Spanned<RawEnvironment>>>>,
     pub logs: Option<Spanned<super::logs::RawLogs>>,
     pub dns: Option<Spanned<super::dns::RawDns>>,
+    pub chaos: Option<Spanned<super::chaos::RawChaos>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +198,7 @@ pub(crate) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEnvironment {
     pub services: Option<Spanned<Named<Spanned<RawService>>>>,
+    pub chaos: Option<Spanned<super::chaos::RawChaos>>,
 }
 
 /// Reads `source` into the raw shape, reporting every syntax error, every unknown field and

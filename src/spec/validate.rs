@@ -987,6 +987,23 @@ pub(crate) fn validate(
     let names: Vec<&str> = bases.keys().map(String::as_str).collect();
     let logs = super::logs::check(raw.logs.as_ref(), &names, issues);
     let dns = super::dns::check(raw.dns.as_ref(), issues);
+    // Every environment's `[chaos]` is checked, so a production typo fails on a laptop too;
+    // the requested one is kept (a problem in the top-level table is said once).
+    let mut chaos = super::chaos::check(raw.chaos.as_ref(), None, &names, issues);
+    for (name, env) in raw.environments.iter().flat_map(|envs| envs.get_ref()) {
+        let overlay = env
+            .get_ref()
+            .chaos
+            .as_ref()
+            .map(|c| (c, name.get_ref().as_str()));
+        if overlay.is_none() && name.get_ref() != environment {
+            continue;
+        }
+        let checked = super::chaos::check(raw.chaos.as_ref(), overlay, &names, issues);
+        if name.get_ref() == environment {
+            chaos = checked;
+        }
+    }
 
     if !issues.is_empty() {
         return None;
@@ -1003,5 +1020,6 @@ pub(crate) fn validate(
         services: wanted?,
         logs,
         dns,
+        chaos,
     })
 }

@@ -67,6 +67,7 @@ pub fn order(services: Vec<ServiceRelease>) -> DeployOrder {
         services,
         source: None,
         resume: false,
+        chaos: None,
     }
 }
 
