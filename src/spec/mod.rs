@@ -6,6 +6,7 @@ pub mod dns;
 pub mod logs;
 mod problem;
 mod raw;
+pub mod runtime;
 mod validate;
 mod values;
 
@@ -20,6 +21,7 @@ use crate::proxy::HealthCheck;
 use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 
 pub use problem::{Problem, SpecErrors};
+pub use runtime::RuntimeChoice;
 pub use validate::DEFAULT_ENVIRONMENT;
 pub use values::nonzero_size;
 
@@ -75,6 +77,8 @@ pub struct Project {
     pub logs: logs::Logs,
     /// `[dns]`: graven's DNS server, as `graven up` runs it.
     pub dns: crate::dns::DnsConfig,
+    /// `[environments.ENV] runtime`: the backend the environment's instances run on.
+    pub runtime: RuntimeChoice,
 }
 
 /// A command run before baking (compiling the app), from the project directory.

@@ -196,6 +196,8 @@ pub(crate) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEnvironment {
     pub services: Option<Spanned<Named<Spanned<RawService>>>>,
+    pub runtime: Option<Field<String>>,
+    pub docker_host: Option<Field<String>>,
 }
 
 /// Reads `source` into the raw shape, reporting every syntax error, every unknown field and
