@@ -269,3 +269,68 @@ async fn a_file_planted_in_a_container_s_root_is_drift_with_its_evidence() {
         runtime.kill(&id).await.unwrap();
     }
 }
+
+/// A break-glass `docker exec` taints the instance (the engine's `exec_start` event, seen by
+/// the watch); graven's own health probe, also an exec, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_exec_taints_the_instance_and_a_probe_does_not() {
+    use graven::runtime::{AnyRuntime, DockerRuntime, InstanceSpec, Runtime};
+    let engine = Dockerd::start_with_bridge();
+    let home = tempfile::tempdir().unwrap();
+    let image = support::runtime::hello_image(home.path());
+    let runtime = AnyRuntime::Docker(DockerRuntime::open(home.path(), &engine.host()).unwrap());
+    // The watch runs from the first subscriber on.
+    let _changes = runtime.changes();
+    let instance = runtime.start(InstanceSpec::new(image)).await.unwrap();
+    let probe = ["/hello".to_owned()];
+    runtime
+        .probe(&instance.id, &probe, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let name = format!("graven-{}", instance.id);
+    // The probe's own event has arrived once a later exec's has: then it did not taint.
+    engine
+        .docker()
+        .args(["exec", &name, "/hello"])
+        .output()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if runtime.inspect(&instance.id).await.unwrap().tainted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a docker exec did not taint the instance"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The negative control: a second instance only probed stays untainted, its probe's
+    // event seen before a foreign exec into the first.
+    let other = runtime
+        .start(InstanceSpec::new(instance.image.clone()))
+        .await
+        .unwrap();
+    runtime
+        .probe(&other.id, &probe, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut changes = runtime.changes();
+    engine.run(&["kill", &name]);
+    // The kill's `die` follows the probe's `exec_start` on the one event stream.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(change) = changes.recv().await {
+            if change
+                == (graven::runtime::InstanceChange::Exited {
+                    id: instance.id.clone(),
+                })
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the kill is reported");
+    assert!(!runtime.inspect(&other.id).await.unwrap().tainted);
+    runtime.kill(&other.id).await.unwrap();
+}

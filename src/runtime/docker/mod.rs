@@ -60,6 +60,15 @@ struct Inner {
     followed: Arc<Mutex<std::collections::HashSet<InstanceId>>>,
 }
 
+/// The execs this process started as health probes, by exec id, with when: an exec a watch
+/// sees that is not among them is someone's break-glass, and taints. One for the process,
+/// since every environment's runtime on an engine watches all of the home's containers.
+static PROBES: Mutex<Option<HashMap<String, std::time::Instant>>> = Mutex::new(None);
+
+/// How long a probe's exec id is remembered: far longer than the engine takes to report
+/// the exec's start.
+const PROBE_MEMORY: Duration = Duration::from_secs(300);
+
 /// An Engine API failure as the runtime's error, saying what was being done.
 fn engine_error(context: impl Into<String>, error: bollard::errors::Error) -> RuntimeError {
     RuntimeError::Other {
@@ -289,14 +298,19 @@ impl DockerRuntime {
         *watch = Some(handle.spawn(async move { runtime.watch_events().await }));
     }
 
-    /// Forwards the engine's `die` events of this home's containers as changes, reconnecting
-    /// after a failure (a watcher that lagged lists, as with every backend).
+    /// Forwards the engine's `die` events of this home's containers as changes, and taints
+    /// an instance an exec that is not graven's probe started in (`docker exec`, the
+    /// break-glass); reconnects after a failure (a watcher that lagged lists, as with every
+    /// backend).
     async fn watch_events(self) {
         loop {
             if let Ok(docker) = self.engine().await {
                 let filters = HashMap::from([
                     ("type".to_owned(), vec!["container".to_owned()]),
-                    ("event".to_owned(), vec!["die".to_owned()]),
+                    (
+                        "event".to_owned(),
+                        vec!["die".to_owned(), "exec_start".to_owned()],
+                    ),
                     (
                         "label".to_owned(),
                         vec![format!("{}={}", labels::HOME, self.inner.home_label)],
@@ -307,15 +321,20 @@ impl DockerRuntime {
                     ..Default::default()
                 }));
                 while let Some(Ok(event)) = events.next().await {
-                    let id = event
-                        .actor
-                        .and_then(|a| a.attributes)
-                        .and_then(|a| a.get(labels::INSTANCE).cloned());
-                    if let Some(id) = id {
-                        let _ = self
-                            .inner
-                            .changes
-                            .send(InstanceChange::Exited { id: InstanceId(id) });
+                    let action = event.action.unwrap_or_default();
+                    let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
+                    let Some(id) = attributes.get(labels::INSTANCE).cloned().map(InstanceId) else {
+                        continue;
+                    };
+                    if action == "die" {
+                        let _ = self.inner.changes.send(InstanceChange::Exited { id });
+                    } else if action.starts_with("exec_start") {
+                        let exec = attributes.get("execID").cloned().unwrap_or_default();
+                        if !self.is_probe(&exec) {
+                            // The controller sees it on its next listing, as a local
+                            // instance's `graven exec`.
+                            let _ = marks::taint(&self.inner.home, &id);
+                        }
                     }
                 }
             }
@@ -353,6 +372,20 @@ impl DockerRuntime {
         });
     }
 
+    fn remember_probe(&self, exec: &str) {
+        let mut probes = PROBES.lock().unwrap_or_else(|e| e.into_inner());
+        let probes = probes.get_or_insert_with(HashMap::new);
+        probes.retain(|_, at| at.elapsed() < PROBE_MEMORY);
+        probes.insert(exec.to_owned(), std::time::Instant::now());
+    }
+
+    /// Whether `exec` was one of this process's probes. Kept until it ages out: every
+    /// environment's watch sees the same exec.
+    fn is_probe(&self, exec: &str) -> bool {
+        let probes = PROBES.lock().unwrap_or_else(|e| e.into_inner());
+        probes.as_ref().is_some_and(|p| p.contains_key(exec))
+    }
+
     /// Runs `command` in the running instance `id`, as its user, for at most `timeout`.
     async fn exec(
         &self,
@@ -382,6 +415,9 @@ impl DockerRuntime {
             )
             .await
             .map_err(|e| engine_error(context(), e))?;
+        // Remembered before it starts, so the watch never takes graven's probe for a
+        // break-glass exec.
+        self.remember_probe(&exec.id);
         let started = docker
             .start_exec(&exec.id, None)
             .await
@@ -796,6 +832,12 @@ mod marks {
             context: format!("recording instance {id}"),
             source: std::io::Error::other(e),
         })
+    }
+
+    pub fn taint(home: &Path, id: &InstanceId) -> Result<(), RuntimeError> {
+        let mut marks = load(home, id);
+        marks.tainted = true;
+        save(home, id, &marks)
     }
 
     pub fn record_drift(home: &Path, id: &InstanceId, drift: &Drift) -> Result<(), RuntimeError> {
