@@ -3,8 +3,9 @@
 //! Two deploys under keep-alive load fail no request; the instances' output reaches `graven
 //! logs`; a release that never gets healthy rolls back; the lock-down is the engine's word
 //! (`docker inspect`) and holds inside (a write to `/` fails, a privileged exec cannot
-//! start, `docker cp` is refused); a file written into a container's root (its upper dir, on
-//! the host) condemns it; the same image started by `docker run` answers the same.
+//! start, `docker cp` is refused), and those execs taint the instance, which is replaced; a
+//! file written into a container's root (its upper dir, on the host) condemns it; the same
+//! image started by `docker run` answers the same.
 
 mod support;
 
@@ -119,6 +120,36 @@ fn the_example_deploys_on_docker_under_load_and_keeps_graven_s_guarantees() {
     );
     // The negative control: /tmp, a tmpfs, takes the same write.
     engine.run(&["exec", &name, "/busybox", "touch", "/tmp/written"]);
+    // No way in through the engine writes the root either: a privileged exec cannot raise
+    // its capabilities (no new privileges), `docker cp` is refused on a read-only root.
+    let privileged = engine
+        .docker()
+        .args(["exec", "--privileged", "-u", "0", &name, "/busybox", "id"])
+        .output()
+        .unwrap();
+    assert!(!privileged.status.success(), "a privileged exec ran");
+    let file = temp.path().join("planted");
+    std::fs::write(&file, "tampered\n").unwrap();
+    let copied = engine
+        .docker()
+        .arg("cp")
+        .arg(&file)
+        .arg(format!("{name}:/tampered"))
+        .output()
+        .unwrap();
+    assert!(
+        !copied.status.success(),
+        "docker cp wrote the read-only root"
+    );
+    // Those execs were a break-glass: the instance is tainted and replaced.
+    support::wait_for(
+        Duration::from_secs(30),
+        "the exec'd container replaced",
+        || {
+            let now = containers(&engine);
+            (!now.contains(&name) && now.len() == 2).then_some(())
+        },
+    );
 
     // A bad release (never healthy) rolls back by itself; v3 serves on.
     project(&dir, route, &engine, r#"VERSION = "v4", HEALTHY = "0""#);
@@ -130,34 +161,21 @@ fn the_example_deploys_on_docker_under_load_and_keeps_graven_s_guarantees() {
     // Once the bad release's containers are gone: two of v3's.
     let before = support::wait_for(Duration::from_secs(30), "v3's containers alone", || {
         let now = containers(&engine);
-        let v3 = |name: &String| inspect(&engine, name, "{{.Config.Env}}").contains("VERSION=v3");
+        // A container may go between the listing and the inspect: then not yet.
+        let v3 = |name: &String| {
+            let out = engine
+                .docker()
+                .args(["inspect", "--format", "{{.Config.Env}}", name])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("VERSION=v3")
+        };
         (now.len() == 2 && now.iter().all(v3)).then_some(now)
     });
-    // Drift. No way in through the engine writes the root: a privileged exec cannot raise
-    // its capabilities (no new privileges), `docker cp` is refused on a read-only root.
-    // Someone with root on the engine's host can: a file written into the container's upper
-    // dir condemns and replaces it.
+    // Drift: no way in through the engine writes the root (above), but someone with root on
+    // the engine's host can: a file written into a container's upper dir condemns and
+    // replaces it.
     let victim = before[0].clone();
-    let privileged = engine
-        .docker()
-        .args(["exec", "--privileged", "-u", "0", &victim, "/busybox", "id"])
-        .output()
-        .unwrap();
-    assert!(!privileged.status.success(), "a privileged exec ran");
-    let file = temp.path().join("planted");
-    std::fs::write(&file, "tampered\n").unwrap();
-    let copied = engine
-        .docker()
-        .arg("cp")
-        .arg(&file)
-        .arg(format!("{victim}:/tampered"))
-        .output()
-        .unwrap();
-    assert!(
-        !copied.status.success(),
-        "docker cp wrote the read-only root"
-    );
-    // Another name than the one `docker cp` looked up: overlayfs caches that it is absent.
     let upper = inspect(&engine, &victim, "{{.GraphDriver.Data.UpperDir}}");
     std::fs::write(Path::new(&upper).join("planted"), "tampered\n").unwrap();
     let replaced = support::try_wait_for(Duration::from_secs(30), || {
