@@ -11,7 +11,7 @@ pub mod drift;
 pub mod image;
 pub mod labels;
 pub mod lockdown;
-mod logs;
+pub mod logs;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
