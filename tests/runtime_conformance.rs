@@ -1,5 +1,6 @@
-//! The runtime contract, checked the same way against every backend: the in-memory fake and
-//! the embedded local runtime. A backend passes when every function here passes for it.
+//! The runtime contract, checked the same way against every backend: the in-memory fake, the
+//! embedded local runtime, and the Docker runtime on a dockerd of the test's own (with a
+//! bridge of its own). A backend passes when every function here passes for it.
 
 mod support;
 
@@ -8,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::runtime::{
-    AnyRuntime, FakeRuntime, InstanceChange, InstanceSpec, InstanceStatus, LocalRuntime, Runtime,
-    RuntimeError, VolumeMount,
+    AnyRuntime, DockerRuntime, FakeRuntime, InstanceChange, InstanceSpec, InstanceStatus,
+    LocalRuntime, Runtime, RuntimeError, VolumeMount,
 };
 use graven::store::Digest;
 use support::runtime::{Reply, get};
@@ -19,6 +20,9 @@ struct Subject {
     runtime: AnyRuntime,
     image: Digest,
     _home: tempfile::TempDir,
+    /// The engine a Docker subject runs on, stopped (by its PID) after the subject's
+    /// instances are killed.
+    _engine: Option<support::docker::Dockerd>,
 }
 
 fn fake() -> Subject {
@@ -28,6 +32,7 @@ fn fake() -> Subject {
         runtime: AnyRuntime::Fake(FakeRuntime::with_images([image.clone()])),
         image,
         _home: home,
+        _engine: None,
     }
 }
 
@@ -39,6 +44,21 @@ fn local() -> Subject {
         runtime: AnyRuntime::Local(LocalRuntime::open(home.path()).unwrap()),
         image,
         _home: home,
+        _engine: None,
+    }
+}
+
+/// The Docker runtime on an engine of the test's own; the example's image is loaded into it
+/// from graven's store by `prepare` (the first start's).
+fn docker() -> Subject {
+    let engine = support::docker::Dockerd::start_with_bridge();
+    let home = tempfile::tempdir().unwrap();
+    let image = support::runtime::hello_image(home.path());
+    Subject {
+        runtime: AnyRuntime::Docker(DockerRuntime::open(home.path(), &engine.host()).unwrap()),
+        image,
+        _home: home,
+        _engine: Some(engine),
     }
 }
 
@@ -487,6 +507,7 @@ macro_rules! all_cases {
 
 all_cases!(fake);
 all_cases!(local);
+all_cases!(docker);
 
 /// The fake's failure hooks, which the controller's tests rely on.
 mod fake_hooks {

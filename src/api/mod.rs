@@ -29,6 +29,7 @@ use crate::events::{Envelope, Event, ReleaseNumber, ServiceName, State};
 use crate::runtime::AnyRuntime;
 
 pub mod client;
+mod environment_runtime;
 pub mod lock;
 pub mod offline;
 pub mod syslog;
@@ -110,6 +111,21 @@ pub enum ApiError {
     AppEvents { message: String },
     #[error("syslog ([logs]): {message}")]
     Syslog { message: String },
+    #[error(
+        "{app}/{environment} runs on the {from} runtime: stop it (graven down) before it \
+         runs on {to}"
+    )]
+    RuntimeChange {
+        app: String,
+        environment: String,
+        from: &'static str,
+        to: &'static str,
+    },
+    #[error("the {runtime} runtime: {message}")]
+    Runtime {
+        runtime: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Controller(#[from] ControllerError),
 }
@@ -133,6 +149,8 @@ impl ApiError {
             ApiError::ImageCollected { .. } => StatusCode::CONFLICT,
             ApiError::AppEvents { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Syslog { .. } => StatusCode::CONFLICT,
+            ApiError::RuntimeChange { .. } => StatusCode::CONFLICT,
+            ApiError::Runtime { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Controller(error) => match error {
                 ControllerError::UnknownService { .. } => StatusCode::NOT_FOUND,
                 ControllerError::UnknownRelease { .. } => StatusCode::NOT_FOUND,
@@ -179,6 +197,10 @@ pub struct DeployRequest {
     /// this app and environment from now on (none when empty).
     #[serde(default, skip_serializing_if = "crate::spec::logs::Logs::is_empty")]
     pub logs: crate::spec::logs::Logs,
+    /// The environment's `runtime` in graven.toml; none: the one it ran on before, else the
+    /// daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<crate::spec::RuntimeChoice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,26 +401,48 @@ impl Daemon {
 
     /// The controller of `app` in `environment`, started (from its log) if need be.
     pub fn controller(&self, app: &str, environment: &str) -> Result<ControllerHandle, ApiError> {
+        self.controller_on(app, environment, None)
+    }
+
+    /// `controller`, on the runtime graven.toml chose for the environment (`choice`: recorded
+    /// beside its log, so a restarted daemon resumes it there; none: the one recorded, else
+    /// the daemon's own).
+    pub fn controller_on(
+        &self,
+        app: &str,
+        environment: &str,
+        choice: Option<&crate::spec::RuntimeChoice>,
+    ) -> Result<ControllerHandle, ApiError> {
         valid_name(app)?;
         valid_name(environment)?;
         let mut controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
         let key = (app.to_owned(), environment.to_owned());
-        if let Some(handle) = controllers.get(&key).filter(|h| !h.is_finished()) {
-            return Ok(handle.clone());
-        }
         let log = log_path(&self.home, app, environment);
         let dir = log.parent().expect("the log has a directory");
+        if let Some(handle) = controllers.get(&key).filter(|h| !h.is_finished()) {
+            let running = environment_runtime::recorded(dir).unwrap_or_default();
+            if let Some(choice) = choice.filter(|c| c.name() != running.name()) {
+                return Err(ApiError::RuntimeChange {
+                    app: app.to_owned(),
+                    environment: environment.to_owned(),
+                    from: running.name(),
+                    to: choice.name(),
+                });
+            }
+            return Ok(handle.clone());
+        }
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(io(dir))?;
+        let runtime = environment_runtime::open(&self.home, dir, choice, &self.runtime)?;
         let handle = controller::spawn(ControllerOptions {
             app: app.to_owned(),
             environment: environment.to_owned(),
             log,
-            runtime: self.runtime.clone(),
+            runtime,
             tick: self.tick,
             resync: RESYNC,
             // A name the store refuses (graven.toml's names never are) has no secrets.
@@ -691,7 +735,11 @@ impl Daemon {
         match (method, path) {
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(body)?;
-                let handle = self.controller(&request.app, &request.environment)?;
+                let handle = self.controller_on(
+                    &request.app,
+                    &request.environment,
+                    request.runtime.as_ref(),
+                )?;
                 self.set_logs(&request.app, &request.environment, &request.logs)
                     .await?;
                 let rollout = handle.deploy(request.order, actor).await?;

@@ -404,7 +404,8 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         }));
         let logs_home = home.to_owned();
         let result = async {
-            let handle = daemon.controller(&project.app, &project.environment)?;
+            let handle =
+                daemon.controller_on(&project.app, &project.environment, Some(&project.runtime))?;
             let home = home.to_owned();
             let order = {
                 let project = project.clone();
@@ -766,6 +767,7 @@ fn deploy_to_daemon(home: &Path, args: DeployArgs, resume: bool) -> anyhow::Resu
                 environment: project.environment.clone(),
                 order,
                 logs: project.logs.clone(),
+                runtime: Some(project.runtime.clone()),
             })
             .await?;
         finish(home, &client, accepted, args.json).await

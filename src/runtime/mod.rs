@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::Digest;
 
+pub mod docker;
 #[cfg(feature = "dev-tools")]
 pub mod fake;
 pub mod local;
 pub mod settings;
 
+pub use docker::DockerRuntime;
 #[cfg(feature = "dev-tools")]
 pub use fake::FakeRuntime;
 pub use local::LocalRuntime;
@@ -434,6 +436,8 @@ pub enum RuntimeError {
     MissingHealthCommand { image: Digest, path: String },
     #[error("instance {id} could not start: {message}")]
     Sandbox { id: InstanceId, message: String },
+    #[error("the {runtime} runtime cannot {what}")]
+    CannotExpress { runtime: &'static str, what: String },
     #[error("this machine cannot sandbox instances: {reason}")]
     Unsupported { reason: String },
     #[error("instance {id}: {source}")]
@@ -546,6 +550,7 @@ pub trait Runtime {
 #[derive(Debug, Clone)]
 pub enum AnyRuntime {
     Local(LocalRuntime),
+    Docker(DockerRuntime),
     /// The tests' in-memory backend; never in the shipped binary.
     #[cfg(feature = "dev-tools")]
     Fake(FakeRuntime),
@@ -555,6 +560,7 @@ macro_rules! dispatch {
     ($self:ident, $rt:ident => $call:expr) => {
         match $self {
             AnyRuntime::Local($rt) => $call,
+            AnyRuntime::Docker($rt) => $call,
             #[cfg(feature = "dev-tools")]
             AnyRuntime::Fake($rt) => $call,
         }

@@ -8,6 +8,7 @@ pub mod logs;
 mod phoenix;
 mod problem;
 mod raw;
+pub mod runtime;
 mod validate;
 mod values;
 
@@ -22,6 +23,7 @@ use crate::proxy::HealthCheck;
 use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 
 pub use problem::{Problem, SpecErrors};
+pub use runtime::RuntimeChoice;
 pub use validate::DEFAULT_ENVIRONMENT;
 pub use values::nonzero_size;
 
@@ -80,6 +82,8 @@ pub struct Project {
     /// `[chaos]` (overlaid by `[environments.ENV.chaos]`): planned failures; none when
     /// neither is written.
     pub chaos: Option<crate::chaos::ChaosConfig>,
+    /// `[environments.ENV] runtime`: the backend the environment's instances run on.
+    pub runtime: RuntimeChoice,
 }
 
 /// A command run before baking (compiling the app), from the project directory.

@@ -199,6 +199,8 @@ pub(crate) struct RawLimits {
 pub(crate) struct RawEnvironment {
     pub services: Option<Spanned<Named<Spanned<RawService>>>>,
     pub chaos: Option<Spanned<super::chaos::RawChaos>>,
+    pub runtime: Option<Field<String>>,
+    pub docker_host: Option<Field<String>>,
 }
 
 /// Reads `source` into the raw shape, reporting every syntax error, every unknown field and

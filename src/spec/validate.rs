@@ -894,12 +894,20 @@ pub(crate) fn validate(
     // Every environment's overlays, checked once.
     let mut overlays: BTreeMap<String, BTreeMap<String, Partial>> = BTreeMap::new();
     overlays.insert(DEFAULT_ENVIRONMENT.to_owned(), BTreeMap::new());
+    let mut runtimes: BTreeMap<String, super::RuntimeChoice> = BTreeMap::new();
     if let Some(environments) = &raw.environments {
         for (env_name, env) in environments.get_ref() {
             let env_prefix = format!("environments.{}", env_name.get_ref());
             if let Err(message) = values::dns_label("environment", env_name.get_ref()) {
                 issues.push(env_name.span(), &env_prefix, message);
             }
+            let runtime = super::runtime::check(
+                env.get_ref().runtime.as_ref(),
+                env.get_ref().docker_host.as_ref(),
+                &env_prefix,
+                issues,
+            );
+            runtimes.insert(env_name.get_ref().clone(), runtime);
             let mut services = BTreeMap::new();
             let declared = env.get_ref().services.as_ref().map(Spanned::get_ref);
             for (name, service) in declared.into_iter().flatten() {
@@ -1021,5 +1029,6 @@ pub(crate) fn validate(
         logs,
         dns,
         chaos,
+        runtime: runtimes.remove(environment).unwrap_or_default(),
     })
 }
