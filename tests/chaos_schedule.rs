@@ -61,11 +61,33 @@ fn chaos(kinds: &[Kind], mean: Duration) -> ChaosConfig {
     }
 }
 
-async fn deploy(controller: &ControllerHandle, services: Vec<ServiceRelease>, chaos: ChaosConfig) {
-    let mut order = order(services);
-    order.chaos = Some(Box::new(chaos));
-    controller.deploy(order, "test").await.unwrap();
+/// Deploys `services` with no chaos and waits until `web` and `db` instances of them are
+/// healthy, then turns `chaos` on (the same releases: only `chaos_configured` is recorded).
+/// Settling first keeps the schedule's experiments out of the wait.
+async fn deploy(
+    controller: &ControllerHandle,
+    services: Vec<ServiceRelease>,
+    chaos: ChaosConfig,
+    (web, db): (usize, usize),
+) {
+    controller
+        .deploy(order(services.clone()), "test")
+        .await
+        .unwrap();
     outcome(controller).await;
+    settle(controller, web, db).await;
+    set_chaos(controller, services, Some(chaos)).await;
+}
+
+async fn set_chaos(
+    controller: &ControllerHandle,
+    services: Vec<ServiceRelease>,
+    chaos: Option<ChaosConfig>,
+) {
+    let mut order = order(services);
+    order.chaos = chaos.map(Box::new);
+    let rollout = controller.deploy(order, "test").await.unwrap();
+    assert!(rollout.started.is_empty(), "{rollout:?}");
 }
 
 async fn events(controller: &ControllerHandle) -> Vec<Envelope<Event>> {
@@ -157,9 +179,9 @@ async fn kills_come_at_the_configured_rate_and_never_touch_an_exempt_service() {
             service("db", 2, free_port()),
         ],
         config,
+        (3, 2),
     )
     .await;
-    settle(&controller, 3, 2).await;
     let db_before: BTreeSet<String> = controller
         .snapshot()
         .state
@@ -231,8 +253,8 @@ async fn graceful_stops_fail_no_request_under_load() {
     let route = free_port();
     let mut config = chaos(&[Kind::Stop], Duration::from_millis(1500));
     config.duration = Duration::from_millis(300);
-    deploy(&controller, vec![service("web", 3, route)], config).await;
-    settle(&controller, 3, 0).await;
+    let services = vec![service("web", 3, route)];
+    deploy(&controller, services.clone(), config, (3, 0)).await;
     let from = controller.snapshot().state.seq;
     let load = support::load::Load::start(route, 8);
     let stops = |controller: &ControllerHandle| {
@@ -260,6 +282,8 @@ async fn graceful_stops_fail_no_request_under_load() {
     })
     .await
     .expect("four graceful stops");
+    // Off again, so that the service settles (the running experiment ends on its own).
+    set_chaos(&controller, services, None).await;
     settle(&controller, 3, 0).await;
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
@@ -276,8 +300,13 @@ async fn a_leashed_schedule_records_what_it_would_do_and_does_nothing() {
     let controller = start(&fake, &dir.path().join("events.db"));
     let mut config = chaos(&[Kind::Kill, Kind::Stop], Duration::from_millis(300));
     config.leashed = true;
-    deploy(&controller, vec![service("web", 3, free_port())], config).await;
-    settle(&controller, 3, 0).await;
+    deploy(
+        &controller,
+        vec![service("web", 3, free_port())],
+        config,
+        (3, 0),
+    )
+    .await;
     let ids: BTreeSet<_> = fake
         .list()
         .await
@@ -341,9 +370,9 @@ async fn a_run_asked_for_keeps_to_the_minimum_and_the_exempt_list() {
         &controller,
         vec![strict, service("db", 2, free_port())],
         config,
+        (2, 2),
     )
     .await;
-    settle(&controller, 2, 2).await;
     let ask = |service: &str, kind: Kind| graven::controller::ChaosRequest {
         service: Some(service.into()),
         kind: Some(kind),
