@@ -283,3 +283,65 @@ fn refused_apply_rolls_back_the_workloads_already_changed() {
         .count();
     assert_eq!(patches, 3);
 }
+
+/// An environment whose `runtime` is kubernetes deploys to its cluster with no `--runtime`
+/// flag, taking the server, registry and namespace from its `kube_*` keys; another
+/// environment of the same file stays on the control plane and refuses the cluster's flags.
+#[test]
+fn an_environment_on_kubernetes_deploys_there_from_graven_toml_alone() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    project(dir.path(), false);
+    let sim = KubeSim::start();
+    let mut text = std::fs::read_to_string(dir.path().join("graven.toml")).unwrap();
+    text += &format!(
+        "\n[environments.cluster]\nruntime = \"kubernetes\"\nkube_server = \"{}\"\n\
+         kube_registry = \"registry.example.com/team\"\nkube_namespace = \"shop-cluster\"\n",
+        sim.url()
+    );
+    std::fs::write(dir.path().join("graven.toml"), text).unwrap();
+    let digest = test_image(home.path(), "good", "good\n");
+    let output = graven(home.path())
+        .args(["deploy", "--env", "cluster", "--json", "--image", "good"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(report(&output)["failure"], Value::Null);
+    let deployment = sim
+        .object("/apis/apps/v1/namespaces/shop-cluster/deployments/web")
+        .unwrap_or_else(|| panic!("not applied: {:?}", sim.paths()));
+    assert_eq!(
+        image_of(&deployment),
+        format!("registry.example.com/team/shop@{digest}")
+    );
+    // `graven render` reads the same keys.
+    let rendered = graven(home.path())
+        .args(["render", "--env", "cluster", "--image", "good"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rendered.stdout).contains("\"namespace\": \"shop-cluster\""));
+    // The default environment runs on the control plane: the cluster's flags are refused
+    // before anything is built or sent.
+    let local = graven(home.path())
+        .args(["deploy", "--image", "good"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!local.status.success());
+    assert!(
+        String::from_utf8_lossy(&local.stderr).contains("are a kubernetes deploy's"),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+}

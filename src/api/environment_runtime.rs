@@ -43,6 +43,14 @@ pub fn open(
     };
     match choice {
         RuntimeChoice::Local => Ok(own.clone()),
+        // Its releases are applied by `graven deploy` through the cluster's API, and the
+        // cluster's own controllers run them: no controller of graven's has instances there.
+        RuntimeChoice::Kubernetes { .. } => Err(ApiError::Runtime {
+            runtime: "kubernetes",
+            message: "the control plane does not run kubernetes environments: `graven deploy` \
+                      applies them through the cluster's API (docs/kubernetes.md)"
+                .to_owned(),
+        }),
         RuntimeChoice::Docker { host } => {
             let host = crate::runtime::docker::engine_host(host.as_deref());
             DockerRuntime::open(home, &host)

@@ -745,10 +745,27 @@ async fn finish(
 }
 
 pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
-    if args.remote.runtime.is_some() {
+    // An environment whose runtime is kubernetes goes to its cluster as `--runtime
+    // kubernetes` does, with graven.toml's kube_* keys where no flag is given.
+    let kubernetes = args.remote.runtime.is_some()
+        || matches!(
+            load_project(&args.dir, &args.environment)?.runtime,
+            crate::spec::RuntimeChoice::Kubernetes { .. }
+        );
+    if kubernetes {
         let remote = args.remote;
         return super::render::deploy(home, &args.dir, &args.environment, args.json, remote);
     }
+    let remote = &args.remote;
+    anyhow::ensure!(
+        remote.server.is_none()
+            && remote.cluster.namespace.is_none()
+            && remote.cluster.image.is_none(),
+        "--server, --namespace and --image are a kubernetes deploy's: environment {:?} runs on \
+         graven's control plane (give --runtime kubernetes, or runtime = \"kubernetes\" in \
+         graven.toml)",
+        args.environment
+    );
     deploy_to_daemon(home, args, false)
 }
 

@@ -27,10 +27,10 @@ pub struct ClusterArgs {
     #[arg(long, env = "GRAVEN_REGISTRY")]
     pub registry: Option<String>,
     /// The namespace of every object (default: APP-ENV).
-    #[arg(long, requires = "runtime")]
+    #[arg(long)]
     pub namespace: Option<String>,
     /// An image of the store (tag, digest or unique prefix) instead of building and baking.
-    #[arg(long, requires = "runtime")]
+    #[arg(long)]
     pub image: Option<String>,
     /// The storage each named volume's claim asks for.
     #[arg(long, default_value = "1Gi")]
@@ -45,9 +45,10 @@ pub struct RenderArgs {
     /// The environment of graven.toml to render.
     #[arg(long = "env", default_value = DEFAULT_ENVIRONMENT)]
     pub environment: String,
-    /// What to render for.
+    /// What to render for (default: the environment's `runtime`, which must then be
+    /// kubernetes).
     #[arg(long, value_enum)]
-    pub runtime: Runtime,
+    pub runtime: Option<Runtime>,
     /// A directory to write one file per object into, or `-` for a YAML stream on stdout.
     #[arg(long, short = 'o', default_value = "-")]
     pub output: String,
@@ -62,7 +63,7 @@ pub struct RemoteDeployArgs {
     #[arg(long, value_enum)]
     pub runtime: Option<Runtime>,
     /// The Kubernetes API server, over plain HTTP: `http://HOST:PORT` (a `kubectl proxy`).
-    #[arg(long, requires = "runtime")]
+    #[arg(long)]
     pub server: Option<String>,
     /// A bearer token for the API server.
     #[arg(long, env = "GRAVEN_KUBE_TOKEN", hide_env_values = true)]
@@ -71,14 +72,36 @@ pub struct RemoteDeployArgs {
     pub cluster: ClusterArgs,
 }
 
+/// The cluster's settings: each flag, else the environment's `kube_*` key in graven.toml.
+fn from_project(project: &Project, cluster: &ClusterArgs) -> (ClusterArgs, Option<String>) {
+    let (server, registry, namespace) = match &project.runtime {
+        crate::spec::RuntimeChoice::Kubernetes {
+            server,
+            registry,
+            namespace,
+        } => (server.clone(), registry.clone(), namespace.clone()),
+        _ => (None, None, None),
+    };
+    let merged = ClusterArgs {
+        registry: cluster.registry.clone().or(registry),
+        namespace: cluster.namespace.clone().or(namespace),
+        image: cluster.image.clone(),
+        volume_size: cluster.volume_size.clone(),
+    };
+    (merged, server)
+}
+
 /// Each service's release as the cluster will run it, and where the objects go.
 fn workloads(
     home: &Path,
     project: &Project,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<(Options, Vec<Workload>)> {
+    let (cluster, _) = from_project(project, cluster);
+    let cluster = &cluster;
     let registry = cluster.registry.clone().context(
-        "--registry is needed: the registry the cluster pulls images from (HOST[/PATH])",
+        "--registry (or kube_registry in the environment) is needed: the registry the cluster \
+         pulls images from (HOST[/PATH])",
     )?;
     let order = match &cluster.image {
         Some(reference) => {
@@ -147,8 +170,19 @@ fn run_as(home: &Path, image: &Digest, user: Option<&str>) -> anyhow::Result<(u3
 }
 
 pub fn render(home: &Path, args: RenderArgs) -> anyhow::Result<ExitCode> {
-    let Runtime::Kubernetes = args.runtime;
     let project = super::project::load_project(&args.dir, &args.environment)?;
+    let kubernetes = matches!(args.runtime, Some(Runtime::Kubernetes))
+        || matches!(
+            project.runtime,
+            crate::spec::RuntimeChoice::Kubernetes { .. }
+        );
+    anyhow::ensure!(
+        kubernetes,
+        "environment {:?} runs on the {} runtime: graven render writes manifests for \
+         kubernetes (--runtime kubernetes, or runtime = \"kubernetes\" in the environment)",
+        project.environment,
+        project.runtime.name()
+    );
     let (options, workloads) = workloads(home, &project, &args.cluster)?;
     let objects = kube::render(&options, &workloads)?;
     if args.output == "-" {
@@ -179,11 +213,15 @@ pub fn deploy(
     json: bool,
     args: RemoteDeployArgs,
 ) -> anyhow::Result<ExitCode> {
+    let project = super::project::load_project(dir, environment)?;
     let server = args
         .server
-        .context("--server is needed: the API server, http://HOST:PORT (a `kubectl proxy`)")?;
+        .or(from_project(&project, &args.cluster).1)
+        .context(
+            "--server (or kube_server in the environment) is needed: the API server, \
+         http://HOST:PORT (a `kubectl proxy`)",
+        )?;
     let client = kube::api::Client::new(&server, args.token)?;
-    let project = super::project::load_project(dir, environment)?;
     let (options, workloads) = workloads(home, &project, &args.cluster)?;
     let objects = kube::render(&options, &workloads)?;
     let runtime = super::async_runtime(super::Threads::One)?;

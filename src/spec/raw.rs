@@ -201,6 +201,9 @@ pub(crate) struct RawEnvironment {
     pub chaos: Option<Spanned<super::chaos::RawChaos>>,
     pub runtime: Option<Field<String>>,
     pub docker_host: Option<Field<String>>,
+    pub kube_server: Option<Field<String>>,
+    pub kube_registry: Option<Field<String>>,
+    pub kube_namespace: Option<Field<String>>,
 }
 
 /// Reads `source` into the raw shape, reporting every syntax error, every unknown field and

@@ -1,8 +1,9 @@
 //! `runtime` and `docker_host` of `[environments.ENV]`: which backend runs the environment's
 //! instances, so a laptop runs `local` and a server `docker` from the same file. Checked for
 //! every environment (a typo in production's fails on a laptop too); the one asked for is
-//! the project's. `swarm` and `kubernetes` are named in the grammar and refused as not built
-//! yet, rather than read as a typo.
+//! the project's. `kubernetes` is not run by the control plane: `graven deploy` and `graven
+//! render` apply or write its manifests (docs/kubernetes.md). `swarm` is named in the
+//! grammar and refused as not built yet, rather than read as a typo.
 
 use super::problem::Issues;
 use super::raw::Field;
@@ -17,6 +18,14 @@ pub enum RuntimeChoice {
     /// A Docker engine: at `host` (`unix:///PATH` or `tcp://HOST:PORT`), else
     /// `$DOCKER_HOST`, else the usual socket.
     Docker { host: Option<String> },
+    /// A Kubernetes cluster, reached by `graven deploy` through its API (never by the control
+    /// plane): `kube_server`, `kube_registry` and `kube_namespace`, each replaced by its
+    /// command-line flag when one is given.
+    Kubernetes {
+        server: Option<String>,
+        registry: Option<String>,
+        namespace: Option<String>,
+    },
 }
 
 impl RuntimeChoice {
@@ -25,22 +34,34 @@ impl RuntimeChoice {
         match self {
             RuntimeChoice::Local => "local",
             RuntimeChoice::Docker { .. } => "docker",
+            RuntimeChoice::Kubernetes { .. } => "kubernetes",
         }
     }
 }
 
 /// The backends graven.toml names.
-const BUILT: [&str; 2] = ["local", "docker"];
+const BUILT: [&str; 3] = ["local", "docker", "kubernetes"];
 /// The ones it names but that are not built yet.
-const NOT_BUILT: [&str; 2] = ["swarm", "kubernetes"];
+const NOT_BUILT: [&str; 1] = ["swarm"];
 
-/// Checks an environment's `runtime` and `docker_host` (either absent: local).
-pub(crate) fn check(
-    runtime: Option<&Field<String>>,
-    docker_host: Option<&Field<String>>,
-    prefix: &str,
-    issues: &mut Issues,
-) -> RuntimeChoice {
+/// An environment's keys for its runtime, as written.
+pub(crate) struct RawRuntime<'a> {
+    pub runtime: Option<&'a Field<String>>,
+    pub docker_host: Option<&'a Field<String>>,
+    pub kube_server: Option<&'a Field<String>>,
+    pub kube_registry: Option<&'a Field<String>>,
+    pub kube_namespace: Option<&'a Field<String>>,
+}
+
+/// Checks an environment's `runtime` and its engine's keys (all absent: local).
+pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> RuntimeChoice {
+    let RawRuntime {
+        runtime,
+        docker_host,
+        kube_server,
+        kube_registry,
+        kube_namespace,
+    } = raw;
     let runtime_path = format!("{prefix}.runtime");
     let host_path = format!("{prefix}.docker_host");
     let name = match runtime {
@@ -55,7 +76,9 @@ pub(crate) fn check(
                 issues.push(
                     field.span.clone(),
                     &runtime_path,
-                    format!("the {name} runtime is not built yet: use \"local\" or \"docker\""),
+                    format!(
+                        "the {name} runtime is not built yet: use \"local\", \"docker\" or \"kubernetes\""
+                    ),
                 );
                 return RuntimeChoice::Local;
             }
@@ -64,7 +87,7 @@ pub(crate) fn check(
                     field.span.clone(),
                     &runtime_path,
                     format!(
-                        "unknown runtime {name:?}: use \"local\" or \"docker\"{}",
+                        "unknown runtime {name:?}: use \"local\", \"docker\" or \"kubernetes\"{}",
                         super::problem::did_you_mean(name, BUILT.into_iter())
                     ),
                 );
@@ -90,10 +113,63 @@ pub(crate) fn check(
             }
         },
     };
+    let kubernetes = name.as_deref() == Some("kubernetes");
+    let mut kube = |field: Option<&Field<String>>,
+                    key: &str,
+                    valid: fn(&str) -> Result<(), String>| {
+        let field = field?;
+        let path = format!("{prefix}.{key}");
+        match field.value.clone().and_then(|v| valid(&v).map(|()| v)) {
+            Ok(value) if kubernetes => Some(value),
+            Ok(_) => {
+                issues.push(
+                    field.span.clone(),
+                    &path,
+                    format!("{key} is the kubernetes runtime's: set runtime = \"kubernetes\" too"),
+                );
+                None
+            }
+            Err(message) => {
+                issues.push(field.span.clone(), &path, message);
+                None
+            }
+        }
+    };
+    let server = kube(kube_server, "kube_server", check_server);
+    let registry = kube(kube_registry, "kube_registry", check_registry);
+    let namespace = kube(kube_namespace, "kube_namespace", |n| {
+        super::values::dns_label("namespace", n)
+    });
     match name.as_deref() {
         Some("docker") => RuntimeChoice::Docker { host },
+        Some("kubernetes") => RuntimeChoice::Kubernetes {
+            server,
+            registry,
+            namespace,
+        },
         _ => RuntimeChoice::Local,
     }
+}
+
+/// An API server's address as `graven deploy --server` takes it: plain HTTP (a `kubectl
+/// proxy`), docs/kubernetes.md.
+fn check_server(server: &str) -> Result<(), String> {
+    match server.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(format!(
+            "{server:?} is not an API server's address: write http://HOST:PORT (a `kubectl proxy`)"
+        )),
+    }
+}
+
+/// A registry as `--registry` takes it: `HOST[:PORT][/PATH]`, no scheme.
+fn check_registry(registry: &str) -> Result<(), String> {
+    if registry.is_empty() || registry.contains("://") || registry.contains(char::is_whitespace) {
+        return Err(format!(
+            "{registry:?} is not a registry: write HOST[:PORT][/PATH], without a scheme"
+        ));
+    }
+    Ok(())
 }
 
 /// An engine's address: `unix:///absolute/path` or `tcp://HOST:PORT`.
@@ -158,6 +234,17 @@ mod tests {
             parse(bare, "prod"),
             Ok(RuntimeChoice::Docker { host: None })
         );
+        let cluster = "[environments.prod]\nruntime = \"kubernetes\"\n\
+                       kube_server = \"http://127.0.0.1:8001\"\n\
+                       kube_registry = \"registry.example:5000/team\"\nkube_namespace = \"hello\"\n";
+        assert_eq!(
+            parse(cluster, "prod"),
+            Ok(RuntimeChoice::Kubernetes {
+                server: Some("http://127.0.0.1:8001".to_owned()),
+                registry: Some("registry.example:5000/team".to_owned()),
+                namespace: Some("hello".to_owned()),
+            })
+        );
     }
 
     #[test]
@@ -167,8 +254,20 @@ mod tests {
             ("runtime = \"dokcer\"", "did you mean \"docker\""),
             ("runtime = \"swarm\"", "the swarm runtime is not built yet"),
             (
-                "runtime = \"kubernetes\"",
-                "the kubernetes runtime is not built yet",
+                "kube_server = \"http://127.0.0.1:8001\"",
+                "set runtime = \"kubernetes\" too",
+            ),
+            (
+                "runtime = \"kubernetes\"\nkube_server = \"https://k8s:6443\"",
+                "write http://HOST:PORT",
+            ),
+            (
+                "runtime = \"kubernetes\"\nkube_registry = \"https://r.example\"",
+                "without a scheme",
+            ),
+            (
+                "runtime = \"kubernetes\"\nkube_namespace = \"Not_A_Label\"",
+                "environments.prod.kube_namespace",
             ),
             ("runtime = 3", "environments.prod.runtime"),
             (

@@ -901,9 +901,15 @@ pub(crate) fn validate(
             if let Err(message) = values::dns_label("environment", env_name.get_ref()) {
                 issues.push(env_name.span(), &env_prefix, message);
             }
+            let raw_env = env.get_ref();
             let runtime = super::runtime::check(
-                env.get_ref().runtime.as_ref(),
-                env.get_ref().docker_host.as_ref(),
+                super::runtime::RawRuntime {
+                    runtime: raw_env.runtime.as_ref(),
+                    docker_host: raw_env.docker_host.as_ref(),
+                    kube_server: raw_env.kube_server.as_ref(),
+                    kube_registry: raw_env.kube_registry.as_ref(),
+                    kube_namespace: raw_env.kube_namespace.as_ref(),
+                },
                 &env_prefix,
                 issues,
             );
