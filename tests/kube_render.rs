@@ -185,5 +185,8 @@ fn render_refuses_a_missing_registry_by_name() {
     let output = command.output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--registry is needed"), "{stderr}");
+    assert!(
+        stderr.contains("--registry (or kube_registry in the environment) is needed"),
+        "{stderr}"
+    );
 }

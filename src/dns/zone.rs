@@ -3,8 +3,8 @@
 //!
 //! Names, under the zone's origin (`graven.` by default):
 //! - `SERVICE.ENVIRONMENT.APP.` — the address of the service's route;
-//! - `_NAME._tcp.SERVICE.ENVIRONMENT.APP.` — SRV with the route's port (NAME is `http` for an
-//!   HTTP route, the service's name for a TCP one);
+//! - `_NAME._tcp.SERVICE.ENVIRONMENT.APP.` — SRV with the route's port (NAME is the
+//!   service's `srv_name`, else `http` for an HTTP route, the service's name for a TCP one);
 //! - `instances.SERVICE.ENVIRONMENT.APP.` — the addresses of the instances the route sends
 //!   new requests to (healthy and routed), no others;
 //! - the origin itself — SOA and NS (`ns.ORIGIN.`, the address the query came to).
@@ -98,14 +98,14 @@ impl Zone {
                     continue;
                 };
                 let route = snapshot.routes.get(service).copied();
-                let kind = state
-                    .wanted_release(service)
-                    .map(|r| r.config.route_kind)
-                    .unwrap_or_default();
+                let release = state.wanted_release(service);
+                let kind = release.map(|r| r.config.route_kind).unwrap_or_default();
+                let declared = release.and_then(|r| r.config.srv_name.as_deref());
                 if let Some(route) = route {
-                    let label = match kind {
-                        RouteKind::Http => "http",
-                        RouteKind::Tcp => service.as_str(),
+                    let label = match (declared, kind) {
+                        (Some(name), _) => name,
+                        (None, RouteKind::Http) => "http",
+                        (None, RouteKind::Tcp) => service.as_str(),
                     };
                     if let Ok(srv) = Name::from_ascii(format!("_{label}._tcp"))
                         .and_then(|prefix| prefix.append_name(&base))

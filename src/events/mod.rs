@@ -728,6 +728,10 @@ pub struct ServiceConfig {
     /// Threads the route serves on; None (left out): one per core of the machine serving it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_threads: Option<u32>,
+    /// The service name of the route's SRV record (`[services.NAME] srv_name`); None (left
+    /// out): `http` for an HTTP route, the service's own name for a TCP one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srv_name: Option<String>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     /// Env variables whose value is a secret, by the name and version the release pins;
@@ -1001,6 +1005,9 @@ impl ServiceConfig {
             // unset, so a config without it hashes as before.
             #[serde(skip_serializing_if = "Option::is_none")]
             route_threads: Option<u32>,
+            // What DNS names the route by is the release's; left out when unset.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            srv_name: &'a Option<String>,
             health: CanonicalHealth<'a>,
             limits: &'a LimitsConfig,
             volumes: &'a [VolumeConfig],
@@ -1077,6 +1084,7 @@ impl ServiceConfig {
             port: self.port,
             route_kind: self.route_kind,
             route_threads: self.route_threads,
+            srv_name: &self.srv_name,
             health: CanonicalHealth {
                 path: &self.health.path,
                 interval_ns: nanos(self.health.interval),
@@ -1134,6 +1142,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 crate::spec::RouteKind::Tcp => RouteKind::Tcp,
             },
             route_threads: service.route_threads,
+            srv_name: service.srv_name.clone(),
             command: service.command.clone(),
             env: service.env.clone(),
             // Pinned by the deploy, which reads the secret store (`deploy::prepare`).
@@ -1221,6 +1230,7 @@ impl ServiceConfig {
             route: None,
             route_kind: RouteKind::Http,
             route_threads: None,
+            srv_name: None,
             command: None,
             env: BTreeMap::new(),
             secrets: BTreeMap::new(),

@@ -141,6 +141,7 @@ pub(super) fn upcast(event: Event) -> super::Event {
                 route: config.route,
                 route_kind: Default::default(),
                 route_threads: None,
+                srv_name: None,
                 command: config.command,
                 env: config.env,
                 secrets: BTreeMap::new(),

@@ -111,6 +111,9 @@ pub struct Service {
     pub route_kind: RouteKind,
     /// Threads the route serves on; None: one per core.
     pub route_threads: Option<u32>,
+    /// The service name of its SRV record (`_NAME._tcp.…`); none: `http` for an HTTP route,
+    /// the service's own name for a TCP one.
+    pub srv_name: Option<String>,
     pub command: Option<Vec<String>>,
     /// Replaces the image's ENTRYPOINT (`command` replaces its CMD).
     pub entrypoint: Option<Vec<String>>,

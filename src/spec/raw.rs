@@ -131,6 +131,7 @@ pub(crate) struct RawService {
     pub port: Option<Field<i64>>,
     pub route: Option<Field<String>>,
     pub route_threads: Option<Field<i64>>,
+    pub srv_name: Option<Field<String>>,
     pub command: Option<Field<Vec<String>>>,
     /// A value is a string, or `{ secret = "name" }`; `validate` decides.
     pub env: Option<Spanned<Named<Field<Value>>>>,

@@ -294,7 +294,7 @@ prot = 2
             graven.toml:14:12: services.web.health.intervl: unknown field "intervl"; did you mean "interval"?
             graven.toml:15:12: services.web.deploy.max_surg: unknown field "max_surg"; did you mean "max_surge"?
             graven.toml:16:12: services.web.limits.memroy: unknown field "memroy"; did you mean "memory"?
-            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "route_threads", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift", "phoenix")
+            graven.toml:17:1: services.web.whatever: unknown field "whatever" (known: "instances", "port", "route", "route_threads", "srv_name", "command", "env", "health", "deploy", "stateful", "stop_grace", "volumes", "limits", "network", "outbound", "entrypoint", "user", "tmpfs", "drift", "phoenix")
             graven.toml:19:1: environments.production.service: unknown field "service"; did you mean "services"?
             graven.toml:21:1: environments.staging.services.web.prot: unknown field "prot"; did you mean "port"?"#]],
     );
@@ -1132,5 +1132,40 @@ phoenix = { jitter = "1h" }
             graven.toml:4:98: services.web.phoenix.max_at_once: 0 is out of range: it must be between 1 and 1000
             graven.toml:4:101: services.web.phoenix.every: unknown field "every" (known: "max_age", "jitter", "window", "max_at_once", "stop_first")
             graven.toml:7:11: services.api.phoenix: a phoenix table needs max_age, how old an instance may get (e.g. max_age = "24h")"#]],
+    );
+}
+
+#[test]
+fn srv_name_is_a_service_name_and_needs_a_route() {
+    let project = parse(
+        r#"
+app = "a"
+[services.db]
+port = 5432
+route = "tcp://127.0.0.1:5432"
+srv_name = "postgresql"
+"#,
+        Path::new("graven.toml"),
+        Path::new("/app"),
+        "local",
+    )
+    .unwrap();
+    assert_eq!(
+        project.services["db"].srv_name.as_deref(),
+        Some("postgresql")
+    );
+    check(
+        r#"
+app = "a"
+[services.db]
+port = 5432
+route = "tcp://127.0.0.1:5432"
+srv_name = "_PostgreSQL"
+[services.worker]
+srv_name = "jobs"
+"#,
+        expect![[r#"
+            graven.toml:6:12: services.db.srv_name: "_PostgreSQL" is not an SRV service name: 1 to 15 lowercase letters, digits or '-', with a letter, no '-' at either end or twice in a row (RFC 6335; e.g. "postgresql")
+            graven.toml:8:12: services.worker.srv_name: srv_name names a route's SRV record: it needs a route"#]],
     );
 }

@@ -50,6 +50,7 @@ struct Partial {
     port: Option<At<u16>>,
     route: Option<At<values::Route>>,
     route_threads: Option<At<u32>>,
+    srv_name: Option<At<String>>,
     command: Option<At<Vec<String>>>,
     env: BTreeMap<String, At<values::EnvValue>>,
     /// Whether a health table was written (otherwise the image's HEALTHCHECK counts).
@@ -100,6 +101,7 @@ impl Partial {
             port: pick(&overlay.port, &self.port),
             route: pick(&overlay.route, &self.route),
             route_threads: pick(&overlay.route_threads, &self.route_threads),
+            srv_name: pick(&overlay.srv_name, &self.srv_name),
             command: pick(&overlay.command, &self.command),
             env,
             health_table: overlay.health_table || self.health_table,
@@ -211,6 +213,9 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
             issues,
             integer_in(1, MAX_ROUTE_THREADS),
         ),
+        srv_name: leaf(&raw.srv_name, &path("srv_name"), issues, |name| {
+            values::srv_name(name).map(|()| name.clone())
+        }),
         command: leaf(&raw.command, &path("command"), issues, |command| {
             if command.first().is_none_or(|program| program.is_empty()) {
                 Err("the command needs a program: [\"/app\", \"--flag\"]".into())
@@ -542,6 +547,17 @@ fn resolve_service(
         }
         _ => true,
     };
+    let srv_ok = match (&merged.srv_name, &merged.route) {
+        (Some(srv), None) => {
+            issues.push(
+                srv.loc.span.clone(),
+                srv.loc.field.clone(),
+                format!("srv_name names a route's SRV record: it needs a route{in_environment}"),
+            );
+            false
+        }
+        _ => true,
+    };
     let volumes = merged
         .volumes
         .as_ref()
@@ -582,7 +598,9 @@ fn resolve_service(
     let stateful_ok = check_stateful(name, merged, &volumes, &in_environment, issues);
     let phoenix = merged.phoenix.resolve(&in_environment, issues);
     let phoenix_ok = phoenix.is_some() || !merged.phoenix.written();
-    if !(surge_ok && health_ok && stateful_ok && threads_ok && phoenix_ok) || mounts.is_err() {
+    if !(surge_ok && health_ok && stateful_ok && threads_ok && srv_ok && phoenix_ok)
+        || mounts.is_err()
+    {
         return None;
     }
     let value =
@@ -599,6 +617,7 @@ fn resolve_service(
             .as_ref()
             .map_or(RouteKind::Http, |r| r.value.kind),
         route_threads: merged.route_threads.as_ref().map(|t| t.value),
+        srv_name: merged.srv_name.as_ref().map(|s| s.value.clone()),
         command: merged.command.as_ref().map(|c| c.value.clone()),
         entrypoint: merged.entrypoint.as_ref().map(|e| e.value.clone()),
         user: merged.user.as_ref().map(|u| u.value.clone()),

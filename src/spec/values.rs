@@ -139,6 +139,28 @@ pub(crate) fn dns_label(kind: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// A service name as SRV records carry it (`_postgresql._tcp`): RFC 6335's rules, 1 to 15
+/// lowercase letters, digits or '-', at least one letter, no '-' at either end or twice in a
+/// row.
+pub(crate) fn srv_name(name: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an SRV service name: 1 to 15 lowercase letters, digits or '-', \
+             with a letter, no '-' at either end or twice in a row (RFC 6335; e.g. \"postgresql\")"
+        ))
+    }
+}
+
 /// Environment variable names as POSIX shells accept them.
 pub(crate) fn env_key(key: &str) -> Result<(), String> {
     let mut bytes = key.bytes();

@@ -17,6 +17,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
         route: Some(route),
         route_kind: Default::default(),
         route_threads: None,
+        srv_name: None,
         command: None,
         env: env
             .iter()

@@ -608,3 +608,34 @@ fn a_cached_answer_carries_its_query_s_id_and_follows_the_zone() {
     assert!(gone.starts_with("Non-Existent Domain"), "{gone}");
     assert_ne!(gone, answer);
 }
+
+/// A service's `srv_name` names its SRV record in place of the route kind's default, and the
+/// default name is then gone.
+#[test]
+fn a_declared_srv_name_replaces_the_default_one() {
+    let mut events = release("db", 2, RouteKind::Tcp);
+    if let Event::ReleaseCreated { config, .. } = &mut events[0] {
+        config.srv_name = Some("postgresql".to_owned());
+    }
+    let zone = zone(&[snapshot(
+        "hello",
+        "production",
+        events,
+        &[("db", "0.0.0.0:5432")],
+    )]);
+    check(
+        &zone,
+        &HOST,
+        "_postgresql._tcp.db.production.hello.graven.",
+        RecordType::SRV,
+        expect![[r#"
+            No Error aa
+            _postgresql._tcp.db.production.hello.graven. 5 IN SRV 0 0 5432 db.production.hello.graven.
+        "#]],
+    );
+    let response = zone.answer(
+        &query("_db._tcp.db.production.hello.graven.", RecordType::SRV),
+        &HOST,
+    );
+    assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+}
