@@ -11,25 +11,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use graven::chaos::{Broken, ChaosConfig, Kind, Thresholds};
-use graven::controller::{self, ChaosRequest, ControllerHandle, ControllerOptions};
+use graven::controller::{ChaosRequest, ControllerHandle};
 use graven::events::{ChaosOutcome, Event, Lifecycle};
 use graven::runtime::fake::Behavior;
-use graven::runtime::{AnyRuntime, FakeRuntime, Runtime};
+use graven::runtime::{FakeRuntime, Runtime};
 use support::daemon::{config, free_port, order, outcome, release};
 
 fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
-    controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: log.to_owned(),
-        runtime: AnyRuntime::Fake(fake.clone()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
-        secrets: None,
-        app_events: None,
-        dns: None,
-    })
-    .unwrap()
+    support::daemon::fake_controller(fake, log)
 }
 
 async fn deploy(controller: &ControllerHandle, route: SocketAddr, chaos: ChaosConfig) {

@@ -11,25 +11,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graven::chaos::{ChaosConfig, Kind, Thresholds};
-use graven::controller::{self, ControllerHandle, ControllerOptions, ServiceRelease};
+use graven::controller::{self, ControllerHandle, ServiceRelease};
 use graven::events::{DrainReason, Envelope, Event, Lifecycle, ServiceConfig, Strategy};
-use graven::runtime::{AnyRuntime, FakeRuntime, Runtime};
+use graven::runtime::{FakeRuntime, Runtime};
 use graven::store::Digest;
 use support::daemon::{config, free_port, order, outcome};
 
 fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
-    controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: log.to_owned(),
-        runtime: AnyRuntime::Fake(fake.clone()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
-        secrets: None,
-        app_events: None,
-        dns: None,
-    })
-    .unwrap()
+    support::daemon::fake_controller(fake, log)
 }
 
 /// A service of `instances` behind `route` of which one may be down at a time.

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use graven::controller::{self, ControllerHandle, ControllerOptions, Snapshot};
+use graven::controller::{ControllerHandle, Snapshot};
 use graven::events::{CondemnReason, DeployOutcome, DrainReason, Event, Lifecycle, RouteKind};
-use graven::runtime::{AnyRuntime, FakeRuntime, InstanceId, Runtime};
+use graven::runtime::{FakeRuntime, InstanceId, Runtime};
 use graven::store::Digest;
 use support::daemon::{config, free_port, order, outcome, release, version};
 
@@ -21,18 +21,7 @@ struct Setup {
 }
 
 fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
-    controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: log.to_owned(),
-        runtime: AnyRuntime::Fake(fake.clone()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
-        secrets: None,
-        app_events: None,
-        dns: None,
-    })
-    .unwrap()
+    support::daemon::fake_controller(fake, log)
 }
 
 fn setup() -> Setup {

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use support::daemon::{Up, free_port, hello_project, run, run_ok, test_runtime};
 
@@ -195,21 +194,14 @@ fn a_missing_secret_fails_the_deploy_before_anything_is_recorded() {
 async fn a_secret_that_cannot_be_read_fails_the_start_naming_it() {
     use graven::controller::{self, ControllerOptions};
     use graven::events::{DeployOutcome, Event, GoneReason, SecretRef};
-    use graven::runtime::{AnyRuntime, FakeRuntime};
+    use graven::runtime::FakeRuntime;
 
     let temp = tempfile::tempdir().unwrap();
     let secrets = graven::secrets::Secrets::open(temp.path(), "hello", "test").unwrap();
     secrets.set("token", b"one").unwrap();
     let controller = controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: temp.path().join("events.db"),
-        runtime: AnyRuntime::Fake(FakeRuntime::new()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
         secrets: Some(secrets.clone()),
-        app_events: None,
-        dns: None,
+        ..support::daemon::fake_options(&FakeRuntime::new(), &temp.path().join("events.db"))
     })
     .unwrap();
     let route = free_port();

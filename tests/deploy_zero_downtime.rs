@@ -7,9 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use graven::controller::{self, ControllerOptions};
 use graven::events::DeployOutcome;
-use graven::runtime::{AnyRuntime, FakeRuntime, Runtime};
+use graven::runtime::{FakeRuntime, Runtime};
 use support::daemon::{config, free_port, order, outcome, release};
 use support::load::Load;
 
@@ -19,18 +18,7 @@ const CONNECTIONS: usize = 8;
 async fn three_rolling_deploys_under_load_fail_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeRuntime::new();
-    let controller = controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: dir.path().join("events.db"),
-        runtime: AnyRuntime::Fake(fake.clone()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
-        secrets: None,
-        app_events: None,
-        dns: None,
-    })
-    .unwrap();
+    let controller = support::daemon::fake_controller(&fake, &dir.path().join("events.db"));
     let route = free_port();
     controller
         .deploy(

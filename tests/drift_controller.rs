@@ -10,24 +10,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use graven::controller::{self, ControllerHandle, ControllerOptions};
+use graven::controller::ControllerHandle;
 use graven::events::{CondemnReason, DrainReason, Event, FileChange, Lifecycle};
-use graven::runtime::{AnyRuntime, Drift, FakeRuntime, InstanceId, Runtime};
+use graven::runtime::{Drift, FakeRuntime, InstanceId, Runtime};
 use support::daemon::{config, free_port, order, outcome, release};
 
 fn start(fake: &FakeRuntime, log: &std::path::Path) -> ControllerHandle {
-    controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: log.to_owned(),
-        runtime: AnyRuntime::Fake(fake.clone()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
-        secrets: None,
-        app_events: None,
-        dns: None,
-    })
-    .unwrap()
+    support::daemon::fake_controller(fake, log)
 }
 
 async fn deploy(controller: &ControllerHandle, route: std::net::SocketAddr) {

@@ -6,9 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use graven::controller::{self, ControllerOptions};
 use graven::events::{DeployOutcome, ServiceConfig};
-use graven::runtime::{AnyRuntime, FakeRuntime};
+use graven::runtime::FakeRuntime;
 use support::daemon::{config, free_port, order, outcome, release};
 use support::load::Load;
 
@@ -37,18 +36,8 @@ static ROUTE: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_that_change_the_route_threads_fail_no_request() {
     let dir = tempfile::tempdir().unwrap();
-    let controller = controller::spawn(ControllerOptions {
-        app: "hello".to_owned(),
-        environment: "test".to_owned(),
-        log: dir.path().join("events.db"),
-        runtime: AnyRuntime::Fake(FakeRuntime::new()),
-        tick: Duration::from_millis(50),
-        resync: Duration::from_secs(2),
-        secrets: None,
-        app_events: None,
-        dns: None,
-    })
-    .unwrap();
+    let controller =
+        support::daemon::fake_controller(&FakeRuntime::new(), &dir.path().join("events.db"));
     let first = with_threads("v1", Some(1));
     let route = first.route.expect("a route");
     controller

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
-/// One million: shares are in parts per million.
-pub const PPM: u32 = 1_000_000;
+pub use crate::chaos::PPM;
 
 /// The header a fault's answer (or a delayed request's answer) carries, naming the fault:
 /// what graven did is never mistaken for what the service did.

@@ -498,6 +498,10 @@ pub enum InstanceChange {
     Drifted { id: InstanceId },
 }
 
+/// The port an instance with a network of its own listens on when nothing says another, on
+/// every runtime.
+pub const DEFAULT_PORT: u16 = 8080;
+
 /// How many changes a watcher may fall behind before it is told it lagged (and lists).
 pub const CHANGES_BUFFER: usize = 256;
 

@@ -9,6 +9,33 @@ use graven::controller::{ControllerHandle, DeployOrder, ServiceRelease};
 use graven::events::{DeployOutcome, HealthConfig, ServiceConfig, Strategy};
 use graven::store::Digest;
 
+/// A controller's options on the in-memory runtime `fake`, with its log at `log`, ticking fast:
+/// what the controller tests share (set a field on the result for more).
+pub fn fake_options(
+    fake: &graven::runtime::FakeRuntime,
+    log: &std::path::Path,
+) -> graven::controller::ControllerOptions {
+    graven::controller::ControllerOptions {
+        app: "hello".to_owned(),
+        environment: "test".to_owned(),
+        log: log.to_owned(),
+        runtime: graven::runtime::AnyRuntime::Fake(fake.clone()),
+        tick: Duration::from_millis(50),
+        resync: Duration::from_secs(2),
+        secrets: None,
+        app_events: None,
+        dns: None,
+    }
+}
+
+/// A controller on the in-memory runtime `fake` with its log at `log` (`fake_options`).
+pub fn fake_controller(
+    fake: &graven::runtime::FakeRuntime,
+    log: &std::path::Path,
+) -> ControllerHandle {
+    graven::controller::spawn(fake_options(fake, log)).unwrap()
+}
+
 /// A fast-checking service config behind `route`, with `env` for the instances.
 pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> ServiceConfig {
     ServiceConfig {

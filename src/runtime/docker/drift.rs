@@ -7,7 +7,7 @@
 
 use bollard::models::{ChangeType, FilesystemChange};
 
-use crate::runtime::{Drift, FileChange, InstanceSpec};
+use crate::runtime::{Drift, FileChange};
 
 /// The paths the engine mounts into every container, and their contents.
 const ENGINE_PATHS: [&str; 8] = [
@@ -31,13 +31,6 @@ pub fn writable_paths(spec_tmpfs: &[String], spec_volumes: &[String]) -> Vec<Str
         .chain(spec_tmpfs.iter().cloned())
         .chain(spec_volumes.iter().cloned())
         .collect()
-}
-
-/// The writable paths of `spec`.
-pub fn writable_paths_of(spec: &InstanceSpec) -> Vec<String> {
-    let tmpfs: Vec<String> = spec.tmpfs.iter().map(|t| t.path.clone()).collect();
-    let volumes: Vec<String> = spec.volumes.iter().map(|v| v.path.clone()).collect();
-    writable_paths(&tmpfs, &volumes)
 }
 
 /// The changes that are drift, in the engine's order. A change at or under a writable

@@ -11,9 +11,7 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use super::labels;
 use crate::runtime::{InstanceSpec, NetworkMode, RuntimeError};
 
-/// The port an instance listens on in a network of its own when nothing says another (the
-/// local runtime's).
-pub const DEFAULT_PORT: u16 = 8080;
+pub use crate::runtime::DEFAULT_PORT;
 
 /// `/tmp`'s and `/dev/shm`'s size when `limits.tmp` is unset, as the local sandbox's.
 const DEFAULT_TMP_BYTES: u64 = crate::sandbox::DEFAULT_TMP_BYTES;

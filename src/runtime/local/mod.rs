@@ -36,14 +36,13 @@ use state::{Proc, SCRATCH, ShimRequest, State};
 pub use gc::{Freed, GcReport};
 
 use super::{
-    Instance, InstanceId, InstanceSpec, InstanceStatus, NetworkMode, Runtime, RuntimeError,
+    DEFAULT_PORT, Instance, InstanceId, InstanceSpec, InstanceStatus, NetworkMode, Runtime,
+    RuntimeError,
 };
 use crate::sandbox::user;
 use crate::sandbox::{self, Bind, Options, SandboxSpec};
 use crate::store::{Digest, Store, StoreError};
 
-/// The port an instance with a network of its own listens on when nothing says another.
-const DEFAULT_PORT: u16 = 8080;
 /// Where pasta writes its PID (a rootless instance's user-mode network).
 const PASTA_PID: &str = "pasta.pid";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
