@@ -517,7 +517,7 @@ const DAEMON_START: Duration = Duration::from_secs(60);
 /// then a deploy to it, exactly as `graven deploy` makes one.
 fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     // A project that does not load starts nothing.
-    load_project(&args.dir, &args.environment)?;
+    let project = load_project(&args.dir, &args.environment)?;
     let holder = match lock::holder(home)? {
         Some(holder) => {
             note!(
@@ -537,16 +537,7 @@ fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // `up`, in the background: it resumes the wanted release as the foreground one does.
-    let code = deploy_to_daemon(
-        home,
-        DeployArgs {
-            dir: args.dir,
-            environment: args.environment,
-            json: args.json,
-            remote: Default::default(),
-        },
-        true,
-    )?;
+    let code = deploy_to_daemon(home, &project, args.json, true)?;
     note!(
         "graven: the control plane keeps serving in the background (pid {}); `graven daemon \
          stop` drains and stops it",
@@ -747,14 +738,14 @@ async fn finish(
 pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     // An environment whose runtime is kubernetes goes to its cluster as `--runtime
     // kubernetes` does, with graven.toml's kube_* keys where no flag is given.
+    let project = load_project(&args.dir, &args.environment)?;
     let kubernetes = args.remote.runtime.is_some()
         || matches!(
-            load_project(&args.dir, &args.environment)?.runtime,
+            project.runtime,
             crate::spec::RuntimeChoice::Kubernetes { .. }
         );
     if kubernetes {
-        let remote = args.remote;
-        return super::render::deploy(home, &args.dir, &args.environment, args.json, remote);
+        return super::render::deploy(home, &project, args.json, args.remote);
     }
     let remote = &args.remote;
     anyhow::ensure!(
@@ -766,17 +757,21 @@ pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
          graven.toml)",
         args.environment
     );
-    deploy_to_daemon(home, args, false)
+    deploy_to_daemon(home, &project, args.json, false)
 }
 
 /// Builds, bakes and deploys the project to the running control plane; `resume` is `up`'s.
-fn deploy_to_daemon(home: &Path, args: DeployArgs, resume: bool) -> anyhow::Result<ExitCode> {
-    let project = load_project(&args.dir, &args.environment)?;
+fn deploy_to_daemon(
+    home: &Path,
+    project: &Project,
+    json: bool,
+    resume: bool,
+) -> anyhow::Result<ExitCode> {
     let client = Client::new(home);
     let runtime = async_runtime(Threads::One)?;
     // Check the daemon is there before spending time on a build.
     runtime.block_on(client.status(&Target::default()))?;
-    let order = prepare(home, &project, resume)?;
+    let order = prepare(home, project, resume)?;
     runtime.block_on(async {
         let accepted = client
             .deploy(&DeployRequest {
@@ -787,7 +782,7 @@ fn deploy_to_daemon(home: &Path, args: DeployArgs, resume: bool) -> anyhow::Resu
                 runtime: Some(project.runtime.clone()),
             })
             .await?;
-        finish(home, &client, accepted, args.json).await
+        finish(home, &client, accepted, json).await
     })
 }
 

@@ -72,8 +72,13 @@ pub struct RemoteDeployArgs {
     pub cluster: ClusterArgs,
 }
 
-/// The cluster's settings: each flag, else the environment's `kube_*` key in graven.toml.
-fn from_project(project: &Project, cluster: &ClusterArgs) -> (ClusterArgs, Option<String>) {
+/// The cluster's settings and API server: each flag, else the environment's `kube_*` key in
+/// graven.toml.
+fn from_project(
+    project: &Project,
+    cluster: &ClusterArgs,
+    server_flag: Option<String>,
+) -> (ClusterArgs, Option<String>) {
     let (server, registry, namespace) = match &project.runtime {
         crate::spec::RuntimeChoice::Kubernetes {
             server,
@@ -88,17 +93,16 @@ fn from_project(project: &Project, cluster: &ClusterArgs) -> (ClusterArgs, Optio
         image: cluster.image.clone(),
         volume_size: cluster.volume_size.clone(),
     };
-    (merged, server)
+    (merged, server_flag.or(server))
 }
 
-/// Each service's release as the cluster will run it, and where the objects go.
+/// Each service's release as the cluster will run it, and where the objects go; `cluster`
+/// already merged with graven.toml's keys (`from_project`).
 fn workloads(
     home: &Path,
     project: &Project,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<(Options, Vec<Workload>)> {
-    let (cluster, _) = from_project(project, cluster);
-    let cluster = &cluster;
     let registry = cluster.registry.clone().context(
         "--registry (or kube_registry in the environment) is needed: the registry the cluster \
          pulls images from (HOST[/PATH])",
@@ -183,7 +187,8 @@ pub fn render(home: &Path, args: RenderArgs) -> anyhow::Result<ExitCode> {
         project.environment,
         project.runtime.name()
     );
-    let (options, workloads) = workloads(home, &project, &args.cluster)?;
+    let (cluster, _) = from_project(&project, &args.cluster, None);
+    let (options, workloads) = workloads(home, &project, &cluster)?;
     let objects = kube::render(&options, &workloads)?;
     if args.output == "-" {
         use std::io::Write as _;
@@ -208,21 +213,17 @@ pub fn render(home: &Path, args: RenderArgs) -> anyhow::Result<ExitCode> {
 /// `graven deploy --runtime kubernetes`: render, apply, watch, roll back on failure.
 pub fn deploy(
     home: &Path,
-    dir: &Path,
-    environment: &str,
+    project: &Project,
     json: bool,
     args: RemoteDeployArgs,
 ) -> anyhow::Result<ExitCode> {
-    let project = super::project::load_project(dir, environment)?;
-    let server = args
-        .server
-        .or(from_project(&project, &args.cluster).1)
-        .context(
-            "--server (or kube_server in the environment) is needed: the API server, \
+    let (cluster, server) = from_project(project, &args.cluster, args.server);
+    let server = server.context(
+        "--server (or kube_server in the environment) is needed: the API server, \
          http://HOST:PORT (a `kubectl proxy`)",
-        )?;
+    )?;
     let client = kube::api::Client::new(&server, args.token)?;
-    let (options, workloads) = workloads(home, &project, &args.cluster)?;
+    let (options, workloads) = workloads(home, project, &cluster)?;
     let objects = kube::render(&options, &workloads)?;
     let runtime = super::async_runtime(super::Threads::One)?;
     let mut progress = |what: &str| eprintln!("graven: {what}");
