@@ -136,11 +136,12 @@ pub fn holder(home: &Path) -> Result<Option<Holder>, LockError> {
 
 /// Sends `signal` to the process holding `home`'s lock; `None` when nobody holds it. The PID
 /// is the one the kernel lists as the holder, looked up again after a pidfd of it is open, so
-/// the signal never reaches a process that took over the number of one that ended.
+/// the signal never reaches a process that took over the number of one that ended. The pidfd
+/// comes back with the holder: it becomes readable once that very process has ended.
 pub fn signal_holder(
     home: &Path,
     signal: rustix::process::Signal,
-) -> Result<Option<Holder>, LockError> {
+) -> Result<Option<(Holder, std::os::fd::OwnedFd)>, LockError> {
     let path = lock_path(home);
     loop {
         let Some(holder) = holder(home)? else {
@@ -162,7 +163,7 @@ pub fn signal_holder(
         if lockers(meta.dev(), meta.ino())?.contains(&holder.pid) {
             rustix::process::pidfd_send_signal(pidfd.as_fd(), signal)
                 .map_err(|e| io(&path)(e.into()))?;
-            return Ok(Some(holder));
+            return Ok(Some((holder, pidfd)));
         }
     }
 }

@@ -676,23 +676,34 @@ fn failing_lines(home: &Path, app: &str, environment: &str, outcome: &Outcome) {
     }
 }
 
-/// `daemon stop`: SIGTERM to the holder of the home's control lock, then a wait until it has
-/// drained and let the lock go.
+/// `daemon stop`: SIGTERM to the holder of the home's control lock, then a wait until that
+/// process has ended (its pidfd readable), which is after it drained and let the lock go.
 fn stop_daemon(home: &Path, args: StopDaemonArgs) -> anyhow::Result<ExitCode> {
-    let Some(holder) = lock::signal_holder(home, rustix::process::Signal::TERM)? else {
+    let Some((holder, pidfd)) = lock::signal_holder(home, rustix::process::Signal::TERM)? else {
         say!("no control plane runs on {}", home.display());
         return Ok(ExitCode::SUCCESS);
     };
     note!("graven: stopping the control plane ({holder}): it drains every instance first");
     let deadline = std::time::Instant::now() + args.timeout;
-    while lock::holder(home)?.is_some_and(|h| h.pid == holder.pid) {
-        if std::time::Instant::now() >= deadline {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = rustix::event::Timespec::try_from(left.min(Duration::from_secs(1)))
+            .expect("a second fits a timespec");
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => {}
+            Ok(_) => break,
+            Err(error) => bail!("waiting for the control plane ({holder}) to end: {error}"),
+        }
+        if left.is_zero() {
             bail!(
                 "the control plane ({holder}) still runs after {}: it may still be draining",
                 humantime::format_duration(args.timeout)
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     say!("the control plane on {} has stopped", home.display());
     Ok(ExitCode::SUCCESS)
