@@ -272,7 +272,7 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         assert_eq!(holder(home.path()).unwrap(), None);
         let signalled = signal_holder(home.path(), rustix::process::Signal::TERM).unwrap();
-        assert_eq!(signalled, None);
+        assert!(signalled.is_none());
         // Nor of one whose holder has gone.
         drop(ControlLock::acquire(home.path(), "graven daemon").unwrap());
         assert_eq!(holder(home.path()).unwrap(), None);
