@@ -222,40 +222,41 @@ impl Route {
 impl Shared {
     /// Serves one request, unless a fault hits it.
     async fn serve_request(
-        &self,
+        self: Arc<Self>,
         request: Request<Incoming>,
         client_ip: HeaderValue,
         start: Instant,
     ) -> Result<Response<ProxyBody>, InjectedReset> {
-        let Some(effect) = self.faults.draw() else {
-            return Ok(self.handle(request, client_ip, start).await);
-        };
-        let mut response = match effect {
-            Effect::Reset => return Err(InjectedReset),
-            Effect::Latency(delay) => {
-                tokio::time::sleep(delay).await;
-                // Timed from here: the route's latency figures are the service's own.
-                self.handle(request, client_ip, Instant::now()).await
-            }
-            Effect::Error(status) => {
+        // One call of `handle` whatever the fault: each await of it would hold space of its
+        // own in this future, which is moved whole into the connection's task per request.
+        let (start, delayed) = match self.faults.draw() {
+            None => (start, false),
+            Some(Effect::Reset) => return Err(InjectedReset),
+            Some(Effect::Error(status)) => {
                 let status = http::StatusCode::from_u16(status)
                     .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
                 let mut response = Response::new(ProxyBody::full("injected fault"));
                 *response.status_mut() = status;
-                response.headers_mut().insert(
+                let headers = response.headers_mut();
+                headers.insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; charset=utf-8"),
                 );
-                response
+                headers.insert(FAULT_HEADER, HeaderValue::from_static("error"));
+                return Ok(response);
+            }
+            Some(Effect::Latency(delay)) => {
+                tokio::time::sleep(delay).await;
+                // Timed from here: the route's latency figures are the service's own.
+                (Instant::now(), true)
             }
         };
-        let name = match effect {
-            Effect::Latency(_) => "latency",
-            Effect::Error(_) | Effect::Reset => "error",
-        };
-        response
-            .headers_mut()
-            .insert(FAULT_HEADER, HeaderValue::from_static(name));
+        let mut response = self.handle(request, client_ip, start).await;
+        if delayed {
+            response
+                .headers_mut()
+                .insert(FAULT_HEADER, HeaderValue::from_static("latency"));
+        }
         Ok(response)
     }
 
@@ -294,7 +295,9 @@ impl Shared {
         let (mut lease, mut sent_at) = match self.backends.try_acquire(&[]) {
             Some(lease) => (lease, start),
             None => (
-                self.backends.hold().await.map_err(|error| (error, None))?,
+                Box::pin(self.backends.hold())
+                    .await
+                    .map_err(|error| (error, None))?,
                 Instant::now(),
             ),
         };
@@ -471,7 +474,7 @@ impl Shared {
                 let client_ip = client_ip.clone();
                 let start = Instant::now();
                 activity.request_began(start.saturating_duration_since(shared.epoch));
-                async move { shared.serve_request(request, client_ip, start).await }
+                shared.serve_request(request, client_ip, start)
             })
         };
         let connection = self

@@ -251,7 +251,10 @@ impl Lease {
             }
         }
         let slot = instance_slot(route)?;
-        self.connection = Some(self.instance.connect(builder, timeout, slot).await?);
+        // Boxed: the handshake's future is large, and a request that finds a pooled
+        // connection (most of them) would otherwise carry its space in every move.
+        let connect = Box::pin(self.instance.connect(builder, timeout, slot));
+        self.connection = Some(connect.await?);
         self.reused = false;
         Ok(())
     }
