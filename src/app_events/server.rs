@@ -145,7 +145,11 @@ impl Stream {
             path: dir.join(TOKEN_FILE),
             source,
         })?;
-        let log = Arc::new(Mutex::new(AppEventLog::open(dir)?));
+        let mut log = AppEventLog::open(dir)?;
+        // The daemon appends all the time: the zeros ahead of the records are written off the
+        // appends' path.
+        log.write_zeros_ahead()?;
+        let log = Arc::new(Mutex::new(log));
         let (last_tx, last) = watch::channel(lock(&log).position().last);
         let (queue, jobs) = std::sync::mpsc::channel();
         let writer = log.clone();
