@@ -3,7 +3,7 @@
 //! app last wrote. It lives under the app's directory in the persistent layer, beside the
 //! control plane's own log, and nothing a deploy, a rollback or `graven down` does touches it.
 //!
-//! This module owns the file format, appending (in batches, one `fdatasync` each: a group
+//! This module owns the file format, appending (in batches, one synced write each: a group
 //! commit), reading and compaction. It knows nothing of HTTP (`server`) or of the control
 //! plane. Every process that writes (the daemon, `graven events append`) takes the file's
 //! `flock` for the batch, so two writers never interleave; readers take no lock and stop at
@@ -11,8 +11,9 @@
 //!
 //! The file: a 16-byte header (`MAGIC`, the first sequence it holds), then records, each a
 //! 32-byte head (body length, kind, sequence, time, CRC-32 of head and body) and the body.
-//! An append is acknowledged only after its batch's `fdatasync`; a torn record at the end
-//! (a crash inside a write) was never acknowledged and is zeroed by the next writer.
+//! An append is acknowledged only after its batch's sync (`RWF_DSYNC`, which is `fdatasync`
+//! for the batch's range); a torn record at the end (a crash inside a write) was never
+//! acknowledged and is zeroed by the next writer.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -492,7 +493,7 @@ impl AppEventLog {
 
     /// Appends a batch: each append is checked against the last sequence in order (so two
     /// in one batch expecting the same sequence: the first wins), the accepted ones are
-    /// written at once and made durable with one `fdatasync`, and only then answered. A
+    /// written at once and made durable with one synced write, and only then answered. A
     /// failed write or sync fails every append of the batch, and the log's end goes back
     /// to where it was, so a failed append never becomes visible.
     pub fn append(&mut self, batch: &[Append]) -> Result<Vec<Result<u64>>> {

@@ -11,7 +11,7 @@
 //! - `GET  URL/snapshot` and `PUT URL/snapshot?seq=N` — the app's own snapshot.
 //!
 //! Appends of one log are batched by a writer thread of its own (a group commit: one
-//! `fdatasync` per batch); the token is checked in constant time against the one the control
+//! synced write per batch); the token is checked in constant time against the one the control
 //! plane made for the app and environment. Errors map to status codes in one exhaustive match.
 
 use std::collections::BTreeMap;
