@@ -5,7 +5,7 @@
 #
 # - graven: `graven daemon` serves the log; wrk POSTs a JSON event of about 100 bytes over
 #   CONNS keep-alive connections for DURATION (`--latency` gives p50 and p99). Each append is
-#   answered only after its batch's fdatasync.
+#   answered only after its batch is synced (RWF_DSYNC: fdatasync of the batch's range).
 # - PostgreSQL (Debian's, a private cluster on a unix socket, fsync and synchronous_commit on,
 #   its defaults): pgbench runs `INSERT INTO events (body) VALUES (<the same JSON>)` over CONNS
 #   connections for DURATION; each insert commits, so each is answered after its WAL flush.

@@ -3,7 +3,7 @@
 //! app last wrote. It lives under the app's directory in the persistent layer, beside the
 //! control plane's own log, and nothing a deploy, a rollback or `graven down` does touches it.
 //!
-//! This module owns the file format, appending (in batches, one `fdatasync` each: a group
+//! This module owns the file format, appending (in batches, one synced write each: a group
 //! commit), reading and compaction. It knows nothing of HTTP (`server`) or of the control
 //! plane. Every process that writes (the daemon, `graven events append`) takes the file's
 //! `flock` for the batch, so two writers never interleave; readers take no lock and stop at
@@ -11,8 +11,9 @@
 //!
 //! The file: a 16-byte header (`MAGIC`, the first sequence it holds), then records, each a
 //! 32-byte head (body length, kind, sequence, time, CRC-32 of head and body) and the body.
-//! An append is acknowledged only after its batch's `fdatasync`; a torn record at the end
-//! (a crash inside a write) was never acknowledged and is zeroed by the next writer.
+//! An append is acknowledged only after its batch's sync (`RWF_DSYNC`, which is `fdatasync`
+//! for the batch's range); a torn record at the end (a crash inside a write) was never
+//! acknowledged and is zeroed by the next writer.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -35,7 +36,9 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// The file is extended this much at a time, with zeros really written: an append then
 /// rewrites blocks the file already has, so its `fdatasync` flushes data and no metadata (the
-/// size and the extents stay as they are), as PostgreSQL's pre-zeroed WAL segments do.
+/// size and the extents stay as they are), as PostgreSQL's pre-zeroed WAL segments do. With
+/// `write_zeros_ahead` a thread of its own extends the file once fewer than half of this
+/// remains, so no append waits for the zeros.
 const PREALLOCATE: u64 = 8 * 1024 * 1024;
 /// One index entry per this many events: a read from a sequence seeks near it at once.
 const INDEX_EVERY: u64 = 256;
@@ -153,6 +156,64 @@ pub struct AppEventLog {
     allocated: u64,
     /// (sequence, offset) of every `INDEX_EVERY`th event, ascending.
     index: Vec<(u64, u64)>,
+    /// The thread that writes zeros ahead of the records, when this handle has one.
+    ahead: Option<ZerosAhead>,
+    /// How many times an append had to write zeros itself (the thread, if any, was behind).
+    zeroed_inline: u64,
+}
+
+/// Writes zeros past the end of the log's file on a thread of its own, ahead of the records,
+/// so that no append waits for them (`AppEventLog::write_zeros_ahead`). The thread writes
+/// through a handle opened with `O_APPEND`: each of its writes lands at the file's end as the
+/// kernel knows it, past every byte any writer ever wrote, so it needs no lock and can never
+/// cover a record, whoever (this process or another) appended it.
+#[derive(Debug)]
+struct ZerosAhead {
+    /// Where to ask the thread for a longer file: an appending handle of the file, and the
+    /// length wanted. The thread ends when this is dropped.
+    asks: std::sync::mpsc::Sender<(File, u64)>,
+    /// An appending handle of the file this log has open, when it could be opened.
+    file: Option<File>,
+    /// The longest length asked for on this file.
+    asked: u64,
+}
+
+impl ZerosAhead {
+    fn start(path: &Path) -> Result<ZerosAhead> {
+        let (asks, wanted) = std::sync::mpsc::channel::<(File, u64)>();
+        std::thread::Builder::new()
+            .name("app-events-zeros".into())
+            .spawn(move || {
+                for (file, length) in wanted {
+                    // A failure leaves the file shorter: the batch that reaches its end writes
+                    // the zeros itself, as every writer without this thread does.
+                    let _ = extend(&file, length);
+                }
+            })
+            .map_err(io(path))?;
+        Ok(ZerosAhead {
+            asks,
+            file: None,
+            asked: 0,
+        })
+    }
+}
+
+/// Appends zeros to `file` (opened `O_APPEND`) until it is `length` long, then syncs them. A
+/// batch may write its records into them before they are synced: its own sync then flushes
+/// the file's new size too, so it is as durable, only slower.
+fn extend(file: &File, length: u64) -> std::io::Result<()> {
+    let mut len = file.metadata()?.len();
+    if len >= length {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    while len < length {
+        let n = zeros.len().min((length - len) as usize);
+        (&*file).write_all(&zeros[..n])?;
+        len = file.metadata()?.len();
+    }
+    file.sync_all()
 }
 
 fn now_ms() -> u64 {
@@ -284,6 +345,8 @@ impl AppEventLog {
             end: HEADER,
             allocated: 0,
             index: Vec::new(),
+            ahead: None,
+            zeroed_inline: 0,
         };
         {
             let _lock = Locked::take(&log.lock, &log.path)?;
@@ -323,7 +386,64 @@ impl AppEventLog {
         self.index.clear();
         self.scan()?;
         self.allocated = self.file.metadata().map_err(io(&self.path))?.len();
+        self.open_ahead()?;
         self.clear_tail()
+    }
+
+    /// Has a thread of its own write the zeros ahead of the records (the daemon's log, which
+    /// appends all the time), so that no append waits for them.
+    pub fn write_zeros_ahead(&mut self) -> Result<()> {
+        if self.ahead.is_none() {
+            self.ahead = Some(ZerosAhead::start(&self.path)?);
+            let _lock = Locked::take(&self.lock, &self.path)?;
+            self.open_ahead()?;
+            self.ask_ahead();
+        }
+        Ok(())
+    }
+
+    /// Under the lock: opens the appending handle the zeros thread writes through, on the file
+    /// this log has open (the path names it: every replacement happens under the lock).
+    fn open_ahead(&mut self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(ahead) = &mut self.ahead else {
+            return Ok(());
+        };
+        ahead.asked = 0;
+        ahead.file = None;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io(&self.path))?;
+        let (theirs, ours) = (
+            file.metadata().map_err(io(&self.path))?,
+            self.file.metadata().map_err(io(&self.path))?,
+        );
+        if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+            ahead.file = Some(file);
+        }
+        Ok(())
+    }
+
+    /// Asks the zeros thread for another `PREALLOCATE` once fewer than half of one remain.
+    fn ask_ahead(&mut self) {
+        let Some(ahead) = &mut self.ahead else {
+            return;
+        };
+        if self.allocated.saturating_sub(self.end) >= PREALLOCATE / 2 {
+            return;
+        }
+        // A whole number of `PREALLOCATE`s, at least half of one past the records.
+        let wanted = (self.end + PREALLOCATE / 2).div_ceil(PREALLOCATE) * PREALLOCATE;
+        if wanted <= ahead.asked {
+            return;
+        }
+        let Some(file) = ahead.file.as_ref().and_then(|f| f.try_clone().ok()) else {
+            return;
+        };
+        if ahead.asks.send((file, wanted)).is_ok() {
+            ahead.asked = wanted;
+        }
     }
 
     /// Reads the records after `end` that other writers (or earlier runs) added.
@@ -373,7 +493,7 @@ impl AppEventLog {
 
     /// Appends a batch: each append is checked against the last sequence in order (so two
     /// in one batch expecting the same sequence: the first wins), the accepted ones are
-    /// written at once and made durable with one `fdatasync`, and only then answered. A
+    /// written at once and made durable with one synced write, and only then answered. A
     /// failed write or sync fails every append of the batch, and the log's end goes back
     /// to where it was, so a failed append never becomes visible.
     pub fn append(&mut self, batch: &[Append]) -> Result<Vec<Result<u64>>> {
@@ -406,10 +526,7 @@ impl AppEventLog {
             return Ok(answers);
         }
         self.make_room(bytes.len() as u64)?;
-        let written = self
-            .file
-            .write_all_at(&bytes, self.end)
-            .and_then(|()| self.file.sync_data());
+        let written = write_synced(&self.file, &bytes, self.end);
         if let Err(e) = written {
             // Nothing of the batch counts: clear what may have landed, so no reader takes a
             // record nobody was told about for an event (best effort: the disk may be failing).
@@ -426,6 +543,7 @@ impl AppEventLog {
         }
         self.last = last;
         self.end += bytes.len() as u64;
+        self.ask_ahead();
         Ok(answers)
     }
 
@@ -484,6 +602,7 @@ impl AppEventLog {
         if self.end + len <= self.allocated {
             return Ok(());
         }
+        self.zeroed_inline += 1;
         let target = (self.end + len).div_ceil(PREALLOCATE) * PREALLOCATE;
         let zeros = vec![0u8; (target - self.allocated).min(PREALLOCATE) as usize];
         let mut at = self.allocated;
@@ -684,6 +803,30 @@ fn decode_head_any(head: &[u8; HEAD]) -> Option<Head> {
         time_ms: u64::from_le_bytes(head[16..24].try_into().ok()?),
         crc: u32::from_le_bytes(head[28..32].try_into().ok()?),
     })
+}
+
+/// Writes `bytes` at `offset` and makes them durable as `pwrite` then `fdatasync` would (the
+/// data, and whatever metadata reading it back needs), but in one call that syncs only this
+/// range (`RWF_DSYNC`): the zeros being written ahead at the file's end are not flushed with
+/// the batch.
+fn write_synced(file: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match rustix::io::pwritev2(
+            file,
+            &[std::io::IoSlice::new(bytes)],
+            offset,
+            rustix::io::ReadWriteFlags::DSYNC,
+        ) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf`, or reports that the stream ended first.

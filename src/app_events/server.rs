@@ -11,7 +11,7 @@
 //! - `GET  URL/snapshot` and `PUT URL/snapshot?seq=N` — the app's own snapshot.
 //!
 //! Appends of one log are batched by a writer thread of its own (a group commit: one
-//! `fdatasync` per batch); the token is checked in constant time against the one the control
+//! synced write per batch); the token is checked in constant time against the one the control
 //! plane made for the app and environment. Errors map to status codes in one exhaustive match.
 
 use std::collections::BTreeMap;
@@ -145,7 +145,11 @@ impl Stream {
             path: dir.join(TOKEN_FILE),
             source,
         })?;
-        let log = Arc::new(Mutex::new(AppEventLog::open(dir)?));
+        let mut log = AppEventLog::open(dir)?;
+        // The daemon appends all the time: the zeros ahead of the records are written off the
+        // appends' path.
+        log.write_zeros_ahead()?;
+        let log = Arc::new(Mutex::new(log));
         let (last_tx, last) = watch::channel(lock(&log).position().last);
         let (queue, jobs) = std::sync::mpsc::channel();
         let writer = log.clone();

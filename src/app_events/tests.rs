@@ -209,3 +209,138 @@ fn a_file_that_is_not_a_log_is_refused_and_left_alone() {
         b"something else entirely"
     );
 }
+
+/// Waits until the zeros thread has written all it was asked for.
+fn wait_for_zeros(log: &AppEventLog) {
+    let ahead = log.ahead.as_ref().expect("zeros are written ahead");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let len = std::fs::metadata(&log.path).unwrap().len();
+        if len >= ahead.asked {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the zeros thread wrote {len} of {} bytes within a minute",
+            ahead.asked
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn big(tag: usize, len: usize) -> Append {
+    let mut body = format!("{tag:08} ").into_bytes();
+    body.resize(len, b'a' + (tag % 26) as u8);
+    Append {
+        kind: Kind::Bytes,
+        body,
+        expected: None,
+    }
+}
+
+#[test]
+fn appends_past_the_zeros_written_ahead_never_write_zeros_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.write_zeros_ahead().unwrap();
+    // 24 MiB of records: the file's end is crossed three times.
+    for i in 0..48 {
+        wait_for_zeros(&log);
+        assert_eq!(
+            seqs(log.append(&[big(i, 512 * 1024)]).unwrap()),
+            [Ok(i as u64 + 1)]
+        );
+    }
+    assert_eq!(log.zeroed_inline, 0, "every append found its zeros written");
+    let len = std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
+    assert!(len >= log.end + PREALLOCATE / 2, "the zeros stay ahead");
+    assert!(len.is_multiple_of(PREALLOCATE));
+    drop(log);
+    let log = AppEventLog::open(dir.path()).unwrap();
+    let read = log.read(1, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(read.len(), 48);
+    assert!(
+        read.iter()
+            .enumerate()
+            .all(|(i, e)| e.body == big(i, 512 * 1024).body)
+    );
+}
+
+#[test]
+fn a_crash_inside_a_batch_in_the_zeros_written_ahead_loses_only_that_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.write_zeros_ahead().unwrap();
+    for i in 0..20 {
+        log.append(&[big(i, 512 * 1024)]).unwrap();
+    }
+    wait_for_zeros(&log);
+    let end = log.end;
+    // A crash in the middle of a batch's write, past the first extension: whole records
+    // nobody was answered for and a torn one, all in the zeros written ahead.
+    let mut torn = Vec::new();
+    encode(21, 0, Kind::Bytes, b"never answered", &mut torn);
+    encode(22, 0, Kind::Bytes, b"torn", &mut torn);
+    torn.truncate(torn.len() - 3);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(LOG_FILE))
+        .unwrap()
+        .write_all_at(&torn, end + 1)
+        .unwrap();
+    drop(log);
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.write_zeros_ahead().unwrap();
+    assert_eq!(log.position().last, 20);
+    assert_eq!(seqs(log.append(&[bytes("next")]).unwrap()), [Ok(21)]);
+    drop(log);
+    let log = AppEventLog::open(dir.path()).unwrap();
+    let read = log.read(1, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(read.len(), 21);
+    assert_eq!(read[20].body, b"next");
+    assert!(
+        read[..20]
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.body == big(i, 512 * 1024).body)
+    );
+}
+
+#[test]
+fn another_writer_extending_the_file_while_zeros_are_written_ahead_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = AppEventLog::open(dir.path()).unwrap();
+    daemon.write_zeros_ahead().unwrap();
+    let mut other = AppEventLog::open(dir.path()).unwrap();
+    // Both append at once, 20 MiB in all, so each crosses the file's end while the zeros
+    // thread extends it: its `O_APPEND` writes must never land on the other's records.
+    let writer = std::thread::spawn(move || {
+        for i in 0..40 {
+            other.append(&[big(1000 + i, 256 * 1024)]).unwrap();
+        }
+    });
+    for i in 0..40 {
+        daemon.append(&[big(i, 256 * 1024)]).unwrap();
+    }
+    writer.join().unwrap();
+    drop(daemon);
+    let log = AppEventLog::open(dir.path()).unwrap();
+    let read = log.read(1, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(read.len(), 80, "every append is there");
+    let mut tags: Vec<usize> = read
+        .iter()
+        .map(|e| {
+            let tag: usize = std::str::from_utf8(&e.body[..8]).unwrap().parse().unwrap();
+            assert_eq!(
+                e.body,
+                big(tag, 256 * 1024).body,
+                "event {} is whole",
+                e.seq
+            );
+            tag
+        })
+        .collect();
+    tags.sort_unstable();
+    let wanted: Vec<usize> = (0..40).chain(1000..1040).collect();
+    assert_eq!(tags, wanted);
+}
