@@ -211,6 +211,75 @@ fn a_run_step_has_home() {
     );
 }
 
+/// graven baked from a terminal (a pty the test opens, made graven's controlling terminal):
+/// the RUN step is in a session of its own, as runc puts a container, so it has no
+/// controlling terminal. Before, the step shared graven's session and had the terminal its
+/// stderr is on as its own, so it could push keystrokes into the user's shell with TIOCSTI
+/// (run once graven exits) or open it through `/dev/tty`.
+#[test]
+fn a_run_step_has_no_controlling_terminal_even_from_a_terminal() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let home = tempfile::tempdir().unwrap();
+    let dir = context();
+    let containerfile = format!(
+        "{BASE}RUN set -- $(/bin/busybox cat /proc/self/stat); echo \"$7\" > /tty-nr; \
+         if (: </dev/tty) 2>/dev/null; then echo reached > /dev-tty; else echo refused > /dev-tty; fi\n"
+    );
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the given ints; both are owned below.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty just returned these descriptors, owned nowhere else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut command = bake(home.path(), dir.path(), &containerfile);
+    command
+        .stdin(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: setsid and ioctl are single async-signal-safe syscalls on the child itself;
+    // stdin is the pty's slave, which becomes the new session's controlling terminal.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    // The command holds its copies of the slave too: the master reads to its end only once
+    // graven's (and its children's) are the last.
+    drop((command, slave));
+    // The terminal's output (graven's progress) is read until the last slave is closed, so
+    // graven never blocks on a full terminal.
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::fs::File::from(master).read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let status = child.wait().unwrap();
+    let terminal = reader.join().unwrap();
+    assert!(status.success(), "graven bake failed: {terminal}");
+    let entries = last_layer(home.path());
+    assert!(
+        entries.contains(&"tty-nr \"0\\n\"".to_owned()),
+        "{entries:?}"
+    );
+    assert!(
+        entries.contains(&"dev-tty \"refused\\n\"".to_owned()),
+        "{entries:?}"
+    );
+}
+
 /// One entry of a layer: path, uid, gid, mode, content.
 type LayerEntry = (String, u64, u64, u32, Vec<u8>);
 

@@ -389,12 +389,42 @@ pub fn spawn(
     let json = serde_json::to_vec(&request).expect("a sandbox request always serializes");
     let mut command = Command::new(helper_binary());
     command.arg(HELPER_ARG).stdout(stdout).stderr(stderr);
+    detach_from_terminal(&mut command);
     let (child, pid) = start_helper(command, &json, &spec_program(spec))?;
     Ok(Sandboxed {
         child,
         pid,
         _scratch: temp,
     })
+}
+
+/// Puts the helper of `command`, and so the workload, in a session of its own, as runc does
+/// for a container: a session without a controlling terminal. Otherwise a bake's RUN step,
+/// whose output is graven's stderr, holds the terminal the user typed `graven bake` in, and
+/// could push keystrokes into it with TIOCSTI (run by the user's shell once graven exits) or
+/// open it again through `/dev/tty`. The new session no longer gets the terminal's SIGINT,
+/// so the helper takes SIGKILL when the thread that started it ends (graven killed by ^C,
+/// say), as the workload does when the helper dies.
+fn detach_from_terminal(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: setsid, prctl and getppid are single syscalls, async-signal-safe, and touch
+    // only the forked child itself.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            rustix::process::setsid()?;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the death signal was set.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other(
+                    "graven ended while starting a sandbox",
+                ));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Starts `spec` in a fresh sandbox as a child of this process, with the workload's stdout
