@@ -224,6 +224,11 @@ impl Swarm {
     /// Three engines in namespaces of their own, one Swarm: node 0 its manager, nodes 1 and
     /// 2 workers; returns once the manager sees all three ready.
     pub fn start() -> Swarm {
+        Swarm::with_nodes(3)
+    }
+
+    /// A Swarm of `count` nodes (the manager alone for 1), as `start`'s.
+    pub fn with_nodes(count: u8) -> Swarm {
         assert!(
             Path::new(DOCKERD).exists() && Path::new(DOCKER).exists(),
             "docker.io is missing: scripts/test installs it"
@@ -235,7 +240,7 @@ impl Swarm {
             nodes: Vec::new(),
             bridge,
         };
-        for i in 0..3u8 {
+        for i in 0..count {
             let tag = format!("gsw{:x}x{n:x}n{i}", std::process::id());
             assert!(tag.len() <= 14, "veth name {tag} too long");
             let [a, b, c, _] = gateway.octets();
@@ -267,14 +272,14 @@ impl Swarm {
                 &join,
             ]);
         }
-        super::wait_for(Duration::from_secs(60), "three ready nodes", || {
+        super::wait_for(Duration::from_secs(60), "every node ready", || {
             let ready = swarm
                 .manager()
                 .lines(&["node", "ls", "--format", "{{.Status}}"])
                 .iter()
                 .filter(|s| *s == "Ready")
                 .count();
-            (ready == 3).then_some(())
+            (ready == usize::from(count)).then_some(())
         });
         swarm
     }
@@ -315,8 +320,10 @@ impl Drop for Swarm {
             let _ = Command::new("ip")
                 .args(["netns", "del", &node.netns])
                 .status();
+            // Usually gone with its namespace's end of the pair.
             let _ = Command::new("ip")
                 .args(["link", "del", &node.veth])
+                .stderr(Stdio::null())
                 .status();
         }
         let _ = Command::new("ip")
