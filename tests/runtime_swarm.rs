@@ -3,7 +3,9 @@
 //! namespaces of their own on a bridge the test makes, `support::swarm`). Three deploys under
 //! keep-alive load fail no request, with tasks on more than one node; a release that never
 //! gets healthy rolls back by itself; a worker's engine stopped (by its PID) loses no
-//! idempotent request, and the service is back to its instance count on the nodes left.
+//! idempotent request, and the service is back to its instance count on the nodes left. A
+//! worker's engine killed (a crash: its tasks run on, cut off) is a lost node once the Swarm
+//! sees it down: its instances count as exited and are replaced on the nodes left.
 
 mod support;
 
@@ -169,5 +171,64 @@ fn the_example_deploys_across_a_three_node_swarm_and_survives_a_lost_node() {
     );
     let report = run_ok(&home, &["status", "--json"]).0;
     assert!(report.contains("\"web\""), "{report}");
+    drop(up);
+}
+
+/// A crashed worker (its engine SIGKILLed): the manager marks the node down and its tasks
+/// unreachable, and graven replaces them on the nodes left, with no failed request meanwhile
+/// (the cut-off tasks still answer until they are replaced, as they would behind a node
+/// whose engine alone died).
+#[test]
+fn a_crashed_worker_s_instances_are_replaced_on_the_nodes_left() {
+    let mut swarm = Swarm::start();
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = support::daemon::free_port();
+    project(&dir, route, &swarm, r#"VERSION = "v1""#);
+    let up = Up::start(&home, &dir, "local");
+    support::wait_for(Duration::from_secs(60), "3 tasks of v1", || {
+        (running_versions(&swarm) == ["v1"; 3]).then_some(())
+    });
+    let worker = (1..3)
+        .max_by_key(|&i| swarm.nodes()[i].lines(&["ps", "-q"]).len())
+        .unwrap();
+    let lost = swarm.nodes()[worker].lines(&["ps", "-q"]).len();
+    assert!(
+        lost > 0,
+        "no task on a worker: {:?}",
+        swarm.running_per_node()
+    );
+    let load = Load::start(route, CONNECTIONS);
+    swarm.crash_node(worker);
+    // The crashed node's tasks are not counted: three again means graven replaced them.
+    support::wait_for(
+        Duration::from_secs(90),
+        "three instances on the nodes left",
+        || (running_versions(&swarm) == ["v1"; 3]).then_some(()),
+    );
+    // The lost instances are exited for graven (their node is down), so they are removed:
+    // the manager keeps three services, no instance stuck stopping on a node that is gone.
+    support::wait_for(
+        Duration::from_secs(60),
+        "the lost instances' services removed",
+        || {
+            let services = swarm.manager().lines(&["service", "ls", "-q"]);
+            (services.len() == 3).then_some(())
+        },
+    );
+    let served = load.snapshot().versions.get("v1").copied().unwrap_or(0);
+    support::wait_for(Duration::from_secs(20), "requests after the loss", || {
+        let now = load.snapshot().versions.get("v1").copied().unwrap_or(0);
+        (now > served + 100).then_some(())
+    });
+    let report = load.stop();
+    eprintln!("a crashed node: {report:?}");
+    assert_eq!(
+        report.failed,
+        0,
+        "failures: {:?}\n{}",
+        report.failures,
+        up.stderr()
+    );
     drop(up);
 }

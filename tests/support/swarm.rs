@@ -43,6 +43,9 @@ pub struct Node {
     veth: String,
     address: Ipv4Addr,
     stopped: bool,
+    /// The containers that ran when the engine was killed (`crash_node`): they outlive it,
+    /// and are ended by their processes at teardown.
+    orphans: Vec<String>,
 }
 
 pub struct Swarm {
@@ -187,6 +190,7 @@ impl Node {
             veth,
             address,
             stopped: false,
+            orphans: Vec::new(),
         };
         let answered = super::try_wait_for(Duration::from_secs(60), || {
             let out = node.docker().arg("info").output().ok()?;
@@ -200,6 +204,48 @@ impl Node {
             );
         }
         node
+    }
+
+    /// SIGKILL to the engine's own PID: a crash. Its containers run on, cut off from the
+    /// Swarm; they are ended at teardown (`end_orphans`).
+    fn crash(&mut self) {
+        self.orphans = self.lines(&["ps", "-q", "--no-trunc"]);
+        self.stopped = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL to what a crashed engine left: the processes in the node's namespace (its
+    /// containerd and shims), and those in the cgroups of the containers it ran.
+    fn end_orphans(&self) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let mut pids: Vec<i32> = Vec::new();
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+        {
+            pids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
+        }
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+            if self.orphans.iter().any(|id| cgroup.contains(id.as_str())) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            // SAFETY: kill(2) on a process of this test's node: in its namespace, or in a
+            // cgroup named by one of the container ids its engine listed.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 
     /// SIGTERM to the engine's own PID, 30 s to stop, then SIGKILL.
@@ -302,6 +348,12 @@ impl Swarm {
         self.nodes[i].stop();
     }
 
+    /// Kills node `i`'s engine by its PID (SIGKILL: a crashed node, whose containers run on
+    /// without it).
+    pub fn crash_node(&mut self, i: usize) {
+        self.nodes[i].crash();
+    }
+
     /// The running containers on each node whose engine runs.
     pub fn running_per_node(&self) -> Vec<usize> {
         self.nodes
@@ -317,6 +369,7 @@ impl Drop for Swarm {
         // Workers first, so the manager is not left waiting on them.
         for node in self.nodes.iter_mut().rev() {
             node.stop();
+            node.end_orphans();
             let _ = Command::new("ip")
                 .args(["netns", "del", &node.netns])
                 .status();
