@@ -78,7 +78,7 @@ fn swarm() -> Subject {
     let host = swarm.manager().host();
     Subject {
         runtime: AnyRuntime::Swarm(
-            SwarmRuntime::open(home.path(), &host, &[host.clone()]).unwrap(),
+            SwarmRuntime::open(home.path(), &host, std::slice::from_ref(&host)).unwrap(),
         ),
         image,
         _home: home,
