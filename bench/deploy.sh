@@ -75,9 +75,12 @@ PY
 now() { date +%s.%N; }
 seconds() { echo "scale=2; ($2 - $1) / 1" | bc; }
 
-echo "building graven (release) and the example" >&2
-cargo build --quiet --release --features dev-tools --bin graven --manifest-path "$ROOT/Cargo.toml"
-GRAVEN=$ROOT/target/release/graven
+# PROFILE=dev uses the debug build (a loaded machine's quicker build; figures not comparable
+# with a release build's).
+PROFILE=${PROFILE:-release}
+echo "building graven ($PROFILE) and the example" >&2
+cargo build --quiet --profile "$PROFILE" --features dev-tools --bin graven --manifest-path "$ROOT/Cargo.toml"
+GRAVEN=$ROOT/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/graven
 sh "$ROOT/examples/hello/build.sh"
 
 WORK=$(mktemp -d /tmp/graven-bench-deploy.XXXXXX)

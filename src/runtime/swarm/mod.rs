@@ -271,7 +271,14 @@ impl SwarmRuntime {
                 .iter()
                 .filter(|t| t.service_id.is_some() && t.service_id == service.id)
                 .collect();
-            let placed = tasks::placed(&service_tasks, &nodes, recorded.port);
+            let replicas = service
+                .spec
+                .as_ref()
+                .and_then(|s| s.mode.as_ref())
+                .and_then(|m| m.replicated.as_ref())
+                .and_then(|r| r.replicas)
+                .unwrap_or(1);
+            let placed = tasks::placed(&service_tasks, &nodes, recorded.port, replicas);
             found.push(Found {
                 service,
                 recorded,
@@ -312,13 +319,9 @@ impl SwarmRuntime {
     }
 
     /// Sets the service's replicas (0 stops its task, with the spec's stop signal and
-    /// grace), at the version just read.
-    async fn scale(
-        &self,
-        found: &Found,
-        replicas: i64,
-        grace: Option<Duration>,
-    ) -> Result<(), RuntimeError> {
+    /// grace), at the version just read. Only the mode changes: a changed task template
+    /// would be an update, and Swarm would start a new task to roll it.
+    async fn scale(&self, found: &Found, replicas: i64) -> Result<(), RuntimeError> {
         let docker = self.manager().await?;
         let id = &found.recorded.id;
         let mut spec = found.service.spec.clone().unwrap_or_default();
@@ -328,14 +331,6 @@ impl SwarmRuntime {
             }),
             ..Default::default()
         });
-        if let Some(grace) = grace
-            && let Some(container) = spec
-                .task_template
-                .as_mut()
-                .and_then(|t| t.container_spec.as_mut())
-        {
-            container.stop_grace_period = Some(grace.as_nanos() as i64);
-        }
         let version = found
             .service
             .version
@@ -637,7 +632,9 @@ impl Runtime for SwarmRuntime {
         if found.placed.status.is_exited() {
             return Ok(self.instance_of(&found));
         }
-        self.scale(&found, 0, Some(grace)).await?;
+        // The grace is the one the service was created with (the spec's stop grace, which
+        // the controller passes here too).
+        self.scale(&found, 0).await?;
         self.wait_exited(id, grace + END_WAIT).await
     }
 
@@ -646,8 +643,8 @@ impl Runtime for SwarmRuntime {
         if found.placed.status.is_exited() {
             return Ok(());
         }
-        // SIGKILL through the node's engine where graven has it; else Swarm's stop with no
-        // grace, its nearest.
+        // SIGKILL through the node's engine where graven has it; else Swarm's stop (with the
+        // service's grace), its nearest.
         let killed = match self.running_container(id, "killed").await {
             Ok((docker, container)) => docker
                 .kill_container(
@@ -661,7 +658,7 @@ impl Runtime for SwarmRuntime {
             Err(_) => false,
         };
         if !killed {
-            self.scale(&found, 0, Some(Duration::ZERO)).await?;
+            self.scale(&found, 0).await?;
         }
         self.wait_exited(id, END_WAIT).await.map(drop)
     }

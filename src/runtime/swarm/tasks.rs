@@ -44,8 +44,29 @@ pub struct Placed {
     pub error: Option<String>,
 }
 
-/// The state of the instance whose service has `tasks`, its port `port` inside.
-pub fn placed(tasks: &[&Task], nodes: &HashMap<String, NodeView>, port: u16) -> Placed {
+/// The state of the instance whose service has `tasks` and wants `replicas` (1, or 0 once
+/// stopped), its port `port` inside.
+pub fn placed(
+    tasks: &[&Task],
+    nodes: &HashMap<String, NodeView>,
+    port: u16,
+    replicas: i64,
+) -> Placed {
+    let mut placed = newest(tasks, nodes, port);
+    // Scaled to 0 (stopped): once no task is left to end, it has exited, even when Swarm
+    // never got to run one.
+    if replicas == 0 && placed.status == InstanceStatus::Created {
+        placed.status = InstanceStatus::Exited {
+            code: None,
+            signal: None,
+        };
+        placed.address = None;
+    }
+    placed
+}
+
+/// The instance's state as its newest task says.
+fn newest(tasks: &[&Task], nodes: &HashMap<String, NodeView>, port: u16) -> Placed {
     // The newest task: with one replica and no restarts there is one, but a task being
     // shut down and its successor may both be listed after someone else scaled the service.
     let Some(task) = tasks.iter().max_by(|a, b| a.created_at.cmp(&b.created_at)) else {
@@ -182,7 +203,7 @@ mod tests {
     #[test]
     fn a_running_task_is_reached_on_its_node_s_published_port() {
         let running = task(TaskState::RUNNING, TaskState::RUNNING, None);
-        let placed = placed(&[&running], &nodes(false), 8080);
+        let placed = placed(&[&running], &nodes(false), 8080, 1);
         assert_eq!(placed.status, InstanceStatus::Running);
         assert_eq!(placed.address, Some("10.0.0.2:30001".parse().unwrap()));
         assert_eq!(placed.container.as_deref(), Some("c1"));
@@ -194,14 +215,14 @@ mod tests {
         // shut down.
         let orphan = task(TaskState::RUNNING, TaskState::SHUTDOWN, None);
         assert_eq!(
-            placed(&[&orphan], &nodes(true), 8080).status,
+            placed(&[&orphan], &nodes(true), 8080, 1).status,
             InstanceStatus::Exited {
                 code: None,
                 signal: None
             }
         );
         // The negative control: on a live node the same task is stopping, still reached.
-        let stopping = placed(&[&orphan], &nodes(false), 8080);
+        let stopping = placed(&[&orphan], &nodes(false), 8080, 1);
         assert_eq!(stopping.status, InstanceStatus::Stopping);
         assert!(stopping.address.is_some());
     }
@@ -216,13 +237,29 @@ mod tests {
         for (exit, code, signal) in cases {
             let ended = task(TaskState::FAILED, TaskState::SHUTDOWN, exit);
             assert_eq!(
-                placed(&[&ended], &nodes(false), 8080).status,
+                placed(&[&ended], &nodes(false), 8080, 1).status,
                 InstanceStatus::Exited { code, signal },
                 "{exit:?}"
             );
         }
         assert_eq!(
-            placed(&[], &nodes(false), 8080).status,
+            placed(&[], &nodes(false), 8080, 1).status,
+            InstanceStatus::Created
+        );
+    }
+
+    #[test]
+    fn a_stopped_instance_whose_task_never_ran_has_exited() {
+        let pending = task(TaskState::PENDING, TaskState::RUNNING, None);
+        let exited = InstanceStatus::Exited {
+            code: None,
+            signal: None,
+        };
+        assert_eq!(placed(&[], &nodes(false), 8080, 0).status, exited);
+        assert_eq!(placed(&[&pending], &nodes(false), 8080, 0).status, exited);
+        // The negative control: still wanted, it is starting.
+        assert_eq!(
+            placed(&[&pending], &nodes(false), 8080, 1).status,
             InstanceStatus::Created
         );
     }
