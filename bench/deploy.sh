@@ -429,7 +429,11 @@ summary() { # summary NAME FILE: one row of the side-by-side table
 }
 echo
 echo "Rolling replace of $REPLICAS instances under $CONNECTIONS keep-alive connections"
-echo "($(nproc) cores, $(uname -r); graven runtime ${GRAVEN_BENCH_RUNTIME:-local})"
+if [ "${NODES:-1}" = 3 ]; then
+    echo "($(nproc) cores, $(uname -r); graven runtime swarm, 3 nodes; $PROFILE build)"
+else
+    echo "($(nproc) cores, $(uname -r); graven runtime ${GRAVEN_BENCH_RUNTIME:-local})"
+fi
 if [ -f "$WORK/swarm.tsv" ]; then
     echo
     echo "Docker Swarm ${NODES:-1} node(s), start-first (seconds from update to last old container gone):"
