@@ -88,6 +88,8 @@ DOCKERD_PID=
 GRAVEN_UP_PID=
 cleanup() {
     set +e
+    # A load still running (the script stopped mid-update) ends by its stop file.
+    touch "$WORK/stop"
     if [ -n "$GRAVEN_UP_PID" ]; then
         kill -TERM "$GRAVEN_UP_PID" 2>/dev/null
         for _ in $(seq 300); do kill -0 "$GRAVEN_UP_PID" 2>/dev/null || break; sleep 0.1; done
