@@ -1,6 +1,8 @@
 //! The runtime contract, checked the same way against every backend: the in-memory fake, the
-//! embedded local runtime, and the Docker runtime on a dockerd of the test's own (with a
-//! bridge of its own). A backend passes when every function here passes for it.
+//! embedded local runtime, the Docker runtime on a dockerd of the test's own (with a
+//! bridge of its own), and the Swarm runtime on a one-node Swarm of the test's own (an engine
+//! in a network namespace of its own). A backend passes when every function here passes for
+//! it; where Swarm cannot do what the contract asks, the difference is asserted instead.
 
 mod support;
 
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use graven::runtime::{
     AnyRuntime, DockerRuntime, FakeRuntime, InstanceChange, InstanceSpec, InstanceStatus,
-    LocalRuntime, Runtime, RuntimeError, VolumeMount,
+    LocalRuntime, Runtime, RuntimeError, SwarmRuntime, VolumeMount,
 };
 use graven::store::Digest;
 use support::runtime::{Reply, get};
@@ -23,6 +25,8 @@ struct Subject {
     /// The engine a Docker subject runs on, stopped (by its PID) after the subject's
     /// instances are killed.
     _engine: Option<support::docker::Dockerd>,
+    /// The Swarm a Swarm subject runs on, stopped likewise.
+    _swarm: Option<support::swarm::Swarm>,
 }
 
 fn fake() -> Subject {
@@ -33,6 +37,7 @@ fn fake() -> Subject {
         image,
         _home: home,
         _engine: None,
+        _swarm: None,
     }
 }
 
@@ -45,6 +50,7 @@ fn local() -> Subject {
         image,
         _home: home,
         _engine: None,
+        _swarm: None,
     }
 }
 
@@ -59,6 +65,25 @@ fn docker() -> Subject {
         image,
         _home: home,
         _engine: Some(engine),
+        _swarm: None,
+    }
+}
+
+/// The Swarm runtime on a one-node Swarm of the test's own (its manager's engine the only
+/// one); the example's image is loaded into it by `prepare`.
+fn swarm() -> Subject {
+    let swarm = support::swarm::Swarm::with_nodes(1);
+    let home = tempfile::tempdir().unwrap();
+    let image = support::runtime::hello_image(home.path());
+    let host = swarm.manager().host();
+    Subject {
+        runtime: AnyRuntime::Swarm(
+            SwarmRuntime::open(home.path(), &host, std::slice::from_ref(&host)).unwrap(),
+        ),
+        image,
+        _home: home,
+        _engine: None,
+        _swarm: Some(swarm),
     }
 }
 
@@ -508,6 +533,59 @@ macro_rules! all_cases {
 all_cases!(fake);
 all_cases!(local);
 all_cases!(docker);
+conformance!(swarm:
+    serves_health_and_greeting,
+    unhealthy_env_fails_health,
+    stop_ends_it_with_the_stop_signal,
+    kill_ends_it_at_once,
+    an_exit_is_reported_as_a_change,
+    remove_needs_an_exited_instance,
+    unknown_image_starts_nothing,
+    escaping_volume_starts_nothing,
+    swarm_refuses_volumes,
+    overlapping_tmpfs_starts_nothing,
+    swarm_refuses_a_fixed_host_port,
+    instances_get_distinct_addresses,
+    a_probe_leaves_the_instance_untainted,
+    an_untouched_instance_has_no_drift,
+);
+
+/// Swarm's difference for `a_held_volume_starts_nothing_until_its_holder_is_gone`: a named
+/// volume lives on one node, and its data would not follow a task Swarm places elsewhere, so
+/// a volume is refused, saying so, and nothing starts.
+async fn swarm_refuses_volumes(subject: Subject) {
+    let mut spec = spec(&subject);
+    spec.volumes.push(VolumeMount {
+        name: "data".into(),
+        path: "/data".into(),
+    });
+    let refused = subject.runtime.start(spec).await;
+    assert!(
+        matches!(&refused, Err(RuntimeError::CannotExpress { runtime: "swarm", what }) if what.contains("volume")),
+        "{refused:?}"
+    );
+    assert!(subject.runtime.list().await.unwrap().is_empty());
+}
+
+/// Swarm's difference for `fixed_port_is_used_or_refused`: no host network and no fixed host
+/// port (a task's node is Swarm's choice); refused, and nothing starts.
+async fn swarm_refuses_a_fixed_host_port(subject: Subject) {
+    let mut spec = spec(&subject);
+    spec.network = graven::runtime::NetworkMode::Host;
+    spec.host_port = Some(free_port());
+    let refused = subject.runtime.start(spec).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(RuntimeError::CannotExpress {
+                runtime: "swarm",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(subject.runtime.list().await.unwrap().is_empty());
+}
 
 /// The fake's failure hooks, which the controller's tests rely on.
 mod fake_hooks {

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::ApiError;
-use crate::runtime::{AnyRuntime, DockerRuntime};
+use crate::runtime::{AnyRuntime, DockerRuntime, SwarmRuntime};
 use crate::spec::RuntimeChoice;
 
 const FILE: &str = "runtime.json";
@@ -57,6 +57,15 @@ pub fn open(
                 .map(AnyRuntime::Docker)
                 .map_err(|e| ApiError::Runtime {
                     runtime: "docker",
+                    message: e.to_string(),
+                })
+        }
+        RuntimeChoice::Swarm { host, engines } => {
+            let host = crate::runtime::docker::engine_host(host.as_deref());
+            SwarmRuntime::open(home, &host, &engines)
+                .map(AnyRuntime::Swarm)
+                .map_err(|e| ApiError::Runtime {
+                    runtime: "swarm",
                     message: e.to_string(),
                 })
         }

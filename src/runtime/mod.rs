@@ -20,12 +20,14 @@ pub mod docker;
 pub mod fake;
 pub mod local;
 pub mod settings;
+pub mod swarm;
 
 pub use docker::DockerRuntime;
 #[cfg(feature = "dev-tools")]
 pub use fake::FakeRuntime;
 pub use local::LocalRuntime;
 pub use settings::TmpfsMount;
+pub use swarm::SwarmRuntime;
 
 /// A runtime-assigned instance name, unique on its runtime and stable across graven restarts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -555,6 +557,7 @@ pub trait Runtime {
 pub enum AnyRuntime {
     Local(LocalRuntime),
     Docker(DockerRuntime),
+    Swarm(SwarmRuntime),
     /// The tests' in-memory backend; never in the shipped binary.
     #[cfg(feature = "dev-tools")]
     Fake(FakeRuntime),
@@ -565,6 +568,7 @@ macro_rules! dispatch {
         match $self {
             AnyRuntime::Local($rt) => $call,
             AnyRuntime::Docker($rt) => $call,
+            AnyRuntime::Swarm($rt) => $call,
             #[cfg(feature = "dev-tools")]
             AnyRuntime::Fake($rt) => $call,
         }

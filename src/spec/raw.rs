@@ -202,6 +202,7 @@ pub(crate) struct RawEnvironment {
     pub chaos: Option<Spanned<super::chaos::RawChaos>>,
     pub runtime: Option<Field<String>>,
     pub docker_host: Option<Field<String>>,
+    pub swarm_engines: Option<Field<Vec<String>>>,
     pub kube_server: Option<Field<String>>,
     pub kube_registry: Option<Field<String>>,
     pub kube_namespace: Option<Field<String>>,

@@ -2,8 +2,9 @@
 //! instances, so a laptop runs `local` and a server `docker` from the same file. Checked for
 //! every environment (a typo in production's fails on a laptop too); the one asked for is
 //! the project's. `kubernetes` is not run by the control plane: `graven deploy` and `graven
-//! render` apply or write its manifests (docs/kubernetes.md). `swarm` is named in the
-//! grammar and refused as not built yet, rather than read as a typo.
+//! render` apply or write its manifests (docs/kubernetes.md). `swarm` drives services on a
+//! Docker Swarm through its manager (`docker_host`), with every node's engine in
+//! `swarm_engines` so images are loaded into each (docs/runtimes.md).
 
 use super::problem::Issues;
 use super::raw::Field;
@@ -18,6 +19,13 @@ pub enum RuntimeChoice {
     /// A Docker engine: at `host` (`unix:///PATH` or `tcp://HOST:PORT`), else
     /// `$DOCKER_HOST`, else the usual socket.
     Docker { host: Option<String> },
+    /// A Docker Swarm: its manager's engine at `host` (as `Docker`'s), and the engines of
+    /// its nodes (`swarm_engines`), into which images are loaded and through which health
+    /// probes run.
+    Swarm {
+        host: Option<String>,
+        engines: Vec<String>,
+    },
     /// A Kubernetes cluster, reached by `graven deploy` through its API (never by the control
     /// plane): `kube_server`, `kube_registry` and `kube_namespace`, each replaced by its
     /// command-line flag when one is given.
@@ -34,20 +42,20 @@ impl RuntimeChoice {
         match self {
             RuntimeChoice::Local => "local",
             RuntimeChoice::Docker { .. } => "docker",
+            RuntimeChoice::Swarm { .. } => "swarm",
             RuntimeChoice::Kubernetes { .. } => "kubernetes",
         }
     }
 }
 
 /// The backends graven.toml names.
-const BUILT: [&str; 3] = ["local", "docker", "kubernetes"];
-/// The ones it names but that are not built yet.
-const NOT_BUILT: [&str; 1] = ["swarm"];
+const BUILT: [&str; 4] = ["local", "docker", "swarm", "kubernetes"];
 
 /// An environment's keys for its runtime, as written.
 pub(crate) struct RawRuntime<'a> {
     pub runtime: Option<&'a Field<String>>,
     pub docker_host: Option<&'a Field<String>>,
+    pub swarm_engines: Option<&'a Field<Vec<String>>>,
     pub kube_server: Option<&'a Field<String>>,
     pub kube_registry: Option<&'a Field<String>>,
     pub kube_namespace: Option<&'a Field<String>>,
@@ -58,6 +66,7 @@ pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> R
     let RawRuntime {
         runtime,
         docker_host,
+        swarm_engines,
         kube_server,
         kube_registry,
         kube_namespace,
@@ -72,22 +81,12 @@ pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> R
                 return RuntimeChoice::Local;
             }
             Ok(name) if BUILT.contains(&name.as_str()) => Some(name.clone()),
-            Ok(name) if NOT_BUILT.contains(&name.as_str()) => {
-                issues.push(
-                    field.span.clone(),
-                    &runtime_path,
-                    format!(
-                        "the {name} runtime is not built yet: use \"local\", \"docker\" or \"kubernetes\""
-                    ),
-                );
-                return RuntimeChoice::Local;
-            }
             Ok(name) => {
                 issues.push(
                     field.span.clone(),
                     &runtime_path,
                     format!(
-                        "unknown runtime {name:?}: use \"local\", \"docker\" or \"kubernetes\"{}",
+                        "unknown runtime {name:?}: use \"local\", \"docker\", \"swarm\" or \"kubernetes\"{}",
                         super::problem::did_you_mean(name, BUILT.into_iter())
                     ),
                 );
@@ -98,12 +97,12 @@ pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> R
     let host = match docker_host {
         None => None,
         Some(field) => match field.value.clone().and_then(|h| check_host(&h).map(|()| h)) {
-            Ok(host) if name.as_deref() == Some("docker") => Some(host),
+            Ok(host) if matches!(name.as_deref(), Some("docker" | "swarm")) => Some(host),
             Ok(_) => {
                 issues.push(
                     field.span.clone(),
                     &host_path,
-                    "docker_host is the docker runtime's engine: set runtime = \"docker\" too",
+                    "docker_host is the docker or swarm runtime's engine: set runtime = \"docker\" or \"swarm\" too",
                 );
                 None
             }
@@ -113,6 +112,7 @@ pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> R
             }
         },
     };
+    let engines = check_engines(swarm_engines, name.as_deref(), prefix, issues);
     let kubernetes = name.as_deref() == Some("kubernetes");
     let mut kube = |field: Option<&Field<String>>,
                     key: &str,
@@ -142,6 +142,7 @@ pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> R
     });
     match name.as_deref() {
         Some("docker") => RuntimeChoice::Docker { host },
+        Some("swarm") => RuntimeChoice::Swarm { host, engines },
         Some("kubernetes") => RuntimeChoice::Kubernetes {
             server,
             registry,
@@ -149,6 +150,41 @@ pub(crate) fn check(raw: RawRuntime<'_>, prefix: &str, issues: &mut Issues) -> R
         },
         _ => RuntimeChoice::Local,
     }
+}
+
+/// `swarm_engines`: each node's engine address, only with `runtime = "swarm"`.
+fn check_engines(
+    field: Option<&Field<Vec<String>>>,
+    runtime: Option<&str>,
+    prefix: &str,
+    issues: &mut Issues,
+) -> Vec<String> {
+    let Some(field) = field else {
+        return Vec::new();
+    };
+    let path = format!("{prefix}.swarm_engines");
+    let engines = match &field.value {
+        Ok(engines) => engines,
+        Err(message) => {
+            issues.push(field.span.clone(), &path, message.clone());
+            return Vec::new();
+        }
+    };
+    if runtime != Some("swarm") {
+        issues.push(
+            field.span.clone(),
+            &path,
+            "swarm_engines are the swarm runtime's nodes: set runtime = \"swarm\" too",
+        );
+        return Vec::new();
+    }
+    for engine in engines {
+        if let Err(message) = check_host(engine) {
+            issues.push(field.span.clone(), &path, message);
+            return Vec::new();
+        }
+    }
+    engines.clone()
 }
 
 /// An API server's address as `graven deploy --server` takes it: plain HTTP (a `kubectl
@@ -225,6 +261,18 @@ mod tests {
             })
         );
         assert_eq!(parse(file, "laptop"), Ok(RuntimeChoice::Local));
+        let swarm = "[environments.prod]\nruntime = \"swarm\"\ndocker_host = \"unix:///m.sock\"\n\
+                     swarm_engines = [\"unix:///m.sock\", \"tcp://10.0.0.2:2375\"]\n";
+        assert_eq!(
+            parse(swarm, "prod"),
+            Ok(RuntimeChoice::Swarm {
+                host: Some("unix:///m.sock".to_owned()),
+                engines: vec![
+                    "unix:///m.sock".to_owned(),
+                    "tcp://10.0.0.2:2375".to_owned()
+                ],
+            })
+        );
         assert_eq!(
             parse(file, crate::spec::DEFAULT_ENVIRONMENT),
             Ok(RuntimeChoice::Local)
@@ -252,7 +300,14 @@ mod tests {
         let cases = [
             ("runtime = \"dokcer\"", "unknown runtime \"dokcer\""),
             ("runtime = \"dokcer\"", "did you mean \"docker\""),
-            ("runtime = \"swarm\"", "the swarm runtime is not built yet"),
+            (
+                "swarm_engines = [\"unix:///s\"]",
+                "set runtime = \"swarm\" too",
+            ),
+            (
+                "runtime = \"swarm\"\nswarm_engines = [\"10.0.0.2\"]",
+                "environments.prod.swarm_engines",
+            ),
             (
                 "kube_server = \"http://127.0.0.1:8001\"",
                 "set runtime = \"kubernetes\" too",
@@ -272,7 +327,7 @@ mod tests {
             ("runtime = 3", "environments.prod.runtime"),
             (
                 "docker_host = \"unix:///s\"",
-                "set runtime = \"docker\" too",
+                "set runtime = \"docker\" or \"swarm\" too",
             ),
             (
                 "runtime = \"docker\"\ndocker_host = \"/var/run/docker.sock\"",

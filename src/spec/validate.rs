@@ -925,6 +925,7 @@ pub(crate) fn validate(
                 super::runtime::RawRuntime {
                     runtime: raw_env.runtime.as_ref(),
                     docker_host: raw_env.docker_host.as_ref(),
+                    swarm_engines: raw_env.swarm_engines.as_ref(),
                     kube_server: raw_env.kube_server.as_ref(),
                     kube_registry: raw_env.kube_registry.as_ref(),
                     kube_namespace: raw_env.kube_namespace.as_ref(),

@@ -27,8 +27,8 @@ static BRIDGES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new
 static BRIDGE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Makes a bridge with the first free /24 of 10.215.0.0/16 (one no route of the host's
-/// covers), up; returns its name.
-fn make_bridge() -> String {
+/// covers), up, its address `.1`; returns its name (the Swarm harness's too).
+pub fn make_bridge() -> String {
     let _held = BRIDGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let n = BRIDGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = format!("gvd{:x}x{n:x}", std::process::id());

@@ -10,6 +10,7 @@ pub mod kube;
 pub mod load;
 pub mod proxy;
 pub mod runtime;
+pub mod swarm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -20,7 +20,7 @@ use crate::runtime::Instance;
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// The instance's source meta, from the controller's labels as the local runtime records it.
-fn meta(instance: &Instance) -> crate::logs::Meta {
+pub(crate) fn meta(instance: &Instance) -> crate::logs::Meta {
     let label = |key: &str| instance.labels.get(key).cloned().unwrap_or_default();
     crate::logs::Meta {
         app: label("app"),
@@ -95,7 +95,7 @@ pub async fn follow(docker: &Docker, name: &str, home: &Path, instance: &Instanc
 
 /// The engine's `timestamps` prefix (RFC 3339, nanoseconds) split off a line; a line
 /// without one is stamped now.
-fn split_timestamp(line: &[u8]) -> (SystemTime, &[u8]) {
+pub(crate) fn split_timestamp(line: &[u8]) -> (SystemTime, &[u8]) {
     if let Some(space) = line.iter().position(|&b| b == b' ')
         && let Ok(text) = std::str::from_utf8(&line[..space])
         && let Ok(time) = humantime::parse_rfc3339(text)
@@ -107,7 +107,7 @@ fn split_timestamp(line: &[u8]) -> (SystemTime, &[u8]) {
 
 /// The time of the source's newest line (its index's last entry), so a new follower asks
 /// the engine for what came after it.
-fn last_line_ns(dir: &Path) -> Option<u64> {
+pub(crate) fn last_line_ns(dir: &Path) -> Option<u64> {
     use crate::logs::index::{ENTRY, Entry};
     use std::io::{Read, Seek, SeekFrom};
     let mut index = std::fs::File::open(dir.join(crate::logs::INDEX)).ok()?;

@@ -70,14 +70,17 @@ static PROBES: Mutex<Option<HashMap<String, std::time::Instant>>> = Mutex::new(N
 const PROBE_MEMORY: Duration = Duration::from_secs(300);
 
 /// An Engine API failure as the runtime's error, saying what was being done.
-fn engine_error(context: impl Into<String>, error: bollard::errors::Error) -> RuntimeError {
+pub(crate) fn engine_error(
+    context: impl Into<String>,
+    error: bollard::errors::Error,
+) -> RuntimeError {
     RuntimeError::Other {
         context: context.into(),
         source: std::io::Error::other(error),
     }
 }
 
-fn is_not_found(error: &bollard::errors::Error) -> bool {
+pub(crate) fn is_not_found(error: &bollard::errors::Error) -> bool {
     matches!(
         error,
         bollard::errors::Error::DockerResponseServerError {
@@ -466,7 +469,7 @@ impl DockerRuntime {
 }
 
 /// The last non-empty line of `output`, at most `PROBE_LINE_BYTES` of it.
-fn last_line(output: &[u8]) -> String {
+pub(crate) fn last_line(output: &[u8]) -> String {
     let text = String::from_utf8_lossy(output);
     let line = text
         .lines()
