@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Drift, DriftCheck, Instance, InstanceChange, InstanceId, InstanceSpec, InstanceStatus,
-    NetworkMode, PROBE_LINE_BYTES, ProbeOutput, Runtime, RuntimeError,
+    NetworkMode, PROBE_LINE_BYTES, ProbeOutput, Runtime, RuntimeError, probe_last_line,
 };
 use crate::store::{Digest, Store};
 
@@ -267,7 +267,7 @@ impl DockerRuntime {
                 .filter_map(|m| m.name)
                 .collect();
             for volume in &spec.volumes {
-                if held.contains(&lockdown::volume_name(&volume.name)) {
+                if held.contains(&lockdown::volume_name(&self.inner.home_label, &volume.name)) {
                     let holder = instance
                         .labels
                         .get("instance")
@@ -460,24 +460,9 @@ impl DockerRuntime {
         Ok(ProbeOutput {
             code,
             timed_out,
-            last_line: last_line(&output),
+            last_line: probe_last_line(&output),
         })
     }
-}
-
-/// The last non-empty line of `output`, at most `PROBE_LINE_BYTES` of it.
-fn last_line(output: &[u8]) -> String {
-    let text = String::from_utf8_lossy(output);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    let mut end = line.len().min(PROBE_LINE_BYTES);
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    line[..end].to_owned()
 }
 
 /// A container's state as an instance's status. An exit code above 128 is read as the
@@ -848,5 +833,19 @@ mod marks {
 
     pub fn remove(home: &Path, id: &InstanceId) {
         let _ = std::fs::remove_file(path(home, id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe's line reads the same on every backend: the local runtime trims it, so
+    /// Docker's did too little when it kept the whitespace around it.
+    #[test]
+    fn a_probe_s_last_line_is_trimmed_as_the_local_runtime_trims_it() {
+        assert_eq!(probe_last_line(b"starting\n  ready \t\r\n \n"), "ready");
+        assert_eq!(probe_last_line(b"  status: ok"), "status: ok");
+        assert_eq!(probe_last_line(b" \n\t\n"), "");
     }
 }
