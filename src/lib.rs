@@ -12,6 +12,7 @@ pub mod controller;
 pub mod deploy;
 pub mod dns;
 pub mod events;
+pub mod histogram;
 pub mod kube;
 // A test and benchmark tool, built only with the `dev-tools` feature (Cargo.toml says when).
 #[cfg(feature = "dev-tools")]

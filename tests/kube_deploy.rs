@@ -163,6 +163,33 @@ fn rollout_that_never_becomes_available_rolls_back_by_itself() {
     assert_eq!(deployment["status"]["updatedReplicas"], 2);
 }
 
+/// A rollback the cluster refuses is said to have failed, in the report and in the closing
+/// message, which must not claim the deploy was rolled back.
+#[test]
+fn a_rollback_that_fails_is_not_called_rolled_back() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    project(dir.path(), false);
+    test_image(home.path(), "good", "good\n");
+    let bad = test_image(home.path(), "bad", "bad\n");
+    let sim = KubeSim::start();
+    sim.never_available(&bad);
+    let first = deploy(home.path(), dir.path(), &sim, "good");
+    assert!(first.status.success());
+    // The good release's apply, the bad one's, then the rollback's: refused.
+    sim.refuse_from(DEPLOYMENT, 3);
+    let second = deploy(home.path(), dir.path(), &sim, "bad");
+    assert!(!second.status.success());
+    let report = report(&second);
+    assert_eq!(
+        report["workloads"][0]["outcome"]["outcome"], "rollback_failed",
+        "{report:#}"
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!stderr.contains("was rolled back"), "{stderr}");
+    assert!(stderr.contains("its rollback failed"), "{stderr}");
+}
+
 #[test]
 fn first_rollout_that_never_becomes_available_is_removed() {
     let home = tempfile::tempdir().unwrap();

@@ -113,16 +113,24 @@ fn rendered_manifests_pass_kubernetes_validate_strict() {
     // says something.
     let text = std::fs::read_to_string(&files[2]).unwrap();
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, text.replacen("\"replicas\"", "\"replicaz\"", 1)).unwrap();
+    let changed = text.replacen("\"replicas\"", "\"replicaz\"", 1);
+    assert_ne!(changed, text, "the control changed nothing");
+    std::fs::write(&bad, changed).unwrap();
     let output = Command::new(kubernetes_validate())
         .args(["--strict", "--quiet", "-k", KUBERNETES_VERSIONS[0]])
         .arg(&bad)
         .output()
         .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "an unknown field passed: {said}");
+    // Refused for that field, not for some other reason (a missing file, a crash).
     assert!(
-        !output.status.success(),
-        "an unknown field passed: {}",
-        String::from_utf8_lossy(&output.stdout)
+        said.contains("replicaz"),
+        "refused, but not for the field: {said}"
     );
 }
 
@@ -189,4 +197,40 @@ fn render_refuses_a_missing_registry_by_name() {
         stderr.contains("--registry (or kube_registry in the environment) is needed"),
         "{stderr}"
     );
+}
+
+/// A numeric USER without a group runs as its passwd entry's group, as the runtime and bake
+/// read it: the uid is not the gid (`1000` is `app`, whose group is 1001).
+#[test]
+fn a_numeric_user_runs_as_its_passwd_entry_s_group() {
+    let home = tempfile::tempdir().unwrap();
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(
+        context.path().join("Containerfile"),
+        "FROM scratch\nCOPY passwd /etc/passwd\nCOPY hello /hello\nUSER 1000\n\
+         ENTRYPOINT [\"/hello\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        context.path().join("passwd"),
+        "root:x:0:0::/:/hello\napp:x:1000:1001::/:/hello\n",
+    )
+    .unwrap();
+    std::fs::write(context.path().join("hello"), "hello\n").unwrap();
+    succeed(
+        graven(home.path())
+            .arg("bake")
+            .arg(context.path())
+            .args(["-t", "numeric-user"]),
+    );
+    let output = succeed(
+        graven(home.path())
+            .args(["render", "--runtime", "kubernetes", "--env", "local"])
+            .args(["--registry", "registry.example.com/team"])
+            .args(["--image", "numeric-user"])
+            .arg(example()),
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("\"runAsUser\": 1000"), "{text}");
+    assert!(text.contains("\"runAsGroup\": 1001"), "{text}");
 }

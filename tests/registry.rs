@@ -382,16 +382,16 @@ fn credentials_from_the_docker_config_file() {
     let helper = tempfile::tempdir().unwrap();
     let asked = helper.path().join("asked");
     let script = helper.path().join("docker-credential-graventest");
-    fs::write(
+    // Written by a child process, so no fork of this test binary's can hold it open for
+    // writing when graven execs it.
+    support::write_executable(
         &script,
         format!(
             "#!/bin/sh\ncat > {}\necho '{{\"Username\":\"graven\",\"Secret\":\"s3cret\"}}'\n",
             asked.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        )
+        .as_bytes(),
+    );
     fs::write(
         helper.path().join("config.json"),
         r#"{"credsStore": "graventest"}"#,

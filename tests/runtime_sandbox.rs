@@ -288,3 +288,117 @@ fn launch_refuses_a_process_with_threads() {
         other => panic!("launch in a multi-threaded process: {other:?}"),
     }
 }
+
+/// A root with the probe and every mount point, as the local runtime unpacks an image: bound
+/// as it is (an overlay's files are other inodes, which a writer of the lower ones never
+/// makes busy).
+fn bound_rootfs_with_probe(dir: &Path) -> std::path::PathBuf {
+    let root = rootfs_with_probe(dir);
+    for (mount_point, _) in sandbox::MOUNT_POINTS {
+        std::fs::create_dir(root.join(mount_point)).unwrap();
+    }
+    root
+}
+
+/// The PIDs of this process's descendants (the sandbox helper and its workload), from the
+/// parent links in /proc.
+fn descendants() -> Vec<u32> {
+    let mut parents = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // The parent is the second field after the command, which is in parentheses.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if let Some(ppid) = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parents.insert(pid, ppid);
+        }
+    }
+    let mut found = vec![std::process::id()];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&(_, &p)| p == parent)
+                .map(|(&c, _)| c),
+        );
+        i += 1;
+    }
+    found.split_off(1)
+}
+
+/// Whether `pid` is in a sleep: the sandbox's workload waiting to exec again.
+fn sleeping(pid: u32) -> bool {
+    let Ok(syscall) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return false;
+    };
+    let number = syscall.split_whitespace().next().unwrap_or_default();
+    [libc::SYS_clock_nanosleep, libc::SYS_nanosleep]
+        .iter()
+        .any(|n| number == n.to_string())
+}
+
+/// ETXTBSY: an executable that another process still holds open for writing cannot be
+/// exec'd. A descriptor is held that way by any process forked (by another thread of the
+/// starter: the daemon, or a test binary's neighbouring test) while the file was being
+/// written, until that fork's own exec: the conformance suite once failed on it. The
+/// sandbox tries again while the file is busy, so an exec that finds it busy succeeds once
+/// the writer closes it.
+#[test]
+fn an_entrypoint_busy_for_a_moment_is_executed_once_its_writer_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = bound_rootfs_with_probe(dir.path());
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("probe"))
+        .unwrap();
+    let spec = spec(&root, &["/probe", "report"]);
+    let out = tempfile::tempfile().unwrap();
+    let stdout = Stdio::from(out.try_clone().unwrap());
+    let started = std::thread::spawn(move || sandbox::run(&spec, stdout, Stdio::inherit()));
+    // Closed only once the workload found its file busy and waits to try again, so that the
+    // test fails where a busy file is not tried again.
+    support::wait_for(
+        std::time::Duration::from_secs(30),
+        "the workload to find its file busy",
+        || (started.is_finished() || descendants().into_iter().any(sleeping)).then_some(()),
+    );
+    drop(writer);
+    let status = started.join().unwrap().expect("the busy entrypoint runs");
+    assert_eq!(status.code(), Some(0));
+    assert_locked_down(&parse_report(&read_all(out)));
+}
+
+/// A file that stays busy is not waited on for ever: the exec fails with the kernel's word.
+#[test]
+fn an_entrypoint_that_stays_busy_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = bound_rootfs_with_probe(dir.path());
+    let _writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("probe"))
+        .unwrap();
+    let result = sandbox::run(
+        &spec(&root, &["/probe", "report"]),
+        Stdio::null(),
+        Stdio::null(),
+    );
+    match result {
+        Err(SandboxError::Setup { program, message }) => {
+            assert_eq!(program, "/probe");
+            assert!(message.contains("Text file busy"), "{message}");
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}

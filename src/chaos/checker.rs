@@ -83,26 +83,10 @@ impl Figures {
         ((self.errors as u128 * u128::from(PPM)) / judged as u128).min(u128::from(PPM)) as u32
     }
 
-    /// The upper bound of the bucket holding quantile `q` (the slowest bucket, which has no
-    /// bound, reads as twice the last one).
+    /// Quantile `q` of the latencies, estimated as the proxy's metrics estimate it
+    /// (`histogram::quantile`); 0 when nothing was counted.
     pub fn quantile_us(&self, q: f64) -> u64 {
-        let total: u64 = self.counts.iter().sum();
-        if total == 0 {
-            return 0;
-        }
-        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, count) in self.counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return self
-                    .bounds_us
-                    .get(i)
-                    .copied()
-                    .unwrap_or_else(|| self.bounds_us.last().copied().unwrap_or(0) * 2);
-            }
-        }
-        0
+        crate::histogram::quantile(&self.bounds_us, &self.counts, q).unwrap_or(0)
     }
 
     /// The summary a report and an event carry.
@@ -246,7 +230,7 @@ mod tests {
             matches!(
                 slow,
                 Some(Broken::Latency {
-                    p99_us: 1_000_000,
+                    p99_us: 982_000,
                     ..
                 })
             ),
@@ -267,15 +251,57 @@ mod tests {
         );
     }
 
+    /// The service is judged on the requests it answered: a fault's answers count neither
+    /// as its errors, nor towards its rate's denominator, nor towards the requests needed
+    /// for a verdict. Each case gets another verdict if the fault's answers were counted.
     #[test]
     fn injected_failures_are_not_the_services() {
         let thresholds = Thresholds::default();
         let baseline = figures(1000, 0, [1000, 0, 0, 0, 0]);
-        let window = Figures {
-            injected: 50,
-            ..figures(100, 0, [50, 0, 0, 0, 0])
+        let window = |requests: u64, injected: u64, errors: u64| Figures {
+            injected,
+            ..figures(requests, errors, [requests - injected, 0, 0, 0, 0])
         };
-        assert_eq!(judge(&thresholds, &baseline, &window), None);
+        // Half the requests cut by the fault, none of the service's failed.
+        assert_eq!(judge(&thresholds, &baseline, &window(100, 50, 0)), None);
+        // 2 of the 50 it answered failed: 4%, over the 2% allowed (2 of all 100 is not).
+        assert_eq!(
+            judge(&thresholds, &baseline, &window(100, 50, 2)),
+            Some(Broken::ErrorRate {
+                rate_ppm: 40_000,
+                baseline_ppm: 0,
+                requests: 100
+            })
+        );
+        // The fault answered all but 10: too few of the service's own for a verdict.
+        assert_eq!(judge(&thresholds, &baseline, &window(100, 90, 10)), None);
+    }
+
+    /// The checker reads a latency quantile from a histogram as the proxy's metrics do
+    /// (`graven top`, the route's metrics): one estimate, not two that disagree.
+    #[test]
+    fn a_quantile_reads_as_the_proxy_s_metrics_read_it() {
+        let bounds = [
+            50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+        ];
+        let mut counts = vec![0; bounds.len() + 1];
+        counts[3] = 40;
+        counts[7] = 50;
+        counts[10] = 9;
+        counts[bounds.len()] = 1;
+        let figures = Figures {
+            requests: 100,
+            bounds_us: bounds.to_vec(),
+            counts: counts.clone(),
+            ..Figures::default()
+        };
+        for q in [0.1, 0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(
+                Some(figures.quantile_us(q)),
+                crate::histogram::quantile(&bounds, &counts, q),
+                "q = {q}"
+            );
+        }
     }
 
     #[test]
@@ -286,8 +312,10 @@ mod tests {
         assert_eq!((delta.requests, delta.errors), (200, 6));
         assert_eq!(delta.counts, vec![100, 90, 10, 0, 0]);
         assert_eq!(delta.quantile_us(0.5), 1_000);
-        assert_eq!(delta.quantile_us(0.99), 100_000);
-        assert_eq!(figures(1, 0, [0, 0, 0, 0, 1]).quantile_us(0.5), 2_000_000);
+        // Inside the bucket (10 ms, 100 ms]: 8 of its 10 requests in.
+        assert_eq!(delta.quantile_us(0.99), 82_000);
+        // The unbounded bucket reads as its lower bound.
+        assert_eq!(figures(1, 0, [0, 0, 0, 0, 1]).quantile_us(0.5), 1_000_000);
         // A rebound route (counters from zero) reads as nothing, not as a huge number.
         assert_eq!(earlier.since(&later).requests, 0);
     }

@@ -158,10 +158,12 @@ fn run_as(home: &Path, image: &Digest, user: Option<&str>) -> anyhow::Result<(u3
     else {
         return Ok((0, 0));
     };
-    // Numeric ids need no file of the image; a name is read inside its root, as the
-    // runtime and the deploy read it.
-    if let Ok(ids) = crate::sandbox::user::resolve(&user, "", "") {
-        return Ok(ids);
+    // `uid:gid` needs no file of the image; a name, or a uid alone (whose group is its
+    // passwd entry's), is read inside its root, as the runtime, bake and the deploy read it.
+    if let Some((uid, gid)) = user.split_once(':')
+        && let (Ok(uid), Ok(gid)) = (uid.parse::<u32>(), gid.parse::<u32>())
+    {
+        return Ok((uid, gid));
     }
     let runtime = crate::runtime::LocalRuntime::open(home)?;
     let (_, root) = runtime.prepare_blocking(image)?;
@@ -258,7 +260,21 @@ pub fn deploy(
     match &report.failure {
         None => Ok(ExitCode::SUCCESS),
         Some(why) => {
-            eprintln!("graven: deploy failed and was rolled back: {why}");
+            let unrolled: Vec<&str> = report
+                .workloads
+                .iter()
+                .filter(|w| matches!(w.outcome, kube::api::WorkloadOutcome::RollbackFailed { .. }))
+                .map(|w| w.name.as_str())
+                .collect();
+            if unrolled.is_empty() {
+                eprintln!("graven: deploy failed and was rolled back: {why}");
+            } else {
+                eprintln!(
+                    "graven: deploy failed: {why}; its rollback failed too for {}: the cluster \
+                     may hold the failed release",
+                    unrolled.join(", ")
+                );
+            }
             Ok(ExitCode::FAILURE)
         }
     }

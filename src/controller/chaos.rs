@@ -239,38 +239,41 @@ impl Shell {
             Some(kind) => vec![kind],
             None => config.kinds.clone(),
         };
-        let mut reasons = Vec::new();
-        let mut options: Vec<(Kind, &Candidate)> = Vec::new();
-        for candidate in &candidates {
-            if request
-                .service
-                .as_ref()
-                .is_some_and(|s| s.as_str() != candidate.service)
-            {
-                continue;
-            }
-            for &kind in &kinds {
-                match chaos::schedule::allowed(&config, candidate, kind) {
-                    Ok(()) => options.push((kind, candidate)),
-                    Err(refusal) => {
-                        reasons.push(format!("{kind} of {}: {refusal}", candidate.service))
-                    }
-                }
-            }
-        }
-        if options.is_empty() {
+        let in_scope: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| {
+                request
+                    .service
+                    .as_ref()
+                    .is_none_or(|s| s.as_str() == c.service)
+            })
+            .collect();
+        // The scheduler's own draw, over the kinds and services asked for.
+        let scope = chaos::ChaosConfig {
+            kinds: kinds.clone(),
+            ..config.clone()
+        };
+        let Some((kind, service, instance)) =
+            chaos::schedule::choose(&scope, &in_scope, &mut self.chaos.rng)
+        else {
+            let reasons: Vec<String> = in_scope
+                .iter()
+                .flat_map(|candidate| {
+                    kinds.iter().filter_map(|&kind| {
+                        chaos::schedule::allowed(&config, candidate, kind)
+                            .err()
+                            .map(|refusal| format!("{kind} of {}: {refusal}", candidate.service))
+                    })
+                })
+                .collect();
             return Err(refused(if reasons.is_empty() {
                 "no service is deployed".to_owned()
             } else {
                 reasons.join("; ")
             }));
-        }
-        let (kind, candidate) = options[self.chaos.rng.usize(..options.len())];
-        let instance = kind.targets_instance().then(|| {
-            let healthy = &candidate.healthy;
-            InstanceName(healthy[self.chaos.rng.usize(..healthy.len())].clone())
-        });
-        let service = ServiceName(candidate.service.clone());
+        };
+        let instance = instance.map(InstanceName);
+        let service = ServiceName(service);
         let duration = request.duration.unwrap_or(config.duration);
         let action = chaos::Action::of(kind, &config);
         let after_seq = self.state.seq;

@@ -340,6 +340,15 @@ async fn roll_back(
     Ok(WorkloadOutcome::RolledBack { release })
 }
 
+/// One workload of a deploy: its object, where it lives, what the server held before the
+/// deploy (the release to go back to), and what became of it.
+struct Step<'a> {
+    object: &'a Value,
+    path: String,
+    previous: Option<Value>,
+    report: WorkloadReport,
+}
+
 /// Applies `objects` (in `render`'s order) and watches each workload's rollout; on a
 /// failure, rolls every workload it changed back. `progress` hears what it waits for.
 pub async fn deploy(
@@ -349,52 +358,62 @@ pub async fn deploy(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report, KubeError> {
     // What the server holds before anything changes: the release to go back to.
-    let mut previous = Vec::new();
+    let mut steps = Vec::new();
     for object in objects.iter().filter(|o| is_workload(o)) {
         let path = object_path(object)?;
-        previous.push(client.get(&path).await?);
+        let previous = client.get(&path).await?;
+        steps.push(Step {
+            object,
+            path,
+            previous,
+            report: WorkloadReport {
+                kind: object["kind"].as_str().unwrap_or_default().to_owned(),
+                name: object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                release: release_of(object).unwrap_or_default(),
+                outcome: WorkloadOutcome::Skipped,
+            },
+        });
     }
     for object in objects.iter().filter(|o| !is_workload(o)) {
         client.apply(object).await?;
     }
-    let workloads: Vec<&Value> = objects.iter().filter(|o| is_workload(o)).collect();
-    let mut reports: Vec<WorkloadReport> = workloads
-        .iter()
-        .map(|object| WorkloadReport {
-            kind: object["kind"].as_str().unwrap_or_default().to_owned(),
-            name: object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            release: release_of(object).unwrap_or_default(),
-            outcome: WorkloadOutcome::Skipped,
-        })
-        .collect();
     let mut failure = None;
     let mut applied = 0;
-    for (index, object) in workloads.iter().enumerate() {
-        let path = object_path(object)?;
-        let name = &reports[index].name;
+    for (index, step) in steps.iter_mut().enumerate() {
+        let report = &mut step.report;
+        let name = report.name.clone();
         progress(&format!(
             "{} {name}: applying release {}",
-            reports[index].kind, reports[index].release
+            report.kind, report.release
         ));
         // Counted before the apply: a refused or lost apply may still have changed it, and
         // putting back what was read is harmless when it did not.
         applied = index + 1;
         let mut hear = |what: &str| progress(&format!("{name}: {what}"));
-        let watched = match client.apply(object).await {
-            Ok(_) => watch(client, &path, deadline_of(object), poll, &mut hear).await,
+        let watched = match client.apply(step.object).await {
+            Ok(_) => {
+                watch(
+                    client,
+                    &step.path,
+                    deadline_of(step.object),
+                    poll,
+                    &mut hear,
+                )
+                .await
+            }
             Err(error) => Err(error),
         };
         match watched {
-            Ok(Ok(())) => reports[index].outcome = WorkloadOutcome::RolledOut,
+            Ok(Ok(())) => report.outcome = WorkloadOutcome::RolledOut,
             Ok(Err(why)) => {
-                failure = Some(format!("{} {name}: {why}", reports[index].kind));
+                failure = Some(format!("{} {name}: {why}", report.kind));
                 break;
             }
             Err(error) => {
-                failure = Some(format!("{} {name}: {error}", reports[index].kind));
+                failure = Some(format!("{} {name}: {error}", report.kind));
                 break;
             }
         }
@@ -402,19 +421,26 @@ pub async fn deploy(
     if failure.is_some() {
         // Every workload this deploy changed goes back, the failed one first; one that
         // cannot be put back is said and the others still are.
-        for index in (0..applied).rev() {
-            let path = object_path(workloads[index])?;
-            let name = reports[index].name.clone();
+        for step in steps[..applied].iter_mut().rev() {
+            let name = step.report.name.clone();
             let mut hear = |what: &str| progress(&format!("{name}: {what}"));
-            reports[index].outcome =
-                match roll_back(client, &path, previous[index].as_ref(), poll, &mut hear).await {
-                    Ok(outcome) => outcome,
-                    Err(error) => WorkloadOutcome::RollbackFailed {
-                        reason: error.to_string(),
-                    },
-                };
+            step.report.outcome = match roll_back(
+                client,
+                &step.path,
+                step.previous.as_ref(),
+                poll,
+                &mut hear,
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(error) => WorkloadOutcome::RollbackFailed {
+                    reason: error.to_string(),
+                },
+            };
         }
     }
+    let reports = steps.into_iter().map(|step| step.report).collect();
     Ok(Report {
         workloads: reports,
         failure,

@@ -144,27 +144,28 @@ fn check_registry(registry: &str) -> Result<(), KubeError> {
     {
         return Err(fail("a registry's name is lowercase, without spaces"));
     }
-    Ok(())
+    // The reference the kubelet pulls (`image_ref`), read as the registry module reads a
+    // `FROM`: a first component that names no host (no '.' or ':', not `localhost`) is a
+    // Docker Hub namespace to the kubelet, whatever was meant.
+    let pulled = format!("{registry}/app@sha256:{}", "0".repeat(64));
+    match crate::registry::RemoteRef::parse(&pulled) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(fail(
+            "its first component names no registry host (it holds no '.' or ':' and is not \
+             localhost), so the cluster would pull from Docker Hub: write HOST[:PORT][/PATH]",
+        )),
+        Err(error) => Err(fail(&error.to_string())),
+    }
 }
 
 /// A DNS label, as every object's name here is (names and label values alike).
 fn check_label(name: &str) -> Result<(), KubeError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(KubeError::BadName {
-            name: name.to_owned(),
-            reason: "1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
-                .to_owned(),
-        })
-    }
+    // The spec's rule for its own names, so the two never disagree.
+    crate::spec::dns_label("object", name).map_err(|_| KubeError::BadName {
+        name: name.to_owned(),
+        reason: "1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
+            .to_owned(),
+    })
 }
 
 /// A name made of graven's own (a volume named after an image's VOLUME may hold '.') as a
@@ -307,8 +308,20 @@ impl<'a> Pod<'a> {
     /// Stop-first services and services with named volumes are StatefulSets: each pod keeps
     /// its own claim, and the old pod is gone before its replacement starts.
     fn stateful(&self) -> bool {
+        self.rolling().is_none()
+    }
+
+    /// The surge and unavailability of a workload that is a Deployment (a rolling service
+    /// without volumes); `None` for a StatefulSet.
+    fn rolling(&self) -> Option<(u32, u32)> {
         let config = &self.workload.config;
-        config.strategy == Strategy::Recreate || !config.volumes.is_empty()
+        match config.strategy {
+            Strategy::Rolling {
+                max_surge,
+                max_unavailable,
+            } if config.volumes.is_empty() => Some((max_surge, max_unavailable)),
+            Strategy::Rolling { .. } | Strategy::Recreate => None,
+        }
     }
 
     fn container(&self) -> Value {
@@ -504,7 +517,7 @@ impl<'a> Pod<'a> {
             "selector": { "matchLabels": selector(options, service) },
             "template": template,
         });
-        if self.stateful() {
+        let Some((max_surge, max_unavailable)) = self.rolling() else {
             spec["serviceName"] = json!(headless_name(service));
             spec["podManagementPolicy"] = json!("OrderedReady");
             // One pod at a time, each gone before its replacement starts: stop-first.
@@ -525,22 +538,15 @@ impl<'a> Pod<'a> {
                     }))
                     .collect::<Vec<_>>()
             );
-            json!({ "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": metadata, "spec": spec })
-        } else {
-            spec["strategy"] = match config.strategy {
-                Strategy::Rolling {
-                    max_surge,
-                    max_unavailable,
-                } => json!({
-                    "type": "RollingUpdate",
-                    "rollingUpdate": { "maxSurge": max_surge, "maxUnavailable": max_unavailable },
-                }),
-                Strategy::Recreate => json!({ "type": "Recreate" }),
-            };
-            spec["progressDeadlineSeconds"] =
-                json!(seconds(config.health_deadline + config.health.start_period));
-            json!({ "apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec })
-        }
+            return json!({ "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": metadata, "spec": spec });
+        };
+        spec["strategy"] = json!({
+            "type": "RollingUpdate",
+            "rollingUpdate": { "maxSurge": max_surge, "maxUnavailable": max_unavailable },
+        });
+        spec["progressDeadlineSeconds"] =
+            json!(seconds(config.health_deadline + config.health.start_period));
+        json!({ "apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec })
     }
 }
 
@@ -663,6 +669,8 @@ mod tests {
             "registry.example.com",
             "127.0.0.1:5000/team",
             "ghcr.io/org/sub",
+            "localhost:5000",
+            "localhost/team",
         ] {
             assert!(check_registry(good).is_ok(), "{good}");
         }
@@ -673,6 +681,9 @@ mod tests {
             "Ghcr.io",
             "a b",
             "x@sha256:00",
+            // Docker Hub namespaces to the kubelet, not hosts.
+            "myregistry",
+            "team/sub",
         ] {
             assert!(check_registry(bad).is_err(), "{bad}");
         }

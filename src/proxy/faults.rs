@@ -77,7 +77,11 @@ impl Faults {
     fn draw_set(&self) -> Option<Effect> {
         let guard = self.fault.load();
         let fault = guard.as_ref()?;
-        if Instant::now() >= fault.until || fastrand::u32(..PPM) >= fault.share_ppm {
+        if Instant::now() >= fault.until {
+            self.expire(&guard);
+            return None;
+        }
+        if fastrand::u32(..PPM) >= fault.share_ppm {
             return None;
         }
         let counter = match fault.effect {
@@ -87,6 +91,22 @@ impl Faults {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Some(fault.effect)
+    }
+
+    /// Takes the expired fault `expired` off the hot path: the slot is emptied only if it
+    /// still holds that fault, then the flag cleared, and set again if a fault was set
+    /// meanwhile (`set` stores the fault before the flag, so one is never hidden).
+    #[cold]
+    fn expire(&self, expired: &arc_swap::Guard<Option<std::sync::Arc<Fault>>>) {
+        let previous = self.fault.compare_and_swap(expired, None);
+        let ptr = |f: &Option<std::sync::Arc<Fault>>| f.as_ref().map(std::sync::Arc::as_ptr);
+        if ptr(&previous) != ptr(expired) {
+            return;
+        }
+        self.set.store(false, Ordering::SeqCst);
+        if self.fault.load().is_some() {
+            self.set.store(true, Ordering::SeqCst);
+        }
     }
 
     pub(crate) fn counts(&self) -> InjectedCounts {
@@ -131,5 +151,37 @@ mod tests {
         assert_eq!(faults.draw(), None, "past its deadline");
         faults.set(None);
         assert_eq!(faults.draw(), None);
+    }
+}
+
+#[cfg(test)]
+mod expiry {
+    use super::*;
+
+    /// A fault past its deadline leaves the hot path at once: its flag is cleared by the
+    /// first request that finds it expired, not only when the controller clears it. A fault
+    /// set since then is kept.
+    #[test]
+    fn an_expired_fault_clears_the_route_s_flag() {
+        let faults = Faults::default();
+        faults.set(Some(Fault {
+            effect: Effect::Error(503),
+            share_ppm: PPM,
+            until: Instant::now(),
+        }));
+        assert_eq!(faults.draw(), None);
+        assert!(
+            !faults.set.load(Ordering::SeqCst),
+            "the flag outlived the fault"
+        );
+        assert!(faults.fault.load().is_none());
+        let live = Fault {
+            effect: Effect::Reset,
+            share_ppm: PPM,
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        faults.set(Some(live));
+        assert_eq!(faults.draw(), Some(Effect::Reset));
+        assert!(faults.set.load(Ordering::SeqCst));
     }
 }

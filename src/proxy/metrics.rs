@@ -171,31 +171,7 @@ fn bucket(elapsed: Duration) -> usize {
 /// Estimates a quantile from bucket counts by interpolating linearly inside the bucket it
 /// falls in; the unbounded last bucket reports its lower bound. None when nothing was counted.
 fn quantile(counts: &[u64], q: f64) -> Option<u64> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = (q * total as f64).ceil().max(1.0);
-    let mut seen = 0u64;
-    for (index, &count) in counts.iter().enumerate() {
-        if count == 0 {
-            continue;
-        }
-        if (seen + count) as f64 >= rank {
-            let lower = if index == 0 {
-                0
-            } else {
-                LATENCY_BOUNDS_US[index - 1]
-            };
-            let Some(&upper) = LATENCY_BOUNDS_US.get(index) else {
-                return Some(lower);
-            };
-            let fraction = (rank - seen as f64) / count as f64;
-            return Some(lower + ((upper - lower) as f64 * fraction).round() as u64);
-        }
-        seen += count;
-    }
-    None
+    crate::histogram::quantile(&LATENCY_BOUNDS_US, counts, q)
 }
 
 /// A copy of one route's counters.

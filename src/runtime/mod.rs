@@ -491,6 +491,22 @@ impl std::fmt::Display for ProbeOutput {
 /// How much of a probe's last line is kept: enough for an error message, never a flood.
 pub const PROBE_LINE_BYTES: usize = 200;
 
+/// The last line of a probe's output `tail` that is not blank, trimmed and at most
+/// `PROBE_LINE_BYTES` long (cut at a character): `ProbeOutput::last_line` on every backend.
+pub(crate) fn probe_last_line(tail: &[u8]) -> String {
+    let text = String::from_utf8_lossy(tail);
+    let line = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("");
+    let mut end = line.len().min(PROBE_LINE_BYTES);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_owned()
+}
+
 /// A change of an instance that the runtime reports as it happens (`Runtime::changes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstanceChange {

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::{DEFAULT_TMP_BYTES, ExecRequest, Request, STATUS_FD, root};
 
@@ -798,16 +799,44 @@ fn drop_privileges_and_exec(
     envp_ptrs.push(std::ptr::null());
     let mut last = libc::ENOENT;
     for path in &candidates {
-        // SAFETY: argv and envp are null-terminated arrays of valid C strings that outlive
-        // the call; execve only returns on failure.
-        unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
-        last = errno_raw();
+        last = execve_when_not_busy(path, &argv_ptrs, &envp_ptrs);
         if last != libc::ENOENT {
             break;
         }
     }
     let message = std::io::Error::from_raw_os_error(last);
     Err(format!("cannot execute {:?}: {message}", args[0]))
+}
+
+/// How many times an exec that found its file open for writing (ETXTBSY) is tried again, with
+/// a pause that doubles from 1 ms up to 100 ms: about 2 s in all.
+const BUSY_RETRIES: u32 = 25;
+
+/// Execs `path`, trying again while the kernel answers ETXTBSY, and returns the errno of the
+/// exec that failed. A file is busy while any process holds it open for writing, and a
+/// process holds a descriptor it never opened when it was forked (by another thread of the
+/// starter: a daemon spawning a shim, a test running its neighbour) while the file that was
+/// just unpacked was still being written; the fork's copy closes at its own exec, a moment
+/// later (Go's os/exec and the Linux test suites retry the same way).
+fn execve_when_not_busy(
+    path: &CString,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> i32 {
+    let mut pause = Duration::from_millis(1);
+    let mut tries = 0;
+    loop {
+        // SAFETY: argv and envp are null-terminated arrays of valid C strings that outlive
+        // the call; execve only returns on failure.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let errno = errno_raw();
+        if errno != libc::ETXTBSY || tries == BUSY_RETRIES {
+            return errno;
+        }
+        tries += 1;
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
 }
 
 fn executable_candidates(program: &str, env: &[String]) -> Result<Vec<CString>> {

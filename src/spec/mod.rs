@@ -25,6 +25,7 @@ use crate::runtime::{Limits, TmpfsMount, VolumeMount};
 pub use problem::{Problem, SpecErrors};
 pub use runtime::RuntimeChoice;
 pub use validate::DEFAULT_ENVIRONMENT;
+pub(crate) use values::dns_label;
 pub use values::nonzero_size;
 
 /// The project file's name inside a project directory.

@@ -31,6 +31,8 @@ struct State {
     never_available: Vec<String>,
     /// Paths whose applies are refused as invalid.
     refused: Vec<String>,
+    /// Paths whose applies are refused from the nth on (counting every apply to the path).
+    refused_from: BTreeMap<String, usize>,
     /// Replicas available when the last rollout of each workload finished.
     stable: BTreeMap<String, u64>,
     /// Reads of each workload's status since its generation changed.
@@ -115,6 +117,13 @@ impl KubeSim {
     /// Applies to `path` are refused (422, as an admission webhook or a validation would).
     pub fn refuse(&self, path: &str) {
         self.state.lock().unwrap().refused.push(path.to_owned());
+    }
+
+    /// Applies to `path` from its `nth` on (counting every apply to it, from 1) are refused:
+    /// a rollback's apply, say, after the release it undoes was accepted.
+    pub fn refuse_from(&self, path: &str, nth: usize) {
+        let mut state = self.state.lock().unwrap();
+        state.refused_from.insert(path.to_owned(), nth);
     }
 
     pub fn object(&self, path: &str) -> Option<Value> {
@@ -264,7 +273,17 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                     "only server-side apply with a field manager is simulated",
                 );
             }
-            if state.refused.contains(&path) {
+            let applies = state
+                .requests
+                .iter()
+                .filter(|r| **r == format!("PATCH {path}"))
+                .count();
+            if state.refused.contains(&path)
+                || state
+                    .refused_from
+                    .get(&path)
+                    .is_some_and(|&nth| applies >= nth)
+            {
                 return status(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "Invalid",

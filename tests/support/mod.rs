@@ -297,3 +297,25 @@ pub fn bake_debian_base(home: &Path, temp: &Path) {
             .arg(&ctx),
     );
 }
+
+/// Writes an executable at `path` (mode 0755) that a process can exec at once. The bytes
+/// are written by a child process: a file this (multi-threaded) test process held open for
+/// writing would be held open too by any process another test thread forked meanwhile, until
+/// that fork's exec, and an exec of the file then fails with ETXTBSY ("Text file busy").
+pub fn write_executable(path: &Path, contents: &[u8]) {
+    use std::io::Write;
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", "cat > \"$0\" && chmod 0755 \"$0\""])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sh to write an executable");
+    child
+        .stdin
+        .take()
+        .expect("sh's stdin")
+        .write_all(contents)
+        .expect("write the executable through sh");
+    let status = child.wait().expect("wait for sh");
+    assert!(status.success(), "writing {}: {status}", path.display());
+}

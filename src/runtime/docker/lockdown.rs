@@ -51,10 +51,12 @@ pub fn container_body(
         .map(|t| (t.path.clone(), tmpfs_options(t.bytes)))
         .collect();
     tmpfs.insert("/tmp".to_owned(), tmpfs_options(tmp_bytes));
+    // Every graven container is labelled with its home, whose volumes these are.
+    let home = labels.get(labels::HOME).map_or("", String::as_str);
     let binds: Vec<String> = spec
         .volumes
         .iter()
-        .map(|v| format!("{}:{}", volume_name(&v.name), v.path))
+        .map(|v| format!("{}:{}", volume_name(home, &v.name), v.path))
         .collect();
     let pids = spec.limits.pids.unwrap_or(crate::runtime::DEFAULT_PIDS);
     let host_config = HostConfig {
@@ -103,11 +105,23 @@ pub fn container_body(
     })
 }
 
-/// The Docker volume a graven volume is: the same name, prefixed so graven's volumes are
-/// told apart from the engine's others.
-pub fn volume_name(name: &str) -> String {
-    format!("{}{name}", labels::VOLUME_PREFIX)
+/// The Docker volume the graven volume `name` of the graven home `home` (as its containers'
+/// `labels::HOME` says it) is: the name, prefixed so graven's volumes are told apart from the
+/// engine's others, and with a short stable hash of the home, so two homes on one engine
+/// never share a volume they each call `name`.
+pub fn volume_name(home: &str, name: &str) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(home.as_bytes());
+    format!(
+        "{}{}-{name}",
+        labels::VOLUME_PREFIX,
+        hex::encode(&hash[..HOME_HASH_BYTES])
+    )
 }
+
+/// How much of the home's hash a volume name carries: 8 hex digits, enough to tell the
+/// few homes that share an engine apart.
+const HOME_HASH_BYTES: usize = 4;
 
 /// The settings Docker's bridge network cannot give as graven means them.
 fn refuse_unexpressible(spec: &InstanceSpec) -> Result<(), RuntimeError> {
@@ -170,12 +184,47 @@ mod tests {
             "rw,noexec,nosuid,nodev,size=1048576,mode=1777"
         );
         assert!(tmpfs["/tmp"].contains("noexec"));
-        assert_eq!(host.binds, Some(vec!["graven-data:/data".to_owned()]));
+        assert_eq!(
+            host.binds,
+            Some(vec![format!("{}:/data", volume_name("", "data"))])
+        );
         assert_eq!(host.memory, Some(64 << 20));
         assert_eq!(host.nano_cpus, Some(1_500_000_000));
         assert_eq!(host.pids_limit, Some(crate::runtime::DEFAULT_PIDS as i64));
         // The runtime's port wins over an env's PORT, as on the local runtime.
         assert_eq!(body.env, Some(vec!["PORT=8080".to_owned()]));
+    }
+
+    /// Two graven homes on one engine each have a volume `data`: they must be two Docker
+    /// volumes, or one home's instances would read and write the other's data.
+    #[test]
+    fn two_homes_on_one_engine_never_share_a_volume() {
+        let mut spec = InstanceSpec::new(Digest::of(b"image"));
+        spec.volumes.push(VolumeMount {
+            name: "data".into(),
+            path: "/data".into(),
+        });
+        let binds_of = |home: &str| {
+            let placement = Placement {
+                network: NetworkMode::Private,
+                port: 8080,
+            };
+            let labels = HashMap::from([(labels::HOME.to_owned(), home.to_owned())]);
+            container_body(&spec, "i", "h", placement, labels)
+                .unwrap()
+                .host_config
+                .unwrap()
+                .binds
+                .unwrap()
+        };
+        let one = binds_of("/srv/one/.graven");
+        let other = binds_of("/srv/other/.graven");
+        assert_ne!(one, other);
+        // Stable: the same home names the same volume, whichever graven asks.
+        assert_eq!(one, binds_of("/srv/one/.graven"));
+        let name = one[0].strip_suffix(":/data").unwrap();
+        assert!(name.starts_with(labels::VOLUME_PREFIX), "{name}");
+        assert!(name.ends_with("-data"), "{name}");
     }
 
     #[test]

@@ -15,40 +15,23 @@ use futures_util::StreamExt;
 
 use crate::logs::ingest::Writer;
 use crate::runtime::Instance;
+use crate::runtime::local::retention;
 
 /// How often what was appended is made durable, as the shim's default.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
-
-/// The instance's source meta, from the controller's labels as the local runtime records it.
-pub(crate) fn meta(instance: &Instance) -> crate::logs::Meta {
-    let label = |key: &str| instance.labels.get(key).cloned().unwrap_or_default();
-    crate::logs::Meta {
-        app: label("app"),
-        environment: label("environment"),
-        service: label("service"),
-        release: instance.labels.get("release").and_then(|r| r.parse().ok()),
-        instance: instance
-            .labels
-            .get("instance")
-            .cloned()
-            .unwrap_or_else(|| instance.id.0.clone()),
-        id: instance.id.0.clone(),
-        started_at_ms: instance.started_at_ms,
-    }
-}
 
 /// Follows the container `name`'s output until it ends (the container exited and the
 /// engine closed the stream) or the store refuses a line.
 pub async fn follow(docker: &Docker, name: &str, home: &Path, instance: &Instance) {
     let group = instance
         .labels
-        .get(crate::runtime::local::retention::LOG_GROUP)
+        .get(retention::LOG_GROUP)
         .map_or(crate::logs::RUN_GROUP, String::as_str)
         .to_owned();
     let opened = {
         let home = home.to_owned();
         let id = instance.id.0.clone();
-        let meta = meta(instance);
+        let meta = retention::meta(&instance.id, &instance.labels, instance.started_at_ms);
         tokio::task::spawn_blocking(move || Writer::open_with(&home, &group, &id, &meta)).await
     };
     // Another process follows it already (the source is locked), or the store is unusable.

@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Drift, DriftCheck, Instance, InstanceChange, InstanceId, InstanceSpec, InstanceStatus,
-    NetworkMode, PROBE_LINE_BYTES, ProbeOutput, Runtime, RuntimeError,
+    NetworkMode, PROBE_LINE_BYTES, ProbeOutput, Runtime, RuntimeError, probe_last_line,
 };
 use crate::store::{Digest, Store};
 
@@ -59,6 +59,14 @@ struct Inner {
     /// The instances whose output a task of this process follows into the log store.
     followed: Arc<Mutex<std::collections::HashSet<InstanceId>>>,
 }
+
+/// The runtimes open in this process, by graven home and engine. Every environment's
+/// controller opens the runtime of its engine, and each one watching, listing and following
+/// all of the home's containers handled every exit and taint once per environment and ran
+/// a log follower per environment that lost the source's lock: one runtime per home and
+/// engine serves them all, as the local runtime's one instance does.
+type OpenRuntimes = HashMap<(PathBuf, String), std::sync::Weak<Inner>>;
+static OPEN: Mutex<Option<OpenRuntimes>> = Mutex::new(None);
 
 /// The execs this process started as health probes, by exec id, with when: an exec a watch
 /// sees that is not among them is someone's break-glass, and taints. One for the process,
@@ -100,8 +108,9 @@ pub fn engine_host(configured: Option<&str>) -> String {
 }
 
 impl DockerRuntime {
-    /// A runtime on the engine at `host` (`engine_host`), for instances of graven's home
-    /// `home`. Nothing is asked of the engine until the first call.
+    /// The runtime on the engine at `host` (`engine_host`) for instances of graven's home
+    /// `home`: the one already open in this process, if any (`OPEN`). Nothing is asked of
+    /// the engine until the first call.
     pub fn open(home: &Path, host: &str) -> Result<DockerRuntime, RuntimeError> {
         let home = std::path::absolute(home).map_err(|source| RuntimeError::Other {
             context: "resolving graven's home".to_owned(),
@@ -115,20 +124,27 @@ impl DockerRuntime {
                 ),
             });
         }
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let open = open.get_or_insert_with(HashMap::new);
+        open.retain(|_, inner| inner.strong_count() > 0);
+        let key = (home.clone(), host.to_owned());
+        if let Some(inner) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(DockerRuntime { inner });
+        }
         let store = Store::open(&home)?;
         let (changes, _) = broadcast::channel(super::CHANGES_BUFFER);
-        Ok(DockerRuntime {
-            inner: Arc::new(Inner {
-                host: host.to_owned(),
-                client: tokio::sync::OnceCell::new(),
-                home_label: home.display().to_string(),
-                home,
-                store,
-                changes,
-                watch: Mutex::new(None),
-                followed: Arc::default(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            host: host.to_owned(),
+            client: tokio::sync::OnceCell::new(),
+            home_label: home.display().to_string(),
+            home,
+            store,
+            changes,
+            watch: Mutex::new(None),
+            followed: Arc::default(),
+        });
+        open.insert(key, Arc::downgrade(&inner));
+        Ok(DockerRuntime { inner })
     }
 
     /// The engine's address.
@@ -231,21 +247,85 @@ impl DockerRuntime {
         }
     }
 
+    /// The containers of this home as the engine lists them, with what their labels record.
+    async fn list_raw(
+        &self,
+    ) -> Result<Vec<(bollard::models::ContainerSummary, labels::Recorded)>, RuntimeError> {
+        let docker = self.engine().await?;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{}={}", labels::HOME, self.inner.home_label)],
+        )]);
+        let summaries = docker
+            .list_containers(Some(q::ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| engine_error("listing instances", e))?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(|summary| {
+                let recorded = summary.labels.as_ref().and_then(labels::read)?;
+                Some((summary, recorded))
+            })
+            .collect())
+    }
+
+    /// The instance a listed container is, from the listing alone (no PID: the listing has
+    /// none); `None` for an exited one whose exit code the listing does not say.
+    fn instance_of_summary(
+        &self,
+        summary: &bollard::models::ContainerSummary,
+        recorded: labels::Recorded,
+    ) -> Option<Instance> {
+        let status = summary_status(summary)?;
+        let address = match recorded.network {
+            NetworkMode::Host => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, recorded.port))),
+            NetworkMode::Private => summary
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref())
+                .and_then(|n| n.values().find_map(|e| e.ip_address.clone()))
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, recorded.port)),
+        };
+        let marks = marks::load(&self.inner.home, &recorded.id);
+        Some(Instance {
+            id: recorded.id,
+            image: recorded.image,
+            labels: recorded.labels,
+            status,
+            address,
+            pid: None,
+            started_at_ms: recorded.started_at_ms,
+            tainted: marks.tainted,
+            log: None,
+            warnings: Vec::new(),
+            drift: marks.drift,
+        })
+    }
+
     /// Whether the engine is on this machine (a unix socket), so its PIDs are this host's.
     fn is_local(&self) -> bool {
         self.inner.host.starts_with("unix://")
     }
 
-    /// Waits until the engine reports `id` exited, up to `wait`.
+    /// Waits until the engine reports `id` exited (its wait endpoint), up to `wait`, and
+    /// returns what it then is.
     async fn wait_exited(&self, id: &InstanceId, wait: Duration) -> Result<Instance, RuntimeError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let instance = self.inspect(id).await?;
-            if instance.status.is_exited() || tokio::time::Instant::now() >= deadline {
-                return Ok(instance);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let docker = self.engine().await?;
+        let mut waiting = docker.wait_container(
+            &Self::container_name(id),
+            Some(q::WaitContainerOptions {
+                condition: "not-running".to_owned(),
+            }),
+        );
+        // Whatever the answer (bollard reads a non-zero exit code as an error, and a
+        // container removed meanwhile is one too), the inspect says what the instance is.
+        let _ = tokio::time::timeout(wait, waiting.next()).await;
+        self.inspect(id).await
     }
 
     /// Refuses a start on a volume a live instance of this home holds, naming both, as the
@@ -254,28 +334,27 @@ impl DockerRuntime {
         if spec.volumes.is_empty() {
             return Ok(());
         }
-        for instance in self.list().await? {
-            if instance.status.is_exited() {
+        for (summary, recorded) in self.list_raw().await? {
+            use bollard::models::ContainerSummaryStateEnum as S;
+            if matches!(
+                summary.state,
+                Some(S::EXITED) | Some(S::DEAD) | Some(S::REMOVING)
+            ) {
                 continue;
             }
-            let (response, _) = match self.inspect_raw(&instance.id).await {
-                Ok(found) => found,
-                Err(RuntimeError::UnknownInstance { .. }) => continue,
-                Err(error) => return Err(error),
-            };
-            let held: Vec<String> = response
+            let held: Vec<String> = summary
                 .mounts
                 .unwrap_or_default()
                 .into_iter()
                 .filter_map(|m| m.name)
                 .collect();
             for volume in &spec.volumes {
-                if held.contains(&lockdown::volume_name(&volume.name)) {
-                    let holder = instance
+                if held.contains(&lockdown::volume_name(&self.inner.home_label, &volume.name)) {
+                    let holder = recorded
                         .labels
                         .get("instance")
-                        .map_or(instance.id.0.clone(), |name| {
-                            format!("{name} ({})", instance.id)
+                        .map_or(recorded.id.0.clone(), |name| {
+                            format!("{name} ({})", recorded.id)
                         });
                     return Err(RuntimeError::BadVolume {
                         name: volume.name.clone(),
@@ -375,6 +454,29 @@ impl DockerRuntime {
         });
     }
 
+    /// Kills the timed-out probe exec `exec` that ran as `pid` on a local engine: through a
+    /// pidfd opened first and used only once the engine says the exec still runs as `pid`,
+    /// so a PID reused by another process after the exec ended is never signalled.
+    async fn kill_exec(&self, docker: &Docker, exec: &str, pid: i64) {
+        let Some(raw) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return;
+        };
+        let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        else {
+            // Gone already.
+            return;
+        };
+        match docker.inspect_exec(exec).await {
+            Ok(again) if still_runs_as(&again, pid) => {
+                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            }
+            _ => {}
+        }
+    }
+
     fn remember_probe(&self, exec: &str) {
         let mut probes = PROBES.lock().unwrap_or_else(|e| e.into_inner());
         let probes = probes.get_or_insert_with(HashMap::new);
@@ -443,16 +545,15 @@ impl DockerRuntime {
         .await;
         let inspected = docker.inspect_exec(&exec.id).await;
         let timed_out = ran.is_err();
-        if timed_out {
+        if timed_out
+            && self.is_local()
+            && let Ok(first) = &inspected
+            && first.running == Some(true)
+            && let Some(pid) = first.pid.filter(|&p| p > 0)
+        {
             // The engine has no call to end an exec: on a local engine its PID is this
             // host's, and it is killed; a remote engine's is left to end by itself.
-            if let Ok(pid) = inspected.as_ref().map(|i| i.pid.unwrap_or(0))
-                && pid > 0
-                && self.is_local()
-            {
-                // SAFETY: kill(2) on the PID the engine reports for this exec's process.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
+            self.kill_exec(docker, &exec.id, pid).await;
         }
         let code = match &inspected {
             Ok(exec) if !timed_out && exec.running != Some(true) => {
@@ -463,24 +564,16 @@ impl DockerRuntime {
         Ok(ProbeOutput {
             code,
             timed_out,
-            last_line: last_line(&output),
+            last_line: probe_last_line(&output),
         })
     }
 }
 
-/// The last non-empty line of `output`, at most `PROBE_LINE_BYTES` of it.
-pub(crate) fn last_line(output: &[u8]) -> String {
-    let text = String::from_utf8_lossy(output);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    let mut end = line.len().min(PROBE_LINE_BYTES);
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    line[..end].to_owned()
+/// Whether the exec `again` (inspected after a pidfd of `pid` was opened) still runs as
+/// `pid`: then the pidfd is its process's, since that process ran from before the pidfd was
+/// opened until after, and a PID is reused only once its process is gone.
+fn still_runs_as(again: &bollard::models::ExecInspectResponse, pid: i64) -> bool {
+    again.running == Some(true) && again.pid == Some(pid)
 }
 
 /// A container's state as an instance's status. An exit code above 128 is read as the
@@ -492,19 +585,37 @@ fn status_of(state: &bollard::models::ContainerState) -> InstanceStatus {
         Some(S::CREATED) | None | Some(S::EMPTY) => InstanceStatus::Created,
         Some(S::RUNNING) | Some(S::PAUSED) | Some(S::RESTARTING) => InstanceStatus::Running,
         Some(S::STOPPING) => InstanceStatus::Stopping,
+        Some(S::REMOVING) | Some(S::EXITED) | Some(S::DEAD) => exited(state.exit_code.unwrap_or(0)),
+    }
+}
+
+fn exited(code: i64) -> InstanceStatus {
+    if (129..=128 + 64).contains(&code) {
+        InstanceStatus::Exited {
+            code: None,
+            signal: Some((code - 128) as i32),
+        }
+    } else {
+        InstanceStatus::Exited {
+            code: Some(code as i32),
+            signal: None,
+        }
+    }
+}
+
+/// A listed container's status, as `status_of` reads an inspected one: the exit code of an
+/// exited one from the listing's words (`Exited (137) 2 seconds ago`, the engine's form);
+/// `None` when they do not say it.
+fn summary_status(summary: &bollard::models::ContainerSummary) -> Option<InstanceStatus> {
+    use bollard::models::ContainerSummaryStateEnum as S;
+    match summary.state {
+        Some(S::CREATED) | None | Some(S::EMPTY) => Some(InstanceStatus::Created),
+        Some(S::RUNNING) | Some(S::PAUSED) | Some(S::RESTARTING) => Some(InstanceStatus::Running),
+        Some(S::STOPPING) => Some(InstanceStatus::Stopping),
         Some(S::REMOVING) | Some(S::EXITED) | Some(S::DEAD) => {
-            let code = state.exit_code.unwrap_or(0);
-            if (129..=128 + 64).contains(&code) {
-                InstanceStatus::Exited {
-                    code: None,
-                    signal: Some((code - 128) as i32),
-                }
-            } else {
-                InstanceStatus::Exited {
-                    code: Some(code as i32),
-                    signal: None,
-                }
-            }
+            let words = summary.status.as_deref()?;
+            let code = words.strip_prefix("Exited (")?.split_once(')')?.0;
+            code.parse().ok().map(exited)
         }
     }
 }
@@ -620,34 +731,22 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<Instance>, RuntimeError> {
-        let docker = self.engine().await?;
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{}={}", labels::HOME, self.inner.home_label)],
-        )]);
-        let summaries = docker
-            .list_containers(Some(q::ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| engine_error("listing instances", e))?;
         let mut instances = Vec::new();
-        for summary in summaries {
-            let Some(recorded) = summary.labels.as_ref().and_then(labels::read) else {
-                continue;
+        for (summary, recorded) in self.list_raw().await? {
+            // The listing says all an instance is but an exit code it cannot be read from
+            // (the engine's words changed): then the container is inspected.
+            let instance = match self.instance_of_summary(&summary, recorded.clone()) {
+                Some(instance) => instance,
+                None => match self.inspect(&recorded.id).await {
+                    Ok(instance) => instance,
+                    // Removed between the list and the inspect.
+                    Err(RuntimeError::UnknownInstance { .. }) => continue,
+                    Err(error) => return Err(error),
+                },
             };
-            match self.inspect(&recorded.id).await {
-                Ok(instance) => {
-                    // A restarted graven follows the output of what it finds running.
-                    self.follow_logs(&instance);
-                    instances.push(instance);
-                }
-                // Removed between the list and the inspect.
-                Err(RuntimeError::UnknownInstance { .. }) => {}
-                Err(error) => return Err(error),
-            }
+            // A restarted graven follows the output of what it finds running.
+            self.follow_logs(&instance);
+            instances.push(instance);
         }
         instances.sort_by_key(|i| (i.started_at_ms, i.id.clone()));
         Ok(instances)
@@ -851,5 +950,84 @@ mod marks {
 
     pub fn remove(home: &Path, id: &InstanceId) {
         let _ = std::fs::remove_file(path(home, id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe's line reads the same on every backend: the local runtime trims it, so
+    /// Docker's did too little when it kept the whitespace around it.
+    /// Two environments of a home on one engine are one runtime: one watch, one follower per
+    /// container, one probe memory. Another home or another engine is another runtime.
+    #[test]
+    fn every_environment_of_a_home_shares_one_runtime_per_engine() {
+        let home = tempfile::tempdir().unwrap();
+        let engine = "unix:///nowhere/docker.sock";
+        let one = DockerRuntime::open(home.path(), engine).unwrap();
+        let other_environment = DockerRuntime::open(home.path(), engine).unwrap();
+        assert!(Arc::ptr_eq(&one.inner, &other_environment.inner));
+        let other_engine = DockerRuntime::open(home.path(), "unix:///elsewhere.sock").unwrap();
+        assert!(!Arc::ptr_eq(&one.inner, &other_engine.inner));
+        let other = tempfile::tempdir().unwrap();
+        let other_home = DockerRuntime::open(other.path(), engine).unwrap();
+        assert!(!Arc::ptr_eq(&one.inner, &other_home.inner));
+    }
+
+    /// A timed-out probe's PID is killed only while the engine says the exec still runs as
+    /// that PID: an exec that ended (its PID free for another process) or one the engine
+    /// reports with another PID is left alone.
+    #[test]
+    fn a_probe_s_pid_is_killed_only_while_its_exec_runs_as_it() {
+        let exec = |running: bool, pid: i64| bollard::models::ExecInspectResponse {
+            running: Some(running),
+            pid: Some(pid),
+            ..Default::default()
+        };
+        assert!(still_runs_as(&exec(true, 42), 42));
+        assert!(!still_runs_as(&exec(false, 42), 42));
+        assert!(!still_runs_as(&exec(true, 43), 42));
+    }
+
+    /// The listing alone says what an instance is: an exited container's code (a signal
+    /// above 128) comes from its words, and one whose words say no code is inspected.
+    #[test]
+    fn a_listed_container_s_status_is_read_from_the_listing() {
+        use bollard::models::{ContainerSummary, ContainerSummaryStateEnum as S};
+        let listed = |state: S, words: &str| ContainerSummary {
+            state: Some(state),
+            status: Some(words.to_owned()),
+            ..Default::default()
+        };
+        let check = |state: S, words: &str, expected: Option<InstanceStatus>| {
+            assert_eq!(summary_status(&listed(state, words)), expected, "{words}");
+        };
+        check(S::RUNNING, "Up 3 seconds", Some(InstanceStatus::Running));
+        check(S::CREATED, "Created", Some(InstanceStatus::Created));
+        check(
+            S::EXITED,
+            "Exited (137) 2 seconds ago",
+            Some(InstanceStatus::Exited {
+                code: None,
+                signal: Some(9),
+            }),
+        );
+        check(
+            S::EXITED,
+            "Exited (1) About a minute ago",
+            Some(InstanceStatus::Exited {
+                code: Some(1),
+                signal: None,
+            }),
+        );
+        check(S::DEAD, "Dead", None);
+    }
+
+    #[test]
+    fn a_probe_s_last_line_is_trimmed_as_the_local_runtime_trims_it() {
+        assert_eq!(probe_last_line(b"starting\n  ready \t\r\n \n"), "ready");
+        assert_eq!(probe_last_line(b"  status: ok"), "status: ok");
+        assert_eq!(probe_last_line(b" \n\t\n"), "");
     }
 }

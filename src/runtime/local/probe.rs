@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{DEFAULT_PATH, LocalRuntime, check_entrypoint, other};
-use crate::runtime::{InstanceId, PROBE_LINE_BYTES, ProbeOutput, RuntimeError};
+use crate::runtime::{InstanceId, ProbeOutput, RuntimeError};
 use crate::sandbox;
 use crate::store::Digest;
 
@@ -197,23 +197,14 @@ impl Output {
 
     /// The last line that is not blank, at most `PROBE_LINE_BYTES` long (cut at a character).
     fn last_line(&self) -> String {
-        let text = String::from_utf8_lossy(&self.tail);
-        let line = text
-            .lines()
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .unwrap_or("");
-        let mut end = line.len().min(PROBE_LINE_BYTES);
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line[..end].to_owned()
+        crate::runtime::probe_last_line(&self.tail)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::PROBE_LINE_BYTES;
 
     fn check(chunks: &[&str], expected: &str) {
         let mut output = Output::default();

@@ -40,21 +40,7 @@ pub fn target(
         context: format!("the log source of {id}"),
         source: std::io::Error::other(e),
     })?;
-    // The controller's labels (`controller::LABEL_*`), read by name: the runtime does not
-    // name the controller.
-    let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
-    let meta = crate::logs::Meta {
-        app: label("app"),
-        environment: label("environment"),
-        service: label("service"),
-        release: labels.get("release").and_then(|r| r.parse().ok()),
-        instance: labels
-            .get("instance")
-            .cloned()
-            .unwrap_or_else(|| id.0.clone()),
-        id: id.0.clone(),
-        started_at_ms: super::super::now_ms(),
-    };
+    let meta = meta(id, labels, super::super::now_ms());
     let policy = Policy {
         max_bytes: limits.log_bytes.unwrap_or(DEFAULT.max_bytes),
         max_age: limits
@@ -68,6 +54,30 @@ pub fn target(
         max_bytes: policy.max_bytes,
         max_age_s: policy.max_age.as_secs(),
     })
+}
+
+/// The log source's meta of the instance `id` labelled `labels`, started at
+/// `started_at_ms`: the same for every runtime that fills the log store.
+pub fn meta(
+    id: &InstanceId,
+    labels: &BTreeMap<String, String>,
+    started_at_ms: u64,
+) -> crate::logs::Meta {
+    // The controller's labels (`controller::LABEL_*`), read by name: the runtime does not
+    // name the controller.
+    let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+    crate::logs::Meta {
+        app: label("app"),
+        environment: label("environment"),
+        service: label("service"),
+        release: labels.get("release").and_then(|r| r.parse().ok()),
+        instance: labels
+            .get("instance")
+            .cloned()
+            .unwrap_or_else(|| id.0.clone()),
+        id: id.0.clone(),
+        started_at_ms,
+    }
 }
 
 /// What `graven gc` deletes under `instances`: every directory with no state but a log of

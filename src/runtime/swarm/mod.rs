@@ -482,7 +482,11 @@ async fn follow_service(docker: &Docker, home: &Path, instance: &Instance) {
     let opened = {
         let home = home.to_owned();
         let id = instance.id.0.clone();
-        let meta = logs::meta(instance);
+        let meta = crate::runtime::local::retention::meta(
+            &instance.id,
+            &instance.labels,
+            instance.started_at_ms,
+        );
         tokio::task::spawn_blocking(move || Writer::open_with(&home, &group, &id, &meta)).await
     };
     let Ok(Ok(mut writer)) = opened else {
@@ -733,7 +737,7 @@ impl Runtime for SwarmRuntime {
         Ok(ProbeOutput {
             code,
             timed_out,
-            last_line: super::docker::last_line(&output),
+            last_line: crate::runtime::probe_last_line(&output),
         })
     }
 
