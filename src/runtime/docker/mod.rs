@@ -12,6 +12,7 @@ pub mod image;
 pub mod labels;
 pub mod lockdown;
 pub mod logs;
+pub(crate) mod marks;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -228,7 +229,7 @@ impl DockerRuntime {
                 .and_then(|ip| ip.parse::<IpAddr>().ok())
                 .map(|ip| SocketAddr::new(ip, recorded.port)),
         };
-        let marks = marks::load(&self.inner.home, &recorded.id);
+        let marks = marks::load(&self.inner.home, "docker", &recorded.id);
         Instance {
             id: recorded.id,
             image: recorded.image,
@@ -291,7 +292,7 @@ impl DockerRuntime {
                 .and_then(|ip| ip.parse::<IpAddr>().ok())
                 .map(|ip| SocketAddr::new(ip, recorded.port)),
         };
-        let marks = marks::load(&self.inner.home, &recorded.id);
+        let marks = marks::load(&self.inner.home, "docker", &recorded.id);
         Some(Instance {
             id: recorded.id,
             image: recorded.image,
@@ -415,7 +416,7 @@ impl DockerRuntime {
                         if !self.is_probe(&exec) {
                             // The controller sees it on its next listing, as a local
                             // instance's `graven exec`.
-                            let _ = marks::taint(&self.inner.home, &id);
+                            let _ = marks::taint(&self.inner.home, "docker", &id);
                         }
                     }
                 }
@@ -831,7 +832,7 @@ impl Runtime for DockerRuntime {
             Err(error) if is_not_found(&error) => {}
             Err(error) => return Err(engine_error(format!("removing instance {id}"), error)),
         }
-        marks::remove(&self.inner.home, id);
+        marks::remove(&self.inner.home, "docker", id);
         Ok(())
     }
 
@@ -880,7 +881,7 @@ impl Runtime for DockerRuntime {
                 .collect();
             let writable = drift::writable_paths(&tmpfs, &mounts);
             if let Some(first) = drift::findings(&changes, &writable).into_iter().next() {
-                marks::record_drift(&self.inner.home, id, &first)?;
+                marks::record_drift(&self.inner.home, "docker", id, &first)?;
                 let _ = self
                     .inner
                     .changes
@@ -889,67 +890,6 @@ impl Runtime for DockerRuntime {
             }
         }
         Ok(found)
-    }
-}
-
-/// What graven marks on an instance that a container's labels cannot hold (they are fixed
-/// at create): tainted, drifted. One small file per instance under
-/// `$GRAVEN_HOME/docker/marks`, gone with the instance.
-mod marks {
-    use std::path::{Path, PathBuf};
-
-    use serde::{Deserialize, Serialize};
-
-    use crate::runtime::{Drift, InstanceId, RuntimeError};
-
-    #[derive(Debug, Default, Serialize, Deserialize)]
-    pub struct Marks {
-        #[serde(default)]
-        pub tainted: bool,
-        #[serde(default)]
-        pub drift: Option<Drift>,
-    }
-
-    fn path(home: &Path, id: &InstanceId) -> PathBuf {
-        home.join("docker").join("marks").join(format!("{id}.json"))
-    }
-
-    pub fn load(home: &Path, id: &InstanceId) -> Marks {
-        std::fs::read(path(home, id))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
-    }
-
-    fn save(home: &Path, id: &InstanceId, marks: &Marks) -> Result<(), RuntimeError> {
-        let path = path(home, id);
-        let dir = path.parent().expect("a marks file has a directory");
-        let io = |source| RuntimeError::Io {
-            id: id.clone(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let bytes = serde_json::to_vec(marks).expect("marks serialize");
-        crate::store::write_atomic(&path, &bytes).map_err(|e| RuntimeError::Other {
-            context: format!("recording instance {id}"),
-            source: std::io::Error::other(e),
-        })
-    }
-
-    pub fn taint(home: &Path, id: &InstanceId) -> Result<(), RuntimeError> {
-        let mut marks = load(home, id);
-        marks.tainted = true;
-        save(home, id, &marks)
-    }
-
-    pub fn record_drift(home: &Path, id: &InstanceId, drift: &Drift) -> Result<(), RuntimeError> {
-        let mut marks = load(home, id);
-        marks.drift = Some(drift.clone());
-        save(home, id, &marks)
-    }
-
-    pub fn remove(home: &Path, id: &InstanceId) {
-        let _ = std::fs::remove_file(path(home, id));
     }
 }
 

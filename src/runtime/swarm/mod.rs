@@ -26,7 +26,7 @@ use bollard::query_parameters as q;
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
 
-use super::docker::{engine_error, image, is_not_found, labels, logs};
+use super::docker::{engine_error, image, is_not_found, labels, logs, marks};
 use super::{
     Drift, DriftCheck, Instance, InstanceChange, InstanceId, InstanceSpec, InstanceStatus,
     ProbeOutput, Runtime, RuntimeError,
@@ -301,7 +301,7 @@ impl SwarmRuntime {
 
     fn instance_of(&self, found: &Found) -> Instance {
         let recorded = found.recorded.clone();
-        let marks = marks::load(&self.inner.home, &recorded.id);
+        let marks = marks::load(&self.inner.home, "swarm", &recorded.id);
         let warnings = vec![service::NO_NEW_PRIVILEGES.to_owned()];
         Instance {
             id: recorded.id,
@@ -682,7 +682,7 @@ impl Runtime for SwarmRuntime {
             Err(error) if is_not_found(&error) => {}
             Err(error) => return Err(engine_error(format!("removing instance {id}"), error)),
         }
-        marks::remove(&self.inner.home, id);
+        marks::remove(&self.inner.home, "swarm", id);
         Ok(())
     }
 
@@ -780,7 +780,7 @@ impl Runtime for SwarmRuntime {
                 .into_iter()
                 .next()
             {
-                marks::record_drift(&self.inner.home, id, &first)?;
+                marks::record_drift(&self.inner.home, "swarm", id, &first)?;
                 let _ = self
                     .inner
                     .changes
@@ -789,54 +789,5 @@ impl Runtime for SwarmRuntime {
             }
         }
         Ok(found)
-    }
-}
-
-/// What graven marks on an instance that a service's labels do not hold: drifted. One
-/// small file per instance under `$GRAVEN_HOME/swarm/marks`, gone with the instance.
-mod marks {
-    use std::path::{Path, PathBuf};
-
-    use serde::{Deserialize, Serialize};
-
-    use crate::runtime::{Drift, InstanceId, RuntimeError};
-
-    #[derive(Debug, Default, Serialize, Deserialize)]
-    pub struct Marks {
-        #[serde(default)]
-        pub tainted: bool,
-        #[serde(default)]
-        pub drift: Option<Drift>,
-    }
-
-    fn path(home: &Path, id: &InstanceId) -> PathBuf {
-        home.join("swarm").join("marks").join(format!("{id}.json"))
-    }
-
-    pub fn load(home: &Path, id: &InstanceId) -> Marks {
-        std::fs::read(path(home, id))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
-    }
-
-    pub fn record_drift(home: &Path, id: &InstanceId, drift: &Drift) -> Result<(), RuntimeError> {
-        let mut marks = load(home, id);
-        marks.drift = Some(drift.clone());
-        let path = path(home, id);
-        let dir = path.parent().expect("a marks file has a directory");
-        std::fs::create_dir_all(dir).map_err(|source| RuntimeError::Io {
-            id: id.clone(),
-            source,
-        })?;
-        let bytes = serde_json::to_vec(&marks).expect("marks serialize");
-        crate::store::write_atomic(&path, &bytes).map_err(|e| RuntimeError::Other {
-            context: format!("recording instance {id}"),
-            source: std::io::Error::other(e),
-        })
-    }
-
-    pub fn remove(home: &Path, id: &InstanceId) {
-        let _ = std::fs::remove_file(path(home, id));
     }
 }
