@@ -217,8 +217,15 @@ impl Drop for HostAddress {
     }
 }
 
+/// Held by the tests that need graven's nftables table in place and by the one that deletes
+/// it: run side by side, the deletion let a `--no-outbound` instance reach the host (CI).
+static FIREWALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn outbound_false_reaches_nothing_beyond_the_bridge_while_the_default_does() {
+    let _rules = FIREWALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let home = tempfile::tempdir().unwrap();
     busybox_image(home.path());
     let host = HostAddress::new();
@@ -330,6 +337,9 @@ fn rules_loaded() -> bool {
 
 #[test]
 fn a_filler_loads_the_rules_again_once_a_firewall_reload_removed_them() {
+    let _rules = FIREWALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let home = tempfile::tempdir().unwrap();
     // A filler runs `nft` only when the table is missing: made once here...
     succeed(graven(home.path()).args(["__net", "fill"]));
