@@ -33,14 +33,7 @@ pub fn container_body(
     labels: HashMap<String, String>,
 ) -> Result<ContainerCreateBody, RuntimeError> {
     refuse_unexpressible(spec)?;
-    let mut env: Vec<String> = spec
-        .env
-        .iter()
-        .chain(spec.secret_env.0.iter())
-        .filter(|(key, _)| key.as_str() != "PORT")
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    env.push(format!("PORT={}", placement.port));
+    let env = environment(spec, placement.port);
     let tmp_bytes = spec.limits.tmp_bytes.unwrap_or(DEFAULT_TMP_BYTES);
     // Programs run from tmpfs mounts only where the spec allows it, as in the local sandbox.
     let exec = if spec.exec_tmp { "exec" } else { "noexec" };
@@ -140,6 +133,20 @@ fn refuse_unexpressible(spec: &InstanceSpec) -> Result<(), RuntimeError> {
         return refuse("give an instance with a network of its own a fixed host port");
     }
     Ok(())
+}
+
+/// The workload's environment as an engine takes it: the spec's variables and secrets, with
+/// `PORT` the port the instance listens on whatever the spec set.
+pub(crate) fn environment(spec: &InstanceSpec, port: u16) -> Vec<String> {
+    let mut env: Vec<String> = spec
+        .env
+        .iter()
+        .chain(spec.secret_env.0.iter())
+        .filter(|(key, _)| key.as_str() != "PORT")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    env.push(format!("PORT={port}"));
+    env
 }
 
 #[cfg(test)]

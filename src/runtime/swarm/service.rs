@@ -40,14 +40,7 @@ pub fn service_spec(
 ) -> Result<(ServiceSpec, Vec<String>), RuntimeError> {
     refuse_unexpressible(spec)?;
     let port = spec.port.unwrap_or(crate::runtime::DEFAULT_PORT);
-    let mut env: Vec<String> = spec
-        .env
-        .iter()
-        .chain(spec.secret_env.0.iter())
-        .filter(|(key, _)| key.as_str() != "PORT")
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    env.push(format!("PORT={port}"));
+    let env = crate::runtime::docker::lockdown::environment(spec, port);
     let mut warnings = vec![NO_NEW_PRIVILEGES.to_owned()];
     let tmp_bytes = spec.limits.tmp_bytes.unwrap_or(DEFAULT_TMP_BYTES);
     if tmp_bytes != DEFAULT_TMP_BYTES {
