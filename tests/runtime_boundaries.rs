@@ -19,11 +19,37 @@ use support::runtime::{File, get, parse_report, probe_binary, put_image};
 use support::{StrayFds, graven, succeed};
 
 /// A fresh home with `probe:test` (passwd with root and app), and the scratch dir above it.
-fn probe_home() -> (tempfile::TempDir, PathBuf) {
-    let scratch = tempfile::tempdir().unwrap();
+fn probe_home() -> (Scratch, PathBuf) {
+    let scratch = Scratch(tempfile::tempdir().unwrap());
     let home = scratch.path().join("home");
     put_image(&home, "probe:test", &probe_files(&[]), probe_config());
     (scratch, home)
+}
+
+/// A test's scratch dir whose home's instances are removed when it goes: `graven run` keeps
+/// an exited instance, whose append-only log files the temp dir could not delete and whose
+/// network address would stay leased.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let home = self.path().join("home");
+        let Ok(listed) = graven(&home).args(["ps", "--all", "--json"]).output() else {
+            return;
+        };
+        let instances: Vec<serde_json::Value> =
+            serde_json::from_slice(&listed.stdout).unwrap_or_default();
+        let ids: Vec<&str> = instances.iter().filter_map(|i| i["id"].as_str()).collect();
+        if !ids.is_empty() {
+            let _ = graven(&home).args(["rm", "--force"]).args(&ids).output();
+        }
+    }
 }
 
 fn probe_files(extra: &[File]) -> Vec<File> {
@@ -492,6 +518,16 @@ fn image_symlinks_resolve_mount_points_inside_the_root() {
         );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(victim.to_str().unwrap()), "{link}");
+    }
+    // A refused start wrote nothing, and left no append-only log file that nobody could
+    // delete: every source of this home's `graven run`s can go.
+    for source in std::fs::read_dir(home.join("logs/_run")).unwrap() {
+        let source = source.unwrap().path();
+        if !source.is_dir() {
+            continue;
+        }
+        std::fs::remove_dir_all(&source)
+            .unwrap_or_else(|e| panic!("removing {}: {e}", source.display()));
     }
 }
 

@@ -41,7 +41,8 @@ impl Home {
     }
 }
 
-/// Kills whatever a failed test left running.
+/// Kills and removes whatever a test left (removing clears the log files' append-only flag,
+/// so the temp dir can go, and hands the instance's network namespace back).
 impl Drop for Home {
     fn drop(&mut self) {
         let runtime = AnyRuntime::Local(self.runtime.clone());
@@ -52,7 +53,8 @@ impl Drop for Home {
                 .unwrap();
             rt.block_on(async {
                 for instance in runtime.list().await.unwrap_or_default() {
-                    let _ = runtime.kill(&instance.id).await;
+                    let _ = runtime.stop(&instance.id, Duration::ZERO).await;
+                    let _ = runtime.remove(&instance.id).await;
                 }
             });
         })

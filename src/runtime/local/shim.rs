@@ -297,14 +297,18 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<Started, String> {
         // The newest start's bound is its service's, for `remove` and gc to enforce.
         let _ = crate::logs::retention::save_policy(group, request.log.policy());
     }
-    let mut volumes = lock_volumes(request)?;
-    let launched = sandbox::launch(
-        &request.spec,
-        &request.options,
-        outputs.stdout,
-        outputs.stderr,
-    )
-    .map_err(|e| e.to_string())?;
+    // A workload that never starts writes nothing: its data files must not stay sealed.
+    let started = lock_volumes(request).and_then(|volumes| {
+        let launched = sandbox::launch(
+            &request.spec,
+            &request.options,
+            outputs.stdout,
+            outputs.stderr,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((volumes, launched))
+    });
+    let (mut volumes, launched) = started.inspect_err(|_| stamper.unseal())?;
     let workload = Proc::of(launched.pid);
     for lock in &mut volumes {
         lock.record_workload(workload);
