@@ -218,6 +218,11 @@ impl StagedLayer {
         let thread = std::thread::Builder::new()
             .name("graven-gzip".to_owned())
             .spawn(move || {
+                // The lowest priority for this thread and the chunk threads it spawns (nice
+                // is per thread and inherited): the RUN steps that follow get the cores
+                // first, and the gzip takes what their waits on the network and the disk
+                // leave. Its output does not depend on it.
+                let _ = rustix::process::setpriority_process(None, 19);
                 let mut buf = vec![0; 1 << 20];
                 loop {
                     if stopped.load(Ordering::Relaxed) {
