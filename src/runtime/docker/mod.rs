@@ -99,6 +99,69 @@ pub(crate) fn is_not_found(error: &bollard::errors::Error) -> bool {
     )
 }
 
+/// Stops `container`: its stop signal, then SIGKILL once `grace` has passed (in whole
+/// seconds, the API's unit, rounded up so the grace is never shortened); one already stopped
+/// is no error. Returns once it stopped. The Swarm runtime stops a task's container so too.
+pub(crate) async fn stop_container(
+    docker: &Docker,
+    container: &str,
+    grace: Duration,
+) -> Result<(), bollard::errors::Error> {
+    let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    match docker
+        .stop_container(
+            container,
+            Some(q::StopContainerOptions {
+                t: Some(seconds as i32),
+                ..Default::default()
+            }),
+        )
+        .await
+    {
+        // Already stopped: 304.
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// SIGKILL to `container`; one not running any more (409: it ended meanwhile) is no error.
+pub(crate) async fn kill_container(
+    docker: &Docker,
+    container: &str,
+) -> Result<(), bollard::errors::Error> {
+    match docker
+        .kill_container(
+            container,
+            Some(q::KillContainerOptions {
+                signal: "SIGKILL".to_owned(),
+            }),
+        )
+        .await
+    {
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 409, ..
+        }) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Waits, up to `wait`, until `container` does not run (the engine's wait endpoint). Whatever
+/// the answer (bollard reads a non-zero exit code as an error, and a container removed
+/// meanwhile is one too), the caller's inspect says what it then is.
+pub(crate) async fn wait_not_running(docker: &Docker, container: &str, wait: Duration) {
+    let mut waiting = docker.wait_container(
+        container,
+        Some(q::WaitContainerOptions {
+            condition: "not-running".to_owned(),
+        }),
+    );
+    let _ = tokio::time::timeout(wait, waiting.next()).await;
+}
+
 /// The engine's address for `configured` (graven.toml's `docker_host`): it, else
 /// `$DOCKER_HOST`, else the usual socket.
 pub fn engine_host(configured: Option<&str>) -> String {
@@ -317,15 +380,7 @@ impl DockerRuntime {
     /// returns what it then is.
     async fn wait_exited(&self, id: &InstanceId, wait: Duration) -> Result<Instance, RuntimeError> {
         let docker = self.engine().await?;
-        let mut waiting = docker.wait_container(
-            &Self::container_name(id),
-            Some(q::WaitContainerOptions {
-                condition: "not-running".to_owned(),
-            }),
-        );
-        // Whatever the answer (bollard reads a non-zero exit code as an error, and a
-        // container removed meanwhile is one too), the inspect says what the instance is.
-        let _ = tokio::time::timeout(wait, waiting.next()).await;
+        wait_not_running(docker, &Self::container_name(id), wait).await;
         self.inspect(id).await
     }
 
@@ -759,25 +814,9 @@ impl Runtime for DockerRuntime {
             return Ok(instance);
         }
         let docker = self.engine().await?;
-        // Whole seconds, the API's unit, rounded up so the grace is never shortened.
-        let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
-        match docker
-            .stop_container(
-                &Self::container_name(id),
-                Some(q::StopContainerOptions {
-                    t: Some(seconds as i32),
-                    ..Default::default()
-                }),
-            )
+        stop_container(docker, &Self::container_name(id), grace)
             .await
-        {
-            Ok(()) => {}
-            // Already stopped: 304.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => {}
-            Err(error) => return Err(engine_error(format!("stopping instance {id}"), error)),
-        }
+            .map_err(|e| engine_error(format!("stopping instance {id}"), e))?;
         self.wait_exited(id, KILL_WAIT).await
     }
 
@@ -787,22 +826,9 @@ impl Runtime for DockerRuntime {
             return Ok(());
         }
         let docker = self.engine().await?;
-        match docker
-            .kill_container(
-                &Self::container_name(id),
-                Some(q::KillContainerOptions {
-                    signal: "SIGKILL".to_owned(),
-                }),
-            )
+        kill_container(docker, &Self::container_name(id))
             .await
-        {
-            Ok(()) => {}
-            // Not running any more (409): it ended meanwhile.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => {}
-            Err(error) => return Err(engine_error(format!("killing instance {id}"), error)),
-        }
+            .map_err(|e| engine_error(format!("killing instance {id}"), e))?;
         self.wait_exited(id, KILL_WAIT).await.map(drop)
     }
 
