@@ -251,15 +251,7 @@ async fn a_restarted_node_s_events_are_followed_again() {
 
     // The worker's engine restarts (its containers end with it) and is back in the Swarm.
     swarm.restart_node(1);
-    support::wait_for(Duration::from_secs(60), "the worker ready again", || {
-        let ready = swarm
-            .manager()
-            .lines(&["node", "ls", "--format", "{{.Status}}"])
-            .iter()
-            .filter(|s| *s == "Ready")
-            .count();
-        (ready == 2).then_some(())
-    });
+    swarm.wait_all_ready();
     let (id, container) = start_on_worker(&runtime, &image, &swarm).await;
     while changes.try_recv().is_ok() {}
 

@@ -334,16 +334,21 @@ impl Swarm {
                 &join,
             ]);
         }
+        swarm.wait_all_ready();
+        swarm
+    }
+
+    /// Waits (60 s at most) until the manager sees every node ready.
+    pub fn wait_all_ready(&self) {
         super::wait_for(Duration::from_secs(60), "every node ready", || {
-            let ready = swarm
+            let ready = self
                 .manager()
                 .lines(&["node", "ls", "--format", "{{.Status}}"])
                 .iter()
                 .filter(|s| *s == "Ready")
                 .count();
-            (ready == usize::from(count)).then_some(())
+            (ready == self.nodes.len()).then_some(())
         });
-        swarm
     }
 
     pub fn nodes(&self) -> &[Node] {

@@ -99,6 +99,28 @@ pub(crate) fn is_not_found(error: &bollard::errors::Error) -> bool {
     )
 }
 
+/// The engine's events `actions` of the containers labelled `label` (`KEY=VALUE`), as they
+/// happen; the Swarm runtime follows each node's task containers so too.
+pub(crate) fn container_events(
+    docker: &Docker,
+    actions: &[&str],
+    label: String,
+) -> impl futures_util::Stream<Item = Result<bollard::models::EventMessage, bollard::errors::Error>>
+{
+    let filters = HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        (
+            "event".to_owned(),
+            actions.iter().map(|a| (*a).to_owned()).collect(),
+        ),
+        ("label".to_owned(), vec![label]),
+    ]);
+    docker.events(Some(q::EventsOptions {
+        filters: Some(filters),
+        ..Default::default()
+    }))
+}
+
 /// Stops `container`: its stop signal, then SIGKILL once `grace` has passed (in whole
 /// seconds, the API's unit, rounded up so the grace is never shortened); one already stopped
 /// is no error. Returns once it stopped. The Swarm runtime stops a task's container so too.
@@ -443,21 +465,8 @@ impl DockerRuntime {
     async fn watch_events(self) {
         loop {
             if let Ok(docker) = self.engine().await {
-                let filters = HashMap::from([
-                    ("type".to_owned(), vec!["container".to_owned()]),
-                    (
-                        "event".to_owned(),
-                        vec!["die".to_owned(), "exec_start".to_owned()],
-                    ),
-                    (
-                        "label".to_owned(),
-                        vec![format!("{}={}", labels::HOME, self.inner.home_label)],
-                    ),
-                ]);
-                let mut events = docker.events(Some(q::EventsOptions {
-                    filters: Some(filters),
-                    ..Default::default()
-                }));
+                let label = format!("{}={}", labels::HOME, self.inner.home_label);
+                let mut events = container_events(docker, &["die", "exec_start"], label);
                 while let Some(Ok(event)) = events.next().await {
                     let action = event.action.unwrap_or_default();
                     let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();

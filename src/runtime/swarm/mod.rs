@@ -72,8 +72,6 @@ struct Inner {
     node_watches: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// What those tasks saw, for `start` to wait on.
     containers: broadcast::Sender<TaskContainer>,
-    /// How many nodes' event streams are connected now.
-    connected: Arc<std::sync::atomic::AtomicUsize>,
     followed: Arc<Mutex<HashSet<InstanceId>>>,
     /// Each image loaded so far: the nodes that hold it and its id there.
     loaded: Mutex<HashMap<Digest, Loaded>>,
@@ -141,7 +139,6 @@ impl SwarmRuntime {
                 watch: Mutex::new(None),
                 node_watches: Mutex::default(),
                 containers,
-                connected: Arc::default(),
                 followed: Arc::default(),
                 loaded: Mutex::default(),
                 facts: Mutex::default(),
@@ -507,45 +504,11 @@ impl SwarmRuntime {
     /// event stream of API 1.41 has no task events at all. A stream that ends (the engine
     /// stopped or restarted) is asked for again.
     async fn watch_node(self, engine: usize) {
-        use std::sync::atomic::Ordering;
         loop {
             if let Ok(docker) = self.inner.engines[engine].engine().await {
-                let filters = HashMap::from([
-                    ("type".to_owned(), vec!["container".to_owned()]),
-                    (
-                        "event".to_owned(),
-                        vec!["start".to_owned(), "die".to_owned()],
-                    ),
-                    (
-                        "label".to_owned(),
-                        vec![format!("{}={}", service::TASK_HOME, self.inner.home_label)],
-                    ),
-                ]);
-                let mut events = docker.events(Some(q::EventsOptions {
-                    filters: Some(filters),
-                    ..Default::default()
-                }));
-                // Counted from the engine's answer: `events` sends nothing until then.
-                let mut counted = false;
-                let mut next = events.next();
-                loop {
-                    let event = if counted {
-                        next.await
-                    } else {
-                        match tokio::time::timeout(ENGINE_ANSWER, &mut next).await {
-                            Ok(event) => event,
-                            // Connected, and quiet: count it now.
-                            Err(_) => {
-                                self.inner.connected.fetch_add(1, Ordering::Relaxed);
-                                counted = true;
-                                next.await
-                            }
-                        }
-                    };
-                    let Some(Ok(event)) = event else {
-                        break;
-                    };
-                    next = events.next();
+                let label = format!("{}={}", service::TASK_HOME, self.inner.home_label);
+                let mut events = super::docker::container_events(docker, &["start", "die"], label);
+                while let Some(Ok(event)) = events.next().await {
                     let actor = event.actor.unwrap_or_default();
                     let attributes = actor.attributes.unwrap_or_default();
                     let Some(id) = attributes
@@ -572,9 +535,6 @@ impl SwarmRuntime {
                         container: actor.id.unwrap_or_default(),
                         exited,
                     });
-                }
-                if counted {
-                    self.inner.connected.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             tokio::time::sleep(RECONNECT).await;
@@ -676,7 +636,7 @@ impl SwarmRuntime {
                 action,
             });
         }
-        let Some(node) = found.placed.node.clone() else {
+        let (Some(node), Some(_)) = (found.placed.node.clone(), &found.placed.container) else {
             return Err(RuntimeError::WrongState {
                 id: id.clone(),
                 status: InstanceStatus::Created,
