@@ -410,6 +410,12 @@ TOML
         converged=$(now)
         record_update graven "$version" "$start" "$converged" "$converged" "$load_pid"
     done
+    # Where each deploy's time went, from the event log's times (bench/deploy_phases.jq).
+    GRAVEN_HOME=$home "$GRAVEN" history --json >"$WORK/history.json"
+    jq -r -f "$ROOT/bench/deploy_phases.jq" "$WORK/history.json" \
+        | jq -rs '(["release", "total", "to_first", "start", "health", "gap", "stop", "tail"] | @tsv),
+            (.[] | [.release, .total, .to_first, .start, .health, .gap, .stop, .tail] | @tsv)' \
+        >"$WORK/phases.tsv"
     GRAVEN_HOME=$home "$GRAVEN" down "$project" >/dev/null 2>&1 || true
     kill -TERM "$GRAVEN_UP_PID"
     wait "$GRAVEN_UP_PID" || true
@@ -444,6 +450,11 @@ fi
 echo
 echo "graven (seconds from \`graven deploy\` to every old instance gone):"
 column -t -s $'\t' "$WORK/graven.tsv"
+if [ -f "$WORK/phases.tsv" ]; then
+    echo
+    echo "graven's deploys by phase (ms, from its event log; bench/deploy_phases.jq says what each is):"
+    column -t -s $'\t' "$WORK/phases.tsv"
+fi
 echo
 {
     printf 'who\tmean_converged_s\trequests\tfailed\tupdates\tvs_swarm\n'

@@ -232,3 +232,67 @@ fn a_crashed_worker_s_instances_are_replaced_on_the_nodes_left() {
     );
     drop(up);
 }
+
+/// A node's engine is followed again after it restarts: with the manager's engine frozen (it
+/// takes requests and answers none, so the manager's tasks cannot say anything), a task's
+/// container killed on a worker whose engine restarted is reported exited all the same, by
+/// that worker's event stream alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_s_events_are_followed_again() {
+    use graven::runtime::{InstanceChange, Runtime, SwarmRuntime};
+
+    let mut swarm = Swarm::with_nodes(2);
+    let home = tempfile::tempdir().unwrap();
+    let image = support::runtime::hello_image(home.path());
+    let runtime =
+        SwarmRuntime::open(home.path(), &swarm.manager().host(), &swarm.engines()).unwrap();
+    let mut changes = runtime.changes();
+    start_on_worker(&runtime, &image, &swarm).await;
+
+    // The worker's engine restarts (its containers end with it) and is back in the Swarm.
+    swarm.restart_node(1);
+    swarm.wait_all_ready();
+    let (id, container) = start_on_worker(&runtime, &image, &swarm).await;
+    while changes.try_recv().is_ok() {}
+
+    swarm.freeze_node(0, true);
+    swarm.nodes()[1].run(&["kill", &container]);
+    let exited = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match changes.recv().await {
+                Ok(InstanceChange::Exited { id: exited }) if exited == id => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(error) => panic!("{error}"),
+            }
+        }
+    })
+    .await;
+    swarm.freeze_node(0, false);
+    assert!(
+        exited.is_ok(),
+        "the restarted worker's event stream did not report {id} exited"
+    );
+}
+
+/// Starts instances until one runs on the worker (Swarm spreads them over both nodes):
+/// its id and its container there.
+async fn start_on_worker(
+    runtime: &graven::runtime::SwarmRuntime,
+    image: &graven::store::Digest,
+    swarm: &Swarm,
+) -> (graven::runtime::InstanceId, String) {
+    use graven::runtime::{InstanceSpec, Runtime};
+    let on_worker = || swarm.nodes()[1].lines(&["ps", "-q", "--no-trunc"]);
+    let before = on_worker();
+    for _ in 0..4 {
+        let instance = runtime
+            .start(InstanceSpec::new(image.clone()))
+            .await
+            .unwrap();
+        let now = on_worker();
+        if let Some(container) = now.into_iter().find(|c| !before.contains(c)) {
+            return (instance.id, container);
+        }
+    }
+    panic!("no instance on the worker: {:?}", swarm.running_per_node());
+}

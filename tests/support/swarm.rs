@@ -85,6 +85,42 @@ fn bridge_address(bridge: &str) -> Ipv4Addr {
     cidr.split('/').next().unwrap().parse().unwrap()
 }
 
+/// dockerd in namespace `netns` with its data root, exec root, pidfile, socket and log
+/// under `dir` (the same ones again for a restart: its Swarm state is kept there).
+fn spawn_engine(dir: &Path, netns: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("log"))
+        .unwrap();
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            CGROUP_SHELL,
+            "sh",
+            DOCKERD,
+        ])
+        .arg("--data-root")
+        .arg(dir.join("data"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .arg("-H")
+        .arg(format!("unix://{}", dir.join("docker.sock").display()))
+        .args(["--iptables=false", "--ip6tables=false"])
+        .env("CGROUP_MOUNTS", cgroup_mounts())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start dockerd in its namespace")
+}
+
 impl Node {
     /// The engine's address, as graven.toml's `docker_host` writes it.
     pub fn host(&self) -> String {
@@ -153,36 +189,7 @@ impl Node {
             .prefix("graven-swarm-")
             .tempdir()
             .unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "sh",
-                "-c",
-                CGROUP_SHELL,
-                "sh",
-                DOCKERD,
-            ])
-            .arg("--data-root")
-            .arg(dir.path().join("data"))
-            .arg("--exec-root")
-            .arg(dir.path().join("exec"))
-            .arg("--pidfile")
-            .arg(dir.path().join("dockerd.pid"))
-            .arg("-H")
-            .arg(format!(
-                "unix://{}",
-                dir.path().join("docker.sock").display()
-            ))
-            .args(["--iptables=false", "--ip6tables=false"])
-            .env("CGROUP_MOUNTS", cgroup_mounts())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd in its namespace");
+        let child = spawn_engine(dir.path(), &netns);
         let node = Node {
             dir,
             child,
@@ -192,18 +199,23 @@ impl Node {
             stopped: false,
             orphans: Vec::new(),
         };
+        node.wait_answers();
+        node
+    }
+
+    /// Waits (60 s at most) until the engine answers.
+    fn wait_answers(&self) {
         let answered = super::try_wait_for(Duration::from_secs(60), || {
-            let out = node.docker().arg("info").output().ok()?;
+            let out = self.docker().arg("info").output().ok()?;
             out.status.success().then_some(())
         });
         if answered.is_none() {
-            let log = std::fs::read_to_string(node.dir.path().join("log")).unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
             panic!(
                 "dockerd in {} did not answer within 60 s:\n{log}",
-                node.netns
+                self.netns
             );
         }
-        node
     }
 
     /// SIGKILL to the engine's own PID: a crash. Its containers run on, cut off from the
@@ -254,8 +266,12 @@ impl Node {
             return;
         }
         self.stopped = true;
-        // SAFETY: kill(2) with a PID this struct spawned and has not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill(2) with a PID this struct spawned and has not reaped; SIGCONT in
+        // case a test froze it (`Swarm::freeze_node`) and failed before it thawed it.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
         let stopped = super::try_wait_for(Duration::from_secs(30), || {
             self.child.try_wait().ok().flatten()
         });
@@ -318,16 +334,21 @@ impl Swarm {
                 &join,
             ]);
         }
+        swarm.wait_all_ready();
+        swarm
+    }
+
+    /// Waits (60 s at most) until the manager sees every node ready.
+    pub fn wait_all_ready(&self) {
         super::wait_for(Duration::from_secs(60), "every node ready", || {
-            let ready = swarm
+            let ready = self
                 .manager()
                 .lines(&["node", "ls", "--format", "{{.Status}}"])
                 .iter()
                 .filter(|s| *s == "Ready")
                 .count();
-            (ready == usize::from(count)).then_some(())
+            (ready == self.nodes.len()).then_some(())
         });
-        swarm
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -346,6 +367,24 @@ impl Swarm {
     /// Stops node `i`'s engine by its PID (a lost node, for the Swarm).
     pub fn stop_node(&mut self, i: usize) {
         self.nodes[i].stop();
+    }
+
+    /// Stops node `i`'s engine by its PID and starts it again on the same data root (it
+    /// comes back in the Swarm as the same node); returns once it answers.
+    pub fn restart_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.stop();
+        node.child = spawn_engine(node.dir.path(), &node.netns);
+        node.stopped = false;
+        node.wait_answers();
+    }
+
+    /// SIGSTOP (`frozen`) or SIGCONT to node `i`'s engine's own PID: an engine that takes
+    /// requests and never answers them, while its containers run on.
+    pub fn freeze_node(&self, i: usize, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) with a PID this struct spawned and has not reaped.
+        unsafe { libc::kill(self.nodes[i].child.id() as i32, signal) };
     }
 
     /// Kills node `i`'s engine by its PID (SIGKILL: a crashed node, whose containers run on

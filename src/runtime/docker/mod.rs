@@ -99,6 +99,91 @@ pub(crate) fn is_not_found(error: &bollard::errors::Error) -> bool {
     )
 }
 
+/// The engine's events `actions` of the containers labelled `label` (`KEY=VALUE`), as they
+/// happen; the Swarm runtime follows each node's task containers so too.
+pub(crate) fn container_events(
+    docker: &Docker,
+    actions: &[&str],
+    label: String,
+) -> impl futures_util::Stream<Item = Result<bollard::models::EventMessage, bollard::errors::Error>>
+{
+    let filters = HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        (
+            "event".to_owned(),
+            actions.iter().map(|a| (*a).to_owned()).collect(),
+        ),
+        ("label".to_owned(), vec![label]),
+    ]);
+    docker.events(Some(q::EventsOptions {
+        filters: Some(filters),
+        ..Default::default()
+    }))
+}
+
+/// Stops `container`: its stop signal, then SIGKILL once `grace` has passed (in whole
+/// seconds, the API's unit, rounded up so the grace is never shortened); one already stopped
+/// is no error. Returns once it stopped. The Swarm runtime stops a task's container so too.
+pub(crate) async fn stop_container(
+    docker: &Docker,
+    container: &str,
+    grace: Duration,
+) -> Result<(), bollard::errors::Error> {
+    let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    match docker
+        .stop_container(
+            container,
+            Some(q::StopContainerOptions {
+                t: Some(seconds as i32),
+                ..Default::default()
+            }),
+        )
+        .await
+    {
+        // Already stopped: 304.
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// SIGKILL to `container`; one not running any more (409: it ended meanwhile) is no error.
+pub(crate) async fn kill_container(
+    docker: &Docker,
+    container: &str,
+) -> Result<(), bollard::errors::Error> {
+    match docker
+        .kill_container(
+            container,
+            Some(q::KillContainerOptions {
+                signal: "SIGKILL".to_owned(),
+            }),
+        )
+        .await
+    {
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 409, ..
+        }) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Waits, up to `wait`, until `container` does not run (the engine's wait endpoint). Whatever
+/// the answer (bollard reads a non-zero exit code as an error, and a container removed
+/// meanwhile is one too), the caller's inspect says what it then is.
+pub(crate) async fn wait_not_running(docker: &Docker, container: &str, wait: Duration) {
+    let mut waiting = docker.wait_container(
+        container,
+        Some(q::WaitContainerOptions {
+            condition: "not-running".to_owned(),
+        }),
+    );
+    let _ = tokio::time::timeout(wait, waiting.next()).await;
+}
+
 /// The engine's address for `configured` (graven.toml's `docker_host`): it, else
 /// `$DOCKER_HOST`, else the usual socket.
 pub fn engine_host(configured: Option<&str>) -> String {
@@ -317,15 +402,7 @@ impl DockerRuntime {
     /// returns what it then is.
     async fn wait_exited(&self, id: &InstanceId, wait: Duration) -> Result<Instance, RuntimeError> {
         let docker = self.engine().await?;
-        let mut waiting = docker.wait_container(
-            &Self::container_name(id),
-            Some(q::WaitContainerOptions {
-                condition: "not-running".to_owned(),
-            }),
-        );
-        // Whatever the answer (bollard reads a non-zero exit code as an error, and a
-        // container removed meanwhile is one too), the inspect says what the instance is.
-        let _ = tokio::time::timeout(wait, waiting.next()).await;
+        wait_not_running(docker, &Self::container_name(id), wait).await;
         self.inspect(id).await
     }
 
@@ -388,21 +465,8 @@ impl DockerRuntime {
     async fn watch_events(self) {
         loop {
             if let Ok(docker) = self.engine().await {
-                let filters = HashMap::from([
-                    ("type".to_owned(), vec!["container".to_owned()]),
-                    (
-                        "event".to_owned(),
-                        vec!["die".to_owned(), "exec_start".to_owned()],
-                    ),
-                    (
-                        "label".to_owned(),
-                        vec![format!("{}={}", labels::HOME, self.inner.home_label)],
-                    ),
-                ]);
-                let mut events = docker.events(Some(q::EventsOptions {
-                    filters: Some(filters),
-                    ..Default::default()
-                }));
+                let label = format!("{}={}", labels::HOME, self.inner.home_label);
+                let mut events = container_events(docker, &["die", "exec_start"], label);
                 while let Some(Ok(event)) = events.next().await {
                     let action = event.action.unwrap_or_default();
                     let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
@@ -759,25 +823,9 @@ impl Runtime for DockerRuntime {
             return Ok(instance);
         }
         let docker = self.engine().await?;
-        // Whole seconds, the API's unit, rounded up so the grace is never shortened.
-        let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
-        match docker
-            .stop_container(
-                &Self::container_name(id),
-                Some(q::StopContainerOptions {
-                    t: Some(seconds as i32),
-                    ..Default::default()
-                }),
-            )
+        stop_container(docker, &Self::container_name(id), grace)
             .await
-        {
-            Ok(()) => {}
-            // Already stopped: 304.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => {}
-            Err(error) => return Err(engine_error(format!("stopping instance {id}"), error)),
-        }
+            .map_err(|e| engine_error(format!("stopping instance {id}"), e))?;
         self.wait_exited(id, KILL_WAIT).await
     }
 
@@ -787,22 +835,9 @@ impl Runtime for DockerRuntime {
             return Ok(());
         }
         let docker = self.engine().await?;
-        match docker
-            .kill_container(
-                &Self::container_name(id),
-                Some(q::KillContainerOptions {
-                    signal: "SIGKILL".to_owned(),
-                }),
-            )
+        kill_container(docker, &Self::container_name(id))
             .await
-        {
-            Ok(()) => {}
-            // Not running any more (409): it ended meanwhile.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => {}
-            Err(error) => return Err(engine_error(format!("killing instance {id}"), error)),
-        }
+            .map_err(|e| engine_error(format!("killing instance {id}"), e))?;
         self.wait_exited(id, KILL_WAIT).await.map(drop)
     }
 

@@ -26,15 +26,22 @@ const DEFAULT_TMP_BYTES: u64 = crate::sandbox::DEFAULT_TMP_BYTES;
 pub const NO_NEW_PRIVILEGES: &str =
     "no-new-privileges is not set: a Swarm service spec of API 1.41 cannot express it";
 
+/// On the task's container: the graven home whose instance it is, so a node's engine's event
+/// stream can be asked for this home's containers alone (`SwarmRuntime::watch_node`).
+pub const TASK_HOME: &str = "graven.swarm.home";
+/// On the task's container: the instance id. Not the Docker runtime's `graven.instance`, so a
+/// Docker runtime on the same engine never lists a task's container as its own.
+pub const TASK_INSTANCE: &str = "graven.swarm.instance";
+
 /// The service spec for `spec`: named `name`, its task's container running the image
-/// `image_id` (the engine's `sha256:` id, the same on every node it was loaded into), with
-/// `labels` on the service, kept off the nodes in `excluded` (their engines lack the image).
-/// Returns the warnings the instance carries.
+/// `image_id` (the engine's `sha256:` id, the same on every node it was loaded into) as
+/// instance `id` of graven's home `home`, with `labels` on the service, kept off the nodes
+/// in `excluded` (their engines lack the image). Returns the warnings the instance carries.
 pub fn service_spec(
     spec: &InstanceSpec,
     name: &str,
     image_id: &str,
-    hostname: &str,
+    (id, home): (&str, &str),
     labels: HashMap<String, String>,
     excluded: &[String],
 ) -> Result<(ServiceSpec, Vec<String>), RuntimeError> {
@@ -76,7 +83,11 @@ pub fn service_spec(
         image: Some(image_id.to_owned()),
         command: entrypoint,
         args: spec.command.clone(),
-        hostname: Some(hostname.to_owned()),
+        hostname: Some(id.to_owned()),
+        labels: Some(HashMap::from([
+            (TASK_HOME.to_owned(), home.to_owned()),
+            (TASK_INSTANCE.to_owned(), id.to_owned()),
+        ])),
         env: Some(env),
         user: spec.user.clone(),
         read_only: Some(true),
@@ -173,7 +184,15 @@ mod tests {
     use crate::store::Digest;
 
     fn build(spec: &InstanceSpec) -> (ServiceSpec, Vec<String>) {
-        service_spec(spec, "graven-abc", "sha256:00", "abc", HashMap::new(), &[]).unwrap()
+        service_spec(
+            spec,
+            "graven-abc",
+            "sha256:00",
+            ("abc", "/home"),
+            HashMap::new(),
+            &[],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -192,6 +211,11 @@ mod tests {
         assert_eq!(container.read_only, Some(true));
         assert_eq!(container.capability_drop, Some(vec!["ALL".to_owned()]));
         assert_eq!(container.image.as_deref(), Some("sha256:00"));
+        // The container says whose instance it is, under keys of the Swarm runtime's own.
+        let labels = container.labels.unwrap();
+        assert_eq!(labels[TASK_INSTANCE], "abc");
+        assert_eq!(labels[TASK_HOME], "/home");
+        assert!(!labels.contains_key(crate::runtime::docker::labels::INSTANCE));
         let mounts = container.mounts.unwrap();
         let targets: Vec<_> = mounts.iter().filter_map(|m| m.target.clone()).collect();
         assert_eq!(targets, ["/tmp", "/cache"]);
@@ -220,8 +244,15 @@ mod tests {
     fn nodes_without_the_image_are_excluded() {
         let spec = InstanceSpec::new(Digest::of(b"image"));
         let excluded = ["n2".to_owned(), "n3".to_owned()];
-        let (service, _) =
-            service_spec(&spec, "s", "sha256:00", "h", HashMap::new(), &excluded).unwrap();
+        let (service, _) = service_spec(
+            &spec,
+            "s",
+            "sha256:00",
+            ("h", "/home"),
+            HashMap::new(),
+            &excluded,
+        )
+        .unwrap();
         let placement = service.task_template.unwrap().placement.unwrap();
         assert_eq!(
             placement.constraints,
@@ -249,7 +280,8 @@ mod tests {
             (exec, "exec_tmp"),
             (closed, "outbound = false"),
         ] {
-            let refused = service_spec(&spec, "s", "i", "h", HashMap::new(), &[]).unwrap_err();
+            let refused =
+                service_spec(&spec, "s", "i", ("h", "/home"), HashMap::new(), &[]).unwrap_err();
             let message = refused.to_string();
             assert!(message.contains(fragment), "{message}");
             assert!(message.starts_with("the swarm runtime cannot"), "{message}");

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use bollard::models::{NodeState, Task, TaskState};
+use bollard::models::{NodeState, PortMap, Task, TaskState};
 
 use crate::runtime::InstanceStatus;
 
@@ -89,25 +89,8 @@ fn newest(tasks: &[&Task], nodes: &HashMap<String, NodeView>, port: u16) -> Plac
         .as_ref()
         .and_then(|c| c.container_id.clone())
         .filter(|c| !c.is_empty());
-    let exit = || {
-        let code = status.container_status.as_ref().and_then(|c| c.exit_code);
-        match code {
-            Some(code) if (129..=128 + 64).contains(&code) => InstanceStatus::Exited {
-                code: None,
-                signal: Some((code - 128) as i32),
-            },
-            Some(code) => InstanceStatus::Exited {
-                code: Some(code as i32),
-                signal: None,
-            },
-            None => InstanceStatus::Exited {
-                code: None,
-                signal: None,
-            },
-        }
-    };
     let status = if is_terminal(state) {
-        exit()
+        exit_status(status.container_status.as_ref().and_then(|c| c.exit_code))
     } else if view.is_some_and(|v| v.down) {
         // Its node is lost: nothing of it can be reached or stopped until the node comes
         // back, and Swarm will not place it again.
@@ -139,6 +122,63 @@ fn newest(tasks: &[&Task], nodes: &HashMap<String, NodeView>, port: u16) -> Plac
     }
 }
 
+/// An ended container's exit code as the instance's end, as Docker's: above 128 it is the
+/// signal that ended it.
+pub fn exit_status(code: Option<i64>) -> InstanceStatus {
+    match code {
+        Some(code) if (129..=128 + 64).contains(&code) => InstanceStatus::Exited {
+            code: None,
+            signal: Some((code - 128) as i32),
+        },
+        Some(code) => InstanceStatus::Exited {
+            code: Some(code as i32),
+            signal: None,
+        },
+        None => InstanceStatus::Exited {
+            code: None,
+            signal: None,
+        },
+    }
+}
+
+/// What a node's engine said of an instance's container before the manager knew it (the
+/// node reports to the manager later: a tenth of a second after a start, more after an end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeFact {
+    /// Its container runs on `node`, reached at `address`.
+    Running {
+        address: SocketAddr,
+        node: String,
+        container: String,
+    },
+    /// Its container ended, so: its task never runs again (Swarm restarts none).
+    Ended(InstanceStatus),
+}
+
+/// The instance's state from the manager's tasks (`placed`) and what a node said of it
+/// (`fact`), whichever is further along: a node's word only ever moves an instance forward
+/// (created to running, or to exited), never back.
+pub fn overlay(mut placed: Placed, fact: Option<&NodeFact>) -> Placed {
+    match fact {
+        Some(NodeFact::Running {
+            address,
+            node,
+            container,
+        }) if placed.status == InstanceStatus::Created => {
+            placed.status = InstanceStatus::Running;
+            placed.address = Some(*address);
+            placed.node = Some(node.clone());
+            placed.container = Some(container.clone());
+        }
+        Some(NodeFact::Ended(status)) if !placed.status.is_exited() => {
+            placed.status = *status;
+            placed.address = None;
+        }
+        _ => {}
+    }
+    placed
+}
+
 /// The port the task's node published for `port` (host mode).
 fn status_port(task: &Task, port: u16) -> Option<u16> {
     let ports = task.status.as_ref()?.port_status.as_ref()?.ports.as_ref()?;
@@ -147,6 +187,17 @@ fn status_port(task: &Task, port: u16) -> Option<u16> {
         .find(|p| p.target_port == Some(i64::from(port)))
         .and_then(|p| p.published_port)
         .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p > 0)
+}
+
+/// The port a node's engine published for a task container's `port` (host mode), as the
+/// container's inspection lists it: the same port the node later reports to the manager.
+pub fn published_port(ports: &PortMap, port: u16) -> Option<u16> {
+    ports
+        .get(&format!("{port}/tcp"))?
+        .as_ref()?
+        .iter()
+        .find_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())
         .filter(|&p| p > 0)
 }
 
@@ -210,6 +261,29 @@ mod tests {
     }
 
     #[test]
+    fn a_container_s_published_port_is_read_from_its_node_s_inspection() {
+        use bollard::models::PortBinding;
+        let binding = |port: &str| PortBinding {
+            host_ip: Some("0.0.0.0".to_owned()),
+            host_port: Some(port.to_owned()),
+        };
+        let ports: PortMap = [
+            (
+                "8080/tcp".to_owned(),
+                Some(vec![binding("30001"), binding("30001")]),
+            ),
+            ("9090/tcp".to_owned(), None),
+            ("7070/tcp".to_owned(), Some(vec![binding("0")])),
+        ]
+        .into();
+        assert_eq!(published_port(&ports, 8080), Some(30001));
+        // Not published (yet), or not this port: no address from it.
+        assert_eq!(published_port(&ports, 9090), None);
+        assert_eq!(published_port(&ports, 7070), None);
+        assert_eq!(published_port(&ports, 1234), None);
+    }
+
+    #[test]
     fn a_task_on_a_lost_node_is_an_exited_instance() {
         // The manager still has it running (the node cannot say otherwise), and wants it
         // shut down.
@@ -246,6 +320,43 @@ mod tests {
             placed(&[], &nodes(false), 8080, 1).status,
             InstanceStatus::Created
         );
+    }
+
+    #[test]
+    fn what_a_node_said_moves_an_instance_forward_only() {
+        let created = placed(&[], &nodes(false), 8080, 1);
+        let running = placed(
+            &[&task(TaskState::RUNNING, TaskState::RUNNING, None)],
+            &nodes(false),
+            8080,
+            1,
+        );
+        let ended = placed(
+            &[&task(TaskState::FAILED, TaskState::SHUTDOWN, Some(143))],
+            &nodes(false),
+            8080,
+            1,
+        );
+        let started = NodeFact::Running {
+            address: "10.0.0.3:30002".parse().unwrap(),
+            node: "n2".to_owned(),
+            container: "c2".to_owned(),
+        };
+        let killed = NodeFact::Ended(exit_status(Some(137)));
+        // Created for the manager, running on its node: running there.
+        let seen = overlay(created.clone(), Some(&started));
+        assert_eq!(seen.status, InstanceStatus::Running);
+        assert_eq!(seen.address, Some("10.0.0.3:30002".parse().unwrap()));
+        assert_eq!(seen.container.as_deref(), Some("c2"));
+        // Running for the manager, ended on its node: exited, unreachable.
+        let seen = overlay(running.clone(), Some(&killed));
+        assert_eq!(seen.status, exit_status(Some(137)));
+        assert_eq!(seen.address, None);
+        // Never backwards: the manager's later word stands over an older fact.
+        assert_eq!(overlay(running.clone(), Some(&started)), running);
+        assert_eq!(overlay(ended.clone(), Some(&started)), ended);
+        assert_eq!(overlay(ended.clone(), Some(&killed)), ended);
+        assert_eq!(overlay(created.clone(), None), created);
     }
 
     #[test]
