@@ -765,9 +765,8 @@ mod tests {
                 200 keep-alive=true remaining=Some(5)
                 content-length: 5
                 x-a: b
-                data "h"
-                data "ell"
-                data "o"
+                data "he"
+                data "llo"
                 done, 0 left over
             "#]],
         );
@@ -797,11 +796,11 @@ mod tests {
             expect_test::expect![[r#"
                 200 keep-alive=true remaining=None
                 transfer-encoding: chunked
-                data "h"
-                data "ello"
+                data "hel"
+                data "lo"
                 data " "
-                data "wo"
-                data "rld"
+                data "wor"
+                data "ld"
                 done, 0 left over
             "#]],
         );
@@ -826,9 +825,10 @@ mod tests {
             5,
             expect_test::expect![[r#"
                 200 keep-alive=false remaining=None
-                data "until"
-                data " the "
-                data "end"
+                data "u"
+                data "ntil "
+                data "the e"
+                data "nd"
                 done at the close
             "#]],
         );
@@ -942,10 +942,12 @@ mod tests {
             .unwrap()
             .into_parts();
         expect_test::expect![[r#"
-            "POST /upload?x=1 HTTP/1.1\r\nhost: example.test\r\ntransfer-encoding: chunked\r\n\r\n""#]]
+            "POST /upload?x=1 HTTP/1.1\r\nhost: example.test\r\ntransfer-encoding: chunked\r\n\r\n"
+        "#]]
         .assert_debug_eq(&render(&parts, true));
         expect_test::expect![[r#"
-            "POST /upload?x=1 HTTP/1.1\r\nhost: example.test\r\n\r\n""#]]
+            "POST /upload?x=1 HTTP/1.1\r\nhost: example.test\r\n\r\n"
+        "#]]
         .assert_debug_eq(&render(&parts, false));
     }
 }
