@@ -11,6 +11,7 @@
 
 use std::fmt::Write as _;
 use std::future::poll_fn;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
@@ -332,9 +333,16 @@ pub(crate) struct Head {
 /// answers before it) out; None while it is not whole.
 fn parse_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<Head>, UpstreamError> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let length = match response.parse(buffer) {
+        // Left uninitialised: parsing fills what it uses, and zeroing a hundred fields per
+        // answer would cost more than parsing a small head.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buffer,
+            &mut fields,
+        );
+        let length = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD => {
                 return Err(UpstreamError::Invalid("the head is too large"));
