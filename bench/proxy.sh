@@ -61,7 +61,9 @@ trap cleanup EXIT
 
 "$root/scripts/install-packages" wrk haproxy nginx
 
-# GRAVEN=PATH measures a graven binary built already (with dev-tools), say an older commit's.
+# GRAVEN=PATH measures a graven binary built already (with dev-tools), say an older commit's;
+# GRAVEN_BASE=PATH adds another as the target "graven-base" to every round, for an A/B of two
+# builds under the same conditions.
 if [ -n "${GRAVEN:-}" ]; then
     graven=$GRAVEN
 else
@@ -138,6 +140,11 @@ wait_port "$backend_port"
 # start_PROXY PORT THREADS: starts the proxy on PORT with THREADS threads (or workers).
 start_graven() {
     "$graven" __proxy --threads "$2" --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
+    started=$!
+}
+
+start_graven-base() {
+    "$GRAVEN_BASE" __proxy --threads "$2" --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
     started=$!
 }
 
@@ -334,12 +341,15 @@ stop() {
     wait "$pid" 2>/dev/null || true
 }
 
+http_proxies="graven haproxy nginx"
+[ -n "${GRAVEN_BASE:-}" ] && http_proxies="graven graven-base haproxy nginx"
+
 if [[ " $MODES " == *" http "* ]]; then
     for round in $(seq 1 "$ROUNDS"); do
         echo "round $round/$ROUNDS" >&2
         run "direct (backend, no proxy)" - "" "$backend_port"
         for threads in $THREAD_COUNTS; do
-            for proxy in graven haproxy nginx; do
+            for proxy in $http_proxies; do
                 port=$(free_port)
                 start_"$proxy" "$port" "$threads"
                 pid=$started
@@ -439,7 +449,7 @@ run_syscalls() {
 
 if [[ " $MODES " == *" syscalls "* ]]; then
     for threads in $THREAD_COUNTS; do
-        for proxy in graven haproxy nginx; do
+        for proxy in $http_proxies; do
             port=$(free_port)
             start_"$proxy" "$port" "$threads"
             pid=$started
