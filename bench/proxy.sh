@@ -344,19 +344,26 @@ stop() {
 http_proxies="graven haproxy nginx"
 [ -n "${GRAVEN_BASE:-}" ] && http_proxies="graven graven-base haproxy nginx"
 
+# each_proxy THREADS COMMAND: starts each HTTP proxy in turn with THREADS threads (or
+# workers), runs COMMAND NAME THREADS PID PORT against it, and stops it.
+each_proxy() {
+    local threads=$1 command=$2 proxy port pid
+    for proxy in $http_proxies; do
+        port=$(free_port)
+        start_"$proxy" "$port" "$threads"
+        pid=$started
+        pids+=("$pid")
+        "$command" "$proxy" "$threads" "$pid" "$port"
+        stop "$pid"
+    done
+}
+
 if [[ " $MODES " == *" http "* ]]; then
     for round in $(seq 1 "$ROUNDS"); do
         echo "round $round/$ROUNDS" >&2
         run "direct (backend, no proxy)" - "" "$backend_port"
         for threads in $THREAD_COUNTS; do
-            for proxy in $http_proxies; do
-                port=$(free_port)
-                start_"$proxy" "$port" "$threads"
-                pid=$started
-                pids+=("$pid")
-                run "$proxy" "$threads" "$pid" "$port"
-                stop "$pid"
-            done
+            each_proxy "$threads" run
         done
     done
 
@@ -449,14 +456,7 @@ run_syscalls() {
 
 if [[ " $MODES " == *" syscalls "* ]]; then
     for threads in $THREAD_COUNTS; do
-        for proxy in $http_proxies; do
-            port=$(free_port)
-            start_"$proxy" "$port" "$threads"
-            pid=$started
-            pids+=("$pid")
-            run_syscalls "$proxy" "$threads" "$pid" "$port"
-            stop "$pid"
-        done
+        each_proxy "$threads" run_syscalls
     done
     echo
     echo "System calls per request (perf syscall tracepoints, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION):"

@@ -17,48 +17,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use support::proxy::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A raw backend on 127.0.0.1:0 running `handle` for each connection; the task stops when
-/// the test's runtime does.
-async fn raw_backend<F>(handle: impl Fn(TcpStream) -> F + Send + 'static) -> std::net::SocketAddr
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(handle(stream));
-        }
-    });
-    address
-}
-
-/// Reads one request head from `stream` (with whatever of its body came along).
-async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !seen.windows(4).any(|window| window == b"\r\n\r\n") {
-        match stream.read(&mut buffer).await {
-            Ok(0) | Err(_) => return None,
-            Ok(read) => seen.extend_from_slice(&buffer[..read]),
-        }
-    }
-    Some(seen)
-}
 
 #[tokio::test]
 async fn a_post_after_the_instance_closed_its_idle_connection_goes_out_on_a_fresh_one() {
     let closed = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&closed);
-    let address = raw_backend(move |mut stream| {
+    let instance = RawBackend::serve(move |mut stream| {
         let closed = Arc::clone(&counted);
         async move {
-            if read_request(&mut stream).await.is_some() {
+            if read_head(&mut stream).await.is_some() {
                 let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                 let _ = stream.write_all(reply).await;
             }
@@ -69,7 +40,7 @@ async fn a_post_after_the_instance_closed_its_idle_connection_goes_out_on_a_fres
     })
     .await;
     let route = route(|_| {}).await;
-    route.set_backends(vec![backend("closing", 1, address)]);
+    route.set_backends(vec![backend("closing", 1, instance.address)]);
     let client = client();
     assert_eq!(get(&client, route.local_addr(), "/").await.body, "ok");
     eventually(DEADLINE, "the instance to close", || {
@@ -131,7 +102,7 @@ async fn chunked_bodies_go_both_ways() {
     // The instance records the request it got (head and chunked body, up to the last
     // chunk) and answers in chunks with trailers.
     let (seen_sender, mut seen) = mpsc::unbounded_channel();
-    let address = raw_backend(move |mut stream| {
+    let instance = RawBackend::serve(move |mut stream| {
         let seen_sender = seen_sender.clone();
         async move {
             let mut request = Vec::new();
@@ -146,12 +117,12 @@ async fn chunked_bodies_go_both_ways() {
             let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
                           6\r\nchunk \r\n3;ext=1\r\none\r\n0\r\nx-trailer: t\r\n\r\n";
             let _ = stream.write_all(reply).await;
-            let _ = read_request(&mut stream).await;
+            let _ = read_head(&mut stream).await;
         }
     })
     .await;
     let route = route(|_| {}).await;
-    route.set_backends(vec![backend("chunks", 1, address)]);
+    route.set_backends(vec![backend("chunks", 1, instance.address)]);
     let frames: Vec<Result<Frame<Bytes>, Infallible>> = ["hello ", "chunked ", "world"]
         .into_iter()
         .map(|part| Ok(Frame::data(Bytes::from_static(part.as_bytes()))))
@@ -213,8 +184,8 @@ async fn a_body_echoed_while_it_is_still_being_sent_streams_both_ways() {
     // The instance answers at once and sends back each piece of the body as it reads it:
     // a route that wrote the whole request before reading would stall once both
     // directions' socket buffers filled.
-    let address = raw_backend(|mut stream| async move {
-        let Some(head) = read_request(&mut stream).await else {
+    let instance = RawBackend::serve(|mut stream| async move {
+        let Some(head) = read_head(&mut stream).await else {
             return;
         };
         let text = String::from_utf8_lossy(&head).into_owned();
@@ -249,7 +220,7 @@ async fn a_body_echoed_while_it_is_still_being_sent_streams_both_ways() {
     })
     .await;
     let route = route(|_| {}).await;
-    route.set_backends(vec![backend("echo", 1, address)]);
+    route.set_backends(vec![backend("echo", 1, instance.address)]);
     // ASCII, so that the raw backend's lossy head split leaves the body's bytes alone.
     let big: Vec<u8> = (0..24 * 1024 * 1024)
         .map(|index| b'a' + (index % 26) as u8)
