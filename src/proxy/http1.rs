@@ -375,7 +375,11 @@ fn parse_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<Head>, Up
             let start = field.value.as_ptr() as usize - base;
             parsed.push((name, start, start + field.value.len()));
         }
-        let head = buffer.split_to(length).freeze();
+        // Copied out rather than split off: the read buffer then stays the connection's own,
+        // reused for the next answer instead of shared with this one's headers and
+        // allocated afresh.
+        let head = Bytes::copy_from_slice(&buffer[..length]);
+        buffer.advance(length);
         let mut headers = HeaderMap::with_capacity(parsed.len());
         for (name, start, end) in parsed {
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
@@ -522,13 +526,14 @@ impl Decoder {
                         _ => State::Length(left - take),
                     };
                     let take = usize::try_from(take).unwrap_or(usize::MAX);
-                    return Ok(Decoded::Data(buffer.split_to(take).freeze()));
+                    return Ok(Decoded::Data(take_front(buffer, take)));
                 }
                 State::Close => {
                     if buffer.is_empty() {
                         return Ok(Decoded::More);
                     }
-                    return Ok(Decoded::Data(buffer.split().freeze()));
+                    let take = buffer.len();
+                    return Ok(Decoded::Data(take_front(buffer, take)));
                 }
                 State::ChunkSize => match httparse::parse_chunk_size(buffer) {
                     Ok(httparse::Status::Complete((used, size))) => {
@@ -605,6 +610,21 @@ impl Decoder {
             State::Close => BULK_READ_SIZE,
             _ => READ_SIZE,
         }
+    }
+}
+
+/// Up to this many bytes of a body are copied out of the read buffer (see `take_front`).
+const COPY_AT_MOST: usize = 4096;
+
+/// Takes the first `length` bytes out of `buffer`: a small piece copied, so that the buffer
+/// stays unshared and is reused for the next read; a large one split off without a copy.
+fn take_front(buffer: &mut BytesMut, length: usize) -> Bytes {
+    if length <= COPY_AT_MOST {
+        let piece = Bytes::copy_from_slice(&buffer[..length]);
+        buffer.advance(length);
+        piece
+    } else {
+        buffer.split_to(length).freeze()
     }
 }
 
