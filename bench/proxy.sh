@@ -7,6 +7,7 @@
 #
 # Usage: bench/proxy.sh            (defaults below; override with environment variables)
 #   DURATION=10s CONNECTIONS=32 WRK_THREADS=1 THREAD_COUNTS="1 2" ROUNDS=3 PROFILE=dist bench/proxy.sh
+#   MODES=syscalls DURATION=5s PROFILE=release bench/proxy.sh   (system calls per request)
 #
 # Rounds interleave the targets (direct, graven, HAProxy, nginx, direct, ...) so that load from
 # other processes on the machine falls on all of them alike; the summary takes the median of
@@ -19,6 +20,12 @@
 # HAProxy in `mode tcp` (its defaults: no splicing): CPU per connection from wrk with
 # `Connection: close` (one connection per request), and CPU per megabyte from wrk fetching a
 # BULK_MB file over CONNECTIONS_BULK keep-alive connections.
+#
+# The system-call part (MODES contains syscalls) counts each proxy's system calls per request
+# under the same wrk load: perf's syscall tracepoints over one DURATION run (little overhead),
+# then `strace -c -f` over another for the calls that failed (reads returning EAGAIN).
+# strace slows the proxy several times over, which changes how many events each epoll_wait
+# returns, so its table shows where the calls go, and perf's row is the figure.
 #
 # Each proxy runs with each thread count N of THREAD_COUNTS: graven's route with `--threads N`,
 # HAProxy with `nbthread N`, nginx with `worker_processes N`. Keep-alive on both sides
@@ -54,9 +61,16 @@ trap cleanup EXIT
 
 "$root/scripts/install-packages" wrk haproxy nginx
 
-echo "building graven (profile $PROFILE)..." >&2
-(cd "$root" && cargo build --profile "$PROFILE" --features dev-tools --quiet --bin graven)
-graven="$root/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/graven"
+# GRAVEN=PATH measures a graven binary built already (with dev-tools), say an older commit's;
+# GRAVEN_BASE=PATH adds another as the target "graven-base" to every round, for an A/B of two
+# builds under the same conditions.
+if [ -n "${GRAVEN:-}" ]; then
+    graven=$GRAVEN
+else
+    echo "building graven (profile $PROFILE)..." >&2
+    (cd "$root" && cargo build --profile "$PROFILE" --features dev-tools --quiet --bin graven)
+    graven="$root/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/graven"
+fi
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -126,6 +140,11 @@ wait_port "$backend_port"
 # start_PROXY PORT THREADS: starts the proxy on PORT with THREADS threads (or workers).
 start_graven() {
     "$graven" __proxy --threads "$2" --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
+    started=$!
+}
+
+start_graven-base() {
+    "$GRAVEN_BASE" __proxy --threads "$2" --listen "127.0.0.1:$1" --backend "127.0.0.1:$backend_port" >/dev/null &
     started=$!
 }
 
@@ -322,19 +341,29 @@ stop() {
     wait "$pid" 2>/dev/null || true
 }
 
+http_proxies="graven haproxy nginx"
+[ -n "${GRAVEN_BASE:-}" ] && http_proxies="graven graven-base haproxy nginx"
+
+# each_proxy THREADS COMMAND: starts each HTTP proxy in turn with THREADS threads (or
+# workers), runs COMMAND NAME THREADS PID PORT against it, and stops it.
+each_proxy() {
+    local threads=$1 command=$2 proxy port pid
+    for proxy in $http_proxies; do
+        port=$(free_port)
+        start_"$proxy" "$port" "$threads"
+        pid=$started
+        pids+=("$pid")
+        "$command" "$proxy" "$threads" "$pid" "$port"
+        stop "$pid"
+    done
+}
+
 if [[ " $MODES " == *" http "* ]]; then
     for round in $(seq 1 "$ROUNDS"); do
         echo "round $round/$ROUNDS" >&2
         run "direct (backend, no proxy)" - "" "$backend_port"
         for threads in $THREAD_COUNTS; do
-            for proxy in graven haproxy nginx; do
-                port=$(free_port)
-                start_"$proxy" "$port" "$threads"
-                pid=$started
-                pids+=("$pid")
-                run "$proxy" "$threads" "$pid" "$port"
-                stop "$pid"
-            done
+            each_proxy "$threads" run
         done
     done
 
@@ -376,6 +405,65 @@ if [[ " $MODES " == *" http "* ]]; then
     echo "| target | threads | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request | wrk CPU µs/request | machine busy % |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }'
+fi
+
+# The syscalls perf counts, as perf names them; the summary adds them up by kind.
+SYSCALL_EVENTS="raw_syscalls:sys_enter"
+for call in read recvfrom readv write sendto writev epoll_wait epoll_pwait epoll_ctl futex; do
+    SYSCALL_EVENTS="$SYSCALL_EVENTS,syscalls:sys_enter_$call"
+done
+
+# run_syscalls NAME THREADS PID PORT: one row of system calls per request, then strace's
+# table of calls and errors per request.
+syscall_rows=()
+run_syscalls() {
+    local name=$1 threads=$2 pid=$3 port=$4 targets=() member
+    wait_port "$port"
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
+    for member in $(family "$pid"); do targets+=(-p "$member"); done
+    perf stat -x, -e "$SYSCALL_EVENTS" -p "$(family "$pid" | paste -sd,)" -o "$work/perf.out" &
+    local counter=$!
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$port/" >"$work/wrk.out"
+    kill -INT "$counter"
+    wait "$counter" || true
+    local requests
+    read -r requests _ < <(wrk_figures)
+    syscall_rows+=("$name|$threads|$(awk -F, -v n="$requests" '
+        { sub(/^syscalls:sys_enter_/, "", $3); count[$3] = $1 }
+        END {
+            printf "%.2f|%.2f|%.2f|%.2f|%.2f|%.2f", count["raw_syscalls:sys_enter"] / n,
+                (count["read"] + count["recvfrom"] + count["readv"]) / n,
+                (count["write"] + count["sendto"] + count["writev"]) / n,
+                (count["epoll_wait"] + count["epoll_pwait"]) / n, count["epoll_ctl"] / n, count["futex"] / n
+        }' "$work/perf.out")")
+    strace -c -f "${targets[@]}" -o "$work/strace.out" &
+    local tracer=$!
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$port/" >"$work/wrk.out"
+    kill -INT "$tracer"
+    wait "$tracer" || true
+    read -r requests _ < <(wrk_figures)
+    echo
+    echo "strace -c -f, $name with $threads thread(s): calls and errors per request ($requests requests)"
+    echo
+    echo "| syscall | calls/request | errors/request |"
+    echo "|---|---:|---:|"
+    awk -v n="$requests" '
+        $NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {
+            errors = (NF == 6) ? $5 : 0
+            if ($4 / n >= 0.01) printf "| %s | %.2f | %.2f |\n", $NF, $4 / n, errors / n
+        }' "$work/strace.out"
+}
+
+if [[ " $MODES " == *" syscalls "* ]]; then
+    for threads in $THREAD_COUNTS; do
+        each_proxy "$threads" run_syscalls
+    done
+    echo
+    echo "System calls per request (perf syscall tracepoints, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION):"
+    echo
+    echo "| target | threads | all | reads | writes | epoll_wait | epoll_ctl | futex |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${syscall_rows[@]}" | awk -F'|' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
 fi
 
 if [[ " $MODES " == *" tcp "* ]]; then

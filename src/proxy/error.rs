@@ -6,6 +6,8 @@ use std::time::Duration;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::UpstreamError;
+
 /// Who failed: the client, the instance behind the route, or graven itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -77,14 +79,14 @@ pub enum ProxyError {
         address: SocketAddr,
         repeatable: bool,
         #[source]
-        source: hyper::Error,
+        source: UpstreamError,
     },
     #[error("instance {instance} at {address} failed: {source}")]
     Upstream {
         instance: String,
         address: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: UpstreamError,
     },
     #[error("instance {instance} at {address} did not answer within {after:?}")]
     UpstreamTimeout {

@@ -19,6 +19,7 @@ mod body;
 mod error;
 pub mod faults;
 pub mod health;
+mod http1;
 pub mod limits;
 mod metrics;
 mod route;
@@ -28,6 +29,7 @@ mod upstream;
 
 pub use error::{ErrorClass, ProxyError};
 pub use health::{Health, HealthChange, HealthMonitor, ProbeFailure};
+pub use http1::UpstreamError;
 pub use metrics::{
     ErrorCounts, LatencyHistogram, ReleaseMetrics, RouteMetrics, StatusCounts, TcpCounts,
 };

@@ -27,7 +27,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -38,8 +38,9 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Sleep;
 
 use super::backends::BackendSet;
-use super::body::{ForwardBody, ProxyBody};
+use super::body::ProxyBody;
 use super::faults::{Effect, FAULT_HEADER, Fault, Faults, InjectedReset};
+use super::http1::{ExchangeError, Head, Upload};
 use super::limits::budget;
 use super::metrics::{ReleaseCounters, UnroutedCounters};
 use super::serving::{self, Connections, Open, Serving, Stop, Takeover, Workers};
@@ -52,9 +53,10 @@ static X_GRAVEN_ERROR: HeaderName = HeaderName::from_static("x-graven-error");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Heads and small bodies are copied into one buffer and written with one plain write:
-/// fewer instructions on both sides of the system call than a vectored write of the parts
-/// (measured with `perf stat` under bench/proxy.sh's load).
+/// The answer's head and a small body are copied into one buffer and written to the client
+/// with one plain write: fewer instructions on both sides of the system call than a vectored
+/// write of the parts (measured with `perf stat` under bench/proxy.sh's load). The request
+/// to the instance goes out the same way (`http1`).
 const WRITEV: bool = false;
 
 /// One listener serving one stable address.
@@ -70,7 +72,6 @@ struct Shared {
     options: RouteOptions,
     local_addr: SocketAddr,
     backends: BackendSet,
-    client: hyper::client::conn::http1::Builder,
     unrouted: UnroutedCounters,
     connections: Arc<Connections>,
     workers: Arc<Workers>,
@@ -109,8 +110,6 @@ impl Route {
         let bound = serving::bind(address, options.threads, from)?;
         let local_addr = bound.local_addr;
         let workers = Workers::new(&bound);
-        let mut client = hyper::client::conn::http1::Builder::new();
-        client.max_buf_size(256 * 1024).writev(WRITEV);
         let backends = BackendSet::new(
             local_addr,
             false,
@@ -124,7 +123,6 @@ impl Route {
             options,
             local_addr,
             backends,
-            client,
             unrouted: UnroutedCounters::default(),
             connections,
             workers,
@@ -290,7 +288,7 @@ impl Shared {
         let (mut parts, body) = request.into_parts();
         let idempotent = is_idempotent(&parts.method);
         prepare_request(&mut parts, client_ip);
-        let mut body = ForwardBody::Client(body);
+        let mut upload = Upload::new(&parts, body);
         // When the request goes out: the answer timer starts then, not while it was held.
         let (mut lease, mut sent_at) = match self.backends.try_acquire(&[]) {
             Some(lease) => (lease, start),
@@ -311,7 +309,7 @@ impl Shared {
         loop {
             let mut stale = false;
             let error = match lease
-                .connect(&self.client, self.options.connect_timeout, self.local_addr)
+                .connect(self.options.connect_timeout, self.local_addr)
                 .await
             {
                 Err(error) => {
@@ -319,71 +317,55 @@ impl Shared {
                     error
                 }
                 Ok(()) => {
-                    // The instance may close the connection before answering (a pooled
-                    // connection's idle timeout, a crash); an idempotent request without a
-                    // body can then be sent again from this copy of its head.
-                    let copy = (idempotent && body.is_end_stream()).then(|| {
-                        (
-                            parts.method.clone(),
-                            parts.uri.clone(),
-                            parts.headers.clone(),
-                        )
-                    });
-                    let request = Request::from_parts(parts, body);
-                    let (sender, timer) =
-                        lease.sender_with_timer(sent_at + self.options.response_timeout);
-                    let sent = tokio::select! {
-                        biased;
-                        sent = sender.try_send_request(request) => Ok(sent),
-                        () = timer => Err(()),
+                    let deadline = sent_at + self.options.response_timeout;
+                    let exchanged = lease
+                        .connection()
+                        .exchange(&parts, &mut upload, deadline)
+                        .await;
+                    let failure = match exchanged {
+                        Ok(head) => return Ok(respond(head, upload, lease, start)),
+                        Err(failure) => failure,
                     };
-                    match sent {
-                        Ok(Ok(response)) => return Ok(respond(response, lease, start)),
-                        Err(_) => {
-                            lease.discard_connection();
-                            let instance = lease.instance();
+                    lease.discard_connection();
+                    let instance = lease.instance();
+                    let counters = Some(Arc::clone(&instance.counters));
+                    match failure {
+                        ExchangeError::Timeout => {
                             let error = ProxyError::UpstreamTimeout {
                                 instance: instance.id.clone(),
                                 address: instance.address,
                                 after: self.options.response_timeout,
                             };
-                            return Err((error, Some(Arc::clone(&instance.counters))));
+                            return Err((error, counters));
                         }
-                        Ok(Err(mut failed)) => {
-                            lease.discard_connection();
-                            let instance = lease.instance();
-                            let unsent = failed.take_message();
-                            let source = failed.into_error();
-                            let counters = Some(Arc::clone(&instance.counters));
-                            if source.is_user() {
-                                return Err((ProxyError::Client { source }, counters));
-                            }
-                            if source.is_parse() || source.is_parse_status() {
-                                let error = ProxyError::Upstream {
-                                    instance: instance.id.clone(),
-                                    address: instance.address,
-                                    source,
-                                };
-                                return Err((error, counters));
-                            }
-                            let repeatable = unsent.is_some() || copy.is_some();
+                        ExchangeError::Client(source) => {
+                            return Err((ProxyError::Client { source }, counters));
+                        }
+                        ExchangeError::Invalid(source) => {
+                            let error = ProxyError::Upstream {
+                                instance: instance.id.clone(),
+                                address: instance.address,
+                                source,
+                            };
+                            return Err((error, counters));
+                        }
+                        ExchangeError::Closed(source) => {
+                            // Nothing of the body was taken yet, so all of the request can
+                            // be sent again (the route only does for idempotent methods).
+                            let repeatable = !upload.started();
                             let error = ProxyError::Closed {
                                 instance: instance.id.clone(),
                                 address: instance.address,
                                 repeatable,
                                 source,
                             };
+                            if !repeatable {
+                                return Err((error, counters));
+                            }
                             if lease.reused() && stale_resends < MAX_STALE_RESENDS {
                                 stale = true;
                             } else {
                                 failed_on.push(Arc::clone(instance));
-                            }
-                            match (unsent, copy) {
-                                (Some(request), _) => (parts, body) = request.into_parts(),
-                                (None, Some((method, uri, headers))) => {
-                                    (parts, body) = rebuild(method, uri, headers);
-                                }
-                                (None, None) => return Err((error, counters)),
                             }
                             error
                         }
@@ -864,30 +846,29 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::PROXY_AUTHORIZATION,
 ];
 
-/// A copy of a body-less request, to send again.
-fn rebuild(method: Method, uri: Uri, headers: HeaderMap) -> (Parts, ForwardBody) {
-    let mut request = Request::new(ForwardBody::Empty);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    request.into_parts()
-}
-
-fn respond(response: Response<Incoming>, lease: Lease, start: Instant) -> Response<ProxyBody> {
+fn respond(head: Head, upload: Upload, lease: Lease, start: Instant) -> Response<ProxyBody> {
     lease
         .instance()
         .counters
-        .response(response.status().as_u16(), start.elapsed());
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(
-        parts,
-        ProxyBody::Upstream {
-            body,
-            lease,
-            done: false,
-        },
-    )
+        .response(head.status.as_u16(), start.elapsed());
+    let Head {
+        status,
+        mut headers,
+        decoder,
+        keep_alive,
+    } = head;
+    strip_hop_by_hop(&mut headers);
+    let spoiled = !keep_alive || upload.broken();
+    let upload = (!upload.finished() && !upload.broken()).then_some(upload);
+    let mut response = Response::new(ProxyBody::Upstream {
+        lease,
+        decoder,
+        upload,
+        spoiled,
+    });
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
 }
 
 fn error_response(error: &ProxyError) -> Response<ProxyBody> {

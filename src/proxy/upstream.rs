@@ -6,24 +6,18 @@
 //! opened it, so a request on another thread would wake that one for every read.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::time::Sleep;
 
 use super::ProxyError;
-use super::body::ForwardBody;
+use super::http1::Connection;
 use super::limits::{Slot, budget};
 use super::metrics::ReleaseCounters;
 use super::serving::thread_index;
-
-pub(crate) type Sender = SendRequest<ForwardBody>;
 
 /// Idle connections kept per instance; more are closed when their answer ends.
 const MAX_IDLE: usize = 512;
@@ -183,40 +177,10 @@ impl Instance {
 
     /// Opens a connection, which holds `slot` (its place in the descriptor budget) until
     /// its socket is closed.
-    async fn connect(
-        &self,
-        builder: &Builder,
-        timeout: Duration,
-        slot: Slot,
-    ) -> Result<Connection, ProxyError> {
+    async fn connect(&self, timeout: Duration, slot: Slot) -> Result<Connection, ProxyError> {
         let stream = self.open_stream(timeout).await?;
-        let (sender, connection) =
-            builder
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|source| ProxyError::Upstream {
-                    instance: self.id.clone(),
-                    address: self.address,
-                    source,
-                })?;
-        tokio::spawn(async move {
-            // The connection's own errors reach the request that was on it; nothing to add.
-            let _ = connection.await;
-            drop(slot);
-        });
-        let timer = Box::pin(tokio::time::sleep(timeout));
-        Ok(Connection { sender, timer })
+        Ok(Connection::new(stream, slot))
     }
-}
-
-/// A keep-alive connection to an instance, with the timer that bounds the wait for each
-/// answer on it. The timer lives as long as the connection: moving its deadline later for
-/// the next request is an atomic store, where a fresh timer per request would be a timer
-/// wheel insertion and removal.
-#[derive(Debug)]
-pub(crate) struct Connection {
-    sender: Sender,
-    timer: Pin<Box<Sleep>>,
 }
 
 /// One request's claim on an instance: counted in flight until dropped, holding the
@@ -238,22 +202,20 @@ impl Lease {
     /// used is the least likely to have been closed), or a new one.
     pub(crate) async fn connect(
         &mut self,
-        builder: &Builder,
         timeout: Duration,
         route: SocketAddr,
     ) -> Result<(), ProxyError> {
         while let Some(mut connection) = self.instance.take_idle() {
-            let sender = &mut connection.sender;
-            if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
+            if connection.is_reusable() {
                 self.connection = Some(connection);
                 self.reused = true;
                 return Ok(());
             }
         }
         let slot = instance_slot(route)?;
-        // Boxed: the handshake's future is large, and a request that finds a pooled
-        // connection (most of them) would otherwise carry its space in every move.
-        let connect = Box::pin(self.instance.connect(builder, timeout, slot));
+        // Boxed: a request that finds a pooled connection (most of them) would otherwise
+        // carry the connect's space in every move.
+        let connect = Box::pin(self.instance.connect(timeout, slot));
         self.connection = Some(connect.await?);
         self.reused = false;
         Ok(())
@@ -266,17 +228,11 @@ impl Lease {
         self.reused
     }
 
-    /// The connection's request sender and its answer timer, armed to fire at `deadline`.
-    pub(crate) fn sender_with_timer(
-        &mut self,
-        deadline: Instant,
-    ) -> (&mut Sender, Pin<&mut Sleep>) {
-        let connection = self
-            .connection
+    /// The connection the request goes out on.
+    pub(crate) fn connection(&mut self) -> &mut Connection {
+        self.connection
             .as_mut()
-            .expect("connect succeeded before sending");
-        connection.timer.as_mut().reset(deadline.into());
-        (&mut connection.sender, connection.timer.as_mut())
+            .expect("connect succeeded before sending")
     }
 
     /// Forgets the connection (it failed or its answer was cut short).

@@ -189,7 +189,7 @@ impl RawBackend {
     /// all) and closes the connection.
     pub async fn start(reply: &'static [u8]) -> RawBackend {
         RawBackend::serve(async move |mut stream| {
-            if read_head(&mut stream).await {
+            if read_head(&mut stream).await.is_some() {
                 let _ = stream.write_all(reply).await;
                 let _ = stream.shutdown().await;
             }
@@ -203,14 +203,15 @@ impl RawBackend {
     pub async fn one_answer_per_connection() -> RawBackend {
         RawBackend::serve(async |mut stream| {
             let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst";
-            if read_head(&mut stream).await && stream.write_all(reply).await.is_ok() {
-                read_head(&mut stream).await;
+            if read_head(&mut stream).await.is_some() && stream.write_all(reply).await.is_ok() {
+                let _ = read_head(&mut stream).await;
             }
         })
         .await
     }
 
-    async fn serve<F>(handle: impl Fn(TcpStream) -> F + Send + 'static) -> RawBackend
+    /// Runs `handle` for each connection.
+    pub async fn serve<F>(handle: impl Fn(TcpStream) -> F + Send + 'static) -> RawBackend
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -231,17 +232,18 @@ impl RawBackend {
     }
 }
 
-/// Reads up to the end of a request head; false when the connection ends first.
-async fn read_head(stream: &mut TcpStream) -> bool {
+/// Reads up to the end of a request head and returns what was read (with whatever of the
+/// body came along); None when the connection ends first.
+pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
+    let mut buffer = [0u8; 4096];
     while !head.windows(4).any(|window| window == b"\r\n\r\n") {
         match stream.read(&mut buffer).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return None,
             Ok(read) => head.extend_from_slice(&buffer[..read]),
         }
     }
-    true
+    Some(head)
 }
 
 /// An address nothing listens on: bound once to get a free port, then closed.
