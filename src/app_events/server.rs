@@ -10,11 +10,9 @@
 //!   `410 {"error","first"}` when `N` was compacted into the snapshot;
 //! - `GET  URL/snapshot` and `PUT URL/snapshot?seq=N` — the app's own snapshot.
 //!
-//! Appends of one log are batched in a group commit, as PostgreSQL's commits share a WAL
-//! flush: the request that finds no batch under way writes one itself (one synced write), with
-//! every append that arrived meanwhile, and hands the next batch to the first request waiting;
-//! the token is checked in constant time against the one the control plane made for the app
-//! and environment. Errors map to status codes in one exhaustive match.
+//! Appends of one log are batched by a writer thread of its own (a group commit: one
+//! synced write per batch); the token is checked in constant time against the one the control
+//! plane made for the app and environment. Errors map to status codes in one exhaustive match.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -132,42 +130,17 @@ pub fn url(addr: SocketAddr, app: &str, environment: &str, token: &str) -> Strin
     format!("http://{addr}/v1/{app}/{environment}/{token}")
 }
 
-/// One open log: the log, its group commit, and the last sequence for long polls to wait on.
+/// One open log: its writer thread's queue, a handle for reads, and the last sequence for
+/// long polls to wait on.
 struct Stream {
-    log: Mutex<AppEventLog>,
-    commits: Mutex<Commits>,
-    last: watch::Sender<u64>,
+    log: Arc<Mutex<AppEventLog>>,
+    queue: std::sync::mpsc::Sender<(Append, oneshot::Sender<Result<u64, AppEventsError>>)>,
+    last: watch::Receiver<u64>,
     token: String,
 }
 
-/// The group commit, as PostgreSQL's commits share a WAL flush: the first append to find no
-/// batch under way writes one itself (the leader) with every append waiting, on its own
-/// thread, so an append that finds the log idle is written without a hop to another thread;
-/// the appends that arrive meanwhile wait, and the first of them leads the next batch.
-#[derive(Default)]
-struct Commits {
-    waiting: std::collections::VecDeque<Waiting>,
-    /// A request is writing a batch, or has been told to lead the next one.
-    leading: bool,
-}
-
-/// An append waiting for the batch under way to end.
-struct Waiting {
-    append: Append,
-    turn: oneshot::Sender<Turn>,
-}
-
-/// What a waiting append is told.
-enum Turn {
-    /// Written (the sequence) or refused, in the batch another request led.
-    Done(Result<u64, AppEventsError>),
-    /// The batch before is done and this append was first in line: it leads the next batch,
-    /// with its own append (given back) first.
-    Lead(Append),
-}
-
 impl Stream {
-    fn open(dir: &Path) -> Result<Arc<Stream>, ServeError> {
+    fn open(dir: &Path) -> Result<Stream, ServeError> {
         let token = token(dir).map_err(|source| AppEventsError::Io {
             path: dir.join(TOKEN_FILE),
             source,
@@ -176,156 +149,85 @@ impl Stream {
         // The daemon appends all the time: the zeros ahead of the records are written off the
         // appends' path.
         log.write_zeros_ahead()?;
-        let stream = Arc::new(Stream {
-            last: watch::channel(log.position().last).0,
-            log: Mutex::new(log),
-            commits: Mutex::default(),
-            token,
-        });
-        let watched = Arc::downgrade(&stream);
+        let log = Arc::new(Mutex::new(log));
+        let (last_tx, last) = watch::channel(lock(&log).position().last);
+        let (queue, jobs) = std::sync::mpsc::channel();
+        let writer = log.clone();
         std::thread::Builder::new()
-            .name("app-events-watch".into())
-            .spawn(move || watch_other_writers(&watched))
+            .name("app-events".into())
+            .spawn(move || write_batches(&writer, &jobs, &last_tx))
             .map_err(|source| AppEventsError::Io {
                 path: dir.to_owned(),
                 source,
             })?;
-        Ok(stream)
+        Ok(Stream {
+            log,
+            queue,
+            last,
+            token,
+        })
     }
+}
 
-    /// Appends one event through the group commit and gives its sequence once it is durable.
-    /// The leader's batch is written and synced on the calling thread (a runtime worker,
-    /// blocked for one synced write, as a PostgreSQL backend is for its commit's flush).
-    async fn append(&self, append: Append) -> Result<u64, AppEventsError> {
-        let told = {
-            let mut commits = lock(&self.commits);
-            if !commits.leading {
-                commits.leading = true;
-                drop(commits);
-                return self.lead(append);
-            }
-            let (turn, told) = oneshot::channel();
-            commits.waiting.push_back(Waiting { append, turn });
-            told
-        };
-        let mut waiter = Waiter {
-            stream: self,
-            told: Some(told),
-        };
-        let told = waiter.told.as_mut().expect("set just above").await;
-        waiter.told = None;
-        match told {
-            Ok(Turn::Done(result)) => result,
-            Ok(Turn::Lead(append)) => self.lead(append),
-            // The leader's thread panicked before answering.
-            Err(_) => Err(AppEventsError::NotWritten {
-                message: "the batch's writer stopped".into(),
-            }),
-        }
-    }
+fn lock(log: &Mutex<AppEventLog>) -> std::sync::MutexGuard<'_, AppEventLog> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
 
-    /// Writes `own` and every append waiting (up to a batch's bounds) as one batch, answers
-    /// the others, and passes the lead on, even if this thread panics.
-    fn lead(&self, own: Append) -> Result<u64, AppEventsError> {
-        let _passing = Passing(self);
-        let mut bytes = own.body.len();
-        let mut appends = vec![own];
-        let mut turns = Vec::new();
-        {
-            let mut commits = lock(&self.commits);
-            while appends.len() < MAX_BATCH && bytes < super::MAX_BATCH_BYTES - MAX_BODY {
-                let Some(waiting) = commits.waiting.pop_front() else {
-                    break;
-                };
-                bytes += waiting.append.body.len();
-                appends.push(waiting.append);
-                turns.push(waiting.turn);
-            }
-        }
-        let mut log = lock(&self.log);
-        let written = log.append(&appends);
-        let now = log.position().last;
-        drop(log);
-        match written {
-            Ok(results) => {
-                let mut results = results.into_iter();
-                let own = results.next().expect("one answer per append");
-                for (result, turn) in results.zip(turns) {
-                    let _ = turn.send(Turn::Done(result));
+type Job = (Append, oneshot::Sender<Result<u64, AppEventsError>>);
+
+/// The writer thread: takes every append waiting (up to `MAX_BATCH`), appends them as one
+/// batch, answers each, and tells long polls the new last sequence. Ends when the server
+/// drops the queue.
+fn write_batches(
+    log: &Mutex<AppEventLog>,
+    jobs: &std::sync::mpsc::Receiver<Job>,
+    last: &watch::Sender<u64>,
+) {
+    loop {
+        let first = match jobs.recv_timeout(LOOK_AGAIN) {
+            Ok(job) => job,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Appends and compactions by another process (`graven events`): long polls
+                // must hear of them too.
+                let mut log = lock(log);
+                if log.refresh_if_changed().unwrap_or(false) {
+                    last.send_replace(log.position().last);
                 }
-                self.last.send_replace(now);
-                own
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut bytes = first.0.body.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < super::MAX_BATCH_BYTES - MAX_BODY {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    bytes += job.0.body.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let (appends, answers): (Vec<Append>, Vec<_>) = batch.into_iter().unzip();
+        let mut log = lock(log);
+        match log.append(&appends) {
+            Ok(results) => {
+                let now = log.position().last;
+                drop(log);
+                for (result, answer) in results.into_iter().zip(answers) {
+                    let _ = answer.send(result);
+                }
+                last.send_replace(now);
             }
             Err(error) => {
+                drop(log);
                 let message = error.to_string();
-                for turn in turns {
-                    let _ = turn.send(Turn::Done(Err(AppEventsError::NotWritten {
+                for answer in answers {
+                    let _ = answer.send(Err(AppEventsError::NotWritten {
                         message: message.clone(),
-                    })));
+                    }));
                 }
-                Err(AppEventsError::NotWritten { message })
             }
-        }
-    }
-
-    /// Ends a leader's turn: the first append still waiting leads the next batch, or, with
-    /// none waiting, the next append to come does.
-    fn pass_the_lead(&self) {
-        let mut commits = lock(&self.commits);
-        while let Some(next) = commits.waiting.pop_front() {
-            // A request that went away meanwhile cannot lead: its append was never answered
-            // and is dropped, and the next in line is asked.
-            if next.turn.send(Turn::Lead(next.append)).is_ok() {
-                return;
-            }
-        }
-        commits.leading = false;
-    }
-}
-
-/// Passes the lead on when a leader's batch is done (or its thread unwinds).
-struct Passing<'a>(&'a Stream);
-
-impl Drop for Passing<'_> {
-    fn drop(&mut self) {
-        self.0.pass_the_lead();
-    }
-}
-
-/// A waiting append's side of its turn. A request that goes away (its connection closed)
-/// after being told to lead would leave the lead with nobody: dropped, it passes the lead on.
-struct Waiter<'a> {
-    stream: &'a Stream,
-    told: Option<oneshot::Receiver<Turn>>,
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        if let Some(mut told) = self.told.take() {
-            // No turn can arrive after `close`; one that came before is taken here.
-            told.close();
-            if let Ok(Turn::Lead(_)) = told.try_recv() {
-                self.stream.pass_the_lead();
-            }
-        }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Long polls must hear of appends and compactions by another process (`graven events`):
-/// every `LOOK_AGAIN` the log is checked for them, until the stream is gone.
-fn watch_other_writers(stream: &std::sync::Weak<Stream>) {
-    loop {
-        std::thread::sleep(LOOK_AGAIN);
-        let Some(stream) = stream.upgrade() else {
-            return;
-        };
-        let mut log = lock(&stream.log);
-        if log.refresh_if_changed().unwrap_or(false) {
-            stream.last.send_replace(log.position().last);
         }
     }
 }
@@ -357,7 +259,7 @@ impl AppEventsServer {
         if !valid_name(app) || !valid_name(environment) || !dir.is_dir() {
             return Err(ServeError::NotFound(format!("{app}/{environment}")));
         }
-        let stream = Stream::open(&dir)?;
+        let stream = Arc::new(Stream::open(&dir)?);
         streams.insert(key, stream.clone());
         Ok(stream)
     }
@@ -450,13 +352,19 @@ impl AppEventsServer {
                 {
                     return Err(bad("the body is not JSON, though its content type says so"));
                 }
-                let seq = stream
-                    .append(Append {
-                        kind,
-                        body: body.to_vec(),
-                        expected,
-                    })
-                    .await?;
+                let (answer, answered) = oneshot::channel();
+                stream
+                    .queue
+                    .send((
+                        Append {
+                            kind,
+                            body: body.to_vec(),
+                            expected,
+                        },
+                        answer,
+                    ))
+                    .map_err(|_| ServeError::WriterGone)?;
+                let seq = answered.await.map_err(|_| ServeError::WriterGone)??;
                 Ok(json(
                     StatusCode::CREATED,
                     &serde_json::json!({ "seq": seq }),
@@ -480,12 +388,13 @@ impl AppEventsServer {
                         .min(MAX_WAIT),
                     None => Duration::ZERO,
                 };
-                let mut last = stream.last.subscribe();
+                let mut last = stream.last.clone();
                 if !wait.is_zero() && *last.borrow() < from {
                     let _ = tokio::time::timeout(wait, last.wait_for(|last| *last >= from)).await;
                 }
+                let log = stream.log.clone();
                 let events = tokio::task::spawn_blocking(move || {
-                    let mut log = lock(&stream.log);
+                    let mut log = lock(&log);
                     log.refresh_if_changed()?;
                     log.read(from, limit, 4 << 20)
                         .map(|events| (events, log.position()))
@@ -727,101 +636,4 @@ fn bind_free(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 fn note(message: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "graven: {message}");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(text: &str) -> Append {
-        Append {
-            kind: Kind::Bytes,
-            body: text.as_bytes().to_vec(),
-            expected: None,
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_appends_through_the_group_commit_get_every_sequence_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let stream = Stream::open(dir.path()).unwrap();
-        let tasks: Vec<_> = (0..8)
-            .map(|task| {
-                let stream = stream.clone();
-                tokio::spawn(async move {
-                    let mut seqs = Vec::new();
-                    for i in 0..100 {
-                        seqs.push(stream.append(event(&format!("{task} {i}"))).await.unwrap());
-                    }
-                    seqs
-                })
-            })
-            .collect();
-        let mut seqs = Vec::new();
-        for task in tasks {
-            let answered = task.await.unwrap();
-            // One appender's events are in the order it appended them.
-            assert!(answered.is_sorted());
-            seqs.extend(answered);
-        }
-        seqs.sort_unstable();
-        assert_eq!(seqs, (1..=800).collect::<Vec<u64>>());
-        assert!(
-            !lock(&stream.commits).leading,
-            "nobody leads once all is answered"
-        );
-        assert_eq!(*stream.last.borrow(), 800);
-        let log = AppEventLog::open(dir.path()).unwrap();
-        assert_eq!(log.read(1, usize::MAX, usize::MAX).unwrap().len(), 800);
-    }
-
-    /// Polls `future` once, with a waker that does nothing.
-    fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> std::task::Poll<F::Output> {
-        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-        std::pin::Pin::new(future).poll(&mut context)
-    }
-
-    #[test]
-    fn a_request_told_to_lead_that_goes_away_passes_the_lead_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let stream = Stream::open(dir.path()).unwrap();
-        // A batch is under way: two requests wait behind it.
-        lock(&stream.commits).leading = true;
-        let mut gone = Box::pin(stream.append(event("gone")));
-        let mut next = Box::pin(stream.append(event("next")));
-        assert!(poll_once(&mut gone).is_pending());
-        assert!(poll_once(&mut next).is_pending());
-        // The batch ends: the first in line is told to lead, but its connection closed before
-        // it ran again.
-        stream.pass_the_lead();
-        drop(gone);
-        // The next in line leads instead (without the hand-over it would wait forever).
-        assert!(matches!(
-            poll_once(&mut next),
-            std::task::Poll::Ready(Ok(1))
-        ));
-        assert!(!lock(&stream.commits).leading);
-        let log = AppEventLog::open(dir.path()).unwrap();
-        let events = log.read(1, usize::MAX, usize::MAX).unwrap();
-        assert_eq!(
-            events.len(),
-            1,
-            "the append nobody waits for is not written"
-        );
-        assert_eq!(events[0].body, b"next");
-    }
-
-    #[test]
-    fn an_append_that_finds_the_log_idle_leads_its_own_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let stream = Stream::open(dir.path()).unwrap();
-        // No batch under way: the append is written within its first poll, on this thread.
-        let mut first = Box::pin(stream.append(event("a")));
-        assert!(matches!(
-            poll_once(&mut first),
-            std::task::Poll::Ready(Ok(1))
-        ));
-        assert!(!lock(&stream.commits).leading);
-        assert_eq!(*stream.last.borrow(), 1);
-    }
 }
