@@ -13,7 +13,8 @@
 #   JetStream because it is the durable store a user of graven most likely already runs, and
 #   it batches concurrent commits' flushes as graven batches appends.
 #
-# Usage: bench/events.sh            (CONNS=16 DURATION=10 PROFILE=release)
+# Usage: bench/events.sh            (CONNS=16 DURATION=10 PROFILE=release; GRAVEN=path runs that
+#        binary instead of building one)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,10 +36,14 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-echo "building graven ($PROFILE)" >&2
-cargo build --profile "$PROFILE" --quiet --bin graven
-dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
-graven="$ROOT/target/$dir/graven"
+if [ -n "${GRAVEN:-}" ]; then
+  graven=$GRAVEN
+else
+  echo "building graven ($PROFILE)" >&2
+  cargo build --profile "$PROFILE" --quiet --bin graven
+  dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
+  graven="$ROOT/target/$dir/graven"
+fi
 
 body='{"type":"order-placed","order":12345,"customer":678,"items":3,"total_cents":4599}'
 
@@ -84,8 +89,9 @@ def ms(text):
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 g_rate = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
-g_p50 = ms(re.search(r"50%\s+(\S+)", wrk).group(1))
-g_p99 = ms(re.search(r"99%\s+(\S+)", wrk).group(1))
+# The distribution's lines only: a "+/- Stdev" column such as "89.50%" also ends in "50%".
+g_p50 = ms(re.search(r"^\s+50%\s+(\S+)", wrk, re.M).group(1))
+g_p99 = ms(re.search(r"^\s+99%\s+(\S+)", wrk, re.M).group(1))
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", wrk)
 g_bad = int(bad.group(1)) if bad else 0
 pg = open(f"{work}/pgbench.txt").read()

@@ -147,7 +147,8 @@ pub struct Position {
 pub struct AppEventLog {
     path: PathBuf,
     file: File,
-    lock: File,
+    /// The lock file, shared with each `Locked` taken on it (no descriptor is duplicated).
+    lock: std::sync::Arc<File>,
     first: u64,
     last: u64,
     /// Where the whole records end: the next append's offset.
@@ -297,21 +298,19 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bo
 
 /// An exclusive `flock` on the log's lock file for one batch, released when dropped. The lock
 /// is on a file of its own, not the log, because compaction replaces the log's file.
-struct Locked(File);
+struct Locked(std::sync::Arc<File>);
 
 impl Locked {
-    fn take(lock: &File, path: &Path) -> Result<Locked> {
-        // A duplicate shares the open file description, which is what flock locks.
-        let lock = lock.try_clone().map_err(io(path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+    fn take(lock: &std::sync::Arc<File>, path: &Path) -> Result<Locked> {
+        rustix::fs::flock(&**lock, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io(path)(e.into()))?;
-        Ok(Locked(lock))
+        Ok(Locked(lock.clone()))
     }
 }
 
 impl Drop for Locked {
     fn drop(&mut self) {
-        let _ = rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock);
+        let _ = rustix::fs::flock(&*self.0, rustix::fs::FlockOperation::Unlock);
     }
 }
 
@@ -339,7 +338,7 @@ impl AppEventLog {
         let mut log = AppEventLog {
             path,
             file,
-            lock,
+            lock: std::sync::Arc::new(lock),
             first: 1,
             last: 0,
             end: HEADER,
@@ -558,17 +557,16 @@ impl AppEventLog {
             // Compacted by another handle: the path names a new file; read it afresh.
             return self.reopen();
         }
-        self.scan()?;
         self.allocated = here.len();
+        // Mostly nothing follows (this process is the only writer): one small read says so.
+        if !self.followed()? {
+            return Ok(());
+        }
+        self.scan()?;
         // Another process that crashed mid-batch left its bytes in the page cache in order: a
         // fragment starts right at the end. (After a power loss pages may have reached the disk
         // out of order; `load`, at every open, clears the whole span for that.)
-        let mut head = [0u8; HEAD];
-        let read = self
-            .file
-            .read_at(&mut head, self.end)
-            .map_err(io(&self.path))?;
-        if head[..read].iter().any(|&b| b != 0) {
+        if self.followed()? {
             self.clear_tail()?;
         }
         Ok(())
@@ -636,17 +634,31 @@ impl AppEventLog {
         self.catch_up()
     }
 
-    /// `refresh`, but only when the file at the path is not what this handle last saw (a
-    /// stat, cheap enough for every read): another process appended or compacted.
+    /// `refresh`, but only when the log is not as this handle last saw it, which a stat and
+    /// one small read tell without the lock (cheap enough for every read): another process
+    /// compacted (the path names another file) or appended (the bytes after the last record
+    /// this handle knows are no longer the zeros written ahead; the file's length says
+    /// nothing, as it runs ahead of the records).
     pub fn refresh_if_changed(&mut self) -> Result<bool> {
         use std::os::unix::fs::MetadataExt;
         let named = std::fs::metadata(&self.path).map_err(io(&self.path))?;
         let here = self.file.metadata().map_err(io(&self.path))?;
-        if (named.dev(), named.ino()) == (here.dev(), here.ino()) && named.len() == self.end {
+        if (named.dev(), named.ino()) == (here.dev(), here.ino()) && !self.followed()? {
             return Ok(false);
         }
         self.refresh()?;
         Ok(true)
+    }
+
+    /// Whether anything but zeros follows the last record this handle knows: another
+    /// writer's records, or a fragment a crash left.
+    fn followed(&self) -> Result<bool> {
+        let mut head = [0u8; HEAD];
+        let read = self
+            .file
+            .read_at(&mut head, self.end)
+            .map_err(io(&self.path))?;
+        Ok(head[..read].iter().any(|&b| b != 0))
     }
 
     /// Up to `max_events` events from `from` on (and at most about `max_bytes` of bodies,

@@ -344,3 +344,46 @@ fn another_writer_extending_the_file_while_zeros_are_written_ahead_loses_nothing
     let wanted: Vec<usize> = (0..40).chain(1000..1040).collect();
     assert_eq!(tags, wanted);
 }
+
+#[test]
+fn refresh_if_changed_takes_no_lock_while_nothing_changed_though_zeros_run_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AppEventLog::open(dir.path()).unwrap();
+    log.write_zeros_ahead().unwrap();
+    log.append(&[bytes("a")]).unwrap();
+    wait_for_zeros(&log);
+    assert!(std::fs::metadata(&log.path).unwrap().len() > log.end);
+    // Another handle holds the writers' lock: a refresh that took it would wait forever.
+    let other = AppEventLog::open(dir.path()).unwrap();
+    let held = Locked::take(&other.lock, &other.path).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let refresher = std::thread::spawn(move || {
+        let changed = log.refresh_if_changed().unwrap();
+        done.send(()).unwrap();
+        (log, changed)
+    });
+    assert!(
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_ok(),
+        "refresh_if_changed waited for the writers' lock though nothing changed"
+    );
+    let (mut log, changed) = refresher.join().unwrap();
+    assert!(!changed, "nothing changed");
+    drop(held);
+    // Another writer's append is noticed.
+    let mut other = other;
+    other.append(&[bytes("b")]).unwrap();
+    assert!(log.refresh_if_changed().unwrap());
+    assert_eq!(log.position().last, 2);
+    assert!(!log.refresh_if_changed().unwrap());
+    // So is a compaction (the path names a new file).
+    log.put_snapshot(&Snapshot {
+        seq: 1,
+        body: b"a".to_vec(),
+    })
+    .unwrap();
+    other.compact().unwrap();
+    assert!(log.refresh_if_changed().unwrap());
+    assert_eq!(log.position().first, 2);
+}
