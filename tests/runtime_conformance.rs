@@ -135,11 +135,7 @@ fn spec(subject: &Subject) -> InstanceSpec {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    support::daemon::free_port().port()
 }
 
 async fn serves_health_and_greeting(subject: Subject) {

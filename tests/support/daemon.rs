@@ -100,11 +100,28 @@ pub fn order(services: Vec<ServiceRelease>) -> DeployOrder {
 }
 
 /// A port that was free a moment ago, for a route that must keep its address across restarts.
+/// Taken below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) may be taken as the local port of any test's outgoing connection before the
+/// route binds it, which CI saw once ("Address already in use"). Tried in a random order, so
+/// tests running side by side rarely try the same one.
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let first = 10_000u16.min(low / 2);
+    let span = u64::from(low - first);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let start = hasher.finish();
+    for step in 0..span {
+        let port = first + ((start + step * 7919) % span) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap();
+        }
+    }
+    panic!("no free port below the ephemeral range ({first}..{low})");
 }
 
 /// One `GET /` on a fresh connection: the whole response, head and body.
