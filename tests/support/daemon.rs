@@ -112,9 +112,9 @@ pub fn free_port() -> SocketAddr {
         .unwrap_or(32768);
     let first = 10_000u16.min(low / 2);
     let span = u64::from(low - first);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    let start = hasher.finish();
+    let start = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     for step in 0..span {
         let port = first + ((start + step * 7919) % span) as u16;
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
