@@ -20,20 +20,26 @@ pub fn next_gap(config: &ChaosConfig, rng: &mut fastrand::Rng) -> Duration {
     floor + Duration::from_secs_f64(draw.clamp(0.0, 1e9))
 }
 
-/// A daily window of wall-clock time, at a fixed offset from UTC: `"09:00-17:00"`,
-/// `"22:00-02:00 +01:00"` (it may wrap past midnight).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A daily window of wall-clock time: `"09:00-17:00"` (UTC), `"22:00-02:00 +01:00"` (a fixed
+/// offset) or `"09:00-17:00 Europe/Paris"` (an IANA time zone, daylight saving included). It
+/// may wrap past midnight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
-    /// Minutes after midnight, local to `offset_minutes`.
+    /// Minutes after midnight, local to the zone.
     pub start: u32,
     pub end: u32,
-    /// Local time minus UTC.
+    /// Local time minus UTC, for a fixed offset.
     #[serde(default)]
     pub offset_minutes: i32,
+    /// An IANA time zone the system's database knows; when set, `offset_minutes` is 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Window {
-    /// Reads `"HH:MM-HH:MM"` with an optional `UTC`, `Z` or `±HH:MM` after a space.
+    /// Reads `"HH:MM-HH:MM"` with an optional `UTC`, `Z`, `±HH:MM` or IANA time zone after a
+    /// space. A zone the system's time zone database does not know is refused here, so a
+    /// misspelt one fails the deploy instead of silently never opening.
     pub fn parse(text: &str) -> Result<Window, String> {
         let text = text.trim();
         let (range, zone) = match text.split_once(char::is_whitespace) {
@@ -49,31 +55,57 @@ impl Window {
         if start == end {
             return Err(format!("{text:?} is an empty window"));
         }
-        let offset_minutes = match zone {
-            None | Some("UTC" | "Z" | "utc") => 0,
-            Some(zone) => offset(zone).ok_or_else(|| {
-                format!(
-                    "{zone:?} is not a UTC offset like \"+01:00\" (named time zones are not \
-                     read: write the offset)"
-                )
-            })?,
+        let (offset_minutes, zone) = match zone {
+            None | Some("UTC" | "Z" | "utc") => (0, None),
+            Some(zone) if zone.starts_with(['+', '-']) || zone.starts_with("UTC") => {
+                let minutes = offset(zone).ok_or_else(|| {
+                    format!("{zone:?} is not a UTC offset like \"+01:00\" (at most 14 hours)")
+                })?;
+                (minutes, None)
+            }
+            Some(zone) => {
+                jiff::tz::TimeZone::get(zone).map_err(|_| {
+                    format!(
+                        "{zone:?} is neither a UTC offset like \"+01:00\" nor a time zone \
+                         this machine knows"
+                    )
+                })?;
+                (0, Some(zone.to_owned()))
+            }
         };
         Ok(Window {
             start,
             end,
             offset_minutes,
+            zone,
         })
     }
 
-    /// Whether `now_ms` (ms since the epoch, UTC) falls inside.
+    /// Whether `now_ms` (ms since the epoch, UTC) falls inside. A named zone the system's
+    /// database no longer knows is never inside: no experiment rather than one at the wrong
+    /// hour.
     pub fn contains(&self, now_ms: u64) -> bool {
-        let minutes = (now_ms / 60_000) as i64 + i64::from(self.offset_minutes);
-        let of_day = minutes.rem_euclid(24 * 60) as u32;
+        let Some(of_day) = self.minute_of_day(now_ms) else {
+            return false;
+        };
         if self.start < self.end {
             (self.start..self.end).contains(&of_day)
         } else {
             of_day >= self.start || of_day < self.end
         }
+    }
+
+    /// Minutes after midnight at `now_ms` in the window's zone or offset.
+    fn minute_of_day(&self, now_ms: u64) -> Option<u32> {
+        let Some(name) = &self.zone else {
+            let minutes = (now_ms / 60_000) as i64 + i64::from(self.offset_minutes);
+            return Some(minutes.rem_euclid(24 * 60) as u32);
+        };
+        // jiff's database caches what it read: this is a map lookup after the first.
+        let zone = jiff::tz::TimeZone::get(name).ok()?;
+        let now = jiff::Timestamp::from_millisecond(i64::try_from(now_ms).ok()?).ok()?;
+        let civil = zone.to_datetime(now);
+        Some(civil.hour() as u32 * 60 + civil.minute() as u32)
     }
 }
 
@@ -81,7 +113,9 @@ impl std::fmt::Display for Window {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let hm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
         write!(f, "{}-{}", hm(self.start), hm(self.end))?;
-        if self.offset_minutes != 0 {
+        if let Some(zone) = &self.zone {
+            write!(f, " {zone}")?;
+        } else if self.offset_minutes != 0 {
             let sign = if self.offset_minutes < 0 { '-' } else { '+' };
             write!(f, " {sign}{}", hm(self.offset_minutes.unsigned_abs()))?;
         }
@@ -278,12 +312,43 @@ mod tests {
             Window::parse("09:00-17:00 +02:00").unwrap().to_string(),
             "09:00-17:00 +02:00"
         );
+        // A named zone follows daylight saving: Paris is UTC+1 on 2026-01-05 and UTC+2 on
+        // 2026-07-06 (days 20458 and 20640 since the epoch).
+        let january = |hour: u64, minute: u64| (hour * 60 + minute) * 60_000 + 86_400_000 * 20458;
+        let july = |hour: u64| (hour * 60) * 60_000 + 86_400_000 * 20640;
+        let paris = Window::parse("09:00-17:00 Europe/Paris").unwrap();
+        assert!(
+            paris.contains(january(8, 0)),
+            "09:00 in Paris in January is 08:00 UTC"
+        );
+        assert!(!paris.contains(january(7, 59)));
+        assert!(
+            !paris.contains(january(16, 0)),
+            "17:00 in Paris in January is 16:00 UTC"
+        );
+        assert!(
+            paris.contains(july(7)),
+            "09:00 in Paris in July is 07:00 UTC"
+        );
+        assert!(
+            !paris.contains(july(15)),
+            "17:00 in Paris in July is 15:00 UTC"
+        );
+        assert!(paris.contains(july(14)));
+        assert_eq!(paris.to_string(), "09:00-17:00 Europe/Paris");
+        // A zone known when the config was read but gone since is never inside.
+        let gone = Window {
+            zone: Some("Nowhere/Gone".into()),
+            ..paris
+        };
+        assert!(!gone.contains(july(12)));
         for bad in [
             "9-17",
             "09:00",
             "09:00-09:00",
             "25:00-26:00",
-            "09:00-17:00 Europe/Paris",
+            "09:00-17:00 Mars/Olympus",
+            "09:00-17:00 +15:00",
         ] {
             assert!(Window::parse(bad).is_err(), "{bad}");
         }

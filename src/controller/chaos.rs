@@ -189,7 +189,7 @@ impl Shell {
         // the window, while paused, or when nothing may be touched).
         let wait = gap(&mut self.chaos);
         self.chaos.next_at_ms = Some(now + wait);
-        let in_window = config.window.is_none_or(|w| w.contains(now));
+        let in_window = config.window.as_ref().is_none_or(|w| w.contains(now));
         if !in_window || now < self.state.chaos.paused_until_ms {
             return Ok(());
         }
