@@ -118,6 +118,9 @@ pub struct Budget {
     per_second: u64,
     start: Instant,
     pub read: u64,
+    /// The read buffer, made once per walk: a fresh 1 MiB buffer per file cost more CPU than
+    /// hashing a Debian root's mostly small files (zeroing 5 GB for 5,000 files).
+    buf: Vec<u8>,
 }
 
 impl Budget {
@@ -126,6 +129,7 @@ impl Budget {
             per_second: per_second.max(1),
             start: Instant::now(),
             read: 0,
+            buf: Vec::new(),
         }
     }
 
@@ -235,10 +239,17 @@ fn hash_at(dir: &OwnedFd, name: &[u8], budget: &mut Budget) -> std::io::Result<S
         Err(rustix::io::Errno::PERM) => rustix::fs::openat(dir, name, flags, Mode::empty())?,
         other => other?,
     };
+    let mut buf = std::mem::take(&mut budget.buf);
+    buf.resize(1 << 20, 0);
+    let hashed = hash_with(&file, &mut buf, budget);
+    budget.buf = buf;
+    hashed
+}
+
+fn hash_with(file: &OwnedFd, buf: &mut [u8], budget: &mut Budget) -> std::io::Result<String> {
     let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = rustix::io::read(&file, &mut buf)?;
+        let n = rustix::io::read(file, &mut *buf)?;
         if n == 0 {
             break;
         }
