@@ -6,8 +6,9 @@
 # BuildKit's `DONE N.Ns` from --progress=plain). On a machine others load, compare the ratios
 # within a round and the CPU times, which load distorts less.
 #
-# Usage: bench/bake_steps.sh   (ROUNDS=3; PROFILE=release; graven's own knobs in the env pass
-#        through, e.g. GRAVEN_BAKE_OVERLAY=0)
+# Usage: bench/bake_steps.sh   (ROUNDS=3; PROFILE=release; GRAVEN=path runs a given binary
+#        instead of this tree's build; graven's own knobs in the env pass through, e.g.
+#        GRAVEN_BAKE_OVERLAY=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
@@ -16,15 +17,21 @@ source bench/lib.sh
 use_debian_docker
 bench_require docker.io debootstrap
 bench_setup bake-steps
+graven=${GRAVEN:-$graven}
 base=$(scripts/debian-base)
 ctx="$work/ctx"
 cp -r bench/python-app "$ctx"
 
-g_base="$work/graven-base"
+# One graven home for every round, as docker keeps one engine: the base is imported once (its
+# snapshot unpacked, as `docker load` leaves docker's), and each round starts by removing the
+# app's image, the bake cache and what only they held (`image rm` + `gc --cache`), as docker's
+# starts with `rmi` + `builder prune`. (Copying a fresh home per round, as this script did
+# before, made graven's rounds, not docker's, delete and re-create the whole unpacked base
+# each time.)
+g_home="$work/graven-home"
 mkdir -p "$work/import"
 echo "FROM docker-archive:$base" >"$work/import/Containerfile"
-GRAVEN_HOME="$g_base" "$graven" bake --tag graven-test/debian:bookworm "$work/import" >/dev/null 2>&1
-g_home="$work/graven-home"
+GRAVEN_HOME="$g_home" "$graven" bake --tag graven-test/debian:bookworm "$work/import" >/dev/null 2>&1
 
 start_dockerd "$work/docker"
 docker=/usr/bin/docker
@@ -38,7 +45,9 @@ cpu_of() {
 
 for round in $(seq "$rounds"); do
   echo "=== round $round, load $(cut -d' ' -f1-3 /proc/loadavg)"
-  rm -rf "$g_home" && cp -a "$g_base" "$g_home"
+  GRAVEN_HOME="$g_home" "$graven" image rm app:1 >/dev/null 2>&1 || true
+  GRAVEN_HOME="$g_home" "$graven" gc --cache >/dev/null
+  echo "graven's snapshots at the start: $(ls "$g_home/snapshots" | grep -cE '^[0-9a-f]{64}$' || true)"
   sync
   /usr/bin/time -f "graven: %e s wall, %U s user, %S s sys" \
     env GRAVEN_HOME="$g_home" "$graven" bake --tag app:1 "$ctx" 2>&1 |

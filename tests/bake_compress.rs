@@ -205,9 +205,65 @@ RUN --mount=type=cache,target=/gate,id=gate touch /gate/started \\
         bake(clean.path(), dir.path(), &[])["digest"].as_str(),
         Some(digest.as_str())
     );
-    // What the kill left (the staged tar, the blob being written) is gc's, and the image
+    // What the kill left (the blob being written) is gc's, and the image
     // stays whole after it.
     succeed(graven(home.path()).args(["gc"]));
     assert!(temps(home.path()).is_empty(), "{:?}", temps(home.path()));
     assert_inline_blobs(home.path(), &digest);
+}
+
+/// A RUN's big layer is gzipped from the snapshot its upper dir became: while its gzip runs,
+/// the store holds no uncompressed copy of it (a staged tar), only the blob being written.
+#[test]
+fn a_run_layer_is_compressed_from_its_snapshot_with_no_uncompressed_copy() {
+    let dir = context();
+    // As above: the 96 MiB incompressible layer is still being gzipped when the gate step
+    // starts.
+    let containerfile = format!(
+        "{BASE}RUN for i in $(seq 96); do cat /seed; done > /big
+RUN --mount=type=cache,target=/gate,id=gate touch /gate/started \\
+ && while [ ! -e /gate/go ]; do sleep 0.05; done
+"
+    );
+    fs::write(dir.path().join("Containerfile"), &containerfile).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let gate = home
+        .path()
+        .join("bake-mounts")
+        .join(Digest::of(b"gate").hex());
+    let mut child = graven(home.path())
+        .args(["bake", "--json", "--tag", "c:1"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(300), "the gate step to start", || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the bake ended before its gate step: {status}");
+        }
+        gate.join("started").exists().then_some(())
+    });
+    // A tar has "ustar" at offset 257; the blob being written starts with gzip's magic.
+    let tars: Vec<String> = temps(home.path())
+        .into_iter()
+        .filter(|name| {
+            let path = ["store/blobs", "store/blobs/sha256"]
+                .iter()
+                .map(|d| home.path().join(d).join(name))
+                .find(|p| p.exists());
+            let mut head = [0u8; 512];
+            path.and_then(|p| fs::File::open(p).ok())
+                .is_some_and(|mut f| {
+                    std::io::Read::read_exact(&mut f, &mut head).is_ok()
+                        && &head[257..262] == b"ustar"
+                })
+        })
+        .collect();
+    fs::write(gate.join("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(tars.is_empty(), "uncompressed copies of a layer: {tars:?}");
+    let baked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_inline_blobs(home.path(), baked["digest"].as_str().unwrap());
 }

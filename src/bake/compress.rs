@@ -1,12 +1,14 @@
-//! Layers compressed off the bake's path. A big layer's tar is staged (`tree::stage_layer`)
-//! and gzipped on other threads while the next steps run; meanwhile the image being built
-//! names it by a placeholder: a descriptor whose digest is the diff_id, marked with an
-//! annotation no other descriptor carries. The next steps mostly need no blob of it (a RUN
-//! starts on the snapshot its upper dir became, keyed by diff_ids; a COPY or WORKDIR reads the
-//! path index written under the diff_id); a step that does read it waits for its gzip first
-//! (`settle`). The manifest and the cache entries are written only once every gzip is done
-//! (`finish`), with the blobs' own descriptors: the same bytes, so the same digests, as
-//! compressing inline gives, and no blob is referenced before it is whole.
+//! Layers compressed off the bake's path. A big layer is gzipped on other threads while the
+//! next steps run: written again from the RUN's snapshot that holds its files
+//! (`tree::compress_from_tree`), or, where there is none, from its tar staged in a temp file
+//! (`tree::stage_layer`). Meanwhile the image being built names it by a placeholder: a
+//! descriptor whose digest is the diff_id, marked with an annotation no other descriptor
+//! carries. The next steps mostly need no blob of it (a RUN starts on the snapshot its upper
+//! dir became, keyed by diff_ids; a COPY or WORKDIR reads the path index written under the
+//! diff_id); a step that does read it waits for its gzip first (`settle`). The manifest and
+//! the cache entries are written only once every gzip is done (`finish`), with the blobs' own
+//! descriptors: the same bytes, so the same digests, as compressing inline gives, and no blob
+//! is referenced before it is whole.
 
 use std::collections::BTreeMap;
 
@@ -38,16 +40,27 @@ impl Compressions {
         staged: StagedLayer,
         changes: Vec<PathChange>,
     ) -> Result<Descriptor, StoreError> {
-        let mut placeholder =
-            Descriptor::new(MEDIA_TYPE_LAYER_GZIP, staged.diff_id.clone(), staged.len);
+        let (diff_id, len) = (staged.diff_id.clone(), staged.len);
+        self.start_with(diff_id, len, || {
+            Ok((staged.compress(txn.store())?, changes))
+        })
+    }
+
+    /// Starts the gzip of the layer `diff_id` (a tar of `len` bytes) that `begin` starts, with
+    /// its path changes, unless this bake already compresses that tar (two stages that write
+    /// the same layer make one blob); returns the placeholder that names it meanwhile.
+    pub fn start_with(
+        &mut self,
+        diff_id: Digest,
+        len: u64,
+        begin: impl FnOnce() -> Result<(Compressing, Vec<PathChange>), StoreError>,
+    ) -> Result<Descriptor, StoreError> {
+        let mut placeholder = Descriptor::new(MEDIA_TYPE_LAYER_GZIP, diff_id.clone(), len);
         placeholder
             .annotations
             .insert(PENDING.to_owned(), String::new());
-        let diff_id = staged.diff_id.clone();
-        // The same tar twice in one bake (two stages that write the same layer) is one blob.
         if !self.running.contains_key(&diff_id) && !self.done.contains_key(&diff_id) {
-            let compressing = staged.compress(txn.store())?;
-            self.running.insert(diff_id, (compressing, changes));
+            self.running.insert(diff_id, begin()?);
         }
         Ok(placeholder)
     }

@@ -1045,36 +1045,64 @@ fn build(
     }
     tree::normalize(&mut entries);
     tree::check_names(&entries)?;
+    let dropped = normalised
+        .as_ref()
+        .map_or(&[][..], |n: &reproducible::Applied| n.dropped.as_slice());
+    let below = &state.config.rootfs.diff_ids;
     // A big layer's gzip runs on the other cores while the next steps do; a small one is
     // written whole at once.
-    let (descriptor, diff_id) = if tree::content_len(&entries) >= tree::STAGE_FROM {
-        let (staged, changes) =
-            tree::stage_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
-        let diff_id = staged.diff_id.clone();
-        let placeholder = gzips
-            .start(txn, staged, changes)
-            .map_err(|e| e.to_string())?;
-        (placeholder, diff_id)
-    } else {
+    let (descriptor, diff_id) = if tree::content_len(&entries) < tree::STAGE_FROM {
         let finished = tree::write_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
         let diff_id = finished.diff_id.clone();
-        (finished.keep(txn).map_err(|e| e.to_string())?, diff_id)
+        let descriptor = finished.keep(txn).map_err(|e| e.to_string())?;
+        if let Some(upper) = upper {
+            // A snapshot not kept here costs only its unpacking when a later RUN needs it.
+            let _ = run::keep_upper(store, upper, &entries, dropped, below, &diff_id, epoch);
+        }
+        (descriptor, diff_id)
+    } else {
+        // A RUN's upper dir is named by its tar's hash, made the layer's snapshot, and the
+        // gzip reads the files from there: the tar is never written out uncompressed. Any
+        // other big layer (or an upper dir that cannot be the snapshot) is staged first.
+        let kept = match upper {
+            Some(upper) => {
+                let (diff_id, len) =
+                    tree::tar_diff_id(&entries, epoch).map_err(|e| e.to_string())?;
+                let _ = run::keep_upper(store, upper, &entries, dropped, below, &diff_id, epoch);
+                let mut chain = below.clone();
+                chain.push(diff_id.clone());
+                store
+                    .snapshot_tree(&chain)
+                    .map(|snapshot| (diff_id, len, snapshot))
+            }
+            None => None,
+        };
+        match kept {
+            Some((diff_id, len, snapshot)) => {
+                let placeholder = gzips
+                    .start_with(diff_id.clone(), len, || {
+                        tree::compress_from_tree(
+                            store,
+                            entries.clone(),
+                            epoch,
+                            snapshot,
+                            diff_id.clone(),
+                        )
+                    })
+                    .map_err(|e| e.to_string())?;
+                (placeholder, diff_id)
+            }
+            None => {
+                let (staged, changes) =
+                    tree::stage_layer(store, &entries, epoch).map_err(|e| e.to_string())?;
+                let diff_id = staged.diff_id.clone();
+                let placeholder = gzips
+                    .start(txn, staged, changes)
+                    .map_err(|e| e.to_string())?;
+                (placeholder, diff_id)
+            }
+        }
     };
-    if let Some(upper) = upper {
-        let dropped = normalised
-            .as_ref()
-            .map_or(&[][..], |n: &reproducible::Applied| n.dropped.as_slice());
-        // A snapshot not kept here costs only its unpacking when a later RUN needs it.
-        let _ = run::keep_upper(
-            store,
-            upper,
-            &entries,
-            dropped,
-            &state.config.rootfs.diff_ids,
-            &diff_id,
-            epoch,
-        );
-    }
     lower.add_if_current(&state.layers, &entries);
     drop(keep_alive);
     drop(normalised);

@@ -16,7 +16,8 @@ use sha2::Digest as _;
 
 use crate::store::snapshot::PathChange;
 use crate::store::{
-    Descriptor, Digest, FinishedLayer, LayerWriter, StagedLayer, StagingWriter, Store, StoreError,
+    Compressing, Descriptor, Digest, FinishedLayer, LayerWriter, StagedLayer, StagingWriter, Store,
+    StoreError,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +103,7 @@ pub fn write_layer(
     entries: &[Entry],
     mtime: u64,
 ) -> Result<FinishedLayer, StoreError> {
-    let writer = write_tar(LayerWriter::new(store)?, entries, mtime)?;
+    let writer = write_tar(LayerWriter::new(store)?, entries, mtime, Files::Sources)?;
     let finished = writer.finish()?;
     // What the layer does to which paths exist, for a later COPY on top of it (`LowerTree`):
     // an index that cannot be written only costs reading the layer then.
@@ -135,15 +136,79 @@ pub fn stage_layer(
     entries: &[Entry],
     mtime: u64,
 ) -> Result<(StagedLayer, Vec<PathChange>), StoreError> {
-    let writer = write_tar(StagingWriter::new(store)?, entries, mtime)?;
+    let writer = write_tar(StagingWriter::new(store)?, entries, mtime, Files::Sources)?;
     let staged = writer.finish()?;
     let changes = path_changes_of(entries);
     let _ = store.put_path_index(&staged.diff_id, &changes);
     Ok((staged, changes))
 }
 
+/// The diff_id and length of the layer tar the (normalized) entries make, written nowhere:
+/// what names a layer that `compress_from_tree` then writes from the tree its files are in.
+pub fn tar_diff_id(entries: &[Entry], mtime: u64) -> Result<(Digest, u64), StoreError> {
+    let sink = write_tar(TarHash::default(), entries, mtime, Files::Sources)?;
+    Ok((Digest::from_sha256(sink.hasher.finalize().into()), sink.len))
+}
+
+/// Starts compressing the layer the (normalized) entries make, named `diff_id` (`tar_diff_id`),
+/// on a thread of its own (`Compressing::start`), reading each file's bytes at its path in
+/// `tree` (resolved inside it by the kernel), not from the entry's source: the tree is where
+/// the layer stays unpacked, a RUN's upper dir become its snapshot, so the tar is never
+/// written out uncompressed. Its path index is written under the diff_id, as `stage_layer`
+/// writes it.
+pub fn compress_from_tree(
+    store: &Store,
+    entries: Vec<Entry>,
+    mtime: u64,
+    tree: PathBuf,
+    diff_id: Digest,
+) -> Result<(Compressing, Vec<PathChange>), StoreError> {
+    let changes = path_changes_of(&entries);
+    let _ = store.put_path_index(&diff_id, &changes);
+    let root = crate::sandbox::root::open_root(&tree).map_err(|source| StoreError::Io {
+        path: tree.clone(),
+        source,
+    })?;
+    let compressing = Compressing::start(store, diff_id, move |writer| {
+        write_tar(writer, &entries, mtime, Files::InRoot(root.as_fd())).map(|_| ())
+    })?;
+    Ok((compressing, changes))
+}
+
+/// Hashes a tar as it is written, keeping none of it.
+#[derive(Default)]
+struct TarHash {
+    hasher: sha2::Sha256,
+    len: u64,
+}
+
+impl Write for TarHash {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where `write_tar` reads a file entry's bytes.
+#[derive(Clone, Copy)]
+enum Files<'a> {
+    /// From the entry's source.
+    Sources,
+    /// From the entry's path inside this tree, resolved inside it, following no symlink.
+    InRoot(BorrowedFd<'a>),
+}
+
 /// Writes the entries as a tar into `writer` and returns it, the tar ended.
-fn write_tar<W: Write>(writer: W, entries: &[Entry], mtime: u64) -> Result<W, StoreError> {
+fn write_tar<W: Write>(
+    writer: W,
+    entries: &[Entry],
+    mtime: u64,
+    files: Files<'_>,
+) -> Result<W, StoreError> {
     let mut tar = tar::Builder::new(writer);
     let io = |path: &str| {
         let path = PathBuf::from(path);
@@ -177,8 +242,20 @@ fn write_tar<W: Write>(writer: W, entries: &[Entry], mtime: u64) -> Result<W, St
             EntryKind::File { source, size } => {
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(*size);
-                let file = File::open(source).map_err(|source_err| StoreError::Io {
-                    path: source.clone(),
+                let file = match files {
+                    Files::Sources => File::open(source),
+                    Files::InRoot(root) => crate::sandbox::root::open_in(
+                        root,
+                        &entry.path,
+                        OFlags::RDONLY | OFlags::NOFOLLOW,
+                    )
+                    .map(File::from),
+                }
+                .map_err(|source_err| StoreError::Io {
+                    path: match files {
+                        Files::Sources => source.clone(),
+                        Files::InRoot(_) => PathBuf::from(&entry.path),
+                    },
                     source: source_err,
                 })?;
                 let mut data = BufReader::with_capacity(256 * 1024, file).take(*size);
@@ -1160,6 +1237,72 @@ mod tests {
         let l2 = write_layer(&store, &a, 1_700_000_000).unwrap();
         assert_eq!(l1.digest, l2.digest);
         assert_ne!(l1.digest, lb.digest);
+    }
+
+    /// A layer compressed from the tree that holds its files (a RUN's snapshot) is the blob
+    /// writing it from its entries gives, under the diff_id hashed without writing the tar;
+    /// the files are read from the tree, not from the entries' sources; a file that changed
+    /// in the tree meanwhile is an error, not another layer under that diff_id.
+    #[test]
+    fn a_layer_compressed_from_its_tree_is_the_blob_its_entries_write() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let mut rng = fastrand::Rng::with_seed(3);
+        // Over three pgzip chunks.
+        let big: Vec<u8> = (0..(3 << 20) + 17).map(|_| rng.u8(..)).collect();
+        let mut entries = vec![
+            file("d/big", &big, src.path()),
+            Entry {
+                path: "d".to_owned(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+            file("small", b"small", src.path()),
+            Entry {
+                path: "link".to_owned(),
+                kind: EntryKind::Symlink("d/big".to_owned()),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        ];
+        normalize(&mut entries);
+        let inline = write_layer(&store, &entries, 7).unwrap();
+        let (diff_id, len) = tar_diff_id(&entries, 7).unwrap();
+        assert_eq!(diff_id, inline.diff_id);
+        assert!(len > big.len() as u64);
+        // The tree the layer is unpacked in; the entries' sources are gone.
+        let tree = tempfile::tempdir().unwrap();
+        fs::create_dir(tree.path().join("d")).unwrap();
+        fs::write(tree.path().join("d/big"), &big).unwrap();
+        fs::write(tree.path().join("small"), b"small").unwrap();
+        std::os::unix::fs::symlink("d/big", tree.path().join("link")).unwrap();
+        drop(src);
+        let compress = || {
+            compress_from_tree(
+                &store,
+                entries.clone(),
+                7,
+                tree.path().to_owned(),
+                diff_id.clone(),
+            )
+            .unwrap()
+            .0
+            .wait()
+        };
+        let blob = compress().unwrap();
+        assert_eq!(
+            (&blob.digest, blob.size, &blob.diff_id),
+            (&inline.digest, inline.size, &inline.diff_id)
+        );
+        fs::write(tree.path().join("small"), b"smell").unwrap();
+        assert!(
+            matches!(compress(), Err(StoreError::CorruptBlob { .. })),
+            "a changed tree is not this layer"
+        );
     }
 
     #[test]

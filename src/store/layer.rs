@@ -6,9 +6,12 @@
 //! the stream is cut into fixed chunks compressed in parallel (`pgzip`), so the same tar always
 //! gives the same blob.
 //!
-//! A bake may also stage a layer (`StagingWriter`): the tar goes to a temp file, hashed to its
-//! diff_id on the way, and `StagedLayer::compress` gzips it on a thread of its own into the
-//! very blob `LayerWriter` would have written, while the bake's next steps run.
+//! A bake may also compress a layer on a thread of its own while its next steps run
+//! (`Compressing::start`): the thread writes the layer's tar again from where its files are
+//! (a RUN's snapshot) into the very blob `LayerWriter` would have written, and checks that the
+//! tar is the diff_id the bake already named it by. Where no such tree is kept, the layer is
+//! staged first (`StagingWriter`): the tar goes to a temp file, hashed to its diff_id on the
+//! way, and `StagedLayer::compress` gzips that.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -205,15 +208,62 @@ impl StagedLayer {
     /// Starts compressing the tar on a thread of its own, into the blob `LayerWriter` makes of
     /// the same bytes (`pgzip`'s chunks spread over every core, as when writing inline).
     pub fn compress(self, store: &Store) -> Result<Compressing> {
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
+        let StagedLayer { temp, diff_id, .. } = self;
+        let mut reader = temp.reopen().map_err(|source| StoreError::Io {
+            path: temp.path().to_owned(),
+            source,
+        })?;
+        Compressing::start(store, diff_id, move |writer| {
+            let io = |source| StoreError::Io {
+                path: temp.path().to_owned(),
+                source,
+            };
+            let mut buf = vec![0; 1 << 20];
+            loop {
+                let n = reader.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                writer.write_all(&buf[..n]).map_err(io)?;
+            }
+            drop(temp);
+            Ok(())
+        })
+    }
+}
+
+/// A writer that fails once its compression is stopped, so a dropped one ends soon.
+struct Stoppable<'a> {
+    inner: &'a mut LayerWriter,
+    stop: &'a AtomicBool,
+}
+
+impl Write for Stoppable<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("compression stopped"));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Compressing {
+    /// Starts writing a layer blob on a thread of its own: `produce` writes the layer's
+    /// uncompressed tar into the writer it is given, which gzips it as `LayerWriter` does
+    /// (`pgzip`'s chunks spread over every core). The tar must hash to `diff_id`, the digest
+    /// the bake names the layer by meanwhile: a source changed underneath would give a blob
+    /// that is not this layer, and is an error instead.
+    pub fn start(
+        store: &Store,
+        diff_id: Digest,
+        produce: impl FnOnce(&mut dyn Write) -> Result<()> + Send + 'static,
+    ) -> Result<Compressing> {
         let mut writer = LayerWriter::new(store)?;
-        let mut reader = self.temp.reopen().map_err(io(self.temp.path()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let StagedLayer { temp, diff_id, .. } = self;
         let expected = diff_id.clone();
         let thread = std::thread::Builder::new()
             .name("graven-gzip".to_owned())
@@ -223,17 +273,10 @@ impl StagedLayer {
                 // first, and the gzip takes what their waits on the network and the disk
                 // leave. Its output does not depend on it.
                 let _ = rustix::process::setpriority_process(None, 19);
-                let mut buf = vec![0; 1 << 20];
-                loop {
-                    if stopped.load(Ordering::Relaxed) {
-                        return Err(io(temp.path())(io::Error::other("compression stopped")));
-                    }
-                    let n = reader.read(&mut buf).map_err(io(temp.path()))?;
-                    if n == 0 {
-                        break;
-                    }
-                    writer.write_all(&buf[..n]).map_err(io(temp.path()))?;
-                }
+                produce(&mut Stoppable {
+                    inner: &mut writer,
+                    stop: &stopped,
+                })?;
                 let finished = writer.finish()?;
                 // Written to disk here, off the bake's path, so the fsync that names the
                 // blob (`Transaction::put_blob_file`) finds nothing left to write.
@@ -241,28 +284,29 @@ impl StagedLayer {
                     .temp
                     .as_file()
                     .sync_all()
-                    .map_err(io(finished.temp.path()))?;
-                // The tar is read back whole: a staged file changed underneath would give
-                // a blob that is not this layer.
+                    .map_err(|source| StoreError::Io {
+                        path: finished.temp.path().to_owned(),
+                        source,
+                    })?;
                 if finished.diff_id != expected {
                     return Err(StoreError::CorruptBlob {
                         digest: expected,
                         actual: finished.diff_id,
                     });
                 }
-                drop(temp);
                 Ok(finished)
             })
-            .map_err(io(std::path::Path::new("graven-gzip")))?;
+            .map_err(|source| StoreError::Io {
+                path: "graven-gzip".into(),
+                source,
+            })?;
         Ok(Compressing {
             thread: Some(thread),
             stop,
             diff_id,
         })
     }
-}
 
-impl Compressing {
     /// Waits for the blob.
     pub fn wait(mut self) -> Result<FinishedLayer> {
         let thread = self

@@ -257,6 +257,14 @@ impl Store {
             .join("snapshots")
     }
 
+    /// The tree of the snapshot of the chain `diff_ids` ends (what its top layer holds, as
+    /// unpacked over the ones below), if one was made.
+    pub fn snapshot_tree(&self, diff_ids: &[Digest]) -> Option<PathBuf> {
+        let chain = chain_ids(diff_ids).pop()?;
+        let tree = self.snapshots_dir().join(chain.hex()).join("fs");
+        tree.is_dir().then_some(tree)
+    }
+
     /// The snapshots of every chain of `layers` (made where missing), bottom first: the
     /// overlay lower dirs of the image, topmost last. Call it only inside
     /// `with_private_mounts` (a layer is unpacked onto an overlay of the ones below).
