@@ -13,8 +13,10 @@
 #   JetStream because it is the durable store a user of graven most likely already runs, and
 #   it batches concurrent commits' flushes as graven batches appends.
 #
-# Usage: bench/events.sh            (CONNS=16 DURATION=10 PROFILE=release; GRAVEN=path runs that
-#        binary instead of building one)
+# Usage: bench/events.sh            (CONNS=16 DURATION=10 ROUNDS=5 PROFILE=release; GRAVEN=path
+#        runs that binary instead of building one). Each round prints its row (load average at
+#        its start, both sides' rate, p50 and p99 in ms, the two ratios); the end prints the
+#        medians, the median of the rounds' ratios, and in how many rounds the target was met.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,6 +24,7 @@ cd "$ROOT"
 source bench/lib.sh
 CONNS=${CONNS:-16}
 DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-5}
 PROFILE=${PROFILE:-release}
 bench_require wrk postgresql
 
@@ -47,7 +50,9 @@ fi
 
 body='{"type":"order-placed","order":12345,"customer":678,"items":3,"total_cents":4599}'
 
-# graven
+# Both servers run for the whole script; each round runs wrk against graven, then pgbench
+# against PostgreSQL, so a noisy minute falls on both sides of one round and the medians over
+# the rounds decide, not one pair of runs.
 export GRAVEN_HOME="$work/home"
 mkdir -p "$GRAVEN_HOME/apps/bench/local"
 "$graven" daemon >"$work/daemon.log" 2>&1 &
@@ -59,12 +64,7 @@ wrk.method = "POST"
 wrk.body = '$body'
 wrk.headers["Content-Type"] = "application/json"
 LUA
-echo "graven: wrk -c $CONNS -d ${DURATION}s POST /events" >&2
-wrk -t 2 -c "$CONNS" -d "${DURATION}s" --latency -s "$work/post.lua" "$url/events" >"$work/wrk.txt"
-kill "$daemon_pid"; wait "$daemon_pid" 2>/dev/null || true; daemon_pid=""
-events=$("$graven" events status --app bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["last"])')
 
-# PostgreSQL
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 mkdir -p "$work/pg" "$work/sock"
 chown postgres "$work/pg" "$work/sock"
@@ -76,36 +76,67 @@ for _ in $(seq 300); do runuser -u postgres -- "$pgbin/pg_isready" -h "$work/soc
 runuser -u postgres -- psql -h "$work/sock" -q -c "CREATE TABLE events (seq bigserial PRIMARY KEY, body jsonb NOT NULL)" postgres
 echo "INSERT INTO events (body) VALUES ('$body');" >"$work/insert.sql"
 chmod 644 "$work/insert.sql"
-echo "postgresql: pgbench -c $CONNS -T $DURATION INSERT" >&2
-(cd "$work/pg" && runuser -u postgres -- "$pgbin/pgbench" -h "$work/sock" -n -c "$CONNS" -j 2 -T "$DURATION" \
-  -f "$work/insert.sql" --log --log-prefix="$work/pg/txn" postgres >"$work/pgbench.txt")
 
-cat "$work/wrk.txt" >&2
-python3 - "$work" "$events" <<'PY'
-import glob, re, sys
-work, events = sys.argv[1], int(sys.argv[2])
-wrk = open(f"{work}/wrk.txt").read()
+echo "graven: wrk -t 2 -c $CONNS -d ${DURATION}s POST /events; postgresql: pgbench -c $CONNS -j 2 -T $DURATION INSERT; $ROUNDS rounds" >&2
+for round in $(seq "$ROUNDS"); do
+  mkdir -p "$work/r$round/pg"
+  chown postgres "$work/r$round/pg"
+  cut -d' ' -f1-3 /proc/loadavg >"$work/r$round/load"
+  wrk -t 2 -c "$CONNS" -d "${DURATION}s" --latency -s "$work/post.lua" "$url/events" >"$work/r$round/wrk.txt"
+  (cd "$work/r$round/pg" && runuser -u postgres -- "$pgbin/pgbench" -h "$work/sock" -n -c "$CONNS" -j 2 \
+    -T "$DURATION" -f "$work/insert.sql" --log --log-prefix="$work/r$round/pg/txn" postgres \
+    >"$work/r$round/pgbench.txt")
+  python3 - "$work" "$round" <<'PY'
+import glob, json, re, sys
+work, round = sys.argv[1], sys.argv[2]
+r = f"{work}/r{round}"
+wrk = open(f"{r}/wrk.txt").read()
 def ms(text):
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-g_rate = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
 # The distribution's lines only: a "+/- Stdev" column such as "89.50%" also ends in "50%".
-g_p50 = ms(re.search(r"^\s+50%\s+(\S+)", wrk, re.M).group(1))
-g_p99 = ms(re.search(r"^\s+99%\s+(\S+)", wrk, re.M).group(1))
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", wrk)
-g_bad = int(bad.group(1)) if bad else 0
-pg = open(f"{work}/pgbench.txt").read()
-p_rate = float(re.search(r"tps = ([\d.]+)", pg).group(1))
-lat = []
-for path in glob.glob(f"{work}/pg/txn*"):
-    for line in open(path):
-        lat.append(int(line.split()[2]) / 1000)
-lat.sort()
-p_p50, p_p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+pg = open(f"{r}/pgbench.txt").read()
+lat = sorted(int(line.split()[2]) / 1000 for path in glob.glob(f"{r}/pg/txn*") for line in open(path))
+row = {
+    "round": int(round),
+    "load": open(f"{r}/load").read().strip(),
+    "g_rate": float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1)),
+    "g_requests": int(re.search(r"(\d+) requests in", wrk).group(1)),
+    "g_p50": ms(re.search(r"^\s+50%\s+(\S+)", wrk, re.M).group(1)),
+    "g_p99": ms(re.search(r"^\s+99%\s+(\S+)", wrk, re.M).group(1)),
+    "g_bad": int(bad.group(1)) if bad else 0,
+    "p_rate": float(re.search(r"tps = ([\d.]+)", pg).group(1)),
+    "p_p50": lat[len(lat) // 2],
+    "p_p99": lat[int(len(lat) * 0.99)],
+}
+open(f"{r}/row.json", "w").write(json.dumps(row))
+if row["round"] == 1:
+    print(f"{'round (load)':22} {'graven/s':>9} {'p50':>6} {'p99':>6} {'pg/s':>9} {'p50':>6} {'p99':>6} {'rate':>6} {'p99':>6}")
+print(f"{row['round']:>2} ({row['load']:16}) {row['g_rate']:>9.0f} {row['g_p50']:>6.2f} {row['g_p99']:>6.2f} "
+      f"{row['p_rate']:>9.0f} {row['p_p50']:>6.2f} {row['p_p99']:>6.2f} "
+      f"{row['g_rate'] / row['p_rate']:>5.2f}x {row['g_p99'] / row['p_p99']:>5.2f}x", flush=True)
+PY
+done
+kill "$daemon_pid"; wait "$daemon_pid" 2>/dev/null || true; daemon_pid=""
+events=$("$graven" events status --app bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["last"])')
+
+python3 - "$work" "$ROUNDS" "$events" <<'PY'
+import json, statistics, sys
+work, rounds, events = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rows = [json.load(open(f"{work}/r{i}/row.json")) for i in range(1, rounds + 1)]
+med = lambda key: statistics.median(row[key] for row in rows)
+rate = statistics.median(row["g_rate"] / row["p_rate"] for row in rows)
+p99 = statistics.median(row["g_p99"] / row["p_p99"] for row in rows)
+met = sum(row["g_rate"] >= row["p_rate"] and row["g_p99"] <= row["p_p99"] for row in rows)
 print()
+print(f"medians of {rounds} rounds (latencies in ms):")
 print(f"{'':34} {'appends/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-print(f"{'graven app event log (HTTP)':34} {g_rate:>10.0f} {g_p50:>8.2f} {g_p99:>8.2f}")
-print(f"{'PostgreSQL INSERT (commit each)':34} {p_rate:>10.0f} {p_p50:>8.2f} {p_p99:>8.2f}")
-print(f"{'graven / PostgreSQL':34} {g_rate / p_rate:>9.2f}x {g_p50 / p_p50:>7.2f}x {g_p99 / p_p99:>7.2f}x")
-print(f"graven: {events} events in the log after the run, {g_bad} answers other than 201")
+print(f"{'graven app event log (HTTP)':34} {med('g_rate'):>10.0f} {med('g_p50'):>8.2f} {med('g_p99'):>8.2f}")
+print(f"{'PostgreSQL INSERT (commit each)':34} {med('p_rate'):>10.0f} {med('p_p50'):>8.2f} {med('p_p99'):>8.2f}")
+print(f"{'graven / PostgreSQL (per round)':34} {rate:>9.2f}x {'':>8} {p99:>7.2f}x")
+print(f"target (>= the appends/s at <= the p99) met in {met} of {rounds} rounds")
+answered = sum(row["g_requests"] for row in rows)
+bad = sum(row["g_bad"] for row in rows)
+print(f"graven: {events} events in the log, {answered} appends answered to wrk, {bad} answers other than 201")
 PY

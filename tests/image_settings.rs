@@ -480,6 +480,15 @@ fn a_service_takes_its_images_expose_and_volumes_and_its_user_must_exist() {
         "app = \"a\"\n[services.db]\nroute = \":0\"\n",
         "service db: the image exposes several ports (443/tcp, 80/tcp); set `port`",
     );
+    // The image's VOLUME is a named volume, which one live instance at a time may hold: a
+    // second instance would be refused by the volume lock at its start, after the release is
+    // recorded. A deploy (or a redeploy that scales up) is refused before.
+    refused(
+        format!("{image}EXPOSE 8080\n"),
+        "app = \"a\"\n[services.db]\ninstances = 2\n",
+        "service db: instances = 2: the image's VOLUME /var/lib/db is volume \"db.var-lib-db\", \
+         owned by one live instance at a time",
+    );
     // A service that is reached on its port (here through a route) needs one; a worker
     // (no route, a check that does not connect) deploys without.
     refused(

@@ -204,7 +204,7 @@ impl ZerosAhead {
 /// batch may write its records into them before they are synced: its own sync then flushes
 /// the file's new size too, so it is as durable, only slower.
 fn extend(file: &File, length: u64) -> std::io::Result<()> {
-    let mut len = file.metadata()?.len();
+    let mut len = identity(file)?.len;
     if len >= length {
         return Ok(());
     }
@@ -212,7 +212,7 @@ fn extend(file: &File, length: u64) -> std::io::Result<()> {
     while len < length {
         let n = zeros.len().min((length - len) as usize);
         (&*file).write_all(&zeros[..n])?;
-        len = file.metadata()?.len();
+        len = identity(file)?.len;
     }
     file.sync_all()
 }
@@ -356,7 +356,7 @@ impl AppEventLog {
 
     /// Reads the header (writing one into an empty file) and scans the records.
     fn load(&mut self) -> Result<()> {
-        let len = self.file.metadata().map_err(io(&self.path))?.len();
+        let len = identity(&self.file).map_err(io(&self.path))?.len;
         if len < HEADER {
             // Empty, or a crash while the header was written (nothing was acknowledged).
             let mut header = [0u8; HEADER as usize];
@@ -384,7 +384,7 @@ impl AppEventLog {
         self.end = HEADER;
         self.index.clear();
         self.scan()?;
-        self.allocated = self.file.metadata().map_err(io(&self.path))?.len();
+        self.allocated = identity(&self.file).map_err(io(&self.path))?.len;
         self.open_ahead()?;
         self.clear_tail()
     }
@@ -404,7 +404,6 @@ impl AppEventLog {
     /// Under the lock: opens the appending handle the zeros thread writes through, on the file
     /// this log has open (the path names it: every replacement happens under the lock).
     fn open_ahead(&mut self) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
         let Some(ahead) = &mut self.ahead else {
             return Ok(());
         };
@@ -415,10 +414,10 @@ impl AppEventLog {
             .open(&self.path)
             .map_err(io(&self.path))?;
         let (theirs, ours) = (
-            file.metadata().map_err(io(&self.path))?,
-            self.file.metadata().map_err(io(&self.path))?,
+            identity(&file).map_err(io(&self.path))?,
+            identity(&self.file).map_err(io(&self.path))?,
         );
-        if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        if theirs.same_file(&ours) {
             ahead.file = Some(file);
         }
         Ok(())
@@ -550,14 +549,13 @@ impl AppEventLog {
     /// (a crash inside an unacknowledged write) is cleared so the next record follows the last
     /// sound one.
     fn catch_up(&mut self) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let here = self.file.metadata().map_err(io(&self.path))?;
-        let named = std::fs::metadata(&self.path).map_err(io(&self.path))?;
-        if (here.dev(), here.ino()) != (named.dev(), named.ino()) {
+        let here = identity(&self.file).map_err(io(&self.path))?;
+        let named = identity_at(&self.path).map_err(io(&self.path))?;
+        if !here.same_file(&named) {
             // Compacted by another handle: the path names a new file; read it afresh.
             return self.reopen();
         }
-        self.allocated = here.len();
+        self.allocated = here.len;
         // Mostly nothing follows (this process is the only writer): one small read says so.
         if !self.followed()? {
             return Ok(());
@@ -640,10 +638,9 @@ impl AppEventLog {
     /// this handle knows are no longer the zeros written ahead; the file's length says
     /// nothing, as it runs ahead of the records).
     pub fn refresh_if_changed(&mut self) -> Result<bool> {
-        use std::os::unix::fs::MetadataExt;
-        let named = std::fs::metadata(&self.path).map_err(io(&self.path))?;
-        let here = self.file.metadata().map_err(io(&self.path))?;
-        if (named.dev(), named.ino()) == (here.dev(), here.ino()) && !self.followed()? {
+        let named = identity_at(&self.path).map_err(io(&self.path))?;
+        let here = identity(&self.file).map_err(io(&self.path))?;
+        if named.same_file(&here) && !self.followed()? {
             return Ok(false);
         }
         self.refresh()?;
@@ -848,6 +845,53 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Which file, and how long: the device and inode, and the length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: (u32, u32),
+    ino: u64,
+    len: u64,
+}
+
+impl Identity {
+    fn of(statx: &rustix::fs::Statx) -> Identity {
+        Identity {
+            dev: (statx.stx_dev_major, statx.stx_dev_minor),
+            ino: statx.stx_ino,
+            len: statx.stx_size,
+        }
+    }
+
+    fn same_file(&self, other: &Identity) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+/// What `statx` is asked for: never the file's times. Asking for the change or the
+/// modification time (as `metadata()` does) makes the file's next write store a new one even
+/// within the clock's tick (the kernel's multigrain timestamps, Linux 6.13 on), which dirties
+/// the inode; ext4 without a journal then writes the inode's block in that write's sync, before
+/// the flush. Stat'ed in every batch, the log made every batch's sync write two blocks.
+const IDENTITY: rustix::fs::StatxFlags =
+    rustix::fs::StatxFlags::INO.union(rustix::fs::StatxFlags::SIZE);
+
+/// The identity of an open file, its times unread (`IDENTITY`).
+fn identity(file: &File) -> std::io::Result<Identity> {
+    let statx = rustix::fs::statx(file, "", rustix::fs::AtFlags::EMPTY_PATH, IDENTITY)?;
+    Ok(Identity::of(&statx))
+}
+
+/// The identity of the file `path` names now, its times unread (`IDENTITY`).
+fn identity_at(path: &Path) -> std::io::Result<Identity> {
+    let statx = rustix::fs::statx(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::empty(),
+        IDENTITY,
+    )?;
+    Ok(Identity::of(&statx))
 }
 
 /// Makes a new name in `path`'s directory durable.

@@ -2,8 +2,8 @@
 //! anything is recorded or started: the port its EXPOSE says when the service names none
 //! (none needed by a worker),
 //! a volume for each VOLUME the service does not mount (named after the service and the
-//! path, `runtime::settings::volume_name`), and whether the `user` it asks for exists in
-//! the image's own passwd and group files.
+//! path, `runtime::settings::volume_name`; a service of several instances cannot have one),
+//! and whether the `user` it asks for exists in the image's own passwd and group files.
 
 use std::path::Path;
 
@@ -63,6 +63,17 @@ pub(super) fn complete(
                 "the image's VOLUME {path}: {e}; declare a volume at {path} in graven.toml"
             ))
         })?;
+        // A named volume is owned by one live instance at a time (the volume lock): the
+        // second instance would be refused at its start, after the release is recorded. Said
+        // here instead, before anything changes, as graven.toml's own volumes are.
+        if service.instances > 1 {
+            return Err(fail(format!(
+                "instances = {}: the image's VOLUME {path} is volume {:?}, owned by one live \
+                 instance at a time, so they cannot share it; set instances = 1, or give \
+                 {path} a tmpfs in graven.toml if its data need not outlive an instance",
+                service.instances, volume.name
+            )));
+        }
         config.volumes.push(VolumeConfig {
             name: volume.name,
             path: volume.path,
