@@ -17,6 +17,12 @@ use support::daemon::{RemoveInstancesOnDrop, Up, free_port};
 /// writes what it saw and its resolv.conf and hosts into its volume. `web` is healthy while
 /// the volume has no `sick` file.
 fn write_project(dir: &Path, db_route: SocketAddr) {
+    write_project_with(dir, db_route, "", "");
+}
+
+/// `write_project`, with `web_keys` added to web's table and `lookup` run by web in its loop
+/// (after looking `db` up).
+fn write_project_with(dir: &Path, db_route: SocketAddr, web_keys: &str, lookup: &str) {
     std::fs::create_dir_all(dir.join("dist")).unwrap();
     std::fs::copy(support::hello_binary(), dir.join("dist/hello")).unwrap();
     std::fs::write(
@@ -31,7 +37,7 @@ fn write_project(dir: &Path, db_route: SocketAddr) {
     let script = format!(
         "cat /etc/resolv.conf > /data/resolv.conf; cat /etc/hosts > /data/hosts; \
          while :; do \
-           getent hosts db > /data/getent.new; mv /data/getent.new /data/getent; \
+           getent hosts db > /data/getent.new; mv /data/getent.new /data/getent; {lookup} \
            (exec 3<>/dev/tcp/db/{port} && printf 'GET / HTTP/1.0\\r\\nHost: db\\r\\n\\r\\n' >&3 && cat <&3) > /data/http.new 2>&1; \
            mv /data/http.new /data/http; sleep 0.5; \
          done"
@@ -52,6 +58,7 @@ stop_grace = "1s"
 
 [services.web]
 port = 8080
+{web_keys}
 command = ["/bin/bash", "-c", "{script}"]
 volumes = {{ webdata = "/data" }}
 health = {{ kind = "exec", command = ["/usr/bin/test", "!", "-e", "/data/sick"], interval = "200ms", timeout = "2s", healthy_after = 1, unhealthy_after = 1 }}
@@ -181,4 +188,254 @@ fn a_service_reaches_another_by_its_short_name_inside_its_network() {
         .unwrap();
     let addresses = String::from_utf8(addresses.stdout).unwrap();
     assert!(!addresses.contains(&format!(" {bridge}/")), "{addresses}");
+}
+
+/// A resolver of the test's own, standing for the host's (the machine has no other): unbound
+/// on port 53 of an address of its own that is not loopback's (198.18.0.0/15, added to `lo`
+/// for the test and taken off again), so every kind of instance reaches it as it would the
+/// host's resolver, answering `www.outside.test` from a local zone. Stopped by its PID.
+struct Outside {
+    child: std::process::Child,
+    address: std::net::Ipv4Addr,
+    /// A resolv.conf naming it alone, for `GRAVEN_RESOLV_CONF`.
+    resolv_conf: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What `www.outside.test` is, on the outside resolver.
+const OUTSIDE_ADDRESS: &str = "192.0.2.80";
+
+impl Outside {
+    fn start() -> Outside {
+        let dir = tempfile::tempdir().unwrap();
+        // Readable by every user: a rootless control plane reads its resolv.conf.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let addresses = String::from_utf8(
+            support::succeed(Command::new("ip").args(["-4", "-o", "addr", "show"])).stdout,
+        )
+        .unwrap();
+        let address = std::net::Ipv4Addr::new(198, 18, fastrand::u8(..), fastrand::u8(1..255));
+        assert!(!addresses.contains(&format!(" {address}/")), "{addresses}");
+        support::succeed(
+            Command::new("ip")
+                .args(["addr", "add"])
+                .arg(format!("{address}/32"))
+                .args(["dev", "lo"]),
+        );
+        let config = dir.path().join("unbound.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "server:\n  interface: {address}\n  port: 53\n  do-daemonize: no\n  chroot: \"\"\n  \
+                 username: \"\"\n  directory: \"{}\"\n  pidfile: \"\"\n  use-syslog: no\n  \
+                 logfile: \"\"\n  do-ip6: no\n  access-control: 0.0.0.0/0 allow\n  \
+                 local-zone: \"outside.test.\" static\n  \
+                 local-data: \"www.outside.test. 60 IN A {OUTSIDE_ADDRESS}\"\n\
+                 remote-control:\n  control-enable: no\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let resolv_conf = dir.path().join("resolv.conf");
+        std::fs::write(&resolv_conf, format!("nameserver {address}\n")).unwrap();
+        let mut command = Command::new("unbound");
+        command
+            .arg("-d")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: close_range is a single async-signal-safe system call. unbound keeps no
+        // descriptor of the test's (a lock its runner holds, say) if it ever outlives it.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::close_range(3, u32::MAX, 0);
+                Ok(())
+            });
+        }
+        // Stopped, and its address taken off, by the guard, whatever happens next.
+        let outside = Outside {
+            child: command.spawn().expect("unbound runs (Debian's unbound)"),
+            address,
+            resolv_conf,
+            _dir: dir,
+        };
+        support::wait_for(Duration::from_secs(10), "unbound answering", || {
+            let answer = Command::new("dig")
+                .arg(format!("@{address}"))
+                .args(["+short", "+time=1", "+tries=1", "www.outside.test.", "A"])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&answer.stdout).trim() == OUTSIDE_ADDRESS).then_some(())
+        });
+        outside
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["addr", "del"])
+            .arg(format!("{}/32", self.address))
+            .args(["dev", "lo"])
+            .status();
+    }
+}
+
+/// What web does besides: looks the outside name up, through the host's resolver.
+const OUTSIDE_LOOKUP: &str =
+    "getent hosts www.outside.test > /data/outside.new; mv /data/outside.new /data/outside;";
+
+/// Waits for web's view of `db` and of the outside name and checks them: `db` alone resolved
+/// to `db_address` and answering through the name, the outside name to its address.
+fn check_web_reaches_db_and_outside(data: &Path, db_address: &str) {
+    let getent = support::wait_for(Duration::from_secs(30), "web resolving db", || {
+        std::fs::read_to_string(data.join("getent"))
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    assert_eq!(
+        getent.split_whitespace().collect::<Vec<_>>(),
+        [db_address, "db.local.shop.graven"],
+        "{getent}"
+    );
+    let http = support::wait_for(Duration::from_secs(30), "web reaching db by name", || {
+        std::fs::read_to_string(data.join("http"))
+            .ok()
+            .filter(|t| t.contains("200 OK"))
+    });
+    assert!(http.contains("hello from hello db-v1"), "{http}");
+    let outside = support::wait_for(
+        Duration::from_secs(30),
+        "web resolving an outside name",
+        || {
+            std::fs::read_to_string(data.join("outside"))
+                .ok()
+                .filter(|t| !t.is_empty())
+        },
+    );
+    assert_eq!(
+        outside.split_whitespace().collect::<Vec<_>>(),
+        [OUTSIDE_ADDRESS, "www.outside.test"],
+        "{outside}"
+    );
+}
+
+/// A `network = "host"` instance shares the host's loopback, where graven's server listens on
+/// a port resolv.conf cannot name: its resolv.conf names port 53 of the home's own loopback
+/// address instead, where the control plane (as root) answers as it does on loopback, then
+/// the host's resolvers (here the test's).
+#[test]
+fn a_host_network_service_reaches_another_by_its_short_name() {
+    let outside = Outside::start();
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let db_route = free_port();
+    write_project_with(&dir, db_route, "network = \"host\"", OUTSIDE_LOOKUP);
+    support::succeed(
+        support::graven(&home)
+            .args(["bake", "--file"])
+            .arg(dir.join("Containerfile"))
+            .arg(&dir),
+    );
+    let _cleanup = RemoveInstancesOnDrop(home.clone());
+    let mut up = Up::start_with(&home, &dir, "local", |command| {
+        command.env("GRAVEN_RESOLV_CONF", &outside.resolv_conf);
+    });
+    let host = graven::dns::host_address(&home);
+    up.wait_for_line(
+        &format!("dns listening on {host}:53"),
+        Duration::from_secs(10),
+    );
+    let data = home.join("volumes/webdata");
+    check_web_reaches_db_and_outside(&data, "127.0.0.1");
+    let resolv = std::fs::read_to_string(data.join("resolv.conf")).unwrap();
+    assert_eq!(
+        resolv,
+        format!(
+            "# Written by graven for this instance.\nnameserver {host}\nnameserver {}\n\
+             search local.shop.graven\noptions timeout:2 attempts:2\n",
+            outside.address
+        )
+    );
+    // From the host too, at that address's port 53.
+    assert_eq!(
+        dig_short(SocketAddr::from((host, 53)), "db.local.shop.graven."),
+        ["127.0.0.1"]
+    );
+}
+
+/// A rootless instance (graven run by an unprivileged user, uid 65534) has pasta's user-mode
+/// network, whose loopback is its own: pasta forwards its 127.0.0.1:53 to graven's server on
+/// the host's loopback and its app's loopback routes' ports to the host's, so `db` resolves
+/// to 127.0.0.1 and connects there as on the host; the host's resolver is reached through
+/// pasta's outbound connections. The control plane cannot bind port 53 for host-network
+/// instances without root, and says so.
+#[test]
+fn a_rootless_service_reaches_another_by_its_short_name() {
+    use std::os::unix::process::CommandExt as _;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: this test needs root only to become the unprivileged user");
+        return;
+    }
+    // Else instances share the host's network, and nothing here is what it tests.
+    let tun = std::fs::metadata("/dev/net/tun").unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&tun.permissions()) & 0o006,
+        0o006,
+        "pasta opens /dev/net/tun as the user: scripts/test makes it 0666, as udev does"
+    );
+    let outside = Outside::start();
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let db_route = free_port();
+    write_project_with(&dir, db_route, "", OUTSIDE_LOOKUP);
+    std::fs::create_dir(&home).unwrap();
+    support::succeed(
+        Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(temp.path()),
+    );
+    let as_user = |command: &mut Command| {
+        command.uid(65534).gid(65534).current_dir("/");
+    };
+    let mut bake = support::graven(&home);
+    as_user(&mut bake);
+    support::succeed(
+        bake.args(["bake", "--file"])
+            .arg(dir.join("Containerfile"))
+            .arg(&dir),
+    );
+    let _cleanup = RemoveInstancesOnDrop(home.clone());
+    let mut up = Up::start_with(&home, &dir, "local", |command| {
+        as_user(command);
+        command.env("GRAVEN_RESOLV_CONF", &outside.resolv_conf);
+    });
+    let server = dns_address(&mut up);
+    let data = home.join("volumes/webdata");
+    check_web_reaches_db_and_outside(&data, "127.0.0.1");
+    let resolv = std::fs::read_to_string(data.join("resolv.conf")).unwrap();
+    assert_eq!(
+        resolv,
+        format!(
+            "# Written by graven for this instance.\nnameserver 127.0.0.1\nnameserver {}\n\
+             search local.shop.graven\noptions timeout:2 attempts:2\n",
+            outside.address
+        )
+    );
+    let host = graven::dns::host_address(&home);
+    let stderr = up.stderr();
+    assert!(
+        stderr.contains(&format!(
+            "instances with network = \"host\" cannot reach graven's DNS server at {host}:53"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(dig_short(server, "db.local.shop.graven."), ["127.0.0.1"]);
 }

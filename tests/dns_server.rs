@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use support::daemon::{Up, free_port, run_ok};
+use support::daemon::{Up, free_port, run, run_ok};
 
 /// A project `demo` with `web` (HTTP route, two instances) and `db` (TCP route), and `extra`
 /// appended (the `[dns]` table).
@@ -340,4 +340,114 @@ fn a_flood_from_one_source_is_cut_to_its_limit_and_others_are_answered() {
         "{answered_flood} answers to a source limited to 100 a second"
     );
     assert!(sent > 1000, "the flood was a flood: {sent} queries");
+}
+
+/// `dig`'s answer lines for `name` (`NAME TTL IN TYPE DATA`, white space made one space).
+fn answers(server: SocketAddr, name: &str) -> Vec<String> {
+    dig(server, &["+noall", "+answer", name, "A"])
+        .lines()
+        .map(words)
+        .collect()
+}
+
+/// The loopback address of the DNS server a background control plane's log names.
+fn logged_dns_address(home: &std::path::Path) -> SocketAddr {
+    support::wait_for(
+        Duration::from_secs(10),
+        "the dns line in daemon.log",
+        || {
+            let log = std::fs::read_to_string(home.join("daemon.log")).ok()?;
+            let line = log
+                .lines()
+                .find(|l| l.contains("dns listening on 127.0.0.1:"))?
+                .to_owned();
+            line.split_whitespace().find_map(|w| w.parse().ok())
+        },
+    )
+}
+
+/// `graven daemon` reads no graven.toml: it runs the `[dns]` settings its flags (or their
+/// variables) give. A deploy without `[dns]` is named in its zone with its TTL; a deploy
+/// whose `[dns]` asks for another zone is refused, naming both, and the running names stay;
+/// `up --detach` starts a control plane running the project's `[dns]`.
+#[test]
+fn the_daemon_runs_the_dns_settings_it_is_given_and_refuses_a_deploy_asking_for_others() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("home");
+    let (plain, other) = (temp.path().join("plain"), temp.path().join("other"));
+    write_project(&plain, free_port(), None, "");
+    let mut daemon = Up::daemon_with(&home, "fake", |command| {
+        command
+            .env("GRAVEN_DNS_ZONE", "Corp.Example")
+            .env("GRAVEN_DNS_LISTEN", "127.0.0.1:0")
+            .env("GRAVEN_DNS_TTL", "30");
+    });
+    let server = dns_address(&mut daemon);
+    run_ok(&home, &["deploy", plain.to_str().unwrap()]);
+    let answer = support::wait_for(Duration::from_secs(10), "web named", || {
+        let answer = answers(server, "web.local.demo.corp.example.");
+        (!answer.is_empty()).then_some(answer)
+    });
+    assert_eq!(
+        answer,
+        ["web.local.demo.corp.example. 30 IN A 127.0.0.1"],
+        "the daemon's zone and TTL"
+    );
+    assert_eq!(
+        status(server, &["web.local.demo.graven.", "A"]).0,
+        "REFUSED"
+    );
+
+    // Another app whose graven.toml asks for the default zone and another TTL: refused.
+    write_project(
+        &other,
+        free_port(),
+        None,
+        "\n[dns]\nzone = \"graven\"\nttl = 30\n",
+    );
+    let text = std::fs::read_to_string(other.join("graven.toml")).unwrap();
+    std::fs::write(
+        other.join("graven.toml"),
+        text.replace("app = \"demo\"", "app = \"other\""),
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&home, &["deploy", other.to_str().unwrap()]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains(
+            "other/local's [dns] asks for zone \"graven.\" (here \"corp.example.\"), which this \
+             control plane does not run"
+        ),
+        "{stderr}"
+    );
+    let (status_out, _) = run_ok(&home, &["status", "--app", "demo", "--env", "local"]);
+    assert!(status_out.contains("web"), "{status_out}");
+    assert_eq!(
+        answers(server, "web.local.demo.corp.example."),
+        ["web.local.demo.corp.example. 30 IN A 127.0.0.1"]
+    );
+    drop(daemon);
+
+    // `up --detach` on a home with no control plane: the one it starts runs the [dns] of the
+    // project (its flags), so the deploy that follows agrees with it.
+    let detached_home = temp.path().join("detached");
+    let detached = temp.path().join("detached-project");
+    write_project(
+        &detached,
+        free_port(),
+        None,
+        "\n[dns]\nzone = \"detached.example\"\nlisten = [\"127.0.0.1:0\"]\nttl = 7\n",
+    );
+    support::succeed(
+        support::graven(&detached_home)
+            .env("GRAVEN_RUNTIME", "fake")
+            .args(["up", "--detach", detached.to_str().unwrap()]),
+    );
+    let server = logged_dns_address(&detached_home);
+    let answer = answers(server, "web.local.demo.detached.example.");
+    run_ok(&detached_home, &["daemon", "stop"]);
+    assert_eq!(
+        answer,
+        ["web.local.demo.detached.example. 7 IN A 127.0.0.1"]
+    );
 }

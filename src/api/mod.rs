@@ -121,6 +121,16 @@ pub enum ApiError {
         from: &'static str,
         to: &'static str,
     },
+    #[error(
+        "{app}/{environment}'s [dns] asks for {differences}, which this control plane does not \
+         run: start it with the same settings (graven daemon --dns-zone, --dns-listen, \
+         --dns-ttl, --dns-rate-limit, or GRAVEN_DNS_*), or leave them out of [dns]"
+    )]
+    DnsChange {
+        app: String,
+        environment: String,
+        differences: String,
+    },
     #[error("the {runtime} runtime: {message}")]
     Runtime {
         runtime: &'static str,
@@ -150,6 +160,7 @@ impl ApiError {
             ApiError::AppEvents { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Syslog { .. } => StatusCode::CONFLICT,
             ApiError::RuntimeChange { .. } => StatusCode::CONFLICT,
+            ApiError::DnsChange { .. } => StatusCode::CONFLICT,
             ApiError::Runtime { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Controller(error) => match error {
                 ControllerError::UnknownService { .. } => StatusCode::NOT_FOUND,
@@ -201,6 +212,10 @@ pub struct DeployRequest {
     /// daemon's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<crate::spec::RuntimeChoice>,
+    /// The keys of `[dns]` the project (or the deploying shell's `GRAVEN_DNS_*`) sets: the
+    /// control plane refuses the deploy unless it runs them.
+    #[serde(default, skip_serializing_if = "crate::dns::DnsSettings::is_empty")]
+    pub dns: crate::dns::DnsSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,12 +303,15 @@ pub struct Daemon {
 }
 
 /// Starts graven's DNS server for `config`, and on the daemon's own address on the bridge when
-/// instances get networks of their own; what cannot be bound is said on stderr and left out
-/// (several homes' daemons on one host cannot all have the default address).
+/// instances get networks of their own, and on the home's loopback address for the local
+/// runtime's `network = "host"` instances (`local`); what cannot be bound is said on stderr
+/// and left out (several homes' daemons on one host cannot all have the default address, and
+/// port 53 needs root).
 fn start_dns(
     home: &Path,
     config: &crate::dns::DnsConfig,
     bridged: bool,
+    local: bool,
     controllers: Arc<Mutex<BTreeMap<(String, String), ControllerHandle>>>,
 ) -> Option<crate::dns::DnsServer> {
     use std::io::Write as _;
@@ -317,7 +335,8 @@ fn start_dns(
     } else {
         None
     };
-    let (server, errors) = crate::dns::start(config, bridge, move || {
+    let host = local.then(|| crate::dns::host_address(home));
+    let (server, errors) = crate::dns::start(config, bridge, host, move || {
         controllers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -327,6 +346,12 @@ fn start_dns(
     });
     for error in errors {
         note(&error.to_string());
+    }
+    if let Some(host) = host.filter(|_| server.host.is_none()) {
+        note(&format!(
+            "instances with network = \"host\" cannot reach graven's DNS server at \
+             {host}:53: they keep the image's resolv.conf"
+        ));
     }
     for address in &server.addresses {
         note(&format!(
@@ -373,10 +398,11 @@ impl Daemon {
             }
         })?;
         let controllers = Arc::new(Mutex::new(BTreeMap::new()));
-        // Only the local runtime's instances are on graven's bridge.
-        let bridged =
-            matches!(runtime, AnyRuntime::Local(_)) && crate::runtime::local::net::available();
-        let dns = start_dns(home, &dns_config, bridged, controllers.clone());
+        // Only the local runtime's instances are on graven's bridge, or on the host's
+        // network with a resolv.conf of graven's.
+        let local = matches!(runtime, AnyRuntime::Local(_));
+        let bridged = local && crate::runtime::local::net::available();
+        let dns = start_dns(home, &dns_config, bridged, local, controllers.clone());
         let daemon = Arc::new(Daemon {
             home: home.to_owned(),
             runtime,
@@ -448,14 +474,27 @@ impl Daemon {
             // A name the store refuses (graven.toml's names never are) has no secrets.
             secrets: crate::secrets::Secrets::open(&self.home, app, environment).ok(),
             app_events: Some(self.app_events),
-            dns: self
-                .dns
-                .as_ref()
-                .and_then(|dns| dns.bridge)
-                .map(|nameserver| crate::runtime::InstanceDns {
-                    nameserver,
-                    search: self.dns_config.search(app, environment),
-                }),
+            dns: self.dns.as_ref().and_then(|dns| {
+                // pasta forwards to the host's 127.0.0.1 (a listener on every address
+                // included).
+                let loopback_port = dns
+                    .addresses
+                    .iter()
+                    .find(|a| {
+                        a.ip() == std::net::Ipv4Addr::LOCALHOST
+                            || a.ip() == std::net::Ipv4Addr::UNSPECIFIED
+                    })
+                    .map(std::net::SocketAddr::port);
+                (dns.bridge.is_some() || dns.host.is_some() || loopback_port.is_some()).then(|| {
+                    crate::runtime::InstanceDns {
+                        nameserver: dns.bridge,
+                        host: dns.host,
+                        loopback_port,
+                        routes: Vec::new(),
+                        search: self.dns_config.search(app, environment),
+                    }
+                })
+            }),
         })?;
         controllers.insert(key, handle.clone());
         Ok(handle)
@@ -735,6 +774,16 @@ impl Daemon {
         match (method, path) {
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(body)?;
+                // Before anything starts: its instances would be named in another zone, or
+                // told a server that is not there.
+                let differences = self.dns_config.differences(&request.dns);
+                if !differences.is_empty() {
+                    return Err(ApiError::DnsChange {
+                        app: request.app,
+                        environment: request.environment,
+                        differences: differences.join(", "),
+                    });
+                }
                 let handle = self.controller_on(
                     &request.app,
                     &request.environment,

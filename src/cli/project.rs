@@ -87,6 +87,94 @@ pub struct ControlPlaneArgs {
         hide = true
     )]
     pub runtime: RuntimeKind,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// Graven's DNS server, as `[dns]` writes it (docs/dns.md): each flag, or else its variable,
+/// overrides graven.toml's key. For `graven daemon`, which reads no graven.toml, they are the
+/// only way to set them; a deploy whose `[dns]` sets a key otherwise is refused.
+#[derive(Debug, Default, clap::Parser)]
+pub struct DnsArgs {
+    /// The zone graven's DNS server answers for (`[dns] zone`; `graven` unless set).
+    #[arg(long = "dns-zone", env = "GRAVEN_DNS_ZONE", value_name = "ZONE")]
+    pub zone: Option<String>,
+    /// Where it listens: IP:PORT, several separated by commas, or `off` (`[dns] listen`;
+    /// `127.0.0.1:1053` unless set).
+    #[arg(
+        long = "dns-listen",
+        env = "GRAVEN_DNS_LISTEN",
+        value_name = "ADDRESSES"
+    )]
+    pub listen: Option<String>,
+    /// The TTL of its answers in seconds, 0 to 3600 (`[dns] ttl`; 5 unless set).
+    #[arg(
+        long = "dns-ttl",
+        env = "GRAVEN_DNS_TTL",
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u32).range(0..=crate::spec::dns::MAX_TTL)
+    )]
+    pub ttl: Option<u32>,
+    /// UDP queries one source may send a second, 0 for no limit (`[dns] rate_limit`; 5000
+    /// unless set).
+    #[arg(
+        long = "dns-rate-limit",
+        env = "GRAVEN_DNS_RATE_LIMIT",
+        value_name = "QUERIES",
+        value_parser = clap::value_parser!(u32).range(0..=crate::spec::dns::MAX_RATE_LIMIT)
+    )]
+    pub rate_limit: Option<u32>,
+}
+
+impl DnsArgs {
+    /// The keys these set, checked.
+    fn settings(&self) -> anyhow::Result<crate::dns::DnsSettings> {
+        use crate::dns::DnsConfig;
+        Ok(crate::dns::DnsSettings {
+            zone: self
+                .zone
+                .as_deref()
+                .map(|zone| DnsConfig::zone(zone).map(|name| name.to_ascii()))
+                .transpose()?,
+            listen: self
+                .listen
+                .as_deref()
+                .map(DnsConfig::parse_listen)
+                .transpose()?,
+            ttl: self.ttl,
+            rate_limit: self.rate_limit,
+        })
+    }
+
+    /// The variables alone: `graven deploy` takes no such flags, but the same variables a
+    /// control plane started from this shell would read.
+    fn from_env() -> anyhow::Result<DnsArgs> {
+        Ok(<DnsArgs as clap::Parser>::try_parse_from(["graven"])?)
+    }
+
+    /// Flags that make a control plane run `settings`.
+    fn flags(settings: &crate::dns::DnsSettings) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(zone) = &settings.zone {
+            flags.extend(["--dns-zone".to_owned(), zone.clone()]);
+        }
+        if let Some(listen) = &settings.listen {
+            let listen: Vec<String> = listen.iter().map(ToString::to_string).collect();
+            let listen = if listen.is_empty() {
+                "off".to_owned()
+            } else {
+                listen.join(",")
+            };
+            flags.extend(["--dns-listen".to_owned(), listen]);
+        }
+        if let Some(ttl) = settings.ttl {
+            flags.extend(["--dns-ttl".to_owned(), ttl.to_string()]);
+        }
+        if let Some(rate_limit) = settings.rate_limit {
+            flags.extend(["--dns-rate-limit".to_owned(), rate_limit.to_string()]);
+        }
+        flags
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -389,7 +477,7 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let daemon = Daemon::open(
             home,
             open_runtime(home, args.daemon.runtime)?,
-            dns_config(Some(&project))?,
+            dns_config(&project.dns, &args.daemon.dns)?,
         )?;
         for address in daemon
             .set_logs(&project.app, &project.environment, &project.logs)
@@ -475,7 +563,7 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
         let daemon: Arc<Daemon> = Daemon::open(
             home,
             open_runtime(home, args.options.runtime)?,
-            dns_config(None)?,
+            dns_config(&crate::dns::DnsSettings::default(), &args.options.dns)?,
         )?;
         // What the apps' last deploys asked for: forwarding resumes where each destination
         // last confirmed.
@@ -492,14 +580,13 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The DNS server's settings: the project's `[dns]` for `up`, the defaults for `daemon`;
-/// `GRAVEN_DNS_LISTEN` overrides where it listens for both.
-fn dns_config(project: Option<&spec::Project>) -> anyhow::Result<crate::dns::DnsConfig> {
-    let mut config = project.map(|p| p.dns.clone()).unwrap_or_default();
-    if let Ok(listen) = std::env::var(crate::dns::LISTEN_ENV) {
-        config.listen = crate::dns::DnsConfig::parse_listen(&listen)?;
-    }
-    Ok(config)
+/// The DNS server's settings: the defaults, then the project's `[dns]` (`up`; none for
+/// `daemon`), then the flags and their variables.
+fn dns_config(
+    project: &crate::dns::DnsSettings,
+    args: &DnsArgs,
+) -> anyhow::Result<crate::dns::DnsConfig> {
+    Ok(crate::dns::DnsConfig::default().with(&project.and(&args.settings()?))?)
 }
 
 /// The output of a control plane `up --detach` started, under the home.
@@ -518,6 +605,9 @@ const DAEMON_START: Duration = Duration::from_secs(60);
 fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     // A project that does not load starts nothing.
     let project = load_project(&args.dir, &args.environment)?;
+    // What `up` in the foreground would run: the control plane started here runs it, and one
+    // already running must agree.
+    let dns = project.dns.and(&args.daemon.dns.settings()?);
     let holder = match lock::holder(home)? {
         Some(holder) => {
             note!(
@@ -527,7 +617,7 @@ fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             holder
         }
         None => {
-            let holder = start_daemon(home, args.daemon.runtime)?;
+            let holder = start_daemon(home, args.daemon.runtime, &dns)?;
             note!(
                 "graven: started the control plane in the background ({holder}); its output \
                  goes to {}",
@@ -537,7 +627,7 @@ fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // `up`, in the background: it resumes the wanted release as the foreground one does.
-    let code = deploy_to_daemon(home, &project, args.json, true)?;
+    let code = deploy_to_daemon(home, &project, &dns, args.json, true)?;
     note!(
         "graven: the control plane keeps serving in the background (pid {}); `graven daemon \
          stop` drains and stops it",
@@ -548,7 +638,11 @@ fn up_detached(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
 
 /// Starts `graven daemon` in a session of its own (no terminal, so no hang-up reaches it),
 /// its output appended to `daemon.log`, and waits until it answers on the socket.
-fn start_daemon(home: &Path, kind: RuntimeKind) -> anyhow::Result<lock::Holder> {
+fn start_daemon(
+    home: &Path,
+    kind: RuntimeKind,
+    dns: &crate::dns::DnsSettings,
+) -> anyhow::Result<lock::Holder> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
     let log_path = home.join(DAEMON_LOG);
@@ -579,6 +673,7 @@ fn start_daemon(home: &Path, kind: RuntimeKind) -> anyhow::Result<lock::Holder> 
         .arg("--home")
         .arg(home)
         .args(["daemon", "--runtime", kind.get_name()])
+        .args(DnsArgs::flags(dns))
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(
@@ -768,13 +863,15 @@ pub fn deploy(home: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
          graven.toml)",
         args.environment
     );
-    deploy_to_daemon(home, &project, args.json, false)
+    let dns = project.dns.and(&DnsArgs::from_env()?.settings()?);
+    deploy_to_daemon(home, &project, &dns, args.json, false)
 }
 
 /// Builds, bakes and deploys the project to the running control plane; `resume` is `up`'s.
 fn deploy_to_daemon(
     home: &Path,
     project: &Project,
+    dns: &crate::dns::DnsSettings,
     json: bool,
     resume: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -791,6 +888,7 @@ fn deploy_to_daemon(
                 order,
                 logs: project.logs.clone(),
                 runtime: Some(project.runtime.clone()),
+                dns: dns.clone(),
             })
             .await?;
         finish(home, &client, accepted, json).await

@@ -120,8 +120,9 @@ pub struct ControllerOptions {
     /// Where instances reach the app event log; each is given its URL (with the token of
     /// this app and environment) in `$GRAVEN_EVENTS_URL`, as a secret: never recorded.
     pub app_events: Option<crate::app_events::server::Endpoint>,
-    /// Graven's DNS server as instances with a network of their own reach it: named first
-    /// in their resolv.conf, with this app and environment's search domain.
+    /// Graven's DNS server as instances reach it (on the bridge, on the host's network, from
+    /// a user-mode network): named first in their resolv.conf, with this app and
+    /// environment's search domain.
     pub dns: Option<crate::runtime::InstanceDns>,
 }
 
@@ -1640,9 +1641,20 @@ impl Shell {
         spec.outbound = c.outbound;
         spec.exec_tmp = c.drift.exec_tmp;
         spec.allow_exec = c.drift.allow_exec.clone();
-        if !c.host_network {
-            spec.dns = self.options.dns.clone();
-        }
+        spec.dns = self.options.dns.clone().map(|mut dns| {
+            // What a rootless instance's loopback forwards to the host's: the routes its
+            // names answer with, as they are now (a route added later is not forwarded to
+            // instances already running).
+            dns.routes = self
+                .state
+                .services
+                .keys()
+                .filter_map(|service| self.state.scale(service)?.route)
+                .filter(|route| route.ip().is_loopback() || route.ip().is_unspecified())
+                .map(|route| route.port())
+                .collect();
+            dns
+        });
         spec.volumes = c
             .volumes
             .iter()

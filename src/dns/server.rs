@@ -46,6 +46,9 @@ pub struct DnsServer {
     pub addresses: Vec<SocketAddr>,
     /// Its address on the bridge, for instances' resolv.conf.
     pub bridge: Option<Ipv4Addr>,
+    /// The home's own loopback address it answers on at port 53, for the resolv.conf of
+    /// `network = "host"` instances.
+    pub host: Option<Ipv4Addr>,
     tasks: Vec<JoinHandle<()>>,
     /// The UDP sockets, each answered by threads of its own: shut down on drop, which wakes
     /// the threads blocked reading them.
@@ -75,12 +78,14 @@ impl DnsServer {
 }
 
 /// Binds every listener of `config` (and port 53 on `bridge`, when instances have networks of
-/// their own) and answers from the snapshots `snapshots` gives, for as long as the async
-/// runtime runs (it must be inside one). What cannot be bound is returned beside the server,
-/// which answers on the rest: `bridge` is set only when bound there.
+/// their own, and on `host`, the home's loopback address for `network = "host"` instances)
+/// and answers from the snapshots `snapshots` gives, for as long as the async runtime runs
+/// (it must be inside one). What cannot be bound is returned beside the server, which answers
+/// on the rest: `bridge` and `host` are set only when bound there.
 pub fn start(
     config: &DnsConfig,
     bridge: Option<Ipv4Addr>,
+    host: Option<Ipv4Addr>,
     snapshots: impl Fn() -> Vec<Arc<Snapshot>> + Send + 'static,
 ) -> (DnsServer, Vec<DnsError>) {
     let mut errors = Vec::new();
@@ -89,6 +94,7 @@ pub fn start(
         zone: zone.clone(),
         addresses: Vec::new(),
         bridge: None,
+        host: None,
         tasks: Vec::new(),
         udp: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
@@ -135,6 +141,23 @@ pub fn start(
             }
         }
     });
+    // On the host's network an instance reaches loopback routes as the host does, so it is
+    // answered as the host is. Not bound with IP_FREEBIND: every 127/8 address is loopback's.
+    if let Some(ip) = host {
+        let address = SocketAddr::from((ip, 53));
+        match bind_pair(address, false) {
+            Ok((udp, tcp)) => {
+                let view = View {
+                    server: IpAddr::V4(ip),
+                    bridge: None,
+                };
+                server.serve(udp, tcp, view, config.rate_limit);
+                server.addresses.push(address);
+                server.host = Some(ip);
+            }
+            Err(error) => errors.push(error),
+        }
+    }
     let origin = config.zone.clone();
     let ttl = config.ttl;
     server.tasks.push(tokio::spawn(async move {
@@ -219,7 +242,12 @@ fn socket(
         rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
         None,
     )?;
-    rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    // For TCP, so a restarted server is not kept off its port by connections in TIME_WAIT;
+    // not for UDP, where it would let two sockets share one address and split its queries
+    // (a second control plane on the same address must fail to bind instead).
+    if kind == rustix::net::SocketType::STREAM {
+        rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    }
     if free {
         rustix::net::sockopt::set_ip_freebind(&fd, true)?;
     }

@@ -92,17 +92,31 @@ pub struct InstanceSpec {
     /// image's is not drift (a volume's tools, say).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_exec: Vec<String>,
-    /// Graven's DNS server, for the resolv.conf of an instance with a network of its own.
+    /// Graven's DNS server, for the instance's generated resolv.conf.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<InstanceDns>,
 }
 
-/// What an instance's generated `/etc/resolv.conf` names first: graven's DNS server (the
-/// daemon's address on the bridge) and the search domain of its app and environment, where
-/// a service's name alone resolves.
+/// What an instance's generated `/etc/resolv.conf` names first: graven's DNS server, where
+/// the instance's network reaches it, and the search domain of its app and environment, where
+/// a service's name alone resolves. A network the server cannot be reached from keeps the
+/// image's files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceDns {
-    pub nameserver: std::net::Ipv4Addr,
+    /// For a network of its own: the daemon's address on the bridge, port 53.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nameserver: Option<std::net::Ipv4Addr>,
+    /// For `network = "host"`: the home's own loopback address, port 53 (`dns::host_address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<std::net::Ipv4Addr>,
+    /// For a rootless instance's user-mode network: the port of the server's listener on the
+    /// host's 127.0.0.1, which pasta forwards the instance's own 127.0.0.1:53 to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loopback_port: Option<u16>,
+    /// The ports of its app and environment's routes on the host's loopback, which a rootless
+    /// instance's 127.0.0.1 forwards to the host's as well (what its names answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<u16>,
     pub search: String,
 }
 

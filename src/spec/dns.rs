@@ -1,11 +1,13 @@
-//! `[dns]`: graven's DNS server as `graven up` runs it (the zone, where it listens, the TTL
-//! of its answers), read and checked into the dns module's own config type.
+//! `[dns]`: graven's DNS server as the project asks for it (the zone, where it listens, the
+//! TTL of its answers, the per-source rate), read and checked into the dns module's
+//! `DnsSettings`: only the keys it sets, which `graven up` runs and a deploy's control plane
+//! must agree with.
 
 use serde::Deserialize;
 
 use super::problem::Issues;
 use super::raw::Field;
-use crate::dns::DnsConfig;
+use crate::dns::{DnsConfig, DnsSettings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,13 +20,13 @@ pub(crate) struct RawDns {
 
 /// The longest TTL `[dns] ttl` takes: answers change with every deploy, and a day-long
 /// cache would hide that.
-const MAX_TTL: i64 = 3600;
+pub(crate) const MAX_TTL: i64 = 3600;
 
 /// The highest per-source rate `[dns] rate_limit` takes; beyond it a limit limits nothing.
-const MAX_RATE_LIMIT: i64 = 1_000_000;
+pub(crate) const MAX_RATE_LIMIT: i64 = 1_000_000;
 
-pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) -> DnsConfig {
-    let mut dns = DnsConfig::default();
+pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) -> DnsSettings {
+    let mut dns = DnsSettings::default();
     let Some(raw) = raw.map(toml::Spanned::get_ref) else {
         return dns;
     };
@@ -34,7 +36,7 @@ pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) ->
             .clone()
             .and_then(|zone| DnsConfig::zone(&zone).map_err(|e| e.to_string()))
         {
-            Ok(zone) => dns.zone = zone,
+            Ok(zone) => dns.zone = Some(zone.to_ascii()),
             Err(message) => issues.push(field.span.clone(), "dns.zone", message),
         }
     }
@@ -42,10 +44,10 @@ pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) ->
         match &field.value {
             Err(message) => issues.push(field.span.clone(), "dns.listen", message),
             Ok(addresses) => {
-                dns.listen.clear();
+                let listen = dns.listen.insert(Vec::new());
                 for address in addresses {
                     match address.parse() {
-                        Ok(address) => dns.listen.push(address),
+                        Ok(address) => listen.push(address),
                         Err(_) => issues.push(
                             field.span.clone(),
                             "dns.listen",
@@ -58,7 +60,7 @@ pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) ->
     }
     if let Some(field) = &raw.ttl {
         match field.value {
-            Ok(ttl @ 0..=MAX_TTL) => dns.ttl = ttl as u32,
+            Ok(ttl @ 0..=MAX_TTL) => dns.ttl = Some(ttl as u32),
             Ok(ttl) => issues.push(
                 field.span.clone(),
                 "dns.ttl",
@@ -69,7 +71,7 @@ pub(crate) fn check(raw: Option<&toml::Spanned<RawDns>>, issues: &mut Issues) ->
     }
     if let Some(field) = &raw.rate_limit {
         match field.value {
-            Ok(limit @ 0..=MAX_RATE_LIMIT) => dns.rate_limit = limit as u32,
+            Ok(limit @ 0..=MAX_RATE_LIMIT) => dns.rate_limit = Some(limit as u32),
             Ok(limit) => issues.push(
                 field.span.clone(),
                 "dns.rate_limit",

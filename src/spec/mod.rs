@@ -78,8 +78,8 @@ pub struct Project {
     pub services: BTreeMap<String, Service>,
     /// `[logs]`: syslog listening and forwarding.
     pub logs: logs::Logs,
-    /// `[dns]`: graven's DNS server, as `graven up` runs it.
-    pub dns: crate::dns::DnsConfig,
+    /// `[dns]`: the keys of graven's DNS server the project sets (none: the control plane's).
+    pub dns: crate::dns::DnsSettings,
     /// `[chaos]` (overlaid by `[environments.ENV.chaos]`): planned failures; none when
     /// neither is written.
     pub chaos: Option<crate::chaos::ChaosConfig>,

@@ -1015,13 +1015,17 @@ rate_limit = -1
             .unwrap()
             .dns
     };
+    // No table: nothing set, so the control plane's settings apply.
     let defaults = parsed("app = \"hello\"\n[services.web]\nport = 8080\n");
-    assert_eq!(defaults, crate::dns::DnsConfig::default());
+    assert!(defaults.is_empty(), "{defaults:?}");
+    let default = crate::dns::DnsConfig::default();
+    assert_eq!(default.with(&defaults).unwrap(), default);
     let set = parsed(
         "app = \"hello\"\n[services.web]\nport = 8080\n\
          [dns]\nzone = \"Internal.Example\"\nlisten = [\"127.0.0.1:0\", \"[::1]:53\"]\nttl = 0\n\
          rate_limit = 0\n",
     );
+    let set = crate::dns::DnsConfig::default().with(&set).unwrap();
     assert_eq!(set.zone.to_ascii(), "internal.example.");
     assert_eq!(
         set.listen,

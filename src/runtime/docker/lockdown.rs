@@ -71,8 +71,17 @@ pub fn container_body(
             NetworkMode::Private => "bridge".to_owned(),
             NetworkMode::Host => "host".to_owned(),
         }),
-        dns: spec.dns.as_ref().map(|d| vec![d.nameserver.to_string()]),
-        dns_search: spec.dns.as_ref().map(|d| vec![d.search.clone()]),
+        dns: spec
+            .dns
+            .as_ref()
+            .and_then(|d| d.nameserver)
+            .map(|ip| vec![ip.to_string()]),
+        // Graven's server is the engine's only where the daemon has its bridge address.
+        dns_search: spec
+            .dns
+            .as_ref()
+            .filter(|d| d.nameserver.is_some())
+            .map(|d| vec![d.search.clone()]),
         ..HostConfig::default()
     };
     let entrypoint = spec.entrypoint.as_ref().map(|e| {

@@ -274,6 +274,14 @@ impl LocalRuntime {
         } else {
             None
         };
+        // Only where its resolv.conf names graven's server (`names::files`).
+        let host_reach = match spec.dns.as_ref().filter(|d| d.loopback_port.is_some()) {
+            Some(dns) if user_mode => usernet::HostReach {
+                dns_port: dns.loopback_port,
+                routes: dns.routes.clone(),
+            },
+            _ => usernet::HostReach::default(),
+        };
         env.insert("PORT".to_owned(), port.to_string());
         let mut binds = self.volume_binds(&spec, (uid, gid))?;
         let anonymous: Vec<String> =
@@ -309,12 +317,18 @@ impl LocalRuntime {
         let leased = network.as_ref().map(|network| network.ip);
         let result = anonymous_volumes(&dir, &anonymous, (uid, gid)).and_then(|extra| {
             binds.extend(extra);
-            // Its own resolv.conf and hosts: the host's name neither its resolvers nor it.
-            if let Some(network) = &network {
-                let names = names::binds(&dir, &root, network.ip, &id.0, spec.dns.as_ref())
-                    .map_err(other("writing the instance's resolv.conf and hosts"))?;
-                binds.extend(names);
-            }
+            // Its own resolv.conf and hosts: the host's name neither its resolvers nor it. On
+            // the host's network or a user-mode one, a resolv.conf naming graven's server
+            // where that reaches it.
+            let kind = match (&network, &user_network) {
+                (Some(network), _) => names::Network::Own(network.ip),
+                (None, Some(_)) => names::Network::User,
+                (None, None) => names::Network::Host,
+            };
+            let files = names::files(spec.dns.as_ref(), kind, &id.0);
+            let names = names::binds(&dir, &root, files)
+                .map_err(other("writing the instance's resolv.conf and hosts"))?;
+            binds.extend(names);
             let resolved = Resolved {
                 root,
                 args,
@@ -327,6 +341,7 @@ impl LocalRuntime {
                 cwd,
                 network,
                 user_network,
+                host_reach,
             };
             self.launch(&id, &dir, &spec, resolved)
         });
@@ -481,8 +496,13 @@ impl LocalRuntime {
                 .workload
                 .ok_or_else(|| "the workload ended before its network was attached".to_owned())
                 .and_then(|workload| {
-                    usernet::attach(workload.pid, &user, &dir.join(PASTA_PID))
-                        .map_err(|e| e.to_string())
+                    usernet::attach(
+                        workload.pid,
+                        &user,
+                        &resolved.host_reach,
+                        &dir.join(PASTA_PID),
+                    )
+                    .map_err(|e| e.to_string())
                 });
             let pasta = match attached {
                 Ok(pasta) => pasta,
@@ -1037,6 +1057,8 @@ struct Resolved {
     cwd: String,
     network: Option<net::Attached>,
     user_network: Option<usernet::UserNet>,
+    /// What of the host's loopback a user-mode instance's pasta forwards to.
+    host_reach: usernet::HostReach,
 }
 
 /// Checks that the command exists in the image: an absolute path, or a name on `$PATH`.

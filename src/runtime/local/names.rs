@@ -1,8 +1,9 @@
-//! An instance's own `/etc/resolv.conf` and `/etc/hosts`, for an instance with a network of
-//! its own: written in its directory when it starts and bound read-only over the image's
-//! (the sandbox resolves both mount points inside the root and makes them where the image
-//! has none). The host's files would be wrong there: its loopback resolver is not the
-//! instance's loopback, and its hosts name the host.
+//! An instance's own `/etc/resolv.conf` and `/etc/hosts`: written in its directory when it
+//! starts and bound read-only over the image's (the sandbox resolves both mount points inside
+//! the root and makes them where the image has none). The host's files would be wrong there:
+//! its loopback resolver is not the instance's loopback, and its hosts name the host. An
+//! instance on the host's network or a user-mode one gets a resolv.conf only where graven's
+//! server is reached from it, and keeps the image's hosts.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -10,29 +11,41 @@ use std::path::Path;
 use crate::runtime::InstanceDns;
 use crate::sandbox::Bind;
 
-/// Where the host's resolvers are read from: the usual file, and systemd-resolved's list of
-/// its upstream servers for a host whose usual file names only its loopback stub (as Docker
-/// does).
+/// Where the host's resolvers are read from: the usual file (`GRAVEN_RESOLV_CONF` names
+/// another, as kubelet's `--resolv-conf` does), and systemd-resolved's list of its upstream
+/// servers for a host whose usual file names only its loopback stub (as Docker does), for
+/// instances that do not reach the host's loopback.
 const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
+pub const RESOLV_CONF_ENV: &str = "GRAVEN_RESOLV_CONF";
 const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
 
-/// The resolv.conf of an instance: graven's server first, with the search domain of its app
-/// and environment, then the host's nameservers (those the instance can reach: not on
-/// loopback) for every other name, which graven refuses.
-pub fn resolv_conf(dns: Option<&InstanceDns>, host: &str) -> String {
+/// Which of the host's resolvers an instance's network reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// A network of its own, or a user-mode one: those off the host's loopback (through the
+    /// bridge, or pasta's outbound connections); none on it.
+    OffLoopback,
+    /// The host's network: all of them.
+    All,
+}
+
+/// The resolv.conf of an instance: graven's server (`server`) first, with the search domain
+/// of its app and environment, then the host's nameservers the instance can reach for every
+/// other name, which graven refuses.
+pub fn resolv_conf(server: Option<(IpAddr, &str)>, reach: Reach, host: &str) -> String {
     let mut out = String::from("# Written by graven for this instance.\n");
     let mut search: Vec<&str> = Vec::new();
-    if let Some(dns) = dns {
-        out += &format!("nameserver {}\n", dns.nameserver);
-        search.push(&dns.search);
+    if let Some((ip, domain)) = server {
+        out += &format!("nameserver {ip}\n");
+        search.push(domain);
     }
     for line in host.lines() {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("nameserver") => {
                 if let Some(ip) = words.next().and_then(|w| w.parse::<IpAddr>().ok())
-                    && !ip.is_loopback()
-                    && dns.is_none_or(|d| ip != IpAddr::V4(d.nameserver))
+                    && (reach == Reach::All || !ip.is_loopback())
+                    && server.is_none_or(|(graven, _)| graven != ip)
                 {
                     out += &format!("nameserver {ip}\n");
                 }
@@ -60,9 +73,16 @@ pub fn hosts(ip: Ipv4Addr, hostname: &str) -> String {
     )
 }
 
-/// The host's resolvers as an instance may use them.
+/// The host's resolv.conf as graven reads it: `GRAVEN_RESOLV_CONF`, else the usual file.
+pub fn host_file() -> String {
+    let path = std::env::var_os(RESOLV_CONF_ENV).unwrap_or_else(|| HOST_RESOLV_CONF.into());
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The host's resolvers as an instance off its loopback may use them: the host's file, or
+/// resolved's upstreams where that names only loopback.
 fn host_resolv_conf() -> String {
-    let usual = std::fs::read_to_string(HOST_RESOLV_CONF).unwrap_or_default();
+    let usual = host_file();
     let only_loopback = !usual.lines().any(|line| {
         let mut words = line.split_whitespace();
         words.next() == Some("nameserver")
@@ -77,21 +97,68 @@ fn host_resolv_conf() -> String {
     usual
 }
 
-/// Writes the instance's two files in `dir` and returns their binds, each only where the
-/// image can take it: `/etc/X` missing (the sandbox makes it) or a regular file, resolved
+/// An instance's network, as its names depend on it.
+#[derive(Debug, Clone, Copy)]
+pub enum Network {
+    /// Its own, at this address on the bridge.
+    Own(Ipv4Addr),
+    Host,
+    User,
+}
+
+/// The instance's files by its network: with a network of its own both, naming graven's
+/// server on the bridge if it has one there; otherwise a resolv.conf where graven's server is
+/// reached (`network = "host"`: the home's loopback address; user-mode: its own 127.0.0.1,
+/// which pasta forwards to the server's loopback port), and none where it is not.
+pub fn files(
+    dns: Option<&InstanceDns>,
+    network: Network,
+    hostname: &str,
+) -> Vec<(&'static str, String)> {
+    let server = |ip: Option<Ipv4Addr>| Some((IpAddr::V4(ip?), dns?.search.as_str()));
+    match network {
+        Network::Own(ip) => vec![
+            (
+                "resolv.conf",
+                resolv_conf(
+                    server(dns.and_then(|d| d.nameserver)),
+                    Reach::OffLoopback,
+                    &host_resolv_conf(),
+                ),
+            ),
+            ("hosts", hosts(ip, hostname)),
+        ],
+        Network::Host => match server(dns.and_then(|d| d.host)) {
+            Some(server) => vec![(
+                "resolv.conf",
+                resolv_conf(Some(server), Reach::All, &host_file()),
+            )],
+            None => Vec::new(),
+        },
+        Network::User => {
+            let loopback = dns
+                .and_then(|d| d.loopback_port)
+                .map(|_| Ipv4Addr::LOCALHOST);
+            match server(loopback) {
+                Some(server) => vec![(
+                    "resolv.conf",
+                    resolv_conf(Some(server), Reach::OffLoopback, &host_resolv_conf()),
+                )],
+                None => Vec::new(),
+            }
+        }
+    }
+}
+
+/// Writes `files` in `dir` and returns their binds over `/etc/NAME`, each only where the
+/// image can take it: `/etc/NAME` missing (the sandbox makes it) or a regular file, resolved
 /// inside `root`. An image whose `/etc/resolv.conf` is a symlink to a file it lacks (a
 /// resolver's runtime file) keeps its own.
 pub fn binds(
     dir: &Path,
     root: &Path,
-    ip: Ipv4Addr,
-    hostname: &str,
-    dns: Option<&InstanceDns>,
+    files: Vec<(&'static str, String)>,
 ) -> std::io::Result<Vec<Bind>> {
-    let files = [
-        ("resolv.conf", resolv_conf(dns, &host_resolv_conf())),
-        ("hosts", hosts(ip, hostname)),
-    ];
     let mut binds = Vec::new();
     for (name, content) in files {
         let target = format!("/etc/{name}");
@@ -148,10 +215,10 @@ mod tests {
 
     #[test]
     fn resolv_conf_names_graven_first_then_the_hosts_reachable_servers() {
-        let dns = InstanceDns {
-            nameserver: Ipv4Addr::new(10, 213, 0, 7),
-            search: "production.hello.graven".to_owned(),
-        };
+        let graven = Some((
+            IpAddr::V4(Ipv4Addr::new(10, 213, 0, 7)),
+            "production.hello.graven",
+        ));
         expect![[r#"
             # Written by graven for this instance.
             nameserver 10.213.0.7
@@ -160,7 +227,7 @@ mod tests {
             search production.hello.graven corp.example
             options timeout:2 attempts:2
         "#]]
-        .assert_eq(&resolv_conf(Some(&dns), HOST));
+        .assert_eq(&resolv_conf(graven, Reach::OffLoopback, HOST));
         // Without graven's server: the host's, still without its loopback stub.
         expect![[r#"
             # Written by graven for this instance.
@@ -169,7 +236,37 @@ mod tests {
             search corp.example
             options timeout:2 attempts:2
         "#]]
-        .assert_eq(&resolv_conf(None, HOST));
+        .assert_eq(&resolv_conf(None, Reach::OffLoopback, HOST));
+        // On the host's network: graven's loopback address, and the stub is reachable.
+        let host = Some((
+            IpAddr::V4(Ipv4Addr::new(127, 53, 4, 9)),
+            "production.hello.graven",
+        ));
+        expect![[r#"
+            # Written by graven for this instance.
+            nameserver 127.53.4.9
+            nameserver 127.0.0.53
+            nameserver 192.0.2.53
+            nameserver 2001:db8::53
+            search production.hello.graven corp.example
+            options timeout:2 attempts:2
+        "#]]
+        .assert_eq(&resolv_conf(host, Reach::All, HOST));
+        // User-mode: its own loopback (forwarded to graven's by pasta); the host's loopback,
+        // 127.0.0.1 included, is not its own.
+        let user = Some((IpAddr::V4(Ipv4Addr::LOCALHOST), "production.hello.graven"));
+        expect![[r#"
+            # Written by graven for this instance.
+            nameserver 127.0.0.1
+            nameserver 192.0.2.53
+            search production.hello.graven
+            options timeout:2 attempts:2
+        "#]]
+        .assert_eq(&resolv_conf(
+            user,
+            Reach::OffLoopback,
+            "nameserver 127.0.0.1\nnameserver 192.0.2.53\n",
+        ));
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! chosen per instance, forwarded to the instance's port (what the proxy connects to), and
 //! outbound connections made from the host's side (unless `outbound = false`).
 //!
-//! pasta is told never to reach the host's loopback for the instance: no port forwarded from
-//! the instance to the host (`-T none -U none`) and the gateway address not mapped to the
-//! host (`--no-map-gw`). It is started by the starter once the workload runs (the shim itself
+//! pasta is told to reach the host's loopback for the instance only where graven asks: the
+//! instance's own 127.0.0.1:53 (UDP and TCP) forwarded to graven's DNS server on the host's
+//! loopback, the ports of its app and environment's loopback routes (what their names
+//! answer) forwarded to the same ports of the host's; no other port (`-T`/`-U` list only
+//! those) and the gateway address not mapped to the host (`--no-map-gw`). It is started by the starter once the workload runs (the shim itself
 //! is inside the instance's user namespace and could not bind the host's port), with no
 //! descriptor of its starter's, and stopped by PID when the workload ends (by the shim) or
 //! the instance is removed; its PID is in the instance's state.
@@ -40,6 +42,48 @@ pub struct UserNet {
     pub outbound: bool,
 }
 
+/// What of the host's loopback a user-mode instance reaches, besides the port it is reached
+/// at: not recorded (a restarted control plane adopts pasta as it runs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostReach {
+    /// The port of graven's DNS server on the host's 127.0.0.1, which the instance's own
+    /// 127.0.0.1:53 is forwarded to.
+    pub dns_port: Option<u16>,
+    /// Ports of the host's loopback the instance's own 127.0.0.1 forwards to, port for port.
+    pub routes: Vec<u16>,
+}
+
+impl HostReach {
+    /// pasta's `-T` (TCP) and `-U` (UDP) lists, from the instance's namespace to the host's:
+    /// `none` when empty. The instance's own port and 53 are never a route's: pasta would
+    /// take them from the workload, or from the DNS forward.
+    fn forwards(&self, own_port: u16) -> (String, String) {
+        let mut tcp: Vec<String> = Vec::new();
+        let mut udp: Vec<String> = Vec::new();
+        if let Some(port) = self.dns_port {
+            tcp.push(format!("53:{port}"));
+            udp.push(format!("53:{port}"));
+        }
+        let mut routes = self.routes.clone();
+        routes.sort_unstable();
+        routes.dedup();
+        tcp.extend(
+            routes
+                .iter()
+                .filter(|&&p| p != own_port && p != 53 && Some(p) != self.dns_port)
+                .map(u16::to_string),
+        );
+        let list = |ports: Vec<String>| {
+            if ports.is_empty() {
+                "none".to_owned()
+            } else {
+                ports.join(",")
+            }
+        };
+        (list(tcp), list(udp))
+    }
+}
+
 /// Whether rootless instances can have a user-mode network here, or why not: pasta must be
 /// installed, and `/dev/net/tun` open to this user (pasta's interface in the namespace is a
 /// tap; udev makes the node 0666 on a stock Debian, a host without udev may leave it 0600).
@@ -60,16 +104,22 @@ pub fn available() -> Result<(), String> {
 /// Attaches pasta to the network namespace of the workload `pid` and returns once it
 /// forwards (pasta's first process exits when its daemon is ready). `pid_file` is where pasta
 /// writes its daemon's PID.
-pub fn attach(pid: u32, net: &UserNet, pid_file: &Path) -> Result<Proc, UserNetError> {
+pub fn attach(
+    pid: u32,
+    net: &UserNet,
+    reach: &HostReach,
+    pid_file: &Path,
+) -> Result<Proc, UserNetError> {
+    let (tcp, udp) = reach.forwards(net.port);
     let mut command = Command::new(PASTA);
     command
         .args([
             "--quiet",
             "--no-map-gw",
             "-T",
-            "none",
+            &tcp,
             "-U",
-            "none",
+            &udp,
             "-u",
             "none",
         ])
@@ -123,6 +173,28 @@ pub fn stop(pasta: Proc) {
         let _ = rustix::process::kill_process(
             rustix::process::Pid::from_raw(pasta.pid as i32).expect("a PID is not 0"),
             rustix::process::Signal::TERM,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_is_reached_at_the_dns_server_and_the_routes_only() {
+        assert_eq!(
+            HostReach::default().forwards(8080),
+            ("none".to_owned(), "none".to_owned())
+        );
+        let reach = HostReach {
+            dns_port: Some(1053),
+            // Its own port, 53 and the DNS port are left out; repeats are one.
+            routes: vec![5432, 8080, 53, 1053, 9000, 5432],
+        };
+        assert_eq!(
+            reach.forwards(8080),
+            ("53:1053,5432,9000".to_owned(), "53:1053".to_owned())
         );
     }
 }

@@ -94,10 +94,12 @@ pub fn service_spec(
         mounts: Some(mounts),
         stop_signal: spec.stop_signal.clone(),
         stop_grace_period: Some(spec.stop_grace.as_nanos() as i64),
-        dns_config: spec.dns.as_ref().map(|d| TaskSpecContainerSpecDnsConfig {
-            nameservers: Some(vec![d.nameserver.to_string()]),
-            search: Some(vec![d.search.clone()]),
-            options: None,
+        dns_config: spec.dns.as_ref().and_then(|d| {
+            Some(TaskSpecContainerSpecDnsConfig {
+                nameservers: Some(vec![d.nameserver?.to_string()]),
+                search: Some(vec![d.search.clone()]),
+                options: None,
+            })
         }),
         // A small init as PID 1 passes the stop signal on, as on the Docker runtime.
         init: Some(true),
