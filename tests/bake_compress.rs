@@ -8,7 +8,7 @@
 mod support;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use graven::store::{Digest, Store};
@@ -33,6 +33,26 @@ fn context() -> tempfile::TempDir {
     fs::write(dir.path().join("big-ctx"), seed.repeat(6)).unwrap();
     fs::write(dir.path().join("small"), "small\n").unwrap();
     dir
+}
+
+/// A context whose Containerfile writes a 96 MiB incompressible layer (its gzip takes a
+/// while), then waits in its last RUN on a cache mount's file (`gate`): `started` appears
+/// when that step runs, `go` lets it end.
+fn gated_context() -> tempfile::TempDir {
+    let dir = context();
+    let containerfile = format!(
+        "{BASE}RUN for i in $(seq 96); do cat /seed; done > /big
+RUN --mount=type=cache,target=/gate,id=gate touch /gate/started \\
+ && while [ ! -e /gate/go ]; do sleep 0.05; done
+"
+    );
+    fs::write(dir.path().join("Containerfile"), &containerfile).unwrap();
+    dir
+}
+
+/// The gate's cache mount on the host, in `home`.
+fn gate(home: &Path) -> PathBuf {
+    home.join("bake-mounts").join(Digest::of(b"gate").hex())
 }
 
 fn bake(home: &Path, dir: &Path, extra: &[&str]) -> serde_json::Value {
@@ -141,17 +161,8 @@ COPY --from=one /both /both
 
 #[test]
 fn a_bake_killed_while_a_layer_compresses_leaves_a_store_the_next_bake_completes() {
-    let dir = context();
-    // The last RUN waits on a cache mount's file, so the test kills the bake there, with the
-    // 96 MiB layer below it (incompressible: its gzip takes a while) still being compressed.
-    let containerfile = format!(
-        "{BASE}RUN for i in $(seq 96); do cat /seed; done > /big
-RUN --mount=type=cache,target=/gate,id=gate touch /gate/started \\
- && while [ ! -e /gate/go ]; do sleep 0.05; done
-"
-    );
-    fs::write(dir.path().join("Containerfile"), &containerfile).unwrap();
-    let gate = |home: &Path| home.join("bake-mounts").join(Digest::of(b"gate").hex());
+    // The test kills the bake at the gate, with the big layer still being compressed.
+    let dir = gated_context();
     let home = tempfile::tempdir().unwrap();
     let index_before = {
         // A store with something in it already: the killed bake must leave it as it was.
@@ -216,21 +227,9 @@ RUN --mount=type=cache,target=/gate,id=gate touch /gate/started \\
 /// the store holds no uncompressed copy of it (a staged tar), only the blob being written.
 #[test]
 fn a_run_layer_is_compressed_from_its_snapshot_with_no_uncompressed_copy() {
-    let dir = context();
-    // As above: the 96 MiB incompressible layer is still being gzipped when the gate step
-    // starts.
-    let containerfile = format!(
-        "{BASE}RUN for i in $(seq 96); do cat /seed; done > /big
-RUN --mount=type=cache,target=/gate,id=gate touch /gate/started \\
- && while [ ! -e /gate/go ]; do sleep 0.05; done
-"
-    );
-    fs::write(dir.path().join("Containerfile"), &containerfile).unwrap();
+    let dir = gated_context();
     let home = tempfile::tempdir().unwrap();
-    let gate = home
-        .path()
-        .join("bake-mounts")
-        .join(Digest::of(b"gate").hex());
+    let gate = gate(home.path());
     let mut child = graven(home.path())
         .args(["bake", "--json", "--tag", "c:1"])
         .arg(dir.path())

@@ -115,14 +115,7 @@ fn a_service_reaches_another_by_its_short_name_inside_its_network() {
     let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
     let db_route = free_port();
     write_project(&dir, db_route);
-    // Baked beforehand (the Debian base is imported once), so `up` serves within its
-    // deadline; its own bake is then the cache's.
-    support::succeed(
-        support::graven(&home)
-            .args(["bake", "--file"])
-            .arg(dir.join("Containerfile"))
-            .arg(&dir),
-    );
+    bake_beforehand(&mut support::graven(&home), &dir);
     let _cleanup = RemoveInstancesOnDrop(home.clone());
     let mut up = Up::start(&home, &dir, "local");
     let server = dns_address(&mut up);
@@ -288,6 +281,17 @@ impl Drop for Outside {
     }
 }
 
+/// Bakes the project in `dir` with `graven` before `up` (the Debian base is imported once),
+/// so `up` serves within its deadline; its own bake is then the cache's.
+fn bake_beforehand(graven: &mut Command, dir: &Path) {
+    support::succeed(
+        graven
+            .args(["bake", "--file"])
+            .arg(dir.join("Containerfile"))
+            .arg(dir),
+    );
+}
+
 /// What web does besides: looks the outside name up, through the host's resolver.
 const OUTSIDE_LOOKUP: &str =
     "getent hosts www.outside.test > /data/outside.new; mv /data/outside.new /data/outside;";
@@ -295,31 +299,23 @@ const OUTSIDE_LOOKUP: &str =
 /// Waits for web's view of `db` and of the outside name and checks them: `db` alone resolved
 /// to `db_address` and answering through the name, the outside name to its address.
 fn check_web_reaches_db_and_outside(data: &Path, db_address: &str) {
-    let getent = support::wait_for(Duration::from_secs(30), "web resolving db", || {
-        std::fs::read_to_string(data.join("getent"))
-            .ok()
-            .filter(|t| !t.is_empty())
-    });
+    // What web wrote to `file` in its volume, once it holds `wanted`.
+    let written = |file: &str, what: &str, wanted: &str| {
+        support::wait_for(Duration::from_secs(30), what, || {
+            std::fs::read_to_string(data.join(file))
+                .ok()
+                .filter(|t| !t.is_empty() && t.contains(wanted))
+        })
+    };
+    let getent = written("getent", "web resolving db", "");
     assert_eq!(
         getent.split_whitespace().collect::<Vec<_>>(),
         [db_address, "db.local.shop.graven"],
         "{getent}"
     );
-    let http = support::wait_for(Duration::from_secs(30), "web reaching db by name", || {
-        std::fs::read_to_string(data.join("http"))
-            .ok()
-            .filter(|t| t.contains("200 OK"))
-    });
+    let http = written("http", "web reaching db by name", "200 OK");
     assert!(http.contains("hello from hello db-v1"), "{http}");
-    let outside = support::wait_for(
-        Duration::from_secs(30),
-        "web resolving an outside name",
-        || {
-            std::fs::read_to_string(data.join("outside"))
-                .ok()
-                .filter(|t| !t.is_empty())
-        },
-    );
+    let outside = written("outside", "web resolving an outside name", "");
     assert_eq!(
         outside.split_whitespace().collect::<Vec<_>>(),
         [OUTSIDE_ADDRESS, "www.outside.test"],
@@ -338,12 +334,7 @@ fn a_host_network_service_reaches_another_by_its_short_name() {
     let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
     let db_route = free_port();
     write_project_with(&dir, db_route, "network = \"host\"", OUTSIDE_LOOKUP);
-    support::succeed(
-        support::graven(&home)
-            .args(["bake", "--file"])
-            .arg(dir.join("Containerfile"))
-            .arg(&dir),
-    );
+    bake_beforehand(&mut support::graven(&home), &dir);
     let _cleanup = RemoveInstancesOnDrop(home.clone());
     let mut up = Up::start_with(&home, &dir, "local", |command| {
         command.env("GRAVEN_RESOLV_CONF", &outside.resolv_conf);
@@ -407,11 +398,7 @@ fn a_rootless_service_reaches_another_by_its_short_name() {
     };
     let mut bake = support::graven(&home);
     as_user(&mut bake);
-    support::succeed(
-        bake.args(["bake", "--file"])
-            .arg(dir.join("Containerfile"))
-            .arg(&dir),
-    );
+    bake_beforehand(&mut bake, &dir);
     let _cleanup = RemoveInstancesOnDrop(home.clone());
     let mut up = Up::start_with(&home, &dir, "local", |command| {
         as_user(command);

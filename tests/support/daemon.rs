@@ -327,12 +327,32 @@ pub fn remove_instances(home: &std::path::Path) {
     else {
         return;
     };
+    // A start the killed controller had under way has no state yet, so a listing skips it,
+    // and its shim runs on: it is listed once its state is written, a moment later. So the
+    // home is listed again until a listing a little after the last removal is empty.
     tokio.block_on(async {
-        for instance in runtime.list().await.unwrap_or_default() {
-            let _ = runtime.stop(&instance.id, Duration::ZERO).await;
-            let _ = runtime.remove(&instance.id).await;
+        for _ in 0..10 {
+            let listed = runtime.list().await.unwrap_or_default();
+            for instance in &listed {
+                let _ = runtime.stop(&instance.id, Duration::ZERO).await;
+                let _ = runtime.remove(&instance.id).await;
+            }
+            if listed.is_empty() && settled(home) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
+}
+
+/// Whether no start is under way in `home`: every instance directory left has a state.
+fn settled(home: &std::path::Path) -> bool {
+    std::fs::read_dir(home.join("instances")).map_or(true, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .all(|e| e.path().join("state.json").exists())
+    })
 }
 
 /// Runs a graven command to completion: (success, stdout, stderr).
