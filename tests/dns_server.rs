@@ -444,7 +444,11 @@ fn the_daemon_runs_the_dns_settings_it_is_given_and_refuses_a_deploy_asking_for_
             .args(["up", "--detach", detached.to_str().unwrap()]),
     );
     let server = logged_dns_address(&detached_home);
-    let answer = answers(server, "web.local.demo.detached.example.");
+    // The zone follows the deploy within a controller round of its answer.
+    let answer = support::try_wait_for(Duration::from_secs(10), || {
+        Some(answers(server, "web.local.demo.detached.example.")).filter(|a| !a.is_empty())
+    })
+    .unwrap_or_default();
     run_ok(&detached_home, &["daemon", "stop"]);
     assert_eq!(
         answer,
