@@ -1016,13 +1016,28 @@ impl Runtime for LocalRuntime {
         if state.shim.is_some_and(|s| s.alive()) {
             self.settle(id, (dir.clone(), state.clone())).await?;
         }
+        // gc tells a removed instance's directory by its record: it must not look while the
+        // state is gone and the record not yet written.
+        let _lock = rootfs::start_lock(&self.home, false)?;
+        // Seen exited once more, under the instance's own lock, held until its directory is
+        // gone. An instance whose starter died before its shim recorded anything looks
+        // exited, yet that shim may still be launching the workload: either it recorded the
+        // workload first (then the instance runs and is not removed), or its record finds
+        // the directory gone, and it ends, its workload with it (PDEATHSIG).
+        let _state_lock = state::lock(&dir)?;
+        let state = state::load(&dir)?;
+        let status = state.observed_status();
+        if !status.is_exited() {
+            return Err(RuntimeError::WrongState {
+                id: id.clone(),
+                status,
+                action: "removed",
+            });
+        }
         state.cgroups.remove();
         if let Some(pasta) = state.pasta {
             usernet::stop(pasta);
         }
-        // gc tells a removed instance's directory by its record: it must not look while the
-        // state is gone and the record not yet written.
-        let _lock = rootfs::start_lock(&self.home, false)?;
         // All of it: the instance's output is in the log store, which outlives it.
         std::fs::remove_dir_all(&dir).map_err(other(format!("removing {}", dir.display())))?;
         // Its address is free once its state is gone (`net::sweep` tells by that too).

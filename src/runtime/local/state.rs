@@ -190,8 +190,9 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Reads, changes and writes the state under the instance's lock.
-pub fn update<T>(dir: &Path, change: impl FnOnce(&mut State) -> T) -> Result<T, RuntimeError> {
+/// Takes the instance's lock, which every change of its state holds: held until the file
+/// returned is dropped. Fails when the instance's directory is gone.
+pub fn lock(dir: &Path) -> Result<File, RuntimeError> {
     let lock_path: PathBuf = dir.join(LOCK);
     let lock = File::options()
         .create(true)
@@ -202,6 +203,12 @@ pub fn update<T>(dir: &Path, change: impl FnOnce(&mut State) -> T) -> Result<T, 
         .map_err(io(&lock_path))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| io(&lock_path)(e.into()))?;
+    Ok(lock)
+}
+
+/// Reads, changes and writes the state under the instance's lock.
+pub fn update<T>(dir: &Path, change: impl FnOnce(&mut State) -> T) -> Result<T, RuntimeError> {
+    let _lock = lock(dir)?;
     let mut state = load(dir)?;
     let out = change(&mut state);
     save(dir, &state)?;
