@@ -464,6 +464,72 @@ fn a_shim_forked_by_graven_run_keeps_nothing_of_its_starter() {
     support::succeed(support::graven(home.path()).args(["rm", "-f", &id]));
 }
 
+/// A start whose starter is killed before its shim recorded anything looks exited, yet the
+/// shim goes on launching. A removal that looked then and deleted after the shim's record
+/// left the workload running with its directory gone, found by nothing (what CI's runs left
+/// behind). The hooks hold the shim just before its record and `rm` between its look and its
+/// deletion, so the record lands in between: `rm` must see it and refuse.
+#[test]
+fn a_removal_racing_the_record_of_a_start_whose_starter_died_leaves_nothing_unmanaged() {
+    use graven::runtime::local::{HOLD_REMOVE_ENV, HOLD_SHIM_RECORD_ENV};
+    let home = Home::new();
+    let gates = tempfile::tempdir().unwrap();
+    let (shim_go, rm_go) = (gates.path().join("shim"), gates.path().join("rm"));
+    let waiting = |gate: &Path| {
+        let marker = gate.with_extension("waiting");
+        support::wait_for(Duration::from_secs(20), "a hook waiting", || {
+            marker.exists().then_some(())
+        });
+    };
+    let mut run = support::graven(home.path())
+        .env(HOLD_SHIM_RECORD_ENV, &shim_go)
+        .args(["run", "-d", "probe:test"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    waiting(&shim_go);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let ids: Vec<String> = std::fs::read_dir(home.path().join("instances"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("state.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let id = &ids[0];
+    let rm = support::graven(home.path())
+        .env(HOLD_REMOVE_ENV, &rm_go)
+        .args(["rm", id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    waiting(&rm_go);
+    std::fs::write(&shim_go, "").unwrap();
+    let state = home.path().join("instances").join(id).join("state.json");
+    let workload = support::wait_for(Duration::from_secs(20), "the workload recorded", || {
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+        state["workload"]["pid"].as_u64()
+    });
+    std::fs::write(&rm_go, "").unwrap();
+    let removed = rm.wait_with_output().unwrap();
+    assert!(
+        !removed.status.success(),
+        "a running instance was removed: its workload {workload} runs on, unmanaged"
+    );
+    let listed: Vec<Instance> = serde_json::from_slice(
+        &support::succeed(support::graven(home.path()).args(["ps", "--json"])).stdout,
+    )
+    .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].status, InstanceStatus::Running);
+    support::succeed(support::graven(home.path()).args(["rm", "-f", id]));
+    support::wait_for(Duration::from_secs(10), "the workload gone", || {
+        (!Path::new(&format!("/proc/{workload}")).exists()).then_some(())
+    });
+}
+
 /// A workload starts as one started by init would: no signal blocked, none ignored, umask
 /// 022. Rust ignores SIGPIPE in graven (and in the shim), and an exec keeps ignored signals
 /// ignored and the mask and umask as they are; here the starter also blocks SIGUSR1, ignores

@@ -49,6 +49,28 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// How long `stop` waits for the shim to record an exit after the kill.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// Test hooks, honoured only by a build with the test tools (`dev-tools`): the shim waits
+/// just before it records its workload, and `remove` between its first look at an instance
+/// and its deletion, each until the file the variable names exists, so a test can put one
+/// step between the two (tests/runtime_local.rs).
+pub const HOLD_SHIM_RECORD_ENV: &str = "GRAVEN_TEST_HOLD_SHIM_RECORD";
+pub const HOLD_REMOVE_ENV: &str = "GRAVEN_TEST_HOLD_REMOVE";
+
+/// Waits until the file named by `var` exists, when a build with the test tools is given
+/// one; says so first by making `<file>.waiting`.
+fn test_hold(var: &str) {
+    if !cfg!(feature = "dev-tools") {
+        return;
+    }
+    let Some(path) = std::env::var_os(var).map(PathBuf::from) else {
+        return;
+    };
+    let _ = std::fs::write(path.with_extension("waiting"), b"");
+    while !path.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// When this process was started as an instance's shim, runs it and never returns.
 pub fn enter_if_shim() {
     let mut args = std::env::args_os().skip(1);
@@ -1016,6 +1038,7 @@ impl Runtime for LocalRuntime {
         if state.shim.is_some_and(|s| s.alive()) {
             self.settle(id, (dir.clone(), state.clone())).await?;
         }
+        test_hold(HOLD_REMOVE_ENV);
         // gc tells a removed instance's directory by its record: it must not look while the
         // state is gone and the record not yet written.
         let _lock = rootfs::start_lock(&self.home, false)?;

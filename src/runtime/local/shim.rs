@@ -313,6 +313,7 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<Started, String> {
     for lock in &mut volumes {
         lock.record_workload(workload);
     }
+    super::test_hold(super::HOLD_SHIM_RECORD_ENV);
     state::update(dir, |s| {
         s.shim = Proc::of(std::process::id());
         s.workload = Proc::of(launched.pid);
