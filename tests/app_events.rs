@@ -1,7 +1,9 @@
 //! The app event log: an event-sourced app (examples/ledger) keeps its state across deploys,
 //! kills and rollbacks with nothing but the log; the HTTP API, driven with curl, answers bad
 //! input clearly; concurrent appenders with expected sequences lose and duplicate nothing;
-//! a kill -9 of graven in the middle of appends loses no acknowledged event.
+//! a kill -9 of graven in the middle of appends loses no acknowledged event; an instance that
+//! reads slowly is routed to only once it has caught up (`events_caught_up`), and a deploy
+//! under load with the check fails no request.
 
 mod support;
 
@@ -15,8 +17,14 @@ use std::time::Duration;
 use support::daemon::{Up, free_port, recorded_processes, run_ok};
 use support::{ledger_binary, wait_for};
 
-/// A project of the ledger example with two instances behind `route`.
+/// A project of the ledger example with two instances behind `route`, gated by
+/// `events_caught_up`.
 fn ledger_project(dir: &Path, route: SocketAddr, version: &str) {
+    ledger_project_with(dir, route, version, true, "");
+}
+
+/// The ledger project with `events_caught_up` as given and `env` (TOML pairs) added.
+fn ledger_project_with(dir: &Path, route: SocketAddr, version: &str, gated: bool, env: &str) {
     std::fs::create_dir_all(dir.join("dist")).unwrap();
     std::fs::copy(ledger_binary(), dir.join("dist/ledger")).unwrap();
     std::fs::copy(
@@ -32,8 +40,8 @@ fn ledger_project(dir: &Path, route: SocketAddr, version: &str) {
 [services.ledger]
 instances = 2
 route = "{route}"
-env = {{ VERSION = "{version}" }}
-health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
+env = {{ VERSION = "{version}"{env} }}
+health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3, events_caught_up = {gated} }}
 deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "20s" }}
 stop_grace = "2s"
 "#
@@ -227,6 +235,40 @@ fn the_api_answers_bad_input_clearly_and_loses_nothing() {
     // Another app's token, and an app that does not exist.
     let wrong = format!("http://{addr}/v1/demo/local/{}/events", "0".repeat(64));
     assert_eq!(curl(&[&wrong]).0, 403);
+    // An instance's token: one of this app's opens it and says how far that instance has
+    // read; a forged one, and one of another app's, are refused saying what a token is.
+    let env_token = prefix.rsplit('/').next().unwrap();
+    let instance = graven::app_events::server::instance_token(env_token, "demo", "local", "x-1-1");
+    let mine = |path: &str| format!("http://{addr}/v1/demo/local/{instance}{path}");
+    let (status, body) = curl(&[&mine("")]);
+    assert_eq!(
+        (status, json(&body)["read"].as_u64()),
+        (200, Some(0)),
+        "{body}"
+    );
+    // Asking from 3 says 1 and 2 are held.
+    assert_eq!(curl(&[&mine("/events?from=3")]).0, 200);
+    let (_, body) = curl(&[&mine("")]);
+    assert_eq!(
+        (
+            json(&body)["instance"].as_str(),
+            json(&body)["read"].as_u64()
+        ),
+        (Some("x-1-1"), Some(2)),
+        "{body}"
+    );
+    let forged = format!("x-1-1.{}", "0".repeat(64));
+    let other = graven::app_events::server::instance_token(env_token, "other", "local", "x-1-1");
+    for token in [forged, other] {
+        let (status, body) = curl(&[&format!("http://{addr}/v1/demo/local/{token}/events")]);
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            json(&body)["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("nor one of its instances'")),
+            "{body}"
+        );
+    }
     assert_eq!(
         curl(&[&format!("http://{addr}/v1/nope/local/x/events")]).0,
         404
@@ -406,4 +448,270 @@ fn kill_9_of_graven_during_appends_loses_no_acknowledged_event() {
     assert_eq!(status, 201);
     assert_eq!(json(&answer)["seq"].as_u64(), Some(stored.len() as u64 + 1));
     drop(restarted);
+}
+
+/// What the route answers, sampled as fast as it answers until `done` is set.
+fn sample_route(
+    route: SocketAddr,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            seen.push(http(route, "GET", "/", None).map_or_else(
+                |e| format!("error {e}"),
+                |(status, body)| format!("{status} {body}"),
+            ));
+        }
+        seen
+    })
+}
+
+/// `graven status --json` of `demo/local`: (instance → (lifecycle, release)) and the
+/// instances' `event_reads`.
+fn status(home: &Path) -> (BTreeMap<String, (String, u64)>, serde_json::Value) {
+    let (stdout, _) = run_ok(home, &["status", "--json"]);
+    let snapshots = json(&stdout);
+    let snapshot = &snapshots[0];
+    let instances = snapshot["state"]["instances"]
+        .as_object()
+        .map(|all| {
+            all.iter()
+                .map(|(name, i)| {
+                    (
+                        name.clone(),
+                        (
+                            i["lifecycle"].as_str().unwrap_or("").to_owned(),
+                            i["release"].as_u64().unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (instances, snapshot["event_reads"].clone())
+}
+
+/// A deploy of the ledger whose new instances read the log 5 events a page with a pause
+/// after each: with `events_caught_up` no answer of the route ever shows a total behind the
+/// log, and `graven status` shows the new instances catching up; without it (the negative
+/// control) the route answers from an instance still replaying.
+#[test]
+fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    ledger_project(&dir, route, "v1");
+    let _up = Up::start(&home, &dir, "local");
+    for n in 1..=60 {
+        let (status, body) = http(route, "POST", &format!("/add?n={n}"), None).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let full = "total 1830 after event 60";
+    wait_for_total(route, full);
+    let slow = r#", LEDGER_PAGE = "5", LEDGER_PAGE_PAUSE_MS = "300""#;
+
+    // The negative control: the same slow reader without the check is routed to while it
+    // replays, and the route answers with a total behind the log.
+    ledger_project_with(&dir, route, "v2", false, slow);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_route(route, done.clone());
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    wait_for_total(route, full);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = sampler.join().unwrap();
+    let behind: Vec<&String> = seen
+        .iter()
+        .filter(|s| *s != &format!("200 {full}"))
+        .collect();
+    assert!(
+        !behind.is_empty(),
+        "without events_caught_up some answer should come from an instance still replaying; \
+         {} answers all showed the whole log",
+        seen.len()
+    );
+    println!(
+        "without the check: {} of {} answers behind the log, e.g. {:?}",
+        behind.len(),
+        seen.len(),
+        behind.first()
+    );
+
+    // With the check: never an answer behind the log, and the status shows the new
+    // instances catching up (read below their target while starting), then caught up.
+    ledger_project_with(&dir, route, "v3", true, slow);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_route(route, done.clone());
+    let deploy = {
+        let (home, dir) = (home.clone(), dir.clone());
+        std::thread::spawn(move || run_ok(&home, &["deploy", dir.to_str().unwrap()]))
+    };
+    let mut catching_up = None;
+    while !deploy.is_finished() {
+        let (instances, reads) = status(&home);
+        for (name, (lifecycle, release)) in &instances {
+            let read = &reads[name.as_str()];
+            if *release == 3
+                && lifecycle == "starting"
+                && read["target"] == 60
+                && read["read"].as_u64().is_some_and(|r| r < 60)
+            {
+                catching_up.get_or_insert_with(|| (name.clone(), read.clone()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    deploy.join().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = sampler.join().unwrap();
+    let behind: Vec<&String> = seen
+        .iter()
+        .filter(|s| *s != &format!("200 {full}"))
+        .collect();
+    assert!(
+        behind.is_empty(),
+        "with events_caught_up every answer shows the whole log: {behind:?}"
+    );
+    let (name, read) = catching_up.expect("graven status showed a new instance catching up");
+    println!(
+        "with the check: {} answers, all whole; {name} was seen catching up: {read}",
+        seen.len()
+    );
+    let (instances, reads) = status(&home);
+    let new: Vec<&String> = instances
+        .iter()
+        .filter(|(_, (lifecycle, release))| *release == 3 && lifecycle == "healthy")
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(new.len(), 2, "{instances:?}");
+    for name in new {
+        assert!(
+            reads[name.as_str()]["read"].as_u64() >= Some(60),
+            "{name}: {reads}"
+        );
+    }
+    let (text, _) = run_ok(&home, &["status"]);
+    assert!(
+        text.contains("app event log: read up to event"),
+        "graven status shows how far instances read: {text}"
+    );
+}
+
+/// A deploy under load of the gated ledger: appends and reads through the route fail none,
+/// and the new instances hold the state the old ones had plus every acknowledged append.
+#[test]
+fn a_deploy_under_load_with_events_caught_up_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    let route = free_port();
+    ledger_project(&dir, route, "v1");
+    let _up = Up::start(&home, &dir, "local");
+    for _ in 0..50 {
+        assert_eq!(http(route, "POST", "/add?n=2", None).unwrap().0, 200);
+    }
+    wait_for_total(route, "total 100 after event 50");
+
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let added = std::sync::Arc::new(AtomicU64::new(0));
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (done, added, failures) = (done.clone(), added.clone(), failures.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    match http(route, "POST", "/add?n=1", None) {
+                        Ok((200, _)) => {
+                            added.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => failures.lock().unwrap().push(format!("add: {other:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    let reader = {
+        let (done, failures) = (done.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                match http(route, "GET", "/", None) {
+                    Ok((200, _)) => reads += 1,
+                    other => failures.lock().unwrap().push(format!("read: {other:?}")),
+                }
+            }
+            reads
+        })
+    };
+    ledger_project_with(
+        &dir,
+        route,
+        "v2",
+        true,
+        r#", LEDGER_PAGE = "20", LEDGER_PAGE_PAUSE_MS = "100""#,
+    );
+    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    done.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let reads = reader.join().unwrap();
+    let failures = failures.lock().unwrap().clone();
+    let added = added.load(Ordering::SeqCst);
+    println!("during the deploy: {added} appends and {reads} reads through the route");
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(added > 0 && reads > 0, "the load ran: {added} {reads}");
+    // Every instance now is of the new release, and all hold the same state: the old
+    // instances' 100 plus every acknowledged append (and nothing else: none was refused).
+    let (instances, _) = status(&home);
+    assert!(
+        instances.values().all(|(_, release)| *release == 2),
+        "{instances:?}"
+    );
+    let expected = format!("total {} after event {}", 100 + added, 50 + added);
+    wait_for_total(route, &expected);
+}
+
+/// `events_caught_up` where instances cannot reach the app event log is refused before
+/// anything changes, saying why; and Kubernetes manifests cannot carry it.
+#[test]
+fn events_caught_up_without_an_event_log_is_refused_clearly() {
+    let temp = tempfile::tempdir().unwrap();
+    let fake = graven::runtime::FakeRuntime::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _entered = runtime.enter();
+    // The in-process controller of these tests serves no app event log.
+    let controller = support::daemon::fake_controller(&fake, &temp.path().join("events.db"));
+    let mut config = support::daemon::config(1, free_port(), &[]);
+    config.health.events_caught_up = true;
+    let order = support::daemon::order(vec![support::daemon::release(config)]);
+    let error = runtime
+        .block_on(controller.deploy(order, "test"))
+        .expect_err("the deploy is refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("events_caught_up") && message.contains("cannot reach the app event log"),
+        "{message}"
+    );
+    let state = controller.snapshot().state.clone();
+    assert!(
+        state.releases.is_empty() && state.instances.is_empty(),
+        "nothing recorded"
+    );
+
+    let dir = temp.path().join("project");
+    ledger_project(&dir, free_port(), "v1");
+    let (ok, _, stderr) = support::daemon::run(
+        &temp.path().join("home"),
+        &[
+            "render",
+            "--runtime",
+            "kubernetes",
+            "--registry",
+            "registry.example:5000",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "render refuses it");
+    assert!(stderr.contains("events_caught_up"), "{stderr}");
 }

@@ -172,6 +172,7 @@ impl ApiError {
                 ControllerError::LogUnwritable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::Stopped { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ControllerError::ChaosRefused { .. } => StatusCode::CONFLICT,
+                ControllerError::NoEventLog { .. } => StatusCode::CONFLICT,
             },
         }
     }
@@ -289,7 +290,7 @@ pub struct Daemon {
     home: PathBuf,
     runtime: AnyRuntime,
     /// Where instances reach the app event log.
-    app_events: crate::app_events::server::Endpoint,
+    app_events: crate::app_events::server::AppEvents,
     tick: Duration,
     /// See `IDLE_TIMEOUT`.
     idle_timeout: Duration,
@@ -473,7 +474,7 @@ impl Daemon {
             resync: RESYNC,
             // A name the store refuses (graven.toml's names never are) has no secrets.
             secrets: crate::secrets::Secrets::open(&self.home, app, environment).ok(),
-            app_events: Some(self.app_events),
+            app_events: Some(self.app_events.clone()),
             dns: self.dns.as_ref().and_then(|dns| {
                 // pasta forwards to the host's 127.0.0.1 (a listener on every address
                 // included).
@@ -814,11 +815,24 @@ impl Daemon {
             }
             (&Method::POST, "/v1/status") => {
                 let target: Target = parse(body)?;
-                let snapshots: Vec<Snapshot> = self
+                let mut snapshots: Vec<Snapshot> = self
                     .snapshots(&target)?
                     .iter()
                     .map(|s| (**s).clone())
                     .collect();
+                // How far each instance has read the app event log: the server's, not the
+                // controller's, so a status shows it as it is now.
+                for snapshot in &mut snapshots {
+                    for name in snapshot.state.instances.keys() {
+                        if let Some(read) = self.app_events.server.read_by(
+                            &snapshot.app,
+                            &snapshot.environment,
+                            name.as_str(),
+                        ) {
+                            snapshot.event_reads.entry(name.clone()).or_default().read = Some(read);
+                        }
+                    }
+                }
                 Ok(to_json(&snapshots))
             }
             (&Method::POST, "/v1/chaos/run") => {

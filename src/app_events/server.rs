@@ -13,6 +13,13 @@
 //! Appends of one log are batched by a writer thread of its own (a group commit: one
 //! synced write per batch); the token is checked in constant time against the one the control
 //! plane made for the app and environment. Errors map to status codes in one exhaustive match.
+//!
+//! An instance's URL carries a token of its own, `<instance>.<mac>`: an HMAC-SHA256 of the
+//! app, environment and instance under the environment's token, so the server tells
+//! instances apart without storing anything, a restarted daemon still knows every instance's,
+//! and one opens exactly what the environment's token opens. For each instance the server
+//! keeps how far it has read (`Readers`), which the controller's `events_caught_up` health
+//! gate and `graven status` ask.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -51,7 +58,10 @@ pub enum ServeError {
     NotFound(String),
     #[error("{0} is not allowed here")]
     Method(Method),
-    #[error("the token is not this app's and environment's")]
+    #[error(
+        "the token is neither this app's and environment's nor one of its instances' \
+         (an instance's is `<instance>.<mac>`, given in $GRAVEN_EVENTS_URL)"
+    )]
     Forbidden,
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -125,6 +135,102 @@ pub fn token(env_dir: &Path) -> std::io::Result<String> {
     }
 }
 
+/// The token of one instance of `app` in `environment`: its name and an HMAC-SHA256 of the
+/// three names under the environment's token (`env_token`), in hex.
+pub fn instance_token(env_token: &str, app: &str, environment: &str, instance: &str) -> String {
+    let mac = hmac_sha256(
+        env_token.as_bytes(),
+        format!("graven app event log instance\0{app}\0{environment}\0{instance}").as_bytes(),
+    );
+    format!("{instance}.{}", hex::encode(mac))
+}
+
+/// HMAC (RFC 2104) over SHA-256: a few lines, where a crate for it would be one more
+/// dependency for one call.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    const BLOCK: usize = 64;
+    let mut block = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = sha2::Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    sha2::Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// Who a request's token names: a person or tool with the environment's token, or one
+/// instance with its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Caller {
+    Environment,
+    Instance(String),
+}
+
+/// The caller `token` names in `app`/`environment` whose token is `env_token`, compared in
+/// constant time; none for a token that is neither.
+fn caller(token: &str, env_token: &str, app: &str, environment: &str) -> Option<Caller> {
+    if constant_time_eq(token.as_bytes(), env_token.as_bytes()) {
+        return Some(Caller::Environment);
+    }
+    let (instance, _) = token.rsplit_once('.')?;
+    if !valid_instance(instance) {
+        return None;
+    }
+    let expected = instance_token(env_token, app, environment, instance);
+    constant_time_eq(token.as_bytes(), expected.as_bytes())
+        .then(|| Caller::Instance(instance.to_owned()))
+}
+
+/// Instance names as the controller makes them (`<service>-<release>-<n>.<env>.<app>`).
+fn valid_instance(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// How far each instance of one app and environment has read: the highest `from - 1` it has
+/// asked for events from (up to the last event), since an instance asks from N once it holds
+/// everything before N. Not what a read handed out: an instance has not folded a page in
+/// when the server hands it over, and a gate opened then would route to it early (seen in
+/// `tests/app_events.rs` on a loaded machine). Kept in memory: an instance that goes on
+/// following tells a restarted daemon again with its next read.
+#[derive(Debug, Default)]
+struct Readers {
+    read: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Readers {
+    fn record(&self, instance: &str, seq: u64) {
+        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        match read.get_mut(instance) {
+            Some(known) => *known = (*known).max(seq),
+            None => {
+                read.insert(instance.to_owned(), seq);
+            }
+        }
+    }
+
+    fn get(&self, instance: &str) -> Option<u64> {
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(instance)
+            .copied()
+    }
+}
+
 /// The URL an instance of `app` in `environment` is given, for a server at `addr`.
 pub fn url(addr: SocketAddr, app: &str, environment: &str, token: &str) -> String {
     format!("http://{addr}/v1/{app}/{environment}/{token}")
@@ -137,6 +243,7 @@ struct Stream {
     queue: std::sync::mpsc::Sender<(Append, oneshot::Sender<Result<u64, AppEventsError>>)>,
     last: watch::Receiver<u64>,
     token: String,
+    readers: Readers,
 }
 
 impl Stream {
@@ -165,6 +272,7 @@ impl Stream {
             queue,
             last,
             token,
+            readers: Readers::default(),
         })
     }
 }
@@ -239,6 +347,14 @@ pub struct AppEventsServer {
     streams: Mutex<BTreeMap<(String, String), Arc<Stream>>>,
 }
 
+impl std::fmt::Debug for AppEventsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppEventsServer")
+            .field("apps_dir", &self.apps_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AppEventsServer {
     pub fn new(apps_dir: PathBuf) -> Arc<AppEventsServer> {
         Arc::new(AppEventsServer {
@@ -262,6 +378,37 @@ impl AppEventsServer {
         let stream = Arc::new(Stream::open(&dir)?);
         streams.insert(key, stream.clone());
         Ok(stream)
+    }
+
+    /// The last event of `app`/`environment`'s log now (0 when it has none).
+    pub fn head(&self, app: &str, environment: &str) -> Result<u64, ServeError> {
+        let stream = self.stream(app, environment)?;
+        let mut log = lock(&stream.log);
+        log.refresh_if_changed()?;
+        Ok(log.position().last)
+    }
+
+    /// How far `instance` of `app`/`environment` has read, if it has read at all since the
+    /// log was opened by this server.
+    pub fn read_by(&self, app: &str, environment: &str, instance: &str) -> Option<u64> {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .get(&(app.to_owned(), environment.to_owned()))?
+            .readers
+            .get(instance)
+    }
+
+    /// Forgets the read positions of `app`/`environment`'s instances not in `live`.
+    pub fn forget_readers_but(&self, app: &str, environment: &str, live: &[&str]) {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stream) = streams.get(&(app.to_owned(), environment.to_owned())) {
+            stream
+                .readers
+                .read
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|name, _| live.contains(&name.as_str()));
+        }
     }
 
     /// Serves on `listener` until `stop` resolves.
@@ -318,9 +465,7 @@ impl AppEventsServer {
             _ => return Err(ServeError::NotFound(path.clone())),
         };
         let stream = self.stream(app, environment)?;
-        if !constant_time_eq(token.as_bytes(), stream.token.as_bytes()) {
-            return Err(ServeError::Forbidden);
-        }
+        let caller = caller(token, &stream.token, app, environment).ok_or(ServeError::Forbidden)?;
         let method = request.method().clone();
         match (rest, &method) {
             ([], &Method::GET) => {
@@ -329,10 +474,12 @@ impl AppEventsServer {
                     log.refresh_if_changed()?;
                     log.position()
                 };
-                Ok(json(
-                    StatusCode::OK,
-                    &serde_json::to_value(position).unwrap_or_default(),
-                ))
+                let mut answer = serde_json::to_value(position).unwrap_or_default();
+                if let Caller::Instance(instance) = &caller {
+                    answer["instance"] = instance.as_str().into();
+                    answer["read"] = stream.readers.get(instance).unwrap_or(0).into();
+                }
+                Ok(json(StatusCode::OK, &answer))
             }
             (["events"], &Method::POST) => {
                 let kind = if is_json(&request) {
@@ -389,6 +536,12 @@ impl AppEventsServer {
                     None => Duration::ZERO,
                 };
                 let mut last = stream.last.clone();
+                // Asking from N says everything before N is held (up to what there is),
+                // said before a long poll waits.
+                if let Caller::Instance(instance) = &caller {
+                    let held = from.saturating_sub(1).min(*last.borrow());
+                    stream.readers.record(instance, held);
+                }
                 if !wait.is_zero() && *last.borrow() < from {
                     let _ = tokio::time::timeout(wait, last.wait_for(|last| *last >= from)).await;
                 }
@@ -543,10 +696,18 @@ impl Endpoint {
 /// instances it left running were told to look.
 pub const PORT_FILE: &str = "app-events.port";
 
+/// A daemon's app event log: where instances reach it, and the server (which the controller
+/// asks how far an instance has read).
+#[derive(Debug, Clone)]
+pub struct AppEvents {
+    pub endpoint: Endpoint,
+    pub server: Arc<AppEventsServer>,
+}
+
 /// Binds the app event log's listeners for the daemon of `home` and serves them for as long as
 /// the async runtime runs. `gateway` is the bridge's address when instances get networks of
 /// their own; the port is opened to them there.
-pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<Endpoint, ServeError> {
+pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<AppEvents, ServeError> {
     let port_path = home.join(PORT_FILE);
     let io = |source| {
         ServeError::Log(AppEventsError::Io {
@@ -591,7 +752,7 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<Endpoin
     if let Some(gateway) = gateway {
         match bind_free(SocketAddr::from((gateway, port))) {
             Ok(listener) => {
-                tokio::spawn(server.serve(listener, std::future::pending()));
+                tokio::spawn(server.clone().serve(listener, std::future::pending()));
                 match crate::runtime::local::net::open_port(port) {
                     Ok(()) => endpoint.gateway = Some(gateway),
                     Err(error) => note(&format!(
@@ -604,7 +765,7 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<Endpoin
             )),
         }
     }
-    Ok(endpoint)
+    Ok(AppEvents { endpoint, server })
 }
 
 /// Binds even before the address exists on the host (the bridge is made with the first
@@ -636,4 +797,79 @@ fn bind_free(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 fn note(message: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "graven: {message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        // Test case 2 of RFC 4231.
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    /// Who each token is in `app`/`local`: the environment, an instance, or nobody.
+    fn check(app: &str, token: &str) -> Option<Caller> {
+        caller(token, &"e".repeat(64), app, "local")
+    }
+
+    #[test]
+    fn an_instance_token_opens_its_own_app_and_environment_only() {
+        let env_token = "e".repeat(64);
+        let web = instance_token(&env_token, "shop", "local", "web-1-1");
+        assert_eq!(check("shop", &env_token), Some(Caller::Environment));
+        assert_eq!(
+            check("shop", &web),
+            Some(Caller::Instance("web-1-1".into()))
+        );
+        // Another app, environment or token of the same name: nobody.
+        assert_eq!(check("blog", &web), None);
+        assert_eq!(
+            caller(&web, &env_token, "shop", "production"),
+            None,
+            "another environment"
+        );
+        assert_eq!(caller(&web, &"f".repeat(64), "shop", "local"), None);
+        // The MAC of one instance under another's name, a changed MAC, none, a bad name.
+        let (_, mac) = web.rsplit_once('.').unwrap();
+        assert_eq!(check("shop", &format!("web-1-2.{mac}")), None);
+        let mut forged = web.clone();
+        forged.replace_range(web.len() - 1.., "0");
+        if forged == web {
+            forged.replace_range(web.len() - 1.., "1");
+        }
+        assert_eq!(check("shop", &forged), None);
+        assert_eq!(check("shop", "web-1-1."), None);
+        assert_eq!(check("shop", "web-1-1"), None);
+        let named = instance_token(&env_token, "shop", "local", "web-1-1.local.shop");
+        assert_eq!(
+            check("shop", &named),
+            Some(Caller::Instance("web-1-1.local.shop".into()))
+        );
+        let spaced = instance_token(&env_token, "shop", "local", "a b");
+        assert_eq!(check("shop", &spaced), None, "not an instance name");
+    }
+
+    #[test]
+    fn a_reader_position_only_grows() {
+        let readers = Readers::default();
+        assert_eq!(readers.get("web-1-1"), None);
+        readers.record("web-1-1", 5);
+        readers.record("web-1-1", 3);
+        assert_eq!(readers.get("web-1-1"), Some(5));
+        readers.record("web-1-1", 9);
+        assert_eq!(readers.get("web-1-1"), Some(9));
+    }
 }

@@ -984,6 +984,28 @@ fn snapshots(home: &Path, target: &Target) -> anyhow::Result<(Vec<Snapshot>, boo
     }
 }
 
+/// How far an instance has read the app event log, for `graven status`.
+fn event_read_text(
+    instance: &crate::events::fold::InstanceState,
+    reads: &crate::controller::EventRead,
+) -> String {
+    use crate::events::fold::Lifecycle;
+    let read = reads.read.map_or("nothing read yet".to_owned(), |r| {
+        format!("read up to event {r}")
+    });
+    let gated = matches!(
+        instance.lifecycle,
+        Lifecycle::Starting | Lifecycle::Unhealthy
+    );
+    match reads.target {
+        Some(target) if gated && reads.read.is_none_or(|r| r < target) => {
+            format!("{read}, catching up with event {target} (not routed until then)")
+        }
+        Some(target) => format!("{read}, caught up with event {target}"),
+        None => read,
+    }
+}
+
 pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
     let target = reported_target(&args);
     let (mut snapshots, offline) = snapshots(home, &target)?;
@@ -1084,6 +1106,9 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
                 // the exec's exit and last line. Cleared once the instance passes again.
                 if let Some(detail) = &instance.detail {
                     say!("      last health check: {detail}");
+                }
+                if let Some(reads) = snapshot.event_reads.get(&instance.name) {
+                    say!("      app event log: {}", event_read_text(instance, reads));
                 }
                 // Why it is being replaced: an exec, drift with its evidence, or its age.
                 if let Some(reason) = &instance.condemned {

@@ -98,6 +98,14 @@ pub enum ControllerError {
     Stopped { app: String, environment: String },
     #[error("no chaos experiment can start: {reason}")]
     ChaosRefused { reason: String },
+    #[error(
+        "service {service} has [services.{service}.health] events_caught_up = true, but its \
+         instances cannot reach the app event log: {reason}"
+    )]
+    NoEventLog {
+        service: ServiceName,
+        reason: String,
+    },
 }
 
 /// What the controller is started with.
@@ -119,7 +127,7 @@ pub struct ControllerOptions {
     pub secrets: Option<crate::secrets::Secrets>,
     /// Where instances reach the app event log; each is given its URL (with the token of
     /// this app and environment) in `$GRAVEN_EVENTS_URL`, as a secret: never recorded.
-    pub app_events: Option<crate::app_events::server::Endpoint>,
+    pub app_events: Option<crate::app_events::server::AppEvents>,
     /// Graven's DNS server as instances reach it (on the bridge, on the host's network, from
     /// a user-mode network): named first in their resolv.conf, with this app and
     /// environment's search domain.
@@ -221,6 +229,23 @@ pub struct Snapshot {
     /// where the control plane writes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syslog: Option<crate::logs::syslog::SyslogReport>,
+    /// How far instances have read the app event log: the target of the ones an
+    /// `events_caught_up` check gates (the controller's), and what each has read (the app
+    /// event log server's, filled in by the API).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub event_reads: BTreeMap<InstanceName, EventRead>,
+}
+
+/// One instance's reading of the app event log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRead {
+    /// The highest sequence it has read, when it has read since the daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<u64>,
+    /// Under `events_caught_up`: the last event when it started, which it must read before
+    /// it counts as healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<u64>,
 }
 
 /// The event log cannot be written: since when (ms since the epoch) and the last error.
@@ -475,6 +500,8 @@ pub fn spawn(options: ControllerOptions) -> Result<ControllerHandle, ControllerE
         drift_checking: false,
         missing_zones: BTreeSet::new(),
         chaos: chaos::Chaos::default(),
+        catch_up: BTreeMap::new(),
+        catching_up: BTreeSet::new(),
     };
     handle.task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(
         shell.run(receiver, health_rx),
@@ -524,6 +551,12 @@ struct Shell {
     missing_zones: BTreeSet<String>,
     /// The chaos scheduler's and outage checker's memory (`chaos`).
     chaos: chaos::Chaos,
+    /// `events_caught_up`: the app event log's last event as it stood when each gated
+    /// instance started (or, for one started before this controller, when it first asked).
+    catch_up: BTreeMap<InstanceName, u64>,
+    /// Gated instances whose probe passes but who have not read up to their `catch_up` yet:
+    /// each round looks again.
+    catching_up: BTreeSet<InstanceName>,
 }
 
 struct Unwritable {
@@ -894,13 +927,26 @@ impl Shell {
             route_errors: self.route_errors.clone(),
             log_problem: self.unwritable.as_ref().map(|u| u.problem.clone()),
             syslog: None,
+            event_reads: self
+                .catch_up
+                .iter()
+                .map(|(instance, target)| {
+                    (
+                        instance.clone(),
+                        EventRead {
+                            read: None,
+                            target: Some(*target),
+                        },
+                    )
+                })
+                .collect(),
         };
         self.publish.send_replace(Arc::new(snapshot));
     }
 
     async fn handle(&mut self, input: Input) -> Result<(), ControllerError> {
         match input {
-            Input::Tick | Input::RuntimeChanged => {}
+            Input::Tick | Input::RuntimeChanged => self.check_caught_up()?,
             Input::DriftChecked => self.drift_checking = false,
             Input::Health(change) => self.health_changed(change)?,
             Input::Started { instance, result } => {
@@ -989,7 +1035,25 @@ impl Shell {
         let Some(instance) = self.state.instances.get(&name) else {
             return Ok(());
         };
-        let event = match (instance.lifecycle, change.health) {
+        if change.health != Health::Healthy {
+            self.catching_up.remove(&name);
+        }
+        let lifecycle = instance.lifecycle;
+        let gated = self
+            .state
+            .releases
+            .get(&instance.release)
+            .is_some_and(|r| r.config.health.events_caught_up);
+        if gated
+            && change.health == Health::Healthy
+            && matches!(lifecycle, Lifecycle::Starting | Lifecycle::Unhealthy)
+            && !self.caught_up(&name)
+        {
+            // The probe passes, the reading does not yet: each round looks again.
+            self.catching_up.insert(name);
+            return Ok(());
+        }
+        let event = match (lifecycle, change.health) {
             (Lifecycle::Draining, _) | (_, Health::Unknown) => return Ok(()),
             (Lifecycle::Healthy, Health::Healthy) | (Lifecycle::Unhealthy, Health::Unhealthy) => {
                 return Ok(());
@@ -1011,6 +1075,64 @@ impl Shell {
             // it reports it again once the log can be written.
             self.monitors.remove(&name);
             return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Whether `instance` has read the app event log up to its target (taken now when it has
+    /// none: an instance this controller did not start).
+    fn caught_up(&mut self, instance: &InstanceName) -> bool {
+        let Some(events) = &self.options.app_events else {
+            return false;
+        };
+        let (app, environment) = (&self.options.app, &self.options.environment);
+        let target = match self.catch_up.get(instance) {
+            Some(target) => *target,
+            None => match events.server.head(app, environment) {
+                Ok(head) => {
+                    self.catch_up.insert(instance.clone(), head);
+                    self.dirty = true;
+                    head
+                }
+                Err(_) => return false,
+            },
+        };
+        target == 0
+            || events
+                .server
+                .read_by(app, environment, instance.as_str())
+                .is_some_and(|read| read >= target)
+    }
+
+    /// Records as healthy the gated instances that have caught up since their probe passed,
+    /// and forgets the targets and read positions of instances that are gone.
+    fn check_caught_up(&mut self) -> Result<(), ControllerError> {
+        let waiting: Vec<InstanceName> = self.catching_up.iter().cloned().collect();
+        for name in waiting {
+            let still =
+                self.state.instances.get(&name).is_some_and(|i| {
+                    matches!(i.lifecycle, Lifecycle::Starting | Lifecycle::Unhealthy)
+                });
+            if !still {
+                self.catching_up.remove(&name);
+                continue;
+            }
+            if self.caught_up(&name) {
+                self.catching_up.remove(&name);
+                self.record(Event::InstanceHealthy {
+                    instance: name.clone(),
+                })?;
+            }
+        }
+        let before = self.catch_up.len();
+        let instances = &self.state.instances;
+        self.catch_up.retain(|name, _| instances.contains_key(name));
+        self.dirty |= self.catch_up.len() != before;
+        if let Some(events) = &self.options.app_events {
+            let live: Vec<&str> = instances.keys().map(InstanceName::as_str).collect();
+            events
+                .server
+                .forget_readers_but(&self.options.app, &self.options.environment, &live);
         }
         Ok(())
     }
@@ -1122,6 +1244,11 @@ impl Shell {
     ) -> Result<Rollout, ControllerError> {
         // Everything that can refuse the deploy is checked before anything is recorded, so a
         // refused deploy leaves the running release untouched.
+        for release in &order.services {
+            if release.config.health.events_caught_up {
+                self.check_event_log_reach(&release.service, &release.config)?;
+            }
+        }
         for release in &order.services {
             if let Some(listen) = release.config.route {
                 let hold = route_hold(&release.config);
@@ -1692,16 +1819,33 @@ impl Shell {
             ),
         ]);
         let secrets = (config.config.secrets.clone(), self.options.secrets.clone());
-        let events_url = self.options.app_events.and_then(|endpoint| {
+        let events_url = self.options.app_events.as_ref().and_then(|events| {
             let dir = self.options.log.parent()?;
             let token = crate::app_events::server::token(dir).ok()?;
-            Some(endpoint.url_for(
+            // A token of the instance's own: the log knows who reads how far.
+            let token = crate::app_events::server::instance_token(
+                &token,
+                &self.options.app,
+                &self.options.environment,
+                instance.as_str(),
+            );
+            Some(events.endpoint.url_for(
                 c.host_network,
                 &self.options.app,
                 &self.options.environment,
                 &token,
             ))
         });
+        // `events_caught_up`: the log's end as it stands now, before the instance can read.
+        if c.health.events_caught_up
+            && let Some(events) = &self.options.app_events
+            && let Ok(head) = events
+                .server
+                .head(&self.options.app, &self.options.environment)
+        {
+            self.catch_up.insert(instance.clone(), head);
+            self.dirty = true;
+        }
         self.busy.insert(instance.clone());
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
@@ -1723,6 +1867,33 @@ impl Shell {
             };
             let _ = inputs.send(Input::Started { instance, result });
         });
+    }
+
+    /// Refuses an `events_caught_up` check on a service whose instances would get no URL of
+    /// the app event log or could not reach it: they would never count as healthy.
+    fn check_event_log_reach(
+        &self,
+        service: &ServiceName,
+        config: &ServiceConfig,
+    ) -> Result<(), ControllerError> {
+        let refuse = |reason: &str| ControllerError::NoEventLog {
+            service: service.clone(),
+            reason: reason.to_owned(),
+        };
+        let Some(events) = &self.options.app_events else {
+            return Err(refuse(
+                "this control plane serves no app event log (no $GRAVEN_EVENTS_URL is given)",
+            ));
+        };
+        let local = matches!(self.options.runtime, AnyRuntime::Local(_));
+        if local && !config.host_network && events.endpoint.gateway.is_none() {
+            return Err(refuse(
+                "its instances have a network of their own and the app event log does not \
+                 listen on graven's bridge (a rootless graven, or the bridge is unavailable); \
+                 network = \"host\" instances reach it on loopback",
+            ));
+        }
+        Ok(())
     }
 
     /// Prepares the release's image off the loop, unless it is being prepared already or

@@ -364,28 +364,28 @@ mod tests {
             r#"{"Test": ["CMD", "pg_isready", "-q"]}"#,
             None,
             expect![[
-                r#"Some(HealthConfig { path: "/healthz", interval: 30s, timeout: 30s, healthy_after: 1, unhealthy_after: 3, kind: Exec, command: ["pg_isready", "-q"], start_period: 0ns, from_image: true })"#
+                r#"Some(HealthConfig { path: "/healthz", interval: 30s, timeout: 30s, healthy_after: 1, unhealthy_after: 3, kind: Exec, command: ["pg_isready", "-q"], start_period: 0ns, from_image: true, events_caught_up: false })"#
             ]],
         );
         check(
             r#"{"Test": ["CMD-SHELL", "curl -f localhost || exit 1"], "Interval": 5000000000, "Timeout": 2000000000, "Retries": 5, "StartPeriod": 10000000000}"#,
             None,
             expect![[
-                r#"Some(HealthConfig { path: "/healthz", interval: 5s, timeout: 2s, healthy_after: 1, unhealthy_after: 5, kind: Exec, command: ["/bin/sh", "-c", "curl -f localhost || exit 1"], start_period: 10s, from_image: true })"#
+                r#"Some(HealthConfig { path: "/healthz", interval: 5s, timeout: 2s, healthy_after: 1, unhealthy_after: 5, kind: Exec, command: ["/bin/sh", "-c", "curl -f localhost || exit 1"], start_period: 10s, from_image: true, events_caught_up: false })"#
             ]],
         );
         check(
             r#"{"Test": ["CMD-SHELL", "exit 0"], "Interval": 0, "Retries": 0}"#,
             Some(&["/bin/bash", "-o", "pipefail", "-c"]),
             expect![[
-                r#"Some(HealthConfig { path: "/healthz", interval: 30s, timeout: 30s, healthy_after: 1, unhealthy_after: 3, kind: Exec, command: ["/bin/bash", "-o", "pipefail", "-c", "exit 0"], start_period: 0ns, from_image: true })"#
+                r#"Some(HealthConfig { path: "/healthz", interval: 30s, timeout: 30s, healthy_after: 1, unhealthy_after: 3, kind: Exec, command: ["/bin/bash", "-o", "pipefail", "-c", "exit 0"], start_period: 0ns, from_image: true, events_caught_up: false })"#
             ]],
         );
         check(
             r#"{"Test": ["NONE"]}"#,
             None,
             expect![[
-                r#"Some(HealthConfig { path: "/healthz", interval: 1s, timeout: 1s, healthy_after: 1, unhealthy_after: 2, kind: None, command: [], start_period: 0ns, from_image: true })"#
+                r#"Some(HealthConfig { path: "/healthz", interval: 1s, timeout: 1s, healthy_after: 1, unhealthy_after: 2, kind: None, command: [], start_period: 0ns, from_image: true, events_caught_up: false })"#
             ]],
         );
         check(r#"{"Test": []}"#, None, expect![[r#"None"#]]);

@@ -933,6 +933,11 @@ pub struct HealthConfig {
     /// the log says where it came from.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub from_image: bool,
+    /// `events_caught_up = true`: a new instance counts as healthy only once it has also
+    /// read the app event log up to its last event as it stood when the instance started.
+    /// Left out when false, so configs without it serialize and hash as before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub events_caught_up: bool,
 }
 
 /// What a health probe does (`HealthConfig::kind`).
@@ -1048,6 +1053,8 @@ impl ServiceConfig {
             start_period_ns: u64,
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             from_image: bool,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            events_caught_up: bool,
         }
         fn is_zero(n: &u64) -> bool {
             *n == 0
@@ -1095,6 +1102,7 @@ impl ServiceConfig {
                 command: &self.health.command,
                 start_period_ns: nanos(self.health.start_period),
                 from_image: self.health.from_image,
+                events_caught_up: self.health.events_caught_up,
             },
             limits: &self.limits,
             volumes: &self.volumes,
@@ -1163,6 +1171,7 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 command: health.kind.command().to_vec(),
                 start_period: health.start_period,
                 from_image: false,
+                events_caught_up: service.events_caught_up,
             },
             strategy: match service.deploy.strategy {
                 crate::spec::Strategy::Rolling => Strategy::Rolling {
@@ -1244,6 +1253,7 @@ impl ServiceConfig {
                 command: Vec::new(),
                 start_period: Duration::ZERO,
                 from_image: false,
+                events_caught_up: false,
             },
             strategy: Strategy::Rolling {
                 max_surge,

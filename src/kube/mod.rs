@@ -39,4 +39,6 @@ pub enum KubeError {
     },
     #[error("{kind} {name} has no kind or name the api server would accept")]
     BadObject { kind: String, name: String },
+    #[error("service {service}: {what} has no Kubernetes form")]
+    Unsupported { service: String, what: String },
 }

@@ -77,6 +77,14 @@ pub fn render(options: &Options, workloads: &[Workload]) -> Result<Vec<Value>, K
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for workload in workloads {
         check_label(&workload.service)?;
+        if workload.config.health.events_caught_up {
+            // Pods get no app event log, so the gate could never open.
+            return Err(KubeError::Unsupported {
+                service: workload.service.clone(),
+                what: "[health] events_caught_up (the app event log is graven's daemon's)"
+                    .to_owned(),
+            });
+        }
         let pod = Pod::new(options, workload);
         if let Some(object) = &pod.config_map {
             config_maps.push(object.clone());

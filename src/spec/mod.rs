@@ -129,6 +129,9 @@ pub struct Service {
     /// Whether graven.toml has a health table for it; without one the image's HEALTHCHECK,
     /// if it has one, is used instead (`deploy`).
     pub health_table: bool,
+    /// `[services.NAME.health] events_caught_up`: a new instance is healthy only once it has
+    /// also read the app event log up to its end as it stood at the instance's start.
+    pub events_caught_up: bool,
     pub deploy: DeployPolicy,
     pub stop_grace: Duration,
     pub volumes: Vec<VolumeMount>,

@@ -172,6 +172,7 @@ pub(crate) struct RawHealth {
     pub timeout: Option<Field<String>>,
     pub healthy_after: Option<Field<i64>>,
     pub unhealthy_after: Option<Field<i64>>,
+    pub events_caught_up: Option<Field<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -67,6 +67,14 @@ fn render(result: Result<Project, SpecErrors>) -> String {
             )
             .unwrap();
         }
+        if service.events_caught_up {
+            writeln!(
+                out,
+                "  health events_caught_up table {}",
+                service.health_table
+            )
+            .unwrap();
+        }
     }
     out
 }
@@ -747,6 +755,51 @@ health = { kind = "none" }
               volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
               health kind Exec { command: ["/bin/sh", "-c", "test -f /tmp/ready"] } start_period 0ns table true
         "#]],
+    );
+}
+
+#[test]
+fn events_caught_up_is_read_and_alone_keeps_the_images_healthcheck() {
+    check(
+        r#"
+app = "a"
+[services.alone]
+health = { events_caught_up = true }
+[services.http]
+health = { path = "/ready", events_caught_up = true }
+[services.off]
+health = { events_caught_up = false }
+"#,
+        expect![[r#"
+            app a env local build None containerfile /app/Containerfile context /app
+            service alone: instances 1 port none (EXPOSE, or a worker) route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
+              health kind None start_period 0ns table false
+              health events_caught_up table false
+            service http: instances 1 port none (EXPOSE, or a worker) route None command None env {}
+              health /ready every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
+              health kind None start_period 0ns table true
+              health events_caught_up table true
+            service off: instances 1 port none (EXPOSE, or a worker) route None command None env {}
+              health /healthz every 1s timeout 1s up 2 down 3
+              deploy Rolling surge 1 unavailable 0 deadline 30s stop_grace 10s
+              volumes [] limits Limits { memory_bytes: None, pids: None, cpu_millis: None, tmp_bytes: None, log_bytes: None, log_age_s: None }
+              health kind None start_period 0ns table false
+        "#]],
+    );
+    check(
+        r#"
+app = "a"
+[services.typo]
+health = { events_caught_up = "yes" }
+"#,
+        expect![[
+            r#"graven.toml:4:31: services.typo.health.events_caught_up: expected true or false, found string "yes""#
+        ]],
     );
 }
 

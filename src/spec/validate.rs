@@ -63,6 +63,7 @@ struct Partial {
     timeout: Option<At<Duration>>,
     healthy_after: Option<At<u32>>,
     unhealthy_after: Option<At<u32>>,
+    events_caught_up: Option<At<bool>>,
     strategy: Option<At<Strategy>>,
     stateful: Option<At<bool>>,
     max_surge: Option<At<u32>>,
@@ -113,6 +114,7 @@ impl Partial {
             timeout: pick(&overlay.timeout, &self.timeout),
             healthy_after: pick(&overlay.healthy_after, &self.healthy_after),
             unhealthy_after: pick(&overlay.unhealthy_after, &self.unhealthy_after),
+            events_caught_up: pick(&overlay.events_caught_up, &self.events_caught_up),
             strategy: pick(&overlay.strategy, &self.strategy),
             stateful: pick(&overlay.stateful, &self.stateful),
             max_surge: pick(&overlay.max_surge, &self.max_surge),
@@ -262,7 +264,16 @@ fn check_service(raw: &RawService, prefix: &str, issues: &mut Issues) -> Partial
         }
     }
     if let Some(health) = &raw.health {
-        partial.health_table = true;
+        // `events_caught_up` alone adds to the image's HEALTHCHECK rather than replacing it.
+        let h = health.get_ref();
+        partial.health_table = h.kind.is_some()
+            || h.path.is_some()
+            || h.command.is_some()
+            || h.start_period.is_some()
+            || h.interval.is_some()
+            || h.timeout.is_some()
+            || h.healthy_after.is_some()
+            || h.unhealthy_after.is_some();
         check_health(health.get_ref(), &path("health"), issues, &mut partial);
     }
     if let Some(deploy) = &raw.deploy {
@@ -379,6 +390,12 @@ fn check_health(raw: &RawHealth, prefix: &str, issues: &mut Issues, partial: &mu
         &path("unhealthy_after"),
         issues,
         integer_in(1, u32_max),
+    );
+    partial.events_caught_up = leaf(
+        &raw.events_caught_up,
+        &path("events_caught_up"),
+        issues,
+        |b| Ok::<bool, String>(*b),
     );
 }
 
@@ -661,6 +678,7 @@ fn resolve_service(
             unhealthy_after: count(&merged.unhealthy_after, 3),
         },
         health_table: merged.health_table,
+        events_caught_up: merged.events_caught_up.as_ref().is_some_and(|e| e.value),
         deploy: DeployPolicy {
             strategy: match (&merged.strategy, &merged.stateful) {
                 (Some(strategy), _) => strategy.value,

@@ -61,6 +61,7 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
             command: Vec::new(),
             start_period: Duration::ZERO,
             from_image: false,
+            events_caught_up: false,
         },
         strategy: Strategy::Rolling {
             max_surge: 1,
