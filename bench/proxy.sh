@@ -233,6 +233,19 @@ family_ticks() {
     echo "$user $sys"
 }
 
+# The voluntary and involuntary context switches of all a proxy's threads so far (a thread
+# that ended meanwhile is not counted; the proxies start theirs at the start).
+family_switches() {
+    local voluntary=0 involuntary=0 pid v n
+    for pid in $(family "$1"); do
+        read -r v n < <(awk '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { n += $2 }
+            END { print v + 0, n + 0 }' /proc/"$pid"/task/*/status 2>/dev/null)
+        voluntary=$((voluntary + v))
+        involuntary=$((involuntary + n))
+    done
+    echo "$voluntary $involuntary"
+}
+
 # The machine's busy and total clock ticks so far, from /proc/stat (idle and iowait count as
 # not busy).
 machine_ticks() {
@@ -264,14 +277,19 @@ wrk_figures() {
 started=""
 
 # One row per run: name|threads|requests/s|p50 µs|p99 µs|user µs/request|system µs/request|
-# wrk's CPU µs/request|machine busy %.
+# wrk's CPU µs/request|machine busy %|voluntary and involuntary context switches of the
+# proxy per 100 requests.
 results=()
 run() {
     local name=$1 threads=$2 pid=$3 port=$4
     wait_port "$port"
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
     local user0=0 sys0=0 user1=0 sys1=0 busy0 total0 busy1 total1 wrk0 wrk1
-    if [ -n "$pid" ]; then read -r user0 sys0 < <(family_ticks "$pid"); fi
+    local vol0=0 invol0=0 vol1=0 invol1=0
+    if [ -n "$pid" ]; then
+        read -r user0 sys0 < <(family_ticks "$pid")
+        read -r vol0 invol0 < <(family_switches "$pid")
+    fi
     read -r busy0 total0 < <(machine_ticks)
     times >"$work/times0"
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" >"$work/wrk.out"
@@ -279,7 +297,10 @@ run() {
     wrk0=$(children_seconds "$work/times0")
     wrk1=$(children_seconds "$work/times1")
     read -r busy1 total1 < <(machine_ticks)
-    if [ -n "$pid" ]; then read -r user1 sys1 < <(family_ticks "$pid"); fi
+    if [ -n "$pid" ]; then
+        read -r user1 sys1 < <(family_ticks "$pid")
+        read -r vol1 invol1 < <(family_switches "$pid")
+    fi
     read -r requests rps p50 p99 < <(wrk_figures)
     local load
     load=$(awk -v w0="$wrk0" -v w1="$wrk1" -v n="$requests" -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) \
@@ -290,7 +311,12 @@ run() {
         -v n="$requests" -v proxy="$pid" 'BEGIN {
             if (proxy == "") { print "-|-" } else { printf "%.2f|%.2f", u / hz * 1e6 / n, s / hz * 1e6 / n }
         }')
-    results+=("$name|$threads|$rps|$(micros "$p50")|$(micros "$p99")|$cpu|$load")
+    local switches="-|-"
+    if [ -n "$pid" ]; then
+        switches=$(awk -v v=$((vol1 - vol0)) -v i=$((invol1 - invol0)) -v n="$requests" \
+            'BEGIN { printf "%.2f|%.2f", v * 100 / n, i * 100 / n }')
+    fi
+    results+=("$name|$threads|$rps|$(micros "$p50")|$(micros "$p99")|$cpu|$load|$switches")
 }
 
 # One row per TCP run: name|connections/s|CPU µs/connection|MB/s|CPU µs/MB.
@@ -383,10 +409,11 @@ if [[ " $MODES " == *" http "* ]]; then
             rps[key] = rps[key] " " $3; p50[key] = p50[key] " " $4; p99[key] = p99[key] " " $5
             if ($6 != "-") { user[key] = user[key] " " $6; sys[key] = sys[key] " " $7; cpu[key] = cpu[key] " " ($6 + $7) }
             wrk[key] = wrk[key] " " $8; busy[key] = busy[key] " " $9
+            if ($10 != "-") { vol[key] = vol[key] " " $10; invol[key] = invol[key] " " $11 }
         }
         END {
-            print "| target | threads | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy | req/s vs 1 thread | wrk CPU µs/request | machine busy |"
-            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            print "| target | threads | requests/s | p50 µs | p99 µs | CPU µs/request (user + sys) | CPU vs HAProxy | req/s vs HAProxy | req/s vs 1 thread | wrk CPU µs/request | machine busy | switches per 100 requests (voluntary / involuntary) |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             for (i = 1; i <= targets; i++) {
                 key = order[i]; split(key, part, "|"); t = part[1]; n = part[2]
                 base = "haproxy|" n; one = t "|1"
@@ -396,15 +423,16 @@ if [[ " $MODES " == *" http "* ]]; then
                     q = sprintf("%.2f×", median(rps[key]) / median(rps[base]))
                     v = (one in rps) ? sprintf("%.2f×", median(rps[key]) / median(rps[one])) : "-"
                 } else { c = "-"; r = "-"; q = "-"; v = "-" }
-                printf "| %s | %s | %.0f | %.0f | %.0f | %s | %s | %s | %s | %.2f | %.0f%% |\n", t, n, median(rps[key]), median(p50[key]), median(p99[key]), c, r, q, v, median(wrk[key]), median(busy[key])
+                s = (key in vol) ? sprintf("%.2f / %.2f", median(vol[key]), median(invol[key])) : "-"
+                printf "| %s | %s | %.0f | %.0f | %.0f | %s | %s | %s | %s | %.2f | %.0f%% | %s |\n", t, n, median(rps[key]), median(p50[key]), median(p99[key]), c, r, q, v, median(wrk[key]), median(busy[key]), s
             }
         }'
     echo
     echo "Every run:"
     echo
-    echo "| target | threads | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request | wrk CPU µs/request | machine busy % |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }'
+    echo "| target | threads | requests/s | p50 µs | p99 µs | user µs/request | sys µs/request | wrk CPU µs/request | machine busy % | switches per 100 requests (voluntary / involuntary) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${results[@]}" | awk -F'|' '{ printf "| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s / %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 }'
 fi
 
 # The syscalls perf counts, as perf names them; the summary adds them up by kind.

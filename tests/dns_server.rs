@@ -36,6 +36,29 @@ stop_grace = "1s"
     std::fs::write(dir.join("graven.toml"), text).unwrap();
 }
 
+/// The names of the blobs in the home's image store.
+fn blobs(home: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = walkdir(&home.join("store").join("blobs"));
+    names.sort();
+    names
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            names.extend(walkdir(&path));
+        } else {
+            names.push(path.display().to_string());
+        }
+    }
+    names
+}
+
 /// The address the server's startup line names for loopback.
 fn dns_address(up: &mut Up) -> SocketAddr {
     up.wait_for_line("dns listening on 127.0.0.1:", Duration::from_secs(10));
@@ -411,6 +434,10 @@ fn the_daemon_runs_the_dns_settings_it_is_given_and_refuses_a_deploy_asking_for_
         text.replace("app = \"demo\"", "app = \"other\""),
     )
     .unwrap();
+    // An image of its own (the plain one's digest would hide a bake), which is never baked:
+    // the refusal comes before.
+    std::fs::write(other.join("Containerfile"), "FROM scratch\nENV WHO=other\n").unwrap();
+    let blobs_before = blobs(&home);
     let (ok, _, stderr) = run(&home, &["deploy", other.to_str().unwrap()]);
     assert!(!ok, "{stderr}");
     assert!(
@@ -420,6 +447,8 @@ fn the_daemon_runs_the_dns_settings_it_is_given_and_refuses_a_deploy_asking_for_
         ),
         "{stderr}"
     );
+    assert!(!stderr.contains("graven: bake"), "baked first: {stderr}");
+    assert_eq!(blobs(&home), blobs_before, "the store changed: {stderr}");
     let (status_out, _) = run_ok(&home, &["status", "--app", "demo", "--env", "local"]);
     assert!(status_out.contains("web"), "{status_out}");
     assert_eq!(

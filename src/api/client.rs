@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use super::{
-    Accepted, DeployRequest, ErrorBody, FollowRequest, HistoryRequest, RollbackRequest, Target,
-    socket_path,
+    Accepted, DeployCheck, DeployRequest, ErrorBody, FollowRequest, HistoryRequest,
+    RollbackRequest, Target, socket_path,
 };
 use crate::controller::Snapshot;
 use crate::events::{Envelope, Event};
@@ -142,6 +142,22 @@ impl Client {
 
     pub async fn deploy(&self, request: &DeployRequest) -> Result<Accepted, ClientError> {
         self.call("/v1/deploy", request).await
+    }
+
+    /// Asks whether the daemon would refuse `check`'s deploy for what it can tell before the
+    /// images are baked. A daemon too old to know the question (404) is taken to agree: its
+    /// deploy refuses the same things, only later.
+    pub async fn check_deploy(&self, check: &DeployCheck) -> Result<(), ClientError> {
+        match self
+            .call::<_, serde_json::Value>("/v1/deploy/check", check)
+            .await
+        {
+            Err(ClientError::Api {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(()),
+            other => other.map(drop),
+        }
     }
 
     pub async fn rollback(&self, request: &RollbackRequest) -> Result<Accepted, ClientError> {

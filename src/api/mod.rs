@@ -219,6 +219,18 @@ pub struct DeployRequest {
     pub dns: crate::dns::DnsSettings,
 }
 
+/// What a deploy asks of the control plane that it can refuse before anything is baked:
+/// `graven deploy` sends it first (`/v1/deploy/check`), and the deploy itself is checked
+/// again the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployCheck {
+    pub app: String,
+    pub environment: String,
+    /// As `DeployRequest::dns`.
+    #[serde(default, skip_serializing_if = "crate::dns::DnsSettings::is_empty")]
+    pub dns: crate::dns::DnsSettings,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RollbackRequest {
     #[serde(flatten)]
@@ -773,18 +785,16 @@ impl Daemon {
         actor: &str,
     ) -> Result<Vec<u8>, ApiError> {
         match (method, path) {
+            (&Method::POST, "/v1/deploy/check") => {
+                let request: DeployCheck = parse(body)?;
+                self.check_dns(&request.app, &request.environment, &request.dns)?;
+                Ok(to_json(&serde_json::json!({})))
+            }
             (&Method::POST, "/v1/deploy") => {
                 let request: DeployRequest = parse(body)?;
                 // Before anything starts: its instances would be named in another zone, or
                 // told a server that is not there.
-                let differences = self.dns_config.differences(&request.dns);
-                if !differences.is_empty() {
-                    return Err(ApiError::DnsChange {
-                        app: request.app,
-                        environment: request.environment,
-                        differences: differences.join(", "),
-                    });
-                }
+                self.check_dns(&request.app, &request.environment, &request.dns)?;
                 let handle = self.controller_on(
                     &request.app,
                     &request.environment,
@@ -860,6 +870,24 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Refuses a deploy whose `[dns]` sets a key otherwise than this control plane runs it.
+    fn check_dns(
+        &self,
+        app: &str,
+        environment: &str,
+        dns: &crate::dns::DnsSettings,
+    ) -> Result<(), ApiError> {
+        let differences = self.dns_config.differences(dns);
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::DnsChange {
+            app: app.to_owned(),
+            environment: environment.to_owned(),
+            differences: differences.join(", "),
+        })
+    }
+
     /// The whole body, refused without reading it when its declared length is over
     /// `MAX_BODY`, and after reading at most that much when it has none.
     async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {

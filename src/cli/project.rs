@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{Threads, async_runtime};
 use crate::api::{
-    self, Client, ControlLock, Daemon, DeployRequest, FollowRequest, HistoryRequest,
+    self, Client, ControlLock, Daemon, DeployCheck, DeployRequest, FollowRequest, HistoryRequest,
     RollbackRequest, Target, lock,
 };
 use crate::controller::{DeployOrder, Follower, Outcome, Rollout, RolloutWatch, Snapshot};
@@ -877,8 +877,13 @@ fn deploy_to_daemon(
 ) -> anyhow::Result<ExitCode> {
     let client = Client::new(home);
     let runtime = async_runtime(Threads::One)?;
-    // Check the daemon is there before spending time on a build.
-    runtime.block_on(client.status(&Target::default()))?;
+    // Check the daemon is there, and would not refuse the deploy for its `[dns]`, before
+    // spending time on a build.
+    runtime.block_on(client.check_deploy(&DeployCheck {
+        app: project.app.clone(),
+        environment: project.environment.clone(),
+        dns: dns.clone(),
+    }))?;
     let order = prepare(home, project, resume)?;
     runtime.block_on(async {
         let accepted = client
