@@ -14,11 +14,13 @@ use expect_test::expect_file;
 use support::kube::{KUBERNETES_VERSIONS, KubeSim, kubernetes_validate, test_image};
 use support::{graven, succeed, workspace};
 
-/// One home for every test of this file: the test image and the full project's secret.
+/// One home for every test of this file: the test image and the full project's secret. A
+/// static is never dropped, so it is made in cargo's scratch directory for tests (under
+/// `target/`), not in /tmp, where each run left one behind.
 fn home() -> &'static Path {
     static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = tempfile::tempdir().unwrap();
+        let home = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         test_image(home.path(), "kube-test", "hello\n");
         let mut set = graven(home.path());
         set.args(["secrets", "set", "db-url", "--app", "shop"])
