@@ -71,6 +71,19 @@ fn test_hold(var: &str) {
     }
 }
 
+/// Only an exited instance is removed: a running one is stopped first.
+fn refuse_unless_exited(id: &InstanceId, state: &State) -> Result<(), RuntimeError> {
+    let status = state.observed_status();
+    if status.is_exited() {
+        return Ok(());
+    }
+    Err(RuntimeError::WrongState {
+        id: id.clone(),
+        status,
+        action: "removed",
+    })
+}
+
 /// When this process was started as an instance's shim, runs it and never returns.
 pub fn enter_if_shim() {
     let mut args = std::env::args_os().skip(1);
@@ -1026,14 +1039,7 @@ impl Runtime for LocalRuntime {
 
     async fn remove(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         let (dir, state) = self.load(id)?;
-        let status = state.observed_status();
-        if !status.is_exited() {
-            return Err(RuntimeError::WrongState {
-                id: id.clone(),
-                status,
-                action: "removed",
-            });
-        }
+        refuse_unless_exited(id, &state)?;
         // The workload is gone, but its shim may still be logging the last of its output.
         if state.shim.is_some_and(|s| s.alive()) {
             self.settle(id, (dir.clone(), state.clone())).await?;
@@ -1049,14 +1055,7 @@ impl Runtime for LocalRuntime {
         // the directory gone, and it ends, its workload with it (PDEATHSIG).
         let _state_lock = state::lock(&dir)?;
         let state = state::load(&dir)?;
-        let status = state.observed_status();
-        if !status.is_exited() {
-            return Err(RuntimeError::WrongState {
-                id: id.clone(),
-                status,
-                action: "removed",
-            });
-        }
+        refuse_unless_exited(id, &state)?;
         state.cgroups.remove();
         if let Some(pasta) = state.pasta {
             usernet::stop(pasta);
