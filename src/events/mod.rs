@@ -796,11 +796,14 @@ pub struct PhoenixConfig {
 }
 
 /// A daily span of wall-clock time, `start` inclusive and `end` exclusive, in minutes after
-/// midnight; `end < start` wraps past midnight. `zone` is an IANA name; none: UTC.
+/// midnight; `end < start` wraps past midnight. `zone` is an IANA name; without one,
+/// `offset_minutes` is local time minus UTC (0: UTC).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
     pub start_minute: u16,
     pub end_minute: u16,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset_minutes: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
 }
@@ -822,7 +825,12 @@ impl std::fmt::Display for Window {
         write!(f, "{}-{}", hm(self.start_minute), hm(self.end_minute))?;
         match &self.zone {
             Some(zone) => write!(f, " {zone}"),
-            None => f.write_str(" UTC"),
+            None if self.offset_minutes == 0 => f.write_str(" UTC"),
+            None => {
+                let sign = if self.offset_minutes < 0 { '-' } else { '+' };
+                let minutes = self.offset_minutes.unsigned_abs() as u16;
+                write!(f, " {sign}{}", hm(minutes))
+            }
         }
     }
 }
@@ -855,6 +863,10 @@ impl DriftConfig {
 
 fn is_false(value: &bool) -> bool {
     !*value
+}
+
+fn is_zero(value: &i32) -> bool {
+    *value == 0
 }
 
 fn is_true(value: &bool) -> bool {
@@ -1199,8 +1211,10 @@ impl From<&crate::spec::Service> for ServiceConfig {
                 max_age: p.max_age,
                 jitter: p.jitter,
                 window: p.window.as_ref().map(|w| Window {
-                    start_minute: w.start_minute,
-                    end_minute: w.end_minute,
+                    // Minutes of a day: at most 24 * 60.
+                    start_minute: w.start as u16,
+                    end_minute: w.end as u16,
+                    offset_minutes: w.offset_minutes,
                     zone: w.zone.clone(),
                 }),
                 max_at_once: p.max_at_once,

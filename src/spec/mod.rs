@@ -161,14 +161,9 @@ pub struct Phoenix {
     pub stop_first: bool,
 }
 
-/// A daily span of wall-clock time in minutes after midnight, `end < start` wrapping past
-/// midnight; `zone` an IANA name known to the system (none: UTC).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Window {
-    pub start_minute: u16,
-    pub end_minute: u16,
-    pub zone: Option<String>,
-}
+/// A daily window of wall-clock time, as phoenix and chaos read it (`"02:00-05:00"`, with a
+/// UTC offset or an IANA time zone after a space).
+pub use crate::chaos::schedule::Window;
 
 /// How drift is watched for in a service's instances (docs/drift.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -60,7 +60,7 @@ pub(super) fn check(raw: &toml::Spanned<RawPhoenix>, prefix: &str, issues: &mut 
         field
             .value
             .clone()
-            .and_then(|text| window(&text))
+            .and_then(|text| Window::parse(&text))
             .map_err(|message| issues.push(field.span.clone(), path("window"), message))
             .ok()
     });
@@ -144,46 +144,6 @@ impl Partial {
     }
 }
 
-/// `"02:00-05:00"` or `"02:00-05:00 Europe/Paris"`: start and end as HH:MM (the end may be
-/// before the start: the window wraps past midnight), then an IANA time zone (UTC when
-/// absent) that the system's time zone database must know.
-pub(crate) fn window(text: &str) -> Result<Window, String> {
-    let hint =
-        "write \"HH:MM-HH:MM\", then a time zone if not UTC (e.g. \"02:00-05:00 Europe/Paris\")";
-    let mut words = text.split_whitespace();
-    let span = words.next().unwrap_or("");
-    let zone = words.next();
-    if words.next().is_some() {
-        return Err(format!("{text:?} is not a window: {hint}"));
-    }
-    let minute = |hm: &str| -> Option<u16> {
-        let (h, m) = hm.split_once(':')?;
-        if h.len() != 2 || m.len() != 2 {
-            return None;
-        }
-        let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
-        (h < 24 && m < 60).then_some(h * 60 + m)
-    };
-    let (start, end) = span
-        .split_once('-')
-        .and_then(|(s, e)| Some((minute(s)?, minute(e)?)))
-        .ok_or_else(|| format!("{text:?} is not a window: {hint}"))?;
-    if start == end {
-        return Err(format!(
-            "{text:?} is an empty window: its start and end are the same time"
-        ));
-    }
-    if let Some(zone) = zone {
-        jiff::tz::TimeZone::get(zone)
-            .map_err(|error| format!("{zone:?} is not a time zone this machine knows ({error})"))?;
-    }
-    Ok(Window {
-        start_minute: start,
-        end_minute: end,
-        zone: zone.map(str::to_owned),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use expect_test::expect;
@@ -199,28 +159,27 @@ mod tests {
             "02:00-24:00",
             "02:00-05:00 Mars/Olympus",
             "02:00-05:00 UTC extra",
+            "22:00-02:00 +01:00",
             "",
         ];
         let shown: Vec<String> = inputs
             .iter()
-            .map(|text| match super::window(text) {
-                Ok(w) => format!(
-                    "{text:?} -> {}..{} {:?}",
-                    w.start_minute, w.end_minute, w.zone
-                ),
+            .map(|text| match super::Window::parse(text) {
+                Ok(w) => format!("{text:?} -> {w}"),
                 Err(e) => format!("{text:?} -> error: {}", e.split(" (").next().unwrap()),
             })
             .collect();
         expect![[r#"
-            "02:00-05:00" -> 120..300 None
-            "02:00-05:00 Europe/Paris" -> 120..300 Some("Europe/Paris")
-            "22:30-01:15 UTC" -> 1350..75 Some("UTC")
-            "05:00-05:00" -> error: "05:00-05:00" is an empty window: its start and end are the same time
-            "2:00-05:00" -> error: "2:00-05:00" is not a window: write "HH:MM-HH:MM", then a time zone if not UTC
-            "02:00-24:00" -> error: "02:00-24:00" is not a window: write "HH:MM-HH:MM", then a time zone if not UTC
-            "02:00-05:00 Mars/Olympus" -> error: "Mars/Olympus" is not a time zone this machine knows
-            "02:00-05:00 UTC extra" -> error: "02:00-05:00 UTC extra" is not a window: write "HH:MM-HH:MM", then a time zone if not UTC
-            "" -> error: "" is not a window: write "HH:MM-HH:MM", then a time zone if not UTC"#]]
+            "02:00-05:00" -> 02:00-05:00
+            "02:00-05:00 Europe/Paris" -> 02:00-05:00 Europe/Paris
+            "22:30-01:15 UTC" -> 22:30-01:15
+            "05:00-05:00" -> error: "05:00-05:00" is an empty window
+            "2:00-05:00" -> 02:00-05:00
+            "02:00-24:00" -> 02:00-24:00
+            "02:00-05:00 Mars/Olympus" -> error: "Mars/Olympus" is neither a UTC offset like "+01:00" nor a time zone this machine knows
+            "02:00-05:00 UTC extra" -> error: "UTC extra" is not a UTC offset like "+01:00"
+            "22:00-02:00 +01:00" -> 22:00-02:00 +01:00
+            "" -> error: "" is not a window like "09:00-17:00""#]]
         .assert_eq(&shown.join("\n"));
     }
 }

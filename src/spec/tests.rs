@@ -1155,11 +1155,7 @@ max_at_once = 2
         Some(super::Phoenix {
             max_age: Duration::from_secs(6),
             jitter: Duration::from_secs(3),
-            window: Some(super::Window {
-                start_minute: 22 * 60,
-                end_minute: 2 * 60,
-                zone: Some("Europe/Paris".to_owned()),
-            }),
+            window: Some(super::Window::parse("22:00-02:00 Europe/Paris").unwrap()),
             max_at_once: 1,
             stop_first: false,
         })
@@ -1185,7 +1181,7 @@ phoenix = { jitter = "1h" }
         expect![[r#"
             graven.toml:4:23: services.web.phoenix.max_age: "0s" must be longer than zero
             graven.toml:4:38: services.web.phoenix.jitter: "soon" is not a duration (try "1s", "500ms")
-            graven.toml:4:55: services.web.phoenix.window: "Europe/Pariss" is not a time zone this machine knows (failed to find time zone `Europe/Pariss` in time zone database)
+            graven.toml:4:55: services.web.phoenix.window: "Europe/Pariss" is neither a UTC offset like "+01:00" nor a time zone this machine knows
             graven.toml:4:98: services.web.phoenix.max_at_once: 0 is out of range: it must be between 1 and 1000
             graven.toml:4:101: services.web.phoenix.every: unknown field "every" (known: "max_age", "jitter", "window", "max_at_once", "stop_first")
             graven.toml:7:11: services.api.phoenix: a phoenix table needs max_age, how old an instance may get (e.g. max_age = "24h")"#]],

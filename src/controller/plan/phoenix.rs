@@ -152,7 +152,10 @@ fn in_window(window: Option<&Window>, now_ms: u64, round: &Round<'_>) -> bool {
         return true;
     };
     let zone = match &window.zone {
-        None => jiff::tz::TimeZone::UTC,
+        None => match jiff::tz::Offset::from_seconds(window.offset_minutes * 60) {
+            Ok(offset) => jiff::tz::TimeZone::fixed(offset),
+            Err(_) => return false,
+        },
         Some(name) => match round.observed.zones.get(name) {
             Some(zone) => zone.clone(),
             None => return false,

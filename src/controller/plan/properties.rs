@@ -504,6 +504,7 @@ proptest! {
             window: window.map(|(start, length)| crate::events::Window {
                 start_minute: start,
                 end_minute: (start + length) % 60,
+                offset_minutes: 0,
                 zone: None,
             }).filter(|w| w.start_minute != w.end_minute),
             max_at_once,

@@ -683,6 +683,7 @@ fn aged_instances_are_recycled_only_inside_the_window_and_within_the_budget() {
     let window = |start: u16, end: u16, zone: Option<&str>| crate::events::Window {
         start_minute: start,
         end_minute: end,
+        offset_minutes: 0,
         zone: zone.map(str::to_owned),
     };
     // 100 000 s after the epoch is 03:46:40 UTC, 04:46:40 in Paris (winter).
@@ -722,6 +723,14 @@ fn aged_instances_are_recycled_only_inside_the_window_and_within_the_budget() {
     assert_eq!(plan_at(window(3 * 60, 4 * 60, paris), &["Europe/Paris"]), 0);
     // A zone the shell did not find: never open.
     assert_eq!(plan_at(window(4 * 60, 5 * 60, paris), &[]), 0);
+    // A fixed offset: 04:46:40 at +01:00, 02:46:40 at -01:00.
+    let offset = |start: u16, end: u16, minutes: i32| crate::events::Window {
+        offset_minutes: minutes,
+        ..window(start, end, None)
+    };
+    assert_eq!(plan_at(offset(4 * 60, 5 * 60, 60), &[]), 1, "+01:00");
+    assert_eq!(plan_at(offset(3 * 60, 4 * 60, 60), &[]), 0, "+01:00");
+    assert_eq!(plan_at(offset(2 * 60, 3 * 60, -60), &[]), 1, "-01:00");
 
     // A rollout under way: nothing is recycled meanwhile.
     let s = aged(
