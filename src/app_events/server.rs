@@ -46,7 +46,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// The most events one read answers with, and the default.
 const MAX_PAGE: usize = 10_000;
 const DEFAULT_PAGE: usize = 1_000;
-/// How often an idle writer looks for another process's appends.
+/// How often the server looks for another process's appends.
 const LOOK_AGAIN: Duration = Duration::from_millis(200);
 /// The most appends one batch takes: a bound on one write, not on throughput.
 const MAX_BATCH: usize = 4_096;
@@ -236,18 +236,27 @@ pub fn url(addr: SocketAddr, app: &str, environment: &str, token: &str) -> Strin
     format!("http://{addr}/v1/{app}/{environment}/{token}")
 }
 
-/// One open log: its writer thread's queue, a handle for reads, and the last sequence for
-/// long polls to wait on.
+/// One open log: the appends waiting for the next batch, a handle for reads, and the last
+/// sequence for long polls to wait on.
 struct Stream {
     log: Arc<Mutex<AppEventLog>>,
-    queue: std::sync::mpsc::Sender<(Append, oneshot::Sender<Result<u64, AppEventsError>>)>,
-    last: watch::Receiver<u64>,
+    pending: Mutex<Pending>,
+    last: watch::Sender<u64>,
     token: String,
     readers: Readers,
 }
 
+/// The appends waiting to be written, and whether a commit task is on its way to write them.
+#[derive(Default)]
+struct Pending {
+    jobs: Vec<Job>,
+    scheduled: bool,
+}
+
+type Job = (Append, oneshot::Sender<Result<u64, AppEventsError>>);
+
 impl Stream {
-    fn open(dir: &Path) -> Result<Stream, ServeError> {
+    fn open(dir: &Path) -> Result<Arc<Stream>, ServeError> {
         let token = token(dir).map_err(|source| AppEventsError::Io {
             path: dir.join(TOKEN_FILE),
             source,
@@ -256,68 +265,88 @@ impl Stream {
         // The daemon appends all the time: the zeros ahead of the records are written off the
         // appends' path.
         log.write_zeros_ahead()?;
-        let log = Arc::new(Mutex::new(log));
-        let (last_tx, last) = watch::channel(lock(&log).position().last);
-        let (queue, jobs) = std::sync::mpsc::channel();
-        let writer = log.clone();
+        let (last, _) = watch::channel(log.position().last);
+        let stream = Arc::new(Stream {
+            log: Arc::new(Mutex::new(log)),
+            pending: Mutex::new(Pending::default()),
+            last,
+            token,
+            readers: Readers::default(),
+        });
+        let watched = Arc::downgrade(&stream);
         std::thread::Builder::new()
-            .name("app-events".into())
-            .spawn(move || write_batches(&writer, &jobs, &last_tx))
+            .name("app-events-look".into())
+            .spawn(move || look_for_other_writers(&watched))
             .map_err(|source| AppEventsError::Io {
                 path: dir.to_owned(),
                 source,
             })?;
-        Ok(Stream {
-            log,
-            queue,
-            last,
-            token,
-            readers: Readers::default(),
-        })
+        Ok(stream)
     }
-}
 
-fn lock(log: &Mutex<AppEventLog>) -> std::sync::MutexGuard<'_, AppEventLog> {
-    log.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-type Job = (Append, oneshot::Sender<Result<u64, AppEventsError>>);
-
-/// The writer thread: takes every append waiting (up to `MAX_BATCH`), appends them as one
-/// batch, answers each, and tells long polls the new last sequence. Ends when the server
-/// drops the queue.
-fn write_batches(
-    log: &Mutex<AppEventLog>,
-    jobs: &std::sync::mpsc::Receiver<Job>,
-    last: &watch::Sender<u64>,
-) {
-    loop {
-        let first = match jobs.recv_timeout(LOOK_AGAIN) {
-            Ok(job) => job,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                // Appends and compactions by another process (`graven events`): long polls
-                // must hear of them too.
-                let mut log = lock(log);
-                if log.refresh_if_changed().unwrap_or(false) {
-                    last.send_replace(log.position().last);
-                }
-                continue;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+    /// Appends one event and answers with its sequence once it is durable. The first append
+    /// that finds no commit on its way starts one; every append that arrives before that
+    /// commit runs joins its batch (a group commit).
+    async fn append(self: &Arc<Self>, append: Append) -> Result<u64, ServeError> {
+        let (answer, answered) = oneshot::channel();
+        let start = {
+            let mut pending = lock(&self.pending);
+            pending.jobs.push((append, answer));
+            !std::mem::replace(&mut pending.scheduled, true)
         };
-        let mut bytes = first.0.body.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < super::MAX_BATCH_BYTES - MAX_BODY {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    bytes += job.0.body.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
+        if start {
+            // A task of its own, not this request's: a client that hangs up must not take
+            // the batch of the others with it.
+            tokio::spawn(self.clone().commit());
+        }
+        Ok(answered.await.map_err(|_| ServeError::WriterGone)??)
+    }
+
+    /// Writes the waiting appends as batches, each answered after its sync, until none wait.
+    ///
+    /// It runs on the event log's own thread (`start`), which serves the connections too: the
+    /// thread that read an append syncs it and answers it, so no append crosses to another
+    /// thread and back (the writer thread this replaced cost two wake-ups of a sleeping
+    /// thread per append, and their run-queue delays were the tail at 4 connections). The
+    /// sync blocks that thread, which is its job: the requests that come meanwhile wait in
+    /// their sockets and make the next batch.
+    async fn commit(self: Arc<Self>) {
+        // `yield_now` wakes this task only after the runtime has polled its sockets: every
+        // connection with an append ready is read first, and the append joins this batch.
+        tokio::task::yield_now().await;
+        loop {
+            let (batch, more) = {
+                let mut pending = lock(&self.pending);
+                let mut bytes = 0;
+                let take = pending
+                    .jobs
+                    .iter()
+                    .take(MAX_BATCH)
+                    .take_while(|(append, _)| {
+                        bytes += append.body.len();
+                        bytes <= super::MAX_BATCH_BYTES
+                    })
+                    .count()
+                    .max(1)
+                    .min(pending.jobs.len());
+                let batch: Vec<Job> = pending.jobs.drain(..take).collect();
+                let more = !pending.jobs.is_empty();
+                pending.scheduled = more;
+                (batch, more)
+            };
+            if !batch.is_empty() {
+                self.write(batch);
+            }
+            if !more {
+                return;
             }
         }
+    }
+
+    /// Appends `batch` (blocking for its sync), answers each append, and tells long polls.
+    fn write(&self, batch: Vec<Job>) {
         let (appends, answers): (Vec<Append>, Vec<_>) = batch.into_iter().unzip();
-        let mut log = lock(log);
+        let mut log = lock(&self.log);
         match log.append(&appends) {
             Ok(results) => {
                 let now = log.position().last;
@@ -325,7 +354,7 @@ fn write_batches(
                 for (result, answer) in results.into_iter().zip(answers) {
                     let _ = answer.send(result);
                 }
-                last.send_replace(now);
+                self.last.send_replace(now);
             }
             Err(error) => {
                 drop(log);
@@ -336,6 +365,25 @@ fn write_batches(
                     }));
                 }
             }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every `LOOK_AGAIN`, takes notice of appends and compactions by another process (`graven
+/// events`), so long polls hear of them too. Ends when the stream is dropped.
+fn look_for_other_writers(stream: &std::sync::Weak<Stream>) {
+    loop {
+        std::thread::sleep(LOOK_AGAIN);
+        let Some(stream) = stream.upgrade() else {
+            return;
+        };
+        let mut log = lock(&stream.log);
+        if log.refresh_if_changed().unwrap_or(false) {
+            stream.last.send_replace(log.position().last);
         }
     }
 }
@@ -375,17 +423,24 @@ impl AppEventsServer {
         if !valid_name(app) || !valid_name(environment) || !dir.is_dir() {
             return Err(ServeError::NotFound(format!("{app}/{environment}")));
         }
-        let stream = Arc::new(Stream::open(&dir)?);
+        let stream = Stream::open(&dir)?;
         streams.insert(key, stream.clone());
         Ok(stream)
     }
 
-    /// The last event of `app`/`environment`'s log now (0 when it has none).
-    pub fn head(&self, app: &str, environment: &str) -> Result<u64, ServeError> {
-        let stream = self.stream(app, environment)?;
-        let mut log = lock(&stream.log);
-        log.refresh_if_changed()?;
-        Ok(log.position().last)
+    /// The last event of `app`/`environment`'s log now (0 when it has none). The file work
+    /// (opening the log, looking for other writers' appends, waiting out a batch's sync) runs
+    /// on a blocking thread, not the caller's async task.
+    pub async fn head(self: Arc<Self>, app: &str, environment: &str) -> Result<u64, ServeError> {
+        let (app, environment) = (app.to_owned(), environment.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let stream = self.stream(&app, &environment)?;
+            let mut log = lock(&stream.log);
+            log.refresh_if_changed()?;
+            Ok(log.position().last)
+        })
+        .await
+        .map_err(|_| ServeError::WriterGone)?
     }
 
     /// How far `instance` of `app`/`environment` has read, if it has read at all since the
@@ -499,19 +554,13 @@ impl AppEventsServer {
                 {
                     return Err(bad("the body is not JSON, though its content type says so"));
                 }
-                let (answer, answered) = oneshot::channel();
-                stream
-                    .queue
-                    .send((
-                        Append {
-                            kind,
-                            body: body.to_vec(),
-                            expected,
-                        },
-                        answer,
-                    ))
-                    .map_err(|_| ServeError::WriterGone)?;
-                let seq = answered.await.map_err(|_| ServeError::WriterGone)??;
+                let seq = stream
+                    .append(Append {
+                        kind,
+                        body: body.to_vec(),
+                        expected,
+                    })
+                    .await?;
                 Ok(json(
                     StatusCode::CREATED,
                     &serde_json::json!({ "seq": seq }),
@@ -535,7 +584,7 @@ impl AppEventsServer {
                         .min(MAX_WAIT),
                     None => Duration::ZERO,
                 };
-                let mut last = stream.last.clone();
+                let mut last = stream.last.subscribe();
                 // Asking from N says everything before N is held (up to what there is),
                 // said before a long poll waits.
                 if let Caller::Instance(instance) = &caller {
@@ -702,11 +751,21 @@ pub const PORT_FILE: &str = "app-events.port";
 pub struct AppEvents {
     pub endpoint: Endpoint,
     pub server: Arc<AppEventsServer>,
+    /// The event log's thread serves until the last clone of this is dropped.
+    _serving: Arc<Serving>,
 }
 
-/// Binds the app event log's listeners for the daemon of `home` and serves them for as long as
-/// the async runtime runs. `gateway` is the bridge's address when instances get networks of
-/// their own; the port is opened to them there.
+/// Ends the event log's thread when dropped.
+#[derive(Debug)]
+struct Serving {
+    _stop: oneshot::Sender<()>,
+}
+
+/// Binds the app event log's listeners for the daemon of `home` and serves them on a thread
+/// of its own (a single-threaded runtime, as a route's threads are) for as long as the
+/// returned `AppEvents` (or a clone) is kept: each append is read, synced and answered on that
+/// one thread (`Stream::commit`). `gateway` is the bridge's address when instances get
+/// networks of their own; the port is opened to them there.
 pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<AppEvents, ServeError> {
     let port_path = home.join(PORT_FILE);
     let io = |source| {
@@ -715,6 +774,33 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<AppEven
             source,
         })
     };
+    // The runtime is made, run and dropped on its thread: a runtime may not be dropped where
+    // the caller is (inside the daemon's).
+    let (made, runtime) = std::sync::mpsc::channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("app-events".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => {
+                    let _ = made.send(Ok(runtime.handle().clone()));
+                    let _ = runtime.block_on(stopped);
+                }
+                Err(error) => {
+                    let _ = made.send(Err(error));
+                }
+            }
+        })
+        .map_err(io)?;
+    let runtime = runtime
+        .recv()
+        .map_err(|_| io(std::io::ErrorKind::BrokenPipe.into()))?
+        .map_err(io)?;
+    // The listeners register with the event log's runtime, not the caller's.
+    let _entered = runtime.enter();
     let remembered: Option<u16> = std::fs::read_to_string(&port_path)
         .ok()
         .and_then(|text| text.trim().parse().ok());
@@ -744,7 +830,7 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<AppEven
             .map_err(io)?;
     }
     let server = AppEventsServer::new(home.join("apps"));
-    tokio::spawn(server.clone().serve(loopback, std::future::pending()));
+    runtime.spawn(server.clone().serve(loopback, std::future::pending()));
     let mut endpoint = Endpoint {
         port,
         gateway: None,
@@ -752,7 +838,7 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<AppEven
     if let Some(gateway) = gateway {
         match bind_free(SocketAddr::from((gateway, port))) {
             Ok(listener) => {
-                tokio::spawn(server.clone().serve(listener, std::future::pending()));
+                runtime.spawn(server.clone().serve(listener, std::future::pending()));
                 match crate::runtime::local::net::open_port(port) {
                     Ok(()) => endpoint.gateway = Some(gateway),
                     Err(error) => note(&format!(
@@ -765,7 +851,11 @@ pub fn start(home: &Path, gateway: Option<std::net::Ipv4Addr>) -> Result<AppEven
             )),
         }
     }
-    Ok(AppEvents { endpoint, server })
+    Ok(AppEvents {
+        endpoint,
+        server,
+        _serving: Arc::new(Serving { _stop: stop }),
+    })
 }
 
 /// Binds even before the address exists on the host (the bridge is made with the first
