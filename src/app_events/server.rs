@@ -10,8 +10,9 @@
 //!   `410 {"error","first"}` when `N` was compacted into the snapshot;
 //! - `GET  URL/snapshot` and `PUT URL/snapshot?seq=N` — the app's own snapshot.
 //!
-//! Appends of one log are batched by a writer thread of its own (a group commit: one
-//! synced write per batch); the token is checked in constant time against the one the control
+//! The server runs on a thread of its own (`start`), which reads each append, writes the
+//! appends waiting as one batch with one synced write (a group commit) and answers them; the
+//! token is checked in constant time against the one the control
 //! plane made for the app and environment. Errors map to status codes in one exhaustive match.
 //!
 //! An instance's URL carries a token of its own, `<instance>.<mac>`: an HMAC-SHA256 of the
