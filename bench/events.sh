@@ -14,9 +14,12 @@
 #   it batches concurrent commits' flushes as graven batches appends.
 #
 # Usage: bench/events.sh            (CONNS=16 DURATION=10 ROUNDS=5 PROFILE=release; GRAVEN=path
-#        runs that binary instead of building one). Each round prints its row (load average at
-#        its start, both sides' rate, p50 and p99 in ms, the two ratios); the end prints the
-#        medians, the median of the rounds' ratios, and in how many rounds the target was met.
+#        runs that binary instead of building one; GRAVEN_B=path also runs a second build, a
+#        daemon of its own on a home of its own, in every round: an A/B of two builds against
+#        the same PostgreSQL minutes, the two graven runs taking turns at going first). Each
+#        round prints its row (load average at its start, each side's rate, p50 and p99 in ms,
+#        each build's two ratios); the end prints the medians, the median of the rounds'
+#        ratios, and in how many rounds the target was met.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,10 +33,10 @@ bench_require wrk postgresql
 
 work=$(mktemp -d /tmp/graven-bench-events.XXXXXX)
 chmod 755 "$work"
-daemon_pid=""
+daemon_pids=()
 pg_pid=""
 cleanup() {
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true
+  for pid in "${daemon_pids[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   [ -n "$pg_pid" ] && kill "$pg_pid" 2>/dev/null || true
   for _ in $(seq 100); do [ -n "$pg_pid" ] && kill -0 "$pg_pid" 2>/dev/null || break; sleep 0.1; done
   rm -rf "$work"
@@ -53,12 +56,19 @@ body='{"type":"order-placed","order":12345,"customer":678,"items":3,"total_cents
 # Both servers run for the whole script; each round runs wrk against graven, then pgbench
 # against PostgreSQL, so a noisy minute falls on both sides of one round and the medians over
 # the rounds decide, not one pair of runs.
-export GRAVEN_HOME="$work/home"
-mkdir -p "$GRAVEN_HOME/apps/bench/local"
-"$graven" daemon >"$work/daemon.log" 2>&1 &
-daemon_pid=$!
-for _ in $(seq 300); do [ -s "$GRAVEN_HOME/app-events.port" ] && break; sleep 0.1; done
-url=$("$graven" events url --app bench)
+# The builds: "a" (GRAVEN or this tree's), and "b" (GRAVEN_B) when given; each its daemon.
+sides=(a)
+declare -A binary=([a]="$graven") url=()
+[ -n "${GRAVEN_B:-}" ] && sides+=(b) && binary[b]=$GRAVEN_B
+for side in "${sides[@]}"; do
+  home="$work/home-$side"
+  mkdir -p "$home/apps/bench/local"
+  GRAVEN_HOME=$home "${binary[$side]}" daemon >"$work/daemon-$side.log" 2>&1 &
+  daemon_pids+=($!)
+  for _ in $(seq 300); do [ -s "$home/app-events.port" ] && break; sleep 0.1; done
+  url[$side]=$(GRAVEN_HOME=$home "${binary[$side]}" events url --app bench)
+  echo "graven $side: ${binary[$side]}" >&2
+done
 cat >"$work/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '$body'
@@ -82,61 +92,91 @@ for round in $(seq "$ROUNDS"); do
   mkdir -p "$work/r$round/pg"
   chown postgres "$work/r$round/pg"
   cut -d' ' -f1-3 /proc/loadavg >"$work/r$round/load"
-  wrk -t 2 -c "$CONNS" -d "${DURATION}s" --latency -s "$work/post.lua" "$url/events" >"$work/r$round/wrk.txt"
+  order=("${sides[@]}")
+  [ $((round % 2)) = 0 ] && [ ${#sides[@]} = 2 ] && order=(b a)
+  for side in "${order[@]}"; do
+    wrk -t 2 -c "$CONNS" -d "${DURATION}s" --latency -s "$work/post.lua" "${url[$side]}/events" \
+      >"$work/r$round/wrk-$side.txt"
+  done
   (cd "$work/r$round/pg" && runuser -u postgres -- "$pgbin/pgbench" -h "$work/sock" -n -c "$CONNS" -j 2 \
     -T "$DURATION" -f "$work/insert.sql" --log --log-prefix="$work/r$round/pg/txn" postgres \
     >"$work/r$round/pgbench.txt")
-  python3 - "$work" "$round" <<'PY'
+  python3 - "$work" "$round" "${sides[@]}" <<'PY'
 import glob, json, re, sys
-work, round = sys.argv[1], sys.argv[2]
+work, round, sides = sys.argv[1], sys.argv[2], sys.argv[3:]
 r = f"{work}/r{round}"
-wrk = open(f"{r}/wrk.txt").read()
 def ms(text):
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-# The distribution's lines only: a "+/- Stdev" column such as "89.50%" also ends in "50%".
-bad = re.search(r"Non-2xx or 3xx responses: (\d+)", wrk)
 pg = open(f"{r}/pgbench.txt").read()
 lat = sorted(int(line.split()[2]) / 1000 for path in glob.glob(f"{r}/pg/txn*") for line in open(path))
 row = {
     "round": int(round),
     "load": open(f"{r}/load").read().strip(),
-    "g_rate": float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1)),
-    "g_requests": int(re.search(r"(\d+) requests in", wrk).group(1)),
-    "g_p50": ms(re.search(r"^\s+50%\s+(\S+)", wrk, re.M).group(1)),
-    "g_p99": ms(re.search(r"^\s+99%\s+(\S+)", wrk, re.M).group(1)),
-    "g_bad": int(bad.group(1)) if bad else 0,
     "p_rate": float(re.search(r"tps = ([\d.]+)", pg).group(1)),
     "p_p50": lat[len(lat) // 2],
     "p_p99": lat[int(len(lat) * 0.99)],
 }
+for side in sides:
+    wrk = open(f"{r}/wrk-{side}.txt").read()
+    # The distribution's lines only: a "+/- Stdev" column such as "89.50%" also ends in "50%".
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", wrk)
+    row[side] = {
+        "rate": float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", wrk).group(1)),
+        "p50": ms(re.search(r"^\s+50%\s+(\S+)", wrk, re.M).group(1)),
+        "p99": ms(re.search(r"^\s+99%\s+(\S+)", wrk, re.M).group(1)),
+        "bad": int(bad.group(1)) if bad else 0,
+    }
 open(f"{r}/row.json", "w").write(json.dumps(row))
 if row["round"] == 1:
-    print(f"{'round (load)':22} {'graven/s':>9} {'p50':>6} {'p99':>6} {'pg/s':>9} {'p50':>6} {'p99':>6} {'rate':>6} {'p99':>6}")
-print(f"{row['round']:>2} ({row['load']:16}) {row['g_rate']:>9.0f} {row['g_p50']:>6.2f} {row['g_p99']:>6.2f} "
-      f"{row['p_rate']:>9.0f} {row['p_p50']:>6.2f} {row['p_p99']:>6.2f} "
-      f"{row['g_rate'] / row['p_rate']:>5.2f}x {row['g_p99'] / row['p_p99']:>5.2f}x", flush=True)
+    head = f"{'round (load)':22}"
+    for side in sides:
+        head += f" {'graven ' + side + '/s':>10} {'p50':>6} {'p99':>6}"
+    head += f" {'pg/s':>9} {'p50':>6} {'p99':>6}"
+    for side in sides:
+        head += f" {side + ' rate':>7} {side + ' p99':>7}"
+    print(head)
+line = f"{row['round']:>2} ({row['load']:16})"
+for side in sides:
+    line += f" {row[side]['rate']:>10.0f} {row[side]['p50']:>6.2f} {row[side]['p99']:>6.2f}"
+line += f" {row['p_rate']:>9.0f} {row['p_p50']:>6.2f} {row['p_p99']:>6.2f}"
+for side in sides:
+    line += f" {row[side]['rate'] / row['p_rate']:>6.2f}x {row[side]['p99'] / row['p_p99']:>6.2f}x"
+print(line, flush=True)
 PY
 done
-kill "$daemon_pid"; wait "$daemon_pid" 2>/dev/null || true; daemon_pid=""
-events=$("$graven" events status --app bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["last"])')
+events=()
+for i in "${!sides[@]}"; do
+  side=${sides[$i]}
+  kill "${daemon_pids[$i]}"; wait "${daemon_pids[$i]}" 2>/dev/null || true
+  events+=("$(GRAVEN_HOME="$work/home-$side" "${binary[$side]}" events status --app bench --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["last"])')")
+done
+daemon_pids=()
 
-python3 - "$work" "$ROUNDS" "$events" <<'PY'
+python3 - "$work" "$ROUNDS" "${#sides[@]}" "${sides[@]}" "${events[@]}" <<'PY'
 import json, statistics, sys
-work, rounds, events = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+work, rounds, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sides, events = sys.argv[4:4 + n], [int(e) for e in sys.argv[4 + n:]]
 rows = [json.load(open(f"{work}/r{i}/row.json")) for i in range(1, rounds + 1)]
-med = lambda key: statistics.median(row[key] for row in rows)
-rate = statistics.median(row["g_rate"] / row["p_rate"] for row in rows)
-p99 = statistics.median(row["g_p99"] / row["p_p99"] for row in rows)
-met = sum(row["g_rate"] >= row["p_rate"] and row["g_p99"] <= row["p_p99"] for row in rows)
+med = lambda get: statistics.median(get(row) for row in rows)
 print()
 print(f"medians of {rounds} rounds (latencies in ms):")
-print(f"{'':34} {'appends/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-print(f"{'graven app event log (HTTP)':34} {med('g_rate'):>10.0f} {med('g_p50'):>8.2f} {med('g_p99'):>8.2f}")
-print(f"{'PostgreSQL INSERT (commit each)':34} {med('p_rate'):>10.0f} {med('p_p50'):>8.2f} {med('p_p99'):>8.2f}")
-print(f"{'graven / PostgreSQL (per round)':34} {rate:>9.2f}x {'':>8} {p99:>7.2f}x")
-print(f"target (>= the appends/s at <= the p99) met in {met} of {rounds} rounds")
-answered = sum(row["g_requests"] for row in rows)
-bad = sum(row["g_bad"] for row in rows)
-print(f"graven: {events} events in the log, {answered} appends answered to wrk, {bad} answers other than 201")
+print(f"{'':38} {'appends/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+for side in sides:
+    print(f"{'graven ' + side + ' app event log (HTTP)':38} {med(lambda r: r[side]['rate']):>10.0f} "
+          f"{med(lambda r: r[side]['p50']):>8.2f} {med(lambda r: r[side]['p99']):>8.2f}")
+print(f"{'PostgreSQL INSERT (commit each)':38} {med(lambda r: r['p_rate']):>10.0f} "
+      f"{med(lambda r: r['p_p50']):>8.2f} {med(lambda r: r['p_p99']):>8.2f}")
+for side, count in zip(sides, events):
+    rate = med(lambda r: r[side]["rate"] / r["p_rate"])
+    p99 = med(lambda r: r[side]["p99"] / r["p_p99"])
+    met = sum(r[side]["rate"] >= r["p_rate"] and r[side]["p99"] <= r["p_p99"] for r in rows)
+    print(f"{'graven ' + side + ' / PostgreSQL (per round)':38} {rate:>9.2f}x {'':>8} {p99:>7.2f}x")
+    print(f"  target (>= the appends/s at <= the p99) met in {met} of {rounds} rounds")
+    answered = sum(r[side]["requests"] for r in rows)
+    bad = sum(r[side]["bad"] for r in rows)
+    print(f"  graven {side}: {count} events in the log, {answered} appends answered to wrk, "
+          f"{bad} answers other than 201")
 PY

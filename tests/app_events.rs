@@ -108,28 +108,64 @@ fn wait_for_total(route: SocketAddr, expected: &str) {
     });
 }
 
+/// A daemon in a scratch dir with the ledger project (`ledger_project`, release v1) up
+/// behind a route of its own.
+struct Ledger {
+    home: PathBuf,
+    dir: PathBuf,
+    route: SocketAddr,
+    up: Up,
+    /// Dropped last: the daemon stops before its home is deleted.
+    _temp: tempfile::TempDir,
+}
+
+impl Ledger {
+    /// Up, then one append through the route per number of `adds` (adding it), which every
+    /// instance is then seen to hold.
+    fn start(adds: impl IntoIterator<Item = u64>) -> Ledger {
+        let temp = tempfile::tempdir().unwrap();
+        let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+        let route = free_port();
+        ledger_project(&dir, route, "v1");
+        let up = Up::start(&home, &dir, "local");
+        let (mut total, mut events) = (0, 0);
+        for n in adds {
+            let (status, body) = http(route, "POST", &format!("/add?n={n}"), None).unwrap();
+            assert_eq!(status, 200, "{body}");
+            (total, events) = (total + n, events + 1);
+        }
+        if events > 0 {
+            wait_for_total(route, &format!("total {total} after event {events}"));
+        }
+        Ledger {
+            home,
+            dir,
+            route,
+            up,
+            _temp: temp,
+        }
+    }
+
+    /// The app event log's address and `demo/local`'s path prefix (`endpoint`).
+    fn endpoint(&self) -> (SocketAddr, String) {
+        endpoint(&self.home)
+    }
+}
+
 #[test]
 fn an_event_sourced_app_keeps_its_state_across_deploys_kills_and_rollbacks() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    ledger_project(&dir, route, "v1");
-    let _up = Up::start(&home, &dir, "local");
-    for n in 1..=10 {
-        let (status, body) = http(route, "POST", &format!("/add?n={n}"), None).unwrap();
-        assert_eq!(status, 200, "{body}");
-    }
-    wait_for_total(route, "total 55 after event 10");
+    let ledger = Ledger::start(1..=10);
+    let (home, dir, route) = (&ledger.home, &ledger.dir, ledger.route);
 
     // A new release: new instances rebuild the total from the log alone.
-    ledger_project(&dir, route, "v2");
-    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    ledger_project(dir, route, "v2");
+    run_ok(home, &["deploy", dir.to_str().unwrap()]);
     wait_for_total(route, "total 55 after event 10");
     http(route, "POST", "/add?n=45", None).unwrap();
     wait_for_total(route, "total 100 after event 11");
 
     // A kill -9 of an instance: its replacement replays the same events.
-    let before = recorded_processes(&home);
+    let before = recorded_processes(home);
     let workload = before[1];
     assert!(workload.alive());
     // SAFETY: kill(2) of a PID the instance's state records, checked alive just before by
@@ -139,19 +175,19 @@ fn an_event_sourced_app_keeps_its_state_across_deploys_kills_and_rollbacks() {
         Duration::from_secs(30),
         "the killed instance's replacement",
         || {
-            let now = recorded_processes(&home);
+            let now = recorded_processes(home);
             (!now.contains(&workload) && now.len() >= 4).then_some(())
         },
     );
     wait_for_total(route, "total 100 after event 11");
 
     // A rollback to the first release: the same state, since the state is in no release.
-    run_ok(&home, &["rollback"]);
+    run_ok(home, &["rollback"]);
     wait_for_total(route, "total 100 after event 11");
 
     // People see the same events.
     let (stdout, _) = run_ok(
-        &home,
+        home,
         &["events", "tail", "--app", "demo", "--from", "1", "--json"],
     );
     let adds: Vec<i64> = stdout
@@ -181,20 +217,10 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"))
 }
 
-/// A daemon with the ledger deployed (so `demo/local` has a log and a token), with its
-/// endpoint: (scratch dir, daemon, address, path prefix).
-fn deployed() -> (tempfile::TempDir, Up, PathBuf, SocketAddr, String) {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    ledger_project(&dir, free_port(), "v1");
-    let up = Up::start(&home, &dir, "local");
-    let (addr, prefix) = endpoint(&home);
-    (temp, up, home, addr, prefix)
-}
-
 #[test]
 fn the_api_answers_bad_input_clearly_and_loses_nothing() {
-    let (_temp, _up, home, addr, prefix) = deployed();
+    let ledger = Ledger::start([]);
+    let (home, (addr, prefix)) = (&ledger.home, ledger.endpoint());
     let url = |path: &str| format!("http://{addr}{prefix}{path}");
     let post = |path: &str, body: &str| {
         curl(&[
@@ -315,7 +341,7 @@ fn the_api_answers_bad_input_clearly_and_loses_nothing() {
         curl(&[&url("/snapshot")]),
         (200, "state as of 2".to_owned())
     );
-    run_ok(&home, &["events", "compact", "--app", "demo"]);
+    run_ok(home, &["events", "compact", "--app", "demo"]);
     let (status, body) = curl(&[&url("/events?from=1")]);
     assert_eq!(status, 410, "{body}");
     assert_eq!(json(&body)["first"], 3);
@@ -327,7 +353,8 @@ fn the_api_answers_bad_input_clearly_and_loses_nothing() {
 
 #[test]
 fn concurrent_appenders_with_expected_sequences_lose_and_duplicate_nothing() {
-    let (_temp, _up, _home, addr, prefix) = deployed();
+    let ledger = Ledger::start([]);
+    let (addr, prefix) = ledger.endpoint();
     const WRITERS: usize = 6;
     const EACH: usize = 40;
     let writers: Vec<_> = (0..WRITERS)
@@ -387,7 +414,8 @@ fn concurrent_appenders_with_expected_sequences_lose_and_duplicate_nothing() {
 
 #[test]
 fn kill_9_of_graven_during_appends_loses_no_acknowledged_event() {
-    let (_temp, mut up, home, addr, prefix) = deployed();
+    let mut ledger = Ledger::start([]);
+    let (home, (addr, prefix)) = (ledger.home.clone(), ledger.endpoint());
     let _cleanup = support::daemon::RemoveInstancesOnDrop(home.clone());
     let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, String)>::new()));
     let appenders: Vec<_> = (0..4)
@@ -412,7 +440,7 @@ fn kill_9_of_graven_during_appends_loses_no_acknowledged_event() {
     wait_for(Duration::from_secs(30), "some acknowledged appends", || {
         (acknowledged.lock().unwrap().len() > 200).then_some(())
     });
-    up.signal(libc::SIGKILL, Duration::from_secs(10));
+    ledger.up.signal(libc::SIGKILL, Duration::from_secs(10));
     for appender in appenders {
         appender.join().unwrap();
     }
@@ -498,25 +526,17 @@ fn status(home: &Path) -> (BTreeMap<String, (String, u64)>, serde_json::Value) {
 /// control) the route answers from an instance still replaying.
 #[test]
 fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    ledger_project(&dir, route, "v1");
-    let _up = Up::start(&home, &dir, "local");
-    for n in 1..=60 {
-        let (status, body) = http(route, "POST", &format!("/add?n={n}"), None).unwrap();
-        assert_eq!(status, 200, "{body}");
-    }
+    let ledger = Ledger::start(1..=60);
+    let (home, dir, route) = (&ledger.home, &ledger.dir, ledger.route);
     let full = "total 1830 after event 60";
-    wait_for_total(route, full);
     let slow = r#", LEDGER_PAGE = "5", LEDGER_PAGE_PAUSE_MS = "300""#;
 
     // The negative control: the same slow reader without the check is routed to while it
     // replays, and the route answers with a total behind the log.
-    ledger_project_with(&dir, route, "v2", false, slow);
+    ledger_project_with(dir, route, "v2", false, slow);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_route(route, done.clone());
-    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    run_ok(home, &["deploy", dir.to_str().unwrap()]);
     wait_for_total(route, full);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = sampler.join().unwrap();
@@ -539,7 +559,7 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
 
     // With the check: never an answer behind the log, and the status shows the new
     // instances catching up (read below their target while starting), then caught up.
-    ledger_project_with(&dir, route, "v3", true, slow);
+    ledger_project_with(dir, route, "v3", true, slow);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_route(route, done.clone());
     let deploy = {
@@ -548,7 +568,7 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
     };
     let mut catching_up = None;
     while !deploy.is_finished() {
-        let (instances, reads) = status(&home);
+        let (instances, reads) = status(home);
         for (name, (lifecycle, release)) in &instances {
             let read = &reads[name.as_str()];
             if *release == 3
@@ -577,7 +597,7 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
         "with the check: {} answers, all whole; {name} was seen catching up: {read}",
         seen.len()
     );
-    let (instances, reads) = status(&home);
+    let (instances, reads) = status(home);
     let new: Vec<&String> = instances
         .iter()
         .filter(|(_, (lifecycle, release))| *release == 3 && lifecycle == "healthy")
@@ -590,7 +610,7 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
             "{name}: {reads}"
         );
     }
-    let (text, _) = run_ok(&home, &["status"]);
+    let (text, _) = run_ok(home, &["status"]);
     assert!(
         text.contains("app event log: read up to event"),
         "graven status shows how far instances read: {text}"
@@ -602,15 +622,8 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
 #[test]
 fn a_deploy_under_load_with_events_caught_up_fails_no_request() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let temp = tempfile::tempdir().unwrap();
-    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
-    let route = free_port();
-    ledger_project(&dir, route, "v1");
-    let _up = Up::start(&home, &dir, "local");
-    for _ in 0..50 {
-        assert_eq!(http(route, "POST", "/add?n=2", None).unwrap().0, 200);
-    }
-    wait_for_total(route, "total 100 after event 50");
+    let ledger = Ledger::start([2; 50]);
+    let (home, dir, route) = (&ledger.home, &ledger.dir, ledger.route);
 
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let added = std::sync::Arc::new(AtomicU64::new(0));
@@ -644,13 +657,13 @@ fn a_deploy_under_load_with_events_caught_up_fails_no_request() {
         })
     };
     ledger_project_with(
-        &dir,
+        dir,
         route,
         "v2",
         true,
         r#", LEDGER_PAGE = "20", LEDGER_PAGE_PAUSE_MS = "100""#,
     );
-    run_ok(&home, &["deploy", dir.to_str().unwrap()]);
+    run_ok(home, &["deploy", dir.to_str().unwrap()]);
     done.store(true, Ordering::SeqCst);
     for writer in writers {
         writer.join().unwrap();
@@ -663,7 +676,7 @@ fn a_deploy_under_load_with_events_caught_up_fails_no_request() {
     assert!(added > 0 && reads > 0, "the load ran: {added} {reads}");
     // Every instance now is of the new release, and all hold the same state: the old
     // instances' 100 plus every acknowledged append (and nothing else: none was refused).
-    let (instances, _) = status(&home);
+    let (instances, _) = status(home);
     assert!(
         instances.values().all(|(_, release)| *release == 2),
         "{instances:?}"

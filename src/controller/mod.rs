@@ -299,6 +299,9 @@ pub enum Input {
     Started {
         instance: InstanceName,
         result: Result<Instance, RuntimeError>,
+        /// Under `events_caught_up`: the app event log's last event, taken before the
+        /// instance started (so before it could read).
+        events_head: Option<u64>,
     },
     Stopped {
         instance: InstanceName,
@@ -946,11 +949,21 @@ impl Shell {
 
     async fn handle(&mut self, input: Input) -> Result<(), ControllerError> {
         match input {
-            Input::Tick | Input::RuntimeChanged => self.check_caught_up()?,
+            Input::Tick | Input::RuntimeChanged => self.check_caught_up().await?,
             Input::DriftChecked => self.drift_checking = false,
-            Input::Health(change) => self.health_changed(change)?,
-            Input::Started { instance, result } => {
+            Input::Health(change) => self.health_changed(change).await?,
+            Input::Started {
+                instance,
+                result,
+                events_head,
+            } => {
                 self.busy.remove(&instance);
+                if let Some(head) = events_head
+                    && result.is_ok()
+                {
+                    self.catch_up.insert(instance.clone(), head);
+                    self.dirty = true;
+                }
                 match result {
                     Ok(started) => match started.address {
                         Some(address) => {
@@ -1030,7 +1043,7 @@ impl Shell {
         Ok(())
     }
 
-    fn health_changed(&mut self, change: HealthChange) -> Result<(), ControllerError> {
+    async fn health_changed(&mut self, change: HealthChange) -> Result<(), ControllerError> {
         let name = InstanceName(change.instance);
         let Some(instance) = self.state.instances.get(&name) else {
             return Ok(());
@@ -1047,7 +1060,7 @@ impl Shell {
         if gated
             && change.health == Health::Healthy
             && matches!(lifecycle, Lifecycle::Starting | Lifecycle::Unhealthy)
-            && !self.caught_up(&name)
+            && !self.caught_up(&name).await
         {
             // The probe passes, the reading does not yet: each round looks again.
             self.catching_up.insert(name);
@@ -1081,14 +1094,14 @@ impl Shell {
 
     /// Whether `instance` has read the app event log up to its target (taken now when it has
     /// none: an instance this controller did not start).
-    fn caught_up(&mut self, instance: &InstanceName) -> bool {
+    async fn caught_up(&mut self, instance: &InstanceName) -> bool {
         let Some(events) = &self.options.app_events else {
             return false;
         };
         let (app, environment) = (&self.options.app, &self.options.environment);
         let target = match self.catch_up.get(instance) {
             Some(target) => *target,
-            None => match events.server.head(app, environment) {
+            None => match events.server.clone().head(app, environment).await {
                 Ok(head) => {
                     self.catch_up.insert(instance.clone(), head);
                     self.dirty = true;
@@ -1106,7 +1119,7 @@ impl Shell {
 
     /// Records as healthy the gated instances that have caught up since their probe passed,
     /// and forgets the targets and read positions of instances that are gone.
-    fn check_caught_up(&mut self) -> Result<(), ControllerError> {
+    async fn check_caught_up(&mut self) -> Result<(), ControllerError> {
         let waiting: Vec<InstanceName> = self.catching_up.iter().cloned().collect();
         for name in waiting {
             let still =
@@ -1117,7 +1130,7 @@ impl Shell {
                 self.catching_up.remove(&name);
                 continue;
             }
-            if self.caught_up(&name) {
+            if self.caught_up(&name).await {
                 self.catching_up.remove(&name);
                 self.record(Event::InstanceHealthy {
                     instance: name.clone(),
@@ -1836,20 +1849,28 @@ impl Shell {
                 &token,
             ))
         });
-        // `events_caught_up`: the log's end as it stands now, before the instance can read.
-        if c.health.events_caught_up
-            && let Some(events) = &self.options.app_events
-            && let Ok(head) = events
-                .server
-                .head(&self.options.app, &self.options.environment)
-        {
-            self.catch_up.insert(instance.clone(), head);
-            self.dirty = true;
-        }
+        // `events_caught_up`: the log's end as it stands before the instance can read, taken
+        // by the task that starts it (the file work stays off the loop).
+        let events_head = c
+            .health
+            .events_caught_up
+            .then_some(self.options.app_events.as_ref())
+            .flatten()
+            .map(|events| {
+                (
+                    events.server.clone(),
+                    self.options.app.clone(),
+                    self.options.environment.clone(),
+                )
+            });
         self.busy.insert(instance.clone());
         let runtime = self.options.runtime.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
+            let events_head = match events_head {
+                Some((server, app, environment)) => server.head(&app, &environment).await.ok(),
+                None => None,
+            };
             let result = match read_secrets(&secrets.0, secrets.1.as_ref()) {
                 Ok(values) => {
                     spec.secret_env.0 = values;
@@ -1865,7 +1886,11 @@ impl Shell {
                 }
                 Err(error) => Err(error),
             };
-            let _ = inputs.send(Input::Started { instance, result });
+            let _ = inputs.send(Input::Started {
+                instance,
+                result,
+                events_head,
+            });
         });
     }
 
