@@ -26,6 +26,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use super::batched::Batched;
 use super::limits::Slot;
 
 /// The largest answer head taken (what hyper's client was allowed before).
@@ -80,7 +81,8 @@ pub(crate) enum ExchangeError {
 /// timer wheel insertion and removal.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    stream: TcpStream,
+    /// Its request writes go out with the route thread's batch, as answers to clients do.
+    stream: Batched,
     read: BytesMut,
     write: BytesMut,
     timer: Pin<Box<Sleep>>,
@@ -91,7 +93,7 @@ pub(crate) struct Connection {
 impl Connection {
     pub(crate) fn new(stream: TcpStream, slot: Slot) -> Connection {
         Connection {
-            stream,
+            stream: Batched::new(stream),
             read: BytesMut::new(),
             write: BytesMut::new(),
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
@@ -103,7 +105,7 @@ impl Connection {
     /// closed it nor sent anything unasked. The runtime records a socket's readiness as
     /// epoll reports it, so when nothing happened this costs no system call.
     pub(crate) fn is_reusable(&mut self) -> bool {
-        if !self.read.is_empty() {
+        if !self.read.is_empty() || self.stream.write_failed() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -150,6 +152,12 @@ impl Connection {
                     Poll::Pending => {}
                 }
             }
+            // A write the route thread's batch sent for this task and that failed counts
+            // as this task's own failed write.
+            if let Some(error) = self.write_failed() {
+                upload.broken = true;
+                write_error.get_or_insert(error);
+            }
             loop {
                 match parse_head(&mut self.read, &parts.method) {
                     Ok(Some(head)) => return Poll::Ready(Ok(head)),
@@ -172,6 +180,12 @@ impl Connection {
             }
         })
         .await
+    }
+
+    /// Why a write of the request that went out with the route thread's batch failed (see
+    /// `Batched`), once: the request is as broken as if this task's own write had failed.
+    fn write_failed(&mut self) -> Option<UpstreamError> {
+        self.stream.take_write_error().map(UpstreamError::from)
     }
 
     /// Reads into the read buffer, with room for at least `size` more bytes. The runtime's
@@ -665,6 +679,11 @@ impl Answer<'_> {
                 Poll::Pending => {}
             }
         }
+        if connection.write_failed().is_some() {
+            // As above: the request did not all reach the instance.
+            *upload = None;
+            *spoiled = true;
+        }
         loop {
             let decoded = match decoder.decode(&mut connection.read) {
                 Ok(Decoded::More) => {
@@ -693,6 +712,83 @@ impl Answer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request as the route has it from its client (with hyper's `Incoming` body, which
+    /// only a hyper connection makes), and the client's end, kept open.
+    async fn request(head: &'static str) -> (Parts, Upload, tokio::io::DuplexStream) {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let _ = sender.send(request);
+            // Never answered: the test only wants the request.
+            std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), service),
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        let (parts, body) = received.recv().await.unwrap().into_parts();
+        let upload = Upload::new(&parts, body);
+        (parts, upload, client)
+    }
+
+    /// A connection to an instance on which the route can no longer send (shut down for
+    /// writing: the next write fails with EPIPE, reads go on), and the instance's end. The
+    /// route's runtime has not seen the socket readable yet when the test's exchange begins,
+    /// so the exchange's first read waits, and the batch's write fails before it reads.
+    async fn unwritable_connection() -> (Connection, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (instance, _) = listener.accept().unwrap();
+        rustix::net::shutdown(&stream, rustix::net::Shutdown::Write).unwrap();
+        let slot = super::super::limits::budget().instance().unwrap();
+        (Connection::new(stream, slot), instance)
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_body_whose_write_fails_is_closed_and_can_be_sent_again() {
+        let (parts, mut upload, _client) = request("GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        let (mut connection, instance) = unwritable_connection().await;
+        // The instance closes without an answer (it got nothing).
+        drop(instance);
+        match connection.exchange(&parts, &mut upload, deadline()).await {
+            // The write's failure, not the end of stream read after it, as when the route's
+            // own write failed: the route sends the request again elsewhere (nothing of a
+            // body was taken) and never reuses the connection.
+            Err(ExchangeError::Closed(UpstreamError::Io(error))) => {
+                assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(upload.broken());
+        assert!(!upload.started());
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_came_before_a_failed_write_is_taken() {
+        use std::io::Write as _;
+        let (parts, mut upload, _client) = request("GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        let (mut connection, mut instance) = unwritable_connection().await;
+        // An instance may answer before it read the request (a 413, a 503), as this one does.
+        instance
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            .unwrap();
+        match connection.exchange(&parts, &mut upload, deadline()).await {
+            Ok(head) => assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE),
+            Err(other) => panic!("{other:?}"),
+        }
+        // The request did not all reach the instance: the route spoils the connection
+        // (`respond`), as when its own write failed.
+        assert!(upload.broken());
+    }
 
     /// Parses `input` (the answer to `method`) as one head and decodes its body as if it
     /// arrived in pieces of `piece` bytes, rendering status, headers, framing and the

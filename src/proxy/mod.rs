@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod backends;
+mod batched;
 mod body;
 mod error;
 pub mod faults;
