@@ -2,7 +2,8 @@
 //! unpack-and-diff way makes (`GRAVEN_BAKE_OVERLAY=0`), byte for byte; a snapshot is made
 //! once and shared by later bakes; `graven gc` removes the snapshots no image needs and keeps
 //! the rest; a failed RUN leaves no mount and no temp dir; COPY reads no lower layer once the
-//! layer's path index is written.
+//! layer's path index is written; a RUN's overlay is `volatile`, and a snapshot of another
+//! boot is made again, not read.
 
 mod support;
 
@@ -695,4 +696,96 @@ fn importing_a_base_unpacks_its_snapshots_and_path_indexes() {
             layer.digest
         );
     }
+}
+
+/// The layer `index` of `tag`'s entry for `path`, as `layer` lists it.
+fn entry(home: &Path, tag: &str, index: usize, path: &str) -> String {
+    let entries = layer(home, tag, index);
+    entries
+        .iter()
+        .find(|e| e.starts_with(&format!("{path} ")))
+        .unwrap_or_else(|| panic!("no {path} in {entries:?}"))
+        .clone()
+}
+
+/// A RUN's writable overlay is mounted `volatile` (no sync reaches the disk from the step, and
+/// unmounting it syncs nothing), and the snapshot its upper dir becomes names this boot. The
+/// unpack-and-diff way has no overlay: the same step sees none there.
+#[test]
+fn a_run_s_overlay_is_volatile_and_its_snapshot_names_the_boot() {
+    let dir = context();
+    let step = format!(
+        "{BASE}RUN if busybox grep -q '^[^ ]* [^ ]* [^ ]* / / .* overlay .*volatile' \
+         /proc/self/mountinfo; then echo yes > /volatile; else echo no > /volatile; fi\n"
+    );
+    let home = tempfile::tempdir().unwrap();
+    succeed(&mut bake(home.path(), dir.path(), "t:1", &step, "1"));
+    assert_eq!(
+        entry(home.path(), "t:1", 2, "volatile"),
+        "volatile 644 0:0 \"yes\\n\""
+    );
+    let chains = chains(home.path(), "t:1");
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let snapshot = home.path().join("snapshots").join(&chains[2]);
+    assert_eq!(
+        fs::read_to_string(snapshot.join("boot-id")).unwrap(),
+        boot.trim()
+    );
+    let unpacked = tempfile::tempdir().unwrap();
+    succeed(&mut bake(unpacked.path(), dir.path(), "t:1", &step, "0"));
+    assert_eq!(
+        entry(unpacked.path(), "t:1", 2, "volatile"),
+        "volatile 644 0:0 \"no\\n\""
+    );
+}
+
+/// Regression for what `volatile` risks: a snapshot's files are never synced, so after a
+/// crash some may be short of their bytes. A snapshot that names another boot is not read: it
+/// is made again from its layer. The control: the same damage in a snapshot of this boot is
+/// what a RUN on it sees (so the check, not chance, keeps the later RUN from it).
+#[test]
+fn a_snapshot_of_another_boot_is_made_again_from_its_layer() {
+    let dir = context();
+    let home = tempfile::tempdir().unwrap();
+    let first = format!("{BASE}RUN echo one > /one\n");
+    succeed(&mut bake(home.path(), dir.path(), "t:1", &first, "1"));
+    let chain = chains(home.path(), "t:1")[2].clone();
+    let snapshot = home.path().join("snapshots").join(&chain);
+    // What a crash may leave: a file of the snapshot without its bytes.
+    fs::write(snapshot.join("fs/one"), "").unwrap();
+    succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "t:2",
+        &format!("{first}RUN busybox cat /one > /seen\n"),
+        "1",
+    ));
+    assert_eq!(entry(home.path(), "t:2", 3, "seen"), "seen 644 0:0 \"\"");
+    fs::write(snapshot.join("boot-id"), "another boot").unwrap();
+    succeed(&mut bake(
+        home.path(),
+        dir.path(),
+        "t:3",
+        &format!("{first}RUN busybox cat /one > /seen-again\n"),
+        "1",
+    ));
+    assert_eq!(
+        entry(home.path(), "t:3", 3, "seen-again"),
+        "seen-again 644 0:0 \"one\\n\""
+    );
+    // Made again, in this boot; nothing left aside.
+    assert_eq!(
+        fs::read_to_string(snapshot.join("fs/one")).unwrap(),
+        "one\n"
+    );
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(
+        fs::read_to_string(snapshot.join("boot-id")).unwrap(),
+        boot.trim()
+    );
+    let temps: Vec<String> = snapshots(home.path())
+        .into_keys()
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
 }

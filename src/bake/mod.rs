@@ -908,12 +908,10 @@ fn settle_for(
             gzips.settle(txn, &mut state.layers, |index| unindexed[index])
         }
         Action::Run { .. } => {
-            let snapshots = txn.store().snapshots_dir();
+            let store = txn.store();
             let chains = crate::store::snapshot::chain_ids(&state.config.rootfs.diff_ids);
             gzips.settle(txn, &mut state.layers, |index| {
-                chains
-                    .get(index)
-                    .is_none_or(|c| !snapshots.join(c.hex()).is_dir())
+                chains.get(index).is_none_or(|c| !store.has_snapshot(c))
             })
         }
         _ => Ok(()),

@@ -5,10 +5,12 @@
 //! layer is unpacked onto an overlay whose upper dir is the new snapshot), so the stack of a
 //! chain's snapshots mounted as overlay lower dirs is the image's tree. A snapshot is made in
 //! a temp dir and renamed into place, shared by every bake, and never written after; `gc`
-//! removes the ones no kept image's chain names. Also here: the per-layer path index
-//! (`snapshots/paths/<layer digest>.json`) that bake reads instead of a layer's tar to learn
-//! which paths the lower layers hold, and the private mount namespace every overlay mount
-//! lives in, so that no mount outlives the work that made it.
+//! removes the ones no kept image's chain names. Their files are written without a sync (a
+//! writable overlay is mounted `volatile`): each names the boot it was made in, and one a
+//! reboot may have left short of its bytes is made again, never read. Also here: the
+//! per-layer path index (`snapshots/paths/<layer digest>.json`) that bake reads instead of a
+//! layer's tar to learn which paths the lower layers hold, and the private mount namespace
+//! every overlay mount lives in, so that no mount outlives the work that made it.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -45,6 +47,44 @@ pub enum SnapshotError {
 /// The file beside a snapshot's `fs` that says how many bytes the image takes unpacked up to
 /// its layer.
 const SIZE: &str = "image-size";
+
+/// The file beside a snapshot's `fs` that names the boot (the kernel's boot id) its files were
+/// written in. Nothing syncs them: an overlay with an upper dir is mounted `volatile`, so
+/// neither the step's own fsyncs (dpkg's thousands) nor the sync of the whole upper
+/// filesystem that unmounting an overlay otherwise does (0.1–0.4 s per RUN of a cold bake
+/// with another build writing) reach the disk (an unpack straight into a bottom layer's
+/// snapshot never synced either). In the boot that wrote them the page cache holds every byte; after a crash some may be lost,
+/// so a snapshot of another boot is removed and made again from its layer (`current`).
+/// Snapshots without the file (made before it existed) are read as before.
+const BOOT: &str = "boot-id";
+
+/// The kernel's id of this boot; `None` where it cannot be read, and then overlays are
+/// mounted without `volatile` (unmounting syncs them, as before) and no snapshot names a boot.
+fn boot_id() -> Option<&'static str> {
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|id| id.trim().to_owned())
+                .filter(|id| !id.is_empty())
+        })
+        .as_deref()
+}
+
+/// Whether the snapshot at `place` may be read: it exists and its files were written in this
+/// boot (or by a graven that named no boot). `None` when a snapshot is there from another
+/// boot.
+fn trusted(place: &Path) -> Option<bool> {
+    if !place.is_dir() {
+        return Some(false);
+    }
+    match fs::read_to_string(place.join(BOOT)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Some(true),
+        Ok(id) if Some(id.trim()) == boot_id() => Some(true),
+        _ => None,
+    }
+}
 
 /// What `image-size` of the snapshot at `place` says.
 fn image_size(place: &Path) -> Result<u64, SnapshotError> {
@@ -172,19 +212,33 @@ pub fn mount_overlay(
     // the upper dir alone holds every change (it is the layer); no index, which would tie
     // the lower dirs to this one upper dir.
     let mut options = format!("lowerdir={lowerdir},redirect_dir=off,index=off,metacopy=off");
+    let mut volatile = false;
     if let Some((upper, work)) = upper {
         let (upper, work) = (name(upper)?, name(work)?);
         options.push_str(&format!(",upperdir={upper},workdir={work}"));
+        // No sync reaches the upper dir's filesystem: what is written there becomes a
+        // snapshot that names this boot (`BOOT`), or is thrown away.
+        volatile = boot_id().is_some();
     }
-    let options = CString::new(options).map_err(|e| io_err(target)(io::Error::other(e)))?;
-    rustix::mount::mount(
-        "graven-overlay",
-        target,
-        "overlay",
-        MountFlags::empty(),
-        options.as_c_str(),
-    )
-    .map_err(unavailable("mounting overlayfs"))?;
+    let mount = |options: &str| {
+        let options = CString::new(options).map_err(|e| io_err(target)(io::Error::other(e)))?;
+        rustix::mount::mount(
+            "graven-overlay",
+            target,
+            "overlay",
+            MountFlags::empty(),
+            options.as_c_str(),
+        )
+        .map_err(unavailable("mounting overlayfs"))
+    };
+    match volatile {
+        // A kernel before 5.10 does not know the option: the mount syncs as before.
+        true => match mount(&format!("{options},volatile")) {
+            Err(SnapshotError::Unavailable { .. }) => mount(&options)?,
+            other => other?,
+        },
+        false => mount(&options)?,
+    }
     drop(held);
     Ok(Overlay {
         target: target.to_owned(),
@@ -261,8 +315,48 @@ impl Store {
     /// unpacked over the ones below), if one was made.
     pub fn snapshot_tree(&self, diff_ids: &[Digest]) -> Option<PathBuf> {
         let chain = chain_ids(diff_ids).pop()?;
-        let tree = self.snapshots_dir().join(chain.hex()).join("fs");
-        tree.is_dir().then_some(tree)
+        let place = self.snapshots_dir().join(chain.hex());
+        (trusted(&place) == Some(true)).then(|| place.join("fs"))
+    }
+
+    /// Whether the chain `chain` has a snapshot a RUN can start on as it is (one of another
+    /// boot is made again first, from its layer's blob).
+    pub fn has_snapshot(&self, chain: &Digest) -> bool {
+        trusted(&self.snapshots_dir().join(chain.hex())) == Some(true)
+    }
+
+    /// Whether the snapshot at `place` (in `dir`) may be read, as `trusted` says; one of
+    /// another boot is removed first (renamed aside, then deleted), so that it is made again.
+    /// A snapshot of this boot found aside (another bake made it again between the look and
+    /// the rename) is put back or, where it cannot be, left for gc, never deleted: that bake
+    /// may be reading it.
+    fn current(&self, dir: &Path, place: &Path) -> Result<bool, SnapshotError> {
+        if let Some(trusted) = trusted(place) {
+            return Ok(trusted);
+        }
+        let aside = tempfile::Builder::new()
+            .prefix(TEMP)
+            .tempdir_in(dir)
+            .map_err(io_err(dir))?
+            .keep();
+        match fs::rename(place, &aside) {
+            Ok(()) => {}
+            // Another bake moved it first.
+            Err(_) if !place.exists() => {
+                let _ = fs::remove_dir(&aside);
+                return Ok(false);
+            }
+            Err(e) => {
+                let _ = fs::remove_dir(&aside);
+                return Err(io_err(place)(e));
+            }
+        }
+        if trusted(&aside) == Some(true) {
+            let _ = fs::rename(&aside, place);
+            return Ok(place.is_dir());
+        }
+        fs::remove_dir_all(&aside).map_err(io_err(&aside))?;
+        Ok(false)
     }
 
     /// The snapshots of every chain of `layers` (made where missing), bottom first: the
@@ -286,7 +380,7 @@ impl Store {
         let mut used = 0;
         for ((layer, diff_id), chain) in layers.iter().zip(diff_ids).zip(chain_ids(diff_ids)) {
             let place = dir.join(chain.hex());
-            if !place.is_dir() {
+            if !self.current(&dir, &place)? {
                 self.make_snapshot(&dir, layer, diff_id, &made, used, &place)?;
             }
             used = image_size(&place)?;
@@ -338,7 +432,7 @@ impl Store {
         diff_ids.push(diff_id.clone());
         let chains = chain_ids(&diff_ids);
         let place = dir.join(chains[chains.len() - 1].hex());
-        if place.is_dir() {
+        if self.current(&dir, &place)? {
             return Ok(false);
         }
         let used = match chains.len() {
@@ -395,22 +489,29 @@ impl Store {
     }
 
     /// Writes `image-size` (what the image takes unpacked up to this layer, as
-    /// `GRAVEN_MAX_IMAGE_SIZE` counts) beside the temp dir's `fs` and renames the temp dir to
-    /// `place`: the snapshot is named only once it is whole, and never written after.
+    /// `GRAVEN_MAX_IMAGE_SIZE` counts) and `boot-id` beside the temp dir's `fs` and renames
+    /// the temp dir to `place`: the snapshot is named only once it is whole, and never
+    /// written after.
     fn name_snapshot(
         &self,
         temp: tempfile::TempDir,
         size: u64,
         place: &Path,
     ) -> Result<(), SnapshotError> {
-        let size_file = temp.path().join(SIZE);
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&size_file)
-            .and_then(|mut file| file.write_all(size.to_string().as_bytes()))
-            .map_err(io_err(&size_file))?;
+        let write = |name: &str, text: &str| {
+            let file = temp.path().join(name);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(io_err(&file))
+        };
+        write(SIZE, &size.to_string())?;
+        if let Some(boot) = boot_id() {
+            write(BOOT, boot)?;
+        }
         let temp = temp.keep();
         match fs::rename(&temp, place) {
             Ok(()) => Ok(()),
