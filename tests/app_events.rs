@@ -520,6 +520,12 @@ fn status(home: &Path) -> (BTreeMap<String, (String, u64)>, serde_json::Value) {
     (instances, snapshot["event_reads"].clone())
 }
 
+/// The route's answers (as `sample_route` keeps them) that do not show the whole log, `full`.
+fn behind_the_log<'a>(seen: &'a [String], full: &str) -> Vec<&'a String> {
+    let whole = format!("200 {full}");
+    seen.iter().filter(|s| **s != whole).collect()
+}
+
 /// A deploy of the ledger whose new instances read the log 5 events a page with a pause
 /// after each: with `events_caught_up` no answer of the route ever shows a total behind the
 /// log, and `graven status` shows the new instances catching up; without it (the negative
@@ -540,10 +546,7 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
     wait_for_total(route, full);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = sampler.join().unwrap();
-    let behind: Vec<&String> = seen
-        .iter()
-        .filter(|s| *s != &format!("200 {full}"))
-        .collect();
+    let behind = behind_the_log(&seen, full);
     assert!(
         !behind.is_empty(),
         "without events_caught_up some answer should come from an instance still replaying; \
@@ -584,10 +587,7 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
     deploy.join().unwrap();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = sampler.join().unwrap();
-    let behind: Vec<&String> = seen
-        .iter()
-        .filter(|s| *s != &format!("200 {full}"))
-        .collect();
+    let behind = behind_the_log(&seen, full);
     assert!(
         behind.is_empty(),
         "with events_caught_up every answer shows the whole log: {behind:?}"

@@ -193,7 +193,7 @@ struct Readers {
 
 impl Readers {
     fn record(&self, instance: &str, seq: u64) {
-        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let mut read = lock(&self.read);
         match read.get_mut(instance) {
             Some(known) => *known = (*known).max(seq),
             None => {
@@ -203,11 +203,7 @@ impl Readers {
     }
 
     fn get(&self, instance: &str) -> Option<u64> {
-        self.read
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(instance)
-            .copied()
+        lock(&self.read).get(instance).copied()
     }
 }
 
@@ -393,7 +389,7 @@ impl AppEventsServer {
 
     fn stream(&self, app: &str, environment: &str) -> Result<Arc<Stream>, ServeError> {
         let key = (app.to_owned(), environment.to_owned());
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut streams = lock(&self.streams);
         if let Some(stream) = streams.get(&key) {
             return Ok(stream.clone());
         }
@@ -426,7 +422,7 @@ impl AppEventsServer {
     /// How far `instance` of `app`/`environment` has read, if it has read at all since the
     /// log was opened by this server.
     pub fn read_by(&self, app: &str, environment: &str, instance: &str) -> Option<u64> {
-        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = lock(&self.streams);
         streams
             .get(&(app.to_owned(), environment.to_owned()))?
             .readers
@@ -435,14 +431,9 @@ impl AppEventsServer {
 
     /// Forgets the read positions of `app`/`environment`'s instances not in `live`.
     pub fn forget_readers_but(&self, app: &str, environment: &str, live: &[&str]) {
-        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = lock(&self.streams);
         if let Some(stream) = streams.get(&(app.to_owned(), environment.to_owned())) {
-            stream
-                .readers
-                .read
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|name, _| live.contains(&name.as_str()));
+            lock(&stream.readers.read).retain(|name, _| live.contains(&name.as_str()));
         }
     }
 
