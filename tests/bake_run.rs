@@ -626,15 +626,20 @@ fn the_host_s_resolv_conf_and_hosts_reach_the_step_only() {
 fn run_network_is_the_host_s_unless_none() {
     let home = tempfile::tempdir().unwrap();
     let dir = context();
-    let host = fs::read_to_string("/proc/net/dev").unwrap().lines().count();
+    // The namespace's identity, not its devices: other tests add and remove veths meanwhile.
+    let host = fs::read_link("/proc/self/ns/net").unwrap();
     let containerfile = format!(
-        "{BASE}RUN /bin/busybox wc -l < /proc/net/dev > /host-net\n\
-         RUN --network=none /bin/busybox cat /proc/net/dev > /no-net\n"
+        "{BASE}RUN /bin/busybox readlink /proc/self/ns/net > /host-net\n\
+         RUN --network=none /bin/busybox readlink /proc/self/ns/net > /own-net; \
+         /bin/busybox cat /proc/net/dev > /no-net\n"
     );
     succeed(&mut bake(home.path(), dir.path(), &containerfile));
     let layers = layers_of(home.path(), "run:1");
     let seen = file_in(&layers[layers.len() - 2], "host-net").unwrap();
-    assert_eq!(seen.trim(), host.to_string());
+    assert_eq!(seen.trim(), host.to_str().unwrap());
+    let own = file_in(layers.last().unwrap(), "own-net").unwrap();
+    assert!(own.starts_with("net:["), "{own}");
+    assert_ne!(own.trim(), host.to_str().unwrap());
     let none = file_in(layers.last().unwrap(), "no-net").unwrap();
     let devices: Vec<&str> = none
         .lines()

@@ -321,6 +321,28 @@ fn received_numbers(sink: &VecSink) -> BTreeMap<u64, usize> {
     seen
 }
 
+/// The numbers below `total` not in `seen`, as ranges: `3-9, 12`.
+fn missing_ranges(seen: &BTreeMap<u64, usize>, total: u64) -> String {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for n in (0..total).filter(|n| !seen.contains_key(n)) {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == n => *end = n,
+            _ => ranges.push((n, n)),
+        }
+    }
+    let shown: Vec<String> = ranges
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    shown.join(", ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsyslog_forwards_to_graven_octet_counted_lf_and_udp() {
     let dir = tempfile::tempdir().unwrap();
@@ -641,10 +663,16 @@ ruleset(name="fwd") {{
         }
     }
     writer.await.unwrap();
-    wait_async("every line at graven", || {
-        received_numbers(&sink).len() as u64 == total
-    })
-    .await;
+    let start = Instant::now();
+    while (received_numbers(&sink).len() as u64) < total {
+        if start.elapsed() > DEADLINE {
+            panic!(
+                "timed out waiting for every line at graven: missing {}",
+                missing_ranges(&received_numbers(&sink), total)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let seen = received_numbers(&sink);
     let duplicates: usize = seen.values().map(|c| c - 1).sum();
     eprintln!(

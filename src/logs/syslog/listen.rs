@@ -2,15 +2,17 @@
 //! framed, told apart per frame), parsed and handed to a `Sink` in batches from a thread of
 //! its own. Each connection holds at most one frame (`max_message`) and a read buffer;
 //! connections past `MAX_CONNECTIONS` are closed as they come. Bad input is counted by kind
-//! and skipped (`framing` says how the frames around it are kept). A listener stopping shuts
-//! its side of each connection and reads what the peer had sent for up to `DRAIN`, so a peer
-//! that checks its connection before sending (rsyslog does) sends nothing into the void.
+//! and skipped (`framing` says how the frames around it are kept). A listener stopping closes
+//! its listening sockets, then shuts its side of each connection and reads what the peer had
+//! sent for up to `DRAIN`, so a peer that checks its connection before sending (rsyslog does)
+//! sends nothing into the void, and one that reconnects at once is refused, not half-served.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -246,6 +248,22 @@ async fn serve_tcp(
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
+    // The connections are told to stop only once the listening socket is closed: a peer that
+    // sees its connection shut reconnects at once (rsyslog does), and a connection the kernel
+    // completed into a listener about to close would take its first sends into the void.
+    let (closed, closing) = watch::channel(false);
+    let serve = |connections: &mut JoinSet<()>, stream, peer| {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (stats, tx, stopped) = (stats.clone(), tx.clone(), closing.clone());
+        connections.spawn(async move {
+            serve_connection(stream, peer, max, &stats, &tx, stopped).await;
+            drop(permit);
+        });
+    };
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
@@ -259,18 +277,14 @@ async fn serve_tcp(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            stats.refused_connections.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (stats, tx, stopped) = (stats.clone(), tx.clone(), stopped.clone());
-        connections.spawn(async move {
-            serve_connection(stream, peer, max, &stats, &tx, stopped).await;
-            drop(permit);
-        });
+        serve(&mut connections, stream, peer);
+    }
+    // What the kernel already completed is served and drained like the rest.
+    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+        serve(&mut connections, stream, peer);
     }
     drop(listener);
+    let _ = closed.send(true);
     while connections.join_next().await.is_some() {}
 }
 
@@ -354,6 +368,50 @@ fn grow_receive_buffer(socket: &UdpSocket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stopping listener closes its listening socket before it shuts any connection, so a
+    /// peer that reconnects the moment it sees its connection shut (rsyslog does) is refused
+    /// and keeps its lines for later, instead of sending them into a connection the kernel
+    /// completed for a socket about to close. Many rounds: the old order lost the race
+    /// sometimes, not always.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_sees_its_connection_shut_is_refused_a_new_one() {
+        use std::io::Read;
+        for round in 0..50 {
+            let config = ListenConfig {
+                addresses: vec![Endpoint::parse("tcp://127.0.0.1:0").unwrap()],
+                max_message: 8192,
+            };
+            let listener = Listener::bind(&config, crate::logs::syslog::VecSink::new())
+                .await
+                .unwrap();
+            let at = format!("127.0.0.1:{}", listener.local_addrs()[0].port);
+            let stats = listener.stats();
+            let mut peer = std::net::TcpStream::connect(&at).unwrap();
+            while stats.connections.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let stopping = tokio::spawn(listener.stop());
+            let again = tokio::task::spawn_blocking(move || {
+                let mut byte = [0u8; 1];
+                assert_eq!(
+                    peer.read(&mut byte).unwrap(),
+                    0,
+                    "the listener shut its side"
+                );
+                std::net::TcpStream::connect(&at)
+            })
+            .await
+            .unwrap();
+            let refused = again.as_ref().map_err(std::io::Error::kind).err();
+            assert_eq!(
+                refused,
+                Some(std::io::ErrorKind::ConnectionRefused),
+                "round {round}: {again:?}"
+            );
+            stopping.await.unwrap();
+        }
+    }
 
     #[test]
     fn the_report_names_refused_input_by_its_documented_kind_and_leaves_out_zeros() {
