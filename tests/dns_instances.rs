@@ -323,6 +323,20 @@ fn check_web_reaches_db_and_outside(data: &Path, db_address: &str) {
     );
 }
 
+/// The resolv.conf graven wrote for web's instance, as it saw it: `first` the server it names
+/// first, then the test's outside resolver, and web's search domain.
+fn assert_resolv_conf(data: &Path, first: impl std::fmt::Display, outside: &Outside) {
+    let resolv = std::fs::read_to_string(data.join("resolv.conf")).unwrap();
+    assert_eq!(
+        resolv,
+        format!(
+            "# Written by graven for this instance.\nnameserver {first}\nnameserver {}\n\
+             search local.shop.graven\noptions timeout:2 attempts:2\n",
+            outside.address
+        )
+    );
+}
+
 /// A `network = "host"` instance shares the host's loopback, where graven's server listens on
 /// a port resolv.conf cannot name: its resolv.conf names port 53 of the home's own loopback
 /// address instead, where the control plane (as root) answers as it does on loopback, then
@@ -346,15 +360,7 @@ fn a_host_network_service_reaches_another_by_its_short_name() {
     );
     let data = home.join("volumes/webdata");
     check_web_reaches_db_and_outside(&data, "127.0.0.1");
-    let resolv = std::fs::read_to_string(data.join("resolv.conf")).unwrap();
-    assert_eq!(
-        resolv,
-        format!(
-            "# Written by graven for this instance.\nnameserver {host}\nnameserver {}\n\
-             search local.shop.graven\noptions timeout:2 attempts:2\n",
-            outside.address
-        )
-    );
+    assert_resolv_conf(&data, host, &outside);
     // From the host too, at that address's port 53.
     assert_eq!(
         dig_short(SocketAddr::from((host, 53)), "db.local.shop.graven."),
@@ -407,15 +413,7 @@ fn a_rootless_service_reaches_another_by_its_short_name() {
     let server = dns_address(&mut up);
     let data = home.join("volumes/webdata");
     check_web_reaches_db_and_outside(&data, "127.0.0.1");
-    let resolv = std::fs::read_to_string(data.join("resolv.conf")).unwrap();
-    assert_eq!(
-        resolv,
-        format!(
-            "# Written by graven for this instance.\nnameserver 127.0.0.1\nnameserver {}\n\
-             search local.shop.graven\noptions timeout:2 attempts:2\n",
-            outside.address
-        )
-    );
+    assert_resolv_conf(&data, "127.0.0.1", &outside);
     let host = graven::dns::host_address(&home);
     let stderr = up.stderr();
     assert!(
