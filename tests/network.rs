@@ -238,6 +238,20 @@ fn outbound_false_reaches_nothing_beyond_the_bridge_while_the_default_does() {
     let gateway = format!("10.213.0.1:{}", everywhere.port());
     assert!(!wget(home.path(), &["--no-outbound"], &gateway));
     assert!(!wget(home.path(), &[], &gateway));
+
+    // A port graven opened for a listener of its own on the gateway (the app event log's) lets
+    // instances reach that listener, and never a host service on 0.0.0.0 that has the port:
+    // openings outlive their daemons, and hundreds of stale ones once let this test's server
+    // through on a port the kernel had handed out before (CI).
+    let opened = serve("10.213.0.1:0");
+    graven::runtime::local::net::open_port(opened.port()).unwrap();
+    assert!(wget(home.path(), &[], &opened.to_string()));
+    graven::runtime::local::net::open_port(everywhere.port()).unwrap();
+    assert!(!wget(home.path(), &[], &gateway));
+    assert!(!wget(home.path(), &["--no-outbound"], &gateway));
+    for port in [opened.port(), everywhere.port()] {
+        let _ = std::fs::remove_file(format!("/run/graven/net/open/{port}"));
+    }
 }
 
 #[test]

@@ -545,16 +545,17 @@ fn ensure_host(settings: &Settings, route: &mut Route) -> Result<u32, NetError> 
     if std::fs::read_to_string(forward).is_ok_and(|v| v.trim() != "1") {
         std::fs::write(forward, "1").map_err(io(format!("writing {forward}")))?;
     }
-    // The rules are loaded (`nft`, the one program run) when they were never loaded for these
-    // settings, or when the table is gone: a firewall's reload (`flush ruleset`) removes it.
+    // The rules are loaded (`nft`, the one program run) when these rules were never loaded
+    // (other settings, or an older graven's rules), or when the table is gone: a firewall's
+    // reload (`flush ruleset`) removes it.
     let rules = dir("rules-ready");
-    let rules_ready = std::fs::read_to_string(&rules).is_ok_and(|t| t == settings_text)
+    let wanted = ruleset(settings);
+    let rules_ready = std::fs::read_to_string(&rules).is_ok_and(|t| t == wanted)
         && netlink::nft_table_exists(NFT_TABLE)
             .map_err(io("looking up graven's nftables table"))?;
     if !rules_ready {
-        nft(&ruleset(settings))?;
-        std::fs::write(&rules, &settings_text)
-            .map_err(io(format!("writing {}", rules.display())))?;
+        nft(&wanted)?;
+        std::fs::write(&rules, &wanted).map_err(io(format!("writing {}", rules.display())))?;
     }
     if !bridge_ready {
         std::fs::write(&ready, settings_text)
@@ -566,7 +567,10 @@ fn ensure_host(settings: &Settings, route: &mut Route) -> Result<u32, NetError> 
 /// graven's own table, replaced whole: the instances' traffic to other networks leaves with
 /// the host's address (masquerade), and no instance opens a connection to the host's
 /// bridge address, where the host's services on 0.0.0.0 listen (answers to connections the
-/// host opened, the proxy's and the health checks', pass).
+/// host opened, the proxy's and the health checks', pass). The opened ports let a connection
+/// through only to a socket bound to the gateway address itself (`socket wildcard 0`): the
+/// app event log's listener, never a service on 0.0.0.0 that took an opened port after the
+/// daemon that opened it was gone (the openings outlive their daemons).
 fn ruleset(settings: &Settings) -> String {
     let subnet = settings.subnet;
     let bridge = &settings.bridge;
@@ -579,7 +583,7 @@ fn ruleset(settings: &Settings) -> String {
     } else {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         format!(
-            "\t\tiifname \"{bridge}\" ip daddr {gateway} tcp dport {{ {} }} accept\n",
+            "\t\tiifname \"{bridge}\" ip daddr {gateway} tcp dport {{ {} }} socket wildcard 0 accept\n",
             list.join(", ")
         )
     };
@@ -615,7 +619,8 @@ fn open_ports() -> Vec<u16> {
 /// Lets instances connect to `port` on the gateway address, where a host service of graven's
 /// own listens for them (the app event log), and reloads the rules if the bridge is set up.
 /// The opening outlives this process (a restarted daemon binds the same port again); a port
-/// is never opened for anything but a graven listener bound to the gateway.
+/// is never opened for anything but a graven listener bound to the gateway, and the rule lets
+/// through only connections to a socket bound there (`ruleset`).
 pub fn open_port(port: u16) -> Result<(), NetError> {
     let open = dir("open");
     std::fs::create_dir_all(&open).map_err(io(format!("creating {}", open.display())))?;
