@@ -255,7 +255,9 @@ impl Up {
             home: home.to_owned(),
             stderr,
         };
-        up.wait_for_line(ready, Duration::from_secs(60));
+        // `up` bakes the project first: a Debian base imported by several tests at once on a
+        // loaded machine has taken more than a minute.
+        up.wait_for_line(ready, Duration::from_secs(120));
         up
     }
 
@@ -271,7 +273,7 @@ impl Up {
     pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
         let stderr = self.stderr.clone();
         let child = self.child.as_mut().expect("running");
-        super::wait_for(deadline, text, || {
+        let seen = super::try_wait_for(deadline, || {
             if stderr.lock().unwrap().iter().any(|l| l.contains(text)) {
                 return Some(());
             }
@@ -283,6 +285,12 @@ impl Up {
             }
             None
         });
+        if seen.is_none() {
+            panic!(
+                "timed out after {deadline:?} waiting for graven up to say {text:?}; it said:\n{}",
+                stderr.lock().unwrap().join("\n")
+            );
+        }
     }
 
     /// Sends `signal` and waits (bounded) for the process to end.
