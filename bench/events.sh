@@ -12,6 +12,10 @@
 #   Latencies come from pgbench's per-transaction log. Chosen over Redis AOF and NATS
 #   JetStream because it is the durable store a user of graven most likely already runs, and
 #   it batches concurrent commits' flushes as graven batches appends.
+# - The target is judged against PostgreSQL on its unix socket, the strictest peer. Each round
+#   also runs the same pgbench over loopback TCP (PG_TCP=0 skips it), the transport graven's
+#   clients use (an instance reaches a database in another instance over TCP too), and prints
+#   graven's ratios to that as well.
 #
 # Usage: bench/events.sh            (CONNS=16 DURATION=10 ROUNDS=5 PROFILE=release; GRAVEN=path
 #        runs that binary instead of building one; GRAVEN_B=path also runs a second build, a
@@ -29,6 +33,7 @@ CONNS=${CONNS:-16}
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-5}
 PROFILE=${PROFILE:-release}
+PG_TCP=${PG_TCP:-1}
 bench_require wrk postgresql
 
 work=$(mktemp -d /tmp/graven-bench-events.XXXXXX)
@@ -79,18 +84,22 @@ pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 mkdir -p "$work/pg" "$work/sock"
 chown postgres "$work/pg" "$work/sock"
 runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust >/dev/null
-runuser -u postgres -- "$pgbin/postgres" -D "$work/pg/data" -k "$work/sock" -c listen_addresses= \
-  -c fsync=on -c synchronous_commit=on -c max_connections=$((CONNS + 10)) >"$work/pg.log" 2>&1 &
+# A free loopback port for the TCP side (the unix socket's name carries it too).
+pgport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+listen=""; [ "$PG_TCP" = 1 ] && listen=127.0.0.1
+runuser -u postgres -- "$pgbin/postgres" -D "$work/pg/data" -k "$work/sock" -p "$pgport" \
+  -c listen_addresses="$listen" -c fsync=on -c synchronous_commit=on \
+  -c max_connections=$((2 * CONNS + 10)) >"$work/pg.log" 2>&1 &
 pg_pid=$!
-for _ in $(seq 300); do runuser -u postgres -- "$pgbin/pg_isready" -h "$work/sock" -q && break; sleep 0.1; done
-runuser -u postgres -- psql -h "$work/sock" -q -c "CREATE TABLE events (seq bigserial PRIMARY KEY, body jsonb NOT NULL)" postgres
+for _ in $(seq 300); do runuser -u postgres -- "$pgbin/pg_isready" -h "$work/sock" -p "$pgport" -q && break; sleep 0.1; done
+runuser -u postgres -- psql -h "$work/sock" -p "$pgport" -q -c "CREATE TABLE events (seq bigserial PRIMARY KEY, body jsonb NOT NULL)" postgres
 echo "INSERT INTO events (body) VALUES ('$body');" >"$work/insert.sql"
 chmod 644 "$work/insert.sql"
 
 echo "graven: wrk -t 2 -c $CONNS -d ${DURATION}s POST /events; postgresql: pgbench -c $CONNS -j 2 -T $DURATION INSERT; $ROUNDS rounds" >&2
 for round in $(seq "$ROUNDS"); do
-  mkdir -p "$work/r$round/pg"
-  chown postgres "$work/r$round/pg"
+  mkdir -p "$work/r$round/pg" "$work/r$round/pgtcp"
+  chown postgres "$work/r$round/pg" "$work/r$round/pgtcp"
   cut -d' ' -f1-3 /proc/loadavg >"$work/r$round/load"
   order=("${sides[@]}")
   [ $((round % 2)) = 0 ] && [ ${#sides[@]} = 2 ] && order=(b a)
@@ -98,9 +107,14 @@ for round in $(seq "$ROUNDS"); do
     wrk -t 2 -c "$CONNS" -d "${DURATION}s" --latency -s "$work/post.lua" "${url[$side]}/events" \
       >"$work/r$round/wrk-$side.txt"
   done
-  (cd "$work/r$round/pg" && runuser -u postgres -- "$pgbin/pgbench" -h "$work/sock" -n -c "$CONNS" -j 2 \
-    -T "$DURATION" -f "$work/insert.sql" --log --log-prefix="$work/r$round/pg/txn" postgres \
-    >"$work/r$round/pgbench.txt")
+  (cd "$work/r$round/pg" && runuser -u postgres -- "$pgbin/pgbench" -h "$work/sock" -p "$pgport" -n \
+    -c "$CONNS" -j 2 -T "$DURATION" -f "$work/insert.sql" --log --log-prefix="$work/r$round/pg/txn" \
+    postgres >"$work/r$round/pgbench.txt")
+  if [ "$PG_TCP" = 1 ]; then
+    (cd "$work/r$round/pgtcp" && runuser -u postgres -- "$pgbin/pgbench" -h 127.0.0.1 -p "$pgport" -n \
+      -c "$CONNS" -j 2 -T "$DURATION" -f "$work/insert.sql" --log \
+      --log-prefix="$work/r$round/pgtcp/txn" postgres >"$work/r$round/pgbench-tcp.txt")
+  fi
   python3 - "$work" "$round" "${sides[@]}" <<'PY'
 import glob, json, re, sys
 work, round, sides = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -108,15 +122,16 @@ r = f"{work}/r{round}"
 def ms(text):
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-pg = open(f"{r}/pgbench.txt").read()
-lat = sorted(int(line.split()[2]) / 1000 for path in glob.glob(f"{r}/pg/txn*") for line in open(path))
-row = {
-    "round": int(round),
-    "load": open(f"{r}/load").read().strip(),
-    "p_rate": float(re.search(r"tps = ([\d.]+)", pg).group(1)),
-    "p_p50": lat[len(lat) // 2],
-    "p_p99": lat[int(len(lat) * 0.99)],
-}
+def pgbench(out, logs):
+    text = open(out).read()
+    lat = sorted(int(line.split()[2]) / 1000 for path in glob.glob(f"{logs}/txn*") for line in open(path))
+    rate = float(re.search(r"tps = ([\d.]+)", text).group(1))
+    return rate, lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+row = {"round": int(round), "load": open(f"{r}/load").read().strip()}
+row["p_rate"], row["p_p50"], row["p_p99"] = pgbench(f"{r}/pgbench.txt", f"{r}/pg")
+tcp = glob.glob(f"{r}/pgbench-tcp.txt")
+if tcp:
+    row["t_rate"], row["t_p50"], row["t_p99"] = pgbench(tcp[0], f"{r}/pgtcp")
 for side in sides:
     wrk = open(f"{r}/wrk-{side}.txt").read()
     # The distribution's lines only: a "+/- Stdev" column such as "89.50%" also ends in "50%".
@@ -134,15 +149,23 @@ if row["round"] == 1:
     for side in sides:
         head += f" {'graven ' + side + '/s':>10} {'p50':>6} {'p99':>6}"
     head += f" {'pg/s':>9} {'p50':>6} {'p99':>6}"
+    if tcp:
+        head += f" {'pg tcp/s':>9} {'p50':>6} {'p99':>6}"
     for side in sides:
         head += f" {side + ' rate':>7} {side + ' p99':>7}"
+        if tcp:
+            head += f" {side + ' p99 tcp':>9}"
     print(head)
 line = f"{row['round']:>2} ({row['load']:16})"
 for side in sides:
     line += f" {row[side]['rate']:>10.0f} {row[side]['p50']:>6.2f} {row[side]['p99']:>6.2f}"
 line += f" {row['p_rate']:>9.0f} {row['p_p50']:>6.2f} {row['p_p99']:>6.2f}"
+if tcp:
+    line += f" {row['t_rate']:>9.0f} {row['t_p50']:>6.2f} {row['t_p99']:>6.2f}"
 for side in sides:
     line += f" {row[side]['rate'] / row['p_rate']:>6.2f}x {row[side]['p99'] / row['p_p99']:>6.2f}x"
+    if tcp:
+        line += f" {row[side]['p99'] / row['t_p99']:>8.2f}x"
 print(line, flush=True)
 PY
 done
@@ -169,12 +192,22 @@ for side in sides:
           f"{med(lambda r: r[side]['p50']):>8.2f} {med(lambda r: r[side]['p99']):>8.2f}")
 print(f"{'PostgreSQL INSERT (commit each)':38} {med(lambda r: r['p_rate']):>10.0f} "
       f"{med(lambda r: r['p_p50']):>8.2f} {med(lambda r: r['p_p99']):>8.2f}")
+tcp = all("t_rate" in r for r in rows)
+if tcp:
+    print(f"{'PostgreSQL INSERT over loopback TCP':38} {med(lambda r: r['t_rate']):>10.0f} "
+          f"{med(lambda r: r['t_p50']):>8.2f} {med(lambda r: r['t_p99']):>8.2f}")
 for side, count in zip(sides, events):
     rate = med(lambda r: r[side]["rate"] / r["p_rate"])
     p99 = med(lambda r: r[side]["p99"] / r["p_p99"])
     met = sum(r[side]["rate"] >= r["p_rate"] and r[side]["p99"] <= r["p_p99"] for r in rows)
     print(f"{'graven ' + side + ' / PostgreSQL (per round)':38} {rate:>9.2f}x {'':>8} {p99:>7.2f}x")
     print(f"  target (>= the appends/s at <= the p99) met in {met} of {rounds} rounds")
+    if tcp:
+        rate_t = med(lambda r: r[side]["rate"] / r["t_rate"])
+        p99_t = med(lambda r: r[side]["p99"] / r["t_p99"])
+        met_t = sum(r[side]["rate"] >= r["t_rate"] and r[side]["p99"] <= r["t_p99"] for r in rows)
+        print(f"{'graven ' + side + ' / PostgreSQL over TCP':38} {rate_t:>9.2f}x {'':>8} {p99_t:>7.2f}x")
+        print(f"  against PostgreSQL over TCP: met in {met_t} of {rounds} rounds")
     answered = sum(r[side]["requests"] for r in rows)
     bad = sum(r[side]["bad"] for r in rows)
     print(f"  graven {side}: {count} events in the log, {answered} appends answered to wrk, "
