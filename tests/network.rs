@@ -249,7 +249,15 @@ fn outbound_false_reaches_nothing_beyond_the_bridge_while_the_default_does() {
     graven::runtime::local::net::open_port(everywhere.port()).unwrap();
     assert!(!wget(home.path(), &[], &gateway));
     assert!(!wget(home.path(), &["--no-outbound"], &gateway));
-    for port in [opened.port(), everywhere.port()] {
+    // Nor one on `[::]`, which takes IPv4 connections too.
+    let dual = serve("[::]:0");
+    graven::runtime::local::net::open_port(dual.port()).unwrap();
+    assert!(!wget(
+        home.path(),
+        &[],
+        &format!("10.213.0.1:{}", dual.port())
+    ));
+    for port in [opened.port(), everywhere.port(), dual.port()] {
         let _ = std::fs::remove_file(format!("/run/graven/net/open/{port}"));
     }
 }
