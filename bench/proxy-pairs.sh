@@ -30,42 +30,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_port() {
-    for _ in $(seq 1 500); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.01
-    done
-    echo "bench/proxy-pairs.sh: nothing listens on port $1" >&2
-    exit 1
-}
+# shellcheck source=bench/proxy-lib.sh
+source "$root/bench/proxy-lib.sh"
 
 backend_port=$(free_port)
-mkdir -p "$work/backend" "$work/haproxy"
-cat >"$work/backend/nginx.conf" <<EOC
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/backend/error.log;
-pid $work/backend/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $work/backend/body;
-    proxy_temp_path $work/backend/proxy;
-    fastcgi_temp_path $work/backend/fastcgi;
-    uwsgi_temp_path $work/backend/uwsgi;
-    scgi_temp_path $work/backend/scgi;
-    keepalive_requests 100000000;
+mkdir -p "$work/haproxy"
+nginx_conf "$work/backend" 1 <<EOC
     keepalive_timeout 300s;
+    sendfile on;
     server {
         listen 127.0.0.1:$backend_port;
         location / { return 200 "hello from the backend\n"; }
     }
-}
 EOC
 nginx -c "$work/backend/nginx.conf" -p "$work/backend" &
 pids+=($!)
