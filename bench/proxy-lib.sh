@@ -1,5 +1,20 @@
-# Shared by bench/proxy.sh and bench/proxy-pairs.sh (source it after setting $work): free
-# loopback ports, waiting for a listener, and nginx configs for the backend and the peer.
+# Shared by bench/proxy.sh and bench/proxy-pairs.sh (source it): their scratch dir and the
+# processes they start, stopped by PID on exit; free loopback ports, waiting for a listener,
+# and nginx configs for the backend and the peer.
+
+# proxy_bench_start NAME: makes $work (/tmp/graven-bench-NAME.*) and $pids, the PIDs of what
+# the script starts; on exit each is stopped by its PID and $work removed.
+proxy_bench_start() {
+    work=$(mktemp -d "/tmp/graven-bench-$1.XXXXXX")
+    pids=()
+    trap proxy_bench_cleanup EXIT
+}
+
+proxy_bench_cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -43,4 +58,35 @@ EOF
         cat
         echo "}"
     } >"$dir/nginx.conf"
+}
+
+# start_haproxy PORT THREADS [tcp]: HAProxy on PORT with `nbthread THREADS` in front of
+# $backend_port, in HTTP mode with keep-alive on both sides, or in `mode tcp` (its defaults: no
+# splicing); its PID in $started.
+start_haproxy() {
+    local http_frontend="" http_backend="" mode=${3:-http}
+    if [ "$mode" = http ]; then
+        http_frontend="    option http-keep-alive"
+        http_backend="    http-reuse always"
+    fi
+    mkdir -p "$work/haproxy"
+    grep -v '^$' >"$work/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread $2
+    maxconn 4096
+defaults
+    mode $mode
+$http_frontend
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend route
+    bind 127.0.0.1:$1
+    default_backend instances
+backend instances
+$http_backend
+    server backend 127.0.0.1:$backend_port
+EOF
+    haproxy -db -f "$work/haproxy/haproxy.cfg" >"$work/haproxy/log" 2>&1 &
+    started=$!
 }

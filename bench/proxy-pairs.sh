@@ -21,20 +21,11 @@ graven=${GRAVEN:?GRAVEN=PATH of a graven binary built with --features dev-tools}
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/install-packages" wrk haproxy nginx
 
-work=$(mktemp -d /tmp/graven-bench-pairs.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 # shellcheck source=bench/proxy-lib.sh
 source "$root/bench/proxy-lib.sh"
+proxy_bench_start pairs
 
 backend_port=$(free_port)
-mkdir -p "$work/haproxy"
 nginx_conf "$work/backend" 1 <<EOC
     keepalive_timeout 300s;
     sendfile on;
@@ -64,25 +55,8 @@ one() {
         "$graven" __proxy --threads 1 --listen "127.0.0.1:$port" --backend "127.0.0.1:$backend_port" >/dev/null &
         pid=$!
     else
-        cat >"$work/haproxy/haproxy.cfg" <<EOC
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-frontend route
-    bind 127.0.0.1:$port
-    default_backend instances
-backend instances
-    http-reuse always
-    server backend 127.0.0.1:$backend_port
-EOC
-        haproxy -db -f "$work/haproxy/haproxy.cfg" >"$work/haproxy/log" 2>&1 &
-        pid=$!
+        start_haproxy "$port" 1
+        pid=$started
     fi
     pids+=("$pid")
     wait_port "$port"

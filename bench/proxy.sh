@@ -50,14 +50,9 @@ BULK_MB=${BULK_MB:-16}
 CONNECTIONS_BULK=${CONNECTIONS_BULK:-4}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d /tmp/graven-bench-proxy.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/proxy-lib.sh
+source "$root/bench/proxy-lib.sh"
+proxy_bench_start proxy
 
 "$root/scripts/install-packages" wrk haproxy nginx
 
@@ -71,9 +66,6 @@ else
     (cd "$root" && cargo build --profile "$PROFILE" --features dev-tools --quiet --bin graven)
     graven="$root/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/graven"
 fi
-
-# shellcheck source=bench/proxy-lib.sh
-source "$root/bench/proxy-lib.sh"
 
 # utime and stime of a process, in clock ticks.
 cpu_ticks() {
@@ -113,47 +105,7 @@ start_graven_tcp() {
 }
 
 start_haproxy_tcp() {
-    mkdir -p "$work/haproxy"
-    cat >"$work/haproxy/haproxy.cfg" <<EOF
-global
-    nbthread $2
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-frontend route
-    bind 127.0.0.1:$1
-    default_backend instances
-backend instances
-    server backend 127.0.0.1:$backend_port
-EOF
-    haproxy -db -f "$work/haproxy/haproxy.cfg" >"$work/haproxy/log" 2>&1 &
-    started=$!
-}
-
-start_haproxy() {
-    mkdir -p "$work/haproxy"
-    cat >"$work/haproxy/haproxy.cfg" <<EOF
-global
-    nbthread $2
-    maxconn 4096
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-frontend route
-    bind 127.0.0.1:$1
-    default_backend instances
-backend instances
-    http-reuse always
-    server backend 127.0.0.1:$backend_port
-EOF
-    haproxy -db -f "$work/haproxy/haproxy.cfg" >"$work/haproxy/log" 2>&1 &
-    started=$!
+    start_haproxy "$1" "$2" tcp
 }
 
 start_nginx() {
