@@ -144,29 +144,23 @@ for side in sides:
         "bad": int(bad.group(1)) if bad else 0,
     }
 open(f"{r}/row.json", "w").write(json.dumps(row))
+# The row's columns: (title, width, text); the header is their titles.
+cols = []
+for side in sides:
+    cols += [("graven " + side + "/s", 10, f"{row[side]['rate']:.0f}"),
+             ("p50", 6, f"{row[side]['p50']:.2f}"), ("p99", 6, f"{row[side]['p99']:.2f}")]
+for peer, name in [("p", "pg/s"), ("t", "pg tcp/s")] if tcp else [("p", "pg/s")]:
+    cols += [(name, 9, f"{row[peer + '_rate']:.0f}"),
+             ("p50", 6, f"{row[peer + '_p50']:.2f}"), ("p99", 6, f"{row[peer + '_p99']:.2f}")]
+for side in sides:
+    cols += [(side + " rate", 7, f"{row[side]['rate'] / row['p_rate']:.2f}x"),
+             (side + " p99", 7, f"{row[side]['p99'] / row['p_p99']:.2f}x")]
+    if tcp:
+        cols.append((side + " p99 tcp", 9, f"{row[side]['p99'] / row['t_p99']:.2f}x"))
 if row["round"] == 1:
-    head = f"{'round (load)':22}"
-    for side in sides:
-        head += f" {'graven ' + side + '/s':>10} {'p50':>6} {'p99':>6}"
-    head += f" {'pg/s':>9} {'p50':>6} {'p99':>6}"
-    if tcp:
-        head += f" {'pg tcp/s':>9} {'p50':>6} {'p99':>6}"
-    for side in sides:
-        head += f" {side + ' rate':>7} {side + ' p99':>7}"
-        if tcp:
-            head += f" {side + ' p99 tcp':>9}"
-    print(head)
-line = f"{row['round']:>2} ({row['load']:16})"
-for side in sides:
-    line += f" {row[side]['rate']:>10.0f} {row[side]['p50']:>6.2f} {row[side]['p99']:>6.2f}"
-line += f" {row['p_rate']:>9.0f} {row['p_p50']:>6.2f} {row['p_p99']:>6.2f}"
-if tcp:
-    line += f" {row['t_rate']:>9.0f} {row['t_p50']:>6.2f} {row['t_p99']:>6.2f}"
-for side in sides:
-    line += f" {row[side]['rate'] / row['p_rate']:>6.2f}x {row[side]['p99'] / row['p_p99']:>6.2f}x"
-    if tcp:
-        line += f" {row[side]['p99'] / row['t_p99']:>8.2f}x"
-print(line, flush=True)
+    print(f"{'round (load)':22}" + "".join(f" {title:>{width}}" for title, width, _ in cols))
+print(f"{row['round']:>2} ({row['load']:16})" + "".join(f" {text:>{width}}" for _, width, text in cols),
+      flush=True)
 PY
 done
 events=()
@@ -196,18 +190,16 @@ tcp = all("t_rate" in r for r in rows)
 if tcp:
     print(f"{'PostgreSQL INSERT over loopback TCP':38} {med(lambda r: r['t_rate']):>10.0f} "
           f"{med(lambda r: r['t_p50']):>8.2f} {med(lambda r: r['t_p99']):>8.2f}")
+peers = [("p", "PostgreSQL (per round)", "target (>= the appends/s at <= the p99) met in")]
+if tcp:
+    peers.append(("t", "PostgreSQL over TCP", "against PostgreSQL over TCP: met in"))
 for side, count in zip(sides, events):
-    rate = med(lambda r: r[side]["rate"] / r["p_rate"])
-    p99 = med(lambda r: r[side]["p99"] / r["p_p99"])
-    met = sum(r[side]["rate"] >= r["p_rate"] and r[side]["p99"] <= r["p_p99"] for r in rows)
-    print(f"{'graven ' + side + ' / PostgreSQL (per round)':38} {rate:>9.2f}x {'':>8} {p99:>7.2f}x")
-    print(f"  target (>= the appends/s at <= the p99) met in {met} of {rounds} rounds")
-    if tcp:
-        rate_t = med(lambda r: r[side]["rate"] / r["t_rate"])
-        p99_t = med(lambda r: r[side]["p99"] / r["t_p99"])
-        met_t = sum(r[side]["rate"] >= r["t_rate"] and r[side]["p99"] <= r["t_p99"] for r in rows)
-        print(f"{'graven ' + side + ' / PostgreSQL over TCP':38} {rate_t:>9.2f}x {'':>8} {p99_t:>7.2f}x")
-        print(f"  against PostgreSQL over TCP: met in {met_t} of {rounds} rounds")
+    for peer, name, said in peers:
+        rate = med(lambda r: r[side]["rate"] / r[peer + "_rate"])
+        p99 = med(lambda r: r[side]["p99"] / r[peer + "_p99"])
+        met = sum(r[side]["rate"] >= r[peer + "_rate"] and r[side]["p99"] <= r[peer + "_p99"] for r in rows)
+        print(f"{'graven ' + side + ' / ' + name:38} {rate:>9.2f}x {'':>8} {p99:>7.2f}x")
+        print(f"  {said} {met} of {rounds} rounds")
     answered = sum(r[side]["requests"] for r in rows)
     bad = sum(r[side]["bad"] for r in rows)
     print(f"  graven {side}: {count} events in the log, {answered} appends answered to wrk, "

@@ -1851,11 +1851,11 @@ impl Shell {
         });
         // `events_caught_up`: the log's end as it stands before the instance can read, taken
         // by the task that starts it (the file work stays off the loop).
-        let events_head = c
-            .health
-            .events_caught_up
-            .then_some(self.options.app_events.as_ref())
-            .flatten()
+        let events_head = self
+            .options
+            .app_events
+            .as_ref()
+            .filter(|_| c.health.events_caught_up)
             .map(|events| {
                 (
                     events.server.clone(),

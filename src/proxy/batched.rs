@@ -130,6 +130,16 @@ impl Batched {
     }
 }
 
+impl HeldState {
+    /// Keeps `waker` as the task to wake when the flush stalls or fails (cloned only when it
+    /// is another task's).
+    fn remember(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+}
+
 impl Held {
     fn lock(&self) -> std::sync::MutexGuard<'_, HeldState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -244,13 +254,7 @@ impl AsyncRead for Batched {
             } else if !state.bytes.is_empty() {
                 // Polled before the flush ran: the flush keeps the bytes; be woken if it
                 // cannot write them.
-                if !state
-                    .waker
-                    .as_ref()
-                    .is_some_and(|waker| waker.will_wake(cx.waker()))
-                {
-                    state.waker = Some(cx.waker().clone());
-                }
+                state.remember(cx.waker());
             }
         }
         Pin::new(&mut this.stream).poll_read(cx, buf)
@@ -270,13 +274,7 @@ impl AsyncWrite for Batched {
         }
         if !state.stalled && state.bytes.len() + data.len() <= HOLD_LIMIT {
             state.bytes.extend_from_slice(data);
-            if !state
-                .waker
-                .as_ref()
-                .is_some_and(|waker| waker.will_wake(cx.waker()))
-            {
-                state.waker = Some(cx.waker().clone());
-            }
+            state.remember(cx.waker());
             if !state.queued {
                 state.queued = true;
                 drop(state);
