@@ -262,26 +262,37 @@ fn the_api_answers_bad_input_clearly_and_loses_nothing() {
     let wrong = format!("http://{addr}/v1/demo/local/{}/events", "0".repeat(64));
     assert_eq!(curl(&[&wrong]).0, 403);
     // An instance's token: one of this app's opens it and says how far that instance has
-    // read; a forged one, and one of another app's, are refused saying what a token is.
+    // read. A live ledger instance follows the log, asking from 3 once it holds 1 and 2.
     let env_token = prefix.rsplit('/').next().unwrap();
-    let instance = graven::app_events::server::instance_token(env_token, "demo", "local", "x-1-1");
-    let mine = |path: &str| format!("http://{addr}/v1/demo/local/{instance}{path}");
-    let (status, body) = curl(&[&mine("")]);
-    assert_eq!(
-        (status, json(&body)["read"].as_u64()),
-        (200, Some(0)),
-        "{body}"
+    let token_of =
+        |name: &str| graven::app_events::server::instance_token(env_token, "demo", "local", name);
+    let progress = |name: &str| {
+        let (status, body) = curl(&[&format!("http://{addr}/v1/demo/local/{}", token_of(name))]);
+        assert_eq!(status, 200, "{body}");
+        let answer = json(&body);
+        assert_eq!(answer["instance"].as_str(), Some(name), "{body}");
+        answer["read"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no read in {body}"))
+    };
+    let live = support::daemon::demo_instances(home)
+        .into_iter()
+        .find_map(|i| i.labels.get(graven::controller::LABEL_INSTANCE).cloned())
+        .expect("a ledger instance");
+    wait_for(
+        Duration::from_secs(30),
+        "a live instance to have read 2",
+        || (progress(&live) == 2).then_some(()),
     );
-    // Asking from 3 says 1 and 2 are held.
-    assert_eq!(curl(&[&mine("/events?from=3")]).0, 200);
-    let (_, body) = curl(&[&mine("")]);
-    assert_eq!(
-        (
-            json(&body)["instance"].as_str(),
-            json(&body)["read"].as_u64()
-        ),
-        (Some("x-1-1"), Some(2)),
-        "{body}"
+    // A name that is no live instance's: its token opens the log (a token is all the server
+    // checks), and what it said it read is forgotten at the controller's next look, as a
+    // removed instance's is.
+    let gone = format!("http://{addr}/v1/demo/local/{}", token_of("x-1-1"));
+    assert_eq!(curl(&[&format!("{gone}/events?from=3")]).0, 200);
+    wait_for(
+        Duration::from_secs(30),
+        "x-1-1's read to be forgotten",
+        || (progress("x-1-1") == 0).then_some(()),
     );
     let forged = format!("x-1-1.{}", "0".repeat(64));
     let other = graven::app_events::server::instance_token(env_token, "other", "local", "x-1-1");
