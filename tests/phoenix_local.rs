@@ -21,10 +21,12 @@ const CONNECTIONS: usize = 8;
 const INSTANCES: usize = 3;
 const MAX_AGE: Duration = Duration::from_secs(6);
 const JITTER: Duration = Duration::from_secs(3);
-/// write_project's `health_deadline` and `stop_grace`: how long one recycle may take at most
-/// (the replacement healthy, the old instance stopped). With `max_at_once = 1` the
-/// instances due close together wait their turn, one such recycle each.
-const ONE_RECYCLE: Duration = Duration::from_secs(3 + 2);
+/// The web service's `health_deadline` here, short, for the bound below.
+const DEADLINE: Duration = Duration::from_secs(3);
+/// `DEADLINE` and write_project's `stop_grace`: how long one recycle may take at most (the
+/// replacement healthy, the old instance stopped). With `max_at_once = 1` the instances due
+/// close together wait their turn, one such recycle each.
+const ONE_RECYCLE: Duration = Duration::from_secs(DEADLINE.as_secs() + 2);
 
 fn status(home: &Path) -> Option<Vec<serde_json::Value>> {
     let (ok, stdout, _) = run(home, &["status", "--json"]);
@@ -104,6 +106,7 @@ fn every_instance_is_recycled_within_its_age_under_load_without_a_failed_request
          {phoenix}\n"
     );
     hello_project(&dir, route, INSTANCES as u32, r#"VERSION = "v1""#, &db);
+    support::daemon::set_health_deadline(&dir, &format!("{}s", DEADLINE.as_secs()));
     let _up = Up::start(&home, &dir, "local");
     let first = settled(&home, INSTANCES, 1);
     let db_first: Vec<String> = instances_of(&status(&home).unwrap(), "db")

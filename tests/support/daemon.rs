@@ -459,6 +459,24 @@ pub fn hello_project(
     .unwrap();
 }
 
+/// The `health_deadline` of `write_project`'s deploys: the time a whole rollout has, from the
+/// deploy's start, until every new instance is healthy. Generous, as a slow machine must make
+/// a rollout slower, never roll it back: under load a 4-instance deploy given 3 s rolled
+/// back. A test that deploys a release that never gets healthy on purpose shortens it for
+/// that release (`set_health_deadline`), else its rollback waits the whole deadline.
+pub const HEALTH_DEADLINE: &str = "60s";
+
+/// Sets the `health_deadline` of the project `write_project` wrote in `dir` to `deadline`
+/// (say `"3s"`).
+pub fn set_health_deadline(dir: &std::path::Path, deadline: &str) {
+    let path = dir.join("graven.toml");
+    let toml = std::fs::read_to_string(&path).unwrap();
+    let written = format!(r#"health_deadline = "{HEALTH_DEADLINE}""#);
+    assert!(toml.contains(&written), "no {written} in {toml}");
+    let wanted = format!(r#"health_deadline = "{deadline}""#);
+    std::fs::write(path, toml.replacen(&written, &wanted, 1)).unwrap();
+}
+
 /// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
 /// `instances` of it with `env`, and an empty `FROM scratch` Containerfile.
 pub fn write_project(
@@ -481,7 +499,7 @@ port = 8080
 route = "{route}"
 env = {{ {env} }}
 health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
-deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "{HEALTH_DEADLINE}" }}
 stop_grace = "2s"
 {extra}
 "#
