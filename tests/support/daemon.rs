@@ -67,7 +67,9 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
             max_surge: 1,
             max_unavailable: 0,
         },
-        health_deadline: Duration::from_secs(2),
+        // A rollout must outlast a loaded machine; a test of a release that never gets
+        // healthy sets a short one for it.
+        health_deadline: Duration::from_secs(30),
         stop_grace: Duration::from_secs(2),
         volumes: vec![],
         limits: Default::default(),
