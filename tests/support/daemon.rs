@@ -162,11 +162,11 @@ pub fn version(route: SocketAddr) -> Result<String, String> {
 /// Waits (bounded) until the last deploy of `web` has an outcome, and returns it.
 pub async fn outcome(controller: &ControllerHandle) -> DeployOutcome {
     let snapshot = tokio::time::timeout(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         controller.wait_for(|s| s.state.deploys.last().is_some_and(|d| d.outcome.is_some())),
     )
     .await
-    .expect("the deploy ends within 20s");
+    .expect("the deploy ends within 60s");
     snapshot
         .state
         .deploys
@@ -273,6 +273,7 @@ impl Up {
 
     /// Waits for a line of its stderr containing `text`; fails if it exits first.
     pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
+        let deadline = deadline.max(super::LEAST_WAIT);
         let stderr = self.stderr.clone();
         let child = self.child.as_mut().expect("running");
         let seen = super::try_wait_for(deadline, || {
@@ -339,10 +340,11 @@ pub fn remove_instances(home: &std::path::Path) {
         return;
     };
     // A start the killed controller had under way has no state yet, so a listing skips it,
-    // and its shim runs on: it is listed once its state is written, a moment later. So the
-    // home is listed again until a listing a little after the last removal is empty.
+    // and its shim runs on: it is listed once its state is written, a moment later (seconds
+    // on a loaded machine). So the home is listed again until a listing a little after the
+    // last removal is empty.
     tokio.block_on(async {
-        for _ in 0..10 {
+        for _ in 0..100 {
             let listed = runtime.list().await.unwrap_or_default();
             for instance in &listed {
                 let _ = runtime.stop(&instance.id, Duration::ZERO).await;
