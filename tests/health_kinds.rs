@@ -90,9 +90,9 @@ fn running(home: &Path) -> Vec<graven::runtime::Instance> {
 
 /// Deploy settings with a short health deadline, for the releases that must roll back (they
 /// never get healthy, so the deadline is their wait). A release that must serve gets `SLOW`:
-/// a slow machine must make its rollout slower, never roll it back (under load a 5 s
-/// deadline rolled back the example's first release, and the first GET after `up` then
-/// waited for an instance that never came).
+/// a slow machine must make its rollout slower, never roll it back (a first release rolled
+/// back leaves `up` serving nothing, and the first GET after it gets no answer: what CI saw
+/// once in the tcp test).
 const DEPLOY: &str = r#"deploy = { max_surge = 1, max_unavailable = 0, health_deadline = "5s" }
 stop_grace = "1s""#;
 const SLOW: &str = r#"deploy = { max_surge = 1, max_unavailable = 0, health_deadline = "90s" }
