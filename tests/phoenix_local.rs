@@ -184,6 +184,13 @@ fn every_instance_is_recycled_within_its_age_under_load_without_a_failed_request
     // the jitter) and, with max_at_once = 1, once the one condemned before it was gone,
     // whichever is later, and within REACTION of that. (How long each recycle takes is the
     // machine's: it is measured here, not assumed.)
+    let phoenix_config = graven::events::PhoenixConfig {
+        max_age: MAX_AGE,
+        jitter: JITTER,
+        window: None,
+        max_at_once: 1,
+        stop_first: false,
+    };
     for name in first.keys() {
         assert!(
             condemned.contains_key(name),
@@ -206,7 +213,10 @@ fn every_instance_is_recycled_within_its_age_under_load_without_a_failed_request
             age >= MAX_AGE,
             "{name} recycled at {age:?}, before its max_age"
         );
-        let due = launched[name] + (MAX_AGE + JITTER).as_millis() as u64;
+        // Its due time exactly: the offset under the jitter is a hash of its name.
+        let due = launched[name]
+            + MAX_AGE.as_millis() as u64
+            + graven::controller::plan::phoenix::offset_ms(name, &phoenix_config);
         let free = previous.map_or(0, |before| {
             *gone
                 .get(before)
@@ -215,8 +225,8 @@ fn every_instance_is_recycled_within_its_age_under_load_without_a_failed_request
         let late = Duration::from_millis(at.saturating_sub(due.max(free)));
         assert!(
             late <= REACTION,
-            "{name} condemned {late:?} after it was due and {} was gone",
-            previous.map_or("nothing", |p| p.as_str())
+            "{name} condemned {late:?} after it could be (due at {due} ms, the one before it, \
+             {previous:?}, gone at {free} ms)"
         );
         previous = Some(name);
     }
