@@ -38,11 +38,7 @@ fn project(dir: &Path, stateful: bool) {
 
 /// Shortens the web service's health deadline to 2 s: the wait of a rollout that must fail.
 fn short_deadline(dir: &Path) {
-    let path = dir.join("graven.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let long = format!("health_deadline = \"{DEADLINE}\"");
-    assert!(text.contains(&long), "{text}");
-    std::fs::write(path, text.replacen(&long, "health_deadline = \"2s\"", 1)).unwrap();
+    support::daemon::set_health_deadline(dir, "2s");
 }
 
 fn deploy(home: &Path, dir: &Path, sim: &KubeSim, image: &str) -> Output {

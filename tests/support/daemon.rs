@@ -470,15 +470,22 @@ pub fn hello_project(
 /// that release (`set_health_deadline`), else its rollback waits the whole deadline.
 pub const HEALTH_DEADLINE: &str = "60s";
 
-/// Sets the `health_deadline` of the project `write_project` wrote in `dir` to `deadline`
-/// (say `"3s"`).
+/// Sets the first `health_deadline` of the project's `graven.toml` in `dir` (the first
+/// service's, as `write_project` writes it) to `deadline`, say `"3s"`.
 pub fn set_health_deadline(dir: &std::path::Path, deadline: &str) {
     let path = dir.join("graven.toml");
     let toml = std::fs::read_to_string(&path).unwrap();
-    let written = format!(r#"health_deadline = "{HEALTH_DEADLINE}""#);
-    assert!(toml.contains(&written), "no {written} in {toml}");
-    let wanted = format!(r#"health_deadline = "{deadline}""#);
-    std::fs::write(path, toml.replacen(&written, &wanted, 1)).unwrap();
+    let key = r#"health_deadline = ""#;
+    let start = toml
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {toml}"))
+        + key.len();
+    let end = start + toml[start..].find('"').expect("a closing quote");
+    std::fs::write(
+        path,
+        format!("{}{deadline}{}", &toml[..start], &toml[end..]),
+    )
+    .unwrap();
 }
 
 /// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
