@@ -42,7 +42,7 @@ instances = 2
 route = "{route}"
 env = {{ VERSION = "{version}"{env} }}
 health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3, events_caught_up = {gated} }}
-deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "20s" }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "60s" }}
 stop_grace = "2s"
 "#
         ),

@@ -202,7 +202,7 @@ instances = 2
 port = 8080
 route = "{admin_route}"
 health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
-deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 1, health_deadline = "3s" }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 1, health_deadline = "60s" }}
 stop_grace = "2s"
 
 [chaos]

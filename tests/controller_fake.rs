@@ -350,15 +350,11 @@ async fn a_release_that_never_gets_healthy_is_never_routed_and_rolls_back() {
     let s = setup();
     let route = free_port();
     deploy_v1(&s.controller, route).await;
+    // Never healthy: rolled back at its deadline, a short one.
+    let mut bad = config(2, route, &[("VERSION", "bad"), ("HEALTHY", "0")]);
+    bad.health_deadline = Duration::from_secs(2);
     s.controller
-        .deploy(
-            order(vec![release(config(
-                2,
-                route,
-                &[("VERSION", "bad"), ("HEALTHY", "0")],
-            ))]),
-            "test",
-        )
+        .deploy(order(vec![release(bad)]), "test")
         .await
         .unwrap();
     // Requests keep flowing while the bad release is tried; every one is served by v1.

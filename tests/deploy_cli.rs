@@ -146,8 +146,10 @@ fn bad_input_leaves_the_running_release_serving() {
     assert!(!ok);
     assert!(stderr.contains("no release 9"), "{stderr}");
 
-    // A release whose health check fails: never routed, rolled back, says why.
+    // A release whose health check fails: never routed, rolled back, says why. (It never
+    // gets healthy, so it is rolled back at its deadline: a short one, for it alone.)
     hello_project(&dir, route, 2, r#"VERSION = "bad", HEALTHY = "0""#, "");
+    support::daemon::set_health_deadline(&dir, "3s");
     let watcher = std::thread::spawn(move || versions_during(route, Duration::from_secs(4)));
     let (ok, stdout, stderr) = run(&home, &["deploy", dir_arg]);
     assert!(

@@ -151,9 +151,13 @@ fn up_stopping_leaves_another_projects_instances_running() {
     assert!(status.success(), "{status}");
     assert_eq!(running("demo"), 0, "up drained its own project");
     assert_eq!(running("other"), 1, "and left the other one running");
-    // The next control plane adopts it, and it serves.
+    // The next control plane adopts it, and it serves. (Its controllers bind their routes
+    // once they run, after the daemon says it listens: until then a connection is refused.)
     let mut daemon = Up::daemon(&home, "local");
-    assert_eq!(version(other_route).as_deref(), Ok("other"));
+    let answer = support::wait_for(Duration::from_secs(60), "the other route to answer", || {
+        version(other_route).ok()
+    });
+    assert_eq!(answer, "other");
     // Stopped by its drain, not killed: it may be starting demo's instance again right now,
     // and a start cut off by a kill would leave a shim the cleanup cannot see yet.
     let status = daemon.signal(libc::SIGTERM, Duration::from_secs(60));

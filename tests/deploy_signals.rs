@@ -41,12 +41,7 @@ fn sigterm_during_the_first_rollout_stops_every_instance() {
     // Instances that never pass their check, within a deadline far away: the first rollout
     // is still starting them when the signal comes.
     write_project(&dir, route, 2, r#"HEALTHY = "0""#, "");
-    let toml = std::fs::read_to_string(dir.join("graven.toml")).unwrap();
-    std::fs::write(
-        dir.join("graven.toml"),
-        toml.replace(r#"health_deadline = "3s""#, r#"health_deadline = "10m""#),
-    )
-    .unwrap();
+    support::daemon::set_health_deadline(&dir, "10m");
     std::fs::create_dir_all(dir.join("dist")).unwrap();
     std::fs::copy(support::hello_binary(), dir.join("dist/hello")).unwrap();
     std::fs::copy(

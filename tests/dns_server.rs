@@ -23,7 +23,7 @@ instances = {instances}
 port = 8080
 route = "{route}"
 health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
-deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "60s" }}
 stop_grace = "1s"
 "#
         )

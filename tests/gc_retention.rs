@@ -32,7 +32,7 @@ fn write_project(dir: &Path, route: std::net::SocketAddr, version: u32, keep: u3
 port = 8080
 route = "{route}"
 health = {{ path = "/healthz", interval = "50ms", timeout = "1s", healthy_after = 1 }}
-deploy = {{ health_deadline = "5s", keep_releases = {keep} }}
+deploy = {{ health_deadline = "60s", keep_releases = {keep} }}
 stop_grace = "1s"
 "#
         ),

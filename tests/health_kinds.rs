@@ -88,9 +88,11 @@ fn running(home: &Path) -> Vec<graven::runtime::Instance> {
         .collect()
 }
 
-/// Deploy settings with a short health deadline, for the rollbacks: an image whose start
-/// unpacks the Debian base (a new image, unless a deploy's exec check prepared it) gets
-/// `SLOW`.
+/// Deploy settings with a short health deadline, for the releases that must roll back (they
+/// never get healthy, so the deadline is their wait). A release that must serve gets `SLOW`:
+/// a slow machine must make its rollout slower, never roll it back (a first release rolled
+/// back leaves `up` serving nothing, and the first GET after it gets no answer: what CI saw
+/// once in the tcp test).
 const DEPLOY: &str = r#"deploy = { max_surge = 1, max_unavailable = 0, health_deadline = "5s" }
 stop_grace = "1s""#;
 const SLOW: &str = r#"deploy = { max_surge = 1, max_unavailable = 0, health_deadline = "90s" }
@@ -137,14 +139,20 @@ fn a_worker_with_no_route_deploys_is_replaced_when_killed_and_rolls() {
     });
 }
 
-fn tcp_web(route: std::net::SocketAddr, version: &str, env: &str, health: &str) -> String {
+fn tcp_web(
+    route: std::net::SocketAddr,
+    version: &str,
+    env: &str,
+    health: &str,
+    deploy: &str,
+) -> String {
     format!(
         r#"[services.web]
 port = 8080
 route = "{route}"
 env = {{ VERSION = "{version}", {env} }}
 health = {{ {health}, interval = "100ms", healthy_after = 1 }}
-{DEPLOY}
+{deploy}
 "#
     )
 }
@@ -159,7 +167,7 @@ fn a_tcp_check_passes_a_server_whose_http_check_fails() {
     project(
         &dir,
         &scratch(),
-        &tcp_web(route, "v1", unhealthy, r#"kind = "tcp""#),
+        &tcp_web(route, "v1", unhealthy, r#"kind = "tcp""#, SLOW),
     );
     let _up = Up::start(&home, &dir, "local");
     assert_eq!(version(route).as_deref(), Ok("v1"));
@@ -169,7 +177,7 @@ fn a_tcp_check_passes_a_server_whose_http_check_fails() {
     project(
         &dir,
         &scratch(),
-        &tcp_web(route, "v2", unhealthy, r#"kind = "http""#),
+        &tcp_web(route, "v2", unhealthy, r#"kind = "http""#, DEPLOY),
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
@@ -179,21 +187,27 @@ fn a_tcp_check_passes_a_server_whose_http_check_fails() {
     project(
         &dir,
         &scratch(),
-        &tcp_web(route, "v3", r#"HOST = "127.0.0.2""#, r#"kind = "tcp""#),
+        &tcp_web(
+            route,
+            "v3",
+            r#"HOST = "127.0.0.2""#,
+            r#"kind = "tcp""#,
+            DEPLOY,
+        ),
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
     assert_eq!(version(route).as_deref(), Ok("v1"));
 }
 
-fn exec_web(route: std::net::SocketAddr, version: &str, command: &str) -> String {
+fn exec_web(route: std::net::SocketAddr, version: &str, command: &str, deploy: &str) -> String {
     format!(
         r#"[services.web]
 port = 8080
 route = "{route}"
 env = {{ VERSION = "{version}" }}
 health = {{ command = {command}, interval = "100ms", timeout = "2s", healthy_after = 3 }}
-{DEPLOY}
+{deploy}
 "#
     )
 }
@@ -207,7 +221,11 @@ fn exec_checks_pass_and_fail_inside_the_instance_without_tainting_it() {
     // It fails, saying so, once the test leaves a file in its volume.
     let inside = r#"["/bin/sh", "-c", "test -x /hello && test -n \"$PORT\" && if test -e /data/broken; then echo broken by the test; exit 1; fi"]"#;
     let volume = "volumes = { data = \"/data\" }\n";
-    project(&dir, &debian(""), &(exec_web(route, "v1", inside) + volume));
+    project(
+        &dir,
+        &debian(""),
+        &(exec_web(route, "v1", inside, SLOW) + volume),
+    );
     let _up = Up::start(&home, &dir, "local");
     wait_healthy(&home);
     assert_eq!(version(route).as_deref(), Ok("v1"));
@@ -221,7 +239,7 @@ fn exec_checks_pass_and_fail_inside_the_instance_without_tainting_it() {
     project(
         &dir,
         &debian(""),
-        &exec_web(route, "v2", r#""echo not ready; exit 3""#),
+        &exec_web(route, "v2", r#""echo not ready; exit 3""#, DEPLOY),
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
@@ -264,7 +282,7 @@ env = {{ VERSION = "{version}" }}
     project(
         &dir,
         &debian("HEALTHCHECK --interval=200ms --timeout=2s --retries=2 CMD test -x /hello\n"),
-        &web("v1", DEPLOY),
+        &web("v1", SLOW),
     );
     let _up = Up::start(&home, &dir, "local");
     wait_healthy(&home);
@@ -326,7 +344,7 @@ fn bad_health_input_is_refused_before_anything_starts() {
     project(
         &dir,
         &debian(""),
-        &exec_web(route, "v1", r#"["/usr/bin/pg_isready", "-q"]"#),
+        &exec_web(route, "v1", r#"["/usr/bin/pg_isready", "-q"]"#, DEPLOY),
     );
     let stderr = up(&home);
     assert!(
@@ -339,7 +357,7 @@ fn bad_health_input_is_refused_before_anything_starts() {
     project(
         &dir,
         &debian(""),
-        &exec_web(route, "v1", r#"["pg_isready"]"#),
+        &exec_web(route, "v1", r#"["pg_isready"]"#, DEPLOY),
     );
     let stderr = up(&home);
     assert!(stderr.contains("has no pg_isready to run"), "{stderr}");

@@ -15,13 +15,17 @@ use support::kube::{KubeSim, test_image};
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/shop-local/deployments/web";
 const STATEFULSET: &str = "/apis/apps/v1/namespaces/shop-local/statefulsets/db";
 
-/// A project with a rolling web service, a short health deadline (the failing rollout's
-/// wait), and, when `stateful`, a database with a volume.
+/// The web service's health deadline for a rollout that must succeed: watched a status
+/// read every 250 ms, the simulated one takes two, a loaded machine many times that.
+const DEADLINE: &str = "60s";
+
+/// A project with a rolling web service (health deadline `DEADLINE`), and, when `stateful`,
+/// a database with a volume.
 fn project(dir: &Path, stateful: bool) {
-    let mut text = String::from(
+    let mut text = format!(
         "app = \"shop\"\n\n[services.web]\ninstances = 2\nport = 8080\nroute = \"127.0.0.1:8000\"\n\
-         env = { GREETING = \"hello\" }\n\
-         deploy = { max_surge = 1, max_unavailable = 0, health_deadline = \"2s\" }\n",
+         env = {{ GREETING = \"hello\" }}\n\
+         deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = \"{DEADLINE}\" }}\n",
     );
     if stateful {
         text.push_str(
@@ -30,6 +34,11 @@ fn project(dir: &Path, stateful: bool) {
         );
     }
     std::fs::write(dir.join("graven.toml"), text).unwrap();
+}
+
+/// Shortens the web service's health deadline to 2 s: the wait of a rollout that must fail.
+fn short_deadline(dir: &Path) {
+    support::daemon::set_health_deadline(dir, "2s");
 }
 
 fn deploy(home: &Path, dir: &Path, sim: &KubeSim, image: &str) -> Output {
@@ -128,6 +137,7 @@ fn rollout_that_never_becomes_available_rolls_back_by_itself() {
     );
     let good_release = release_of(&sim.object(DEPLOYMENT).unwrap());
 
+    short_deadline(dir.path());
     let second = deploy(home.path(), dir.path(), &sim, "bad");
     assert!(
         !second.status.success(),
@@ -178,6 +188,7 @@ fn a_rollback_that_fails_is_not_called_rolled_back() {
     assert!(first.status.success());
     // The good release's apply, the bad one's, then the rollback's: refused.
     sim.refuse_from(DEPLOYMENT, 3);
+    short_deadline(dir.path());
     let second = deploy(home.path(), dir.path(), &sim, "bad");
     assert!(!second.status.success());
     let report = report(&second);
@@ -195,6 +206,7 @@ fn first_rollout_that_never_becomes_available_is_removed() {
     let home = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     project(dir.path(), false);
+    short_deadline(dir.path());
     let bad = test_image(home.path(), "bad", "bad\n");
     let sim = KubeSim::start();
     sim.never_available(&bad);

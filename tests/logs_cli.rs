@@ -381,7 +381,7 @@ fn follow_shows_old_and_new_instances_across_a_rolling_deploy_with_the_old_ones_
 
 [services.ticker]
 command = ["/bin/sh", "-c", "{script}"]
-deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = "20s" }}
+deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = "60s" }}
 stop_grace = "5s"
 "#
             ),

@@ -98,7 +98,7 @@ instances = 2
 route = "{route}"
 tmpfs = {{ "/run" = "16MiB", "/var/lib/nginx" = "64MiB" }}
 health = {{ path = "/", interval = "200ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
-deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = "30s" }}
+deploy = {{ max_surge = 1, max_unavailable = 0, health_deadline = "90s" }}
 stop_grace = "5s"
 "#
         ),

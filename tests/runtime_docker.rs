@@ -21,13 +21,20 @@ const CONNECTIONS: usize = 8;
 /// The example's project with `env`, on `engine`, with busybox in the image (a shell for
 /// the lock-down's and drift's `docker exec`) and a drift check every 300 ms.
 fn project(dir: &Path, route: std::net::SocketAddr, engine: &Dockerd, env: &str) {
+    // A release that must serve gets a minute; one that never gets healthy (HEALTHY = 0)
+    // is rolled back at its deadline, kept short.
+    let deadline = if env.contains(r#"HEALTHY = "0""#) {
+        "15s"
+    } else {
+        "60s"
+    };
     // A container takes the engine hundreds of milliseconds to start where a local instance
     // takes tens: the rollout's health deadline is the environment's, longer.
     let extra = format!(
         "drift = {{ interval = \"300ms\" }}\n\n[environments.local]\nruntime = \"docker\"\n\
          docker_host = \"{}\"\n[environments.local.services.web]\n\
          deploy = {{ strategy = \"rolling\", max_surge = 1, max_unavailable = 0, \
-         health_deadline = \"15s\" }}\n",
+         health_deadline = \"{deadline}\" }}\n",
         engine.host()
     );
     hello_project(dir, route, 2, env, &extra);

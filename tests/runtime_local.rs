@@ -93,7 +93,7 @@ fn report(instance: &Instance, path: &str) -> BTreeMap<String, String> {
 }
 
 async fn wait_exited(runtime: &LocalRuntime, instance: &Instance) -> InstanceStatus {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + support::LEAST_WAIT;
     loop {
         let status = runtime.inspect(&instance.id).await.unwrap().status;
         if status.is_exited() {
@@ -336,7 +336,7 @@ async fn a_stop_whose_instance_is_removed_meanwhile_reports_it_exited() {
     let runtime = home.runtime.clone();
     let id = instance.id.clone();
     let stopping = tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(30)).await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + support::LEAST_WAIT;
     while home.runtime.inspect(&instance.id).await.unwrap().status != InstanceStatus::Stopping {
         assert!(
             tokio::time::Instant::now() < deadline,

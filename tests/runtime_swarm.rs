@@ -21,6 +21,13 @@ const INSTANCES: u32 = 3;
 
 /// The example's project with `env`, its environment on `swarm`.
 fn project(dir: &Path, route: std::net::SocketAddr, swarm: &Swarm, env: &str) {
+    // A release that must serve gets two minutes; one that never gets healthy
+    // (HEALTHY = 0) is rolled back at its deadline, kept shorter.
+    let deadline = if env.contains(r#"HEALTHY = "0""#) {
+        "30s"
+    } else {
+        "120s"
+    };
     // A task takes Swarm a second or more to place and start: the health deadline is longer
     // than the local runtime's.
     let engines: Vec<String> = swarm.engines().iter().map(|e| format!("{e:?}")).collect();
@@ -28,7 +35,7 @@ fn project(dir: &Path, route: std::net::SocketAddr, swarm: &Swarm, env: &str) {
         "[environments.local]\nruntime = \"swarm\"\ndocker_host = \"{}\"\n\
          swarm_engines = [{}]\n[environments.local.services.web]\n\
          deploy = {{ strategy = \"rolling\", max_surge = 1, max_unavailable = 0, \
-         health_deadline = \"30s\" }}\n",
+         health_deadline = \"{deadline}\" }}\n",
         swarm.manager().host(),
         engines.join(", ")
     );

@@ -926,11 +926,31 @@ command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.
         .unwrap();
     };
     let out = rsyslog_dir.join("out.log");
-    let ticks = || -> Vec<u64> {
+    // Each forwarded tick as (instance, number): PROCID is the instance.
+    let forwarded = || -> Vec<(String, u64)> {
         lines(&out)
             .iter()
-            .filter(|l| l.contains("|ticker|"))
-            .filter_map(|l| l.split("|tick ").nth(1)?.split('|').next()?.parse().ok())
+            .filter_map(|l| {
+                let fields: Vec<&str> = l.split('|').collect();
+                if fields.get(1) != Some(&"ticker") {
+                    return None;
+                }
+                let number = l.split("|tick ").nth(1)?.split('|').next()?.parse().ok()?;
+                Some((fields.get(2)?.to_string(), number))
+            })
+            .collect()
+    };
+    let ticks = || forwarded().len();
+    // Each tick the ticker printed, as graven's own log store holds it.
+    let printed = || -> std::collections::BTreeSet<(String, u64)> {
+        let (stdout, _) = support::daemon::run_ok(&home, &["logs", "--json", "ticker"]);
+        stdout
+            .lines()
+            .filter_map(|l| {
+                let line: serde_json::Value = serde_json::from_str(l).ok()?;
+                let number = line["line"].as_str()?.strip_prefix("tick ")?.parse().ok()?;
+                Some((line["instance"].as_str()?.to_owned(), number))
+            })
             .collect()
     };
     let listening = || std::net::TcpStream::connect(listen).is_ok();
@@ -938,26 +958,38 @@ command = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.
     project(true);
     let mut daemon = support::daemon::Up::daemon(&home, "local");
     support::daemon::run_ok(&home, &["deploy", dir.to_str().unwrap()]);
-    wait_for("forwarded ticks from the daemon", || ticks().len() >= 20);
+    wait_for("forwarded ticks from the daemon", || ticks() >= 20);
     assert!(listening(), "the daemon listens where [logs] says");
 
     // Restarted with nothing deployed: it forwards again, from where it was confirmed.
     daemon.signal(libc::SIGTERM, DEADLINE);
-    let before = ticks().len();
+    let before = ticks();
     // (The controller starts the wanted release again from its log: no deploy is made.)
     let mut daemon = support::daemon::Up::daemon(&home, "local");
     wait_for("ticks forwarded after the restart", || {
-        ticks().len() >= before + 20
+        ticks() >= before + 20
     });
     assert!(listening());
 
-    // A deploy without [logs] stops both: the port is free, nothing more is forwarded.
+    // A deploy without [logs] stops both: the port is free, nothing more is forwarded. The
+    // forwarder stops before the listener does, so no tick printed after the listener closed
+    // is forwarded; ticks printed before may still reach rsyslog's file a moment later.
     project(false);
     support::daemon::run_ok(&home, &["deploy", dir.to_str().unwrap()]);
     wait_for("the listener closed", || !listening());
-    let stopped = ticks().len();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(ticks().len(), stopped, "still forwarding after [logs] went");
+    let until_then = printed();
+    // Twenty more ticks printed (a second of them) that a forwarder still running would send.
+    wait_for("twenty more ticks printed", || {
+        printed().difference(&until_then).count() >= 20
+    });
+    let late: Vec<(String, u64)> = forwarded()
+        .into_iter()
+        .filter(|tick| !until_then.contains(tick))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "still forwarding after [logs] went: {late:?}"
+    );
     daemon.signal(libc::SIGTERM, DEADLINE);
     rsyslog.stop();
 }

@@ -67,7 +67,9 @@ pub fn config(instances: u32, route: SocketAddr, env: &[(&str, &str)]) -> Servic
             max_surge: 1,
             max_unavailable: 0,
         },
-        health_deadline: Duration::from_secs(2),
+        // A rollout must outlast a loaded machine; a test of a release that never gets
+        // healthy sets a short one for it.
+        health_deadline: Duration::from_secs(30),
         stop_grace: Duration::from_secs(2),
         volumes: vec![],
         limits: Default::default(),
@@ -160,11 +162,11 @@ pub fn version(route: SocketAddr) -> Result<String, String> {
 /// Waits (bounded) until the last deploy of `web` has an outcome, and returns it.
 pub async fn outcome(controller: &ControllerHandle) -> DeployOutcome {
     let snapshot = tokio::time::timeout(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         controller.wait_for(|s| s.state.deploys.last().is_some_and(|d| d.outcome.is_some())),
     )
     .await
-    .expect("the deploy ends within 20s");
+    .expect("the deploy ends within 60s");
     snapshot
         .state
         .deploys
@@ -271,6 +273,7 @@ impl Up {
 
     /// Waits for a line of its stderr containing `text`; fails if it exits first.
     pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
+        let deadline = deadline.max(super::LEAST_WAIT);
         let stderr = self.stderr.clone();
         let child = self.child.as_mut().expect("running");
         let seen = super::try_wait_for(deadline, || {
@@ -337,10 +340,11 @@ pub fn remove_instances(home: &std::path::Path) {
         return;
     };
     // A start the killed controller had under way has no state yet, so a listing skips it,
-    // and its shim runs on: it is listed once its state is written, a moment later. So the
-    // home is listed again until a listing a little after the last removal is empty.
+    // and its shim runs on: it is listed once its state is written, a moment later (seconds
+    // on a loaded machine). So the home is listed again until a listing a little after the
+    // last removal is empty.
     tokio.block_on(async {
-        for _ in 0..10 {
+        for _ in 0..100 {
             let listed = runtime.list().await.unwrap_or_default();
             for instance in &listed {
                 let _ = runtime.stop(&instance.id, Duration::ZERO).await;
@@ -459,6 +463,31 @@ pub fn hello_project(
     .unwrap();
 }
 
+/// The `health_deadline` of `write_project`'s deploys: the time a whole rollout has, from the
+/// deploy's start, until every new instance is healthy. Generous, as a slow machine must make
+/// a rollout slower, never roll it back: under load a 4-instance deploy given 3 s rolled
+/// back. A test that deploys a release that never gets healthy on purpose shortens it for
+/// that release (`set_health_deadline`), else its rollback waits the whole deadline.
+pub const HEALTH_DEADLINE: &str = "60s";
+
+/// Sets the first `health_deadline` of the project's `graven.toml` in `dir` (the first
+/// service's, as `write_project` writes it) to `deadline`, say `"3s"`.
+pub fn set_health_deadline(dir: &std::path::Path, deadline: &str) {
+    let path = dir.join("graven.toml");
+    let toml = std::fs::read_to_string(&path).unwrap();
+    let key = r#"health_deadline = ""#;
+    let start = toml
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {toml}"))
+        + key.len();
+    let end = start + toml[start..].find('"').expect("a closing quote");
+    std::fs::write(
+        path,
+        format!("{}{deadline}{}", &toml[..start], &toml[end..]),
+    )
+    .unwrap();
+}
+
 /// Writes a project: `graven.toml` for app `demo` with one service `web` behind `route`,
 /// `instances` of it with `env`, and an empty `FROM scratch` Containerfile.
 pub fn write_project(
@@ -481,7 +510,7 @@ port = 8080
 route = "{route}"
 env = {{ {env} }}
 health = {{ path = "/healthz", interval = "100ms", timeout = "1s", healthy_after = 1, unhealthy_after = 3 }}
-deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "3s" }}
+deploy = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, health_deadline = "{HEALTH_DEADLINE}" }}
 stop_grace = "2s"
 {extra}
 "#

@@ -138,8 +138,14 @@ fn example_binary(package: &str) -> PathBuf {
     target.join("release").join(package)
 }
 
-/// Polls `condition` until it returns `Some` or `deadline` passes.
+/// The least time `wait_for` gives a condition. What a test waits for is what must
+/// eventually happen, and a loaded 2-core machine (CI's) can take many times what this one
+/// does; a deadline only bounds how long a failing test takes, never what passes.
+pub const LEAST_WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `condition` until it returns `Some` or `deadline` (at least `LEAST_WAIT`) passes.
 pub fn wait_for<T>(deadline: Duration, what: &str, condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = deadline.max(LEAST_WAIT);
     try_wait_for(deadline, condition)
         .unwrap_or_else(|| panic!("timed out after {deadline:?} waiting for {what}"))
 }
