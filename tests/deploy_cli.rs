@@ -174,6 +174,28 @@ fn bad_input_leaves_the_running_release_serving() {
 }
 
 #[test]
+fn up_whose_first_rollout_rolls_back_says_so_instead_of_serving_and_exits_1() {
+    let (_temp, home, dir, route) = v1_project(1);
+    hello_project(&dir, route, 1, r#"VERSION = "bad", HEALTHY = "0""#, "");
+    support::daemon::set_health_deadline(&dir, "2s");
+    let mut up = Up::start_unsuccessful(&home, &dir, &test_runtime());
+    assert!(
+        up.stdout().contains("web: release 1 rolled back"),
+        "{}",
+        up.stdout()
+    );
+    assert!(!up.stderr().contains("graven: serving"), "{}", up.stderr());
+    // It keeps running, to be looked at: the API answers and says what happened.
+    let (_, history, _) = run(&home, &["history"]);
+    assert!(
+        history.contains("deploy of web release 1 failed: 0 of 1 instances healthy within 2s"),
+        "{history}"
+    );
+    let status = up.signal(libc::SIGTERM, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{status}\n{}", up.stderr());
+}
+
+#[test]
 fn the_daemon_takes_deploys_from_a_project_and_stops_on_sigterm() {
     let (_temp, home, dir, route) = v1_project(1);
     let mut daemon = Up::daemon(&home, &test_runtime());

@@ -515,10 +515,20 @@ pub fn up(home: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let code = tokio::select! {
             result = result => match result {
                 Ok(code) => {
-                    note!(
-                        "graven: serving {}/{}; Ctrl-C stops",
-                        project.app, project.environment
-                    );
+                    if code == ExitCode::SUCCESS {
+                        note!(
+                            "graven: serving {}/{}; Ctrl-C stops",
+                            project.app, project.environment
+                        );
+                    } else {
+                        // Never "serving": a first rollout that rolled back left nothing to
+                        // serve. What did start keeps running, to be looked at.
+                        note!(
+                            "graven: the rollout of {}/{} did not succeed (above); up keeps \
+                             running what runs, see `graven status`; Ctrl-C stops",
+                            project.app, project.environment
+                        );
+                    }
                     stop.recv().await;
                     code
                 }

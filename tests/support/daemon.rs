@@ -181,7 +181,24 @@ pub async fn outcome(controller: &ControllerHandle) -> DeployOutcome {
 pub struct Up {
     child: Option<std::process::Child>,
     pub home: std::path::PathBuf,
-    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stderr: Lines,
+    /// What it printed on stdout (the rollout's outcome, a rollback's reason).
+    stdout: Lines,
+}
+
+type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Collects the lines of `pipe` into a buffer, on a thread of its own.
+fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Lines {
+    let buffer = Lines::default();
+    let lines = buffer.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    buffer
 }
 
 impl Up {
@@ -204,6 +221,18 @@ impl Up {
             runtime,
             "graven: serving",
             prepare,
+        )
+    }
+
+    /// Starts `graven up dir` as `start` does, for a project whose first rollout must not
+    /// succeed; returns once `up` says so.
+    pub fn start_unsuccessful(home: &std::path::Path, dir: &std::path::Path, runtime: &str) -> Up {
+        Up::spawn(
+            home,
+            &["up".as_ref(), dir.as_os_str()],
+            runtime,
+            "did not succeed",
+            |_| {},
         )
     }
 
@@ -239,23 +268,17 @@ impl Up {
         let mut child = command
             .args(args)
             .env("GRAVEN_RUNTIME", runtime)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("graven up starts");
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let pipe = child.stderr.take().expect("piped");
-        let lines = stderr.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let stderr = collect_lines(child.stderr.take().expect("piped"));
+        let stdout = collect_lines(child.stdout.take().expect("piped"));
         let mut up = Up {
             child: Some(child),
             home: home.to_owned(),
             stderr,
+            stdout,
         };
         // `up` bakes the project first: a Debian base imported by several tests at once on a
         // loaded machine has taken more than a minute.
@@ -271,28 +294,46 @@ impl Up {
         self.stderr.lock().unwrap().join("\n")
     }
 
-    /// Waits for a line of its stderr containing `text`; fails if it exits first.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
+    }
+
+    /// What it printed on both streams, stdout first.
+    fn said(&self) -> String {
+        format!("{}\n--- stderr:\n{}", self.stdout(), self.stderr())
+    }
+
+    /// Waits for a line of its stderr containing `text`; fails if it exits first, or says its
+    /// first rollout did not succeed (a test waiting for it to serve would only find a route
+    /// with nothing behind it).
     pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
         let deadline = deadline.max(super::LEAST_WAIT);
         let stderr = self.stderr.clone();
         let child = self.child.as_mut().expect("running");
         let seen = super::try_wait_for(deadline, || {
-            if stderr.lock().unwrap().iter().any(|l| l.contains(text)) {
-                return Some(());
+            let lines = stderr.lock().unwrap();
+            if lines.iter().any(|l| l.contains(text)) {
+                return Some(Ok(()));
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "graven up exited ({status}) before {text:?}:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                );
+            if lines.iter().any(|l| l.contains("did not succeed")) {
+                return Some(Err("said its rollout did not succeed".to_owned()));
             }
-            None
+            drop(lines);
+            match child.try_wait() {
+                Ok(Some(status)) => Some(Err(format!("exited ({status})"))),
+                _ => None,
+            }
         });
-        if seen.is_none() {
-            panic!(
+        match seen {
+            Some(Ok(())) => {}
+            Some(Err(what)) => panic!(
+                "graven up {what} before {text:?}; it said:\n{}",
+                self.said()
+            ),
+            None => panic!(
                 "timed out after {deadline:?} waiting for graven up to say {text:?}; it said:\n{}",
-                stderr.lock().unwrap().join("\n")
-            );
+                self.said()
+            ),
         }
     }
 
