@@ -162,20 +162,20 @@ fn every_instance_is_recycled_within_its_age_under_load_without_a_failed_request
 
     let log = events(&home);
     let condemned = aged(&log);
-    let launched: BTreeMap<String, u64> = log
-        .iter()
-        .filter_map(|(at, e)| match e {
-            Event::InstanceLaunched { instance, .. } => Some((instance.as_str().to_owned(), *at)),
-            _ => None,
-        })
-        .collect();
-    let gone: BTreeMap<String, u64> = log
-        .iter()
-        .filter_map(|(at, e)| match e {
-            Event::InstanceGone { instance, .. } => Some((instance.as_str().to_owned(), *at)),
-            _ => None,
-        })
-        .collect();
+    // When each instance had the event `pick` finds for it.
+    let when = |pick: fn(&Event) -> Option<&str>| -> BTreeMap<String, u64> {
+        log.iter()
+            .filter_map(|(at, e)| Some((pick(e)?.to_owned(), *at)))
+            .collect()
+    };
+    let launched = when(|e| match e {
+        Event::InstanceLaunched { instance, .. } => Some(instance.as_str()),
+        _ => None,
+    });
+    let gone = when(|e| match e {
+        Event::InstanceGone { instance, .. } => Some(instance.as_str()),
+        _ => None,
+    });
     eprintln!(
         "load {report:?}; {samples} status samples: at most {most_alive} alive, at least \
          {fewest_healthy} healthy"
