@@ -566,8 +566,9 @@ fn a_slow_reader_is_routed_to_only_once_it_has_caught_up() {
     run_ok(home, &["deploy", dir.to_str().unwrap()]);
     wait_for_total(route, full);
     // Each of v2's instances has read the whole log before v3 comes, asked of the log: the
-    // route's answers alone did not say so. Under load twelve answers in a row came from one
-    // instance while the other was a page behind, and it then answered behind while v3's
+    // route's answers alone did not say so. The sampler asks at the same time and takes
+    // turns with `wait_for_total`, so twelve answers in a row can all come from one
+    // instance while the other is a page behind; that one then answered behind while v3's
     // answers were sampled (seen with the times below, before release 3 was made).
     wait_for(
         Duration::from_secs(60),
