@@ -45,9 +45,6 @@ cargo build --profile "$PROFILE" --features dev-tools --quiet --bin graven
 dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
 graven="$ROOT/target/$dir/graven"
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 graven_port=$(free_port)
 unbound_port=$(free_port)
 

@@ -101,7 +101,7 @@ proj="$work/project"
 mkdir -p "$proj/dist"
 cp "$ctx/Containerfile" "$proj/Containerfile"
 cp "$ctx/dist/hello" "$proj/dist/hello"
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$proj/graven.toml" <<EOF
 app = "bench"
 

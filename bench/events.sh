@@ -85,7 +85,7 @@ mkdir -p "$work/pg" "$work/sock"
 chown postgres "$work/pg" "$work/sock"
 runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust >/dev/null
 # A free loopback port for the TCP side (the unix socket's name carries it too).
-pgport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+pgport=$(free_port)
 listen=""; [ "$PG_TCP" = 1 ] && listen=127.0.0.1
 runuser -u postgres -- "$pgbin/postgres" -D "$work/pg/data" -k "$work/sock" -p "$pgport" \
   -c listen_addresses="$listen" -c fsync=on -c synchronous_commit=on \

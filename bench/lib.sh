@@ -7,6 +7,12 @@ bench_require() {
   "$(dirname "${BASH_SOURCE[0]}")/../scripts/install-packages" "$@"
 }
 
+# free_port: prints a loopback TCP port free right now (the kernel's pick; a script binds it
+# soon after).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 # use_debian_docker: `docker` is Debian's docker.io client (20.10, BuildKit built in, on with
 # DOCKER_BUILDKIT=1), whatever else is earlier on the PATH: a newer client runs BuildKit only
 # through a buildx plugin Debian 12 does not package, and falls back to the legacy builder.

@@ -65,7 +65,7 @@ if [ "$stored" -ne "$LINES" ]; then
 fi
 
 echo "ingesting $LINES lines through rsyslogd" >&2
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 cat > "$work/rsyslog.conf" <<CONF
 global(workDirectory="$work")
 module(load="imptcp")

@@ -1,6 +1,9 @@
 # Shared by bench/proxy.sh and bench/proxy-pairs.sh (source it): their scratch dir and the
-# processes they start, stopped by PID on exit; free loopback ports, waiting for a listener,
-# and nginx configs for the backend and the peer.
+# processes they start, stopped by PID on exit; waiting for a listener, and nginx configs for
+# the backend and the peer. Free loopback ports come from bench/lib.sh's free_port.
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # proxy_bench_start NAME: makes $work (/tmp/graven-bench-NAME.*) and $pids, the PIDs of what
 # the script starts; on exit each is stopped by its PID and $work removed.
@@ -14,10 +17,6 @@ proxy_bench_cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$work"
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
 wait_port() {

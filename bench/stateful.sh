@@ -42,7 +42,6 @@ pgbin=/usr/lib/postgresql/15/bin
 base=$(scripts/debian-base)
 home="$work/home" dir="$work/project"
 mkdir -p "$dir"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 route_port=$(free_port)
 
 cat >"$dir/Containerfile" <<EOC
