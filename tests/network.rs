@@ -246,19 +246,94 @@ fn outbound_false_reaches_nothing_beyond_the_bridge_while_the_default_does() {
     let opened = serve("10.213.0.1:0");
     graven::runtime::local::net::open_port(opened.port()).unwrap();
     assert!(wget(home.path(), &[], &opened.to_string()));
-    graven::runtime::local::net::open_port(everywhere.port()).unwrap();
-    assert!(!wget(home.path(), &[], &gateway));
-    assert!(!wget(home.path(), &["--no-outbound"], &gateway));
-    // Nor one on `[::]`, which takes IPv4 connections too.
-    let dual = serve("[::]:0");
-    graven::runtime::local::net::open_port(dual.port()).unwrap();
-    assert!(!wget(
-        home.path(),
-        &[],
-        &format!("10.213.0.1:{}", dual.port())
-    ));
-    for port in [opened.port(), everywhere.port(), dual.port()] {
-        let _ = std::fs::remove_file(format!("/run/graven/net/open/{port}"));
+    // A port opened for a listener on the gateway, whose daemon went, taken by a service on
+    // 0.0.0.0 before any reload forgot the opening; then one on `[::]`, which takes IPv4
+    // connections too. A full pool first, so that no refill of this test's starts reloads
+    // the rules meanwhile; another test's may, so each is tried until the rules still named
+    // the port after both tries.
+    for wildcard in ["0.0.0.0", "[::]"] {
+        let mut exercised = false;
+        for _ in 0..5 {
+            succeed(graven(home.path()).args(["__net", "fill"]));
+            let gone = TcpListener::bind("10.213.0.1:0").unwrap();
+            let port = gone.local_addr().unwrap().port();
+            graven::runtime::local::net::open_port(port).unwrap();
+            drop(gone);
+            let taken = serve(&format!("{wildcard}:{port}"));
+            let on_gateway = format!("10.213.0.1:{}", taken.port());
+            assert!(!wget(home.path(), &[], &on_gateway), "{wildcard}");
+            assert!(
+                !wget(home.path(), &["--no-outbound"], &on_gateway),
+                "{wildcard}"
+            );
+            exercised = rules().contains(&format!(" {port}"));
+            let _ = std::fs::remove_file(opening(port));
+            if exercised {
+                break;
+            }
+        }
+        assert!(
+            exercised,
+            "{wildcard}: a reload forgot the opening in each of 5 tries"
+        );
+    }
+    let _ = std::fs::remove_file(opening(opened.port()));
+}
+
+/// The openings' markers, one per port (`net::open_port`).
+fn opening(port: u16) -> std::path::PathBuf {
+    Path::new("/run/graven/net/open").join(port.to_string())
+}
+
+/// The rules of graven's table as `nft` lists them.
+fn rules() -> String {
+    String::from_utf8(succeed(Command::new("nft").args(["list", "table", "ip", "graven"])).stdout)
+        .unwrap()
+}
+
+#[test]
+fn an_opening_nothing_listens_on_any_more_leaves_the_rules_at_the_next_reload() {
+    let _rules = FIREWALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let home = tempfile::tempdir().unwrap();
+    busybox_image(home.path());
+    // The bridge and its address, where graven's listeners are.
+    succeed(graven(home.path()).args(["__net", "fill"]));
+    let live = serve("10.213.0.1:0");
+    let gone = TcpListener::bind("10.213.0.1:0").unwrap();
+    let gone_port = gone.local_addr().unwrap().port();
+    graven::runtime::local::net::open_port(live.port()).unwrap();
+    graven::runtime::local::net::open_port(gone_port).unwrap();
+    assert!(opening(live.port()).exists() && opening(gone_port).exists());
+    let listed = rules();
+    assert!(
+        listed.contains(&format!(" {}", live.port())) && listed.contains(&format!(" {gone_port}")),
+        "{listed}"
+    );
+    // Its daemon gone (openings outlive their daemons), the next reload, here another
+    // daemon's opening, leaves it out and forgets it; the live one stays, and still lets
+    // instances through.
+    drop(gone);
+    let next = serve("10.213.0.1:0");
+    graven::runtime::local::net::open_port(next.port()).unwrap();
+    assert!(!opening(gone_port).exists());
+    assert!(opening(live.port()).exists() && opening(next.port()).exists());
+    let listed = rules();
+    assert!(!listed.contains(&format!(" {gone_port}")), "{listed}");
+    assert!(listed.contains(&format!(" {}", live.port())), "{listed}");
+    assert!(wget(home.path(), &[], &live.to_string()));
+    // A pool fill, which compares the rules it wants with those loaded, forgets a stale
+    // opening too (here one an older graven's daemon left).
+    let stale = TcpListener::bind("10.213.0.1:0").unwrap();
+    let stale_port = stale.local_addr().unwrap().port();
+    drop(stale);
+    std::fs::write(opening(stale_port), b"").unwrap();
+    succeed(graven(home.path()).args(["__net", "fill"]));
+    assert!(!opening(stale_port).exists());
+    assert!(opening(live.port()).exists());
+    for port in [live.port(), next.port()] {
+        let _ = std::fs::remove_file(opening(port));
     }
 }
 

@@ -577,7 +577,7 @@ fn ruleset(settings: &Settings) -> String {
     let gateway = subnet.gateway();
     // The host services instances are meant to reach on the gateway (each daemon's app event
     // log), each a file under `open/` named by its TCP port.
-    let ports = open_ports();
+    let ports = open_ports(gateway);
     let open = if ports.is_empty() {
         String::new()
     } else {
@@ -604,31 +604,85 @@ fn ruleset(settings: &Settings) -> String {
     )
 }
 
-/// The TCP ports on the gateway that instances may connect to (`open_port`).
-fn open_ports() -> Vec<u16> {
-    let mut ports: Vec<u16> = std::fs::read_dir(dir("open"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .collect();
+/// The TCP ports on the gateway that instances may connect to (`open_port`), each still
+/// listened on at `gateway`. An opening outlives the daemon that made it (a restarted daemon
+/// binds its port again and opens it again), so the ones nothing listens on any more are
+/// removed here, under the openings' lock that `open_port` takes too: a daemon listens before
+/// it opens, so a live opening is never taken for a stale one. Without this every daemon that
+/// ever ran (each test's and benchmark's home) would stay in the rules.
+fn open_ports(gateway: Ipv4Addr) -> Vec<u16> {
+    let open = dir("open");
+    let Ok(_lock) = openings_lock(&open) else {
+        return Vec::new();
+    };
+    let listening = std::fs::read_to_string("/proc/net/tcp")
+        .map(|table| listening_on(&table, gateway))
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for entry in std::fs::read_dir(&open).into_iter().flatten().flatten() {
+        let Some(port) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        if listening.contains(&port) {
+            ports.push(port);
+        } else {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     ports.sort_unstable();
     ports
 }
 
+/// The lock on the openings' directory (`flock` of the directory itself), held while an
+/// opening is made or the stale ones are removed.
+fn openings_lock(open: &Path) -> Result<std::fs::File, NetError> {
+    std::fs::create_dir_all(open).map_err(io(format!("creating {}", open.display())))?;
+    let lock = std::fs::File::open(open).map_err(io(format!("opening {}", open.display())))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io(format!("locking {}", open.display()))(e.into()))?;
+    Ok(lock)
+}
+
+/// The TCP ports listened on at `address` itself (not a wildcard), from the text of
+/// `/proc/net/tcp`: local address and port in hex (the address as the kernel stores it, in
+/// network byte order; the port in host order), state `0A` for listening.
+fn listening_on(table: &str, address: Ipv4Addr) -> Vec<u16> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&"0A") {
+                return None;
+            }
+            let (ip, port) = fields.get(1)?.split_once(':')?;
+            let ip = Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
+            (ip == address).then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect()
+}
+
 /// Lets instances connect to `port` on the gateway address, where a host service of graven's
 /// own listens for them (the app event log), and reloads the rules if the bridge is set up.
-/// The opening outlives this process (a restarted daemon binds the same port again); a port
-/// is never opened for anything but a graven listener bound to the gateway, and the rule lets
-/// through only connections to a socket bound there (`ruleset`).
+/// The caller listens on the gateway's `port` before it calls this (an opening nothing
+/// listens on is removed by the next reload, `open_ports`). The opening outlives this process
+/// until then (a restarted daemon binds the same port again); a port is never opened for
+/// anything but a graven listener bound to the gateway, and the rule lets through only
+/// connections to a socket bound there (`ruleset`).
 pub fn open_port(port: u16) -> Result<(), NetError> {
     let open = dir("open");
-    std::fs::create_dir_all(&open).map_err(io(format!("creating {}", open.display())))?;
     let marker = open.join(port.to_string());
-    if marker.exists() {
-        return Ok(());
+    {
+        let _lock = openings_lock(&open)?;
+        if marker.exists() {
+            return Ok(());
+        }
+        std::fs::write(&marker, b"").map_err(io(format!("writing {}", marker.display())))?;
     }
-    std::fs::write(&marker, b"").map_err(io(format!("writing {}", marker.display())))?;
     let settings = Settings::from_env()?;
     if Path::new("/sys/class/net").join(&settings.bridge).exists() {
         nft(&ruleset(&settings))?;
@@ -997,5 +1051,17 @@ mod tests {
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[0].1.prefix, 0);
         assert_eq!(routes[1].1, Subnet::parse("192.0.2.0/24").unwrap());
+    }
+
+    #[test]
+    fn listeners_of_proc_net_tcp() {
+        // 10.213.0.1:8080 and 0.0.0.0:8081 listening, 10.213.0.1:8082 connected.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100D50A:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n\
+   1: 00000000:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1\n\
+   2: 0100D50A:1F92 0200D50A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 3 1\n";
+        let gateway = Ipv4Addr::new(10, 213, 0, 1);
+        assert_eq!(listening_on(table, gateway), vec![8080]);
+        assert!(listening_on(table, Ipv4Addr::new(10, 213, 0, 2)).is_empty());
     }
 }
