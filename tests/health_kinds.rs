@@ -4,6 +4,8 @@
 //! check fails (the negative control) and rolls back one that does not listen; `exec` checks
 //! pass and fail inside the instance without tainting it; the image's HEALTHCHECK is used
 //! when graven.toml has no health table; bad health input is refused before anything starts.
+//! A first release that rolls back leaves `status` saying so, and a failure of root's
+//! missing capabilities comes with a hint.
 
 mod support;
 
@@ -445,4 +447,56 @@ fn an_exec_probe_that_outlasts_its_timeout_is_killed_and_leaves_nothing() {
     });
     let seen = support::daemon::block_on(runtime.inspect(&instance.id)).unwrap();
     assert!(!seen.tainted && !seen.status.is_exited(), "{seen:?}");
+}
+
+#[test]
+fn a_rolled_back_first_release_shows_in_status_and_eperm_as_root_gets_a_hint() {
+    let temp = tempfile::tempdir().unwrap();
+    let (home, dir) = (temp.path().join("home"), temp.path().join("project"));
+    // What many Docker images' entrypoints do as root: chown their data to their own user.
+    // A long deadline: each release must roll back for its instances' failures (with their
+    // lines), not for a slow first start.
+    let worker = |script: &str| {
+        format!("[services.worker]\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\n{SLOW}\n")
+    };
+    project(
+        &dir,
+        &debian(""),
+        &worker("touch /tmp/data && chown 33 /tmp/data"),
+    );
+    let mut up = Up::start_unsuccessful(&home, &dir, "local");
+    // Its stdout, read by a thread of its own, may trail the stderr line `up` waited for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut out = up.stdout();
+    while !out.contains("root-in-an-instance") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        out = up.stdout();
+    }
+    assert!(
+        out.contains("worker: release 1 rolled back: its instances failed 3 times"),
+        "{out}"
+    );
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.contains("an instance holds no capability"), "{out}");
+    let (status, _) = run_ok(&home, &["status"]);
+    assert!(
+        status.contains("service worker: no release is wanted: release 1 was rolled back"),
+        "{status}"
+    );
+    // A failure of another kind gets no such hint.
+    project(&dir, &debian(""), &worker("echo no luck; exit 3"));
+    let (_, out, _) = run(&home, &["deploy", dir.to_str().unwrap()]);
+    assert!(
+        out.contains("worker: release 2 rolled back: its instances failed 3 times"),
+        "{out}"
+    );
+    assert!(out.contains("no luck"), "{out}");
+    assert!(!out.contains("no capability"), "{out}");
+    let (status, _) = run_ok(&home, &["status"]);
+    assert!(
+        status.contains("service worker: no release is wanted: release 2 was rolled back"),
+        "{status}"
+    );
+    let stopped = up.signal(libc::SIGTERM, Duration::from_secs(30));
+    assert_eq!(stopped.code(), Some(1), "{stopped}");
 }

@@ -776,8 +776,19 @@ fn failing_lines(home: &Path, app: &str, environment: &str, outcome: &Outcome) {
         outcome.service,
         outcome.release
     );
+    // Root in an instance holds no capability (docs/security.md): a server that starts as
+    // root to chown its files or drop to its own user, as under Docker, fails here with EPERM.
+    let denied = lines.iter().any(|l| l.contains("Operation not permitted"));
     for line in lines {
         say!("{line}");
+    }
+    if denied {
+        say!(
+            "  (\"Operation not permitted\": an instance holds no capability, so chown, setuid, \
+             setgid and mount fail even as root; a server that starts as root to drop to its own \
+             user runs as that user instead: `user = \"www-data\"` in graven.toml, see \
+             docs/security.md#root-in-an-instance)"
+        );
     }
 }
 
@@ -1073,10 +1084,28 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let state = &snapshot.state;
-        for (name, service) in state.live_services() {
-            let wanted = match service.wanted {
-                Some(w) => format!("release {w}"),
-                None => "removed, draining".to_owned(),
+        for (name, service) in &state.services {
+            // No release wanted: the service was removed, or its rollout rolled back with no
+            // release to go back to (its first), which is said even once nothing runs.
+            let rolled_back = state
+                .releases_of(name)
+                .next_back()
+                .filter(|r| service.wanted.is_none() && r.failed.is_some());
+            let running = state.instances_of(name).next().is_some();
+            let wanted = match (service.wanted, rolled_back) {
+                (Some(w), _) => format!("release {w}"),
+                (None, Some(release)) => format!(
+                    "no release is wanted: release {} was rolled back: {} (`graven releases`, \
+                     `graven logs {name} --release {}`)",
+                    release.number,
+                    release
+                        .failed
+                        .as_ref()
+                        .map_or(String::new(), |why| why.to_string()),
+                    release.number
+                ),
+                (None, None) if running => "removed, draining".to_owned(),
+                (None, None) => continue,
             };
             let route = snapshot
                 .routes

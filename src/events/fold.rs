@@ -181,14 +181,6 @@ impl State {
             .map(|(name, _)| name)
     }
 
-    /// Services that are wanted or still have instances: what `status` shows. A removed
-    /// service leaves it once its last instance is gone.
-    pub fn live_services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceState)> {
-        self.services.iter().filter(|(name, s)| {
-            s.wanted.is_some() || self.instances.values().any(|i| i.service == **name)
-        })
-    }
-
     pub fn wanted_release(&self, service: &str) -> Option<&Release> {
         let wanted = self.services.get(service)?.wanted?;
         self.releases.get(&wanted)
