@@ -179,11 +179,7 @@ fn up_whose_first_rollout_rolls_back_says_so_instead_of_serving_and_exits_1() {
     hello_project(&dir, route, 1, r#"VERSION = "bad", HEALTHY = "0""#, "");
     support::daemon::set_health_deadline(&dir, "2s");
     let mut up = Up::start_unsuccessful(&home, &dir, &test_runtime());
-    assert!(
-        up.stdout().contains("web: release 1 rolled back"),
-        "{}",
-        up.stdout()
-    );
+    up.stdout_with("web: release 1 rolled back");
     assert!(!up.stderr().contains("graven: serving"), "{}", up.stderr());
     // It keeps running, to be looked at: the API answers and says what happened.
     let (_, history, _) = run(&home, &["history"]);

@@ -465,13 +465,7 @@ fn a_rolled_back_first_release_shows_in_status_and_eperm_as_root_gets_a_hint() {
         &worker("touch /tmp/data && chown 33 /tmp/data"),
     );
     let mut up = Up::start_unsuccessful(&home, &dir, "local");
-    // Its stdout, read by a thread of its own, may trail the stderr line `up` waited for.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut out = up.stdout();
-    while !out.contains("root-in-an-instance") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        out = up.stdout();
-    }
+    let out = up.stdout_with("root-in-an-instance");
     assert!(
         out.contains("worker: release 1 rolled back: its instances failed 3 times"),
         "{out}"

@@ -306,6 +306,23 @@ impl Up {
     /// Waits for a line of its stderr containing `text`; fails if it exits first, or says its
     /// first rollout did not succeed (a test waiting for it to serve would only find a route
     /// with nothing behind it).
+    /// `up`'s stdout once it holds `text`. Its stdout and stderr are read by a thread each,
+    /// so what it wrote to stdout before a line on stderr that a test waited for may not have
+    /// been read yet.
+    pub fn stdout_with(&self, text: &str) -> String {
+        let seen = super::try_wait_for(super::LEAST_WAIT, || {
+            let stdout = self.stdout();
+            stdout.contains(text).then_some(stdout)
+        });
+        seen.unwrap_or_else(|| {
+            panic!(
+                "graven up did not write {text:?} to stdout within {:?}; it said:\n{}",
+                super::LEAST_WAIT,
+                self.said()
+            )
+        })
+    }
+
     pub fn wait_for_line(&mut self, text: &str, deadline: Duration) {
         let deadline = deadline.max(super::LEAST_WAIT);
         let stderr = self.stderr.clone();
