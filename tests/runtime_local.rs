@@ -224,6 +224,32 @@ async fn the_instance_is_locked_down() {
     assert!(line.starts_with("20"), "{line}");
 }
 
+/// The home's one scratch directory, on which every sandbox mounts its own tmpfs: only inside
+/// its mount namespace, so two instances running at once share it and the host sees it empty
+/// and unmounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_mount_their_scratch_where_the_host_never_sees_it() {
+    let home = Home::new();
+    let first = home.runtime.start(home.spec()).await.unwrap();
+    let second = home.runtime.start(home.spec()).await.unwrap();
+    for instance in [&first, &second] {
+        assert_locked_down(&report(instance, "/report"));
+    }
+    let scratch = home.path().join("scratch");
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let at = scratch.to_str().unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.split(' ').nth(4) == Some(at)),
+        "{at} is mounted on the host:\n{mounts}"
+    );
+    // Nothing of the scratch in the instance's own directory either.
+    for instance in [&first, &second] {
+        let dir = home.path().join("instances").join(&instance.id.0);
+        assert!(!dir.join("mnt").exists());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_user_is_resolved_and_root_stays_root_without_capabilities() {
     let home = Home::new();

@@ -114,7 +114,7 @@ impl LocalRuntime {
         let home = &std::path::absolute(home).map_err(other("resolving graven's home"))?;
         make_home(home)?;
         let store = Store::open(home)?;
-        for dir in ["instances", "volumes", "rootfs"] {
+        for dir in ["instances", "volumes", "rootfs", SCRATCH] {
             private_dir(&home.join(dir))?;
         }
         Ok(LocalRuntime {
@@ -443,8 +443,7 @@ impl LocalRuntime {
             })
             .collect();
 
-        let scratch = dir.join(SCRATCH);
-        owner_only_dir(&scratch).map_err(other("creating the scratch dir"))?;
+        let scratch = self.home.join(SCRATCH);
         let request = ShimRequest {
             spec: SandboxSpec {
                 rootfs: resolved.root,

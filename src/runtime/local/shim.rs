@@ -316,7 +316,7 @@ fn launch(dir: &Path, request: &ShimRequest) -> Result<Started, String> {
     super::test_hold(super::HOLD_SHIM_RECORD_ENV);
     state::update(dir, |s| {
         s.shim = Proc::of(std::process::id());
-        s.workload = Proc::of(launched.pid);
+        s.workload = workload;
         if s.status == InstanceStatus::Created {
             s.status = InstanceStatus::Running;
         }

@@ -23,7 +23,10 @@ pub const LOG_BEFORE: &str = "log.1";
 /// A file the shim holds open for writing as long as it lives: how an instance whose
 /// directory was deleted is still found (`orphans`), its output being in the log store.
 pub const HELD: &str = "shim.held";
-pub const SCRATCH: &str = "mnt";
+/// The empty directory in the home (one for all its instances) on which each sandbox mounts
+/// its scratch tmpfs, inside its own mount namespace where no other sees it: a start makes
+/// no directory for it on the host's filesystem (a mkdir there cost 0.04–0.4 ms of a start).
+pub const SCRATCH: &str = "scratch";
 const LOCK: &str = "state.lock";
 
 /// A process as recorded: its PID and its start time (clock ticks after boot, from
