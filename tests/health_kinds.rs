@@ -82,6 +82,23 @@ fn recorded_health(home: &Path, number: u64) -> serde_json::Value {
         .clone()
 }
 
+/// Asserts that a GET through `route` is answered by `want`; when it is not, says what the
+/// control plane knew then (its status and the end of its history), so a failure on a loaded
+/// machine can be told from a bug.
+fn assert_serves(home: &Path, route: std::net::SocketAddr, want: &str) {
+    let got = version(route);
+    if got.as_deref() != Ok(want) {
+        let (_, status, _) = run(home, &["status"]);
+        let (_, history, _) = run(home, &["history"]);
+        let tail: Vec<&str> = history.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "GET through {route} gave {got:?}, not {want:?}\nstatus:\n{status}\nhistory (end):\n{}",
+            tail.join("\n")
+        );
+    }
+}
+
 /// The running local instances of app `demo`.
 fn running(home: &Path) -> Vec<graven::runtime::Instance> {
     demo_instances(home)
@@ -172,7 +189,7 @@ fn a_tcp_check_passes_a_server_whose_http_check_fails() {
         &tcp_web(route, "v1", unhealthy, r#"kind = "tcp""#, SLOW),
     );
     let _up = Up::start(&home, &dir, "local");
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
     assert_eq!(recorded_health(&home, 1)["kind"], "tcp");
 
     // Negative control: the same server with the http check never becomes healthy.
@@ -183,7 +200,7 @@ fn a_tcp_check_passes_a_server_whose_http_check_fails() {
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
 
     // A tcp check of a server that does not listen on its address fails: rolled back.
     project(
@@ -199,7 +216,7 @@ fn a_tcp_check_passes_a_server_whose_http_check_fails() {
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
 }
 
 fn exec_web(route: std::net::SocketAddr, version: &str, command: &str, deploy: &str) -> String {
@@ -230,7 +247,7 @@ fn exec_checks_pass_and_fail_inside_the_instance_without_tainting_it() {
     );
     let _up = Up::start(&home, &dir, "local");
     wait_healthy(&home);
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
     let health = recorded_health(&home, 1);
     assert_eq!(health["kind"], "exec");
     let serving = running(&home);
@@ -245,7 +262,7 @@ fn exec_checks_pass_and_fail_inside_the_instance_without_tainting_it() {
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
     // Seconds of probes later, the v1 instance is the same, untainted (a tainted one is
     // condemned and replaced).
     let still = support::wait_for(Duration::from_secs(20), "v2's instance stopped", || {
@@ -288,7 +305,7 @@ env = {{ VERSION = "{version}" }}
     );
     let _up = Up::start(&home, &dir, "local");
     wait_healthy(&home);
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
     let health = recorded_health(&home, 1);
     assert_eq!(health["kind"], "exec", "{health}");
     assert_eq!(health["from_image"], true, "{health}");
@@ -308,7 +325,7 @@ env = {{ VERSION = "{version}" }}
     );
     let (ok, stdout, stderr) = run(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!ok && stdout.contains("rolled back"), "{stdout}\n{stderr}");
-    assert_eq!(version(route).as_deref(), Ok("v1"));
+    assert_serves(&home, route, "v1");
 
     // A health table wins over the image's HEALTHCHECK (which would fail here).
     let with_table = format!(
@@ -322,7 +339,7 @@ env = {{ VERSION = "{version}" }}
     );
     let (stdout, _) = run_ok(&home, &["deploy", dir.to_str().unwrap()]);
     assert!(!stdout.contains("rolled back"), "{stdout}");
-    assert_eq!(version(route).as_deref(), Ok("v3"));
+    assert_serves(&home, route, "v3");
     assert_eq!(recorded_health(&home, 3).get("kind"), None);
 }
 
