@@ -221,11 +221,16 @@ impl Drop for HostAddress {
 /// it: run side by side, the deletion let a `--no-outbound` instance reach the host (CI).
 static FIREWALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Holds `FIREWALL` (a test that failed while holding it leaves it usable).
+fn firewall() -> std::sync::MutexGuard<'static, ()> {
+    FIREWALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn outbound_false_reaches_nothing_beyond_the_bridge_while_the_default_does() {
-    let _rules = FIREWALL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _rules = firewall();
     let home = tempfile::tempdir().unwrap();
     busybox_image(home.path());
     let host = HostAddress::new();
@@ -293,9 +298,7 @@ fn rules() -> String {
 
 #[test]
 fn an_opening_nothing_listens_on_any_more_leaves_the_rules_at_the_next_reload() {
-    let _rules = FIREWALL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _rules = firewall();
     let home = tempfile::tempdir().unwrap();
     busybox_image(home.path());
     // The bridge and its address, where graven's listeners are.
@@ -434,9 +437,7 @@ fn rules_loaded() -> bool {
 
 #[test]
 fn a_filler_loads_the_rules_again_once_a_firewall_reload_removed_them() {
-    let _rules = FIREWALL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _rules = firewall();
     let home = tempfile::tempdir().unwrap();
     // A filler runs `nft` only when the table is missing: made once here...
     succeed(graven(home.path()).args(["__net", "fill"]));

@@ -1090,21 +1090,16 @@ pub fn status(home: &Path, args: TargetArgs) -> anyhow::Result<ExitCode> {
             let rolled_back = state
                 .releases_of(name)
                 .next_back()
-                .filter(|r| service.wanted.is_none() && r.failed.is_some());
-            let running = state.instances_of(name).next().is_some();
+                .and_then(|r| Some((r.number, r.failed.as_ref()?)));
             let wanted = match (service.wanted, rolled_back) {
                 (Some(w), _) => format!("release {w}"),
-                (None, Some(release)) => format!(
-                    "no release is wanted: release {} was rolled back: {} (`graven releases`, \
-                     `graven logs {name} --release {}`)",
-                    release.number,
-                    release
-                        .failed
-                        .as_ref()
-                        .map_or(String::new(), |why| why.to_string()),
-                    release.number
+                (None, Some((number, why))) => format!(
+                    "no release is wanted: release {number} was rolled back: {why} \
+                     (`graven releases`, `graven logs {name} --release {number}`)"
                 ),
-                (None, None) if running => "removed, draining".to_owned(),
+                (None, None) if state.instances_of(name).next().is_some() => {
+                    "removed, draining".to_owned()
+                }
                 (None, None) => continue,
             };
             let route = snapshot

@@ -266,7 +266,13 @@ fn take_ready(owner: &Path, settings: &Settings) -> Result<Option<Ipv4Addr>, Net
 }
 
 fn leases_lock(operation: rustix::fs::FlockOperation) -> Result<std::fs::File, NetError> {
-    let path = dir("leases.lock");
+    lock("leases.lock", operation)
+}
+
+/// Takes `operation` on the lock file `name` under `DIR`, made if missing; held until the
+/// returned file is dropped.
+fn lock(name: &str, operation: rustix::fs::FlockOperation) -> Result<std::fs::File, NetError> {
+    let path = dir(name);
     let lock = std::fs::File::options()
         .create(true)
         .truncate(false)
@@ -470,15 +476,7 @@ fn fill() -> Result<(), NetError> {
     for sub in ["leases", "pool"] {
         std::fs::create_dir_all(dir(sub)).map_err(io(format!("creating {DIR}/{sub}")))?;
     }
-    let lock_path = dir("fill.lock");
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(format!("opening {}", lock_path.display())))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| io(format!("locking {}", lock_path.display()))(e.into()))?;
+    let _filling = lock("fill.lock", rustix::fs::FlockOperation::LockExclusive)?;
     let mut route = Route::open().map_err(io("opening netlink"))?;
     let bridge = ensure_host(&settings, &mut route)?;
     if pool_size() >= POOL {
@@ -637,14 +635,11 @@ fn open_ports(gateway: Ipv4Addr) -> Vec<u16> {
     ports
 }
 
-/// The lock on the openings' directory (`flock` of the directory itself), held while an
-/// opening is made or the stale ones are removed.
+/// The openings' lock (`open.lock`), held while an opening is made or the stale ones are
+/// removed; the openings' directory is made first.
 fn openings_lock(open: &Path) -> Result<std::fs::File, NetError> {
     std::fs::create_dir_all(open).map_err(io(format!("creating {}", open.display())))?;
-    let lock = std::fs::File::open(open).map_err(io(format!("opening {}", open.display())))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| io(format!("locking {}", open.display()))(e.into()))?;
-    Ok(lock)
+    lock("open.lock", rustix::fs::FlockOperation::LockExclusive)
 }
 
 /// The TCP ports listened on at `address` itself (not a wildcard), from the text of
